@@ -1,0 +1,179 @@
+"""Finding prunable weights wherever exporters put them.
+
+A weight is a stored tensor — an initializer or a ``Constant`` node's value, in the main graph or
+any ``If``/``Loop``/``Scan`` body — that reaches a prunable input of a Conv/ConvTranspose/Gemm/
+MatMul, directly or through ``Cast``/``Identity`` (fp16 exports). A tensor read by several nodes
+is one :class:`Weight` with several consumers, pruned once; if the consumers disagree on its
+``W[out, in]`` view it is skipped with a reason rather than guessed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import onnx
+
+from .io import ModelHandle, iter_graphs, tensor_dtype
+from .layouts import Layout, layout_for
+
+#: Ops a weight may pass through on its way to the consumer without changing its values' layout.
+PASS_THROUGH_OPS = {"Cast", "Identity"}
+#: Element types onnxprune can rewrite (values keep their dtype on write).
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+               onnx.TensorProto.DOUBLE}
+
+
+@dataclass
+class Consumer:
+    """One node input that reads a weight."""
+
+    node: onnx.NodeProto
+    input_index: int
+    graph: str
+    via: Tuple[str, ...] = ()  # ops passed through between the stored tensor and the node
+
+    @property
+    def node_name(self) -> str:
+        return self.node.name or f"{self.node.op_type}({self.node.output[0]})"
+
+
+@dataclass
+class Weight:
+    """A stored tensor that feeds a prunable op input, with its logical ``W[out, in]`` view."""
+
+    name: str
+    tensor: onnx.TensorProto
+    location: str  # "initializer" or "constant"
+    graph: str
+    layout: Layout
+    consumers: List[Consumer] = field(default_factory=list)
+
+    @property
+    def op_type(self) -> str:
+        return self.consumers[0].node.op_type
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(int(d) for d in self.tensor.dims)
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def dtype(self) -> np.dtype:
+        return tensor_dtype(self.tensor)
+
+    @property
+    def key(self) -> str:
+        """Unique across subgraphs: the name, prefixed by the subgraph path when not main."""
+        return self.name if "/" not in self.graph else f"{self.graph}:{self.name}"
+
+
+@dataclass
+class Skipped:
+    """A tensor feeding a prunable op that onnxprune leaves alone, and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass
+class _Source:
+    tensor: onnx.TensorProto
+    location: str
+    graph: str
+    name: str
+    via: Tuple[str, ...] = ()
+
+
+def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
+    """All prunable weights in the model, in graph order, and the tensors skipped with a reason."""
+    found: Dict[int, Weight] = {}
+    order: List[int] = []
+    skipped: Dict[str, Skipped] = {}
+
+    def visit(graph: onnx.GraphProto, path: str, outer: Dict[str, Optional[_Source]]) -> None:
+        scope: Dict[str, Optional[_Source]] = dict(outer)
+        for init in graph.initializer:
+            scope[init.name] = _Source(init, "initializer", path, init.name)
+        # Graph inputs that shadow an initializer keep it as a default value (old exporters list
+        # every initializer as an input); only a true runtime input hides an outer name.
+        init_names = {i.name for i in graph.initializer}
+        for inp in graph.input:
+            if inp.name not in init_names:
+                scope[inp.name] = None
+        for node in graph.node:
+            for index, name in enumerate(node.input):
+                source = scope.get(name) if name else None
+                if source is not None:
+                    _consider(node, index, source, path)
+            _define_outputs(node, scope, path)
+            for attr in node.attribute:
+                label = f"{path}/{node.name or node.op_type}.{attr.name}"
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g, label, scope)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for i, g in enumerate(attr.graphs):
+                        visit(g, f"{label}[{i}]", scope)
+
+    def _consider(node: onnx.NodeProto, index: int, source: _Source, path: str) -> None:
+        shape = tuple(source.tensor.dims)
+        layout = layout_for(node, index, shape)
+        if layout is None:
+            return
+        consumer = Consumer(node, index, path, source.via)
+        if source.tensor.data_type not in FLOAT_TYPES:
+            dtype_name = onnx.TensorProto.DataType.Name(source.tensor.data_type)
+            skipped.setdefault(source.name, Skipped(
+                source.name, f"{dtype_name} weight (quantized or integer); only float weights "
+                             "are pruned"))
+            return
+        key = id(source.tensor)
+        weight = found.get(key)
+        if weight is None:
+            found[key] = Weight(source.name, source.tensor, source.location, source.graph,
+                                layout, [consumer])
+            order.append(key)
+        elif weight.layout.same_view(layout):
+            weight.consumers.append(consumer)
+        else:
+            skipped[source.name] = Skipped(
+                source.name, f"shared by {weight.op_type} and {node.op_type} with different "
+                             "W[out, in] views; pruning it for one would mis-shape the other")
+
+    def _define_outputs(node: onnx.NodeProto, scope: Dict[str, Optional[_Source]],
+                        path: str) -> None:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            tensor = _constant_tensor(node)
+            if tensor is not None and node.output:
+                scope[node.output[0]] = _Source(tensor, "constant", path, node.output[0])
+                return
+        if (node.op_type in PASS_THROUGH_OPS and node.domain in ("", "ai.onnx") and node.input
+                and scope.get(node.input[0]) is not None):
+            src = scope[node.input[0]]
+            scope[node.output[0]] = _Source(src.tensor, src.location, src.graph, src.name,
+                                            src.via + (node.op_type,))
+            return
+        for out in node.output:
+            if out:
+                scope[out] = None
+
+    visit(handle.model.graph, handle.model.graph.name or "main", {})
+    weights = [found[k] for k in order]
+    pruned_names = {w.name for w in weights}
+    skipped_list = [s for s in skipped.values()]
+    # A tensor skipped for mixed views must not also be pruned through its first consumer.
+    mixed = {s.name for s in skipped_list if s.reason.startswith("shared by")}
+    weights = [w for w in weights if w.name not in mixed]
+    skipped_list = [s for s in skipped_list if s.name not in pruned_names or s.name in mixed]
+    return weights, skipped_list
+
+
+def _constant_tensor(node: onnx.NodeProto) -> Optional[onnx.TensorProto]:
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+            return attr.t
+    return None
