@@ -69,7 +69,7 @@ class ModelHandle:
         """Bytes on disk of the model file plus its external data, when loaded from a file."""
         if self.path is None:
             return None
-        return _size_on_disk(self.path, self.model)
+        return size_on_disk(self.path, self.model)
 
 
 def tensor_dtype(tensor: onnx.TensorProto) -> np.dtype:
@@ -177,12 +177,31 @@ def check_model(model: onnx.ModelProto, full: bool = True) -> None:
     onnx.checker.check_model(model, full_check=full)
 
 
+@contextlib.contextmanager
+def materialized(handle: ModelHandle) -> Iterator[Union[onnx.ModelProto, Path]]:
+    """The model in a form onnx.checker and onnxruntime can open: the proto itself when it is
+    self-contained and small, else a temporary file (with its external data) removed afterwards.
+    """
+    if not handle.has_external_data and handle.model.ByteSize() < _PROTO_LIMIT:
+        yield handle.model
+        return
+    with tempfile.TemporaryDirectory(prefix="onnxprune-") as tmp:
+        yield save(handle, Path(tmp) / "model.onnx")
+
+
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:200]
 
 
 # -- saving -------------------------------------------------------------------------------
+def default_output(input_path: Union[str, os.PathLike], suffix: str = ".pruned.onnx") -> Path:
+    """``dir/model.onnx`` -> ``dir/model.pruned.onnx`` (any other name gets the suffix added)."""
+    path = Path(input_path)
+    stem = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.name
+    return path.with_name(stem + suffix)
+
+
 def resolve_output(input_path: Optional[Path], output: Optional[Union[str, os.PathLike]],
                    force: bool, suffix: str = ".pruned.onnx") -> Path:
     """The output path: given, or ``<stem>.pruned.onnx`` beside the input; checked before work.
@@ -193,9 +212,7 @@ def resolve_output(input_path: Optional[Path], output: Optional[Union[str, os.Pa
     if output is None:
         if input_path is None:
             raise OutputError("no output path given for an in-memory model; pass output=...")
-        out = input_path.with_name(input_path.name[: -len(".onnx")] + suffix
-                                   if input_path.name.endswith(".onnx")
-                                   else input_path.name + suffix)
+        out = default_output(input_path, suffix)
     else:
         out = Path(output)
     if out.exists() and out.is_dir():
@@ -298,7 +315,7 @@ def _write_external(f, tensor: onnx.TensorProto, values: np.ndarray, location: s
     tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
-def _size_on_disk(path: Path, model: onnx.ModelProto) -> int:
+def size_on_disk(path: Path, model: onnx.ModelProto) -> int:
     size = path.stat().st_size
     seen = set()
     for tensor in iter_tensors(model.graph):

@@ -1,0 +1,5 @@
+"""``python -m onnxprune`` runs the CLI."""
+
+from .cli import main
+
+main()

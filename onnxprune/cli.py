@@ -1,0 +1,202 @@
+"""The ``onnxprune`` command: a thin layer that maps options onto :func:`onnxprune.prune`.
+
+``onnxprune MODEL [options]`` prunes; ``onnxprune inspect MODEL`` reports without changing.
+User mistakes (:class:`~onnxprune.errors.OnnxPruneError`) print one line and exit 2 (1 for a
+failed ``--max-error`` gate); anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import numpy as np
+
+from . import __version__
+from .criteria import criterion_names
+from .errors import OnnxPruneError, OptionError
+from .io import default_output
+from .patterns import pattern_help
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
+
+
+class DefaultToPrune(click.Group):
+    """``onnxprune MODEL ...`` means ``onnxprune prune MODEL ...``; subcommands stay reachable."""
+
+    def parse_args(self, ctx, args):
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h",
+                                                                          "--version")):
+            args = ["prune", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultToPrune, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="onnxprune")
+def main() -> None:
+    """Post-training pruning for ONNX models.
+
+    \b
+    onnxprune model.onnx --pattern 4x1 --sparsity 0.8   # writes model.pruned.onnx + report
+    onnxprune inspect model.onnx                         # sparsity, params, MACs; no changes
+    """
+
+
+def _console(quiet: bool):
+    from rich.console import Console
+
+    return Console(stderr=False, quiet=quiet, highlight=False)
+
+
+def _track(quiet: bool):
+    if quiet:
+        return None
+    from rich.progress import track
+
+    def tracker(items, description, total):
+        if total < 8:
+            return items
+        return track(items, description=description, total=total, transient=True,
+                     console=_err_console())
+
+    return tracker
+
+
+def _err_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _npz_dict(path: Optional[str], what: str):
+    if path is None:
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise OptionError(f"{what} '{path}' is not a readable .npz file ({exc})") from None
+
+
+def _run(fn):
+    """Run a command body, turning user errors into one line and exit code 2."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        return fn()
+    except OnnxPruneError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+
+
+@main.command("prune")
+@click.argument("model", required=False, type=click.Path(dir_okay=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Output path [default: <stem>.pruned.onnx beside the input].")
+@click.option("--pattern", default="unstructured", show_default=True, help=pattern_help())
+@click.option("--sparsity", type=float, default=None,
+              help="Fraction of zeros in the selected weights, counting existing zeros "
+                   "[default: 0.5; implied by N:M].")
+@click.option("--criterion", default="magnitude", show_default=True,
+              help=f"Importance criterion: {', '.join(criterion_names())}.")
+@click.option("--scope", type=click.Choice(["local", "global"]), default="local",
+              show_default=True, help="local: each weight reaches the target; global: one "
+                                      "threshold across weights.")
+@click.option("--op-types", default=None, help="Comma-separated op types to prune "
+                                               "[default: all prunable].")
+@click.option("--include", default=None, help="Regex: prune only weights/nodes whose name matches.")
+@click.option("--exclude", default=None, help="Regex: skip weights/nodes whose name matches.")
+@click.option("--config", type=click.Path(path_type=Path), default=None,
+              help="JSON/YAML per-op rules (see README).")
+@click.option("--min-sparsity", type=float, default=0.0, show_default=True,
+              help="Global scope: lower bound per weight.")
+@click.option("--max-sparsity", type=float, default=0.98, show_default=True,
+              help="Global scope: upper bound per weight.")
+@click.option("--scores", "scores_path", default=None,
+              help=".npz of importance scores keyed by weight name (criterion 'scores').")
+@click.option("--masks", "masks_path", default=None,
+              help=".npz of keep-masks (1 = keep) keyed by weight name.")
+@click.option("--input-shape", "input_shapes", multiple=True,
+              help="Fix an input's dims for generated inputs and MACs: NAME:1x3x224x224.")
+@click.option("--inputs", "inputs_path", default=None,
+              help=".npz of model inputs keyed by input name, for the comparison.")
+@click.option("--no-validate", is_flag=True, help="Skip checker, onnxruntime and comparison.")
+@click.option("--max-error", type=float, default=None,
+              help="Fail (exit 1, nothing written) if the relative max error of any output "
+                   "exceeds this.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
+              help="Write the report as JSON here.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("-q", "--quiet", is_flag=True, help="No report or progress on stdout.")
+def prune_command(model, output, pattern, sparsity, criterion, scope, op_types, include, exclude,
+                  config, min_sparsity, max_sparsity, scores_path, masks_path, input_shapes,
+                  inputs_path, no_validate, max_error, report_path, seed, force, quiet):
+    """Prune MODEL and write <stem>.pruned.onnx (MODEL defaults to the bundled digits CNN)."""
+
+    def body():
+        from .api import prune
+        from .validate import parse_input_shapes
+
+        path = model if model is not None else DEFAULT_MODEL
+        shapes = parse_input_shapes(input_shapes)
+        scores = _npz_dict(scores_path, "--scores")
+        result = None
+        try:
+            result = prune(path, pattern=pattern, sparsity=sparsity, criterion=criterion,
+                           scope=scope, op_types=op_types, include=include, exclude=exclude,
+                           config=config, min_sparsity=min_sparsity, max_sparsity=max_sparsity,
+                           scores=scores, masks=_npz_dict(masks_path, "--masks"),
+                           output=output if output is not None else default_output(path),
+                           force=force, validate=not no_validate, inputs=inputs_path,
+                           input_shapes=shapes, max_error=max_error, seed=seed,
+                           track=_track(quiet) or (lambda items, d, t: items))
+            report = result.report
+        except OnnxPruneError as exc:
+            report = getattr(exc, "report", None)
+            if report is None:
+                raise
+            _emit(report, report_path, quiet)
+            raise
+        _emit(report, report_path, quiet)
+        if not quiet:
+            click.echo(f"wrote {result.output}")
+
+    _run(body)
+
+
+def _emit(report, report_path, quiet):
+    if report_path is not None:
+        report.write_json(report_path)
+    report.render(_console(quiet))
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--input-shape", "input_shapes", multiple=True,
+              help="Fix an input's dims for MACs: NAME:1x3x224x224.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
+              help="Write the report as JSON here.")
+@click.option("-q", "--quiet", is_flag=True)
+def inspect_command(model, input_shapes, report_path, quiet):
+    """Report sparsity, params and MACs of MODEL without changing it."""
+
+    def body():
+        from .api import inspect
+        from .validate import parse_input_shapes
+
+        report = inspect(model, parse_input_shapes(input_shapes))
+        _emit(report, report_path, quiet)
+
+    _run(body)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

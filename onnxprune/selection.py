@@ -1,0 +1,251 @@
+"""Which weights are pruned, and how: op types, name regexes and per-op config rules.
+
+The result is one :class:`LayerPlan` per selected weight: its pattern, target sparsity, criterion
+and sparsity bounds. A config file (JSON or YAML) is either a list of rules or a mapping with
+``defaults`` and ``rules``::
+
+    defaults: {pattern: 4x1, sparsity: 0.8}
+    rules:
+      - op_names: ["backbone.*"]          # regexes on the weight name or a consumer node name
+        pattern: "2:4"
+      - op_types: [Gemm]
+        sparsity: 0.5
+      - op_names: ["head.*"]
+        skip: true
+
+The first rule that matches a weight decides; keys it leaves out come from ``defaults``, then from
+the command line / API arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from .errors import ConfigError, OptionError, PatternError, SelectionError
+from .layouts import prunable_op_types
+from .patterns import Pattern, parse_pattern
+from .weights import Skipped, Weight
+
+RULE_KEYS = {"op_names", "op_types", "pattern", "sparsity", "criterion", "min_sparsity",
+             "max_sparsity", "skip"}
+SETTING_KEYS = {"pattern", "sparsity", "criterion", "min_sparsity", "max_sparsity"}
+
+
+@dataclass
+class LayerPlan:
+    """How one weight is pruned."""
+
+    weight: Weight
+    pattern: Pattern
+    sparsity: float
+    criterion: str
+    min_sparsity: float = 0.0
+    max_sparsity: float = 0.98
+    rule: Optional[int] = None  # index of the config rule that chose these settings
+
+
+@dataclass
+class Rule:
+    op_names: List[re.Pattern] = field(default_factory=list)
+    op_types: List[str] = field(default_factory=list)
+    settings: Dict[str, Any] = field(default_factory=dict)
+    skip: bool = False
+
+    def matches(self, weight: Weight) -> bool:
+        if self.op_types and not any(c.node.op_type in self.op_types for c in weight.consumers):
+            return False
+        if self.op_names:
+            names = [weight.name] + [c.node_name for c in weight.consumers]
+            if not any(rx.search(n) for rx in self.op_names for n in names):
+                return False
+        return True
+
+
+@dataclass
+class Config:
+    defaults: Dict[str, Any] = field(default_factory=dict)
+    rules: List[Rule] = field(default_factory=list)
+
+
+def load_config(source: Union[str, Path, dict, list, None]) -> Config:
+    """Parse a config file path, or an already-loaded dict/list (the Python API accepts both)."""
+    if source is None:
+        return Config()
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        text = path.read_text()
+        try:
+            if path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as exc:
+            raise ConfigError(f"config file '{path}' is not valid "
+                              f"{'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: "
+                              f"{str(exc).splitlines()[0]}") from None
+        where = str(path)
+    else:
+        data, where = source, "config"
+    if isinstance(data, list):
+        data = {"rules": data}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a list of rules or a mapping with 'defaults' and "
+                          "'rules'")
+    unknown = set(data) - {"defaults", "rules"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown top-level key(s) {sorted(unknown)}; use 'defaults' "
+                          "and 'rules'")
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, dict) or set(defaults) - SETTING_KEYS:
+        raise ConfigError(f"{where}: 'defaults' may only set {sorted(SETTING_KEYS)}")
+    rules = []
+    for i, raw in enumerate(data.get("rules") or []):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: rule {i} is not a mapping")
+        bad = set(raw) - RULE_KEYS
+        if bad:
+            raise ConfigError(f"{where}: rule {i} has unknown key(s) {sorted(bad)}; allowed: "
+                              f"{sorted(RULE_KEYS)}")
+        names = raw.get("op_names") or []
+        types = raw.get("op_types") or []
+        if isinstance(names, str):
+            names = [names]
+        if isinstance(types, str):
+            types = [types]
+        rules.append(Rule([_compile(n, f"{where}: rule {i} op_names") for n in names],
+                          list(types), {k: raw[k] for k in SETTING_KEYS if k in raw},
+                          bool(raw.get("skip", False))))
+    return Config(dict(defaults), rules)
+
+
+def _compile(regex: str, where: str) -> re.Pattern:
+    try:
+        return re.compile(regex)
+    except re.error as exc:
+        raise OptionError(f"{where}: invalid regex '{regex}': {exc}") from None
+
+
+def parse_op_types(op_types: Union[str, Sequence[str], None]) -> Tuple[str, ...]:
+    """``"Conv,Gemm"`` or a list -> validated tuple; None -> every op type with a layout."""
+    known = prunable_op_types()
+    if op_types is None:
+        return known
+    if isinstance(op_types, str):
+        op_types = [t.strip() for t in op_types.split(",") if t.strip()]
+    bad = [t for t in op_types if t not in known]
+    if bad:
+        raise OptionError(f"--op-types: {', '.join(bad)} cannot be pruned; choose from "
+                          f"{', '.join(known)}")
+    return tuple(op_types)
+
+
+def check_sparsity(value: Union[float, int], pattern: Pattern, where: str = "--sparsity") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError(f"{where} must be a number in [0, 1) or a zero count, got {value!r}")
+    if isinstance(value, float) and not 0.0 <= value < 1.0:
+        raise OptionError(f"{where}={value} is outside [0, 1): it is the fraction of weights set "
+                          "to zero (0.8 = 80 % zeros)")
+    if isinstance(value, int) and value < 0:
+        raise OptionError(f"{where}={value}: a zero count cannot be negative")
+    implied = pattern.implied_sparsity
+    if implied is not None and isinstance(value, float) and abs(value - implied) > 1e-9:
+        raise PatternError(f"pattern {pattern.spec} implies sparsity {implied:g}; "
+                           f"{where}={value:g} conflicts with it (drop {where})")
+
+
+def select(weights: Sequence[Weight], *, pattern: str, sparsity: Optional[Union[float, int]],
+           criterion: str, op_types=None, include: Optional[str] = None,
+           exclude: Optional[str] = None, config: Union[str, Path, dict, list, None] = None,
+           min_sparsity: float = 0.0, max_sparsity: float = 0.98
+           ) -> Tuple[List[LayerPlan], List[Skipped]]:
+    """Plans for the selected weights, and those deselected by a config ``skip`` rule.
+
+    Raises :class:`SelectionError` when nothing is selected, naming the filter to relax.
+    An int ``sparsity`` (API only) is a total count of zeros across the selected weights.
+    """
+    cfg = load_config(config)
+    types = parse_op_types(op_types)
+    inc = _compile(include, "--include") if include else None
+    exc = _compile(exclude, "--exclude") if exclude else None
+    if not weights:
+        raise SelectionError("the model has no prunable weights (no Conv/ConvTranspose/Gemm/"
+                             "MatMul with a constant float weight); nothing to prune")
+    base = {"pattern": pattern, "sparsity": sparsity, "criterion": criterion,
+            "min_sparsity": min_sparsity, "max_sparsity": max_sparsity}
+    base.update(cfg.defaults)
+
+    def names(w: Weight) -> List[str]:
+        return [w.name] + [c.node_name for c in w.consumers]
+
+    chosen = [w for w in weights if any(c.node.op_type in types for c in w.consumers)]
+    if not chosen:
+        raise SelectionError(f"no weight feeds the op types {', '.join(types)}; the model's "
+                             "prunable ops are "
+                             f"{', '.join(sorted({w.op_type for w in weights}))}")
+    if inc is not None:
+        chosen = [w for w in chosen if any(inc.search(n) for n in names(w))]
+        if not chosen:
+            raise SelectionError(f"--include '{include}' matches no prunable weight or node name;"
+                                 f" names look like '{weights[0].name}' / "
+                                 f"'{weights[0].consumers[0].node_name}'")
+    if exc is not None:
+        chosen = [w for w in chosen if not any(exc.search(n) for n in names(w))]
+        if not chosen:
+            raise SelectionError(f"--exclude '{exclude}' removes every selected weight; nothing "
+                                 "left to prune")
+    plans: List[LayerPlan] = []
+    skipped: List[Skipped] = []
+    patterns: Dict[str, Pattern] = {}
+    for w in chosen:
+        settings, rule_index = dict(base), None
+        for i, rule in enumerate(cfg.rules):
+            if rule.matches(w):
+                if rule.skip:
+                    rule_index = -1 - i
+                    break
+                settings.update(rule.settings)
+                rule_index = i
+                break
+        if rule_index is not None and rule_index < 0:
+            skipped.append(Skipped(w.name, f"skipped by config rule {-1 - rule_index}"))
+            continue
+        spec = str(settings["pattern"])
+        pat = patterns.get(spec) or patterns.setdefault(spec, parse_pattern(spec))
+        target = settings["sparsity"]
+        if target is None:
+            target = pat.implied_sparsity if pat.implied_sparsity is not None else 0.5
+        check_sparsity(target, pat, "sparsity" if rule_index is None else
+                       f"config rule {rule_index} sparsity")
+        for bound in ("min_sparsity", "max_sparsity"):
+            b = settings[bound]
+            if not isinstance(b, (int, float)) or not 0.0 <= float(b) <= 1.0:
+                raise OptionError(f"{bound}={b!r} must be in [0, 1]")
+        plans.append(LayerPlan(w, pat, target, str(settings["criterion"]),
+                               float(settings["min_sparsity"]), float(settings["max_sparsity"]),
+                               rule_index))
+    if not plans:
+        raise SelectionError("the config's skip rules deselect every weight; nothing to prune")
+    _counts_to_fractions(plans)
+    return plans, skipped
+
+
+def _counts_to_fractions(plans: List[LayerPlan]) -> None:
+    """An int sparsity is a total zero count over the weights that carry it: turn it into the
+    equivalent fraction so that local and global scopes treat it alike."""
+    counted = [p for p in plans if isinstance(p.sparsity, int) and not isinstance(p.sparsity, bool)]
+    if not counted:
+        return
+    total = sum(p.weight.numel for p in counted)
+    count = counted[0].sparsity
+    if count >= total:
+        raise OptionError(f"sparsity count {count} is not below the {total} selected weights")
+    for p in counted:
+        p.sparsity = count / total
