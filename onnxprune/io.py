@@ -168,13 +168,25 @@ def load(model: ModelLike) -> ModelHandle:
     return handle
 
 
-def check_model(model: onnx.ModelProto, full: bool = True) -> None:
-    """Run onnx.checker (and strict shape inference when ``full``) on a proto of any size.
+def check_input(handle: ModelHandle) -> bool:
+    """Refuse an input model that onnx.checker rejects (:class:`ModelLoadError`).
 
-    Large or external-data models are checked without their weights loaded: the checker only
-    needs the graph, and pulling a 2 GB+ proto through protobuf would fail.
+    Returns whether it also passes the full check (strict shape inference): the output is held
+    to the same level, since pruning cannot repair what the exporter wrote.
     """
-    onnx.checker.check_model(model, full_check=full)
+    target = str(handle.path) if handle.path is not None and handle.has_external_data \
+        else handle.model
+    where = handle.path or "the model"
+    try:
+        onnx.checker.check_model(target)
+    except Exception as exc:
+        raise ModelLoadError(f"{where} is an invalid ONNX model (onnx.checker: {_short(exc)}); "
+                             "re-export it or fix the graph first") from None
+    try:
+        onnx.checker.check_model(target, full_check=True)
+        return True
+    except Exception:
+        return False
 
 
 @contextlib.contextmanager

@@ -85,6 +85,7 @@ class PruneState:
     notes: List[str] = field(default_factory=list)
     comparison: Any = None
     gate_failure: Optional[str] = None
+    full_check: bool = True  # hold the output to strict shape inference (the input passes it)
     seed: int = 0
     track: Track = no_progress
 
@@ -95,10 +96,12 @@ class PruneState:
         if isinstance(model, onnx.ModelProto):
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
-            return cls(handle=mio.load(copy), original=model, seed=seed, track=track)
-        handle = mio.load(model)
-        original = handle.path if handle.path is not None else handle.model
-        return cls(handle=handle, original=original, seed=seed, track=track)
+            handle, original = mio.load(copy), model
+        else:
+            handle = mio.load(model)
+            original = handle.path if handle.path is not None else handle.model
+        full = mio.check_input(handle)
+        return cls(handle=handle, original=original, seed=seed, track=track, full_check=full)
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -320,7 +323,7 @@ class Validate(Pass):
         from . import validate as v
 
         with mio.materialized(state.handle) as candidate:
-            v.check_valid(candidate)
+            v.check_valid(candidate, full_check=state.full_check)
             if not self.compare:
                 return False, "valid: checker + onnxruntime", {}
             original = state.original
