@@ -1,0 +1,362 @@
+"""Dead channels: found after any masking, removed only where removing them is exact.
+
+A unit (channel) of a non-frozen group is dead when
+
+* **unread**: every consumer's input slice for it is zero and no weight-free op reduces over it
+  (an activation x activation MatMul), so its value never matters; or
+* **constant**: every producer row of it is zero, so it carries an input-independent constant
+  (the bias, BN shift, act(bias)...). The constant is propagated through the group's ops with each
+  rule's ``const`` function; where it is 0 at every consumer the channel goes, otherwise it is
+  folded into each consumer's bias **only where that is exact**: Gemm, MatMul with a constant
+  right operand, and Conv with no padding (``pads`` all 0, ``auto_pad`` NOTSET/VALID). A zero-
+  padded Conv sees 0 instead of the constant at its borders, ConvTranspose spreads it unevenly,
+  and an op that is not a consumer weight cannot take a bias: those channels are kept, and the
+  record lists them as ``kept_nonzero_const``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import onnx
+
+from ..io import ModelHandle
+from ..layouts import layout_for
+from .graph import BIAS, CONSUMER, PRODUCER, ChannelGraph, ChannelGroup, Member
+
+_PASS = {"Identity", "Cast", "Dropout", "Concat", "Split", "Slice", "Reshape", "Flatten",
+         "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "GlobalAveragePool", "GlobalMaxPool",
+         "Resize", "Upsample", "ReduceMean", "ReduceMax", "ReduceMin"}
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+class _Walk:
+    """Per-unit constants of one group's tensors (NaN = not constant / unknown)."""
+
+    def __init__(self, handle: ModelHandle, graph: ChannelGraph, group: ChannelGroup,
+                 nodes: List[onnx.NodeProto]) -> None:
+        self.h, self.g, self.group = handle, graph, group
+        self.members: Dict[str, Member] = {}
+        for m in group.members:
+            self.members.setdefault(m.tensor, m)
+        self.nodes = nodes
+        self.values: Dict[str, np.ndarray] = {}
+        self.by_node_roles: Dict[Tuple[str, int], List[Tuple[str, Member]]] = defaultdict(list)
+        for m in group.members:
+            for role, node_name, idx in graph.roles.get((m.tensor, m.axis), []):
+                self.by_node_roles[(node_name, idx)].append((role, m))
+
+    def param(self, name: str) -> Optional[np.ndarray]:
+        """Per-unit value of a per-channel parameter of this group, or a scalar constant."""
+        m = self.members.get(name)
+        if m is not None and m.stored:
+            arr = np.asarray(self.h.read(self.g.stored[name]), np.float64)
+            taken = np.take(arr, m.index_map[:, 0], axis=m.axis)
+            taken = np.moveaxis(taken, m.axis, 0).reshape(self.group.size, -1)
+            return taken[:, 0] if taken.shape[1] == 1 else None
+        src = name
+        while src not in self.g.stored:
+            return None
+        arr = np.asarray(self.h.read(self.g.stored[src]), np.float64)
+        return np.full(self.group.size, float(arr.ravel()[0])) if arr.size == 1 else None
+
+    def run(self) -> None:
+        from .rules import rule_for
+        nan = np.full(self.group.size, np.nan)
+        for node in self.nodes:
+            key = node.name or node.output[0]
+            if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                produced = [(r, m) for i in range(len(node.input))
+                            for r, m in self.by_node_roles.get((key, i), []) if r == PRODUCER]
+                if produced:
+                    self.values[node.output[0]] = self._producer_const(node, key)
+                continue
+            ins = []
+            for name in node.input:
+                if not name:
+                    ins.append(None)
+                elif name in self.values:
+                    ins.append(self.values[name])
+                else:
+                    ins.append(self.param(name))
+            if all(v is None for v in ins[:1]) and not any(n in self.values for n in node.input):
+                continue
+            out = self._eval(node, ins, rule_for(node))
+            for o, v in zip(node.output, out if out is not None else []):
+                if o in self.members:
+                    self.values[o] = nan if v is None else np.asarray(v, np.float64)
+            if out is None:
+                for o in node.output:
+                    if o in self.members:
+                        self.values[o] = nan
+
+    def _producer_const(self, node, key) -> np.ndarray:
+        bias = np.zeros(self.group.size)
+        bias_index = 2
+        for role, m in self.by_node_roles.get((key, bias_index), []):
+            if role == BIAS:
+                v = self.param(m.tensor)
+                if v is None:
+                    return np.full(self.group.size, np.nan)
+                bias = v * (float(_attr(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0)
+        if node.op_type in ("Conv", "ConvTranspose") and int(_attr(node, "group", 1)) > 1:
+            # Depthwise: a zero filter outputs its bias only; constant input through padding
+            # would not be constant, so an input constant other than 0 makes it unknown.
+            x = self.values.get(node.input[0])
+            if x is not None:
+                bias = np.where(x == 0, bias, np.nan)
+        return bias
+
+    def _eval(self, node, ins, rule):
+        op = node.op_type
+        if op in _PASS:
+            v = next((x for x in ins if x is not None), None)
+            return [v] * len(node.output)
+        if op == "AveragePool":
+            pads = _attr(node, "pads", None)
+            if (pads and any(pads)) or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET",
+                                                                                 b"VALID"):
+                if not _attr(node, "count_include_pad", 0):
+                    return [ins[0]]
+                return [np.where(ins[0] == 0, 0.0, np.nan)]
+            return [ins[0]]
+        if op == "Pad":
+            mode = _attr(node, "mode", b"constant")
+            if mode != b"constant":
+                return [ins[0]]
+            pv = ins[2] if len(ins) > 2 and ins[2] is not None else np.zeros_like(ins[0])
+            return [np.where(ins[0] == pv, ins[0], np.nan)]
+        if op == "BatchNormalization":
+            x, s, b, mu, var = ins[:5]
+            if any(v is None for v in (x, s, b, mu, var)):
+                return None
+            eps = float(_attr(node, "epsilon", 1e-5))
+            return [(x - mu) / np.sqrt(var + eps) * s + b]
+        if op == "InstanceNormalization":
+            return [ins[2]] if ins[2] is not None else None  # constant map normalizes to 0
+        if rule is None or rule.const is None or ins[0] is None:
+            return None
+        if op not in ("Sum", "Mean") and any(v is None for v in ins[1:2]) and len(ins) > 1 \
+                and node.input[1] and op in ("Add", "Sub", "Mul", "Div", "Max", "Min", "Pow",
+                                             "PRelu"):
+            return None
+        return rule.const(node, [v for v in ins if v is not None] if op in ("Sum", "Mean")
+                          else ins, self._read_const)
+
+    def _read_const(self, name: str):
+        if name in self.g.stored:
+            return self.h.read(self.g.stored[name])
+        return None
+
+
+def find_dead(handle: ModelHandle, graph: ChannelGraph):
+    """Per group: units to remove, (unit, consumer member, node, k) folds, and kept notes."""
+    from .rules import rule_for  # noqa: F401  (rules must be registered)
+    order = {id(n): i for i, n in enumerate(handle.model.graph.node)}
+    nodes_by_input: Dict[str, List[onnx.NodeProto]] = defaultdict(list)
+    nodes_by_name: Dict[str, onnx.NodeProto] = {}
+    for n in handle.model.graph.node:
+        nodes_by_name[n.name or n.output[0]] = n
+        for i in n.input:
+            if i:
+                nodes_by_input[i].append(n)
+    result = []
+    for group in graph.prunable():
+        zero_rows = _all_zero(handle, graph, group, PRODUCER)
+        zero_cols = _all_zero(handle, graph, group, CONSUMER)
+        sinks = any("sink" in m.roles for m in group.members)
+        unread = zero_cols if not sinks else np.zeros(group.size, bool)
+        if not group.consumers and not sinks:
+            unread = np.ones(group.size, bool)
+        const_units = np.flatnonzero(zero_rows & ~unread)
+        remove = set(np.flatnonzero(unread).tolist())
+        folds, kept = [], []
+        folded_units = set()
+        if len(const_units):
+            tensors = {m.tensor for m in group.members if not m.stored}
+            nodes = sorted({id(n): n for t in tensors for n in nodes_by_input.get(t, [])}.values(),
+                           key=lambda n: order[id(n)])
+            producers = sorted({id(nodes_by_name[nn]): nodes_by_name[nn]
+                                for m in group.members
+                                for r, nn, _ in graph.roles.get((m.tensor, m.axis), [])
+                                if r == PRODUCER and nn in nodes_by_name}.values(),
+                               key=lambda n: order[id(n)])
+            allnodes = sorted({id(n): n for n in nodes + producers}.values(),
+                              key=lambda n: order[id(n)])
+            walk = _Walk(handle, graph, group, allnodes)
+            walk.run()
+            consumer_inputs = []  # (member, node, input index, activation name)
+            for m in group.members:
+                for r, nn, idx in graph.roles.get((m.tensor, m.axis), []):
+                    if r == CONSUMER and nn in nodes_by_name:
+                        node = nodes_by_name[nn]
+                        act = node.input[1 - idx] if node.op_type in ("Gemm", "MatMul") \
+                            else node.input[0]
+                        consumer_inputs.append((m, node, idx, act))
+            sink_tensors = [m.tensor for m in group.members if "sink" in m.roles]
+            for u in const_units.tolist():
+                vals = [walk.values.get(act, np.full(group.size, np.nan))[u]
+                        for _, _, _, act in consumer_inputs]
+                svals = [walk.values.get(t, np.full(group.size, np.nan))[u] for t in sink_tensors]
+                if any(np.isnan(v) for v in vals + svals) or any(v != 0 for v in svals):
+                    kept.append(f"{group.describe()} channel {u}: zero filter, value not "
+                                "constant/zero where it is read")
+                    continue
+                plan = [(m, node, idx, float(v)) for (m, node, idx, _), v
+                        in zip(consumer_inputs, vals) if v != 0 and _reads(handle, graph, m, u)]
+                if not plan:
+                    remove.add(u)
+                elif all(_foldable(node, idx) for _, node, idx, _ in plan):
+                    folded_units.add(u)
+                    # zero every consumer's slice so the next pass sees the unit as unread
+                    in_plan = {(id(m), id(node)) for m, node, _, _ in plan}
+                    folds.extend((u, m, node, idx, k) for m, node, idx, k in plan)
+                    # value 0 there: zeroing the slice is exact and makes the unit unread
+                    folds.extend((u, m, node, idx, 0.0) for m, node, idx, _ in consumer_inputs
+                                 if (id(m), id(node)) not in in_plan)
+                else:
+                    kept.append(f"{group.describe()} channel {u}: constant "
+                                f"{[round(k, 6) for *_, k in plan]} reaches a consumer where "
+                                "folding is not exact (zero padding or no bias)")
+        # Never remove every channel: keep the group alive with one unit.
+        if len(remove) + len(folded_units) >= group.size:
+            last = max(remove | folded_units)
+            remove.discard(last)
+            folded_units.discard(last)
+            kept.append(f"{group.describe()}: all channels dead; one kept so the graph stays "
+                        "connected")
+            folds = [f for f in folds if f[0] != last]
+        result.append((group, sorted(remove), folds, kept))
+    return result
+
+
+def _all_zero(handle, graph, group, role) -> np.ndarray:
+    flags = np.ones(group.size, bool)
+    any_member = False
+    for m in group.members:
+        if not m.stored or role not in m.roles:
+            continue
+        any_member = True
+        arr = np.asarray(handle.read(graph.stored[m.tensor]))
+        rows = np.moveaxis(arr, m.axis, 0).reshape(arr.shape[m.axis], -1)
+        nz = np.any(rows != 0, axis=1)
+        flags &= ~nz[m.index_map].any(axis=1)
+    return flags if any_member else np.zeros(group.size, bool)
+
+
+def _reads(handle, graph, m: Member, u: int) -> bool:
+    arr = np.asarray(handle.read(graph.stored[m.tensor]))
+    return bool(np.any(np.take(arr, m.index_map[u], axis=m.axis) != 0))
+
+
+def _foldable(node: onnx.NodeProto, index: int) -> bool:
+    op = node.op_type
+    if op == "Gemm":
+        return index == 1
+    if op == "MatMul":
+        return index == 1
+    if op == "Conv":
+        pads = _attr(node, "pads", None)
+        auto = _attr(node, "auto_pad", b"NOTSET")
+        return (not pads or not any(pads)) and auto in (b"NOTSET", b"VALID")
+    return False
+
+
+def apply_folds(handle: ModelHandle, graph: ChannelGraph, folds) -> List[str]:
+    """Add ``k * sum(W[:, slice of unit])`` to each consumer's bias (creating one if needed) and
+    zero that slice, which leaves the model's function unchanged and the unit unread."""
+    notes = []
+    deltas: Dict[int, Tuple[onnx.NodeProto, np.ndarray]] = {}
+    zero: Dict[str, List[Tuple[int, np.ndarray]]] = defaultdict(list)
+    for u, m, node, idx, k in folds:
+        if k == 0:
+            continue
+        w = np.asarray(handle.read(graph.stored[m.tensor]), np.float64)
+        layout = layout_for(node, idx, w.shape)
+        taken = np.take(w, m.index_map[u], axis=m.axis)
+        other = tuple(a for a in range(w.ndim) if a != layout.out_axis)
+        delta = k * taken.sum(axis=other)
+        if node.op_type == "Gemm":
+            delta = delta * float(_attr(node, "alpha", 1.0))
+        prev = deltas.get(id(node))
+        deltas[id(node)] = (node, delta if prev is None else prev[1] + delta)
+        notes.append(f"unit {u} (constant {k:.6g}) folded into {node.op_type} "
+                     f"'{node.name or node.output[0]}'")
+    for u, m, node, idx, k in folds:
+        zero[m.tensor].append((m.axis, m.index_map[u]))
+    for name, cuts in zero.items():
+        t = graph.stored[name]
+        arr = np.array(handle.read(t), copy=True)
+        for axis, ix in cuts:
+            sl = [slice(None)] * arr.ndim
+            sl[axis] = ix
+            arr[tuple(sl)] = 0
+        handle.write(t, arr)
+    g = handle.model.graph
+    from .rules import new_initializer, set_attr
+    inserts: Dict[int, onnx.NodeProto] = {}
+    for node, delta in deltas.values():
+        if node.op_type == "Conv":
+            _add_bias(handle, graph, node, 2, delta)
+        elif node.op_type == "Gemm":
+            beta = float(_attr(node, "beta", 1.0))
+            if len(node.input) > 2 and node.input[2]:
+                _add_bias(handle, graph, node, 2, delta / beta)
+            else:
+                name = new_initializer(g, (node.name or node.output[0]) + "_C",
+                                       delta.astype(_dtype_of(handle, graph, node)))
+                node.input.append(name)
+                set_attr(node, "beta", 1.0)
+        else:  # MatMul: an Add after it
+            out = node.output[0]
+            mid = out + "_prefold"
+            node.output[0] = mid
+            name = new_initializer(g, (node.name or out) + "_fold",
+                                   delta.astype(_dtype_of(handle, graph, node)))
+            inserts[id(node)] = onnx.helper.make_node("Add", [mid, name], [out],
+                                                      name=(node.name or out) + "_fold")
+    if inserts:
+        nodes = []
+        for n in g.node:
+            nodes.append(n)
+            if id(n) in inserts:
+                nodes.append(inserts[id(n)])
+        copies = [onnx.NodeProto() for _ in nodes]
+        for c, n in zip(copies, nodes):
+            c.CopyFrom(n)
+        del g.node[:]
+        g.node.extend(copies)
+    return notes
+
+
+def _dtype_of(handle, graph, node) -> np.dtype:
+    from ..io import tensor_dtype
+    w = node.input[1]
+    return tensor_dtype(graph.stored[w]) if w in graph.stored else np.dtype(np.float32)
+
+
+def _add_bias(handle, graph, node, index, delta) -> None:
+    from .rules import new_initializer
+    g = handle.model.graph
+    if len(node.input) > index and node.input[index]:
+        name = node.input[index]
+        if name not in graph.stored:
+            raise RuntimeError(f"bias '{name}' of '{node.name}' is not stored")
+        t = graph.stored[name]
+        b = np.asarray(handle.read(t), np.float64)
+        b = b + delta  # [N], [1, N] and [M, N] biases all broadcast with [N]
+        handle.write(t, b)
+    else:
+        name = new_initializer(g, (node.name or node.output[0]) + "_B",
+                               delta.astype(_dtype_of(handle, graph, node)))
+        while len(node.input) < index:
+            node.input.append("")
+        node.input.append(name)

@@ -1,0 +1,502 @@
+"""The channel dependency graph: which channels of which tensors must be removed together.
+
+A *dim* is one axis of one tensor, ``(tensor name, axis)``; stored tensors (initializers and
+``Constant`` values) have dims too, which is how weights, biases, BN parameters and per-channel
+constants get sliced. Per-op rules (:mod:`.rules`) tie dims of a node's inputs and outputs:
+
+* ``tie(a, b)`` — the two axes are the same channels, index for index (Relu, BN, residual Add).
+  These are joined by a union-find over dims (level 1), cheap however large the axis.
+* ``tie_map(a, ia, b, ib)`` — index ``ia[k]`` of ``a`` is index ``ib[k]`` of ``b`` (Concat/Split
+  offsets, Flatten's ``c -> c*H*W + k`` block, heads, grouped-conv positions). Level-1 classes
+  touched by such ties are split into one atom per index and joined by connected components
+  (level 2).
+
+A *unit* is one connected set of (dim, index) positions: removing it removes every one of those
+positions, which keeps every node's inputs and outputs consistent. Units that touch the same dims
+the same number of times form a :class:`ChannelGroup` (e.g. the 64 output channels of a conv and
+everything they flow into); channel ``i`` of a group is unit ``i``.
+
+Anything a rule cannot map is *frozen*, never guessed: ops without a rule, axes a rule leaves
+untied, graph inputs/outputs, tensors read inside subgraphs, sizes shape inference could not fix.
+A group is prunable when it is not frozen and at least one weight produces its channels.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import onnx
+
+from ..io import ModelHandle, iter_graphs
+
+Shape = Tuple[Union[int, str, None], ...]
+
+# Roles a stored tensor's axis plays in a group. Masking a channel zeroes the slices whose role is
+# in ZERO_ON_MASK, so that the channel contributes nothing anywhere (see resize.mask_channels).
+PRODUCER = "producer"      # weight out-channel rows (Conv W[c], Gemm/MatMul output columns)
+CONSUMER = "consumer"      # weight input slices (Conv W[:, c], MatMul W[c, :])
+BIAS = "bias"              # additive per-channel value: conv/gemm bias, Add constant, BN shift
+SCALE = "scale"            # BN/InstanceNorm gamma: zeroed with the shift so the output is 0
+STAT = "stat"              # BN running mean/var: left alone (var must stay positive)
+FACTOR = "factor"          # Mul/Div constant, PRelu slope: 0 * k is already 0
+ZERO_ON_MASK = {PRODUCER, CONSUMER, BIAS, SCALE}
+
+
+@dataclass
+class Member:
+    """One dim of a group: channel ``i`` of the group is ``index_map[i]`` (one or more indices)."""
+
+    tensor: str
+    axis: int
+    index_map: np.ndarray  # int64 [group size, count]
+    stored: bool  # a stored tensor (sliced on resize) rather than an activation
+    roles: Tuple[str, ...] = ()
+
+    def indices(self, units: Sequence[int]) -> np.ndarray:
+        return np.sort(self.index_map[np.asarray(units, dtype=np.int64)].ravel())
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that are removed together; ``size`` units, each one channel of every member."""
+
+    id: int
+    size: int
+    members: List[Member]
+    producers: List[str]  # stored weights whose out-channels are in the group
+    consumers: List[str]  # stored weights whose input channels are in the group
+    frozen: Optional[str] = None  # why it cannot be pruned, None when it can
+
+    @property
+    def prunable(self) -> bool:
+        return self.frozen is None
+
+    def describe(self) -> str:
+        names = self.producers or [m.tensor for m in self.members]
+        head = ", ".join(names[:3]) + (f" (+{len(names) - 3})" if len(names) > 3 else "")
+        return f"group {self.id} [{self.size} ch: {head}]"
+
+
+@dataclass
+class ChannelGraph:
+    """All channel groups of a model, plus what resize needs to rewrite attributes and shapes."""
+
+    groups: List[ChannelGroup]
+    rewrites: List[Tuple[onnx.NodeProto, Callable]]  # (node, fn(node, ResizeContext))
+    stored: Dict[str, onnx.TensorProto]
+    shapes: Dict[str, Shape]
+    roles: Dict[Tuple[str, int], List[Tuple[str, str, int]]]  # (stored, axis) -> (role, node, input)
+    consts: Dict[str, np.ndarray] = field(default_factory=dict)
+
+    def frozen(self) -> List[Tuple[str, str]]:
+        return [(g.describe(), g.frozen) for g in self.groups if g.frozen]
+
+    def prunable(self) -> List[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def freeze_rate(self) -> float:
+        """Fraction of groups with a producer weight that are frozen (a quality signal)."""
+        with_producer = [g for g in self.groups if g.producers]
+        if not with_producer:
+            return 0.0
+        return sum(1 for g in with_producer if g.frozen) / len(with_producer)
+
+    def group_of(self, key: Union[int, str]) -> ChannelGroup:
+        if isinstance(key, int):
+            return self.groups[key]
+        matches = [g for g in self.groups if key in g.producers]
+        if len(matches) != 1:
+            raise KeyError(f"weight '{key}' produces channels of {len(matches)} groups; "
+                           "give channel scores per group id instead")
+        return matches[0]
+
+
+# -- shape inference ------------------------------------------------------------------------
+def infer_shapes(model: onnx.ModelProto, input_shapes: Optional[Dict[str, Sequence[int]]] = None
+                 ) -> Dict[str, Shape]:
+    """Static/symbolic shapes of every main-graph value, computed on a weight-free copy.
+
+    Weights are stripped from the copy (only their dims matter), so a multi-GB model costs only
+    its graph here. Unknown dims are ``None``, symbolic ones their name.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for _, g in iter_graphs(copy.graph):
+        for t in list(g.initializer):
+            _strip(t)
+        for n in g.node:
+            if n.op_type == "Constant":
+                for a in n.attribute:
+                    if a.type == onnx.AttributeProto.TENSOR:
+                        _strip(a.t)
+    del copy.graph.value_info[:]
+    for inp in copy.graph.input:
+        if input_shapes and inp.name in input_shapes:
+            shape = inp.type.tensor_type.shape
+            del shape.dim[:]
+            for d in input_shapes[inp.name]:
+                shape.dim.add().dim_value = int(d)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(copy, data_prop=True)
+    except Exception:  # inference failing leaves shapes unknown, which freezes what needs them
+        inferred = copy
+    shapes: Dict[str, Shape] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        t = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or not t.HasField("shape"):
+            continue
+        dims = []
+        for d in t.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param") and d.dim_param:
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        shapes[vi.name] = tuple(dims)
+    for t in model.graph.initializer:
+        shapes[t.name] = tuple(int(d) for d in t.dims)
+    return shapes
+
+
+def _strip(t: onnx.TensorProto) -> None:
+    n = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
+    if n > 64 and t.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+        for f in ("raw_data", "float_data", "double_data", "int32_data", "int64_data"):
+            t.ClearField(f)
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.DEFAULT
+
+
+# -- building -------------------------------------------------------------------------------
+class _DSU:
+    def __init__(self) -> None:
+        self.parent: List[int] = []
+
+    def add(self) -> int:
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, x: int) -> int:
+        p = self.parent
+        while p[x] != x:
+            p[x] = p[p[x]]
+            x = p[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def _components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Connected-component label (smallest member) of each of ``n`` atoms joined by edges u-v."""
+    p = np.arange(n, dtype=np.int64)
+    if len(u) == 0:
+        return p
+    while True:
+        pu, pv = p[u], p[v]
+        if np.array_equal(pu, pv):
+            return p
+        lo, hi = np.minimum(pu, pv), np.maximum(pu, pv)
+        np.minimum.at(p, hi, lo)  # hook each root under the smaller root it touches
+        while True:  # pointer jumping to roots
+            pp = p[p]
+            if np.array_equal(pp, p):
+                break
+            p = pp
+
+
+class Builder:
+    """Collects ties, roles, freezes and rewrites while rules run over the graph in order."""
+
+    def __init__(self, handle: ModelHandle, input_shapes=None) -> None:
+        self.handle = handle
+        self.graph = handle.model.graph
+        self.shapes = infer_shapes(handle.model, input_shapes)
+        self.stored: Dict[str, onnx.TensorProto] = {t.name: t for t in self.graph.initializer}
+        self.producer: Dict[str, onnx.NodeProto] = {}
+        self.consumers: Dict[str, List[Tuple[onnx.NodeProto, int]]] = defaultdict(list)
+        for node in self.graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
+                for a in node.attribute:
+                    if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                        self.stored[node.output[0]] = a.t
+            for i, name in enumerate(node.input):
+                if name:
+                    self.consumers[name].append((node, i))
+            for o in node.output:
+                if o:
+                    self.producer[o] = node
+        for name, t in self.stored.items():
+            self.shapes[name] = tuple(int(d) for d in t.dims)
+        self.dsu = _DSU()
+        self.dim_id: Dict[Tuple[str, int], int] = {}
+        self.dim_size: List[Optional[int]] = []
+        self.map_ties: List[Tuple[int, np.ndarray, int, np.ndarray]] = []
+        self.frozen_keys: Dict[Tuple[str, Optional[int]], str] = {}
+        self.roles: Dict[Tuple[str, int], List[Tuple[str, str, int]]] = defaultdict(list)
+        self.rewrites: List[Tuple[onnx.NodeProto, Callable]] = []
+        self._const_cache: Dict[str, Optional[np.ndarray]] = {}
+        self.linked: Dict[int, bool] = {}  # level-1 root -> reaches a weight (for Reshape carriers)
+
+    # -- shapes and constants -------------------------------------------------------------
+    def shape(self, name: str) -> Optional[Shape]:
+        return self.shapes.get(name)
+
+    def size(self, name: str, axis: int) -> Optional[int]:
+        s = self.shape(name)
+        if s is None or axis >= len(s):
+            return None
+        return s[axis] if isinstance(s[axis], int) else None
+
+    def is_stored(self, name: str) -> bool:
+        return name in self.stored
+
+    def stored_source(self, name: str, axis: int) -> Optional[Tuple[str, int]]:
+        """The stored tensor and axis a constant input comes from, through Cast/Identity/
+        Transpose; None when it is computed otherwise (or is an activation)."""
+        seen = 0
+        while name not in self.stored:
+            node = self.producer.get(name)
+            if node is None or seen > 16 or node.domain not in ("", "ai.onnx"):
+                return None
+            if node.op_type in ("Cast", "Identity"):
+                name = node.input[0]
+            elif node.op_type == "Transpose":
+                perm = _attr(node, "perm", None)
+                if perm is None:
+                    return None
+                axis, name = int(perm[axis]), node.input[0]
+            else:
+                return None
+            seen += 1
+        return name, axis
+
+    def is_const(self, name: str) -> bool:
+        """True for stored tensors and values computed from stored tensors only."""
+        seen = set()
+        stack = [name]
+        while stack:
+            n = stack.pop()
+            if n in self.stored or n in seen or not n:
+                continue
+            seen.add(n)
+            node = self.producer.get(n)
+            if node is None or node.op_type in ("Shape", "Size"):
+                return False
+            stack.extend(node.input)
+        return True
+
+    def const_value(self, name: str) -> Optional[np.ndarray]:
+        """Values of a small constant input (shape vectors, axes, split sizes), else None."""
+        if name in self._const_cache:
+            return self._const_cache[name]
+        value = None
+        src = name
+        while src not in self.stored:
+            node = self.producer.get(src)
+            if node is None or node.op_type not in ("Cast", "Identity"):
+                break
+            src = node.input[0]
+        if src in self.stored:
+            value = self.handle.read(self.stored[src])
+        self._const_cache[name] = value
+        return value
+
+    # -- dims --------------------------------------------------------------------------------
+    def dim(self, name: str, axis: int, size: Optional[int] = None) -> int:
+        key = (name, axis)
+        d = self.dim_id.get(key)
+        known = self.size(name, axis)
+        if d is None:
+            d = self.dsu.add()
+            self.dim_id[key] = d
+            self.dim_size.append(known if known is not None else size)
+        elif self.dim_size[d] is None and size is not None:
+            self.dim_size[d] = size
+        return d
+
+    def freeze(self, name: str, axis: Optional[int], reason: str) -> None:
+        self.frozen_keys.setdefault((name, axis), reason)
+
+    def tie(self, a: Tuple[str, int], b: Tuple[str, int], why: str = "") -> bool:
+        sa, sb = self.size(*a), self.size(*b)
+        if sa is not None and sb is not None and sa != sb:
+            reason = f"{why or 'tie'}: sizes differ ({a[0]}[{a[1]}]={sa}, {b[0]}[{b[1]}]={sb})"
+            self.freeze(*a, reason)
+            self.freeze(*b, reason)
+            return False
+        size = sa if sa is not None else sb
+        da, db = self.dim(*a, size), self.dim(*b, size)
+        ra, rb = self.dsu.find(da), self.dsu.find(db)
+        linked = self.linked.get(ra, False) or self.linked.get(rb, False)
+        self.dsu.union(da, db)
+        self.linked[self.dsu.find(da)] = linked
+        return True
+
+    def tie_map(self, a: Tuple[str, int], ia, b: Tuple[str, int], ib, size_a: int,
+                size_b: int) -> None:
+        da, db = self.dim(*a, size_a), self.dim(*b, size_b)
+        ia = np.asarray(ia, dtype=np.int64).ravel()
+        ib = np.asarray(ib, dtype=np.int64).ravel()
+        assert ia.shape == ib.shape
+        self.map_ties.append((da, ia, db, ib))
+        linked = self.is_linked(a) or self.is_linked(b)
+        self.linked[self.dsu.find(da)] = linked
+        self.linked[self.dsu.find(db)] = linked
+
+    def is_linked(self, key: Tuple[str, int]) -> bool:
+        d = self.dim_id.get(key)
+        return d is not None and self.linked.get(self.dsu.find(d), False)
+
+    def role(self, name: str, axis: int, role: str, node: onnx.NodeProto, index: int) -> bool:
+        """Record that a constant input's axis plays ``role``; False (and frozen) if the constant
+        is computed in-graph in a way resize cannot slice."""
+        src = self.stored_source(name, axis)
+        if src is None:
+            if role in ZERO_ON_MASK:
+                self.freeze(name, axis, f"{node.op_type} '{node.name}': {role} '{name}' is "
+                                        "computed in-graph, not a stored tensor")
+                return False
+            return True
+        self.roles[src].append((role, node.name or node.output[0], index))
+        d = self.dim(*src)
+        self.linked[self.dsu.find(d)] = True
+        return True
+
+    def sink(self, name: str, axis: int, node: onnx.NodeProto, index: int) -> None:
+        """A weight-free op reduces over this activation axis (x @ y between activations): a
+        channel's value matters there even though no consumer weight reads it."""
+        self.roles[(name, axis)].append(("sink", node.name or node.output[0], index))
+
+    # -- finishing ---------------------------------------------------------------------------
+    def finish(self) -> ChannelGraph:
+        n_dims = len(self.dim_size)
+        root = np.array([self.dsu.find(i) for i in range(n_dims)], dtype=np.int64)
+        keys = {d: k for k, d in self.dim_id.items()}
+        class_dims: Dict[int, List[int]] = defaultdict(list)
+        for d in range(n_dims):
+            class_dims[int(root[d])].append(d)
+        class_size: Dict[int, Optional[int]] = {}
+        class_frozen: Dict[int, str] = {}
+        for c, dims in class_dims.items():
+            sizes = {self.dim_size[d] for d in dims if self.dim_size[d] is not None}
+            class_size[c] = sizes.pop() if len(sizes) == 1 else None
+            if len(sizes) > 0:
+                class_frozen[c] = "inconsistent sizes across tied tensors"
+        by_name: Dict[str, List[int]] = defaultdict(list)
+        for (name, axis), d in self.dim_id.items():
+            by_name[name].append(d)
+        for (name, axis), reason in self.frozen_keys.items():
+            targets = by_name.get(name, []) if axis is None else (
+                [self.dim_id[(name, axis)]] if (name, axis) in self.dim_id else [])
+            for d in targets:
+                class_frozen.setdefault(int(root[d]), reason)
+
+        # Level 2: atoms for classes with index maps.
+        atomized = sorted({int(root[da]) for da, _, _, _ in self.map_ties}
+                          | {int(root[db]) for _, _, db, _ in self.map_ties})
+        base: Dict[int, int] = {}
+        total = 0
+        for c in atomized:
+            if class_size[c] is None:
+                class_frozen.setdefault(c, "channel count unknown (shape inference)")
+                class_size[c] = max(int(ia.max()) + 1 for da, ia, db, ib in self.map_ties
+                                    if root[da] == c) if any(root[da] == c for da, *_ in
+                                                             self.map_ties) else 1
+            base[c] = total
+            total += int(class_size[c])
+        us, vs = [], []
+        for da, ia, db, ib in self.map_ties:
+            us.append(base[int(root[da])] + ia)
+            vs.append(base[int(root[db])] + ib)
+        u = np.concatenate(us) if us else np.zeros(0, np.int64)
+        v = np.concatenate(vs) if vs else np.zeros(0, np.int64)
+        label = _components(total, u, v)
+
+        # Units grouped by signature (class, count) -> group.
+        raw_groups: List[Tuple[List[int], Dict[int, np.ndarray]]] = []  # classes, maps
+        for c in class_dims:
+            if c in base or class_size[c] is None:
+                continue
+            n = int(class_size[c])
+            raw_groups.append(([c], {c: np.arange(n, dtype=np.int64)[:, None]}))
+        if total:
+            atom_class = np.empty(total, dtype=np.int64)
+            atom_index = np.empty(total, dtype=np.int64)
+            for c in atomized:
+                n = int(class_size[c])
+                atom_class[base[c]:base[c] + n] = c
+                atom_index[base[c]:base[c] + n] = np.arange(n)
+            order = np.lexsort((atom_index, atom_class, label))
+            lab_sorted = label[order]
+            starts = np.flatnonzero(np.r_[True, lab_sorted[1:] != lab_sorted[:-1]])
+            ends = np.r_[starts[1:], total]
+            sig_units: Dict[tuple, List[Tuple[int, int]]] = defaultdict(list)
+            cls_sorted, idx_sorted = atom_class[order], atom_index[order]
+            for s, e in zip(starts.tolist(), ends.tolist()):
+                cl = cls_sorted[s:e]
+                uniq, counts = np.unique(cl, return_counts=True)
+                sig = tuple(zip(uniq.tolist(), counts.tolist()))
+                sig_units[sig].append((s, e))
+            for sig, spans in sig_units.items():
+                maps: Dict[int, List[np.ndarray]] = {c: [] for c, _ in sig}
+                for s, e in spans:
+                    cl, ix = cls_sorted[s:e], idx_sorted[s:e]
+                    for c, _ in sig:
+                        maps[c].append(ix[cl == c])
+                first = sig[0][0]
+                arrs = {c: np.stack(m) for c, m in maps.items()}
+                perm = np.argsort(arrs[first][:, 0], kind="stable")
+                raw_groups.append(([c for c, _ in sig], {c: a[perm] for c, a in arrs.items()}))
+
+        raw_groups.sort(key=lambda g: min(g[0]))  # graph order: class roots are first dim ids
+        groups: List[ChannelGroup] = []
+        for classes, maps in raw_groups:
+            members: List[Member] = []
+            producers: List[str] = []
+            consumers: List[str] = []
+            has_role = False
+            for c in classes:
+                for d in class_dims[c]:
+                    name, axis = keys[d]
+                    roles = tuple(r for r, _, _ in self.roles.get((name, axis), []))
+                    has_role = has_role or bool(roles)
+                    members.append(Member(name, axis, maps[c], name in self.stored, roles))
+                    if PRODUCER in roles and name not in producers:
+                        producers.append(name)
+                    if CONSUMER in roles and name not in consumers:
+                        consumers.append(name)
+            if not has_role:
+                continue  # spatial/batch axes and shape plumbing: nothing to prune
+            size = int(next(iter(maps.values())).shape[0])
+            frozen = next((class_frozen[c] for c in classes if c in class_frozen), None)
+            if frozen is None and not producers:
+                frozen = "no weight produces these channels (graph input or weight-free source)"
+            if frozen is None and size == 1:
+                frozen = ("a single unit: every channel is coupled to every other (or only one "
+                          "channel); nothing can be removed")
+            groups.append(ChannelGroup(len(groups), size, members, producers, consumers, frozen))
+        return ChannelGraph(groups, self.rewrites, self.stored, self.shapes, dict(self.roles))
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def build_channel_graph(handle: ModelHandle, input_shapes: Optional[Dict] = None) -> ChannelGraph:
+    """Run every node's channel rule and return the groups (frozen ones with their reason)."""
+    from .rules import apply_rules  # rules register themselves on import
+
+    builder = Builder(handle, input_shapes)
+    apply_rules(builder)
+    return builder.finish()

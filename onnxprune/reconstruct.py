@@ -1,0 +1,312 @@
+"""Reconstruction: updating the weights that stay so a pruned layer still computes what it did.
+
+This module owns the math that turns calibration statistics (:mod:`onnxprune.calibration`'s
+``H = X^T X`` and input sums) into new weight values, always on the logical view ``W[out, in]``:
+
+* :func:`sparsegpt_prune` — SparseGPT (Frantar & Alistarh, 2023): one sweep over the input
+  columns that prunes a column and spreads its error onto the columns not yet visited (the
+  Optimal Brain Surgeon update, read off the upper Cholesky factor of ``H^-1``), choosing the
+  mask as it goes. Unstructured, NxM blocks and N:M.
+* :func:`refit_consumer` — least-squares refit of a layer whose *input* channels were removed
+  (channel pruning of its producer), plus :func:`centered_hessian` and :func:`bias_correction`
+  so a bias can absorb the mean of what was removed; :func:`conv_in_columns` maps kept input
+  channels to ``in`` columns in layout order.
+
+Everything is computed in float64 and returned in the input's dtype. A Hessian may be
+``[in, in]`` or, for a grouped Conv, ``[g, in, in]``: one per group of ``out/g`` consecutive
+rows (:attr:`LayerStats.sparsegpt_hessian`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence, Tuple, Union
+
+import numpy as np
+
+from .errors import OptionError, PatternError
+from .layouts import Layout
+from .patterns import NM, Blocks, Channel, Pattern, Unstructured, parse_pattern
+
+__all__ = ["sparsegpt_prune", "refit_consumer", "centered_hessian", "bias_correction",
+           "conv_in_columns"]
+
+PatternLike = Union[str, Pattern]
+
+
+def _pattern(pattern: PatternLike) -> Pattern:
+    return pattern if isinstance(pattern, Pattern) else parse_pattern(pattern)
+
+
+def _stack_hessian(hessian: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    h = np.asarray(hessian, dtype=np.float64)
+    if h.ndim == 2:
+        h = h[None]
+    if h.ndim != 3 or h.shape[1:] != (cols, cols):
+        raise ValueError(f"Hessian of shape {np.shape(hessian)} does not fit a weight with "
+                         f"{cols} input columns; expected [{cols}, {cols}] or [g, {cols}, {cols}]")
+    if rows % h.shape[0]:
+        raise ValueError(f"{h.shape[0]} Hessian groups do not divide {rows} output rows")
+    return h
+
+
+def _upper_cholesky_of_inverse(h: np.ndarray, damp: float) -> Tuple[np.ndarray, np.ndarray]:
+    """(U, dead): ``H^-1 = U^T U`` per group after dampening; dead = inputs never active.
+
+    A dead input (``H_jj = 0``) gets ``H_jj = 1`` so the matrix stays invertible; it has no
+    cross terms, so pruning it moves nothing and nothing moves it. Dampening adds
+    ``damp * mean(live diag)`` to the diagonal; if the Cholesky factorization still fails
+    (numerically indefinite ``H``), the dampening grows tenfold up to 4 times.
+    """
+    h = h.copy()
+    g, n, _ = h.shape
+    idx = np.arange(n)
+    diag = h[:, idx, idx]
+    dead = diag <= 0
+    h[:, idx, idx] = np.where(dead, 1.0, diag)
+    live_mean = np.array([d[~m].mean() if (~m).any() else 1.0 for d, m in zip(diag, dead)])
+    for attempt in range(5):
+        lam = damp * (10.0 ** attempt) * live_mean
+        damped = h.copy()
+        damped[:, idx, idx] += lam[:, None]
+        try:
+            lower = np.linalg.cholesky(damped)
+            lower_inv = np.linalg.inv(lower)
+            h_inv = np.matmul(lower_inv.transpose(0, 2, 1), lower_inv)
+            upper = np.linalg.cholesky(h_inv).transpose(0, 2, 1)
+            return upper, dead
+        except np.linalg.LinAlgError:
+            continue
+    raise np.linalg.LinAlgError("Hessian is not positive definite even with 10^4 x dampening")
+
+
+def sparsegpt_prune(w2d: np.ndarray, hessian: np.ndarray, pattern: PatternLike,
+                    zeros_needed: Union[int, None], damp: float = 0.01,
+                    blocksize: int = 128) -> Tuple[np.ndarray, np.ndarray]:
+    """Prune ``w2d`` (``W[out, in]``) to ``pattern`` and update the kept weights (SparseGPT).
+
+    Returns ``(new_w2d, keep)``: ``new_w2d`` in ``w2d``'s dtype, exactly 0 where ``keep`` is
+    False; only kept entries differ from ``w2d`` otherwise. ``hessian`` is ``X^T X``
+    (``[in, in]``, or ``[g, in, in]`` for ``g`` groups of consecutive rows).
+
+    The sweep goes over the columns in blocks of ``blocksize``: within a block each column is
+    pruned and its error ``(w - q) / [U]_jj`` is spread over the block's later columns at once;
+    the block's accumulated errors reach the columns after it in one matrix product (lazy batch
+    update). Masks are chosen by the OBS saliency ``w^2 / [U]_jj^2`` on the weights as updated
+    so far:
+
+    * **unstructured / NxM blocks** (``zeros_needed`` = zeros the layer ends with, existing
+      zeros included; the mask's False count): at the start of each column block, over all its
+      rows. The count is split across column blocks in proportion to their size by cumulative
+      rounding, so the total is exact for unstructured; for NxM each block takes the number of
+      whole units closest to its running share, which is exact whenever ``zeros_needed`` is a
+      multiple of the unit size and units are not ragged (off by less than one unit otherwise).
+      A unit's saliency is the sum over its elements.
+    * **N:M**: every M columns, per row, the N most salient stay (a ragged tail of r < M
+      columns keeps min(N, r)); ``zeros_needed`` is ignored.
+
+    Dead inputs (``H_jj = 0``: never active on the calibration data) cost nothing to prune and
+    rank below every live weight. ``channel`` is not a SparseGPT pattern: a whole pruned row
+    has no kept weight to compensate with (use :func:`refit_consumer` on the consumer instead).
+    """
+    pat = _pattern(pattern)
+    if isinstance(pat, Channel):
+        raise PatternError("SparseGPT cannot prune whole output channels (a pruned row keeps "
+                           "no weight to absorb its error); use pattern 'channel' with the "
+                           "least-squares refit of the consumer instead")
+    if not isinstance(pat, (Unstructured, Blocks, NM)):
+        raise PatternError(f"SparseGPT has no rule for pattern '{pat.spec}'")
+    if blocksize < 1:
+        raise OptionError(f"SparseGPT block size must be positive, got {blocksize}")
+    w2d = np.asarray(w2d)
+    rows, cols = w2d.shape
+    h = _stack_hessian(hessian, rows, cols)
+    groups = h.shape[0]
+    if isinstance(pat, NM):
+        unit_r, unit_c = 1, pat.m
+    elif isinstance(pat, Blocks):
+        unit_r, unit_c = pat.rows, pat.cols
+    else:
+        unit_r, unit_c = 1, 1
+        if zeros_needed is None:
+            raise OptionError("SparseGPT with an unstructured pattern needs the number of zeros")
+    if not isinstance(pat, NM):
+        if zeros_needed is None:
+            raise OptionError(f"SparseGPT with pattern '{pat.spec}' needs the number of zeros")
+        zeros_needed = int(min(max(int(zeros_needed), 0), rows * cols))
+    # Column blocks must not cut a unit: round the block size up to a multiple of its width.
+    blocksize = -(-max(blocksize, unit_c) // unit_c) * unit_c
+
+    upper, dead = _upper_cholesky_of_inverse(h, damp)
+    w = w2d.astype(np.float64).reshape(groups, rows // groups, cols)
+    keep = np.ones((groups, rows // groups, cols), dtype=bool)
+    d_all = upper[:, np.arange(cols), np.arange(cols)]  # [G, C]
+    pruned_so_far = 0
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        width = i2 - i1
+        w1 = w[:, :, i1:i2].copy()
+        q1 = np.zeros_like(w1)
+        err1 = np.zeros_like(w1)
+        u1 = upper[:, i1:i2, i1:i2]
+        d1 = d_all[:, i1:i2]
+        dead1 = dead[:, i1:i2]
+        keep1 = keep[:, :, i1:i2]
+        if not isinstance(pat, NM):
+            share = (zeros_needed * i2 * rows) // (rows * cols)  # cumulative rounding
+            sal = _saliency(w1, d1, dead1).reshape(rows, width)
+            block_keep, n_pruned = _select_units(sal, unit_r, unit_c, share - pruned_so_far)
+            keep1[...] = block_keep.reshape(keep1.shape)
+            pruned_so_far += n_pruned
+        for i in range(width):
+            if isinstance(pat, NM) and i % unit_c == 0:
+                j2 = min(i + unit_c, width)
+                sal = _saliency(w1[:, :, i:j2], d1[:, i:j2], dead1[:, i:j2])
+                keep1[:, :, i:j2] = _nm_keep(sal, pat.n)
+            col = w1[:, :, i]
+            q = np.where(keep1[:, :, i], col, 0.0)
+            err = (col - q) / d1[:, i][:, None]
+            w1[:, :, i:] -= err[:, :, None] * u1[:, None, i, i:]
+            q1[:, :, i] = q
+            err1[:, :, i] = err
+        w[:, :, i1:i2] = q1
+        if i2 < cols:
+            w[:, :, i2:] -= np.matmul(err1, upper[:, i1:i2, i2:])
+    keep2d = keep.reshape(rows, cols)
+    out = w.reshape(rows, cols)
+    out[~keep2d] = 0.0  # already exact; kept as a guard against -0.0 and round-off
+    return out.astype(w2d.dtype), keep2d
+
+
+def _saliency(w: np.ndarray, d: np.ndarray, dead: np.ndarray) -> np.ndarray:
+    """OBS saliency ``w^2 / d^2`` ([G, R, B]); dead inputs rank below every live weight
+    (negative, the smaller magnitudes first)."""
+    sal = np.square(w) / np.square(d)[:, None, :]
+    if dead.any():
+        dead_sal = -1.0 / (1.0 + np.square(w))
+        sal = np.where(dead[:, None, :], dead_sal, sal)
+    return sal
+
+
+def _select_units(sal: np.ndarray, unit_r: int, unit_c: int, need: int
+                  ) -> Tuple[np.ndarray, int]:
+    """KEEP mask for one column block and the number of elements pruned.
+
+    The lowest-saliency units go; the count of whole units is the one whose element total is
+    closest to ``need`` (ties to fewer), never more than the block holds.
+    """
+    r, c = sal.shape
+    if need <= 0:
+        return np.ones((r, c), dtype=bool), 0
+    if unit_r == 1 and unit_c == 1:
+        flat = sal.reshape(-1)
+        k = min(need, flat.size)
+        keep = np.ones(flat.size, dtype=bool)
+        if k:
+            order = np.argsort(flat, kind="stable")
+            keep[order[:k]] = False
+        return keep.reshape(r, c), k
+    row_starts = np.arange(0, r, unit_r)
+    col_starts = np.arange(0, c, unit_c)
+    scores = np.add.reduceat(np.add.reduceat(sal, row_starts, axis=0), col_starts, axis=1)
+    heights = np.minimum(unit_r, r - row_starts)
+    widths = np.minimum(unit_c, c - col_starts)
+    sizes = (heights[:, None] * widths[None, :]).reshape(-1)
+    order = np.argsort(scores.reshape(-1), kind="stable")
+    cum = np.concatenate([[0], np.cumsum(sizes[order])])
+    k = int(np.argmin(np.abs(cum - need)))  # first minimum: ties go to fewer units
+    prune = np.zeros(sizes.size, dtype=bool)
+    prune[order[:k]] = True
+    keep_units = ~prune.reshape(len(row_starts), len(col_starts))
+    keep = np.repeat(np.repeat(keep_units, heights, axis=0), widths, axis=1)
+    return keep, int(cum[k])
+
+
+def _nm_keep(sal: np.ndarray, n: int) -> np.ndarray:
+    """KEEP mask ([G, R, w], w <= M): the ``n`` most salient of each row's group stay."""
+    width = sal.shape[-1]
+    keep = np.ones(sal.shape, dtype=bool)
+    if width > n:
+        order = np.argsort(sal, axis=-1, kind="stable")
+        np.put_along_axis(keep, order[..., : width - n], False, axis=-1)
+    return keep
+
+
+# -- channel pruning: least-squares refit of the consumer -------------------------------------
+def refit_consumer(w2d: np.ndarray, hessian: np.ndarray, kept_in: Sequence[int],
+                   damp: float = 1e-6) -> np.ndarray:
+    """New ``W'[out, len(kept_in)]`` for a layer that loses the inputs not in ``kept_in``.
+
+    Minimizes ``||X W^T - X[:, kept] W'^T||^2 + lam ||W' - W[:, kept]||^2`` with ``H = X^T X``:
+    ``W' = (W H[:, kept] + lam W[:, kept]) (H[kept, kept] + lam I)^-1``,
+    ``lam = damp * mean(diag H[kept, kept])``. Pulling toward the old weights (rather than
+    toward 0, as plain ridge does) makes the refit return ``W`` itself, exactly, when nothing is
+    removed, and leaves weights on inputs the calibration never excited where they were.
+
+    For a bias that absorbs the mean of the removed inputs as well, pass
+    :func:`centered_hessian` and add :func:`bias_correction` to the bias. ``hessian`` may be
+    ``[g, in, in]`` (grouped Conv, one per group of consecutive rows).
+    """
+    w2d = np.asarray(w2d)
+    rows, cols = w2d.shape
+    kept = np.asarray(kept_in, dtype=np.int64).reshape(-1)
+    if kept.size and (kept.min() < 0 or kept.max() >= cols or np.unique(kept).size != kept.size):
+        raise ValueError(f"kept input columns must be distinct indices in [0, {cols})")
+    h = _stack_hessian(hessian, rows, cols)
+    groups = h.shape[0]
+    w = w2d.astype(np.float64).reshape(groups, rows // groups, cols)
+    if kept.size == 0:
+        return np.zeros((rows, 0), dtype=w2d.dtype)
+    h_kk = h[:, kept[:, None], kept[None, :]]
+    diag = np.einsum("gii->gi", h_kk)
+    lam = damp * np.where(diag.mean(axis=1) > 0, diag.mean(axis=1), 1.0)
+    a = h_kk + lam[:, None, None] * np.eye(kept.size)[None]
+    rhs = np.matmul(h[:, kept, :], w.transpose(0, 2, 1)) + \
+        lam[:, None, None] * w[:, :, kept].transpose(0, 2, 1)  # [G, k, out/g]
+    new = np.linalg.solve(a, rhs).transpose(0, 2, 1)
+    return new.reshape(rows, kept.size).astype(w2d.dtype)
+
+
+def centered_hessian(hessian: np.ndarray, in_sums: np.ndarray, count: int) -> np.ndarray:
+    """``(X - mean)^T (X - mean) = H - n * mean mean^T``: the Hessian of a fit that also moves
+    the bias (use with :func:`bias_correction`)."""
+    mean = np.asarray(in_sums, dtype=np.float64) / max(int(count), 1)
+    return np.asarray(hessian, dtype=np.float64) - count * np.multiply.outer(mean, mean)
+
+
+def bias_correction(w_old: np.ndarray, w_new: np.ndarray, kept_in: Sequence[int],
+                    in_mean: np.ndarray) -> np.ndarray:
+    """What to add to the bias (``[out]``) so the layer's mean output is unchanged:
+    ``W_old mean - W_new mean[kept]``.
+
+    For a Conv the mean is over im2col rows, padded border zeros included, so the correction is
+    exact on average over output positions (not at each one).
+    """
+    mean = np.asarray(in_mean, dtype=np.float64).reshape(-1)
+    kept = np.asarray(kept_in, dtype=np.int64).reshape(-1)
+    old = np.asarray(w_old, dtype=np.float64) @ mean
+    new = np.asarray(w_new, dtype=np.float64) @ mean[kept]
+    return old - new
+
+
+def conv_in_columns(layout: Layout, kept_channels: Sequence[int]) -> np.ndarray:
+    """The ``in`` columns of ``layout``'s ``W[out, in]`` that read the kept input channels.
+
+    Channels index the raw weight's ``in_axis`` (``Cin/g`` for Conv, ``Cin`` for
+    ConvTranspose, ``K`` for Gemm/MatMul); for a Conv every kernel position of each kept
+    channel is returned, in layout column order (ascending).
+    """
+    kept = np.asarray(kept_channels, dtype=np.int64).reshape(-1)
+    n_in = layout.shape[layout.in_axis]
+    if kept.size and (kept.min() < 0 or kept.max() >= n_in):
+        raise ValueError(f"input channels must be in [0, {n_in})")
+    # One row of W[out, in] whose value at each column is its input channel, built through
+    # the layout itself so the order can never drift from to_2d's.
+    shape = list(layout.shape)
+    for axis in layout.perm[: layout.n_out]:
+        shape[axis] = 1
+    one_row = dataclasses.replace(layout, shape=tuple(shape))
+    channel = np.arange(n_in).reshape([-1 if a == layout.in_axis else 1
+                                       for a in range(len(shape))])
+    channel_of_col = one_row.to_2d(np.broadcast_to(channel, shape))[0]
+    return np.flatnonzero(np.isin(channel_of_col, kept))

@@ -1,0 +1,389 @@
+"""Sensitivity: how much each layer's pruning hurts the model, and what to do about it.
+
+This module owns:
+
+* :func:`layer_sensitivity` — prune one layer at a time at several sparsities and measure the
+  *whole model's* output error on a few calibration batches (a :class:`SensitivityTable`). The
+  model output is measured, not the layer's own output: a layer whose error is large but gets
+  squashed downstream (or small but amplified) is ranked by what the user sees. The error is
+  the relative squared error ``sum ||Y - Y_dense||^2 / sum ||Y_dense||^2`` per float output,
+  averaged over outputs: squared errors of independent perturbations add, which is what
+  :func:`allocate` assumes.
+* :func:`allocate` — per-layer sparsities that reach a global target with the least total
+  error (greedy on marginal error per pruned parameter, over each layer's lower convex hull).
+* :func:`looks_fixed` — a data-free guard for constant operands that are not learned weights
+  (integer ramps, identity/permutation/one-hot, DCT/DFT/STFT bases, repeated filters): zeroing
+  any of them breaks the model at any sparsity. :meth:`SensitivityTable.fragile` is the
+  data-driven counterpart.
+
+Every trial runs in one onnxruntime session in which the measured weights are *overridable
+initializers* (also listed as graph inputs): a trial feeds the pruned array for one weight and
+the session is never rebuilt.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .calibration import CalibrationSet, LayerStats
+from .criteria import Criterion, ScoreContext, get_criterion
+from .errors import OptionError
+from .io import ModelHandle, load
+from .patterns import Pattern, parse_pattern
+from .validate import open_session
+from .weights import Weight
+
+__all__ = ["SensitivityTable", "layer_sensitivity", "allocate", "looks_fixed"]
+
+DEFAULT_SPARSITIES = (0.3, 0.5, 0.7, 0.9)
+_EPS = 1e-30
+
+
+@dataclass
+class SensitivityTable:
+    """Model output error with one layer pruned at a time.
+
+    ``errors[key][i]`` is the relative squared output error with only that weight pruned to
+    ``sparsities[i]`` (fraction of zeros, existing zeros counted). ``existing[key]`` is the
+    weight's sparsity before pruning.
+    """
+
+    pattern: str
+    criterion: str
+    sparsities: Tuple[float, ...]
+    errors: Dict[str, np.ndarray] = field(default_factory=dict)
+    existing: Dict[str, float] = field(default_factory=dict)
+    samples: int = 0
+    seconds: float = 0.0
+    skipped: Dict[str, str] = field(default_factory=dict)  # weight key -> why not measured
+    metric: str = "relative squared error of the model outputs, mean over float outputs"
+
+    def fragile(self, threshold: float = 0.25) -> Dict[str, float]:
+        """Weights whose error at the *lowest* measured sparsity already exceeds ``threshold``
+        (a relative squared error of 0.25 is half the output's norm): candidates for
+        exclusion, typically fixed operands (bases, ramps, anchors) rather than learned
+        weights."""
+        return {k: float(e[0]) for k, e in self.errors.items() if e.size and e[0] > threshold}
+
+    def to_dict(self) -> dict:
+        return {"pattern": self.pattern, "criterion": self.criterion,
+                "sparsities": list(self.sparsities), "samples": self.samples,
+                "metric": self.metric, "seconds": round(self.seconds, 3),
+                "errors": {k: [float(x) for x in v] for k, v in self.errors.items()},
+                "existing": dict(self.existing), "skipped": dict(self.skipped)}
+
+
+# -- measuring --------------------------------------------------------------------------------
+def layer_sensitivity(handle, weights: Sequence[Weight], data: CalibrationSet,
+                      pattern_spec: Union[str, Pattern],
+                      sparsities: Sequence[float] = DEFAULT_SPARSITIES,
+                      criterion: Union[str, Criterion] = "magnitude",
+                      samples: int = 16, batch_size: int = 8, seed: int = 0,
+                      stats: Optional[Mapping[str, LayerStats]] = None,
+                      progress: Optional[Callable[[int, int], None]] = None
+                      ) -> SensitivityTable:
+    """Prune each weight alone at each sparsity; measure the model's output error.
+
+    ``data`` is cut to its first ``samples`` samples. A pattern with an implied sparsity (N:M)
+    is measured at that sparsity only. ``criterion`` scores the elements (a registered name or
+    a :class:`Criterion`); activation-aware ones take ``in_norms`` from ``stats``. Weights
+    inside subgraphs are not measured (listed in ``table.skipped``). ``progress(done, total)``
+    is called after each trial.
+    """
+    handle = load(handle)
+    started = time.perf_counter()
+    pattern = pattern_spec if isinstance(pattern_spec, Pattern) else parse_pattern(pattern_spec)
+    crit = criterion if isinstance(criterion, Criterion) else get_criterion(criterion)
+    if pattern.implied_sparsity is not None:
+        grid = (float(pattern.implied_sparsity),)
+    else:
+        grid = tuple(sorted(float(s) for s in sparsities))
+        if not grid or grid[0] <= 0 or grid[-1] > 1:
+            raise OptionError(f"sensitivity sparsities must be in (0, 1], got {list(sparsities)}")
+    table = SensitivityTable(pattern=pattern.spec, criterion=crit.name, sparsities=grid)
+    subset = data.take(samples)
+    table.samples = len(subset)
+
+    main = handle.model.graph.name or "main"
+    measured = []
+    for w in weights:
+        if w.graph != main:
+            table.skipped[w.key] = f"stored in subgraph {w.graph}; it cannot be fed from outside"
+        else:
+            measured.append(w)
+    if not measured:
+        table.seconds = time.perf_counter() - started
+        return table
+
+    session = open_session(_overridable_copy(handle, measured))
+    out_names = [o.name for o in session.get_outputs()]
+    batches = list(subset.batches(batch_size))
+    references = [session.run(out_names, feed) for feed in batches]
+    float_outputs = [i for i, ref in enumerate(references[0])
+                     if np.asarray(ref).dtype.kind == "f"]
+    if not float_outputs:
+        raise OptionError("the model has no float outputs; its output error cannot be measured")
+    ref_energy = [sum(float(np.sum(np.square(r[i], dtype=np.float64))) for r in references)
+                  for i in float_outputs]
+
+    total = len(measured) * len(grid)
+    done = 0
+    for w in measured:
+        raw = handle.read(w.tensor)
+        w2d = w.layout.to_2d(raw)
+        nonzero = w2d != 0
+        table.existing[w.key] = 1.0 - float(np.count_nonzero(nonzero)) / max(nonzero.size, 1)
+        ctx = ScoreContext(w.key, seed=seed,
+                           in_norms=stats[w.key].in_norms if stats and w.key in stats else None)
+        scores = crit.scores(w2d, ctx)
+        errors = []
+        for s in grid:
+            zeros = int(round(s * w2d.size))
+            new_zeros = max(0, zeros - (w2d.size - int(np.count_nonzero(nonzero))))
+            keep = pattern.local_mask(scores, nonzero, new_zeros, crit.reduce)
+            pruned = w.layout.from_2d(np.where(keep, w2d, 0).astype(raw.dtype))
+            diff = np.zeros(len(float_outputs))
+            for feed, ref in zip(batches, references):
+                got = session.run(out_names, {**feed, w.name: pruned})
+                for j, i in enumerate(float_outputs):
+                    delta = got[i].astype(np.float64) - ref[i]
+                    diff[j] += float(np.sum(np.square(delta)))
+            errors.append(float(np.mean(diff / (np.asarray(ref_energy) + _EPS))))
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        table.errors[w.key] = np.asarray(errors)
+    table.seconds = time.perf_counter() - started
+    return table
+
+
+def _overridable_copy(handle: ModelHandle, weights: Sequence[Weight]) -> ModelHandle:
+    """A copy of the model in which each weight is an initializer that is also a graph input,
+    so a session can be fed a replacement for it. Constant-node weights become initializers;
+    rewritten external tensors are inlined with their current values."""
+    model = onnx.ModelProto()
+    model.CopyFrom(handle.model)
+    graph = model.graph
+    names = {w.name for w in weights}
+    # Tensors the handle rewrote in memory: the copy must carry their current values.
+    updates = {t.name: arr for t, arr in handle._external_updates.values()}  # noqa: SLF001
+    for init in graph.initializer:
+        if init.name in updates:
+            init.CopyFrom(numpy_helper.from_array(updates[init.name], init.name))
+    kept_nodes = []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output and node.output[0] in names:
+            value = next(a.t for a in node.attribute if a.name == "value")
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+            if tensor.name in updates:
+                tensor = numpy_helper.from_array(updates[tensor.name], tensor.name)
+            graph.initializer.append(tensor)
+        else:
+            kept_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(kept_nodes)
+    listed = {i.name for i in graph.input}
+    for init in graph.initializer:
+        if init.name in names and init.name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(
+                init.name, init.data_type, list(init.dims)))
+    if model.ir_version < 4:
+        model.ir_version = 4  # overridable initializers need IR 4
+    return ModelHandle(model=model, path=handle.path, base_dir=handle.base_dir)
+
+
+# -- allocating -------------------------------------------------------------------------------
+def allocate(table: SensitivityTable, target_sparsity: float, param_counts: Mapping[str, int],
+             min_sparsity: float = 0.0, max_sparsity: float = 0.98) -> Dict[str, float]:
+    """Per-weight sparsities with ``sum s_i n_i = target * sum n_i`` and least summed error.
+
+    Each weight's error curve is the table's points, piecewise linear from its existing
+    sparsity (error 0), extended past the last measured sparsity along its last slope up to
+    ``max_sparsity``. Over each curve's lower convex hull, segments are taken cheapest error
+    per pruned parameter first across all weights; the last one is cut to hit the target
+    exactly. With an N:M table (one implied sparsity) a weight is either left as it is or
+    pruned to that sparsity, whole weights are taken in the same order, and the total may
+    overshoot by less than one weight.
+    """
+    if not 0 <= target_sparsity <= 1:
+        raise OptionError(f"target sparsity must be in [0, 1], got {target_sparsity}")
+    if not 0 <= min_sparsity <= max_sparsity <= 1:
+        raise OptionError(f"need 0 <= min_sparsity <= max_sparsity <= 1, got "
+                          f"{min_sparsity}, {max_sparsity}")
+    missing = [k for k in param_counts if k not in table.errors]
+    if missing:
+        raise OptionError(f"no sensitivity measured for {', '.join(missing[:5])}"
+                          f"{' ...' if len(missing) > 5 else ''}; measure them or leave them out")
+    keys = list(param_counts)
+    counts = np.array([int(param_counts[k]) for k in keys], dtype=np.float64)
+    total = counts.sum()
+    if total == 0:
+        return {k: 0.0 for k in keys}
+    target_zeros = target_sparsity * total
+    grid = np.asarray(table.sparsities, dtype=np.float64)
+    low = {k: max(min_sparsity, table.existing.get(k, 0.0)) for k in keys}
+    if len(grid) == 1:
+        return _allocate_discrete(table, keys, counts, low, float(grid[0]), target_zeros)
+
+    segments = []  # (slope, order, key, s_from, s_to, zeros)
+    for order, (k, n) in enumerate(zip(keys, counts)):
+        xs, ys = _curve(table, k, low[k], max_sparsity)
+        hull = _lower_hull(xs * n, ys)
+        for (x0, y0), (x1, y1) in zip(hull[:-1], hull[1:]):
+            segments.append(((y1 - y0) / (x1 - x0), order, k, x0 / n, x1 / n, x1 - x0))
+    result = dict(low)
+    need = target_zeros - sum(low[k] * n for k, n in zip(keys, counts))
+    for _, _, k, s0, s1, zeros in sorted(segments, key=lambda t: (t[0], t[1], t[3])):
+        if need <= 0:
+            break
+        if zeros <= need:
+            result[k] = s1
+            need -= zeros
+        else:
+            result[k] = s0 + (s1 - s0) * need / zeros
+            need = 0
+    if need > 1e-6 * total:
+        reach = sum(result[k] * n for k, n in zip(keys, counts)) / total
+        raise OptionError(f"target sparsity {target_sparsity:g} is out of reach with "
+                          f"max_sparsity {max_sparsity:g} per layer (at most {reach:.4f})")
+    return {k: float(v) for k, v in result.items()}
+
+
+def _curve(table: SensitivityTable, key: str, low: float, high: float
+           ) -> Tuple[np.ndarray, np.ndarray]:
+    """Sparsity/error points of one weight on [low, high]: measured, interpolated, extended."""
+    grid = np.asarray(table.sparsities, dtype=np.float64)
+    errs = np.maximum(np.asarray(table.errors[key], dtype=np.float64), 0.0)
+    base = table.existing.get(key, 0.0)
+    xs = np.concatenate([[base], grid[grid > base]])
+    ys = np.concatenate([[0.0], errs[grid > base]])
+    if high > xs[-1]:
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
+        xs = np.append(xs, high)
+        ys = np.append(ys, ys[-1] + max(slope, 0.0) * (high - xs[-2]))
+    inside = (xs > low) & (xs < high)
+    pts_x = np.concatenate([[low], xs[inside], [high]]) if high > low else np.array([low])
+    pts_y = np.interp(pts_x, xs, ys)
+    return pts_x, pts_y
+
+
+def _lower_hull(xs: np.ndarray, ys: np.ndarray) -> List[Tuple[float, float]]:
+    hull: List[Tuple[float, float]] = []
+    for p in zip(xs.tolist(), ys.tolist()):
+        while len(hull) >= 2:
+            (x0, y0), (x1, y1) = hull[-2], hull[-1]
+            if (x1 - x0) * (p[1] - y0) - (y1 - y0) * (p[0] - x0) <= 0:
+                hull.pop()  # the middle point lies on or above the chord
+            else:
+                break
+        if not hull or p[0] > hull[-1][0]:
+            hull.append(p)
+    return hull
+
+
+def _allocate_discrete(table: SensitivityTable, keys: List[str], counts: np.ndarray,
+                       low: Mapping[str, float], level: float, target_zeros: float
+                       ) -> Dict[str, float]:
+    result = dict(low)
+    need = target_zeros - sum(low[k] * n for k, n in zip(keys, counts))
+    options = []
+    for order, (k, n) in enumerate(zip(keys, counts)):
+        gain = (level - low[k]) * n
+        if gain > 0:
+            options.append((float(table.errors[k][0]) / gain, order, k, gain))
+    for _, _, k, gain in sorted(options):
+        if need <= 0:
+            break
+        result[k] = level
+        need -= gain
+    return {k: float(v) for k, v in result.items()}
+
+
+# -- data-free guard --------------------------------------------------------------------------
+def looks_fixed(w: np.ndarray) -> Optional[str]:
+    """Why ``w`` looks like a fixed operand rather than a learned weight, or None.
+
+    Checks, on the tensor as a matrix ``[shape[0], rest]`` (and its transpose where direction
+    matters): constant values; all integer-valued; at most one non-zero per row and per column
+    (identity, permutation, one-hot, scaled selection); every row identical (one filter
+    repeated per channel); at most 4 distinct values in a large tensor; orthogonal rows or
+    columns of equal norm (DCT/DFT/Hadamard bases); every row a (windowed) sinusoid; every row
+    an affine ramp. Learned weights essentially never meet any of these exactly.
+    """
+    a = np.asarray(w, dtype=np.float64)
+    if a.size == 0:
+        return None
+    if not np.isfinite(a).all():
+        return "holds NaN or infinity"
+    flat = a.reshape(-1)
+    if np.all(flat == flat[0]):
+        return f"constant tensor (every value is {flat[0]:g})"
+    if a.size >= 4 and np.all(flat == np.round(flat)):
+        return "all values are integers (a ramp, index, mask or count table, not a learned weight)"
+    m = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(1, -1)
+    nz = m != 0
+    if m.shape[0] > 1 and m.shape[1] > 1 and nz.sum(axis=1).max() <= 1 and \
+            nz.sum(axis=0).max() <= 1:
+        return "at most one non-zero per row and column (identity, permutation or one-hot)"
+    if m.shape[0] > 1 and m.shape[1] > 1 and np.all(m == m[0]):
+        return "every row is identical (one fixed filter repeated per channel)"
+    if a.size >= 64 and np.unique(flat).size <= 4:
+        return f"only {np.unique(flat).size} distinct values in {a.size} (a fixed pattern)"
+    for mat, side in ((m, "rows"), (m.T, "columns")):
+        reason = _orthogonal(mat, side) or _sinusoidal(mat, side) or _affine(mat, side)
+        if reason:
+            return reason
+    return None
+
+
+def _orthogonal(m: np.ndarray, side: str) -> Optional[str]:
+    r, c = m.shape
+    if r < 4 or c < 4 or r > c:
+        return None
+    gram = m @ m.T
+    norms = np.diag(gram)
+    if norms.min() <= 0:
+        return None
+    scale = np.sqrt(np.outer(norms, norms))
+    off = np.abs(gram / scale - np.eye(r)).max()
+    if off < 1e-4 and norms.max() / norms.min() < 2.0 + 1e-6:
+        return f"{side} are orthogonal with equal norms (a DCT/DFT/Hadamard-like basis)"
+    return None
+
+
+def _sinusoidal(m: np.ndarray, side: str) -> Optional[str]:
+    r, c = m.shape
+    if c < 48 or r < 2:
+        return None  # too short for 40 spectrum bins to single out one lobe
+    pad = 4 * c
+    spectrum = np.abs(np.fft.rfft(m - m.mean(axis=1, keepdims=True), n=pad, axis=1)) ** 2
+    energy = spectrum.sum(axis=1)
+    live = energy > 1e-12 * energy.max()  # rows like sin(pi t) are zero up to round-off
+    if live.sum() < 2:
+        return None
+    # A sinusoid's energy sits in one main lobe and its first side lobes: 40 bins of the 4x
+    # padded spectrum hold >= 98% even unwindowed; a learned row spreads over all 2c+1.
+    top = np.sort(spectrum[live], axis=1)[:, -40:].sum(axis=1)
+    if np.all(top / energy[live] > 0.97):
+        return f"every one of its {side} is a (windowed) sinusoid (an STFT/DFT/DCT basis)"
+    return None
+
+
+def _affine(m: np.ndarray, side: str) -> Optional[str]:
+    r, c = m.shape
+    if c < 4:
+        return None
+    second = np.diff(m, n=2, axis=1)
+    first = np.diff(m, axis=1)
+    scale = np.abs(m).max()
+    if scale > 0 and np.abs(second).max() <= 1e-6 * scale and np.abs(first).max() > 1e-6 * scale:
+        return f"every one of its {side} is a linear ramp (decoding grid or anchor offsets)"
+    return None
