@@ -21,7 +21,8 @@ from .errors import OnnxPruneError, OptionError
 from .io import default_output
 from .patterns import pattern_help
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
+#: Pruned when no MODEL is given, so a first run needs no file of one's own (models/digits_cnn.onnx).
+DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "digits_cnn.onnx"
 
 
 class DefaultToPrune(click.Group):
@@ -146,6 +147,9 @@ def prune_command(model, output, pattern, sparsity, criterion, scope, op_types, 
         from .validate import parse_input_shapes
 
         path = model if model is not None else DEFAULT_MODEL
+        out = output
+        if out is None:  # the bundled model's output goes to the working folder, not the package
+            out = default_output(path if model is not None else Path.cwd() / DEFAULT_MODEL.name)
         shapes = parse_input_shapes(input_shapes)
         scores = _npz_dict(scores_path, "--scores")
         result = None
@@ -154,7 +158,7 @@ def prune_command(model, output, pattern, sparsity, criterion, scope, op_types, 
                            scope=scope, op_types=op_types, include=include, exclude=exclude,
                            config=config, min_sparsity=min_sparsity, max_sparsity=max_sparsity,
                            scores=scores, masks=_npz_dict(masks_path, "--masks"),
-                           output=output if output is not None else default_output(path),
+                           output=out,
                            force=force, validate=not no_validate, inputs=inputs_path,
                            input_shapes=shapes, max_error=max_error, seed=seed,
                            track=_track(quiet) or (lambda items, d, t: items))

@@ -288,6 +288,10 @@ def save(handle: ModelHandle, output: Union[str, os.PathLike]) -> Path:
 def _tmp_beside(path: Path) -> str:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
     os.close(fd)
+    # mkstemp makes 0600 files; the output should get the permissions any new file gets.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
     return name
 
 
