@@ -106,7 +106,7 @@ def prune(model: mio.ModelLike, pattern: str = "unstructured",
         size_after = mio.size_on_disk(out, state.model)
     options = dict(pattern=pattern, sparsity=sparsity, criterion=criterion, scope=scope,
                    op_types=op_types, include=include, exclude=exclude, seed=seed,
-                   min_sparsity=min_sparsity, max_sparsity=max_sparsity)
+                   min_sparsity=min_sparsity, max_sparsity=max_sparsity, max_error=max_error)
     report = build_report(state, options, out, size_before, size_after, macs_before,
                           input_shapes)
     if state.gate_failure is not None:
@@ -141,7 +141,7 @@ def build_report(state: PruneState, options: dict, output: Optional[Path],
                              nonzeros_after=layer.nonzeros_after, pattern=layer.pattern,
                              criterion=layer.criterion))
         for c in w.consumers:
-            densities[c.node.name] = layer.nonzeros_after / max(1, w.numel)
+            densities[c.node_name] = layer.nonzeros_after / max(1, w.numel)
     macs_after = _macs(state.model, input_shapes, densities)
     notes = list(state.notes)
     for label, m in (("before", macs_before), ("after", macs_after)):

@@ -163,8 +163,6 @@ class CalibrationSet:
     def fixed_batch(self) -> Optional[int]:
         """The batch size the model's inputs fix on axis 0 (None when it is dynamic)."""
         fixed = [s.dims[0] for s in self.inputs if s.dims and isinstance(s.dims[0], int)]
-        if any(s.dims is not None and len(s.dims) == 0 for s in self.inputs):
-            return 1  # a scalar input: one sample per run
         return min(fixed) if fixed else None
 
     def num_batches(self, batch_size: int) -> int:
@@ -193,7 +191,8 @@ class CalibrationSet:
 
         A model that fixes axis 0 gets batches of exactly that size; a remainder that cannot
         fill one is dropped. Samples whose non-batch dims differ (a folder of sequences of
-        different lengths) are never concatenated: such a boundary ends a batch early.
+        different lengths) are never concatenated: such a boundary ends a batch early. A scalar
+        input (rank 0) holds one value for all samples and is fed as it is.
         """
         if batch_size < 1:
             raise OptionError(f"batch size must be a positive integer, got {batch_size}")
@@ -202,6 +201,7 @@ class CalibrationSet:
         scalars = {s.name for s in self.inputs if s.dims is not None and len(s.dims) == 0}
         pending: List[Dict[str, np.ndarray]] = []
         pending_n = 0
+        constants: Dict[str, np.ndarray] = {}
 
         def flush(n: int) -> Dict[str, np.ndarray]:
             nonlocal pending, pending_n
@@ -211,10 +211,11 @@ class CalibrationSet:
             rest = {k: v[n:] for k, v in merged.items()}
             pending_n -= n
             pending = [rest] if pending_n else []
-            return {k: (v[0] if k in scalars else v) for k, v in out.items()}
+            return {**out, **constants}
 
         for part in self._parts:
             arrays = part.load()
+            constants.update({k: arrays.pop(k) for k in scalars if k in arrays})
             if pending and not _same_sample_shape(pending[0], arrays):
                 while pending_n:
                     n = min(size, pending_n)
@@ -299,16 +300,9 @@ def generated_calibration(model, n: int = 8, seed: int = 0,
     parts = []
     for i in range(int(n)):
         def loader(i=i):
-            feeds = make_inputs(proto, resolved, seed=seed * 1_000_003 + i)
-            return {s.name: (feeds[s.name][None] if _sample_rank(s, feeds[s.name]) else
-                             feeds[s.name]) for s in specs}
+            return make_inputs(proto, resolved, seed=seed * 1_000_003 + i)
         parts.append(_Part(1, loader, f"generated #{i}"))
     return CalibrationSet(specs, parts, f"generated (seed {seed})", data_free=True)
-
-
-def _sample_rank(spec: InputSpec, arr: np.ndarray) -> bool:
-    """True when ``arr`` is one sample without a batch axis (scalar inputs get one)."""
-    return arr.ndim == 0
 
 
 def _proto(model) -> onnx.ModelProto:
@@ -436,11 +430,11 @@ def _check_arrays(path: Path, specs: Sequence[InputSpec],
             continue
         rank = len(spec.dims)
         if rank == 0:
-            if len(shape) > 1:
+            if len(shape) != 0:
                 raise InputDataError(f"input '{spec.name}' is a scalar; '{path}' gives shape "
-                                     f"{_fmt(shape)} (use one value per sample)")
-            adds_axis[spec.name] = len(shape) == 0
-            counts[spec.name] = shape[0] if shape else 1
+                                     f"{_fmt(shape)}: give one value (a 0-d array), used for "
+                                     "every sample")
+            adds_axis[spec.name] = False
             continue
         if len(shape) == rank:
             sample_shape, n = shape[1:], shape[0]
@@ -463,6 +457,9 @@ def _check_arrays(path: Path, specs: Sequence[InputSpec],
         detail = ", ".join(f"'{k}': {v}" for k, v in counts.items())
         raise InputDataError(f"'{path}' holds different sample counts per input ({detail}); "
                              "axis 0 of every array is the sample axis")
+    if not counts:
+        raise InputDataError(f"'{path}' gives only scalar inputs; calibration needs at least "
+                             "one input with samples on axis 0")
     return next(iter(counts.values())), adds_axis
 
 

@@ -27,7 +27,8 @@ from .errors import ModelLoadError, OutputError
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto, "ModelHandle"]
 _ALIGN = 4096  # external tensors start on page boundaries (mmap-friendly, as onnx does)
-_PROTO_LIMIT = 2_000_000_000  # protobuf cannot serialize 2 GiB; past this, weights go external
+_PROTO_LIMIT = 2_000_000_000
+_KEEP_VALUES = 4096  # tensors up to this many elements keep their values in weightless copies  # protobuf cannot serialize 2 GiB; past this, weights go external
 
 
 @dataclass
@@ -74,6 +75,15 @@ class ModelHandle:
 
 def tensor_dtype(tensor: onnx.TensorProto) -> np.dtype:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+
+
+def estimated_size(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data held inside the proto, from dims alone (``ByteSize`` walks it all)."""
+    total = 0
+    for t in iter_tensors(model.graph):
+        if not is_external(t) and t.data_type != onnx.TensorProto.STRING:
+            total += int(np.prod(t.dims, dtype=np.int64)) * tensor_dtype(t).itemsize
+    return total
 
 
 def is_external(tensor: onnx.TensorProto) -> bool:
@@ -129,6 +139,74 @@ def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                         yield attr.t
 
 
+def weightless_copy(proto: onnx.ModelProto, handle: Optional[ModelHandle] = None,
+                    stub: Optional[str] = None) -> onnx.ModelProto:
+    """The model with big tensors reduced to name/dtype/dims: what shape inference and the
+    checker need, without serializing gigabytes of weights. With ``stub``, the reduced tensors
+    point at that external file (an empty one satisfies onnx.checker), so the copy checks clean.
+    """
+    copy = onnx.ModelProto()
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        if proto.HasField(name):
+            setattr(copy, name, getattr(proto, name))
+    copy.opset_import.extend(proto.opset_import)
+    copy.functions.extend(proto.functions)
+    copy.graph.CopyFrom(_strip_graph(proto.graph, handle, stub))
+    return copy
+
+
+def _strip_graph(graph: onnx.GraphProto, handle: Optional[ModelHandle],
+                 stub: Optional[str]) -> onnx.GraphProto:
+    out = onnx.GraphProto(name=graph.name)
+    out.input.extend(graph.input)
+    out.output.extend(graph.output)
+    out.value_info.extend(graph.value_info)
+    out.sparse_initializer.extend(graph.sparse_initializer)
+    out.initializer.extend(_strip_tensor(t, handle, stub) for t in graph.initializer)
+    for node in graph.node:
+        if not any(a.type in (onnx.AttributeProto.TENSOR, onnx.AttributeProto.GRAPH,
+                              onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            out.node.add().CopyFrom(node)
+            continue
+        # Copy field by field so that big Constant values are never duplicated in memory.
+        new = out.node.add(name=node.name, op_type=node.op_type, domain=node.domain)
+        new.input.extend(node.input)
+        new.output.extend(node.output)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                a = new.attribute.add(name=attr.name, type=attr.type)
+                a.t.CopyFrom(_strip_tensor(attr.t, handle, stub))
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                a = new.attribute.add(name=attr.name, type=attr.type)
+                a.g.CopyFrom(_strip_graph(attr.g, handle, stub))
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                a = new.attribute.add(name=attr.name, type=attr.type)
+                for g in attr.graphs:
+                    a.graphs.add().CopyFrom(_strip_graph(g, handle, stub))
+            else:
+                new.attribute.add().CopyFrom(attr)
+    return out
+
+
+def _strip_tensor(t: onnx.TensorProto, handle: Optional[ModelHandle],
+                  stub: Optional[str]) -> onnx.TensorProto:
+    numel = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+    if numel <= _KEEP_VALUES:
+        if not is_external(t):
+            return t
+        if handle is not None and handle.base_dir is not None:
+            try:
+                return numpy_helper.from_array(handle.read(t), t.name)
+            except Exception:  # unreadable external data: the dims still serve inference
+                pass
+    stripped = onnx.TensorProto(name=t.name, data_type=t.data_type)
+    stripped.dims.extend(t.dims)
+    if stub is not None:
+        stripped.external_data.add(key="location", value=stub)
+        stripped.data_location = onnx.TensorProto.EXTERNAL
+    return stripped
+
+
 # -- loading ------------------------------------------------------------------------------
 def load(model: ModelLike) -> ModelHandle:
     """A :class:`ModelHandle` from a path, a ``ModelProto`` or a handle (returned as is).
@@ -174,19 +252,31 @@ def check_input(handle: ModelHandle) -> bool:
     Returns whether it also passes the full check (strict shape inference): the output is held
     to the same level, since pruning cannot repair what the exporter wrote.
     """
-    target = str(handle.path) if handle.path is not None and handle.has_external_data \
-        else handle.model
     where = handle.path or "the model"
+    try:  # the usual case costs one checker run: full check first, basic only if that fails
+        check_graph(handle, full_check=True)
+        return True
+    except Exception:
+        pass
     try:
-        onnx.checker.check_model(target)
+        check_graph(handle, full_check=False)
     except Exception as exc:
         raise ModelLoadError(f"{where} is an invalid ONNX model (onnx.checker: {_short(exc)}); "
                              "re-export it or fix the graph first") from None
-    try:
-        onnx.checker.check_model(target, full_check=True)
-        return True
-    except Exception:
-        return False
+    return False
+
+
+def check_graph(handle: ModelHandle, full_check: bool = True) -> None:
+    """onnx.checker on the model's graph, weights left out (a weightless copy whose big tensors
+    point at an empty stub file): the same verdict on structure, types and shapes, without
+    serializing the weights — which for a >2 GB model protobuf could not do at all."""
+    with tempfile.TemporaryDirectory(prefix="onnxprune-check-") as tmp:
+        stub = "weights.stub"
+        open(os.path.join(tmp, stub), "wb").close()
+        path = os.path.join(tmp, "model.onnx")
+        with open(path, "wb") as f:
+            f.write(weightless_copy(handle.model, handle, stub).SerializeToString())
+        onnx.checker.check_model(path, full_check=full_check)
 
 
 @contextlib.contextmanager
@@ -194,7 +284,7 @@ def materialized(handle: ModelHandle) -> Iterator[Union[onnx.ModelProto, Path]]:
     """The model in a form onnx.checker and onnxruntime can open: the proto itself when it is
     self-contained and small, else a temporary file (with its external data) removed afterwards.
     """
-    if not handle.has_external_data and handle.model.ByteSize() < _PROTO_LIMIT:
+    if not handle.has_external_data and estimated_size(handle.model) < _PROTO_LIMIT:
         yield handle.model
         return
     with tempfile.TemporaryDirectory(prefix="onnxprune-") as tmp:
@@ -250,7 +340,7 @@ def save(handle: ModelHandle, output: Union[str, os.PathLike]) -> Path:
     out = Path(output)
     model = handle.model
     external = [t for t in iter_tensors(model.graph) if is_external(t)]
-    too_big = not external and model.ByteSize() > _PROTO_LIMIT
+    too_big = not external and estimated_size(model) > _PROTO_LIMIT
     if too_big:
         external = [t for t in iter_tensors(model.graph) if len(t.raw_data) >= 1024]
     with contextlib.ExitStack() as stack:

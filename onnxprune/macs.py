@@ -28,9 +28,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .io import ModelHandle, ModelLike, is_external, iter_graphs, load
+from .io import ModelHandle, ModelLike, is_external, iter_graphs, load, weightless_copy
 from .validate import input_signature, resolve_input_shapes
-from .weights import find_weights
+from .weights import find_weights, node_label
 
 Shapes = Mapping[str, Tuple[int, ...]]
 MacFormula = Callable[[onnx.NodeProto, Shapes], Optional[int]]
@@ -96,12 +96,6 @@ class MacCount:
                 "unknown": list(self.unknown),
                 "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
                 "notes": list(self.notes)}
-
-
-def node_label(node: onnx.NodeProto) -> str:
-    """A node's name, or ``OpType(first output)`` for unnamed nodes — the same label
-    :class:`onnxprune.weights.Consumer` uses, so densities keyed by consumer match."""
-    return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
 
 
 def count_macs(model: ModelLike,
@@ -212,7 +206,7 @@ def _has_counted_ops(node: onnx.NodeProto) -> bool:
 # -- shape inference on a weightless copy -----------------------------------------------------
 def _infer_shapes(proto: onnx.ModelProto, input_shapes: Mapping[str, Tuple[int, ...]],
                   handle: Optional[ModelHandle], notes: List[str]) -> Dict[str, Tuple[int, ...]]:
-    copy = _shape_only_copy(proto, handle)
+    copy = weightless_copy(proto, handle)
     for vi in copy.graph.input:
         shape = input_shapes.get(vi.name)
         if shape is None:
@@ -269,65 +263,6 @@ def _static_shape(vi: onnx.ValueInfoProto) -> Optional[Tuple[int, ...]]:
             return None
         dims.append(int(d.dim_value))
     return tuple(dims)
-
-
-def _shape_only_copy(proto: onnx.ModelProto, handle: Optional[ModelHandle]) -> onnx.ModelProto:
-    """The model with big tensors reduced to name/dtype/dims (shape inference needs no more)."""
-    copy = onnx.ModelProto()
-    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        if proto.HasField(name):
-            setattr(copy, name, getattr(proto, name))
-    copy.opset_import.extend(proto.opset_import)
-    copy.functions.extend(proto.functions)
-    copy.graph.CopyFrom(_strip_graph(proto.graph, handle))
-    return copy
-
-
-def _strip_graph(graph: onnx.GraphProto, handle: Optional[ModelHandle]) -> onnx.GraphProto:
-    out = onnx.GraphProto(name=graph.name)
-    out.input.extend(graph.input)
-    out.output.extend(graph.output)
-    out.value_info.extend(graph.value_info)
-    out.sparse_initializer.extend(graph.sparse_initializer)
-    out.initializer.extend(_strip_tensor(t, handle) for t in graph.initializer)
-    for node in graph.node:
-        if not any(a.type in (onnx.AttributeProto.TENSOR, onnx.AttributeProto.GRAPH,
-                              onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            out.node.add().CopyFrom(node)
-            continue
-        # Copy field by field so that big Constant values are never duplicated in memory.
-        new = out.node.add(name=node.name, op_type=node.op_type, domain=node.domain)
-        new.input.extend(node.input)
-        new.output.extend(node.output)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                a = new.attribute.add(name=attr.name, type=attr.type)
-                a.t.CopyFrom(_strip_tensor(attr.t, handle))
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                a = new.attribute.add(name=attr.name, type=attr.type)
-                a.g.CopyFrom(_strip_graph(attr.g, handle))
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                a = new.attribute.add(name=attr.name, type=attr.type)
-                for g in attr.graphs:
-                    a.graphs.add().CopyFrom(_strip_graph(g, handle))
-            else:
-                new.attribute.add().CopyFrom(attr)
-    return out
-
-
-def _strip_tensor(t: onnx.TensorProto, handle: Optional[ModelHandle]) -> onnx.TensorProto:
-    numel = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
-    if numel <= _KEEP_VALUES_NUMEL:
-        if not is_external(t):
-            return t
-        if handle is not None and handle.base_dir is not None:
-            try:
-                return numpy_helper.from_array(handle.read(t), t.name)
-            except Exception:  # unreadable external data: the dims still serve inference
-                pass
-    stripped = onnx.TensorProto(name=t.name, data_type=t.data_type)
-    stripped.dims.extend(t.dims)
-    return stripped
 
 
 # -- formulas ---------------------------------------------------------------------------------

@@ -329,7 +329,7 @@ class Validate(Pass):
             original = state.original
             feeds = self._feeds(state)
             reference = v.run_model(original, feeds)
-            outputs = v.run_model(candidate, feeds)
+            outputs = v.run_model(candidate, feeds, candidate=True)
         state.comparison = v.compare(reference, outputs)
         summary = (f"valid; max abs error {state.comparison.max_abs:.3g}, worst cosine "
                    f"{state.comparison.worst_cosine:.6f}")

@@ -273,7 +273,7 @@ def make_inputs(model: ModelOrPath,
     rng = np.random.default_rng(seed)
     inputs: Dict[str, np.ndarray] = {}
     for spec in specs:
-        inputs[spec.name] = _random_tensor(spec, resolved[spec.name], rng)
+        inputs[spec.name] = np.asarray(_random_tensor(spec, resolved[spec.name], rng))
     return inputs
 
 

@@ -25,6 +25,11 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProt
                onnx.TensorProto.DOUBLE}
 
 
+def node_label(node: onnx.NodeProto) -> str:
+    """A node's name, or ``OpType(first output)`` for unnamed nodes (exporters leave many)."""
+    return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
+
+
 @dataclass
 class Consumer:
     """One node input that reads a weight."""
@@ -36,7 +41,7 @@ class Consumer:
 
     @property
     def node_name(self) -> str:
-        return self.node.name or f"{self.node.op_type}({self.node.output[0]})"
+        return node_label(self.node)
 
 
 @dataclass

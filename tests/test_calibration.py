@@ -17,9 +17,16 @@ from onnxprune.errors import InputDataError, OptionError
 from onnxprune.io import load
 from onnxprune.weights import find_weights
 
-from builders import if_subgraph_model, make_model
+from builders import if_subgraph_model
 
 F = TensorProto.FLOAT
+
+
+def make_model(nodes, inputs, outputs, initializers=()):
+    graph = helper.make_graph(list(nodes), "t", list(inputs), list(outputs), list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model  # outputs are left shapeless (onnxruntime infers them); no checker run
 
 
 def _single_op_model(op, attrs, wshape, xshape, seed=0, relu_first=True):

@@ -27,9 +27,10 @@ class G:
     def w(self, shape, scale=None, name=None, positive=False) -> str:
         fan = int(np.prod(shape[1:])) if len(shape) > 1 else 1
         scale = scale if scale is not None else 1.0 / np.sqrt(max(fan, 1))
-        arr = self.rng.standard_normal(shape).astype(np.float32) * scale
+        arr = self.rng.standard_normal(shape) * scale
         if positive:
             arr = np.abs(arr) + 0.5
+        arr = arr.astype(np.float32)
         name = name or self.name("w")
         self.inits.append(numpy_helper.from_array(arr, name))
         return name
@@ -65,8 +66,10 @@ class G:
             self.inits)
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
         m.ir_version = 8
+        for dom in sorted({n.domain for n in self.nodes if n.domain}):
+            m.opset_import.append(helper.make_opsetid(dom, 1))
         inferred = onnx.shape_inference.infer_shapes(m)
-        types = {vi.name: vi.type for vi in inferred.graph.value_info}
+        types = {vi.name: vi.type for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
         for o in m.graph.output:
             if o.name in types:
                 o.type.CopyFrom(types[o.name])
@@ -217,9 +220,7 @@ def unknown_op():
     y = g.op("Relu", [g.conv("x", 3, 16)])
     y = g.op("Mystery", [y], domain="com.example")
     y = g.op("Relu", [g.conv(y, 16, 12)])
-    m = g.model(IMG, [g.conv(y, 12, 8, k=1)])
-    m.opset_import.append(helper.make_opsetid("com.example", 1))
-    return m
+    return g.model(IMG, [g.conv(y, 12, 8, k=1)])
 
 
 def output_conv():

@@ -134,6 +134,17 @@ def test_make_inputs_dtypes_and_values():
     assert abs(float(inputs["image"].mean())) < 0.01 and 0.95 < inputs["image"].std() < 1.05
 
 
+def test_make_inputs_scalars_are_arrays():
+    nodes = [helper.make_node("Identity", ["t"], ["t_out"]),
+             helper.make_node("Identity", ["b"], ["b_out"])]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [_vi("t", []), _vi("b", [], TensorProto.BOOL)],
+        [_vi("t_out", []), _vi("b_out", [], TensorProto.BOOL)]), opset_imports=OPSET)
+    inputs = make_inputs(model)
+    assert all(isinstance(v, np.ndarray) and v.shape == () for v in inputs.values())
+    assert run_model(model, inputs)["b_out"] == inputs["b"]
+
+
 def test_make_inputs_is_seeded():
     a, b = make_inputs(_mlp(), seed=3), make_inputs(_mlp(), seed=3)
     c = make_inputs(_mlp(), seed=4)

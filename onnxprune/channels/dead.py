@@ -160,10 +160,13 @@ class _Walk:
 def find_dead(handle: ModelHandle, graph: ChannelGraph):
     """Per group: units to remove, (unit, consumer member, node, k) folds, and kept notes."""
     from .rules import rule_for  # noqa: F401  (rules must be registered)
-    order = {id(n): i for i, n in enumerate(handle.model.graph.node)}
+    # One list of node wrappers: protobuf hands out a new wrapper per iteration, so id()s
+    # are only comparable within it.
+    node_list = list(handle.model.graph.node)
+    order = {id(n): i for i, n in enumerate(node_list)}
     nodes_by_input: Dict[str, List[onnx.NodeProto]] = defaultdict(list)
     nodes_by_name: Dict[str, onnx.NodeProto] = {}
-    for n in handle.model.graph.node:
+    for n in node_list:
         nodes_by_name[n.name or n.output[0]] = n
         for i in n.input:
             if i:
@@ -321,14 +324,14 @@ def apply_folds(handle: ModelHandle, graph: ChannelGraph, folds) -> List[str]:
             node.output[0] = mid
             name = new_initializer(g, (node.name or out) + "_fold",
                                    delta.astype(_dtype_of(handle, graph, node)))
-            inserts[id(node)] = onnx.helper.make_node("Add", [mid, name], [out],
+            inserts[mid] = onnx.helper.make_node("Add", [mid, name], [out],
                                                       name=(node.name or out) + "_fold")
     if inserts:
         nodes = []
         for n in g.node:
             nodes.append(n)
-            if id(n) in inserts:
-                nodes.append(inserts[id(n)])
+            if n.output and n.output[0] in inserts:
+                nodes.append(inserts[n.output[0]])
         copies = [onnx.NodeProto() for _ in nodes]
         for c, n in zip(copies, nodes):
             c.CopyFrom(n)

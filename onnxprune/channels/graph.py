@@ -273,6 +273,17 @@ class Builder:
                 if perm is None:
                     return None
                 axis, name = int(perm[axis]), node.input[0]
+            elif node.op_type in ("Reshape", "Unsqueeze", "Squeeze", "Flatten"):
+                # [C] -> [1, C, 1, 1] and friends: the axis must sit alone in a 1:1 block.
+                from .rules import _reshape_blocks
+                s_in, s_out = self.shape(node.input[0]), self.shape(name)
+                if s_in is None or s_out is None:
+                    return None
+                blocks = _reshape_blocks(s_in, s_out)
+                hit = [bi for bi, bj in (blocks or []) if bj == [axis] and len(bi) == 1]
+                if not hit:
+                    return None
+                axis, name = hit[0][0], node.input[0]
             else:
                 return None
             seen += 1

@@ -137,8 +137,10 @@ class NodeCtx:
                 continue
             r = self.rank(name)
             if r is None:
-                if not any(k[0] == name for k in self.mentioned):
-                    self.b.freeze(name, None, f"{self.label}: rank of '{name}' unknown")
+                # Even a tied axis is unsafe: the rule could not map the others, so the
+                # channel would be lost on the far side.
+                self.b.freeze(name, None, f"{self.label}: shape of '{name}' unknown "
+                                          "(shape inference)")
                 continue
             for axis in range(r):
                 if (name, axis) not in self.mentioned and (name, axis) not in self.quiet:
@@ -689,6 +691,16 @@ def _reshape_blocks(s: Sequence[int], t: Sequence[int]):
     blocks = []
     i = j = 0
     while i < len(s) or j < len(t):
+        si = s[i] if i < len(s) else None
+        tj = t[j] if j < len(t) else None
+        if isinstance(si, str) or isinstance(tj, str) or si is None and i < len(s) or (
+                tj is None and j < len(t)):
+            # symbolic/unknown extents only pair with the same symbol, 1:1
+            if isinstance(si, str) and si == tj:
+                blocks.append(([i], [j]))
+                i, j = i + 1, j + 1
+                continue
+            return None
         if i < len(s) and s[i] == 1 and (j >= len(t) or t[j] != 1):
             blocks.append(([i], []))
             i += 1
@@ -721,7 +733,7 @@ def tie_reshape(ctx: NodeCtx, x: str, y: str) -> bool:
     axis (the one already linked to a weight for merges, the outermost for splits); every other
     axis of a block frozen."""
     s, t = ctx.shape(x), ctx.shape(y)
-    if s is None or t is None or not all(isinstance(d, int) for d in (*s, *t)):
+    if s is None or t is None:
         return False
     blocks = _reshape_blocks(s, t)
     if blocks is None:
@@ -986,23 +998,41 @@ def _shape(ctx: NodeCtx) -> None:
     start = _norm_axis(int(ctx.attr("start", 0)), r)
     end = ctx.attr("end", None)
     end = r if end is None else min(_norm_axis(int(end), r), r)
-    read = set(range(start, end))
-    readers = ctx.b.consumers.get(y, [])
-    picked = set()
-    for node, idx in readers:
-        if node.op_type == "Gather" and idx == 0 and ctx.b.const_value(node.input[1]) is not None:
-            picked.update(start + _norm_axis(int(i), end - start)
-                          for i in np.ravel(ctx.b.const_value(node.input[1])))
-        else:
-            picked = None
-            break
-    if picked is not None and readers:
-        read = picked
+    read = _shape_reads(ctx.b, y, start, end)
     for j in range(r):
         if j in read:
             ctx.freeze(x, j, f"its size on axis {j} is read by Shape")
         else:
             ctx.ok(x, j)
+
+
+def _shape_reads(b: Builder, vec: str, start: int, end: int, depth: int = 0) -> set:
+    """Axes whose size a shape vector's readers actually use: through Cast/Identity, Gather
+    and Slice with constant indices; anything else reads them all."""
+    everything = set(range(start, end))
+    readers = b.consumers.get(vec, [])
+    if depth > 4 or not readers:
+        return everything if readers else set()
+    n = end - start
+    read: set = set()
+    for node, idx in readers:
+        if idx != 0:
+            return everything
+        if node.op_type in ("Cast", "Identity"):
+            read |= _shape_reads(b, node.output[0], start, end, depth + 1)
+        elif node.op_type == "Gather" and b.const_value(node.input[1]) is not None:
+            read |= {start + _norm_axis(int(i), n) for i in np.ravel(b.const_value(node.input[1]))}
+        elif node.op_type == "Slice" and all(b.const_value(i) is not None
+                                             for i in node.input[1:] if i):
+            vals = [np.ravel(b.const_value(i)) if i else None for i in list(node.input[1:]) +
+                    [None] * (5 - len(node.input))]
+            st = int(vals[0][0])
+            en = int(vals[1][0])
+            step = int(vals[3][0]) if vals[3] is not None else 1
+            read |= {start + i for i in range(n)[slice(st, en, step)]}
+        else:
+            return everything
+    return read
 
 
 @register_rule("Gather")
