@@ -36,14 +36,15 @@ def build_passes(*, pattern: str = "unstructured", sparsity=None, criterion: str
                  scope: str = "local", op_types=None, include=None, exclude=None, config=None,
                  min_sparsity: float = 0.0, max_sparsity: float = 0.98, scores=None, masks=None,
                  validate: bool = True, compare: bool = True, inputs=None, input_shapes=None,
-                 max_error: Optional[float] = None, seed: int = 0) -> List[Pass]:
+                 max_error: Optional[float] = None, seed: int = 0,
+                 guard_fixed: bool = True) -> List[Pass]:
     """The default pipeline for these options (what :func:`prune` runs)."""
     passes: List[Pass] = [
         FindWeights(),
         SelectWeights(pattern=pattern, sparsity=sparsity, criterion=criterion, op_types=op_types,
                       include=include, exclude=exclude, config=config,
                       min_sparsity=min_sparsity, max_sparsity=max_sparsity),
-        ScoreWeights(user_scores=scores),
+        ScoreWeights(user_scores=scores, guard_fixed=guard_fixed),
         ApplyMasks(scope=scope, masks=masks),
     ]
     if validate:
@@ -62,7 +63,7 @@ def prune(model: mio.ModelLike, pattern: str = "unstructured",
           output: Union[str, os.PathLike, None] = None, force: bool = False,
           validate: bool = True, compare: bool = True, inputs=None,
           input_shapes: Optional[Dict[str, Sequence[int]]] = None,
-          max_error: Optional[float] = None, seed: int = 0,
+          max_error: Optional[float] = None, seed: int = 0, guard_fixed: bool = True,
           track: Track = no_progress) -> PruneResult:
     """Prune ``model`` (a path or ``onnx.ModelProto``, never modified) and return the result.
 
@@ -78,6 +79,8 @@ def prune(model: mio.ModelLike, pattern: str = "unstructured",
     ``inputs`` (a .npz path or dict) or on inputs generated from the model's signature
     (``input_shapes`` fixes dynamic dims); ``max_error`` turns the comparison into a gate.
     ``output``: write the result there atomically (``force`` to overwrite).
+    ``guard_fixed``: leave alone constant operands that are not learned weights (decoding
+    ramps, DFT bases, identity matrices), listed in ``report.skipped``.
 
     >>> result = prune("model.onnx", pattern="2:4", output="model.24.onnx")  # doctest: +SKIP
     >>> result.report.nonzeros_after / result.report.params_after            # doctest: +SKIP
@@ -97,7 +100,8 @@ def prune(model: mio.ModelLike, pattern: str = "unstructured",
                           op_types=op_types, include=include, exclude=exclude, config=config,
                           min_sparsity=min_sparsity, max_sparsity=max_sparsity, scores=scores,
                           masks=masks, validate=validate, compare=compare, inputs=inputs,
-                          input_shapes=input_shapes, max_error=max_error, seed=seed)
+                          input_shapes=input_shapes, max_error=max_error, seed=seed,
+                          guard_fixed=guard_fixed)
     for p in passes:
         p(state)
     size_after = None

@@ -124,6 +124,9 @@ def _run(fn):
               help=".npz of importance scores keyed by weight name (criterion 'scores').")
 @click.option("--masks", "masks_path", default=None,
               help=".npz of keep-masks (1 = keep) keyed by weight name.")
+@click.option("--prune-fixed", is_flag=True,
+              help="Also prune tensors that look like fixed operands (ramps, DFT bases, "
+                   "identity), which are left alone by default.")
 @click.option("--input-shape", "input_shapes", multiple=True,
               help="Fix an input's dims for generated inputs and MACs: NAME:1x3x224x224.")
 @click.option("--inputs", "inputs_path", default=None,
@@ -138,7 +141,8 @@ def _run(fn):
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No report or progress on stdout.")
 def prune_command(model, output, pattern, sparsity, criterion, scope, op_types, include, exclude,
-                  config, min_sparsity, max_sparsity, scores_path, masks_path, input_shapes,
+                  config, min_sparsity, max_sparsity, scores_path, masks_path, prune_fixed,
+                  input_shapes,
                   inputs_path, no_validate, max_error, report_path, seed, force, quiet):
     """Prune MODEL and write <stem>.pruned.onnx (MODEL defaults to the bundled digits CNN)."""
 
@@ -161,6 +165,7 @@ def prune_command(model, output, pattern, sparsity, criterion, scope, op_types, 
                            output=out,
                            force=force, validate=not no_validate, inputs=inputs_path,
                            input_shapes=shapes, max_error=max_error, seed=seed,
+                           guard_fixed=not prune_fixed,
                            track=_track(quiet) or (lambda items, d, t: items))
             report = result.report
         except OnnxPruneError as exc:

@@ -57,6 +57,8 @@ class Layout:
     out_axis: int
     in_axis: int
     group: int = 1
+    #: Shape as stored when the weight reaches its consumer through a Reshape (None: ``shape``).
+    stored_shape: Optional[Tuple[int, ...]] = None
 
     @property
     def shape2d(self) -> Tuple[int, int]:
@@ -67,6 +69,8 @@ class Layout:
 
     def to_2d(self, arr: np.ndarray) -> np.ndarray:
         """Raw weight -> ``W[out, in]`` (a view where numpy can, else a copy)."""
+        if self.stored_shape is not None and tuple(arr.shape) == self.stored_shape:
+            arr = arr.reshape(self.shape)
         if tuple(arr.shape) != self.shape:
             raise ValueError(f"array shape {arr.shape} does not match layout shape {self.shape}")
         return arr.transpose(self.perm).reshape(self.shape2d)
@@ -75,11 +79,13 @@ class Layout:
         """``W[out, in]`` -> raw weight layout (inverse of :meth:`to_2d`)."""
         permuted_shape = [self.shape[p] for p in self.perm]
         inverse = np.argsort(self.perm)
-        return np.ascontiguousarray(w2d.reshape(permuted_shape).transpose(inverse))
+        raw = np.ascontiguousarray(w2d.reshape(permuted_shape).transpose(inverse))
+        return raw if self.stored_shape is None else raw.reshape(self.stored_shape)
 
     def same_view(self, other: "Layout") -> bool:
         """True when two consumers see the same tensor as the same ``W[out, in]``."""
-        return (self.shape, self.perm, self.n_out) == (other.shape, other.perm, other.n_out)
+        return ((self.shape, self.perm, self.n_out, self.stored_shape)
+                == (other.shape, other.perm, other.n_out, other.stored_shape))
 
 
 def _attr(node: onnx.NodeProto, name: str, default):

@@ -25,9 +25,10 @@ import onnx
 
 from . import io as mio
 from .criteria import ScoreContext, get_criterion
-from .errors import OptionError
+from .errors import OptionError, SelectionError
 from .scope import UnitLayer, allocate_global, select_units
 from .selection import LayerPlan, select
+from .sensitivity import looks_fixed
 from .weights import Skipped, Weight, find_weights
 
 Track = Callable[[Iterable, str, int], Iterable]
@@ -165,12 +166,20 @@ def _compute_dtype(dtype: np.dtype) -> np.dtype:
 
 
 class ScoreWeights(Pass):
-    """Score every selected weight with its criterion, folded into its pattern's units."""
+    """Score every selected weight with its criterion, folded into its pattern's units.
+
+    Weights are read here anyway, so this is also where a selected tensor that is not a learned
+    weight leaves the plan, listed in ``state.skipped`` with the reason: NaN/inf values, and
+    (unless ``guard_fixed=False``) fixed operands such as decoding ramps, DFT/DCT bases or
+    identity/one-hot matrices, which no sparsity can touch without breaking the model.
+    """
 
     name = "score"
 
-    def __init__(self, user_scores: Optional[Dict[str, np.ndarray]] = None):
+    def __init__(self, user_scores: Optional[Dict[str, np.ndarray]] = None,
+                 guard_fixed: bool = True):
         self.user_scores = user_scores or {}
+        self.guard_fixed = guard_fixed
 
     def run(self, state):
         unknown = set(self.user_scores) - {p.weight.name for p in state.plans} - {
@@ -178,12 +187,19 @@ class ScoreWeights(Pass):
         if unknown:
             raise OptionError(f"scores given for {sorted(unknown)[:5]}, which are not selected "
                               "weights; names must match the model's weight tensor names")
+        kept = []
         for plan in state.track(state.plans, "scoring", len(state.plans)):
             w = plan.weight
             crit = get_criterion(plan.criterion)
-            w2d = plan.weight.layout.to_2d(state.handle.read(w.tensor))
-            w2d = w2d.astype(_compute_dtype(w2d.dtype), copy=False)
+            raw = state.handle.read(w.tensor)
             user = self.user_scores.get(w.name, self.user_scores.get(w.key))
+            reason = self._not_a_weight(raw, guarded=user is None)
+            if reason is not None:
+                state.skipped.append(Skipped(w.name, reason))
+                continue
+            kept.append(plan)
+            w2d = plan.weight.layout.to_2d(raw)
+            w2d = w2d.astype(_compute_dtype(w2d.dtype), copy=False)
             if user is not None:
                 user = np.asarray(user)
                 if tuple(user.shape) != w.shape:
@@ -198,7 +214,23 @@ class ScoreWeights(Pass):
             # into units (elements, blocks, rows) once, here.
             state.unit_scores[w.key] = (scores if plan.pattern.implied_sparsity is not None
                                         else plan.pattern.unit_scores(scores, crit.reduce))
-        return False, f"{len(state.plans)} weights scored", {}
+        dropped = len(state.plans) - len(kept)
+        state.plans = kept
+        if not kept:
+            raise SelectionError("every selected weight was left alone (see the skipped list: "
+                                 "NaN values or fixed operands); nothing to prune")
+        return False, f"{len(kept)} weights scored" + (
+            f", {dropped} left alone (not learned weights)" if dropped else ""), {}
+
+    def _not_a_weight(self, raw: np.ndarray, guarded: bool) -> Optional[str]:
+        if not np.isfinite(raw).all():
+            return "holds NaN or infinity; fix the model before pruning it"
+        if self.guard_fixed and guarded:
+            reason = looks_fixed(raw)
+            if reason is not None:
+                return (f"looks like a fixed operand, not a learned weight: {reason} "
+                        "(prune it anyway with --prune-fixed)")
+        return None
 
 
 class ApplyMasks(Pass):

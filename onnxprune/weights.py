@@ -9,7 +9,7 @@ is one :class:`Weight` with several consumers, pruned once; if the consumers dis
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -20,6 +20,8 @@ from .layouts import Layout, layout_for
 
 #: Ops a weight may pass through on its way to the consumer without changing its values' layout.
 PASS_THROUGH_OPS = {"Cast", "Identity"}
+#: ...and ops that change only its shape (with a constant target shape), e.g. a 4-D classifier
+#: weight reshaped into a Gemm (Inception v1, Caffe2 exports).
 #: Element types onnxprune can rewrite (values keep their dtype on write).
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                onnx.TensorProto.DOUBLE}
@@ -92,6 +94,11 @@ class _Source:
     graph: str
     name: str
     via: Tuple[str, ...] = ()
+    shape: Optional[Tuple[int, ...]] = None  # the shape its consumer sees, when reshaped on the way
+
+    @property
+    def seen_shape(self) -> Tuple[int, ...]:
+        return self.shape if self.shape is not None else tuple(int(d) for d in self.tensor.dims)
 
 
 def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
@@ -125,10 +132,11 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
                         visit(g, f"{label}[{i}]", scope)
 
     def _consider(node: onnx.NodeProto, index: int, source: _Source, path: str) -> None:
-        shape = tuple(source.tensor.dims)
-        layout = layout_for(node, index, shape)
+        layout = layout_for(node, index, source.seen_shape)
         if layout is None:
             return
+        if source.shape is not None:
+            layout = replace(layout, stored_shape=tuple(int(d) for d in source.tensor.dims))
         consumer = Consumer(node, index, path, source.via)
         if source.tensor.data_type not in FLOAT_TYPES:
             dtype_name = onnx.TensorProto.DataType.Name(source.tensor.data_type)
@@ -160,8 +168,16 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
                 and scope.get(node.input[0]) is not None):
             src = scope[node.input[0]]
             scope[node.output[0]] = _Source(src.tensor, src.location, src.graph, src.name,
-                                            src.via + (node.op_type,))
+                                            src.via + (node.op_type,), src.shape)
             return
+        if (node.op_type == "Reshape" and node.domain in ("", "ai.onnx") and len(node.input) > 1
+                and scope.get(node.input[0]) is not None and scope.get(node.input[1]) is not None):
+            src, target = scope[node.input[0]], scope[node.input[1]]
+            shape = _reshaped(src.seen_shape, handle.read(target.tensor), node)
+            if shape is not None:
+                scope[node.output[0]] = _Source(src.tensor, src.location, src.graph, src.name,
+                                                src.via + ("Reshape",), shape)
+                return
         for out in node.output:
             if out:
                 scope[out] = None
@@ -175,6 +191,24 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
     weights = [w for w in weights if w.name not in mixed]
     skipped_list = [s for s in skipped_list if s.name not in pruned_names or s.name in mixed]
     return weights, skipped_list
+
+
+def _reshaped(shape: Tuple[int, ...], target: np.ndarray, node: onnx.NodeProto
+              ) -> Optional[Tuple[int, ...]]:
+    """The output shape of Reshape(shape -> target) with ONNX's 0 and -1 rules, None if odd."""
+    allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
+    dims = [int(d) for d in np.asarray(target).ravel()]
+    out = [shape[i] if d == 0 and not allowzero and i < len(shape) else d
+           for i, d in enumerate(dims)]
+    total = int(np.prod(shape, dtype=np.int64))
+    if out.count(-1) == 1:
+        rest = int(np.prod([d for d in out if d != -1], dtype=np.int64))
+        if rest <= 0 or total % rest:
+            return None
+        out[out.index(-1)] = total // rest
+    if any(d <= 0 for d in out) or int(np.prod(out, dtype=np.int64)) != total:
+        return None
+    return tuple(out)
 
 
 def _constant_tensor(node: onnx.NodeProto) -> Optional[onnx.TensorProto]:

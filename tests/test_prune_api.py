@@ -181,3 +181,26 @@ def test_report_totals_match_weights():
     assert rep.params_before == a["conv.w"].size + a["fc.w"].size
     assert rep.nonzeros_after == np.count_nonzero(a["conv.w"]) + np.count_nonzero(a["fc.w"])
     assert rep.macs_before == 16 * 100 * 8 * 9 + 10 * 16
+
+
+def test_fixed_operand_and_nan_weights_left_alone_and_reported():
+    from onnx import TensorProto, helper
+    ramp = np.tile(np.arange(16, dtype=np.float32), (4, 1))  # [K=4, N=16] integer ramp
+    bad = B.rng(1).standard_normal((16, 8)).astype(np.float32)
+    bad[0, 0] = np.nan
+    good = B.rng(2).standard_normal((8, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "ramp"], ["a"]),
+             helper.make_node("MatMul", ["a", "bad"], ["b"]),
+             helper.make_node("MatMul", ["b", "good"], ["y"])]
+    model = B.make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+                         [numpy_helper.from_array(a, n) for a, n in
+                          ((ramp, "ramp"), (bad, "bad"), (good, "good"))])
+    res = onnxprune.prune(model, sparsity=0.5, validate=False)
+    a = arrays(res.model)
+    np.testing.assert_array_equal(a["ramp"], ramp)
+    assert zeros(a["good"]) == 32 and zeros(a["bad"]) == 0
+    reasons = dict(res.report.skipped)
+    assert "fixed operand" in reasons["ramp"] and "NaN" in reasons["bad"]
+    res = onnxprune.prune(model, sparsity=0.5, validate=False, guard_fixed=False)
+    assert zeros(arrays(res.model)["ramp"]) == 32

@@ -99,3 +99,21 @@ def test_integer_weight_skipped_with_reason():
     model.graph.node[0].op_type = "MatMulInteger"  # not prunable op: nothing found at all
     weights, skipped = find_weights(load(model))
     assert weights == []
+
+
+def test_weight_behind_reshape_uses_consumer_view():
+    from onnx import TensorProto, numpy_helper
+    import onnxprune
+    w = B.rng(3).standard_normal((1, 1, 12, 16)).astype(np.float32)  # stored 4-D, used as [N, K]
+    nodes = [helper.make_node("Reshape", ["W4", "shape"], ["W"], name="reshape"),
+             helper.make_node("Gemm", ["x", "W"], ["y"], transB=1, name="fc")]
+    model = B.make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 12])],
+                         [numpy_helper.from_array(w, "W4"),
+                          numpy_helper.from_array(np.array([12, -1], np.int64), "shape")])
+    found = _weights(model)["W4"]
+    assert found.layout.shape2d == (12, 16) and found.consumers[0].via == ("Reshape",)
+    res = onnxprune.prune(model, pattern="2:4")
+    out = numpy_helper.to_array(res.model.graph.initializer[0])
+    assert out.shape == (1, 1, 12, 16)
+    assert ((out.reshape(12, 4, 4) != 0).sum(axis=2) == 2).all()
