@@ -19,7 +19,9 @@ from .io import ModelHandle, iter_graphs, tensor_dtype
 from .layouts import Layout, layout_for
 
 #: Ops a weight may pass through on its way to the consumer without changing its values' layout.
-PASS_THROUGH_OPS = {"Cast", "Identity"}
+#: A float weight in a QDQ model reaches its Conv through QuantizeLinear -> DequantizeLinear;
+#: a zero quantizes to the zero point and dequantizes back to exactly 0, so masks survive it.
+PASS_THROUGH_OPS = {"Cast", "Identity", "QuantizeLinear", "DequantizeLinear"}
 #: ...and ops that change only its shape (with a constant target shape), e.g. a 4-D classifier
 #: weight reshaped into a Gemm (Inception v1, Caffe2 exports).
 #: Element types onnxprune can rewrite (values keep their dtype on write).
