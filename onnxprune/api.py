@@ -20,6 +20,7 @@ from .errors import OptionError, ValidationFailed
 from .passes import (ApplyMasks, FindWeights, Pass, PruneState, ScoreWeights, SelectWeights,
                      Track, Validate, no_progress)
 from .report import LayerRow, Report
+from .structure import PruneChannels, RemoveDeadChannels
 
 
 @dataclass
@@ -37,16 +38,26 @@ def build_passes(*, pattern: str = "unstructured", sparsity=None, criterion: str
                  min_sparsity: float = 0.0, max_sparsity: float = 0.98, scores=None, masks=None,
                  validate: bool = True, compare: bool = True, inputs=None, input_shapes=None,
                  max_error: Optional[float] = None, seed: int = 0,
-                 guard_fixed: bool = True) -> List[Pass]:
+                 guard_fixed: bool = True, resize: Optional[bool] = None, round_to: int = 1,
+                 min_channels: int = 1, max_group_sparsity: float = 0.9) -> List[Pass]:
     """The default pipeline for these options (what :func:`prune` runs)."""
     passes: List[Pass] = [
         FindWeights(),
         SelectWeights(pattern=pattern, sparsity=sparsity, criterion=criterion, op_types=op_types,
                       include=include, exclude=exclude, config=config,
                       min_sparsity=min_sparsity, max_sparsity=max_sparsity),
-        ScoreWeights(user_scores=scores, guard_fixed=guard_fixed),
-        ApplyMasks(scope=scope, masks=masks),
     ]
+    if pattern == "channel" and resize is not False and masks is None and config is None:
+        passes.append(PruneChannels(sparsity=sparsity, criterion=criterion, round_to=round_to,
+                                    min_channels=min_channels, scope=scope,
+                                    max_group_sparsity=max_group_sparsity,
+                                    input_shapes=input_shapes))
+    else:
+        passes += [ScoreWeights(user_scores=scores, guard_fixed=guard_fixed),
+                   ApplyMasks(scope=scope, masks=masks)]
+        if resize is not False:
+            passes.append(RemoveDeadChannels(input_shapes=input_shapes,
+                                             keep_layouts=resize is None))
     if validate:
         passes.append(Validate(inputs=inputs, input_shapes=input_shapes, compare=compare,
                                max_error=max_error, seed=seed))
@@ -64,7 +75,8 @@ def prune(model: mio.ModelLike, pattern: str = "unstructured",
           validate: bool = True, compare: bool = True, inputs=None,
           input_shapes: Optional[Dict[str, Sequence[int]]] = None,
           max_error: Optional[float] = None, seed: int = 0, guard_fixed: bool = True,
-          track: Track = no_progress) -> PruneResult:
+          resize: Optional[bool] = None, round_to: int = 1, min_channels: int = 1,
+          max_group_sparsity: float = 0.9, track: Track = no_progress) -> PruneResult:
     """Prune ``model`` (a path or ``onnx.ModelProto``, never modified) and return the result.
 
     ``pattern``: ``unstructured``/``1x1``, blocks ``NxM`` (``4x1`` = 4 output channels × 1 input
@@ -79,7 +91,12 @@ def prune(model: mio.ModelLike, pattern: str = "unstructured",
     ``inputs`` (a .npz path or dict) or on inputs generated from the model's signature
     (``input_shapes`` fixes dynamic dims); ``max_error`` turns the comparison into a gate.
     ``output``: write the result there atomically (``force`` to overwrite).
-    ``guard_fixed``: leave alone constant operands that are not learned weights (decoding
+    ``resize`` (default None = auto): physically remove channels — with ``pattern="channel"``
+    the chosen channels (``round_to`` keeps kept counts at multiples, ``min_channels`` per group,
+    ``max_group_sparsity`` caps a group under global scope), with any other pattern the
+    channels its masks leave dead (auto skips that for block and N:M patterns, whose layout
+    removing a channel would shift; ``True`` forces it); exact, and groups the tool cannot map are left whole and
+    listed in ``report.frozen``. ``guard_fixed``: leave alone constant operands that are not learned weights (decoding
     ramps, DFT bases, identity matrices), listed in ``report.skipped``.
 
     >>> result = prune("model.onnx", pattern="2:4", output="model.24.onnx")  # doctest: +SKIP
@@ -101,7 +118,8 @@ def prune(model: mio.ModelLike, pattern: str = "unstructured",
                           min_sparsity=min_sparsity, max_sparsity=max_sparsity, scores=scores,
                           masks=masks, validate=validate, compare=compare, inputs=inputs,
                           input_shapes=input_shapes, max_error=max_error, seed=seed,
-                          guard_fixed=guard_fixed)
+                          guard_fixed=guard_fixed, resize=resize, round_to=round_to,
+                          min_channels=min_channels, max_group_sparsity=max_group_sparsity)
     for p in passes:
         p(state)
     size_after = None
@@ -109,6 +127,7 @@ def prune(model: mio.ModelLike, pattern: str = "unstructured",
         mio.save(state.handle, out)
         size_after = mio.size_on_disk(out, state.model)
     options = dict(pattern=pattern, sparsity=sparsity, criterion=criterion, scope=scope,
+                   resize=resize, round_to=round_to if pattern == "channel" else None,
                    op_types=op_types, include=include, exclude=exclude, seed=seed,
                    min_sparsity=min_sparsity, max_sparsity=max_sparsity, max_error=max_error)
     report = build_report(state, options, out, size_before, size_after, macs_before,
@@ -139,13 +158,15 @@ def build_report(state: PruneState, options: dict, output: Optional[Path],
         layer = state.layers.get(w.key)
         if layer is None:
             continue
-        rows.append(LayerRow(name=w.name, op_type=w.op_type, shape=w.shape, shape_after=w.shape,
-                             params=w.numel, params_after=w.numel,
+        after = layer.shape_after or layer.shape
+        params_after = int(np.prod(after, dtype=np.int64))
+        rows.append(LayerRow(name=w.name, op_type=w.op_type, shape=layer.shape,
+                             shape_after=after, params=layer.numel, params_after=params_after,
                              nonzeros_before=layer.nonzeros_before,
                              nonzeros_after=layer.nonzeros_after, pattern=layer.pattern,
-                             criterion=layer.criterion))
+                             criterion=layer.criterion, channels=layer.channels))
         for c in w.consumers:
-            densities[c.node_name] = layer.nonzeros_after / max(1, w.numel)
+            densities[c.node_name] = layer.nonzeros_after / max(1, params_after)
     macs_after = _macs(state.model, input_shapes, densities)
     notes = list(state.notes)
     for label, m in (("before", macs_before), ("after", macs_after)):
@@ -158,7 +179,7 @@ def build_report(state: PruneState, options: dict, output: Optional[Path],
         output=str(output) if output else None,
         rows=rows,
         skipped=[(s.name, s.reason) for s in state.skipped],
-        frozen=[],
+        frozen=list(state.frozen),
         macs_before=ok_before.total if ok_before else None,
         macs_after=ok_after.total if ok_after else None,
         sparse_macs_after=ok_after.sparse_total if ok_after else None,

@@ -124,6 +124,15 @@ def _run(fn):
               help=".npz of importance scores keyed by weight name (criterion 'scores').")
 @click.option("--masks", "masks_path", default=None,
               help=".npz of keep-masks (1 = keep) keyed by weight name.")
+@click.option("--round-to", type=int, default=1, show_default=True,
+              help="Channel pattern: keep channel counts at multiples of this (8 or 16 pays "
+                   "off on CPUs).")
+@click.option("--min-channels", type=int, default=1, show_default=True,
+              help="Channel pattern: channels kept at least, per group.")
+@click.option("--resize/--no-resize", default=None,
+              help="Remove channels physically [default: yes for unstructured and channel, "
+                   "no for blocks and N:M, whose layout it would shift]. --no-resize keeps "
+                   "every shape (channel pattern: masks only).")
 @click.option("--prune-fixed", is_flag=True,
               help="Also prune tensors that look like fixed operands (ramps, DFT bases, "
                    "identity), which are left alone by default.")
@@ -141,7 +150,8 @@ def _run(fn):
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No report or progress on stdout.")
 def prune_command(model, output, pattern, sparsity, criterion, scope, op_types, include, exclude,
-                  config, min_sparsity, max_sparsity, scores_path, masks_path, prune_fixed,
+                  config, min_sparsity, max_sparsity, scores_path, masks_path, round_to,
+                  min_channels, resize, prune_fixed,
                   input_shapes,
                   inputs_path, no_validate, max_error, report_path, seed, force, quiet):
     """Prune MODEL and write <stem>.pruned.onnx (MODEL defaults to the bundled digits CNN)."""
@@ -165,7 +175,8 @@ def prune_command(model, output, pattern, sparsity, criterion, scope, op_types, 
                            output=out,
                            force=force, validate=not no_validate, inputs=inputs_path,
                            input_shapes=shapes, max_error=max_error, seed=seed,
-                           guard_fixed=not prune_fixed,
+                           guard_fixed=not prune_fixed, resize=resize,
+                           round_to=round_to, min_channels=min_channels,
                            track=_track(quiet) or (lambda items, d, t: items))
             report = result.report
         except OnnxPruneError as exc:

@@ -51,6 +51,8 @@ class LayerResult:
     nonzeros_after: int
     pattern: str
     criterion: str
+    shape_after: Optional[tuple] = None  # set when channels were removed
+    channels: Optional[tuple] = None  # (output channels before, after)
 
 
 @dataclass
@@ -84,6 +86,7 @@ class PruneState:
     layers: Dict[str, LayerResult] = field(default_factory=dict)
     records: List[PassRecord] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    frozen: List[tuple] = field(default_factory=list)  # (channel group, why it was left whole)
     comparison: Any = None
     gate_failure: Optional[str] = None
     full_check: bool = True  # hold the output to strict shape inference (the input passes it)

@@ -57,6 +57,10 @@ def _upper_cholesky_of_inverse(h: np.ndarray, damp: float) -> Tuple[np.ndarray, 
     cross terms, so pruning it moves nothing and nothing moves it. Dampening adds
     ``damp * mean(live diag)`` to the diagonal; if the Cholesky factorization still fails
     (numerically indefinite ``H``), the dampening grows tenfold up to 4 times.
+
+    With ``J`` the index-reversal: if ``J H J = L L^T`` then ``H^-1 = (J L^-1 J)^T (J L^-1 J)``
+    and ``J L^-1 J`` is upper triangular with a positive diagonal, i.e. *the* upper Cholesky
+    factor of ``H^-1``: one factorization and one triangular inverse, never ``H^-1`` itself.
     """
     h = h.copy()
     g, n, _ = h.shape
@@ -65,19 +69,34 @@ def _upper_cholesky_of_inverse(h: np.ndarray, damp: float) -> Tuple[np.ndarray, 
     dead = diag <= 0
     h[:, idx, idx] = np.where(dead, 1.0, diag)
     live_mean = np.array([d[~m].mean() if (~m).any() else 1.0 for d, m in zip(diag, dead)])
+    flipped = h[:, ::-1, ::-1]
     for attempt in range(5):
         lam = damp * (10.0 ** attempt) * live_mean
-        damped = h.copy()
+        damped = flipped.copy()
         damped[:, idx, idx] += lam[:, None]
         try:
             lower = np.linalg.cholesky(damped)
-            lower_inv = np.linalg.inv(lower)
-            h_inv = np.matmul(lower_inv.transpose(0, 2, 1), lower_inv)
-            upper = np.linalg.cholesky(h_inv).transpose(0, 2, 1)
-            return upper, dead
         except np.linalg.LinAlgError:
             continue
+        upper = np.stack([_lower_triangular_inverse(m) for m in lower])[:, ::-1, ::-1]
+        return np.ascontiguousarray(upper), dead
     raise np.linalg.LinAlgError("Hessian is not positive definite even with 10^4 x dampening")
+
+
+def _lower_triangular_inverse(lower: np.ndarray) -> np.ndarray:
+    """Inverse of a lower-triangular matrix by 2x2 blocks (matrix products only, ~n^3/3):
+    ``[[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]``."""
+    n = lower.shape[0]
+    if n <= 128:
+        return np.tril(np.linalg.inv(lower))
+    k = n // 2
+    a_inv = _lower_triangular_inverse(lower[:k, :k])
+    d_inv = _lower_triangular_inverse(lower[k:, k:])
+    out = np.zeros_like(lower)
+    out[:k, :k] = a_inv
+    out[k:, k:] = d_inv
+    out[k:, :k] = -d_inv @ (lower[k:, :k] @ a_inv)
+    return out
 
 
 def sparsegpt_prune(w2d: np.ndarray, hessian: np.ndarray, pattern: PatternLike,

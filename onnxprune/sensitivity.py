@@ -59,24 +59,46 @@ class SensitivityTable:
     sparsities: Tuple[float, ...]
     errors: Dict[str, np.ndarray] = field(default_factory=dict)
     existing: Dict[str, float] = field(default_factory=dict)
+    numel: Dict[str, int] = field(default_factory=dict)  # elements per weight
     samples: int = 0
     seconds: float = 0.0
     skipped: Dict[str, str] = field(default_factory=dict)  # weight key -> why not measured
     metric: str = "relative squared error of the model outputs, mean over float outputs"
 
-    def fragile(self, threshold: float = 0.25) -> Dict[str, float]:
-        """Weights whose error at the *lowest* measured sparsity already exceeds ``threshold``
-        (a relative squared error of 0.25 is half the output's norm): candidates for
-        exclusion, typically fixed operands (bases, ramps, anchors) rather than learned
-        weights."""
-        return {k: float(e[0]) for k, e in self.errors.items() if e.size and e[0] > threshold}
+    def fragile(self, threshold: float = 0.25, ratio: float = 200.0) -> Dict[str, str]:
+        """Weights to leave out, with the reason: candidates are fixed operands (bases, ramps,
+        anchors) and tiny layers everything depends on (a first conv with 9 inputs per filter).
+
+        Flagged when the error at the *lowest* measured sparsity exceeds ``threshold`` (0.25 is
+        half the output's norm), or when that error *per newly pruned parameter* exceeds
+        ``ratio`` times the median over all measured weights (a 16-element decoding ramp does
+        little harm in absolute terms on a big output, but thousands of times more per
+        parameter than a learned layer).
+        """
+        out: Dict[str, str] = {}
+        s0 = self.sparsities[0] if self.sparsities else 0.0
+        per_param = {}
+        for k, e in self.errors.items():
+            pruned = (s0 - self.existing.get(k, 0.0)) * self.numel.get(k, 0)
+            if e.size and pruned >= 1:
+                per_param[k] = float(e[0]) / pruned
+        median = float(np.median(list(per_param.values()))) if per_param else 0.0
+        for k, e in self.errors.items():
+            if e.size and e[0] > threshold:
+                out[k] = (f"output error {e[0]:.3g} at sparsity {s0:g} already exceeds "
+                          f"{threshold:g}")
+            elif median > 0 and per_param.get(k, 0.0) > ratio * median:
+                out[k] = (f"output error per pruned parameter at sparsity {s0:g} is "
+                          f"{per_param[k] / median:.0f}x the median layer's")
+        return out
 
     def to_dict(self) -> dict:
         return {"pattern": self.pattern, "criterion": self.criterion,
                 "sparsities": list(self.sparsities), "samples": self.samples,
                 "metric": self.metric, "seconds": round(self.seconds, 3),
                 "errors": {k: [float(x) for x in v] for k, v in self.errors.items()},
-                "existing": dict(self.existing), "skipped": dict(self.skipped)}
+                "existing": dict(self.existing), "numel": dict(self.numel),
+                "skipped": dict(self.skipped)}
 
 
 # -- measuring --------------------------------------------------------------------------------
@@ -139,6 +161,7 @@ def layer_sensitivity(handle, weights: Sequence[Weight], data: CalibrationSet,
         w2d = w.layout.to_2d(raw)
         nonzero = w2d != 0
         table.existing[w.key] = 1.0 - float(np.count_nonzero(nonzero)) / max(nonzero.size, 1)
+        table.numel[w.key] = int(w2d.size)
         ctx = ScoreContext(w.key, seed=seed,
                            in_norms=stats[w.key].in_norms if stats and w.key in stats else None)
         scores = crit.scores(w2d, ctx)
@@ -308,8 +331,35 @@ def _allocate_discrete(table: SensitivityTable, keys: List[str], counts: np.ndar
 
 
 # -- data-free guard --------------------------------------------------------------------------
+#: Tensors up to this size are checked whole; bigger ones on evenly spaced rows and columns
+#: first (what the guard costs must stay small next to pruning itself: ResNet-50 has 25 M weights).
+_GUARD_FULL = 1 << 16
+
+
 def looks_fixed(w: np.ndarray) -> Optional[str]:
     """Why ``w`` looks like a fixed operand rather than a learned weight, or None.
+
+    Large tensors are screened on 16 evenly spaced rows and 16 columns; only a tensor whose
+    samples look fixed is checked whole (up to 4 M elements; past that the samples decide).
+    See :func:`_looks_fixed_whole` for the tests.
+    """
+    a = np.asarray(w)
+    if a.size <= _GUARD_FULL or a.ndim == 0:
+        return _looks_fixed_whole(a)
+    m = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(1, -1)
+    r, c = m.shape
+    rows = m[np.unique(np.linspace(0, r - 1, min(r, 16)).astype(int))]
+    cols = m[:, np.unique(np.linspace(0, c - 1, min(c, 16)).astype(int))]
+    if not np.isfinite(rows).all() or not np.isfinite(cols).all():
+        return "holds NaN or infinity"
+    if _looks_fixed_whole(rows) is None and _looks_fixed_whole(cols) is None:
+        return None
+    return _looks_fixed_whole(a) if a.size <= 64 * _GUARD_FULL else (
+        _looks_fixed_whole(rows) or _looks_fixed_whole(cols))
+
+
+def _looks_fixed_whole(w: np.ndarray) -> Optional[str]:
+    """The guard's tests on the whole tensor.
 
     Checks, on the tensor as a matrix ``[shape[0], rest]`` (and its transpose where direction
     matters): constant values; all integer-valued; at most one non-zero per row and per column

@@ -386,3 +386,44 @@ def test_bad_sources(tmp_path):
         load_calibration(tmp_path / "x.txt", model)
     with pytest.raises(OptionError):
         ImagePreprocess(layout="CHW")
+
+
+def test_float32_blocks_agree_with_float64():
+    model, _ = _single_op_model("Conv", dict(pads=[1, 1, 1, 1]), (8, 6, 3, 3), (4, 6, 10, 10))
+    x = np.random.default_rng(6).standard_normal((4, 6, 10, 10)).astype(np.float32)
+    data = CalibrationSet.from_arrays(model, {"x": x})
+    weight = _weight(model)
+    s64 = collect_layer_stats(model, [weight], data)[weight.key]
+    s32 = collect_layer_stats(model, [weight], data, precision="float32")[weight.key]
+    assert s32.hessian.dtype == np.float64
+    np.testing.assert_allclose(s32.hessian, s64.hessian, rtol=1e-5, atol=1e-4)
+    with pytest.raises(OptionError, match="precision"):
+        collect_layer_stats(model, [weight], data, precision="half")
+
+
+def test_stats_follow_rewritten_external_weights(tmp_path):
+    # Sequential pruning: W1 is rewritten in the handle (external data, not yet saved); the
+    # statistics of W2's input must see the new W1, not the file's.
+    r = np.random.default_rng(7)
+    w1 = r.standard_normal((6, 5)).astype(np.float32)
+    w2 = r.standard_normal((5, 4)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("MatMul", ["h", "W2"], ["y"])]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", F, ["N", 6])],
+                       [helper.make_tensor_value_info("y", F, ["N", 4])],
+                       [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")])
+    onnx.save_model(model, tmp_path / "m.onnx", save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="m.onnx.data", size_threshold=0)
+    handle = load(tmp_path / "m.onnx")
+    weights, _ = find_weights(handle)
+    x = r.standard_normal((9, 6)).astype(np.float32)
+    data = CalibrationSet.from_arrays(handle, {"x": x})
+    before = collect_layer_stats(handle, weights, data)["W2"].hessian
+    np.testing.assert_allclose(before, (x @ w1).T.astype(np.float64) @ (x @ w1), rtol=1e-4)
+    new_w1 = w1.copy()
+    new_w1[:, 2] = 0
+    handle.write(weights[0].tensor, new_w1)
+    after = collect_layer_stats(handle, weights, data)["W2"]
+    h = (x @ new_w1).astype(np.float64)
+    np.testing.assert_allclose(after.hessian, h.T @ h, rtol=1e-4, atol=1e-6)
+    assert after.in_sq_norms[2] == 0  # a dead input now

@@ -1,5 +1,8 @@
 """onnxprune.prune end to end on built models: exact zero counts, pattern invariants on the real
-weight layouts, dtypes, Constant-node/subgraph/shared weights, external data, the pass API."""
+weight layouts, dtypes, Constant-node/subgraph/shared weights, external data, the pass API.
+
+Mask invariants are asserted with ``resize=False`` (shapes kept); removing dead channels is
+tested on its own below."""
 
 import ml_dtypes
 import numpy as np
@@ -29,7 +32,7 @@ def zeros(a):
 
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.8])
 def test_local_unstructured_exact_zero_count_per_layer(sparsity):
-    res = onnxprune.prune(B.conv_gemm_model(), sparsity=sparsity)
+    res = onnxprune.prune(B.conv_gemm_model(), sparsity=sparsity, resize=False)
     a = arrays(res.model)
     assert zeros(a["conv.w"]) == round(sparsity * a["conv.w"].size)
     assert zeros(a["fc.w"]) == round(sparsity * a["fc.w"].size)
@@ -37,7 +40,7 @@ def test_local_unstructured_exact_zero_count_per_layer(sparsity):
 
 
 def test_global_exact_total_and_bounds():
-    res = onnxprune.prune(B.conv_gemm_model(), sparsity=0.7, scope="global", max_sparsity=0.75)
+    res = onnxprune.prune(B.conv_gemm_model(), sparsity=0.7, scope="global", max_sparsity=0.75, resize=False)
     a = arrays(res.model)
     total = a["conv.w"].size + a["fc.w"].size
     assert zeros(a["conv.w"]) + zeros(a["fc.w"]) == round(0.7 * total)
@@ -50,12 +53,12 @@ def test_existing_zeros_count_toward_target():
     w = numpy_helper.to_array(model.graph.initializer[0]).copy()
     w.ravel()[::2] = 0  # 0.5 sparse already
     model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W"))
-    res = onnxprune.prune(model, sparsity=0.8)
+    res = onnxprune.prune(model, sparsity=0.8, resize=False)
     assert zeros(arrays(res.model)["W"]) == 320
 
 
 def test_int_sparsity_is_a_zero_count():
-    res = onnxprune.prune(B.conv_gemm_model(), sparsity=500, scope="global")
+    res = onnxprune.prune(B.conv_gemm_model(), sparsity=500, scope="global", resize=False)
     a = arrays(res.model)
     assert zeros(a["conv.w"]) + zeros(a["fc.w"]) == 500
 
@@ -104,7 +107,7 @@ def test_dtypes_preserved(dtype):
         name = t.name
         t.name = name + ".stored"
         model.graph.node.insert(0, onnx.helper.make_node("Cast", [t.name], [name], to=1))
-    res = onnxprune.prune(model, sparsity=0.5)
+    res = onnxprune.prune(model, sparsity=0.5, resize=False)
     for t in res.model.graph.initializer:
         assert t.data_type == model.graph.initializer[0].data_type
     a = arrays(res.model)
@@ -113,13 +116,13 @@ def test_dtypes_preserved(dtype):
 
 
 def test_constant_node_weight_pruned():
-    res = onnxprune.prune(B.matmul_model(constant_node=True), sparsity=0.5)
+    res = onnxprune.prune(B.matmul_model(constant_node=True), sparsity=0.5, resize=False)
     const = res.model.graph.node[0].attribute[0].t
     assert zeros(numpy_helper.to_array(const)) == 24 * 12 // 2
 
 
 def test_subgraph_weights_pruned_and_model_runs():
-    res = onnxprune.prune(B.if_subgraph_model(), sparsity=0.5)
+    res = onnxprune.prune(B.if_subgraph_model(), sparsity=0.5, resize=False)
     a = arrays(res.model)
     for name in ("W_then", "W_else", "W_outer"):
         assert zeros(a[name]) == 16, name
@@ -128,7 +131,7 @@ def test_subgraph_weights_pruned_and_model_runs():
 
 
 def test_shared_weight_pruned_once():
-    res = onnxprune.prune(B.shared_weight_model(), sparsity=0.5)
+    res = onnxprune.prune(B.shared_weight_model(), sparsity=0.5, resize=False)
     assert [r.name for r in res.report.rows] == ["W"]
     assert zeros(arrays(res.model)["W"]) == 32
 
@@ -156,7 +159,7 @@ def test_external_data_model_keeps_layout(tmp_path):
     src = tmp_path / "ext.onnx"
     m = B.conv_gemm_model()
     onnx.save_model(m, str(src), save_as_external_data=True, location="ext.bin", size_threshold=0)
-    res = onnxprune.prune(src, sparsity=0.5, output=tmp_path / "out.onnx")
+    res = onnxprune.prune(src, sparsity=0.5, output=tmp_path / "out.onnx", resize=False)
     out = onnx.load(str(tmp_path / "out.onnx"), load_external_data=False)
     assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in out.graph.initializer)
     full = arrays(onnx.load(str(tmp_path / "out.onnx")))
@@ -175,7 +178,7 @@ def test_pass_pipeline_records():
 
 
 def test_report_totals_match_weights():
-    res = onnxprune.prune(B.conv_gemm_model(), sparsity=0.6)
+    res = onnxprune.prune(B.conv_gemm_model(), sparsity=0.6, resize=False)
     rep = res.report
     a = arrays(res.model)
     assert rep.params_before == a["conv.w"].size + a["fc.w"].size
@@ -196,11 +199,59 @@ def test_fixed_operand_and_nan_weights_left_alone_and_reported():
                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
                          [numpy_helper.from_array(a, n) for a, n in
                           ((ramp, "ramp"), (bad, "bad"), (good, "good"))])
-    res = onnxprune.prune(model, sparsity=0.5, validate=False)
+    res = onnxprune.prune(model, sparsity=0.5, validate=False, resize=False)
     a = arrays(res.model)
     np.testing.assert_array_equal(a["ramp"], ramp)
     assert zeros(a["good"]) == 32 and zeros(a["bad"]) == 0
     reasons = dict(res.report.skipped)
     assert "fixed operand" in reasons["ramp"] and "NaN" in reasons["bad"]
-    res = onnxprune.prune(model, sparsity=0.5, validate=False, guard_fixed=False)
+    res = onnxprune.prune(model, sparsity=0.5, validate=False, guard_fixed=False, resize=False)
     assert zeros(arrays(res.model)["ramp"]) == 32
+
+
+def _conv_chain_model():
+    """Conv -> Relu -> Conv -> Relu -> GAP -> Flatten -> Gemm: channels prunable end to end."""
+    from onnx import TensorProto, helper
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc", "fcb"], ["y"], transB=1)]
+    inits = [B.tensor("w1", (32, 3, 3, 3), 1), B.tensor("b1", (32,), 2),
+             B.tensor("w2", (24, 32, 3, 3), 3), B.tensor("b2", (24,), 4),
+             B.tensor("fc", (10, 24), 5), B.tensor("fcb", (10,), 6)]
+    return B.make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_channel_pattern_removes_channels_for_real(round_to):
+    res = onnxprune.prune(_conv_chain_model(), pattern="channel", sparsity=0.5, round_to=round_to)
+    a = arrays(res.model)
+    assert a["w1"].shape[0] == 16 and a["w2"].shape == (a["w2"].shape[0], 16, 3, 3)
+    assert a["w2"].shape[0] % round_to == 0 and a["w2"].shape[0] < 24
+    assert a["fc"].shape == (10, a["w2"].shape[0]) and a["b1"].shape == (16,)
+    rep = res.report
+    assert rep.macs_after < rep.macs_before and rep.params_after < rep.params_before
+    rows = {r.name: r for r in rep.rows}
+    assert rows["w1"].channels == (32, 16)
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    assert B.run(res.model, {"x": x})[0].shape == (1, 10)
+
+
+def test_dead_channels_after_masks_removed_exactly():
+    model = _conv_chain_model()
+    w1 = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    b1 = numpy_helper.to_array(model.graph.initializer[1]).copy()
+    w1[:6] = 0
+    b1[:6] = -1.0  # relu(-1) = 0: these channels are dead and emit exactly zero
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w1, "w1"))
+    model.graph.initializer[1].CopyFrom(numpy_helper.from_array(b1, "b1"))
+    masked = onnxprune.prune(model, sparsity=0.3, resize=False)
+    resized = onnxprune.prune(model, sparsity=0.3)
+    assert arrays(resized.model)["w1"].shape[0] <= 26
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(B.run(resized.model, {"x": x})[0], B.run(masked.model, {"x": x})[0],
+                               rtol=1e-5, atol=1e-5)

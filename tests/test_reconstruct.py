@@ -181,3 +181,41 @@ def test_conv_in_columns_follow_the_layout(op, attrs, shape):
         k = int(np.prod(shape[2:]))
         expect = [p * shape[1] + c for p in range(k) for c in kept]
         np.testing.assert_array_equal(cols, expect)
+
+
+def test_sequential_sparsegpt_keeps_a_trained_model_accurate():
+    # The trained digits CNN (models/README.md), pruned layer after layer with statistics taken
+    # from the already-pruned upstream: SparseGPT must hold accuracy where masking does not.
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    from onnxprune.calibration import collect_layer_stats, load_calibration
+    from onnxprune.io import load
+    from onnxprune.weights import find_weights
+
+    models = Path(__file__).resolve().parent.parent / "models"
+    if not (models / "digits_cnn.onnx").exists():
+        pytest.skip("models/digits_cnn.onnx not present")
+    test = np.load(models / "digits_test.npz")
+
+    def accuracy(handle):
+        sess = ort.InferenceSession(handle.model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+        return (sess.run(None, {"input": test["input"]})[0].argmax(1) == test["labels"]).mean()
+
+    results = {}
+    for method in ("mask", "sparsegpt"):
+        handle = load(models / "digits_cnn.onnx")
+        weights, _ = find_weights(handle)
+        data = load_calibration(models / "digits_calib.npz", handle.model, samples=128)
+        for w in weights[1:]:  # the first conv (9 inputs per filter) stays dense
+            w2d = w.layout.to_2d(handle.read(w.tensor))
+            zeros = int(0.7 * w2d.size)
+            stats = collect_layer_stats(handle, [w], data, batch_size=64)[w.key]
+            new, keep = sparsegpt_prune(w2d, stats.sparsegpt_hessian, "unstructured", zeros)
+            assert (~keep).sum() == zeros
+            handle.write(w.tensor, w.layout.from_2d(new if method == "sparsegpt" else w2d * keep))
+        results[method] = accuracy(handle)
+    assert results["sparsegpt"] > 0.95  # dense: 0.9937
+    assert results["sparsegpt"] > results["mask"] + 0.1

@@ -152,9 +152,29 @@ def test_allocate_existing_sparsity_and_discrete_patterns():
 
 
 def test_fragile_layers():
-    table = _table({"ok": [0.01, 0.02, 0.05, 0.2], "basis": [0.9, 1.2, 1.5, 2.0]})
-    assert table.fragile() == {"basis": pytest.approx(0.9)}
+    ordinary = {f"ok{i}": [0.01 * (i + 1), 0.02 * (i + 1), 0.05, 0.2] for i in range(5)}
+    table = _table({**ordinary, "basis": [0.9, 1.2, 1.5, 2.0], "ramp": [0.03, 0.09, 0.15, 0.6]})
+    table.numel = {**{k: 10000 for k in ordinary}, "basis": 4096, "ramp": 16}
+    fragile = table.fragile()
+    assert set(fragile) == {"basis", "ramp"}
+    assert "exceeds" in fragile["basis"] and "per pruned parameter" in fragile["ramp"]
     assert table.to_dict()["errors"]["basis"][0] == pytest.approx(0.9)
+
+
+def test_a_fixed_ramp_is_fragile_in_a_real_model():
+    # yolo_block's DFL decoding conv has a fixed 0..15 ramp as its weight (models/README.md).
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "models" / "yolo_block.onnx"
+    if not path.exists():
+        pytest.skip("models/yolo_block.onnx not present")
+    handle = load(path)
+    weights, _ = find_weights(handle)
+    chosen = [w for w in weights if w.key == "detect.dfl.conv.weight"] + weights[:6]
+    data = generated_calibration(handle.model, n=2)
+    table = layer_sensitivity(handle, chosen, data, "unstructured", sparsities=(0.3,))
+    assert "detect.dfl.conv.weight" in table.fragile()
+    assert looks_fixed(handle.read(chosen[0].tensor)) is not None
 
 
 # -- data-free guard --------------------------------------------------------------------------

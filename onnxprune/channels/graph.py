@@ -235,6 +235,7 @@ class Builder:
                     self.producer[o] = node
         for name, t in self.stored.items():
             self.shapes[name] = tuple(int(d) for d in t.dims)
+        self.graph_outputs = {o.name for o in self.graph.output}
         self.dsu = _DSU()
         self.dim_id: Dict[Tuple[str, int], int] = {}
         self.dim_size: List[Optional[int]] = []

@@ -135,6 +135,9 @@ class NodeCtx:
         for name in list(self.node.input) + list(self.node.output):
             if not name or (name, None) in self.quiet:
                 continue
+            if name in self.node.output and not self.b.consumers.get(name) and \
+                    name not in self.b.graph_outputs:
+                continue  # an output nobody reads (Dropout's mask) constrains nothing
             r = self.rank(name)
             if r is None:
                 # Even a tied axis is unsafe: the rule could not map the others, so the

@@ -1,0 +1,567 @@
+"""Run onnxprune over every real ONNX model we can get without a network: robustness, not speed.
+
+    python tools/fetch_corpus.py                  # once: light models with weights, PP-OCR
+    python tools/corpus.py                        # writes benchmarks/corpus.md (+ .json beside it)
+    python tools/corpus.py --all                  # also the huge AlexNet / VGG-19 / ZFNet-512
+    python tools/corpus.py --only simple,pytorch-operator --match conv --jobs 2 --timeout 300
+
+The models:
+
+``simple``, ``pytorch-converted``, ``pytorch-operator``
+    every ``*/model.onnx`` under the installed onnx package's ``backend/test/data`` (``node/`` is
+    one op per model and is left out; ``real/`` holds only download links). Most are IR 3 graphs
+    that list their initializers as inputs; many hold no prunable weight at all (a Relu, a
+    Softmax, a Gemm whose operands are all runtime inputs) and must be *skipped with a reason*.
+``light``
+    onnx's architecture-only ImageNet models (ResNet-50, DenseNet-121, Inception v1/v2, ShuffleNet,
+    SqueezeNet, AlexNet, VGG-19, ZFNet-512) as cached by ``tools/fetch_corpus.py`` with seeded
+    random weights (the package's own copies hold ``ConstantOfShape`` fills, nothing to prune).
+    AlexNet, VGG-19 and ZFNet-512 (250-575 MB) run only with ``--all``.
+``ppocr``
+    PP-OCRv4 det/rec and the mobile direction classifier from the cache (paddle2onnx exports:
+    every weight a ``Constant`` node).
+
+For each model x pattern (unstructured 0.5, unstructured 0.9, 4x1 at 0.8, 2:4, channel 0.3) the
+tool calls ``onnxprune.prune(path, pattern, sparsity, output=tmp, validate=True)`` and records:
+
+* **ok** — pruned, written, and the written file independently re-checked here: ``onnx.checker``
+  (full check when the input passes it), an onnxruntime session, the same output names, shapes
+  and dtypes as the original on the same generated inputs (``onnxprune.validate.make_inputs``),
+  stored tensors keep their dtypes, and the input file is byte-identical afterwards;
+* **skipped** — ``prune`` raised an :class:`~onnxprune.OnnxPruneError` (a user-facing refusal:
+  no prunable weights, inputs it cannot generate...); the message is the reason;
+* **FAILED** — any other exception, a re-check above that does not hold, a crash of the worker
+  process or a timeout: a bug in onnxprune (or a limitation that must become a clear error).
+
+Each model runs in its own worker process (``--worker``), so a crash or a hang costs one model,
+not the run; ``--jobs`` workers run at once. Times are wall-clock seconds of the ``prune`` call
+on a shared machine: informative, never a benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import hashlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+ONNX_COLLECTIONS = ("simple", "pytorch-converted", "pytorch-operator")
+CACHE_COLLECTIONS = ("light", "ppocr")
+COLLECTIONS = ("light",) + ONNX_COLLECTIONS + ("ppocr",)
+#: Architecture-only models too big for a routine run (250-575 MB each with weights).
+HUGE = ("light_bvlc_alexnet", "light_vgg19", "light_zfnet512")
+#: (label, pattern, sparsity) — the issue's matrix.
+PATTERNS = (
+    ("unstructured-0.5", "unstructured", 0.5),
+    ("unstructured-0.9", "unstructured", 0.9),
+    ("4x1-0.8", "4x1", 0.8),
+    ("2:4", "2:4", None),
+    ("channel-0.3", "channel", 0.3),
+)
+DEFAULT_OUT = REPO / "benchmarks" / "corpus.md"
+#: Shapes a user would pass with --input-shape when the generated defaults do not fit the model
+#: (from rapidocr's config.yaml: rec reads 3x48x320 text lines). Used only after a default run
+#: is refused, and the row says so.
+KNOWN_INPUT_SHAPES = {
+    "ppocr/ch_PP-OCRv4_rec_infer": {"x": (1, 3, 48, 320)},
+}
+#: Label suffix of a test model run again with its weight inputs frozen from its test data.
+FROZEN_SUFFIX = " [weights from test_data_set_0]"
+
+
+def onnx_test_data() -> Path:
+    """``onnx/backend/test/data`` of the installed onnx package."""
+    from importlib import resources
+
+    try:
+        root = Path(str(resources.files("onnx") / "backend" / "test" / "data"))
+    except (ModuleNotFoundError, TypeError):  # pragma: no cover - very old importlib
+        import onnx
+
+        root = Path(onnx.__file__).resolve().parent / "backend" / "test" / "data"
+    return root
+
+
+def corpus_cache() -> Path:
+    env = os.environ.get("ONNXPRUNE_CORPUS")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "onnxprune" / "corpus"
+
+
+@dataclass
+class ModelEntry:
+    collection: str
+    name: str
+    path: Optional[Path]  # None when the model is not available (reason says why)
+    reason: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.collection}/{self.name}"
+
+
+def discover(collections: Iterable[str], include_huge: bool, match: Optional[str] = None
+             ) -> List[ModelEntry]:
+    """Every model of the chosen collections, in a stable order."""
+    entries: List[ModelEntry] = []
+    data = onnx_test_data()
+    cache = corpus_cache()
+    pattern = re.compile(match, re.IGNORECASE) if match else None
+    for collection in collections:
+        if collection in ONNX_COLLECTIONS:
+            for model in sorted((data / collection).glob("*/model.onnx")):
+                entries.append(ModelEntry(collection, model.parent.name, model))
+                if _weights_are_inputs(model):
+                    entries.append(ModelEntry(collection, model.parent.name + FROZEN_SUFFIX,
+                                              model))
+        elif collection in CACHE_COLLECTIONS:
+            folder = cache / collection
+            found = sorted(folder.glob("*.onnx")) if folder.is_dir() else []
+            if not found:
+                entries.append(ModelEntry(collection, "*", None, f"no cached models in {folder}; "
+                                          "run python tools/fetch_corpus.py"))
+            for model in found:
+                if model.stem in HUGE and not include_huge:
+                    continue
+                entries.append(ModelEntry(collection, model.stem, model))
+        else:
+            raise SystemExit(f"unknown collection {collection!r}; choose from {COLLECTIONS}")
+    if pattern is not None:
+        entries = [e for e in entries if pattern.search(e.label)]
+    return entries
+
+
+def _weights_are_inputs(model_path: Path) -> bool:
+    """Whether a runtime input of this test model is operand 1 of a Conv/Gemm/MatMul and its
+    values are in ``test_data_set_0`` (see :func:`freeze_test_data_inputs`)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    inits = {t.name for t in model.graph.initializer}
+    runtime = [vi.name for vi in model.graph.input if vi.name not in inits]
+    return (model_path.parent / "test_data_set_0").is_dir() and any(
+        node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.input) > 1
+        and node.input[1] in runtime for node in model.graph.node)
+
+
+# -- the worker: one model, every pattern ------------------------------------------------------
+@dataclass
+class RunResult:
+    model: str
+    pattern: str
+    result: str  # "ok", "skipped", "FAILED"
+    reason: str = ""
+    params: Optional[int] = None
+    weights: Optional[int] = None
+    weights_skipped: Optional[int] = None
+    sparsity_after: Optional[float] = None
+    mac_ratio: Optional[float] = None
+    max_abs: Optional[float] = None
+    cosine: Optional[float] = None
+    seconds: Optional[float] = None
+    detail: str = ""  # traceback tail for FAILED rows
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else ""
+    return f"{type(exc).__name__}: {line}"[:limit]
+
+
+def _tensor_dtypes(path: Path) -> Dict[str, int]:
+    import onnx
+    from onnxprune.io import iter_tensors
+
+    model = onnx.load_model(str(path), load_external_data=False)
+    return {t.name: t.data_type for t in iter_tensors(model.graph) if t.name}
+
+
+class _Reference:
+    """The original model's outputs on generated inputs, computed once per model."""
+
+    def __init__(self, path: Path, shapes: Optional[Dict[str, tuple]] = None):
+        self.path = path
+        self.shapes = shapes
+        self._done = False
+        self.feeds = None
+        self.outputs = None
+        self.error: Optional[str] = None
+
+    def get(self):
+        if not self._done:
+            self._done = True
+            from onnxprune import validate as v
+
+            try:
+                self.feeds = v.make_inputs(self.path, self.shapes, seed=0)
+                self.outputs = v.run_model(self.path, self.feeds)
+            except Exception as exc:  # prune() would have refused too: nothing to compare
+                self.error = _first_line(exc)
+        return self
+
+
+def recheck(original: Path, output: Path, reference: _Reference, full_check: bool,
+            dtypes_before: Dict[str, int]) -> Optional[str]:
+    """Independent checks of a written output; the first problem found, or None."""
+    import onnx
+    import onnxruntime as ort
+    from onnxprune import validate as v
+
+    if not output.is_file():
+        return "prune() returned but wrote no output file"
+    try:
+        onnx.checker.check_model(str(output), full_check=full_check)
+    except Exception as exc:
+        return f"output fails onnx.checker (full_check={full_check}): {_first_line(exc)}"
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        ort.InferenceSession(str(output), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        return f"onnxruntime cannot load the output: {_first_line(exc)}"
+    ref = reference.get()
+    if ref.outputs is None:
+        return f"output written although the original cannot run on generated inputs ({ref.error})"
+    try:
+        got = v.run_model(output, ref.feeds)
+    except Exception as exc:
+        return f"output does not run on the original's inputs: {_first_line(exc)}"
+    if list(got) != list(ref.outputs):
+        return f"output names changed: {list(ref.outputs)} -> {list(got)}"
+    for name, want in ref.outputs.items():
+        have = got[name]
+        if have.shape != want.shape or have.dtype != want.dtype:
+            return (f"output '{name}' changed from {want.shape} {want.dtype} to "
+                    f"{have.shape} {have.dtype}")
+    after = _tensor_dtypes(output)
+    changed = [n for n, t in dtypes_before.items() if n in after and after[n] != t]
+    if changed:
+        return f"stored tensors changed dtype: {changed[:5]}"
+    return None
+
+
+def _prune_once(path: Path, pattern: str, sparsity, out: Path, shapes):
+    import onnxprune
+
+    return onnxprune.prune(path, pattern=pattern, sparsity=sparsity, output=out, validate=True,
+                           input_shapes=shapes)
+
+
+def run_model(entry_label: str, path: Path, patterns=PATTERNS) -> Iterable[RunResult]:
+    """Prune one model with every pattern; yields one result per pattern as it finishes.
+
+    A model whose generated default inputs do not fit (an InputDataError) and that has an entry
+    in :data:`KNOWN_INPUT_SHAPES` is run again with those shapes, as a user would with
+    ``--input-shape``; the row says so.
+    """
+    import onnx
+    from onnxprune import OnnxPruneError
+    from onnxprune.errors import InputDataError
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        full_check = True
+    except Exception:
+        full_check = False
+    hash_before = _sha256(path)
+    dtypes_before = _tensor_dtypes(path)
+    references = {None: _Reference(path)}
+    known = KNOWN_INPUT_SHAPES.get(entry_label)
+    for label, pattern, sparsity in patterns:
+        row = RunResult(entry_label, label, "FAILED")
+        shapes = None
+        with tempfile.TemporaryDirectory(prefix="onnxprune-corpus-") as tmp:
+            out = Path(tmp) / "pruned.onnx"
+            start = time.perf_counter()
+            try:
+                try:
+                    result = _prune_once(path, pattern, sparsity, out, None)
+                except InputDataError as exc:
+                    if known is None:
+                        raise
+                    shapes = known
+                    given = " ".join(f"--input-shape {k}:{'x'.join(map(str, v))}"
+                                     for k, v in known.items())
+                    row.reason = f"default inputs failed ({_first_line(exc, 120)}); ran with " \
+                                 f"{given}"
+                    result = _prune_once(path, pattern, sparsity, out, shapes)
+            except OnnxPruneError as exc:
+                row.seconds = time.perf_counter() - start
+                row.result, row.reason = "skipped", _first_line(exc)
+                if out.exists():
+                    row.result, row.reason = "FAILED", f"wrote {out.name} and then raised: " \
+                                                       f"{row.reason}"
+                yield row
+                continue
+            except Exception as exc:
+                row.seconds = time.perf_counter() - start
+                row.reason = _first_line(exc)
+                row.detail = "".join(traceback.format_exception(type(exc), exc,
+                                                                exc.__traceback__)[-4:])
+                yield row
+                continue
+            row.seconds = time.perf_counter() - start
+            report = result.report
+            row.params = int(report.params_before)
+            row.weights = len(report.rows)
+            row.weights_skipped = len(report.skipped)
+            row.sparsity_after = float(report.sparsity_after)
+            if report.macs_before and report.sparse_macs_after is not None:
+                row.mac_ratio = report.sparse_macs_after / report.macs_before
+            if report.comparison is not None:
+                row.max_abs = float(report.comparison.max_abs)
+                row.cosine = float(report.comparison.worst_cosine)
+            key = None if shapes is None else tuple(sorted(shapes.items()))
+            reference = references.setdefault(key, _Reference(path, shapes))
+            problem = recheck(path, out, reference, full_check, dtypes_before)
+            if problem is None and _sha256(path) != hash_before:
+                problem = "the input file changed"
+            if problem is None:
+                row.result = "ok"
+            else:
+                row.reason = problem
+            yield row
+
+
+def freeze_test_data_inputs(model_path: Path, dest: Path) -> Optional[List[str]]:
+    """A copy of an onnx test model whose weights are runtime inputs, with those inputs turned
+    into initializers from ``test_data_set_0/input_N.pb``; None when no input feeds a weight.
+
+    pytorch-operator tests such as ``test_operator_mm`` pass the weight of their Gemm/MatMul
+    as a graph input; the values live in the test data set. An input counts as a weight when it
+    is operand 1 of Conv/ConvTranspose/Gemm/MatMul. Returns the frozen input names.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path))
+    inits = {t.name for t in model.graph.initializer}
+    runtime = [vi.name for vi in model.graph.input if vi.name not in inits]
+    weight_like = set()
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.input) > 1:
+            weight_like.add(node.input[1])
+    frozen = [name for name in runtime if name in weight_like]
+    data_dir = model_path.parent / "test_data_set_0"
+    if not frozen or not data_dir.is_dir():
+        return None
+    for index, name in enumerate(runtime):
+        if name not in frozen:
+            continue
+        pb = data_dir / f"input_{index}.pb"
+        if not pb.is_file():
+            return None
+        tensor = onnx.TensorProto()
+        tensor.ParseFromString(pb.read_bytes())
+        model.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(tensor), name))
+    keep = [vi for vi in model.graph.input if vi.name not in frozen]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    onnx.save(model, str(dest))
+    return frozen
+
+
+def worker_main(path: str, label: str) -> int:
+    # Library warnings would interleave with the JSON lines on stdout; results go to stdout only.
+    model_path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="onnxprune-corpus-frozen-") as tmp:
+        if label.endswith(FROZEN_SUFFIX):
+            frozen_path = Path(tmp) / "model.onnx"
+            if freeze_test_data_inputs(model_path, frozen_path) is None:
+                return 3
+            model_path = frozen_path
+        for row in run_model(label, model_path):
+            sys.stdout.write(json.dumps(asdict(row)) + "\n")
+            sys.stdout.flush()
+    return 0
+
+
+# -- the driver ---------------------------------------------------------------------------------
+def run_entry(entry: ModelEntry, timeout: float) -> List[RunResult]:
+    if entry.path is None:
+        return [RunResult(entry.label, "all", "skipped", entry.reason)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(entry.path),
+           "--label", entry.label]
+    start = time.perf_counter()
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                              cwd=str(REPO))
+        stdout, stderr, code, timed_out = proc.stdout, proc.stderr, proc.returncode, False
+    except subprocess.TimeoutExpired as exc:
+        def text(b):
+            return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+        stdout, stderr, code, timed_out = text(exc.stdout), text(exc.stderr), None, True
+    rows = []
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            rows.append(RunResult(**json.loads(line)))
+    done = {r.pattern for r in rows}
+    missing = [label for label, _, _ in PATTERNS if label not in done]
+    for label in missing:
+        if timed_out:
+            why = f"timeout: worker killed after {timeout:.0f} s (whole model, all patterns)"
+        else:
+            tail = [ln for ln in stderr.strip().splitlines() if ln.strip()][-1:]
+            why = f"worker exited with code {code} ({tail[0][:200] if tail else 'no stderr'})"
+        rows.append(RunResult(entry.label, label, "FAILED", why,
+                              seconds=time.perf_counter() - start, detail=stderr[-2000:]))
+    return rows
+
+
+def _fmt_int(n: Optional[int]) -> str:
+    if n is None:
+        return ""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _fmt(x: Optional[float], spec: str) -> str:
+    return "" if x is None else format(x, spec)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def write_markdown(rows: List[RunResult], command: str, out: Path, seconds: float) -> str:
+    ok = sum(r.result == "ok" for r in rows)
+    skipped = sum(r.result == "skipped" for r in rows)
+    failed = [r for r in rows if r.result == "FAILED"]
+    models = sorted({r.model for r in rows})
+    summary = (f"**{ok} ok / {skipped} skipped / {len(failed)} failed** "
+               f"({len(rows)} model x pattern runs over {len(models)} models, "
+               f"{seconds / 60:.1f} min wall)")
+    lines = [
+        "# Corpus run: onnxprune over real ONNX models",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        summary,
+        "",
+        "Made by `tools/corpus.py` (its docstring says what ok / skipped / FAILED mean and what is "
+        "re-checked on every written model). Patterns: unstructured 0.5 and 0.9, 4x1 at 0.8, 2:4, "
+        "channel 0.3 (`channel` only masks rows for now: nothing is resized). *params*: elements "
+        "of the pruned weights; *MAC ratio*: sparse MACs after / dense MACs before; *max abs* and "
+        "*cosine*: worst over outputs, original vs pruned on generated inputs; *time*: the "
+        "`prune()` call (validation included), seconds on a shared 2-core machine.",
+        "",
+    ]
+    if failed:
+        lines += ["## Failures", ""]
+        for r in failed:
+            lines.append(f"- `{r.model}` {r.pattern}: {_cell(r.reason)}")
+        lines.append("")
+    # A model refused for one reason under every pattern gets one line, not five.
+    by_model: Dict[str, List[RunResult]] = {}
+    for r in rows:
+        by_model.setdefault(r.model, []).append(r)
+    lines += ["## Results", "",
+              "| model | pattern | result | params | weights pruned / skipped | sparsity after "
+              "| MAC ratio | max abs | cosine | time (s) |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for model in sorted(by_model, key=lambda m: (COLLECTIONS.index(m.split("/")[0])
+                                                 if m.split("/")[0] in COLLECTIONS else 99, m)):
+        group = by_model[model]
+        reasons = {(r.result, r.reason) for r in group}
+        if len(group) > 1 and len(reasons) == 1 and group[0].result == "skipped":
+            r = group[0]
+            total = sum(x.seconds or 0 for x in group)
+            lines.append(f"| {model} | all | skipped: {_cell(r.reason)} | | | | | | | "
+                         f"{total:.2f} |")
+            continue
+        for r in group:
+            result = r.result if r.result == "ok" else f"{r.result}: {_cell(r.reason)}"
+            ws = "" if r.weights is None else f"{r.weights} / {r.weights_skipped}"
+            lines.append(f"| {model} | {r.pattern} | {result} | {_fmt_int(r.params)} | {ws} | "
+                         f"{_fmt(r.sparsity_after, '.3f')} | {_fmt(r.mac_ratio, '.3f')} | "
+                         f"{_fmt(r.max_abs, '.3g')} | {_fmt(r.cosine, '.5f')} | "
+                         f"{_fmt(r.seconds, '.2f')} |")
+    skip_reasons: Dict[str, int] = {}
+    for r in rows:
+        if r.result == "skipped":
+            key = re.sub(r"'[^']*'", "'…'", r.reason)[:160]
+            skip_reasons[key] = skip_reasons.get(key, 0) + 1
+    lines += ["", "## Skip reasons", "", "| runs | reason |", "|---:|---|"]
+    for reason, n in sorted(skip_reasons.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {n} | {_cell(reason)} |")
+    lines.append("")
+    text = "\n".join(lines)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    return summary
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--all", action="store_true",
+                        help="also run the huge light models (AlexNet, VGG-19, ZFNet-512)")
+    parser.add_argument("--only", default=",".join(COLLECTIONS),
+                        help=f"comma-separated collections [default: {','.join(COLLECTIONS)}]")
+    parser.add_argument("--match", default=None, help="regex on collection/model names")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes at once")
+    parser.add_argument("--timeout", type=float, default=600,
+                        help="seconds per model (all five patterns) before its worker is killed")
+    parser.add_argument("--write", type=Path, default=DEFAULT_OUT,
+                        help="markdown table to write (a .json of the raw rows goes beside it)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--label", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker, args.label or args.worker)
+
+    collections = [c.strip() for c in args.only.split(",") if c.strip()]
+    entries = discover(collections, args.all, args.match)
+    command = "python tools/corpus.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    start = time.perf_counter()
+    rows: List[RunResult] = []
+    # Biggest models first, so the long ones do not start last and stretch the wall time.
+    order = sorted(entries, key=lambda e: -(e.path.stat().st_size if e.path else 0))
+    with futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        jobs = {pool.submit(run_entry, e, args.timeout): e for e in order}
+        for i, job in enumerate(futures.as_completed(jobs), 1):
+            entry = jobs[job]
+            got = job.result()
+            rows.extend(got)
+            marks = " ".join(f"{r.pattern}={r.result}" for r in got)
+            print(f"[{i}/{len(entries)}] {entry.label}: {marks}", flush=True)
+    elapsed = time.perf_counter() - start
+    position = {e.label: i for i, e in enumerate(entries)}
+    pattern_pos = {label: i for i, (label, _, _) in enumerate(PATTERNS)}
+    rows.sort(key=lambda r: (position.get(r.model, -1), pattern_pos.get(r.pattern, -1)))
+    summary = write_markdown(rows, command.strip(), args.write, elapsed)
+    args.write.with_suffix(".json").write_text(
+        json.dumps([asdict(r) for r in rows], indent=1), encoding="utf-8")
+    print(summary.replace("**", ""))
+    for r in rows:
+        if r.result == "FAILED":
+            print(f"FAILED {r.model} {r.pattern}: {r.reason}")
+    return 1 if any(r.result == "FAILED" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
