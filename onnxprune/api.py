@@ -8,9 +8,9 @@ its :class:`~onnxprune.report.Report`. Every CLI option is an argument here.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -19,6 +19,9 @@ from . import io as mio
 from .errors import OptionError, ValidationFailed
 from .passes import (ApplyMasks, FindWeights, Pass, PruneState, ScoreWeights, SelectWeights,
                      Track, Validate, no_progress)
+from .calibrated import AllocateBySensitivity, Calibrate, SparseGPT
+from .calibration import ImagePreprocess
+from .criteria import get_criterion
 from .report import LayerRow, Report
 from .structure import PruneChannels, RemoveDeadChannels
 
@@ -33,105 +36,181 @@ class PruneResult:
     state: PruneState
 
 
-def build_passes(*, pattern: str = "unstructured", sparsity=None, criterion: str = "magnitude",
-                 scope: str = "local", op_types=None, include=None, exclude=None, config=None,
-                 min_sparsity: float = 0.0, max_sparsity: float = 0.98, scores=None, masks=None,
-                 validate: bool = True, compare: bool = True, inputs=None, input_shapes=None,
-                 max_error: Optional[float] = None, seed: int = 0,
-                 guard_fixed: bool = True, resize: Optional[bool] = None, round_to: int = 1,
-                 min_channels: int = 1, max_group_sparsity: float = 0.9) -> List[Pass]:
-    """The default pipeline for these options (what :func:`prune` runs)."""
+@dataclass
+class PruneOptions:
+    """Every option of a run; the CLI's flags map one to one onto these fields.
+
+    Pattern and target: ``pattern`` is ``unstructured``/``1x1``, blocks ``NxM`` (``4x1`` = 4
+    output channels × 1 input element), ``N:M`` (``2:4``) or ``channel``; ``sparsity`` the
+    fraction of zeros in the selected weights counting zeros already there (default 0.5;
+    implied by N:M; for ``channel`` the fraction of channels removed), or an int zero count.
+    ``scope``: ``local`` (each weight reaches the target) or ``global`` (one threshold, each
+    weight kept within ``min_sparsity``..``max_sparsity``).
+
+    Criterion: ``magnitude``, ``l2``, ``random`` (seeded by ``seed``), ``scores`` (with
+    ``scores={weight_name: array}``), ``wanda`` and ``sparsegpt`` (calibrated); ``masks=
+    {weight_name: bool array}`` applies given keep-masks as they are.
+
+    Selection: ``op_types``, ``include``/``exclude`` regexes on weight or node names, ``config``
+    rules (a JSON/YAML file or an already-loaded list/dict). ``guard_fixed`` leaves alone
+    constant operands that are not learned weights (ramps, DFT bases, identity matrices).
+
+    Structure: ``resize`` (None = auto) removes channels physically — with ``channel`` the
+    chosen ones (``round_to`` keeps counts at multiples, ``min_channels`` per group,
+    ``max_group_sparsity`` caps groups under global scope), with other patterns those the masks
+    leave dead (auto skips that for blocks and N:M, whose layout it would shift).
+
+    Calibration: ``calibration`` (an .npz, a folder of .npy/.npz or images, a dict of arrays, or
+    a CalibrationSet), ``calibration_samples``, ``image_preprocess``; ``refit`` refits the
+    consumers of removed channels by least squares; ``allocate="sensitivity"`` spreads the
+    target over layers by measured output error instead of uniformly.
+
+    Validation: onnx checker + onnxruntime, then original vs pruned outputs on ``inputs`` (an
+    .npz path or dict) or inputs generated from the signature (``input_shapes`` fixes dynamic
+    dims); ``max_error`` gates on the relative max error. ``output``/``force``: where to write.
+    """
+
+    pattern: str = "unstructured"
+    sparsity: Optional[Union[float, int]] = None
+    criterion: str = "magnitude"
+    scope: str = "local"
+    op_types: Union[str, Sequence[str], None] = None
+    include: Optional[str] = None
+    exclude: Optional[str] = None
+    config: Any = None
+    min_sparsity: float = 0.0
+    max_sparsity: float = 0.98
+    scores: Optional[Dict[str, np.ndarray]] = None
+    masks: Optional[Dict[str, np.ndarray]] = None
+    guard_fixed: bool = True
+    resize: Optional[bool] = None
+    round_to: int = 1
+    min_channels: int = 1
+    max_group_sparsity: float = 0.9
+    calibration: Any = None
+    calibration_samples: int = 128
+    image_preprocess: Optional[ImagePreprocess] = None
+    refit: bool = False
+    allocate: str = "uniform"
+    validate: bool = True
+    compare: bool = True
+    inputs: Any = None
+    input_shapes: Optional[Dict[str, Sequence[int]]] = None
+    max_error: Optional[float] = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.scores and self.criterion == "magnitude":
+            self.criterion = "scores"
+        if self.criterion == "scores" and not self.scores:
+            raise OptionError("criterion 'scores' needs scores={weight_name: array} (CLI: "
+                              "--scores FILE.npz)")
+        if self.allocate not in ("uniform", "sensitivity"):
+            raise OptionError(f"allocate must be 'uniform' or 'sensitivity', got "
+                              f"'{self.allocate}'")
+        if self.refit and self.pattern != "channel":
+            raise OptionError("--refit refits the consumers of removed channels; it needs "
+                              "--pattern channel")
+        crit = get_criterion(self.criterion)
+        if crit.reconstructs and self.scope == "global":
+            raise OptionError(f"criterion '{self.criterion}' prunes layer by layer; use "
+                              "--scope local, or --allocate sensitivity to spread a target")
+
+    @property
+    def channel_removal(self) -> bool:
+        return (self.pattern == "channel" and self.resize is not False and self.masks is None
+                and self.config is None)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return (get_criterion(self.criterion).needs_activations or self.refit
+                or self.allocate == "sensitivity" or self.calibration is not None)
+
+    def summary(self) -> dict:
+        """The options worth showing in a report (what differs from nothing)."""
+        keep = ("pattern", "sparsity", "criterion", "scope", "op_types", "include", "exclude",
+                "min_sparsity", "max_sparsity", "resize", "seed", "max_error", "allocate",
+                "calibration_samples")
+        out = {k: getattr(self, k) for k in keep if getattr(self, k) is not None}
+        if self.pattern == "channel":
+            out.update(round_to=self.round_to, min_channels=self.min_channels, refit=self.refit)
+        if isinstance(self.calibration, (str, os.PathLike)):
+            out["calibration"] = str(self.calibration)
+        return out
+
+
+def build_passes(options: PruneOptions) -> List[Pass]:
+    """The pipeline for these options (what :func:`prune` runs)."""
+    o = options
     passes: List[Pass] = [
         FindWeights(),
-        SelectWeights(pattern=pattern, sparsity=sparsity, criterion=criterion, op_types=op_types,
-                      include=include, exclude=exclude, config=config,
-                      min_sparsity=min_sparsity, max_sparsity=max_sparsity),
+        SelectWeights(pattern=o.pattern, sparsity=o.sparsity, criterion=o.criterion,
+                      op_types=o.op_types, include=o.include, exclude=o.exclude, config=o.config,
+                      min_sparsity=o.min_sparsity, max_sparsity=o.max_sparsity),
     ]
-    if pattern == "channel" and resize is not False and masks is None and config is None:
-        passes.append(PruneChannels(sparsity=sparsity, criterion=criterion, round_to=round_to,
-                                    min_channels=min_channels, scope=scope,
-                                    max_group_sparsity=max_group_sparsity,
-                                    input_shapes=input_shapes))
+    if o.needs_calibration:
+        crit = get_criterion(o.criterion)
+        passes.append(Calibrate(o.calibration, o.calibration_samples, o.image_preprocess,
+                                o.input_shapes, hessian=o.refit,
+                                targets="all" if o.refit else "selected", seed=o.seed,
+                                collect=(crit.needs_activations and not crit.reconstructs)
+                                or o.refit))
+    if o.allocate == "sensitivity":
+        passes.append(AllocateBySensitivity())
+    if o.channel_removal:
+        passes.append(PruneChannels(sparsity=o.sparsity, criterion=o.criterion,
+                                    round_to=o.round_to, min_channels=o.min_channels,
+                                    scope=o.scope, max_group_sparsity=o.max_group_sparsity,
+                                    input_shapes=o.input_shapes, refit=o.refit))
     else:
-        passes += [ScoreWeights(user_scores=scores, guard_fixed=guard_fixed),
-                   ApplyMasks(scope=scope, masks=masks)]
-        if resize is not False:
-            passes.append(RemoveDeadChannels(input_shapes=input_shapes,
-                                             keep_layouts=resize is None))
-    if validate:
-        passes.append(Validate(inputs=inputs, input_shapes=input_shapes, compare=compare,
-                               max_error=max_error, seed=seed))
+        if get_criterion(o.criterion).reconstructs:
+            passes.append(SparseGPT())
+        else:
+            passes += [ScoreWeights(user_scores=o.scores, guard_fixed=o.guard_fixed),
+                       ApplyMasks(scope=o.scope, masks=o.masks)]
+        if o.resize is not False:
+            passes.append(RemoveDeadChannels(input_shapes=o.input_shapes,
+                                             keep_layouts=o.resize is None))
+    if o.validate:
+        passes.append(Validate(inputs=o.inputs, input_shapes=o.input_shapes, compare=o.compare,
+                               max_error=o.max_error, seed=o.seed))
     return passes
 
 
 def prune(model: mio.ModelLike, pattern: str = "unstructured",
           sparsity: Optional[Union[float, int]] = None, criterion: str = "magnitude",
-          scope: str = "local", *, op_types: Union[str, Sequence[str], None] = None,
-          include: Optional[str] = None, exclude: Optional[str] = None, config=None,
-          min_sparsity: float = 0.0, max_sparsity: float = 0.98,
-          scores: Optional[Dict[str, np.ndarray]] = None,
-          masks: Optional[Dict[str, np.ndarray]] = None,
-          output: Union[str, os.PathLike, None] = None, force: bool = False,
-          validate: bool = True, compare: bool = True, inputs=None,
-          input_shapes: Optional[Dict[str, Sequence[int]]] = None,
-          max_error: Optional[float] = None, seed: int = 0, guard_fixed: bool = True,
-          resize: Optional[bool] = None, round_to: int = 1, min_channels: int = 1,
-          max_group_sparsity: float = 0.9, track: Track = no_progress) -> PruneResult:
+          scope: str = "local", *, output: Union[str, os.PathLike, None] = None,
+          force: bool = False, track: Track = no_progress, **options) -> PruneResult:
     """Prune ``model`` (a path or ``onnx.ModelProto``, never modified) and return the result.
 
-    ``pattern``: ``unstructured``/``1x1``, blocks ``NxM`` (``4x1`` = 4 output channels × 1 input
-    element), ``N:M`` (``2:4``) or ``channel``. ``sparsity``: fraction of zeros in the selected
-    weights counting zeros already there (default 0.5; implied by N:M), or an int zero count.
-    ``criterion``: ``magnitude``, ``l2``, ``random`` (seeded by ``seed``), ``scores`` (with
-    ``scores={weight_name: array}``); ``masks={weight_name: bool array}`` applies given masks.
-    ``scope``: ``local`` (each weight reaches the target) or ``global`` (one threshold, bounded
-    per weight by ``min_sparsity``/``max_sparsity``). Selection: ``op_types``, ``include`` /
-    ``exclude`` regexes on weight or node names, ``config`` rules (file or list/dict).
-    Validation (default on): checker + onnxruntime, then original vs pruned outputs on
-    ``inputs`` (a .npz path or dict) or on inputs generated from the model's signature
-    (``input_shapes`` fixes dynamic dims); ``max_error`` turns the comparison into a gate.
-    ``output``: write the result there atomically (``force`` to overwrite).
-    ``resize`` (default None = auto): physically remove channels — with ``pattern="channel"``
-    the chosen channels (``round_to`` keeps kept counts at multiples, ``min_channels`` per group,
-    ``max_group_sparsity`` caps a group under global scope), with any other pattern the
-    channels its masks leave dead (auto skips that for block and N:M patterns, whose layout
-    removing a channel would shift; ``True`` forces it); exact, and groups the tool cannot map are left whole and
-    listed in ``report.frozen``. ``guard_fixed``: leave alone constant operands that are not learned weights (decoding
-    ramps, DFT bases, identity matrices), listed in ``report.skipped``.
+    The options are the fields of :class:`PruneOptions` (pattern, sparsity, criterion, scope,
+    selection, structure, calibration, validation). ``output``: write the result there
+    atomically (``force`` to overwrite an existing file); None keeps it in memory.
+    ``track(items, description, total)`` wraps long loops (the CLI passes a progress bar).
 
     >>> result = prune("model.onnx", pattern="2:4", output="model.24.onnx")  # doctest: +SKIP
     >>> result.report.nonzeros_after / result.report.params_after            # doctest: +SKIP
     """
-    if criterion == "scores" and not scores:
-        raise OptionError("criterion 'scores' needs scores={weight_name: array} (CLI: --scores "
-                          "FILE.npz)")
-    if scores and criterion != "scores":
-        criterion = "scores"
-    state = PruneState.from_model(model, seed=seed, track=track)
+    try:
+        opts = PruneOptions(pattern=pattern, sparsity=sparsity, criterion=criterion, scope=scope,
+                            **options)
+    except TypeError as exc:  # an unknown keyword: say which names exist
+        raise OptionError(f"{exc}; options are {', '.join(f.name for f in fields(PruneOptions))}"
+                          ) from None
+    state = PruneState.from_model(model, seed=opts.seed, track=track)
     out = None
     if output is not None:
         out = mio.resolve_output(state.handle.path, output, force)
     size_before = state.handle.file_size()
-    macs_before = _macs(state.model, input_shapes, None)
-    passes = build_passes(pattern=pattern, sparsity=sparsity, criterion=criterion, scope=scope,
-                          op_types=op_types, include=include, exclude=exclude, config=config,
-                          min_sparsity=min_sparsity, max_sparsity=max_sparsity, scores=scores,
-                          masks=masks, validate=validate, compare=compare, inputs=inputs,
-                          input_shapes=input_shapes, max_error=max_error, seed=seed,
-                          guard_fixed=guard_fixed, resize=resize, round_to=round_to,
-                          min_channels=min_channels, max_group_sparsity=max_group_sparsity)
-    for p in passes:
+    macs_before = _macs(state.model, opts.input_shapes, None)
+    for p in build_passes(opts):
         p(state)
     size_after = None
     if out is not None and state.gate_failure is None:
         mio.save(state.handle, out)
         size_after = mio.size_on_disk(out, state.model)
-    options = dict(pattern=pattern, sparsity=sparsity, criterion=criterion, scope=scope,
-                   resize=resize, round_to=round_to if pattern == "channel" else None,
-                   op_types=op_types, include=include, exclude=exclude, seed=seed,
-                   min_sparsity=min_sparsity, max_sparsity=max_sparsity, max_error=max_error)
-    report = build_report(state, options, out, size_before, size_after, macs_before,
-                          input_shapes)
+    report = build_report(state, opts.summary(), out, size_before, size_after, macs_before,
+                          opts.input_shapes)
     if state.gate_failure is not None:
         error = ValidationFailed(state.gate_failure + " (nothing written)")
         error.report = report
@@ -193,8 +272,24 @@ def build_report(state: PruneState, options: dict, output: Optional[Path],
         options={k: v for k, v in options.items() if v is not None},
         notes=notes,
         timings={r.name: r.seconds for r in state.records},
-        sections={},
+        sections=_sections(state),
     )
+
+
+def _sections(state: PruneState) -> Dict[str, List[dict]]:
+    """Extra report tables: the sensitivity table when one was measured."""
+    table = state.sensitivity
+    if table is None:
+        return {}
+    rows = []
+    for key, errors in table.errors.items():
+        row = {"weight": key, "params": table.numel.get(key)}
+        row.update({f"err@{s:g}": float(e) for s, e in zip(table.sparsities, errors)})
+        if key in state.layers:
+            layer = state.layers[key]
+            row["sparsity"] = round(1 - layer.nonzeros_after / max(1, layer.numel), 4)
+        rows.append(row)
+    return {f"sensitivity ({table.metric}, {table.samples} samples)": rows}
 
 
 def inspect(model: mio.ModelLike, input_shapes: Optional[Dict[str, Sequence[int]]] = None

@@ -500,7 +500,7 @@ def _fmt(shape: Sequence[int]) -> str:
 def _image_set(folder: Path, files: List[Path], specs: Sequence[InputSpec],
                pre: Optional[ImagePreprocess]) -> CalibrationSet:
     try:
-        from PIL import Image  # noqa: F401 - optional dependency
+        import PIL.Image  # noqa: F401 - optional dependency, checked before any work
     except ImportError:
         raise OptionError(f"calibration folder '{folder}' holds images; reading them needs "
                           "Pillow: pip install pillow") from None
@@ -939,6 +939,10 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
     Weights whose activation cannot be reached (used only inside subgraphs) are left out and
     listed in ``result.record.skipped``. ``progress(done, total)`` is called after each batch.
 
+    Activations exposed in one pass stay under ``budget_bytes`` per batch (estimated by shape
+    inference at the first batch's shapes); more layers mean more passes over the data, never
+    more memory. ``result.record`` says how many chunks and runs it took and the peak bytes.
+
     ``precision="float32"`` computes each im2col block's ``X_b^T X_b`` in float32 (about 2x
     faster for wide Conv inputs, ~1e-6 relative error per block) while the sums across blocks
     stay float64; the default does everything in float64.
@@ -1026,7 +1030,7 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
         del session
         for s in sigs:
             finished[s] = accumulators.pop(s).finish()
-        for key in keys:
+        for key in keys:  # every signature of these keys is finished (this or an earlier chunk)
             result[key] = _combine([finished[s] for s in weight_sigs[key]])
     record.seconds = time.perf_counter() - started
     return result
@@ -1049,22 +1053,29 @@ def _combine(parts: List[LayerStats]) -> LayerStats:
 def _chunk(items: List[Tuple[str, List[tuple]]], extractors: Mapping[tuple, _Extractor],
            sizes: Mapping[str, int], graph_inputs, budget: int
            ) -> List[Tuple[List[str], List[tuple]]]:
-    """Group weights (graph order) so each chunk exposes at most ``budget`` bytes per batch."""
+    """Group weights (graph order) so each chunk exposes at most ``budget`` bytes per batch.
+
+    Each accumulator is computed in exactly one chunk: a weight whose activation was already
+    assigned (a K projection after its Q) joins the current chunk at no cost.
+    """
     chunks: List[Tuple[List[str], List[tuple]]] = []
     keys: List[str] = []
     sigs: List[tuple] = []
     names: set = set()
+    assigned: set = set()
     used = 0
     for key, wsigs in items:
-        new = {extractors[s].activation for s in wsigs} - names - set(graph_inputs)
+        todo = [s for s in dict.fromkeys(wsigs) if s not in assigned]
+        new = {extractors[s].activation for s in todo} - names - set(graph_inputs)
         cost = sum(sizes.get(n, 0) for n in new)
-        if keys and used + cost > budget:
+        if keys and todo and used + cost > budget:
             chunks.append((keys, sigs))
             keys, sigs, names, used = [], [], set(), 0
-            new = {extractors[s].activation for s in wsigs} - set(graph_inputs)
+            new = {extractors[s].activation for s in todo} - set(graph_inputs)
             cost = sum(sizes.get(n, 0) for n in new)
         keys.append(key)
-        sigs.extend(s for s in wsigs if s not in sigs)
+        sigs.extend(todo)
+        assigned.update(todo)
         names |= new
         used += cost
     if keys:

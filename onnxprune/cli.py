@@ -138,6 +138,26 @@ def _run(fn):
                    "identity), which are left alone by default.")
 @click.option("--input-shape", "input_shapes", multiple=True,
               help="Fix an input's dims for generated inputs and MACs: NAME:1x3x224x224.")
+@click.option("--calibration", default=None,
+              help="Calibration inputs: .npz (one array per input, axis 0 = samples), a folder "
+                   "of .npy/.npz, or a folder of images (see --image-*).")
+@click.option("--calibration-samples", type=int, default=128, show_default=True)
+@click.option("--refit", is_flag=True,
+              help="Channel pattern: refit consumers of removed channels by least squares on "
+                   "the calibration data.")
+@click.option("--allocate", type=click.Choice(["uniform", "sensitivity"]), default="uniform",
+              show_default=True,
+              help="sensitivity: measure each layer's output error on the calibration data and "
+                   "spread the target where it hurts least.")
+@click.option("--image-size", default=None, help="Images: resize to HxW (e.g. 48x320).")
+@click.option("--image-scale", type=float, default=1 / 255, show_default="1/255",
+              help="Images: pixel multiplier before mean/std.")
+@click.option("--image-mean", default=None, help="Images: per-channel mean, e.g. 0.5,0.5,0.5.")
+@click.option("--image-std", default=None, help="Images: per-channel std, e.g. 0.5,0.5,0.5.")
+@click.option("--image-layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW",
+              show_default=True)
+@click.option("--image-order", type=click.Choice(["RGB", "BGR"]), default="RGB",
+              show_default=True)
 @click.option("--inputs", "inputs_path", default=None,
               help=".npz of model inputs keyed by input name, for the comparison.")
 @click.option("--no-validate", is_flag=True, help="Skip checker, onnxruntime and comparison.")
@@ -149,47 +169,61 @@ def _run(fn):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No report or progress on stdout.")
-def prune_command(model, output, pattern, sparsity, criterion, scope, op_types, include, exclude,
-                  config, min_sparsity, max_sparsity, scores_path, masks_path, round_to,
-                  min_channels, resize, prune_fixed,
-                  input_shapes,
-                  inputs_path, no_validate, max_error, report_path, seed, force, quiet):
+def prune_command(model, output, report_path, force, quiet, **flags):
     """Prune MODEL and write <stem>.pruned.onnx (MODEL defaults to the bundled digits CNN)."""
 
     def body():
         from .api import prune
-        from .validate import parse_input_shapes
 
         path = model if model is not None else DEFAULT_MODEL
         out = output
         if out is None:  # the bundled model's output goes to the working folder, not the package
             out = default_output(path if model is not None else Path.cwd() / DEFAULT_MODEL.name)
-        shapes = parse_input_shapes(input_shapes)
-        scores = _npz_dict(scores_path, "--scores")
-        result = None
         try:
-            result = prune(path, pattern=pattern, sparsity=sparsity, criterion=criterion,
-                           scope=scope, op_types=op_types, include=include, exclude=exclude,
-                           config=config, min_sparsity=min_sparsity, max_sparsity=max_sparsity,
-                           scores=scores, masks=_npz_dict(masks_path, "--masks"),
-                           output=out,
-                           force=force, validate=not no_validate, inputs=inputs_path,
-                           input_shapes=shapes, max_error=max_error, seed=seed,
-                           guard_fixed=not prune_fixed, resize=resize,
-                           round_to=round_to, min_channels=min_channels,
-                           track=_track(quiet) or (lambda items, d, t: items))
-            report = result.report
+            result = prune(path, output=out, force=force,
+                           track=_track(quiet) or (lambda items, d, t: items),
+                           **_options(flags))
         except OnnxPruneError as exc:
             report = getattr(exc, "report", None)
-            if report is None:
-                raise
-            _emit(report, report_path, quiet)
+            if report is not None:  # a failed --max-error gate: show why before the error
+                _emit(report, report_path, quiet)
             raise
-        _emit(report, report_path, quiet)
+        _emit(result.report, report_path, quiet)
         if not quiet:
             click.echo(f"wrote {result.output}")
 
     _run(body)
+
+
+def _options(flags: dict) -> dict:
+    """CLI flags -> :class:`onnxprune.api.PruneOptions` fields (the CLI adds no logic of its
+    own: files become arrays, text becomes numbers, negated flags flip)."""
+    from .calibration import ImagePreprocess
+    from .validate import parse_input_shapes
+
+    f = dict(flags)
+    f["scores"] = _npz_dict(f.pop("scores_path"), "--scores")
+    f["masks"] = _npz_dict(f.pop("masks_path"), "--masks")
+    f["inputs"] = f.pop("inputs_path")
+    f["validate"] = not f.pop("no_validate")
+    f["guard_fixed"] = not f.pop("prune_fixed")
+    f["input_shapes"] = parse_input_shapes(f["input_shapes"])
+    image = {k: f.pop(f"image_{k}") for k in ("size", "scale", "mean", "std", "layout", "order")}
+    if image["size"] or image["mean"] or image["std"]:
+        f["image_preprocess"] = ImagePreprocess(
+            size=_floats(image["size"], "--image-size", "x", int) if image["size"] else None,
+            scale=image["scale"],
+            mean=_floats(image["mean"], "--image-mean") if image["mean"] else (0.0, 0.0, 0.0),
+            std=_floats(image["std"], "--image-std") if image["std"] else (1.0, 1.0, 1.0),
+            layout=image["layout"], channel_order=image["order"])
+    return f
+
+
+def _floats(text: str, flag: str, sep: str = ",", kind=float) -> tuple:
+    try:
+        return tuple(kind(v) for v in text.replace(" ", "").split(sep))
+    except ValueError:
+        raise OptionError(f"{flag} '{text}': expected numbers separated by '{sep}'") from None
 
 
 def _emit(report, report_path, quiet):

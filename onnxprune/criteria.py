@@ -46,6 +46,9 @@ class Criterion(ABC):
     name: str
     reduce: str = "l1"  # how element scores fold into block/row scores: "l1" or "l2"
     needs_activations: bool = False
+    #: True for criteria that choose masks *and* update the kept weights in a pass of their
+    #: own (SparseGPT): the pipeline runs that pass instead of score + mask.
+    reconstructs: bool = False
 
     @abstractmethod
     def scores(self, w2d: np.ndarray, ctx: ScoreContext) -> np.ndarray:
@@ -145,6 +148,21 @@ class Wanda(Criterion):
         out = _magnitude(w2d)
         out *= norms.astype(out.dtype, copy=False)[None, :]  # in place: no second full array
         return out
+
+
+@register_criterion
+class SparseGPT(Criterion):
+    """OBS saliency ``w² / [H⁻¹]ⱼⱼ²`` with updates of the kept weights (Frantar & Alistarh,
+    2023); masks and updates are made together by :class:`onnxprune.calibrated.SparseGPT`."""
+
+    name = "sparsegpt"
+    needs_activations = True
+    reconstructs = True
+
+    def scores(self, w2d: np.ndarray, ctx: ScoreContext) -> np.ndarray:
+        raise OptionError("criterion 'sparsegpt' chooses masks inside its own pass (it updates "
+                          "weights as it goes); use onnxprune.prune(..., criterion='sparsegpt') "
+                          "or the SparseGPT pass")
 
 
 @register_criterion

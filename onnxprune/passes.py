@@ -87,6 +87,8 @@ class PruneState:
     records: List[PassRecord] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     frozen: List[tuple] = field(default_factory=list)  # (channel group, why it was left whole)
+    calibration: Any = None  # CalibrationSet, when a pass loaded calibration data
+    sensitivity: Any = None  # SensitivityTable, when measured
     comparison: Any = None
     gate_failure: Optional[str] = None
     full_check: bool = True  # hold the output to strict shape inference (the input passes it)

@@ -16,6 +16,14 @@ edge; a search over the summed (clipped) bucket counts finds the one bucket that
 only the units in that bucket are sorted. Layers are never concatenated, and each layer costs
 O(size) time plus a 65536-entry histogram.
 
+Models too big to hold every layer's scores use :func:`global_cut`, the same search in
+passes over the layers (each layer loaded on demand, one at a time): a first pass sums the
+bucket counts, a second collects only the units of the cut's bucket (or, when that bucket is
+crowded, narrows it with a histogram of the next 16 bits, down to one exact value whose ties go
+by layer and index), and the caller's last pass masks each layer with :meth:`GlobalCut.mask`.
+Memory: one layer, two 65536-entry histograms and a few integers per layer. The result is the
+one :func:`allocate_global` gives, bit for bit.
+
 Scores must be non-negative and not NaN (criteria guarantee it; a violation is a ValueError,
 i.e. a bug upstream, not a user error).
 """
@@ -24,15 +32,17 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import List, NamedTuple, Sequence, Tuple
+from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["UnitLayer", "select_units", "allocate_global"]
+__all__ = ["UnitLayer", "select_units", "allocate_global", "global_cut", "GlobalCut"]
 
 _N_BUCKETS = 1 << 16
 _FIRST_NAN_BUCKET = 0x7F81  # float32 top bits above +inf's 0x7F80: NaN, or a negative sign bit
 _UNBOUNDED = 1 << 62
+_INF32_BITS = 0x7F800000
+_CHUNK = 1 << 22  # bincount converts its input to intp: count big layers in slices of this size
 
 
 @dataclass
@@ -76,16 +86,78 @@ def allocate_global(layers: Sequence[UnitLayer], zeros_needed: int) -> List[np.n
     lo = np.array([b[0] for b in bounds], dtype=np.int64)
     hi = np.array([b[1] for b in bounds], dtype=np.int64)
     cut = _find_cut(units, lo, hi, need)
-    masks = []
-    for i, u in enumerate(units):
-        z = int(cut.new_zeros[i])
-        if z < lo[i]:
-            masks.append(_prefix(u, _find_cut([u], *_free(u), int(lo[i])), 0))
-        elif z > hi[i]:
-            masks.append(_longest_prefix_within(u, int(hi[i])))
-        else:
-            masks.append(_prefix(u, cut, i))
-    return masks
+    return [_layer_mask(u, cut, i, int(lo[i]), int(hi[i]), int(cut.new_zeros[i]))
+            for i, u in enumerate(units)]
+
+
+Loader = Callable[[int], UnitLayer]
+Track = Callable[[Iterable, str, int], Iterable]
+
+
+class GlobalCut:
+    """Where :func:`global_cut` put the threshold; :meth:`mask` gives each layer its share."""
+
+    def __init__(self, cut: "_Cut", lo: np.ndarray, hi: np.ndarray, dtype: np.dtype) -> None:
+        self._cut, self._lo, self._hi, self._dtype = cut, lo, hi, dtype
+
+    def mask(self, index: int, layer: UnitLayer) -> np.ndarray:
+        """Prune mask over the units of layer ``index`` (the same layer :func:`global_cut` saw).
+
+        >>> layers = [UnitLayer(np.array([3., 1.]), np.ones(2, int)),
+        ...           UnitLayer(np.array([2., 4.]), np.ones(2, int))]
+        >>> cut = global_cut(layers.__getitem__, 2, 2)
+        >>> cut.mask(0, layers[0]), cut.mask(1, layers[1])
+        (array([False,  True]), array([ True, False]))
+        """
+        u = _Units(layer.unit_scores, layer.unit_counts, self._dtype)
+        lo, hi = int(self._lo[index]), int(self._hi[index])
+        prefix = _prefix(u, self._cut, index)
+        z = int(np.sum(u.counts, where=prefix, dtype=np.int64))
+        return prefix if lo <= z <= hi else _layer_mask(u, self._cut, index, lo, hi, z)
+
+
+def global_cut(load: Loader, n_layers: int, zeros_needed: Union[int, Callable[[], int]],
+               max_candidates: int = 1 << 22, track: Optional[Track] = None) -> GlobalCut:
+    """:func:`allocate_global` for layers too big to hold together: ``load(i)`` returns layer
+    ``i`` (the same scores, counts and bounds on every call) and is called for every layer in
+    order, two or more times; ``GlobalCut.mask(i, load(i))`` then gives the masks
+    ``allocate_global`` would.
+
+    ``zeros_needed`` may be a function, called after the first pass over the layers (so ``load``
+    can count what it needs on the way). At most ``max_candidates`` units are collected at
+    once; a crowded bucket is narrowed by another pass instead. ``track(items, description,
+    total)`` wraps each pass (a progress bar).
+    """
+    track = track or (lambda items, description, total: items)
+    n = int(n_layers)
+    lo = np.zeros(n, dtype=np.int64)
+    hi = np.zeros(n, dtype=np.int64)
+    reached = np.zeros(_N_BUCKETS, dtype=np.int64)  # clipped new zeros at each bucket's end
+    held = np.zeros(_N_BUCKETS, dtype=np.int64)  # unclipped: bounds the candidates per bucket
+    narrow = True
+    for i in track(range(n), "global threshold: histogram", n):
+        layer = load(i)
+        scores = np.asarray(layer.unit_scores)
+        own = scores.dtype in (np.float16, np.float32)
+        narrow = narrow and own
+        u = _Units(scores, layer.unit_counts, np.dtype(np.float32 if own else np.float64))
+        lo[i], hi[i] = _snap_bounds(u, layer)
+        cum = u.cum
+        reached += np.clip(cum, lo[i], hi[i])
+        held += cum
+        del layer, scores, u, cum
+    need = int(zeros_needed() if callable(zeros_needed) else zeros_needed)
+    dtype = np.dtype(np.float32 if narrow else np.float64)
+    if need <= lo.sum():
+        cut = _Cut(-1, 0.0, 0, 0, np.zeros(n, dtype=np.int64))
+    elif need > hi.sum():
+        cut = _Cut(1, 0.0, 0, 0, np.zeros(n, dtype=np.int64))
+    else:
+        bucket = int(np.searchsorted(reached, need))
+        crowd = int(held[bucket] - (held[bucket - 1] if bucket else 0))
+        search = _BucketSearch(load, n, lo, hi, need, dtype, bucket, track)
+        cut = search.run(crowd, int(max_candidates))
+    return GlobalCut(cut, lo, hi, dtype)
 
 
 # -- internals --------------------------------------------------------------------------------
@@ -131,22 +203,30 @@ class _Units:
     def cum(self) -> np.ndarray:
         """``cum[b]``: new zeros held by units in buckets ``<= b`` (int64, 65536 entries)."""
         if self._cum is None:
-            b = self.buckets
-            if self.unit1 and self.total == self.size:
-                hist = np.bincount(b, minlength=_N_BUCKETS)
-            elif self.unit1:
-                # Counts are 0/1: send zero-count units to bucket 0 and take them back out there;
-                # twice as fast as a float-weighted bincount.
-                hist = np.bincount(np.multiply(b, self.counts, dtype=np.intp),
-                                   minlength=_N_BUCKETS)
+            b, c = self.buckets, self.counts
+            hist = _bucket_counts(b, c, self.unit1, self.total == self.size)
+            for start in range(_CHUNK, self.size, _CHUNK):
+                hist += _bucket_counts(b[start:start + _CHUNK], c[start:start + _CHUNK],
+                                       self.unit1, self.total == self.size)
+            if self.unit1 and self.total != self.size:
                 hist[0] -= self.size - self.total
-            else:
-                hist = np.rint(np.bincount(b, weights=self.counts, minlength=_N_BUCKETS))
             cum = np.cumsum(hist, dtype=np.int64)
             if cum[-1] != cum[_FIRST_NAN_BUCKET - 1]:
                 raise ValueError("unit scores must be non-negative and not NaN")
             self._cum = cum
         return self._cum
+
+
+def _bucket_counts(b: np.ndarray, counts: np.ndarray, unit1: bool, all_ones: bool) -> np.ndarray:
+    """Histogram of the first ``_CHUNK`` bucket ids, weighted by counts (int64 or exact float)."""
+    b, counts = b[:_CHUNK], counts[:_CHUNK]
+    if unit1 and all_ones:
+        return np.bincount(b, minlength=_N_BUCKETS)
+    if unit1:
+        # Counts are 0/1: send zero-count units to bucket 0 (the caller takes them back out
+        # there); twice as fast as a float-weighted bincount.
+        return np.bincount(np.multiply(b, counts, dtype=np.intp), minlength=_N_BUCKETS)
+    return np.rint(np.bincount(b, weights=counts, minlength=_N_BUCKETS)).astype(np.int64)
 
 
 class _Cut(NamedTuple):
@@ -203,15 +283,25 @@ def _find_cut(units: Sequence[_Units], lo: np.ndarray, hi: np.ndarray, need: int
 
     # Only the units inside that bucket get sorted. Zero-count units never move the total, so
     # the cut always lands on a unit that holds zeros; the rest need not be candidates.
-    idx, val, cnt, lay = [], [], [], []
-    for i, u in enumerate(units):
+    idx, val, cnt = [], [], []
+    for u in units:
         at = np.flatnonzero(u.buckets == bucket)
         at = at[u.counts[at] > 0]
         idx.append(at)
         val.append(u.scores[at])
-        cnt.append(u.counts[at].astype(np.int64))
-        lay.append(np.full(at.size, i, dtype=np.int64))
-    idx, val, cnt, lay = (np.concatenate(a) for a in (idx, val, cnt, lay))
+        cnt.append(u.counts[at])
+    return _cut_among(idx, val, cnt, before, start, lo, hi, need)
+
+
+def _cut_among(idx: List[np.ndarray], val: List[np.ndarray], cnt: List[np.ndarray],
+               before: np.ndarray, start: int, lo: np.ndarray, hi: np.ndarray,
+               need: int) -> _Cut:
+    """The cut among candidate units (per layer, in index order) that hold the target: each
+    layer's units before them hold ``before`` new zeros, ``start`` clipped in all."""
+    n = len(idx)
+    lay = np.repeat(np.arange(n, dtype=np.int64), [a.size for a in idx])
+    idx, val = np.concatenate(idx), np.concatenate(val)
+    cnt = np.concatenate([c.astype(np.int64) for c in cnt])
     if np.isnan(val).any():
         raise ValueError("unit scores must not be NaN")
     order = np.argsort(val, kind="stable")  # gathered in (layer, index) order: ties stay so
@@ -234,6 +324,113 @@ def _find_cut(units: Sequence[_Units], lo: np.ndarray, hi: np.ndarray, need: int
     return _Cut(0, val[p], int(lay[p]), int(idx[p]), new_zeros)
 
 
+class _BucketSearch:
+    """The passes of :func:`global_cut` after the first: find the cut inside one bucket.
+
+    The bucket's units are narrowed to a range ``[klo, khi]`` of exact keys (the bit patterns of
+    the scores in the common dtype, which order like the scores) until they are few enough to
+    collect and sort, or the range is one value, whose tied units go by (layer, index).
+    """
+
+    def __init__(self, load: Loader, n: int, lo: np.ndarray, hi: np.ndarray, need: int,
+                 dtype: np.dtype, bucket: int, track: Track) -> None:
+        self.load, self.n, self.lo, self.hi, self.need = load, n, lo, hi, need
+        self.dtype, self.bucket, self.track = dtype, bucket, track
+        self.key_dtype = np.dtype(np.uint32 if dtype == np.float32 else np.uint64)
+        if dtype == np.float32:
+            self.klo, self.khi = bucket << 16, (bucket << 16) | 0xFFFF
+        else:  # float64 keys of the float32 bucket's neighbours: a range holding the bucket
+            self.klo = _key64((bucket << 16) - 1) if bucket else 0
+            self.khi = _key64(min((bucket + 1) << 16, _INF32_BITS))
+
+    def run(self, crowd: int, max_candidates: int) -> _Cut:
+        while True:
+            if self.klo == self.khi:
+                return self._ties()
+            if crowd <= max_candidates:
+                return self._collect()
+            crowd = self._narrow()
+
+    def _layers(self, description: str, indices: Optional[Sequence[int]] = None):
+        """(index, units, new zeros of the units before the range, positions in the range) of
+        every layer, or of ``indices``."""
+        if indices is None:
+            indices = self.track(range(self.n), description, self.n)
+        for i in indices:
+            layer = self.load(i)
+            u = _Units(layer.unit_scores, layer.unit_counts, self.dtype)
+            del layer
+            b = u.buckets
+            below = b < self.bucket
+            before = int(np.count_nonzero(u.counts[below]) if u.unit1 else
+                         u.counts[below].sum(dtype=np.int64))
+            del below
+            at = np.flatnonzero(b == self.bucket)
+            keys = u.scores[at].view(self.key_dtype)
+            cnt = u.counts[at]
+            before += int(cnt[keys < self.klo].sum(dtype=np.int64))
+            at = at[(keys >= self.klo) & (keys <= self.khi) & (cnt > 0)]
+            yield i, u, before, at
+
+    def _start(self, before: np.ndarray) -> int:
+        return int(np.clip(before, self.lo, self.hi).sum())
+
+    def _collect(self) -> _Cut:
+        before = np.zeros(self.n, dtype=np.int64)
+        idx, val, cnt = [], [], []
+        for i, u, before[i], at in self._layers("global threshold: cut"):
+            idx.append(at)
+            val.append(u.scores[at])
+            cnt.append(u.counts[at])
+        return _cut_among(idx, val, cnt, before, self._start(before), self.lo, self.hi,
+                          self.need)
+
+    def _narrow(self) -> int:
+        """One histogram pass over the next 16 bits of the range; returns the new crowd."""
+        shift = max(0, (self.khi - self.klo).bit_length() - 16)
+        size = ((self.khi - self.klo) >> shift) + 1
+        reached = np.zeros(size, dtype=np.int64)
+        held = np.zeros(size, dtype=np.int64)
+        before = np.zeros(self.n, dtype=np.int64)
+        for i, u, before[i], at in self._layers("global threshold: narrowing"):
+            sub = (u.scores[at].view(self.key_dtype).astype(np.uint64) - np.uint64(self.klo)
+                   ) >> np.uint64(shift)
+            hist = np.rint(np.bincount(sub.astype(np.intp), weights=u.counts[at],
+                                       minlength=size)).astype(np.int64)
+            reached += np.clip(before[i] + np.cumsum(hist), self.lo[i], self.hi[i])
+            held += hist
+        j = int(np.searchsorted(reached, self.need))
+        self.klo, self.khi = (self.klo + (j << shift),
+                              min(self.khi, self.klo + ((j + 1) << shift) - 1))
+        return int(held[j])
+
+    def _ties(self) -> _Cut:
+        """Every candidate has the same score: take them by layer, then index."""
+        before = np.zeros(self.n, dtype=np.int64)
+        tied = np.zeros(self.n, dtype=np.int64)
+        for i, u, before[i], at in self._layers("global threshold: ties"):
+            tied[i] = int(u.counts[at].sum(dtype=np.int64))
+        total = self._start(before)
+        value = np.array(self.klo, dtype=self.key_dtype).view(self.dtype)[()]
+        for i in range(self.n):
+            lo, hi = self.lo[i], self.hi[i]
+            base = int(np.clip(before[i], lo, hi))
+            if total + int(np.clip(before[i] + tied[i], lo, hi)) - base < self.need:
+                total += int(np.clip(before[i] + tied[i], lo, hi)) - base
+                continue
+            (_, u, _, at), = self._layers("", [i])
+            gains = np.clip(before[i] + np.cumsum(u.counts[at], dtype=np.int64), lo, hi) - base
+            p = int(np.searchsorted(total + gains, self.need))
+            return _Cut(0, value, i, int(at[p]), np.zeros(self.n, dtype=np.int64))
+        raise AssertionError("the target lies inside this value's ties")  # pragma: no cover
+
+
+def _key64(bits32: int) -> int:
+    """The float64 bit pattern of the float32 with bit pattern ``bits32``."""
+    value = np.array(bits32, dtype=np.uint32).view(np.float32).astype(np.float64)
+    return int(value.view(np.uint64))
+
+
 def _prefix(u: _Units, cut: _Cut, layer: int, strict: bool = False) -> np.ndarray:
     """Units of ``layer`` at or before the cut (strictly before when ``strict``)."""
     if cut.side < 0:
@@ -247,6 +444,16 @@ def _prefix(u: _Units, cut: _Cut, layer: int, strict: bool = False) -> np.ndarra
     end = cut.index + (0 if strict else 1)
     mask[:end] |= s[:end] == v
     return mask
+
+
+def _layer_mask(u: _Units, cut: _Cut, layer: int, lo: int, hi: int, z: int) -> np.ndarray:
+    """One layer's share of the cut, where ``z`` is what the cut gives it: clipped to its
+    bounds by a cut of its own when ``z`` falls outside them."""
+    if z < lo:
+        return _prefix(u, _find_cut([u], *_free(u), lo), 0)
+    if z > hi:
+        return _longest_prefix_within(u, hi)
+    return _prefix(u, cut, layer)
 
 
 def _longest_prefix_within(u: _Units, cap: int) -> np.ndarray:

@@ -65,7 +65,7 @@ class PruneChannels(Pass):
     def __init__(self, sparsity: Optional[float] = None, criterion: str = "magnitude",
                  round_to: int = 1, min_channels: int = 1, scope: str = "local",
                  max_group_sparsity: float = 0.9, channel_scores: Optional[Dict] = None,
-                 input_shapes: Optional[Dict[str, Sequence[int]]] = None):
+                 input_shapes: Optional[Dict[str, Sequence[int]]] = None, refit: bool = False):
         if criterion not in _CHANNEL_NORMS and channel_scores is None:
             raise OptionError(f"criterion '{criterion}' does not rank channels; use "
                               f"{', '.join(sorted(_CHANNEL_NORMS))} with --pattern channel")
@@ -77,6 +77,7 @@ class PruneChannels(Pass):
                            max_group_sparsity=max_group_sparsity, channel_scores=channel_scores)
         self.criterion = criterion
         self.input_shapes = input_shapes
+        self.refit = refit
 
     def run(self, state):
         before = _snapshot(state)
@@ -89,6 +90,15 @@ class PruneChannels(Pass):
                     group.frozen = (f"producer {left_out[0]} is not selected (--op-types/"
                                     "--include/--exclude/config)")
         removed = select_channels(state.handle, graph, self.sparsity, **self.kwargs)
+        if self.refit:
+            from .calibrated import refit_consumers
+
+            if not state.layer_stats:
+                raise OptionError("refit needs calibration statistics (Calibrate with "
+                                  "hessian=True first; CLI: --refit --calibration data.npz)")
+            refit = refit_consumers(state, graph, removed)
+            state.notes.append(f"least-squares refit of {len(refit)} consumer weights "
+                               "(and their biases) to the dense model's outputs")
         mask_channels(state.handle, removed, graph)
         resize_channels(state.handle, graph, removed)
         changed = _record_shapes(state, before, "channel", self.criterion)

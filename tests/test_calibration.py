@@ -11,8 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import calibration
-from onnxprune.calibration import (CalibrationSet, ImagePreprocess, activation_rows, collect_layer_stats,
-                                   generated_calibration, load_calibration)
+from onnxprune.calibration import (CalibrationSet, ImagePreprocess, activation_rows,
+                                   collect_layer_stats, generated_calibration, load_calibration)
 from onnxprune.errors import InputDataError, OptionError
 from onnxprune.io import load
 from onnxprune.weights import find_weights
@@ -200,13 +200,15 @@ def test_matrix_rows(op, attrs, wshape, xshape, to_rows):
 
 
 def test_shared_activation_chunks_and_record():
-    # x feeds three MatMuls (Q/K/V-like: one accumulator) and a fourth reads their sum.
+    # x feeds three MatMuls (Q/K/V-like: one accumulator); W3 and W4 both read their sum s.
     r = np.random.default_rng(4)
     ws = [numpy_helper.from_array(r.standard_normal((8, 8)).astype(np.float32), f"W{i}")
-          for i in range(4)]
+          for i in range(5)]
     nodes = [helper.make_node("MatMul", ["x", f"W{i}"], [f"h{i}"]) for i in range(3)]
     nodes += [helper.make_node("Sum", ["h0", "h1", "h2"], ["s"]),
-              helper.make_node("MatMul", ["s", "W3"], ["y"])]
+              helper.make_node("MatMul", ["s", "W3"], ["y3"]),
+              helper.make_node("MatMul", ["s", "W4"], ["y4"]),
+              helper.make_node("Add", ["y3", "y4"], ["y"])]
     model = make_model(nodes, [helper.make_tensor_value_info("x", F, ["N", 8])],
                        [helper.make_tensor_value_info("y", F, ["N", 8])], ws)
     x = r.standard_normal((10, 8)).astype(np.float32)
@@ -215,9 +217,11 @@ def test_shared_activation_chunks_and_record():
     weights, _ = find_weights(handle)
     one = collect_layer_stats(handle, weights, data, batch_size=4)
     assert one["W0"] is one["W1"] is one["W2"]  # one accumulator for one activation
+    assert one["W3"] is one["W4"]
     assert len(one.record.chunks) == 1 and one.record.model_runs == 3
     tiny = collect_layer_stats(handle, weights, data, batch_size=4, budget_bytes=1)
-    assert len(tiny.record.chunks) == 2  # the graph input costs nothing; 's' gets its own chunk
+    # the graph input costs nothing; 's' gets its own chunk, shared by W3 and W4
+    assert tiny.record.chunks == [["W0", "W1", "W2"], ["W3", "W4"]]
     for k in one:
         np.testing.assert_allclose(tiny[k].hessian, one[k].hessian)
     s = x @ (numpy_helper.to_array(ws[0]) + numpy_helper.to_array(ws[1])
@@ -360,16 +364,16 @@ def test_images_need_pillow_with_a_clear_message(tmp_path, monkeypatch):
 
 def test_image_folder(tmp_path):
     pil = pytest.importorskip("PIL.Image")
-    pixels = np.zeros((8, 6, 3), np.uint8)
+    pixels = np.zeros((16, 12, 3), np.uint8)  # twice the model's 8x6: resized on load
     pixels[..., 0] = 255  # pure red
     pil.fromarray(pixels).save(tmp_path / "red.png")
-    pil.fromarray(pixels[..., ::-1].copy()).save(tmp_path / "blue.png")
+    pil.fromarray(pixels[..., ::-1].copy()).save(tmp_path / "blue.jpg", quality=100)
     pre = ImagePreprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), channel_order="BGR")
     data = load_calibration(tmp_path, _image_model(), image_preprocess=pre)
-    batch = next(data.batches(4))["x"]  # sorted: blue.png, red.png
+    batch = next(data.batches(4))["x"]  # sorted: blue.jpg, red.png
     assert batch.shape == (2, 3, 8, 6) and batch.dtype == np.float32
-    np.testing.assert_allclose(batch[0, :, 0, 0], [1, -1, -1])  # blue, read as BGR
-    np.testing.assert_allclose(batch[1, :, 0, 0], [-1, -1, 1])
+    np.testing.assert_allclose(batch[0, :, 3, 3], [1, -1, -1], atol=0.05)  # blue, as BGR (JPEG)
+    np.testing.assert_allclose(batch[1, :, 3, 3], [-1, -1, 1])
     nhwc = ImagePreprocess(size=(8, 6), layout="NHWC")
     with pytest.raises(InputDataError, match="channels"):
         load_calibration(tmp_path, _image_model(), image_preprocess=nhwc)

@@ -163,6 +163,9 @@ class RunResult:
     result: str  # "ok", "skipped", "FAILED"
     reason: str = ""
     params: Optional[int] = None
+    params_after: Optional[int] = None
+    nonzeros_after: Optional[int] = None
+    frozen: Optional[int] = None
     weights: Optional[int] = None
     weights_skipped: Optional[int] = None
     sparsity_after: Optional[float] = None
@@ -301,8 +304,8 @@ def run_model(entry_label: str, path: Path, patterns=PATTERNS) -> Iterable[RunRe
                     shapes = known
                     given = " ".join(f"--input-shape {k}:{'x'.join(map(str, v))}"
                                      for k, v in known.items())
-                    row.reason = f"default inputs failed ({_first_line(exc, 120)}); ran with " \
-                                 f"{given}"
+                    row.reason = f"ran with {given} (generated default inputs refused: " \
+                                 f"{type(exc).__name__})"
                     result = _prune_once(path, pattern, sparsity, out, shapes)
             except OnnxPruneError as exc:
                 row.seconds = time.perf_counter() - start
@@ -322,9 +325,15 @@ def run_model(entry_label: str, path: Path, patterns=PATTERNS) -> Iterable[RunRe
             row.seconds = time.perf_counter() - start
             report = result.report
             row.params = int(report.params_before)
+            row.params_after = int(report.params_after)
+            row.nonzeros_after = int(report.nonzeros_after)
+            row.frozen = len(report.frozen)
             row.weights = len(report.rows)
             row.weights_skipped = len(report.skipped)
-            row.sparsity_after = float(report.sparsity_after)
+            # Zeros and removed elements, as a fraction of the weights' size before: one number
+            # for masking patterns (= sparsity after) and channel removal (smaller, dense).
+            row.sparsity_after = (1.0 - report.nonzeros_after / report.params_before
+                                  if report.params_before else 0.0)
             if report.macs_before and report.sparse_macs_after is not None:
                 row.mac_ratio = report.sparse_macs_after / report.macs_before
             if report.comparison is not None:
@@ -373,9 +382,8 @@ def freeze_test_data_inputs(model_path: Path, dest: Path) -> Optional[List[str]]
         tensor = onnx.TensorProto()
         tensor.ParseFromString(pb.read_bytes())
         model.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(tensor), name))
-    keep = [vi for vi in model.graph.input if vi.name not in frozen]
-    del model.graph.input[:]
-    model.graph.input.extend(keep)
+    # The inputs stay listed: IR 3 (these tests' version) requires every initializer to be a
+    # graph input too, where it acts as the input's default value.
     onnx.save(model, str(dest))
     return frozen
 
@@ -464,23 +472,34 @@ def write_markdown(rows: List[RunResult], command: str, out: Path, seconds: floa
         "",
         "Made by `tools/corpus.py` (its docstring says what ok / skipped / FAILED mean and what is "
         "re-checked on every written model). Patterns: unstructured 0.5 and 0.9, 4x1 at 0.8, 2:4, "
-        "channel 0.3 (`channel` only masks rows for now: nothing is resized). *params*: elements "
-        "of the pruned weights; *MAC ratio*: sparse MACs after / dense MACs before; *max abs* and "
-        "*cosine*: worst over outputs, original vs pruned on generated inputs; *time*: the "
-        "`prune()` call (validation included), seconds on a shared 2-core machine.",
+        "channel 0.3 (channels removed for real). *params*: elements of the weights the run "
+        "changed (`before→after` when channels were removed); *weights*: changed / left alone "
+        "with a reason (report.skipped) / channel groups left whole (report.frozen); *zeros*: "
+        "zeros plus removed elements as a fraction of *params* before (= sparsity after for "
+        "masking patterns); *MAC ratio*: sparse MACs after / dense MACs before; *max abs* and "
+        "*cosine*: worst over outputs, original vs pruned on generated inputs (the light models "
+        "carry random weights and the inputs are random, so these say the model still runs, "
+        "not that it is still accurate); *time*: the `prune()` call (validation included), "
+        "seconds on a shared 2-core machine. Models whose weights are graph inputs fed from "
+        "`test_data_set_0` also run with those inputs frozen into initializers "
+        f"(`{FROZEN_SUFFIX.strip()}`).",
         "",
     ]
     if failed:
         lines += ["## Failures", ""]
+        grouped: Dict[tuple, List[str]] = {}
         for r in failed:
-            lines.append(f"- `{r.model}` {r.pattern}: {_cell(r.reason)}")
+            grouped.setdefault((r.model, r.reason), []).append(r.pattern)
+        for (model, reason), patterns in grouped.items():
+            which = "all patterns" if len(patterns) == len(PATTERNS) else ", ".join(patterns)
+            lines.append(f"- `{model}` ({which}): {_cell(reason)}")
         lines.append("")
     # A model refused for one reason under every pattern gets one line, not five.
     by_model: Dict[str, List[RunResult]] = {}
     for r in rows:
         by_model.setdefault(r.model, []).append(r)
     lines += ["## Results", "",
-              "| model | pattern | result | params | weights pruned / skipped | sparsity after "
+              "| model | pattern | result | params | weights | zeros "
               "| MAC ratio | max abs | cosine | time (s) |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for model in sorted(by_model, key=lambda m: (COLLECTIONS.index(m.split("/")[0])
@@ -494,9 +513,14 @@ def write_markdown(rows: List[RunResult], command: str, out: Path, seconds: floa
                          f"{total:.2f} |")
             continue
         for r in group:
-            result = r.result if r.result == "ok" else f"{r.result}: {_cell(r.reason)}"
-            ws = "" if r.weights is None else f"{r.weights} / {r.weights_skipped}"
-            lines.append(f"| {model} | {r.pattern} | {result} | {_fmt_int(r.params)} | {ws} | "
+            result = f"{r.result}: {_cell(r.reason)}" if r.reason else r.result
+            if r.result == "ok" and not r.weights:
+                result += " (nothing pruned)"
+            ws = "" if r.weights is None else f"{r.weights} / {r.weights_skipped} / {r.frozen}"
+            params = _fmt_int(r.params)
+            if r.params_after is not None and r.params_after != r.params:
+                params += f"→{_fmt_int(r.params_after)}"
+            lines.append(f"| {model} | {r.pattern} | {result} | {params} | {ws} | "
                          f"{_fmt(r.sparsity_after, '.3f')} | {_fmt(r.mac_ratio, '.3f')} | "
                          f"{_fmt(r.max_abs, '.3g')} | {_fmt(r.cosine, '.5f')} | "
                          f"{_fmt(r.seconds, '.2f')} |")
@@ -527,7 +551,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--timeout", type=float, default=600,
                         help="seconds per model (all five patterns) before its worker is killed")
     parser.add_argument("--write", type=Path, default=DEFAULT_OUT,
-                        help="markdown table to write (a .json of the raw rows goes beside it)")
+                        help="markdown table to write (the raw rows go beside it as .json)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--label", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -554,8 +578,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     pattern_pos = {label: i for i, (label, _, _) in enumerate(PATTERNS)}
     rows.sort(key=lambda r: (position.get(r.model, -1), pattern_pos.get(r.pattern, -1)))
     summary = write_markdown(rows, command.strip(), args.write, elapsed)
+    # One row per line, empty fields left out: diffable and small.
     args.write.with_suffix(".json").write_text(
-        json.dumps([asdict(r) for r in rows], indent=1), encoding="utf-8")
+        "[\n" + ",\n".join(json.dumps({k: v for k, v in asdict(r).items() if v not in (None, "")})
+                            for r in rows) + "\n]\n", encoding="utf-8")
     print(summary.replace("**", ""))
     for r in rows:
         if r.result == "FAILED":

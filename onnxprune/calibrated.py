@@ -1,0 +1,242 @@
+"""Passes that use calibration data: statistics, SparseGPT, channel refit, sensitivity.
+
+A few hundred real inputs run through onnxruntime keep far more accuracy than data-free
+magnitude pruning. :class:`Calibrate` loads them (or generates inputs, and says the run was
+data-free in effect) and collects per-layer input statistics on the dense model;
+:class:`SparseGPT` prunes layer after layer with inputs taken from the already-pruned upstream
+model; :func:`refit_consumers` refits the consumers of removed channels by least squares;
+:class:`AllocateBySensitivity` measures each layer's output error at several sparsities and
+spreads a global target where it hurts least.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from .calibration import (CalibrationSet, ImagePreprocess, collect_layer_stats,
+                          generated_calibration, load_calibration)
+from .criteria import get_criterion
+from .errors import OptionError
+from .passes import LayerResult, Pass, PruneState
+from .reconstruct import (bias_correction, centered_hessian, conv_in_columns, refit_consumer,
+                          sparsegpt_prune)
+from .sensitivity import allocate, layer_sensitivity
+from .weights import Skipped
+
+CalibrationSource = Union[str, "os.PathLike", Mapping[str, np.ndarray], CalibrationSet, None]
+
+
+def _progress(state: PruneState, description: str, total: int):
+    """A ``progress(done, total)`` callback driving the state's tracker (rich bar in the CLI)."""
+    ticks = iter(state.track(range(total), description, total))
+
+    def step(done: int, _total: int) -> None:
+        next(ticks, None)
+
+    return step
+
+
+class Calibrate(Pass):
+    """Load calibration inputs and collect input statistics of the weights on the dense model.
+
+    ``source``: an .npz (one array per input, first axis = samples), a folder of .npy/.npz
+    files or of images (with ``image_preprocess``), a dict of arrays, or a
+    :class:`~onnxprune.calibration.CalibrationSet`. None generates ``min(samples, 32)`` inputs
+    from the model's signature: the run still works, but the statistics say nothing about real
+    data, and the notes say so. ``hessian`` also accumulates ``XᵀX`` (SparseGPT, refit);
+    ``targets`` "selected" collects for the selected weights, "all" for every weight (refit
+    needs the consumers of removed channels, whatever the selection).
+    """
+
+    name = "calibrate"
+
+    def __init__(self, source: CalibrationSource = None, samples: int = 128,
+                 image_preprocess: Optional[ImagePreprocess] = None,
+                 input_shapes: Optional[Dict[str, Sequence[int]]] = None, hessian: bool = False,
+                 targets: str = "selected", batch_size: int = 8, seed: int = 0,
+                 collect: bool = True):
+        if samples < 1:
+            raise OptionError(f"--calibration-samples must be at least 1, got {samples}")
+        self.source, self.samples, self.pre = source, samples, image_preprocess
+        self.input_shapes, self.hessian, self.targets = input_shapes, hessian, targets
+        self.batch_size, self.seed, self.collect = batch_size, seed, collect
+
+    def load(self, state: PruneState) -> CalibrationSet:
+        if isinstance(self.source, CalibrationSet):
+            return self.source.take(self.samples) if len(self.source) > self.samples \
+                else self.source
+        if isinstance(self.source, Mapping):
+            data = CalibrationSet.from_arrays(state.model, self.source)
+            return data.take(self.samples) if len(data) > self.samples else data
+        if self.source is None:
+            return generated_calibration(state.model, min(self.samples, 32), self.seed,
+                                         self.input_shapes)
+        return load_calibration(self.source, state.handle, self.samples, self.pre)
+
+    def run(self, state):
+        data = self.load(state)
+        state.calibration = data
+        if data.data_free:
+            state.notes.append("no calibration data given: statistics come from generated "
+                               "inputs, so the calibrated criterion was data-free in effect")
+        if not self.collect:
+            return False, f"{len(data)} calibration samples ({data!r})", {}
+        weights = ([p.weight for p in state.plans] if self.targets == "selected"
+                   else list(state.weights))
+        stats = collect_layer_stats(state.handle, weights, data, want_hessian=self.hessian,
+                                    batch_size=self.batch_size,
+                                    progress=_progress(state, "calibrating",
+                                                       data.num_batches(self.batch_size)))
+        state.layer_stats.update(stats)
+        record = stats.record
+        for key, reason in record.skipped.items():
+            state.notes.append(f"no statistics for {key}: {reason}")
+        return False, (f"{len(data)} samples, statistics for {len(stats)} weights in "
+                       f"{record.model_runs} runs, peak {record.peak_bytes / 2**20:.0f} MiB"
+                       + (" (generated inputs)" if data.data_free else "")), {
+            "samples": len(data), "data_free": data.data_free, "peak_bytes": record.peak_bytes}
+
+
+class SparseGPT(Pass):
+    """Prune each selected weight with the SparseGPT column sweep, updating its kept weights to
+    undo the error, layer after layer: every layer's ``XᵀX`` comes from the model with all
+    earlier layers already pruned. Works for unstructured, N:M and NxM patterns."""
+
+    name = "sparsegpt"
+
+    def __init__(self, damp: float = 0.01, blocksize: int = 128, batch_size: int = 8):
+        self.damp, self.blocksize, self.batch_size = damp, blocksize, batch_size
+
+    def run(self, state):
+        if state.calibration is None:
+            raise OptionError("sparsegpt needs calibration data: run Calibrate first "
+                              "(CLI: --calibration data.npz)")
+        done = 0
+        for plan in state.track(list(state.plans), "sparsegpt", len(state.plans)):
+            w = plan.weight
+            if plan.pattern.spec == "channel":
+                raise OptionError("sparsegpt does not choose channels; use --pattern channel "
+                                  "with --refit for calibrated channel pruning")
+            stats = collect_layer_stats(state.handle, [w], state.calibration,
+                                        want_hessian=True, batch_size=self.batch_size).get(w.key)
+            if stats is None:
+                state.skipped.append(Skipped(w.name, "its input activation could not be "
+                                                     "collected (inside a subgraph?); not pruned"))
+                continue
+            raw = state.handle.read(w.tensor)
+            w2d = w.layout.to_2d(raw).astype(np.float64)
+            before = int(np.count_nonzero(w2d))
+            target = int(round(plan.sparsity * w.numel))
+            new, keep = sparsegpt_prune(w2d, stats.sparsegpt_hessian, plan.pattern, target,
+                                        damp=self.damp, blocksize=self.blocksize)
+            new = np.where(keep, new, 0.0)
+            state.handle.write(w.tensor, w.layout.from_2d(new.astype(raw.dtype)))
+            after = int(np.count_nonzero(state.handle.read(w.tensor)))
+            state.layers[w.key] = LayerResult(w.key, w.name, w.op_type, w.shape, w.numel,
+                                              before, after, plan.pattern.spec, "sparsegpt")
+            done += 1
+        return done > 0, f"{done} weights pruned and updated layer by layer", {}
+
+
+def refit_consumers(state: PruneState, graph, removed: Mapping[int, Sequence[int]]) -> List[str]:
+    """Refit every weight that loses input channels to the dense model's outputs, by least
+    squares on its calibration ``XᵀX`` (and move its bias to absorb the removed inputs' mean
+    where it has one). Runs before masking/resizing, writing the full-shape weight with the
+    removed columns zero; returns the names refit."""
+    by_name = {w.name: w for w in state.weights}
+    removed_in: Dict[str, set] = {}
+    for gid, units in removed.items():
+        if not len(units):
+            continue
+        for m in graph.groups[gid].members:
+            w = by_name.get(m.tensor)
+            if w is not None and m.stored and m.axis == w.layout.in_axis \
+                    and w.layout.stored_shape is None:
+                removed_in.setdefault(w.name, set()).update(int(i) for i in m.indices(units))
+    refit = []
+    for name, gone in removed_in.items():
+        w = by_name[name]
+        stats = state.layer_stats.get(w.key)
+        if stats is None or stats.hessian is None or w.layout.group != 1:
+            continue  # depthwise/grouped consumers lose whole groups: nothing left to refit
+        n_in = w.shape[w.layout.in_axis]
+        kept = [c for c in range(n_in) if c not in gone]
+        cols = conv_in_columns(w.layout, kept)
+        raw = state.handle.read(w.tensor)
+        w2d = w.layout.to_2d(raw).astype(np.float64)
+        bias = _bias_tensor(graph, w)
+        hessian = stats.hessian
+        if bias is not None:
+            hessian = centered_hessian(hessian, stats.in_sums, stats.count)
+        fitted = refit_consumer(w2d, hessian, cols)
+        full = np.zeros_like(w2d)
+        full[:, cols] = fitted
+        state.handle.write(w.tensor, w.layout.from_2d(full.astype(raw.dtype)))
+        if bias is not None:
+            b = state.handle.read(bias)
+            delta = bias_correction(w2d, fitted, cols, stats.in_mean)
+            state.handle.write(bias, (b.astype(np.float64) + delta).astype(b.dtype))
+        refit.append(name)
+    return refit
+
+
+def _bias_tensor(graph, weight):
+    """The stored bias of the weight's (single) Conv/Gemm consumer, if it has one."""
+    if len(weight.consumers) != 1:
+        return None
+    node = weight.consumers[0].node
+    if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:
+        return None
+    tensor = graph.stored.get(node.input[2])
+    if tensor is None or len(tensor.dims) != 1:
+        return None  # Gemm's C may broadcast a scalar or a matrix: leave it
+    return tensor
+
+
+class AllocateBySensitivity(Pass):
+    """Measure each selected weight's effect on the model output at several sparsities (on the
+    calibration data), then give each weight the sparsity that reaches the overall target with
+    the least total error, instead of one uniform value. The table goes into the report."""
+
+    name = "sensitivity"
+
+    def __init__(self, sparsities: Sequence[float] = (0.3, 0.5, 0.7, 0.9), samples: int = 16):
+        self.sparsities, self.samples = tuple(sparsities), samples
+
+    def run(self, state):
+        if state.calibration is None:
+            raise OptionError("sensitivity allocation needs calibration data (Calibrate first)")
+        plans = [p for p in state.plans if p.pattern.implied_sparsity is None]
+        if not plans:
+            return False, "nothing to allocate (N:M sparsity is fixed)", {}
+        specs = {p.pattern.spec for p in plans}
+        # A reconstructing criterion (SparseGPT) is measured through magnitude masks: the
+        # ranking of layers is what matters, and re-running the sweep per trial is costly.
+        criterion = plans[0].criterion
+        if get_criterion(criterion).reconstructs:
+            criterion = "magnitude"
+        table = layer_sensitivity(state.handle, [p.weight for p in plans], state.calibration,
+                                  plans[0].pattern, self.sparsities, criterion,
+                                  samples=self.samples, seed=state.seed,
+                                  stats=state.layer_stats or None,
+                                  progress=_progress(state, "sensitivity",
+                                                     len(plans) * len(self.sparsities)))
+        counts = {p.weight.key: p.weight.numel for p in plans}
+        total = sum(counts.values())
+        target = sum(p.sparsity * p.weight.numel for p in plans) / total
+        levels = allocate(table, target, counts, min(p.min_sparsity for p in plans),
+                          max(p.max_sparsity for p in plans))
+        for p in plans:
+            if p.weight.key in levels:
+                p.sparsity = float(levels[p.weight.key])
+        state.sensitivity = table
+        if len(specs) > 1:
+            state.notes.append("sensitivity measured with the first selected weight's pattern "
+                               f"({plans[0].pattern.spec}) for all")
+        for key, reason in table.fragile().items():
+            state.notes.append(f"sensitive layer {key}: {reason}")
+        return False, (f"per-layer sparsities allocated for an overall {target:.3f} from "
+                       f"{len(self.sparsities)} measured levels"), {
+            "allocation": {k: round(v, 4) for k, v in levels.items()}}
