@@ -2,21 +2,28 @@
 
 A model is held as a :class:`ModelHandle`: the ``ModelProto`` with external tensors *not* pulled
 into protobuf (so a 10 GB model costs only its graph in memory), the folder its external data is
-read from, and the arrays onnxprune has rewritten for external tensors. Weight arrays are read one
-at a time on demand with :meth:`ModelHandle.read` and written back with :meth:`ModelHandle.write`.
+read from, and the external tensors onnxprune has rewritten. Weight arrays are read one at a time
+on demand with :meth:`ModelHandle.read` and written back with :meth:`ModelHandle.write`; a
+rewritten external tensor goes to a spill file on disk (``tempfile``'s folder, ``$TMPDIR``), not
+to memory, so pruning a model costs about one weight of memory whatever its size. The spill is
+removed by :meth:`ModelHandle.close`, when the handle is garbage-collected, or at exit.
 
 Saving never overwrites the input, never leaves a partial file: data and model go to temporary
-files beside the target and are renamed into place only when complete.
+files beside the target and are renamed into place only when complete. External tensors are
+copied to the output's data file in chunks, from the spill or straight from the input's data
+file (byte for byte when untouched), never as whole arrays.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple, Union
+from typing import BinaryIO, Dict, Iterator, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import onnx
@@ -27,40 +34,167 @@ from .errors import ModelLoadError, OutputError
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto, "ModelHandle"]
 _ALIGN = 4096  # external tensors start on page boundaries (mmap-friendly, as onnx does)
-_PROTO_LIMIT = 2_000_000_000
-_KEEP_VALUES = 4096  # tensors up to this many elements keep their values in weightless copies  # protobuf cannot serialize 2 GiB; past this, weights go external
+_PROTO_LIMIT = 2_000_000_000  # protobuf cannot serialize 2 GiB; past this, weights go external
+_KEEP_VALUES = 4096  # tensors up to this many elements keep their values in weightless copies
+_COPY_CHUNK = 16 << 20  # bytes moved at a time when streaming tensor data between files
+
+
+class _Slot(NamedTuple):
+    tensor: onnx.TensorProto  # held so that its id() stays unique while the slot lives
+    offset: int
+    nbytes: int
+    capacity: int
+
+
+class SpillStore:
+    """Rewritten external tensors, kept in one temporary file rather than in memory.
+
+    Each tensor has a slot (rewritten in place when the new values fit, appended otherwise);
+    reads come back from disk. Also a read-only mapping-like view: ``bool(store)``,
+    ``len(store)``, ``store.values()`` -> ``(tensor, array)`` pairs read one at a time.
+    """
+
+    def __init__(self) -> None:
+        self._slots: Dict[int, _Slot] = {}
+        self._file: Optional[BinaryIO] = None
+        self._end = 0
+        self._finalizer: Optional[weakref.finalize] = None
+        self.path: Optional[Path] = None  # the spill file, once something was written
+
+    def __bool__(self) -> bool:
+        return bool(self._slots)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __contains__(self, tensor: onnx.TensorProto) -> bool:
+        return self._slot(tensor) is not None
+
+    def values(self) -> Iterator[Tuple[onnx.TensorProto, np.ndarray]]:
+        for slot in list(self._slots.values()):
+            yield slot.tensor, self.read(slot.tensor)
+
+    def _slot(self, tensor: onnx.TensorProto) -> Optional[_Slot]:
+        slot = self._slots.get(id(tensor))
+        return slot if slot is not None and slot.tensor is tensor else None
+
+    def _open(self) -> BinaryIO:
+        if self._file is None:
+            folder = tempfile.mkdtemp(prefix="onnxprune-spill-")
+            self.path = Path(folder) / "tensors.bin"
+            self._file = open(self.path, "w+b", buffering=0)
+            self._finalizer = weakref.finalize(self, _remove_spill, self._file, folder)
+        return self._file
+
+    def write(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
+        """Store ``values`` (the tensor's dtype) as the tensor's new data, little-endian."""
+        data = _le_bytes(values, tensor_dtype(tensor))
+        f = self._open()
+        slot = self._slot(tensor)
+        if slot is None or slot.capacity < data.nbytes:
+            offset = self._end + (-self._end) % _ALIGN
+            self._end = offset + data.nbytes
+            capacity = data.nbytes
+        else:
+            offset, capacity = slot.offset, slot.capacity
+        f.seek(offset)
+        _write_all(f, data)
+        self._slots[id(tensor)] = _Slot(tensor, offset, data.nbytes, capacity)
+
+    def read(self, tensor: onnx.TensorProto) -> Optional[np.ndarray]:
+        """The tensor's stored values (a fresh, writable array), or None if it was not written."""
+        slot = self._slot(tensor)
+        if slot is None:
+            return None
+        dtype = tensor_dtype(tensor)
+        values = np.empty(tuple(tensor.dims), dtype=dtype.newbyteorder("<"))
+        self._file.seek(slot.offset)
+        _read_into(self._file, values.reshape(-1).view(np.uint8), tensor.name)
+        return values.astype(dtype, copy=False)
+
+    def copy_to(self, tensor: onnx.TensorProto, out: BinaryIO) -> Optional[int]:
+        """Append the tensor's stored bytes to ``out``; their length, or None if not written."""
+        slot = self._slot(tensor)
+        if slot is None:
+            return None
+        _copy_range(self._file, slot.offset, slot.nbytes, out, tensor.name)
+        return slot.nbytes
+
+    def close(self) -> None:
+        """Delete the spill file and forget every stored tensor."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._slots.clear()
+        self._file = self._finalizer = self.path = None
+        self._end = 0
+
+
+def _remove_spill(f: BinaryIO, folder: str) -> None:
+    f.close()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass
 class ModelHandle:
-    """A model being pruned: the proto, where its external data lives, and rewritten tensors."""
+    """A model being pruned: the proto, where its external data lives, and rewritten tensors.
+
+    Usable as a context manager: leaving it deletes the spill of rewritten external tensors
+    (:meth:`close`); save the model first.
+    """
 
     model: onnx.ModelProto
     path: Optional[Path] = None  # the file it came from, None for an in-memory proto
     base_dir: Optional[Path] = None  # folder that external-data locations are relative to
-    _external_updates: Dict[int, Tuple[onnx.TensorProto, np.ndarray]] = field(default_factory=dict)
+    _external_updates: SpillStore = field(default_factory=SpillStore)
 
     # -- tensors ---------------------------------------------------------------------------
     def read(self, tensor: onnx.TensorProto) -> np.ndarray:
         """The tensor's values in its own dtype (external data read from disk, not cached)."""
-        update = self._external_updates.get(id(tensor))
-        if update is not None and update[0] is tensor:
-            return update[1]
+        spilled = self._external_updates.read(tensor)
+        if spilled is not None:
+            return spilled
         if is_external(tensor):
             return _read_external(tensor, self.base_dir)
         return numpy_helper.to_array(tensor)
 
     def write(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
-        """Replace the tensor's values (same dtype; shape may change when channels are removed)."""
+        """Replace the tensor's values (same dtype; shape may change when channels are removed).
+
+        An external tensor stays external: its shape goes into the proto, its bytes to the
+        spill file until :func:`save` copies them to the output.
+        """
         values = np.asarray(values, dtype=tensor_dtype(tensor))
         if is_external(tensor):
-            # Keep external tensors out of protobuf; shape goes into the proto, bytes at save.
+            self._external_updates.write(tensor, values)
             del tensor.dims[:]
             tensor.dims.extend(values.shape)
-            self._external_updates[id(tensor)] = (tensor, values)
             return
         new = numpy_helper.from_array(values, tensor.name)
         tensor.CopyFrom(new)
+
+    def is_rewritten(self, tensor: onnx.TensorProto) -> bool:
+        """Whether ``tensor`` is external and was rewritten (its values live in the spill)."""
+        return tensor in self._external_updates
+
+    @property
+    def rewritten_external(self) -> int:
+        """How many external tensors were rewritten (their values live in the spill)."""
+        return len(self._external_updates)
+
+    @property
+    def spill_path(self) -> Optional[Path]:
+        """The temporary file holding rewritten external tensors, None while there is none."""
+        return self._external_updates.path
+
+    def close(self) -> None:
+        """Delete the spill; rewritten external tensors are lost (save first)."""
+        self._external_updates.close()
+
+    def __enter__(self) -> "ModelHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def has_external_data(self) -> bool:
@@ -91,6 +225,17 @@ def is_external(tensor: onnx.TensorProto) -> bool:
 
 
 def _read_external(tensor: onnx.TensorProto, base_dir: Optional[Path]) -> np.ndarray:
+    data_path, offset, length = _external_span(tensor, base_dir)
+    dtype = tensor_dtype(tensor)
+    values = np.empty(tuple(tensor.dims), dtype=dtype.newbyteorder("<"))
+    with open(data_path, "rb", buffering=0) as f:
+        f.seek(offset)
+        _read_into(f, values.reshape(-1).view(np.uint8), tensor.name)
+    return values.astype(dtype, copy=False)
+
+
+def _external_span(tensor: onnx.TensorProto, base_dir: Optional[Path]) -> Tuple[Path, int, int]:
+    """(data file, offset, length) of an external tensor's bytes, checked against the file."""
     info = ExternalDataInfo(tensor)
     if base_dir is None:
         raise ModelLoadError(f"tensor '{tensor.name}' has external data but the model was given "
@@ -108,10 +253,54 @@ def _read_external(tensor: onnx.TensorProto, base_dir: Optional[Path]) -> np.nda
     if length != expected or offset + length > data_path.stat().st_size:
         raise ModelLoadError(f"external data for tensor '{tensor.name}' in '{data_path}' is "
                              f"truncated or malformed (needs {expected} bytes at offset {offset})")
-    with open(data_path, "rb") as f:
-        f.seek(offset)
-        raw = np.fromfile(f, dtype=dtype.newbyteorder("<"), count=count)
-    return raw.astype(dtype, copy=False).reshape(shape)
+    return data_path, offset, expected
+
+
+def _le_bytes(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``values`` as a flat uint8 view of little-endian ``dtype`` data (a copy only if needed)."""
+    data = np.ascontiguousarray(values, dtype=dtype.newbyteorder("<"))
+    return data.reshape(-1).view(np.uint8)
+
+
+def _write_all(f: BinaryIO, data) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        view = view[f.write(view):]
+
+
+def _read_into(f: BinaryIO, buffer: np.ndarray, name: str) -> None:
+    view = memoryview(buffer).cast("B")
+    while view.nbytes:
+        got = f.readinto(view)
+        if not got:
+            raise ModelLoadError(f"data of tensor '{name}' ends early in '{f.name}'; the file "
+                                 "was truncated while onnxprune was reading it")
+        view = view[got:]
+
+
+def _copy_range(src: BinaryIO, offset: int, length: int, out: BinaryIO, name: str) -> None:
+    """Append ``length`` bytes of ``src`` from ``offset`` to ``out`` (unbuffered files), in the
+    kernel where it can (``copy_file_range``), else through one reused chunk buffer."""
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < length:
+                n = os.copy_file_range(src.fileno(), out.fileno(), min(length - done, 1 << 30),
+                                       offset + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError:  # another file system, an old kernel: copy through user space
+            pass
+        out.seek(0, os.SEEK_END)  # copy_file_range moved the descriptor; keep f.tell() true
+    if done < length:
+        buffer = bytearray(min(_COPY_CHUNK, length - done))
+        src.seek(offset + done)
+        while done < length:
+            view = memoryview(buffer)[:min(len(buffer), length - done)]
+            _read_into(src, view, name)
+            _write_all(out, view)
+            done += view.nbytes
 
 
 def iter_graphs(graph: onnx.GraphProto, path: str = "") -> Iterator[Tuple[str, onnx.GraphProto]]:

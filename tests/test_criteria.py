@@ -21,11 +21,13 @@ def _w(shape=(6, 5), dtype=np.float32, seed=0):
 
 
 def test_registry_names_and_attributes():
-    assert criterion_names() == ["l2", "magnitude", "random", "scores", "wanda"]
+    assert criterion_names() == ["l2", "magnitude", "random", "scores", "sparsegpt", "wanda"]
     reduces = {n: get_criterion(n).reduce for n in criterion_names()}
     assert reduces == {"l2": "l2", "magnitude": "l1", "random": "l1", "scores": "l1",
-                       "wanda": "l1"}
-    assert [n for n in criterion_names() if get_criterion(n).needs_activations] == ["wanda"]
+                       "sparsegpt": "l1", "wanda": "l1"}
+    assert [n for n in criterion_names() if get_criterion(n).needs_activations] == [
+        "sparsegpt", "wanda"]
+    assert [n for n in criterion_names() if get_criterion(n).reconstructs] == ["sparsegpt"]
 
 
 def test_unknown_criterion_lists_the_valid_ones():
