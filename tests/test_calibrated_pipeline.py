@@ -1,0 +1,113 @@
+"""Calibrated pruning through onnxprune.prune and the CLI, on the trained digits CNN and its real
+calibration split (models/): invariants after weight updates, and error versus magnitude."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+import onnxprune
+from onnxprune.cli import main
+from onnxprune.errors import OptionError
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+MODEL = MODELS / "digits_cnn.onnx"
+CALIB = MODELS / "digits_calib.npz"
+
+
+def outputs(model, x):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x})[0]
+
+
+@pytest.fixture(scope="module")
+def data():
+    x = np.load(CALIB)["input"]
+    return x, outputs(onnx.load(str(MODEL)), x)
+
+
+def rel_error(model, data):
+    x, ref = data
+    return float(np.linalg.norm(outputs(model, x) - ref) / np.linalg.norm(ref))
+
+
+def weights(result):
+    return {w.name: w.layout.to_2d(result.state.handle.read(w.tensor))
+            for w in result.state.weights}
+
+
+def test_sparsegpt_exact_counts_and_lower_error_than_magnitude(data):
+    kw = dict(sparsity=0.5, validate=False, resize=False, exclude="Conv_39")
+    gpt = onnxprune.prune(MODEL, criterion="sparsegpt", calibration=CALIB, **kw)
+    mag = onnxprune.prune(MODEL, **kw)
+    for row in gpt.report.rows:
+        assert row.params - row.nonzeros_after == round(0.5 * row.params), row.name
+    assert rel_error(gpt.model, data) < 0.5 * rel_error(mag.model, data)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4x1"])
+def test_sparsegpt_keeps_pattern_invariants_after_updates(pattern):
+    res = onnxprune.prune(MODEL, pattern=pattern, sparsity=None if pattern == "2:4" else 0.5,
+                          criterion="sparsegpt", calibration=CALIB, validate=False)
+    for name, w2d in weights(res).items():
+        nz = w2d != 0
+        if pattern == "2:4":
+            cols = nz.shape[1] - nz.shape[1] % 4
+            assert (nz[:, :cols].reshape(nz.shape[0], -1, 4).sum(axis=2) <= 2).all(), name
+        else:
+            rows = nz.shape[0] - nz.shape[0] % 4
+            blocks = nz[:rows].reshape(rows // 4, 4, -1)
+            assert (blocks.all(axis=1) | ~blocks.any(axis=1)).all(), name
+
+
+def test_wanda_without_data_says_data_free():
+    res = onnxprune.prune(MODEL, sparsity=0.5, criterion="wanda", validate=False)
+    assert any("data-free in effect" in n for n in res.report.notes)
+
+
+def test_channel_refit_beats_plain_removal(data):
+    kw = dict(pattern="channel", sparsity=0.3, validate=False)
+    plain = onnxprune.prune(MODEL, **kw)
+    refit = onnxprune.prune(MODEL, refit=True, calibration=CALIB, **kw)
+    assert [r.shape_after for r in plain.report.rows] == [r.shape_after for r in refit.report.rows]
+    assert rel_error(refit.model, data) < 0.5 * rel_error(plain.model, data)
+    assert any("refit" in n for n in refit.report.notes)
+
+
+def test_sensitivity_allocation_reaches_target_with_less_error(data):
+    kw = dict(sparsity=0.7, validate=False, resize=False)
+    uniform = onnxprune.prune(MODEL, **kw)
+    alloc = onnxprune.prune(MODEL, allocate="sensitivity", calibration=CALIB, **kw)
+    rep = alloc.report
+    zeros = rep.params_before - rep.nonzeros_after
+    assert abs(zeros - 0.7 * rep.params_before) <= len(rep.rows)  # rounding per layer
+    assert len({round(r.sparsity_after, 2) for r in rep.rows}) > 1  # not uniform
+    assert rel_error(alloc.model, data) < rel_error(uniform.model, data)
+    (title, rows), = rep.sections.items()
+    assert "sensitivity" in title and {r["weight"] for r in rows} == {r.name for r in rep.rows}
+
+
+def test_option_conflicts_are_user_errors():
+    with pytest.raises(OptionError, match="--pattern channel"):
+        onnxprune.prune(MODEL, refit=True)
+    with pytest.raises(OptionError, match="layer by layer"):
+        onnxprune.prune(MODEL, criterion="sparsegpt", scope="global")
+    with pytest.raises(OptionError, match="options are"):
+        onnxprune.prune(MODEL, sparsity_typo=0.5)
+
+
+def test_cli_calibrated_run(tmp_path):
+    out = tmp_path / "o.onnx"
+    res = CliRunner().invoke(main, [str(MODEL), "--criterion", "sparsegpt", "--calibration",
+                                    str(CALIB), "--calibration-samples", "64", "-o", str(out),
+                                    "--pattern", "2:4", "-q"])
+    assert res.exit_code == 0, res.output
+    pruned = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    w = pruned["head.0.weight"]  # Gemm transB=1: [out, in]
+    assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(axis=2) <= 2).all()
+    res = CliRunner().invoke(main, [str(MODEL), "--refit", "-o", str(tmp_path / "x.onnx")])
+    assert res.exit_code == 2 and "--pattern channel" in res.output
