@@ -8,7 +8,7 @@ its :class:`~onnxprune.report.Report`. Every CLI option is an argument here.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -23,6 +23,7 @@ from .calibrated import AllocateBySensitivity, Calibrate, SparseGPT
 from .calibration import ImagePreprocess
 from .criteria import get_criterion
 from .report import LayerRow, Report
+from .search import probe_runner, search_sparsity
 from .structure import PruneChannels, RemoveDeadChannels
 
 
@@ -67,7 +68,8 @@ class PruneOptions:
 
     Validation: onnx checker + onnxruntime, then original vs pruned outputs on ``inputs`` (an
     .npz path or dict) or inputs generated from the signature (``input_shapes`` fixes dynamic
-    dims); ``max_error`` gates on the relative max error. ``output``/``force``: where to write.
+    dims); ``max_error`` gates on the relative max error. ``search`` bisects for the highest
+    sparsity (up to ``sparsity``, default 0.95) whose error stays within ``max_error``.
     """
 
     pattern: str = "unstructured"
@@ -97,9 +99,13 @@ class PruneOptions:
     inputs: Any = None
     input_shapes: Optional[Dict[str, Sequence[int]]] = None
     max_error: Optional[float] = None
+    search: bool = False
     seed: int = 0
 
     def __post_init__(self):
+        if self.search and self.max_error is None:
+            raise OptionError("--search looks for the highest sparsity within --max-error; "
+                              "give --max-error")
         if self.scores and self.criterion == "magnitude":
             self.criterion = "scores"
         if self.criterion == "scores" and not self.scores:
@@ -130,7 +136,7 @@ class PruneOptions:
         """The options worth showing in a report (what differs from nothing)."""
         keep = ("pattern", "sparsity", "criterion", "scope", "op_types", "include", "exclude",
                 "min_sparsity", "max_sparsity", "resize", "seed", "max_error", "allocate",
-                "calibration_samples")
+                "calibration_samples", "search")
         out = {k: getattr(self, k) for k in keep if getattr(self, k) is not None}
         if self.pattern == "channel":
             out.update(round_to=self.round_to, min_channels=self.min_channels, refit=self.refit)
@@ -197,6 +203,26 @@ def prune(model: mio.ModelLike, pattern: str = "unstructured",
     except TypeError as exc:  # an unknown keyword: say which names exist
         raise OptionError(f"{exc}; options are {', '.join(f.name for f in fields(PruneOptions))}"
                           ) from None
+    probes = None
+    if opts.search:
+        if output is not None:  # fail on a bad output path before minutes of probing
+            mio.resolve_output(mio.load(model).path if not isinstance(
+                model, onnx.ModelProto) else None, output, force)
+        high = 0.95 if opts.sparsity is None else float(opts.sparsity)
+        run = probe_runner(model, opts, lambda m, o: _run(m, o, None, False, no_progress))
+        best, probes = search_sparsity(run, opts.max_error, high, track=track)
+        opts = replace(opts, sparsity=best, search=False)
+    result = _run(model, opts, output, force, track)
+    if probes is not None:
+        result.report.sections["sparsity search (relative max error per probe)"] = probes
+        result.report.notes.append(f"search: highest sparsity within --max-error "
+                                   f"{opts.max_error:g} is {opts.sparsity:.4f}")
+    return result
+
+
+def _run(model: mio.ModelLike, opts: PruneOptions, output, force: bool, track: Track
+         ) -> PruneResult:
+    """One pipeline run with fixed options: load, passes, save, report."""
     state = PruneState.from_model(model, seed=opts.seed, track=track)
     out = None
     if output is not None:

@@ -164,6 +164,9 @@ def _run(fn):
 @click.option("--max-error", type=float, default=None,
               help="Fail (exit 1, nothing written) if the relative max error of any output "
                    "exceeds this.")
+@click.option("--search", is_flag=True,
+              help="With --max-error: find the highest sparsity (up to --sparsity, default "
+                   "0.95) whose outputs stay within it.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Write the report as JSON here.")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -111,3 +111,16 @@ def test_cli_calibrated_run(tmp_path):
     assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(axis=2) <= 2).all()
     res = CliRunner().invoke(main, [str(MODEL), "--refit", "-o", str(tmp_path / "x.onnx")])
     assert res.exit_code == 2 and "--pattern channel" in res.output
+
+
+def test_search_finds_highest_passing_sparsity():
+    inputs = {"input": np.load(CALIB)["input"][:64]}
+    res = onnxprune.prune(MODEL, search=True, max_error=0.1, inputs=inputs)
+    (title, probes), = res.report.sections.items()
+    passing = [p["sparsity"] for p in probes if p["passed"]]
+    failing = [p["sparsity"] for p in probes if not p["passed"]]
+    assert res.report.comparison.max_rel_error <= 0.1
+    assert passing and max(passing) < min(f for f in failing if f > max(passing))
+    assert round(res.report.options["sparsity"], 4) == max(passing)
+    with pytest.raises(OptionError, match="--max-error"):
+        onnxprune.prune(MODEL, search=True)
