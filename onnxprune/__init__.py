@@ -9,12 +9,13 @@ __version__ = "0.1.0"
 
 from .errors import OnnxPruneError  # noqa: E402
 
-__all__ = ["prune", "inspect", "build_passes", "PruneResult", "OnnxPruneError", "__version__"]
+__all__ = ["prune", "inspect", "build_passes", "PruneOptions", "PruneResult", "OnnxPruneError",
+           "__version__"]
 
 
 def __getattr__(name):
     # The API pulls in onnxruntime; import it on first use so `import onnxprune.io` stays light.
-    if name in ("prune", "inspect", "build_passes", "PruneResult"):
+    if name in ("prune", "inspect", "build_passes", "PruneOptions", "PruneResult"):
         from . import api
 
         return getattr(api, name)
