@@ -25,6 +25,7 @@ import onnx
 from ..io import ModelHandle
 from ..layouts import layout_for
 from .graph import BIAS, CONSUMER, PRODUCER, ChannelGraph, ChannelGroup, Member
+from .resize import zero_slices
 
 _PASS = {"Identity", "Cast", "Dropout", "Concat", "Split", "Slice", "Reshape", "Flatten",
          "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "GlobalAveragePool", "GlobalMaxPool",
@@ -295,14 +296,7 @@ def apply_folds(handle: ModelHandle, graph: ChannelGraph, folds) -> List[str]:
                      f"'{node.name or node.output[0]}'")
     for u, m, node, idx, k in folds:
         zero[m.tensor].append((m.axis, m.index_map[u]))
-    for name, cuts in zero.items():
-        t = graph.stored[name]
-        arr = np.array(handle.read(t), copy=True)
-        for axis, ix in cuts:
-            sl = [slice(None)] * arr.ndim
-            sl[axis] = ix
-            arr[tuple(sl)] = 0
-        handle.write(t, arr)
+    zero_slices(handle, graph, zero)
     g = handle.model.graph
     from .rules import new_initializer, set_attr
     inserts: Dict[int, onnx.NodeProto] = {}

@@ -50,7 +50,14 @@ def mask_channels(handle: ModelHandle, removed: Removed, graph: ChannelGraph) ->
         for m in graph.groups[gid].members:
             if m.stored and ZERO_ON_MASK.intersection(m.roles):
                 zero[m.tensor].append((m.axis, m.indices(units)))
-    for name, cuts in zero.items():
+    zero_slices(handle, graph, zero)
+
+
+def zero_slices(handle: ModelHandle, graph: ChannelGraph,
+                cuts_by_tensor: Dict[str, List[Tuple[int, np.ndarray]]]) -> None:
+    """Set ``tensor[..., idx (on axis), ...] = 0`` for every (axis, idx) listed per stored
+    tensor, reading and writing each tensor once."""
+    for name, cuts in cuts_by_tensor.items():
         tensor = graph.stored[name]
         arr = np.array(handle.read(tensor), copy=True)
         for axis, idx in cuts:

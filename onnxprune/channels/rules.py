@@ -542,7 +542,12 @@ def _matmul(ctx: NodeCtx) -> None:
 def _batchnorm(ctx: NodeCtx) -> None:
     x, y = ctx.inp(0), ctx.out()
     tie_all(ctx, x, y)
-    for i, role in ((1, SCALE), (2, BIAS), (3, STAT), (4, STAT)):
+    _per_channel_params(ctx, x, ((1, SCALE), (2, BIAS), (3, STAT), (4, STAT)))
+
+
+def _per_channel_params(ctx: NodeCtx, x: str, params) -> None:
+    """Tie each present ``[C]`` parameter input to ``x``'s channel axis, with its role."""
+    for i, role in params:
         p = ctx.inp(i)
         if p:
             ctx.tie((p, 0), (x, 1))
@@ -556,12 +561,7 @@ def _instancenorm(ctx: NodeCtx) -> None:
     x, y = ctx.inp(0), ctx.out()
     ctx.tie((x, 0), (y, 0))
     ctx.tie((x, 1), (y, 1))
-    for i, role in ((1, SCALE), (2, BIAS)):
-        p = ctx.inp(i)
-        if p:
-            ctx.tie((p, 0), (x, 1))
-            if ctx.is_const(p):
-                ctx.role(p, 0, role)
+    _per_channel_params(ctx, x, ((1, SCALE), (2, BIAS)))
 
 
 @register_rule("LayerNormalization")
