@@ -153,7 +153,7 @@ def refit_consumers(state: PruneState, graph, removed: Mapping[int, Sequence[int
         for m in graph.groups[gid].members:
             w = by_name.get(m.tensor)
             if w is not None and m.stored and m.axis == w.layout.in_axis \
-                    and w.layout.stored_shape is None:
+                    and not w.layout.view:
                 removed_in.setdefault(w.name, set()).update(int(i) for i in m.indices(units))
     refit = []
     for name, gone in removed_in.items():

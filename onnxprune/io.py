@@ -5,8 +5,9 @@ into protobuf (so a 10 GB model costs only its graph in memory), the folder its 
 read from, and the external tensors onnxprune has rewritten. Weight arrays are read one at a time
 on demand with :meth:`ModelHandle.read` and written back with :meth:`ModelHandle.write`; a
 rewritten external tensor goes to a spill file on disk (``tempfile``'s folder, ``$TMPDIR``), not
-to memory, so pruning a model costs about one weight of memory whatever its size. The spill is
-removed by :meth:`ModelHandle.close`, when the handle is garbage-collected, or at exit.
+to memory, so pruning a model costs about one weight of memory whatever its size. The spill is an
+unnamed temporary file: freed by :meth:`ModelHandle.close`, when the handle is garbage-collected,
+or when the process ends however it ends (nothing is left behind even after a kill).
 
 Saving never overwrites the input, never leaves a partial file: data and model go to temporary
 files beside the target and are renamed into place only when complete. External tensors are
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 import weakref
 from dataclasses import dataclass, field
@@ -44,6 +44,7 @@ class _Slot(NamedTuple):
     offset: int
     nbytes: int
     capacity: int
+    shape: Tuple[int, ...]
 
 
 class SpillStore:
@@ -59,7 +60,6 @@ class SpillStore:
         self._file: Optional[BinaryIO] = None
         self._end = 0
         self._finalizer: Optional[weakref.finalize] = None
-        self.path: Optional[Path] = None  # the spill file, once something was written
 
     def __bool__(self) -> bool:
         return bool(self._slots)
@@ -78,12 +78,17 @@ class SpillStore:
         slot = self._slots.get(id(tensor))
         return slot if slot is not None and slot.tensor is tensor else None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the spill file takes (0 when nothing was spilled or after :meth:`close`)."""
+        return 0 if self._file is None else os.fstat(self._file.fileno()).st_size
+
     def _open(self) -> BinaryIO:
         if self._file is None:
-            folder = tempfile.mkdtemp(prefix="onnxprune-spill-")
-            self.path = Path(folder) / "tensors.bin"
-            self._file = open(self.path, "w+b", buffering=0)
-            self._finalizer = weakref.finalize(self, _remove_spill, self._file, folder)
+            # No name on disk (O_TMPFILE, or unlinked at once): the kernel frees it with the
+            # last descriptor, so even a killed process leaves nothing behind.
+            self._file = tempfile.TemporaryFile(prefix="onnxprune-spill-", buffering=0)
+            self._finalizer = weakref.finalize(self, self._file.close)
         return self._file
 
     def write(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
@@ -99,7 +104,7 @@ class SpillStore:
             offset, capacity = slot.offset, slot.capacity
         f.seek(offset)
         _write_all(f, data)
-        self._slots[id(tensor)] = _Slot(tensor, offset, data.nbytes, capacity)
+        self._slots[id(tensor)] = _Slot(tensor, offset, data.nbytes, capacity, values.shape)
 
     def read(self, tensor: onnx.TensorProto) -> Optional[np.ndarray]:
         """The tensor's stored values (a fresh, writable array), or None if it was not written."""
@@ -107,9 +112,9 @@ class SpillStore:
         if slot is None:
             return None
         dtype = tensor_dtype(tensor)
-        values = np.empty(tuple(tensor.dims), dtype=dtype.newbyteorder("<"))
+        values = np.empty(slot.shape, dtype=dtype.newbyteorder("<"))
         self._file.seek(slot.offset)
-        _read_into(self._file, values.reshape(-1).view(np.uint8), tensor.name)
+        _read_into(self._file, values.reshape(-1).view(np.uint8), tensor.name, "the spill file")
         return values.astype(dtype, copy=False)
 
     def copy_to(self, tensor: onnx.TensorProto, out: BinaryIO) -> Optional[int]:
@@ -117,21 +122,16 @@ class SpillStore:
         slot = self._slot(tensor)
         if slot is None:
             return None
-        _copy_range(self._file, slot.offset, slot.nbytes, out, tensor.name)
+        _copy_range(self._file, slot.offset, slot.nbytes, out, tensor.name, "the spill file")
         return slot.nbytes
 
     def close(self) -> None:
-        """Delete the spill file and forget every stored tensor."""
+        """Free the spill file and forget every stored tensor."""
         if self._finalizer is not None:
             self._finalizer()
         self._slots.clear()
-        self._file = self._finalizer = self.path = None
+        self._file = self._finalizer = None
         self._end = 0
-
-
-def _remove_spill(f: BinaryIO, folder: str) -> None:
-    f.close()
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass
@@ -182,12 +182,12 @@ class ModelHandle:
         return len(self._external_updates)
 
     @property
-    def spill_path(self) -> Optional[Path]:
-        """The temporary file holding rewritten external tensors, None while there is none."""
-        return self._external_updates.path
+    def spilled_bytes(self) -> int:
+        """Disk taken by rewritten external tensors (their spill file); 0 once closed."""
+        return self._external_updates.nbytes
 
     def close(self) -> None:
-        """Delete the spill; rewritten external tensors are lost (save first)."""
+        """Free the spill; rewritten external tensors are lost (save first)."""
         self._external_updates.close()
 
     def __enter__(self) -> "ModelHandle":
@@ -230,7 +230,7 @@ def _read_external(tensor: onnx.TensorProto, base_dir: Optional[Path]) -> np.nda
     values = np.empty(tuple(tensor.dims), dtype=dtype.newbyteorder("<"))
     with open(data_path, "rb", buffering=0) as f:
         f.seek(offset)
-        _read_into(f, values.reshape(-1).view(np.uint8), tensor.name)
+        _read_into(f, values.reshape(-1).view(np.uint8), tensor.name, str(data_path))
     return values.astype(dtype, copy=False)
 
 
@@ -268,17 +268,18 @@ def _write_all(f: BinaryIO, data) -> None:
         view = view[f.write(view):]
 
 
-def _read_into(f: BinaryIO, buffer: np.ndarray, name: str) -> None:
+def _read_into(f: BinaryIO, buffer, name: str, where: str) -> None:
     view = memoryview(buffer).cast("B")
     while view.nbytes:
         got = f.readinto(view)
         if not got:
-            raise ModelLoadError(f"data of tensor '{name}' ends early in '{f.name}'; the file "
-                                 "was truncated while onnxprune was reading it")
+            raise ModelLoadError(f"data of tensor '{name}' ends early in {where}; the file was "
+                                 "truncated while onnxprune was reading it")
         view = view[got:]
 
 
-def _copy_range(src: BinaryIO, offset: int, length: int, out: BinaryIO, name: str) -> None:
+def _copy_range(src: BinaryIO, offset: int, length: int, out: BinaryIO, name: str,
+                where: str) -> None:
     """Append ``length`` bytes of ``src`` from ``offset`` to ``out`` (unbuffered files), in the
     kernel where it can (``copy_file_range``), else through one reused chunk buffer."""
     done = 0
@@ -298,7 +299,7 @@ def _copy_range(src: BinaryIO, offset: int, length: int, out: BinaryIO, name: st
         src.seek(offset + done)
         while done < length:
             view = memoryview(buffer)[:min(len(buffer), length - done)]
-            _read_into(src, view, name)
+            _read_into(src, view, name, where)
             _write_all(out, view)
             done += view.nbytes
 
@@ -525,7 +526,11 @@ def resolve_output(input_path: Optional[Path], output: Optional[Union[str, os.Pa
 
 def save(handle: ModelHandle, output: Union[str, os.PathLike]) -> Path:
     """Write the model atomically; tensors that were external stay external, in
-    ``<output>.data`` beside it. Returns the path written."""
+    ``<output>.data`` beside it. Returns the path written.
+
+    Tensor data is streamed: rewritten tensors from the spill, untouched ones byte for byte from
+    their data file, so saving holds no tensor in memory whatever the model's size.
+    """
     out = Path(output)
     model = handle.model
     external = [t for t in iter_tensors(model.graph) if is_external(t)]
@@ -539,11 +544,23 @@ def save(handle: ModelHandle, output: Union[str, os.PathLike]) -> Path:
         try:
             if external:
                 data_tmp = _tmp_beside(out.with_name(data_name))
-                with open(data_tmp, "wb") as f:
+                sources: Dict[Path, BinaryIO] = {}
+                with open(data_tmp, "wb", buffering=0) as f:
                     for tensor in external:
                         saved_entries.append((tensor, _external_state(tensor)))
-                        values = handle.read(tensor)
-                        _write_external(f, tensor, values, data_name)
+                        _write_all(f, bytes((-f.tell()) % _ALIGN))
+                        offset = f.tell()
+                        length = handle._external_updates.copy_to(tensor, f)
+                        if length is None and is_external(tensor):
+                            path, start, length = _external_span(tensor, handle.base_dir)
+                            if path not in sources:
+                                sources[path] = stack.enter_context(open(path, "rb", buffering=0))
+                            _copy_range(sources[path], start, length, f, tensor.name,
+                                        str(path))
+                        elif length is None:  # an inline tensor of a model past protobuf's limit
+                            length = len(tensor.raw_data)
+                            _write_all(f, tensor.raw_data)
+                        _point_external(tensor, data_name, offset, length)
             model_tmp = _tmp_beside(out)
             with open(model_tmp, "wb") as f:
                 f.write(model.SerializeToString())
@@ -591,21 +608,14 @@ def _restore_external(tensor: onnx.TensorProto, state) -> None:
         tensor.raw_data = raw
 
 
-def _write_external(f, tensor: onnx.TensorProto, values: np.ndarray, location: str) -> None:
-    pad = (-f.tell()) % _ALIGN
-    if pad:
-        f.write(b"\0" * pad)
-    offset = f.tell()
-    data = np.ascontiguousarray(values, dtype=tensor_dtype(tensor).newbyteorder("<"))
-    f.write(data.tobytes())
+def _point_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make ``tensor`` an external tensor whose bytes are at ``offset`` in ``location``."""
     for field_name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data",
                        "string_data"):
         tensor.ClearField(field_name)
     tensor.ClearField("raw_data")
-    del tensor.dims[:]
-    tensor.dims.extend(values.shape)
     del tensor.external_data[:]
-    for k, v in (("location", location), ("offset", str(offset)), ("length", str(data.nbytes))):
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
         tensor.external_data.add(key=k, value=v)
     tensor.data_location = onnx.TensorProto.EXTERNAL
 

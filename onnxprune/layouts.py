@@ -57,8 +57,22 @@ class Layout:
     out_axis: int
     in_axis: int
     group: int = 1
-    #: Shape as stored when the weight reaches its consumer through a Reshape (None: ``shape``).
-    stored_shape: Optional[Tuple[int, ...]] = None
+    #: How the stored tensor becomes what the consumer sees, when it passes a Reshape or a
+    #: Transpose on the way: ``(("reshape", new_shape) | ("transpose", perm), ...)`` applied in
+    #: order to the stored array of shape ``source_shape`` (empty: seen as stored).
+    view: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()
+    source_shape: Optional[Tuple[int, ...]] = None
+
+    @property
+    def stored_shape(self) -> Tuple[int, ...]:
+        """The shape of the tensor as stored."""
+        return self.source_shape if self.view else self.shape
+
+    def _view_shapes(self) -> list:
+        shapes = [self.stored_shape]
+        for op, arg in self.view:
+            shapes.append(arg if op == "reshape" else tuple(shapes[-1][i] for i in arg))
+        return shapes
 
     @property
     def shape2d(self) -> Tuple[int, int]:
@@ -69,8 +83,9 @@ class Layout:
 
     def to_2d(self, arr: np.ndarray) -> np.ndarray:
         """Raw weight -> ``W[out, in]`` (a view where numpy can, else a copy)."""
-        if self.stored_shape is not None and tuple(arr.shape) == self.stored_shape:
-            arr = arr.reshape(self.shape)
+        if self.view and tuple(arr.shape) == self.stored_shape:
+            for op, arg in self.view:
+                arr = arr.reshape(arg) if op == "reshape" else arr.transpose(arg)
         if tuple(arr.shape) != self.shape:
             raise ValueError(f"array shape {arr.shape} does not match layout shape {self.shape}")
         return arr.transpose(self.perm).reshape(self.shape2d)
@@ -79,13 +94,17 @@ class Layout:
         """``W[out, in]`` -> raw weight layout (inverse of :meth:`to_2d`)."""
         permuted_shape = [self.shape[p] for p in self.perm]
         inverse = np.argsort(self.perm)
-        raw = np.ascontiguousarray(w2d.reshape(permuted_shape).transpose(inverse))
-        return raw if self.stored_shape is None else raw.reshape(self.stored_shape)
+        raw = w2d.reshape(permuted_shape).transpose(inverse)
+        shapes = self._view_shapes()
+        for i in reversed(range(len(self.view))):
+            op, arg = self.view[i]
+            raw = raw.reshape(shapes[i]) if op == "reshape" else raw.transpose(np.argsort(arg))
+        return np.ascontiguousarray(raw)
 
     def same_view(self, other: "Layout") -> bool:
         """True when two consumers see the same tensor as the same ``W[out, in]``."""
-        return ((self.shape, self.perm, self.n_out, self.stored_shape)
-                == (other.shape, other.perm, other.n_out, other.stored_shape))
+        return ((self.shape, self.perm, self.n_out, self.view)
+                == (other.shape, other.perm, other.n_out, other.view))
 
 
 def _attr(node: onnx.NodeProto, name: str, default):

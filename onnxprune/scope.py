@@ -370,7 +370,9 @@ class _BucketSearch:
             cnt = u.counts[at]
             before += int(cnt[keys < self.klo].sum(dtype=np.int64))
             at = at[(keys >= self.klo) & (keys <= self.khi) & (cnt > 0)]
+            del b, keys, cnt
             yield i, u, before, at
+            del u, at  # before the next layer loads: one layer in memory at a time
 
     def _start(self, before: np.ndarray) -> int:
         return int(np.clip(before, self.lo, self.hi).sum())
@@ -382,6 +384,7 @@ class _BucketSearch:
             idx.append(at)
             val.append(u.scores[at])
             cnt.append(u.counts[at])
+            del u, at
         return _cut_among(idx, val, cnt, before, self._start(before), self.lo, self.hi,
                           self.need)
 
@@ -399,6 +402,7 @@ class _BucketSearch:
                                        minlength=size)).astype(np.int64)
             reached += np.clip(before[i] + np.cumsum(hist), self.lo[i], self.hi[i])
             held += hist
+            del u, at, sub
         j = int(np.searchsorted(reached, self.need))
         self.klo, self.khi = (self.klo + (j << shift),
                               min(self.khi, self.klo + ((j + 1) << shift) - 1))
@@ -410,6 +414,7 @@ class _BucketSearch:
         tied = np.zeros(self.n, dtype=np.int64)
         for i, u, before[i], at in self._layers("global threshold: ties"):
             tied[i] = int(u.counts[at].sum(dtype=np.int64))
+            del u, at
         total = self._start(before)
         value = np.array(self.klo, dtype=self.key_dtype).view(self.dtype)[()]
         for i in range(self.n):

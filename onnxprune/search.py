@@ -51,6 +51,9 @@ def probe_runner(model, options, prune_fn) -> Callable[[float], float]:
         probe = replace(options, sparsity=sparsity, validate=True, compare=True,
                         max_error=None, search=False)
         result = prune_fn(model, probe)
+        if result.report.comparison is None:
+            raise OptionError("--search needs outputs to compare, but onnxruntime cannot run "
+                              "this model (see the notes of a run without --search)")
         return float(result.report.comparison.max_rel_error)
 
     return run

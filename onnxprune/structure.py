@@ -27,8 +27,7 @@ def _snapshot(state: PruneState) -> Dict[str, tuple]:
         layer = state.layers.get(w.key)
         nonzeros = layer.nonzeros_after if layer is not None else int(
             np.count_nonzero(state.handle.read(w.tensor)))
-        snap[w.key] = (w.shape, nonzeros, w.shape[w.layout.out_axis] if w.layout.stored_shape
-                       is None else None)
+        snap[w.key] = (w.shape, nonzeros, None if w.layout.view else w.shape[w.layout.out_axis])
     return snap
 
 

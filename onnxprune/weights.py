@@ -96,11 +96,23 @@ class _Source:
     graph: str
     name: str
     via: Tuple[str, ...] = ()
-    shape: Optional[Tuple[int, ...]] = None  # the shape its consumer sees, when reshaped on the way
+    view: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()  # Reshape/Transpose steps on the way
+
+    @property
+    def stored_shape(self) -> Tuple[int, ...]:
+        return tuple(int(d) for d in self.tensor.dims)
 
     @property
     def seen_shape(self) -> Tuple[int, ...]:
-        return self.shape if self.shape is not None else tuple(int(d) for d in self.tensor.dims)
+        shape = self.stored_shape
+        for op, arg in self.view:
+            shape = arg if op == "reshape" else tuple(shape[i] for i in arg)
+        return shape
+
+    def then(self, op_type: str, step=None) -> "_Source":
+        """This source seen through one more pass-through node."""
+        return _Source(self.tensor, self.location, self.graph, self.name,
+                       self.via + (op_type,), self.view + ((step,) if step else ()))
 
 
 def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
@@ -137,8 +149,8 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
         layout = layout_for(node, index, source.seen_shape)
         if layout is None:
             return
-        if source.shape is not None:
-            layout = replace(layout, stored_shape=tuple(int(d) for d in source.tensor.dims))
+        if source.view:
+            layout = replace(layout, view=source.view, source_shape=source.stored_shape)
         consumer = Consumer(node, index, path, source.via)
         if source.tensor.data_type not in FLOAT_TYPES:
             dtype_name = onnx.TensorProto.DataType.Name(source.tensor.data_type)
@@ -168,18 +180,12 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
                 return
         if (node.op_type in PASS_THROUGH_OPS and node.domain in ("", "ai.onnx") and node.input
                 and scope.get(node.input[0]) is not None):
-            src = scope[node.input[0]]
-            scope[node.output[0]] = _Source(src.tensor, src.location, src.graph, src.name,
-                                            src.via + (node.op_type,), src.shape)
+            scope[node.output[0]] = scope[node.input[0]].then(node.op_type)
             return
-        if (node.op_type == "Reshape" and node.domain in ("", "ai.onnx") and len(node.input) > 1
-                and scope.get(node.input[0]) is not None and scope.get(node.input[1]) is not None):
-            src, target = scope[node.input[0]], scope[node.input[1]]
-            shape = _reshaped(src.seen_shape, handle.read(target.tensor), node)
-            if shape is not None:
-                scope[node.output[0]] = _Source(src.tensor, src.location, src.graph, src.name,
-                                                src.via + ("Reshape",), shape)
-                return
+        step = _view_step(node, scope, handle.read)
+        if step is not None:
+            scope[node.output[0]] = scope[node.input[0]].then(node.op_type, step)
+            return
         for out in node.output:
             if out:
                 scope[out] = None
@@ -193,6 +199,22 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
     weights = [w for w in weights if w.name not in mixed]
     skipped_list = [s for s in skipped_list if s.name not in pruned_names or s.name in mixed]
     return weights, skipped_list
+
+
+def _view_step(node: onnx.NodeProto, scope, read) -> Optional[Tuple[str, Tuple[int, ...]]]:
+    """A constant Reshape or a Transpose of a weight: the step it adds to the weight's view."""
+    if node.domain not in ("", "ai.onnx") or not node.input or scope.get(node.input[0]) is None:
+        return None
+    src = scope[node.input[0]]
+    if node.op_type == "Transpose":
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        rank = len(src.seen_shape)
+        perm = tuple(perm) if perm else tuple(reversed(range(rank)))
+        return ("transpose", perm) if sorted(perm) == list(range(rank)) else None
+    if node.op_type == "Reshape" and len(node.input) > 1 and scope.get(node.input[1]):
+        shape = _reshaped(src.seen_shape, read(scope[node.input[1]].tensor), node)
+        return ("reshape", shape) if shape is not None else None
+    return None
 
 
 def _reshaped(shape: Tuple[int, ...], target: np.ndarray, node: onnx.NodeProto

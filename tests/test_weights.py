@@ -117,3 +117,21 @@ def test_weight_behind_reshape_uses_consumer_view():
     out = numpy_helper.to_array(res.model.graph.initializer[0])
     assert out.shape == (1, 1, 12, 16)
     assert ((out.reshape(12, 4, 4) != 0).sum(axis=2) == 2).all()
+
+
+def test_weight_behind_transpose_uses_consumer_view():
+    from onnx import TensorProto, numpy_helper
+    import onnxprune
+    w = B.rng(4).standard_normal((16, 12)).astype(np.float32)  # stored [K, N], fed as [N, K]
+    nodes = [helper.make_node("Transpose", ["Wt"], ["W"], perm=[1, 0]),
+             helper.make_node("Gemm", ["x", "W"], ["y"], transB=1, name="fc")]
+    model = B.make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 12])],
+                         [numpy_helper.from_array(w, "Wt")])
+    found = _weights(model)["Wt"]
+    assert found.layout.shape2d == (12, 16) and found.consumers[0].via == ("Transpose",)
+    np.testing.assert_array_equal(found.layout.to_2d(w), w.T)
+    np.testing.assert_array_equal(found.layout.from_2d(w.T), w)
+    res = onnxprune.prune(model, pattern="2:4")
+    out = numpy_helper.to_array(res.model.graph.initializer[0])
+    assert ((out.T.reshape(12, 4, 4) != 0).sum(axis=2) == 2).all()

@@ -12,6 +12,10 @@ The models:
     one op per model and is left out; ``real/`` holds only download links). Most are IR 3 graphs
     that list their initializers as inputs; many hold no prunable weight at all (a Relu, a
     Softmax, a Gemm whose operands are all runtime inputs) and must be *skipped with a reason*.
+    A model whose Conv/Gemm/MatMul weight is a runtime input fed from ``test_data_set_0``
+    (``test_operator_mm``, ``test_operator_addmm``) runs a second time as
+    ``<name> [weights from test_data_set_0]``: a copy with those inputs frozen into
+    initializers from the ``input_N.pb`` files, so the weights the test ships are pruned too.
 ``light``
     onnx's architecture-only ImageNet models (ResNet-50, DenseNet-121, Inception v1/v2, ShuffleNet,
     SqueezeNet, AlexNet, VGG-19, ZFNet-512) as cached by ``tools/fetch_corpus.py`` with seeded
@@ -52,7 +56,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
@@ -222,7 +226,7 @@ class _Reference:
         return self
 
 
-def recheck(original: Path, output: Path, reference: _Reference, full_check: bool,
+def recheck(output: Path, reference: _Reference, full_check: bool,
             dtypes_before: Dict[str, int]) -> Optional[str]:
     """Independent checks of a written output; the first problem found, or None."""
     import onnx
@@ -341,7 +345,7 @@ def run_model(entry_label: str, path: Path, patterns=PATTERNS) -> Iterable[RunRe
                 row.cosine = float(report.comparison.worst_cosine)
             key = None if shapes is None else tuple(sorted(shapes.items()))
             reference = references.setdefault(key, _Reference(path, shapes))
-            problem = recheck(path, out, reference, full_check, dtypes_before)
+            problem = recheck(out, reference, full_check, dtypes_before)
             if problem is None and _sha256(path) != hash_before:
                 problem = "the input file changed"
             if problem is None:
