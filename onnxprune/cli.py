@@ -182,10 +182,16 @@ def prune_command(model, output, report_path, force, quiet, **flags):
         out = output
         if out is None:  # the bundled model's output goes to the working folder, not the package
             out = default_output(path if model is not None else Path.cwd() / DEFAULT_MODEL.name)
+        stamp = _stamp(out)
         try:
             result = prune(path, output=out, force=force,
                            track=_track(quiet) or (lambda items, d, t: items),
                            **_options(flags))
+        except KeyboardInterrupt:
+            if _stamp(out) != stamp:  # the signal came after the output was renamed into place
+                click.echo(f"interrupted after {out} was completely written", err=True)
+                sys.exit(130)
+            raise
         except OnnxPruneError as exc:
             report = getattr(exc, "report", None)
             if report is not None:  # a failed --max-error gate: show why before the error
@@ -196,6 +202,15 @@ def prune_command(model, output, report_path, force, quiet, **flags):
             click.echo(f"wrote {result.output}")
 
     _run(body)
+
+
+def _stamp(path: Path):
+    """What identifies the file at ``path`` now (None when there is none)."""
+    try:
+        st = path.stat()
+        return st.st_ino, st.st_mtime_ns, st.st_size
+    except OSError:
+        return None
 
 
 def _options(flags: dict) -> dict:

@@ -182,6 +182,10 @@ class SelectWeights(Pass):
     def run(self, state):
         if not state.weights:
             FindWeights()(state)
+        if not state.weights and state.skipped:
+            seen = "; ".join(f"{s.name}: {s.reason}" for s in state.skipped[:3])
+            raise SelectionError(f"the model has no prunable weights: every weight feeding "
+                                 f"Conv/Gemm/MatMul was left alone ({seen})")
         state.plans, skipped = select(state.weights, **self.kwargs)
         state.skipped.extend(skipped)
         for plan in state.plans:

@@ -15,9 +15,20 @@ from .channels import build_channel_graph, mask_channels, resize_channels, selec
 from .channels import remove_dead_channels
 from .errors import OptionError
 from .passes import LayerResult, Pass, PruneState
+from .weights import Skipped
 
 #: Our criterion names -> the norm the channel scorer sums over coupled tensors.
 _CHANNEL_NORMS = {"magnitude": "l1", "l1": "l1", "l2": "l2"}
+
+
+def _unresizable(state: PruneState) -> Optional[str]:
+    """Why channels must not be resized in this model at all, or None."""
+    if not state.full_check:
+        # Resizing rewrites shapes; with a graph strict shape inference rejects, the shapes it
+        # would rely on are not to be trusted.
+        return ("the input model fails onnx.checker's strict shape inference, so channel "
+                "shapes cannot be trusted; channels were not resized")
+    return None
 
 
 def _snapshot(state: PruneState) -> Dict[str, tuple]:
@@ -79,15 +90,28 @@ class PruneChannels(Pass):
         self.refit = refit
 
     def run(self, state):
+        reason = _unresizable(state)
+        if reason is not None:
+            raise OptionError(f"--pattern channel: {reason}; use a masking pattern or fix the "
+                              "model's shapes")
         before = _snapshot(state)
         graph = build_channel_graph(state.handle, self.input_shapes)
-        if state.plans:
-            selected = {p.weight.name for p in state.plans}
-            for group in graph.groups:
-                left_out = [p for p in group.producers if p not in selected]
-                if group.frozen is None and left_out:
-                    group.frozen = (f"producer {left_out[0]} is not selected (--op-types/"
-                                    "--include/--exclude/config)")
+        selected = {p.weight.name for p in state.plans}
+        not_finite = {w.name for w in state.weights
+                      if not np.isfinite(state.handle.read(w.tensor)).all()}
+        for name in sorted(not_finite):
+            state.skipped.append(Skipped(name, "holds NaN or infinity; its channels are left "
+                                               "whole"))
+        for group in graph.groups:
+            if group.frozen is not None:
+                continue
+            left_out = [p for p in group.producers if state.plans and p not in selected]
+            bad = [t for t in group.producers + group.consumers if t in not_finite]
+            if bad:
+                group.frozen = f"{bad[0]} holds NaN or infinity"
+            elif left_out:
+                group.frozen = (f"producer {left_out[0]} is not selected (--op-types/"
+                                "--include/--exclude/config)")
         removed = select_channels(state.handle, graph, self.sparsity, **self.kwargs)
         if self.refit:
             from .calibrated import refit_consumers
@@ -127,6 +151,10 @@ class RemoveDeadChannels(Pass):
         self.keep_layouts = keep_layouts
 
     def run(self, state):
+        reason = _unresizable(state)
+        if reason is not None:
+            state.notes.append(f"dead channels: {reason}")
+            return False, reason, {}
         structured = sorted({p.pattern.spec for p in state.plans if p.pattern.spec not in
                              ("unstructured", "channel")})
         if self.keep_layouts and structured:

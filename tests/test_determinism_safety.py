@@ -297,10 +297,6 @@ def test_interrupt_after_output_renamed_leaves_a_complete_output(sources, tmp_pa
     onnx.checker.check_model(str(tmp_path / "out.onnx"))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an interrupt that lands after the output was "
-                   "renamed into place prints 'interrupted: nothing was written' (exit 130) "
-                   "while a complete output exists; seen with real SIGINT/SIGTERM ~0.1 s after "
-                   "the save of a 200 MB model began")
 def test_interrupt_after_output_renamed_is_reported_honestly(sources, tmp_path, monkeypatch):
     _interrupt_after_saving(monkeypatch, tmp_path / "out.onnx")
     res = invoke(sources["external"], "-o", tmp_path / "out.onnx", "-q")

@@ -288,17 +288,11 @@ def test_int8_only_model_refused_as_nothing_to_prune():
         onnxprune.prune(int8_only_model())
 
 
-@pytest.mark.xfail(strict=True, reason="gap: a model whose only weights are int8 behind "
-                   "DequantizeLinear fails with a generic 'no prunable weights' message; the "
-                   "weights it saw and why it left them (INT8, quantized) are dropped")
 def test_int8_only_model_error_names_the_quantized_weight():
     with pytest.raises(SelectionError, match="cwq"):
         onnxprune.prune(int8_only_model())
 
 
-@pytest.mark.xfail(strict=True, reason="gap: --pattern channel prunes a weight holding NaN "
-                   "(its channels are ranked with NaN scores) where every other pattern leaves "
-                   "it alone and lists it in report.skipped")
 def test_nan_weight_left_alone_by_channel_pattern_too():
     model = B.conv_gemm_model()
     w = numpy_helper.to_array(model.graph.initializer[0]).copy()
