@@ -407,7 +407,9 @@ def load(model: ModelLike) -> ModelHandle:
     if isinstance(model, ModelHandle):
         return model
     if isinstance(model, onnx.ModelProto):
-        return ModelHandle(model=model)
+        handle = ModelHandle(model=model)
+        check_tensors(handle)
+        return handle
     if not isinstance(model, (str, os.PathLike)):
         raise ModelLoadError(f"expected a path or onnx.ModelProto, got {type(model).__name__}")
     path = Path(model)
@@ -426,14 +428,85 @@ def load(model: ModelLike) -> ModelHandle:
         raise ModelLoadError(f"'{path}' parsed as ONNX but has no graph; it is probably not an "
                              "ONNX model (wrong file?)")
     handle = ModelHandle(model=proto, path=path.resolve(), base_dir=path.resolve().parent)
-    for tensor in iter_tensors(proto.graph):
-        if is_external(tensor):
-            location = ExternalDataInfo(tensor).location
-            if not (handle.base_dir / location).is_file():
-                raise ModelLoadError(f"external data file '{location}' for tensor "
-                                     f"'{tensor.name}' is missing next to '{path}'; keep the "
-                                     ".onnx file beside its data file(s)")
+    check_tensors(handle, str(path))
     return handle
+
+
+_FIELDS = {  # where a tensor's values live when not in raw_data, by element type
+    "float_data": {onnx.TensorProto.FLOAT, onnx.TensorProto.COMPLEX64},
+    "double_data": {onnx.TensorProto.DOUBLE, onnx.TensorProto.COMPLEX128},
+    "int64_data": {onnx.TensorProto.INT64},
+    "uint64_data": {onnx.TensorProto.UINT32, onnx.TensorProto.UINT64},
+}
+
+
+def check_tensors(handle: ModelHandle, where: str = "the model") -> None:
+    """Refuse stored tensors onnxprune could not read back faithfully — an unknown element type,
+    a name that is not UTF-8, values that do not fill the declared shape, external data that is
+    missing, short, malformed or outside the model's folder — with :class:`ModelLoadError`,
+    before any weight is read (a flipped byte must not turn into a traceback or, worse, into
+    reading a file the model has no business pointing at)."""
+    folder = handle.base_dir.resolve() if handle.base_dir is not None else None
+    for tensor in iter_tensors(handle.model.graph):
+        try:
+            name = tensor.name  # protobuf hands invalid UTF-8 back as bytes or surrogates
+            if isinstance(name, bytes):
+                raise UnicodeError
+            name.encode("utf-8")
+        except UnicodeError:
+            raise ModelLoadError(f"{where}: a stored tensor's name is not valid UTF-8; the file "
+                                 "is corrupt, re-export it") from None
+        if tensor.data_type == onnx.TensorProto.STRING:
+            continue
+        try:
+            dtype = tensor_dtype(tensor)
+        except Exception:
+            raise ModelLoadError(f"{where}: tensor '{name}' has element type {tensor.data_type}, "
+                                 "which is no ONNX type; the file is corrupt, re-export it"
+                                 ) from None
+        numel = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+        if any(d < 0 for d in tensor.dims):
+            raise ModelLoadError(f"{where}: tensor '{name}' has a negative dimension "
+                                 f"{list(tensor.dims)}; the file is corrupt")
+        if is_external(tensor):
+            _check_external(tensor, name, folder, numel * dtype.itemsize, where)
+        elif tensor.HasField("raw_data"):
+            if len(tensor.raw_data) != numel * dtype.itemsize:
+                raise ModelLoadError(f"{where}: tensor '{name}' holds {len(tensor.raw_data)} "
+                                     f"bytes but its shape {list(tensor.dims)} needs "
+                                     f"{numel * dtype.itemsize}; the file is corrupt")
+        else:
+            for field_name, types in _FIELDS.items():
+                values = len(getattr(tensor, field_name))
+                if values and tensor.data_type in types and values not in (numel, 2 * numel):
+                    raise ModelLoadError(f"{where}: tensor '{name}' holds {values} values but "
+                                         f"its shape {list(tensor.dims)} needs {numel}")
+
+
+def _check_external(tensor, name: str, folder: Optional[Path], nbytes: int, where: str) -> None:
+    entries = {e.key: e.value for e in tensor.external_data}
+    location = entries.get("location", "")
+    if folder is None:
+        raise ModelLoadError(f"tensor '{name}' has external data but the model was given as a "
+                             "proto without a folder; load it from its file path instead")
+    target = (folder / location).resolve()
+    if not location or Path(location).is_absolute() or folder not in target.parents:
+        raise ModelLoadError(f"{where}: external data '{location}' of tensor '{name}' lies "
+                             "outside the model's folder; onnxprune reads external data only "
+                             "from files beside the model")
+    if not target.is_file():
+        raise ModelLoadError(f"external data file '{location}' for tensor '{name}' is missing "
+                             f"next to '{where}'; keep the .onnx file beside its data file(s)")
+    try:
+        offset = int(entries.get("offset") or 0)
+        length = int(entries.get("length") or nbytes)
+    except ValueError:
+        offset = length = -1
+    if offset < 0 or length != nbytes or offset + length > target.stat().st_size:
+        raise ModelLoadError(f"{where}: external data of tensor '{name}' in '{location}' is "
+                             f"truncated or malformed (needs {nbytes} bytes at offset "
+                             f"{entries.get('offset', 0)}); the data file does not match the "
+                             "model")
 
 
 def check_input(handle: ModelHandle) -> bool:

@@ -25,7 +25,7 @@ import onnx
 
 from . import io as mio
 from .criteria import ScoreContext, get_criterion
-from .errors import OptionError, SelectionError
+from .errors import ModelLoadError, OptionError, SelectionError
 from .scope import UnitLayer, allocate_global, global_cut, select_units
 from .selection import LayerPlan, select
 from .sensitivity import looks_fixed
@@ -453,7 +453,11 @@ class Validate(Pass):
         try:
             reference_session = v.open_session(state.original)
         except v.InvalidOutputModel as exc:
-            # The *input* cannot run in onnxruntime (custom ops, an opset it lacks): the output
+            if not state.full_check:  # neither strict shape inference nor onnxruntime accept it
+                raise ModelLoadError(f"the input model is invalid: onnx.checker's strict shape "
+                                     f"inference rejects it and onnxruntime cannot load it "
+                                     f"({exc.detail.splitlines()[0]}); fix or re-export it")
+            # A sound graph onnxruntime cannot run (custom ops, an opset it lacks): the output
             # can only be held to the checker, and the user is told why.
             mio.check_graph(state.handle, full_check=state.full_check)
             note = (f"onnxruntime cannot load the input model ({exc.detail.splitlines()[0]}); "

@@ -219,8 +219,9 @@ def write_markdown(path: Path, args, model: Path, data_bytes: int, largest: int,
         "boolean masks. 2:4 and channel add two weight-sized temporaries inside "
         "`onnxprune/patterns.py` (the N:M group ranking builds a float key array; channel "
         "scores are summed per row through a float64 copy), which is why they sit higher. The "
-        "validation run is dominated by onnxruntime holding the whole model (one session "
-        "at a time: original, then candidate), plus a streamed temporary copy of the output on disk.",
+        "validation run is dominated by onnxruntime: its sessions (original and "
+        "candidate) hold the whole model, and the candidate is a streamed temporary copy "
+        "of the output on disk.",
         "",
         "How memory stays bounded: weights are read one at a time from the data file; pruned "
         "external weights go to a spill file, not memory; unit scores are recomputed instead "
