@@ -226,7 +226,8 @@ def _run(model: mio.ModelLike, opts: PruneOptions, output, force: bool, track: T
     state = PruneState.from_model(model, seed=opts.seed, track=track)
     out = None
     if output is not None:
-        out = mio.resolve_output(state.handle.path, output, force)
+        out = mio.resolve_output(state.handle.path, output, force,
+                                 external=mio.needs_external(state.handle))
     size_before = state.handle.file_size()
     macs_before = _macs(state.model, opts.input_shapes, None)
     for p in build_passes(opts):

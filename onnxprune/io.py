@@ -560,6 +560,11 @@ def _short(exc: BaseException) -> str:
 
 
 # -- saving -------------------------------------------------------------------------------
+def needs_external(handle: ModelHandle) -> bool:
+    """Whether saving writes a ``<output>.data`` file (external tensors, or a proto too big)."""
+    return handle.has_external_data or estimated_size(handle.model) > _PROTO_LIMIT
+
+
 def default_output(input_path: Union[str, os.PathLike], suffix: str = ".pruned.onnx") -> Path:
     """``dir/model.onnx`` -> ``dir/model.pruned.onnx`` (any other name gets the suffix added)."""
     path = Path(input_path)
@@ -568,7 +573,7 @@ def default_output(input_path: Union[str, os.PathLike], suffix: str = ".pruned.o
 
 
 def resolve_output(input_path: Optional[Path], output: Optional[Union[str, os.PathLike]],
-                   force: bool, suffix: str = ".pruned.onnx") -> Path:
+                   force: bool, suffix: str = ".pruned.onnx", external: bool = False) -> Path:
     """The output path: given, or ``<stem>.pruned.onnx`` beside the input; checked before work.
 
     Refuses the input itself, an existing file without ``force``, a folder, and an unwritable
@@ -586,6 +591,10 @@ def resolve_output(input_path: Optional[Path], output: Optional[Union[str, os.Pa
     if input_path is not None and out.resolve() == input_path.resolve():
         raise OutputError(f"output '{out}' is the input model; onnxprune never overwrites its "
                           "input, choose another -o/--output")
+    data = out.with_name(out.name + ".data")
+    if external and data.exists() and not force:
+        raise OutputError(f"output data file '{data}' already exists; pass --force (force=True) "
+                          "to overwrite it or choose another -o/--output")
     if out.exists() and not force:
         raise OutputError(f"output '{out}' already exists; pass --force (force=True) to "
                           "overwrite it or choose another -o/--output")

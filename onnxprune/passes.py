@@ -467,12 +467,15 @@ class Validate(Pass):
                 state.gate_failure = ("--max-error cannot be measured: onnxruntime cannot run "
                                       "the input model")
             return False, note, {}
+        reference = feeds = None
+        if self.compare:
+            feeds = self._feeds(state)
+            reference = v.run_model(reference_session, feeds)
+        del reference_session  # one model in onnxruntime at a time: big models are big twice
         with mio.materialized(state.handle) as candidate:
             v.check_valid(candidate, full_check=state.full_check)
             if not self.compare:
                 return False, "valid: checker + onnxruntime", {}
-            feeds = self._feeds(state)
-            reference = v.run_model(reference_session, feeds)
             outputs = v.run_model(candidate, feeds, candidate=True)
         state.comparison = v.compare(reference, outputs)
         summary = (f"valid; max abs error {state.comparison.max_abs:.3g}, worst cosine "

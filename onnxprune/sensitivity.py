@@ -333,13 +333,14 @@ def _allocate_discrete(table: SensitivityTable, keys: List[str], counts: np.ndar
 # -- data-free guard --------------------------------------------------------------------------
 #: Tensors up to this size are checked whole; bigger ones on evenly spaced rows and columns
 #: first (what the guard costs must stay small next to pruning itself: ResNet-50 has 25 M weights).
-_GUARD_FULL = 1 << 16
+_GUARD_FULL = 1 << 12
+_GUARD_CONFIRM = 1 << 22  # a tensor whose samples look fixed is confirmed whole up to this
 
 
 def looks_fixed(w: np.ndarray) -> Optional[str]:
     """Why ``w`` looks like a fixed operand rather than a learned weight, or None.
 
-    Large tensors are screened on 16 evenly spaced rows and 16 columns; only a tensor whose
+    Large tensors are screened on 6 evenly spaced rows and 6 columns; only a tensor whose
     samples look fixed is checked whole (up to 4 M elements; past that the samples decide).
     See :func:`_looks_fixed_whole` for the tests.
     """
@@ -348,13 +349,13 @@ def looks_fixed(w: np.ndarray) -> Optional[str]:
         return _looks_fixed_whole(a)
     m = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(1, -1)
     r, c = m.shape
-    rows = m[np.unique(np.linspace(0, r - 1, min(r, 16)).astype(int))]
-    cols = m[:, np.unique(np.linspace(0, c - 1, min(c, 16)).astype(int))]
+    rows = m[np.unique(np.linspace(0, r - 1, min(r, 6)).astype(int))]
+    cols = m[:, np.unique(np.linspace(0, c - 1, min(c, 6)).astype(int))]
     if not np.isfinite(rows).all() or not np.isfinite(cols).all():
         return "holds NaN or infinity"
     if _looks_fixed_whole(rows) is None and _looks_fixed_whole(cols) is None:
         return None
-    return _looks_fixed_whole(a) if a.size <= 64 * _GUARD_FULL else (
+    return _looks_fixed_whole(a) if a.size <= _GUARD_CONFIRM else (
         _looks_fixed_whole(rows) or _looks_fixed_whole(cols))
 
 
@@ -385,7 +386,9 @@ def _looks_fixed_whole(w: np.ndarray) -> Optional[str]:
         return "at most one non-zero per row and column (identity, permutation or one-hot)"
     if m.shape[0] > 1 and m.shape[1] > 1 and np.all(m == m[0]):
         return "every row is identical (one fixed filter repeated per channel)"
-    if a.size >= 64 and np.unique(flat).size <= 4:
+    # A learned tensor shows more than 4 values within its first few hundred: check those
+    # first, so the full sort runs only for tensors that may really be a fixed pattern.
+    if a.size >= 64 and np.unique(flat[:512]).size <= 4 and np.unique(flat).size <= 4:
         return f"only {np.unique(flat).size} distinct values in {a.size} (a fixed pattern)"
     for mat, side in ((m, "rows"), (m.T, "columns")):
         reason = _orthogonal(mat, side) or _sinusoidal(mat, side) or _affine(mat, side)
@@ -421,7 +424,9 @@ def _sinusoidal(m: np.ndarray, side: str) -> Optional[str]:
         return None
     # A sinusoid's energy sits in one main lobe and its first side lobes: 40 bins of the 4x
     # padded spectrum hold >= 98% even unwindowed; a learned row spreads over all 2c+1.
-    top = np.sort(spectrum[live], axis=1)[:, -40:].sum(axis=1)
+    live_spec = spectrum[live]
+    k = min(40, live_spec.shape[1])
+    top = np.partition(live_spec, live_spec.shape[1] - k, axis=1)[:, -k:].sum(axis=1)
     if np.all(top / energy[live] > 0.97):
         return f"every one of its {side} is a (windowed) sinusoid (an STFT/DFT/DCT basis)"
     return None

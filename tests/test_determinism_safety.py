@@ -148,9 +148,6 @@ def test_force_needed_to_overwrite_external_output(sources, tmp_path):
     assert all(second[k][0] != first[k][0] for k in first)  # both rewritten (other sparsity)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a file already at <output>.data is overwritten "
-                   "without --force when <output> itself does not exist (resolve_output checks "
-                   "only the model path)")
 def test_existing_data_file_not_overwritten_without_force(sources, tmp_path):
     stranger = tmp_path / "out.onnx.data"
     stranger.write_bytes(b"somebody else's weights")

@@ -29,6 +29,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -154,7 +155,17 @@ def session(path: str) -> ort.InferenceSession:
 # =============================================================================================
 # settings
 # =============================================================================================
-def digits_rows(calib: str, samples: int, quick: bool) -> List[Row]:
+FIRST_DENSE = ", first conv dense"
+
+
+def first_conv_weight(model_path: Path) -> str:
+    import onnx
+
+    graph = onnx.load(str(model_path)).graph
+    return next(n.input[1] for n in graph.node if n.op_type == "Conv")
+
+
+def digits_rows(calib: str, samples: int, quick: bool, first_conv: str) -> List[Row]:
     rows: List[Row] = []
     cal = dict(calibration=calib, calibration_samples=samples)
     unstructured = (0.5, 0.9) if quick else (0.5, 0.7, 0.9)
@@ -170,6 +181,14 @@ def digits_rows(calib: str, samples: int, quick: bool) -> List[Row]:
         for crit in ("magnitude",) + CALIBRATED:
             rows.append(Row(crit, label, dict(kw, criterion=crit, allocate="sensitivity", **cal),
                             allocate="sensitivity"))
+    # The first conv (1 input channel, 9 weights per filter) is where uniform pruning hurts
+    # most: the same settings with it left dense (a user's --exclude), for comparison.
+    for pattern, sparsity, label in (("unstructured", 0.5, "unstructured 50%"),
+                                     ("2:4", None, "2:4 (50%)")):
+        kw = dict(pattern=pattern, sparsity=sparsity, exclude=f"^{re.escape(first_conv)}$")
+        rows.append(Row("magnitude", label + FIRST_DENSE, dict(kw, criterion="magnitude")))
+        for crit in CALIBRATED:
+            rows.append(Row(crit, label + FIRST_DENSE, dict(kw, criterion=crit, **cal)))
     for s in (0.3, 0.5):
         label = f"channel {s:.0%}"
         kw = dict(pattern="channel", sparsity=s, criterion="magnitude")
@@ -219,7 +238,8 @@ def run_digits(args) -> dict:
 
     dense, _ = evaluate(str(model))
     print(f"digits: dense top-1 {dense:.4f} on {len(labels)} test images")
-    rows = digits_rows(calib, args.samples, args.quick)
+    samples = args.samples or 256
+    rows = digits_rows(calib, samples, args.quick, first_conv_weight(model))
     with tempfile.TemporaryDirectory() as tmp:
         cwd = os.getcwd()
         os.chdir(ROOT)
@@ -228,7 +248,7 @@ def run_digits(args) -> dict:
         finally:
             os.chdir(cwd)
     return {"dense": dense, "dense_exact": None, "rows": rows, "n_test": len(labels),
-            "samples": min(args.samples, 256)}
+            "samples": min(samples, 256)}
 
 
 # =============================================================================================
@@ -272,7 +292,8 @@ def run_ppocr(args) -> Optional[dict]:
     latin, cjk = rtl.find_fonts()
     maker = rtl.LineMaker(classes, latin, cjk)
     n_test = 60 if args.quick else args.test_lines
-    n_cal = min(args.samples, 32) if args.quick else args.samples
+    n_cal = args.samples or 128
+    n_cal = min(n_cal, 32) if args.quick else n_cal
     test = maker.lines(n_test, seed=1)
     cal = maker.lines(n_cal, seed=2)
     truths = [t for t, _ in test]
@@ -355,12 +376,14 @@ def targets(result: dict, model: str) -> List[str]:
 
     def check(name, method, setting, floor):
         parts = []
-        for alloc in ("uniform", "sensitivity"):
-            r = by.get((method, setting, alloc))
+        for alloc, s in (("uniform", setting), ("sensitivity", setting),
+                         ("uniform", setting + FIRST_DENSE)):
+            r = by.get((method, s, alloc))
             if r is None:
                 continue
             ok = pct(r) >= floor
-            parts.append(f"{alloc}: {pct(r):.1f}% {'met' if ok else 'NOT met'}")
+            what = "first conv dense" if s != setting else alloc
+            parts.append(f"{what}: {pct(r):.1f}% {'met' if ok else 'NOT met'}")
         out.append(f"- {name} (≥ {floor:g}% of dense): " + ("; ".join(parts) or "not measured"))
 
     check("sparsegpt, unstructured 50%", "sparsegpt", "unstructured 50%", 98)
@@ -408,7 +431,18 @@ def machine_note(started_load, ended_load) -> str:
     import onnx
     import onnxprune  # noqa: F401
 
-    return (f"{os.cpu_count()} cores ({cpu}), shared with other jobs: load average "
+    import subprocess
+
+    try:  # read-only: which code was measured
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "onnxprune"],
+                               capture_output=True, text=True).stdout.split("\n")
+        dirty = [d[3:] for d in dirty if d.strip()]
+        code = f"onnxprune at {head}" + (f" + uncommitted {', '.join(dirty)}" if dirty else "")
+    except OSError:
+        code = "onnxprune (git not available)"
+    return (f"{code}; {os.cpu_count()} cores ({cpu}), shared with other jobs: load average "
             f"{started_load[0]:.1f} at start, {ended_load[0]:.1f} at end; Python "
             f"{platform.python_version()}, numpy {np.__version__}, onnx {onnx.__version__}, "
             f"onnxruntime {ort.__version__}")
@@ -454,9 +488,9 @@ def write_blocks(path: Path, blocks: Dict[str, str]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=("digits", "ppocr"), help="one model only")
-    ap.add_argument("--samples", type=int, default=128,
-                    help="calibration samples (digits: from digits_calib.npz, 256 there; "
-                         "ppocr: rendered calibration lines). Default 128")
+    ap.add_argument("--samples", type=int, default=None,
+                    help="calibration samples (digits: taken from digits_calib.npz, default all "
+                         "256; ppocr: rendered calibration lines, default 128)")
     ap.add_argument("--test-lines", type=int, default=300, help="ppocr test lines (300)")
     ap.add_argument("--quick", action="store_true",
                     help="fewer settings; ppocr: 60 test lines, at most 32 calibration lines")
