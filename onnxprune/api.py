@@ -17,8 +17,8 @@ import onnx
 
 from . import io as mio
 from .errors import OptionError, ValidationFailed
-from .passes import (ApplyMasks, FindWeights, Pass, PruneState, ScoreWeights, SelectWeights,
-                     Track, Validate, no_progress)
+from .passes import (DEFAULT_MEMORY_BUDGET, ApplyMasks, FindWeights, Pass, PruneState,
+                     ScoreWeights, SelectWeights, Track, Validate, no_progress)
 from .calibrated import AllocateBySensitivity, Calibrate, SparseGPT
 from .calibration import ImagePreprocess
 from .criteria import get_criterion
@@ -70,6 +70,8 @@ class PruneOptions:
     .npz path or dict) or inputs generated from the signature (``input_shapes`` fixes dynamic
     dims); ``max_error`` gates on the relative max error. ``search`` bisects for the highest
     sparsity (up to ``sparsity``, default 0.95) whose error stays within ``max_error``.
+    ``memory_budget``: bytes of scores held across weights; past it scoring streams (two passes
+    over the weights, memory bounded by the largest weight, for models of any size).
     """
 
     pattern: str = "unstructured"
@@ -101,6 +103,7 @@ class PruneOptions:
     max_error: Optional[float] = None
     search: bool = False
     seed: int = 0
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
 
     def __post_init__(self):
         if self.search and self.max_error is None:
@@ -223,7 +226,8 @@ def prune(model: mio.ModelLike, pattern: str = "unstructured",
 def _run(model: mio.ModelLike, opts: PruneOptions, output, force: bool, track: Track
          ) -> PruneResult:
     """One pipeline run with fixed options: load, passes, save, report."""
-    state = PruneState.from_model(model, seed=opts.seed, track=track)
+    state = PruneState.from_model(model, seed=opts.seed, track=track,
+                                  memory_budget=opts.memory_budget)
     out = None
     if output is not None:
         out = mio.resolve_output(state.handle.path, output, force,

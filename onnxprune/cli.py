@@ -170,6 +170,9 @@ def _run(fn):
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Write the report as JSON here.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--memory-budget", type=int, default=256, show_default=True,
+              help="MiB of scores held across weights; past it, scoring streams (models of any "
+                   "size in bounded memory).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No report or progress on stdout.")
 def prune_command(model, output, report_path, force, quiet, **flags):
@@ -226,6 +229,7 @@ def _options(flags: dict) -> dict:
     f["validate"] = not f.pop("no_validate")
     f["guard_fixed"] = not f.pop("prune_fixed")
     f["input_shapes"] = parse_input_shapes(f["input_shapes"])
+    f["memory_budget"] = f["memory_budget"] << 20
     image = {k: f.pop(f"image_{k}") for k in ("size", "scale", "mean", "std", "layout", "order")}
     if image["size"] or image["mean"] or image["std"]:
         f["image_preprocess"] = ImagePreprocess(
