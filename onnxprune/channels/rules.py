@@ -383,6 +383,8 @@ def _conv(ctx: NodeCtx) -> None:
     if ws is None or not all(isinstance(d, int) for d in ws):
         return
     layout = layout_for(ctx.node, 1, ws)
+    if layout is None:  # not a weight shape this op can have: nothing here is mapped (frozen)
+        return
     group = int(ctx.attr("group", 1))
     cout, cin_g = ws[layout.out_axis], ws[layout.in_axis]
     cin = cin_g * group
@@ -425,6 +427,8 @@ def _conv_transpose(ctx: NodeCtx) -> None:
     if ws is None or not all(isinstance(d, int) for d in ws):
         return
     layout = layout_for(ctx.node, 1, ws)
+    if layout is None:  # not a weight shape this op can have: nothing here is mapped (frozen)
+        return
     group = int(ctx.attr("group", 1))
     cin, cout_g = ws[layout.in_axis], ws[layout.out_axis]
     cout = cout_g * group
