@@ -115,8 +115,8 @@ def test_corpus_models(corpus_model, name, sparsity):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("ONNXPRUNE_SLOW_TESTS"),
-                    reason="VGG-19/AlexNet/ZFNet take ~100 s; set ONNXPRUNE_SLOW_TESTS=1")
+@pytest.mark.skipif(os.environ.get("ONNXPRUNE_SLOW") != "1",
+                    reason="VGG-19/AlexNet/ZFNet take ~100 s; set ONNXPRUNE_SLOW=1")
 @pytest.mark.parametrize("name", sorted(SLOW))
 def test_corpus_large_models(corpus_model, name):
     shapes, max_freeze = SLOW[name]
