@@ -228,13 +228,34 @@ def select(weights: Sequence[Weight], *, pattern: str, sparsity: Optional[Union[
             b = settings[bound]
             if not isinstance(b, (int, float)) or not 0.0 <= float(b) <= 1.0:
                 raise OptionError(f"{bound}={b!r} must be in [0, 1]")
+        misfit = _nm_misfit(w, pat)
+        if misfit is not None:
+            skipped.append(Skipped(w.name, misfit))
+            continue
         plans.append(LayerPlan(w, pat, target, str(settings["criterion"]),
                                float(settings["min_sparsity"]), float(settings["max_sparsity"]),
                                rule_index))
     if not plans:
-        raise SelectionError("the config's skip rules deselect every weight; nothing to prune")
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
+        raise SelectionError(f"every selected weight was left alone, nothing to prune ({reasons})")
     _counts_to_fractions(plans)
     return plans, skipped
+
+
+def _nm_misfit(weight: Weight, pattern: Pattern) -> Optional[str]:
+    """Why an N:M pattern cannot be laid on this convolution as sparse kernels read it, or None.
+
+    N:M groups run over ``m`` consecutive input channels at one kernel position; with a channel
+    count that is not a multiple of ``m`` the groups would straddle kernel positions, a layout
+    no sparse kernel reads (a first conv over RGB or grayscale input, typically)."""
+    m = getattr(pattern, "m", None)
+    if m is None or weight.op_type not in ("Conv", "ConvTranspose") or weight.layout.view:
+        return None
+    channels = weight.shape[weight.layout.in_axis]
+    if channels % m == 0:
+        return None
+    return (f"{pattern.spec} needs input channels in multiples of {m} per kernel position; "
+            f"this {weight.op_type} has {channels}, so it stays dense")
 
 
 def _counts_to_fractions(plans: List[LayerPlan]) -> None:

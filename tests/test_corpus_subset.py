@@ -59,10 +59,20 @@ MODELS = {
 }
 
 
+#: (model, pattern) pairs whose outcome differs from the model's: 2:4 cannot be laid on a conv
+#: whose input channels are not a multiple of 4 (as sparse kernels read it), and these models'
+#: only convs have 1-3 input channels per group.
+NM_MISFIT = "multiples of 4"
+PER_PATTERN = {(m, "2:4"): NM_MISFIT for m in (
+    "pytorch-converted/test_Conv1d_groups", "pytorch-converted/test_Conv2d_depthwise_with_multiplier",
+    "pytorch-converted/test_Conv2d_no_bias", "pytorch-converted/test_Conv3d_dilated_strided",
+    "pytorch-converted/test_ConvTranspose2d", "pytorch-operator/test_operator_convtranspose")}
+
+
 def _cases():
     for model, expected in MODELS.items():
         for pid in PATTERNS:
-            yield pytest.param(model, pid, expected,
+            yield pytest.param(model, pid, PER_PATTERN.get((model, pid), expected),
                                id=f"{model.split('/')[1].removeprefix('test_')}-{pid}")
 
 

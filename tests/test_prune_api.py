@@ -255,3 +255,17 @@ def test_dead_channels_after_masks_removed_exactly():
     x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(B.run(resized.model, {"x": x})[0], B.run(masked.model, {"x": x})[0],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_nm_skips_convs_whose_input_channels_do_not_fill_groups():
+    from onnx import TensorProto, helper
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["a", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    model = B.make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])],
+                         [B.tensor("w1", (8, 3, 3, 3), 1), B.tensor("w2", (8, 8, 3, 3), 2)])
+    res = onnxprune.prune(model, pattern="2:4")
+    assert "multiples of 4" in dict(res.report.skipped)["w1"]
+    a = arrays(res.model)
+    assert zeros(a["w1"]) == 0
+    assert ((a["w2"] != 0).reshape(8, 2, 4, 3, 3).sum(axis=2) == 2).all()
