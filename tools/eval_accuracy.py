@@ -203,7 +203,21 @@ def digits_rows(calib: str, samples: int, quick: bool, first_conv: str) -> List[
     return rows
 
 
-def ppocr_rows(calib: str, samples: int, input_name: str, quick: bool) -> List[Row]:
+DW_DENSE = ", depthwise + first conv dense"
+
+
+def depthwise_and_first(model_path: Path) -> List[str]:
+    """Weights of the first Conv and of every grouped (depthwise) Conv."""
+    import onnx
+
+    convs = [n for n in onnx.load(str(model_path)).graph.node if n.op_type == "Conv"]
+    grouped = [n.input[1] for n in convs
+               if any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    return [convs[0].input[1]] + grouped
+
+
+def ppocr_rows(calib: str, samples: int, input_name: str, quick: bool,
+               small: Sequence[str]) -> List[Row]:
     rows: List[Row] = []
     shapes = {input_name: (1, 3, 48, 320)}
     cal = dict(calibration=calib, calibration_samples=samples)
@@ -219,6 +233,16 @@ def ppocr_rows(calib: str, samples: int, input_name: str, quick: bool) -> List[R
         for crit in crits:
             rows.append(Row(crit, label, dict(kw, criterion=crit, allocate="sensitivity", **cal),
                             allocate="sensitivity"))
+    # Filters with 9 or 25 weights (depthwise) and the 27-weight first conv are where uniform
+    # pruning hurts most: the same settings with them left dense (a user's --exclude).
+    if not quick:
+        exclude = "^(" + "|".join(re.escape(n) for n in small) + ")$"
+        for pattern, sparsity, label in (("unstructured", 0.5, "unstructured 50%"),
+                                         ("2:4", None, "2:4 (50%)")):
+            kw = dict(pattern=pattern, sparsity=sparsity, input_shapes=shapes, exclude=exclude)
+            rows.append(Row("magnitude", label + DW_DENSE, dict(kw, criterion="magnitude")))
+            for crit in CALIBRATED:
+                rows.append(Row(crit, label + DW_DENSE, dict(kw, criterion=crit, **cal)))
     return rows
 
 
@@ -326,7 +350,8 @@ def run_ppocr(args) -> Optional[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         calib = str(Path(tmp) / "ppocr_calib.npz")
         np.savez(calib, **{input_name: x_cal})
-        rows = ppocr_rows(calib, n_cal, input_name, args.quick)
+        rows = ppocr_rows(calib, n_cal, input_name, args.quick,
+                          depthwise_and_first(PPOCR_REC))
         run_rows(PPOCR_REC, rows, evaluate, args.row_timeout, Path(tmp))
     return {"dense": dense, "dense_exact": dense_exact, "rows": rows, "n_test": n_test,
             "samples": n_cal, "order": order, "dense_by_order": dense_by_order,
@@ -377,12 +402,12 @@ def targets(result: dict, model: str) -> List[str]:
     def check(name, method, setting, floor):
         parts = []
         for alloc, s in (("uniform", setting), ("sensitivity", setting),
-                         ("uniform", setting + FIRST_DENSE)):
+                         ("uniform", setting + FIRST_DENSE), ("uniform", setting + DW_DENSE)):
             r = by.get((method, s, alloc))
             if r is None:
                 continue
             ok = pct(r) >= floor
-            what = "first conv dense" if s != setting else alloc
+            what = s[len(setting) + 2:] if s != setting else alloc
             parts.append(f"{what}: {pct(r):.1f}% {'met' if ok else 'NOT met'}")
         out.append(f"- {name} (≥ {floor:g}% of dense): " + ("; ".join(parts) or "not measured"))
 
@@ -419,7 +444,28 @@ def targets(result: dict, model: str) -> List[str]:
     return out
 
 
-def machine_note(started_load, ended_load) -> str:
+def code_version() -> str:
+    """Which onnxprune was measured (read-only git calls)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "onnxprune"],
+                               capture_output=True, text=True).stdout.split("\n")
+    except OSError:
+        return "onnxprune (git not available)"
+    dirty = [d[3:] for d in dirty if d.strip()]
+    import hashlib
+
+    digest = hashlib.sha1()
+    for f in sorted((ROOT / "onnxprune").rglob("*.py")):
+        digest.update(f.read_bytes())
+    return (f"onnxprune at {head}" + (f" + uncommitted {', '.join(dirty)}" if dirty else "")
+            + f" (sources sha1 {digest.hexdigest()[:10]})")
+
+
+def machine_note(code_before: str, started_load, ended_load) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -429,23 +475,22 @@ def machine_note(started_load, ended_load) -> str:
     except OSError:
         pass
     import onnx
-    import onnxprune  # noqa: F401
 
-    import subprocess
-
-    try:  # read-only: which code was measured
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "onnxprune"],
-                               capture_output=True, text=True).stdout.split("\n")
-        dirty = [d[3:] for d in dirty if d.strip()]
-        code = f"onnxprune at {head}" + (f" + uncommitted {', '.join(dirty)}" if dirty else "")
-    except OSError:
-        code = "onnxprune (git not available)"
+    code_after = code_version()
+    same = code_after.rsplit("(", 1)[-1] == code_before.rsplit("(", 1)[-1]
+    code = code_before if code_after == code_before else (
+        f"{code_before} at start, {code_after} at end "
+        + ("(committed during the run; same sources)" if same
+           else "(the sources CHANGED during the run)"))
     return (f"{code}; {os.cpu_count()} cores ({cpu}), shared with other jobs: load average "
             f"{started_load[0]:.1f} at start, {ended_load[0]:.1f} at end; Python "
             f"{platform.python_version()}, numpy {np.__version__}, onnx {onnx.__version__}, "
             f"onnxruntime {ort.__version__}")
+
+
+ZEROS_NOTE = ("`zeros` = fraction of the pruned weights' elements that are zero or removed "
+              "(weights left alone — excluded, or convs N:M cannot lay groups on — are not "
+              "counted); `params ×r` = params left after channels are removed.")
 
 
 def block(model: str, result: dict, command: str, machine: str) -> str:
@@ -454,21 +499,15 @@ def block(model: str, result: dict, command: str, machine: str) -> str:
     if model == "digits":
         lines += [f"Test split: {result['n_test']} images (models/digits_test.npz); calibration: "
                   f"first {result['samples']} images of models/digits_calib.npz (training split)."
-                  " `zeros` = fraction of the selected weights' elements that are zero or "
-                  "removed; `params ×r` = params left after channel removal.", ""]
+                  " " + ZEROS_NOTE, ""]
     else:
         b, r = result["dense_by_order"]["BGR"], result["dense_by_order"]["RGB"]
         lines += [f"Test: {result['n_test']} rendered lines (seed 1); calibration: "
                   f"{result['samples']} other rendered lines (seed 2), saved as an .npz keyed "
-                  f"by the model's input name. Characters: {result['charset']}.", "",
+                  f"by the model's input name. Characters: {result['charset']}. " + ZEROS_NOTE, "",
                   f"Channel order: dense char accuracy BGR {b[0]:.4f} (exact {b[1]:.4f}), RGB "
                   f"{r[0]:.4f} (exact {r[1]:.4f}); the rows use **{result['order']}**.", ""]
     lines += table(result, model == "ppocr") + ["", "Targets:", ""] + targets(result, model)
-    notes = sorted({n for row in result["rows"] for n in row.notes if "not counted" not in n})
-    if notes:
-        lines += ["", "<details><summary>notes from the pruning reports</summary>", ""]
-        lines += [f"- {n}" for n in notes[:30]]
-        lines += ["", "</details>"]
     return "\n".join(lines)
 
 
@@ -502,6 +541,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     command = "python tools/eval_accuracy.py " + " ".join(argv if argv is not None
                                                            else sys.argv[1:])
     load0 = os.getloadavg()
+    code0 = code_version()
     results = {}
     if args.only in (None, "digits"):
         results["digits"] = run_digits(args)
@@ -509,7 +549,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         got = run_ppocr(args)
         if got is not None:
             results["ppocr"] = got
-    machine = machine_note(load0, os.getloadavg())
+    machine = machine_note(code0, load0, os.getloadavg())
     blocks = {m: block(m, r, command, machine) for m, r in results.items()}
     for m, b in blocks.items():
         print(f"\n## {m}\n\n{b}")
