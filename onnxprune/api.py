@@ -19,7 +19,7 @@ from . import io as mio
 from .errors import OptionError, ValidationFailed
 from .passes import (DEFAULT_MEMORY_BUDGET, ApplyMasks, FindWeights, Pass, PruneState,
                      ScoreWeights, SelectWeights, Track, Validate, no_progress)
-from .calibrated import AllocateBySensitivity, Calibrate, SparseGPT
+from .calibrated import AllocateBySensitivity, Calibrate, CorrectBias, SparseGPT
 from .calibration import ImagePreprocess
 from .criteria import get_criterion
 from .report import LayerRow, Report
@@ -64,7 +64,9 @@ class PruneOptions:
     Calibration: ``calibration`` (an .npz, a folder of .npy/.npz or images, a dict of arrays, or
     a CalibrationSet), ``calibration_samples``, ``image_preprocess``; ``refit`` refits the
     consumers of removed channels by least squares; ``allocate="sensitivity"`` spreads the
-    target over layers by measured output error instead of uniformly.
+    target over layers by measured output error instead of uniformly; ``bias_correction``
+    (on whenever calibration data is given) moves the mean that pruned weights carried into
+    the layer's bias.
 
     Validation: onnx checker + onnxruntime, then original vs pruned outputs on ``inputs`` (an
     .npz path or dict) or inputs generated from the signature (``input_shapes`` fixes dynamic
@@ -95,6 +97,7 @@ class PruneOptions:
     calibration_samples: int = 128
     image_preprocess: Optional[ImagePreprocess] = None
     refit: bool = False
+    bias_correction: bool = True
     allocate: str = "uniform"
     validate: bool = True
     compare: bool = True
@@ -162,8 +165,7 @@ def build_passes(options: PruneOptions) -> List[Pass]:
         passes.append(Calibrate(o.calibration, o.calibration_samples, o.image_preprocess,
                                 o.input_shapes, hessian=o.refit,
                                 targets="all" if o.refit else "selected", seed=o.seed,
-                                collect=(crit.needs_activations and not crit.reconstructs)
-                                or o.refit))
+                                collect=True))
     if o.allocate == "sensitivity":
         passes.append(AllocateBySensitivity())
     if o.channel_removal:
@@ -177,6 +179,8 @@ def build_passes(options: PruneOptions) -> List[Pass]:
         else:
             passes += [ScoreWeights(user_scores=o.scores, guard_fixed=o.guard_fixed),
                        ApplyMasks(scope=o.scope, masks=o.masks)]
+        if o.needs_calibration and o.bias_correction:
+            passes.append(CorrectBias())
         if o.resize is not False:
             passes.append(RemoveDeadChannels(input_shapes=o.input_shapes,
                                              keep_layouts=o.resize is None))

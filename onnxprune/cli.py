@@ -145,6 +145,9 @@ def _run(fn):
 @click.option("--refit", is_flag=True,
               help="Channel pattern: refit consumers of removed channels by least squares on "
                    "the calibration data.")
+@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
+              help="With calibration data: move the mean that pruned weights carried into the "
+                   "layer's bias.")
 @click.option("--allocate", type=click.Choice(["uniform", "sensitivity"]), default="uniform",
               show_default=True,
               help="sensitivity: measure each layer's output error on the calibration data and "

@@ -235,6 +235,18 @@ def _reshaped(shape: Tuple[int, ...], target: np.ndarray, node: onnx.NodeProto
     return tuple(out)
 
 
+def stored_tensors(graph: onnx.GraphProto) -> Dict[str, onnx.TensorProto]:
+    """The graph's stored tensors by the name nodes read them under: initializers and the
+    outputs of ``Constant`` nodes (this graph only, not subgraphs)."""
+    out = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            tensor = _constant_tensor(node)
+            if tensor is not None:
+                out[node.output[0]] = tensor
+    return out
+
+
 def _constant_tensor(node: onnx.NodeProto) -> Optional[onnx.TensorProto]:
     for attr in node.attribute:
         if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
