@@ -120,6 +120,10 @@ class PruneOptions:
         if self.allocate not in ("uniform", "sensitivity"):
             raise OptionError(f"allocate must be 'uniform' or 'sensitivity', got "
                               f"'{self.allocate}'")
+        if self.allocate == "sensitivity" and self.pattern == "channel":
+            raise OptionError("--allocate sensitivity spreads a weight sparsity over layers; "
+                              "channel pruning ranks channels per group (use --scope global to "
+                              "let groups differ)")
         if self.refit and self.pattern != "channel":
             raise OptionError("--refit refits the consumers of removed channels; it needs "
                               "--pattern channel")

@@ -194,12 +194,7 @@ def digits_rows(calib: str, samples: int, quick: bool, first_conv: str) -> List[
         kw = dict(pattern="channel", sparsity=s, criterion="magnitude")
         rows.append(Row("magnitude", label, kw))
         rows.append(Row("magnitude + refit", label, dict(kw, refit=True, **cal)))
-        if not quick:
-            rows.append(Row("magnitude", label, dict(kw, allocate="sensitivity", **cal),
-                            allocate="sensitivity"))
-            rows.append(Row("magnitude + refit", label,
-                            dict(kw, refit=True, allocate="sensitivity", **cal),
-                            allocate="sensitivity"))
+        # (sensitivity allocation spreads a weight sparsity; channel pruning refuses it)
     return rows
 
 
