@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
-import hashlib
 import json
 import os
 import re
@@ -59,6 +58,9 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fetch_corpus import sha256_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ONNX_COLLECTIONS = ("simple", "pytorch-converted", "pytorch-operator")
@@ -180,14 +182,6 @@ class RunResult:
     detail: str = ""  # traceback tail for FAILED rows
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _first_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else ""
@@ -294,7 +288,7 @@ def run_model(entry_label: str, path: Path, patterns=PATTERNS) -> Iterable[RunRe
         full_check = True
     except Exception:
         full_check = False
-    hash_before = _sha256(path)
+    hash_before = sha256_file(path)
     dtypes_before = _tensor_dtypes(path)
     references = {None: _Reference(path)}
     known = KNOWN_INPUT_SHAPES.get(entry_label)
@@ -351,7 +345,7 @@ def run_model(entry_label: str, path: Path, patterns=PATTERNS) -> Iterable[RunRe
             key = None if shapes is None else tuple(sorted(shapes.items()))
             reference = references.setdefault(key, _Reference(path, shapes))
             problem = recheck(out, reference, full_check, dtypes_before)
-            if problem is None and _sha256(path) != hash_before:
+            if problem is None and sha256_file(path) != hash_before:
                 problem = "the input file changed"
             if problem is None:
                 row.result = "ok"
