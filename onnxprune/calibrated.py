@@ -159,6 +159,7 @@ def refit_consumers(state: PruneState, graph, removed: Mapping[int, Sequence[int
                     and not w.layout.view:
                 removed_in.setdefault(w.name, set()).update(int(i) for i in m.indices(units))
     refit = []
+    stored = stored_tensors(state.model.graph)
     for name, gone in removed_in.items():
         w = by_name[name]
         stats = state.layer_stats.get(w.key)
@@ -169,7 +170,7 @@ def refit_consumers(state: PruneState, graph, removed: Mapping[int, Sequence[int
         cols = conv_in_columns(w.layout, kept)
         raw = state.handle.read(w.tensor)
         w2d = w.layout.to_2d(raw).astype(np.float64)
-        bias = _bias_tensor(graph, w)
+        bias = _stored_bias(state.model.graph, w, stored)
         hessian = stats.hessian
         if bias is not None:
             hessian = centered_hessian(hessian, stats.in_sums, stats.count)
@@ -183,19 +184,6 @@ def refit_consumers(state: PruneState, graph, removed: Mapping[int, Sequence[int
             state.handle.write(bias, (b.astype(np.float64) + delta).astype(b.dtype))
         refit.append(name)
     return refit
-
-
-def _bias_tensor(graph, weight):
-    """The stored bias of the weight's (single) Conv/Gemm consumer, if it has one."""
-    if len(weight.consumers) != 1:
-        return None
-    node = weight.consumers[0].node
-    if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:
-        return None
-    tensor = graph.stored.get(node.input[2])
-    if tensor is None or len(tensor.dims) != 1:
-        return None  # Gemm's C may broadcast a scalar or a matrix: leave it
-    return tensor
 
 
 class CorrectBias(Pass):
