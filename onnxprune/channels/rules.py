@@ -376,16 +376,25 @@ def _group_maps(groups: int, per: int):
     return (g * per + k).ravel(), np.broadcast_to(k, (groups - 1, per)).ravel()
 
 
-@register_rule("Conv")
-def _conv(ctx: NodeCtx) -> None:
+def _conv_head(ctx: NodeCtx):
+    """Conv/ConvTranspose operands, static weight shape, its layout and ``group``; None when
+    the weight shape is unknown or impossible for the op (nothing is mapped: frozen)."""
     x, w, b, y = ctx.inp(0), ctx.inp(1), ctx.inp(2), ctx.out()
     ws = ctx.shape(w)
     if ws is None or not all(isinstance(d, int) for d in ws):
-        return
+        return None
     layout = layout_for(ctx.node, 1, ws)
-    if layout is None:  # not a weight shape this op can have: nothing here is mapped (frozen)
+    if layout is None:
+        return None
+    return x, w, b, y, ws, layout, int(ctx.attr("group", 1))
+
+
+@register_rule("Conv")
+def _conv(ctx: NodeCtx) -> None:
+    head = _conv_head(ctx)
+    if head is None:
         return
-    group = int(ctx.attr("group", 1))
+    x, w, b, y, ws, layout, group = head
     cout, cin_g = ws[layout.out_axis], ws[layout.in_axis]
     cin = cin_g * group
     ctx.tie((x, 0), (y, 0))
@@ -422,14 +431,10 @@ def _conv(ctx: NodeCtx) -> None:
 
 @register_rule("ConvTranspose")
 def _conv_transpose(ctx: NodeCtx) -> None:
-    x, w, b, y = ctx.inp(0), ctx.inp(1), ctx.inp(2), ctx.out()
-    ws = ctx.shape(w)
-    if ws is None or not all(isinstance(d, int) for d in ws):
+    head = _conv_head(ctx)
+    if head is None:
         return
-    layout = layout_for(ctx.node, 1, ws)
-    if layout is None:  # not a weight shape this op can have: nothing here is mapped (frozen)
-        return
-    group = int(ctx.attr("group", 1))
+    x, w, b, y, ws, layout, group = head
     cin, cout_g = ws[layout.in_axis], ws[layout.out_axis]
     cout = cout_g * group
     cin_g = cin // group
