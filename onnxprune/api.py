@@ -19,7 +19,8 @@ from . import io as mio
 from .errors import OptionError, ValidationFailed
 from .passes import (DEFAULT_MEMORY_BUDGET, ApplyMasks, FindWeights, Pass, PruneState,
                      ScoreWeights, SelectWeights, Track, Validate, no_progress)
-from .calibrated import AllocateBySensitivity, Calibrate, CorrectBias, SparseGPT
+from .calibrated import AllocateBySensitivity, Calibrate, CorrectBias
+from .sequential import PruneSequentially
 from .calibration import ImagePreprocess
 from .criteria import get_criterion
 from .report import LayerRow, Report
@@ -138,6 +139,13 @@ class PruneOptions:
                 and self.config is None)
 
     @property
+    def sequential(self) -> bool:
+        """Prune layer by layer on calibration data (:class:`PruneSequentially`): whenever
+        calibration is used with local scope and masks the pipeline chooses itself."""
+        return (self.needs_calibration and self.scope == "local" and self.pattern != "channel"
+                and self.masks is None and self.scores is None)
+
+    @property
     def needs_calibration(self) -> bool:
         return (get_criterion(self.criterion).needs_activations or self.refit
                 or self.allocate == "sensitivity" or self.calibration is not None)
@@ -164,12 +172,15 @@ def build_passes(options: PruneOptions) -> List[Pass]:
                       op_types=o.op_types, include=o.include, exclude=o.exclude, config=o.config,
                       min_sparsity=o.min_sparsity, max_sparsity=o.max_sparsity),
     ]
+    reconstructs = get_criterion(o.criterion).reconstructs
     if o.needs_calibration:
-        crit = get_criterion(o.criterion)
+        # Layer by layer, statistics are collected per wave as pruning goes; up front only
+        # what sensitivity allocation and channel refits measure on the dense model.
+        collect = not o.sequential or o.allocate == "sensitivity"
         passes.append(Calibrate(o.calibration, o.calibration_samples, o.image_preprocess,
-                                o.input_shapes, hessian=o.refit,
+                                o.input_shapes, hessian=o.refit or (collect and reconstructs),
                                 targets="all" if o.refit else "selected", seed=o.seed,
-                                collect=True))
+                                collect=collect))
     if o.allocate == "sensitivity":
         passes.append(AllocateBySensitivity())
     if o.channel_removal:
@@ -178,13 +189,14 @@ def build_passes(options: PruneOptions) -> List[Pass]:
                                     scope=o.scope, max_group_sparsity=o.max_group_sparsity,
                                     input_shapes=o.input_shapes, refit=o.refit))
     else:
-        if get_criterion(o.criterion).reconstructs:
-            passes.append(SparseGPT())
+        if o.sequential:
+            passes.append(PruneSequentially(bias_correction=o.bias_correction,
+                                            guard_fixed=o.guard_fixed))
         else:
             passes += [ScoreWeights(user_scores=o.scores, guard_fixed=o.guard_fixed),
                        ApplyMasks(scope=o.scope, masks=o.masks)]
-        if o.needs_calibration and o.bias_correction:
-            passes.append(CorrectBias())
+            if o.needs_calibration and o.bias_correction:
+                passes.append(CorrectBias())
         if o.resize is not False:
             passes.append(RemoveDeadChannels(input_shapes=o.input_shapes,
                                              keep_layouts=o.resize is None))

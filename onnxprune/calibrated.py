@@ -1,10 +1,10 @@
-"""Passes that use calibration data: statistics, SparseGPT, channel refit, sensitivity.
+"""Passes that use calibration data: statistics, bias correction, channel refit, sensitivity.
 
 A few hundred real inputs run through onnxruntime keep far more accuracy than data-free
 magnitude pruning. :class:`Calibrate` loads them (or generates inputs, and says the run was
-data-free in effect) and collects per-layer input statistics on the dense model;
-:class:`SparseGPT` prunes layer after layer with inputs taken from the already-pruned upstream
-model; :func:`refit_consumers` refits the consumers of removed channels by least squares;
+data-free in effect) and collects per-layer input statistics on the dense model (layer-by-layer
+pruning, SparseGPT and Wanda, lives in :mod:`onnxprune.sequential`);
+:func:`refit_consumers` refits the consumers of removed channels by least squares;
 :class:`AllocateBySensitivity` measures each layer's output error at several sparsities and
 spreads a global target where it hurts least.
 """
@@ -20,13 +20,11 @@ import onnx
 from . import io as mio
 from .calibration import (CalibrationSet, ImagePreprocess, collect_layer_stats,
                           generated_calibration, load_calibration)
-from .criteria import get_criterion
 from .errors import OptionError
-from .passes import LayerResult, Pass, PruneState
-from .reconstruct import (bias_correction, centered_hessian, conv_in_columns, refit_consumer,
-                          sparsegpt_prune)
+from .passes import Pass, PruneState
+from .reconstruct import bias_correction, centered_hessian, conv_in_columns, refit_consumer
 from .sensitivity import allocate, layer_sensitivity
-from .weights import Skipped, find_weights, stored_tensors
+from .weights import find_weights, stored_tensors
 
 CalibrationSource = Union[str, "os.PathLike", Mapping[str, np.ndarray], CalibrationSet, None]
 
@@ -100,47 +98,6 @@ class Calibrate(Pass):
                        f"{record.model_runs} runs, peak {record.peak_bytes / 2**20:.0f} MiB"
                        + (" (generated inputs)" if data.data_free else "")), {
             "samples": len(data), "data_free": data.data_free, "peak_bytes": record.peak_bytes}
-
-
-class SparseGPT(Pass):
-    """Prune each selected weight with the SparseGPT column sweep, updating its kept weights to
-    undo the error, layer after layer: every layer's ``XᵀX`` comes from the model with all
-    earlier layers already pruned. Works for unstructured, N:M and NxM patterns."""
-
-    name = "sparsegpt"
-
-    def __init__(self, damp: float = 0.01, blocksize: int = 128, batch_size: int = 8):
-        self.damp, self.blocksize, self.batch_size = damp, blocksize, batch_size
-
-    def run(self, state):
-        if state.calibration is None:
-            raise OptionError("sparsegpt needs calibration data: run Calibrate first "
-                              "(CLI: --calibration data.npz)")
-        done = 0
-        for plan in state.track(list(state.plans), "sparsegpt", len(state.plans)):
-            w = plan.weight
-            if plan.pattern.spec == "channel":
-                raise OptionError("sparsegpt does not choose channels; use --pattern channel "
-                                  "with --refit for calibrated channel pruning")
-            stats = collect_layer_stats(state.handle, [w], state.calibration,
-                                        want_hessian=True, batch_size=self.batch_size).get(w.key)
-            if stats is None:
-                state.skipped.append(Skipped(w.name, "its input activation could not be "
-                                                     "collected (inside a subgraph?); not pruned"))
-                continue
-            raw = state.handle.read(w.tensor)
-            w2d = w.layout.to_2d(raw).astype(np.float64)
-            before = int(np.count_nonzero(w2d))
-            target = int(round(plan.sparsity * w.numel))
-            new, keep = sparsegpt_prune(w2d, stats.sparsegpt_hessian, plan.pattern, target,
-                                        damp=self.damp, blocksize=self.blocksize)
-            new = np.where(keep, new, 0.0)
-            state.handle.write(w.tensor, w.layout.from_2d(new.astype(raw.dtype)))
-            after = int(np.count_nonzero(state.handle.read(w.tensor)))
-            state.layers[w.key] = LayerResult(w.key, w.name, w.op_type, w.shape, w.numel,
-                                              before, after, plan.pattern.spec, "sparsegpt")
-            done += 1
-        return done > 0, f"{done} weights pruned and updated layer by layer", {}
 
 
 def refit_consumers(state: PruneState, graph, removed: Mapping[int, Sequence[int]]) -> List[str]:
@@ -269,11 +226,7 @@ class AllocateBySensitivity(Pass):
         if not plans:
             return False, "nothing to allocate (N:M sparsity is fixed)", {}
         specs = {p.pattern.spec for p in plans}
-        # A reconstructing criterion (SparseGPT) is measured through magnitude masks: the
-        # ranking of layers is what matters, and re-running the sweep per trial is costly.
         criterion = plans[0].criterion
-        if get_criterion(criterion).reconstructs:
-            criterion = "magnitude"
         table = layer_sensitivity(state.handle, [p.weight for p in plans], state.calibration,
                                   plans[0].pattern, self.sparsities, criterion,
                                   samples=self.samples, seed=state.seed,

@@ -582,6 +582,12 @@ class LayerStats:
     count: int  # rows of X
     in_sums: np.ndarray  # [in]  sum_rows x_j (means for bias correction)
     group_hessians: Optional[np.ndarray] = None  # [g, in, in] grouped Conv: rows of group i
+    group_sums: Optional[np.ndarray] = None  # [g, in]  sum over group i's rows (g = 1 too)
+    group_rows: int = 0  # rows of X each group's sums are over
+    # Paired with a reference model fed the same inputs (collect_layer_stats(reference=...)):
+    # X_ref is the reference model's X, row for row.
+    ref_sums: Optional[np.ndarray] = None  # [g, in]  sum over group i's rows of X_ref
+    cross: Optional[np.ndarray] = None  # [g, in, in]  X_i^T X_ref_i (with the Hessian)
 
     @property
     def in_norms(self) -> np.ndarray:
@@ -600,7 +606,8 @@ class LayerStats:
 
     @property
     def nbytes(self) -> int:
-        arrays = (self.in_sq_norms, self.hessian, self.in_sums, self.group_hessians)
+        arrays = (self.in_sq_norms, self.hessian, self.in_sums, self.group_hessians,
+                  self.group_sums, self.ref_sums, self.cross)
         return sum(a.nbytes for a in arrays if a is not None)
 
 
@@ -846,19 +853,27 @@ def _row_blocks(v: np.ndarray, groups: int, in_dim: int, block_bytes: int, dtype
 class _Accumulator:
     """Streaming float64 sums for one extractor signature."""
 
-    def __init__(self, extractor: _Extractor, want_hessian: bool) -> None:
+    def __init__(self, extractor: _Extractor, want_hessian: bool, paired: bool = False) -> None:
         g, d = extractor.groups, extractor.in_dim
         self.extractor = extractor
         self.sq = np.zeros((g, d))
         self.sums = np.zeros((g, d))
         self.h = np.zeros((g, d, d)) if want_hessian else None
+        self.ref_sums = np.zeros((g, d)) if paired else None
+        self.cross = np.zeros((g, d, d)) if paired and want_hessian else None
         self.rows = 0
 
     @property
     def nbytes(self) -> int:
-        return self.sq.nbytes + self.sums.nbytes + (self.h.nbytes if self.h is not None else 0)
+        return sum(a.nbytes for a in (self.sq, self.sums, self.h, self.ref_sums, self.cross)
+                   if a is not None)
 
-    def add(self, block: np.ndarray) -> None:
+    def add(self, block: np.ndarray, ref_block: Optional[np.ndarray] = None) -> None:
+        """One row block of ``X`` (and, paired, the same rows of the reference's ``X``)."""
+        if self.ref_sums is not None:
+            self.ref_sums += ref_block.sum(axis=1, dtype=np.float64)
+            if self.cross is not None:
+                self.cross += np.matmul(block.transpose(0, 2, 1), ref_block)
         # Block products may be float32 (precision="float32"); sums across blocks are float64.
         self.sums += block.sum(axis=1, dtype=np.float64)
         if self.h is None:
@@ -872,12 +887,13 @@ class _Accumulator:
 
     def finish(self) -> LayerStats:
         ex = self.extractor
-        h = self.h
+        h, cross = self.h, self.cross
         if h is not None:
             sq = np.einsum("gii->gi", h).sum(axis=0)
             if ex.col_group_of is not None and ex.col_groups > 1:
                 same = ex.col_group_of[:, None] == ex.col_group_of[None, :]
                 h = h * same[None]
+                cross = cross * same[None] if cross is not None else None
         else:
             sq = self.sq.sum(axis=0)
         count = self.rows
@@ -886,7 +902,9 @@ class _Accumulator:
         total = h.sum(axis=0) if h is not None else None
         groups = h if (h is not None and h.shape[0] > 1) else None
         return LayerStats(in_sq_norms=sq, hessian=total, count=count,
-                          in_sums=self.sums.sum(axis=0), group_hessians=groups)
+                          in_sums=self.sums.sum(axis=0), group_hessians=groups,
+                          group_sums=self.sums, group_rows=self.rows // self.sums.shape[0],
+                          ref_sums=self.ref_sums, cross=cross)
 
 
 def _extractor_for(weight: Weight, consumer) -> Tuple[Optional[_Extractor], str]:
@@ -931,7 +949,7 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
                         want_hessian: bool = True, batch_size: int = 8,
                         progress: Optional[Progress] = None,
                         budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                        precision: str = "float64") -> LayerStatsMap:
+                        precision: str = "float64", reference=None) -> LayerStatsMap:
     """``{weight.key: LayerStats}`` from running ``data`` through the model as it is now.
 
     The model is read from ``handle`` in its current state (weights already pruned upstream
@@ -946,11 +964,17 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
     ``precision="float32"`` computes each im2col block's ``X_b^T X_b`` in float32 (about 2x
     faster for wide Conv inputs, ~1e-6 relative error per block) while the sums across blocks
     stay float64; the default does everything in float64.
+
+    ``reference`` (a model with the same graph, e.g. the dense original) is run on the same
+    inputs alongside: each weight's stats then also hold the reference's sums and, with the
+    Hessian, the cross moment ``X^T X_ref`` — what a layer needs to reproduce the reference's
+    outputs from the inputs it now gets (:func:`onnxprune.reconstruct.asymmetric_target`).
     """
     if precision not in ("float64", "float32"):
         raise OptionError(f"precision must be 'float64' or 'float32', got {precision!r}")
     block_dtype = np.dtype(precision)
     handle = load(handle)
+    ref = load(reference) if reference is not None else None
     started = time.perf_counter()
     record = StatsRecord(samples=len(data), batch_size=batch_size, budget_bytes=budget_bytes,
                          data_free=data.data_free)
@@ -995,6 +1019,8 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
     act_names = list(dict.fromkeys(ex.activation for ex in extractors.values()))
     sizes, types = _infer_activations(handle.model, act_names, first)
     del first
+    if ref is not None:  # both models' activations are held at once
+        sizes = {n: 2 * b for n, b in sizes.items()}
     chunks = _chunk(list(weight_sigs.items()), extractors, sizes, graph_inputs, budget_bytes)
     record.chunks = [keys for keys, _ in chunks]
 
@@ -1004,30 +1030,37 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
     held = 0  # bytes of accumulators alive
     finished: Dict[tuple, LayerStats] = {}
     for keys, sigs in chunks:
-        accs = {s: accumulators.setdefault(s, _Accumulator(extractors[s], want_hessian))
+        accs = {s: accumulators.setdefault(s, _Accumulator(extractors[s], want_hessian,
+                                                           paired=ref is not None))
                 for s in sigs}
         held = sum(a.nbytes for a in accumulators.values()) + \
             sum(st.nbytes for st in finished.values())
         names = list(dict.fromkeys(extractors[s].activation for s in sigs))
         exposed = [n for n in names if n not in graph_inputs]
-        session = _exposing_session(handle, exposed, types) if exposed else None
+        sessions = [_exposing_session(h, exposed, types) if exposed else None
+                    for h in ([handle] if ref is None else [handle, ref])]
         for feed in data.batches(batch_size):
-            outs = dict(zip(exposed, session.run(exposed, feed))) if session else {}
-            outs.update({n: feed[n] for n in names if n in graph_inputs})
-            batch_bytes = sum(v.nbytes for v in outs.values())
+            outs = []
+            for session in sessions:
+                got = dict(zip(exposed, session.run(exposed, feed))) if session else {}
+                got.update({n: feed[n] for n in names if n in graph_inputs})
+                outs.append(got)
+            batch_bytes = sum(v.nbytes for got in outs for v in got.values())
             block_peak = 0
             for s, acc in accs.items():
-                for block in extractors[s].blocks(outs[extractors[s].activation], BLOCK_BYTES,
-                                                  block_dtype):
-                    block_peak = max(block_peak, block.nbytes)
-                    acc.add(block)
+                ex = extractors[s]
+                streams = [ex.blocks(got[ex.activation], BLOCK_BYTES, block_dtype)
+                           for got in outs]
+                for blocks in zip(*streams):  # the same rows of both models, block by block
+                    block_peak = max(block_peak, sum(b.nbytes for b in blocks))
+                    acc.add(*blocks)
             record.peak_bytes = max(record.peak_bytes, held + batch_bytes + block_peak)
-            record.model_runs += 1
+            record.model_runs += len(sessions)
             done += 1
             if progress is not None:
                 progress(done, max(total, done))
             del outs
-        del session
+        del sessions
         for s in sigs:
             finished[s] = accumulators.pop(s).finish()
         for key in keys:  # every signature of these keys is finished (this or an earlier chunk)
@@ -1047,7 +1080,9 @@ def _combine(parts: List[LayerStats]) -> LayerStats:
 
     return LayerStats(in_sq_norms=add("in_sq_norms"), hessian=add("hessian"),
                       count=sum(p.count for p in parts), in_sums=add("in_sums"),
-                      group_hessians=add("group_hessians"))
+                      group_hessians=add("group_hessians"), group_sums=add("group_sums"),
+                      group_rows=sum(p.group_rows for p in parts),
+                      ref_sums=add("ref_sums"), cross=add("cross"))
 
 
 def _chunk(items: List[Tuple[str, List[tuple]]], extractors: Mapping[tuple, _Extractor],
@@ -1141,13 +1176,23 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 def _exposing_session(handle: ModelHandle, names: Sequence[str], types: Mapping[str, int]):
     """An onnxruntime session whose outputs are exactly ``names`` (intermediate tensors).
 
-    Only the requested tensors are outputs, so onnxruntime need not compute what lies past
-    them. The handle's proto is changed only while the session is built.
+    Only the requested tensors are outputs, and the nodes they do not depend on are left out
+    of the session (onnxruntime runs every node of a graph, needed or not): exposing an early
+    layer's input costs only the part of the model before it. The handle's proto is changed
+    only while the session is built.
     """
     graph = handle.model.graph
     saved = [onnx.ValueInfoProto() for _ in graph.output]
     for copy, vi in zip(saved, graph.output):
         copy.CopyFrom(vi)
+    needed = _needed_nodes(graph, names)
+    saved_nodes = None
+    if len(needed) < len(graph.node):
+        saved_nodes = [onnx.NodeProto() for _ in graph.node]
+        for copy, node in zip(saved_nodes, graph.node):
+            copy.CopyFrom(node)
+        del graph.node[:]
+        graph.node.extend(saved_nodes[i] for i in needed)
     del graph.output[:]
     for name in names:
         graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None)
@@ -1157,3 +1202,30 @@ def _exposing_session(handle: ModelHandle, names: Sequence[str], types: Mapping[
     finally:
         del graph.output[:]
         graph.output.extend(saved)
+        if saved_nodes is not None:
+            del graph.node[:]
+            graph.node.extend(saved_nodes)
+
+
+def _needed_nodes(graph: onnx.GraphProto, names: Sequence[str]) -> List[int]:
+    """Indices (in graph order) of the nodes that ``names`` depend on. A node with subgraphs
+    needs every name its bodies read (outer-scope values included)."""
+    wanted = set(names)
+    keep = []
+    for i in range(len(graph.node) - 1, -1, -1):
+        node = graph.node[i]
+        if not any(o in wanted for o in node.output):
+            continue
+        keep.append(i)
+        wanted |= _names_read(node)
+    return keep[::-1]
+
+
+def _names_read(node: onnx.NodeProto) -> set:
+    """Every tensor name a node reads, through nested subgraphs too."""
+    names = set(node.input)
+    for attr in node.attribute:
+        for body in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for inner in body.node:
+                names |= _names_read(inner)
+    return names

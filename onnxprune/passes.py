@@ -286,14 +286,20 @@ class ScoreWeights(Pass):
         return False, summary, {"scores_held": held is not None}
 
     def _not_a_weight(self, raw: np.ndarray, guarded: bool) -> Optional[str]:
-        if not np.isfinite(raw).all():
-            return "holds NaN or infinity; fix the model before pruning it"
-        if self.guard_fixed and guarded:
-            reason = looks_fixed(raw)
-            if reason is not None:
-                return (f"looks like a fixed operand, not a learned weight: {reason} "
-                        "(prune it anyway with --prune-fixed)")
-        return None
+        return not_a_weight(raw, self.guard_fixed and guarded)
+
+
+def not_a_weight(raw: np.ndarray, guard_fixed: bool = True) -> Optional[str]:
+    """Why a selected tensor must be left alone (NaN/inf values; with ``guard_fixed``, a fixed
+    operand such as a ramp or a DFT basis), or None for a learned weight."""
+    if not np.isfinite(raw).all():
+        return "holds NaN or infinity; fix the model before pruning it"
+    if guard_fixed:
+        reason = looks_fixed(raw)
+        if reason is not None:
+            return (f"looks like a fixed operand, not a learned weight: {reason} "
+                    "(prune it anyway with --prune-fixed)")
+    return None
 
 
 class ApplyMasks(Pass):

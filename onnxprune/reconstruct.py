@@ -7,6 +7,10 @@ This module owns the math that turns calibration statistics (:mod:`onnxprune.cal
   columns that prunes a column and spreads its error onto the columns not yet visited (the
   Optimal Brain Surgeon update, read off the upper Cholesky factor of ``H^-1``), choosing the
   mask as it goes. Unstructured, NxM blocks and N:M.
+* :func:`asymmetric_target` — the weights that best reproduce a *reference* layer's outputs
+  (the dense model's) from the inputs the layer gets *now* (upstream already pruned): SparseGPT
+  then prunes toward that target, so each layer also undoes the error of the layers before it,
+  instead of only its own.
 * :func:`refit_consumer` — least-squares refit of a layer whose *input* channels were removed
   (channel pruning of its producer), plus :func:`centered_hessian` and :func:`bias_correction`
   so a bias can absorb the mean of what was removed; :func:`conv_in_columns` maps kept input
@@ -28,8 +32,8 @@ from .errors import OptionError, PatternError
 from .layouts import Layout
 from .patterns import NM, Blocks, Channel, Pattern, Unstructured, parse_pattern
 
-__all__ = ["sparsegpt_prune", "refit_consumer", "centered_hessian", "bias_correction",
-           "conv_in_columns"]
+__all__ = ["sparsegpt_prune", "asymmetric_target", "centered_cross", "asymmetric_bias",
+           "refit_consumer", "centered_hessian", "bias_correction", "conv_in_columns"]
 
 PatternLike = Union[str, Pattern]
 
@@ -249,6 +253,64 @@ def _nm_keep(sal: np.ndarray, n: int) -> np.ndarray:
         order = np.argsort(sal, axis=-1, kind="stable")
         np.put_along_axis(keep, order[..., : width - n], False, axis=-1)
     return keep
+
+
+def asymmetric_target(w2d: np.ndarray, hessian: np.ndarray, cross: np.ndarray,
+                      damp: float = 0.01) -> np.ndarray:
+    """``W*`` minimizing ``||X_ref W^T - X W*^T||^2 + lam ||W* - W||^2`` (float64).
+
+    ``X`` is the layer's input now, ``X_ref`` the reference model's on the same samples,
+    ``hessian = X^T X`` and ``cross = X^T X_ref`` (``[in, in]``, or ``[g, in, in]`` per group of
+    consecutive rows): ``W* = (W C^T + lam W) (H + lam I)^-1`` with ``C = cross`` and
+    ``lam = damp * mean(diag H)`` over live inputs. Because ``||X_ref W^T - X Q^T||^2`` equals
+    ``||X (W* - Q)^T||^2`` plus a constant for every ``Q``, pruning ``W*`` with Hessian ``H``
+    (:func:`sparsegpt_prune`) minimizes the error against the reference's output.
+
+    When ``X = X_ref`` (nothing upstream changed), ``W* = W``. Pulling toward ``W`` rather than
+    toward 0 keeps weights on inputs the calibration never excited (``H_jj = 0``) as they were.
+    Centered moments (:func:`centered_hessian`, :func:`centered_cross`) give the target for a
+    layer whose bias absorbs the means (:func:`asymmetric_bias`).
+    """
+    w2d = np.asarray(w2d, dtype=np.float64)
+    rows, cols = w2d.shape
+    h = _stack_hessian(hessian, rows, cols)
+    c = _stack_hessian(cross, rows, cols)
+    groups = h.shape[0]
+    w = w2d.reshape(groups, rows // groups, cols)
+    idx = np.arange(cols)
+    diag = h[:, idx, idx]
+    live = diag > 0
+    mean = np.array([d[m].mean() if m.any() else 1.0 for d, m in zip(diag, live)])
+    lam = damp * mean
+    a = h + lam[:, None, None] * np.eye(cols)[None]
+    rhs = np.matmul(c, w.transpose(0, 2, 1)) + lam[:, None, None] * w.transpose(0, 2, 1)
+    return np.linalg.solve(a, rhs).transpose(0, 2, 1).reshape(rows, cols)
+
+
+def centered_cross(cross: np.ndarray, sums: np.ndarray, ref_sums: np.ndarray, count: int
+                   ) -> np.ndarray:
+    """``(X - mean)^T (X_ref - mean_ref) = X^T X_ref - n mean mean_ref^T`` (per group when the
+    sums are ``[g, in]``)."""
+    n = max(int(count), 1)
+    mean = np.asarray(sums, dtype=np.float64) / n
+    ref = np.asarray(ref_sums, dtype=np.float64) / n
+    return np.asarray(cross, dtype=np.float64) - n * mean[..., :, None] * ref[..., None, :]
+
+
+def asymmetric_bias(w_ref: np.ndarray, w_new: np.ndarray, mean: np.ndarray,
+                    ref_mean: np.ndarray) -> np.ndarray:
+    """What to add to the bias (``[out]``) so the layer's mean output is the reference's:
+    ``W_ref mean_ref - W_new mean``. Means are ``[in]`` or ``[g, in]`` (one per group of
+    consecutive rows)."""
+    w_ref = np.asarray(w_ref, dtype=np.float64)
+    rows, cols = w_ref.shape
+    mean = np.asarray(mean, dtype=np.float64).reshape(-1, cols)
+    ref_mean = np.asarray(ref_mean, dtype=np.float64).reshape(-1, cols)
+    g = mean.shape[0]
+    old = np.einsum("gri,gi->gr", w_ref.reshape(g, rows // g, cols), ref_mean)
+    new = np.einsum("gri,gi->gr", np.asarray(w_new, dtype=np.float64).reshape(g, rows // g, cols),
+                    mean)
+    return (old - new).reshape(rows)
 
 
 # -- channel pruning: least-squares refit of the consumer -------------------------------------

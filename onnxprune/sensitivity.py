@@ -36,6 +36,7 @@ from .criteria import Criterion, ScoreContext, get_criterion
 from .errors import OptionError
 from .io import ModelHandle, load
 from .patterns import Pattern, parse_pattern
+from .reconstruct import sparsegpt_prune
 from .validate import open_session
 from .weights import Weight
 
@@ -114,7 +115,8 @@ def layer_sensitivity(handle, weights: Sequence[Weight], data: CalibrationSet,
 
     ``data`` is cut to its first ``samples`` samples. A pattern with an implied sparsity (N:M)
     is measured at that sparsity only. ``criterion`` scores the elements (a registered name or
-    a :class:`Criterion`); activation-aware ones take ``in_norms`` from ``stats``. Weights
+    a :class:`Criterion`); activation-aware ones take ``in_norms`` from ``stats``; a
+    reconstructing one (SparseGPT) prunes and updates the layer with its Hessian from ``stats``. Weights
     inside subgraphs are not measured (listed in ``table.skipped``). ``progress(done, total)``
     is called after each trial.
     """
@@ -162,15 +164,23 @@ def layer_sensitivity(handle, weights: Sequence[Weight], data: CalibrationSet,
         nonzero = w2d != 0
         table.existing[w.key] = 1.0 - float(np.count_nonzero(nonzero)) / max(nonzero.size, 1)
         table.numel[w.key] = int(w2d.size)
-        ctx = ScoreContext(w.key, seed=seed,
-                           in_norms=stats[w.key].in_norms if stats and w.key in stats else None)
-        scores = crit.scores(w2d, ctx)
+        st = stats.get(w.key) if stats else None
+        hessian = st.sparsegpt_hessian if st is not None else None
+        if crit.reconstructs and hessian is None:
+            raise OptionError(f"criterion '{crit.name}' is measured by pruning each layer with "
+                              f"it, which needs the layer's Hessian: none for {w.key}")
+        scores = None if crit.reconstructs else crit.scores(
+            w2d, ScoreContext(w.key, seed=seed, in_norms=st.in_norms if st else None))
         errors = []
         for s in grid:
             zeros = int(round(s * w2d.size))
-            new_zeros = max(0, zeros - (w2d.size - int(np.count_nonzero(nonzero))))
-            keep = pattern.local_mask(scores, nonzero, new_zeros, crit.reduce)
-            pruned = w.layout.from_2d(np.where(keep, w2d, 0).astype(raw.dtype))
+            if crit.reconstructs:  # the layer as the criterion leaves it: masked and updated
+                new, _ = sparsegpt_prune(w2d, hessian, pattern, zeros)
+                pruned = w.layout.from_2d(new.astype(raw.dtype))
+            else:
+                new_zeros = max(0, zeros - (w2d.size - int(np.count_nonzero(nonzero))))
+                keep = pattern.local_mask(scores, nonzero, new_zeros, crit.reduce)
+                pruned = w.layout.from_2d(np.where(keep, w2d, 0).astype(raw.dtype))
             diff = np.zeros(len(float_outputs))
             for feed, ref in zip(batches, references):
                 got = session.run(out_names, {**feed, w.name: pruned})

@@ -1,0 +1,229 @@
+"""Layer-by-layer calibrated pruning toward the dense model's outputs.
+
+Pruning a layer changes what every layer after it sees. :class:`PruneSequentially` therefore
+prunes in *waves*: a wave is every selected weight whose input depends on no selected weight not
+yet pruned (the Q/K/V projections of one block, the branches of an Inception module, a ResNet
+block's first conv and its downsample), in graph order; each wave's input statistics come from
+the model with all earlier waves already pruned.
+
+Each layer's statistics are collected *paired*: the pruned model and the dense original run on
+the same calibration inputs, so a layer sees both what it gets now (``X``) and what its dense
+self got (``X_ref``). Then, per criterion:
+
+* **reconstructing** (``sparsegpt``): the layer is pruned toward the weights that best reproduce
+  the *dense* layer's output from the inputs it gets now
+  (:func:`~onnxprune.reconstruct.asymmetric_target`), so it also absorbs the error of the layers
+  before it, not just its own;
+* **scoring** (``wanda``, ``magnitude``, ...): masks from scores on the inputs it gets now
+  (Wanda's ``|W| * ||X_j||`` with the pruned upstream's norms);
+
+and, where the layer has a stored bias (Conv, Gemm, MatMul + Add; grouped and depthwise Conv
+too), the bias is moved so the layer's mean output over the calibration data is the dense one's
+(:func:`~onnxprune.reconstruct.asymmetric_bias`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+
+from . import io as mio
+from .calibrated import _stored_bias
+from .calibration import LayerStats, collect_layer_stats
+from .criteria import ScoreContext, get_criterion
+from .errors import OptionError, SelectionError
+from .passes import ApplyMasks, LayerResult, Pass, PruneState, not_a_weight
+from .reconstruct import asymmetric_bias, asymmetric_target, centered_cross, sparsegpt_prune
+from .selection import LayerPlan
+from .weights import Skipped, stored_tensors
+
+__all__ = ["PruneSequentially", "sequential_waves"]
+
+
+def sequential_waves(model: onnx.ModelProto, plans: Sequence[LayerPlan]
+                     ) -> Tuple[List[List[LayerPlan]], List[LayerPlan]]:
+    """(waves in order, plans not in the main graph).
+
+    A plan's wave is the largest number of selected weights on any path from the graph inputs
+    to its node's activation: wave 0 reads only unpruned computation, wave ``k`` depends on
+    weights of waves below ``k`` only. Nodes with subgraphs count every name their bodies read.
+    """
+    from .calibration import _names_read
+
+    graph = model.graph
+    main = graph.name or "main"
+    at_node: Dict[str, List[Tuple[LayerPlan, int]]] = {}
+    outside = []
+    for plan in plans:
+        consumers = plan.weight.consumers
+        if any(c.graph != main for c in consumers) or not consumers:
+            outside.append(plan)
+            continue
+        for c in consumers:
+            at_node.setdefault(_node_key(c.node), []).append((plan, c.input_index))
+    depth: Dict[str, int] = {}
+    level: Dict[str, int] = {}
+    for node in graph.node:
+        here = at_node.get(_node_key(node), [])
+        weight_slots = {index for _, index in here}
+        reads = [t for i, t in enumerate(node.input) if i not in weight_slots]
+        if any(a.HasField("g") or len(a.graphs) for a in node.attribute):
+            reads = sorted(_names_read(node))
+        d = max((depth.get(t, 0) for t in reads), default=0)
+        for plan, _ in here:
+            level[plan.weight.key] = max(level.get(plan.weight.key, 0), d)
+        for out in node.output:
+            depth[out] = d + 1 if here else d
+    waves: Dict[int, List[LayerPlan]] = {}
+    for plan in plans:
+        if plan.weight.key in level:
+            waves.setdefault(level[plan.weight.key], []).append(plan)
+    return [waves[k] for k in sorted(waves)], outside
+
+
+def _node_key(node: onnx.NodeProto) -> tuple:
+    return (node.name, tuple(node.output))
+
+
+class PruneSequentially(Pass):
+    """Prune the selected weights wave by wave on calibration data (see the module doc).
+
+    ``bias_correction``: move each stored bias so the layer's mean output stays the dense one's.
+    ``guard_fixed``: leave fixed operands (ramps, DFT bases) alone, as :class:`ScoreWeights`
+    does. ``damp``/``blocksize``: SparseGPT's dampening (fraction of the mean Hessian diagonal)
+    and column block. Needs ``state.calibration`` (the :class:`~onnxprune.calibrated.Calibrate`
+    pass loads it).
+    """
+
+    name = "sequential"
+
+    def __init__(self, bias_correction: bool = True, guard_fixed: bool = True,
+                 damp: float = 0.01, blocksize: int = 128, batch_size: int = 8):
+        self.bias_correction, self.guard_fixed = bias_correction, guard_fixed
+        self.damp, self.blocksize, self.batch_size = damp, blocksize, batch_size
+
+    def run(self, state: PruneState):
+        if state.calibration is None:
+            raise OptionError("layer-by-layer pruning needs calibration data: run Calibrate "
+                              "first (CLI: --calibration data.npz)")
+        for plan in state.plans:
+            if plan.pattern.spec == "channel":
+                raise OptionError("layer-by-layer pruning does not choose channels; use "
+                                  "--pattern channel with --refit for calibrated channel pruning")
+        plans = self._screen(state)
+        waves, outside = sequential_waves(state.model, plans)
+        for plan in outside:
+            self._leave(state, plan, "it is used inside a subgraph, whose inputs cannot be "
+                                     "exposed; not pruned")
+        reference = _dense_reference(state)
+        stored = stored_tensors(state.model.graph)
+        corrected, runs = [], 0
+        for wave in state.track(waves, "pruning layer by layer", len(waves)):
+            hessian = any(get_criterion(p.criterion).reconstructs for p in wave)
+            stats = collect_layer_stats(state.handle, [p.weight for p in wave],
+                                        state.calibration, want_hessian=hessian,
+                                        batch_size=self.batch_size, reference=reference)
+            runs += stats.record.model_runs
+            for plan in wave:
+                st = stats.get(plan.weight.key)
+                if st is None:
+                    why = stats.record.skipped.get(plan.weight.key, "no statistics")
+                    self._leave(state, plan, f"its input activation could not be collected "
+                                             f"({why}); not pruned")
+                    continue
+                if self._prune(state, plan, st, stored):
+                    corrected.append(plan.weight.name)
+        done = sum(1 for p in plans if p.weight.key in state.layers)
+        if not done:
+            raise SelectionError("no selected weight could be pruned layer by layer (see the "
+                                 "skipped list)")
+        summary = (f"{done} weights pruned in {len(waves)} waves on their upstream-pruned "
+                   f"inputs ({runs} model runs)")
+        if corrected:
+            state.notes.append(f"biases of {len(corrected)} layers moved so their mean outputs "
+                               "stay the dense model's")
+        return True, summary, {"waves": [[p.weight.key for p in w] for w in waves],
+                               "model_runs": runs, "bias_corrected": corrected}
+
+    def _screen(self, state: PruneState) -> List[LayerPlan]:
+        kept = []
+        for plan in state.plans:
+            reason = not_a_weight(state.handle.read(plan.weight.tensor), self.guard_fixed)
+            if reason is None:
+                kept.append(plan)
+            else:
+                state.skipped.append(Skipped(plan.weight.name, reason))
+        if not kept:
+            raise SelectionError("every selected weight was left alone (see the skipped list: "
+                                 "NaN values or fixed operands); nothing to prune")
+        state.plans = kept
+        return kept
+
+    @staticmethod
+    def _leave(state: PruneState, plan: LayerPlan, reason: str) -> None:
+        state.skipped.append(Skipped(plan.weight.name, reason))
+        state.plans = [p for p in state.plans if p is not plan]
+
+    def _prune(self, state: PruneState, plan: LayerPlan, st: LayerStats, stored) -> bool:
+        """Prune one weight on its statistics; True when its bias was corrected."""
+        w = plan.weight
+        crit = get_criterion(plan.criterion)
+        raw = state.handle.read(w.tensor)
+        w2d = w.layout.to_2d(raw).astype(np.float64)
+        nz = w2d != 0
+        before = int(np.count_nonzero(nz))
+        bias = _stored_bias(state.model.graph, w, stored) if self.bias_correction else None
+        if crit.reconstructs:
+            h = st.group_hessians if st.group_hessians is not None else st.hessian[None]
+            cross = st.cross
+            if cross is None:  # no reference: SparseGPT's own objective, X_ref = X
+                cross, bias = h, None
+            elif bias is not None:  # the bias takes the means: fit the centered moments
+                h = centered_cross(h, st.group_sums, st.group_sums, st.group_rows)
+                cross = centered_cross(cross, st.group_sums, st.ref_sums, st.group_rows)
+            target = asymmetric_target(w2d, h, cross, self.damp)
+            new, keep = sparsegpt_prune(target, h, plan.pattern,
+                                        int(round(plan.sparsity * w.numel)), damp=self.damp,
+                                        blocksize=self.blocksize)
+        else:
+            scores = crit.scores(w2d, ScoreContext(w.key, state.seed, st.in_norms))
+            if plan.pattern.implied_sparsity is None:
+                scores = plan.pattern.unit_scores(scores, crit.reduce)
+                need = int(round(plan.sparsity * w.numel)) - (w.numel - before)
+            else:
+                need = 0
+            keep = ApplyMasks._local(plan, scores, nz, need)  # noqa: SLF001
+            new = np.where(keep, w2d, 0.0)
+        new = np.where(keep, new, 0.0)
+        state.handle.write(w.tensor, w.layout.from_2d(new.astype(raw.dtype)))
+        after = int(np.count_nonzero(state.handle.read(w.tensor)))
+        state.layers[w.key] = LayerResult(w.key, w.name, w.op_type, w.shape, w.numel, before,
+                                          after, plan.pattern.spec, plan.criterion)
+        if bias is None or st.ref_sums is None:
+            return False
+        rows = max(st.group_rows, 1)
+        delta = asymmetric_bias(w2d, new, st.group_sums / rows, st.ref_sums / rows)
+        b = state.handle.read(bias)
+        state.handle.write(bias, (b.astype(np.float64) + delta.reshape(b.shape)).astype(b.dtype))
+        return True
+
+
+def _dense_reference(state: PruneState) -> Optional[mio.ModelHandle]:
+    """The untouched input model, to run beside the one being pruned; None (with a note) when
+    an earlier pass changed the graph so the two no longer line up."""
+    if isinstance(state.original, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(state.original)
+        ref = mio.load(copy)
+    else:
+        ref = mio.load(Path(state.original))
+    now = {t.name: tuple(t.dims) for t in mio.iter_tensors(state.model.graph)}
+    then = {t.name: tuple(t.dims) for t in mio.iter_tensors(ref.model.graph)}
+    if now != then or len(state.model.graph.node) != len(ref.model.graph.node):
+        state.notes.append("the graph changed before layer-by-layer pruning: layers were fit to "
+                           "their own outputs, not the input model's, and biases not corrected")
+        return None
+    return ref
