@@ -11,6 +11,7 @@ spreads a global target where it hurts least.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
@@ -24,7 +25,7 @@ from .errors import OptionError
 from .passes import Pass, PruneState
 from .reconstruct import bias_correction, centered_hessian, conv_in_columns, refit_consumer
 from .sensitivity import allocate, layer_sensitivity
-from .weights import find_weights, stored_tensors
+from .weights import find_weights, stored_bias, stored_tensors
 
 CalibrationSource = Union[str, "os.PathLike", Mapping[str, np.ndarray], CalibrationSet, None]
 
@@ -127,7 +128,7 @@ def refit_consumers(state: PruneState, graph, removed: Mapping[int, Sequence[int
         cols = conv_in_columns(w.layout, kept)
         raw = state.handle.read(w.tensor)
         w2d = w.layout.to_2d(raw).astype(np.float64)
-        bias = _stored_bias(state.model.graph, w, stored)
+        bias = stored_bias(state.model.graph, w, stored)
         hessian = stats.hessian
         if bias is not None:
             hessian = centered_hessian(hessian, stats.in_sums, stats.count)
@@ -136,9 +137,7 @@ def refit_consumers(state: PruneState, graph, removed: Mapping[int, Sequence[int
         full[:, cols] = fitted
         state.handle.write(w.tensor, w.layout.from_2d(full.astype(raw.dtype)))
         if bias is not None:
-            b = state.handle.read(bias)
-            delta = bias_correction(w2d, fitted, cols, stats.in_mean)
-            state.handle.write(bias, (b.astype(np.float64) + delta).astype(b.dtype))
+            bias.shift(state.handle, bias_correction(w2d, fitted, cols, stats.in_mean))
         refit.append(name)
     return refit
 
@@ -167,46 +166,19 @@ class CorrectBias(Pass):
         for plan in state.plans:
             w = plan.weight
             stats = state.layer_stats.get(w.key)
-            bias = _stored_bias(state.model.graph, w, stored)
+            bias = stored_bias(state.model.graph, w, stored)
             old = before.get(w.key)
             if stats is None or bias is None or old is None or w.layout.group != 1 \
                     or old.shape != w.shape:
                 continue
             w_old = old.layout.to_2d(original.read(old.tensor)).astype(np.float64)
             w_new = w.layout.to_2d(state.handle.read(w.tensor)).astype(np.float64)
-            delta = (w_old - w_new) @ stats.in_mean
-            b = state.handle.read(bias)
-            if b.size != delta.size:
-                continue
-            state.handle.write(bias, (b.astype(np.float64) + delta.reshape(b.shape))
-                               .astype(b.dtype))
+            bias.shift(state.handle, (w_old - w_new) @ stats.in_mean)
             corrected.append(w.name)
         summary = f"biases of {len(corrected)} layers absorb the mean their pruned weights carried"
         if corrected:
             state.notes.append(summary)
         return bool(corrected), summary, {"corrected": corrected}
-
-
-def _stored_bias(graph, weight, stored):
-    """The stored ``[out]`` bias of the weight's single consumer, or None."""
-    if len(weight.consumers) != 1 or weight.consumers[0].graph != weight.graph:
-        return None
-    consumer = weight.consumers[0]
-    node = consumer.node
-    if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
-        tensor = stored.get(node.input[2])
-    elif node.op_type == "MatMul" and consumer.input_index == 1:
-        readers = [n for n in graph.node if node.output[0] in n.input]
-        if len(readers) != 1 or readers[0].op_type != "Add":
-            return None
-        other = [i for i in readers[0].input if i != node.output[0]]
-        tensor = stored.get(other[0]) if len(other) == 1 else None
-    else:
-        return None
-    out = weight.layout.shape2d[0]
-    if tensor is None or int(np.prod(tensor.dims)) != out or len(tensor.dims) != 1:
-        return None
-    return tensor
 
 
 class AllocateBySensitivity(Pass):

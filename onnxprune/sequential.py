@@ -31,14 +31,13 @@ import numpy as np
 import onnx
 
 from . import io as mio
-from .calibrated import _stored_bias
 from .calibration import LayerStats, collect_layer_stats
 from .criteria import ScoreContext, get_criterion
 from .errors import OptionError, SelectionError
 from .passes import ApplyMasks, LayerResult, Pass, PruneState, not_a_weight
 from .reconstruct import asymmetric_bias, asymmetric_target, centered_cross, sparsegpt_prune
 from .selection import LayerPlan
-from .weights import Skipped, stored_tensors
+from .weights import Skipped, stored_bias, stored_tensors
 
 __all__ = ["PruneSequentially", "sequential_waves"]
 
@@ -175,7 +174,7 @@ class PruneSequentially(Pass):
         w2d = w.layout.to_2d(raw).astype(np.float64)
         nz = w2d != 0
         before = int(np.count_nonzero(nz))
-        bias = _stored_bias(state.model.graph, w, stored) if self.bias_correction else None
+        bias = stored_bias(state.model.graph, w, stored) if self.bias_correction else None
         if crit.reconstructs:
             h = st.group_hessians if st.group_hessians is not None else st.hessian[None]
             cross = st.cross
@@ -205,9 +204,8 @@ class PruneSequentially(Pass):
         if bias is None or st.ref_sums is None:
             return False
         rows = max(st.group_rows, 1)
-        delta = asymmetric_bias(w2d, new, st.group_sums / rows, st.ref_sums / rows)
-        b = state.handle.read(bias)
-        state.handle.write(bias, (b.astype(np.float64) + delta.reshape(b.shape)).astype(b.dtype))
+        bias.shift(state.handle, asymmetric_bias(w2d, new, st.group_sums / rows,
+                                                 st.ref_sums / rows))
         return True
 
 
