@@ -23,6 +23,7 @@ from .calibrated import AllocateBySensitivity, Calibrate, CorrectBias
 from .sequential import PruneSequentially
 from .calibration import ImagePreprocess
 from .criteria import get_criterion
+from .patterns import parse_pattern
 from .report import LayerRow, Report
 from .search import probe_runner, search_sparsity
 from .structure import PruneChannels, RemoveDeadChannels
@@ -65,7 +66,9 @@ class PruneOptions:
     Calibration: ``calibration`` (an .npz, a folder of .npy/.npz or images, a dict of arrays, or
     a CalibrationSet), ``calibration_samples``, ``image_preprocess``; ``refit`` refits the
     consumers of removed channels by least squares; ``allocate="sensitivity"`` spreads the
-    target over layers by measured output error instead of uniformly; ``bias_correction``
+    target over layers by measured output error instead of uniformly (``"auto"``, the default,
+    does so whenever calibration data is given for a pattern with a free sparsity, local scope
+    and no search; ``"uniform"`` never); ``bias_correction``
     (on whenever calibration data is given) moves the mean that pruned weights carried into
     the layer's bias.
 
@@ -99,7 +102,7 @@ class PruneOptions:
     image_preprocess: Optional[ImagePreprocess] = None
     refit: bool = False
     bias_correction: bool = True
-    allocate: str = "uniform"
+    allocate: str = "auto"
     validate: bool = True
     compare: bool = True
     inputs: Any = None
@@ -118,8 +121,8 @@ class PruneOptions:
         if self.criterion == "scores" and not self.scores:
             raise OptionError("criterion 'scores' needs scores={weight_name: array} (CLI: "
                               "--scores FILE.npz)")
-        if self.allocate not in ("uniform", "sensitivity"):
-            raise OptionError(f"allocate must be 'uniform' or 'sensitivity', got "
+        if self.allocate not in ("auto", "uniform", "sensitivity"):
+            raise OptionError(f"allocate must be 'auto', 'uniform' or 'sensitivity', got "
                               f"'{self.allocate}'")
         if self.allocate == "sensitivity" and self.pattern == "channel":
             raise OptionError("--allocate sensitivity spreads a weight sparsity over layers; "
@@ -139,6 +142,19 @@ class PruneOptions:
                 and self.config is None)
 
     @property
+    def allocation(self) -> str:
+        """The allocation this run uses: ``"auto"`` resolved. Sensitivity when real calibration
+        data is given and the sparsity is free to spread (a free-sparsity pattern, local scope,
+        no config rules, masks, scores or search), else uniform."""
+        if self.allocate != "auto":
+            return self.allocate
+        free = self.pattern != "channel" and parse_pattern(self.pattern).implied_sparsity is None
+        spread = (self.calibration is not None and free and self.scope == "local"
+                  and not self.search and self.config is None and self.masks is None
+                  and self.scores is None)
+        return "sensitivity" if spread else "uniform"
+
+    @property
     def sequential(self) -> bool:
         """Prune layer by layer on calibration data (:class:`PruneSequentially`): whenever
         calibration is used with local scope and masks the pipeline chooses itself."""
@@ -148,14 +164,15 @@ class PruneOptions:
     @property
     def needs_calibration(self) -> bool:
         return (get_criterion(self.criterion).needs_activations or self.refit
-                or self.allocate == "sensitivity" or self.calibration is not None)
+                or self.allocation == "sensitivity" or self.calibration is not None)
 
     def summary(self) -> dict:
         """The options worth showing in a report (what differs from nothing)."""
         keep = ("pattern", "sparsity", "criterion", "scope", "op_types", "include", "exclude",
-                "min_sparsity", "max_sparsity", "resize", "seed", "max_error", "allocate",
+                "min_sparsity", "max_sparsity", "resize", "seed", "max_error",
                 "calibration_samples", "search")
         out = {k: getattr(self, k) for k in keep if getattr(self, k) is not None}
+        out["allocate"] = self.allocation
         if self.pattern == "channel":
             out.update(round_to=self.round_to, min_channels=self.min_channels, refit=self.refit)
         if isinstance(self.calibration, (str, os.PathLike)):
@@ -176,12 +193,13 @@ def build_passes(options: PruneOptions) -> List[Pass]:
     if o.needs_calibration:
         # Layer by layer, statistics are collected per wave as pruning goes; up front only
         # what sensitivity allocation and channel refits measure on the dense model.
-        collect = not o.sequential or o.allocate == "sensitivity"
+        # (a reconstructing criterion's sensitivity collects its Hessians in bounded chunks).
+        collect = not o.sequential or (o.allocation == "sensitivity" and not reconstructs)
         passes.append(Calibrate(o.calibration, o.calibration_samples, o.image_preprocess,
-                                o.input_shapes, hessian=o.refit or (collect and reconstructs),
+                                o.input_shapes, hessian=o.refit,
                                 targets="all" if o.refit else "selected", seed=o.seed,
                                 collect=collect))
-    if o.allocate == "sensitivity":
+    if o.allocation == "sensitivity":
         passes.append(AllocateBySensitivity())
     if o.channel_removal:
         passes.append(PruneChannels(sparsity=o.sparsity, criterion=o.criterion,

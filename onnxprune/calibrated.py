@@ -24,7 +24,8 @@ from .calibration import (CalibrationSet, ImagePreprocess, collect_layer_stats,
 from .errors import OptionError
 from .passes import Pass, PruneState
 from .reconstruct import bias_correction, centered_hessian, conv_in_columns, refit_consumer
-from .sensitivity import allocate, layer_sensitivity
+from .criteria import get_criterion
+from .sensitivity import SensitivityTable, allocate, layer_sensitivity
 from .weights import find_weights, stored_bias, stored_tensors
 
 CalibrationSource = Union[str, "os.PathLike", Mapping[str, np.ndarray], CalibrationSet, None]
@@ -198,13 +199,7 @@ class AllocateBySensitivity(Pass):
         if not plans:
             return False, "nothing to allocate (N:M sparsity is fixed)", {}
         specs = {p.pattern.spec for p in plans}
-        criterion = plans[0].criterion
-        table = layer_sensitivity(state.handle, [p.weight for p in plans], state.calibration,
-                                  plans[0].pattern, self.sparsities, criterion,
-                                  samples=self.samples, seed=state.seed,
-                                  stats=state.layer_stats or None,
-                                  progress=_progress(state, "sensitivity",
-                                                     len(plans) * len(self.sparsities)))
+        table = self._measure(state, plans)
         counts = {p.weight.key: p.weight.numel for p in plans}
         total = sum(counts.values())
         target = sum(p.sparsity * p.weight.numel for p in plans) / total
@@ -222,3 +217,45 @@ class AllocateBySensitivity(Pass):
         return False, (f"per-layer sparsities allocated for an overall {target:.3f} from "
                        f"{len(self.sparsities)} measured levels"), {
             "allocation": {k: round(v, 4) for k, v in levels.items()}}
+
+    def _measure(self, state: PruneState, plans) -> SensitivityTable:
+        """The sensitivity table of ``plans`` with their (first plan's) criterion. A
+        reconstructing criterion prunes each trial layer with its Hessian: those are collected
+        here, for as many weights at a time as fit in ``HESSIAN_BUDGET_BYTES``."""
+        criterion = plans[0].criterion
+        progress = _progress(state, "sensitivity", len(plans) * len(self.sparsities))
+        weights = [p.weight for p in plans]
+        held = state.layer_stats
+        collect = get_criterion(criterion).reconstructs and not all(
+            held.get(w.key) is not None and held[w.key].hessian is not None for w in weights)
+        chunks = _hessian_chunks(weights, HESSIAN_BUDGET_BYTES) if collect else [weights]
+        table = None
+        for chunk in chunks:
+            stats = collect_layer_stats(state.handle, chunk, state.calibration,
+                                        want_hessian=True) if collect else held
+            part = layer_sensitivity(state.handle, chunk, state.calibration, plans[0].pattern,
+                                     self.sparsities, criterion, samples=self.samples,
+                                     seed=state.seed, stats=stats or None, progress=progress)
+            table = part if table is None else table.merge(part)
+            del stats
+        return table
+
+
+#: Bytes of dense-model Hessians a reconstructing criterion's sensitivity holds at once.
+HESSIAN_BUDGET_BYTES = 1 << 30
+
+
+def _hessian_chunks(weights, budget: int) -> List[list]:
+    """Consecutive groups of weights whose Hessians (``[in, in]`` plus one per group of a
+    grouped Conv) fit in ``budget`` bytes together (a weight larger than that alone)."""
+    chunks: List[list] = [[]]
+    used = 0
+    for w in weights:
+        cols = w.layout.shape2d[1]
+        size = (1 + max(w.layout.group, 1)) * cols * cols * 8
+        if chunks[-1] and used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(w)
+        used += size
+    return chunks

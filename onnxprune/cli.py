@@ -146,12 +146,14 @@ def _run(fn):
               help="Channel pattern: refit consumers of removed channels by least squares on "
                    "the calibration data.")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
-              help="With calibration data: move the mean that pruned weights carried into the "
-                   "layer's bias.")
-@click.option("--allocate", type=click.Choice(["uniform", "sensitivity"]), default="uniform",
-              show_default=True,
+              help="With calibration data: move each pruned layer's bias so its mean output "
+                   "stays the dense model's.")
+@click.option("--allocate", type=click.Choice(["auto", "uniform", "sensitivity"]),
+              default="auto", show_default=True,
               help="sensitivity: measure each layer's output error on the calibration data and "
-                   "spread the target where it hurts least.")
+                   "spread the target where it hurts least; auto: sensitivity when "
+                   "--calibration is given for a free-sparsity pattern (local scope, no "
+                   "search), else uniform.")
 @click.option("--image-size", default=None, help="Images: resize to HxW (e.g. 48x320).")
 @click.option("--image-scale", type=float, default=1 / 255, show_default="1/255",
               help="Images: pixel multiplier before mean/std.")

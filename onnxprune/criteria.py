@@ -153,7 +153,8 @@ class Wanda(Criterion):
 @register_criterion
 class SparseGPT(Criterion):
     """OBS saliency ``w² / [H⁻¹]ⱼⱼ²`` with updates of the kept weights (Frantar & Alistarh,
-    2023); masks and updates are made together by :class:`onnxprune.calibrated.SparseGPT`."""
+    2023); masks and updates are made together, layer by layer toward the dense model, by
+    :class:`onnxprune.sequential.PruneSequentially`."""
 
     name = "sparsegpt"
     needs_activations = True
@@ -162,7 +163,7 @@ class SparseGPT(Criterion):
     def scores(self, w2d: np.ndarray, ctx: ScoreContext) -> np.ndarray:
         raise OptionError("criterion 'sparsegpt' chooses masks inside its own pass (it updates "
                           "weights as it goes); use onnxprune.prune(..., criterion='sparsegpt') "
-                          "or the SparseGPT pass")
+                          "or the PruneSequentially pass")
 
 
 @register_criterion

@@ -26,9 +26,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from .io import ModelHandle, ModelLike, is_external, iter_graphs, load, weightless_copy
+from .io import ModelHandle, ModelLike, iter_graphs, load, weightless_copy
 from .validate import input_signature, resolve_input_shapes
 from .weights import find_weights, node_label
 

@@ -93,6 +93,16 @@ class SensitivityTable:
                           f"{per_param[k] / median:.0f}x the median layer's")
         return out
 
+    def merge(self, other: "SensitivityTable") -> "SensitivityTable":
+        """This table with ``other``'s weights added (same pattern, criterion and levels)."""
+        if (other.pattern, other.criterion, other.sparsities) != \
+                (self.pattern, self.criterion, self.sparsities):
+            raise ValueError("sensitivity tables measured differently cannot be merged")
+        for name in ("errors", "existing", "numel", "skipped"):
+            getattr(self, name).update(getattr(other, name))
+        self.seconds += other.seconds
+        return self
+
     def to_dict(self) -> dict:
         return {"pattern": self.pattern, "criterion": self.criterion,
                 "sparsities": list(self.sparsities), "samples": self.samples,

@@ -42,7 +42,8 @@ def weights(result):
 
 def test_sparsegpt_exact_counts_and_lower_error_than_magnitude(data):
     kw = dict(sparsity=0.5, validate=False, resize=False, exclude="Conv_39")
-    gpt = onnxprune.prune(MODEL, criterion="sparsegpt", calibration=CALIB, **kw)
+    gpt = onnxprune.prune(MODEL, criterion="sparsegpt", calibration=CALIB, allocate="uniform",
+                          **kw)
     mag = onnxprune.prune(MODEL, **kw)
     for row in gpt.report.rows:
         assert row.params - row.nonzeros_after == round(0.5 * row.params), row.name
@@ -94,6 +95,40 @@ def test_sensitivity_allocation_reaches_target_with_less_error(data):
     assert rel_error(alloc.model, data) < rel_error(uniform.model, data)
     (title, rows), = rep.sections.items()
     assert "sensitivity" in title and {r["weight"] for r in rows} == {r.name for r in rep.rows}
+
+
+@pytest.mark.parametrize("kw, want", [
+    (dict(calibration=CALIB), "sensitivity"),
+    (dict(calibration=CALIB, criterion="sparsegpt", pattern="4x1"), "sensitivity"),
+    (dict(), "uniform"),  # no data: nothing to measure with
+    (dict(criterion="wanda"), "uniform"),  # generated inputs are not data
+    (dict(calibration=CALIB, pattern="2:4"), "uniform"),  # N:M fixes every layer's sparsity
+    (dict(calibration=CALIB, pattern="channel"), "uniform"),
+    (dict(calibration=CALIB, scope="global"), "uniform"),  # one threshold already spreads it
+    (dict(calibration=CALIB, search=True, max_error=0.1), "uniform"),
+    (dict(calibration=CALIB, allocate="uniform"), "uniform"),
+    (dict(allocate="sensitivity"), "sensitivity"),
+])
+def test_auto_allocation_resolves(kw, want):
+    from onnxprune.api import PruneOptions, build_passes
+    from onnxprune.calibrated import AllocateBySensitivity
+    opts = PruneOptions(**kw)
+    assert opts.allocation == want
+    assert any(isinstance(p, AllocateBySensitivity) for p in build_passes(opts)) == \
+        (want == "sensitivity")
+
+
+def test_default_calibrated_run_allocates_by_sensitivity(data):
+    kw = dict(sparsity=0.7, validate=False, resize=False, calibration=CALIB, criterion="wanda")
+    auto = onnxprune.prune(MODEL, **kw)
+    uniform = onnxprune.prune(MODEL, allocate="uniform", **kw)
+    rep = auto.report
+    assert rep.options["allocate"] == "sensitivity"
+    assert abs((rep.params_before - rep.nonzeros_after) - 0.7 * rep.params_before) <= \
+        len(rep.rows)
+    assert len({round(r.sparsity_after, 2) for r in rep.rows}) > 1
+    assert all(r.params - r.nonzeros_after == round(0.7 * r.params) for r in uniform.report.rows)
+    assert rel_error(auto.model, data) < rel_error(uniform.model, data)
 
 
 def test_option_conflicts_are_user_errors():

@@ -497,6 +497,7 @@ def test_wanda_norms_come_from_the_pruned_upstream():
     r = np.random.default_rng(13)
     x = (r.standard_normal((64, 16)) * r.uniform(0.2, 3.0, 16) + 0.5).astype(np.float32)
     res = onnxprune.prune(model, criterion="wanda", calibration={"x": x}, validate=False,
+                          allocate="uniform",
                           resize=False)
     w1, w2 = _init(model, "W1").astype(np.float64), _init(model, "W2").astype(np.float64)
     # layer 1 reads the model input: Wanda on x
@@ -521,6 +522,7 @@ def test_sparsegpt_layer_is_the_centered_ridge_fit_to_the_dense_output():
     r = np.random.default_rng(14)
     x = (r.standard_normal((96, 16)) + 1.0).astype(np.float32)
     res = onnxprune.prune(model, criterion="sparsegpt", calibration={"x": x}, validate=False,
+                          allocate="uniform",
                           resize=False, config={"rules": [{"op_names": ["fc2"], "sparsity": 0.0}]})
     assert (_w2d(res, "W1") == 0).sum() == 256 and (_w2d(res, "W2") == 0).sum() == 0
     xs = _expose(res.model, ["r1"], {"x": x})["r1"]
@@ -569,6 +571,7 @@ def biased():
     model = _biased_model()
     x = _calib((32, 4, 8, 8))
     res = onnxprune.prune(model, criterion="sparsegpt", calibration={"x": x}, validate=False,
+                          allocate="uniform",
                           resize=False)
     return model, x, res
 
@@ -588,6 +591,7 @@ def test_sparsegpt_keeps_every_layers_mean_output(biased):
         assert not np.allclose(w2d[w2d != 0], dense_w[w2d != 0]), name
     # the means are the bias correction's doing: without it they drift
     off = onnxprune.prune(model, criterion="sparsegpt", calibration={"x": x}, validate=False,
+                          allocate="uniform",
                           resize=False, bias_correction=False)
     drift = _layer_means(off.model, x)
     assert max(np.abs(drift[n] - dense[n]).max() / np.abs(dense[n]).max() for n in dense) > 1e-2
@@ -610,6 +614,7 @@ def test_waves_in_the_record_of_a_residual_block():
     model = _resnet_block_model()
     x = _calib((8, 3, 8, 8), seed=32)
     res = onnxprune.prune(model, criterion="wanda", calibration={"x": x}, validate=False,
+                          allocate="uniform",
                           resize=False)
     waves = [sorted(w) for w in _record(res, "sequential").details["waves"]]
     assert waves == [["stem.w"], ["c1.w", "down.w"], ["c2.w"], ["c3.w"]]
@@ -633,6 +638,7 @@ def test_depthwise_conv_keeps_its_per_channel_mean(criterion):
     model = _depthwise_model()
     x = _calib((16, 4, 8, 8), seed=41)
     res = onnxprune.prune(model, criterion=criterion, calibration={"x": x}, validate=False,
+                          allocate="uniform",
                           resize=False)
     assert "dw.w" in _record(res, "sequential").details["bias_corrected"]
     dense, now = _layer_means(model, x, ("c1", "y")), _layer_means(res.model, x, ("c1", "y"))
@@ -641,6 +647,7 @@ def test_depthwise_conv_keeps_its_per_channel_mean(criterion):
                                    atol=1e-5 * np.abs(dense[name]).max() + 1e-6, err_msg=name)
     assert (_w2d(res, "dw.w") == 0).sum() == 36
     off = onnxprune.prune(model, criterion=criterion, calibration={"x": x}, validate=False,
+                          allocate="uniform",
                           resize=False, bias_correction=False)
     assert np.abs(_layer_means(off.model, x, ("y",))["y"] - dense["y"]).max() > \
         1e-3 * np.abs(dense["y"]).max()
@@ -652,7 +659,7 @@ def test_patterns_hold_after_sparsegpt_updates_and_bias_moves(spec):
     x = _calib((24, 4, 8, 8), seed=51)
     res = onnxprune.prune(model, pattern=spec, sparsity=None if spec == "2:4" else 0.5,
                           criterion="sparsegpt", calibration={"x": x}, validate=False,
-                          resize=False)
+                          allocate="uniform", resize=False)
     rows = {row.name for row in res.report.rows}
     assert rows == {"c1.w", "c2.w", "W3"}
     for name in rows:
@@ -673,7 +680,7 @@ def test_sequential_sparsegpt_beats_layers_fit_to_their_own_outputs(monkeypatch)
     x = _calib((32, 4, 8, 8), seed=61)
     dense = _expose(model, ["y"], {"x": x})["y"]
     kw = dict(criterion="sparsegpt", sparsity=0.6, calibration={"x": x}, validate=False,
-              resize=False, bias_correction=False)
+              allocate="uniform", resize=False, bias_correction=False)
 
     def error(res):
         y = _expose(res.model, ["y"], {"x": x})["y"]
@@ -694,6 +701,7 @@ def test_input_model_is_untouched(criterion, tmp_path):
     x = _calib((16, 4, 8, 8), seed=71)
     before = model.SerializeToString()
     res = onnxprune.prune(model, criterion=criterion, calibration={"x": x}, validate=False,
+                          allocate="uniform",
                           resize=False)
     assert model.SerializeToString() == before
     assert res.model.SerializeToString() != before
@@ -701,6 +709,7 @@ def test_input_model_is_untouched(criterion, tmp_path):
     onnx.save(model, str(path))
     on_disk = path.read_bytes()
     onnxprune.prune(path, criterion=criterion, calibration={"x": x}, validate=False,
+                    allocate="uniform",
                     resize=False)
     assert path.read_bytes() == on_disk
 
@@ -727,6 +736,7 @@ def test_gemm_alpha_beta_bias_correction(attrs):
                          [B.tensor("W", (8, 16), 1), B.tensor("b", (8,), 2)])
     x = _calib((64, 16), seed=80, mean=2.0)
     res = onnxprune.prune(model, criterion="sparsegpt", calibration={"x": x}, validate=False,
+                          allocate="uniform",
                           resize=False)
     _corrected_means_hold(model, res, {"x": x}, {"W": "y"}, axis=0)
     assert _record(res, "sequential").details["bias_corrected"] == ["W"]
@@ -741,6 +751,7 @@ def test_shared_bias_tensor_keeps_means():
                           B.tensor("b", (8,), 2)])
     x = _calib((64, 8), seed=81, mean=2.0)
     res = onnxprune.prune(model, criterion="sparsegpt", calibration={"x": x}, validate=False,
+                          allocate="uniform",
                           resize=False)
     _corrected_means_hold(model, res, {"x": x}, {"W1": "h", "W2": "y"}, axis=0)
     assert _record(res, "sequential").details["bias_corrected"] == []  # 'b' is not one layer's
@@ -753,6 +764,7 @@ def test_gemm_constant_a_bias_is_not_a_row_bias():
                          [B.tensor("W", (8, 16), 1), B.tensor("c", (8,), 2)])
     xt = _calib((128, 8), seed=82, mean=2.0)  # 8 batches of the fixed [16, 8] input
     res = onnxprune.prune(model, criterion="sparsegpt", calibration={"xt": xt}, validate=False,
+                          allocate="uniform",
                           resize=False)
     corrected = _record(res, "sequential").details["bias_corrected"]
     batches = xt.reshape(8, 16, 8)

@@ -11,7 +11,7 @@ not scored: they say little about a channel once its weights are known.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 
