@@ -949,7 +949,8 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
                         want_hessian: bool = True, batch_size: int = 8,
                         progress: Optional[Progress] = None,
                         budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                        precision: str = "float64", reference=None) -> LayerStatsMap:
+                        precision: str = "float64", reference=None,
+                        runners: Optional[Sequence] = None) -> LayerStatsMap:
     """``{weight.key: LayerStats}`` from running ``data`` through the model as it is now.
 
     The model is read from ``handle`` in its current state (weights already pruned upstream
@@ -969,6 +970,10 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
     inputs alongside: each weight's stats then also hold the reference's sums and, with the
     Hessian, the cross moment ``X^T X_ref`` — what a layer needs to reproduce the reference's
     outputs from the inputs it now gets (:func:`onnxprune.reconstruct.asymmetric_target`).
+
+    ``runners`` (one per model: ``handle``'s, then the reference's) serve the activations
+    instead of a session per chunk: :class:`onnxprune.segments.SegmentRunner` runs only the
+    nodes not run before (layer-by-layer pruning).
     """
     if precision not in ("float64", "float32"):
         raise OptionError(f"precision must be 'float64' or 'float32', got {precision!r}")
@@ -1037,14 +1042,13 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
             sum(st.nbytes for st in finished.values())
         names = list(dict.fromkeys(extractors[s].activation for s in sigs))
         exposed = [n for n in names if n not in graph_inputs]
-        sessions = [_exposing_session(h, exposed, types) if exposed else None
-                    for h in ([handle] if ref is None else [handle, ref])]
-        for feed in data.batches(batch_size):
-            outs = []
-            for session in sessions:
-                got = dict(zip(exposed, session.run(exposed, feed))) if session else {}
-                got.update({n: feed[n] for n in names if n in graph_inputs})
-                outs.append(got)
+        models = [handle] if ref is None else [handle, ref]
+        if runners is not None:
+            sources = [runner.batches(names) for runner in runners[:len(models)]]
+        else:
+            sources = [_session_batches(h, exposed, names, types, data, batch_size,
+                                        graph_inputs) for h in models]
+        for outs in zip(*sources):
             batch_bytes = sum(v.nbytes for got in outs for v in got.values())
             block_peak = 0
             for s, acc in accs.items():
@@ -1055,18 +1059,30 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
                     block_peak = max(block_peak, sum(b.nbytes for b in blocks))
                     acc.add(*blocks)
             record.peak_bytes = max(record.peak_bytes, held + batch_bytes + block_peak)
-            record.model_runs += len(sessions)
+            record.model_runs += len(models)
             done += 1
             if progress is not None:
                 progress(done, max(total, done))
             del outs
-        del sessions
+        del sources
         for s in sigs:
             finished[s] = accumulators.pop(s).finish()
         for key in keys:  # every signature of these keys is finished (this or an earlier chunk)
             result[key] = _combine([finished[s] for s in weight_sigs[key]])
     record.seconds = time.perf_counter() - started
     return result
+
+
+def _session_batches(handle: ModelHandle, exposed: Sequence[str], names: Sequence[str],
+                     types: Mapping[str, int], data: CalibrationSet, batch_size: int,
+                     graph_inputs) -> Iterator[Dict[str, np.ndarray]]:
+    """``{name: array}`` per batch from one session exposing ``exposed`` (graph inputs are
+    taken from the feed)."""
+    session = _exposing_session(handle, exposed, types) if exposed else None
+    for feed in data.batches(batch_size):
+        got = dict(zip(exposed, session.run(exposed, feed))) if session else {}
+        got.update({n: feed[n] for n in names if n in graph_inputs})
+        yield got
 
 
 def _combine(parts: List[LayerStats]) -> LayerStats:

@@ -36,6 +36,7 @@ from .criteria import ScoreContext, get_criterion
 from .errors import OptionError, SelectionError
 from .passes import ApplyMasks, LayerResult, Pass, PruneState, not_a_weight
 from .reconstruct import asymmetric_bias, asymmetric_target, centered_cross, sparsegpt_prune
+from .segments import SegmentRunner
 from .selection import LayerPlan
 from .weights import Skipped, stored_bias, stored_tensors
 
@@ -119,33 +120,48 @@ class PruneSequentially(Pass):
                                      "exposed; not pruned")
         reference = _dense_reference(state)
         stored = stored_tensors(state.model.graph)
-        corrected, runs = [], 0
-        for wave in state.track(waves, "pruning layer by layer", len(waves)):
-            hessian = any(get_criterion(p.criterion).reconstructs for p in wave)
-            stats = collect_layer_stats(state.handle, [p.weight for p in wave],
-                                        state.calibration, want_hessian=hessian,
-                                        batch_size=self.batch_size, reference=reference)
-            runs += stats.record.model_runs
-            for plan in wave:
-                st = stats.get(plan.weight.key)
-                if st is None:
-                    why = stats.record.skipped.get(plan.weight.key, "no statistics")
-                    self._leave(state, plan, f"its input activation could not be collected "
-                                             f"({why}); not pruned")
-                    continue
-                if self._prune(state, plan, st, stored):
-                    corrected.append(plan.weight.name)
+        corrected = []
+        runners = [SegmentRunner(h, state.calibration, self.batch_size)
+                   for h in [state.handle] + ([reference] if reference is not None else [])]
+        try:
+            for wave in state.track(waves, "pruning layer by layer", len(waves)):
+                corrected += self._wave(state, wave, reference, runners, stored)
+        finally:
+            for runner in runners:
+                runner.close()
+        runs = sum(r.runs for r in runners)
+        cached = max(r.peak for r in runners)
         done = sum(1 for p in plans if p.weight.key in state.layers)
         if not done:
             raise SelectionError("no selected weight could be pruned layer by layer (see the "
                                  "skipped list)")
         summary = (f"{done} weights pruned in {len(waves)} waves on their upstream-pruned "
-                   f"inputs ({runs} model runs)")
+                   f"inputs ({runs} segment runs, {cached / 2**20:.0f} MiB of activations held)")
         if corrected:
             state.notes.append(f"biases of {len(corrected)} layers moved so their mean outputs "
                                "stay the dense model's")
         return True, summary, {"waves": [[p.weight.key for p in w] for w in waves],
-                               "model_runs": runs, "bias_corrected": corrected}
+                               "model_runs": runs, "bias_corrected": corrected,
+                               "activation_bytes": cached}
+
+    def _wave(self, state: PruneState, wave: List[LayerPlan], reference, runners, stored
+              ) -> List[str]:
+        """Prune one wave on its paired statistics; the names whose bias was corrected."""
+        hessian = any(get_criterion(p.criterion).reconstructs for p in wave)
+        stats = collect_layer_stats(state.handle, [p.weight for p in wave], state.calibration,
+                                    want_hessian=hessian, batch_size=self.batch_size,
+                                    reference=reference, runners=runners)
+        corrected = []
+        for plan in wave:
+            st = stats.get(plan.weight.key)
+            if st is None:
+                why = stats.record.skipped.get(plan.weight.key, "no statistics")
+                self._leave(state, plan, f"its input activation could not be collected "
+                                         f"({why}); not pruned")
+                continue
+            if self._prune(state, plan, st, stored):
+                corrected.append(plan.weight.name)
+        return corrected
 
     def _screen(self, state: PruneState) -> List[LayerPlan]:
         kept = []
