@@ -29,7 +29,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -155,40 +154,31 @@ def session(path: str) -> ort.InferenceSession:
 # =============================================================================================
 # settings
 # =============================================================================================
-FIRST_DENSE = ", first conv dense"
+MAG_CAL = "magnitude + calibration"  # magnitude masks, layer by layer with bias correction
 
 
-def first_conv_weight(model_path: Path) -> str:
-    import onnx
+def calibrated_rows(kw: dict, label: str, cal: dict, allocations: Sequence[str]) -> List[Row]:
+    """Magnitude without data, then each criterion with the calibration data, per allocation
+    (``uniform``: one sparsity for every layer; ``sensitivity``: what ``allocate="auto"``, the
+    default with calibration data, picks for a free sparsity)."""
+    rows = [Row("magnitude", label, dict(kw, criterion="magnitude"))]
+    for alloc in allocations:
+        for method, crit in ((MAG_CAL, "magnitude"),) + tuple((c, c) for c in CALIBRATED):
+            rows.append(Row(method, label, dict(kw, criterion=crit, allocate=alloc, **cal),
+                            allocate=alloc))
+    return rows
 
-    graph = onnx.load(str(model_path)).graph
-    return next(n.input[1] for n in graph.node if n.op_type == "Conv")
 
-
-def digits_rows(calib: str, samples: int, quick: bool, first_conv: str) -> List[Row]:
+def digits_rows(calib: str, samples: int, quick: bool) -> List[Row]:
     rows: List[Row] = []
     cal = dict(calibration=calib, calibration_samples=samples)
     unstructured = (0.5, 0.9) if quick else (0.5, 0.7, 0.9)
     settings = [("unstructured", s, f"unstructured {s:.0%}") for s in unstructured]
     settings += [("2:4", None, "2:4 (50%)"), ("4x1", 0.8, "4x1 80%")]
     for pattern, sparsity, label in settings:
-        kw = dict(pattern=pattern, sparsity=sparsity)
-        rows.append(Row("magnitude", label, dict(kw, criterion="magnitude")))
-        for crit in CALIBRATED:
-            rows.append(Row(crit, label, dict(kw, criterion=crit, **cal)))
-        if pattern == "2:4":
-            continue  # N:M fixes every layer's sparsity: nothing to allocate
-        for crit in ("magnitude",) + CALIBRATED:
-            rows.append(Row(crit, label, dict(kw, criterion=crit, allocate="sensitivity", **cal),
-                            allocate="sensitivity"))
-    # The first conv (1 input channel, 9 weights per filter) is where uniform pruning hurts
-    # most: the same settings with it left dense (a user's --exclude), for comparison.
-    for pattern, sparsity, label in (("unstructured", 0.5, "unstructured 50%"),
-                                     ("2:4", None, "2:4 (50%)")):
-        kw = dict(pattern=pattern, sparsity=sparsity, exclude=f"^{re.escape(first_conv)}$")
-        rows.append(Row("magnitude", label + FIRST_DENSE, dict(kw, criterion="magnitude")))
-        for crit in CALIBRATED:
-            rows.append(Row(crit, label + FIRST_DENSE, dict(kw, criterion=crit, **cal)))
+        # N:M fixes every layer's sparsity: nothing to allocate
+        allocs = ("uniform",) if pattern == "2:4" else ("uniform", "sensitivity")
+        rows += calibrated_rows(dict(pattern=pattern, sparsity=sparsity), label, cal, allocs)
     for s in (0.3, 0.5):
         label = f"channel {s:.0%}"
         kw = dict(pattern="channel", sparsity=s, criterion="magnitude")
@@ -198,46 +188,15 @@ def digits_rows(calib: str, samples: int, quick: bool, first_conv: str) -> List[
     return rows
 
 
-DW_DENSE = ", depthwise + first conv dense"
-
-
-def depthwise_and_first(model_path: Path) -> List[str]:
-    """Weights of the first Conv and of every grouped (depthwise) Conv."""
-    import onnx
-
-    convs = [n for n in onnx.load(str(model_path)).graph.node if n.op_type == "Conv"]
-    grouped = [n.input[1] for n in convs
-               if any(a.name == "group" and a.i > 1 for a in n.attribute)]
-    return [convs[0].input[1]] + grouped
-
-
-def ppocr_rows(calib: str, samples: int, input_name: str, quick: bool,
-               small: Sequence[str]) -> List[Row]:
+def ppocr_rows(calib: str, samples: int, input_name: str, quick: bool) -> List[Row]:
     rows: List[Row] = []
     shapes = {input_name: (1, 3, 48, 320)}
     cal = dict(calibration=calib, calibration_samples=samples)
     for pattern, sparsity, label in (("unstructured", 0.5, "unstructured 50%"),
                                      ("2:4", None, "2:4 (50%)")):
-        kw = dict(pattern=pattern, sparsity=sparsity, input_shapes=shapes)
-        rows.append(Row("magnitude", label, dict(kw, criterion="magnitude")))
-        for crit in CALIBRATED:
-            rows.append(Row(crit, label, dict(kw, criterion=crit, **cal)))
-        if pattern == "2:4":
-            continue
-        crits = ("sparsegpt",) if quick else ("magnitude",) + CALIBRATED
-        for crit in crits:
-            rows.append(Row(crit, label, dict(kw, criterion=crit, allocate="sensitivity", **cal),
-                            allocate="sensitivity"))
-    # Filters with 9 or 25 weights (depthwise) and the 27-weight first conv are where uniform
-    # pruning hurts most: the same settings with them left dense (a user's --exclude).
-    if not quick:
-        exclude = "^(" + "|".join(re.escape(n) for n in small) + ")$"
-        for pattern, sparsity, label in (("unstructured", 0.5, "unstructured 50%"),
-                                         ("2:4", None, "2:4 (50%)")):
-            kw = dict(pattern=pattern, sparsity=sparsity, input_shapes=shapes, exclude=exclude)
-            rows.append(Row("magnitude", label + DW_DENSE, dict(kw, criterion="magnitude")))
-            for crit in CALIBRATED:
-                rows.append(Row(crit, label + DW_DENSE, dict(kw, criterion=crit, **cal)))
+        allocs = ("uniform",) if pattern == "2:4" or quick else ("uniform", "sensitivity")
+        rows += calibrated_rows(dict(pattern=pattern, sparsity=sparsity, input_shapes=shapes),
+                                label, cal, allocs)
     return rows
 
 
@@ -258,7 +217,7 @@ def run_digits(args) -> dict:
     dense, _ = evaluate(str(model))
     print(f"digits: dense top-1 {dense:.4f} on {len(labels)} test images")
     samples = args.samples or 256
-    rows = digits_rows(calib, samples, args.quick, first_conv_weight(model))
+    rows = digits_rows(calib, samples, args.quick)
     with tempfile.TemporaryDirectory() as tmp:
         cwd = os.getcwd()
         os.chdir(ROOT)
@@ -345,8 +304,7 @@ def run_ppocr(args) -> Optional[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         calib = str(Path(tmp) / "ppocr_calib.npz")
         np.savez(calib, **{input_name: x_cal})
-        rows = ppocr_rows(calib, n_cal, input_name, args.quick,
-                          depthwise_and_first(PPOCR_REC))
+        rows = ppocr_rows(calib, n_cal, input_name, args.quick)
         run_rows(PPOCR_REC, rows, evaluate, args.row_timeout, Path(tmp))
     return {"dense": dense, "dense_exact": dense_exact, "rows": rows, "n_test": n_test,
             "samples": n_cal, "order": order, "dense_by_order": dense_by_order,
@@ -396,14 +354,12 @@ def targets(result: dict, model: str) -> List[str]:
 
     def check(name, method, setting, floor):
         parts = []
-        for alloc, s in (("uniform", setting), ("sensitivity", setting),
-                         ("uniform", setting + FIRST_DENSE), ("uniform", setting + DW_DENSE)):
-            r = by.get((method, s, alloc))
+        for alloc in ("uniform", "sensitivity"):
+            r = by.get((method, setting, alloc))
             if r is None:
                 continue
             ok = pct(r) >= floor
-            what = s[len(setting) + 2:] if s != setting else alloc
-            parts.append(f"{what}: {pct(r):.1f}% {'met' if ok else 'NOT met'}")
+            parts.append(f"{alloc}: {pct(r):.1f}% {'met' if ok else 'NOT met'}")
         out.append(f"- {name} (≥ {floor:g}% of dense): " + ("; ".join(parts) or "not measured"))
 
     check("sparsegpt, unstructured 50%", "sparsegpt", "unstructured 50%", 98)
@@ -416,26 +372,31 @@ def targets(result: dict, model: str) -> List[str]:
     for r in rows:
         if r.setting not in settings and r.method == "magnitude":
             settings.append(r.setting)
-    fails, wins, n = [], 0, 0
-    for setting in settings:
-        for alloc in ("uniform", "sensitivity"):
+    for name, pick in (("default allocation with calibration data (sensitivity where the "
+                        "sparsity is free, uniform for N:M)",
+                        lambda crit, setting: by.get((crit, setting, "sensitivity"))
+                        or by.get((crit, setting, "uniform"))),
+                       ("uniform allocation", lambda crit, setting:
+                        by.get((crit, setting, "uniform")))):
+        fails, wins, n = [], 0, 0
+        for setting in settings:
             mag = by.get(("magnitude", setting, "uniform"))
             if mag is None or dense - mag.accuracy <= 0.01:
                 continue
             for crit in CALIBRATED:
-                r = by.get((crit, setting, alloc))
+                r = pick(crit, setting)
                 if r is None:
                     continue
                 n += 1
                 if r.accuracy > mag.accuracy:
                     wins += 1
                 else:
-                    fails.append(f"{crit}{' + sensitivity' if alloc == 'sensitivity' else ''} "
-                                 f"at {setting} ({r.accuracy:.4f} vs magnitude {mag.accuracy:.4f})")
-    line = (f"- each calibrated method beats (uniform) magnitude where magnitude loses > 1 point: "
-            f"{wins}/{n} comparisons")
-    line += " — met" if not fails else " — NOT met: " + "; ".join(fails)
-    out.append(line)
+                    fails.append(f"{r.label} at {setting} ({r.accuracy:.4f} vs magnitude "
+                                 f"{mag.accuracy:.4f})")
+        line = (f"- each calibrated method beats magnitude (no data) where magnitude loses "
+                f"> 1 point, {name}: {wins}/{n} comparisons")
+        line += " — met" if not fails else " — NOT met: " + "; ".join(fails)
+        out.append(line)
     return out
 
 
