@@ -194,11 +194,11 @@ def build_passes(options: PruneOptions) -> List[Pass]:
         # Layer by layer, statistics are collected per wave as pruning goes; up front only
         # what sensitivity allocation and channel refits measure on the dense model.
         # (a reconstructing criterion's sensitivity collects its Hessians in bounded chunks).
-        collect = not o.sequential or (o.allocation == "sensitivity" and not reconstructs)
+        # A channel refit collects its own, layer by layer, too.
+        collect = not (o.sequential or o.channel_removal) or (
+            o.allocation == "sensitivity" and not reconstructs)
         passes.append(Calibrate(o.calibration, o.calibration_samples, o.image_preprocess,
-                                o.input_shapes, hessian=o.refit,
-                                targets="all" if o.refit else "selected", seed=o.seed,
-                                collect=collect))
+                                o.input_shapes, seed=o.seed, collect=collect))
     if o.allocation == "sensitivity":
         passes.append(AllocateBySensitivity())
     if o.channel_removal:

@@ -24,7 +24,7 @@ rows (:attr:`LayerStats.sparsegpt_hessian`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -256,7 +256,7 @@ def _nm_keep(sal: np.ndarray, n: int) -> np.ndarray:
 
 
 def asymmetric_target(w2d: np.ndarray, hessian: np.ndarray, cross: np.ndarray,
-                      damp: float = 0.01) -> np.ndarray:
+                      damp: float = 0.01, kept: Optional[Sequence[int]] = None) -> np.ndarray:
     """``W*`` minimizing ``||X_ref W^T - X W*^T||^2 + lam ||W* - W||^2`` (float64).
 
     ``X`` is the layer's input now, ``X_ref`` the reference model's on the same samples,
@@ -270,21 +270,26 @@ def asymmetric_target(w2d: np.ndarray, hessian: np.ndarray, cross: np.ndarray,
     toward 0 keeps weights on inputs the calibration never excited (``H_jj = 0``) as they were.
     Centered moments (:func:`centered_hessian`, :func:`centered_cross`) give the target for a
     layer whose bias absorbs the means (:func:`asymmetric_bias`).
+
+    ``kept``: fit on these input columns only (the others are gone: removed input channels);
+    the result is ``[out, len(kept)]`` and still reproduces ``X_ref W^T`` with all of ``W``.
     """
     w2d = np.asarray(w2d, dtype=np.float64)
     rows, cols = w2d.shape
     h = _stack_hessian(hessian, rows, cols)
     c = _stack_hessian(cross, rows, cols)
+    k = np.arange(cols) if kept is None else np.asarray(kept, dtype=np.int64).reshape(-1)
     groups = h.shape[0]
     w = w2d.reshape(groups, rows // groups, cols)
-    idx = np.arange(cols)
-    diag = h[:, idx, idx]
+    h = h[:, k[:, None], k[None, :]]
+    diag = np.einsum("gii->gi", h)
     live = diag > 0
     mean = np.array([d[m].mean() if m.any() else 1.0 for d, m in zip(diag, live)])
     lam = damp * mean
-    a = h + lam[:, None, None] * np.eye(cols)[None]
-    rhs = np.matmul(c, w.transpose(0, 2, 1)) + lam[:, None, None] * w.transpose(0, 2, 1)
-    return np.linalg.solve(a, rhs).transpose(0, 2, 1).reshape(rows, cols)
+    a = h + lam[:, None, None] * np.eye(k.size)[None]
+    rhs = np.matmul(c[:, k, :], w.transpose(0, 2, 1)) + \
+        lam[:, None, None] * w[:, :, k].transpose(0, 2, 1)
+    return np.linalg.solve(a, rhs).transpose(0, 2, 1).reshape(rows, k.size)
 
 
 def centered_cross(cross: np.ndarray, sums: np.ndarray, ref_sums: np.ndarray, count: int

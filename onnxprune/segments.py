@@ -45,7 +45,9 @@ class SegmentRunner:
         self.handle, self.data, self.batch_size = handle, data, batch_size
         self.budget = budget_bytes
         graph = handle.model.graph
-        self.graph_inputs = {i.name for i in graph.input}
+        # Real inputs only: a weight listed as a graph input too (older exporters) is served by
+        # its initializer, never fed.
+        self.graph_inputs = {i.name for i in graph.input} - {t.name for t in graph.initializer}
         self.producer: Dict[str, int] = {}
         for i, node in enumerate(graph.node):
             for out in node.output:
@@ -62,17 +64,24 @@ class SegmentRunner:
         self.peak = 0  # most bytes held in memory at once
         self.runs = 0  # onnxruntime runs
         self._tmp: Optional[tempfile.TemporaryDirectory] = None
+        self.from_scratch = False  # set once a value cannot be kept (a sequence, a map)
 
     def batches(self, names: Sequence[str]) -> Iterator[Dict[str, np.ndarray]]:
         names = list(dict.fromkeys(names))
         gone = [n for n in names if n in self.producer and self.done[self.producer[n]]
                 and n not in self.cache]
-        if gone:  # ran and let go (a weight shared across waves): compute them from scratch
+        if gone or self.from_scratch:  # ran and let go (a weight shared across waves)
             yield from self._from_scratch(names)
             return
         segment = self._segment(names)
         if segment:
-            self._execute(segment, names)
+            try:
+                self._execute(segment, names)
+            except _NotATensor:  # keep going the slow way: every request from the inputs
+                self.from_scratch = True
+                self.close()
+                yield from self._from_scratch(names)
+                return
         for b, feed in enumerate(self.data.batches(self.batch_size)):
             yield {n: feed[n] if n not in self.producer else self._get(n, b) for n in names}
 
@@ -126,7 +135,7 @@ class SegmentRunner:
                 self.pending[name] -= 1
         live_after = {n for n in produced if self._live(n)}
         outputs = list(dict.fromkeys([n for n in names if n in produced] + sorted(live_after)))
-        graph_in = [i.name for i in graph.input if i.name in read]
+        graph_in = [i.name for i in graph.input if i.name in read and i.name in self.graph_inputs]
         session = _segment_session(self.handle, [graph.node[i] for i in segment],
                                    {n: self._dtype(n) for n in cached_in}, graph_in, outputs)
         fresh: Dict[str, List] = {n: [] for n in outputs}
@@ -148,6 +157,8 @@ class SegmentRunner:
 
     # -- storage ----------------------------------------------------------------------------
     def _store(self, value: np.ndarray):
+        if not isinstance(value, np.ndarray):
+            raise _NotATensor(type(value).__name__)
         if self.held + value.nbytes <= self.budget:
             self.held += value.nbytes
             self.peak = max(self.peak, self.held)
@@ -171,6 +182,11 @@ class SegmentRunner:
 
     def _dtype(self, name: str) -> np.dtype:
         return np.asarray(self._get(name, 0)).dtype
+
+
+class _NotATensor(Exception):
+    """A value to keep between segments is not an array (onnxruntime returns sequences as
+    lists): the runner falls back to computing every request from the graph inputs."""
 
 
 def _segment_session(handle: ModelHandle, nodes: Sequence[onnx.NodeProto],

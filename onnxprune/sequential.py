@@ -38,16 +38,16 @@ from .passes import ApplyMasks, LayerResult, Pass, PruneState, not_a_weight
 from .reconstruct import asymmetric_bias, asymmetric_target, centered_cross, sparsegpt_prune
 from .segments import SegmentRunner
 from .selection import LayerPlan
-from .weights import Skipped, stored_bias, stored_tensors
+from .weights import Skipped, Weight, stored_bias, stored_tensors
 
 __all__ = ["PruneSequentially", "sequential_waves"]
 
 
-def sequential_waves(model: onnx.ModelProto, plans: Sequence[LayerPlan]
-                     ) -> Tuple[List[List[LayerPlan]], List[LayerPlan]]:
-    """(waves in order, plans not in the main graph).
+def sequential_waves(model: onnx.ModelProto, plans: Sequence
+                     ) -> Tuple[List[list], list]:
+    """(waves in order, items not in the main graph), for plans or weights.
 
-    A plan's wave is the largest number of selected weights on any path from the graph inputs
+    An item's wave is the largest number of the given weights on any path from the graph inputs
     to its node's activation: wave 0 reads only unpruned computation, wave ``k`` depends on
     weights of waves below ``k`` only. Nodes with subgraphs count every name their bodies read.
     """
@@ -58,7 +58,7 @@ def sequential_waves(model: onnx.ModelProto, plans: Sequence[LayerPlan]
     at_node: Dict[str, List[Tuple[LayerPlan, int]]] = {}
     outside = []
     for plan in plans:
-        consumers = plan.weight.consumers
+        consumers = _weight(plan).consumers
         if any(c.graph != main for c in consumers) or not consumers:
             outside.append(plan)
             continue
@@ -74,18 +74,77 @@ def sequential_waves(model: onnx.ModelProto, plans: Sequence[LayerPlan]
             reads = sorted(_names_read(node))
         d = max((depth.get(t, 0) for t in reads), default=0)
         for plan, _ in here:
-            level[plan.weight.key] = max(level.get(plan.weight.key, 0), d)
+            key = _weight(plan).key
+            level[key] = max(level.get(key, 0), d)
         for out in node.output:
             depth[out] = d + 1 if here else d
-    waves: Dict[int, List[LayerPlan]] = {}
+    waves: Dict[int, list] = {}
     for plan in plans:
-        if plan.weight.key in level:
-            waves.setdefault(level[plan.weight.key], []).append(plan)
+        if _weight(plan).key in level:
+            waves.setdefault(level[_weight(plan).key], []).append(plan)
     return [waves[k] for k in sorted(waves)], outside
+
+
+def _weight(item) -> Weight:
+    return item if isinstance(item, Weight) else item.weight
 
 
 def _node_key(node: onnx.NodeProto) -> tuple:
     return (node.name, tuple(node.output))
+
+
+def refit_toward_dense(state: PruneState, batch_size: int = 8, damp: float = 0.01,
+                       bias_correction: bool = True) -> List[str]:
+    """Refit every weight, wave by wave, after channels were masked (shapes kept, removed rows
+    and columns zero): each layer's kept rows are fit on its kept input columns to reproduce
+    the *dense* layer's output from the inputs it now gets, and its bias moved to the dense
+    mean (least squares on paired statistics, :func:`~onnxprune.reconstruct.asymmetric_target`
+    with ``kept``). Grouped Convs and weights reached through views are left as they are.
+    Returns the names refit."""
+    reference = _dense_reference(state)
+    if reference is None or state.calibration is None:
+        return []
+    main = state.model.graph.name or "main"
+    weights = [w for w in state.weights if w.graph == main and not w.layout.view
+               and w.layout.group == 1]
+    dense_tensors = stored_tensors(reference.model.graph)
+    stored = stored_tensors(state.model.graph)
+    waves, _ = sequential_waves(state.model, weights)
+    runners = [SegmentRunner(h, state.calibration, batch_size) for h in (state.handle, reference)]
+    refit = []
+    try:
+        for wave in state.track(waves, "refitting layer by layer", len(waves)):
+            stats = collect_layer_stats(state.handle, wave, state.calibration, want_hessian=True,
+                                        batch_size=batch_size, reference=reference,
+                                        runners=runners)
+            for w in wave:
+                st = stats.get(w.key)
+                if st is None or w.name not in dense_tensors:
+                    continue
+                raw = state.handle.read(w.tensor)
+                now = w.layout.to_2d(raw)
+                rows, cols = now.any(axis=1), np.flatnonzero(now.any(axis=0))
+                if not rows.any() or not cols.size:
+                    continue
+                dense = w.layout.to_2d(reference.read(dense_tensors[w.name])).astype(np.float64)
+                bias = stored_bias(state.model.graph, w, stored) if bias_correction else None
+                h, cross = st.hessian[None], st.cross
+                if bias is not None:
+                    h = centered_cross(h, st.group_sums, st.group_sums, st.group_rows)
+                    cross = centered_cross(cross, st.group_sums, st.ref_sums, st.group_rows)
+                new = np.zeros_like(dense)
+                new[:, cols] = asymmetric_target(dense, h, cross, damp, kept=cols)
+                new[~rows] = 0.0
+                state.handle.write(w.tensor, w.layout.from_2d(new.astype(raw.dtype)))
+                if bias is not None:
+                    n = max(st.group_rows, 1)
+                    delta = asymmetric_bias(dense, new, st.group_sums / n, st.ref_sums / n)
+                    bias.shift(state.handle, np.where(rows, delta, 0.0))
+                refit.append(w.name)
+    finally:
+        for runner in runners:
+            runner.close()
+    return refit
 
 
 class PruneSequentially(Pass):

@@ -113,16 +113,16 @@ class PruneChannels(Pass):
                 group.frozen = (f"producer {left_out[0]} is not selected (--op-types/"
                                 "--include/--exclude/config)")
         removed = select_channels(state.handle, graph, self.sparsity, **self.kwargs)
-        if self.refit:
-            from .calibrated import refit_consumers
-
-            if not state.layer_stats:
-                raise OptionError("refit needs calibration statistics (Calibrate with "
-                                  "hessian=True first; CLI: --refit --calibration data.npz)")
-            refit = refit_consumers(state, graph, removed)
-            state.notes.append(f"least-squares refit of {len(refit)} consumer weights "
-                               "(and their biases) to the dense model's outputs")
+        if self.refit and state.calibration is None:
+            raise OptionError("refit needs calibration data (Calibrate first; CLI: --refit "
+                              "--calibration data.npz)")
         mask_channels(state.handle, removed, graph)
+        if self.refit:
+            from .sequential import refit_toward_dense
+
+            refit = refit_toward_dense(state)
+            state.notes.append(f"least-squares refit of {len(refit)} weights (and their "
+                               "biases), layer by layer, to the dense model's outputs")
         resize_channels(state.handle, graph, removed)
         changed = _record_shapes(state, before, "channel", self.criterion)
         frozen = [(d, r) for d, r in graph.frozen()

@@ -773,3 +773,36 @@ def test_gemm_constant_a_bias_is_not_a_row_bias():
     assert "W" not in corrected  # C shifts output columns, not the weight's rows
     if "W" in corrected:  # each output row's mean (the weight row's output) is the dense one
         np.testing.assert_allclose(now.mean(axis=(0, 2)), dense.mean(axis=(0, 2)), atol=1e-4)
+
+
+# =============================================================================================
+# channel pruning: the layer-by-layer refit toward the dense model
+# =============================================================================================
+def test_channel_refit_with_nothing_removed_returns_the_dense_model():
+    model = _resnet_block_model()
+    x = _calib((32, 3, 8, 8), seed=90, mean=0.5)
+    res = onnxprune.prune(model, pattern="channel", sparsity=0.0, refit=True,
+                          calibration={"x": x}, validate=False)
+    assert all(r.shape == r.shape_after for r in res.report.rows)
+    dense, now = _expose(model, ["y"], {"x": x})["y"], _expose(res.model, ["y"], {"x": x})["y"]
+    np.testing.assert_allclose(now, dense, rtol=0, atol=1e-4 * np.abs(dense).max())
+
+
+def test_channel_refit_keeps_the_output_mean_and_beats_no_refit():
+    model = _resnet_block_model()
+    x = _calib((64, 3, 8, 8), seed=91, mean=0.5)
+    kw = dict(pattern="channel", sparsity=0.5, validate=False)
+    plain = onnxprune.prune(model, **kw)
+    refit = onnxprune.prune(model, refit=True, calibration={"x": x}, **kw)
+    shapes = [(r.shape, r.shape_after) for r in refit.report.rows]
+    assert shapes == [(r.shape, r.shape_after) for r in plain.report.rows]
+    assert any(a != b for a, b in shapes)  # channels really went
+    dense = _expose(model, ["y"], {"x": x})["y"].astype(np.float64)
+    out = {name: _expose(r.model, ["y"], {"x": x})["y"].astype(np.float64)
+           for name, r in (("plain", plain), ("refit", refit))}
+    err = {k: np.linalg.norm(v - dense) / np.linalg.norm(dense) for k, v in out.items()}
+    assert err["refit"] < 0.8 * err["plain"]
+    # the last conv keeps its output channels (a graph output): its bias took the dense mean
+    np.testing.assert_allclose(out["refit"].mean(axis=(0, 2, 3)), dense.mean(axis=(0, 2, 3)),
+                               atol=1e-4 * np.abs(dense).max())
+    assert any("layer by layer" in n for n in refit.report.notes)
