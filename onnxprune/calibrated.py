@@ -1,12 +1,12 @@
-"""Passes that use calibration data: statistics, bias correction, channel refit, sensitivity.
+"""Passes that use calibration data: loading it, bias correction, sensitivity.
 
 A few hundred real inputs run through onnxruntime keep far more accuracy than data-free
 magnitude pruning. :class:`Calibrate` loads them (or generates inputs, and says the run was
-data-free in effect) and collects per-layer input statistics on the dense model (layer-by-layer
-pruning, SparseGPT and Wanda, lives in :mod:`onnxprune.sequential`);
-:func:`refit_consumers` refits the consumers of removed channels by least squares;
+data-free in effect) and collects per-layer input statistics on the dense model;
 :class:`AllocateBySensitivity` measures each layer's output error at several sparsities and
-spreads a global target where it hurts least.
+spreads a global target where it hurts least; :class:`CorrectBias` moves the mean pruned weights
+carried into biases for global-scope runs. Layer-by-layer pruning (Wanda, SparseGPT) and the
+channel refit live in :mod:`onnxprune.sequential`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from .calibration import (CalibrationSet, ImagePreprocess, collect_layer_stats,
                           generated_calibration, load_calibration)
 from .errors import OptionError
 from .passes import Pass, PruneState
-from .reconstruct import bias_correction, centered_hessian, conv_in_columns, refit_consumer
 from .criteria import get_criterion
 from .sensitivity import SensitivityTable, allocate, layer_sensitivity
 from .weights import find_weights, stored_bias, stored_tensors
@@ -100,47 +99,6 @@ class Calibrate(Pass):
                        f"{record.model_runs} runs, peak {record.peak_bytes / 2**20:.0f} MiB"
                        + (" (generated inputs)" if data.data_free else "")), {
             "samples": len(data), "data_free": data.data_free, "peak_bytes": record.peak_bytes}
-
-
-def refit_consumers(state: PruneState, graph, removed: Mapping[int, Sequence[int]]) -> List[str]:
-    """Refit every weight that loses input channels to the dense model's outputs, by least
-    squares on its calibration ``XᵀX`` (and move its bias to absorb the removed inputs' mean
-    where it has one). Runs before masking/resizing, writing the full-shape weight with the
-    removed columns zero; returns the names refit."""
-    by_name = {w.name: w for w in state.weights}
-    removed_in: Dict[str, set] = {}
-    for gid, units in removed.items():
-        if not len(units):
-            continue
-        for m in graph.groups[gid].members:
-            w = by_name.get(m.tensor)
-            if w is not None and m.stored and m.axis == w.layout.in_axis \
-                    and not w.layout.view:
-                removed_in.setdefault(w.name, set()).update(int(i) for i in m.indices(units))
-    refit = []
-    stored = stored_tensors(state.model.graph)
-    for name, gone in removed_in.items():
-        w = by_name[name]
-        stats = state.layer_stats.get(w.key)
-        if stats is None or stats.hessian is None or w.layout.group != 1:
-            continue  # depthwise/grouped consumers lose whole groups: nothing left to refit
-        n_in = w.shape[w.layout.in_axis]
-        kept = [c for c in range(n_in) if c not in gone]
-        cols = conv_in_columns(w.layout, kept)
-        raw = state.handle.read(w.tensor)
-        w2d = w.layout.to_2d(raw).astype(np.float64)
-        bias = stored_bias(state.model.graph, w, stored)
-        hessian = stats.hessian
-        if bias is not None:
-            hessian = centered_hessian(hessian, stats.in_sums, stats.count)
-        fitted = refit_consumer(w2d, hessian, cols)
-        full = np.zeros_like(w2d)
-        full[:, cols] = fitted
-        state.handle.write(w.tensor, w.layout.from_2d(full.astype(raw.dtype)))
-        if bias is not None:
-            bias.shift(state.handle, bias_correction(w2d, fitted, cols, stats.in_mean))
-        refit.append(name)
-    return refit
 
 
 class CorrectBias(Pass):
