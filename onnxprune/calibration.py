@@ -650,6 +650,11 @@ class _Extractor:
     def blocks(self, x: np.ndarray, block_bytes: int, dtype=np.float64) -> Iterator[np.ndarray]:
         raise NotImplementedError
 
+    def moments(self, x: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray, int]]:
+        """``(sums [G, in], squared sums [G, in], rows per group)`` of ``X`` for this batch
+        without forming ``X``, or None where there is no shortcut (then blocks are summed)."""
+        return None
+
 
 class _MatrixExtractor(_Extractor):
     """Gemm/MatMul: the activation is (a transpose of) X itself."""
@@ -770,6 +775,33 @@ class _ConvExtractor(_Extractor):
         else:
             yield from self._conv_blocks(x, block_bytes, dtype)
 
+    def moments(self, x: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray, int]]:
+        # Column (kernel offset k, channel j of group g) of im2col sums one strided slice of the
+        # padded input: no im2col copy, one slice per kernel offset.
+        if self.transpose:
+            return None
+        if x.ndim != self.nd + 2 or x.shape[1] != self.cin:
+            return None  # blocks() raises the proper error
+        geo = self._conv_geometry(x.shape[2:])
+        out = [o for _, _, o in geo]
+        sums = np.zeros((self.cin, int(np.prod(self.kernel))))
+        sq = np.zeros_like(sums)
+        rows = x.shape[0] * int(np.prod(out)) if min(out) >= 1 else 0
+        if rows:
+            xp = np.pad(x, [(0, 0), (0, 0)] + [(b, e) for b, e, _ in geo])
+            spatial = tuple(range(2, 2 + self.nd))
+            for k, offset in enumerate(np.ndindex(*self.kernel)):
+                index = (slice(None), slice(None)) + tuple(
+                    slice(o * d, o * d + s * (n - 1) + 1, s) for o, d, s, n in
+                    zip(offset, self.dilations, self.strides, out))
+                part = xp[index].astype(np.float64)  # our copy: squared in place below
+                sums[:, k] = part.sum(axis=(0,) + spatial)
+                sq[:, k] = np.square(part, out=part).sum(axis=(0,) + spatial)
+        # [C, K] -> [G, (K, cg)] with the channel innermost, as to_2d orders the columns
+        def cols(a):
+            return a.reshape(self.group, self.cg, -1).transpose(0, 2, 1).reshape(self.group, -1)
+        return cols(sums), cols(sq), rows
+
     def _windows(self, xp: np.ndarray, out: Sequence[int], strides: Sequence[int]
                  ) -> np.ndarray:
         """[N, C, *out, *kernel] view of padded ``xp``."""
@@ -884,6 +916,15 @@ class _Accumulator:
         else:
             self.h += np.matmul(block.transpose(0, 2, 1), block)
         self.rows += block.shape[0] * block.shape[1]
+
+    def add_moments(self, sums: np.ndarray, sq: np.ndarray, rows: int,
+                    ref_sums: Optional[np.ndarray] = None) -> None:
+        """What :meth:`add` gathers without a Hessian, from :meth:`_Extractor.moments`."""
+        self.sums += sums
+        self.sq += sq
+        if self.ref_sums is not None:
+            self.ref_sums += ref_sums
+        self.rows += rows * sums.shape[0]
 
     def finish(self) -> LayerStats:
         ex = self.extractor
@@ -1053,6 +1094,11 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
             block_peak = 0
             for s, acc in accs.items():
                 ex = extractors[s]
+                quick = None if want_hessian else [ex.moments(got[ex.activation])
+                                                   for got in outs]
+                if quick is not None and all(m is not None for m in quick):
+                    acc.add_moments(*quick[0], *([quick[1][0]] if len(quick) > 1 else []))
+                    continue
                 streams = [ex.blocks(got[ex.activation], BLOCK_BYTES, block_dtype)
                            for got in outs]
                 for blocks in zip(*streams):  # the same rows of both models, block by block

@@ -431,3 +431,31 @@ def test_stats_follow_rewritten_external_weights(tmp_path):
     h = (x @ new_w1).astype(np.float64)
     np.testing.assert_allclose(after.hessian, h.T @ h, rtol=1e-4, atol=1e-6)
     assert after.in_sq_norms[2] == 0  # a dead input now
+
+
+@pytest.mark.parametrize("op,attrs,wshape,xshape", CONV_CASES)
+def test_conv_moments_without_im2col_equal_the_im2col_sums(op, attrs, wshape, xshape):
+    # Without a Hessian, Conv stats come from strided slices (no im2col): they must equal the
+    # sums over the im2col rows, column for column, group by group.
+    from onnxprune.calibration import _extractor_for
+    model, _ = _single_op_model(op, attrs, wshape, xshape)
+    weight = _weight(model)
+    ex, _ = _extractor_for(weight, weight.consumers[0])
+    x = np.random.default_rng(2).standard_normal(xshape).astype(np.float32)
+    act = np.maximum(x, 0)
+    quick = ex.moments(act)
+    if op == "ConvTranspose":
+        assert quick is None  # no shortcut: blocks are summed
+        return
+    rows = activation_rows(weight, act)  # [g, rows, in]
+    sums, sq, n = quick
+    np.testing.assert_allclose(sums, rows.sum(axis=1), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(sq, (rows ** 2).sum(axis=1), rtol=1e-10, atol=1e-10)
+    assert n == rows.shape[1]
+    data = CalibrationSet.from_arrays(model, {"x": x})
+    fast = collect_layer_stats(model, [weight], data, want_hessian=False, batch_size=2)
+    full = collect_layer_stats(model, [weight], data, want_hessian=True, batch_size=2)
+    a, b = fast[weight.key], full[weight.key]
+    np.testing.assert_allclose(a.in_sq_norms, b.in_sq_norms, rtol=1e-10)
+    np.testing.assert_allclose(a.group_sums, b.group_sums, rtol=1e-10, atol=1e-12)
+    assert (a.count, a.group_rows) == (b.count, b.group_rows)
