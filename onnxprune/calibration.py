@@ -788,15 +788,17 @@ class _ConvExtractor(_Extractor):
         sq = np.zeros_like(sums)
         rows = x.shape[0] * int(np.prod(out)) if min(out) >= 1 else 0
         if rows:
-            xp = np.pad(x, [(0, 0), (0, 0)] + [(b, e) for b, e, _ in geo])
-            spatial = tuple(range(2, 2 + self.nd))
+            # Summing over samples first commutes with the slicing: per offset the work is
+            # C x positions, not N x C x positions.
+            xp = np.pad(x.astype(np.float64), [(0, 0), (0, 0)] + [(b, e) for b, e, _ in geo])
+            total, total_sq = xp.sum(axis=0), np.square(xp).sum(axis=0)  # [C, *padded]
+            spatial = tuple(range(1, 1 + self.nd))
             for k, offset in enumerate(np.ndindex(*self.kernel)):
-                index = (slice(None), slice(None)) + tuple(
+                index = (slice(None),) + tuple(
                     slice(o * d, o * d + s * (n - 1) + 1, s) for o, d, s, n in
                     zip(offset, self.dilations, self.strides, out))
-                part = xp[index].astype(np.float64)  # our copy: squared in place below
-                sums[:, k] = part.sum(axis=(0,) + spatial)
-                sq[:, k] = np.square(part, out=part).sum(axis=(0,) + spatial)
+                sums[:, k] = total[index].sum(axis=spatial)
+                sq[:, k] = total_sq[index].sum(axis=spatial)
         # [C, K] -> [G, (K, cg)] with the channel innermost, as to_2d orders the columns
         def cols(a):
             return a.reshape(self.group, self.cg, -1).transpose(0, 2, 1).reshape(self.group, -1)
