@@ -1121,6 +1121,24 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
     return result
 
 
+def run_calibration(session, names: Sequence[str], feed: Mapping[str, np.ndarray],
+                    batch: Optional[Mapping[str, np.ndarray]] = None) -> list:
+    """``session.run(names, feed)``; when onnxruntime fails, an :class:`InputDataError` naming the
+    calibration batch (``batch``, the graph inputs; ``feed`` when not given) and what to do."""
+    try:
+        return session.run(list(names), dict(feed))
+    except Exception as exc:
+        from .validate import _message
+
+        shown = batch if batch is not None else feed
+        fed = ", ".join(f"{k}:{'x'.join(str(d) for d in np.shape(v)) or 'scalar'} "
+                        f"{np.asarray(v).dtype}" for k, v in shown.items())
+        raise InputDataError(
+            f"onnxruntime could not run the model on the calibration inputs {fed} "
+            f"({_message(exc).splitlines()[0][:300]}); give real inputs with --calibration, "
+            "or the sizes the model was exported for with --input-shape NAME:DIMS") from None
+
+
 def _session_batches(handle: ModelHandle, exposed: Sequence[str], names: Sequence[str],
                      types: Mapping[str, int], data: CalibrationSet, batch_size: int,
                      graph_inputs) -> Iterator[Dict[str, np.ndarray]]:
@@ -1128,7 +1146,7 @@ def _session_batches(handle: ModelHandle, exposed: Sequence[str], names: Sequenc
     taken from the feed)."""
     session = _exposing_session(handle, exposed, types) if exposed else None
     for feed in data.batches(batch_size):
-        got = dict(zip(exposed, session.run(exposed, feed))) if session else {}
+        got = dict(zip(exposed, run_calibration(session, exposed, feed))) if session else {}
         got.update({n: feed[n] for n in names if n in graph_inputs})
         yield got
 

@@ -25,7 +25,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import onnx
 
-from .calibration import CalibrationSet, _names_read
+from .calibration import CalibrationSet, _names_read, run_calibration
 from .io import ModelHandle
 from .validate import open_session
 
@@ -91,7 +91,7 @@ class SegmentRunner:
         exposed = [n for n in names if n in self.producer]
         session = _exposing_session(self.handle, exposed, {}) if exposed else None
         for feed in self.data.batches(self.batch_size):
-            got = dict(zip(exposed, session.run(exposed, feed))) if session else {}
+            got = dict(zip(exposed, run_calibration(session, exposed, feed))) if session else {}
             got.update({n: feed[n] for n in names if n not in self.producer})
             self.runs += 1
             yield got
@@ -142,7 +142,7 @@ class SegmentRunner:
         for b, feed in enumerate(self.data.batches(self.batch_size)):
             inputs = {n: feed[n] for n in graph_in}
             inputs.update({n: self._get(n, b) for n in cached_in})
-            for name, value in zip(outputs, session.run(outputs, inputs)):
+            for name, value in zip(outputs, run_calibration(session, outputs, inputs, feed)):
                 fresh[name].append(self._store(value))
             self.runs += 1
         del session

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .calibration import CalibrationSet, LayerStats
+from .calibration import CalibrationSet, LayerStats, run_calibration
 from .criteria import Criterion, ScoreContext, get_criterion
 from .errors import OptionError
 from .io import ModelHandle, load
@@ -158,7 +158,7 @@ def layer_sensitivity(handle, weights: Sequence[Weight], data: CalibrationSet,
     session = open_session(_overridable_copy(handle, measured))
     out_names = [o.name for o in session.get_outputs()]
     batches = list(subset.batches(batch_size))
-    references = [session.run(out_names, feed) for feed in batches]
+    references = [run_calibration(session, out_names, feed) for feed in batches]
     float_outputs = [i for i, ref in enumerate(references[0])
                      if np.asarray(ref).dtype.kind == "f"]
     if not float_outputs:

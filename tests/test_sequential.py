@@ -806,3 +806,15 @@ def test_channel_refit_keeps_the_output_mean_and_beats_no_refit():
     np.testing.assert_allclose(out["refit"].mean(axis=(0, 2, 3)), dense.mean(axis=(0, 2, 3)),
                                atol=1e-4 * np.abs(dense).max())
     assert any("layer by layer" in n for n in refit.report.notes)
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt", "magnitude"])
+def test_calibration_inputs_the_model_cannot_run_are_a_clear_input_error(criterion):
+    from onnxprune.errors import InputDataError
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["y"])]
+    model = B.make_model(nodes, [_vi("x", ["n", "k"])], [_vi("y", ["n", 8])],
+                         [B.tensor("W1", (16, 8), 1), B.tensor("W2", (8, 8), 2)])
+    x = _calib((8, 12), seed=95)  # 12 features; W1 wants 16: onnxruntime fails at the MatMul
+    with pytest.raises(InputDataError, match="calibration inputs x:.*--input-shape"):
+        onnxprune.prune(model, criterion=criterion, calibration={"x": x}, validate=False)
