@@ -186,13 +186,18 @@ class AllocateBySensitivity(Pass):
         held = state.layer_stats
         collect = get_criterion(criterion).reconstructs and not all(
             held.get(w.key) is not None and held[w.key].hessian is not None for w in weights)
-        chunks = _hessian_chunks(weights, HESSIAN_BUDGET_BYTES) if collect else [weights]
+        jobs = [(criterion, chunk, True) for chunk in _hessian_chunks(
+            [w for w in weights if hessian_bytes(w) <= HESSIAN_BUDGET_BYTES],
+            HESSIAN_BUDGET_BYTES) if chunk] if collect else [(criterion, weights, False)]
+        big = [w for w in weights if hessian_bytes(w) > HESSIAN_BUDGET_BYTES] if collect else []
+        if big:  # too large for a Hessian: measured (and later pruned) with wanda scores
+            jobs.append(("wanda", big, True))
         table = None
-        for chunk in chunks:
+        for crit, chunk, fresh in jobs:
             stats = collect_layer_stats(state.handle, chunk, state.calibration,
-                                        want_hessian=True) if collect else held
+                                        want_hessian=crit == criterion) if fresh else held
             part = layer_sensitivity(state.handle, chunk, state.calibration, plans[0].pattern,
-                                     self.sparsities, criterion, samples=self.samples,
+                                     self.sparsities, crit, samples=self.samples,
                                      seed=state.seed, stats=stats or None, progress=progress)
             table = part if table is None else table.merge(part)
             del stats
@@ -203,14 +208,20 @@ class AllocateBySensitivity(Pass):
 HESSIAN_BUDGET_BYTES = 1 << 30
 
 
+def hessian_bytes(weight) -> int:
+    """Bytes of one float64 ``[in, in]`` Hessian of ``weight`` (plus one per group of a grouped
+    Conv)."""
+    cols = weight.layout.shape2d[1]
+    return (1 + (weight.layout.group if weight.layout.group > 1 else 0)) * cols * cols * 8
+
+
 def _hessian_chunks(weights, budget: int) -> List[list]:
-    """Consecutive groups of weights whose Hessians (``[in, in]`` plus one per group of a
-    grouped Conv) fit in ``budget`` bytes together (a weight larger than that alone)."""
+    """Consecutive groups of weights whose Hessians fit in ``budget`` bytes together (a weight
+    larger than that alone)."""
     chunks: List[list] = [[]]
     used = 0
     for w in weights:
-        cols = w.layout.shape2d[1]
-        size = (1 + max(w.layout.group, 1)) * cols * cols * 8
+        size = hessian_bytes(w)
         if chunks[-1] and used + size > budget:
             chunks.append([])
             used = 0

@@ -94,10 +94,12 @@ class SensitivityTable:
         return out
 
     def merge(self, other: "SensitivityTable") -> "SensitivityTable":
-        """This table with ``other``'s weights added (same pattern, criterion and levels)."""
-        if (other.pattern, other.criterion, other.sparsities) != \
-                (self.pattern, self.criterion, self.sparsities):
+        """This table with ``other``'s weights added (same pattern and levels; a different
+        criterion is named beside this one's)."""
+        if (other.pattern, other.sparsities) != (self.pattern, self.sparsities):
             raise ValueError("sensitivity tables measured differently cannot be merged")
+        if other.criterion != self.criterion and other.criterion not in self.criterion:
+            self.criterion = f"{self.criterion} ({other.criterion} for some weights)"
         for name in ("errors", "existing", "numel", "skipped"):
             getattr(self, name).update(getattr(other, name))
         self.seconds += other.seconds

@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 from . import io as mio
+from .calibrated import HESSIAN_BUDGET_BYTES, hessian_bytes
 from .calibration import LayerStats, collect_layer_stats
 from .criteria import ScoreContext, get_criterion
 from .errors import OptionError, SelectionError
@@ -205,16 +206,36 @@ class PruneSequentially(Pass):
 
     def _wave(self, state: PruneState, wave: List[LayerPlan], reference, runners, stored
               ) -> List[str]:
-        """Prune one wave on its paired statistics; the names whose bias was corrected."""
-        hessian = any(get_criterion(p.criterion).reconstructs for p in wave)
-        stats = collect_layer_stats(state.handle, [p.weight for p in wave], state.calibration,
-                                    want_hessian=hessian, batch_size=self.batch_size,
-                                    reference=reference, runners=runners)
+        """Prune one wave on its paired statistics; the names whose bias was corrected.
+
+        A reconstructing criterion needs ``[in, in]`` Hessians; a layer whose Hessian alone
+        would pass ``HESSIAN_BUDGET_BYTES`` (VGG's 25088-input fc6: 5 GB) is pruned with Wanda
+        scores instead, and the notes say so: memory stays bounded."""
+        big = {p.weight.key for p in wave if get_criterion(p.criterion).reconstructs
+               and hessian_bytes(p.weight) > HESSIAN_BUDGET_BYTES}
+        for plan in wave:
+            if plan.weight.key in big:
+                state.notes.append(
+                    f"{plan.weight.name}: its Hessian would take "
+                    f"{hessian_bytes(plan.weight) / 2**30:.1f} GiB (over "
+                    f"{HESSIAN_BUDGET_BYTES / 2**30:.0f} GiB), so it was pruned with wanda "
+                    f"scores instead of {plan.criterion}")
+                plan.criterion = "wanda"
+        stats, skipped = {}, {}
+        for hessian in (True, False):
+            part = [p.weight for p in wave
+                    if get_criterion(p.criterion).reconstructs == hessian]
+            if part:
+                got = collect_layer_stats(state.handle, part, state.calibration,
+                                          want_hessian=hessian, batch_size=self.batch_size,
+                                          reference=reference, runners=runners)
+                stats.update(got)
+                skipped.update(got.record.skipped)
         corrected = []
         for plan in wave:
             st = stats.get(plan.weight.key)
             if st is None:
-                why = stats.record.skipped.get(plan.weight.key, "no statistics")
+                why = skipped.get(plan.weight.key, "no statistics")
                 self._leave(state, plan, f"its input activation could not be collected "
                                          f"({why}); not pruned")
                 continue

@@ -818,3 +818,26 @@ def test_calibration_inputs_the_model_cannot_run_are_a_clear_input_error(criteri
     x = _calib((8, 12), seed=95)  # 12 features; W1 wants 16: onnxruntime fails at the MatMul
     with pytest.raises(InputDataError, match="calibration inputs x:.*--input-shape"):
         onnxprune.prune(model, criterion=criterion, calibration={"x": x}, validate=False)
+
+
+def test_layers_too_large_for_a_hessian_fall_back_to_wanda(monkeypatch):
+    # The Hessian budget bounds memory: a layer whose [in, in] Hessian would pass it is scored
+    # with wanda (norms only) instead, measured and pruned, and the report says so.
+    from onnxprune import calibrated, sequential
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["y"])]
+    model = B.make_model(nodes, [_vi("x", ["n", 64])], [_vi("y", ["n", 8])],
+                         [B.tensor("W1", (64, 16), 1), B.tensor("W2", (16, 8), 2)])
+    budget = 16 * 16 * 8  # W2's Hessian fits, W1's (64 x 64) does not
+    monkeypatch.setattr(calibrated, "HESSIAN_BUDGET_BYTES", budget)
+    monkeypatch.setattr(sequential, "HESSIAN_BUDGET_BYTES", budget)
+    x = _calib((64, 64), seed=96)
+    for allocate in ("uniform", "sensitivity"):
+        res = onnxprune.prune(model, criterion="sparsegpt", sparsity=0.5, calibration={"x": x},
+                              validate=False, resize=False, allocate=allocate)
+        crits = {r.name: r.criterion for r in res.report.rows}
+        assert crits == {"W1": "wanda", "W2": "sparsegpt"}, allocate
+        assert any("W1: its Hessian would take" in n for n in res.report.notes)
+        zeros = sum(r.params - r.nonzeros_after for r in res.report.rows)
+        assert abs(zeros - 0.5 * (64 * 16 + 16 * 8)) <= 2
+    assert "wanda for some weights" in res.state.sensitivity.criterion
