@@ -252,7 +252,8 @@ def prune(model: mio.ModelLike, pattern: str = "unstructured",
         high = 0.95 if opts.sparsity is None else float(opts.sparsity)
         run = probe_runner(model, opts, lambda m, o: _run(m, o, None, False, no_progress))
         best, probes = search_sparsity(run, opts.max_error, high, track=track)
-        opts = replace(opts, sparsity=best, search=False)
+        # the final run prunes exactly as the probes did (auto allocation resolved under search)
+        opts = replace(opts, sparsity=best, search=False, allocate=opts.allocation)
     result = _run(model, opts, output, force, track)
     if probes is not None:
         result.report.sections["sparsity search (relative max error per probe)"] = probes

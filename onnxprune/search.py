@@ -48,8 +48,9 @@ def probe_runner(model, options, prune_fn) -> Callable[[float], float]:
                           "unstructured, block or channel pattern")
 
     def run(sparsity: float) -> float:
+        # allocation as resolved under search: the final run repeats it (see api.prune)
         probe = replace(options, sparsity=sparsity, validate=True, compare=True,
-                        max_error=None, search=False)
+                        max_error=None, search=False, allocate=options.allocation)
         result = prune_fn(model, probe)
         if result.report.comparison is None:
             raise OptionError("--search needs outputs to compare, but onnxruntime cannot run "

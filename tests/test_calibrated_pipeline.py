@@ -188,3 +188,17 @@ def test_bias_correction_restores_the_mean_output_exactly():
     np.testing.assert_allclose(run(fixed.model).mean(axis=0), dense_mean, atol=1e-3)
     assert np.abs(run(plain.model).mean(axis=0) - dense_mean).max() > 0.1
     assert any("mean outputs stay the dense model's" in n for n in fixed.report.notes)
+
+
+def test_search_with_calibration_ends_as_its_probes_ran():
+    # Probes run with uniform allocation (auto resolves so under search); the final run must
+    # prune the same way, or its error could differ from the probe that passed.
+    res = onnxprune.prune(MODEL, criterion="wanda", calibration=CALIB, search=True,
+                          max_error=0.3, validate=True)
+    assert res.report.options["allocate"] == "uniform"
+    assert res.state.sensitivity is None
+    probes = next(v for k, v in res.report.sections.items() if k.startswith("sparsity search"))
+    passed = [p for p in probes if p["passed"]]
+    best = max(p["sparsity"] for p in passed)
+    (probed,) = [p["rel_error"] for p in passed if p["sparsity"] == best]
+    assert res.report.comparison.max_rel_error == pytest.approx(probed, rel=1e-6)
