@@ -100,14 +100,19 @@ def refit_toward_dense(state: PruneState, batch_size: int = 8, damp: float = 0.0
     and columns zero): each layer's kept rows are fit on its kept input columns to reproduce
     the *dense* layer's output from the inputs it now gets, and its bias moved to the dense
     mean (least squares on paired statistics, :func:`~onnxprune.reconstruct.asymmetric_target`
-    with ``kept``). Grouped Convs and weights reached through views are left as they are.
-    Returns the names refit."""
+    with ``kept``). Grouped Convs, weights reached through views and weights whose Hessian
+    would pass ``HESSIAN_BUDGET_BYTES`` (noted) are left as they are. Returns the names refit."""
     reference = _dense_reference(state)
     if reference is None or state.calibration is None:
         return []
     main = state.model.graph.name or "main"
     weights = [w for w in state.weights if w.graph == main and not w.layout.view
                and w.layout.group == 1]
+    for w in [w for w in weights if hessian_bytes(w) > HESSIAN_BUDGET_BYTES]:
+        state.notes.append(f"{w.name} not refit: its Hessian would take "
+                           f"{hessian_bytes(w) / 2**30:.1f} GiB (over "
+                           f"{HESSIAN_BUDGET_BYTES / 2**30:.0f} GiB)")
+        weights.remove(w)
     dense_tensors = stored_tensors(reference.model.graph)
     stored = stored_tensors(state.model.graph)
     waves, _ = sequential_waves(state.model, weights)

@@ -841,3 +841,15 @@ def test_layers_too_large_for_a_hessian_fall_back_to_wanda(monkeypatch):
         zeros = sum(r.params - r.nonzeros_after for r in res.report.rows)
         assert abs(zeros - 0.5 * (64 * 16 + 16 * 8)) <= 2
     assert "wanda for some weights" in res.state.sensitivity.criterion
+
+
+def test_channel_refit_skips_layers_too_large_for_a_hessian(monkeypatch):
+    from onnxprune import sequential
+    model = _resnet_block_model()
+    x = _calib((16, 3, 8, 8), seed=97, mean=0.5)
+    # stem (27 columns) and down (8) fit; the 3x3x8-input convs' 72 x 72 Hessians do not
+    monkeypatch.setattr(sequential, "HESSIAN_BUDGET_BYTES", 27 * 27 * 8)
+    res = onnxprune.prune(model, pattern="channel", sparsity=0.25, refit=True,
+                          calibration={"x": x}, validate=False)
+    skipped = {n.split(" ")[0] for n in res.report.notes if "not refit" in n}
+    assert skipped == {"c1.w", "c2.w", "c3.w"}  # 72 columns each; stem 27, down 8
