@@ -853,3 +853,38 @@ def test_channel_refit_skips_layers_too_large_for_a_hessian(monkeypatch):
                           calibration={"x": x}, validate=False)
     skipped = {n.split(" ")[0] for n in res.report.notes if "not refit" in n}
     assert skipped == {"c1.w", "c2.w", "c3.w"}  # 72 columns each; stem 27, down 8
+
+
+# =============================================================================================
+# real exporter output (corpus cache; skipped without it)
+# =============================================================================================
+@pytest.mark.parametrize("name, shape", [
+    ("ch_ppocr_mobile_v2.0_cls_infer", (8, 3, 48, 192)),  # depthwise, hardswish, SE blocks
+    ("light_squeezenet", (8, 3, 224, 224)),  # fire modules: two branches per wave
+])
+def test_layer_by_layer_on_corpus_models(corpus_model, name, shape):
+    path = corpus_model(name)
+    model = onnx.load(str(path))
+    x = np.random.default_rng(98).random(shape, dtype=np.float32)
+    name_in, name_out = model.graph.input[0].name, model.graph.output[0].name
+    feed = {name_in: x}
+
+    def outputs(m):  # one sample at a time: squeezenet's batch is fixed at 1
+        return np.concatenate([_expose(m, [name_out], {name_in: x[i:i + 1]})[name_out]
+                               for i in range(len(x))])
+
+    dense = outputs(model)
+
+    def error(m):
+        return np.linalg.norm(outputs(m) - dense) / np.linalg.norm(dense)
+
+    kw = dict(sparsity=0.5, allocate="uniform", validate=True, resize=False)
+    magnitude = onnxprune.prune(path, **kw)
+    for criterion in ("wanda", "sparsegpt"):
+        res = onnxprune.prune(path, criterion=criterion, calibration=feed, **kw)
+        assert res.report.comparison is not None  # checker + onnxruntime ran it
+        for row in res.report.rows:
+            assert row.params - row.nonzeros_after == round(0.5 * row.params), row.name
+        waves = _record(res, "sequential").details["waves"]
+        assert sum(len(w) for w in waves) == len(res.report.rows)
+        assert error(res.model) < error(magnitude.model), criterion
