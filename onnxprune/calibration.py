@@ -1260,33 +1260,48 @@ def _exposing_session(handle: ModelHandle, names: Sequence[str], types: Mapping[
 
     Only the requested tensors are outputs, and the nodes they do not depend on are left out
     of the session (onnxruntime runs every node of a graph, needed or not): exposing an early
-    layer's input costs only the part of the model before it. The handle's proto is changed
-    only while the session is built.
+    layer's input costs only the part of the model before it.
     """
+    outputs = [onnx.helper.make_tensor_value_info(name, types[name], None)
+               if types.get(name) else onnx.ValueInfoProto(name=name) for name in names]
     graph = handle.model.graph
-    saved = [onnx.ValueInfoProto() for _ in graph.output]
-    for copy, vi in zip(saved, graph.output):
-        copy.CopyFrom(vi)
     needed = _needed_nodes(graph, names)
-    saved_nodes = None
-    if len(needed) < len(graph.node):
-        saved_nodes = [onnx.NodeProto() for _ in graph.node]
-        for copy, node in zip(saved_nodes, graph.node):
-            copy.CopyFrom(node)
-        del graph.node[:]
-        graph.node.extend(saved_nodes[i] for i in needed)
-    del graph.output[:]
-    for name in names:
-        graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None)
-                            if types.get(name) else onnx.ValueInfoProto(name=name))
+    nodes = [graph.node[i] for i in needed] if len(needed) < len(graph.node) else None
+    return _part_session(handle, nodes, outputs)
+
+
+def _part_session(handle: ModelHandle, nodes: Optional[Sequence[onnx.NodeProto]],
+                  outputs: Sequence, inputs: Optional[Sequence] = None):
+    """A session of the handle's main graph cut down to ``nodes`` (None: all of them), with
+    ``outputs`` (ValueInfoProtos) and, when given, ``inputs`` in place of the graph's (a piece
+    fed at its cut points: the full graph's ``value_info`` is dropped with them). The handle's
+    proto is changed only while the session is built; its initializers, external data
+    included, serve as they are."""
+    graph = handle.model.graph
+    fields = {"output": list(outputs)}
+    if nodes is not None:
+        fields["node"] = list(nodes)
+    if inputs is not None:
+        fields.update(input=list(inputs), value_info=[])
+    saved = {}
+    for name, items in fields.items():  # detached copies: the fields are cleared below
+        saved[name] = [_copy(m) for m in getattr(graph, name)]
+        fields[name] = [_copy(m) for m in items]
     try:
+        for name, items in fields.items():
+            del getattr(graph, name)[:]
+            getattr(graph, name).extend(items)
         return open_session(handle)
     finally:
-        del graph.output[:]
-        graph.output.extend(saved)
-        if saved_nodes is not None:
-            del graph.node[:]
-            graph.node.extend(saved_nodes)
+        for name, items in saved.items():
+            del getattr(graph, name)[:]
+            getattr(graph, name).extend(items)
+
+
+def _copy(message):
+    copy = type(message)()
+    copy.CopyFrom(message)
+    return copy
 
 
 def _needed_nodes(graph: onnx.GraphProto, names: Sequence[str]) -> List[int]:

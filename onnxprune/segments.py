@@ -25,9 +25,9 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import onnx
 
-from .calibration import CalibrationSet, _names_read, run_calibration
+from .calibration import (CalibrationSet, _exposing_session, _names_read, _part_session,
+                          run_calibration)
 from .io import ModelHandle
-from .validate import open_session
 
 __all__ = ["SegmentRunner"]
 
@@ -86,8 +86,6 @@ class SegmentRunner:
             yield {n: feed[n] if n not in self.producer else self._get(n, b) for n in names}
 
     def _from_scratch(self, names: Sequence[str]) -> Iterator[Dict[str, np.ndarray]]:
-        from .calibration import _exposing_session
-
         exposed = [n for n in names if n in self.producer]
         session = _exposing_session(self.handle, exposed, {}) if exposed else None
         for feed in self.data.batches(self.batch_size):
@@ -192,32 +190,10 @@ class _NotATensor(Exception):
 def _segment_session(handle: ModelHandle, nodes: Sequence[onnx.NodeProto],
                      cached: Dict[str, np.dtype], graph_inputs: Sequence[str],
                      outputs: Sequence[str]):
-    """A session of ``nodes`` alone: inputs are the cached tensors (typed by their arrays) and
-    the graph inputs they read, outputs ``outputs``. The handle's proto is changed only while
-    the session is built (its initializers, external data included, serve as they are)."""
-    graph = handle.model.graph
-    saved = {}
-    for field in ("node", "input", "output", "value_info"):
-        items = getattr(graph, field)
-        copies = [type(items[0])() for _ in items] if len(items) else []
-        for copy, item in zip(copies, items):
-            copy.CopyFrom(item)
-        saved[field] = copies
-    try:
-        del graph.node[:]
-        graph.node.extend(nodes)
-        kept_inputs = [vi for vi in saved["input"] if vi.name in set(graph_inputs)]
-        del graph.input[:]
-        graph.input.extend(kept_inputs)
-        for name, dtype in cached.items():
-            graph.input.append(onnx.helper.make_tensor_value_info(
-                name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None))
-        del graph.output[:]
-        graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs)
-        del graph.value_info[:]  # shapes of the full graph may not hold for a piece of it
-        return open_session(handle)
-    finally:
-        for field, copies in saved.items():
-            items = getattr(graph, field)
-            del items[:]
-            items.extend(copies)
+    """A session of ``nodes`` alone: inputs are the cached tensors (typed by
+    their arrays) and the graph inputs they read, outputs ``outputs``."""
+    inputs = [vi for vi in handle.model.graph.input if vi.name in set(graph_inputs)]
+    inputs += [onnx.helper.make_tensor_value_info(
+        name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None)
+        for name, dtype in cached.items()]
+    return _part_session(handle, nodes, [onnx.ValueInfoProto(name=n) for n in outputs], inputs)
