@@ -60,7 +60,8 @@ from numpy.lib.stride_tricks import as_strided
 from .errors import InputDataError, OptionError
 from .io import ModelHandle, iter_tensors, load
 from .layouts import _attr
-from .validate import InputSpec, input_signature, make_inputs, open_session, resolve_input_shapes
+from .validate import (InputSpec, input_signature, inputs_error, make_inputs, open_session,
+                       resolve_input_shapes)
 from .weights import Weight
 
 __all__ = ["ImagePreprocess", "CalibrationSet", "load_calibration", "generated_calibration",
@@ -1128,15 +1129,9 @@ def run_calibration(session, names: Sequence[str], feed: Mapping[str, np.ndarray
     try:
         return session.run(list(names), dict(feed))
     except Exception as exc:
-        from .validate import _message
-
-        shown = batch if batch is not None else feed
-        fed = ", ".join(f"{k}:{'x'.join(str(d) for d in np.shape(v)) or 'scalar'} "
-                        f"{np.asarray(v).dtype}" for k, v in shown.items())
-        raise InputDataError(
-            f"onnxruntime could not run the model on the calibration inputs {fed} "
-            f"({_message(exc).splitlines()[0][:300]}); give real inputs with --calibration, "
-            "or the sizes the model was exported for with --input-shape NAME:DIMS") from None
+        raise inputs_error("the calibration inputs", batch if batch is not None else feed, exc,
+                           "give real inputs with --calibration, or the sizes the model was "
+                           "exported for with --input-shape NAME:DIMS") from None
 
 
 def _session_batches(handle: ModelHandle, exposed: Sequence[str], names: Sequence[str],

@@ -473,12 +473,20 @@ def run_model(model, inputs: Mapping[str, np.ndarray],
     except Exception as exc:
         if candidate:
             raise InvalidOutputModel("onnxruntime", _message(exc)) from exc
-        fed = ", ".join(f"{k}:{_fmt(v.shape) or 'scalar'} {v.dtype}" for k, v in feed.items())
-        raise InputDataError(f"onnxruntime could not run the model on inputs {fed} "
-                             f"({_message(exc).splitlines()[0][:300]}); pass --input-shape "
-                             "NAME:DIMS with the sizes the model was exported for, or real "
-                             "inputs with --inputs FILE.npz") from None
+        raise inputs_error("inputs", feed, exc, "pass --input-shape NAME:DIMS with the sizes "
+                           "the model was exported for, or real inputs with --inputs FILE.npz"
+                           ) from None
     return dict(zip(names, results))
+
+
+def inputs_error(what: str, feed: Mapping[str, np.ndarray], exc: BaseException,
+                 advice: str) -> InputDataError:
+    """The error for inputs onnxruntime could not run the user's model on: the shapes fed
+    (``what`` names them), onnxruntime's first line, and ``advice``."""
+    fed = ", ".join(f"{k}:{_fmt(np.shape(v)) or 'scalar'} {np.asarray(v).dtype}"
+                    for k, v in feed.items())
+    return InputDataError(f"onnxruntime could not run the model on {what} {fed} "
+                          f"({_message(exc).splitlines()[0][:300]}); {advice}")
 
 
 @contextlib.contextmanager
