@@ -24,6 +24,7 @@ too), the bias is moved so the layer's mean output over the calibration data is 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -32,7 +33,7 @@ import onnx
 
 from . import io as mio
 from .calibrated import HESSIAN_BUDGET_BYTES, hessian_bytes
-from .calibration import LayerStats, collect_layer_stats
+from .calibration import LayerStats, _names_read, collect_layer_stats
 from .criteria import ScoreContext, get_criterion
 from .errors import OptionError, SelectionError
 from .passes import ApplyMasks, LayerResult, Pass, PruneState, not_a_weight
@@ -52,8 +53,6 @@ def sequential_waves(model: onnx.ModelProto, plans: Sequence
     to its node's activation: wave 0 reads only unpruned computation, wave ``k`` depends on
     weights of waves below ``k`` only. Nodes with subgraphs count every name their bodies read.
     """
-    from .calibration import _names_read
-
     graph = model.graph
     main = graph.name or "main"
     at_node: Dict[str, List[Tuple[LayerPlan, int]]] = {}
@@ -116,9 +115,8 @@ def refit_toward_dense(state: PruneState, batch_size: int = 8, damp: float = 0.0
     dense_tensors = stored_tensors(reference.model.graph)
     stored = stored_tensors(state.model.graph)
     waves, _ = sequential_waves(state.model, weights)
-    runners = [SegmentRunner(h, state.calibration, batch_size) for h in (state.handle, reference)]
     refit = []
-    try:
+    with _runners(state, [state.handle, reference], batch_size) as runners:
         for wave in state.track(waves, "refitting layer by layer", len(waves)):
             stats = collect_layer_stats(state.handle, wave, state.calibration, want_hessian=True,
                                         batch_size=batch_size, reference=reference,
@@ -134,23 +132,43 @@ def refit_toward_dense(state: PruneState, batch_size: int = 8, damp: float = 0.0
                     continue
                 dense = w.layout.to_2d(reference.read(dense_tensors[w.name])).astype(np.float64)
                 bias = stored_bias(state.model.graph, w, stored) if bias_correction else None
-                h, cross = st.hessian[None], st.cross
-                if bias is not None:
-                    h = centered_cross(h, st.group_sums, st.group_sums, st.group_rows)
-                    cross = centered_cross(cross, st.group_sums, st.ref_sums, st.group_rows)
+                h, cross = _fit_moments(st, centered=bias is not None)
                 new = np.zeros_like(dense)
                 new[:, cols] = asymmetric_target(dense, h, cross, damp, kept=cols)
                 new[~rows] = 0.0
                 state.handle.write(w.tensor, w.layout.from_2d(new.astype(raw.dtype)))
                 if bias is not None:
-                    n = max(st.group_rows, 1)
-                    delta = asymmetric_bias(dense, new, st.group_sums / n, st.ref_sums / n)
-                    bias.shift(state.handle, np.where(rows, delta, 0.0))
+                    bias.shift(state.handle, np.where(rows, _mean_shift(st, dense, new), 0.0))
                 refit.append(w.name)
+    return refit
+
+
+@contextmanager
+def _runners(state: PruneState, handles, batch_size: int):
+    """One :class:`SegmentRunner` per model over the calibration data, closed afterwards (their
+    ``runs`` and ``peak`` stay readable)."""
+    runners = [SegmentRunner(h, state.calibration, batch_size) for h in handles]
+    try:
+        yield runners
     finally:
         for runner in runners:
             runner.close()
-    return refit
+
+
+def _fit_moments(st: LayerStats, centered: bool):
+    """(Hessian, cross moment) per row group for a fit toward the reference layer; centered
+    when the layer's bias takes the means. The cross moment is None without a reference."""
+    h = st.group_hessians if st.group_hessians is not None else st.hessian[None]
+    if not centered:
+        return h, st.cross
+    return (centered_cross(h, st.group_sums, st.group_sums, st.group_rows),
+            centered_cross(st.cross, st.group_sums, st.ref_sums, st.group_rows))
+
+
+def _mean_shift(st: LayerStats, w_ref: np.ndarray, w_new: np.ndarray) -> np.ndarray:
+    """What the bias takes so the layer's mean output is the reference's (per output row)."""
+    rows = max(st.group_rows, 1)
+    return asymmetric_bias(w_ref, w_new, st.group_sums / rows, st.ref_sums / rows)
 
 
 class PruneSequentially(Pass):
@@ -186,14 +204,10 @@ class PruneSequentially(Pass):
         reference = _dense_reference(state)
         stored = stored_tensors(state.model.graph)
         corrected = []
-        runners = [SegmentRunner(h, state.calibration, self.batch_size)
-                   for h in [state.handle] + ([reference] if reference is not None else [])]
-        try:
+        handles = [state.handle] + ([reference] if reference is not None else [])
+        with _runners(state, handles, self.batch_size) as runners:
             for wave in state.track(waves, "pruning layer by layer", len(waves)):
                 corrected += self._wave(state, wave, reference, runners, stored)
-        finally:
-            for runner in runners:
-                runner.close()
         runs = sum(r.runs for r in runners)
         cached = max(r.peak for r in runners)
         done = sum(1 for p in plans if p.weight.key in state.layers)
@@ -277,17 +291,14 @@ class PruneSequentially(Pass):
         before = int(np.count_nonzero(nz))
         bias = stored_bias(state.model.graph, w, stored) if self.bias_correction else None
         if crit.reconstructs:
-            h = st.group_hessians if st.group_hessians is not None else st.hessian[None]
-            cross = st.cross
-            if cross is None:  # no reference: SparseGPT's own objective, X_ref = X
-                cross, bias = h, None
-            elif bias is not None:  # the bias takes the means: fit the centered moments
-                h = centered_cross(h, st.group_sums, st.group_sums, st.group_rows)
-                cross = centered_cross(cross, st.group_sums, st.ref_sums, st.group_rows)
+            if st.cross is None:  # no reference: SparseGPT's own objective, X_ref = X
+                bias = None
+            h, cross = _fit_moments(st, centered=bias is not None)
+            cross = h if cross is None else cross
             target = asymmetric_target(w2d, h, cross, self.damp)
-            new, keep = sparsegpt_prune(target, h, plan.pattern,
-                                        int(round(plan.sparsity * w.numel)), damp=self.damp,
-                                        blocksize=self.blocksize)
+            new, _ = sparsegpt_prune(target, h, plan.pattern,
+                                     int(round(plan.sparsity * w.numel)), damp=self.damp,
+                                     blocksize=self.blocksize)
         else:
             scores = crit.scores(w2d, ScoreContext(w.key, state.seed, st.in_norms))
             if plan.pattern.implied_sparsity is None:
@@ -297,16 +308,14 @@ class PruneSequentially(Pass):
                 need = 0
             keep = ApplyMasks._local(plan, scores, nz, need)  # noqa: SLF001
             new = np.where(keep, w2d, 0.0)
-        new = np.where(keep, new, 0.0)
-        state.handle.write(w.tensor, w.layout.from_2d(new.astype(raw.dtype)))
-        after = int(np.count_nonzero(state.handle.read(w.tensor)))
+        pruned = new.astype(raw.dtype)  # sparsegpt_prune leaves exact zeros where ~keep
+        state.handle.write(w.tensor, w.layout.from_2d(pruned))
+        after = int(np.count_nonzero(pruned))
         state.layers[w.key] = LayerResult(w.key, w.name, w.op_type, w.shape, w.numel, before,
                                           after, plan.pattern.spec, plan.criterion)
         if bias is None or st.ref_sums is None:
             return False
-        rows = max(st.group_rows, 1)
-        bias.shift(state.handle, asymmetric_bias(w2d, new, st.group_sums / rows,
-                                                 st.ref_sums / rows))
+        bias.shift(state.handle, _mean_shift(st, w2d, new))
         return True
 
 
