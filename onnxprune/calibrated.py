@@ -186,12 +186,14 @@ class AllocateBySensitivity(Pass):
         held = state.layer_stats
         collect = get_criterion(criterion).reconstructs and not all(
             held.get(w.key) is not None and held[w.key].hessian is not None for w in weights)
-        jobs = [(criterion, chunk, True) for chunk in _hessian_chunks(
-            [w for w in weights if hessian_bytes(w) <= HESSIAN_BUDGET_BYTES],
-            HESSIAN_BUDGET_BYTES) if chunk] if collect else [(criterion, weights, False)]
-        big = [w for w in weights if hessian_bytes(w) > HESSIAN_BUDGET_BYTES] if collect else []
-        if big:  # too large for a Hessian: measured (and later pruned) with wanda scores
-            jobs.append(("wanda", big, True))
+        jobs = [(criterion, weights, False)]  # (criterion, weights, collect their stats)
+        if collect:
+            fits = [w for w in weights if hessian_bytes(w) <= HESSIAN_BUDGET_BYTES]
+            big = [w for w in weights if hessian_bytes(w) > HESSIAN_BUDGET_BYTES]
+            jobs = [(criterion, chunk, True)
+                    for chunk in _hessian_chunks(fits, HESSIAN_BUDGET_BYTES) if chunk]
+            if big:  # too large for a Hessian: measured (and later pruned) with wanda scores
+                jobs.append(("wanda", big, True))
         table = None
         for crit, chunk, fresh in jobs:
             stats = collect_layer_stats(state.handle, chunk, state.calibration,
