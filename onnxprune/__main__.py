@@ -1,5 +1,5 @@
 """``python -m onnxprune`` runs the CLI."""
 
-from .cli import main
+from onnxprune.cli import main
 
 main()

@@ -2,7 +2,7 @@
 
 ``prune`` builds the usual pass list from its arguments, runs it, writes the output atomically
 (when ``output`` is given) and returns a :class:`PruneResult` with the pruned ``ModelProto`` and
-its :class:`~onnxprune.report.Report`. Every CLI option is an argument here.
+its :class:`~onnxprune.report.report.Report`. Every CLI option is an argument here.
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import onnx
 
-from . import io as mio
-from .errors import OptionError, ValidationFailed
-from .passes import (DEFAULT_MEMORY_BUDGET, ApplyMasks, FindWeights, Pass, PruneState,
+from onnxprune.model import io as mio
+from onnxprune.errors import OptionError, ValidationFailed
+from onnxprune.passes.base import (DEFAULT_MEMORY_BUDGET, ApplyMasks, FindWeights, Pass, PruneState,
                      ScoreWeights, SelectWeights, Track, Validate, no_progress)
-from .calibrated import AllocateBySensitivity, Calibrate, CorrectBias
-from .sequential import PruneSequentially
-from .calibration import ImagePreprocess
-from .criteria import get_criterion
-from .patterns import parse_pattern
-from .report import LayerRow, Report
-from .search import probe_runner, search_sparsity
-from .structure import PruneChannels, RemoveDeadChannels
+from onnxprune.passes.calibrated import AllocateBySensitivity, Calibrate, CorrectBias
+from onnxprune.calibration.sequential import PruneSequentially
+from onnxprune.calibration.statistics import ImagePreprocess
+from onnxprune.masking.criteria import get_criterion
+from onnxprune.masking.patterns import parse_pattern
+from onnxprune.report.report import LayerRow, Report
+from onnxprune.search import probe_runner, search_sparsity
+from onnxprune.passes.structure import PruneChannels, RemoveDeadChannels
 
 
 @dataclass
@@ -289,7 +289,7 @@ def _run(model: mio.ModelLike, opts: PruneOptions, output, force: bool, track: T
 
 
 def _macs(model: onnx.ModelProto, input_shapes, densities):
-    from .macs import count_macs
+    from onnxprune.ops.macs import count_macs
 
     try:
         return count_macs(model, input_shapes, densities)
@@ -365,6 +365,6 @@ def _sections(state: PruneState) -> Dict[str, List[dict]]:
 def inspect(model: mio.ModelLike, input_shapes: Optional[Dict[str, Sequence[int]]] = None
             ) -> Report:
     """Sparsity, params and MACs of ``model`` per prunable weight, without changing it."""
-    from .inspect import inspect_model
+    from onnxprune.report.inspect import inspect_model
 
     return inspect_model(model, input_shapes)

@@ -15,11 +15,11 @@ from typing import Optional
 import click
 import numpy as np
 
-from . import __version__
-from .criteria import criterion_names
-from .errors import OnnxPruneError, OptionError
-from .io import default_output
-from .patterns import pattern_help
+from onnxprune import __version__
+from onnxprune.masking.criteria import criterion_names
+from onnxprune.errors import OnnxPruneError, OptionError
+from onnxprune.model.io import default_output
+from onnxprune.masking.patterns import pattern_help
 
 #: Pruned when no MODEL is given, so a first run needs no file of one's own (models/digits_cnn.onnx).
 DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "digits_cnn.onnx"
@@ -184,7 +184,7 @@ def prune_command(model, output, report_path, force, quiet, **flags):
     """Prune MODEL and write <stem>.pruned.onnx (MODEL defaults to the bundled digits CNN)."""
 
     def body():
-        from .api import prune
+        from onnxprune.api import prune
 
         path = model if model is not None else DEFAULT_MODEL
         out = output
@@ -224,8 +224,8 @@ def _stamp(path: Path):
 def _options(flags: dict) -> dict:
     """CLI flags -> :class:`onnxprune.api.PruneOptions` fields (the CLI adds no logic of its
     own: files become arrays, text becomes numbers, negated flags flip)."""
-    from .calibration import ImagePreprocess
-    from .validate import parse_input_shapes
+    from onnxprune.calibration.statistics import ImagePreprocess
+    from onnxprune.runtime.validate import parse_input_shapes
 
     f = dict(flags)
     f["scores"] = _npz_dict(f.pop("scores_path"), "--scores")
@@ -270,8 +270,8 @@ def inspect_command(model, input_shapes, report_path, quiet):
     """Report sparsity, params and MACs of MODEL without changing it."""
 
     def body():
-        from .api import inspect
-        from .validate import parse_input_shapes
+        from onnxprune.api import inspect
+        from onnxprune.runtime.validate import parse_input_shapes
 
         report = inspect(model, parse_input_shapes(input_shapes))
         _emit(report, report_path, quiet)

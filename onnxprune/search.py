@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable, List, Tuple
 
-from .errors import OptionError
+from onnxprune.errors import OptionError
 
 
 def search_sparsity(run: Callable[[float], float], max_error: float, high: float,

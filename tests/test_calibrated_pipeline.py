@@ -111,7 +111,7 @@ def test_sensitivity_allocation_reaches_target_with_less_error(data):
 ])
 def test_auto_allocation_resolves(kw, want):
     from onnxprune.api import PruneOptions, build_passes
-    from onnxprune.calibrated import AllocateBySensitivity
+    from onnxprune.passes.calibrated import AllocateBySensitivity
     opts = PruneOptions(**kw)
     assert opts.allocation == want
     assert any(isinstance(p, AllocateBySensitivity) for p in build_passes(opts)) == \

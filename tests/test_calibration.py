@@ -10,12 +10,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import calibration
-from onnxprune.calibration import (CalibrationSet, ImagePreprocess, activation_rows,
+from onnxprune.calibration import statistics as calibration
+from onnxprune.calibration.statistics import (CalibrationSet, ImagePreprocess, activation_rows,
                                    collect_layer_stats, generated_calibration, load_calibration)
 from onnxprune.errors import InputDataError, OptionError
-from onnxprune.io import load
-from onnxprune.weights import find_weights
+from onnxprune.model.io import load
+from onnxprune.model.weights import find_weights
 
 from builders import if_subgraph_model
 
@@ -437,7 +437,7 @@ def test_stats_follow_rewritten_external_weights(tmp_path):
 def test_conv_moments_without_im2col_equal_the_im2col_sums(op, attrs, wshape, xshape):
     # Without a Hessian, Conv stats come from strided slices (no im2col): they must equal the
     # sums over the im2col rows, column for column, group by group.
-    from onnxprune.calibration import _extractor_for
+    from onnxprune.calibration.statistics import _extractor_for
     model, _ = _single_op_model(op, attrs, wshape, xshape)
     weight = _weight(model)
     ex, _ = _extractor_for(weight, weight.consumers[0])

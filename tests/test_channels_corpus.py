@@ -16,8 +16,8 @@ import pytest
 
 from onnxprune.channels import (build_channel_graph, mask_channels, resize_channels,
                                 select_channels)
-from onnxprune.io import iter_tensors, load
-from onnxprune.macs import count_macs
+from onnxprune.model.io import iter_tensors, load
+from onnxprune.ops.macs import count_macs
 
 # name -> (input shapes for dynamic dims, max freeze rate we accept: a regression guard)
 FIXTURES = {

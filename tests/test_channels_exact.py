@@ -10,7 +10,7 @@ import pytest
 
 from onnxprune.channels import (build_channel_graph, mask_channels, prune_channels,
                                 remove_dead_channels, resize_channels, select_channels)
-from onnxprune.io import load
+from onnxprune.model.io import load
 from test_channels_models import BUILDERS, feeds_for, run
 
 RUNNABLE = sorted(n for n in BUILDERS if n != "unknown_op")
@@ -70,7 +70,7 @@ def test_global_scope_and_api(name):
 
 def zero_random_rows(model, fraction=0.4, seed=0):
     """Zero random output rows of every Conv/Gemm/MatMul weight (as unstructured pruning can)."""
-    from onnxprune.weights import find_weights
+    from onnxprune.model.weights import find_weights
     handle = load(copy.deepcopy(model))
     rng = np.random.default_rng(seed)
     weights, _ = find_weights(handle)

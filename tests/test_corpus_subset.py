@@ -20,7 +20,7 @@ import pytest
 
 import onnxprune
 from onnxprune import OnnxPruneError
-from onnxprune.validate import InvalidOutputModel, make_inputs, run_model
+from onnxprune.runtime.validate import InvalidOutputModel, make_inputs, run_model
 
 
 def _test_data() -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxprune.criteria import ScoreContext, criterion_names, get_criterion
+from onnxprune.masking.criteria import ScoreContext, criterion_names, get_criterion
 from onnxprune.errors import OptionError
 
 

@@ -268,9 +268,9 @@ def test_interrupted_run_leaves_nothing(big_model, tmp_path, sig, when):
 
 
 def _interrupt_after_saving(monkeypatch, target: Path):
-    """Make ``onnxprune.io.save`` raise KeyboardInterrupt right after it wrote ``target`` (as a
+    """Make ``onnxprune.model.io.save`` raise KeyboardInterrupt right after it wrote ``target`` (as a
     signal landing just after the rename would); other saves (validation copies) are left be."""
-    import onnxprune.io as mio
+    import onnxprune.model.io as mio
 
     real_save = mio.save
 

@@ -10,7 +10,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
-from onnxprune.inspect import inspect_model, satisfies_blocks, satisfies_nm
+from onnxprune.report.inspect import inspect_model, satisfies_blocks, satisfies_nm
 
 OPSET = [helper.make_opsetid("", 17)]
 

@@ -8,9 +8,9 @@ import pytest
 from onnx import numpy_helper
 
 import builders as B
-from onnxprune import io as mio
+from onnxprune.model import io as mio
 from onnxprune.errors import ModelLoadError, OutputError
-from onnxprune.weights import find_weights
+from onnxprune.model.weights import find_weights
 
 
 def _save_external(model, path):

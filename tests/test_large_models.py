@@ -20,11 +20,11 @@ from onnx import helper, numpy_helper
 from onnx.external_data_helper import ExternalDataInfo
 
 import builders as B
-from onnxprune import io as mio
-from onnxprune.macs import count_macs
-from onnxprune.passes import (DEFAULT_MEMORY_BUDGET, ApplyMasks, FindWeights, PruneState,
+from onnxprune.model import io as mio
+from onnxprune.ops.macs import count_macs
+from onnxprune.passes.base import (DEFAULT_MEMORY_BUDGET, ApplyMasks, FindWeights, PruneState,
                               ScoreWeights, SelectWeights)
-from onnxprune.scope import UnitLayer, allocate_global, global_cut
+from onnxprune.masking.scope import UnitLayer, allocate_global, global_cut
 
 
 # -- streaming global threshold == in-memory ----------------------------------------------------
@@ -242,7 +242,7 @@ def test_spill_freed_when_the_handle_is_collected(tmp_path, spill_dir):
 
 def test_killed_process_leaves_no_spill(tmp_path, spill_dir):
     src = _save_external(_mlp(), tmp_path / "m.onnx")
-    code = (f"import os, numpy as np\nfrom onnxprune import io\nh = io.load({str(src)!r})\n"
+    code = (f"import os, numpy as np\nfrom onnxprune.model import io\nh = io.load({str(src)!r})\n"
             "h.write(h.model.graph.initializer[0], np.zeros((24, 24), np.float32))\n"
             "assert h.spilled_bytes > 0\nos.kill(os.getpid(), 9)\n")
     env = dict(os.environ, TMPDIR=str(spill_dir))

@@ -7,9 +7,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import io
+from onnxprune.model import io
 from onnxprune.errors import OptionError
-from onnxprune.macs import count_macs, counted_op_types, node_label, weight_densities
+from onnxprune.ops.macs import count_macs, counted_op_types, node_label, weight_densities
 
 OPSET = [helper.make_opsetid("", 17)]
 
@@ -243,8 +243,8 @@ def _runtime_macs(path, shapes=None):
     """MACs from the formulas applied to the shapes onnxruntime actually produces."""
     import onnxruntime as ort
 
-    from onnxprune.macs import _FORMULAS
-    from onnxprune.validate import make_inputs
+    from onnxprune.ops.macs import _FORMULAS
+    from onnxprune.runtime.validate import make_inputs
 
     model = onnx.load(str(path))
     counted = [n for n in model.graph.node if n.op_type in _FORMULAS]

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from onnxprune.criteria import ScoreContext, get_criterion
-from onnxprune.patterns import NM, Blocks, Channel, Pattern, parse_pattern
-from onnxprune.scope import UnitLayer, allocate_global
+from onnxprune.masking.criteria import ScoreContext, get_criterion
+from onnxprune.masking.patterns import NM, Blocks, Channel, Pattern, parse_pattern
+from onnxprune.masking.scope import UnitLayer, allocate_global
 
 SETTINGS = settings(max_examples=400, deadline=None)
 

@@ -31,8 +31,8 @@ import builders as B
 import onnxprune
 from onnxprune.cli import main
 from onnxprune.errors import SelectionError
-from onnxprune.io import iter_tensors
-from onnxprune.validate import make_inputs, run_model
+from onnxprune.model.io import iter_tensors
+from onnxprune.runtime.validate import make_inputs, run_model
 
 NEWEST = onnx.defs.onnx_opset_version()
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from onnxprune.errors import PatternError
-from onnxprune.patterns import (NM, Blocks, Channel, Unstructured, parse_pattern,
+from onnxprune.masking.patterns import (NM, Blocks, Channel, Unstructured, parse_pattern,
                                 pattern_help)
 
 

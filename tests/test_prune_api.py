@@ -12,8 +12,8 @@ from onnx import numpy_helper
 
 import builders as B
 import onnxprune
-from onnxprune.io import iter_tensors
-from onnxprune.passes import (ApplyMasks, FindWeights, PruneState, ScoreWeights, SelectWeights,
+from onnxprune.model.io import iter_tensors
+from onnxprune.passes.base import (ApplyMasks, FindWeights, PruneState, ScoreWeights, SelectWeights,
                               Validate)
 
 

@@ -7,9 +7,9 @@ import pytest
 from onnx import helper
 
 from onnxprune.errors import OptionError, PatternError
-from onnxprune.layouts import layout_for
-from onnxprune.patterns import parse_pattern
-from onnxprune.reconstruct import (bias_correction, centered_hessian, conv_in_columns,
+from onnxprune.ops.layouts import layout_for
+from onnxprune.masking.patterns import parse_pattern
+from onnxprune.calibration.reconstruct import (bias_correction, centered_hessian, conv_in_columns,
                                    refit_consumer, sparsegpt_prune)
 
 
@@ -190,9 +190,9 @@ def test_sequential_sparsegpt_keeps_a_trained_model_accurate():
 
     import onnxruntime as ort
 
-    from onnxprune.calibration import collect_layer_stats, load_calibration
-    from onnxprune.io import load
-    from onnxprune.weights import find_weights
+    from onnxprune.calibration.statistics import collect_layer_stats, load_calibration
+    from onnxprune.model.io import load
+    from onnxprune.model.weights import find_weights
 
     models = Path(__file__).resolve().parent.parent / "models"
     if not (models / "digits_cnn.onnx").exists():

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from onnxprune.report import LayerRow, Report, format_bytes, format_count
-from onnxprune.validate import compare
+from onnxprune.report.report import LayerRow, Report, format_bytes, format_count
+from onnxprune.runtime.validate import compare
 
 
 def _rows():

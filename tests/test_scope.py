@@ -7,7 +7,7 @@ from typing import List, Sequence
 import numpy as np
 import pytest
 
-from onnxprune.scope import UnitLayer, allocate_global, select_units
+from onnxprune.masking.scope import UnitLayer, allocate_global, select_units
 
 
 # -- a brute-force oracle: sort everything, walk prefixes one unit at a time -------------------

@@ -11,13 +11,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import calibration, segments
-from onnxprune.calibration import CalibrationSet, collect_layer_stats
-from onnxprune.io import load
-from onnxprune.segments import SegmentRunner
-from onnxprune.selection import select
-from onnxprune.sequential import sequential_waves
-from onnxprune.weights import find_weights
+from onnxprune.calibration import statistics as calibration
+from onnxprune.runtime import segments
+from onnxprune.calibration.statistics import CalibrationSet, collect_layer_stats
+from onnxprune.model.io import load
+from onnxprune.runtime.segments import SegmentRunner
+from onnxprune.masking.selection import select
+from onnxprune.calibration.sequential import sequential_waves
+from onnxprune.model.weights import find_weights
 
 import builders as B
 
@@ -84,7 +85,7 @@ def _check(runner: SegmentRunner, model: onnx.ModelProto, names, data, batch_siz
 
 def _ancestors(graph: onnx.GraphProto, names) -> set:
     """Names of the nodes ``names`` depend on (subgraph reads included)."""
-    from onnxprune.calibration import _names_read
+    from onnxprune.calibration.statistics import _names_read
 
     producer = {o: n for n in graph.node for o in n.output}
     seen, stack = set(), [producer[n] for n in names if n in producer]

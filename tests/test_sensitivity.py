@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.calibration import CalibrationSet, generated_calibration
-from onnxprune.criteria import ScoreContext, get_criterion
+from onnxprune.calibration.statistics import CalibrationSet, generated_calibration
+from onnxprune.masking.criteria import ScoreContext, get_criterion
 from onnxprune.errors import OptionError
-from onnxprune.io import load
-from onnxprune.patterns import parse_pattern
-from onnxprune.sensitivity import SensitivityTable, allocate, layer_sensitivity, looks_fixed
-from onnxprune.weights import find_weights
+from onnxprune.model.io import load
+from onnxprune.masking.patterns import parse_pattern
+from onnxprune.calibration.sensitivity import SensitivityTable, allocate, layer_sensitivity, looks_fixed
+from onnxprune.model.weights import find_weights
 
 from builders import if_subgraph_model
 

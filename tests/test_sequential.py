@@ -11,15 +11,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
-from onnxprune import calibration
-from onnxprune.calibration import (CalibrationSet, _needed_nodes, activation_rows,
+from onnxprune.calibration import statistics as calibration
+from onnxprune.calibration.statistics import (CalibrationSet, _needed_nodes, activation_rows,
                                    collect_layer_stats)
-from onnxprune.io import load
-from onnxprune.reconstruct import (asymmetric_bias, asymmetric_target, centered_cross,
+from onnxprune.model.io import load
+from onnxprune.calibration.reconstruct import (asymmetric_bias, asymmetric_target, centered_cross,
                                    centered_hessian, sparsegpt_prune)
-from onnxprune.selection import select
-from onnxprune.sequential import sequential_waves
-from onnxprune.weights import find_weights
+from onnxprune.masking.selection import select
+from onnxprune.calibration.sequential import sequential_waves
+from onnxprune.model.weights import find_weights
 
 import builders as B
 
@@ -674,7 +674,7 @@ def test_patterns_hold_after_sparsegpt_updates_and_bias_moves(spec):
 def test_sequential_sparsegpt_beats_layers_fit_to_their_own_outputs(monkeypatch):
     # Without a dense reference each layer only fits its own output (X_ref = X); with it, later
     # layers also absorb their upstream's error, so the model output is closer to the dense one.
-    from onnxprune import sequential
+    from onnxprune.calibration import sequential
 
     model = _biased_model(seed=60)
     x = _calib((32, 4, 8, 8), seed=61)
@@ -823,7 +823,8 @@ def test_calibration_inputs_the_model_cannot_run_are_a_clear_input_error(criteri
 def test_layers_too_large_for_a_hessian_fall_back_to_wanda(monkeypatch):
     # The Hessian budget bounds memory: a layer whose [in, in] Hessian would pass it is scored
     # with wanda (norms only) instead, measured and pruned, and the report says so.
-    from onnxprune import calibrated, sequential
+    from onnxprune.passes import calibrated
+    from onnxprune.calibration import sequential
     nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
              helper.make_node("MatMul", ["r", "W2"], ["y"])]
     model = B.make_model(nodes, [_vi("x", ["n", 64])], [_vi("y", ["n", 8])],
@@ -844,7 +845,7 @@ def test_layers_too_large_for_a_hessian_fall_back_to_wanda(monkeypatch):
 
 
 def test_channel_refit_skips_layers_too_large_for_a_hessian(monkeypatch):
-    from onnxprune import sequential
+    from onnxprune.calibration import sequential
     model = _resnet_block_model()
     x = _calib((16, 3, 8, 8), seed=97, mean=0.5)
     # stem (27 columns) and down (8) fit; the 3x3x8-input convs' 72 x 72 Hessians do not

@@ -10,9 +10,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import io
+from onnxprune.model import io
 from onnxprune.errors import InputDataError, OnnxPruneError, OptionError
-from onnxprune.validate import (InvalidOutputModel, check_valid, class_axis, compare,
+from onnxprune.runtime.validate import (InvalidOutputModel, check_valid, class_axis, compare,
                                 input_signature, load_inputs, make_inputs, open_session,
                                 parse_input_shapes, resolve_input_shapes, run_model)
 

@@ -6,9 +6,9 @@ import pytest
 from onnx import helper
 
 import builders as B
-from onnxprune.io import load
-from onnxprune.layouts import layout_for
-from onnxprune.weights import find_weights
+from onnxprune.model.io import load
+from onnxprune.ops.layouts import layout_for
+from onnxprune.model.weights import find_weights
 
 
 def _weights(model):

@@ -30,7 +30,7 @@ tool calls ``onnxprune.prune(path, pattern, sparsity, output=tmp, validate=True)
 
 * **ok** — pruned, written, and the written file independently re-checked here: ``onnx.checker``
   (full check when the input passes it), an onnxruntime session, the same output names, shapes
-  and dtypes as the original on the same generated inputs (``onnxprune.validate.make_inputs``),
+  and dtypes as the original on the same generated inputs (``onnxprune.runtime.validate.make_inputs``),
   stored tensors keep their dtypes, and the input file is byte-identical afterwards;
 * **skipped** — ``prune`` raised an :class:`~onnxprune.OnnxPruneError` (a user-facing refusal:
   no prunable weights, inputs it cannot generate...); the message is the reason;
@@ -190,7 +190,7 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
 
 def _tensor_dtypes(path: Path) -> Dict[str, int]:
     import onnx
-    from onnxprune.io import iter_tensors
+    from onnxprune.model.io import iter_tensors
 
     model = onnx.load_model(str(path), load_external_data=False)
     return {t.name: t.data_type for t in iter_tensors(model.graph) if t.name}
@@ -210,7 +210,7 @@ class _Reference:
     def get(self):
         if not self._done:
             self._done = True
-            from onnxprune import validate as v
+            from onnxprune.runtime import validate as v
 
             try:
                 self.feeds = v.make_inputs(self.path, self.shapes, seed=0)
@@ -225,7 +225,7 @@ def recheck(output: Path, reference: _Reference, full_check: bool,
     """Independent checks of a written output; the first problem found, or None."""
     import onnx
     import onnxruntime as ort
-    from onnxprune import validate as v
+    from onnxprune.runtime import validate as v
 
     if not output.is_file():
         return "prune() returned but wrote no output file"

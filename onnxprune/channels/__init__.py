@@ -1,7 +1,7 @@
 """Structural (channel) pruning: the channel dependency graph, channel selection, dead-channel
 propagation and physical resizing.
 
->>> from onnxprune.io import load
+>>> from onnxprune.model.io import load
 >>> from onnxprune.channels import build_channel_graph, prune_channels
 >>> handle = load("model.onnx")                                     # doctest: +SKIP
 >>> graph = build_channel_graph(handle)                             # doctest: +SKIP
@@ -18,12 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from ..io import ModelHandle
-from . import rules as _rules  # noqa: F401  (registers the rules)
-from .graph import ChannelGraph, ChannelGroup, Member, build_channel_graph
-from .prune import kept_count, select_channels, unit_scores
-from .resize import mask_channels, resize_channels
-from .rules import RULES, register_rule
+from onnxprune.model.io import ModelHandle
+from onnxprune.channels import rules as _rules  # noqa: F401  (registers the rules)
+from onnxprune.channels.graph import ChannelGraph, ChannelGroup, Member, build_channel_graph
+from onnxprune.channels.select import kept_count, select_channels, unit_scores
+from onnxprune.channels.resize import mask_channels, resize_channels
+from onnxprune.channels.rules import RULES, register_rule
 
 __all__ = ["ChannelGraph", "ChannelGroup", "ChannelRecord", "Member", "build_channel_graph",
            "prune_channels", "remove_dead_channels", "mask_channels", "resize_channels",
@@ -82,7 +82,7 @@ def prune_channels(handle: ModelHandle, sparsity: float, criterion: str = "l1",
 def remove_dead_channels(handle: ModelHandle, input_shapes: Optional[Dict] = None
                          ) -> ChannelRecord:
     """Remove channels left dead by any masking, exactly (see :mod:`.dead` for the rule)."""
-    from .dead import apply_folds, find_dead
+    from onnxprune.channels.dead import apply_folds, find_dead
 
     folded: List[str] = []
     for _ in range(3):  # a fold zeroes the consumer slices; the next pass sees those unread

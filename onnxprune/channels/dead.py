@@ -22,10 +22,10 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import onnx
 
-from ..io import ModelHandle
-from ..layouts import layout_for
-from .graph import BIAS, CONSUMER, PRODUCER, ChannelGraph, ChannelGroup, Member
-from .resize import zero_slices
+from onnxprune.model.io import ModelHandle
+from onnxprune.ops.layouts import layout_for
+from onnxprune.channels.graph import BIAS, CONSUMER, PRODUCER, ChannelGraph, ChannelGroup, Member
+from onnxprune.channels.resize import zero_slices
 
 _PASS = {"Identity", "Cast", "Dropout", "Concat", "Split", "Slice", "Reshape", "Flatten",
          "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "GlobalAveragePool", "GlobalMaxPool",
@@ -70,7 +70,7 @@ class _Walk:
         return np.full(self.group.size, float(arr.ravel()[0])) if arr.size == 1 else None
 
     def run(self) -> None:
-        from .rules import rule_for
+        from onnxprune.channels.rules import rule_for
         nan = np.full(self.group.size, np.nan)
         for node in self.nodes:
             key = node.name or node.output[0]
@@ -160,7 +160,7 @@ class _Walk:
 
 def find_dead(handle: ModelHandle, graph: ChannelGraph):
     """Per group: units to remove, (unit, consumer member, node, k) folds, and kept notes."""
-    from .rules import rule_for  # noqa: F401  (rules must be registered)
+    from onnxprune.channels.rules import rule_for  # noqa: F401  (rules must be registered)
     # One list of node wrappers: protobuf hands out a new wrapper per iteration, so id()s
     # are only comparable within it.
     node_list = list(handle.model.graph.node)
@@ -298,7 +298,7 @@ def apply_folds(handle: ModelHandle, graph: ChannelGraph, folds) -> List[str]:
         zero[m.tensor].append((m.axis, m.index_map[u]))
     zero_slices(handle, graph, zero)
     g = handle.model.graph
-    from .rules import new_initializer, set_attr
+    from onnxprune.channels.rules import new_initializer, set_attr
     inserts: Dict[int, onnx.NodeProto] = {}
     for node, delta in deltas.values():
         if node.op_type == "Conv":
@@ -335,13 +335,13 @@ def apply_folds(handle: ModelHandle, graph: ChannelGraph, folds) -> List[str]:
 
 
 def _dtype_of(handle, graph, node) -> np.dtype:
-    from ..io import tensor_dtype
+    from onnxprune.model.io import tensor_dtype
     w = node.input[1]
     return tensor_dtype(graph.stored[w]) if w in graph.stored else np.dtype(np.float32)
 
 
 def _add_bias(handle, graph, node, index, delta) -> None:
-    from .rules import new_initializer
+    from onnxprune.channels.rules import new_initializer
     g = handle.model.graph
     if len(node.input) > index and node.input[index]:
         name = node.input[index]

@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import onnx
 
-from ..io import ModelHandle, iter_graphs
+from onnxprune.model.io import ModelHandle, iter_graphs
 
 Shape = Tuple[Union[int, str, None], ...]
 
@@ -276,7 +276,7 @@ class Builder:
                 axis, name = int(perm[axis]), node.input[0]
             elif node.op_type in ("Reshape", "Unsqueeze", "Squeeze", "Flatten"):
                 # [C] -> [1, C, 1, 1] and friends: the axis must sit alone in a 1:1 block.
-                from .rules import _reshape_blocks
+                from onnxprune.channels.rules import _reshape_blocks
                 s_in, s_out = self.shape(node.input[0]), self.shape(name)
                 if s_in is None or s_out is None:
                     return None
@@ -507,7 +507,7 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 def build_channel_graph(handle: ModelHandle, input_shapes: Optional[Dict] = None) -> ChannelGraph:
     """Run every node's channel rule and return the groups (frozen ones with their reason)."""
-    from .rules import apply_rules  # rules register themselves on import
+    from onnxprune.channels.rules import apply_rules  # rules register themselves on import
 
     builder = Builder(handle, input_shapes)
     apply_rules(builder)

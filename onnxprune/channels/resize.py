@@ -20,8 +20,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
-from ..io import ModelHandle
-from .graph import ZERO_ON_MASK, ChannelGraph, infer_shapes
+from onnxprune.model.io import ModelHandle
+from onnxprune.channels.graph import ZERO_ON_MASK, ChannelGraph, infer_shapes
 
 Removed = Dict[int, Sequence[int]]
 
@@ -102,7 +102,7 @@ class ResizeContext:
 
     def add_initializer(self, old_name: str, values: np.ndarray) -> str:
         """A new initializer holding ``values`` (the old one may be shared, so never edited)."""
-        from .rules import new_initializer
+        from onnxprune.channels.rules import new_initializer
         self.replaced.append(old_name)
         return new_initializer(self.handle.model.graph, old_name, np.asarray(values, np.int64))
 
@@ -110,7 +110,7 @@ class ResizeContext:
 def resize_channels(handle: ModelHandle, graph: ChannelGraph, removed: Removed
                     ) -> Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]]:
     """Delete the removed channels everywhere; returns stored tensor -> (shape before, after)."""
-    from .rules import _opset
+    from onnxprune.channels.rules import _opset
 
     cut = removed_by_dim(graph, removed)
     per_tensor: Dict[str, List[Tuple[int, np.ndarray]]] = defaultdict(list)

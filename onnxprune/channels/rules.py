@@ -13,7 +13,7 @@ and calls
 
 Every axis of every input/output that a rule does not tie is **frozen** afterwards — never
 guessed. An op without a rule freezes every tensor it touches. Weight layouts (which raw axis is
-out/in) come from :mod:`onnxprune.layouts`, never re-derived here.
+out/in) come from :mod:`onnxprune.ops.layouts`, never re-derived here.
 
 Each rule may also carry a ``const`` function used by dead-channel detection: given the constant
 value (per unit) of its channel inputs, the constant it outputs, or None when the output is not
@@ -28,8 +28,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
-from ..layouts import layout_for
-from .graph import BIAS, CONSUMER, FACTOR, PRODUCER, SCALE, STAT, Builder
+from onnxprune.ops.layouts import layout_for
+from onnxprune.channels.graph import BIAS, CONSUMER, FACTOR, PRODUCER, SCALE, STAT, Builder
 
 TieFn = Callable[["NodeCtx"], None]
 

@@ -6,7 +6,7 @@ data-free in effect) and collects per-layer input statistics on the dense model;
 :class:`AllocateBySensitivity` measures each layer's output error at several sparsities and
 spreads a global target where it hurts least; :class:`CorrectBias` moves the mean pruned weights
 carried into biases for global-scope runs. Layer-by-layer pruning (Wanda, SparseGPT) and the
-channel refit live in :mod:`onnxprune.sequential`.
+channel refit live in :mod:`onnxprune.calibration.sequential`.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import onnx
 
-from . import io as mio
-from .calibration import (CalibrationSet, ImagePreprocess, collect_layer_stats,
+from onnxprune.model import io as mio
+from onnxprune.calibration.statistics import (CalibrationSet, ImagePreprocess, collect_layer_stats,
                           generated_calibration, load_calibration)
-from .errors import OptionError
-from .passes import Pass, PruneState
-from .criteria import get_criterion
-from .sensitivity import SensitivityTable, allocate, layer_sensitivity
-from .weights import find_weights, stored_bias, stored_tensors
+from onnxprune.errors import OptionError
+from onnxprune.passes.base import Pass, PruneState
+from onnxprune.masking.criteria import get_criterion
+from onnxprune.calibration.sensitivity import SensitivityTable, allocate, layer_sensitivity
+from onnxprune.model.weights import find_weights, stored_bias, stored_tensors
 
 CalibrationSource = Union[str, "os.PathLike", Mapping[str, np.ndarray], CalibrationSet, None]
 
@@ -45,7 +45,7 @@ class Calibrate(Pass):
 
     ``source``: an .npz (one array per input, first axis = samples), a folder of .npy/.npz
     files or of images (with ``image_preprocess``), a dict of arrays, or a
-    :class:`~onnxprune.calibration.CalibrationSet`. None generates ``min(samples, 32)`` inputs
+    :class:`~onnxprune.calibration.statistics.CalibrationSet`. None generates ``min(samples, 32)`` inputs
     from the model's signature: the run still works, but the statistics say nothing about real
     data, and the notes say so. ``hessian`` also accumulates ``XᵀX`` (SparseGPT, refit);
     ``targets`` "selected" collects for the selected weights, "all" for every weight (refit

@@ -1,6 +1,6 @@
 """``onnxprune inspect MODEL``: what a model holds before anything is pruned.
 
-Builds a :class:`~onnxprune.report.Report` whose rows are the prunable weights with before ==
+Builds a :class:`~onnxprune.report.report.Report` whose rows are the prunable weights with before ==
 after, so the same renderer and JSON serve both ``inspect`` and a pruning run. Each row's
 ``pattern`` lists the sparsity patterns the weight already satisfies on its logical
 ``W[out, in]`` view (``2:4``: at most 2 nonzeros in every 4 consecutive ``in`` elements; ``4x1``:
@@ -14,12 +14,12 @@ from typing import List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .errors import OnnxPruneError
-from .io import ModelLike, load
-from .macs import count_macs, node_label
-from .report import LayerRow, Report
-from .validate import input_signature
-from .weights import find_weights
+from onnxprune.errors import OnnxPruneError
+from onnxprune.model.io import ModelLike, load
+from onnxprune.ops.macs import count_macs, node_label
+from onnxprune.report.report import LayerRow, Report
+from onnxprune.runtime.validate import input_signature
+from onnxprune.model.weights import find_weights
 
 
 def inspect_model(model: ModelLike,

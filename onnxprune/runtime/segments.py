@@ -9,7 +9,7 @@ later segments. Over a whole sequential pass that is one model run per batch, pl
 session per segment.
 
 It is exact provided no node that already ran reads a weight changed afterwards — which holds
-when weights are pruned in waves (:func:`onnxprune.sequential.sequential_waves`): a wave's
+when weights are pruned in waves (:func:`onnxprune.calibration.sequential.sequential_waves`): a wave's
 inputs depend only on weights of earlier waves, and its own nodes run after it is pruned.
 
 Live tensors for all batches are held in memory up to ``budget_bytes``; past it they go to
@@ -25,9 +25,9 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import onnx
 
-from .calibration import (CalibrationSet, _exposing_session, _names_read, _part_session,
+from onnxprune.calibration.statistics import (CalibrationSet, _exposing_session, _names_read, _part_session,
                           run_calibration)
-from .io import ModelHandle
+from onnxprune.model.io import ModelHandle
 
 __all__ = ["SegmentRunner"]
 

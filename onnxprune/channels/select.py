@@ -15,9 +15,9 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 
-from ..errors import OptionError
-from ..io import ModelHandle
-from .graph import CONSUMER, PRODUCER, ChannelGraph, ChannelGroup
+from onnxprune.errors import OptionError
+from onnxprune.model.io import ModelHandle
+from onnxprune.channels.graph import CONSUMER, PRODUCER, ChannelGraph, ChannelGroup
 
 CRITERIA = ("l1", "l2")
 

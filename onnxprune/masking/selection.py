@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from .errors import ConfigError, OptionError, PatternError, SelectionError
-from .layouts import prunable_op_types
-from .patterns import Pattern, parse_pattern
-from .weights import Skipped, Weight
+from onnxprune.errors import ConfigError, OptionError, PatternError, SelectionError
+from onnxprune.ops.layouts import prunable_op_types
+from onnxprune.masking.patterns import Pattern, parse_pattern
+from onnxprune.model.weights import Skipped, Weight
 
 RULE_KEYS = {"op_names", "op_types", "pattern", "sparsity", "criterion", "min_sparsity",
              "max_sparsity", "skip"}

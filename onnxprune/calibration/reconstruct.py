@@ -1,6 +1,6 @@
 """Reconstruction: updating the weights that stay so a pruned layer still computes what it did.
 
-This module owns the math that turns calibration statistics (:mod:`onnxprune.calibration`'s
+This module owns the math that turns calibration statistics (:mod:`onnxprune.calibration.statistics`'s
 ``H = X^T X`` and input sums) into new weight values, always on the logical view ``W[out, in]``:
 
 * :func:`sparsegpt_prune` — SparseGPT (Frantar & Alistarh, 2023): one sweep over the input
@@ -28,9 +28,9 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import OptionError, PatternError
-from .layouts import Layout
-from .patterns import NM, Blocks, Channel, Pattern, Unstructured, parse_pattern
+from onnxprune.errors import OptionError, PatternError
+from onnxprune.ops.layouts import Layout
+from onnxprune.masking.patterns import NM, Blocks, Channel, Pattern, Unstructured, parse_pattern
 
 __all__ = ["sparsegpt_prune", "asymmetric_target", "centered_cross", "asymmetric_bias",
            "refit_consumer", "centered_hessian", "bias_correction", "conv_in_columns"]

@@ -20,7 +20,7 @@ How ``X`` is formed, per op (the node's *activation* operand is the one that is 
   ``(k..., Cin/g)`` with the input channel innermost. With ``group > 1`` the rows of group ``i``
   only ever see group ``i``'s channels, so one ``[in, in]`` matrix cannot be exact for every
   row: ``group_hessians[i]`` (``[g, in, in]``) keeps each group's own ``X_i^T X_i`` (what
-  :func:`onnxprune.reconstruct.sparsegpt_prune` wants, see :meth:`LayerStats.sparsegpt_hessian`)
+  :func:`onnxprune.calibration.reconstruct.sparsegpt_prune` wants, see :meth:`LayerStats.sparsegpt_hessian`)
   and ``hessian`` is their sum, i.e. ``X^T X`` of all groups' rows stacked.
 * **ConvTranspose** ``[Cin, Cout/g, k...]`` (view: ``out = Cout/g``, ``in = (k..., Cin)``): the
   gather form of the transposed convolution (each output position reads the input positions its
@@ -57,12 +57,12 @@ import numpy as np
 import onnx
 from numpy.lib.stride_tricks import as_strided
 
-from .errors import InputDataError, OptionError
-from .io import ModelHandle, iter_tensors, load
-from .layouts import _attr
-from .validate import (InputSpec, input_signature, inputs_error, make_inputs, open_session,
+from onnxprune.errors import InputDataError, OptionError
+from onnxprune.model.io import ModelHandle, iter_tensors, load
+from onnxprune.ops.layouts import _attr
+from onnxprune.runtime.validate import (InputSpec, input_signature, inputs_error, make_inputs, open_session,
                        resolve_input_shapes)
-from .weights import Weight
+from onnxprune.model.weights import Weight
 
 __all__ = ["ImagePreprocess", "CalibrationSet", "load_calibration", "generated_calibration",
            "LayerStats", "StatsRecord", "LayerStatsMap", "collect_layer_stats",
@@ -289,8 +289,8 @@ def generated_calibration(model, n: int = 8, seed: int = 0,
     """``n`` seeded random samples from the model's input signature (data-free in effect).
 
     ``shapes`` gives the shape of one sample per input name (axis 0 included, usually 1);
-    dynamic dims not given follow :func:`onnxprune.validate.resolve_input_shapes`. Values follow
-    :func:`onnxprune.validate.make_inputs`. Statistics from these inputs describe the model on
+    dynamic dims not given follow :func:`onnxprune.runtime.validate.resolve_input_shapes`. Values follow
+    :func:`onnxprune.runtime.validate.make_inputs`. Statistics from these inputs describe the model on
     noise, not on its data: whoever uses them should report the run as data-free in effect.
     """
     proto = _proto(model)
@@ -601,7 +601,7 @@ class LayerStats:
 
     @property
     def sparsegpt_hessian(self) -> Optional[np.ndarray]:
-        """The Hessian to give :func:`onnxprune.reconstruct.sparsegpt_prune`: per row group
+        """The Hessian to give :func:`onnxprune.calibration.reconstruct.sparsegpt_prune`: per row group
         (``[g, in, in]``) for a grouped Conv, else ``[in, in]``."""
         return self.group_hessians if self.group_hessians is not None else self.hessian
 
@@ -1013,10 +1013,10 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
     ``reference`` (a model with the same graph, e.g. the dense original) is run on the same
     inputs alongside: each weight's stats then also hold the reference's sums and, with the
     Hessian, the cross moment ``X^T X_ref`` — what a layer needs to reproduce the reference's
-    outputs from the inputs it now gets (:func:`onnxprune.reconstruct.asymmetric_target`).
+    outputs from the inputs it now gets (:func:`onnxprune.calibration.reconstruct.asymmetric_target`).
 
     ``runners`` (one per model: ``handle``'s, then the reference's) serve the activations
-    instead of a session per chunk: :class:`onnxprune.segments.SegmentRunner` runs only the
+    instead of a session per chunk: :class:`onnxprune.runtime.segments.SegmentRunner` runs only the
     nodes not run before (layer-by-layer pruning).
     """
     if precision not in ("float64", "float32"):

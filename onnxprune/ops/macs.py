@@ -1,7 +1,7 @@
 """Counting multiply-accumulates (MACs): one formula per op type, in a registry.
 
 :func:`count_macs` fixes the graph inputs' dynamic dims (the same defaults as validation:
-:func:`onnxprune.validate.resolve_input_shapes`), infers every tensor's shape on a copy of the
+:func:`onnxprune.runtime.validate.resolve_input_shapes`), infers every tensor's shape on a copy of the
 model that carries no weight data (so models with external data or over 2 GB work, and the
 caller's proto is never touched), then applies the formula registered for each main-graph node.
 
@@ -27,9 +27,9 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
-from .io import ModelHandle, ModelLike, iter_graphs, load, weightless_copy
-from .validate import input_signature, resolve_input_shapes
-from .weights import find_weights, node_label
+from onnxprune.model.io import ModelHandle, ModelLike, iter_graphs, load, weightless_copy
+from onnxprune.runtime.validate import input_signature, resolve_input_shapes
+from onnxprune.model.weights import find_weights, node_label
 
 Shapes = Mapping[str, Tuple[int, ...]]
 MacFormula = Callable[[onnx.NodeProto, Shapes], Optional[int]]
@@ -161,7 +161,7 @@ def weight_densities(handle: ModelHandle, weights=None) -> Dict[str, float]:
     """Density (nonzeros / numel) of each prunable weight, keyed by the label of every
     main-graph node that reads it — the ``densities`` argument of :func:`count_macs`.
 
-    ``weights`` defaults to :func:`onnxprune.weights.find_weights`; each weight is read once.
+    ``weights`` defaults to :func:`onnxprune.model.weights.find_weights`; each weight is read once.
     A node reading two weights gets the lower density.
     """
     if weights is None:

@@ -30,7 +30,7 @@ import onnx
 from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo
 
-from .errors import ModelLoadError, OutputError
+from onnxprune.errors import ModelLoadError, OutputError
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto, "ModelHandle"]
 _ALIGN = 4096  # external tensors start on page boundaries (mmap-friendly, as onnx does)

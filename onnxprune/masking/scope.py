@@ -2,7 +2,7 @@
 
 A *unit* is what a pattern zeroes at once: an element, a block, a row. This module sees only
 1-D arrays of unit scores and unit counts (how many currently non-zero elements each unit holds);
-it knows nothing of shapes or patterns (:mod:`onnxprune.patterns` does).
+it knows nothing of shapes or patterns (:mod:`onnxprune.masking.patterns` does).
 
 One rule serves both scopes: order every unit by ``(score, layer, unit index)`` and prune the
 shortest prefix of that order whose counts reach the new zeros needed. Globally each layer's share

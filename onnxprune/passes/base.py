@@ -23,13 +23,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 import onnx
 
-from . import io as mio
-from .criteria import ScoreContext, get_criterion
-from .errors import ModelLoadError, OptionError, SelectionError
-from .scope import UnitLayer, allocate_global, global_cut, select_units
-from .selection import LayerPlan, select
-from .sensitivity import looks_fixed
-from .weights import Skipped, Weight, find_weights
+from onnxprune.model import io as mio
+from onnxprune.masking.criteria import ScoreContext, get_criterion
+from onnxprune.errors import ModelLoadError, OptionError, SelectionError
+from onnxprune.masking.scope import UnitLayer, allocate_global, global_cut, select_units
+from onnxprune.masking.selection import LayerPlan, select
+from onnxprune.calibration.sensitivity import looks_fixed
+from onnxprune.model.weights import Skipped, Weight, find_weights
 
 Track = Callable[[Iterable, str, int], Iterable]
 
@@ -308,7 +308,7 @@ class ApplyMasks(Pass):
     Weights are masked one at a time: read, mask, write, let go. Global scope first finds its
     one threshold over all of them: in memory from the unit scores :class:`ScoreWeights` held,
     or, when they were over ``state.memory_budget``, in passes that read each weight again
-    (:func:`onnxprune.scope.global_cut`; the same masks either way).
+    (:func:`onnxprune.masking.scope.global_cut`; the same masks either way).
     """
 
     name = "mask"
@@ -454,7 +454,7 @@ class Validate(Pass):
         self.seed = seed
 
     def run(self, state):
-        from . import validate as v
+        from onnxprune.runtime import validate as v
 
         try:
             reference_session = v.open_session(state.original)
@@ -495,7 +495,7 @@ class Validate(Pass):
         return False, summary, {"comparison": state.comparison.to_dict()}
 
     def _feeds(self, state):
-        from . import validate as v
+        from onnxprune.runtime import validate as v
 
         model = state.model
         if self.inputs is None:

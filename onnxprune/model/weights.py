@@ -15,8 +15,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import onnx
 
-from .io import ModelHandle, iter_graphs, tensor_dtype
-from .layouts import Layout, _attr, layout_for
+from onnxprune.model.io import ModelHandle, iter_graphs, tensor_dtype
+from onnxprune.ops.layouts import Layout, _attr, layout_for
 
 #: Ops a weight may pass through on its way to the consumer without changing its values' layout.
 #: A float weight in a QDQ model reaches its Conv through QuantizeLinear -> DequantizeLinear;

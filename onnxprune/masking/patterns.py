@@ -2,7 +2,7 @@
 
 A :class:`Pattern` cuts a 2-D weight into *units* (an element, an NxM block, a row), folds
 element scores into one score per unit, and expands a per-unit prune decision back into an
-element mask. Which units to prune is :mod:`onnxprune.scope`'s job; N:M, whose sparsity is
+element mask. Which units to prune is :mod:`onnxprune.masking.scope`'s job; N:M, whose sparsity is
 fixed by the pattern itself, decides per group in :meth:`NM.local_mask`.
 
 Each pattern kind registers a parser with :func:`register_pattern`; :func:`parse_pattern` tries
@@ -25,8 +25,8 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
-from .errors import PatternError
-from .scope import select_units
+from onnxprune.errors import PatternError
+from onnxprune.masking.scope import select_units
 
 __all__ = ["Pattern", "Unstructured", "Blocks", "NM", "Channel", "parse_pattern",
            "pattern_help", "register_pattern"]

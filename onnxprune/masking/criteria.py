@@ -7,7 +7,7 @@ registered by name with :func:`register_criterion`; the CLI's ``--criterion`` ch
 
 Scores are float32 for fp16/bf16/fp32 weights and float64 for float64 weights, computed in one
 pass where possible (25M-element models are pruned at ``np.partition`` speed), and always
-C-contiguous with ``+0.0`` for zero so :mod:`onnxprune.scope` can bucket their bit patterns.
+C-contiguous with ``+0.0`` for zero so :mod:`onnxprune.masking.scope` can bucket their bit patterns.
 
 >>> w = np.array([[1.0, -3.0], [0.5, 2.0]], dtype=np.float16)
 >>> get_criterion("magnitude").scores(w, ScoreContext("fc.weight"))
@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Type
 
 import numpy as np
 
-from .errors import OptionError
+from onnxprune.errors import OptionError
 
 __all__ = ["ScoreContext", "Criterion", "get_criterion", "criterion_names",
            "register_criterion"]
@@ -154,7 +154,7 @@ class Wanda(Criterion):
 class SparseGPT(Criterion):
     """OBS saliency ``w² / [H⁻¹]ⱼⱼ²`` with updates of the kept weights (Frantar & Alistarh,
     2023); masks and updates are made together, layer by layer toward the dense model, by
-    :class:`onnxprune.sequential.PruneSequentially`."""
+    :class:`onnxprune.calibration.sequential.PruneSequentially`."""
 
     name = "sparsegpt"
     needs_activations = True

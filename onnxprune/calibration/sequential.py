@@ -12,14 +12,14 @@ self got (``X_ref``). Then, per criterion:
 
 * **reconstructing** (``sparsegpt``): the layer is pruned toward the weights that best reproduce
   the *dense* layer's output from the inputs it gets now
-  (:func:`~onnxprune.reconstruct.asymmetric_target`), so it also absorbs the error of the layers
+  (:func:`~onnxprune.calibration.reconstruct.asymmetric_target`), so it also absorbs the error of the layers
   before it, not just its own;
 * **scoring** (``wanda``, ``magnitude``, ...): masks from scores on the inputs it gets now
   (Wanda's ``|W| * ||X_j||`` with the pruned upstream's norms);
 
 and, where the layer has a stored bias (Conv, Gemm, MatMul + Add; grouped and depthwise Conv
 too), the bias is moved so the layer's mean output over the calibration data is the dense one's
-(:func:`~onnxprune.reconstruct.asymmetric_bias`).
+(:func:`~onnxprune.calibration.reconstruct.asymmetric_bias`).
 """
 
 from __future__ import annotations
@@ -31,16 +31,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
-from . import io as mio
-from .calibrated import HESSIAN_BUDGET_BYTES, hessian_bytes
-from .calibration import LayerStats, _names_read, collect_layer_stats
-from .criteria import ScoreContext, get_criterion
-from .errors import OptionError, SelectionError
-from .passes import ApplyMasks, LayerResult, Pass, PruneState, not_a_weight
-from .reconstruct import asymmetric_bias, asymmetric_target, centered_cross, sparsegpt_prune
-from .segments import SegmentRunner
-from .selection import LayerPlan
-from .weights import Skipped, Weight, stored_bias, stored_tensors
+from onnxprune.model import io as mio
+from onnxprune.passes.calibrated import HESSIAN_BUDGET_BYTES, hessian_bytes
+from onnxprune.calibration.statistics import LayerStats, _names_read, collect_layer_stats
+from onnxprune.masking.criteria import ScoreContext, get_criterion
+from onnxprune.errors import OptionError, SelectionError
+from onnxprune.passes.base import ApplyMasks, LayerResult, Pass, PruneState, not_a_weight
+from onnxprune.calibration.reconstruct import asymmetric_bias, asymmetric_target, centered_cross, sparsegpt_prune
+from onnxprune.runtime.segments import SegmentRunner
+from onnxprune.masking.selection import LayerPlan
+from onnxprune.model.weights import Skipped, Weight, stored_bias, stored_tensors
 
 __all__ = ["PruneSequentially", "sequential_waves"]
 
@@ -98,7 +98,7 @@ def refit_toward_dense(state: PruneState, batch_size: int = 8, damp: float = 0.0
     """Refit every weight, wave by wave, after channels were masked (shapes kept, removed rows
     and columns zero): each layer's kept rows are fit on its kept input columns to reproduce
     the *dense* layer's output from the inputs it now gets, and its bias moved to the dense
-    mean (least squares on paired statistics, :func:`~onnxprune.reconstruct.asymmetric_target`
+    mean (least squares on paired statistics, :func:`~onnxprune.calibration.reconstruct.asymmetric_target`
     with ``kept``). Grouped Convs, weights reached through views and weights whose Hessian
     would pass ``HESSIAN_BUDGET_BYTES`` (noted) are left as they are. Returns the names refit."""
     reference = _dense_reference(state)
@@ -177,7 +177,7 @@ class PruneSequentially(Pass):
     ``bias_correction``: move each stored bias so the layer's mean output stays the dense one's.
     ``guard_fixed``: leave fixed operands (ramps, DFT bases) alone, as :class:`ScoreWeights`
     does. ``damp``/``blocksize``: SparseGPT's dampening (fraction of the mean Hessian diagonal)
-    and column block. Needs ``state.calibration`` (the :class:`~onnxprune.calibrated.Calibrate`
+    and column block. Needs ``state.calibration`` (the :class:`~onnxprune.passes.calibrated.Calibrate`
     pass loads it).
     """
 

@@ -11,11 +11,11 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from .channels import build_channel_graph, mask_channels, resize_channels, select_channels
-from .channels import remove_dead_channels
-from .errors import OptionError
-from .passes import LayerResult, Pass, PruneState
-from .weights import Skipped
+from onnxprune.channels import build_channel_graph, mask_channels, resize_channels, select_channels
+from onnxprune.channels import remove_dead_channels
+from onnxprune.errors import OptionError
+from onnxprune.passes.base import LayerResult, Pass, PruneState
+from onnxprune.model.weights import Skipped
 
 #: Our criterion names -> the norm the channel scorer sums over coupled tensors.
 _CHANNEL_NORMS = {"magnitude": "l1", "l1": "l1", "l2": "l2"}
@@ -118,7 +118,7 @@ class PruneChannels(Pass):
                               "--calibration data.npz)")
         mask_channels(state.handle, removed, graph)
         if self.refit:
-            from .sequential import refit_toward_dense
+            from onnxprune.calibration.sequential import refit_toward_dense
 
             refit = refit_toward_dense(state)
             state.notes.append(f"least-squares refit of {len(refit)} weights (and their "

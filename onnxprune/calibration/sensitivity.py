@@ -31,14 +31,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .calibration import CalibrationSet, LayerStats, run_calibration
-from .criteria import Criterion, ScoreContext, get_criterion
-from .errors import OptionError
-from .io import ModelHandle, load
-from .patterns import Pattern, parse_pattern
-from .reconstruct import sparsegpt_prune
-from .validate import open_session
-from .weights import Weight
+from onnxprune.calibration.statistics import CalibrationSet, LayerStats, run_calibration
+from onnxprune.masking.criteria import Criterion, ScoreContext, get_criterion
+from onnxprune.errors import OptionError
+from onnxprune.model.io import ModelHandle, load
+from onnxprune.masking.patterns import Pattern, parse_pattern
+from onnxprune.calibration.reconstruct import sparsegpt_prune
+from onnxprune.runtime.validate import open_session
+from onnxprune.model.weights import Weight
 
 __all__ = ["SensitivityTable", "layer_sensitivity", "allocate", "looks_fixed"]
 

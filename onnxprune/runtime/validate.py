@@ -3,7 +3,7 @@
 This module owns everything the *validate* step needs:
 
 * the model's input signature and the concrete shapes used for it (:func:`resolve_input_shapes`,
-  shared with :mod:`onnxprune.macs` so both fill dynamic dimensions the same way);
+  shared with :mod:`onnxprune.ops.macs` so both fill dynamic dimensions the same way);
 * inputs, generated from that signature (:func:`make_inputs`) or loaded from a user's ``.npz``
   (:func:`load_inputs`), and the CLI's ``--input-shape`` text (:func:`parse_input_shapes`);
 * validity: ``onnx.checker`` plus an onnxruntime session (:func:`check_valid`);
@@ -35,8 +35,8 @@ from typing import (Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Un
 import numpy as np
 import onnx
 
-from .errors import InputDataError, OptionError
-from .io import ModelHandle, is_external, iter_tensors, load, save
+from onnxprune.errors import InputDataError, OptionError
+from onnxprune.model.io import ModelHandle, is_external, iter_tensors, load, save
 
 ModelOrPath = Union[str, os.PathLike, onnx.ModelProto, ModelHandle]
 Dim = Union[int, str, None]  # a static size, a symbolic name, or unknown
@@ -502,7 +502,7 @@ def _source(model: ModelOrPath, allow_external_folder: bool
     rewritten = bool(handle._external_updates)  # noqa: SLF001 - io's handle, same package
     if external and handle.base_dir is None:
         raise ValueError("the model has external data but no folder to read it from; "
-                         "load it with onnxprune.io.load(path) or pass its path")
+                         "load it with onnxprune.model.io.load(path) or pass its path")
     in_memory = not rewritten and proto.ByteSize() < _PROTO_LIMIT
     if in_memory and (not external or allow_external_folder):
         yield proto.SerializeToString(), (str(handle.base_dir) if external else None)

@@ -1,0 +1,1 @@
+"""Masking: sparsity patterns, importance criteria, scope (local/global) and which weights are selected."""

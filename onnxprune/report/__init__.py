@@ -1,0 +1,1 @@
+"""Reports: per-layer tables built from pass records, inspection of a model, output comparison."""
