@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import onnx
 
+from onnxprune.model.index import node_label
 from onnxprune.model.io import ModelHandle, iter_graphs, tensor_dtype
 from onnxprune.ops.layouts import Layout, _attr, layout_for
 
@@ -27,11 +28,6 @@ PASS_THROUGH_OPS = {"Cast", "Identity", "QuantizeLinear", "DequantizeLinear"}
 #: Element types onnxprune can rewrite (values keep their dtype on write).
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                onnx.TensorProto.DOUBLE}
-
-
-def node_label(node: onnx.NodeProto) -> str:
-    """A node's name, or ``OpType(first output)`` for unnamed nodes (exporters leave many)."""
-    return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
 
 
 @dataclass
