@@ -85,7 +85,7 @@ def _check(runner: SegmentRunner, model: onnx.ModelProto, names, data, batch_siz
 
 def _ancestors(graph: onnx.GraphProto, names) -> set:
     """Names of the nodes ``names`` depend on (subgraph reads included)."""
-    from onnxprune.calibration.statistics import _names_read
+    from onnxprune.model.index import names_read as _names_read
 
     producer = {o: n for n in graph.node for o in n.output}
     seen, stack = set(), [producer[n] for n in names if n in producer]

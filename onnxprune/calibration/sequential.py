@@ -33,9 +33,10 @@ import onnx
 
 from onnxprune.model import io as mio
 from onnxprune.passes.calibrated import HESSIAN_BUDGET_BYTES, hessian_bytes
-from onnxprune.calibration.statistics import LayerStats, _names_read, collect_layer_stats
+from onnxprune.calibration.statistics import LayerStats, collect_layer_stats
 from onnxprune.masking.criteria import ScoreContext, get_criterion
 from onnxprune.errors import OptionError, SelectionError
+from onnxprune.model.index import names_read
 from onnxprune.passes.base import ApplyMasks, LayerResult, Pass, PruneState, not_a_weight
 from onnxprune.calibration.reconstruct import asymmetric_bias, asymmetric_target, centered_cross, sparsegpt_prune
 from onnxprune.runtime.segments import SegmentRunner
@@ -71,7 +72,7 @@ def sequential_waves(model: onnx.ModelProto, plans: Sequence
         weight_slots = {index for _, index in here}
         reads = [t for i, t in enumerate(node.input) if i not in weight_slots]
         if any(a.HasField("g") or len(a.graphs) for a in node.attribute):
-            reads = sorted(_names_read(node))
+            reads = sorted(names_read(node))
         d = max((depth.get(t, 0) for t in reads), default=0)
         for plan, _ in here:
             key = _weight(plan).key

@@ -57,6 +57,7 @@ import numpy as np
 import onnx
 from numpy.lib.stride_tricks import as_strided
 
+from onnxprune.model.index import names_read
 from onnxprune.errors import InputDataError, OptionError
 from onnxprune.model.io import ModelHandle, iter_tensors, load
 from onnxprune.ops.layouts import _attr
@@ -1309,15 +1310,5 @@ def _needed_nodes(graph: onnx.GraphProto, names: Sequence[str]) -> List[int]:
         if not any(o in wanted for o in node.output):
             continue
         keep.append(i)
-        wanted |= _names_read(node)
+        wanted |= names_read(node)
     return keep[::-1]
-
-
-def _names_read(node: onnx.NodeProto) -> set:
-    """Every tensor name a node reads, through nested subgraphs too."""
-    names = set(node.input)
-    for attr in node.attribute:
-        for body in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-            for inner in body.node:
-                names |= _names_read(inner)
-    return names

@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
+from onnxprune.model.index import subgraph_reads
 from onnxprune.ops.layouts import layout_for
 from onnxprune.channels.graph import BIAS, CONSUMER, FACTOR, PRODUCER, SCALE, STAT, Builder
 
@@ -169,7 +170,7 @@ def apply_rules(builder: Builder) -> None:
     for vi in graph.output:
         builder.freeze(vi.name, None, f"graph output '{vi.name}' keeps its shape")
     for node in graph.node:
-        for name in _subgraph_reads(node):
+        for name in subgraph_reads(node):
             builder.freeze(name, None, f"'{name}' is read inside a subgraph of "
                                        f"{node.op_type} '{node.name}'")
     for node in graph.node:
@@ -186,21 +187,6 @@ def apply_rules(builder: Builder) -> None:
         ctx = NodeCtx(builder, node, opset)
         rule.tie(ctx)
         ctx.finish()
-
-
-def _subgraph_reads(node: onnx.NodeProto) -> List[str]:
-    names: List[str] = []
-    for a in node.attribute:
-        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else (
-            list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else [])
-        for g in graphs:
-            defined = {i.name for i in g.input} | {t.name for t in g.initializer}
-            for n in g.node:
-                names.extend(x for x in n.input if x and x not in defined)
-                names.extend(_subgraph_reads(n))
-                defined.update(n.output)
-            names.extend(o.name for o in g.output if o.name not in defined)
-    return names
 
 
 # -- helpers ---------------------------------------------------------------------------------

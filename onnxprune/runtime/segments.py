@@ -25,8 +25,9 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import onnx
 
-from onnxprune.calibration.statistics import (CalibrationSet, _exposing_session, _names_read, _part_session,
+from onnxprune.calibration.statistics import (CalibrationSet, _exposing_session, _part_session,
                           run_calibration)
+from onnxprune.model.index import names_read
 from onnxprune.model.io import ModelHandle
 
 __all__ = ["SegmentRunner"]
@@ -53,7 +54,7 @@ class SegmentRunner:
             for out in node.output:
                 if out:
                     self.producer[out] = i
-        self.reads: List[set] = [_names_read(n) for n in graph.node]
+        self.reads: List[set] = [names_read(n) for n in graph.node]
         self.pending: Dict[str, int] = {}  # tensor -> readers that have not run
         for names in self.reads:
             for name in names:
