@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import helper
 
 from onnxprune.errors import OptionError, PatternError
-from onnxprune.ops.layouts import layout_for
 from onnxprune.masking.patterns import parse_pattern
-from onnxprune.calibration.reconstruct import (bias_correction, centered_hessian, conv_in_columns,
-                                   refit_consumer, sparsegpt_prune)
+from onnxprune.calibration.reconstruct import (asymmetric_bias, asymmetric_target, centered_cross,
+                                               sparsegpt_prune)
 
 
 def _layer(rows=64, cols=160, n=1200, seed=0, mean=0.0):
@@ -118,19 +116,21 @@ def test_sparsegpt_rejects_what_it_cannot_do():
         sparsegpt_prune(w, np.eye(15), "2:4", None)
 
 
-# -- refit ------------------------------------------------------------------------------------
+# -- refit of a consumer whose input channels were removed (asymmetric_target with kept) --------
+# With X_ref = X (cross = H) the asymmetric target on the kept columns is the least-squares
+# refit the channel-pruning refit (calibration.sequential.refit_toward_dense) writes.
 def test_refit_is_exact_when_nothing_is_removed_and_beats_slicing():
     x, w = _layer(rows=32, cols=48, n=500)
     h = x.T @ x
-    np.testing.assert_allclose(refit_consumer(w, h, np.arange(48)), w, rtol=1e-5, atol=1e-7)
-    full = refit_consumer(w.astype(np.float64), h, np.arange(48))
+    full = asymmetric_target(w, h, h, 1e-6, kept=np.arange(48))
+    np.testing.assert_allclose(full, w, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(x @ full.T, x @ w.T.astype(np.float64), rtol=1e-9, atol=1e-9)
     kept = np.sort(np.random.default_rng(5).choice(48, 30, replace=False))
-    new = refit_consumer(w, h, kept)
-    assert new.shape == (32, 30) and new.dtype == w.dtype
+    new = asymmetric_target(w, h, h, 1e-6, kept=kept)
+    assert new.shape == (32, 30)
     assert _rel_err(x, w, new, kept) < 0.8 * _rel_err(x, w, w[:, kept], kept)
     # the normal equations hold: X_k^T (X W^T - X_k W'^T) = 0 up to the tiny damping
-    resid = x @ w.astype(np.float64).T - x[:, kept] @ new.astype(np.float64).T
+    resid = x @ w.astype(np.float64).T - x[:, kept] @ new.T
     grad = x[:, kept].T @ resid
     assert np.abs(grad).max() < 1e-3 * np.abs(x[:, kept].T @ (x @ w.T)).max()
 
@@ -138,49 +138,28 @@ def test_refit_is_exact_when_nothing_is_removed_and_beats_slicing():
 def test_refit_leaves_weights_of_silent_inputs_alone():
     x, w = _layer(rows=8, cols=20, n=200)
     x[:, 3] = 0.0
-    new = refit_consumer(w, x.T @ x, np.arange(20))
-    np.testing.assert_array_equal(new[:, 3], w[:, 3])
+    h = x.T @ x
+    new = asymmetric_target(w, h, h, 1e-6, kept=np.arange(20))
+    np.testing.assert_allclose(new[:, 3], w[:, 3], rtol=1e-12, atol=0)
 
 
-def test_bias_correction_with_centered_hessian():
+def test_refit_with_bias_shift_from_centered_moments():
     x, w = _layer(rows=16, cols=40, n=800, mean=1.5)
     kept = np.arange(0, 40, 2)
-    h = x.T @ x
+    h, sums, n = x.T @ x, x.sum(0), len(x)
     mean = x.mean(axis=0)
-    plain = refit_consumer(w.astype(np.float64), h, kept)
-    centered = refit_consumer(w.astype(np.float64), centered_hessian(h, x.sum(0), len(x)), kept)
-    shift = bias_correction(w, centered, kept, mean)
+    plain = asymmetric_target(w, h, h, 1e-6, kept=kept)
+    centered = asymmetric_target(w, centered_cross(h, sums, sums, n),
+                                 centered_cross(h, sums, sums, n), 1e-6, kept=kept)
+    full = np.zeros(w.shape)  # the refit written back in place: removed columns zero
+    full[:, kept] = centered
+    shift = asymmetric_bias(w, full, mean, mean)
     ref = x @ w.T.astype(np.float64)
     err_plain = np.linalg.norm(ref - x[:, kept] @ plain.T)
     err_bias = np.linalg.norm(ref - (x[:, kept] @ centered.T + shift))
     assert err_bias < err_plain
     # the shifted output keeps the dense mean exactly
     np.testing.assert_allclose((x[:, kept] @ centered.T + shift).mean(0), ref.mean(0), atol=1e-8)
-
-
-@pytest.mark.parametrize("op,attrs,shape", [
-    ("Conv", {}, (6, 4, 3, 2)),
-    ("Conv", {"group": 2}, (6, 3, 3, 3)),
-    ("ConvTranspose", {}, (5, 2, 3, 3)),
-    ("Gemm", {"transB": 1}, (7, 5)),
-    ("Gemm", {}, (5, 7)),
-    ("MatMul", {}, (5, 7)),
-])
-def test_conv_in_columns_follow_the_layout(op, attrs, shape):
-    node = helper.make_node(op, ["x", "w"], ["y"], **attrs)
-    layout = layout_for(node, 1, shape)
-    kept = [0, 2, 3] if shape[layout.in_axis] > 3 else [1]
-    # mark each raw element with its input channel, then read the 2-D view
-    channel = np.broadcast_to(
-        np.arange(shape[layout.in_axis]).reshape([-1 if a == layout.in_axis else 1
-                                                  for a in range(len(shape))]), shape)
-    row = layout.to_2d(np.ascontiguousarray(channel))[0]
-    cols = conv_in_columns(layout, kept)
-    np.testing.assert_array_equal(cols, np.flatnonzero(np.isin(row, kept)))
-    if op == "Conv":  # every kernel position of every kept channel, Cin innermost
-        k = int(np.prod(shape[2:]))
-        expect = [p * shape[1] + c for p in range(k) for c in kept]
-        np.testing.assert_array_equal(cols, expect)
 
 
 def test_sequential_sparsegpt_keeps_a_trained_model_accurate():

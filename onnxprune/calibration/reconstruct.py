@@ -10,11 +10,10 @@ This module owns the math that turns calibration statistics (:mod:`onnxprune.cal
 * :func:`asymmetric_target` — the weights that best reproduce a *reference* layer's outputs
   (the dense model's) from the inputs the layer gets *now* (upstream already pruned): SparseGPT
   then prunes toward that target, so each layer also undoes the error of the layers before it,
-  instead of only its own.
-* :func:`refit_consumer` — least-squares refit of a layer whose *input* channels were removed
-  (channel pruning of its producer), plus :func:`centered_hessian` and :func:`bias_correction`
-  so a bias can absorb the mean of what was removed; :func:`conv_in_columns` maps kept input
-  channels to ``in`` columns in layout order.
+  instead of only its own. With ``kept`` it is also the least-squares refit of a layer whose
+  *input* channels were removed (channel pruning of its producer).
+* :func:`centered_cross` and :func:`asymmetric_bias` — the centered moments and the bias shift
+  for a layer whose bias absorbs the mean of what changed.
 
 Everything is computed in float64 and returned in the input's dtype. A Hessian may be
 ``[in, in]`` or, for a grouped Conv, ``[g, in, in]``: one per group of ``out/g`` consecutive
@@ -23,17 +22,14 @@ rows (:attr:`LayerStats.sparsegpt_hessian`).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from onnxprune.errors import OptionError, PatternError
-from onnxprune.ops.layouts import Layout
 from onnxprune.masking.patterns import NM, Blocks, Channel, Pattern, Unstructured, parse_pattern
 
-__all__ = ["sparsegpt_prune", "asymmetric_target", "centered_cross", "asymmetric_bias",
-           "refit_consumer", "centered_hessian", "bias_correction", "conv_in_columns"]
+__all__ = ["sparsegpt_prune", "asymmetric_target", "centered_cross", "asymmetric_bias"]
 
 PatternLike = Union[str, Pattern]
 
@@ -130,7 +126,8 @@ def sparsegpt_prune(w2d: np.ndarray, hessian: np.ndarray, pattern: PatternLike,
 
     Dead inputs (``H_jj = 0``: never active on the calibration data) cost nothing to prune and
     rank below every live weight. ``channel`` is not a SparseGPT pattern: a whole pruned row
-    has no kept weight to compensate with (use :func:`refit_consumer` on the consumer instead).
+    has no kept weight to compensate with (refit the consumer with :func:`asymmetric_target` and
+    ``kept`` instead).
     """
     pat = _pattern(pattern)
     if isinstance(pat, Channel):
@@ -268,8 +265,8 @@ def asymmetric_target(w2d: np.ndarray, hessian: np.ndarray, cross: np.ndarray,
 
     When ``X = X_ref`` (nothing upstream changed), ``W* = W``. Pulling toward ``W`` rather than
     toward 0 keeps weights on inputs the calibration never excited (``H_jj = 0``) as they were.
-    Centered moments (:func:`centered_hessian`, :func:`centered_cross`) give the target for a
-    layer whose bias absorbs the means (:func:`asymmetric_bias`).
+    Centered moments (:func:`centered_cross`; with ``X_ref = X`` it is the centered Hessian)
+    give the target for a layer whose bias absorbs the means (:func:`asymmetric_bias`).
 
     ``kept``: fit on these input columns only (the others are gone: removed input channels);
     the result is ``[out, len(kept)]`` and still reproduces ``X_ref W^T`` with all of ``W``.
@@ -316,83 +313,3 @@ def asymmetric_bias(w_ref: np.ndarray, w_new: np.ndarray, mean: np.ndarray,
     new = np.einsum("gri,gi->gr", np.asarray(w_new, dtype=np.float64).reshape(g, rows // g, cols),
                     mean)
     return (old - new).reshape(rows)
-
-
-# -- channel pruning: least-squares refit of the consumer -------------------------------------
-def refit_consumer(w2d: np.ndarray, hessian: np.ndarray, kept_in: Sequence[int],
-                   damp: float = 1e-6) -> np.ndarray:
-    """New ``W'[out, len(kept_in)]`` for a layer that loses the inputs not in ``kept_in``.
-
-    Minimizes ``||X W^T - X[:, kept] W'^T||^2 + lam ||W' - W[:, kept]||^2`` with ``H = X^T X``:
-    ``W' = (W H[:, kept] + lam W[:, kept]) (H[kept, kept] + lam I)^-1``,
-    ``lam = damp * mean(diag H[kept, kept])``. Pulling toward the old weights (rather than
-    toward 0, as plain ridge does) makes the refit return ``W`` itself, exactly, when nothing is
-    removed, and leaves weights on inputs the calibration never excited where they were.
-
-    For a bias that absorbs the mean of the removed inputs as well, pass
-    :func:`centered_hessian` and add :func:`bias_correction` to the bias. ``hessian`` may be
-    ``[g, in, in]`` (grouped Conv, one per group of consecutive rows).
-    """
-    w2d = np.asarray(w2d)
-    rows, cols = w2d.shape
-    kept = np.asarray(kept_in, dtype=np.int64).reshape(-1)
-    if kept.size and (kept.min() < 0 or kept.max() >= cols or np.unique(kept).size != kept.size):
-        raise ValueError(f"kept input columns must be distinct indices in [0, {cols})")
-    h = _stack_hessian(hessian, rows, cols)
-    groups = h.shape[0]
-    w = w2d.astype(np.float64).reshape(groups, rows // groups, cols)
-    if kept.size == 0:
-        return np.zeros((rows, 0), dtype=w2d.dtype)
-    h_kk = h[:, kept[:, None], kept[None, :]]
-    diag = np.einsum("gii->gi", h_kk)
-    lam = damp * np.where(diag.mean(axis=1) > 0, diag.mean(axis=1), 1.0)
-    a = h_kk + lam[:, None, None] * np.eye(kept.size)[None]
-    rhs = np.matmul(h[:, kept, :], w.transpose(0, 2, 1)) + \
-        lam[:, None, None] * w[:, :, kept].transpose(0, 2, 1)  # [G, k, out/g]
-    new = np.linalg.solve(a, rhs).transpose(0, 2, 1)
-    return new.reshape(rows, kept.size).astype(w2d.dtype)
-
-
-def centered_hessian(hessian: np.ndarray, in_sums: np.ndarray, count: int) -> np.ndarray:
-    """``(X - mean)^T (X - mean) = H - n * mean mean^T``: the Hessian of a fit that also moves
-    the bias (use with :func:`bias_correction`)."""
-    mean = np.asarray(in_sums, dtype=np.float64) / max(int(count), 1)
-    return np.asarray(hessian, dtype=np.float64) - count * np.multiply.outer(mean, mean)
-
-
-def bias_correction(w_old: np.ndarray, w_new: np.ndarray, kept_in: Sequence[int],
-                    in_mean: np.ndarray) -> np.ndarray:
-    """What to add to the bias (``[out]``) so the layer's mean output is unchanged:
-    ``W_old mean - W_new mean[kept]``.
-
-    For a Conv the mean is over im2col rows, padded border zeros included, so the correction is
-    exact on average over output positions (not at each one).
-    """
-    mean = np.asarray(in_mean, dtype=np.float64).reshape(-1)
-    kept = np.asarray(kept_in, dtype=np.int64).reshape(-1)
-    old = np.asarray(w_old, dtype=np.float64) @ mean
-    new = np.asarray(w_new, dtype=np.float64) @ mean[kept]
-    return old - new
-
-
-def conv_in_columns(layout: Layout, kept_channels: Sequence[int]) -> np.ndarray:
-    """The ``in`` columns of ``layout``'s ``W[out, in]`` that read the kept input channels.
-
-    Channels index the raw weight's ``in_axis`` (``Cin/g`` for Conv, ``Cin`` for
-    ConvTranspose, ``K`` for Gemm/MatMul); for a Conv every kernel position of each kept
-    channel is returned, in layout column order (ascending).
-    """
-    kept = np.asarray(kept_channels, dtype=np.int64).reshape(-1)
-    n_in = layout.shape[layout.in_axis]
-    if kept.size and (kept.min() < 0 or kept.max() >= n_in):
-        raise ValueError(f"input channels must be in [0, {n_in})")
-    # One row of W[out, in] whose value at each column is its input channel, built through
-    # the layout itself so the order can never drift from to_2d's.
-    shape = list(layout.shape)
-    for axis in layout.perm[: layout.n_out]:
-        shape[axis] = 1
-    one_row = dataclasses.replace(layout, shape=tuple(shape))
-    channel = np.arange(n_in).reshape([-1 if a == layout.in_axis else 1
-                                       for a in range(len(shape))])
-    channel_of_col = one_row.to_2d(np.broadcast_to(channel, shape))[0]
-    return np.flatnonzero(np.isin(channel_of_col, kept))
