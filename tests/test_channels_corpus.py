@@ -14,8 +14,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from onnxprune.channels import (build_channel_graph, mask_channels, resize_channels,
-                                select_channels)
+from onnxprune.channels.graph import build_channel_graph
+from onnxprune.channels.resize import mask_channels, resize_channels
+from onnxprune.channels.select import select_channels
 from onnxprune.model.io import iter_tensors, load
 from onnxprune.ops.macs import count_macs
 

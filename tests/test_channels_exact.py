@@ -8,8 +8,11 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune.channels import (build_channel_graph, mask_channels, prune_channels,
-                                remove_dead_channels, resize_channels, select_channels)
+import onnxprune
+from onnxprune.channels.dead import remove_dead_channels
+from onnxprune.channels.graph import build_channel_graph
+from onnxprune.channels.resize import mask_channels, resize_channels
+from onnxprune.channels.select import select_channels
 from onnxprune.model.io import load
 from test_channels_models import BUILDERS, feeds_for, run
 
@@ -55,17 +58,26 @@ def test_resized_equals_masked(name, sparsity, round_to):
 
 @pytest.mark.parametrize("name", ["conv_bn_relu", "residual", "attention", "concat"])
 def test_global_scope_and_api(name):
+    """onnxprune.prune(pattern="channel") removes exactly what the selection masks."""
     model = BUILDERS[name]()
-    handle = load(copy.deepcopy(model))
-    rec = prune_channels(handle, 0.4, scope="global", criterion="l2")
-    onnx.checker.check_model(handle.model, full_check=True)
+    result = onnxprune.prune(copy.deepcopy(model), pattern="channel", sparsity=0.4,
+                             scope="global", criterion="l2")
+    onnx.checker.check_model(result.model, full_check=True)
     ref = load(copy.deepcopy(model))
     graph = build_channel_graph(ref)
     removed = select_channels(ref, graph, 0.4, scope="global", criterion="l2")
     mask_channels(ref, removed, graph)
     feeds = feeds_for(model)
-    assert_close(run(handle.model, feeds), run(ref.model, feeds))
-    assert rec.groups_pruned >= 1 and rec.per_weight
+    assert_close(run(result.model, feeds), run(ref.model, feeds))
+    assert sum(1 for v in removed.values() if v) >= 1
+    # the report's per-weight shapes are the ones resizing the masked reference gives
+    shapes = resize_channels(ref, build_channel_graph(ref), removed)
+    rows = {r.name: r for r in result.report.rows}
+    changed = {t for t, (before, after) in shapes.items() if before != after and t in rows}
+    assert changed
+    assert {n for n, r in rows.items() if r.shape_after != r.shape} == changed
+    for n in changed:
+        assert (tuple(rows[n].shape), tuple(rows[n].shape_after)) == tuple(map(tuple, shapes[n]))
 
 
 def zero_random_rows(model, fraction=0.4, seed=0):

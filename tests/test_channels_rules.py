@@ -9,11 +9,12 @@ import onnx
 import pytest
 from onnx import helper
 
-from onnxprune.channels import (build_channel_graph, kept_count, prune_channels,
-                                resize_channels, select_channels)
-from onnxprune.channels.graph import _components
+import onnxprune
+from onnxprune.channels.graph import _components, build_channel_graph
+from onnxprune.channels.resize import mask_channels, resize_channels
+from onnxprune.channels.select import kept_count, select_channels
 from onnxprune.channels.rules import _reshape_blocks
-from onnxprune.model.io import load, save
+from onnxprune.model.io import load
 from test_channels_models import BUILDERS, G, IMG, feeds_for, run
 
 
@@ -110,12 +111,14 @@ def test_heads_reshape_prunes_whole_heads():
     assert q.index_map.shape == (4, 8) and q.index_map[1].tolist() == list(range(8, 16))
     # residual stream: frozen by the graph input and the LayerNorm statistics
     assert any("graph input" in (g.frozen or "") for g in graph.groups if g.size == 32)
-    rec = prune_channels(handle, 0.5)
+    removed = select_channels(handle, graph, 0.5)
+    mask_channels(handle, removed, graph)
+    resize_channels(handle, graph, removed)
     onnx.checker.check_model(handle.model, full_check=True)
     shapes = [tuple(onnx.numpy_helper.to_array(t).tolist()) for t in handle.model.graph.initializer
               if t.data_type == onnx.TensorProto.INT64 and len(t.dims) == 1 and t.dims[0] == 4]
     assert (1, 6, 2, 8) in shapes  # Reshape constant rewritten to 2 heads
-    assert rec.groups_pruned >= 2
+    assert sum(1 for v in removed.values() if v) >= 2
 
 
 def test_transpose_moves_axis():
@@ -219,15 +222,15 @@ def test_external_data_roundtrip(tmp_path):
     src = tmp_path / "m.onnx"
     onnx.save(copy.deepcopy(model), str(src), save_as_external_data=True, all_tensors_to_one_file=True,
               location="m.onnx.data", size_threshold=0)
-    handle = load(src)
-    rec = prune_channels(handle, 0.5)
-    out = save(handle, tmp_path / "p.onnx")
+    out = onnxprune.prune(src, pattern="channel", sparsity=0.5,
+                          output=tmp_path / "p.onnx").output
     pruned = onnx.load(str(out))
     onnx.checker.check_model(pruned, full_check=True)
     ref = load(copy.deepcopy(model))
     graph = build_channel_graph(ref)
-    from onnxprune.channels import mask_channels
-    mask_channels(ref, rec.removed, graph)
+    removed = select_channels(ref, graph, 0.5)
+    assert any(removed.values())
+    mask_channels(ref, removed, graph)
     feeds = feeds_for(model)
     for a, b in zip(run(pruned, feeds), run(ref.model, feeds)):
         np.testing.assert_allclose(a, b, atol=1e-5)

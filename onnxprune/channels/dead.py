@@ -12,11 +12,15 @@ A unit (channel) of a non-frozen group is dead when
   padded Conv sees 0 instead of the constant at its borders, ConvTranspose spreads it unevenly,
   and an op that is not a consumer weight cannot take a bias: those channels are kept, and the
   record lists them as ``kept_nonzero_const``.
+
+:func:`remove_dead_channels` runs the whole step (find, fold, resize) on a model; the
+:class:`~onnxprune.passes.structure.RemoveDeadChannels` pass calls it.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -24,8 +28,9 @@ import onnx
 
 from onnxprune.model.io import ModelHandle
 from onnxprune.ops.layouts import layout_for
-from onnxprune.channels.graph import BIAS, CONSUMER, PRODUCER, ChannelGraph, ChannelGroup, Member
-from onnxprune.channels.resize import zero_slices
+from onnxprune.channels.graph import (BIAS, CONSUMER, PRODUCER, ChannelGraph, ChannelGroup, Member,
+                                      build_channel_graph)
+from onnxprune.channels.resize import resize_channels, zero_slices
 
 _PASS = {"Identity", "Cast", "Dropout", "Concat", "Split", "Slice", "Reshape", "Flatten",
          "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "GlobalAveragePool", "GlobalMaxPool",
@@ -357,3 +362,37 @@ def _add_bias(handle, graph, node, index, delta) -> None:
         while len(node.input) < index:
             node.input.append("")
         node.input.append(name)
+
+
+@dataclass
+class DeadChannels:
+    """What :func:`remove_dead_channels` did."""
+
+    removed: Dict[int, List[int]]  # group id -> removed unit indices (non-empty lists only)
+    folded: List[str] = field(default_factory=list)  # one note per constant folded into a bias
+    kept_nonzero_const: List[str] = field(default_factory=list)  # dead, but not exactly removable
+
+    @property
+    def channels_removed(self) -> int:
+        return sum(len(v) for v in self.removed.values())
+
+
+def remove_dead_channels(handle: ModelHandle, input_shapes: Optional[Dict] = None
+                         ) -> DeadChannels:
+    """Remove the channels left dead by any masking, exactly (the rule is the module's).
+
+    Mutates ``handle.model``. Folding a constant zeroes the consumer slices it went into, so
+    the next round sees those units as unread: up to three rounds of find and fold, then one
+    resize of every coupled tensor.
+    """
+    folded: List[str] = []
+    for _ in range(3):
+        graph = build_channel_graph(handle, input_shapes)
+        found = find_dead(handle, graph)
+        folds = [f for _, _, fs, _ in found for f in fs]
+        if not folds:
+            break
+        folded += apply_folds(handle, graph, folds)
+    removed = {g.id: units for g, units, _, _ in found if units}
+    resize_channels(handle, graph, removed)
+    return DeadChannels(removed, folded, [k for _, _, _, ks in found for k in ks])

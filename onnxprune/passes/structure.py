@@ -11,8 +11,10 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from onnxprune.channels import build_channel_graph, mask_channels, resize_channels, select_channels
-from onnxprune.channels import remove_dead_channels
+from onnxprune.channels.dead import remove_dead_channels
+from onnxprune.channels.graph import build_channel_graph
+from onnxprune.channels.resize import mask_channels, resize_channels
+from onnxprune.channels.select import select_channels
 from onnxprune.errors import OptionError
 from onnxprune.passes.base import LayerResult, Pass, PruneState
 from onnxprune.model.weights import Skipped
@@ -125,8 +127,7 @@ class PruneChannels(Pass):
                                "biases), layer by layer, to the dense model's outputs")
         resize_channels(state.handle, graph, removed)
         changed = _record_shapes(state, before, "channel", self.criterion)
-        frozen = [(d, r) for d, r in graph.frozen()
-                  if graph.groups[int(d.split()[1])].producers]
+        frozen = [(g.describe(), g.frozen) for g in graph.groups if g.frozen and g.producers]
         state.frozen.extend(frozen)
         with_producer = sum(1 for g in graph.groups if g.producers)
         n_removed = sum(len(v) for v in removed.values())
