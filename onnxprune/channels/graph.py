@@ -24,7 +24,7 @@ A group is prunable when it is not frozen and at least one weight produces its c
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -89,7 +89,6 @@ class ChannelGraph:
     stored: Dict[str, onnx.TensorProto]
     shapes: Dict[str, Shape]
     roles: Dict[Tuple[str, int], List[Tuple[str, str, int]]]  # (stored, axis) -> (role, node, input)
-    consts: Dict[str, np.ndarray] = field(default_factory=dict)
 
     def frozen(self) -> List[Tuple[str, str]]:
         return [(g.describe(), g.frozen) for g in self.groups if g.frozen]
@@ -255,9 +254,6 @@ class Builder:
         if s is None or axis >= len(s):
             return None
         return s[axis] if isinstance(s[axis], int) else None
-
-    def is_stored(self, name: str) -> bool:
-        return name in self.stored
 
     def stored_source(self, name: str, axis: int) -> Optional[Tuple[str, int]]:
         """The stored tensor and axis a constant input comes from, through Cast/Identity/

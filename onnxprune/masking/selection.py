@@ -45,7 +45,6 @@ class LayerPlan:
     criterion: str
     min_sparsity: float = 0.0
     max_sparsity: float = 0.98
-    rule: Optional[int] = None  # index of the config rule that chose these settings
 
 
 @dataclass
@@ -233,8 +232,7 @@ def select(weights: Sequence[Weight], *, pattern: str, sparsity: Optional[Union[
             skipped.append(Skipped(w.name, misfit))
             continue
         plans.append(LayerPlan(w, pat, target, str(settings["criterion"]),
-                               float(settings["min_sparsity"]), float(settings["max_sparsity"]),
-                               rule_index))
+                               float(settings["min_sparsity"]), float(settings["max_sparsity"])))
     if not plans:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
         raise SelectionError(f"every selected weight was left alone, nothing to prune ({reasons})")

@@ -35,9 +35,6 @@ Shapes = Mapping[str, Tuple[int, ...]]
 MacFormula = Callable[[onnx.NodeProto, Shapes], Optional[int]]
 _FORMULAS: Dict[str, MacFormula] = {}
 _CONTROL_FLOW = {"If", "Loop", "Scan"}
-#: Tensors up to this many elements keep their values in the shape-inference copy: shape
-#: operands (Reshape shapes, Slice starts, Resize scales) are small and inference reads them.
-_KEEP_VALUES_NUMEL = 4096
 #: Shape inference runs at this opset at least (see :func:`_upgrade_opset`).
 _DATA_PROP_OPSET = 17
 
