@@ -47,7 +47,6 @@ are listed in :attr:`StatsRecord.skipped` with a reason.
 from __future__ import annotations
 
 import os
-import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -617,13 +616,9 @@ class LayerStats:
 class StatsRecord:
     """What :func:`collect_layer_stats` did."""
 
-    samples: int = 0
-    batch_size: int = 0
     chunks: List[List[str]] = field(default_factory=list)  # weight keys per chunk
     model_runs: int = 0  # onnxruntime runs (batches x chunks)
     peak_bytes: int = 0  # exposed activations + im2col block + accumulators, at most
-    budget_bytes: int = DEFAULT_BUDGET_BYTES
-    seconds: float = 0.0
     data_free: bool = False
     skipped: Dict[str, str] = field(default_factory=dict)  # weight key -> why no stats
 
@@ -1025,9 +1020,7 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
     block_dtype = np.dtype(precision)
     handle = load(handle)
     ref = load(reference) if reference is not None else None
-    started = time.perf_counter()
-    record = StatsRecord(samples=len(data), batch_size=batch_size, budget_bytes=budget_bytes,
-                         data_free=data.data_free)
+    record = StatsRecord(data_free=data.data_free)
     main = handle.model.graph.name or "main"
     graph_inputs = {i.name for i in handle.model.graph.input}
     constants = {t.name for t in handle.model.graph.initializer} | {
@@ -1062,7 +1055,6 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
     result = LayerStatsMap()
     result.record = record
     if not weight_sigs:
-        record.seconds = time.perf_counter() - started
         return result
 
     first = next(data.batches(batch_size))
@@ -1119,7 +1111,6 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
             finished[s] = accumulators.pop(s).finish()
         for key in keys:  # every signature of these keys is finished (this or an earlier chunk)
             result[key] = _combine([finished[s] for s in weight_sigs[key]])
-    record.seconds = time.perf_counter() - started
     return result
 
 
