@@ -138,22 +138,25 @@ def build_main() -> click.Group:
         onnxprune inspect model.onnx                         # sparsity, params, MACs; no changes
         """
 
-    main.add_command(click.Command("prune", callback=prune_command, help=prune_command.__doc__,
-                                   params=[
-        click.Argument(["model"], required=False,
-                       type=click.Path(dir_okay=True, path_type=Path)),
+    prune_params = [
+        click.Argument(["model"], required=False, type=click.Path(dir_okay=True, path_type=Path)),
         click.Option(["-o", "--output"], type=click.Path(path_type=Path),
                      help="Output path [default: <stem>.pruned.onnx beside the input]."),
         *option_params("prune"),
         _report_option(),
         click.Option(["--force"], is_flag=True, help="Overwrite an existing output file."),
-        _quiet_option()]))
-    main.add_command(click.Command("inspect", callback=inspect_command,
-                                   help=inspect_command.__doc__, params=[
+        _quiet_option(),
+    ]
+    inspect_params = [
         click.Argument(["model"], type=click.Path(path_type=Path)),
         *option_params("inspect"),
         _report_option(),
-        _quiet_option()]))
+        _quiet_option(),
+    ]
+    main.add_command(click.Command("prune", callback=prune_command, params=prune_params,
+                                   help=prune_command.__doc__))
+    main.add_command(click.Command("inspect", callback=inspect_command, params=inspect_params,
+                                   help=inspect_command.__doc__))
     return main
 
 

@@ -110,7 +110,8 @@ def option_group(default: Any, group: FlagGroup) -> Any:
 
 
 def api_only(default: Any, why: str) -> Any:
-    """A field with no command-line flag; ``why`` says why (shown in tests, not to users)."""
+    """A field with no command-line flag (an API-only form, e.g. a callable); ``why`` records
+    the reason in the metadata, where tests/test_options.py requires one."""
     return _field(default, {"cli": None, "api_only": why})
 
 
