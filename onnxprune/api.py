@@ -77,7 +77,7 @@ def build_passes(options: PruneOptions) -> List[Pass]:
             passes.append(RemoveDeadChannels(input_shapes=o.input_shapes,
                                              keep_layouts=o.resize is None))
     if o.validate:
-        passes.append(Validate(inputs=o.inputs, input_shapes=o.input_shapes, compare=o.compare,
+        passes.append(Validate(inputs=o.inputs, input_shapes=o.input_shapes,
                                max_error=o.max_error, seed=o.seed))
     return passes
 

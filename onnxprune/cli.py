@@ -1,25 +1,27 @@
 """The ``onnxprune`` command: a thin layer that maps options onto :func:`onnxprune.prune`.
 
 ``onnxprune MODEL [options]`` prunes; ``onnxprune inspect MODEL`` reports without changing.
-User mistakes (:class:`~onnxprune.errors.OnnxPruneError`) print one line and exit 2 (1 for a
-failed ``--max-error`` gate); anything else is a bug and keeps its traceback.
+The options are generated from :class:`~onnxprune.options.PruneOptions`' field metadata (help,
+flag names, choices read from the registries, parsers) with the dataclass defaults, so this
+module types none of them; it adds only what is no option of a run (output, report, force,
+quiet). User mistakes (:class:`~onnxprune.errors.OnnxPruneError`) print one line and exit 2
+(1 for a failed ``--max-error`` gate); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
+from dataclasses import Field
 from pathlib import Path
-from typing import Optional
+from typing import List, Union
 
 import click
-import numpy as np
 
 from onnxprune import __version__
-from onnxprune.masking.criteria import criterion_names
-from onnxprune.errors import OnnxPruneError, OptionError
+from onnxprune.errors import OnnxPruneError
 from onnxprune.model.io import default_output
-from onnxprune.masking.patterns import pattern_help
+from onnxprune.options import Flag, FlagGroup, cli_fields, from_cli, param_name
 
 #: Pruned when no MODEL is given, so a first run needs no file of one's own (models/digits_cnn.onnx).
 DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "digits_cnn.onnx"
@@ -33,17 +35,6 @@ class DefaultToPrune(click.Group):
                                                                           "--version")):
             args = ["prune", *args]
         return super().parse_args(ctx, args)
-
-
-@click.group(cls=DefaultToPrune, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="onnxprune")
-def main() -> None:
-    """Post-training pruning for ONNX models.
-
-    \b
-    onnxprune model.onnx --pattern 4x1 --sparsity 0.8   # writes model.pruned.onnx + report
-    onnxprune inspect model.onnx                         # sparsity, params, MACs; no changes
-    """
 
 
 def _console(quiet: bool):
@@ -72,16 +63,6 @@ def _err_console():
     return Console(stderr=True)
 
 
-def _npz_dict(path: Optional[str], what: str):
-    if path is None:
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except Exception as exc:
-        raise OptionError(f"{what} '{path}' is not a readable .npz file ({exc})") from None
-
-
 def _run(fn):
     """Run a command body, turning user errors into one line and exit code 2."""
     def on_term(signum, frame):
@@ -97,89 +78,88 @@ def _run(fn):
         sys.exit(130)
 
 
-@main.command("prune")
-@click.argument("model", required=False, type=click.Path(dir_okay=True, path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Output path [default: <stem>.pruned.onnx beside the input].")
-@click.option("--pattern", default="unstructured", show_default=True, help=pattern_help())
-@click.option("--sparsity", type=float, default=None,
-              help="Fraction of zeros in the selected weights, counting existing zeros "
-                   "[default: 0.5; implied by N:M].")
-@click.option("--criterion", default="magnitude", show_default=True,
-              help=f"Importance criterion: {', '.join(criterion_names())}.")
-@click.option("--scope", type=click.Choice(["local", "global"]), default="local",
-              show_default=True, help="local: each weight reaches the target; global: one "
-                                      "threshold across weights.")
-@click.option("--op-types", default=None, help="Comma-separated op types to prune "
-                                               "[default: all prunable].")
-@click.option("--include", default=None, help="Regex: prune only weights/nodes whose name matches.")
-@click.option("--exclude", default=None, help="Regex: skip weights/nodes whose name matches.")
-@click.option("--config", type=click.Path(path_type=Path), default=None,
-              help="JSON/YAML per-op rules (see README).")
-@click.option("--min-sparsity", type=float, default=0.0, show_default=True,
-              help="Global scope: lower bound per weight.")
-@click.option("--max-sparsity", type=float, default=0.98, show_default=True,
-              help="Global scope: upper bound per weight.")
-@click.option("--scores", "scores_path", default=None,
-              help=".npz of importance scores keyed by weight name (criterion 'scores').")
-@click.option("--masks", "masks_path", default=None,
-              help=".npz of keep-masks (1 = keep) keyed by weight name.")
-@click.option("--round-to", type=int, default=1, show_default=True,
-              help="Channel pattern: keep channel counts at multiples of this (8 or 16 pays "
-                   "off on CPUs).")
-@click.option("--min-channels", type=int, default=1, show_default=True,
-              help="Channel pattern: channels kept at least, per group.")
-@click.option("--resize/--no-resize", default=None,
-              help="Remove channels physically [default: yes for unstructured and channel, "
-                   "no for blocks and N:M, whose layout it would shift]. --no-resize keeps "
-                   "every shape (channel pattern: masks only).")
-@click.option("--prune-fixed", is_flag=True,
-              help="Also prune tensors that look like fixed operands (ramps, DFT bases, "
-                   "identity), which are left alone by default.")
-@click.option("--input-shape", "input_shapes", multiple=True,
-              help="Fix an input's dims for generated inputs and MACs: NAME:1x3x224x224.")
-@click.option("--calibration", default=None,
-              help="Calibration inputs: .npz (one array per input, axis 0 = samples), a folder "
-                   "of .npy/.npz, or a folder of images (see --image-*).")
-@click.option("--calibration-samples", type=int, default=128, show_default=True)
-@click.option("--refit", is_flag=True,
-              help="Channel pattern: refit consumers of removed channels by least squares on "
-                   "the calibration data.")
-@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
-              help="With calibration data: move each pruned layer's bias so its mean output "
-                   "stays the dense model's.")
-@click.option("--allocate", type=click.Choice(["auto", "uniform", "sensitivity"]),
-              default="auto", show_default=True,
-              help="sensitivity: measure each layer's output error on the calibration data and "
-                   "spread the target where it hurts least; auto: sensitivity when "
-                   "--calibration is given for a free-sparsity pattern (local scope, no "
-                   "search), else uniform.")
-@click.option("--image-size", default=None, help="Images: resize to HxW (e.g. 48x320).")
-@click.option("--image-scale", type=float, default=1 / 255, show_default="1/255",
-              help="Images: pixel multiplier before mean/std.")
-@click.option("--image-mean", default=None, help="Images: per-channel mean, e.g. 0.5,0.5,0.5.")
-@click.option("--image-std", default=None, help="Images: per-channel std, e.g. 0.5,0.5,0.5.")
-@click.option("--image-layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW",
-              show_default=True)
-@click.option("--image-order", type=click.Choice(["RGB", "BGR"]), default="RGB",
-              show_default=True)
-@click.option("--inputs", "inputs_path", default=None,
-              help=".npz of model inputs keyed by input name, for the comparison.")
-@click.option("--no-validate", is_flag=True, help="Skip checker, onnxruntime and comparison.")
-@click.option("--max-error", type=float, default=None,
-              help="Fail (exit 1, nothing written) if the relative max error of any output "
-                   "exceeds this.")
-@click.option("--search", is_flag=True,
-              help="With --max-error: find the highest sparsity (up to --sparsity, default "
-                   "0.95) whose outputs stay within it.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
-              help="Write the report as JSON here.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--memory-budget", type=int, default=256, show_default=True,
-              help="MiB of scores held across weights; past it, scoring streams (models of any "
-                   "size in bounded memory).")
-@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-@click.option("-q", "--quiet", is_flag=True, help="No report or progress on stdout.")
+# -- options generated from PruneOptions -------------------------------------------------------
+
+_CLICK_TYPES = {str: None, int: int, float: float, bool: bool,
+                Path: click.Path(path_type=Path)}
+
+
+def _click_option(name: str, key: str, flag: Flag, default) -> click.Option:
+    """The click option ``name`` for ``flag`` (of field or group key ``key``), holding
+    ``default`` when not given."""
+    kwargs = dict(help=flag.help_text(), default=default, multiple=flag.multiple,
+                  metavar=flag.metavar)
+    if flag.switch:
+        kwargs["is_flag"] = True
+    elif flag.choices is not None:
+        kwargs["type"] = click.Choice(list(flag.choices()))
+    elif _CLICK_TYPES[flag.type] is not None:
+        kwargs["type"] = _CLICK_TYPES[flag.type]
+    if flag.default_text is not None:
+        kwargs["show_default"] = flag.default_text
+    elif not flag.switch and default is not None and not flag.multiple:
+        kwargs["show_default"] = True
+    return click.Option([flag.decl(key), name], **kwargs)
+
+
+def _field_options(f: Field, spec: Union[Flag, FlagGroup]) -> List[click.Option]:
+    if isinstance(spec, FlagGroup):
+        return [_click_option(param_name(f, key), key, flag, None)
+                for key, flag in spec.flags.items()]
+    return [_click_option(param_name(f), f.name, spec, spec.cli_default(f.default))]
+
+
+def option_params(command: str) -> List[click.Option]:
+    """The click options of every :class:`PruneOptions` field ``command`` exposes."""
+    return [opt for f, spec in cli_fields(command) for opt in _field_options(f, spec)]
+
+
+def _report_option() -> click.Option:
+    return click.Option(["--report", "report_path"], type=click.Path(path_type=Path),
+                        default=None, help="Write the report as JSON here.")
+
+
+def _quiet_option() -> click.Option:
+    return click.Option(["-q", "--quiet"], is_flag=True,
+                        help="No report or progress on stdout.")
+
+
+def build_main() -> click.Group:
+    """The ``onnxprune`` command group, its options built from the fields and registries as
+    they are now (a criterion registered before the call is a ``--criterion`` choice)."""
+
+    @click.group(cls=DefaultToPrune, context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(__version__, prog_name="onnxprune")
+    def main() -> None:
+        """Post-training pruning for ONNX models.
+
+        \b
+        onnxprune model.onnx --pattern 4x1 --sparsity 0.8   # writes model.pruned.onnx + report
+        onnxprune inspect model.onnx                         # sparsity, params, MACs; no changes
+        """
+
+    prune_params = [
+        click.Argument(["model"], required=False, type=click.Path(dir_okay=True, path_type=Path)),
+        click.Option(["-o", "--output"], type=click.Path(path_type=Path),
+                     help="Output path [default: <stem>.pruned.onnx beside the input]."),
+        *option_params("prune"),
+        _report_option(),
+        click.Option(["--force"], is_flag=True, help="Overwrite an existing output file."),
+        _quiet_option(),
+    ]
+    inspect_params = [
+        click.Argument(["model"], type=click.Path(path_type=Path)),
+        *option_params("inspect"),
+        _report_option(),
+        _quiet_option(),
+    ]
+    main.add_command(click.Command("prune", callback=prune_command, params=prune_params,
+                                   help=prune_command.__doc__))
+    main.add_command(click.Command("inspect", callback=inspect_command, params=inspect_params,
+                                   help=inspect_command.__doc__))
+    return main
+
+
 def prune_command(model, output, report_path, force, quiet, **flags):
     """Prune MODEL and write <stem>.pruned.onnx (MODEL defaults to the bundled digits CNN)."""
 
@@ -194,7 +174,7 @@ def prune_command(model, output, report_path, force, quiet, **flags):
         try:
             result = prune(path, output=out, force=force,
                            track=_track(quiet) or (lambda items, d, t: items),
-                           **_options(flags))
+                           **from_cli(flags, "prune"))
         except KeyboardInterrupt:
             if _stamp(out) != stamp:  # the signal came after the output was renamed into place
                 click.echo(f"interrupted after {out} was completely written", err=True)
@@ -221,62 +201,25 @@ def _stamp(path: Path):
         return None
 
 
-def _options(flags: dict) -> dict:
-    """CLI flags -> :class:`onnxprune.api.PruneOptions` fields (the CLI adds no logic of its
-    own: files become arrays, text becomes numbers, negated flags flip)."""
-    from onnxprune.calibration.statistics import ImagePreprocess
-    from onnxprune.runtime.validate import parse_input_shapes
-
-    f = dict(flags)
-    f["scores"] = _npz_dict(f.pop("scores_path"), "--scores")
-    f["masks"] = _npz_dict(f.pop("masks_path"), "--masks")
-    f["inputs"] = f.pop("inputs_path")
-    f["validate"] = not f.pop("no_validate")
-    f["guard_fixed"] = not f.pop("prune_fixed")
-    f["input_shapes"] = parse_input_shapes(f["input_shapes"])
-    f["memory_budget"] = f["memory_budget"] << 20
-    image = {k: f.pop(f"image_{k}") for k in ("size", "scale", "mean", "std", "layout", "order")}
-    if image["size"] or image["mean"] or image["std"]:
-        f["image_preprocess"] = ImagePreprocess(
-            size=_floats(image["size"], "--image-size", "x", int) if image["size"] else None,
-            scale=image["scale"],
-            mean=_floats(image["mean"], "--image-mean") if image["mean"] else (0.0, 0.0, 0.0),
-            std=_floats(image["std"], "--image-std") if image["std"] else (1.0, 1.0, 1.0),
-            layout=image["layout"], channel_order=image["order"])
-    return f
-
-
-def _floats(text: str, flag: str, sep: str = ",", kind=float) -> tuple:
-    try:
-        return tuple(kind(v) for v in text.replace(" ", "").split(sep))
-    except ValueError:
-        raise OptionError(f"{flag} '{text}': expected numbers separated by '{sep}'") from None
-
-
 def _emit(report, report_path, quiet):
     if report_path is not None:
         report.write_json(report_path)
     report.render(_console(quiet))
 
 
-@main.command("inspect")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--input-shape", "input_shapes", multiple=True,
-              help="Fix an input's dims for MACs: NAME:1x3x224x224.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
-              help="Write the report as JSON here.")
-@click.option("-q", "--quiet", is_flag=True)
-def inspect_command(model, input_shapes, report_path, quiet):
+def inspect_command(model, report_path, quiet, **flags):
     """Report sparsity, params and MACs of MODEL without changing it."""
 
     def body():
         from onnxprune.api import inspect
-        from onnxprune.runtime.validate import parse_input_shapes
 
-        report = inspect(model, parse_input_shapes(input_shapes))
+        report = inspect(model, **from_cli(flags, "inspect"))
         _emit(report, report_path, quiet)
 
     _run(body)
+
+
+main = build_main()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,23 +1,221 @@
-"""Every option of a run, as one dataclass: the API takes it and the CLI is generated from it."""
+"""Every option of a run, as one dataclass: the API takes it and the CLI is generated from it.
+
+Each :class:`PruneOptions` field carries its command-line form in ``metadata``: a :class:`Flag`
+(help text, flag name when not derived from the field's, the type click reads, choices read
+from the registries, the parser from command-line text to the field's value), a
+:class:`FlagGroup` (several flags building one value), or an API-only mark with the reason.
+:mod:`onnxprune.cli` builds its click options from these in a loop, with the dataclass defaults,
+so nothing is typed twice (OnnxSlim's argparser is the model). This module owns those
+declarations and the text parsers; it never imports click.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Union
+from dataclasses import Field, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from onnxprune.calibration.statistics import ImagePreprocess
 from onnxprune.errors import OptionError
-from onnxprune.masking.criteria import get_criterion
-from onnxprune.masking.patterns import parse_pattern
+from onnxprune.masking.criteria import criterion_names, get_criterion
+from onnxprune.masking.patterns import parse_pattern, pattern_help
+from onnxprune.masking.scope import SCOPES
+from onnxprune.ops.layouts import prunable_op_types
 from onnxprune.passes.base import DEFAULT_MEMORY_BUDGET
+from onnxprune.runtime.validate import parse_input_shapes
+
+#: ``allocate``: how the sparsity target is spread over layers (see :attr:`PruneOptions.allocation`).
+ALLOCATIONS = ("auto", "uniform", "sensitivity")
+
+#: The commands a flag can belong to.
+COMMANDS = ("prune", "inspect")
+
+Text = Union[str, Callable[[], str]]
+
+
+# -- how a field appears on the command line ---------------------------------------------------
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag of a field (or of a :class:`FlagGroup`).
+
+    ``name``: ``--flag`` (default: the field's name with dashes), or ``--on/--off`` for a pair.
+    ``type``: what click reads the text as (``str``, ``int``, ``float``, ``bool``, ``Path``).
+    ``choices``: a callable reading them from their registry when the command is built.
+    ``parse(value, flag)``: the value click read -> the field's value (files read, text split);
+    it raises :class:`OptionError` naming ``flag``. ``switch``: a bare flag whose presence flips
+    the field's default. ``show(default)``: the field's default as the flag takes it (MiB for
+    bytes). ``help`` may be a callable read from a registry, like ``choices``.
+    """
+
+    help: Text
+    name: Optional[str] = None
+    type: type = str
+    parse: Optional[Callable[[Any, str], Any]] = None
+    choices: Optional[Callable[[], Sequence[str]]] = None
+    switch: bool = False
+    multiple: bool = False
+    show: Optional[Callable[[Any], Any]] = None
+    default_text: Optional[str] = None
+    metavar: Optional[str] = None
+    commands: Tuple[str, ...] = ("prune",)
+
+    def decl(self, key: str) -> str:
+        """The flag's declaration: ``name``, else ``--`` and ``key`` with dashes."""
+        return self.name or "--" + key.replace("_", "-")
+
+    def flag(self, key: str) -> str:
+        """The flag as typed (the first of an on/off pair)."""
+        return self.decl(key).split("/")[0]
+
+    def help_text(self) -> str:
+        return self.help() if callable(self.help) else self.help
+
+    def cli_default(self, default: Any) -> Any:
+        """What the flag holds when not given, for a field whose default is ``default``."""
+        if self.switch:
+            return False
+        if self.multiple:
+            return ()
+        return self.show(default) if self.show else default
+
+    def read(self, value: Any, key: str, default: Any) -> Any:
+        """The value click read -> the field's value."""
+        if self.switch:
+            return (not default) if value else default
+        return self.parse(value, self.flag(key)) if self.parse else value
+
+
+@dataclass(frozen=True)
+class FlagGroup:
+    """Several flags that together give one field: ``build(**values)`` makes the value from
+    what each flag read (None for a flag not given)."""
+
+    flags: Mapping[str, Flag]
+    build: Callable[..., Any]
+    commands: Tuple[str, ...] = ("prune",)
+
+
+def option(default: Any, help: Text, **flag: Any) -> Any:
+    """A field exposed on the command line as one :class:`Flag`."""
+    return _field(default, {"cli": Flag(help=help, **flag)})
+
+
+def option_group(default: Any, group: FlagGroup) -> Any:
+    """A field exposed on the command line as a :class:`FlagGroup`."""
+    return _field(default, {"cli": group})
+
+
+def api_only(default: Any, why: str) -> Any:
+    """A field with no command-line flag (an API-only form, e.g. a callable); ``why`` records
+    the reason in the metadata, where tests/test_options.py requires one."""
+    return _field(default, {"cli": None, "api_only": why})
+
+
+def _field(default: Any, metadata: dict) -> Any:
+    return field(default=default, metadata=metadata)
+
+
+def cli_spec(f: Field) -> Union[Flag, FlagGroup, None]:
+    """How field ``f`` appears on the command line; None when it is API-only."""
+    return f.metadata["cli"]
+
+
+def cli_fields(command: str = "prune"):
+    """``(field, spec)`` for every field ``command`` exposes, in field order."""
+    for f in fields(PruneOptions):
+        spec = cli_spec(f)
+        if spec is not None and command in spec.commands:
+            yield f, spec
+
+
+def from_cli(values: Mapping[str, Any], command: str = "prune") -> Dict[str, Any]:
+    """The values click read (keyed by :func:`param_name`) -> :class:`PruneOptions` keywords."""
+    out: Dict[str, Any] = {}
+    for f, spec in cli_fields(command):
+        if isinstance(spec, FlagGroup):
+            out[f.name] = spec.build(**{k: flag.read(values[param_name(f, k)], k, None)
+                                        for k, flag in spec.flags.items()})
+        else:
+            out[f.name] = spec.read(values[f.name], f.name, f.default)
+    return out
+
+
+def param_name(f: Field, key: Optional[str] = None) -> str:
+    """The click parameter name of field ``f`` (or of flag ``key`` of its group)."""
+    return f.name if key is None else f"{f.name}__{key}"
+
+
+# -- parsers: command-line text -> field values --------------------------------------------------
+
+def npz_arrays(path: Optional[str], flag: str) -> Optional[Dict[str, np.ndarray]]:
+    """``FILE.npz`` -> ``{name: array}`` (None stays None)."""
+    if path is None:
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise OptionError(f"{flag} '{path}' is not a readable .npz file ({exc})") from None
+
+
+def numbers(sep: str = ",", kind: type = float) -> Callable[[Optional[str], str], Optional[tuple]]:
+    """A parser for ``"0.5,0.5,0.5"`` (or ``"48x320"`` with ``sep="x"``) -> a tuple."""
+
+    def parse(text: Optional[str], flag: str) -> Optional[tuple]:
+        if text is None:
+            return None
+        try:
+            return tuple(kind(v) for v in text.replace(" ", "").split(sep))
+        except ValueError:
+            raise OptionError(f"{flag} '{text}': expected numbers separated by '{sep}'") from None
+
+    return parse
+
+
+def _input_shapes(specs: Sequence[str], flag: str) -> Optional[Dict[str, Tuple[int, ...]]]:
+    return parse_input_shapes(specs) or None
+
+
+def _mib(mib: int, flag: str) -> int:
+    return mib << 20
+
+
+def _image_preprocess(**given: Any) -> Optional[ImagePreprocess]:
+    """The flags given (not None) over :class:`ImagePreprocess`'s defaults; None when none is."""
+    given = {k: v for k, v in given.items() if v is not None}
+    return ImagePreprocess(**given) if given else None
+
+
+def _image_default(name: str) -> str:
+    value = next(f.default for f in fields(ImagePreprocess) if f.name == name)
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
+
+
+IMAGE_FLAGS = FlagGroup(flags={
+    "size": Flag("Images: resize to HxW (e.g. 48x320) [default: the model's static dims].",
+                 name="--image-size", parse=numbers("x", int)),
+    "scale": Flag("Images: pixel multiplier before mean/std.", name="--image-scale",
+                  type=float, default_text="1/255"),
+    "mean": Flag("Images: per-channel mean, e.g. 0.5,0.5,0.5.", name="--image-mean",
+                 parse=numbers(), default_text=_image_default("mean")),
+    "std": Flag("Images: per-channel std, e.g. 0.5,0.5,0.5.", name="--image-std",
+                parse=numbers(), default_text=_image_default("std")),
+    "layout": Flag("Images: the model input's layout.", name="--image-layout",
+                   choices=lambda: ("NCHW", "NHWC"), default_text=_image_default("layout")),
+    "channel_order": Flag("Images: channel order the mean/std are given in.",
+                          name="--image-order", choices=lambda: ("RGB", "BGR"),
+                          default_text=_image_default("channel_order")),
+}, build=_image_preprocess)
 
 
 @dataclass
 class PruneOptions:
-    """Every option of a run; the CLI's flags map one to one onto these fields.
+    """Every option of a run. Each field's metadata declares its command-line flag (help, choices,
+    parser; see :func:`option`), or that it is API-only (:func:`api_only`).
 
     Pattern and target: ``pattern`` is ``unstructured``/``1x1``, blocks ``NxM`` (``4x1`` = 4
     output channels × 1 input element), ``N:M`` (``2:4``) or ``channel``; ``sparsity`` the
@@ -56,37 +254,73 @@ class PruneOptions:
     over the weights, memory bounded by the largest weight, for models of any size).
     """
 
-    pattern: str = "unstructured"
-    sparsity: Optional[Union[float, int]] = None
-    criterion: str = "magnitude"
-    scope: str = "local"
-    op_types: Union[str, Sequence[str], None] = None
-    include: Optional[str] = None
-    exclude: Optional[str] = None
-    config: Any = None
-    min_sparsity: float = 0.0
-    max_sparsity: float = 0.98
-    scores: Optional[Dict[str, np.ndarray]] = None
-    masks: Optional[Dict[str, np.ndarray]] = None
-    guard_fixed: bool = True
-    resize: Optional[bool] = None
-    round_to: int = 1
-    min_channels: int = 1
-    max_group_sparsity: float = 0.9
-    calibration: Any = None
-    calibration_samples: int = 128
-    image_preprocess: Optional[ImagePreprocess] = None
-    refit: bool = False
-    bias_correction: bool = True
-    allocate: str = "auto"
-    validate: bool = True
-    compare: bool = True
-    inputs: Any = None
-    input_shapes: Optional[Dict[str, Sequence[int]]] = None
-    max_error: Optional[float] = None
-    search: bool = False
-    seed: int = 0
-    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    pattern: str = option("unstructured", pattern_help)
+    sparsity: Optional[Union[float, int]] = option(
+        None, "Fraction of zeros in the selected weights, counting existing zeros "
+              "[default: 0.5; implied by N:M].", type=float)
+    criterion: str = option("magnitude", "Importance criterion.", choices=criterion_names)
+    scope: str = option("local", "local: each weight reaches the target; global: one threshold "
+                                 "across weights.", choices=lambda: SCOPES)
+    op_types: Union[str, Sequence[str], None] = option(
+        None, lambda: (f"Comma-separated op types to prune, of {', '.join(prunable_op_types())} "
+                       "[default: all prunable]."))
+    include: Optional[str] = option(None, "Regex: prune only weights/nodes whose name matches.")
+    exclude: Optional[str] = option(None, "Regex: skip weights/nodes whose name matches.")
+    config: Any = option(None, "JSON/YAML per-op rules (see README).", type=Path)
+    min_sparsity: float = option(0.0, "Global scope: lower bound per weight.", type=float)
+    max_sparsity: float = option(0.98, "Global scope: upper bound per weight.", type=float)
+    scores: Optional[Dict[str, np.ndarray]] = option(
+        None, ".npz of importance scores keyed by weight name (criterion 'scores').",
+        parse=npz_arrays, metavar="FILE.npz")
+    masks: Optional[Dict[str, np.ndarray]] = option(
+        None, ".npz of keep-masks (1 = keep) keyed by weight name.", parse=npz_arrays,
+        metavar="FILE.npz")
+    guard_fixed: bool = option(
+        True, "Also prune tensors that look like fixed operands (ramps, DFT bases, identity), "
+              "which are left alone by default.", name="--prune-fixed", switch=True)
+    resize: Optional[bool] = option(
+        None, "Remove channels physically [default: yes for unstructured and channel, no for "
+              "blocks and N:M, whose layout it would shift]. --no-resize keeps every shape "
+              "(channel pattern: masks only).", name="--resize/--no-resize", type=bool)
+    round_to: int = option(1, "Channel pattern: keep channel counts at multiples of this (8 or "
+                              "16 pays off on CPUs).", type=int)
+    min_channels: int = option(1, "Channel pattern: channels kept at least, per group.",
+                               type=int)
+    max_group_sparsity: float = option(
+        0.9, "Channel pattern, global scope: fraction of a group's channels removed at most.",
+        type=float)
+    calibration: Any = option(
+        None, "Calibration inputs: .npz (one array per input, axis 0 = samples), a folder of "
+              ".npy/.npz, or a folder of images (see --image-*).")
+    calibration_samples: int = option(128, "Calibration samples used at most.", type=int)
+    image_preprocess: Optional[ImagePreprocess] = option_group(None, IMAGE_FLAGS)
+    refit: bool = option(False, "Channel pattern: refit consumers of removed channels by least "
+                                "squares on the calibration data.", switch=True)
+    bias_correction: bool = option(
+        True, "With calibration data: move each pruned layer's bias so its mean output stays "
+              "the dense model's.", name="--bias-correction/--no-bias-correction", type=bool)
+    allocate: str = option(
+        "auto", "sensitivity: measure each layer's output error on the calibration data and "
+                "spread the target where it hurts least; auto: sensitivity when --calibration "
+                "is given for a free-sparsity pattern (local scope, no search), else uniform.",
+        choices=lambda: ALLOCATIONS)
+    validate: bool = option(True, "Skip checker, onnxruntime and comparison.",
+                            name="--no-validate", switch=True)
+    inputs: Any = option(None, ".npz of model inputs keyed by input name, for the comparison.")
+    input_shapes: Optional[Dict[str, Sequence[int]]] = option(
+        None, "Fix an input's dims for generated inputs and MACs: NAME:1x3x224x224.",
+        name="--input-shape", parse=_input_shapes, multiple=True, commands=COMMANDS)
+    max_error: Optional[float] = option(
+        None, "Fail (exit 1, nothing written) if the relative max error of any output exceeds "
+              "this.", type=float)
+    search: bool = option(False, "With --max-error: find the highest sparsity (up to "
+                                 "--sparsity, default 0.95) whose outputs stay within it.",
+                          switch=True)
+    seed: int = option(0, "Seed of the random criterion and of generated inputs.", type=int)
+    memory_budget: int = option(
+        DEFAULT_MEMORY_BUDGET, "MiB of scores held across weights; past it, scoring streams "
+                               "(models of any size in bounded memory).",
+        type=int, parse=_mib, show=lambda b: b >> 20)
 
     def __post_init__(self):
         if self.search and self.max_error is None:
@@ -97,8 +331,8 @@ class PruneOptions:
         if self.criterion == "scores" and not self.scores:
             raise OptionError("criterion 'scores' needs scores={weight_name: array} (CLI: "
                               "--scores FILE.npz)")
-        if self.allocate not in ("auto", "uniform", "sensitivity"):
-            raise OptionError(f"allocate must be 'auto', 'uniform' or 'sensitivity', got "
+        if self.allocate not in ALLOCATIONS:
+            raise OptionError(f"allocate must be one of {', '.join(ALLOCATIONS)}, got "
                               f"'{self.allocate}'")
         if self.allocate == "sensitivity" and self.pattern == "channel":
             raise OptionError("--allocate sensitivity spreads a weight sparsity over layers; "

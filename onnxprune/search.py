@@ -49,7 +49,7 @@ def probe_runner(model, options, prune_fn) -> Callable[[float], float]:
 
     def run(sparsity: float) -> float:
         # allocation as resolved under search: the final run repeats it (see api.prune)
-        probe = replace(options, sparsity=sparsity, validate=True, compare=True,
+        probe = replace(options, sparsity=sparsity, validate=True,
                         max_error=None, search=False, allocate=options.allocation)
         result = prune_fn(model, probe)
         if result.report.comparison is None:

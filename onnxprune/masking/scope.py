@@ -36,7 +36,10 @@ from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tup
 
 import numpy as np
 
-__all__ = ["UnitLayer", "select_units", "allocate_global", "global_cut", "GlobalCut"]
+__all__ = ["SCOPES", "UnitLayer", "select_units", "allocate_global", "global_cut", "GlobalCut"]
+
+#: The scopes a run can prune in: each weight to the target, or one threshold across weights.
+SCOPES = ("local", "global")
 
 _N_BUCKETS = 1 << 16
 _FIRST_NAN_BUCKET = 0x7F81  # float32 top bits above +inf's 0x7F80: NaN, or a negative sign bit
