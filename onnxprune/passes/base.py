@@ -217,6 +217,9 @@ class Pipeline:
     def __len__(self) -> int:
         return len(self.passes)
 
+    def __getitem__(self, index: int) -> Pass:
+        return self.passes[index]
+
     def run(self, state: PruneState) -> List[PassResult]:
         return [p(state) for p in self.passes]
 

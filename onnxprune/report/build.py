@@ -5,7 +5,7 @@ pass set (a later pass's result for a weight replaces an earlier one's), the wei
 the channel groups left whole, notes, the output comparison, the sensitivity table and the
 time each pass took. The model itself is read only to count MACs. :func:`layer_macs` fills each
 row's MACs from a MAC count; ``inspect`` (:mod:`onnxprune.report.inspect`) and pruning runs use
-it alike.
+it alike, and both give the MAC count each weight's density through :func:`note_density`.
 """
 
 from __future__ import annotations
@@ -43,6 +43,14 @@ def layer_macs(weight: Weight, macs: Optional[MacCount]) -> Optional[int]:
     return sum(counts) if counts else None
 
 
+def note_density(densities: Dict[str, float], weight: Weight, density: float) -> None:
+    """Record ``weight``'s density (nonzero fraction) for the MAC count of each node reading it;
+    a node reading several weights counts with the sparsest."""
+    for consumer in weight.consumers:
+        label = node_label(consumer.node)
+        densities[label] = min(density, densities.get(label, 1.0))
+
+
 def layer_results(records: Sequence[PassRecord]) -> Dict[str, LayerResult]:
     """Each weight's latest result over ``records``, in the order the weights were found."""
     latest: Dict[str, LayerResult] = {}
@@ -72,8 +80,8 @@ def build_report(state: PruneState, options: dict, output: Optional[Path],
                              nonzeros_before=layer.nonzeros_before,
                              nonzeros_after=layer.nonzeros_after, pattern=layer.pattern,
                              criterion=layer.criterion, channels=layer.channels))
-        for c in weights[key].consumers if key in weights else ():
-            densities[c.node_name] = layer.nonzeros_after / max(1, params_after)
+        if key in weights:
+            note_density(densities, weights[key], layer.nonzeros_after / max(1, params_after))
     macs_after = count_macs_or_error(state.model, input_shapes, densities)
     notes = [n for r in records for n in r.notes]
     for label, m in (("before", macs_before), ("after", macs_after)):
@@ -128,4 +136,5 @@ def sections(records: Sequence[PassRecord], layers: Mapping[str, LayerResult]
     return {f"sensitivity ({table.metric}, {table.samples} samples)": rows}
 
 
-__all__ = ["build_report", "count_macs_or_error", "layer_macs", "layer_results", "sections"]
+__all__ = ["build_report", "count_macs_or_error", "layer_macs", "layer_results", "note_density",
+           "sections"]

@@ -17,8 +17,8 @@ import numpy as np
 
 from onnxprune.errors import OnnxPruneError
 from onnxprune.model.io import ModelLike, load
-from onnxprune.ops.macs import count_macs, node_label
-from onnxprune.report.build import layer_macs
+from onnxprune.ops.macs import count_macs
+from onnxprune.report.build import layer_macs, note_density
 from onnxprune.report.report import LayerRow, Report
 from onnxprune.runtime.validate import input_signature
 from onnxprune.model.weights import find_weights
@@ -45,10 +45,7 @@ def inspect_model(model: ModelLike,
         patterns = [name for name, check in (("2:4", lambda w: satisfies_nm(w, 2, 4)),
                                              ("4x1", lambda w: satisfies_blocks(w, 4, 1)))
                     if check(w2d)]
-        density = nonzeros / max(weight.numel, 1)
-        for consumer in weight.consumers:
-            label = node_label(consumer.node)
-            densities[label] = min(density, densities.get(label, 1.0))
+        note_density(densities, weight, nonzeros / max(weight.numel, 1))
         note = []
         if len(weight.consumers) > 1:
             note.append(f"shared by {len(weight.consumers)} nodes")
