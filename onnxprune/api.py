@@ -12,20 +12,22 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
-import numpy as np
 import onnx
 
-from onnxprune.model import io as mio
 from onnxprune.errors import OptionError, ValidationFailed
-from onnxprune.passes.base import (ApplyMasks, FindWeights, Pass, PruneState,
-                     ScoreWeights, SelectWeights, Track, Validate, no_progress)
-from onnxprune.passes.calibrated import AllocateBySensitivity, Calibrate, CorrectBias
-from onnxprune.calibration.sequential import PruneSequentially
 from onnxprune.masking.criteria import get_criterion
-from onnxprune.report.report import LayerRow, Report
+from onnxprune.model import io as mio
 from onnxprune.options import PruneOptions
-from onnxprune.search import probe_runner, search_sparsity
+from onnxprune.passes.base import Pass, Pipeline, PruneState, Track, no_progress
+from onnxprune.passes.calibrated import AllocateBySensitivity, Calibrate, CorrectBias
+from onnxprune.passes.masking import ApplyMasks, ScoreWeights
+from onnxprune.passes.sequential import PruneSequentially
 from onnxprune.passes.structure import PruneChannels, RemoveDeadChannels
+from onnxprune.passes.validate import Validate
+from onnxprune.passes.weights import FindWeights, SelectWeights
+from onnxprune.report.build import build_report, count_macs_or_error
+from onnxprune.report.report import Report
+from onnxprune.search import probe_runner, search_sparsity
 
 
 @dataclass
@@ -38,8 +40,9 @@ class PruneResult:
     state: PruneState
 
 
-def build_passes(options: PruneOptions) -> List[Pass]:
-    """The pipeline for these options (what :func:`prune` runs)."""
+def build_passes(options: PruneOptions) -> Pipeline:
+    """The pipeline for these options (what :func:`prune` runs), checked as it is built: a pass
+    whose prerequisite no earlier pass ensures is a :class:`~onnxprune.passes.base.PipelineError`."""
     o = options
     passes: List[Pass] = [
         FindWeights(),
@@ -79,7 +82,7 @@ def build_passes(options: PruneOptions) -> List[Pass]:
     if o.validate:
         passes.append(Validate(inputs=o.inputs, input_shapes=o.input_shapes,
                                max_error=o.max_error, seed=o.seed))
-    return passes
+    return Pipeline(passes)
 
 
 def prune(model: mio.ModelLike, pattern: str = "unstructured",
@@ -130,9 +133,9 @@ def _run(model: mio.ModelLike, opts: PruneOptions, output, force: bool, track: T
         out = mio.resolve_output(state.handle.path, output, force,
                                  external=mio.needs_external(state.handle))
     size_before = state.handle.file_size()
-    macs_before = _macs(state.model, opts.input_shapes, None)
-    for p in build_passes(opts):
-        p(state)
+    pipeline = build_passes(opts)
+    macs_before = count_macs_or_error(state.model, opts.input_shapes, None)
+    pipeline.run(state)
     size_after = None
     if out is not None and state.gate_failure is None:
         mio.save(state.handle, out)
@@ -144,80 +147,6 @@ def _run(model: mio.ModelLike, opts: PruneOptions, output, force: bool, track: T
         error.report = report
         raise error
     return PruneResult(state.model, report, out, state)
-
-
-def _macs(model: onnx.ModelProto, input_shapes, densities):
-    from onnxprune.ops.macs import count_macs
-
-    try:
-        return count_macs(model, input_shapes, densities)
-    except Exception as exc:  # MACs are informative; a shape-inference gap must not stop a run
-        return exc
-
-
-def build_report(state: PruneState, options: dict, output: Optional[Path],
-                 size_before: Optional[int], size_after: Optional[int], macs_before,
-                 input_shapes) -> Report:
-    """The report of a finished pipeline, from the state and the records of its passes."""
-    rows = []
-    densities: Dict[str, float] = {}
-    for w in state.weights:
-        layer = state.layers.get(w.key)
-        if layer is None:
-            continue
-        after = layer.shape_after or layer.shape
-        params_after = int(np.prod(after, dtype=np.int64))
-        rows.append(LayerRow(name=w.name, op_type=w.op_type, shape=layer.shape,
-                             shape_after=after, params=layer.numel, params_after=params_after,
-                             nonzeros_before=layer.nonzeros_before,
-                             nonzeros_after=layer.nonzeros_after, pattern=layer.pattern,
-                             criterion=layer.criterion, channels=layer.channels))
-        for c in w.consumers:
-            densities[c.node_name] = layer.nonzeros_after / max(1, params_after)
-    macs_after = _macs(state.model, input_shapes, densities)
-    notes = list(state.notes)
-    for label, m in (("before", macs_before), ("after", macs_after)):
-        if isinstance(m, Exception):
-            notes.append(f"MACs {label} not counted: {m}")
-    ok_before = None if isinstance(macs_before, Exception) else macs_before
-    ok_after = None if isinstance(macs_after, Exception) else macs_after
-    return Report(
-        model=str(state.original) if isinstance(state.original, Path) else "<in-memory model>",
-        output=str(output) if output else None,
-        rows=rows,
-        skipped=[(s.name, s.reason) for s in state.skipped],
-        frozen=list(state.frozen),
-        macs_before=ok_before.total if ok_before else None,
-        macs_after=ok_after.total if ok_after else None,
-        sparse_macs_after=ok_after.sparse_total if ok_after else None,
-        params_before=sum(r.params for r in rows),
-        params_after=sum(r.params_after for r in rows),
-        nonzeros_before=sum(r.nonzeros_before for r in rows),
-        nonzeros_after=sum(r.nonzeros_after for r in rows),
-        file_size_before=size_before,
-        file_size_after=size_after,
-        comparison=state.comparison,
-        options={k: v for k, v in options.items() if v is not None},
-        notes=notes,
-        timings={r.name: r.seconds for r in state.records},
-        sections=_sections(state),
-    )
-
-
-def _sections(state: PruneState) -> Dict[str, List[dict]]:
-    """Extra report tables: the sensitivity table when one was measured."""
-    table = state.sensitivity
-    if table is None:
-        return {}
-    rows = []
-    for key, errors in table.errors.items():
-        row = {"weight": key, "params": table.numel.get(key)}
-        row.update({f"err@{s:g}": float(e) for s, e in zip(table.sparsities, errors)})
-        if key in state.layers:
-            layer = state.layers[key]
-            row["sparsity"] = round(1 - layer.nonzeros_after / max(1, layer.numel), 4)
-        rows.append(row)
-    return {f"sensitivity ({table.metric}, {table.samples} samples)": rows}
 
 
 def inspect(model: mio.ModelLike, input_shapes: Optional[Dict[str, Sequence[int]]] = None

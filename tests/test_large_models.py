@@ -22,8 +22,9 @@ from onnx.external_data_helper import ExternalDataInfo
 import builders as B
 from onnxprune.model import io as mio
 from onnxprune.ops.macs import count_macs
-from onnxprune.passes.base import (DEFAULT_MEMORY_BUDGET, ApplyMasks, FindWeights, PruneState,
-                              ScoreWeights, SelectWeights)
+from onnxprune.passes.base import DEFAULT_MEMORY_BUDGET, PruneState
+from onnxprune.passes.masking import ApplyMasks, ScoreWeights
+from onnxprune.passes.weights import FindWeights, SelectWeights
 from onnxprune.masking.scope import UnitLayer, allocate_global, global_cut
 
 
@@ -138,7 +139,7 @@ def _prune_to_bytes(src: Path, out: Path, budget: int, scope: str, select: dict,
               ApplyMasks(scope=scope)]
     records = [p(state).record for p in passes]
     if budget <= 1:
-        assert not state.unit_scores and not records[2].details["scores_held"]
+        assert not state.unit_scores and not records[2].scores_held
     mio.save(state.handle, out)
     data = out.with_name(out.name + ".data")
     model_bytes = out.read_bytes()
@@ -180,7 +181,7 @@ def test_scores_held_only_when_they_all_fit(tmp_path):
         for p in (FindWeights(), SelectWeights(sparsity=0.5)):
             p(state)
         record = ScoreWeights()(state).record
-        assert record.details["scores_held"] is held
+        assert record.scores_held is held
         assert len(state.unit_scores) == (4 if held else 0)
         if not held:
             assert "recomputed while masking" in record.summary

@@ -13,8 +13,10 @@ from onnx import numpy_helper
 import builders as B
 import onnxprune
 from onnxprune.model.io import iter_tensors
-from onnxprune.passes.base import (ApplyMasks, FindWeights, PruneState, ScoreWeights, SelectWeights,
-                              Validate)
+from onnxprune.passes.base import PruneState
+from onnxprune.passes.masking import ApplyMasks, ScoreWeights
+from onnxprune.passes.validate import Validate
+from onnxprune.passes.weights import FindWeights, SelectWeights
 
 
 def arrays(model):

@@ -601,9 +601,9 @@ def test_sparsegpt_keeps_every_layers_mean_output(biased):
 def test_sequential_record_and_report(biased):
     model, _, res = biased
     rec = _record(res, "sequential")
-    assert rec.details["waves"] == [["c1.w"], ["c2.w"], ["W3"]]
-    assert rec.details["bias_corrected"] == ["c1.w", "c2.w", "W3"]
-    assert rec.details["model_runs"] > 0
+    assert rec.waves == [["c1.w"], ["c2.w"], ["W3"]]
+    assert rec.bias_corrected == ["c1.w", "c2.w", "W3"]
+    assert rec.model_runs > 0
     names = [r.name for r in res.state.records]
     assert "score" not in names and "mask" not in names and "bias-correction" not in names
     assert "sequential" in res.report.timings
@@ -617,7 +617,7 @@ def test_waves_in_the_record_of_a_residual_block():
     res = onnxprune.prune(model, criterion="wanda", calibration={"x": x}, validate=False,
                           allocate="uniform",
                           resize=False)
-    waves = [sorted(w) for w in _record(res, "sequential").details["waves"]]
+    waves = [sorted(w) for w in _record(res, "sequential").waves]
     assert waves == [["stem.w"], ["c1.w", "down.w"], ["c2.w"], ["c3.w"]]
 
 
@@ -641,7 +641,7 @@ def test_depthwise_conv_keeps_its_per_channel_mean(criterion):
     res = onnxprune.prune(model, criterion=criterion, calibration={"x": x}, validate=False,
                           allocate="uniform",
                           resize=False)
-    assert "dw.w" in _record(res, "sequential").details["bias_corrected"]
+    assert "dw.w" in _record(res, "sequential").bias_corrected
     dense, now = _layer_means(model, x, ("c1", "y")), _layer_means(res.model, x, ("c1", "y"))
     for name in dense:
         np.testing.assert_allclose(now[name], dense[name], rtol=0,
@@ -675,7 +675,7 @@ def test_patterns_hold_after_sparsegpt_updates_and_bias_moves(spec):
 def test_sequential_sparsegpt_beats_layers_fit_to_their_own_outputs(monkeypatch):
     # Without a dense reference each layer only fits its own output (X_ref = X); with it, later
     # layers also absorb their upstream's error, so the model output is closer to the dense one.
-    from onnxprune.calibration import sequential
+    from onnxprune.passes import sequential
 
     model = _biased_model(seed=60)
     x = _calib((32, 4, 8, 8), seed=61)
@@ -688,7 +688,7 @@ def test_sequential_sparsegpt_beats_layers_fit_to_their_own_outputs(monkeypatch)
         return np.linalg.norm(y - dense) / np.linalg.norm(dense)
 
     paired = onnxprune.prune(model, **kw)
-    monkeypatch.setattr(sequential, "_dense_reference", lambda state: None)
+    monkeypatch.setattr(sequential, "load_dense_reference", lambda original, model: None)
     own = onnxprune.prune(model, **kw)
     assert error(paired) < error(own)
 
@@ -721,7 +721,7 @@ def test_input_model_is_untouched(criterion, tmp_path):
 # layer's mean output (one whose bias is not its own is left alone and not listed).
 # =============================================================================================
 def _corrected_means_hold(model, res, feeds, outputs, axis):
-    corrected = _record(res, "sequential").details["bias_corrected"]
+    corrected = _record(res, "sequential").bias_corrected
     dense, now = _expose(model, list(outputs.values()), feeds), \
         _expose(res.model, list(outputs.values()), feeds)
     for weight, out in outputs.items():
@@ -740,7 +740,7 @@ def test_gemm_alpha_beta_bias_correction(attrs):
                           allocate="uniform",
                           resize=False)
     _corrected_means_hold(model, res, {"x": x}, {"W": "y"}, axis=0)
-    assert _record(res, "sequential").details["bias_corrected"] == ["W"]
+    assert _record(res, "sequential").bias_corrected == ["W"]
 
 
 def test_shared_bias_tensor_keeps_means():
@@ -755,7 +755,7 @@ def test_shared_bias_tensor_keeps_means():
                           allocate="uniform",
                           resize=False)
     _corrected_means_hold(model, res, {"x": x}, {"W1": "h", "W2": "y"}, axis=0)
-    assert _record(res, "sequential").details["bias_corrected"] == []  # 'b' is not one layer's
+    assert _record(res, "sequential").bias_corrected == []  # 'b' is not one layer's
 
 
 def test_gemm_constant_a_bias_is_not_a_row_bias():
@@ -767,7 +767,7 @@ def test_gemm_constant_a_bias_is_not_a_row_bias():
     res = onnxprune.prune(model, criterion="sparsegpt", calibration={"xt": xt}, validate=False,
                           allocate="uniform",
                           resize=False)
-    corrected = _record(res, "sequential").details["bias_corrected"]
+    corrected = _record(res, "sequential").bias_corrected
     batches = xt.reshape(8, 16, 8)
     dense = np.stack([B.run(model, {"xt": b})[0] for b in batches]).astype(np.float64)
     now = np.stack([B.run(res.model, {"xt": b})[0] for b in batches]).astype(np.float64)
@@ -824,15 +824,13 @@ def test_calibration_inputs_the_model_cannot_run_are_a_clear_input_error(criteri
 def test_layers_too_large_for_a_hessian_fall_back_to_wanda(monkeypatch):
     # The Hessian budget bounds memory: a layer whose [in, in] Hessian would pass it is scored
     # with wanda (norms only) instead, measured and pruned, and the report says so.
-    from onnxprune.passes import calibrated
-    from onnxprune.calibration import sequential
+    from onnxprune.calibration import hessian
     nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
              helper.make_node("MatMul", ["r", "W2"], ["y"])]
     model = B.make_model(nodes, [_vi("x", ["n", 64])], [_vi("y", ["n", 8])],
                          [B.tensor("W1", (64, 16), 1), B.tensor("W2", (16, 8), 2)])
     budget = 16 * 16 * 8  # W2's Hessian fits, W1's (64 x 64) does not
-    monkeypatch.setattr(calibrated, "HESSIAN_BUDGET_BYTES", budget)
-    monkeypatch.setattr(sequential, "HESSIAN_BUDGET_BYTES", budget)
+    monkeypatch.setattr(hessian, "HESSIAN_BUDGET_BYTES", budget)  # the one budget
     x = _calib((64, 64), seed=96)
     for allocate in ("uniform", "sensitivity"):
         res = onnxprune.prune(model, criterion="sparsegpt", sparsity=0.5, calibration={"x": x},
@@ -846,11 +844,11 @@ def test_layers_too_large_for_a_hessian_fall_back_to_wanda(monkeypatch):
 
 
 def test_channel_refit_skips_layers_too_large_for_a_hessian(monkeypatch):
-    from onnxprune.calibration import sequential
+    from onnxprune.calibration import hessian
     model = _resnet_block_model()
     x = _calib((16, 3, 8, 8), seed=97, mean=0.5)
     # stem (27 columns) and down (8) fit; the 3x3x8-input convs' 72 x 72 Hessians do not
-    monkeypatch.setattr(sequential, "HESSIAN_BUDGET_BYTES", 27 * 27 * 8)
+    monkeypatch.setattr(hessian, "HESSIAN_BUDGET_BYTES", 27 * 27 * 8)
     res = onnxprune.prune(model, pattern="channel", sparsity=0.25, refit=True,
                           calibration={"x": x}, validate=False)
     skipped = {n.split(" ")[0] for n in res.report.notes if "not refit" in n}
@@ -887,6 +885,6 @@ def test_layer_by_layer_on_corpus_models(corpus_model, name, shape):
         assert res.report.comparison is not None  # checker + onnxruntime ran it
         for row in res.report.rows:
             assert row.params - row.nonzeros_after == round(0.5 * row.params), row.name
-        waves = _record(res, "sequential").details["waves"]
+        waves = _record(res, "sequential").waves
         assert sum(len(w) for w in waves) == len(res.report.rows)
         assert error(res.model) < error(magnitude.model), criterion

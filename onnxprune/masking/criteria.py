@@ -154,7 +154,7 @@ class Wanda(Criterion):
 class SparseGPT(Criterion):
     """OBS saliency ``w² / [H⁻¹]ⱼⱼ²`` with updates of the kept weights (Frantar & Alistarh,
     2023); masks and updates are made together, layer by layer toward the dense model, by
-    :class:`onnxprune.calibration.sequential.PruneSequentially`."""
+    :class:`onnxprune.passes.sequential.PruneSequentially`."""
 
     name = "sparsegpt"
     needs_activations = True

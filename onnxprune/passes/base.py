@@ -1,16 +1,22 @@
-"""The pruning pipeline as composable passes over a shared :class:`PruneState`.
+"""Pass infrastructure: :class:`Pass`, the shared :class:`PruneState`, typed records, pipelines.
 
-A pass is a callable object: ``result = pass_(state)`` updates the state (the model inside
-``state.handle`` and what the pass found) and returns a :class:`PassResult` with the model, whether
-it changed, and a typed record of what it did. Pipelines are plain lists::
+Modelled on onnx-ir's passes. A pass is a callable object: ``result = pass_(state)`` updates the
+state (the model inside ``state.handle`` and the facts it establishes) and returns a
+:class:`PassResult` with the model, whether it changed, and the pass's typed record (a
+:class:`PassRecord` subclass: counts, layers, what was left alone and why, notes, time).
+Records are appended to ``state.records``; the report is built from them
+(:mod:`onnxprune.report.build`).
+
+Each pass class declares the facts it ``requires`` and ``ensures`` (names such as
+``"weights"``, ``"selection"``, ``"scores"``, ``"masks"``, ``"calibration"``, ``"statistics"``,
+``"sensitivity"``). A pipeline is a plain list of passes; :func:`check_pipeline` (and
+:class:`Pipeline`) refuse, when the list is built, one whose pass needs a fact no earlier pass
+ensures: that is a :class:`PipelineError`, a programming error, never a user's mistake::
 
     state = PruneState.from_model("model.onnx")
-    for p in [FindWeights(), SelectWeights(pattern="2:4"), ScoreWeights(), ApplyMasks(),
-              Validate()]:
+    for p in Pipeline([FindWeights(), SelectWeights(pattern="2:4"), ScoreWeights(),
+                       ApplyMasks(), Validate()]):
         print(p(state).record)
-
-:func:`onnxprune.prune` builds the usual list from its arguments; every pass can also be used
-alone in a deployment pipeline.
 """
 
 from __future__ import annotations
@@ -18,18 +24,20 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import (TYPE_CHECKING, Callable, Dict, FrozenSet, Iterable, Iterator, List,
+                    Optional, Sequence, Set, Union)
 
 import numpy as np
 import onnx
 
 from onnxprune.model import io as mio
-from onnxprune.masking.criteria import ScoreContext, get_criterion
-from onnxprune.errors import ModelLoadError, OptionError, SelectionError
-from onnxprune.masking.scope import UnitLayer, allocate_global, global_cut, select_units
-from onnxprune.masking.selection import LayerPlan, select
-from onnxprune.calibration.sensitivity import looks_fixed
-from onnxprune.model.weights import Skipped, Weight, find_weights
+from onnxprune.masking.selection import LayerPlan
+from onnxprune.model.weights import Skipped, Weight
+
+if TYPE_CHECKING:  # typed state fields only; the passes that fill them import these for real
+    from onnxprune.calibration.sensitivity import SensitivityTable
+    from onnxprune.calibration.statistics import CalibrationSet, LayerStats
+    from onnxprune.runtime.validate import Comparison
 
 Track = Callable[[Iterable, str, int], Iterable]
 
@@ -42,9 +50,14 @@ def no_progress(items: Iterable, description: str, total: int) -> Iterable:
     return items
 
 
+class PipelineError(RuntimeError):
+    """A pass runs without a fact an earlier pass must establish: a bug in the code that built
+    the pipeline, not a user's mistake (so not an :class:`~onnxprune.errors.OnnxPruneError`)."""
+
+
 @dataclass
 class LayerResult:
-    """What masking did to one weight."""
+    """What pruning did to one weight (as the pass that recorded it left it)."""
 
     key: str
     name: str
@@ -61,11 +74,17 @@ class LayerResult:
 
 @dataclass
 class PassRecord:
-    """What a pass did: a name, a one-line summary, and typed details for the report."""
+    """What a pass did. Every pass kind has its own subclass with typed fields; these are the
+    fields all share: the pass name, a one-line summary, whether the model changed, notes for
+    the report, weights left alone (with why), the per-weight results the pass set, and the
+    seconds it took (set by :meth:`Pass.__call__`)."""
 
-    name: str
-    summary: str
-    details: Dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+    summary: str = ""
+    modified: bool = False
+    notes: List[str] = field(default_factory=list)
+    skipped: List[Skipped] = field(default_factory=list)
+    layers: Dict[str, LayerResult] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -78,26 +97,28 @@ class PassResult:
 
 @dataclass
 class PruneState:
-    """Everything the passes share: the model being pruned and what earlier passes found."""
+    """Everything the passes share: the model being pruned and the facts earlier passes found.
+
+    Facts are typed fields; ``facts`` names the ones established so far (what passes
+    ``ensures``). What each pass *did* lives in ``records``; ``notes``, ``skipped`` and
+    ``gate_failure`` are read from them.
+    """
 
     handle: mio.ModelHandle
     original: Union[Path, onnx.ModelProto]  # the untouched input, for validation
     weights: List[Weight] = field(default_factory=list)
-    skipped: List[Skipped] = field(default_factory=list)
     plans: List[LayerPlan] = field(default_factory=list)
     # Unit scores by weight key, held only while all of them fit in memory_budget; a missing
-    # key means "recompute from the weight" (see unit_scores_of).
+    # key means "recompute from the weight" (see passes.masking.unit_scores_of).
     unit_scores: Dict[str, np.ndarray] = field(default_factory=dict)
     user_scores: Dict[str, np.ndarray] = field(default_factory=dict)  # by key, for rescoring
-    layer_stats: Dict[str, Any] = field(default_factory=dict)  # calibration statistics per weight
-    layers: Dict[str, LayerResult] = field(default_factory=dict)
+    layer_stats: Dict[str, "LayerStats"] = field(default_factory=dict)  # per weight key
+    layers: Dict[str, LayerResult] = field(default_factory=dict)  # latest result per weight
+    calibration: Optional["CalibrationSet"] = None
+    sensitivity: Optional["SensitivityTable"] = None
+    comparison: Optional["Comparison"] = None
     records: List[PassRecord] = field(default_factory=list)
-    notes: List[str] = field(default_factory=list)
-    frozen: List[tuple] = field(default_factory=list)  # (channel group, why it was left whole)
-    calibration: Any = None  # CalibrationSet, when a pass loaded calibration data
-    sensitivity: Any = None  # SensitivityTable, when measured
-    comparison: Any = None
-    gate_failure: Optional[str] = None
+    facts: Set[str] = field(default_factory=set)
     full_check: bool = True  # hold the output to strict shape inference (the input passes it)
     seed: int = 0
     track: Track = no_progress
@@ -122,384 +143,100 @@ class PruneState:
     def model(self) -> onnx.ModelProto:
         return self.handle.model
 
-    def unit_scores_of(self, plan: LayerPlan, w2d: Optional[np.ndarray] = None) -> np.ndarray:
-        """The unit scores :class:`ScoreWeights` gave ``plan``'s weight: held ones, or the same
-        computed again from ``w2d`` (its ``W[out, in]`` view, read when not given).
+    @property
+    def notes(self) -> List[str]:
+        return [n for r in self.records for n in r.notes]
 
-        Criteria are deterministic (random ones are seeded per weight), so a recomputed score
-        is bit for bit the held one, provided the weight was not rewritten in between.
-        """
-        held = self.unit_scores.get(plan.weight.key)
-        if held is not None:
-            return held
-        w = plan.weight
-        if w2d is None:
-            w2d = w.layout.to_2d(self.handle.read(w.tensor))
-        return _score_units(self, plan, w2d)
+    @property
+    def skipped(self) -> List[Skipped]:
+        return [s for r in self.records for s in r.skipped]
+
+    @property
+    def gate_failure(self) -> Optional[str]:
+        """Why the ``max_error`` gate failed (a validation record says), or None."""
+        for r in self.records:
+            failure = getattr(r, "gate_failure", None)
+            if failure is not None:
+                return failure
+        return None
 
 
 class Pass:
-    """Base class: subclasses implement :meth:`run` and return ``(modified, summary, details)``."""
+    """Base class: subclasses set ``name``, ``requires``, ``ensures`` and implement
+    :meth:`run`, which returns the pass's record (the base fills in name and time).
+
+    ``requires``/``ensures`` are class-level; a pass whose needs depend on how it was
+    configured (a channel pass that refits needs calibration) sets them on the instance.
+    """
 
     name = "pass"
+    requires: FrozenSet[str] = frozenset()
+    ensures: FrozenSet[str] = frozenset()
 
     def __call__(self, state: PruneState) -> PassResult:
+        missing = set(self.requires) - state.facts
+        if missing:
+            raise PipelineError(f"pass '{self.name}' requires {sorted(missing)}, which no earlier "
+                                "pass on this state ensured")
         start = time.perf_counter()
-        modified, summary, details = self.run(state)
-        record = PassRecord(self.name, summary, details, time.perf_counter() - start)
+        record = self.run(state)
+        record.name = self.name
+        record.seconds = time.perf_counter() - start
         state.records.append(record)
-        return PassResult(state.model, modified, record)
+        state.facts.update(self.ensures)
+        return PassResult(state.model, record.modified, record)
 
-    def run(self, state: PruneState):  # pragma: no cover - abstract
+    def run(self, state: PruneState) -> PassRecord:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
-class FindWeights(Pass):
-    """Find every prunable weight (initializers, Constant nodes, behind Cast, in subgraphs)."""
-
-    name = "find-weights"
-
-    def run(self, state):
-        state.weights, skipped = find_weights(state.handle)
-        state.skipped.extend(skipped)
-        return False, f"{len(state.weights)} prunable weights, {len(skipped)} skipped", {
-            "weights": [w.key for w in state.weights]}
-
-
-class SelectWeights(Pass):
-    """Choose weights and per-weight settings (pattern, sparsity, criterion, bounds)."""
-
-    name = "select"
-
-    def __init__(self, pattern: str = "unstructured", sparsity: Optional[Union[float, int]] = None,
-                 criterion: str = "magnitude", op_types=None, include: Optional[str] = None,
-                 exclude: Optional[str] = None, config=None, min_sparsity: float = 0.0,
-                 max_sparsity: float = 0.98):
-        self.kwargs = dict(pattern=pattern, sparsity=sparsity, criterion=criterion,
-                           op_types=op_types, include=include, exclude=exclude, config=config,
-                           min_sparsity=min_sparsity, max_sparsity=max_sparsity)
-
-    def run(self, state):
-        if not state.weights:
-            FindWeights()(state)
-        if not state.weights and state.skipped:
-            seen = "; ".join(f"{s.name}: {s.reason}" for s in state.skipped[:3])
-            raise SelectionError(f"the model has no prunable weights: every weight feeding "
-                                 f"Conv/Gemm/MatMul was left alone ({seen})")
-        state.plans, skipped = select(state.weights, **self.kwargs)
-        state.skipped.extend(skipped)
-        for plan in state.plans:
-            get_criterion(plan.criterion)  # fail early on an unknown criterion name
-        return False, f"{len(state.plans)} weights selected", {
-            "selected": [p.weight.key for p in state.plans]}
+def check_pipeline(passes: Sequence[Pass], given: Iterable[str] = ()) -> None:
+    """Raise :class:`PipelineError` when a pass requires a fact that neither ``given`` nor an
+    earlier pass ensures (e.g. a calibrated pass with no :class:`Calibrate` before it)."""
+    known = set(given)
+    for i, p in enumerate(passes):
+        missing = set(p.requires) - known
+        if missing:
+            before = ", ".join(q.name for q in passes[:i]) or "nothing"
+            raise PipelineError(f"pass '{p.name}' (#{i}) requires {sorted(missing)}, but the "
+                                f"passes before it ({before}) do not ensure it")
+        known.update(p.ensures)
 
 
-def _compute_dtype(dtype: np.dtype) -> np.dtype:
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+class Pipeline:
+    """A list of passes, checked when built (:func:`check_pipeline`); iterate it or :meth:`run`
+    it on a state."""
+
+    def __init__(self, passes: Sequence[Pass], given: Iterable[str] = ()):
+        self.passes: List[Pass] = list(passes)
+        check_pipeline(self.passes, given)
+
+    def __iter__(self) -> Iterator[Pass]:
+        return iter(self.passes)
+
+    def __len__(self) -> int:
+        return len(self.passes)
+
+    def __getitem__(self, index: int) -> Pass:
+        return self.passes[index]
+
+    def run(self, state: PruneState) -> List[PassResult]:
+        return [p(state) for p in self.passes]
 
 
-def _score_units(state: PruneState, plan: LayerPlan, w2d: np.ndarray) -> np.ndarray:
-    """Scores of the weight ``w2d`` folded into its pattern's units (N:M keeps element scores:
-    it picks within each group of M from them)."""
-    w = plan.weight
-    crit = get_criterion(plan.criterion)
-    w2d = w2d.astype(_compute_dtype(w2d.dtype), copy=False)
-    user = state.user_scores.get(w.key)
-    if user is not None:
-        user = w.layout.to_2d(user)
-    stats = state.layer_stats.get(w.key)
-    norms = None if stats is None else np.sqrt(stats.in_sq_norms)
-    scores = crit.scores(w2d, ScoreContext(w.key, state.seed, norms, user))
-    if plan.pattern.implied_sparsity is not None:
-        return scores
-    return plan.pattern.unit_scores(scores, crit.reduce)
+def layer_result(weight: Weight, before: int, after: int, pattern: str, criterion: str
+                 ) -> LayerResult:
+    """A :class:`LayerResult` of a masked weight (shape unchanged)."""
+    return LayerResult(weight.key, weight.name, weight.op_type, weight.shape, weight.numel,
+                       before, after, pattern, criterion)
 
 
-class ScoreWeights(Pass):
-    """Score every selected weight with its criterion, folded into its pattern's units.
-
-    The scores stay in ``state.unit_scores`` while they all fit in ``state.memory_budget``;
-    past it none are kept and :class:`ApplyMasks` computes them again weight by weight (every
-    weight is still scored here, so a bad criterion input fails before anything is masked).
-
-    Weights are read here anyway, so this is also where a selected tensor that is not a learned
-    weight leaves the plan, listed in ``state.skipped`` with the reason: NaN/inf values, and
-    (unless ``guard_fixed=False``) fixed operands such as decoding ramps, DFT/DCT bases or
-    identity/one-hot matrices, which no sparsity can touch without breaking the model.
-    """
-
-    name = "score"
-
-    def __init__(self, user_scores: Optional[Dict[str, np.ndarray]] = None,
-                 guard_fixed: bool = True):
-        self.user_scores = user_scores or {}
-        self.guard_fixed = guard_fixed
-
-    def run(self, state):
-        unknown = set(self.user_scores) - {p.weight.name for p in state.plans} - {
-            p.weight.key for p in state.plans}
-        if unknown:
-            raise OptionError(f"scores given for {sorted(unknown)[:5]}, which are not selected "
-                              "weights; names must match the model's weight tensor names")
-        kept = []
-        held = 0  # bytes of unit scores kept; None once past the budget (then none are kept)
-        scored = 0  # elements scored so far: with `held`, projects what all the scores take
-        elements = sum(p.weight.numel for p in state.plans)
-        for plan in state.track(state.plans, "scoring", len(state.plans)):
-            w = plan.weight
-            raw = state.handle.read(w.tensor)
-            user = self.user_scores.get(w.name, self.user_scores.get(w.key))
-            reason = self._not_a_weight(raw, guarded=user is None)
-            if reason is not None:
-                state.skipped.append(Skipped(w.name, reason))
-                continue
-            kept.append(plan)
-            if user is not None:
-                user = np.asarray(user)
-                if tuple(user.shape) != w.shape:
-                    raise OptionError(f"scores for '{w.name}' have shape {user.shape}, the weight "
-                                      f"has {w.shape}; give scores in the weight's own layout")
-                state.user_scores[w.key] = user
-            units = _score_units(state, plan, w.layout.to_2d(raw))
-            del raw
-            scored += w.numel
-            if held is not None:
-                after = held + units.nbytes
-                if max(after, after / scored * elements) <= state.memory_budget:
-                    state.unit_scores[w.key] = units
-                    held = after
-                else:  # they will not all fit: keep none rather than fill the budget first
-                    for p in kept:
-                        state.unit_scores.pop(p.weight.key, None)
-                    held = None
-            del units
-        dropped = len(state.plans) - len(kept)
-        state.plans = kept
-        if not kept:
-            raise SelectionError("every selected weight was left alone (see the skipped list: "
-                                 "NaN values or fixed operands); nothing to prune")
-        summary = f"{len(kept)} weights scored" + (
-            f", {dropped} left alone (not learned weights)" if dropped else "")
-        if held is None:
-            summary += (f"; scores over the {state.memory_budget / 2**20:.0f} MiB memory budget "
-                        "are recomputed while masking")
-        return False, summary, {"scores_held": held is not None}
-
-    def _not_a_weight(self, raw: np.ndarray, guarded: bool) -> Optional[str]:
-        return not_a_weight(raw, self.guard_fixed and guarded)
+def set_layer(state: PruneState, record: PassRecord, layer: LayerResult) -> None:
+    """Make ``layer`` the weight's latest result in the state and in ``record``."""
+    state.layers[layer.key] = layer
+    record.layers[layer.key] = layer
 
 
-def not_a_weight(raw: np.ndarray, guard_fixed: bool = True) -> Optional[str]:
-    """Why a selected tensor must be left alone (NaN/inf values; with ``guard_fixed``, a fixed
-    operand such as a ramp or a DFT basis), or None for a learned weight."""
-    if not np.isfinite(raw).all():
-        return "holds NaN or infinity; fix the model before pruning it"
-    if guard_fixed:
-        reason = looks_fixed(raw)
-        if reason is not None:
-            return (f"looks like a fixed operand, not a learned weight: {reason} "
-                    "(prune it anyway with --prune-fixed)")
-    return None
-
-
-class ApplyMasks(Pass):
-    """Turn unit scores into masks (local or global scope) and zero the pruned weights.
-
-    Weights are masked one at a time: read, mask, write, let go. Global scope first finds its
-    one threshold over all of them: in memory from the unit scores :class:`ScoreWeights` held,
-    or, when they were over ``state.memory_budget``, in passes that read each weight again
-    (:func:`onnxprune.masking.scope.global_cut`; the same masks either way).
-    """
-
-    name = "mask"
-
-    def __init__(self, scope: str = "local", masks: Optional[Dict[str, np.ndarray]] = None):
-        if scope not in ("local", "global"):
-            raise OptionError(f"--scope must be 'local' or 'global', got '{scope}'")
-        self.scope = scope
-        self.user_masks = masks or {}
-
-    def run(self, state):
-        plans = state.plans
-        user = {p.weight.key: self._user_mask_array(p) for p in plans}  # shapes checked first
-        free = [p for p in plans if user[p.weight.key] is None
-                and p.pattern.implied_sparsity is None]
-        chosen: Optional[Callable[[int, LayerPlan, np.ndarray, np.ndarray], np.ndarray]] = None
-        if self.scope == "global" and free:
-            chosen = self._global(free, state)
-        index = {p.weight.key: i for i, p in enumerate(free)}
-        counts = {}
-        for p in state.track(plans, "masking", len(plans)):
-            w = p.weight
-            raw = state.handle.read(w.tensor)
-            w2d = w.layout.to_2d(raw)
-            # A fresh array (external data, spill) or a copy made by to_2d is ours to zero in
-            # place: no second weight-sized array. Views of protobuf bytes are read-only.
-            in_place = w2d.flags.writeable and (w2d.flags.owndata or (
-                raw.flags.owndata and raw.flags.writeable))
-            del raw
-            nz = w2d != 0
-            before = int(np.count_nonzero(nz))
-            if user[w.key] is not None:
-                k = w.layout.to_2d(user[w.key].astype(bool))
-            elif chosen is not None and w.key in index:
-                k = chosen(index[w.key], p, w2d, nz)
-            else:
-                need = 0 if p.pattern.implied_sparsity is not None else (
-                    int(round(p.sparsity * w.numel)) - (w.numel - before))
-                k = self._local(p, state.unit_scores_of(p, w2d), nz, need)
-            if not k.all():
-                if in_place:
-                    np.copyto(w2d, np.zeros((), dtype=w2d.dtype), where=~k)
-                    pruned = w2d
-                else:
-                    pruned = np.where(k, w2d, np.zeros((), dtype=w2d.dtype))
-                del k, nz
-                state.handle.write(w.tensor, w.layout.from_2d(pruned))
-                after = int(np.count_nonzero(pruned))
-                del pruned
-            else:
-                after = before
-            del w2d
-            state.layers[w.key] = LayerResult(w.key, w.name, w.op_type, w.shape, w.numel, before,
-                                              after, p.pattern.spec, p.criterion)
-            counts[w.key] = (before, after)
-        zeros_before = sum(p.weight.numel - counts[p.weight.key][0] for p in plans)
-        zeros_after = sum(p.weight.numel - counts[p.weight.key][1] for p in plans)
-        total = sum(p.weight.numel for p in plans)
-        return zeros_after != zeros_before, (
-            f"{self.scope} masks: sparsity {zeros_before / total:.3f} -> {zeros_after / total:.3f}"
-            f" over {len(plans)} weights"), {"scope": self.scope}
-
-    def _user_mask_array(self, plan: LayerPlan) -> Optional[np.ndarray]:
-        w = plan.weight
-        m = self.user_masks.get(w.name, self.user_masks.get(w.key))
-        if m is None:
-            return None
-        m = np.asarray(m)
-        if tuple(m.shape) != w.shape:
-            raise OptionError(f"mask for '{w.name}' has shape {m.shape}, the weight has "
-                              f"{w.shape}; give masks in the weight's own layout (1 = keep)")
-        return m
-
-    @staticmethod
-    def _local(plan: LayerPlan, scores: np.ndarray, nz: np.ndarray, need: int) -> np.ndarray:
-        if plan.pattern.implied_sparsity is not None:
-            return plan.pattern.local_mask(scores, nz, 0, get_criterion(plan.criterion).reduce)
-        prune = select_units(scores, plan.pattern.unit_counts(nz), need)
-        return plan.pattern.expand(prune, nz.shape)
-
-    @staticmethod
-    def _unit_layer(plan: LayerPlan, state: PruneState, w2d: np.ndarray, nz: np.ndarray
-                    ) -> Tuple[UnitLayer, int]:
-        """The weight's units for the global search, and how many zeros it already has."""
-        n = plan.weight.numel
-        existing = n - int(np.count_nonzero(nz))
-        scores = state.unit_scores_of(plan, w2d)
-        if scores.size != n:  # blocks/rows: compare mean magnitudes across layers
-            sizes = plan.pattern.unit_counts(np.ones(nz.shape, dtype=bool)).astype(np.float64)
-            reduce = get_criterion(plan.criterion).reduce
-            scores = scores / (np.sqrt(sizes) if reduce == "l2" else sizes)
-        layer = UnitLayer(scores, plan.pattern.unit_counts(nz),
-                          max(0, int(np.ceil(plan.min_sparsity * n)) - existing),
-                          max(0, int(np.floor(plan.max_sparsity * n)) - existing))
-        return layer, existing
-
-    def _global(self, plans: List[LayerPlan], state: PruneState):
-        """A function giving each of ``plans`` its keep mask under one global threshold."""
-        target = sum(int(round(p.sparsity * p.weight.numel)) for p in plans)
-        handle = state.handle
-        if all(p.weight.key in state.unit_scores for p in plans):
-            layers, existing = [], 0
-            for p in plans:
-                w2d = p.weight.layout.to_2d(handle.read(p.weight.tensor))
-                layer, zeros = self._unit_layer(p, state, w2d, w2d != 0)
-                layers.append(layer)
-                existing += zeros
-            prunes = allocate_global(layers, target - existing)
-            del layers
-            return lambda i, p, w2d, nz: p.pattern.expand(prunes[i], nz.shape)
-
-        existing = np.zeros(len(plans), dtype=np.int64)
-
-        def load(i: int) -> UnitLayer:
-            p = plans[i]
-            w2d = p.weight.layout.to_2d(handle.read(p.weight.tensor))
-            layer, existing[i] = self._unit_layer(p, state, w2d, w2d != 0)
-            return layer
-
-        # Sorting out the cut costs ~150 bytes per candidate unit; the budget caps them.
-        cut = global_cut(load, len(plans), lambda: target - int(existing.sum()),
-                         max_candidates=max(1 << 16, state.memory_budget // 512),
-                         track=state.track)
-
-        def chosen(i: int, p: LayerPlan, w2d: np.ndarray, nz: np.ndarray) -> np.ndarray:
-            return p.pattern.expand(cut.mask(i, self._unit_layer(p, state, w2d, nz)[0]),
-                                    nz.shape)
-
-        return chosen
-
-
-class Validate(Pass):
-    """Check the pruned model (checker + onnxruntime) and compare it with the original."""
-
-    name = "validate"
-
-    def __init__(self, inputs=None, input_shapes: Optional[Dict[str, Sequence[int]]] = None,
-                 compare: bool = True, max_error: Optional[float] = None, seed: int = 0):
-        self.inputs = inputs
-        self.input_shapes = input_shapes or {}
-        self.compare = compare
-        self.max_error = max_error
-        self.seed = seed
-
-    def run(self, state):
-        from onnxprune.runtime import validate as v
-
-        try:
-            reference_session = v.open_session(state.original)
-        except v.InvalidOutputModel as exc:
-            if not state.full_check:  # neither strict shape inference nor onnxruntime accept it
-                raise ModelLoadError(f"the input model is invalid: onnx.checker's strict shape "
-                                     f"inference rejects it and onnxruntime cannot load it "
-                                     f"({exc.detail.splitlines()[0]}); fix or re-export it")
-            # A sound graph onnxruntime cannot run (custom ops, an opset it lacks): the output
-            # can only be held to the checker, and the user is told why.
-            mio.check_graph(state.handle, full_check=state.full_check)
-            note = (f"onnxruntime cannot load the input model ({exc.detail.splitlines()[0]}); "
-                    "the pruned model was checked with onnx.checker only, not run")
-            state.notes.append(note)
-            if self.max_error is not None:
-                state.gate_failure = ("--max-error cannot be measured: onnxruntime cannot run "
-                                      "the input model")
-            return False, note, {}
-        reference = feeds = None
-        if self.compare:
-            feeds = self._feeds(state)
-            reference = v.run_model(reference_session, feeds)
-        del reference_session  # one model in onnxruntime at a time: big models are big twice
-        with mio.materialized(state.handle) as candidate:
-            v.check_valid(candidate, full_check=state.full_check)
-            if not self.compare:
-                return False, "valid: checker + onnxruntime", {}
-            outputs = v.run_model(candidate, feeds, candidate=True)
-        state.comparison = v.compare(reference, outputs)
-        summary = (f"valid; max abs error {state.comparison.max_abs:.3g}, worst cosine "
-                   f"{state.comparison.worst_cosine:.6f}")
-        if self.max_error is not None and not state.comparison.passed(self.max_error):
-            # The caller decides what a failed gate means (prune() writes nothing and raises
-            # ValidationFailed after the report is built, so the user sees why).
-            state.gate_failure = (f"pruned model's outputs drift past --max-error "
-                                  f"{self.max_error}: {summary}; lower --sparsity or use a "
-                                  "calibrated criterion")
-        return False, summary, {"comparison": state.comparison.to_dict()}
-
-    def _feeds(self, state):
-        from onnxprune.runtime import validate as v
-
-        model = state.model
-        if self.inputs is None:
-            return v.make_inputs(model, self.input_shapes, seed=self.seed)
-        if isinstance(self.inputs, dict):
-            return self.inputs
-        return v.load_inputs(self.inputs, model, self.input_shapes)
+__all__ = ["DEFAULT_MEMORY_BUDGET", "LayerResult", "Pass", "PassRecord", "PassResult",
+           "Pipeline", "PipelineError", "PruneState", "Track", "check_pipeline", "layer_result",
+           "no_progress", "set_layer"]

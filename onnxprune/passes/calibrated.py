@@ -6,13 +6,15 @@ data-free in effect) and collects per-layer input statistics on the dense model;
 :class:`AllocateBySensitivity` measures each layer's output error at several sparsities and
 spreads a global target where it hurts least; :class:`CorrectBias` moves the mean pruned weights
 carried into biases for global-scope runs. Layer-by-layer pruning (Wanda, SparseGPT) and the
-channel refit live in :mod:`onnxprune.calibration.sequential`.
+channel refit live in :mod:`onnxprune.passes.sequential` (algorithms in
+:mod:`onnxprune.calibration.sequential`).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -21,13 +23,43 @@ import onnx
 from onnxprune.model import io as mio
 from onnxprune.calibration.statistics import (CalibrationSet, ImagePreprocess, collect_layer_stats,
                           generated_calibration, load_calibration)
-from onnxprune.errors import OptionError
-from onnxprune.passes.base import Pass, PruneState
-from onnxprune.masking.criteria import get_criterion
+from onnxprune.calibration.hessian import fits_budget, hessian_chunks
 from onnxprune.calibration.sensitivity import SensitivityTable, allocate, layer_sensitivity
+from onnxprune.errors import OptionError
+from onnxprune.masking.criteria import get_criterion
+from onnxprune.passes.base import Pass, PassRecord, PruneState
 from onnxprune.model.weights import find_weights, stored_bias, stored_tensors
 
 CalibrationSource = Union[str, "os.PathLike", Mapping[str, np.ndarray], CalibrationSet, None]
+
+
+@dataclass
+class CalibrateRecord(PassRecord):
+    """Samples loaded (``data_free``: generated from the signature), the weights that got
+    statistics, the model runs and peak bytes it took, and the weights left without (why)."""
+
+    samples: int = 0
+    data_free: bool = False
+    with_stats: int = 0
+    model_runs: int = 0
+    peak_bytes: int = 0
+    no_stats: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class BiasRecord(PassRecord):
+    """The weight names whose bias absorbed the mean their pruned weights carried."""
+
+    corrected: List[str] = field(default_factory=list)
+
+
+@dataclass
+class SensitivityRecord(PassRecord):
+    """The measured table, the overall target, and the sparsity given to each weight key."""
+
+    table: Optional[SensitivityTable] = None
+    target: float = 0.0
+    allocation: Dict[str, float] = field(default_factory=dict)
 
 
 def _progress(state: PruneState, description: str, total: int):
@@ -64,6 +96,8 @@ class Calibrate(Pass):
         self.source, self.samples, self.pre = source, samples, image_preprocess
         self.input_shapes, self.hessian, self.targets = input_shapes, hessian, targets
         self.batch_size, self.seed, self.collect = batch_size, seed, collect
+        self.requires = frozenset({"selection" if targets == "selected" else "weights"})
+        self.ensures = frozenset({"calibration", "statistics"} if collect else {"calibration"})
 
     def load(self, state: PruneState) -> CalibrationSet:
         if isinstance(self.source, CalibrationSet):
@@ -80,11 +114,13 @@ class Calibrate(Pass):
     def run(self, state):
         data = self.load(state)
         state.calibration = data
+        record = CalibrateRecord(samples=len(data), data_free=data.data_free)
         if data.data_free:
-            state.notes.append("no calibration data given: statistics come from generated "
-                               "inputs, so the calibrated criterion was data-free in effect")
+            record.notes.append("no calibration data given: statistics come from generated "
+                                "inputs, so the calibrated criterion was data-free in effect")
         if not self.collect:
-            return False, f"{len(data)} calibration samples ({data!r})", {}
+            record.summary = f"{len(data)} calibration samples ({data!r})"
+            return record
         weights = ([p.weight for p in state.plans] if self.targets == "selected"
                    else list(state.weights))
         stats = collect_layer_stats(state.handle, weights, data, want_hessian=self.hessian,
@@ -92,13 +128,17 @@ class Calibrate(Pass):
                                     progress=_progress(state, "calibrating",
                                                        data.num_batches(self.batch_size)))
         state.layer_stats.update(stats)
-        record = stats.record
-        for key, reason in record.skipped.items():
-            state.notes.append(f"no statistics for {key}: {reason}")
-        return False, (f"{len(data)} samples, statistics for {len(stats)} weights in "
-                       f"{record.model_runs} runs, peak {record.peak_bytes / 2**20:.0f} MiB"
-                       + (" (generated inputs)" if data.data_free else "")), {
-            "samples": len(data), "data_free": data.data_free, "peak_bytes": record.peak_bytes}
+        collected = stats.record
+        for key, reason in collected.skipped.items():
+            record.notes.append(f"no statistics for {key}: {reason}")
+        record.no_stats = dict(collected.skipped)
+        record.with_stats, record.model_runs = len(stats), collected.model_runs
+        record.peak_bytes = collected.peak_bytes
+        record.summary = (f"{len(data)} samples, statistics for {len(stats)} weights in "
+                          f"{collected.model_runs} runs, peak "
+                          f"{collected.peak_bytes / 2**20:.0f} MiB"
+                          + (" (generated inputs)" if data.data_free else ""))
+        return record
 
 
 class CorrectBias(Pass):
@@ -113,10 +153,11 @@ class CorrectBias(Pass):
     """
 
     name = "bias-correction"
+    requires = frozenset({"masks", "statistics"})
 
     def run(self, state):
         if not state.layer_stats:
-            return False, "no calibration statistics: nothing to correct", {}
+            return BiasRecord(summary="no calibration statistics: nothing to correct")
         original = mio.load(state.original if isinstance(state.original, onnx.ModelProto)
                             else Path(state.original))
         before = {w.key: w for w in find_weights(original)[0]}
@@ -135,9 +176,8 @@ class CorrectBias(Pass):
             bias.shift(state.handle, (w_old - w_new) @ stats.in_mean)
             corrected.append(w.name)
         summary = f"biases of {len(corrected)} layers absorb the mean their pruned weights carried"
-        if corrected:
-            state.notes.append(summary)
-        return bool(corrected), summary, {"corrected": corrected}
+        return BiasRecord(summary=summary, modified=bool(corrected),
+                          notes=[summary] if corrected else [], corrected=corrected)
 
 
 class AllocateBySensitivity(Pass):
@@ -146,16 +186,16 @@ class AllocateBySensitivity(Pass):
     the least total error, instead of one uniform value. The table goes into the report."""
 
     name = "sensitivity"
+    requires = frozenset({"selection", "calibration"})
+    ensures = frozenset({"sensitivity"})
 
     def __init__(self, sparsities: Sequence[float] = (0.3, 0.5, 0.7, 0.9), samples: int = 16):
         self.sparsities, self.samples = tuple(sparsities), samples
 
     def run(self, state):
-        if state.calibration is None:
-            raise OptionError("sensitivity allocation needs calibration data (Calibrate first)")
         plans = [p for p in state.plans if p.pattern.implied_sparsity is None]
         if not plans:
-            return False, "nothing to allocate (N:M sparsity is fixed)", {}
+            return SensitivityRecord(summary="nothing to allocate (N:M sparsity is fixed)")
         specs = {p.pattern.spec for p in plans}
         table = self._measure(state, plans)
         counts = {p.weight.key: p.weight.numel for p in plans}
@@ -167,19 +207,22 @@ class AllocateBySensitivity(Pass):
             if p.weight.key in levels:
                 p.sparsity = float(levels[p.weight.key])
         state.sensitivity = table
+        record = SensitivityRecord(
+            summary=(f"per-layer sparsities allocated for an overall {target:.3f} from "
+                     f"{len(self.sparsities)} measured levels"),
+            table=table, target=target, allocation={k: float(v) for k, v in levels.items()})
         if len(specs) > 1:
-            state.notes.append("sensitivity measured with the first selected weight's pattern "
-                               f"({plans[0].pattern.spec}) for all")
+            record.notes.append("sensitivity measured with the first selected weight's pattern "
+                                f"({plans[0].pattern.spec}) for all")
         for key, reason in table.fragile().items():
-            state.notes.append(f"sensitive layer {key}: {reason}")
-        return False, (f"per-layer sparsities allocated for an overall {target:.3f} from "
-                       f"{len(self.sparsities)} measured levels"), {
-            "allocation": {k: round(v, 4) for k, v in levels.items()}}
+            record.notes.append(f"sensitive layer {key}: {reason}")
+        return record
 
     def _measure(self, state: PruneState, plans) -> SensitivityTable:
         """The sensitivity table of ``plans`` with their (first plan's) criterion. A
         reconstructing criterion prunes each trial layer with its Hessian: those are collected
-        here, for as many weights at a time as fit in ``HESSIAN_BUDGET_BYTES``."""
+        here, for as many weights at a time as fit in the Hessian budget
+        (:mod:`onnxprune.calibration.hessian`)."""
         criterion = plans[0].criterion
         progress = _progress(state, "sensitivity", len(plans) * len(self.sparsities))
         weights = [p.weight for p in plans]
@@ -188,10 +231,9 @@ class AllocateBySensitivity(Pass):
             held.get(w.key) is not None and held[w.key].hessian is not None for w in weights)
         jobs = [(criterion, weights, False)]  # (criterion, weights, collect their stats)
         if collect:
-            fits = [w for w in weights if hessian_bytes(w) <= HESSIAN_BUDGET_BYTES]
-            big = [w for w in weights if hessian_bytes(w) > HESSIAN_BUDGET_BYTES]
-            jobs = [(criterion, chunk, True)
-                    for chunk in _hessian_chunks(fits, HESSIAN_BUDGET_BYTES) if chunk]
+            fits = [w for w in weights if fits_budget(w)]
+            big = [w for w in weights if not fits_budget(w)]
+            jobs = [(criterion, chunk, True) for chunk in hessian_chunks(fits) if chunk]
             if big:  # too large for a Hessian: measured (and later pruned) with wanda scores
                 jobs.append(("wanda", big, True))
         table = None
@@ -205,28 +247,3 @@ class AllocateBySensitivity(Pass):
             del stats
         return table
 
-
-#: Bytes of dense-model Hessians a reconstructing criterion's sensitivity holds at once.
-HESSIAN_BUDGET_BYTES = 1 << 30
-
-
-def hessian_bytes(weight) -> int:
-    """Bytes of one float64 ``[in, in]`` Hessian of ``weight`` (plus one per group of a grouped
-    Conv)."""
-    cols = weight.layout.shape2d[1]
-    return (1 + (weight.layout.group if weight.layout.group > 1 else 0)) * cols * cols * 8
-
-
-def _hessian_chunks(weights, budget: int) -> List[list]:
-    """Consecutive groups of weights whose Hessians fit in ``budget`` bytes together (a weight
-    larger than that alone)."""
-    chunks: List[list] = [[]]
-    used = 0
-    for w in weights:
-        size = hessian_bytes(w)
-        if chunks[-1] and used + size > budget:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(w)
-        used += size
-    return chunks

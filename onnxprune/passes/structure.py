@@ -7,7 +7,8 @@ left whole and why, dead-channel constants folded or kept.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -16,11 +17,37 @@ from onnxprune.channels.graph import build_channel_graph
 from onnxprune.channels.resize import mask_channels, resize_channels
 from onnxprune.channels.select import select_channels
 from onnxprune.errors import OptionError
-from onnxprune.passes.base import LayerResult, Pass, PruneState
 from onnxprune.model.weights import Skipped
+from onnxprune.passes.base import LayerResult, Pass, PassRecord, PruneState, set_layer
 
 #: Our criterion names -> the norm the channel scorer sums over coupled tensors.
 _CHANNEL_NORMS = {"magnitude": "l1", "l1": "l1", "l2": "l2"}
+
+
+@dataclass
+class ChannelRecord(PassRecord):
+    """Channels removed per group id, the groups (with a producer) and how many of them lost
+    channels, the groups left whole (``frozen``: description, why), the weights resized
+    (``layers``) and, with a refit, the weight names refit."""
+
+    removed: Dict[str, List[int]] = field(default_factory=dict)
+    channels_removed: int = 0
+    groups: int = 0
+    groups_pruned: int = 0
+    frozen: List[Tuple[str, str]] = field(default_factory=list)
+    resized: int = 0
+    refit: List[str] = field(default_factory=list)
+
+
+@dataclass
+class DeadChannelRecord(PassRecord):
+    """Dead channels removed, the weights resized (``layers``), and their constant outputs
+    folded exactly into consumer biases or kept because folding would not be exact."""
+
+    channels_removed: int = 0
+    resized: int = 0
+    folded: List[str] = field(default_factory=list)
+    kept_nonzero_const: List[str] = field(default_factory=list)
 
 
 def _unresizable(state: PruneState) -> Optional[str]:
@@ -44,9 +71,10 @@ def _snapshot(state: PruneState) -> Dict[str, tuple]:
     return snap
 
 
-def _record_shapes(state: PruneState, before: Dict[str, tuple], pattern: str,
-                   criterion: str) -> int:
-    """Update ``state.layers`` for every weight whose shape changed; returns how many did."""
+def _record_shapes(state: PruneState, record: PassRecord, before: Dict[str, tuple],
+                   pattern: str, criterion: str) -> int:
+    """A new result in ``state.layers`` and ``record`` for every weight whose shape changed;
+    returns how many did."""
     changed = 0
     for w in state.weights:
         shape0, nonzeros0, out0 = before[w.key]
@@ -59,10 +87,8 @@ def _record_shapes(state: PruneState, before: Dict[str, tuple], pattern: str,
         if layer is None:
             layer = LayerResult(w.key, w.name, w.op_type, shape0, int(np.prod(shape0)), nonzeros0,
                                 nonzeros, pattern, criterion)
-            state.layers[w.key] = layer
-        layer.nonzeros_after = nonzeros
-        layer.shape_after = w.shape
-        layer.channels = (out0, out1) if out0 is not None else None
+        set_layer(state, record, replace(layer, nonzeros_after=nonzeros, shape_after=w.shape,
+                                         channels=(out0, out1) if out0 is not None else None))
     return changed
 
 
@@ -73,6 +99,8 @@ class PruneChannels(Pass):
     """
 
     name = "channels"
+    requires = frozenset({"selection"})
+    ensures = frozenset({"masks", "channels"})
 
     def __init__(self, sparsity: Optional[float] = None, criterion: str = "magnitude",
                  round_to: int = 1, min_channels: int = 1, scope: str = "local",
@@ -90,19 +118,22 @@ class PruneChannels(Pass):
         self.criterion = criterion
         self.input_shapes = input_shapes
         self.refit = refit
+        if refit:  # the refit fits layers to the dense model on calibration data
+            self.requires = frozenset({"selection", "calibration"})
 
     def run(self, state):
         reason = _unresizable(state)
         if reason is not None:
             raise OptionError(f"--pattern channel: {reason}; use a masking pattern or fix the "
                               "model's shapes")
+        record = ChannelRecord()
         before = _snapshot(state)
         graph = build_channel_graph(state.handle, self.input_shapes)
         selected = {p.weight.name for p in state.plans}
         not_finite = {w.name for w in state.weights
                       if not np.isfinite(state.handle.read(w.tensor)).all()}
         for name in sorted(not_finite):
-            state.skipped.append(Skipped(name, "holds NaN or infinity; its channels are left "
+            record.skipped.append(Skipped(name, "holds NaN or infinity; its channels are left "
                                                "whole"))
         for group in graph.groups:
             if group.frozen is not None:
@@ -115,26 +146,28 @@ class PruneChannels(Pass):
                 group.frozen = (f"producer {left_out[0]} is not selected (--op-types/"
                                 "--include/--exclude/config)")
         removed = select_channels(state.handle, graph, self.sparsity, **self.kwargs)
-        if self.refit and state.calibration is None:
-            raise OptionError("refit needs calibration data (Calibrate first; CLI: --refit "
-                              "--calibration data.npz)")
         mask_channels(state.handle, removed, graph)
         if self.refit:
-            from onnxprune.calibration.sequential import refit_toward_dense
+            from onnxprune.passes.sequential import refit_channels
 
-            refit = refit_toward_dense(state)
-            state.notes.append(f"least-squares refit of {len(refit)} weights (and their "
-                               "biases), layer by layer, to the dense model's outputs")
+            record.refit = refit_channels(state, record)
+            record.notes.append(f"least-squares refit of {len(record.refit)} weights (and their "
+                                "biases), layer by layer, to the dense model's outputs")
         resize_channels(state.handle, graph, removed)
-        changed = _record_shapes(state, before, "channel", self.criterion)
+        changed = _record_shapes(state, record, before, "channel", self.criterion)
         frozen = [(g.describe(), g.frozen) for g in graph.groups if g.frozen and g.producers]
-        state.frozen.extend(frozen)
         with_producer = sum(1 for g in graph.groups if g.producers)
         n_removed = sum(len(v) for v in removed.values())
-        summary = (f"{n_removed} channels removed from {sum(1 for v in removed.values() if v)} "
-                   f"of {with_producer} groups ({len(frozen)} frozen); {changed} weights resized")
-        state.notes.append(f"channel pruning: {summary}")
-        return n_removed > 0, summary, {"removed": {str(k): v for k, v in removed.items() if v}}
+        pruned = sum(1 for v in removed.values() if v)
+        summary = (f"{n_removed} channels removed from {pruned} of {with_producer} groups "
+                   f"({len(frozen)} frozen); {changed} weights resized")
+        record.notes.append(f"channel pruning: {summary}")
+        record.summary, record.modified, record.frozen = summary, n_removed > 0, frozen
+        record.removed = {str(k): list(v) for k, v in removed.items() if v}
+        record.channels_removed, record.groups, record.groups_pruned = (n_removed,
+                                                                        with_producer, pruned)
+        record.resized = changed
+        return record
 
 
 class RemoveDeadChannels(Pass):
@@ -145,6 +178,7 @@ class RemoveDeadChannels(Pass):
     """
 
     name = "dead-channels"
+    requires = frozenset({"weights"})
 
     def __init__(self, input_shapes: Optional[Dict[str, Sequence[int]]] = None,
                  keep_layouts: bool = True):
@@ -154,8 +188,7 @@ class RemoveDeadChannels(Pass):
     def run(self, state):
         reason = _unresizable(state)
         if reason is not None:
-            state.notes.append(f"dead channels: {reason}")
-            return False, reason, {}
+            return DeadChannelRecord(summary=reason, notes=[f"dead channels: {reason}"])
         structured = sorted({p.pattern.spec for p in state.plans if p.pattern.spec not in
                              ("unstructured", "channel")})
         if self.keep_layouts and structured:
@@ -163,21 +196,23 @@ class RemoveDeadChannels(Pass):
             # pruned model would no longer have the layout sparse kernels read.
             note = (f"dead channels left in place: removing them would misalign the "
                     f"{', '.join(structured)} layout (resize=True / --resize removes them anyway)")
-            state.notes.append(note)
-            return False, note, {}
+            return DeadChannelRecord(summary=note, notes=[note])
         before = _snapshot(state)
-        record = remove_dead_channels(state.handle, self.input_shapes)
-        changed = _record_shapes(state, before, "", "")
-        n = record.channels_removed
-        if record.folded:
-            state.notes.append(f"dead channels: {len(record.folded)} constant outputs folded "
-                               "exactly into consumer biases")
-        if record.kept_nonzero_const:
-            state.notes.append(f"dead channels kept because their constant output cannot be "
-                               f"folded exactly: {', '.join(record.kept_nonzero_const[:5])}"
-                               + (" …" if len(record.kept_nonzero_const) > 5 else ""))
+        record = DeadChannelRecord()
+        dead = remove_dead_channels(state.handle, self.input_shapes)
+        changed = _record_shapes(state, record, before, "", "")
+        n = dead.channels_removed
+        if dead.folded:
+            record.notes.append(f"dead channels: {len(dead.folded)} constant outputs folded "
+                                "exactly into consumer biases")
+        if dead.kept_nonzero_const:
+            record.notes.append(f"dead channels kept because their constant output cannot be "
+                                f"folded exactly: {', '.join(dead.kept_nonzero_const[:5])}"
+                                + (" …" if len(dead.kept_nonzero_const) > 5 else ""))
         summary = f"{n} dead channels removed; {changed} weights resized"
         if n:
-            state.notes.append(summary)
-        return n > 0, summary, {"folded": record.folded,
-                                "kept_nonzero_const": record.kept_nonzero_const}
+            record.notes.append(summary)
+        record.summary, record.modified = summary, n > 0
+        record.channels_removed, record.resized = n, changed
+        record.folded, record.kept_nonzero_const = list(dead.folded), list(dead.kept_nonzero_const)
+        return record

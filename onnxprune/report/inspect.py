@@ -5,7 +5,8 @@ after, so the same renderer and JSON serve both ``inspect`` and a pruning run. E
 ``pattern`` lists the sparsity patterns the weight already satisfies on its logical
 ``W[out, in]`` view (``2:4``: at most 2 nonzeros in every 4 consecutive ``in`` elements; ``4x1``:
 zeros come in whole blocks of 4 output rows × 1 input column, and there are some), so a user
-sees whether a model was pruned before and for which kernels.
+sees whether a model was pruned before and for which kernels. Per-row MACs come from
+:func:`onnxprune.report.build.layer_macs`, as in a pruning run's report.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 
 from onnxprune.errors import OnnxPruneError
 from onnxprune.model.io import ModelLike, load
-from onnxprune.ops.macs import count_macs, node_label
+from onnxprune.ops.macs import count_macs
+from onnxprune.report.build import layer_macs, note_density
 from onnxprune.report.report import LayerRow, Report
 from onnxprune.runtime.validate import input_signature
 from onnxprune.model.weights import find_weights
@@ -43,10 +45,7 @@ def inspect_model(model: ModelLike,
         patterns = [name for name, check in (("2:4", lambda w: satisfies_nm(w, 2, 4)),
                                              ("4x1", lambda w: satisfies_blocks(w, 4, 1)))
                     if check(w2d)]
-        density = nonzeros / max(weight.numel, 1)
-        for consumer in weight.consumers:
-            label = node_label(consumer.node)
-            densities[label] = min(density, densities.get(label, 1.0))
+        note_density(densities, weight, nonzeros / max(weight.numel, 1))
         note = []
         if len(weight.consumers) > 1:
             note.append(f"shared by {len(weight.consumers)} nodes")
@@ -71,10 +70,7 @@ def inspect_model(model: ModelLike,
             notes.append(f"MACs of {len(macs.unknown)} node(s) not counted (shapes unknown or "
                          f"inside If/Loop/Scan bodies): {shown}")
         for row, weight in zip(rows, weights):
-            counts = [macs.per_node[node_label(c.node)] for c in weight.consumers
-                      if node_label(c.node) in macs.per_node]
-            if counts:
-                row.macs_before = row.macs_after = sum(counts)
+            row.macs_before = row.macs_after = layer_macs(weight, macs)
 
     params = sum(r.params for r in rows)
     nonzeros = sum(r.nonzeros_before for r in rows)
