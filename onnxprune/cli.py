@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Optional
 
 import click
-import numpy as np
 
 from onnxprune import __version__
 from onnxprune.masking.criteria import criterion_names
@@ -75,11 +74,9 @@ def _err_console():
 def _npz_dict(path: Optional[str], what: str):
     if path is None:
         return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except Exception as exc:
-        raise OptionError(f"{what} '{path}' is not a readable .npz file ({exc})") from None
+    from onnxprune.inputs.files import read_npz
+
+    return read_npz(path, what)
 
 
 def _run(fn):
@@ -224,8 +221,8 @@ def _stamp(path: Path):
 def _options(flags: dict) -> dict:
     """CLI flags -> :class:`onnxprune.api.PruneOptions` fields (the CLI adds no logic of its
     own: files become arrays, text becomes numbers, negated flags flip)."""
-    from onnxprune.calibration.statistics import ImagePreprocess
-    from onnxprune.runtime.validate import parse_input_shapes
+    from onnxprune.inputs.images import ImagePreprocess
+    from onnxprune.inputs.signature import parse_input_shapes
 
     f = dict(flags)
     f["scores"] = _npz_dict(f.pop("scores_path"), "--scores")
@@ -271,7 +268,7 @@ def inspect_command(model, input_shapes, report_path, quiet):
 
     def body():
         from onnxprune.api import inspect
-        from onnxprune.runtime.validate import parse_input_shapes
+        from onnxprune.inputs.signature import parse_input_shapes
 
         report = inspect(model, parse_input_shapes(input_shapes))
         _emit(report, report_path, quiet)

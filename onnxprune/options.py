@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 
-from onnxprune.calibration.statistics import ImagePreprocess
+from onnxprune.inputs.images import ImagePreprocess
 from onnxprune.errors import OptionError
 from onnxprune.masking.criteria import get_criterion
 from onnxprune.masking.patterns import parse_pattern

@@ -454,11 +454,13 @@ class Validate(Pass):
         self.seed = seed
 
     def run(self, state):
-        from onnxprune.runtime import validate as v
+        from onnxprune.report.compare import compare
+        from onnxprune.runtime.session import InvalidOutputModel, open_session, run_model
+        from onnxprune.runtime.validate import check_valid
 
         try:
-            reference_session = v.open_session(state.original)
-        except v.InvalidOutputModel as exc:
+            reference_session = open_session(state.original)
+        except InvalidOutputModel as exc:
             if not state.full_check:  # neither strict shape inference nor onnxruntime accept it
                 raise ModelLoadError(f"the input model is invalid: onnx.checker's strict shape "
                                      f"inference rejects it and onnxruntime cannot load it "
@@ -476,14 +478,14 @@ class Validate(Pass):
         reference = feeds = None
         if self.compare:
             feeds = self._feeds(state)
-            reference = v.run_model(reference_session, feeds)
+            reference = run_model(reference_session, feeds)
         del reference_session  # one model in onnxruntime at a time: big models are big twice
         with mio.materialized(state.handle) as candidate:
-            v.check_valid(candidate, full_check=state.full_check)
+            check_valid(candidate, full_check=state.full_check)
             if not self.compare:
                 return False, "valid: checker + onnxruntime", {}
-            outputs = v.run_model(candidate, feeds, candidate=True)
-        state.comparison = v.compare(reference, outputs)
+            outputs = run_model(candidate, feeds, candidate=True)
+        state.comparison = compare(reference, outputs)
         summary = (f"valid; max abs error {state.comparison.max_abs:.3g}, worst cosine "
                    f"{state.comparison.worst_cosine:.6f}")
         if self.max_error is not None and not state.comparison.passed(self.max_error):
@@ -495,11 +497,12 @@ class Validate(Pass):
         return False, summary, {"comparison": state.comparison.to_dict()}
 
     def _feeds(self, state):
-        from onnxprune.runtime import validate as v
+        from onnxprune.inputs.dataset import load_inputs
+        from onnxprune.inputs.generate import make_inputs
 
         model = state.model
         if self.inputs is None:
-            return v.make_inputs(model, self.input_shapes, seed=self.seed)
+            return make_inputs(model, self.input_shapes, seed=self.seed)
         if isinstance(self.inputs, dict):
             return self.inputs
-        return v.load_inputs(self.inputs, model, self.input_shapes)
+        return load_inputs(self.inputs, model, self.input_shapes)

@@ -19,8 +19,9 @@ import numpy as np
 import onnx
 
 from onnxprune.model import io as mio
-from onnxprune.calibration.statistics import (CalibrationSet, ImagePreprocess, collect_layer_stats,
-                          generated_calibration, load_calibration)
+from onnxprune.calibration.statistics import collect_layer_stats
+from onnxprune.inputs.dataset import CalibrationSet, generated_calibration, load_calibration
+from onnxprune.inputs.images import ImagePreprocess
 from onnxprune.errors import OptionError
 from onnxprune.passes.base import Pass, PruneState
 from onnxprune.masking.criteria import get_criterion
@@ -45,7 +46,7 @@ class Calibrate(Pass):
 
     ``source``: an .npz (one array per input, first axis = samples), a folder of .npy/.npz
     files or of images (with ``image_preprocess``), a dict of arrays, or a
-    :class:`~onnxprune.calibration.statistics.CalibrationSet`. None generates ``min(samples, 32)`` inputs
+    :class:`~onnxprune.inputs.dataset.CalibrationSet`. None generates ``min(samples, 32)`` inputs
     from the model's signature: the run still works, but the statistics say nothing about real
     data, and the notes say so. ``hessian`` also accumulates ``XᵀX`` (SparseGPT, refit);
     ``targets`` "selected" collects for the selected weights, "all" for every weight (refit

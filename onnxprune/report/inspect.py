@@ -18,7 +18,7 @@ from onnxprune.errors import OnnxPruneError
 from onnxprune.model.io import ModelLike, load
 from onnxprune.ops.macs import count_macs, node_label
 from onnxprune.report.report import LayerRow, Report
-from onnxprune.runtime.validate import input_signature
+from onnxprune.inputs.signature import input_signature
 from onnxprune.model.weights import find_weights
 
 
