@@ -7,7 +7,6 @@ from __future__ import annotations
 import builtins
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -20,6 +19,8 @@ from onnxprune.inputs.images import ImagePreprocess
 from onnxprune.inputs.signature import input_signature, parse_input_shapes, resolve_input_shapes
 from onnxprune.runtime.session import run_model
 
+import builders as B
+
 F = TensorProto.FLOAT
 
 OPSET = [helper.make_opsetid("", 17)]
@@ -27,22 +28,6 @@ OPSET = [helper.make_opsetid("", 17)]
 
 def _vi(name, shape, elem=TensorProto.FLOAT):
     return helper.make_tensor_value_info(name, elem, shape)
-
-
-def _w(name, shape, seed=0):
-    return numpy_helper.from_array(
-        np.random.default_rng(seed).standard_normal(shape).astype(np.float32), name)
-
-
-def _mlp():
-    """y = relu(x @ W1) @ W2 with a dynamic batch; W1 also listed as a graph input, the way
-    old exporters list every weight."""
-    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
-             helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("MatMul", ["r", "W2"], ["y"])]
-    graph = helper.make_graph(nodes, "mlp", [_vi("x", ["N", 16]), _vi("W1", [16, 8])],
-                              [_vi("y", ["N", 4])], [_w("W1", (16, 8)), _w("W2", (8, 4), 1)])
-    return helper.make_model(graph, opset_imports=OPSET)
 
 
 def _multi_input():
@@ -103,7 +88,7 @@ def test_parse_input_shapes_rejects_duplicates():
 
 # -- signature and shapes -----------------------------------------------------------------------
 def test_signature_skips_initializers_listed_as_inputs():
-    specs = input_signature(_mlp())
+    specs = input_signature(B.mlp_listing_weights())
     assert [s.name for s in specs] == ["x"]
     assert specs[0].dims == ("N", 16) and specs[0].declared == "[N, 16]"
 
@@ -174,11 +159,12 @@ def test_make_inputs_scalars_are_arrays():
 
 
 def test_make_inputs_is_seeded():
-    a, b = make_inputs(_mlp(), seed=3), make_inputs(_mlp(), seed=3)
-    c = make_inputs(_mlp(), seed=4)
+    model = B.mlp_listing_weights()
+    a, b = make_inputs(model, seed=3), make_inputs(model, seed=3)
+    c = make_inputs(model, seed=4)
     assert np.array_equal(a["x"], b["x"]) and not np.array_equal(a["x"], c["x"])
-    assert make_inputs(_mlp(), batch=5)["x"].shape == (5, 16)
-    assert make_inputs(_mlp(), {"x": (7, 16)})["x"].shape == (7, 16)
+    assert make_inputs(model, batch=5)["x"].shape == (5, 16)
+    assert make_inputs(model, {"x": (7, 16)})["x"].shape == (7, 16)
 
 
 def test_make_inputs_runs_through_onnxruntime():
@@ -194,14 +180,14 @@ def test_load_inputs_casts_float64(tmp_path):
     path = tmp_path / "in.npz"
     x = np.random.default_rng(0).standard_normal((3, 16))
     np.savez(path, x=x)
-    loaded = load_inputs(path, _mlp())
+    loaded = load_inputs(path, B.mlp_listing_weights())
     assert loaded["x"].dtype == np.float32 and np.allclose(loaded["x"], x)
 
 
 def test_load_inputs_single_npy(tmp_path):
     path = tmp_path / "x.npy"
     np.save(path, np.ones((2, 16), np.float32))
-    assert load_inputs(path, _mlp())["x"].shape == (2, 16)
+    assert load_inputs(path, B.mlp_listing_weights())["x"].shape == (2, 16)
 
 
 @pytest.mark.parametrize("arrays, match", [
@@ -215,14 +201,14 @@ def test_load_inputs_errors(tmp_path, arrays, match):
     path = tmp_path / "in.npz"
     np.savez(path, **arrays)
     with pytest.raises(InputDataError, match=match):
-        load_inputs(path, _mlp())
+        load_inputs(path, B.mlp_listing_weights())
 
 
 def test_load_inputs_checks_requested_shape_and_symbols(tmp_path):
     path = tmp_path / "in.npz"
     np.savez(path, x=np.ones((2, 16), np.float32))
     with pytest.raises(InputDataError, match="--input-shape asks for 3x16"):
-        load_inputs(path, _mlp(), {"x": (3, 16)})
+        load_inputs(path, B.mlp_listing_weights(), {"x": (3, 16)})
     model = _multi_input()
     arrays = make_inputs(model)
     arrays["attention_mask"] = np.ones((1, 17), np.int64)
@@ -246,11 +232,11 @@ def test_load_inputs_int_casts_only_when_values_fit(tmp_path):
 
 def test_load_inputs_missing_file(tmp_path):
     with pytest.raises(InputDataError, match="does not exist"):
-        load_inputs(tmp_path / "nope.npz", _mlp())
+        load_inputs(tmp_path / "nope.npz", B.mlp_listing_weights())
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not numpy")
     with pytest.raises(InputDataError, match="not a readable"):
-        load_inputs(bad, _mlp())
+        load_inputs(bad, B.mlp_listing_weights())
 
 
 def test_anonymous_dim_names_are_not_shared():
@@ -395,3 +381,167 @@ def test_bad_sources(tmp_path):
         load_calibration(tmp_path / "x.txt", model)
     with pytest.raises(OptionError):
         ImagePreprocess(layout="CHW")
+
+
+# -- one loader: calibration and validation agree ---------------------------------------------
+def _seq_model():
+    """x [N, T, 4] float and m [N, T] int32 (a shared symbolic T), both fed to Identity."""
+    inputs = [_vi("x", ["N", "T", 4]), _vi("m", ["N", "T"], TensorProto.INT32)]
+    nodes = [helper.make_node("Identity", [i.name], [i.name + "_out"]) for i in inputs]
+    outputs = [helper.make_tensor_value_info(i.name + "_out", i.type.tensor_type.elem_type, None)
+               for i in inputs]
+    return helper.make_model(helper.make_graph(nodes, "seq", inputs, outputs),
+                             opset_imports=OPSET)
+
+
+def _calibration_arrays(source, model):
+    batches = list(load_calibration(source, model).batches(1000))
+    assert len(batches) == 1
+    return batches[0]
+
+
+@pytest.mark.parametrize("positional", [False, True])
+def test_same_file_gives_the_same_arrays_for_calibration_and_validation(tmp_path, positional):
+    model = _seq_model()
+    r = np.random.default_rng(0)
+    x = r.standard_normal((3, 5, 4))  # float64: cast to the model's float32 by both
+    m = r.integers(0, 2, (3, 5)).astype(np.int64)  # int64 values that fit int32
+    path = tmp_path / "data.npz"
+    if positional:
+        np.savez(path, x, m)
+    else:
+        np.savez(path, x=x, m=m)
+    fed = load_inputs(path, model)
+    served = _calibration_arrays(path, model)
+    from_dict = next(CalibrationSet.from_arrays(model, {"x": x, "m": m}).batches(1000))
+    fed_dict = load_inputs({"x": x, "m": m}, model)
+    for got in (served, from_dict, fed_dict):
+        assert list(got) == list(fed) == ["x", "m"]
+        for name in fed:
+            assert got[name].dtype == fed[name].dtype and got[name].shape == fed[name].shape
+            np.testing.assert_array_equal(got[name], fed[name])
+    assert fed["x"].dtype == np.float32 and fed["m"].dtype == np.int32
+    np.testing.assert_array_equal(fed["x"], x.astype(np.float32))
+    np.testing.assert_array_equal(fed["m"], m)
+
+
+def test_single_npy_gives_the_same_array_for_calibration_and_validation(tmp_path):
+    model = _one_input_model()
+    x = np.arange(12, dtype=np.float64).reshape(3, 4)
+    np.save(tmp_path / "x.npy", x)
+    fed = load_inputs(tmp_path / "x.npy", model)
+    served = _calibration_arrays(tmp_path / "x.npy", model)
+    assert fed["x"].dtype == served["x"].dtype == np.float32
+    np.testing.assert_array_equal(fed["x"], served["x"])
+
+
+def test_generated_inputs_are_the_same_for_calibration_and_validation():
+    model = _seq_model()
+    one = make_inputs(model, seed=0)
+    data = generated_calibration(model, n=1, seed=0)
+    served = next(data.batches(1))
+    assert data.data_free and list(served) == list(one)
+    for name in one:
+        np.testing.assert_array_equal(served[name], one[name])
+
+
+class _Boom:
+    """Unpickling this would record that code ran: a loader must never unpickle user files."""
+
+    ran = False
+
+    def __reduce__(self):
+        return (_Boom._mark, ())
+
+    @staticmethod
+    def _mark():
+        _Boom.ran = True
+        return 0
+
+
+def _bad_case(tmp_path, case):
+    """(file, the input and what to do that its one message must name) for one bad input."""
+    path = tmp_path / f"{case}.npz"
+    r = np.random.default_rng(1)
+    good = {"x": r.standard_normal((2, 5, 4)).astype(np.float32),
+            "m": np.ones((2, 5), np.int32)}
+    if case == "missing":
+        np.savez(path, x=good["x"])
+        return path, ["'m' [N, T] int32", "it holds 'x'", "np.savez"]
+    if case == "extra":
+        np.savez(path, **good, w=np.ones(3))
+        return path, ["'w'", "not model inputs", "the inputs are: x, m"]
+    if case == "static_dim":
+        np.savez(path, x=np.ones((2, 5, 3), np.float32), m=good["m"])
+        return path, ["input 'x'", "dim 2 must be 4"]
+    if case == "dtype":
+        np.savez(path, x=np.ones((2, 5, 4), np.int64), m=good["m"])
+        return path, ["input 'x'", "is int64", "expects float [N, T, 4]"]
+    if case == "int_range":
+        np.savez(path, x=good["x"], m=np.full((2, 5), 2 ** 40, np.int64))
+        return path, ["input 'm'", "do not fit int32"]
+    if case == "shared_dim":
+        np.savez(path, x=good["x"], m=np.ones((2, 6), np.int32))
+        return path, ["dim 'T' is 5 in input 'x' but 6 in input 'm'", "must agree"]
+    if case == "unnamed_count":
+        np.savez(path, good["x"])
+        return path, ["1 unnamed arrays", "2 inputs (x, m)", "save them by name"]
+    if case == "unreadable":
+        path.write_bytes(b"PK\x03\x04 not really a zip")
+        return path, ["not a readable .npz/.npy file", "np.savez"]
+    if case == "pickled":
+        np.savez(path, x=np.array([_Boom()], dtype=object), m=good["m"])
+        return path, ["input 'x'", "is object", "expects float"]
+    raise AssertionError(case)
+
+
+BAD_CASES = ["missing", "extra", "static_dim", "dtype", "int_range", "shared_dim",
+             "unnamed_count", "unreadable", "pickled"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_every_bad_input_gives_one_message_for_calibration_and_validation(tmp_path, case):
+    path, words = _bad_case(tmp_path, case)
+    model = _seq_model()
+    with pytest.raises(InputDataError) as fed:
+        load_inputs(path, model)
+    with pytest.raises(InputDataError) as served:
+        # Shapes and dtypes are checked when the set is made; values when a batch is read.
+        list(load_calibration(path, model).batches(8))
+    assert str(fed.value) == str(served.value)
+    message = str(fed.value)
+    assert f"'{path}'" in message
+    for word in words:
+        assert word in message
+    assert not _Boom.ran
+
+
+def test_rank_errors_say_what_each_use_needs(tmp_path):
+    path = tmp_path / "in.npz"
+    np.savez(path, x=np.ones((5, 4), np.float32), m=np.ones((2, 5), np.int32))
+    with pytest.raises(InputDataError) as fed:
+        load_inputs(path, _seq_model())
+    with pytest.raises(InputDataError) as served:
+        load_calibration(path, _seq_model())
+    common = (f"input 'x' in '{path}' has shape 5x4 (rank 2); the model expects [N, T, 4] "
+              "(rank 3) float")
+    assert str(fed.value) == common
+    assert str(served.value) == common + ", so the array needs rank 3 with samples on axis 0"
+
+
+def test_dicts_are_checked_like_files():
+    with pytest.raises(InputDataError, match="'the given inputs' has no array for input"):
+        load_inputs({"x": np.ones((2, 5, 4), np.float32)}, _seq_model())
+    with pytest.raises(InputDataError, match="input 'x' in 'arrays' is int64"):
+        CalibrationSet.from_arrays(_seq_model(), {"x": np.ones((2, 5, 4), np.int64),
+                                                  "m": np.ones((2, 5), np.int32)})
+
+
+def test_other_npz_files_refuse_pickles(tmp_path):
+    path = tmp_path / "scores.npz"
+    np.savez(path, w=np.array([_Boom()], dtype=object))
+    with pytest.raises(InputDataError, match="--scores '.*' is not a readable .npz file"):
+        read_npz(path, "--scores")
+    assert not _Boom.ran
+    np.savez(path, w=np.ones(3))
+    assert list(read_npz(path, "--scores")) == ["w"]

@@ -13,6 +13,8 @@ from onnxprune.inputs.generate import make_inputs
 from onnxprune.runtime.session import InvalidOutputModel, open_session, run_model
 from onnxprune.runtime.validate import check_valid
 
+import builders as B
+
 OPSET = [helper.make_opsetid("", 17)]
 
 
@@ -20,41 +22,9 @@ def _vi(name, shape, elem=TensorProto.FLOAT):
     return helper.make_tensor_value_info(name, elem, shape)
 
 
-def _w(name, shape, seed=0):
-    return numpy_helper.from_array(
-        np.random.default_rng(seed).standard_normal(shape).astype(np.float32), name)
-
-
-def _mlp():
-    """y = relu(x @ W1) @ W2 with a dynamic batch; W1 also listed as a graph input, the way
-    old exporters list every weight."""
-    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
-             helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("MatMul", ["r", "W2"], ["y"])]
-    graph = helper.make_graph(nodes, "mlp", [_vi("x", ["N", 16]), _vi("W1", [16, 8])],
-                              [_vi("y", ["N", 4])], [_w("W1", (16, 8)), _w("W2", (8, 4), 1)])
-    return helper.make_model(graph, opset_imports=OPSET)
-
-
-def _multi_input():
-    """Inputs of every kind make_inputs handles; the graph only needs to be valid."""
-    inputs = [_vi("image", ["N", 3, "H", "W"]),
-              _vi("nhwc", ["N", "H2", "W2", 3], TensorProto.FLOAT16),
-              _vi("input_ids", ["N", "seq"], TensorProto.INT64),
-              _vi("attention_mask", ["N", "seq"], TensorProto.INT64),
-              _vi("token_type_ids", ["N", "seq"], TensorProto.INT32),
-              _vi("flag", [None], TensorProto.BOOL),
-              _vi("fixed", [2, 5])]
-    nodes = [helper.make_node("Identity", [i.name], [i.name + "_out"]) for i in inputs]
-    outputs = [helper.make_tensor_value_info(i.name + "_out", i.type.tensor_type.elem_type, None)
-               for i in inputs]
-    return helper.make_model(helper.make_graph(nodes, "multi", inputs, outputs),
-                             opset_imports=OPSET)
-
-
 # -- validity and running -----------------------------------------------------------------------
 def test_check_valid_accepts_good_models(tmp_path):
-    model = _mlp()
+    model = B.mlp_listing_weights()
     check_valid(model)
     path = tmp_path / "mlp.onnx"
     onnx.save(model, str(path))
@@ -63,7 +33,7 @@ def test_check_valid_accepts_good_models(tmp_path):
 
 
 def test_check_valid_rejects_checker_failure():
-    model = _mlp()
+    model = B.mlp_listing_weights()
     model.graph.node[0].input[1] = "undefined_tensor"
     with pytest.raises(InvalidOutputModel) as info:
         check_valid(model)
@@ -95,7 +65,7 @@ def test_check_valid_rejects_what_onnxruntime_cannot_load():
 
 
 def test_run_model_from_proto_path_session(tmp_path):
-    model = _mlp()
+    model = B.mlp_listing_weights()
     x = make_inputs(model, batch=2)
     w1 = numpy_helper.to_array(model.graph.initializer[0])
     w2 = numpy_helper.to_array(model.graph.initializer[1])
@@ -109,7 +79,7 @@ def test_run_model_from_proto_path_session(tmp_path):
 
 
 def test_external_data_handles(tmp_path):
-    model = _mlp()
+    model = B.mlp_listing_weights()
     x = make_inputs(model)
     expected = run_model(model, x)["y"]
     path = tmp_path / "mlp.onnx"

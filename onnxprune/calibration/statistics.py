@@ -1,13 +1,11 @@
 """Per-layer activation statistics computed from calibration data.
 
-This module owns:
-
-* **layer statistics** (:func:`collect_layer_stats`), over a
-  :class:`~onnxprune.inputs.dataset.CalibrationSet` from the input layer: for every prunable weight, the matrix ``X``
-  its ``W[out, in]`` view multiplies (one row per sample and output position, columns in exactly
-  the order of :meth:`Layout.to_2d`'s ``in``), reduced while streaming to
-  ``in_sq_norms = sum_rows x_j**2`` (Wanda's ``||X_j||^2``), ``hessian = X^T X`` (SparseGPT,
-  least-squares refits) and ``in_sums`` (means, bias correction), all in float64.
+This module owns **layer statistics** (:func:`collect_layer_stats`), over a
+:class:`~onnxprune.inputs.dataset.CalibrationSet` from the input layer: for every prunable
+weight, the matrix ``X`` its ``W[out, in]`` view multiplies (one row per sample and output
+position, columns in exactly the order of :meth:`Layout.to_2d`'s ``in``), reduced while
+streaming to ``in_sq_norms = sum_rows x_j**2`` (Wanda's ``||X_j||^2``), ``hessian = X^T X``
+(SparseGPT, least-squares refits) and ``in_sums`` (means, bias correction), all in float64.
 
 How ``X`` is formed, per op (the node's *activation* operand is the one that is not the weight):
 
@@ -30,8 +28,8 @@ How ``X`` is formed, per op (the node's *activation* operand is the one that is 
   batch (exact when the activation broadcasts over ``B``, an average otherwise).
 
 Activations are read by adding them as graph outputs of a copy of the model, run in
-onnxruntime batch by batch. Layers are processed in *chunks* so that the activations exposed at
-once stay under ``budget_bytes`` per batch (shapes from shape inference at the actual input
+onnxruntime batch by batch (:func:`onnxprune.runtime.session.exposed_batches`). Layers are
+processed in *chunks* so that the activations exposed at once stay under ``budget_bytes`` per batch (shapes from shape inference at the actual input
 shapes); weights reading the same activation the same way (Q/K/V projections) share one
 accumulator. The :class:`StatsRecord` says how many chunks and model runs it took and the peak
 bytes held (exposed activations + im2col block + accumulators).

@@ -178,8 +178,9 @@ def load_calibration(source: Union[str, os.PathLike], model, samples: Optional[i
       ``image_preprocess`` saying how pixels become the input.
 
     An array with the model input's rank is a batch (axis 0 = samples); in a folder, one rank
-    lower is a single sample. Floats are cast to the input's float type and integers to its
-    integer type; other dtype mismatches, wrong names, ranks or static dims raise
+    lower is a single sample. Each file is checked as :mod:`onnxprune.inputs.check` says
+    (sample mode): floats are cast to the input's float type and integers to its integer type;
+    other dtype mismatches, wrong names, ranks, static dims or disagreeing shared dims raise
     :class:`InputDataError` naming the input. ``samples`` keeps the first ``samples``.
     """
     specs = input_signature(model_proto(model))
@@ -210,9 +211,11 @@ def generated_calibration(model, n: int = 8, seed: int = 0,
     """``n`` seeded random samples from the model's input signature (data-free in effect).
 
     ``shapes`` gives the shape of one sample per input name (axis 0 included, usually 1);
-    dynamic dims not given follow :func:`onnxprune.inputs.signature.resolve_input_shapes`. Values follow
-    :func:`onnxprune.inputs.generate.make_inputs`. Statistics from these inputs describe the model on
-    noise, not on its data: whoever uses them should report the run as data-free in effect.
+    dynamic dims not given follow :func:`onnxprune.inputs.signature.resolve_input_shapes`.
+    Values follow :func:`onnxprune.inputs.generate.make_inputs`: sample ``i`` of seed ``s`` is
+    the feed ``make_inputs`` gives for seed ``s * 1_000_003 + i``. Statistics from these inputs
+    describe the model on noise, not on its data: whoever uses them should report the run as
+    data-free in effect.
     """
     proto = model_proto(model)
     if n < 1:

@@ -503,6 +503,4 @@ class Validate(Pass):
         model = state.model
         if self.inputs is None:
             return make_inputs(model, self.input_shapes, seed=self.seed)
-        if isinstance(self.inputs, dict):
-            return self.inputs
-        return load_inputs(self.inputs, model, self.input_shapes)
+        return load_inputs(self.inputs, model, self.input_shapes)  # a file or a dict
