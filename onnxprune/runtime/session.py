@@ -60,6 +60,9 @@ def open_session(model: ModelOrPath):
 
 
 def ort_session(source: Union[bytes, str], folder: Optional[str]):
+    """A CPU session on ``source`` (bytes or a path, from :func:`model_source`), quiet, with
+    ``folder`` holding the external data of a proto given as bytes; :class:`InvalidOutputModel`
+    when onnxruntime refuses it."""
     import onnxruntime as ort  # deferred: importing onnxruntime costs ~0.3 s
 
     options = ort.SessionOptions()
@@ -138,6 +141,7 @@ def model_source(model: ModelOrPath, allow_external_folder: bool
 
 
 def error_text(exc: BaseException) -> str:
+    """An exception's message for ours (at most 2000 characters; its type when empty)."""
     text = str(exc).strip()
     return text[:2000] if text else type(exc).__name__
 
