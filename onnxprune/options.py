@@ -18,14 +18,14 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 
 import numpy as np
 
-from onnxprune.calibration.statistics import ImagePreprocess
+from onnxprune.inputs.images import ImagePreprocess
 from onnxprune.errors import OptionError
 from onnxprune.masking.criteria import criterion_names, get_criterion
 from onnxprune.masking.patterns import parse_pattern, pattern_help
 from onnxprune.masking.scope import SCOPES
 from onnxprune.ops.layouts import prunable_op_types
 from onnxprune.passes.base import DEFAULT_MEMORY_BUDGET
-from onnxprune.runtime.validate import parse_input_shapes
+from onnxprune.inputs.signature import parse_input_shapes
 
 #: ``allocate``: how the sparsity target is spread over layers (see :attr:`PruneOptions.allocation`).
 ALLOCATIONS = ("auto", "uniform", "sensitivity")
@@ -155,11 +155,9 @@ def npz_arrays(path: Optional[str], flag: str) -> Optional[Dict[str, np.ndarray]
     """``FILE.npz`` -> ``{name: array}`` (None stays None)."""
     if path is None:
         return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except Exception as exc:
-        raise OptionError(f"{flag} '{path}' is not a readable .npz file ({exc})") from None
+    from onnxprune.inputs.files import read_npz
+
+    return read_npz(path, flag)
 
 
 def numbers(sep: str = ",", kind: type = float) -> Callable[[Optional[str], str], Optional[tuple]]:

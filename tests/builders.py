@@ -28,6 +28,20 @@ def tensor(name: str, shape, seed: int = 0, dtype=np.float32) -> onnx.TensorProt
     return numpy_helper.from_array(rng(seed).standard_normal(shape).astype(dtype), name)
 
 
+def mlp_listing_weights() -> onnx.ModelProto:
+    """y = relu(x @ W1) @ W2, x [N, 16], with W1 also listed as a graph input, the way old
+    exporters list every weight (no checker run: the inputs and runtime tests use it as is)."""
+    vi = helper.make_tensor_value_info
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["y"])]
+    graph = helper.make_graph(nodes, "mlp", [vi("x", TensorProto.FLOAT, ["N", 16]),
+                                             vi("W1", TensorProto.FLOAT, [16, 8])],
+                              [vi("y", TensorProto.FLOAT, ["N", 4])],
+                              [tensor("W1", (16, 8)), tensor("W2", (8, 4), 1)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
 def conv_gemm_model(dtype=np.float32, seed: int = 0, group: int = 1) -> onnx.ModelProto:
     """x[1,8,10,10] -> Conv(16, 3x3, pad 1, group) -> Relu -> GAP -> Flatten -> Gemm(10, transB=1)."""
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))

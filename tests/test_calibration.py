@@ -1,8 +1,6 @@
-"""Calibration loading and per-layer statistics (im2col, Gemm/MatMul rows, chunking)."""
+"""Per-layer statistics (im2col, Gemm/MatMul rows, chunking); loading lives in test_inputs.py."""
 
 from __future__ import annotations
-
-import builtins
 
 import numpy as np
 import onnx
@@ -11,9 +9,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.calibration import statistics as calibration
-from onnxprune.calibration.statistics import (CalibrationSet, ImagePreprocess, activation_rows,
-                                   collect_layer_stats, generated_calibration, load_calibration)
-from onnxprune.errors import InputDataError, OptionError
+from onnxprune.calibration.statistics import activation_rows, collect_layer_stats
+from onnxprune.inputs.dataset import CalibrationSet, generated_calibration
+from onnxprune.errors import OptionError
 from onnxprune.model.io import load
 from onnxprune.model.weights import find_weights
 
@@ -256,140 +254,6 @@ def test_progress_and_fixed_batch():
                        [numpy_helper.from_array(np.ones((4, 3), np.float32), "W")])
     fixed_data = generated_calibration(fixed, n=3)
     assert [b["x"].shape for b in fixed_data.batches(8)] == [(1, 4)] * 3
-
-
-# -- loaders ----------------------------------------------------------------------------------
-def _two_input_model():
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
-             helper.make_node("Add", ["h", "bias_in"], ["y"])]
-    return make_model(nodes, [helper.make_tensor_value_info("x", F, ["N", 4]),
-                              helper.make_tensor_value_info("bias_in", F, ["N", 3])],
-                      [helper.make_tensor_value_info("y", F, ["N", 3])],
-                      [numpy_helper.from_array(np.ones((4, 3), np.float32), "W")])
-
-
-def test_npz_by_name_positional_and_samples(tmp_path):
-    model = _two_input_model()
-    x = np.arange(40, dtype=np.float64).reshape(10, 4)  # float64 is cast to the model's float32
-    b = np.ones((10, 3), np.float32)
-    data = load_calibration(_npz(tmp_path, x=x, bias_in=b), model)
-    assert len(data) == 10
-    batches = list(data.batches(4))
-    assert [f["x"].shape[0] for f in batches] == [4, 4, 2]
-    assert batches[0]["x"].dtype == np.float32 and set(batches[0]) == {"x", "bias_in"}
-    np.testing.assert_array_equal(np.concatenate([f["x"] for f in batches]), x)
-    positional = tmp_path / "pos.npz"
-    np.savez(positional, x, b)
-    assert len(load_calibration(positional, model, samples=3)) == 3
-
-
-@pytest.mark.parametrize("arrays,words", [
-    (dict(x=np.ones((2, 4), np.float32)), ["bias_in"]),  # missing input named
-    (dict(x=np.ones((2, 4), np.float32), bias_in=np.ones((2, 3), np.float32),
-          extra=np.ones(2)), ["extra"]),
-    (dict(x=np.ones((2, 5), np.float32), bias_in=np.ones((2, 3), np.float32)),
-     ["'x'", "dim 1 must be 4"]),
-    (dict(x=np.ones((2, 1, 4), np.float32), bias_in=np.ones((2, 3), np.float32)), ["'x'", "rank"]),
-    (dict(x=np.ones((2, 4), np.int64), bias_in=np.ones((2, 3), np.float32)), ["'x'", "int64"]),
-    (dict(x=np.ones((2, 4), np.float32), bias_in=np.ones((3, 3), np.float32)), ["sample counts"]),
-])
-def test_npz_mismatch_errors_name_the_input(tmp_path, arrays, words):
-    with pytest.raises(InputDataError) as exc:
-        load_calibration(_npz(tmp_path, **arrays), _two_input_model())
-    for word in words:
-        assert word in str(exc.value)
-
-
-def test_folder_of_npy_and_npz(tmp_path):
-    model, _ = _single_op_model("MatMul", {}, (4, 3), (1, 4))
-    folder = tmp_path / "npy"
-    folder.mkdir()
-    np.save(folder / "a.npy", np.zeros(4, np.float32))  # one sample (rank - 1)
-    np.save(folder / "b.npy", np.ones((3, 4), np.float32))  # a batch of three
-    np.save(folder / "c.npy", np.full((1, 4), 2, np.float32))
-    data = load_calibration(folder, model)
-    assert len(data) == 5
-    got = np.concatenate([f["x"] for f in data.batches(2)])
-    np.testing.assert_array_equal(got[:, 0], [0, 1, 1, 1, 2])
-    two = tmp_path / "npz"
-    two.mkdir()
-    for i in range(3):
-        np.savez(two / f"s{i}.npz", x=np.full((4,), i, np.float32), bias_in=np.zeros(3, np.float32))
-    data2 = load_calibration(two, _two_input_model())
-    assert len(data2) == 3 and next(data2.batches(8))["x"].shape == (3, 4)
-    with pytest.raises(InputDataError, match="model has 2 inputs"):
-        load_calibration(folder, _two_input_model())
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    np.save(bad / "a.npy", np.zeros((2, 2, 4), np.float32))
-    with pytest.raises(InputDataError, match="'x'"):
-        load_calibration(bad, model)
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(InputDataError, match="no .npy/.npz"):
-        load_calibration(empty, model)
-
-
-def test_variable_length_samples_are_not_concatenated(tmp_path):
-    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])],
-                       [helper.make_tensor_value_info("x", F, ["N", "T", 4])],
-                       [helper.make_tensor_value_info("y", F, ["N", "T", 3])],
-                       [numpy_helper.from_array(np.ones((4, 3), np.float32), "W")])
-    for i, t in enumerate([5, 5, 7]):
-        np.save(tmp_path / f"{i}.npy", np.ones((t, 4), np.float32))
-    data = load_calibration(tmp_path, model)
-    assert [f["x"].shape for f in data.batches(8)] == [(2, 5, 4), (1, 7, 4)]
-
-
-def _image_model():
-    return make_model([helper.make_node("Conv", ["x", "W"], ["y"])],
-                      [helper.make_tensor_value_info("x", F, ["N", 3, 8, 6])],
-                      [helper.make_tensor_value_info("y", F, None)],
-                      [numpy_helper.from_array(np.ones((2, 3, 1, 1), np.float32), "W")])
-
-
-def test_images_need_pillow_with_a_clear_message(tmp_path, monkeypatch):
-    (tmp_path / "a.png").write_bytes(b"not really a png")
-    real_import = builtins.__import__
-
-    def no_pil(name, *args, **kwargs):
-        if name == "PIL" or name.startswith("PIL."):
-            raise ImportError("no PIL")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_pil)
-    with pytest.raises(OptionError, match="pip install pillow"):
-        load_calibration(tmp_path, _image_model(), image_preprocess=ImagePreprocess())
-
-
-def test_image_folder(tmp_path):
-    pil = pytest.importorskip("PIL.Image")
-    pixels = np.zeros((16, 12, 3), np.uint8)  # twice the model's 8x6: resized on load
-    pixels[..., 0] = 255  # pure red
-    pil.fromarray(pixels).save(tmp_path / "red.png")
-    pil.fromarray(pixels[..., ::-1].copy()).save(tmp_path / "blue.jpg", quality=100)
-    pre = ImagePreprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), channel_order="BGR")
-    data = load_calibration(tmp_path, _image_model(), image_preprocess=pre)
-    batch = next(data.batches(4))["x"]  # sorted: blue.jpg, red.png
-    assert batch.shape == (2, 3, 8, 6) and batch.dtype == np.float32
-    np.testing.assert_allclose(batch[0, :, 3, 3], [1, -1, -1], atol=0.05)  # blue, as BGR (JPEG)
-    np.testing.assert_allclose(batch[1, :, 3, 3], [-1, -1, 1])
-    nhwc = ImagePreprocess(size=(8, 6), layout="NHWC")
-    with pytest.raises(InputDataError, match="channels"):
-        load_calibration(tmp_path, _image_model(), image_preprocess=nhwc)
-    with pytest.raises(OptionError, match="preprocess"):
-        load_calibration(tmp_path, _image_model())
-
-
-def test_bad_sources(tmp_path):
-    model, _ = _single_op_model("MatMul", {}, (4, 3), (1, 4))
-    with pytest.raises(InputDataError, match="does not exist"):
-        load_calibration(tmp_path / "nope.npz", model)
-    (tmp_path / "x.txt").write_text("1 2 3")
-    with pytest.raises(InputDataError, match="neither"):
-        load_calibration(tmp_path / "x.txt", model)
-    with pytest.raises(OptionError):
-        ImagePreprocess(layout="CHW")
 
 
 def test_float32_blocks_agree_with_float64():

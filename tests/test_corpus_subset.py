@@ -20,7 +20,8 @@ import pytest
 
 import onnxprune
 from onnxprune import OnnxPruneError
-from onnxprune.runtime.validate import InvalidOutputModel, make_inputs, run_model
+from onnxprune.inputs.generate import make_inputs
+from onnxprune.runtime.session import InvalidOutputModel, run_model
 
 
 def _test_data() -> Path:

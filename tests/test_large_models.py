@@ -206,7 +206,7 @@ def spill_dir(tmp_path, monkeypatch):
 
 def test_writes_spill_to_disk_and_are_read_back(tmp_path, spill_dir):
     handle, tensors = _external_handle(tmp_path)
-    assert handle.spilled_bytes == 0 and not handle._external_updates
+    assert handle.spilled_bytes == 0 and handle.rewritten_external == 0
     new = np.arange(24 * 24, dtype=np.float32).reshape(24, 24)
     handle.write(tensors["w0"], new)
     assert handle.spilled_bytes >= new.nbytes
@@ -217,7 +217,7 @@ def test_writes_spill_to_disk_and_are_read_back(tmp_path, spill_dir):
     np.testing.assert_array_equal(handle.read(tensors["w0"]), new)
     assert handle.is_rewritten(tensors["w0"]) and not handle.is_rewritten(tensors["w1"])
     assert handle.rewritten_external == 1
-    assert [t.name for t, _ in handle._external_updates.values()] == ["w0"]
+    assert [t.name for t, _ in handle.rewritten_values()] == ["w0"]
 
     size = handle.spilled_bytes
     handle.write(tensors["w0"], new[:12])  # channels removed: fits the slot, no growth

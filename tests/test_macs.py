@@ -244,7 +244,7 @@ def _runtime_macs(path, shapes=None):
     import onnxruntime as ort
 
     from onnxprune.ops.macs import _FORMULAS
-    from onnxprune.runtime.validate import make_inputs
+    from onnxprune.inputs.generate import make_inputs
 
     model = onnx.load(str(path))
     counted = [n for n in model.graph.node if n.op_type in _FORMULAS]

@@ -32,7 +32,8 @@ import onnxprune
 from onnxprune.cli import main
 from onnxprune.errors import SelectionError
 from onnxprune.model.io import iter_tensors
-from onnxprune.runtime.validate import make_inputs, run_model
+from onnxprune.inputs.generate import make_inputs
+from onnxprune.runtime.session import run_model
 
 NEWEST = onnx.defs.onnx_opset_version()
 

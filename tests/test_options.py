@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from onnxprune import cli
-from onnxprune.calibration.statistics import ImagePreprocess
+from onnxprune.inputs.images import ImagePreprocess
 from onnxprune.errors import OptionError
 from onnxprune.masking import criteria, patterns
 from onnxprune.masking.scope import SCOPES

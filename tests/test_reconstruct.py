@@ -169,7 +169,8 @@ def test_sequential_sparsegpt_keeps_a_trained_model_accurate():
 
     import onnxruntime as ort
 
-    from onnxprune.calibration.statistics import collect_layer_stats, load_calibration
+    from onnxprune.calibration.statistics import collect_layer_stats
+    from onnxprune.inputs.dataset import load_calibration
     from onnxprune.model.io import load
     from onnxprune.model.weights import find_weights
 

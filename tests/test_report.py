@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from onnxprune.report.report import LayerRow, Report, format_bytes, format_count
-from onnxprune.runtime.validate import compare
+from onnxprune.report.compare import compare
 
 
 def _rows():

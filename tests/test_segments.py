@@ -11,9 +11,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.calibration import statistics as calibration
 from onnxprune.runtime import segments
-from onnxprune.calibration.statistics import CalibrationSet, collect_layer_stats
+from onnxprune.runtime import session as runtime_session
+from onnxprune.calibration.statistics import collect_layer_stats
+from onnxprune.inputs.dataset import CalibrationSet
 from onnxprune.model.io import load
 from onnxprune.runtime.segments import SegmentRunner
 from onnxprune.masking.selection import select
@@ -536,7 +537,7 @@ def test_proto_is_restored_when_a_segment_session_fails(monkeypatch):
     def fail(_):
         raise RuntimeError("no session")
 
-    monkeypatch.setattr(calibration, "open_session", fail)  # segments build through it
+    monkeypatch.setattr(runtime_session, "open_session", fail)  # segments build through it
     runner = SegmentRunner(handle, _branch_data(model), 4)
     with pytest.raises(RuntimeError, match="no session"):
         list(runner.batches(["s"]))

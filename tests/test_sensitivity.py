@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.calibration.statistics import CalibrationSet, generated_calibration
+from onnxprune.inputs.dataset import CalibrationSet, generated_calibration
 from onnxprune.masking.criteria import ScoreContext, get_criterion
 from onnxprune.errors import OptionError
 from onnxprune.model.io import load

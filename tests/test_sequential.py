@@ -11,9 +11,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
-from onnxprune.calibration import statistics as calibration
-from onnxprune.calibration.statistics import (CalibrationSet, _needed_nodes, activation_rows,
-                                   collect_layer_stats)
+from onnxprune.calibration.statistics import activation_rows, collect_layer_stats
+from onnxprune.inputs.dataset import CalibrationSet
+from onnxprune.runtime import session as runtime_session
+from onnxprune.runtime.session import needed_nodes
 from onnxprune.model.io import load
 from onnxprune.calibration.reconstruct import (asymmetric_bias, asymmetric_target, centered_cross,
                                    sparsegpt_prune)
@@ -314,13 +315,13 @@ def test_needed_nodes_on_a_branching_graph():
         _node("Mul", ["d", "e"], ["f"]),  # 5
     ]
     graph = helper.make_graph(nodes, "g", [_vi("x", [2])], [_vi("f", [2])])
-    assert _needed_nodes(graph, ["a"]) == [0]
-    assert _needed_nodes(graph, ["b"]) == [0, 1]
-    assert _needed_nodes(graph, ["c"]) == [2]
-    assert _needed_nodes(graph, ["d"]) == [0, 1, 2, 3]
-    assert _needed_nodes(graph, ["c", "e"]) == [0, 2, 4]
-    assert _needed_nodes(graph, ["f"]) == list(range(6))
-    assert _needed_nodes(graph, ["x"]) == []  # a graph input needs no node
+    assert needed_nodes(graph, ["a"]) == [0]
+    assert needed_nodes(graph, ["b"]) == [0, 1]
+    assert needed_nodes(graph, ["c"]) == [2]
+    assert needed_nodes(graph, ["d"]) == [0, 1, 2, 3]
+    assert needed_nodes(graph, ["c", "e"]) == [0, 2, 4]
+    assert needed_nodes(graph, ["f"]) == list(range(6))
+    assert needed_nodes(graph, ["x"]) == []  # a graph input needs no node
 
 
 def test_needed_nodes_follow_outer_scope_reads_of_subgraphs():
@@ -348,9 +349,9 @@ def test_needed_nodes_follow_outer_scope_reads_of_subgraphs():
         _node("Abs", ["q"], ["out"]),  # 5
     ]
     graph = helper.make_graph(nodes, "g", [_vi("x", [2])], [_vi("z", [2])])
-    assert _needed_nodes(graph, ["y"]) == [0, 2]
-    assert _needed_nodes(graph, ["z"]) == [0, 2, 3, 4]
-    assert _needed_nodes(graph, ["out"]) == [1, 5]
+    assert needed_nodes(graph, ["y"]) == [0, 2]
+    assert needed_nodes(graph, ["z"]) == [0, 2, 3, 4]
+    assert needed_nodes(graph, ["out"]) == [1, 5]
 
 
 def test_exposing_an_early_tensor_runs_only_its_ancestors(monkeypatch):
@@ -364,13 +365,13 @@ def test_exposing_an_early_tensor_runs_only_its_ancestors(monkeypatch):
              for i in (1, 2, 3)]
     model = B.make_model(nodes, [_vi("x", ["n", 6])], [_vi("y", ["n", 6])], inits)
     seen = []
-    real = calibration.open_session
+    real = runtime_session.open_session
 
     def spy(handle):
         seen.append([n.name for n in handle.model.graph.node])
         return real(handle)
 
-    monkeypatch.setattr(calibration, "open_session", spy)
+    monkeypatch.setattr(runtime_session, "open_session", spy)
     handle = load(model)
     weights, _ = find_weights(handle)
     data = CalibrationSet.from_arrays(model, {"x": r.standard_normal((5, 6)).astype(np.float32)})

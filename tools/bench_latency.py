@@ -24,7 +24,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import onnxprune  # noqa: E402
-from onnxprune.runtime.validate import make_inputs  # noqa: E402
+from onnxprune.inputs.generate import make_inputs  # noqa: E402
 
 CORPUS = Path(os.environ.get("ONNXPRUNE_CORPUS", Path.home() / ".cache/onnxprune/corpus"))
 MODELS = {

@@ -30,7 +30,7 @@ tool calls ``onnxprune.prune(path, pattern, sparsity, output=tmp, validate=True)
 
 * **ok** — pruned, written, and the written file independently re-checked here: ``onnx.checker``
   (full check when the input passes it), an onnxruntime session, the same output names, shapes
-  and dtypes as the original on the same generated inputs (``onnxprune.runtime.validate.make_inputs``),
+  and dtypes as the original on the same generated inputs (``onnxprune.inputs.generate.make_inputs``),
   stored tensors keep their dtypes, and the input file is byte-identical afterwards;
 * **skipped** — ``prune`` raised an :class:`~onnxprune.OnnxPruneError` (a user-facing refusal:
   no prunable weights, inputs it cannot generate...); the message is the reason;
@@ -210,11 +210,12 @@ class _Reference:
     def get(self):
         if not self._done:
             self._done = True
-            from onnxprune.runtime import validate as v
+            from onnxprune.inputs.generate import make_inputs
+            from onnxprune.runtime.session import run_model
 
             try:
-                self.feeds = v.make_inputs(self.path, self.shapes, seed=0)
-                self.outputs = v.run_model(self.path, self.feeds)
+                self.feeds = make_inputs(self.path, self.shapes, seed=0)
+                self.outputs = run_model(self.path, self.feeds)
             except Exception as exc:  # prune() would have refused too: nothing to compare
                 self.error = _first_line(exc)
         return self
@@ -225,7 +226,7 @@ def recheck(output: Path, reference: _Reference, full_check: bool,
     """Independent checks of a written output; the first problem found, or None."""
     import onnx
     import onnxruntime as ort
-    from onnxprune.runtime import validate as v
+    from onnxprune.runtime.session import run_model
 
     if not output.is_file():
         return "prune() returned but wrote no output file"
@@ -248,7 +249,7 @@ def recheck(output: Path, reference: _Reference, full_check: bool,
     if ref.outputs is None:
         return f"output written although the original cannot run on generated inputs ({ref.error})"
     try:
-        got = v.run_model(output, ref.feeds)
+        got = run_model(output, ref.feeds)
     except Exception as exc:
         return f"output does not run on the original's inputs: {_first_line(exc)}"
     if list(got) != list(ref.outputs):

@@ -31,13 +31,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.calibration.statistics import CalibrationSet, LayerStats, run_calibration
+from onnxprune.calibration.statistics import LayerStats
+from onnxprune.inputs.dataset import CalibrationSet
 from onnxprune.masking.criteria import Criterion, ScoreContext, get_criterion
 from onnxprune.errors import OptionError
 from onnxprune.model.io import ModelHandle, load
 from onnxprune.masking.patterns import Pattern, parse_pattern
 from onnxprune.calibration.reconstruct import sparsegpt_prune
-from onnxprune.runtime.validate import open_session
+from onnxprune.runtime.session import open_session, run_calibration
 from onnxprune.model.weights import Weight
 
 __all__ = ["SensitivityTable", "layer_sensitivity", "allocate", "looks_fixed"]
@@ -217,7 +218,7 @@ def _overridable_copy(handle: ModelHandle, weights: Sequence[Weight]) -> ModelHa
     graph = model.graph
     names = {w.name for w in weights}
     # Tensors the handle rewrote in memory: the copy must carry their current values.
-    updates = {t.name: arr for t, arr in handle._external_updates.values()}  # noqa: SLF001
+    updates = {t.name: arr for t, arr in handle.rewritten_values()}
     for init in graph.initializer:
         if init.name in updates:
             init.CopyFrom(numpy_helper.from_array(updates[init.name], init.name))

@@ -38,7 +38,8 @@ import onnx
 
 from onnxprune.calibration.hessian import fits_budget, over_budget
 from onnxprune.calibration.reconstruct import asymmetric_bias, asymmetric_target, centered_cross
-from onnxprune.calibration.statistics import CalibrationSet, LayerStats, collect_layer_stats
+from onnxprune.calibration.statistics import LayerStats, collect_layer_stats
+from onnxprune.inputs.dataset import CalibrationSet
 from onnxprune.masking.selection import LayerPlan
 from onnxprune.model import io as mio
 from onnxprune.model.index import names_read

@@ -1,17 +1,11 @@
-"""Calibration data and the per-layer activation statistics computed from it.
+"""Per-layer activation statistics computed from calibration data.
 
-This module owns:
-
-* **loading calibration inputs** (:func:`load_calibration`): an ``.npz`` with one array per model
-  input, a folder of ``.npy``/``.npz`` files, or a folder of images with a declared
-  :class:`ImagePreprocess`; checked against the model's input signature and served as feed dicts
-  in batches by a :class:`CalibrationSet`. :func:`generated_calibration` makes seeded random
-  inputs instead (the caller reports such a run as *data-free in effect*).
-* **layer statistics** (:func:`collect_layer_stats`): for every prunable weight, the matrix ``X``
-  its ``W[out, in]`` view multiplies (one row per sample and output position, columns in exactly
-  the order of :meth:`Layout.to_2d`'s ``in``), reduced while streaming to
-  ``in_sq_norms = sum_rows x_j**2`` (Wanda's ``||X_j||^2``), ``hessian = X^T X`` (SparseGPT,
-  least-squares refits) and ``in_sums`` (means, bias correction), all in float64.
+This module owns **layer statistics** (:func:`collect_layer_stats`), over a
+:class:`~onnxprune.inputs.dataset.CalibrationSet` from the input layer: for every prunable
+weight, the matrix ``X`` its ``W[out, in]`` view multiplies (one row per sample and output
+position, columns in exactly the order of :meth:`Layout.to_2d`'s ``in``), reduced while
+streaming to ``in_sq_norms = sum_rows x_j**2`` (Wanda's ``||X_j||^2``), ``hessian = X^T X``
+(SparseGPT, least-squares refits) and ``in_sums`` (means, bias correction), all in float64.
 
 How ``X`` is formed, per op (the node's *activation* operand is the one that is not the weight):
 
@@ -34,8 +28,8 @@ How ``X`` is formed, per op (the node's *activation* operand is the one that is 
   batch (exact when the activation broadcasts over ``B``, an average otherwise).
 
 Activations are read by adding them as graph outputs of a copy of the model, run in
-onnxruntime batch by batch. Layers are processed in *chunks* so that the activations exposed at
-once stay under ``budget_bytes`` per batch (shapes from shape inference at the actual input
+onnxruntime batch by batch (:func:`onnxprune.runtime.session.exposed_batches`). Layers are
+processed in *chunks* so that the activations exposed at once stay under ``budget_bytes`` per batch (shapes from shape inference at the actual input
 shapes); weights reading the same activation the same way (Q/K/V projections) share one
 accumulator. The :class:`StatsRecord` says how many chunks and model runs it took and the peak
 bytes held (exposed activations + im2col block + accumulators).
@@ -46,525 +40,29 @@ are listed in :attr:`StatsRecord.skipped` with a reason.
 
 from __future__ import annotations
 
-import os
-import zipfile
+import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
 from numpy.lib.stride_tricks import as_strided
 
-from onnxprune.model.index import names_read
 from onnxprune.errors import InputDataError, OptionError
-from onnxprune.model.io import ModelHandle, iter_tensors, load
+from onnxprune.inputs.dataset import CalibrationSet
+from onnxprune.model.io import iter_tensors, load
 from onnxprune.ops.layouts import _attr
-from onnxprune.runtime.validate import (InputSpec, input_signature, inputs_error, make_inputs, open_session,
-                       resolve_input_shapes)
+from onnxprune.runtime.session import exposed_batches
 from onnxprune.model.weights import Weight
 
-__all__ = ["ImagePreprocess", "CalibrationSet", "load_calibration", "generated_calibration",
-           "LayerStats", "StatsRecord", "LayerStatsMap", "collect_layer_stats",
-           "activation_rows"]
+__all__ = ["LayerStats", "StatsRecord", "LayerStatsMap", "collect_layer_stats", "activation_rows"]
 
 #: Activation bytes per batch exposed at once before a new chunk of layers starts.
 DEFAULT_BUDGET_BYTES = 1 << 30
 #: Bytes of one float64 im2col block (rows are streamed through in blocks of this size).
 BLOCK_BYTES = 32 << 20
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
-ARRAY_EXTENSIONS = (".npy", ".npz")
 
 Progress = Callable[[int, int], None]  # (batches done, batches in total over all chunks)
-
-
-# =============================================================================================
-# calibration inputs
-# =============================================================================================
-@dataclass(frozen=True)
-class ImagePreprocess:
-    """How an image file becomes a model input: ``((pixels * scale) - mean) / std``.
-
-    ``size`` is ``(H, W)`` after resizing (bilinear); None takes the model's static spatial
-    dims. ``mean``/``std`` are per channel, in ``channel_order``. ``layout`` is the model
-    input's: ``"NCHW"`` or ``"NHWC"``. A one-channel model input reads images as grayscale.
-    """
-
-    size: Optional[Tuple[int, int]] = None
-    scale: float = 1.0 / 255.0
-    mean: Tuple[float, ...] = (0.0, 0.0, 0.0)
-    std: Tuple[float, ...] = (1.0, 1.0, 1.0)
-    layout: str = "NCHW"
-    channel_order: str = "RGB"
-
-    def __post_init__(self) -> None:
-        if self.layout not in ("NCHW", "NHWC"):
-            raise OptionError(f"image layout must be NCHW or NHWC, got {self.layout!r}")
-        if self.channel_order not in ("RGB", "BGR"):
-            raise OptionError(f"image channel order must be RGB or BGR, got "
-                              f"{self.channel_order!r}")
-        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
-            raise OptionError(f"image size must be (H, W) with positive ints, got {self.size}")
-        if len(self.mean) != len(self.std) or any(s == 0 for s in self.std):
-            raise OptionError("image mean and std need one value per channel and std must "
-                              f"not be 0 (mean={self.mean}, std={self.std})")
-
-
-@dataclass
-class _Part:
-    """A slice of the calibration data: ``count`` samples loaded on demand."""
-
-    count: int
-    load: Callable[[], Dict[str, np.ndarray]]  # name -> array with a leading sample axis
-    label: str
-
-
-class CalibrationSet:
-    """Calibration samples checked against a model's inputs, served as feed dicts.
-
-    Samples are read lazily, part by part (a file, an image), so a folder of images costs one
-    batch of memory. ``data_free`` is True for generated inputs.
-
-    >>> data = load_calibration("calib.npz", model)            # doctest: +SKIP
-    >>> len(data), next(data.batches(8))["input"].shape        # doctest: +SKIP
-    (256, (8, 3, 224, 224))
-    """
-
-    def __init__(self, inputs: Sequence[InputSpec], parts: Sequence[_Part], source: str,
-                 data_free: bool = False) -> None:
-        self.inputs = list(inputs)
-        self._parts = list(parts)
-        self.source = source
-        self.data_free = data_free
-
-    @classmethod
-    def from_arrays(cls, model, arrays: Mapping[str, np.ndarray],
-                    label: str = "arrays") -> "CalibrationSet":
-        """A set from in-memory arrays keyed by input name (axis 0 = samples), checked like
-        an ``.npz``."""
-        specs = input_signature(_proto(model))
-        arrays = {k: np.asarray(v) for k, v in arrays.items()}
-        names = _map_names(Path(label), specs, list(arrays))
-        arrays = {names[k]: v for k, v in arrays.items()}
-        count, adds_axis = _check_arrays(Path(label), specs,
-                                         {k: (v.shape, v.dtype) for k, v in arrays.items()},
-                                         single_ok=False)
-        conformed = {s.name: _conform(s, arrays[s.name], adds_axis[s.name], label)
-                     for s in specs}
-        return cls(specs, [_Part(count, lambda: conformed, label)], label)
-
-    def __len__(self) -> int:
-        return sum(p.count for p in self._parts)
-
-    def __repr__(self) -> str:
-        kind = "generated" if self.data_free else "calibration"
-        return f"<CalibrationSet {len(self)} {kind} samples from {self.source}>"
-
-    @property
-    def fixed_batch(self) -> Optional[int]:
-        """The batch size the model's inputs fix on axis 0 (None when it is dynamic)."""
-        fixed = [s.dims[0] for s in self.inputs if s.dims and isinstance(s.dims[0], int)]
-        return min(fixed) if fixed else None
-
-    def num_batches(self, batch_size: int) -> int:
-        """Batches :meth:`batches` yields (more only where sample shapes change mid-way)."""
-        fixed = self.fixed_batch
-        if fixed is not None:
-            return len(self) // fixed
-        return -(-len(self) // batch_size)
-
-    def take(self, n: int) -> "CalibrationSet":
-        """The first ``n`` samples (all when there are fewer)."""
-        parts: List[_Part] = []
-        left = int(n)
-        for part in self._parts:
-            if left <= 0:
-                break
-            if part.count <= left:
-                parts.append(part)
-            else:
-                parts.append(_Part(left, _head(part.load, left), part.label))
-            left -= part.count
-        return CalibrationSet(self.inputs, parts, self.source, self.data_free)
-
-    def batches(self, batch_size: int = 8) -> Iterator[Dict[str, np.ndarray]]:
-        """Feed dicts of ``batch_size`` samples (the last may be smaller).
-
-        A model that fixes axis 0 gets batches of exactly that size; a remainder that cannot
-        fill one is dropped. Samples whose non-batch dims differ (a folder of sequences of
-        different lengths) are never concatenated: such a boundary ends a batch early. A scalar
-        input (rank 0) holds one value for all samples and is fed as it is.
-        """
-        if batch_size < 1:
-            raise OptionError(f"batch size must be a positive integer, got {batch_size}")
-        fixed = self.fixed_batch
-        size = fixed if fixed is not None else batch_size
-        scalars = {s.name for s in self.inputs if s.dims is not None and len(s.dims) == 0}
-        pending: List[Dict[str, np.ndarray]] = []
-        pending_n = 0
-        constants: Dict[str, np.ndarray] = {}
-
-        def flush(n: int) -> Dict[str, np.ndarray]:
-            nonlocal pending, pending_n
-            merged = {k: (np.concatenate([p[k] for p in pending]) if len(pending) > 1
-                          else pending[0][k]) for k in pending[0]}
-            out = {k: v[:n] for k, v in merged.items()}
-            rest = {k: v[n:] for k, v in merged.items()}
-            pending_n -= n
-            pending = [rest] if pending_n else []
-            return {**out, **constants}
-
-        for part in self._parts:
-            arrays = part.load()
-            constants.update({k: arrays.pop(k) for k in scalars if k in arrays})
-            if pending and not _same_sample_shape(pending[0], arrays):
-                while pending_n:
-                    n = min(size, pending_n)
-                    if fixed is not None and n < fixed:
-                        pending, pending_n = [], 0
-                        break
-                    yield flush(n)
-            pending.append(arrays)
-            pending_n += part.count
-            while pending_n >= size:
-                yield flush(size)
-        if pending_n and fixed is None:
-            yield flush(pending_n)
-
-
-def _head(loader: Callable[[], Dict[str, np.ndarray]], n: int):
-    return lambda: {k: v[:n] for k, v in loader().items()}
-
-
-def _same_sample_shape(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
-    return all(a[k].shape[1:] == b[k].shape[1:] for k in a)
-
-
-def load_calibration(source: Union[str, os.PathLike], model, samples: Optional[int] = None,
-                     image_preprocess: Optional[ImagePreprocess] = None) -> CalibrationSet:
-    """Calibration inputs for ``model`` (a proto, handle or path) from ``source``.
-
-    * ``data.npz``: one array per model input, keyed by input name (``np.savez(path, **feeds)``;
-      unnamed ``arr_0, arr_1, ...`` map to the inputs in graph order), first axis = samples;
-    * a folder of ``.npz`` files (same form, one sample or a batch each), or of ``.npy`` files
-      for a one-input model; files are read in sorted name order;
-    * a folder of images (PNG/JPEG/BMP, needs Pillow) for a one-input image model, with
-      ``image_preprocess`` saying how pixels become the input.
-
-    An array with the model input's rank is a batch (axis 0 = samples); in a folder, one rank
-    lower is a single sample. Floats are cast to the input's float type and integers to its
-    integer type; other dtype mismatches, wrong names, ranks or static dims raise
-    :class:`InputDataError` naming the input. ``samples`` keeps the first ``samples``.
-    """
-    specs = input_signature(_proto(model))
-    if not specs:
-        raise InputDataError("the model has no runtime inputs; calibration data cannot be fed")
-    path = Path(source)
-    if not path.exists():
-        raise InputDataError(f"calibration source '{path}' does not exist; pass a .npz file or "
-                             "a folder of .npy/.npz/image files")
-    if path.is_dir():
-        data = _load_folder(path, specs, image_preprocess)
-    elif path.suffix.lower() == ".npz":
-        data = CalibrationSet(specs, [_npz_part(path, specs, single_ok=False)], str(path))
-    elif path.suffix.lower() == ".npy":
-        data = CalibrationSet(specs, [_npy_part(path, specs, single_ok=False)], str(path))
-    elif path.suffix.lower() in IMAGE_EXTENSIONS:
-        raise InputDataError(f"'{path}' is one image; pass the folder holding the calibration "
-                             "images")
-    else:
-        raise InputDataError(f"calibration source '{path}' is neither a .npz/.npy file nor a "
-                             "folder; save inputs with np.savez(path, **{name: array})")
-    if samples is not None:
-        if int(samples) < 1:
-            raise OptionError(f"calibration samples must be a positive integer, got {samples}")
-        data = data.take(int(samples))
-    if len(data) == 0:
-        raise InputDataError(f"calibration source '{path}' holds no samples")
-    return data
-
-
-def generated_calibration(model, n: int = 8, seed: int = 0,
-                          shapes: Optional[Mapping[str, Sequence[int]]] = None) -> CalibrationSet:
-    """``n`` seeded random samples from the model's input signature (data-free in effect).
-
-    ``shapes`` gives the shape of one sample per input name (axis 0 included, usually 1);
-    dynamic dims not given follow :func:`onnxprune.runtime.validate.resolve_input_shapes`. Values follow
-    :func:`onnxprune.runtime.validate.make_inputs`. Statistics from these inputs describe the model on
-    noise, not on its data: whoever uses them should report the run as data-free in effect.
-    """
-    proto = _proto(model)
-    if n < 1:
-        raise OptionError(f"generated calibration needs at least 1 sample, got {n}")
-    specs = input_signature(proto)
-    resolved = resolve_input_shapes(proto, shapes, batch=1)
-    parts = []
-    for i in range(int(n)):
-        def loader(i=i):
-            return make_inputs(proto, resolved, seed=seed * 1_000_003 + i)
-        parts.append(_Part(1, loader, f"generated #{i}"))
-    return CalibrationSet(specs, parts, f"generated (seed {seed})", data_free=True)
-
-
-def _proto(model) -> onnx.ModelProto:
-    if isinstance(model, ModelHandle):
-        return model.model
-    if isinstance(model, onnx.ModelProto):
-        return model
-    return load(model).model
-
-
-# -- arrays ----------------------------------------------------------------------------------
-def _load_folder(path: Path, specs: Sequence[InputSpec],
-                 preprocess: Optional[ImagePreprocess]) -> CalibrationSet:
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    arrays = [p for p in files if p.suffix.lower() in ARRAY_EXTENSIONS]
-    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-    if arrays and images:
-        raise InputDataError(f"calibration folder '{path}' mixes array files "
-                             f"({arrays[0].name}) and images ({images[0].name}); keep one kind")
-    if images:
-        return _image_set(path, images, specs, preprocess)
-    if not arrays:
-        raise InputDataError(f"calibration folder '{path}' has no .npy/.npz or image "
-                             f"({', '.join(IMAGE_EXTENSIONS)}) files")
-    parts = []
-    for p in arrays:
-        if p.suffix.lower() == ".npz":
-            parts.append(_npz_part(p, specs, single_ok=True))
-        else:
-            parts.append(_npy_part(p, specs, single_ok=True))
-    return CalibrationSet(specs, parts, str(path))
-
-
-def _npy_part(path: Path, specs: Sequence[InputSpec], single_ok: bool) -> _Part:
-    if len(specs) != 1:
-        raise InputDataError(f"'{path}' is a .npy (one array) but the model has {len(specs)} "
-                             f"inputs ({', '.join(s.name for s in specs)}); use .npz files "
-                             "keyed by input name")
-    try:
-        header = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as exc:
-        raise InputDataError(f"'{path}' is not a readable .npy file ({exc})") from None
-    spec = specs[0]
-    shapes = {spec.name: (tuple(header.shape), header.dtype)}
-    count, adds_axis = _check_arrays(path, specs, shapes, single_ok)
-    del header
-
-    def loader():
-        arr = np.load(path, allow_pickle=False)
-        return {spec.name: _conform(spec, arr, adds_axis[spec.name], path)}
-
-    return _Part(count, loader, path.name)
-
-
-def _npz_part(path: Path, specs: Sequence[InputSpec], single_ok: bool) -> _Part:
-    try:
-        shapes = _npz_headers(path)
-    except Exception as exc:
-        raise InputDataError(f"'{path}' is not a readable .npz file ({exc}); save inputs with "
-                             "np.savez(path, **{name: array})") from None
-    names = _map_names(path, specs, list(shapes))
-    shapes = {names[k]: v for k, v in shapes.items()}
-    count, adds_axis = _check_arrays(path, specs, shapes, single_ok)
-    by_input = {v: k for k, v in names.items()}
-
-    def loader():
-        with np.load(path, allow_pickle=False) as z:
-            return {s.name: _conform(s, z[by_input[s.name]], adds_axis[s.name], path)
-                    for s in specs}
-
-    return _Part(count, loader, path.name)
-
-
-def _npz_headers(path: Path) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
-    """Shape and dtype of each array in a .npz without decompressing the data."""
-    out = {}
-    with zipfile.ZipFile(path) as zf:
-        for info in zf.infolist():
-            if not info.filename.endswith(".npy"):
-                continue
-            with zf.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                if version == (1, 0):
-                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-                else:
-                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-            out[info.filename[: -len(".npy")]] = (tuple(shape), np.dtype(dtype))
-    return out
-
-
-def _map_names(path: Path, specs: Sequence[InputSpec], keys: List[str]) -> Dict[str, str]:
-    """Array key -> input name: by name, or positionally for ``arr_0, arr_1, ...``."""
-    wanted = [s.name for s in specs]
-    positional = [f"arr_{i}" for i in range(len(keys))]
-    if sorted(keys) == sorted(positional) and not set(keys) & set(wanted):
-        if len(keys) != len(specs):
-            raise InputDataError(f"'{path}' holds {len(keys)} unnamed arrays but the model has "
-                                 f"{len(specs)} inputs ({', '.join(wanted)}); save them by "
-                                 "name: np.savez(path, **{name: array})")
-        return {f"arr_{i}": wanted[i] for i in range(len(keys))}
-    missing = [s for s in specs if s.name not in keys]
-    extra = sorted(k for k in keys if k not in wanted)
-    if missing:
-        want = ", ".join(f"'{s.name}' {s.declared} {_type_name(s)}" for s in missing)
-        raise InputDataError(f"'{path}' has no array for input(s) {want}; it holds "
-                             f"{', '.join(repr(k) for k in keys) or 'nothing'}")
-    if extra:
-        raise InputDataError(f"'{path}' has array(s) {', '.join(repr(e) for e in extra)} that "
-                             f"are not model inputs; the inputs are: {', '.join(wanted)}")
-    return {k: k for k in keys}
-
-
-def _check_arrays(path: Path, specs: Sequence[InputSpec],
-                  shapes: Mapping[str, Tuple[Tuple[int, ...], np.dtype]],
-                  single_ok: bool) -> Tuple[int, Dict[str, bool]]:
-    """Validate shapes/dtypes; returns (samples in the file, which inputs need a batch axis)."""
-    counts = {}
-    adds_axis = {}
-    for spec in specs:
-        shape, dtype = shapes[spec.name]
-        _check_dtype(path, spec, dtype)
-        if spec.dims is None:  # no declared shape: trust the file, axis 0 = samples
-            adds_axis[spec.name] = False
-            counts[spec.name] = shape[0] if shape else 1
-            continue
-        rank = len(spec.dims)
-        if rank == 0:
-            if len(shape) != 0:
-                raise InputDataError(f"input '{spec.name}' is a scalar; '{path}' gives shape "
-                                     f"{_fmt(shape)}: give one value (a 0-d array), used for "
-                                     "every sample")
-            adds_axis[spec.name] = False
-            continue
-        if len(shape) == rank:
-            sample_shape, n = shape[1:], shape[0]
-            adds_axis[spec.name] = False
-        elif single_ok and len(shape) == rank - 1:
-            sample_shape, n = shape, 1
-            adds_axis[spec.name] = True
-        else:
-            ranks = f"rank {rank}" + (f" (or {rank - 1} for one sample)" if single_ok else "")
-            raise InputDataError(f"input '{spec.name}' in '{path}' has shape {_fmt(shape)}; "
-                                 f"the model expects {spec.declared} {_type_name(spec)}, so "
-                                 f"the array needs {ranks} with samples on axis 0")
-        for axis, (declared, got) in enumerate(zip(spec.dims[1:], sample_shape), start=1):
-            if isinstance(declared, int) and declared != got:
-                raise InputDataError(f"input '{spec.name}' in '{path}' has shape "
-                                     f"{_fmt(shape)}; the model expects {spec.declared} "
-                                     f"(dim {axis} must be {declared})")
-        counts[spec.name] = n
-    if len(set(counts.values())) > 1:
-        detail = ", ".join(f"'{k}': {v}" for k, v in counts.items())
-        raise InputDataError(f"'{path}' holds different sample counts per input ({detail}); "
-                             "axis 0 of every array is the sample axis")
-    if not counts:
-        raise InputDataError(f"'{path}' gives only scalar inputs; calibration needs at least "
-                             "one input with samples on axis 0")
-    return next(iter(counts.values())), adds_axis
-
-
-def _check_dtype(path, spec: InputSpec, dtype: np.dtype) -> None:
-    target = spec.dtype
-    if dtype == target:
-        return
-    if target.kind == "f" and dtype.kind == "f":
-        return
-    if target.kind in "iu" and dtype.kind in "iu":
-        return
-    raise InputDataError(f"input '{spec.name}' in '{path}' is {dtype}; the model expects "
-                         f"{_type_name(spec)} {spec.declared}")
-
-
-def _conform(spec: InputSpec, arr: np.ndarray, add_axis: bool, path) -> np.ndarray:
-    if add_axis:
-        arr = arr[None]
-    if arr.dtype != spec.dtype:
-        if spec.dtype.kind in "iu" and arr.size:
-            info = np.iinfo(spec.dtype)
-            if arr.min() < info.min or arr.max() > info.max:
-                raise InputDataError(f"input '{spec.name}' in '{path}' has values that do not "
-                                     f"fit {spec.dtype}")
-        arr = arr.astype(spec.dtype)
-    return arr
-
-
-def _type_name(spec: InputSpec) -> str:
-    return onnx.TensorProto.DataType.Name(spec.elem_type).lower()
-
-
-def _fmt(shape: Sequence[int]) -> str:
-    return "x".join(str(d) for d in shape) or "()"
-
-
-# -- images ----------------------------------------------------------------------------------
-def _image_set(folder: Path, files: List[Path], specs: Sequence[InputSpec],
-               pre: Optional[ImagePreprocess]) -> CalibrationSet:
-    try:
-        import PIL.Image  # noqa: F401 - optional dependency, checked before any work
-    except ImportError:
-        raise OptionError(f"calibration folder '{folder}' holds images; reading them needs "
-                          "Pillow: pip install pillow") from None
-    if len(specs) != 1:
-        raise InputDataError(f"calibration images fit a one-input model; this one has "
-                             f"{len(specs)} inputs ({', '.join(s.name for s in specs)}); "
-                             "save .npz files keyed by input name instead")
-    if pre is None:
-        raise OptionError(f"calibration folder '{folder}' holds images: declare how they are "
-                          "preprocessed (ImagePreprocess: size, scale, mean, std, layout, "
-                          "channel order)")
-    spec = specs[0]
-    if spec.dtype.kind != "f":
-        raise InputDataError(f"input '{spec.name}' is {_type_name(spec)}; calibration images "
-                             "are preprocessed to floats, so they need a float input")
-    dims = spec.dims
-    if dims is not None and len(dims) != 4:
-        raise InputDataError(f"input '{spec.name}' has rank {len(dims)} {spec.declared}; "
-                             "images need a rank-4 NCHW or NHWC input")
-    c_axis, hw_axes = (1, (2, 3)) if pre.layout == "NCHW" else (3, (1, 2))
-    channels = dims[c_axis] if dims is not None and isinstance(dims[c_axis], int) else len(pre.mean)
-    if channels not in (1, 3) or len(pre.mean) not in (1, channels):
-        raise InputDataError(f"input '{spec.name}' {spec.declared} has {channels} channels in "
-                             f"layout {pre.layout}; images give 1 (gray) or 3, with one mean/std "
-                             f"each (got {len(pre.mean)})")
-    size = pre.size
-    if size is None:
-        hw = [dims[a] if dims is not None else None for a in hw_axes]
-        if not all(isinstance(d, int) for d in hw):
-            raise OptionError(f"input '{spec.name}' {spec.declared} has dynamic height/width; "
-                              "give the image size in ImagePreprocess(size=(H, W))")
-        size = (int(hw[0]), int(hw[1]))
-    else:
-        for axis, want in zip(hw_axes, size):
-            if dims is not None and isinstance(dims[axis], int) and dims[axis] != want:
-                raise InputDataError(f"image size {size[0]}x{size[1]} does not fit input "
-                                     f"'{spec.name}' {spec.declared}")
-    parts = [_Part(1, (lambda p=p: {spec.name: _read_image(p, pre, size, channels, spec)}),
-                   p.name) for p in files]
-    return CalibrationSet(specs, parts, str(folder))
-
-
-def _read_image(path: Path, pre: ImagePreprocess, size: Tuple[int, int], channels: int,
-                spec: InputSpec) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            img = img.resize((size[1], size[0]), Image.BILINEAR)
-            pixels = np.asarray(img, dtype=np.float32)
-    except Exception as exc:
-        raise InputDataError(f"calibration image '{path}' cannot be read ({exc})") from None
-    if pixels.ndim == 2:
-        pixels = pixels[:, :, None]
-    if pre.channel_order == "BGR" and channels == 3:
-        pixels = pixels[:, :, ::-1]
-    mean = np.asarray(pre.mean, dtype=np.float32)
-    std = np.asarray(pre.std, dtype=np.float32)
-    pixels = (pixels * np.float32(pre.scale) - mean) / std
-    if pre.layout == "NCHW":
-        pixels = pixels.transpose(2, 0, 1)
-    return np.ascontiguousarray(pixels[None], dtype=spec.dtype)
 
 
 # =============================================================================================
@@ -1078,13 +576,11 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
         held = sum(a.nbytes for a in accumulators.values()) + \
             sum(st.nbytes for st in finished.values())
         names = list(dict.fromkeys(extractors[s].activation for s in sigs))
-        exposed = [n for n in names if n not in graph_inputs]
         models = [handle] if ref is None else [handle, ref]
         if runners is not None:
             sources = [runner.batches(names) for runner in runners[:len(models)]]
         else:
-            sources = [_session_batches(h, exposed, names, types, data, batch_size,
-                                        graph_inputs) for h in models]
+            sources = [exposed_batches(h, names, data, batch_size, types) for h in models]
         for outs in zip(*sources):
             batch_bytes = sum(v.nbytes for got in outs for v in got.values())
             block_peak = 0
@@ -1112,30 +608,6 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
         for key in keys:  # every signature of these keys is finished (this or an earlier chunk)
             result[key] = _combine([finished[s] for s in weight_sigs[key]])
     return result
-
-
-def run_calibration(session, names: Sequence[str], feed: Mapping[str, np.ndarray],
-                    batch: Optional[Mapping[str, np.ndarray]] = None) -> list:
-    """``session.run(names, feed)``; when onnxruntime fails, an :class:`InputDataError` naming the
-    calibration batch (``batch``, the graph inputs; ``feed`` when not given) and what to do."""
-    try:
-        return session.run(list(names), dict(feed))
-    except Exception as exc:
-        raise inputs_error("the calibration inputs", batch if batch is not None else feed, exc,
-                           "give real inputs with --calibration, or the sizes the model was "
-                           "exported for with --input-shape NAME:DIMS") from None
-
-
-def _session_batches(handle: ModelHandle, exposed: Sequence[str], names: Sequence[str],
-                     types: Mapping[str, int], data: CalibrationSet, batch_size: int,
-                     graph_inputs) -> Iterator[Dict[str, np.ndarray]]:
-    """``{name: array}`` per batch from one session exposing ``exposed`` (graph inputs are
-    taken from the feed)."""
-    session = _exposing_session(handle, exposed, types) if exposed else None
-    for feed in data.batches(batch_size):
-        got = dict(zip(exposed, run_calibration(session, exposed, feed))) if session else {}
-        got.update({n: feed[n] for n in names if n in graph_inputs})
-        yield got
 
 
 def _combine(parts: List[LayerStats]) -> LayerStats:
@@ -1240,66 +712,3 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
             del t.external_data[:]
             t.external_data.add(key="location", value="__onnxprune_stripped__")
     return copy
-
-
-def _exposing_session(handle: ModelHandle, names: Sequence[str], types: Mapping[str, int]):
-    """An onnxruntime session whose outputs are exactly ``names`` (intermediate tensors).
-
-    Only the requested tensors are outputs, and the nodes they do not depend on are left out
-    of the session (onnxruntime runs every node of a graph, needed or not): exposing an early
-    layer's input costs only the part of the model before it.
-    """
-    outputs = [onnx.helper.make_tensor_value_info(name, types[name], None)
-               if types.get(name) else onnx.ValueInfoProto(name=name) for name in names]
-    graph = handle.model.graph
-    needed = _needed_nodes(graph, names)
-    nodes = [graph.node[i] for i in needed] if len(needed) < len(graph.node) else None
-    return _part_session(handle, nodes, outputs)
-
-
-def _part_session(handle: ModelHandle, nodes: Optional[Sequence[onnx.NodeProto]],
-                  outputs: Sequence, inputs: Optional[Sequence] = None):
-    """A session of the handle's main graph cut down to ``nodes`` (None: all of them), with
-    ``outputs`` (ValueInfoProtos) and, when given, ``inputs`` in place of the graph's (a piece
-    fed at its cut points: the full graph's ``value_info`` is dropped with them). The handle's
-    proto is changed only while the session is built; its initializers, external data
-    included, serve as they are."""
-    graph = handle.model.graph
-    fields = {"output": list(outputs)}
-    if nodes is not None:
-        fields["node"] = list(nodes)
-    if inputs is not None:
-        fields.update(input=list(inputs), value_info=[])
-    saved = {}
-    for name, items in fields.items():  # detached copies: the fields are cleared below
-        saved[name] = [_copy(m) for m in getattr(graph, name)]
-        fields[name] = [_copy(m) for m in items]
-    try:
-        for name, items in fields.items():
-            del getattr(graph, name)[:]
-            getattr(graph, name).extend(items)
-        return open_session(handle)
-    finally:
-        for name, items in saved.items():
-            del getattr(graph, name)[:]
-            getattr(graph, name).extend(items)
-
-
-def _copy(message):
-    copy = type(message)()
-    copy.CopyFrom(message)
-    return copy
-
-
-def _needed_nodes(graph: onnx.GraphProto, names: Sequence[str]) -> List[int]:
-    """Indices (in graph order) of the nodes that ``names`` depend on. A node with subgraphs
-    needs every name its bodies read (outer-scope values included)."""
-    wanted = set(names)
-    keep = []
-    for i in range(len(graph.node) - 1, -1, -1):
-        node = graph.node[i]
-        if not any(o in wanted for o in node.output):
-            continue
-        keep.append(i)
-        wanted |= names_read(node)
-    return keep[::-1]

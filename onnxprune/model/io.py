@@ -176,6 +176,10 @@ class ModelHandle:
         """Whether ``tensor`` is external and was rewritten (its values live in the spill)."""
         return tensor in self._external_updates
 
+    def rewritten_values(self) -> Iterator[Tuple[onnx.TensorProto, np.ndarray]]:
+        """``(tensor, current values)`` for each rewritten external tensor, read one at a time."""
+        return self._external_updates.values()
+
     @property
     def rewritten_external(self) -> int:
         """How many external tensors were rewritten (their values live in the spill)."""

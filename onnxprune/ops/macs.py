@@ -1,7 +1,7 @@
 """Counting multiply-accumulates (MACs): one formula per op type, in a registry.
 
 :func:`count_macs` fixes the graph inputs' dynamic dims (the same defaults as validation:
-:func:`onnxprune.runtime.validate.resolve_input_shapes`), infers every tensor's shape on a copy of the
+:func:`onnxprune.inputs.signature.resolve_input_shapes`), infers every tensor's shape on a copy of the
 model that carries no weight data (so models with external data or over 2 GB work, and the
 caller's proto is never touched), then applies the formula registered for each main-graph node.
 
@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from onnxprune.model.io import ModelHandle, ModelLike, iter_graphs, load, weightless_copy
-from onnxprune.runtime.validate import input_signature, resolve_input_shapes
+from onnxprune.inputs.signature import input_signature, resolve_input_shapes
 from onnxprune.model.weights import find_weights, node_label
 
 Shapes = Mapping[str, Tuple[int, ...]]

@@ -36,8 +36,9 @@ from onnxprune.model.weights import Skipped, Weight
 
 if TYPE_CHECKING:  # typed state fields only; the passes that fill them import these for real
     from onnxprune.calibration.sensitivity import SensitivityTable
-    from onnxprune.calibration.statistics import CalibrationSet, LayerStats
-    from onnxprune.runtime.validate import Comparison
+    from onnxprune.calibration.statistics import LayerStats
+    from onnxprune.inputs.dataset import CalibrationSet
+    from onnxprune.report.compare import Comparison
 
 Track = Callable[[Iterable, str, int], Iterable]
 

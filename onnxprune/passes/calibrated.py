@@ -21,9 +21,10 @@ import numpy as np
 import onnx
 
 from onnxprune.model import io as mio
-from onnxprune.calibration.statistics import (CalibrationSet, ImagePreprocess, collect_layer_stats,
-                          generated_calibration, load_calibration)
+from onnxprune.calibration.statistics import collect_layer_stats
 from onnxprune.calibration.hessian import fits_budget, hessian_chunks
+from onnxprune.inputs.dataset import CalibrationSet, generated_calibration, load_calibration
+from onnxprune.inputs.images import ImagePreprocess
 from onnxprune.calibration.sensitivity import SensitivityTable, allocate, layer_sensitivity
 from onnxprune.errors import OptionError
 from onnxprune.masking.criteria import get_criterion
@@ -77,7 +78,7 @@ class Calibrate(Pass):
 
     ``source``: an .npz (one array per input, first axis = samples), a folder of .npy/.npz
     files or of images (with ``image_preprocess``), a dict of arrays, or a
-    :class:`~onnxprune.calibration.statistics.CalibrationSet`. None generates ``min(samples, 32)`` inputs
+    :class:`~onnxprune.inputs.dataset.CalibrationSet`. None generates ``min(samples, 32)`` inputs
     from the model's signature: the run still works, but the statistics say nothing about real
     data, and the notes say so. ``hessian`` also accumulates ``XᵀX`` (SparseGPT, refit);
     ``targets`` "selected" collects for the selected weights, "all" for every weight (refit

@@ -18,7 +18,7 @@ class ValidateRecord(PassRecord):
     ``max_error`` gate failed (None when it passed or was not set)."""
 
     executed: bool = True
-    comparison: Optional[object] = None  # runtime.validate.Comparison
+    comparison: Optional[object] = None  # report.compare.Comparison
     gate_failure: Optional[str] = None
 
 
@@ -37,11 +37,13 @@ class Validate(Pass):
         self.seed = seed
 
     def run(self, state):
-        from onnxprune.runtime import validate as v
+        from onnxprune.report.compare import compare
+        from onnxprune.runtime.session import InvalidOutputModel, open_session, run_model
+        from onnxprune.runtime.validate import check_valid
 
         try:
-            reference_session = v.open_session(state.original)
-        except v.InvalidOutputModel as exc:
+            reference_session = open_session(state.original)
+        except InvalidOutputModel as exc:
             if not state.full_check:  # neither strict shape inference nor onnxruntime accept it
                 raise ModelLoadError(f"the input model is invalid: onnx.checker's strict shape "
                                      f"inference rejects it and onnxruntime cannot load it "
@@ -58,14 +60,14 @@ class Validate(Pass):
         reference = feeds = None
         if self.compare:
             feeds = self._feeds(state)
-            reference = v.run_model(reference_session, feeds)
+            reference = run_model(reference_session, feeds)
         del reference_session  # one model in onnxruntime at a time: big models are big twice
         with mio.materialized(state.handle) as candidate:
-            v.check_valid(candidate, full_check=state.full_check)
+            check_valid(candidate, full_check=state.full_check)
             if not self.compare:
                 return ValidateRecord(summary="valid: checker + onnxruntime")
-            outputs = v.run_model(candidate, feeds, candidate=True)
-        state.comparison = comparison = v.compare(reference, outputs)
+            outputs = run_model(candidate, feeds, candidate=True)
+        state.comparison = comparison = compare(reference, outputs)
         summary = (f"valid; max abs error {comparison.max_abs:.3g}, worst cosine "
                    f"{comparison.worst_cosine:.6f}")
         gate = None
@@ -77,11 +79,10 @@ class Validate(Pass):
         return ValidateRecord(summary=summary, comparison=comparison, gate_failure=gate)
 
     def _feeds(self, state):
-        from onnxprune.runtime import validate as v
+        from onnxprune.inputs.dataset import load_inputs
+        from onnxprune.inputs.generate import make_inputs
 
         model = state.model
         if self.inputs is None:
-            return v.make_inputs(model, self.input_shapes, seed=self.seed)
-        if isinstance(self.inputs, dict):
-            return self.inputs
-        return v.load_inputs(self.inputs, model, self.input_shapes)
+            return make_inputs(model, self.input_shapes, seed=self.seed)
+        return load_inputs(self.inputs, model, self.input_shapes)  # a file or a dict

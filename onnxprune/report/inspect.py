@@ -20,7 +20,7 @@ from onnxprune.model.io import ModelLike, load
 from onnxprune.ops.macs import count_macs
 from onnxprune.report.build import layer_macs, note_density
 from onnxprune.report.report import LayerRow, Report
-from onnxprune.runtime.validate import input_signature
+from onnxprune.inputs.signature import input_signature
 from onnxprune.model.weights import find_weights
 
 

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from onnxprune.runtime.validate import Comparison, tolerance_for
+from onnxprune.report.compare import Comparison, tolerance_for
 
 ARROW = "→"
 

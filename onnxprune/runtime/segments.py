@@ -25,10 +25,10 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import onnx
 
-from onnxprune.calibration.statistics import (CalibrationSet, _exposing_session, _part_session,
-                          run_calibration)
+from onnxprune.inputs.dataset import CalibrationSet
 from onnxprune.model.index import names_read
 from onnxprune.model.io import ModelHandle
+from onnxprune.runtime.session import exposed_batches, part_session, run_calibration
 
 __all__ = ["SegmentRunner"]
 
@@ -87,11 +87,7 @@ class SegmentRunner:
             yield {n: feed[n] if n not in self.producer else self._get(n, b) for n in names}
 
     def _from_scratch(self, names: Sequence[str]) -> Iterator[Dict[str, np.ndarray]]:
-        exposed = [n for n in names if n in self.producer]
-        session = _exposing_session(self.handle, exposed, {}) if exposed else None
-        for feed in self.data.batches(self.batch_size):
-            got = dict(zip(exposed, run_calibration(session, exposed, feed))) if session else {}
-            got.update({n: feed[n] for n in names if n not in self.producer})
+        for got in exposed_batches(self.handle, names, self.data, self.batch_size):
             self.runs += 1
             yield got
 
@@ -197,4 +193,4 @@ def _segment_session(handle: ModelHandle, nodes: Sequence[onnx.NodeProto],
     inputs += [onnx.helper.make_tensor_value_info(
         name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None)
         for name, dtype in cached.items()]
-    return _part_session(handle, nodes, [onnx.ValueInfoProto(name=n) for n in outputs], inputs)
+    return part_session(handle, nodes, [onnx.ValueInfoProto(name=n) for n in outputs], inputs)

@@ -1,0 +1,241 @@
+"""A model's input signature and the concrete shapes used for it.
+
+This module owns :class:`InputSpec` (one runtime input: name, element type, declared dims),
+:func:`input_signature`, the CLI's ``--input-shape`` text (:func:`parse_input_shapes`) and
+:func:`resolve_input_shapes`, which fills dynamic dims the same way for generated inputs,
+calibration and MAC counting. It also holds the two spellings every input message shares:
+:func:`fmt_shape` and :func:`type_name`.
+
+Default sizes for dynamic dimensions (symbolic like ``"batch"``, or unnamed):
+
+* axis 0 is the batch: ``batch`` (default 1);
+* a rank-4 input is taken as an image: its unknown spatial axes become 224 — axes 2 and 3
+  (NCHW), or axes 1 and 2 when the last axis is a known size of at most 4 (NHWC);
+* any other unknown axis becomes 16 (sequence lengths, feature counts);
+* a symbolic name is one size everywhere: ``seq`` in ``input_ids`` and ``attention_mask`` gets one
+  value, and an override for one input fixes it for every input that shares the name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import onnx
+
+from onnxprune.errors import InputDataError, OptionError
+from onnxprune.model.io import ModelHandle, load
+
+ModelOrPath = Union[str, os.PathLike, onnx.ModelProto, ModelHandle]
+Dim = Union[int, str, None]  # a static size, a symbolic name, or unknown
+
+#: Batch size for an unknown axis 0 (``make_inputs(batch=...)`` overrides it).
+DEFAULT_BATCH = 1
+#: Size of an unknown spatial axis of a rank-4 (image-like) input.
+DEFAULT_IMAGE_SIZE = 224
+#: Size of any other unknown axis.
+DEFAULT_DIM = 16
+#: ONNX element types served as floats (numpy float data is cast to them).
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                         onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16})
+_SHAPE_FORM = "NAME:DIMS, like input:1x3x224x224 or input:1,3,224,224"
+
+
+def model_proto(model: ModelOrPath) -> onnx.ModelProto:
+    """The proto of a proto, handle or path (a path is read graph only: external data stays on
+    disk)."""
+    if isinstance(model, ModelHandle):
+        return model.model
+    if isinstance(model, onnx.ModelProto):
+        return model
+    return load(model).model
+
+
+# -- input signature --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InputSpec:
+    """One runtime input of a model: name, ONNX element type and declared dims (None if no
+    shape is declared at all)."""
+
+    name: str
+    elem_type: int
+    dims: Optional[Tuple[Dim, ...]]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.elem_type))
+
+    @property
+    def declared(self) -> str:
+        """The declared shape as text, e.g. ``[batch, 3, 224, 224]`` (``?`` for unnamed)."""
+        if self.dims is None:
+            return "<no shape>"
+        return "[" + ", ".join("?" if d is None else str(d) for d in self.dims) + "]"
+
+
+def input_signature(model: ModelOrPath) -> List[InputSpec]:
+    """The model's runtime inputs in graph order; graph inputs that are initializers (old
+    exporters list every weight as an input) are weights, not inputs, and are left out."""
+    proto = model_proto(model)
+    init_names = {t.name for t in proto.graph.initializer}
+    specs = []
+    for vi in proto.graph.input:
+        if vi.name in init_names:
+            continue
+        kind = vi.type.WhichOneof("value")
+        if kind != "tensor_type":
+            raise InputDataError(f"input '{vi.name}' is a {kind or 'untyped value'}, not a "
+                                 "tensor; onnxprune can only feed tensor inputs")
+        tt = vi.type.tensor_type
+        dims: Optional[Tuple[Dim, ...]] = None
+        if tt.HasField("shape"):
+            dims = tuple(_dim(d) for d in tt.shape.dim)
+        specs.append(InputSpec(vi.name, tt.elem_type, dims))
+    return specs
+
+
+#: dim_param spellings exporters use for "unknown" rather than as a shared name (paddle2onnx
+#: writes "?" for every dynamic dim; tying those together would force unrelated dims equal).
+_ANONYMOUS_DIMS = {"?", "-1", "None", "none", "unk", "dynamic"}
+
+
+def _dim(d: onnx.TensorShapeProto.Dimension) -> Dim:
+    if d.HasField("dim_value") and d.dim_value > 0:
+        return int(d.dim_value)
+    if d.HasField("dim_param") and d.dim_param and d.dim_param not in _ANONYMOUS_DIMS:
+        return d.dim_param
+    return None
+
+
+def parse_input_shapes(specs: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
+    """``["x:1x3x224x224", "ids:1,128"]`` -> ``{"x": (1, 3, 224, 224), "ids": (1, 128)}``.
+
+    The name is everything before the *last* colon, so TensorFlow names like ``input:0`` work
+    (``input:0:1x3x224x224``). Raises :class:`OptionError` with the expected form.
+    """
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for spec in specs:
+        name, sep, dims_text = str(spec).strip().rpartition(":")
+        if not sep or not name or not dims_text.strip():
+            raise OptionError(f"--input-shape '{spec}' is not {_SHAPE_FORM}")
+        parts = re.split(r"[x,]", dims_text.strip())
+        try:
+            dims = tuple(int(p) for p in parts)
+        except ValueError:
+            raise OptionError(f"--input-shape '{spec}': dims '{dims_text}' must be positive "
+                              f"integers; expected {_SHAPE_FORM}") from None
+        if any(d <= 0 for d in dims):
+            raise OptionError(f"--input-shape '{spec}': every dim must be a positive integer; "
+                              f"expected {_SHAPE_FORM}")
+        if name in shapes:
+            raise OptionError(f"--input-shape gives input '{name}' twice; give it once")
+        shapes[name] = dims
+    return shapes
+
+
+def resolve_input_shapes(model: ModelOrPath,
+                         overrides: Optional[Mapping[str, Sequence[int]]] = None,
+                         batch: int = DEFAULT_BATCH,
+                         require_all: bool = True) -> Dict[str, Tuple[int, ...]]:
+    """Concrete shapes for the runtime inputs: declared static dims, then ``overrides`` by
+    name, then the defaults in this module's docstring for dynamic dims.
+
+    Raises :class:`OptionError` for an override naming no input (the real names are listed), an
+    override of the wrong rank or contradicting a static dim, and — when ``require_all`` — an
+    input that declares no shape and has no override (with ``require_all=False`` such inputs
+    are left out of the result).
+    """
+    specs = input_signature(model)
+    shapes = concrete_shapes(specs, overrides, batch, require_all=require_all)
+    return {k: v for k, v in shapes.items() if v is not None}
+
+
+def concrete_shapes(specs: Sequence[InputSpec], overrides: Optional[Mapping[str, Sequence[int]]],
+                    batch: int, require_all: bool) -> Dict[str, Optional[Tuple[int, ...]]]:
+    """Each input's concrete shape (None for a shapeless input when not ``require_all``); see
+    :func:`resolve_input_shapes`."""
+    overrides = {k: tuple(int(d) for d in v) for k, v in (overrides or {}).items()}
+    if batch < 1:
+        raise OptionError(f"batch must be a positive integer, got {batch}")
+    names = [s.name for s in specs]
+    unknown = [k for k in overrides if k not in names]
+    if unknown:
+        raise OptionError(f"--input-shape names {', '.join(repr(u) for u in unknown)}, which "
+                          f"the model has no input called; its inputs are: "
+                          f"{', '.join(names) or '(none)'}")
+    symbols: Dict[str, int] = {}
+    # Overrides bind symbolic names first, so every input sharing a name follows the override.
+    for spec in specs:
+        if spec.name not in overrides:
+            continue
+        shape = overrides[spec.name]
+        if any(d <= 0 for d in shape):
+            raise OptionError(f"input shape for '{spec.name}' has a non-positive dim: {shape}")
+        if spec.dims is None:
+            continue
+        if len(shape) != len(spec.dims):
+            raise OptionError(f"input '{spec.name}' has rank {len(spec.dims)} "
+                              f"{spec.declared}; the given shape {fmt_shape(shape)} has rank "
+                              f"{len(shape)}")
+        for axis, (declared, given) in enumerate(zip(spec.dims, shape)):
+            if isinstance(declared, int) and declared != given:
+                raise OptionError(f"dim {axis} of input '{spec.name}' is fixed to {declared} "
+                                  f"by the model {spec.declared}; the given shape "
+                                  f"{fmt_shape(shape)} says {given}")
+            if isinstance(declared, str):
+                bound = symbols.setdefault(declared, given)
+                if bound != given:
+                    raise OptionError(f"dim '{declared}' is {bound} in one --input-shape and "
+                                      f"{given} in the one for '{spec.name}'; inputs sharing "
+                                      "a dim name must agree")
+    shapes: Dict[str, Optional[Tuple[int, ...]]] = {}
+    for spec in specs:
+        if spec.name in overrides:
+            shapes[spec.name] = overrides[spec.name]
+            continue
+        if spec.dims is None:
+            if require_all:
+                raise OptionError(f"input '{spec.name}' declares no shape; pass "
+                                  f"--input-shape {spec.name}:DIMS (e.g. "
+                                  f"{spec.name}:1x3x224x224)")
+            shapes[spec.name] = None
+            continue
+        dims = []
+        for axis, d in enumerate(spec.dims):
+            if isinstance(d, int):
+                dims.append(d)
+            elif isinstance(d, str) and d in symbols:
+                dims.append(symbols[d])
+            else:
+                value = _default_dim(spec.dims, axis, batch)
+                if isinstance(d, str):
+                    symbols[d] = value
+                dims.append(value)
+        shapes[spec.name] = tuple(dims)
+    return shapes
+
+
+def _default_dim(dims: Tuple[Dim, ...], axis: int, batch: int) -> int:
+    if axis == 0:
+        return batch
+    if len(dims) == 4:
+        last = dims[3]
+        nhwc = isinstance(last, int) and last <= 4 and not (isinstance(dims[1], int)
+                                                             and dims[1] <= 4)
+        spatial = (1, 2) if nhwc else (2, 3)
+        if axis in spatial:
+            return DEFAULT_IMAGE_SIZE
+    return DEFAULT_DIM
+
+
+def fmt_shape(shape: Sequence[int]) -> str:
+    """``(1, 3, 8)`` -> ``1x3x8``; a scalar's ``()`` stays ``()``."""
+    return "x".join(str(d) for d in shape) or "()"
+
+
+def type_name(spec: InputSpec) -> str:
+    """The input's ONNX element type in lower case, e.g. ``float`` or ``int64``."""
+    return onnx.TensorProto.DataType.Name(spec.elem_type).lower()

@@ -1,0 +1,236 @@
+"""onnxruntime sessions: for whole models, for parts of a graph, and running them.
+
+This module owns every onnxruntime session onnxprune opens:
+
+* :func:`open_session` for a path, proto or :class:`~onnxprune.model.io.ModelHandle` (external
+  data read from its folder, rewritten external weights written out first, protos past
+  protobuf's 2 GiB limit through a temporary file: :func:`model_source`);
+* :func:`part_session` for a piece of a handle's main graph (some nodes, other inputs and
+  outputs), :func:`exposing_session` for intermediate tensors with only the nodes they need,
+  and :func:`exposed_batches`, which serves such tensors over a calibration set;
+* :func:`run_model` / :func:`run_calibration`, which turn onnxruntime's failures into errors
+  that say whose fault they are (:func:`inputs_error` for the user's inputs,
+  :class:`InvalidOutputModel` for a model onnxprune made).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import onnx
+
+from onnxprune.errors import InputDataError
+from onnxprune.inputs.dataset import CalibrationSet
+from onnxprune.inputs.signature import ModelOrPath, fmt_shape
+from onnxprune.model.index import names_read
+from onnxprune.model.io import ModelHandle, is_external, iter_tensors, save
+
+_PROTO_LIMIT = 2_000_000_000  # protobuf cannot serialize 2 GiB: such models go through a file
+
+
+class InvalidOutputModel(RuntimeError):
+    """A model onnxprune produced fails ``onnx.checker`` or onnxruntime refuses to load it.
+
+    Not an :class:`~onnxprune.errors.OnnxPruneError`: the input was valid, so an invalid output
+    is a bug in onnxprune and keeps its trace. ``stage`` is ``"onnx.checker"`` or
+    ``"onnxruntime"``.
+    """
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(f"{stage} rejected the model: {message}")
+        self.stage = stage
+        self.detail = message
+
+
+def open_session(model: ModelOrPath):
+    """An onnxruntime ``InferenceSession`` on the CPU provider (default graph optimizations).
+
+    A handle's external data is read from its folder without copying. Raises
+    :class:`InvalidOutputModel` when onnxruntime refuses the model.
+    """
+    with model_source(model, allow_external_folder=True) as (source, folder):
+        # A temporary file made for a large proto may go once the session is built: onnxruntime
+        # has read (or, on POSIX, mapped) it by then.
+        return ort_session(source, folder)
+
+
+def ort_session(source: Union[bytes, str], folder: Optional[str]):
+    """A CPU session on ``source`` (bytes or a path, from :func:`model_source`), quiet, with
+    ``folder`` holding the external data of a proto given as bytes; :class:`InvalidOutputModel`
+    when onnxruntime refuses it."""
+    import onnxruntime as ort  # deferred: importing onnxruntime costs ~0.3 s
+
+    options = ort.SessionOptions()
+    # Failures reach the user through our exceptions; onnxruntime's own log would repeat them
+    # (and warn about unused initializers, which is noise here).
+    options.log_severity_level = 4
+    if folder is not None:
+        # Lets a proto given as bytes find its external data files.
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         folder)
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise InvalidOutputModel("onnxruntime", error_text(exc)) from exc
+
+
+def run_model(model, inputs: Mapping[str, np.ndarray],
+              output_names: Optional[Sequence[str]] = None,
+              candidate: bool = False) -> Dict[str, np.ndarray]:
+    """Run ``model`` (a path, proto, handle or an open ``InferenceSession``) on ``inputs``;
+    returns the outputs by name, in graph output order.
+
+    Pass an open session (from :func:`open_session`) to run many batches without reloading.
+    When onnxruntime fails, who is at fault decides the error: for the user's model
+    (``candidate=False``) the inputs do not suit it — :class:`InputDataError` naming the shapes
+    fed and how to give others; for a model onnxprune made (``candidate=True``) it is our bug —
+    :class:`InvalidOutputModel`.
+    """
+    is_session = hasattr(model, "run") and hasattr(model, "get_outputs")
+    session = model if is_session else open_session(model)
+    names = list(output_names) if output_names else [o.name for o in session.get_outputs()]
+    feed = {k: np.asarray(v) for k, v in inputs.items()}
+    try:
+        results = session.run(names, feed)
+    except Exception as exc:
+        if candidate:
+            raise InvalidOutputModel("onnxruntime", error_text(exc)) from exc
+        raise inputs_error("inputs", feed, exc, "pass --input-shape NAME:DIMS with the sizes "
+                           "the model was exported for, or real inputs with --inputs FILE.npz"
+                           ) from None
+    return dict(zip(names, results))
+
+
+def inputs_error(what: str, feed: Mapping[str, np.ndarray], exc: BaseException,
+                 advice: str) -> InputDataError:
+    """The error for inputs onnxruntime could not run the user's model on: the shapes fed
+    (``what`` names them), onnxruntime's first line, and ``advice``."""
+    fed = ", ".join(f"{k}:{fmt_shape(np.shape(v)) if np.ndim(v) else 'scalar'} "
+                    f"{np.asarray(v).dtype}"
+                    for k, v in feed.items())
+    return InputDataError(f"onnxruntime could not run the model on {what} {fed} "
+                          f"({error_text(exc).splitlines()[0][:300]}); {advice}")
+
+
+@contextlib.contextmanager
+def model_source(model: ModelOrPath, allow_external_folder: bool
+            ) -> Iterator[Tuple[Union[bytes, str], Optional[str]]]:
+    """(bytes or a path for onnx/onnxruntime, folder holding external data or None)."""
+    if isinstance(model, (str, os.PathLike)):
+        yield str(model), None
+        return
+    handle = model if isinstance(model, ModelHandle) else ModelHandle(model=model)
+    proto = handle.model
+    external = any(is_external(t) for t in iter_tensors(proto.graph))
+    rewritten = bool(handle.rewritten_external)
+    if external and handle.base_dir is None:
+        raise ValueError("the model has external data but no folder to read it from; "
+                         "load it with onnxprune.model.io.load(path) or pass its path")
+    in_memory = not rewritten and proto.ByteSize() < _PROTO_LIMIT
+    if in_memory and (not external or allow_external_folder):
+        yield proto.SerializeToString(), (str(handle.base_dir) if external else None)
+        return
+    with tempfile.TemporaryDirectory(prefix="onnxprune-validate-") as tmp:
+        path = save(handle, Path(tmp) / "model.onnx")
+        yield str(path), None
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception's message for ours (at most 2000 characters; its type when empty)."""
+    text = str(exc).strip()
+    return text[:2000] if text else type(exc).__name__
+
+
+def run_calibration(session, names: Sequence[str], feed: Mapping[str, np.ndarray],
+                    batch: Optional[Mapping[str, np.ndarray]] = None) -> list:
+    """``session.run(names, feed)``; when onnxruntime fails, an :class:`InputDataError` naming the
+    calibration batch (``batch``, the graph inputs; ``feed`` when not given) and what to do."""
+    try:
+        return session.run(list(names), dict(feed))
+    except Exception as exc:
+        raise inputs_error("the calibration inputs", batch if batch is not None else feed, exc,
+                           "give real inputs with --calibration, or the sizes the model was "
+                           "exported for with --input-shape NAME:DIMS") from None
+
+
+def exposed_batches(handle: ModelHandle, names: Sequence[str], data: CalibrationSet,
+                    batch_size: int, types: Optional[Mapping[str, int]] = None
+                    ) -> Iterator[Dict[str, np.ndarray]]:
+    """``{name: array}`` per batch of ``data``: tensors a node produces come from one
+    :func:`exposing_session` (``types``: their ONNX element types where known), the others
+    (graph inputs) from the feed."""
+    produced = {o for node in handle.model.graph.node for o in node.output if o}
+    exposed = [n for n in names if n in produced]
+    session = exposing_session(handle, exposed, types or {}) if exposed else None
+    for feed in data.batches(batch_size):
+        got = dict(zip(exposed, run_calibration(session, exposed, feed))) if session else {}
+        got.update({n: feed[n] for n in names if n not in produced})
+        yield got
+
+
+def exposing_session(handle: ModelHandle, names: Sequence[str], types: Mapping[str, int]):
+    """An onnxruntime session whose outputs are exactly ``names`` (intermediate tensors).
+
+    Only the requested tensors are outputs, and the nodes they do not depend on are left out
+    of the session (onnxruntime runs every node of a graph, needed or not): exposing an early
+    layer's input costs only the part of the model before it.
+    """
+    outputs = [onnx.helper.make_tensor_value_info(name, types[name], None)
+               if types.get(name) else onnx.ValueInfoProto(name=name) for name in names]
+    graph = handle.model.graph
+    needed = needed_nodes(graph, names)
+    nodes = [graph.node[i] for i in needed] if len(needed) < len(graph.node) else None
+    return part_session(handle, nodes, outputs)
+
+
+def part_session(handle: ModelHandle, nodes: Optional[Sequence[onnx.NodeProto]],
+                  outputs: Sequence, inputs: Optional[Sequence] = None):
+    """A session of the handle's main graph cut down to ``nodes`` (None: all of them), with
+    ``outputs`` (ValueInfoProtos) and, when given, ``inputs`` in place of the graph's (a piece
+    fed at its cut points: the full graph's ``value_info`` is dropped with them). The handle's
+    proto is changed only while the session is built; its initializers, external data
+    included, serve as they are."""
+    graph = handle.model.graph
+    fields = {"output": list(outputs)}
+    if nodes is not None:
+        fields["node"] = list(nodes)
+    if inputs is not None:
+        fields.update(input=list(inputs), value_info=[])
+    saved = {}
+    for name, items in fields.items():  # detached copies: the fields are cleared below
+        saved[name] = [_copy(m) for m in getattr(graph, name)]
+        fields[name] = [_copy(m) for m in items]
+    try:
+        for name, items in fields.items():
+            del getattr(graph, name)[:]
+            getattr(graph, name).extend(items)
+        return open_session(handle)
+    finally:
+        for name, items in saved.items():
+            del getattr(graph, name)[:]
+            getattr(graph, name).extend(items)
+
+
+def _copy(message):
+    copy = type(message)()
+    copy.CopyFrom(message)
+    return copy
+
+
+def needed_nodes(graph: onnx.GraphProto, names: Sequence[str]) -> List[int]:
+    """Indices (in graph order) of the nodes that ``names`` depend on. A node with subgraphs
+    needs every name its bodies read (outer-scope values included)."""
+    wanted = set(names)
+    keep = []
+    for i in range(len(graph.node) - 1, -1, -1):
+        node = graph.node[i]
+        if not any(o in wanted for o in node.output):
+            continue
+        keep.append(i)
+        wanted |= names_read(node)
+    return keep[::-1]
