@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from onnxprune import cli
 from onnxprune.inputs.images import ImagePreprocess
-from onnxprune.errors import OptionError
+from onnxprune.errors import InputDataError, OptionError
 from onnxprune.masking import criteria, patterns
 from onnxprune.masking.scope import SCOPES
 from onnxprune.ops.layouts import prunable_op_types
@@ -160,8 +160,9 @@ def test_any_image_flag_alone_builds_the_preprocessing():
     (["--input-shape", "x"], "--input-shape"),
 ])
 def test_parser_errors_name_the_flag(args, match):
+    # A bad value is an OptionError; an unreadable data file an InputDataError (both exit 2).
     ctx = command("prune").make_context("prune", args)
-    with pytest.raises(OptionError, match=match):
+    with pytest.raises((OptionError, InputDataError), match=match):
         from_cli(ctx.params)
 
 
