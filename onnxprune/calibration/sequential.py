@@ -41,7 +41,7 @@ from onnxprune.passes.base import ApplyMasks, LayerResult, Pass, PruneState, not
 from onnxprune.calibration.reconstruct import asymmetric_bias, asymmetric_target, centered_cross, sparsegpt_prune
 from onnxprune.runtime.segments import SegmentRunner
 from onnxprune.masking.selection import LayerPlan
-from onnxprune.model.weights import Skipped, Weight, stored_bias, stored_tensors
+from onnxprune.model.weights import Skipped, Weight, stored_bias
 
 __all__ = ["PruneSequentially", "sequential_waves"]
 
@@ -113,8 +113,7 @@ def refit_toward_dense(state: PruneState, batch_size: int = 8, damp: float = 0.0
                            f"{hessian_bytes(w) / 2**30:.1f} GiB (over "
                            f"{HESSIAN_BUDGET_BYTES / 2**30:.0f} GiB)")
         weights.remove(w)
-    dense_tensors = stored_tensors(reference.model.graph)
-    stored = stored_tensors(state.model.graph)
+    dense_tensors = reference.index.stored
     waves, _ = sequential_waves(state.model, weights)
     refit = []
     with _runners(state, [state.handle, reference], batch_size) as runners:
@@ -132,7 +131,7 @@ def refit_toward_dense(state: PruneState, batch_size: int = 8, damp: float = 0.0
                 if not rows.any() or not cols.size:
                     continue
                 dense = w.layout.to_2d(reference.read(dense_tensors[w.name])).astype(np.float64)
-                bias = stored_bias(state.model.graph, w, stored) if bias_correction else None
+                bias = stored_bias(state.handle.index, w) if bias_correction else None
                 h, cross = _fit_moments(st, centered=bias is not None)
                 new = np.zeros_like(dense)
                 new[:, cols] = asymmetric_target(dense, h, cross, damp, kept=cols)
@@ -203,7 +202,7 @@ class PruneSequentially(Pass):
             self._leave(state, plan, "it is used inside a subgraph, whose inputs cannot be "
                                      "exposed; not pruned")
         reference = _dense_reference(state)
-        stored = stored_tensors(state.model.graph)
+        stored = state.handle.index
         corrected = []
         handles = [state.handle] + ([reference] if reference is not None else [])
         with _runners(state, handles, self.batch_size) as runners:
@@ -290,7 +289,7 @@ class PruneSequentially(Pass):
         w2d = w.layout.to_2d(raw).astype(np.float64)
         nz = w2d != 0
         before = int(np.count_nonzero(nz))
-        bias = stored_bias(state.model.graph, w, stored) if self.bias_correction else None
+        bias = stored_bias(stored, w) if self.bias_correction else None
         if crit.reconstructs:
             if st.cross is None:  # no reference: SparseGPT's own objective, X_ref = X
                 bias = None
