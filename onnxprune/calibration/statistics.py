@@ -1205,7 +1205,7 @@ def _infer_activations(handle: ModelHandle, names: Sequence[str],
     An activation whose size stays unknown is taken to be as large as the largest known one;
     one whose type stays unknown is exposed untyped (onnxruntime fills the type in).
     """
-    inferred = infer_shapes(handle, {n: np.shape(v) for n, v in feed.items()})
+    inferred = infer_shapes(handle, {n: np.shape(v) for n, v in feed.items()}, upgrade=False)
     types = {n: inferred.types[n] for n in names if inferred.types.get(n)}
     known = {n: inferred.nbytes(n) for n in types}
     known = {n: b for n, b in known.items() if b is not None}

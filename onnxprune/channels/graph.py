@@ -161,7 +161,7 @@ class Builder:
         self.handle = handle
         self.graph = handle.model.graph
         self.index = handle.index
-        self.shapes: Dict[str, Shape] = dict(infer_shapes(handle, input_shapes).shapes)
+        self.shapes: Dict[str, Shape] = dict(infer_shapes(handle, input_shapes, upgrade=False).shapes)
         self.stored: Dict[str, onnx.TensorProto] = dict(self.index.stored)
         # value -> [(node, input index)]; rules read it with .get
         self.consumers: Dict[str, List[Tuple[onnx.NodeProto, int]]] = self.index.main.consumers

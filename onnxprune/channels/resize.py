@@ -162,7 +162,7 @@ def refresh_value_info(model: onnx.ModelProto) -> None:
     del model.graph.value_info[:]
     if not had:
         return
-    shapes = infer_shapes(model).shapes
+    shapes = infer_shapes(model, upgrade=False).shapes
     for name in sorted(had):
         shape = shapes.get(name)
         if shape is None:

@@ -9,17 +9,25 @@ MAC counting (:mod:`onnxprune.ops.macs`), the channel graph and its resize
    graph; small ones (shape operands: Reshape shapes, Slice starts, Resize scales) keep their
    values, read from external data when a handle can;
 2. graph inputs given in ``input_shapes`` fixed to those dims;
-3. the copy converted to opset :data:`DATA_PROP_OPSET` when older: onnx propagates shape
-   *values* (Shape -> Slice -> Concat -> Reshape, as paddle2onnx and older torch exports emit)
-   only through recent op versions; a graph the converter cannot handle is inferred at its own
-   opset;
+3. the copy converted to opset :data:`DATA_PROP_OPSET` when older (``upgrade``): onnx
+   propagates shape *values* (Shape -> Slice -> Concat -> Reshape, as paddle2onnx and older
+   torch exports emit) only through recent op versions; a graph the converter cannot handle is
+   inferred at its own opset;
 4. ``onnx.shape_inference`` with data propagation, non-strict (an op it does not know leaves
    its outputs unknown instead of failing the model); a failure leaves the declared shapes.
 
 The result keeps symbolic dims (their name) and unknown dims (``None``); :meth:`Shapes.static`
-is the fully-known view. The declared ``value_info`` is dropped before inference unless the
-caller keeps it (``keep_value_info``): a model under edit carries stale intermediate shapes,
-while MAC counting trusts what the exporter declared for ops inference cannot see.
+is the fully-known view. Two choices are the caller's, each for a stated reason:
+
+* ``keep_value_info``: the declared ``value_info`` is dropped before inference unless kept. A
+  model under edit carries stale intermediate shapes; MAC counting keeps them, trusting what
+  the exporter declared for ops inference cannot see (custom domains).
+* ``upgrade`` (step 3, on by default): the channel graph and calibration's memory planning
+  turn it off. For the channel graph the upgrade would change results, not just speed: on
+  older-opset models more shapes become known and fewer channel groups are frozen (PP-OCRv4
+  rec, opset 12: 23 prunable groups instead of 17), a behaviour change kept out of this
+  restructuring; calibration runs inference once per wave, and the conversion would cost that
+  much each time for sizes it does not need exactly.
 """
 
 from __future__ import annotations
@@ -69,7 +77,7 @@ class Shapes:
 
 def infer_shapes(model: Union[onnx.ModelProto, ModelHandle],
                  input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-                 keep_value_info: bool = False) -> Shapes:
+                 keep_value_info: bool = False, upgrade: bool = True) -> Shapes:
     """Infer every value's shape and type without touching the weights (see the module doc).
 
     ``model`` is a proto or a handle (a handle reads small external shape operands too);
@@ -89,7 +97,8 @@ def infer_shapes(model: Union[onnx.ModelProto, ModelHandle],
         shape.SetInParent()
         for d in dims:
             shape.dim.add().dim_value = int(d)
-    copy = upgrade_opset(copy)
+    if upgrade:
+        copy = upgrade_opset(copy)
     result = Shapes()
     try:
         inferred = onnx.shape_inference.infer_shapes(copy, check_type=False, strict_mode=False,
