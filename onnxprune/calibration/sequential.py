@@ -43,7 +43,7 @@ from onnxprune.inputs.dataset import CalibrationSet
 from onnxprune.masking.selection import LayerPlan
 from onnxprune.model import io as mio
 from onnxprune.model.index import names_read
-from onnxprune.model.weights import Weight, stored_bias, stored_tensors
+from onnxprune.model.weights import Weight, stored_bias
 from onnxprune.runtime.segments import SegmentRunner
 
 __all__ = ["fit_moments", "load_dense_reference", "mean_shift", "refit_toward_dense",
@@ -116,8 +116,7 @@ def refit_toward_dense(handle: mio.ModelHandle, reference: mio.ModelHandle,
     for w in [w for w in weights if not fits_budget(w)]:
         notes.append(f"{w.name} not refit: {over_budget(w)}")
         weights.remove(w)
-    dense_tensors = stored_tensors(reference.model.graph)
-    stored = stored_tensors(handle.model.graph)
+    dense_tensors = reference.index.stored
     waves, _ = sequential_waves(handle.model, weights)
     refit = []
     track = track or (lambda items, description, total: items)
@@ -136,7 +135,7 @@ def refit_toward_dense(handle: mio.ModelHandle, reference: mio.ModelHandle,
                 if not rows.any() or not cols.size:
                     continue
                 dense = w.layout.to_2d(reference.read(dense_tensors[w.name])).astype(np.float64)
-                bias = stored_bias(handle.model.graph, w, stored) if bias_correction else None
+                bias = stored_bias(handle.index, w) if bias_correction else None
                 h, cross = fit_moments(st, centered=bias is not None)
                 new = np.zeros_like(dense)
                 new[:, cols] = asymmetric_target(dense, h, cross, damp, kept=cols)

@@ -40,7 +40,6 @@ are listed in :attr:`StatsRecord.skipped` with a reason.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -50,8 +49,9 @@ from numpy.lib.stride_tricks import as_strided
 
 from onnxprune.errors import InputDataError, OptionError
 from onnxprune.inputs.dataset import CalibrationSet
-from onnxprune.model.io import iter_tensors, load
-from onnxprune.ops.layouts import _attr
+from onnxprune.model.index import attr as _attr
+from onnxprune.model.io import ModelHandle, load
+from onnxprune.model.shapes import infer_shapes
 from onnxprune.runtime.session import exposed_batches
 from onnxprune.model.weights import Weight
 
@@ -557,7 +557,7 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
 
     first = next(data.batches(batch_size))
     act_names = list(dict.fromkeys(ex.activation for ex in extractors.values()))
-    sizes, types = _infer_activations(handle.model, act_names, first)
+    sizes, types = _infer_activations(handle, act_names, first)
     del first
     if ref is not None:  # both models' activations are held at once
         sizes = {n: 2 * b for n, b in sizes.items()}
@@ -659,56 +659,19 @@ def _chunk(items: List[Tuple[str, List[tuple]]], extractors: Mapping[tuple, _Ext
     return chunks
 
 
-def _infer_activations(model: onnx.ModelProto, names: Sequence[str],
+def _infer_activations(handle: ModelHandle, names: Sequence[str],
                        feed: Mapping[str, np.ndarray]) -> Tuple[Dict[str, int], Dict[str, int]]:
     """(bytes for one batch, ONNX element type) of each named activation, from one shape
-    inference at ``feed``'s concrete shapes.
+    inference (:mod:`onnxprune.model.shapes`) at ``feed``'s concrete shapes.
 
     An activation whose size stays unknown is taken to be as large as the largest known one;
     one whose type stays unknown is exposed untyped (onnxruntime fills the type in).
     """
-    skeleton = _skeleton(model)
-    for vi in skeleton.graph.input:
-        if vi.name in feed and vi.type.HasField("tensor_type"):
-            shape = vi.type.tensor_type.shape
-            shape.Clear()
-            shape.SetInParent()
-            for d in np.shape(feed[vi.name]):
-                shape.dim.add().dim_value = int(d)
-    del skeleton.graph.value_info[:]
-    try:
-        graph = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False).graph
-    except Exception:
-        graph = skeleton.graph
-    wanted = set(names)
-    known: Dict[str, int] = {}
-    types: Dict[str, int] = {}
-    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
-        tt = vi.type.tensor_type
-        if vi.name not in wanted or not tt.elem_type:
-            continue
-        types[vi.name] = tt.elem_type
-        if not tt.HasField("shape"):
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
-        if any(d < 0 for d in dims):
-            continue
-        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
-        known[vi.name] = int(np.prod(dims, dtype=np.int64)) * itemsize
+    inferred = infer_shapes(handle, {n: np.shape(v) for n, v in feed.items()}, upgrade=False)
+    types = {n: inferred.types[n] for n in names if inferred.types.get(n)}
+    known = {n: inferred.nbytes(n) for n in types}
+    known = {n: b for n, b in known.items() if b is not None}
     fallback = max(list(known.values()) + [1])
     return {n: known.get(n, fallback) for n in names}, types
 
 
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy for shape inference: large tensors keep dims and type but lose their bytes."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for t in iter_tensors(copy.graph):
-        if t.data_location != onnx.TensorProto.EXTERNAL and int(np.prod(t.dims)) > 256:
-            for name in ("float_data", "int32_data", "int64_data", "double_data",
-                         "uint64_data", "raw_data"):
-                t.ClearField(name)
-            t.data_location = onnx.TensorProto.EXTERNAL
-            del t.external_data[:]
-            t.external_data.add(key="location", value="__onnxprune_stripped__")
-    return copy

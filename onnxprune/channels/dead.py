@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import onnx
 
+from onnxprune.model.index import attr, node_key
 from onnxprune.model.io import ModelHandle
 from onnxprune.ops.layouts import layout_for
 from onnxprune.channels.graph import (BIAS, CONSUMER, PRODUCER, ChannelGraph, ChannelGroup, Member,
@@ -35,13 +36,6 @@ from onnxprune.channels.resize import resize_channels, zero_slices
 _PASS = {"Identity", "Cast", "Dropout", "Concat", "Split", "Slice", "Reshape", "Flatten",
          "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "GlobalAveragePool", "GlobalMaxPool",
          "Resize", "Upsample", "ReduceMean", "ReduceMax", "ReduceMin"}
-
-
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 class _Walk:
@@ -78,7 +72,7 @@ class _Walk:
         from onnxprune.channels.rules import rule_for
         nan = np.full(self.group.size, np.nan)
         for node in self.nodes:
-            key = node.name or node.output[0]
+            key = node_key(node)
             if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
                 produced = [(r, m) for i in range(len(node.input))
                             for r, m in self.by_node_roles.get((key, i), []) if r == PRODUCER]
@@ -112,8 +106,8 @@ class _Walk:
                 v = self.param(m.tensor)
                 if v is None:
                     return np.full(self.group.size, np.nan)
-                bias = v * (float(_attr(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0)
-        if node.op_type in ("Conv", "ConvTranspose") and int(_attr(node, "group", 1)) > 1:
+                bias = v * (float(attr(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0)
+        if node.op_type in ("Conv", "ConvTranspose") and int(attr(node, "group", 1)) > 1:
             # Depthwise: a zero filter outputs its bias only; constant input through padding
             # would not be constant, so an input constant other than 0 makes it unknown.
             x = self.values.get(node.input[0])
@@ -127,15 +121,15 @@ class _Walk:
             v = next((x for x in ins if x is not None), None)
             return [v] * len(node.output)
         if op == "AveragePool":
-            pads = _attr(node, "pads", None)
-            if (pads and any(pads)) or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET",
+            pads = attr(node, "pads", None)
+            if (pads and any(pads)) or attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET",
                                                                                  b"VALID"):
-                if not _attr(node, "count_include_pad", 0):
+                if not attr(node, "count_include_pad", 0):
                     return [ins[0]]
                 return [np.where(ins[0] == 0, 0.0, np.nan)]
             return [ins[0]]
         if op == "Pad":
-            mode = _attr(node, "mode", b"constant")
+            mode = attr(node, "mode", b"constant")
             if mode != b"constant":
                 return [ins[0]]
             pv = ins[2] if len(ins) > 2 and ins[2] is not None else np.zeros_like(ins[0])
@@ -144,7 +138,7 @@ class _Walk:
             x, s, b, mu, var = ins[:5]
             if any(v is None for v in (x, s, b, mu, var)):
                 return None
-            eps = float(_attr(node, "epsilon", 1e-5))
+            eps = float(attr(node, "epsilon", 1e-5))
             return [(x - mu) / np.sqrt(var + eps) * s + b]
         if op == "InstanceNormalization":
             return [ins[2]] if ins[2] is not None else None  # constant map normalizes to 0
@@ -166,17 +160,11 @@ class _Walk:
 def find_dead(handle: ModelHandle, graph: ChannelGraph):
     """Per group: units to remove, (unit, consumer member, node, k) folds, and kept notes."""
     from onnxprune.channels.rules import rule_for  # noqa: F401  (rules must be registered)
-    # One list of node wrappers: protobuf hands out a new wrapper per iteration, so id()s
-    # are only comparable within it.
-    node_list = list(handle.model.graph.node)
-    order = {id(n): i for i, n in enumerate(node_list)}
-    nodes_by_input: Dict[str, List[onnx.NodeProto]] = defaultdict(list)
-    nodes_by_name: Dict[str, onnx.NodeProto] = {}
-    for n in node_list:
-        nodes_by_name[n.name or n.output[0]] = n
-        for i in n.input:
-            if i:
-                nodes_by_input[i].append(n)
+    # The index's node wrappers: protobuf hands out a new wrapper per access, so id()s (and
+    # positions) are only comparable among the index's own.
+    index = handle.index
+    position = index.position
+    nodes_by_name = index.by_key()
     result = []
     for group in graph.prunable():
         zero_rows = _all_zero(handle, graph, group, PRODUCER)
@@ -191,15 +179,14 @@ def find_dead(handle: ModelHandle, graph: ChannelGraph):
         folded_units = set()
         if len(const_units):
             tensors = {m.tensor for m in group.members if not m.stored}
-            nodes = sorted({id(n): n for t in tensors for n in nodes_by_input.get(t, [])}.values(),
-                           key=lambda n: order[id(n)])
+            nodes = sorted({id(n): n for t in tensors for n, _ in index.consumers(t)}.values(),
+                           key=position)
             producers = sorted({id(nodes_by_name[nn]): nodes_by_name[nn]
                                 for m in group.members
                                 for r, nn, _ in graph.roles.get((m.tensor, m.axis), [])
                                 if r == PRODUCER and nn in nodes_by_name}.values(),
-                               key=lambda n: order[id(n)])
-            allnodes = sorted({id(n): n for n in nodes + producers}.values(),
-                              key=lambda n: order[id(n)])
+                               key=position)
+            allnodes = sorted({id(n): n for n in nodes + producers}.values(), key=position)
             walk = _Walk(handle, graph, group, allnodes)
             walk.run()
             consumer_inputs = []  # (member, node, input index, activation name)
@@ -273,8 +260,8 @@ def _foldable(node: onnx.NodeProto, index: int) -> bool:
     if op == "MatMul":
         return index == 1
     if op == "Conv":
-        pads = _attr(node, "pads", None)
-        auto = _attr(node, "auto_pad", b"NOTSET")
+        pads = attr(node, "pads", None)
+        auto = attr(node, "auto_pad", b"NOTSET")
         return (not pads or not any(pads)) and auto in (b"NOTSET", b"VALID")
     return False
 
@@ -294,11 +281,11 @@ def apply_folds(handle: ModelHandle, graph: ChannelGraph, folds) -> List[str]:
         other = tuple(a for a in range(w.ndim) if a != layout.out_axis)
         delta = k * taken.sum(axis=other)
         if node.op_type == "Gemm":
-            delta = delta * float(_attr(node, "alpha", 1.0))
+            delta = delta * float(attr(node, "alpha", 1.0))
         prev = deltas.get(id(node))
         deltas[id(node)] = (node, delta if prev is None else prev[1] + delta)
         notes.append(f"unit {u} (constant {k:.6g}) folded into {node.op_type} "
-                     f"'{node.name or node.output[0]}'")
+                     f"'{node_key(node)}'")
     for u, m, node, idx, k in folds:
         zero[m.tensor].append((m.axis, m.index_map[u]))
     zero_slices(handle, graph, zero)
@@ -309,22 +296,20 @@ def apply_folds(handle: ModelHandle, graph: ChannelGraph, folds) -> List[str]:
         if node.op_type == "Conv":
             _add_bias(handle, graph, node, 2, delta)
         elif node.op_type == "Gemm":
-            beta = float(_attr(node, "beta", 1.0))
+            beta = float(attr(node, "beta", 1.0))
             if len(node.input) > 2 and node.input[2]:
                 _add_bias(handle, graph, node, 2, delta / beta)
             else:
-                name = new_initializer(g, (node.name or node.output[0]) + "_C",
+                name = new_initializer(g, node_key(node) + "_C",
                                        delta.astype(_dtype_of(handle, graph, node)))
                 node.input.append(name)
                 set_attr(node, "beta", 1.0)
         else:  # MatMul: an Add after it
-            out = node.output[0]
+            out, key = node.output[0], node_key(node)
             mid = out + "_prefold"
             node.output[0] = mid
-            name = new_initializer(g, (node.name or out) + "_fold",
-                                   delta.astype(_dtype_of(handle, graph, node)))
-            inserts[mid] = onnx.helper.make_node("Add", [mid, name], [out],
-                                                      name=(node.name or out) + "_fold")
+            name = new_initializer(g, key + "_fold", delta.astype(_dtype_of(handle, graph, node)))
+            inserts[mid] = onnx.helper.make_node("Add", [mid, name], [out], name=key + "_fold")
     if inserts:
         nodes = []
         for n in g.node:
@@ -336,6 +321,7 @@ def apply_folds(handle: ModelHandle, graph: ChannelGraph, folds) -> List[str]:
             c.CopyFrom(n)
         del g.node[:]
         g.node.extend(copies)
+    handle.graph_changed()
     return notes
 
 
@@ -357,7 +343,7 @@ def _add_bias(handle, graph, node, index, delta) -> None:
         b = b + delta  # [N], [1, N] and [M, N] biases all broadcast with [N]
         handle.write(t, b)
     else:
-        name = new_initializer(g, (node.name or node.output[0]) + "_B",
+        name = new_initializer(g, node_key(node) + "_B",
                                delta.astype(_dtype_of(handle, graph, node)))
         while len(node.input) < index:
             node.input.append("")

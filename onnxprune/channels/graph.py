@@ -30,9 +30,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import onnx
 
-from onnxprune.model.io import ModelHandle, iter_graphs
-
-Shape = Tuple[Union[int, str, None], ...]
+from onnxprune.model.index import attr, node_key
+from onnxprune.model.io import ModelHandle
+from onnxprune.model.shapes import Shape, infer_shapes
 
 # Roles a stored tensor's axis plays in a group. Masking a channel zeroes the slices whose role is
 # in ZERO_ON_MASK, so that the channel contributes nothing anywhere (see resize.mask_channels).
@@ -113,64 +113,6 @@ class ChannelGraph:
         return matches[0]
 
 
-# -- shape inference ------------------------------------------------------------------------
-def infer_shapes(model: onnx.ModelProto, input_shapes: Optional[Dict[str, Sequence[int]]] = None
-                 ) -> Dict[str, Shape]:
-    """Static/symbolic shapes of every main-graph value, computed on a weight-free copy.
-
-    Weights are stripped from the copy (only their dims matter), so a multi-GB model costs only
-    its graph here. Unknown dims are ``None``, symbolic ones their name.
-    """
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for _, g in iter_graphs(copy.graph):
-        for t in list(g.initializer):
-            _strip(t)
-        for n in g.node:
-            if n.op_type == "Constant":
-                for a in n.attribute:
-                    if a.type == onnx.AttributeProto.TENSOR:
-                        _strip(a.t)
-    del copy.graph.value_info[:]
-    for inp in copy.graph.input:
-        if input_shapes and inp.name in input_shapes:
-            shape = inp.type.tensor_type.shape
-            del shape.dim[:]
-            for d in input_shapes[inp.name]:
-                shape.dim.add().dim_value = int(d)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(copy, data_prop=True)
-    except Exception:  # inference failing leaves shapes unknown, which freezes what needs them
-        inferred = copy
-    shapes: Dict[str, Shape] = {}
-    g = inferred.graph
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        t = vi.type.tensor_type
-        if not vi.type.HasField("tensor_type") or not t.HasField("shape"):
-            continue
-        dims = []
-        for d in t.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            elif d.HasField("dim_param") and d.dim_param:
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
-        shapes[vi.name] = tuple(dims)
-    for t in model.graph.initializer:
-        shapes[t.name] = tuple(int(d) for d in t.dims)
-    return shapes
-
-
-def _strip(t: onnx.TensorProto) -> None:
-    n = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
-    if n > 64 and t.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
-        for f in ("raw_data", "float_data", "double_data", "int32_data", "int64_data"):
-            t.ClearField(f)
-        del t.external_data[:]
-        t.data_location = onnx.TensorProto.DEFAULT
-
-
 # -- building -------------------------------------------------------------------------------
 class _DSU:
     def __init__(self) -> None:
@@ -217,21 +159,11 @@ class Builder:
     def __init__(self, handle: ModelHandle, input_shapes=None) -> None:
         self.handle = handle
         self.graph = handle.model.graph
-        self.shapes = infer_shapes(handle.model, input_shapes)
-        self.stored: Dict[str, onnx.TensorProto] = {t.name: t for t in self.graph.initializer}
-        self.producer: Dict[str, onnx.NodeProto] = {}
-        self.consumers: Dict[str, List[Tuple[onnx.NodeProto, int]]] = defaultdict(list)
-        for node in self.graph.node:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
-                for a in node.attribute:
-                    if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                        self.stored[node.output[0]] = a.t
-            for i, name in enumerate(node.input):
-                if name:
-                    self.consumers[name].append((node, i))
-            for o in node.output:
-                if o:
-                    self.producer[o] = node
+        self.index = handle.index
+        self.shapes: Dict[str, Shape] = dict(infer_shapes(handle, input_shapes, upgrade=False).shapes)
+        self.stored: Dict[str, onnx.TensorProto] = dict(self.index.stored)
+        # value -> [(node, input index)]; rules read it with .get
+        self.consumers: Dict[str, List[Tuple[onnx.NodeProto, int]]] = self.index.main.consumers
         for name, t in self.stored.items():
             self.shapes[name] = tuple(int(d) for d in t.dims)
         self.graph_outputs = {o.name for o in self.graph.output}
@@ -260,13 +192,13 @@ class Builder:
         Transpose; None when it is computed otherwise (or is an activation)."""
         seen = 0
         while name not in self.stored:
-            node = self.producer.get(name)
+            node = self.index.producer(name)
             if node is None or seen > 16 or node.domain not in ("", "ai.onnx"):
                 return None
             if node.op_type in ("Cast", "Identity"):
                 name = node.input[0]
             elif node.op_type == "Transpose":
-                perm = _attr(node, "perm", None)
+                perm = attr(node, "perm", None)
                 if perm is None:
                     return None
                 axis, name = int(perm[axis]), node.input[0]
@@ -295,7 +227,7 @@ class Builder:
             if n in self.stored or n in seen or not n:
                 continue
             seen.add(n)
-            node = self.producer.get(n)
+            node = self.index.producer(n)
             if node is None or node.op_type in ("Shape", "Size"):
                 return False
             stack.extend(node.input)
@@ -308,7 +240,7 @@ class Builder:
         value = None
         src = name
         while src not in self.stored:
-            node = self.producer.get(src)
+            node = self.index.producer(src)
             if node is None or node.op_type not in ("Cast", "Identity"):
                 break
             src = node.input[0]
@@ -373,7 +305,7 @@ class Builder:
                                         "computed in-graph, not a stored tensor")
                 return False
             return True
-        self.roles[src].append((role, node.name or node.output[0], index))
+        self.roles[src].append((role, node_key(node), index))
         d = self.dim(*src)
         self.linked[self.dsu.find(d)] = True
         return True
@@ -381,7 +313,7 @@ class Builder:
     def sink(self, name: str, axis: int, node: onnx.NodeProto, index: int) -> None:
         """A weight-free op reduces over this activation axis (x @ y between activations): a
         channel's value matters there even though no consumer weight reads it."""
-        self.roles[(name, axis)].append(("sink", node.name or node.output[0], index))
+        self.roles[(name, axis)].append(("sink", node_key(node), index))
 
     # -- finishing ---------------------------------------------------------------------------
     def finish(self) -> ChannelGraph:
@@ -492,13 +424,6 @@ class Builder:
                           "channel); nothing can be removed")
             groups.append(ChannelGroup(len(groups), size, members, producers, consumers, frozen))
         return ChannelGraph(groups, self.rewrites, self.stored, self.shapes, dict(self.roles))
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def build_channel_graph(handle: ModelHandle, input_shapes: Optional[Dict] = None) -> ChannelGraph:

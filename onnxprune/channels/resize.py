@@ -21,7 +21,8 @@ import numpy as np
 import onnx
 
 from onnxprune.model.io import ModelHandle
-from onnxprune.channels.graph import ZERO_ON_MASK, ChannelGraph, infer_shapes
+from onnxprune.channels.graph import ZERO_ON_MASK, ChannelGraph
+from onnxprune.model.shapes import infer_shapes
 
 Removed = Dict[int, Sequence[int]]
 
@@ -77,6 +78,8 @@ class ResizeContext:
         self.cut = cut
         self.opset = opset
         self.replaced: List[str] = []
+        # Producers as they were before the rewrites (which add initializers, never nodes).
+        self.index = handle.index
 
     def removed(self, name: str, axis: int) -> np.ndarray:
         return self.cut.get((name, axis), np.zeros(0, np.int64))
@@ -95,9 +98,9 @@ class ResizeContext:
                 return self.handle.read(t)
         if name in self.graph.stored:
             return self.handle.read(self.graph.stored[name])
-        for n in g.node:
-            if name in n.output and n.op_type in ("Cast", "Identity"):
-                return self.graph_const(n.input[0])
+        node = self.index.producer(name)
+        if node is not None and node.op_type in ("Cast", "Identity"):
+            return self.graph_const(node.input[0])
         raise KeyError(name)
 
     def add_initializer(self, old_name: str, values: np.ndarray) -> str:
@@ -110,8 +113,6 @@ class ResizeContext:
 def resize_channels(handle: ModelHandle, graph: ChannelGraph, removed: Removed
                     ) -> Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]]:
     """Delete the removed channels everywhere; returns stored tensor -> (shape before, after)."""
-    from onnxprune.channels.rules import _opset
-
     cut = removed_by_dim(graph, removed)
     per_tensor: Dict[str, List[Tuple[int, np.ndarray]]] = defaultdict(list)
     for (name, axis), idx in cut.items():
@@ -126,7 +127,7 @@ def resize_channels(handle: ModelHandle, graph: ChannelGraph, removed: Removed
             arr = np.delete(arr, idx, axis=axis)
         handle.write(tensor, arr)
         shapes[name] = (before, tuple(arr.shape))
-    rc = ResizeContext(handle, graph, cut, _opset(handle.model))
+    rc = ResizeContext(handle, graph, cut, handle.index.opset())
     for node, fn in graph.rewrites:
         fn(node, rc)
     g = handle.model.graph
@@ -138,6 +139,7 @@ def resize_channels(handle: ModelHandle, graph: ChannelGraph, removed: Removed
                 d.Clear()
                 d.dim_value = v
     _drop_unused(g, set(rc.replaced))
+    handle.graph_changed()
     refresh_value_info(handle.model)
     return shapes
 
@@ -160,7 +162,7 @@ def refresh_value_info(model: onnx.ModelProto) -> None:
     del model.graph.value_info[:]
     if not had:
         return
-    shapes = infer_shapes(model)
+    shapes = infer_shapes(model, upgrade=False).shapes
     for name in sorted(had):
         shape = shapes.get(name)
         if shape is None:

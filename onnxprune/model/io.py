@@ -31,6 +31,7 @@ from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo
 
 from onnxprune.errors import ModelLoadError, OutputError
+from onnxprune.model.index import GraphIndex
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto, "ModelHandle"]
 _ALIGN = 4096  # external tensors start on page boundaries (mmap-friendly, as onnx does)
@@ -146,6 +147,22 @@ class ModelHandle:
     path: Optional[Path] = None  # the file it came from, None for an in-memory proto
     base_dir: Optional[Path] = None  # folder that external-data locations are relative to
     _external_updates: SpillStore = field(default_factory=SpillStore)
+    _index: Optional[GraphIndex] = field(default=None, repr=False, compare=False)
+
+    # -- structure -------------------------------------------------------------------------
+    @property
+    def index(self) -> GraphIndex:
+        """The graph index of the model as it is now (see :mod:`onnxprune.model.index`):
+        built on first use, rebuilt after :meth:`graph_changed` or when the main graph's node,
+        initializer, input or output count moved."""
+        if self._index is None or not self._index.current(self.model):
+            self._index = GraphIndex(self.model)
+        return self._index
+
+    def graph_changed(self) -> None:
+        """Drop the cached index: call after editing nodes, their inputs/outputs, or the
+        graph's initializers (writing tensor values through :meth:`write` needs no call)."""
+        self._index = None
 
     # -- tensors ---------------------------------------------------------------------------
     def read(self, tensor: onnx.TensorProto) -> np.ndarray:

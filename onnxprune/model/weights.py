@@ -15,9 +15,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import onnx
 
-from onnxprune.model.index import node_label
-from onnxprune.model.io import ModelHandle, iter_graphs, tensor_dtype
-from onnxprune.ops.layouts import Layout, _attr, layout_for
+from onnxprune.model.index import GraphIndex, attr, constant_tensor, node_label
+from onnxprune.model.io import ModelHandle, tensor_dtype
+from onnxprune.ops.layouts import Layout, layout_for
 
 #: Ops a weight may pass through on its way to the consumer without changing its values' layout.
 #: A float weight in a QDQ model reaches its Conv through QuantizeLinear -> DequantizeLinear;
@@ -133,12 +133,12 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
                 if source is not None:
                     _consider(node, index, source, path)
             _define_outputs(node, scope, path)
-            for attr in node.attribute:
-                label = f"{path}/{node.name or node.op_type}.{attr.name}"
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    visit(attr.g, label, scope)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for i, g in enumerate(attr.graphs):
+            for a in node.attribute:
+                label = f"{path}/{node.name or node.op_type}.{a.name}"
+                if a.type == onnx.AttributeProto.GRAPH:
+                    visit(a.g, label, scope)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for i, g in enumerate(a.graphs):
                         visit(g, f"{label}[{i}]", scope)
 
     def _consider(node: onnx.NodeProto, index: int, source: _Source, path: str) -> None:
@@ -170,8 +170,8 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
     def _define_outputs(node: onnx.NodeProto, scope: Dict[str, Optional[_Source]],
                         path: str) -> None:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            tensor = _constant_tensor(node)
-            if tensor is not None and node.output:
+            tensor = constant_tensor(node)
+            if tensor is not None:
                 scope[node.output[0]] = _Source(tensor, "constant", path, node.output[0])
                 return
         if (node.op_type in PASS_THROUGH_OPS and node.domain in ("", "ai.onnx") and node.input
@@ -231,25 +231,6 @@ def _reshaped(shape: Tuple[int, ...], target: np.ndarray, node: onnx.NodeProto
     return tuple(out)
 
 
-def stored_tensors(graph: onnx.GraphProto) -> Dict[str, onnx.TensorProto]:
-    """The graph's stored tensors by the name nodes read them under: initializers and the
-    outputs of ``Constant`` nodes (this graph only, not subgraphs)."""
-    out = {t.name: t for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output:
-            tensor = _constant_tensor(node)
-            if tensor is not None:
-                out[node.output[0]] = tensor
-    return out
-
-
-def _constant_tensor(node: onnx.NodeProto) -> Optional[onnx.TensorProto]:
-    for attr in node.attribute:
-        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-            return attr.t
-    return None
-
-
 @dataclass
 class StoredBias:
     """A layer's stored ``[out]`` bias and how it enters the output: ``y = scale' W x + beta b``
@@ -266,8 +247,7 @@ class StoredBias:
         handle.write(self.tensor, moved.astype(b.dtype))
 
 
-def stored_bias(graph: onnx.GraphProto, weight: Weight,
-                stored: Dict[str, onnx.TensorProto]) -> Optional[StoredBias]:
+def stored_bias(index: GraphIndex, weight: Weight) -> Optional[StoredBias]:
     """The stored bias of ``weight``'s single consumer that shifts each of its ``W[out, in]``
     rows' outputs, or None: Conv input C, Gemm input C when the weight is B (per output column
     = per weight row; ``beta = 0`` has none), or the ``[out]`` constant of the single ``Add``
@@ -282,21 +262,21 @@ def stored_bias(graph: onnx.GraphProto, weight: Weight,
         name = node.input[2]
     elif node.op_type == "Gemm" and consumer.input_index == 1 and len(node.input) > 2:
         name = node.input[2]
-        alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
+        alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
         if beta == 0.0:
             return None
         scale = alpha / beta
     elif node.op_type == "MatMul" and consumer.input_index == 1:
-        readers = [n for n in graph.node if node.output[0] in n.input]
+        readers = index.consumer_nodes(node.output[0])
         if len(readers) != 1 or readers[0].op_type != "Add":
             return None
         other = [i for i in readers[0].input if i != node.output[0]]
         name = other[0] if len(other) == 1 else ""
     else:
         return None
-    tensor = stored.get(name) if name else None
+    tensor = index.stored.get(name) if name else None
     if tensor is None or len(tensor.dims) != 1 or int(tensor.dims[0]) != weight.layout.shape2d[0]:
         return None
-    if sum(1 for _, g in iter_graphs(graph) for n in g.node if name in n.input) != 1:
+    if index.read_anywhere(name) != 1:
         return None
     return StoredBias(tensor, scale)

@@ -2,8 +2,9 @@
 
 :func:`count_macs` fixes the graph inputs' dynamic dims (the same defaults as validation:
 :func:`onnxprune.inputs.signature.resolve_input_shapes`), infers every tensor's shape on a copy of the
-model that carries no weight data (so models with external data or over 2 GB work, and the
-caller's proto is never touched), then applies the formula registered for each main-graph node.
+model that carries no weight data (:mod:`onnxprune.model.shapes`: models with external data or
+over 2 GB work, and the caller's proto is never touched), then applies the formula registered for
+each main-graph node.
 
 What counts: the multiply-accumulates of the ops that dominate inference cost — Conv,
 ConvTranspose, Gemm, MatMul (and their integer/QLinear forms), Einsum, LSTM/GRU/RNN. Bias adds,
@@ -27,16 +28,16 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
-from onnxprune.model.io import ModelHandle, ModelLike, iter_graphs, load, weightless_copy
+from onnxprune.model.index import attr, node_label
+from onnxprune.model.io import ModelHandle, ModelLike, iter_graphs, load
+from onnxprune.model.shapes import infer_shapes
 from onnxprune.inputs.signature import input_signature, resolve_input_shapes
-from onnxprune.model.weights import find_weights, node_label
+from onnxprune.model.weights import find_weights
 
 Shapes = Mapping[str, Tuple[int, ...]]
 MacFormula = Callable[[onnx.NodeProto, Shapes], Optional[int]]
 _FORMULAS: Dict[str, MacFormula] = {}
 _CONTROL_FLOW = {"If", "Loop", "Scan"}
-#: Shape inference runs at this opset at least (see :func:`_upgrade_opset`).
-_DATA_PROP_OPSET = 17
 
 
 def register_macs(*op_types: str) -> Callable[[MacFormula], MacFormula]:
@@ -119,7 +120,10 @@ def count_macs(model: ModelLike,
     if shapeless:
         notes.append(f"input(s) {', '.join(shapeless)} declare no shape; pass --input-shape to "
                      "count the nodes they feed")
-    shapes = _infer_shapes(proto, resolved, handle, notes)
+    inferred = infer_shapes(proto if handle is None else handle, resolved, keep_value_info=True)
+    if inferred.error:
+        notes.append(f"shape inference failed ({inferred.error}); MACs use declared shapes only")
+    shapes = inferred.static()
 
     per_node: Dict[str, int] = {}
     op_types: Dict[str, str] = {}
@@ -190,75 +194,13 @@ def _unique(label: str, *taken: object) -> str:
 
 
 def _has_counted_ops(node: onnx.NodeProto) -> bool:
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
         for g in graphs:
             for _, sub in iter_graphs(g):
                 if any(n.op_type in _FORMULAS or n.op_type in _CONTROL_FLOW for n in sub.node):
                     return True
     return False
-
-
-# -- shape inference on a weightless copy -----------------------------------------------------
-def _infer_shapes(proto: onnx.ModelProto, input_shapes: Mapping[str, Tuple[int, ...]],
-                  handle: Optional[ModelHandle], notes: List[str]) -> Dict[str, Tuple[int, ...]]:
-    copy = weightless_copy(proto, handle)
-    for vi in copy.graph.input:
-        shape = input_shapes.get(vi.name)
-        if shape is None:
-            continue
-        tt = vi.type.tensor_type
-        tt.shape.Clear()
-        for d in shape:
-            tt.shape.dim.add().dim_value = int(d)
-    copy = _upgrade_opset(copy)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(copy, check_type=False, strict_mode=False,
-                                                     data_prop=True)
-    except Exception as exc:  # malformed graphs: count what the declared shapes allow
-        notes.append(f"shape inference failed ({str(exc).strip().splitlines()[0][:200]}); "
-                     "MACs use declared shapes only")
-        inferred = copy
-    shapes: Dict[str, Tuple[int, ...]] = {}
-    for t in inferred.graph.initializer:
-        shapes[t.name] = tuple(int(d) for d in t.dims)
-    g = inferred.graph
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        shape = _static_shape(vi)
-        if shape is not None:
-            shapes[vi.name] = shape
-    return shapes
-
-
-def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model converted to opset :data:`_DATA_PROP_OPSET` when older, else as is.
-
-    onnx propagates shape *values* (Shape -> Slice -> Concat -> Reshape, as paddle2onnx and
-    older torch exports emit) only through recent op versions: on an opset-11 graph those
-    Reshapes stay unknown. Converting the weightless copy is cheap; a graph the converter
-    cannot handle is inferred at its own opset.
-    """
-    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if version is None or version >= _DATA_PROP_OPSET:
-        return model
-    try:
-        return onnx.version_converter.convert_version(model, _DATA_PROP_OPSET)
-    except Exception:
-        return model
-
-
-def _static_shape(vi: onnx.ValueInfoProto) -> Optional[Tuple[int, ...]]:
-    if vi.type.WhichOneof("value") != "tensor_type":
-        return None
-    tt = vi.type.tensor_type
-    if not tt.HasField("shape"):
-        return None
-    dims = []
-    for d in tt.shape.dim:
-        if not d.HasField("dim_value") or d.dim_value < 0:
-            return None
-        dims.append(int(d.dim_value))
-    return tuple(dims)
 
 
 # -- formulas ---------------------------------------------------------------------------------
@@ -275,13 +217,6 @@ def _get(shapes: Shapes, node: onnx.NodeProto, index: int, output: bool = False
     if index >= len(names) or not names[index]:
         return None
     return shapes.get(names[index])
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def _conv_like(weight_index: int) -> MacFormula:
@@ -319,8 +254,8 @@ def _gemm(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
     b = _get(shapes, node, 1)
     if a is None or b is None or len(a) != 2 or len(b) != 2:
         return None
-    m, k = (a[1], a[0]) if _attr(node, "transA", 0) else a
-    n = b[0] if _attr(node, "transB", 0) else b[1]
+    m, k = (a[1], a[0]) if attr(node, "transA", 0) else a
+    n = b[0] if attr(node, "transB", 0) else b[1]
     return int(m) * int(n) * int(k)
 
 
@@ -358,14 +293,14 @@ def _recurrent(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
     r = _get(shapes, node, 2)
     if x is None or w is None or r is None or len(x) != 3:
         return None
-    seq, batch = (x[1], x[0]) if _attr(node, "layout", 0) else (x[0], x[1])
+    seq, batch = (x[1], x[0]) if attr(node, "layout", 0) else (x[0], x[1])
     return int(seq) * int(batch) * (_numel(w) + _numel(r))
 
 
 @register_macs("Einsum")
 def _einsum(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
     # A naive contraction of n operands costs (n - 1) * prod(size of every distinct index).
-    equation = _attr(node, "equation", b"")
+    equation = attr(node, "equation", b"")
     if isinstance(equation, bytes):
         equation = equation.decode()
     lhs = equation.replace(" ", "").split("->")[0]

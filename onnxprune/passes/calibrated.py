@@ -29,7 +29,7 @@ from onnxprune.calibration.sensitivity import SensitivityTable, allocate, layer_
 from onnxprune.errors import OptionError
 from onnxprune.masking.criteria import get_criterion
 from onnxprune.passes.base import Pass, PassRecord, PruneState
-from onnxprune.model.weights import find_weights, stored_bias, stored_tensors
+from onnxprune.model.weights import find_weights, stored_bias
 
 CalibrationSource = Union[str, "os.PathLike", Mapping[str, np.ndarray], CalibrationSet, None]
 
@@ -162,12 +162,11 @@ class CorrectBias(Pass):
         original = mio.load(state.original if isinstance(state.original, onnx.ModelProto)
                             else Path(state.original))
         before = {w.key: w for w in find_weights(original)[0]}
-        stored = stored_tensors(state.model.graph)
         corrected = []
         for plan in state.plans:
             w = plan.weight
             stats = state.layer_stats.get(w.key)
-            bias = stored_bias(state.model.graph, w, stored)
+            bias = stored_bias(state.handle.index, w)
             old = before.get(w.key)
             if stats is None or bias is None or old is None or w.layout.group != 1 \
                     or old.shape != w.shape:

@@ -23,7 +23,7 @@ from onnxprune.errors import OptionError, SelectionError
 from onnxprune.masking.criteria import ScoreContext, get_criterion
 from onnxprune.masking.selection import LayerPlan
 from onnxprune.model import io as mio
-from onnxprune.model.weights import Skipped, stored_bias, stored_tensors
+from onnxprune.model.weights import Skipped, stored_bias
 from onnxprune.passes.base import Pass, PassRecord, PruneState, layer_result, set_layer
 from onnxprune.passes.masking import local_keep_mask, not_a_weight
 
@@ -91,7 +91,7 @@ class PruneSequentially(Pass):
             self._leave(state, record, plan, "it is used inside a subgraph, whose inputs cannot be "
                                      "exposed; not pruned")
         reference = dense_reference(state, record.notes)
-        stored = stored_tensors(state.model.graph)
+        stored = state.handle.index
         corrected = []
         handles = [state.handle] + ([reference] if reference is not None else [])
         with segment_runners(handles, state.calibration, self.batch_size) as runners:
@@ -179,7 +179,7 @@ class PruneSequentially(Pass):
         w2d = w.layout.to_2d(raw).astype(np.float64)
         nz = w2d != 0
         before = int(np.count_nonzero(nz))
-        bias = stored_bias(state.model.graph, w, stored) if self.bias_correction else None
+        bias = stored_bias(stored, w) if self.bias_correction else None
         if crit.reconstructs:
             if st.cross is None:  # no reference: SparseGPT's own objective, X_ref = X
                 bias = None

@@ -26,7 +26,6 @@ import numpy as np
 import onnx
 
 from onnxprune.inputs.dataset import CalibrationSet
-from onnxprune.model.index import names_read
 from onnxprune.model.io import ModelHandle
 from onnxprune.runtime.session import exposed_batches, part_session, run_calibration
 
@@ -49,12 +48,9 @@ class SegmentRunner:
         # Real inputs only: a weight listed as a graph input too (older exporters) is served by
         # its initializer, never fed.
         self.graph_inputs = {i.name for i in graph.input} - {t.name for t in graph.initializer}
-        self.producer: Dict[str, int] = {}
-        for i, node in enumerate(graph.node):
-            for out in node.output:
-                if out:
-                    self.producer[out] = i
-        self.reads: List[set] = [names_read(n) for n in graph.node]
+        index = handle.index  # weights change while it runs, the graph does not
+        self.producer: Dict[str, int] = index.main.producers  # value -> node position
+        self.reads: List[set] = index.main.reads  # per node: names_read
         self.pending: Dict[str, int] = {}  # tensor -> readers that have not run
         for names in self.reads:
             for name in names:
