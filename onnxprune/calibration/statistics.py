@@ -60,7 +60,7 @@ from numpy.lib.stride_tricks import as_strided
 from onnxprune.model.index import names_read
 from onnxprune.errors import InputDataError, OptionError
 from onnxprune.model.io import ModelHandle, iter_tensors, load
-from onnxprune.ops.layouts import _attr
+from onnxprune.model.index import attr as _attr
 from onnxprune.runtime.validate import (InputSpec, input_signature, inputs_error, make_inputs, open_session,
                        resolve_input_shapes)
 from onnxprune.model.weights import Weight

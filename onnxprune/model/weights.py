@@ -17,7 +17,8 @@ import onnx
 
 from onnxprune.model.index import node_label
 from onnxprune.model.io import ModelHandle, iter_graphs, tensor_dtype
-from onnxprune.ops.layouts import Layout, _attr, layout_for
+from onnxprune.model.index import attr as _attr
+from onnxprune.ops.layouts import Layout, layout_for
 
 #: Ops a weight may pass through on its way to the consumer without changing its values' layout.
 #: A float weight in a QDQ model reaches its Conv through QuantizeLinear -> DequantizeLinear;
