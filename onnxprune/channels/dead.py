@@ -24,6 +24,7 @@ import onnx
 
 from onnxprune.model.io import ModelHandle
 from onnxprune.ops.layouts import layout_for
+from onnxprune.ops.registry import BiasSlot, activation_of, bias_slot, exact_fold, field_of
 from onnxprune.channels.graph import BIAS, CONSUMER, PRODUCER, ChannelGraph, ChannelGroup, Member
 from onnxprune.channels.resize import zero_slices
 
@@ -74,11 +75,13 @@ class _Walk:
         nan = np.full(self.group.size, np.nan)
         for node in self.nodes:
             key = node.name or node.output[0]
-            if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-                produced = [(r, m) for i in range(len(node.input))
+            zero_filter = field_of(node, "zero_filter")
+            if zero_filter is not None:
+                produced = [i for i in range(len(node.input))
                             for r, m in self.by_node_roles.get((key, i), []) if r == PRODUCER]
                 if produced:
-                    self.values[node.output[0]] = self._producer_const(node, key)
+                    self.values[node.output[0]] = self._producer_const(node, key, produced[0],
+                                                                       zero_filter)
                 continue
             ins = []
             for name in node.input:
@@ -99,22 +102,17 @@ class _Walk:
                     if o in self.members:
                         self.values[o] = nan
 
-    def _producer_const(self, node, key) -> np.ndarray:
+    def _producer_const(self, node, key, weight_index, zero_filter) -> np.ndarray:
         bias = np.zeros(self.group.size)
-        bias_index = 2
-        for role, m in self.by_node_roles.get((key, bias_index), []):
-            if role == BIAS:
-                v = self.param(m.tensor)
-                if v is None:
-                    return np.full(self.group.size, np.nan)
-                bias = v * (float(_attr(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0)
-        if node.op_type in ("Conv", "ConvTranspose") and int(_attr(node, "group", 1)) > 1:
-            # Depthwise: a zero filter outputs its bias only; constant input through padding
-            # would not be constant, so an input constant other than 0 makes it unknown.
-            x = self.values.get(node.input[0])
-            if x is not None:
-                bias = np.where(x == 0, bias, np.nan)
-        return bias
+        slot = bias_slot(node, weight_index)
+        if slot is not None and slot.index is not None:
+            for role, m in self.by_node_roles.get((key, slot.index), []):
+                if role == BIAS:
+                    v = self.param(m.tensor)
+                    if v is None:
+                        return np.full(self.group.size, np.nan)
+                    bias = v * slot.beta
+        return zero_filter(node, bias, self.values.get(node.input[0]))
 
     def _eval(self, node, ins, rule):
         op = node.op_type
@@ -202,9 +200,9 @@ def find_dead(handle: ModelHandle, graph: ChannelGraph):
                 for r, nn, idx in graph.roles.get((m.tensor, m.axis), []):
                     if r == CONSUMER and nn in nodes_by_name:
                         node = nodes_by_name[nn]
-                        act = node.input[1 - idx] if node.op_type in ("Gemm", "MatMul") \
-                            else node.input[0]
-                        consumer_inputs.append((m, node, idx, act))
+                        act = activation_of(node, idx, graph.stored[m.tensor].dims)
+                        consumer_inputs.append((m, node, idx,
+                                                node.input[act.index] if act else ""))
             sink_tensors = [m.tensor for m in group.members if "sink" in m.roles]
             for u in const_units.tolist():
                 vals = [walk.values.get(act, np.full(group.size, np.nan))[u]
@@ -218,7 +216,7 @@ def find_dead(handle: ModelHandle, graph: ChannelGraph):
                         in zip(consumer_inputs, vals) if v != 0 and _reads(handle, graph, m, u)]
                 if not plan:
                     remove.add(u)
-                elif all(_foldable(node, idx) for _, node, idx, _ in plan):
+                elif all(exact_fold(node, idx) for _, node, idx, _ in plan):
                     folded_units.add(u)
                     # zero every consumer's slice so the next pass sees the unit as unread
                     in_plan = {(id(m), id(node)) for m, node, _, _ in plan}
@@ -261,24 +259,11 @@ def _reads(handle, graph, m: Member, u: int) -> bool:
     return bool(np.any(np.take(arr, m.index_map[u], axis=m.axis) != 0))
 
 
-def _foldable(node: onnx.NodeProto, index: int) -> bool:
-    op = node.op_type
-    if op == "Gemm":
-        return index == 1
-    if op == "MatMul":
-        return index == 1
-    if op == "Conv":
-        pads = _attr(node, "pads", None)
-        auto = _attr(node, "auto_pad", b"NOTSET")
-        return (not pads or not any(pads)) and auto in (b"NOTSET", b"VALID")
-    return False
-
-
 def apply_folds(handle: ModelHandle, graph: ChannelGraph, folds) -> List[str]:
     """Add ``k * sum(W[:, slice of unit])`` to each consumer's bias (creating one if needed) and
     zero that slice, which leaves the model's function unchanged and the unit unread."""
     notes = []
-    deltas: Dict[int, Tuple[onnx.NodeProto, np.ndarray]] = {}
+    deltas: Dict[int, Tuple[onnx.NodeProto, BiasSlot, np.ndarray]] = {}
     zero: Dict[str, List[Tuple[int, np.ndarray]]] = defaultdict(list)
     for u, m, node, idx, k in folds:
         if k == 0:
@@ -288,10 +273,11 @@ def apply_folds(handle: ModelHandle, graph: ChannelGraph, folds) -> List[str]:
         taken = np.take(w, m.index_map[u], axis=m.axis)
         other = tuple(a for a in range(w.ndim) if a != layout.out_axis)
         delta = k * taken.sum(axis=other)
-        if node.op_type == "Gemm":
-            delta = delta * float(_attr(node, "alpha", 1.0))
+        slot = bias_slot(node, idx)
+        if slot.alpha != 1.0:
+            delta = delta * slot.alpha
         prev = deltas.get(id(node))
-        deltas[id(node)] = (node, delta if prev is None else prev[1] + delta)
+        deltas[id(node)] = (node, slot, delta if prev is None else prev[2] + delta)
         notes.append(f"unit {u} (constant {k:.6g}) folded into {node.op_type} "
                      f"'{node.name or node.output[0]}'")
     for u, m, node, idx, k in folds:
@@ -300,19 +286,20 @@ def apply_folds(handle: ModelHandle, graph: ChannelGraph, folds) -> List[str]:
     g = handle.model.graph
     from onnxprune.channels.rules import new_initializer, set_attr
     inserts: Dict[int, onnx.NodeProto] = {}
-    for node, delta in deltas.values():
-        if node.op_type == "Conv":
-            _add_bias(handle, graph, node, 2, delta)
-        elif node.op_type == "Gemm":
-            beta = float(_attr(node, "beta", 1.0))
-            if len(node.input) > 2 and node.input[2]:
-                _add_bias(handle, graph, node, 2, delta / beta)
-            else:
-                name = new_initializer(g, (node.name or node.output[0]) + "_C",
+    for node, slot, delta in deltas.values():
+        if slot.index is not None:
+            if len(node.input) > slot.index and node.input[slot.index]:
+                _add_bias(handle, graph, node, slot.index,
+                          delta if slot.beta == 1.0 else delta / slot.beta)
+            else:  # a new bias holds delta as is: its scale attribute (Gemm beta) becomes 1
+                name = new_initializer(g, f"{node.name or node.output[0]}_{slot.operand}",
                                        delta.astype(_dtype_of(handle, graph, node)))
+                while len(node.input) < slot.index:
+                    node.input.append("")
                 node.input.append(name)
-                set_attr(node, "beta", 1.0)
-        else:  # MatMul: an Add after it
+                if slot.beta_attr:
+                    set_attr(node, slot.beta_attr, 1.0)
+        else:  # no bias input (MatMul): an Add after it
             out = node.output[0]
             mid = out + "_prefold"
             node.output[0] = mid
@@ -341,19 +328,10 @@ def _dtype_of(handle, graph, node) -> np.dtype:
 
 
 def _add_bias(handle, graph, node, index, delta) -> None:
-    from onnxprune.channels.rules import new_initializer
-    g = handle.model.graph
-    if len(node.input) > index and node.input[index]:
-        name = node.input[index]
-        if name not in graph.stored:
-            raise RuntimeError(f"bias '{name}' of '{node.name}' is not stored")
-        t = graph.stored[name]
-        b = np.asarray(handle.read(t), np.float64)
-        b = b + delta  # [N], [1, N] and [M, N] biases all broadcast with [N]
-        handle.write(t, b)
-    else:
-        name = new_initializer(g, (node.name or node.output[0]) + "_B",
-                               delta.astype(_dtype_of(handle, graph, node)))
-        while len(node.input) < index:
-            node.input.append("")
-        node.input.append(name)
+    name = node.input[index]
+    if name not in graph.stored:
+        raise RuntimeError(f"bias '{name}' of '{node.name}' is not stored")
+    t = graph.stored[name]
+    b = np.asarray(handle.read(t), np.float64)
+    b = b + delta  # [N], [1, N] and [M, N] biases all broadcast with [N]
+    handle.write(t, b)

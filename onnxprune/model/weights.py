@@ -17,8 +17,8 @@ import onnx
 
 from onnxprune.model.index import node_label
 from onnxprune.model.io import ModelHandle, iter_graphs, tensor_dtype
-from onnxprune.model.index import attr as _attr
 from onnxprune.ops.layouts import Layout, layout_for
+from onnxprune.ops.registry import bias_slot
 
 #: Ops a weight may pass through on its way to the consumer without changing its values' layout.
 #: A float weight in a QDQ model reaches its Conv through QuantizeLinear -> DequantizeLinear;
@@ -270,34 +270,31 @@ class StoredBias:
 def stored_bias(graph: onnx.GraphProto, weight: Weight,
                 stored: Dict[str, onnx.TensorProto]) -> Optional[StoredBias]:
     """The stored bias of ``weight``'s single consumer that shifts each of its ``W[out, in]``
-    rows' outputs, or None: Conv input C, Gemm input C when the weight is B (per output column
-    = per weight row; ``beta = 0`` has none), or the ``[out]`` constant of the single ``Add``
-    after an ``x @ W`` MatMul. A bias tensor any other node reads too is not this layer's own
+    rows' outputs, or None. Where it sits is the consumer op's registry ``bias`` slot
+    (:func:`onnxprune.ops.registry.bias_slot`): Conv input B, Gemm input C when the weight is B
+    (per output column = per weight row; ``beta = 0`` has none), or the ``[out]`` constant of
+    the single ``Add`` after an ``x @ W`` MatMul. A bias tensor any other node reads too is not this layer's own
     (moving it would shift the other layer), so it is None as well."""
     if len(weight.consumers) != 1 or weight.consumers[0].graph != weight.graph:
         return None
     consumer = weight.consumers[0]
     node = consumer.node
-    scale = 1.0
-    if node.op_type == "Conv" and consumer.input_index == 1 and len(node.input) > 2:
-        name = node.input[2]
-    elif node.op_type == "Gemm" and consumer.input_index == 1 and len(node.input) > 2:
-        name = node.input[2]
-        alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
-        if beta == 0.0:
+    slot = bias_slot(node, consumer.input_index)
+    if slot is None or not slot.mean_shift or slot.beta == 0.0:
+        return None
+    if slot.index is not None:
+        if len(node.input) <= slot.index:
             return None
-        scale = alpha / beta
-    elif node.op_type == "MatMul" and consumer.input_index == 1:
+        name = node.input[slot.index]
+    else:
         readers = [n for n in graph.node if node.output[0] in n.input]
         if len(readers) != 1 or readers[0].op_type != "Add":
             return None
         other = [i for i in readers[0].input if i != node.output[0]]
         name = other[0] if len(other) == 1 else ""
-    else:
-        return None
     tensor = stored.get(name) if name else None
     if tensor is None or len(tensor.dims) != 1 or int(tensor.dims[0]) != weight.layout.shape2d[0]:
         return None
     if sum(1 for _, g in iter_graphs(graph) for n in g.node if name in n.input) != 1:
         return None
-    return StoredBias(tensor, scale)
+    return StoredBias(tensor, slot.scale)
