@@ -12,7 +12,7 @@ from onnx import helper
 from onnxprune.channels import (build_channel_graph, kept_count, prune_channels,
                                 resize_channels, select_channels)
 from onnxprune.channels.graph import _components
-from onnxprune.channels.rules import _reshape_blocks
+from onnxprune.ops.shape import reshape_blocks as _reshape_blocks
 from onnxprune.model.io import load, save
 from test_channels_models import BUILDERS, G, IMG, feeds_for, run
 

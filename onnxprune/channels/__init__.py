@@ -8,7 +8,7 @@ propagation and physical resizing.
 >>> [(g.describe(), g.frozen) for g in graph.groups]                # doctest: +SKIP
 >>> record = prune_channels(handle, sparsity=0.3, round_to=8)       # doctest: +SKIP
 
-Modules: :mod:`.graph` (dims, union-find, groups), :mod:`.rules` (one rule per op type),
+Modules: :mod:`.graph` (dims, union-find, groups), :mod:`.rules` (applies each op's registry rule),
 :mod:`.prune` (scores and selection), :mod:`.resize` (mask and resize), :mod:`.dead` (dead
 channels and exact constant folding).
 """
@@ -23,11 +23,10 @@ from onnxprune.channels import rules as _rules  # noqa: F401  (registers the rul
 from onnxprune.channels.graph import ChannelGraph, ChannelGroup, Member, build_channel_graph
 from onnxprune.channels.select import kept_count, select_channels, unit_scores
 from onnxprune.channels.resize import mask_channels, resize_channels
-from onnxprune.channels.rules import RULES, register_rule
 
 __all__ = ["ChannelGraph", "ChannelGroup", "ChannelRecord", "Member", "build_channel_graph",
            "prune_channels", "remove_dead_channels", "mask_channels", "resize_channels",
-           "select_channels", "unit_scores", "kept_count", "register_rule", "RULES"]
+           "select_channels", "unit_scores", "kept_count"]
 
 
 @dataclass

@@ -5,13 +5,14 @@ A unit (channel) of a non-frozen group is dead when
 * **unread**: every consumer's input slice for it is zero and no weight-free op reduces over it
   (an activation x activation MatMul), so its value never matters; or
 * **constant**: every producer row of it is zero, so it carries an input-independent constant
-  (the bias, BN shift, act(bias)...). The constant is propagated through the group's ops with each
-  rule's ``const`` function; where it is 0 at every consumer the channel goes, otherwise it is
-  folded into each consumer's bias **only where that is exact**: Gemm, MatMul with a constant
-  right operand, and Conv with no padding (``pads`` all 0, ``auto_pad`` NOTSET/VALID). A zero-
-  padded Conv sees 0 instead of the constant at its borders, ConvTranspose spreads it unevenly,
-  and an op that is not a consumer weight cannot take a bias: those channels are kept, and the
-  record lists them as ``kept_nonzero_const``.
+  (the bias, BN shift, act(bias)...). The constant is propagated through the group's ops with
+  each op's registry ``const`` function (:mod:`onnxprune.ops.registry`; what a zero filter
+  outputs is its ``zero_filter``, the bias it adds its ``bias`` slot); where it is 0 at every
+  consumer the channel goes, otherwise it is folded into each consumer's bias **only where that
+  is exact** (the entry's ``fold`` condition: Gemm, MatMul with a constant right operand, Conv
+  with no padding). A zero-padded Conv sees 0 instead of the constant at its borders,
+  ConvTranspose spreads it unevenly, and an op that is not a consumer weight cannot take a bias:
+  those channels are kept, and the record lists them as ``kept_nonzero_const``.
 """
 
 from __future__ import annotations
@@ -25,20 +26,10 @@ import onnx
 from onnxprune.model.io import ModelHandle
 from onnxprune.ops.layouts import layout_for
 from onnxprune.ops.registry import BiasSlot, activation_of, bias_slot, exact_fold, field_of
-from onnxprune.channels.graph import BIAS, CONSUMER, PRODUCER, ChannelGraph, ChannelGroup, Member
+from onnxprune.channels.graph import ChannelGraph, ChannelGroup, Member
 from onnxprune.channels.resize import zero_slices
-
-_PASS = {"Identity", "Cast", "Dropout", "Concat", "Split", "Slice", "Reshape", "Flatten",
-         "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "GlobalAveragePool", "GlobalMaxPool",
-         "Resize", "Upsample", "ReduceMean", "ReduceMax", "ReduceMin"}
-
-
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
+from onnxprune.channels.rules import new_initializer
+from onnxprune.ops._channel import BIAS, CONSUMER, PRODUCER, set_attr
 
 class _Walk:
     """Per-unit constants of one group's tensors (NaN = not constant / unknown)."""
@@ -71,7 +62,6 @@ class _Walk:
         return np.full(self.group.size, float(arr.ravel()[0])) if arr.size == 1 else None
 
     def run(self) -> None:
-        from onnxprune.channels.rules import rule_for
         nan = np.full(self.group.size, np.nan)
         for node in self.nodes:
             key = node.name or node.output[0]
@@ -93,7 +83,8 @@ class _Walk:
                     ins.append(self.param(name))
             if all(v is None for v in ins[:1]) and not any(n in self.values for n in node.input):
                 continue
-            out = self._eval(node, ins, rule_for(node))
+            const = field_of(node, "const")
+            out = None if const is None else const(node, ins, self._read_const)
             for o, v in zip(node.output, out if out is not None else []):
                 if o in self.members:
                     self.values[o] = nan if v is None else np.asarray(v, np.float64)
@@ -114,42 +105,6 @@ class _Walk:
                     bias = v * slot.beta
         return zero_filter(node, bias, self.values.get(node.input[0]))
 
-    def _eval(self, node, ins, rule):
-        op = node.op_type
-        if op in _PASS:
-            v = next((x for x in ins if x is not None), None)
-            return [v] * len(node.output)
-        if op == "AveragePool":
-            pads = _attr(node, "pads", None)
-            if (pads and any(pads)) or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET",
-                                                                                 b"VALID"):
-                if not _attr(node, "count_include_pad", 0):
-                    return [ins[0]]
-                return [np.where(ins[0] == 0, 0.0, np.nan)]
-            return [ins[0]]
-        if op == "Pad":
-            mode = _attr(node, "mode", b"constant")
-            if mode != b"constant":
-                return [ins[0]]
-            pv = ins[2] if len(ins) > 2 and ins[2] is not None else np.zeros_like(ins[0])
-            return [np.where(ins[0] == pv, ins[0], np.nan)]
-        if op == "BatchNormalization":
-            x, s, b, mu, var = ins[:5]
-            if any(v is None for v in (x, s, b, mu, var)):
-                return None
-            eps = float(_attr(node, "epsilon", 1e-5))
-            return [(x - mu) / np.sqrt(var + eps) * s + b]
-        if op == "InstanceNormalization":
-            return [ins[2]] if ins[2] is not None else None  # constant map normalizes to 0
-        if rule is None or rule.const is None or ins[0] is None:
-            return None
-        if op not in ("Sum", "Mean") and any(v is None for v in ins[1:2]) and len(ins) > 1 \
-                and node.input[1] and op in ("Add", "Sub", "Mul", "Div", "Max", "Min", "Pow",
-                                             "PRelu"):
-            return None
-        return rule.const(node, [v for v in ins if v is not None] if op in ("Sum", "Mean")
-                          else ins, self._read_const)
-
     def _read_const(self, name: str):
         if name in self.g.stored:
             return self.h.read(self.g.stored[name])
@@ -158,7 +113,6 @@ class _Walk:
 
 def find_dead(handle: ModelHandle, graph: ChannelGraph):
     """Per group: units to remove, (unit, consumer member, node, k) folds, and kept notes."""
-    from onnxprune.channels.rules import rule_for  # noqa: F401  (rules must be registered)
     # One list of node wrappers: protobuf hands out a new wrapper per iteration, so id()s
     # are only comparable within it.
     node_list = list(handle.model.graph.node)
@@ -284,7 +238,6 @@ def apply_folds(handle: ModelHandle, graph: ChannelGraph, folds) -> List[str]:
         zero[m.tensor].append((m.axis, m.index_map[u]))
     zero_slices(handle, graph, zero)
     g = handle.model.graph
-    from onnxprune.channels.rules import new_initializer, set_attr
     inserts: Dict[int, onnx.NodeProto] = {}
     for node, slot, delta in deltas.values():
         if slot.index is not None:

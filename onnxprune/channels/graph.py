@@ -31,18 +31,11 @@ import numpy as np
 import onnx
 
 from onnxprune.model.io import ModelHandle, iter_graphs
+# Roles a stored tensor's axis plays in a group, defined beside the rules that assign them.
+from onnxprune.ops._channel import CONSUMER, PRODUCER, ZERO_ON_MASK
 
 Shape = Tuple[Union[int, str, None], ...]
 
-# Roles a stored tensor's axis plays in a group. Masking a channel zeroes the slices whose role is
-# in ZERO_ON_MASK, so that the channel contributes nothing anywhere (see resize.mask_channels).
-PRODUCER = "producer"      # weight out-channel rows (Conv W[c], Gemm/MatMul output columns)
-CONSUMER = "consumer"      # weight input slices (Conv W[:, c], MatMul W[c, :])
-BIAS = "bias"              # additive per-channel value: conv/gemm bias, Add constant, BN shift
-SCALE = "scale"            # BN/InstanceNorm gamma: zeroed with the shift so the output is 0
-STAT = "stat"              # BN running mean/var: left alone (var must stay positive)
-FACTOR = "factor"          # Mul/Div constant, PRelu slope: 0 * k is already 0
-ZERO_ON_MASK = {PRODUCER, CONSUMER, BIAS, SCALE}
 
 
 @dataclass
@@ -276,7 +269,7 @@ class Builder:
                 axis, name = int(perm[axis]), node.input[0]
             elif node.op_type in ("Reshape", "Unsqueeze", "Squeeze", "Flatten"):
                 # [C] -> [1, C, 1, 1] and friends: the axis must sit alone in a 1:1 block.
-                from onnxprune.channels.rules import _reshape_blocks
+                from onnxprune.ops.shape import reshape_blocks as _reshape_blocks
                 s_in, s_out = self.shape(node.input[0]), self.shape(name)
                 if s_in is None or s_out is None:
                     return None

@@ -1,8 +1,10 @@
 """The op registry: what each op means (weight layout W[out, in], activation operand, bias slot,
-channel rule, constant propagation, MAC formula), one entry per op in :mod:`.registry`, filled
-by one file per op family. Importing the package loads every family file, so any lookup sees
-every entry."""
+channel rule, constant propagation and exact-fold condition, MAC formula), one entry per op in
+:mod:`.registry`, filled by one file per op family (:mod:`.conv`, :mod:`.linear`, :mod:`.norm`,
+:mod:`.elementwise`, :mod:`.shape`, :mod:`.pool`, :mod:`.reduce`, :mod:`.recurrent`).
+Importing the package loads every family file, so any lookup sees every entry."""
 
-from onnxprune.ops import conv, linear, recurrent  # noqa: F401  (the families fill the registry)
+from onnxprune.ops import (conv, elementwise, linear, norm, pool, recurrent,  # noqa: F401
+                           reduce, shape)
 
-__all__ = ["conv", "linear", "recurrent"]
+__all__ = ["conv", "elementwise", "linear", "norm", "pool", "recurrent", "reduce", "shape"]

@@ -1,7 +1,8 @@
 """The convolution family: Conv, ConvTranspose (and the integer/QLinear Conv forms' MACs).
 
 Each op's entry: weight layout ``W[out, in]``, activation operand with its im2col geometry,
-bias slot, exact-fold condition, zero-filter constant, MAC formula.
+bias slot, exact-fold condition, zero-filter constant, channel rule (groups, depthwise
+multipliers), MAC formula.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import numpy as np
 import onnx
 
 from onnxprune.model.index import attr
-from onnxprune.ops.layouts import Layout
+from onnxprune.ops._channel import BIAS, CONSUMER, PRODUCER, NodeCtx, set_attr
+from onnxprune.ops.layouts import Layout, layout_for
 from onnxprune.ops.registry import (Activation, BiasSlot, ConvGeometry, Shapes, define, numel,
                                     operand, shape_in)
 
@@ -84,6 +86,112 @@ def _conv_zero_filter(node, bias, x):
     return bias
 
 
+# -- channel rules ------------------------------------------------------------------------------
+def _group_maps(groups: int, per: int):
+    """Indices ``g*per + k`` and the position ``k`` they share, for all groups g > 0."""
+    g = np.arange(1, groups)[:, None]
+    k = np.arange(per)[None, :]
+    return (g * per + k).ravel(), np.broadcast_to(k, (groups - 1, per)).ravel()
+
+
+def _conv_head(ctx: NodeCtx):
+    """Conv/ConvTranspose operands, static weight shape, its layout and ``group``; None when
+    the weight shape is unknown or impossible for the op (nothing is mapped: frozen)."""
+    x, w, b, y = ctx.inp(0), ctx.inp(1), ctx.inp(2), ctx.out()
+    ws = ctx.shape(w)
+    if ws is None or not all(isinstance(d, int) for d in ws):
+        return None
+    layout = layout_for(ctx.node, 1, ws)
+    if layout is None:
+        return None
+    return x, w, b, y, ws, layout, int(ctx.attr("group", 1))
+
+
+def _conv_channels(ctx: NodeCtx) -> None:
+    head = _conv_head(ctx)
+    if head is None:
+        return
+    x, w, b, y, ws, layout, group = head
+    cout, cin_g = ws[layout.out_axis], ws[layout.in_axis]
+    cin = cin_g * group
+    ctx.tie((x, 0), (y, 0))
+    ctx.tie((w, layout.out_axis), (y, 1))
+    if b:
+        ctx.tie((b, 0), (y, 1))
+        ctx.role(b, 0, BIAS)
+    ctx.role(w, layout.out_axis, PRODUCER)
+    if group == 1:
+        ctx.tie((w, layout.in_axis), (x, 1))
+        ctx.role(w, layout.in_axis, CONSUMER)
+        return
+    cout_g = cout // group
+    ctx.ok(w, layout.in_axis)
+    if cin_g == 1:  # depthwise (multiplier cout_g): input c owns outputs c*m .. c*m+m-1
+        if cout_g == 1:
+            ctx.tie((x, 1), (y, 1))
+        else:
+            c = np.repeat(np.arange(cin), cout_g)
+            ctx.tie_map((x, 1), c, (y, 1), np.arange(cout), cin, cout)
+
+        def regroup(node, rc, x=x, cin=cin):
+            set_attr(node, "group", cin - len(rc.removed(x, 1)))
+        ctx.rewrite(regroup)
+        return
+    # Grouped: remove the same positions in every group so the groups stay equal.
+    gi, ki = _group_maps(group, cin_g)
+    ctx.tie_map((x, 1), gi, (x, 1), ki, cin, cin)
+    ctx.tie_map((x, 1), np.arange(cin_g), (w, layout.in_axis), np.arange(cin_g), cin, cin_g)
+    ctx.role(w, layout.in_axis, CONSUMER)
+    go, ko = _group_maps(group, cout_g)
+    ctx.tie_map((y, 1), go, (y, 1), ko, cout, cout)
+
+
+def _conv_transpose_channels(ctx: NodeCtx) -> None:
+    head = _conv_head(ctx)
+    if head is None:
+        return
+    x, w, b, y, ws, layout, group = head
+    cin, cout_g = ws[layout.in_axis], ws[layout.out_axis]
+    cout = cout_g * group
+    cin_g = cin // group
+    ctx.tie((x, 0), (y, 0))
+    ctx.tie((w, layout.in_axis), (x, 1))
+    if b:
+        ctx.role(b, 0, BIAS)
+    if group == 1:
+        ctx.tie((w, layout.out_axis), (y, 1))
+        if b:
+            ctx.tie((b, 0), (y, 1))
+        ctx.role(w, layout.out_axis, PRODUCER)
+        ctx.role(w, layout.in_axis, CONSUMER)
+        return
+    ctx.ok(w, layout.out_axis)
+    if cin_g == 1:  # depthwise: input c owns outputs c*m .. c*m+m-1 and weight row c
+        ctx.role(w, layout.in_axis, PRODUCER)
+        if cout_g == 1:
+            ctx.tie((x, 1), (y, 1))
+        else:
+            c = np.repeat(np.arange(cin), cout_g)
+            ctx.tie_map((x, 1), c, (y, 1), np.arange(cout), cin, cout)
+        if b:
+            ctx.tie((b, 0), (y, 1))
+
+        def regroup(node, rc, x=x, cin=cin):
+            set_attr(node, "group", cin - len(rc.removed(x, 1)))
+        ctx.rewrite(regroup)
+        return
+    gi, ki = _group_maps(group, cin_g)
+    ctx.tie_map((x, 1), gi, (x, 1), ki, cin, cin)
+    ctx.role(w, layout.in_axis, CONSUMER)
+    go, ko = _group_maps(group, cout_g)
+    ctx.tie_map((y, 1), go, (y, 1), ko, cout, cout)
+    ctx.tie_map((y, 1), np.arange(cout_g), (w, layout.out_axis), np.arange(cout_g), cout,
+                cout_g)
+    ctx.role(w, layout.out_axis, PRODUCER)
+    if b:
+        ctx.tie((b, 0), (y, 1))
+
+
 # -- MACs ---------------------------------------------------------------------------------------
 def _conv_macs(weight_index: int):
     def formula(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
@@ -109,9 +217,11 @@ def _conv_transpose_macs(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
 
 
 define("Conv", layout=_conv_layout, activation=_conv_activation, bias=_conv_bias,
-       fold=_conv_fold, zero_filter=_conv_zero_filter, macs=_conv_macs(1))
+       fold=_conv_fold, zero_filter=_conv_zero_filter, channels=_conv_channels,
+       macs=_conv_macs(1))
 define("ConvInteger", macs=_conv_macs(1))
 define("QLinearConv", macs=_conv_macs(3))
 # ConvTranspose spreads a constant input unevenly over its output: never an exact fold.
 define("ConvTranspose", layout=_conv_transpose_layout, activation=_conv_activation,
-       bias=_conv_transpose_bias, zero_filter=_conv_zero_filter, macs=_conv_transpose_macs)
+       bias=_conv_transpose_bias, zero_filter=_conv_zero_filter,
+       channels=_conv_transpose_channels, macs=_conv_transpose_macs)

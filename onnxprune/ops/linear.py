@@ -1,7 +1,8 @@
 """The matrix family: Gemm, MatMul (and the integer/QLinear MatMul forms' MACs), Einsum.
 
 Each op's entry: weight layout ``W[out, in]``, activation operand, bias slot (Gemm's
-alpha/beta), exact-fold condition, zero-filter constant, MAC formula.
+alpha/beta), exact-fold condition, zero-filter constant, channel rule (the reduction axis is
+tied between both operands; an activation x activation product is a sink), MAC formula.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import numpy as np
 import onnx
 
 from onnxprune.model.index import attr
-from onnxprune.ops.layouts import Layout
+from onnxprune.ops._channel import (BIAS, CONSUMER, PRODUCER, NodeCtx, same_extent,
+                                    tie_broadcast)
+from onnxprune.ops.layouts import Layout, layout_for
 from onnxprune.ops.registry import Activation, BiasSlot, Shapes, define, numel, shape_in
 
 
@@ -85,6 +88,74 @@ def _bias_only(node, bias, x):
     return bias
 
 
+# -- channel rules ------------------------------------------------------------------------------
+def _weight_roles(ctx: NodeCtx, index: int) -> None:
+    name = ctx.inp(index)
+    shape = ctx.shape(name)
+    if name is None or shape is None or not ctx.is_const(name):
+        return
+    if not all(isinstance(d, int) for d in shape):
+        return
+    layout = layout_for(ctx.node, index, shape)
+    if layout is None:
+        return
+    ctx.role(name, layout.out_axis, PRODUCER)
+    ctx.role(name, layout.in_axis, CONSUMER)
+
+
+def _mark_sinks(ctx: NodeCtx, a, b) -> None:
+    if not ctx.is_const(a[0]) and not ctx.is_const(b[0]):
+        ctx.b.sink(a[0], a[1], ctx.node, 0)
+        ctx.b.sink(b[0], b[1], ctx.node, 1)
+
+
+def _gemm_channels(ctx: NodeCtx) -> None:
+    a, b, c, y = ctx.inp(0), ctx.inp(1), ctx.inp(2), ctx.out()
+    am, ak = (1, 0) if ctx.attr("transA", 0) else (0, 1)
+    bk, bn = (1, 0) if ctx.attr("transB", 0) else (0, 1)
+    ctx.tie((a, ak), (b, bk))
+    _mark_sinks(ctx, (a, ak), (b, bk))
+    ctx.tie((a, am), (y, 0))
+    ctx.tie((b, bn), (y, 1))
+    if c:
+        tie_broadcast(ctx, c, y, BIAS)
+    _weight_roles(ctx, 0)
+    _weight_roles(ctx, 1)
+
+
+def _matmul_channels(ctx: NodeCtx) -> None:
+    a, b, y = ctx.inp(0), ctx.inp(1), ctx.out()
+    ra, rb, ry = ctx.rank(a), ctx.rank(b), ctx.rank(y)
+    if ra is None or rb is None or ry is None:
+        return
+    ak = ra - 1
+    bk = 0 if rb == 1 else rb - 2
+    ctx.tie((a, ak), (b, bk))
+    _mark_sinks(ctx, (a, ak), (b, bk))
+    out_axis = ry
+    if rb > 1:
+        out_axis -= 1
+        ctx.tie((b, rb - 1), (y, out_axis))
+    if ra > 1:
+        out_axis -= 1
+        ctx.tie((a, ra - 2), (y, out_axis))
+    nbatch = out_axis  # y axes [0, nbatch) are broadcast batch axes
+    for name, r in ((a, ra), (b, rb)):
+        nb = max(r - 2, 0)
+        sa, sy = ctx.shape(name), ctx.shape(y)
+        for j in range(nb):
+            yj = nbatch - nb + j
+            same = same_extent(sa[j], sy[yj])
+            if same:
+                ctx.tie((name, j), (y, yj))
+            elif same is None:
+                ctx.freeze(name, j, "cannot tell broadcast batch axis")
+            else:
+                ctx.ok(name, j)
+    _weight_roles(ctx, 0)
+    _weight_roles(ctx, 1)
+
+
 # -- MACs ---------------------------------------------------------------------------------------
 def _gemm_macs(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
     # Y = alpha * A' B' + beta * C with A' [M, K], B' [K, N]: M*N*K (the C add is not counted).
@@ -142,9 +213,11 @@ def _einsum_macs(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
 
 
 define("Gemm", layout=_gemm_layout, activation=_gemm_activation, bias=_gemm_bias,
-       fold=_right_operand_fold, zero_filter=_bias_only, macs=_gemm_macs)
+       fold=_right_operand_fold, zero_filter=_bias_only, channels=_gemm_channels,
+       macs=_gemm_macs)
 define("MatMul", layout=_matmul_layout, activation=_matmul_activation, bias=_matmul_bias,
-       fold=_right_operand_fold, zero_filter=_bias_only, macs=_matmul_macs(0, 1))
+       fold=_right_operand_fold, zero_filter=_bias_only, channels=_matmul_channels,
+       macs=_matmul_macs(0, 1))
 define("MatMulInteger", macs=_matmul_macs(0, 1))
 define("QLinearMatMul", macs=_matmul_macs(0, 3))
 define("Einsum", macs=_einsum_macs)
