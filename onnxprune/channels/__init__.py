@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from onnxprune.model.io import ModelHandle
-from onnxprune.channels import rules as _rules  # noqa: F401  (registers the rules)
 from onnxprune.channels.graph import ChannelGraph, ChannelGroup, Member, build_channel_graph
 from onnxprune.channels.select import kept_count, select_channels, unit_scores
 from onnxprune.channels.resize import mask_channels, resize_channels

@@ -2,7 +2,8 @@
 
 A *dim* is one axis of one tensor, ``(tensor name, axis)``; stored tensors (initializers and
 ``Constant`` values) have dims too, which is how weights, biases, BN parameters and per-channel
-constants get sliced. Per-op rules (:mod:`.rules`) tie dims of a node's inputs and outputs:
+constants get sliced. Per-op rules (the ``channels`` field of each op's registry entry, applied
+by :mod:`.rules`) tie dims of a node's inputs and outputs:
 
 * ``tie(a, b)`` — the two axes are the same channels, index for index (Relu, BN, residual Add).
   These are joined by a union-find over dims (level 1), cheap however large the axis.
@@ -33,6 +34,8 @@ import onnx
 from onnxprune.model.io import ModelHandle, iter_graphs
 # Roles a stored tensor's axis plays in a group, defined beside the rules that assign them.
 from onnxprune.ops._channel import CONSUMER, PRODUCER, ZERO_ON_MASK
+from onnxprune.ops.registry import complete_types, field_of
+from onnxprune.channels.rules import apply_rules
 
 Shape = Tuple[Union[int, str, None], ...]
 
@@ -134,6 +137,10 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: Optional[Dict[str, Sequen
                 shape.dim.add().dim_value = int(d)
     try:
         inferred = onnx.shape_inference.infer_shapes(copy, data_prop=True)
+        for _ in range(8):  # ops ONNX cannot type: the registry says, then infer on from there
+            if not complete_types(inferred.graph):
+                break
+            inferred = onnx.shape_inference.infer_shapes(inferred, data_prop=True)
     except Exception:  # inference failing leaves shapes unknown, which freezes what needs them
         inferred = copy
     shapes: Dict[str, Shape] = {}
@@ -254,32 +261,19 @@ class Builder:
 
     def stored_source(self, name: str, axis: int) -> Optional[Tuple[str, int]]:
         """The stored tensor and axis a constant input comes from, through Cast/Identity/
-        Transpose; None when it is computed otherwise (or is an activation)."""
+        Transpose/Reshape-like ops; None when it is computed otherwise (or is an activation)."""
         seen = 0
         while name not in self.stored:
             node = self.producer.get(name)
             if node is None or seen > 16 or node.domain not in ("", "ai.onnx"):
                 return None
-            if node.op_type in ("Cast", "Identity"):
-                name = node.input[0]
-            elif node.op_type == "Transpose":
-                perm = _attr(node, "perm", None)
-                if perm is None:
-                    return None
-                axis, name = int(perm[axis]), node.input[0]
-            elif node.op_type in ("Reshape", "Unsqueeze", "Squeeze", "Flatten"):
-                # [C] -> [1, C, 1, 1] and friends: the axis must sit alone in a 1:1 block.
-                from onnxprune.ops.shape import reshape_blocks as _reshape_blocks
-                s_in, s_out = self.shape(node.input[0]), self.shape(name)
-                if s_in is None or s_out is None:
-                    return None
-                blocks = _reshape_blocks(s_in, s_out)
-                hit = [bi for bi, bj in (blocks or []) if bj == [axis] and len(bi) == 1]
-                if not hit:
-                    return None
-                axis, name = hit[0][0], node.input[0]
-            else:
+            # The op's registry entry says which input axis this one is (Cast/Identity,
+            # Transpose, Reshape-like ops), or None.
+            source = field_of(node, "axis_source")
+            axis = None if source is None else source(node, axis, self.shape)
+            if axis is None:
                 return None
+            name = node.input[0]
             seen += 1
         return name, axis
 
@@ -491,16 +485,8 @@ class Builder:
         return ChannelGraph(groups, self.rewrites, self.stored, self.shapes, dict(self.roles))
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 def build_channel_graph(handle: ModelHandle, input_shapes: Optional[Dict] = None) -> ChannelGraph:
     """Run every node's channel rule and return the groups (frozen ones with their reason)."""
-    from onnxprune.channels.rules import apply_rules  # rules register themselves on import
 
     builder = Builder(handle, input_shapes)
     apply_rules(builder)

@@ -22,6 +22,7 @@ import onnx
 
 from onnxprune.model.io import ModelHandle
 from onnxprune.channels.graph import ZERO_ON_MASK, ChannelGraph, infer_shapes
+from onnxprune.channels.rules import _opset, new_initializer
 
 Removed = Dict[int, Sequence[int]]
 
@@ -102,7 +103,6 @@ class ResizeContext:
 
     def add_initializer(self, old_name: str, values: np.ndarray) -> str:
         """A new initializer holding ``values`` (the old one may be shared, so never edited)."""
-        from onnxprune.channels.rules import new_initializer
         self.replaced.append(old_name)
         return new_initializer(self.handle.model.graph, old_name, np.asarray(values, np.int64))
 
@@ -110,8 +110,6 @@ class ResizeContext:
 def resize_channels(handle: ModelHandle, graph: ChannelGraph, removed: Removed
                     ) -> Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]]:
     """Delete the removed channels everywhere; returns stored tensor -> (shape before, after)."""
-    from onnxprune.channels.rules import _opset
-
     cut = removed_by_dim(graph, removed)
     per_tensor: Dict[str, List[Tuple[int, np.ndarray]]] = defaultdict(list)
     for (name, axis), idx in cut.items():

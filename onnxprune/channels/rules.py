@@ -10,13 +10,17 @@ Each entry may also carry a ``const`` function used by dead-channel detection (s
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx
 
 from onnxprune.model.index import subgraph_reads
 from onnxprune.ops._channel import NodeCtx, set_attr
 from onnxprune.ops.registry import field_of
-from onnxprune.channels.graph import Builder
+
+if TYPE_CHECKING:  # the builder calls apply_rules: a runtime import would be a cycle
+    from onnxprune.channels.graph import Builder
 
 __all__ = ["apply_rules", "new_initializer", "set_attr"]
 
@@ -28,7 +32,7 @@ def _opset(model: onnx.ModelProto) -> int:
     return 1
 
 
-def apply_rules(builder: Builder) -> None:
+def apply_rules(builder: "Builder") -> None:
     """Run every main-graph node's rule, freezing graph boundaries and subgraph reads."""
     graph = builder.graph
     opset = _opset(builder.handle.model)

@@ -2,7 +2,8 @@
 
 A weight is a stored tensor — an initializer or a ``Constant`` node's value, in the main graph or
 any ``If``/``Loop``/``Scan`` body — that reaches a prunable input of a Conv/ConvTranspose/Gemm/
-MatMul, directly or through ``Cast``/``Identity`` (fp16 exports). A tensor read by several nodes
+MatMul, directly or through the ops whose registry entry carries it on (``weight_step``:
+``Cast``/``Identity`` in fp16 exports, Q/DQ pairs, a Transpose or constant Reshape). A tensor read by several nodes
 is one :class:`Weight` with several consumers, pruned once; if the consumers disagree on its
 ``W[out, in]`` view it is skipped with a reason rather than guessed.
 """
@@ -18,14 +19,8 @@ import onnx
 from onnxprune.model.index import node_label
 from onnxprune.model.io import ModelHandle, iter_graphs, tensor_dtype
 from onnxprune.ops.layouts import Layout, layout_for
-from onnxprune.ops.registry import bias_slot
+from onnxprune.ops.registry import bias_slot, weight_step
 
-#: Ops a weight may pass through on its way to the consumer without changing its values' layout.
-#: A float weight in a QDQ model reaches its Conv through QuantizeLinear -> DequantizeLinear;
-#: a zero quantizes to the zero point and dequantizes back to exactly 0, so masks survive it.
-PASS_THROUGH_OPS = {"Cast", "Identity", "QuantizeLinear", "DequantizeLinear"}
-#: ...and ops that change only its shape (with a constant target shape), e.g. a 4-D classifier
-#: weight reshaped into a Gemm (Inception v1, Caffe2 exports).
 #: Element types onnxprune can rewrite (values keep their dtype on write).
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                onnx.TensorProto.DOUBLE}
@@ -175,14 +170,16 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
             if tensor is not None and node.output:
                 scope[node.output[0]] = _Source(tensor, "constant", path, node.output[0])
                 return
-        if (node.op_type in PASS_THROUGH_OPS and node.domain in ("", "ai.onnx") and node.input
-                and scope.get(node.input[0]) is not None):
-            scope[node.output[0]] = scope[node.input[0]].then(node.op_type)
-            return
-        step = _view_step(node, scope, handle.read)
-        if step is not None:
-            scope[node.output[0]] = scope[node.input[0]].then(node.op_type, step)
-            return
+        src = scope.get(node.input[0]) if node.input and node.input[0] else None
+        if src is not None:
+            # Cast/Identity/Q-DQ hand it on, Transpose/constant Reshape change its view.
+            def read(i: int):
+                s = scope.get(node.input[i]) if node.input[i] else None
+                return None if s is None else handle.read(s.tensor)
+            step = weight_step(node, src.seen_shape, read)
+            if step is not None:
+                scope[node.output[0]] = src.then(node.op_type, step)
+                return
         for out in node.output:
             if out:
                 scope[out] = None
@@ -196,40 +193,6 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
     weights = [w for w in weights if w.name not in mixed]
     skipped_list = [s for s in skipped_list if s.name not in pruned_names or s.name in mixed]
     return weights, skipped_list
-
-
-def _view_step(node: onnx.NodeProto, scope, read) -> Optional[Tuple[str, Tuple[int, ...]]]:
-    """A constant Reshape or a Transpose of a weight: the step it adds to the weight's view."""
-    if node.domain not in ("", "ai.onnx") or not node.input or scope.get(node.input[0]) is None:
-        return None
-    src = scope[node.input[0]]
-    if node.op_type == "Transpose":
-        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-        rank = len(src.seen_shape)
-        perm = tuple(perm) if perm else tuple(reversed(range(rank)))
-        return ("transpose", perm) if sorted(perm) == list(range(rank)) else None
-    if node.op_type == "Reshape" and len(node.input) > 1 and scope.get(node.input[1]):
-        shape = _reshaped(src.seen_shape, read(scope[node.input[1]].tensor), node)
-        return ("reshape", shape) if shape is not None else None
-    return None
-
-
-def _reshaped(shape: Tuple[int, ...], target: np.ndarray, node: onnx.NodeProto
-              ) -> Optional[Tuple[int, ...]]:
-    """The output shape of Reshape(shape -> target) with ONNX's 0 and -1 rules, None if odd."""
-    allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
-    dims = [int(d) for d in np.asarray(target).ravel()]
-    out = [shape[i] if d == 0 and not allowzero and i < len(shape) else d
-           for i, d in enumerate(dims)]
-    total = int(np.prod(shape, dtype=np.int64))
-    if out.count(-1) == 1:
-        rest = int(np.prod([d for d in out if d != -1], dtype=np.int64))
-        if rest <= 0 or total % rest:
-            return None
-        out[out.index(-1)] = total // rest
-    if any(d <= 0 for d in out) or int(np.prod(out, dtype=np.int64)) != total:
-        return None
-    return tuple(out)
 
 
 def stored_tensors(graph: onnx.GraphProto) -> Dict[str, onnx.TensorProto]:

@@ -20,22 +20,17 @@ from onnxprune.ops.registry import (Activation, BiasSlot, ConvGeometry, Shapes, 
 
 
 # -- weight layout ------------------------------------------------------------------------------
-def _conv_layout(node, index, shape):
-    # [Cout, Cin/g, k...]: in = (k..., Cin/g) with Cin innermost per kernel position.
-    if index != 1 or len(shape) < 3:
-        return None
-    rank = len(shape)
-    return Layout("Conv", shape, (0, *range(2, rank), 1), 1, out_axis=0, in_axis=1,
-                  group=int(attr(node, "group", 1)))
+def _kernel_layout(out_axis: int, in_axis: int):
+    """Conv ``[Cout, Cin/g, k...]`` (out axis 0) and ConvTranspose ``[Cin, Cout/g, k...]`` (out
+    axis 1): ``in = (k..., channel)`` with the input channel innermost per kernel position."""
 
+    def rule(node, index, shape):
+        if index != 1 or len(shape) < 3:
+            return None
+        return Layout(node.op_type, shape, (out_axis, *range(2, len(shape)), in_axis), 1,
+                      out_axis=out_axis, in_axis=in_axis, group=int(attr(node, "group", 1)))
 
-def _conv_transpose_layout(node, index, shape):
-    # [Cin, Cout/g, k...]: out = Cout/g (axis 1), in = (k..., Cin) with Cin innermost.
-    if index != 1 or len(shape) < 3:
-        return None
-    rank = len(shape)
-    return Layout("ConvTranspose", shape, (1, *range(2, rank), 0), 1, out_axis=1, in_axis=0,
-                  group=int(attr(node, "group", 1)))
+    return rule
 
 
 # -- activation columns (im2col), bias, folding ---------------------------------------------------
@@ -107,6 +102,22 @@ def _conv_head(ctx: NodeCtx):
     return x, w, b, y, ws, layout, int(ctx.attr("group", 1))
 
 
+def _depthwise_ties(ctx: NodeCtx, x, y, cin: int, cout: int, multiplier: int) -> None:
+    """Depthwise: input channel c owns output channels c*m .. c*m+m-1."""
+    if multiplier == 1:
+        ctx.tie((x, 1), (y, 1))
+    else:
+        c = np.repeat(np.arange(cin), multiplier)
+        ctx.tie_map((x, 1), c, (y, 1), np.arange(cout), cin, cout)
+
+
+def _regroup(ctx: NodeCtx, x, cin: int) -> None:
+    """On resize, a depthwise op's ``group`` becomes its new input channel count."""
+    def regroup(node, rc, x=x, cin=cin):
+        set_attr(node, "group", cin - len(rc.removed(x, 1)))
+    ctx.rewrite(regroup)
+
+
 def _conv_channels(ctx: NodeCtx) -> None:
     head = _conv_head(ctx)
     if head is None:
@@ -127,15 +138,8 @@ def _conv_channels(ctx: NodeCtx) -> None:
     cout_g = cout // group
     ctx.ok(w, layout.in_axis)
     if cin_g == 1:  # depthwise (multiplier cout_g): input c owns outputs c*m .. c*m+m-1
-        if cout_g == 1:
-            ctx.tie((x, 1), (y, 1))
-        else:
-            c = np.repeat(np.arange(cin), cout_g)
-            ctx.tie_map((x, 1), c, (y, 1), np.arange(cout), cin, cout)
-
-        def regroup(node, rc, x=x, cin=cin):
-            set_attr(node, "group", cin - len(rc.removed(x, 1)))
-        ctx.rewrite(regroup)
+        _depthwise_ties(ctx, x, y, cin, cout, cout_g)
+        _regroup(ctx, x, cin)
         return
     # Grouped: remove the same positions in every group so the groups stay equal.
     gi, ki = _group_maps(group, cin_g)
@@ -168,17 +172,10 @@ def _conv_transpose_channels(ctx: NodeCtx) -> None:
     ctx.ok(w, layout.out_axis)
     if cin_g == 1:  # depthwise: input c owns outputs c*m .. c*m+m-1 and weight row c
         ctx.role(w, layout.in_axis, PRODUCER)
-        if cout_g == 1:
-            ctx.tie((x, 1), (y, 1))
-        else:
-            c = np.repeat(np.arange(cin), cout_g)
-            ctx.tie_map((x, 1), c, (y, 1), np.arange(cout), cin, cout)
+        _depthwise_ties(ctx, x, y, cin, cout, cout_g)
         if b:
             ctx.tie((b, 0), (y, 1))
-
-        def regroup(node, rc, x=x, cin=cin):
-            set_attr(node, "group", cin - len(rc.removed(x, 1)))
-        ctx.rewrite(regroup)
+        _regroup(ctx, x, cin)
         return
     gi, ki = _group_maps(group, cin_g)
     ctx.tie_map((x, 1), gi, (x, 1), ki, cin, cin)
@@ -216,12 +213,12 @@ def _conv_transpose_macs(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
     return numel(x) * numel(w[1:])
 
 
-define("Conv", layout=_conv_layout, activation=_conv_activation, bias=_conv_bias,
+define("Conv", layout=_kernel_layout(0, 1), activation=_conv_activation, bias=_conv_bias,
        fold=_conv_fold, zero_filter=_conv_zero_filter, channels=_conv_channels,
        macs=_conv_macs(1))
 define("ConvInteger", macs=_conv_macs(1))
 define("QLinearConv", macs=_conv_macs(3))
 # ConvTranspose spreads a constant input unevenly over its output: never an exact fold.
-define("ConvTranspose", layout=_conv_transpose_layout, activation=_conv_activation,
+define("ConvTranspose", layout=_kernel_layout(1, 0), activation=_conv_activation,
        bias=_conv_transpose_bias, zero_filter=_conv_zero_filter,
        channels=_conv_transpose_channels, macs=_conv_transpose_macs)

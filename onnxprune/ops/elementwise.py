@@ -14,7 +14,7 @@ import numpy as np
 from onnxprune.model.index import attr
 from onnxprune.ops._channel import (BIAS, FACTOR, NodeCtx, pass_through_const, tie_all,
                                     tie_broadcast)
-from onnxprune.ops.registry import define
+from onnxprune.ops.registry import define, same_axis, unchanged_step
 
 # -- unary ------------------------------------------------------------------------------------
 _UNARY_NP = {
@@ -75,6 +75,8 @@ def _clip_const(node, vals, read):
 define(*_UNARY_NP, channels=_unary, const=_unary_const)
 define("Clip", channels=_unary, const=_clip_const)
 define(*_COPIES, channels=_unary, const=pass_through_const)
+# A weight reaches its consumer through them unchanged (fp16 exports: Cast).
+define("Cast", "Identity", weight_step=unchanged_step, axis_source=same_axis)
 define(*_UNARY_OPAQUE, channels=_unary)
 
 

@@ -67,6 +67,12 @@ class Layout:
         return shapes
 
     @property
+    def kernel_positions(self) -> bool:
+        """True when ``in`` spans kernel positions as well as channels (Conv, ConvTranspose):
+        the columns are ``(k..., channel)`` with the channel innermost."""
+        return len(self.perm) - self.n_out > 1
+
+    @property
     def shape2d(self) -> Tuple[int, int]:
         permuted = [self.shape[p] for p in self.perm]
         rows = int(np.prod(permuted[: self.n_out], dtype=np.int64))

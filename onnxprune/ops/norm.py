@@ -1,4 +1,5 @@
-"""The normalization family: BatchNormalization, InstanceNormalization, LayerNormalization.
+"""The normalization family: BatchNormalization, InstanceNormalization, LayerNormalization,
+GroupNormalization.
 
 Each op's entry: channel rule (per-channel parameters get their roles; statistics taken over an
 axis freeze it) and constant propagation (a constant channel through the normalization).
@@ -9,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxprune.model.index import attr
-from onnxprune.ops._channel import BIAS, SCALE, STAT, NodeCtx, norm_axis, tie_all
+from onnxprune.ops._channel import BIAS, SCALE, STAT, NodeCtx, norm_axis, set_attr, tie_all
 from onnxprune.ops.registry import define
 
 
@@ -69,6 +70,41 @@ def _layernorm_channels(ctx: NodeCtx) -> None:
                     ctx.tie((p, pj), (x, j))
 
 
+def _groupnorm_channels(ctx: NodeCtx) -> None:
+    # Mean/variance are per (n, group) over the group's C/G channels and the spatial axes: a
+    # group goes as a unit (its channels tied into one) or not at all; num_groups is rewritten.
+    x, y = ctx.inp(0), ctx.out()
+    groups = int(ctx.attr("num_groups", 0))
+    channels = ctx.size(x, 1)
+    if ctx.rank(x) is None or not channels or groups < 1 or channels % groups:
+        return
+    per = channels // groups
+    ctx.tie((x, 0), (y, 0))
+    ctx.tie((x, 1), (y, 1))
+    first = np.repeat(np.arange(groups) * per, per)
+    ctx.tie_map((x, 1), np.arange(channels), (x, 1), first, channels, channels)
+    for i, role in ((1, SCALE), (2, BIAS)):
+        p = ctx.inp(i)
+        if not p or ctx.size(p, 0) is None:
+            continue
+        if ctx.size(p, 0) == channels:  # opset 21: one value per channel
+            ctx.tie((p, 0), (x, 1))
+        elif ctx.size(p, 0) == groups:  # opset 18: one value per group
+            ctx.tie_map((p, 0), np.arange(groups), (x, 1), np.arange(groups) * per, groups,
+                        channels)
+        else:
+            continue
+        if ctx.is_const(p):
+            ctx.role(p, 0, role)
+
+    def regroup(node, rc, x=x, groups=groups, per=per):
+        set_attr(node, "num_groups", groups - len(rc.removed(x, 1)) // per)
+    ctx.rewrite(regroup)
+
+
 define("BatchNormalization", channels=_batchnorm_channels, const=_batchnorm_const)
 define("InstanceNormalization", channels=_instancenorm_channels, const=_instancenorm_const)
 define("LayerNormalization", channels=_layernorm_channels)
+# No const: a group of different constants does not normalize to its shift.
+# ONNX infers no shape for it (a function op without an inference function): output = input.
+define("GroupNormalization", channels=_groupnorm_channels, output_like=lambda node: (0,))

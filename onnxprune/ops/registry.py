@@ -23,6 +23,13 @@ field              what it answers                                              
 ``zero_filter``    ``(node, bias constant, input constant) -> per-unit constant``: what  dead chans
                    the output of an all-zero filter row carries
 ``macs``           ``(node, shapes) -> int | None``: the MAC formula                   ops.macs
+``weight_step``    ``(node, seen shape, read) -> step | None``: a stored weight passes   weights
+                   through the op on its way to its consumer: ``()`` unchanged (Cast,
+                   Q/DQ), ``("transpose", perm)``, ``("reshape", shape)``
+``axis_source``    ``(node, output axis, shape_of) -> input-0 axis | None``: where a     channels
+                   stored tensor's axis comes from when the op only moves it
+``output_like``    ``(node) -> (input index per output)``: outputs have those inputs'   shape
+                   type and shape (for ops ONNX's shape inference leaves untyped)       inference
 =================  ===================================================================  ==========
 
 Adding an op = one :func:`define` call in its family file + one test.
@@ -100,6 +107,9 @@ class OpEntry:
     const: Optional[Callable] = None
     zero_filter: Optional[Callable] = None
     macs: Optional[Callable] = None
+    output_like: Optional[Callable] = None
+    weight_step: Optional[Callable] = None
+    axis_source: Optional[Callable] = None
 
 
 _FIELDS = tuple(f.name for f in fields(OpEntry) if f.name != "op_type")
@@ -198,3 +208,45 @@ def exact_fold(node: onnx.NodeProto, weight_index: int) -> bool:
     the bias (``sum(W[:, channel]) * constant``)."""
     rule = field_of(node, "fold")
     return bool(rule is not None and rule(node, weight_index))
+
+
+def weight_step(node: onnx.NodeProto, seen_shape: Tuple[int, ...],
+                read: Callable[[int], Any]) -> Optional[tuple]:
+    """How a stored weight seen as ``seen_shape`` at input 0 of ``node`` looks at its output:
+    ``()`` unchanged, a ``("transpose", perm)`` / ``("reshape", shape)`` step, or None when the
+    op does not carry it. ``read(i)`` is the stored value of input ``i``, or None."""
+    rule = field_of(node, "weight_step")
+    return None if rule is None else rule(node, seen_shape, read)
+
+
+def same_axis(node, axis, shape_of) -> int:
+    """``axis_source`` of an op that copies its input (the axis stays)."""
+    return axis
+
+
+def unchanged_step(node, seen_shape, read) -> tuple:
+    """``weight_step`` of an op that hands its input on with the same values and layout."""
+    return ()
+
+
+def complete_types(graph: onnx.GraphProto) -> bool:
+    """Declare the outputs ONNX's shape inference left untyped for ops whose entry says what they
+    are (``output_like``), from their inputs' inferred types; True when any was added (run the
+    inference again to carry them on). Works on an inferred model's main graph."""
+    typed = {vi.name: vi for vi in list(graph.input) + list(graph.value_info) +
+             list(graph.output) if vi.type.HasField("tensor_type")}
+    added = False
+    for node in graph.node:
+        rule = field_of(node, "output_like")
+        if rule is None:
+            continue
+        for out, src in zip(node.output, rule(node)):
+            name = operand(node, src)
+            if not out or out in typed or name is None or name not in typed:
+                continue
+            vi = graph.value_info.add()
+            vi.name = out
+            vi.type.CopyFrom(typed[name].type)
+            typed[out] = vi
+            added = True
+    return added

@@ -1,5 +1,6 @@
 """The layout family: ops that move values between axes without computing — Transpose,
-Squeeze/Unsqueeze, Reshape/Flatten, Concat, Split, Slice, Gather, Shape — and ``Constant``.
+Squeeze/Unsqueeze, Reshape/Flatten, Concat, Split, Slice, Gather, Shape, DepthToSpace/
+SpaceToDepth, Expand, Tile — and ``Constant``.
 
 Each op's entry: channel rule (axes tied 1:1, or through index maps for merged/split/offset
 axes; shape operands rewritten on resize) and constant propagation (values pass unchanged).
@@ -7,12 +8,13 @@ axes; shape operands rewritten on resize) and constant propagation (values pass 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from onnxprune.model.index import attr
 from onnxprune.ops._channel import (BIAS, NodeCtx, axes_arg, norm_axis, pass_through_const,
-                                    set_attr)
+                                    set_attr, tie_broadcast)
 from onnxprune.ops.registry import define
 
 
@@ -149,26 +151,36 @@ def tie_reshape(ctx: NodeCtx, x: str, y: str) -> bool:
     return True
 
 
-def _reshape(ctx: NodeCtx) -> None:
+def _constant_shape(ctx: NodeCtx) -> bool:
+    """Input 1 is a shape vector: True when it is constant, else the op is frozen."""
     x, shp, y = ctx.inp(0), ctx.inp(1), ctx.out()
     ctx.ok(shp)
     if ctx.const(shp) is None:
-        ctx.freeze(x, None, "Reshape shape is computed at run time")
-        ctx.freeze(y, None, "Reshape shape is computed at run time")
-        return
-    if not tie_reshape(ctx, x, y):
-        return
+        ctx.freeze(x, None, f"{ctx.node.op_type} shape is computed at run time")
+        ctx.freeze(y, None, f"{ctx.node.op_type} shape is computed at run time")
+        return False
+    return True
 
-    def reshape_shape(node, rc, y=y):
+
+def _rewrite_shape(ctx: NodeCtx, y: str, fixed: int) -> None:
+    """On resize, entries of the shape vector (input 1, right-aligned with ``y``) on a resized
+    axis take its new size, except the value ``fixed`` (Reshape's -1, Expand's 1)."""
+    def rewrite(node, rc, y=y):
         old = np.asarray(rc.graph_const(node.input[1])).astype(np.int64)
         new = old.copy()
+        ry = len(rc.graph.shapes.get(y) or old)
         for j, v in enumerate(old):
-            ns = rc.new_size(y, j, None)
-            if ns is not None and v != -1:
+            ns = rc.new_size(y, ry - len(old) + j, None)
+            if ns is not None and v != fixed:
                 new[j] = ns
         if not np.array_equal(new, old):
             node.input[1] = rc.add_initializer(node.input[1], new)
-    ctx.rewrite(reshape_shape)
+    ctx.rewrite(rewrite)
+
+
+def _reshape(ctx: NodeCtx) -> None:
+    if _constant_shape(ctx) and tie_reshape(ctx, ctx.inp(0), ctx.out()):
+        _rewrite_shape(ctx, ctx.out(), fixed=-1)
 
 
 def _flatten(ctx: NodeCtx) -> None:
@@ -369,13 +381,122 @@ def _gather(ctx: NodeCtx) -> None:
         ctx.tie((data, j), (y, j - 1 + ri))
 
 
+def _blocks_rule(deep_is_input: bool):
+    """DepthToSpace (input deep) / SpaceToDepth (output deep): channel c of the shallow side
+    (C channels) is a block of b*b channels of the deep side (C*b*b): ``k*C + c`` for block
+    offset k (DCR, SpaceToDepth's only order) or ``c*b*b + k`` (CRD). Removing c removes its
+    whole block; blocksize stays."""
+
+    def rule(ctx: NodeCtx) -> None:
+        x, y = ctx.inp(0), ctx.out()
+        deep, shallow = (x, y) if deep_is_input else (y, x)
+        b = int(ctx.attr("blocksize", 1))
+        nd, ns = ctx.size(deep, 1), ctx.size(shallow, 1)
+        if ctx.rank(x) != 4 or nd is None or ns is None or nd != ns * b * b:
+            return
+        ctx.tie((x, 0), (y, 0))
+        c, k = np.arange(ns)[:, None], np.arange(b * b)[None, :]
+        crd = ctx.attr("mode", b"DCR") == b"CRD"
+        index = (c * b * b + k) if crd else (k * ns + c)
+        ctx.tie_map((shallow, 1), np.repeat(np.arange(ns), b * b), (deep, 1), index.ravel(),
+                    ns, nd)
+
+    return rule
+
+
+def _expand(ctx: NodeCtx) -> None:
+    # Broadcast to a constant shape: axes x already has tie 1:1 (the shape vector's entry is
+    # rewritten when it names the size); axes it creates or widens are new, frozen.
+    if _constant_shape(ctx):
+        tie_broadcast(ctx, ctx.inp(0), ctx.out(), BIAS)  # an expanded constant is the value
+        _rewrite_shape(ctx, ctx.out(), fixed=1)
+
+
+def _tile(ctx: NodeCtx) -> None:
+    # Output axis j is r_j copies of input axis j: channel c owns c + t*C for every copy t,
+    # so the repeats stay as they are.
+    x, reps, y = ctx.inp(0), ctx.inp(1), ctx.out()
+    ctx.ok(reps)
+    r = ctx.rank(x)
+    repeats = ctx.const(reps)
+    if r is None or repeats is None or len(np.ravel(repeats)) != r:
+        return
+    const = ctx.is_const(x)
+    for j, t in enumerate(np.ravel(repeats).astype(np.int64)):
+        n = ctx.size(x, j)
+        if t == 1:
+            ctx.tie((x, j), (y, j))
+        elif n is not None and t > 1:
+            yi = (np.arange(t)[None, :] * n + np.arange(n)[:, None]).ravel()
+            ctx.tie_map((x, j), np.repeat(np.arange(n), t), (y, j), yi, n, n * int(t))
+        else:
+            continue
+        if const and n != 1:
+            ctx.role(x, j, BIAS)  # a tiled constant is the channel's value
+
+
+# -- a stored weight seen through Transpose / constant Reshape --------------------------------
+def _transpose_step(node, seen_shape, read):
+    perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+    rank = len(seen_shape)
+    perm = tuple(perm) if perm else tuple(reversed(range(rank)))
+    return ("transpose", perm) if sorted(perm) == list(range(rank)) else None
+
+
+def _reshape_step(node, seen_shape, read):
+    target = read(1) if len(node.input) > 1 else None
+    if target is None:
+        return None
+    shape = reshaped(seen_shape, target, node)
+    return ("reshape", shape) if shape is not None else None
+
+
+def reshaped(shape: Tuple[int, ...], target: np.ndarray, node) -> Optional[Tuple[int, ...]]:
+    """The output shape of Reshape(shape -> target) with ONNX's 0 and -1 rules, None if odd."""
+    allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
+    dims = [int(d) for d in np.asarray(target).ravel()]
+    out = [shape[i] if d == 0 and not allowzero and i < len(shape) else d
+           for i, d in enumerate(dims)]
+    total = int(np.prod(shape, dtype=np.int64))
+    if out.count(-1) == 1:
+        rest = int(np.prod([d for d in out if d != -1], dtype=np.int64))
+        if rest <= 0 or total % rest:
+            return None
+        out[out.index(-1)] = total // rest
+    if any(d <= 0 for d in out) or int(np.prod(out, dtype=np.int64)) != total:
+        return None
+    return tuple(out)
+
+
+# -- where a stored tensor's axis comes from (channels.graph.stored_source) --------------------
+def _transpose_axis_source(node, axis, shape_of):
+    perm = attr(node, "perm", None)
+    return None if perm is None else int(perm[axis])
+
+
+def _reshape_axis_source(node, axis, shape_of):
+    # [C] -> [1, C, 1, 1] and friends: the axis must sit alone in a 1:1 block.
+    s_in, s_out = shape_of(node.input[0]), shape_of(node.output[0])
+    if s_in is None or s_out is None:
+        return None
+    blocks = reshape_blocks(s_in, s_out)
+    hit = [bi for bi, bj in (blocks or []) if bj == [axis] and len(bi) == 1]
+    return hit[0][0] if hit else None
+
+
 define("Constant", channels=_constant)
-define("Transpose", channels=_transpose, const=pass_through_const)
+define("Transpose", channels=_transpose, const=pass_through_const, weight_step=_transpose_step)
 define("Squeeze", "Unsqueeze", channels=_squeeze, const=pass_through_const)
-define("Reshape", channels=_reshape, const=pass_through_const)
+define("Reshape", channels=_reshape, const=pass_through_const, weight_step=_reshape_step)
 define("Flatten", channels=_flatten, const=pass_through_const)
 define("Concat", channels=_concat, const=pass_through_const)
 define("Split", channels=_split, const=pass_through_const)
 define("Slice", channels=_slice, const=pass_through_const)
 define("Shape", channels=_shape)
 define("Gather", channels=_gather)
+define("DepthToSpace", channels=_blocks_rule(deep_is_input=True))
+define("SpaceToDepth", channels=_blocks_rule(deep_is_input=False))
+define("Expand", channels=_expand)
+define("Tile", channels=_tile)
+define("Transpose", axis_source=_transpose_axis_source)
+define("Reshape", "Unsqueeze", "Squeeze", "Flatten", axis_source=_reshape_axis_source)
