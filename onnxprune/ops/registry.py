@@ -1,10 +1,9 @@
 """The op registry: one :class:`OpEntry` per op type, saying everything onnxprune knows about it.
 
 An entry's fields are filled by the op's family file (:mod:`onnxprune.ops.conv`,
-:mod:`~onnxprune.ops.linear`, :mod:`~onnxprune.ops.norm`, ...) with :func:`define`, or with the
-:func:`entry_rule` decorator for one field. Nothing outside ``onnxprune/ops`` branches on an op
-type: the rest of the package asks :func:`entry` (a node) or :func:`entry_of` (an op type) and
-reads the field it needs.
+:mod:`~onnxprune.ops.linear`, :mod:`~onnxprune.ops.norm`, ...) with :func:`define`. Nothing
+outside ``onnxprune/ops`` branches on an op type: the rest of the package asks :func:`entry`
+(a node) or :func:`entry_of` (an op type) and reads the field it needs.
 
 =================  ===================================================================  ==========
 field              what it answers                                                      used by
@@ -130,16 +129,6 @@ def define(*op_types: str, **fns: Callable) -> None:
             if getattr(e, name) is not None:
                 raise ValueError(f"{op}.{name} is defined twice")
             setattr(e, name, fn)
-
-
-def entry_rule(field: str, *op_types: str) -> Callable[[Callable], Callable]:
-    """Decorator form of :func:`define` for one field: ``@entry_rule("macs", "Gemm")``."""
-
-    def deco(fn: Callable) -> Callable:
-        define(*op_types, **{field: fn})
-        return fn
-
-    return deco
 
 
 def entry_of(op_type: str) -> Optional[OpEntry]:
