@@ -13,7 +13,7 @@ import onnxprune
 from onnxprune.channels.graph import _components, build_channel_graph
 from onnxprune.channels.resize import mask_channels, resize_channels
 from onnxprune.channels.select import kept_count, select_channels
-from onnxprune.channels.rules import _reshape_blocks
+from onnxprune.ops.shape import reshape_blocks as _reshape_blocks
 from onnxprune.model.io import load
 from test_channels_models import BUILDERS, G, IMG, feeds_for, run
 

@@ -243,11 +243,11 @@ def _runtime_macs(path, shapes=None):
     """MACs from the formulas applied to the shapes onnxruntime actually produces."""
     import onnxruntime as ort
 
-    from onnxprune.ops.macs import _FORMULAS
     from onnxprune.inputs.generate import make_inputs
+    from onnxprune.ops.registry import field_of
 
     model = onnx.load(str(path))
-    counted = [n for n in model.graph.node if n.op_type in _FORMULAS]
+    counted = [n for n in model.graph.node if field_of(n, "macs") is not None]
     actual = {t.name: tuple(t.dims) for t in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type == "Constant":
@@ -261,7 +261,7 @@ def _runtime_macs(path, shapes=None):
     values = session.run(None, inputs)
     actual.update({o.name: v.shape for o, v in zip(session.get_outputs(), values)})
     actual.update({k: v.shape for k, v in inputs.items()})
-    return sum(_FORMULAS[n.op_type](n, actual) for n in counted)
+    return sum(field_of(n, "macs")(n, actual) for n in counted)
 
 
 @pytest.mark.parametrize("name", ["digits_cnn", "mobilenetv3_block", "mobilenetv3_block_fp16",

@@ -44,15 +44,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-import onnx
 from numpy.lib.stride_tricks import as_strided
 
 from onnxprune.errors import InputDataError, OptionError
 from onnxprune.inputs.dataset import CalibrationSet
-from onnxprune.model.index import attr as _attr
 from onnxprune.model.io import ModelHandle, load
 from onnxprune.model.shapes import infer_shapes
 from onnxprune.runtime.session import exposed_batches
+from onnxprune.ops.registry import ConvGeometry, activation_of, complete_types
 from onnxprune.model.weights import Weight
 
 __all__ = ["LayerStats", "StatsRecord", "LayerStatsMap", "collect_layer_stats", "activation_rows"]
@@ -181,21 +180,19 @@ class _MatrixExtractor(_Extractor):
 class _ConvExtractor(_Extractor):
     """Conv (and, with ``transpose``, ConvTranspose): im2col in layout column order."""
 
-    def __init__(self, activation: str, node: onnx.NodeProto, wshape: Tuple[int, ...],
-                 transpose: bool) -> None:
+    def __init__(self, activation: str, geometry: ConvGeometry, wshape: Tuple[int, ...]) -> None:
+        transpose = geometry.transpose
         self.transpose = transpose
-        self.kernel = tuple(int(k) for k in wshape[2:])
+        self.kernel = geometry.kernel
         nd = len(self.kernel)
         self.nd = nd
-        self.group = int(_attr(node, "group", 1))
-        self.strides = tuple(_attr(node, "strides", [1] * nd))
-        self.dilations = tuple(_attr(node, "dilations", [1] * nd))
-        self.pads = tuple(_attr(node, "pads", [0] * (2 * nd)))
-        self.auto_pad = _attr(node, "auto_pad", b"NOTSET")
-        if isinstance(self.auto_pad, bytes):
-            self.auto_pad = self.auto_pad.decode()
-        self.output_padding = tuple(_attr(node, "output_padding", [0] * nd))
-        self.output_shape = tuple(_attr(node, "output_shape", []))
+        self.group = geometry.group
+        self.strides = geometry.strides
+        self.dilations = geometry.dilations
+        self.pads = geometry.pads
+        self.auto_pad = geometry.auto_pad
+        self.output_padding = geometry.output_padding
+        self.output_shape = geometry.output_shape
         k = int(np.prod(self.kernel))
         if transpose:
             self.cin = int(wshape[0])  # all input channels, every group
@@ -447,26 +444,13 @@ class _Accumulator:
 
 def _extractor_for(weight: Weight, consumer) -> Tuple[Optional[_Extractor], str]:
     node, index = consumer.node, consumer.input_index
-    op = node.op_type
-    inputs = list(node.input)
-    shape = weight.shape
-    if op in ("Conv", "ConvTranspose"):
-        if index != 1 or not inputs[0]:
-            return None, f"{op} weight is not input 1"
-        return _ConvExtractor(inputs[0], node, shape, transpose=op == "ConvTranspose"), ""
-    if op == "Gemm":
-        in_dim = weight.layout.shape2d[1]
-        if index == 1:  # Y = A' B': X rows are the rows of A' (A transposed when transA)
-            return _MatrixExtractor(inputs[0], in_dim, bool(_attr(node, "transA", 0))), ""
-        if index == 0:  # constant A: X rows are the columns of B' (B itself when transB)
-            return _MatrixExtractor(inputs[1], in_dim, not _attr(node, "transB", 0)), ""
-    if op == "MatMul":
-        in_dim = weight.layout.shape2d[1]
-        if index == 1:
-            return _MatrixExtractor(inputs[0], in_dim, rows_last=False), ""
-        if index == 0:
-            return _MatrixExtractor(inputs[1], in_dim, rows_last=True), ""
-    return None, f"no activation rule for {op} input {index}"
+    act = activation_of(node, index, weight.shape)
+    if act is None:
+        return None, f"no activation rule for {node.op_type} input {index}"
+    name = node.input[act.index]
+    if act.conv is not None:
+        return _ConvExtractor(name, act.conv, weight.shape), ""
+    return _MatrixExtractor(name, weight.layout.shape2d[1], act.rows_last), ""
 
 
 def activation_rows(weight: Weight, activation: np.ndarray, consumer: int = 0) -> np.ndarray:
@@ -667,7 +651,8 @@ def _infer_activations(handle: ModelHandle, names: Sequence[str],
     An activation whose size stays unknown is taken to be as large as the largest known one;
     one whose type stays unknown is exposed untyped (onnxruntime fills the type in).
     """
-    inferred = infer_shapes(handle, {n: np.shape(v) for n, v in feed.items()}, upgrade=False)
+    inferred = infer_shapes(handle, {n: np.shape(v) for n, v in feed.items()}, upgrade=False,
+                            complete=complete_types)
     types = {n: inferred.types[n] for n in names if inferred.types.get(n)}
     known = {n: inferred.nbytes(n) for n in types}
     known = {n: b for n, b in known.items() if b is not None}

@@ -5,13 +5,14 @@ A unit (channel) of a non-frozen group is dead when
 * **unread**: every consumer's input slice for it is zero and no weight-free op reduces over it
   (an activation x activation MatMul), so its value never matters; or
 * **constant**: every producer row of it is zero, so it carries an input-independent constant
-  (the bias, BN shift, act(bias)...). The constant is propagated through the group's ops with each
-  rule's ``const`` function; where it is 0 at every consumer the channel goes, otherwise it is
-  folded into each consumer's bias **only where that is exact**: Gemm, MatMul with a constant
-  right operand, and Conv with no padding (``pads`` all 0, ``auto_pad`` NOTSET/VALID). A zero-
-  padded Conv sees 0 instead of the constant at its borders, ConvTranspose spreads it unevenly,
-  and an op that is not a consumer weight cannot take a bias: those channels are kept, and the
-  record lists them as ``kept_nonzero_const``.
+  (the bias, BN shift, act(bias)...). The constant is propagated through the group's ops with
+  each op's registry ``const`` function (:mod:`onnxprune.ops.registry`; what a zero filter
+  outputs is its ``zero_filter``, the bias it adds its ``bias`` slot); where it is 0 at every
+  consumer the channel goes, otherwise it is folded into each consumer's bias **only where that
+  is exact** (the entry's ``fold`` condition: Gemm, MatMul with a constant right operand, Conv
+  with no padding). A zero-padded Conv sees 0 instead of the constant at its borders,
+  ConvTranspose spreads it unevenly, and an op that is not a consumer weight cannot take a bias:
+  those channels are kept, and the record lists them as ``kept_nonzero_const``.
 
 :func:`remove_dead_channels` runs the whole step (find, fold, resize) on a model; the
 :class:`~onnxprune.passes.structure.RemoveDeadChannels` pass calls it.
@@ -26,16 +27,14 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import onnx
 
-from onnxprune.model.index import attr, node_key
+from onnxprune.model.index import node_key
 from onnxprune.model.io import ModelHandle
 from onnxprune.ops.layouts import layout_for
-from onnxprune.channels.graph import (BIAS, CONSUMER, PRODUCER, ChannelGraph, ChannelGroup, Member,
-                                      build_channel_graph)
+from onnxprune.ops.registry import BiasSlot, activation_of, bias_slot, exact_fold, field_of
+from onnxprune.channels.graph import ChannelGraph, ChannelGroup, Member, build_channel_graph
 from onnxprune.channels.resize import resize_channels, zero_slices
-
-_PASS = {"Identity", "Cast", "Dropout", "Concat", "Split", "Slice", "Reshape", "Flatten",
-         "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "GlobalAveragePool", "GlobalMaxPool",
-         "Resize", "Upsample", "ReduceMean", "ReduceMax", "ReduceMin"}
+from onnxprune.channels.rules import new_initializer
+from onnxprune.ops._channel import BIAS, CONSUMER, PRODUCER, set_attr
 
 
 class _Walk:
@@ -69,15 +68,16 @@ class _Walk:
         return np.full(self.group.size, float(arr.ravel()[0])) if arr.size == 1 else None
 
     def run(self) -> None:
-        from onnxprune.channels.rules import rule_for
         nan = np.full(self.group.size, np.nan)
         for node in self.nodes:
             key = node_key(node)
-            if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-                produced = [(r, m) for i in range(len(node.input))
+            zero_filter = field_of(node, "zero_filter")
+            if zero_filter is not None:
+                produced = [i for i in range(len(node.input))
                             for r, m in self.by_node_roles.get((key, i), []) if r == PRODUCER]
                 if produced:
-                    self.values[node.output[0]] = self._producer_const(node, key)
+                    self.values[node.output[0]] = self._producer_const(node, key, produced[0],
+                                                                       zero_filter)
                 continue
             ins = []
             for name in node.input:
@@ -89,7 +89,8 @@ class _Walk:
                     ins.append(self.param(name))
             if all(v is None for v in ins[:1]) and not any(n in self.values for n in node.input):
                 continue
-            out = self._eval(node, ins, rule_for(node))
+            const = field_of(node, "const")
+            out = None if const is None else const(node, ins, self._read_const)
             for o, v in zip(node.output, out if out is not None else []):
                 if o in self.members:
                     self.values[o] = nan if v is None else np.asarray(v, np.float64)
@@ -98,58 +99,17 @@ class _Walk:
                     if o in self.members:
                         self.values[o] = nan
 
-    def _producer_const(self, node, key) -> np.ndarray:
+    def _producer_const(self, node, key, weight_index, zero_filter) -> np.ndarray:
         bias = np.zeros(self.group.size)
-        bias_index = 2
-        for role, m in self.by_node_roles.get((key, bias_index), []):
-            if role == BIAS:
-                v = self.param(m.tensor)
-                if v is None:
-                    return np.full(self.group.size, np.nan)
-                bias = v * (float(attr(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0)
-        if node.op_type in ("Conv", "ConvTranspose") and int(attr(node, "group", 1)) > 1:
-            # Depthwise: a zero filter outputs its bias only; constant input through padding
-            # would not be constant, so an input constant other than 0 makes it unknown.
-            x = self.values.get(node.input[0])
-            if x is not None:
-                bias = np.where(x == 0, bias, np.nan)
-        return bias
-
-    def _eval(self, node, ins, rule):
-        op = node.op_type
-        if op in _PASS:
-            v = next((x for x in ins if x is not None), None)
-            return [v] * len(node.output)
-        if op == "AveragePool":
-            pads = attr(node, "pads", None)
-            if (pads and any(pads)) or attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET",
-                                                                                 b"VALID"):
-                if not attr(node, "count_include_pad", 0):
-                    return [ins[0]]
-                return [np.where(ins[0] == 0, 0.0, np.nan)]
-            return [ins[0]]
-        if op == "Pad":
-            mode = attr(node, "mode", b"constant")
-            if mode != b"constant":
-                return [ins[0]]
-            pv = ins[2] if len(ins) > 2 and ins[2] is not None else np.zeros_like(ins[0])
-            return [np.where(ins[0] == pv, ins[0], np.nan)]
-        if op == "BatchNormalization":
-            x, s, b, mu, var = ins[:5]
-            if any(v is None for v in (x, s, b, mu, var)):
-                return None
-            eps = float(attr(node, "epsilon", 1e-5))
-            return [(x - mu) / np.sqrt(var + eps) * s + b]
-        if op == "InstanceNormalization":
-            return [ins[2]] if ins[2] is not None else None  # constant map normalizes to 0
-        if rule is None or rule.const is None or ins[0] is None:
-            return None
-        if op not in ("Sum", "Mean") and any(v is None for v in ins[1:2]) and len(ins) > 1 \
-                and node.input[1] and op in ("Add", "Sub", "Mul", "Div", "Max", "Min", "Pow",
-                                             "PRelu"):
-            return None
-        return rule.const(node, [v for v in ins if v is not None] if op in ("Sum", "Mean")
-                          else ins, self._read_const)
+        slot = bias_slot(node, weight_index)
+        if slot is not None and slot.index is not None:
+            for role, m in self.by_node_roles.get((key, slot.index), []):
+                if role == BIAS:
+                    v = self.param(m.tensor)
+                    if v is None:
+                        return np.full(self.group.size, np.nan)
+                    bias = v * slot.beta
+        return zero_filter(node, bias, self.values.get(node.input[0]))
 
     def _read_const(self, name: str):
         if name in self.g.stored:
@@ -159,7 +119,6 @@ class _Walk:
 
 def find_dead(handle: ModelHandle, graph: ChannelGraph):
     """Per group: units to remove, (unit, consumer member, node, k) folds, and kept notes."""
-    from onnxprune.channels.rules import rule_for  # noqa: F401  (rules must be registered)
     # The index's node wrappers: protobuf hands out a new wrapper per access, so id()s (and
     # positions) are only comparable among the index's own.
     index = handle.index
@@ -194,9 +153,9 @@ def find_dead(handle: ModelHandle, graph: ChannelGraph):
                 for r, nn, idx in graph.roles.get((m.tensor, m.axis), []):
                     if r == CONSUMER and nn in nodes_by_name:
                         node = nodes_by_name[nn]
-                        act = node.input[1 - idx] if node.op_type in ("Gemm", "MatMul") \
-                            else node.input[0]
-                        consumer_inputs.append((m, node, idx, act))
+                        act = activation_of(node, idx, graph.stored[m.tensor].dims)
+                        consumer_inputs.append((m, node, idx,
+                                                node.input[act.index] if act else ""))
             sink_tensors = [m.tensor for m in group.members if "sink" in m.roles]
             for u in const_units.tolist():
                 vals = [walk.values.get(act, np.full(group.size, np.nan))[u]
@@ -210,7 +169,7 @@ def find_dead(handle: ModelHandle, graph: ChannelGraph):
                         in zip(consumer_inputs, vals) if v != 0 and _reads(handle, graph, m, u)]
                 if not plan:
                     remove.add(u)
-                elif all(_foldable(node, idx) for _, node, idx, _ in plan):
+                elif all(exact_fold(node, idx) for _, node, idx, _ in plan):
                     folded_units.add(u)
                     # zero every consumer's slice so the next pass sees the unit as unread
                     in_plan = {(id(m), id(node)) for m, node, _, _ in plan}
@@ -253,24 +212,11 @@ def _reads(handle, graph, m: Member, u: int) -> bool:
     return bool(np.any(np.take(arr, m.index_map[u], axis=m.axis) != 0))
 
 
-def _foldable(node: onnx.NodeProto, index: int) -> bool:
-    op = node.op_type
-    if op == "Gemm":
-        return index == 1
-    if op == "MatMul":
-        return index == 1
-    if op == "Conv":
-        pads = attr(node, "pads", None)
-        auto = attr(node, "auto_pad", b"NOTSET")
-        return (not pads or not any(pads)) and auto in (b"NOTSET", b"VALID")
-    return False
-
-
 def apply_folds(handle: ModelHandle, graph: ChannelGraph, folds) -> List[str]:
     """Add ``k * sum(W[:, slice of unit])`` to each consumer's bias (creating one if needed) and
     zero that slice, which leaves the model's function unchanged and the unit unread."""
     notes = []
-    deltas: Dict[int, Tuple[onnx.NodeProto, np.ndarray]] = {}
+    deltas: Dict[int, Tuple[onnx.NodeProto, BiasSlot, np.ndarray]] = {}
     zero: Dict[str, List[Tuple[int, np.ndarray]]] = defaultdict(list)
     for u, m, node, idx, k in folds:
         if k == 0:
@@ -280,31 +226,32 @@ def apply_folds(handle: ModelHandle, graph: ChannelGraph, folds) -> List[str]:
         taken = np.take(w, m.index_map[u], axis=m.axis)
         other = tuple(a for a in range(w.ndim) if a != layout.out_axis)
         delta = k * taken.sum(axis=other)
-        if node.op_type == "Gemm":
-            delta = delta * float(attr(node, "alpha", 1.0))
+        slot = bias_slot(node, idx)
+        if slot.alpha != 1.0:
+            delta = delta * slot.alpha
         prev = deltas.get(id(node))
-        deltas[id(node)] = (node, delta if prev is None else prev[1] + delta)
+        deltas[id(node)] = (node, slot, delta if prev is None else prev[2] + delta)
         notes.append(f"unit {u} (constant {k:.6g}) folded into {node.op_type} "
                      f"'{node_key(node)}'")
     for u, m, node, idx, k in folds:
         zero[m.tensor].append((m.axis, m.index_map[u]))
     zero_slices(handle, graph, zero)
     g = handle.model.graph
-    from onnxprune.channels.rules import new_initializer, set_attr
     inserts: Dict[int, onnx.NodeProto] = {}
-    for node, delta in deltas.values():
-        if node.op_type == "Conv":
-            _add_bias(handle, graph, node, 2, delta)
-        elif node.op_type == "Gemm":
-            beta = float(attr(node, "beta", 1.0))
-            if len(node.input) > 2 and node.input[2]:
-                _add_bias(handle, graph, node, 2, delta / beta)
-            else:
-                name = new_initializer(g, node_key(node) + "_C",
+    for node, slot, delta in deltas.values():
+        if slot.index is not None:
+            if len(node.input) > slot.index and node.input[slot.index]:
+                _add_bias(handle, graph, node, slot.index,
+                          delta if slot.beta == 1.0 else delta / slot.beta)
+            else:  # a new bias holds delta as is: its scale attribute (Gemm beta) becomes 1
+                name = new_initializer(g, f"{node_key(node)}_{slot.operand}",
                                        delta.astype(_dtype_of(handle, graph, node)))
+                while len(node.input) < slot.index:
+                    node.input.append("")
                 node.input.append(name)
-                set_attr(node, "beta", 1.0)
-        else:  # MatMul: an Add after it
+                if slot.beta_attr:
+                    set_attr(node, slot.beta_attr, 1.0)
+        else:  # no bias input (MatMul): an Add after it
             out, key = node.output[0], node_key(node)
             mid = out + "_prefold"
             node.output[0] = mid
@@ -332,7 +279,6 @@ def _dtype_of(handle, graph, node) -> np.dtype:
 
 
 def _add_bias(handle, graph, node, index, delta) -> None:
-    from onnxprune.channels.rules import new_initializer
     g = handle.model.graph
     if len(node.input) > index and node.input[index]:
         name = node.input[index]

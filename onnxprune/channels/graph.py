@@ -2,7 +2,8 @@
 
 A *dim* is one axis of one tensor, ``(tensor name, axis)``; stored tensors (initializers and
 ``Constant`` values) have dims too, which is how weights, biases, BN parameters and per-channel
-constants get sliced. Per-op rules (:mod:`.rules`) tie dims of a node's inputs and outputs:
+constants get sliced. Per-op rules (the ``channels`` field of each op's registry entry, applied
+by :mod:`.rules`) tie dims of a node's inputs and outputs:
 
 * ``tie(a, b)`` — the two axes are the same channels, index for index (Relu, BN, residual Add).
   These are joined by a union-find over dims (level 1), cheap however large the axis.
@@ -30,19 +31,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import onnx
 
-from onnxprune.model.index import attr, node_key
+from onnxprune.model.index import node_key
 from onnxprune.model.io import ModelHandle
 from onnxprune.model.shapes import Shape, infer_shapes
+# Roles a stored tensor's axis plays in a group, defined beside the rules that assign them.
+from onnxprune.ops._channel import CONSUMER, PRODUCER, ZERO_ON_MASK
+from onnxprune.ops.registry import complete_types, field_of
+from onnxprune.channels.rules import apply_rules
 
-# Roles a stored tensor's axis plays in a group. Masking a channel zeroes the slices whose role is
-# in ZERO_ON_MASK, so that the channel contributes nothing anywhere (see resize.mask_channels).
-PRODUCER = "producer"      # weight out-channel rows (Conv W[c], Gemm/MatMul output columns)
-CONSUMER = "consumer"      # weight input slices (Conv W[:, c], MatMul W[c, :])
-BIAS = "bias"              # additive per-channel value: conv/gemm bias, Add constant, BN shift
-SCALE = "scale"            # BN/InstanceNorm gamma: zeroed with the shift so the output is 0
-STAT = "stat"              # BN running mean/var: left alone (var must stay positive)
-FACTOR = "factor"          # Mul/Div constant, PRelu slope: 0 * k is already 0
-ZERO_ON_MASK = {PRODUCER, CONSUMER, BIAS, SCALE}
 
 
 @dataclass
@@ -160,7 +156,8 @@ class Builder:
         self.handle = handle
         self.graph = handle.model.graph
         self.index = handle.index
-        self.shapes: Dict[str, Shape] = dict(infer_shapes(handle, input_shapes, upgrade=False).shapes)
+        self.shapes: Dict[str, Shape] = dict(
+            infer_shapes(handle, input_shapes, upgrade=False, complete=complete_types).shapes)
         self.stored: Dict[str, onnx.TensorProto] = dict(self.index.stored)
         # value -> [(node, input index)]; rules read it with .get
         self.consumers: Dict[str, List[Tuple[onnx.NodeProto, int]]] = self.index.main.consumers
@@ -189,32 +186,19 @@ class Builder:
 
     def stored_source(self, name: str, axis: int) -> Optional[Tuple[str, int]]:
         """The stored tensor and axis a constant input comes from, through Cast/Identity/
-        Transpose; None when it is computed otherwise (or is an activation)."""
+        Transpose/Reshape-like ops; None when it is computed otherwise (or is an activation)."""
         seen = 0
         while name not in self.stored:
             node = self.index.producer(name)
             if node is None or seen > 16 or node.domain not in ("", "ai.onnx"):
                 return None
-            if node.op_type in ("Cast", "Identity"):
-                name = node.input[0]
-            elif node.op_type == "Transpose":
-                perm = attr(node, "perm", None)
-                if perm is None:
-                    return None
-                axis, name = int(perm[axis]), node.input[0]
-            elif node.op_type in ("Reshape", "Unsqueeze", "Squeeze", "Flatten"):
-                # [C] -> [1, C, 1, 1] and friends: the axis must sit alone in a 1:1 block.
-                from onnxprune.channels.rules import _reshape_blocks
-                s_in, s_out = self.shape(node.input[0]), self.shape(name)
-                if s_in is None or s_out is None:
-                    return None
-                blocks = _reshape_blocks(s_in, s_out)
-                hit = [bi for bi, bj in (blocks or []) if bj == [axis] and len(bi) == 1]
-                if not hit:
-                    return None
-                axis, name = hit[0][0], node.input[0]
-            else:
+            # The op's registry entry says which input axis this one is (Cast/Identity,
+            # Transpose, Reshape-like ops), or None.
+            source = field_of(node, "axis_source")
+            axis = None if source is None else source(node, axis, self.shape)
+            if axis is None:
                 return None
+            name = node.input[0]
             seen += 1
         return name, axis
 
@@ -428,7 +412,6 @@ class Builder:
 
 def build_channel_graph(handle: ModelHandle, input_shapes: Optional[Dict] = None) -> ChannelGraph:
     """Run every node's channel rule and return the groups (frozen ones with their reason)."""
-    from onnxprune.channels.rules import apply_rules  # rules register themselves on import
 
     builder = Builder(handle, input_shapes)
     apply_rules(builder)

@@ -23,6 +23,8 @@ import onnx
 from onnxprune.model.io import ModelHandle
 from onnxprune.channels.graph import ZERO_ON_MASK, ChannelGraph
 from onnxprune.model.shapes import infer_shapes
+from onnxprune.channels.rules import new_initializer
+from onnxprune.ops.registry import complete_types
 
 Removed = Dict[int, Sequence[int]]
 
@@ -105,7 +107,6 @@ class ResizeContext:
 
     def add_initializer(self, old_name: str, values: np.ndarray) -> str:
         """A new initializer holding ``values`` (the old one may be shared, so never edited)."""
-        from onnxprune.channels.rules import new_initializer
         self.replaced.append(old_name)
         return new_initializer(self.handle.model.graph, old_name, np.asarray(values, np.int64))
 
@@ -162,7 +163,7 @@ def refresh_value_info(model: onnx.ModelProto) -> None:
     del model.graph.value_info[:]
     if not had:
         return
-    shapes = infer_shapes(model, upgrade=False).shapes
+    shapes = infer_shapes(model, upgrade=False, complete=complete_types).shapes
     for name in sorted(had):
         shape = shapes.get(name)
         if shape is None:

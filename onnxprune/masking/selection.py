@@ -247,7 +247,7 @@ def _nm_misfit(weight: Weight, pattern: Pattern) -> Optional[str]:
     count that is not a multiple of ``m`` the groups would straddle kernel positions, a layout
     no sparse kernel reads (a first conv over RGB or grayscale input, typically)."""
     m = getattr(pattern, "m", None)
-    if m is None or weight.op_type not in ("Conv", "ConvTranspose") or weight.layout.view:
+    if m is None or not weight.layout.kernel_positions or weight.layout.view:
         return None
     channels = weight.shape[weight.layout.in_axis]
     if channels % m == 0:

@@ -33,7 +33,7 @@ is the fully-known view. Two choices are the caller's, each for a stated reason:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -77,11 +77,15 @@ class Shapes:
 
 def infer_shapes(model: Union[onnx.ModelProto, ModelHandle],
                  input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-                 keep_value_info: bool = False, upgrade: bool = True) -> Shapes:
+                 keep_value_info: bool = False, upgrade: bool = True,
+                 complete: Optional[Callable[[onnx.GraphProto], bool]] = None) -> Shapes:
     """Infer every value's shape and type without touching the weights (see the module doc).
 
     ``model`` is a proto or a handle (a handle reads small external shape operands too);
     ``input_shapes`` fixes graph inputs' dims by name. The caller's proto is never changed.
+    ``complete`` types the outputs of ops ONNX's inference leaves untyped (callers pass
+    :func:`onnxprune.ops.registry.complete_types`; this layer does not import the op registry)
+    and returns whether it typed any; inference then goes on from there, up to 8 rounds.
     """
     handle = model if isinstance(model, ModelHandle) else None
     proto = handle.model if handle is not None else model
@@ -103,6 +107,11 @@ def infer_shapes(model: Union[onnx.ModelProto, ModelHandle],
     try:
         inferred = onnx.shape_inference.infer_shapes(copy, check_type=False, strict_mode=False,
                                                      data_prop=True)
+        for _ in range(8 if complete is not None else 0):
+            if not complete(inferred.graph):
+                break
+            inferred = onnx.shape_inference.infer_shapes(inferred, check_type=False,
+                                                         strict_mode=False, data_prop=True)
     except Exception as exc:  # malformed graphs: what the declared shapes allow
         result.error = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         inferred = copy

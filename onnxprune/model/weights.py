@@ -2,7 +2,8 @@
 
 A weight is a stored tensor — an initializer or a ``Constant`` node's value, in the main graph or
 any ``If``/``Loop``/``Scan`` body — that reaches a prunable input of a Conv/ConvTranspose/Gemm/
-MatMul, directly or through ``Cast``/``Identity`` (fp16 exports). A tensor read by several nodes
+MatMul, directly or through the ops whose registry entry carries it on (``weight_step``:
+``Cast``/``Identity`` in fp16 exports, Q/DQ pairs, a Transpose or constant Reshape). A tensor read by several nodes
 is one :class:`Weight` with several consumers, pruned once; if the consumers disagree on its
 ``W[out, in]`` view it is skipped with a reason rather than guessed.
 """
@@ -15,16 +16,11 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import onnx
 
-from onnxprune.model.index import GraphIndex, attr, constant_tensor, node_label
+from onnxprune.model.index import GraphIndex, constant_tensor, node_label
 from onnxprune.model.io import ModelHandle, tensor_dtype
 from onnxprune.ops.layouts import Layout, layout_for
+from onnxprune.ops.registry import bias_slot, weight_step
 
-#: Ops a weight may pass through on its way to the consumer without changing its values' layout.
-#: A float weight in a QDQ model reaches its Conv through QuantizeLinear -> DequantizeLinear;
-#: a zero quantizes to the zero point and dequantizes back to exactly 0, so masks survive it.
-PASS_THROUGH_OPS = {"Cast", "Identity", "QuantizeLinear", "DequantizeLinear"}
-#: ...and ops that change only its shape (with a constant target shape), e.g. a 4-D classifier
-#: weight reshaped into a Gemm (Inception v1, Caffe2 exports).
 #: Element types onnxprune can rewrite (values keep their dtype on write).
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                onnx.TensorProto.DOUBLE}
@@ -174,14 +170,16 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
             if tensor is not None:
                 scope[node.output[0]] = _Source(tensor, "constant", path, node.output[0])
                 return
-        if (node.op_type in PASS_THROUGH_OPS and node.domain in ("", "ai.onnx") and node.input
-                and scope.get(node.input[0]) is not None):
-            scope[node.output[0]] = scope[node.input[0]].then(node.op_type)
-            return
-        step = _view_step(node, scope, handle.read)
-        if step is not None:
-            scope[node.output[0]] = scope[node.input[0]].then(node.op_type, step)
-            return
+        src = scope.get(node.input[0]) if node.input and node.input[0] else None
+        if src is not None:
+            # Cast/Identity/Q-DQ hand it on, Transpose/constant Reshape change its view.
+            def read(i: int):
+                s = scope.get(node.input[i]) if node.input[i] else None
+                return None if s is None else handle.read(s.tensor)
+            step = weight_step(node, src.seen_shape, read)
+            if step is not None:
+                scope[node.output[0]] = src.then(node.op_type, step)
+                return
         for out in node.output:
             if out:
                 scope[out] = None
@@ -195,40 +193,6 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
     weights = [w for w in weights if w.name not in mixed]
     skipped_list = [s for s in skipped_list if s.name not in pruned_names or s.name in mixed]
     return weights, skipped_list
-
-
-def _view_step(node: onnx.NodeProto, scope, read) -> Optional[Tuple[str, Tuple[int, ...]]]:
-    """A constant Reshape or a Transpose of a weight: the step it adds to the weight's view."""
-    if node.domain not in ("", "ai.onnx") or not node.input or scope.get(node.input[0]) is None:
-        return None
-    src = scope[node.input[0]]
-    if node.op_type == "Transpose":
-        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-        rank = len(src.seen_shape)
-        perm = tuple(perm) if perm else tuple(reversed(range(rank)))
-        return ("transpose", perm) if sorted(perm) == list(range(rank)) else None
-    if node.op_type == "Reshape" and len(node.input) > 1 and scope.get(node.input[1]):
-        shape = _reshaped(src.seen_shape, read(scope[node.input[1]].tensor), node)
-        return ("reshape", shape) if shape is not None else None
-    return None
-
-
-def _reshaped(shape: Tuple[int, ...], target: np.ndarray, node: onnx.NodeProto
-              ) -> Optional[Tuple[int, ...]]:
-    """The output shape of Reshape(shape -> target) with ONNX's 0 and -1 rules, None if odd."""
-    allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
-    dims = [int(d) for d in np.asarray(target).ravel()]
-    out = [shape[i] if d == 0 and not allowzero and i < len(shape) else d
-           for i, d in enumerate(dims)]
-    total = int(np.prod(shape, dtype=np.int64))
-    if out.count(-1) == 1:
-        rest = int(np.prod([d for d in out if d != -1], dtype=np.int64))
-        if rest <= 0 or total % rest:
-            return None
-        out[out.index(-1)] = total // rest
-    if any(d <= 0 for d in out) or int(np.prod(out, dtype=np.int64)) != total:
-        return None
-    return tuple(out)
 
 
 @dataclass
@@ -249,34 +213,31 @@ class StoredBias:
 
 def stored_bias(index: GraphIndex, weight: Weight) -> Optional[StoredBias]:
     """The stored bias of ``weight``'s single consumer that shifts each of its ``W[out, in]``
-    rows' outputs, or None: Conv input C, Gemm input C when the weight is B (per output column
-    = per weight row; ``beta = 0`` has none), or the ``[out]`` constant of the single ``Add``
-    after an ``x @ W`` MatMul. A bias tensor any other node reads too is not this layer's own
+    rows' outputs, or None. Where it sits is the consumer op's registry ``bias`` slot
+    (:func:`onnxprune.ops.registry.bias_slot`): Conv input B, Gemm input C when the weight is B
+    (per output column = per weight row; ``beta = 0`` has none), or the ``[out]`` constant of
+    the single ``Add`` after an ``x @ W`` MatMul. A bias tensor any other node reads too is not this layer's own
     (moving it would shift the other layer), so it is None as well."""
     if len(weight.consumers) != 1 or weight.consumers[0].graph != weight.graph:
         return None
     consumer = weight.consumers[0]
     node = consumer.node
-    scale = 1.0
-    if node.op_type == "Conv" and consumer.input_index == 1 and len(node.input) > 2:
-        name = node.input[2]
-    elif node.op_type == "Gemm" and consumer.input_index == 1 and len(node.input) > 2:
-        name = node.input[2]
-        alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
-        if beta == 0.0:
+    slot = bias_slot(node, consumer.input_index)
+    if slot is None or not slot.mean_shift or slot.beta == 0.0:
+        return None
+    if slot.index is not None:
+        if len(node.input) <= slot.index:
             return None
-        scale = alpha / beta
-    elif node.op_type == "MatMul" and consumer.input_index == 1:
+        name = node.input[slot.index]
+    else:
         readers = index.consumer_nodes(node.output[0])
         if len(readers) != 1 or readers[0].op_type != "Add":
             return None
         other = [i for i in readers[0].input if i != node.output[0]]
         name = other[0] if len(other) == 1 else ""
-    else:
-        return None
     tensor = index.stored.get(name) if name else None
     if tensor is None or len(tensor.dims) != 1 or int(tensor.dims[0]) != weight.layout.shape2d[0]:
         return None
     if index.read_anywhere(name) != 1:
         return None
-    return StoredBias(tensor, scale)
+    return StoredBias(tensor, slot.scale)

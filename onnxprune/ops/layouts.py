@@ -1,43 +1,35 @@
 """The logical view of a weight: every prunable weight seen as a 2-D matrix ``W[out, in]``.
 
-This module is the one place that knows each op's weight layout. Patterns, criteria,
-reconstruction and channel resizing all go through :class:`Layout`; nothing else in onnxprune
-transposes a raw Conv/Gemm/MatMul weight by hand.
+This module holds the :class:`Layout` type and its lookup; each op's layout rule is the
+``layout`` field of its registry entry (:mod:`onnxprune.ops.registry`), in its family file
+(:mod:`onnxprune.ops.conv`, :mod:`onnxprune.ops.linear`). Patterns, criteria, reconstruction and
+channel resizing all go through :class:`Layout`; nothing else in onnxprune transposes a raw
+Conv/Gemm/MatMul weight by hand.
 
 ``in`` is the reduction axis. For Conv the input channel is innermost at each kernel position,
 so that N:M groups are the 4 consecutive input channels TensorRT counts at each (cout, kh, kw).
 
-A layout rule is registered per op type with :func:`register_layout`; it receives the node, the
-input index of the tensor and the tensor's shape and returns a :class:`Layout`, or ``None`` when
-that input is not a prunable weight (a bias, a shape operand, a 1-D vector).
+A layout rule receives the node, the input index of the tensor and the tensor's shape and
+returns a :class:`Layout`, or ``None`` when that input is not a prunable weight (a bias, a shape
+operand, a 1-D vector).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
 
+from onnxprune.ops.registry import field_of, op_types_with
+
 LayoutRule = Callable[[onnx.NodeProto, int, Tuple[int, ...]], Optional["Layout"]]
-_LAYOUT_RULES: Dict[str, LayoutRule] = {}
-
-
-def register_layout(*op_types: str) -> Callable[[LayoutRule], LayoutRule]:
-    """Decorator: register the layout rule for one or more op types."""
-
-    def deco(fn: LayoutRule) -> LayoutRule:
-        for op in op_types:
-            _LAYOUT_RULES[op] = fn
-        return fn
-
-    return deco
 
 
 def prunable_op_types() -> Tuple[str, ...]:
     """Op types that have a weight layout (the default ``--op-types``)."""
-    return tuple(sorted(_LAYOUT_RULES))
+    return op_types_with("layout")
 
 
 @dataclass(frozen=True)
@@ -75,6 +67,12 @@ class Layout:
         return shapes
 
     @property
+    def kernel_positions(self) -> bool:
+        """True when ``in`` spans kernel positions as well as channels (Conv, ConvTranspose):
+        the columns are ``(k..., channel)`` with the channel innermost."""
+        return len(self.perm) - self.n_out > 1
+
+    @property
     def shape2d(self) -> Tuple[int, int]:
         permuted = [self.shape[p] for p in self.perm]
         rows = int(np.prod(permuted[: self.n_out], dtype=np.int64))
@@ -107,69 +105,12 @@ class Layout:
                 == (other.shape, other.perm, other.n_out, other.view))
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 def layout_for(node: onnx.NodeProto, input_index: int, shape: Sequence[int]) -> Optional[Layout]:
     """The layout of ``node``'s input ``input_index`` with ``shape``, or None if not a weight."""
-    rule = _LAYOUT_RULES.get(node.op_type)
-    if rule is None or node.domain not in ("", "ai.onnx"):
+    rule = field_of(node, "layout")
+    if rule is None:
         return None
     shape = tuple(int(d) for d in shape)
     if any(d <= 0 for d in shape):
         return None
     return rule(node, input_index, shape)
-
-
-@register_layout("Conv")
-def _conv(node, index, shape):
-    # [Cout, Cin/g, k...]: in = (k..., Cin/g) with Cin innermost per kernel position.
-    if index != 1 or len(shape) < 3:
-        return None
-    rank = len(shape)
-    return Layout("Conv", shape, (0, *range(2, rank), 1), 1, out_axis=0, in_axis=1,
-                  group=int(_attr(node, "group", 1)))
-
-
-@register_layout("ConvTranspose")
-def _conv_transpose(node, index, shape):
-    # [Cin, Cout/g, k...]: out = Cout/g (axis 1), in = (k..., Cin) with Cin innermost.
-    if index != 1 or len(shape) < 3:
-        return None
-    rank = len(shape)
-    return Layout("ConvTranspose", shape, (1, *range(2, rank), 0), 1, out_axis=1, in_axis=0,
-                  group=int(_attr(node, "group", 1)))
-
-
-@register_layout("Gemm")
-def _gemm(node, index, shape):
-    if len(shape) != 2:
-        return None
-    if index == 1:  # B: [K, N], or [N, K] with transB=1
-        if _attr(node, "transB", 0):
-            return Layout("Gemm", shape, (0, 1), 1, out_axis=0, in_axis=1)
-        return Layout("Gemm", shape, (1, 0), 1, out_axis=1, in_axis=0)
-    if index == 0:  # constant A: [M, K], or [K, M] with transA=1; rows of A are the outputs
-        if _attr(node, "transA", 0):
-            return Layout("Gemm", shape, (1, 0), 1, out_axis=1, in_axis=0)
-        return Layout("Gemm", shape, (0, 1), 1, out_axis=0, in_axis=1)
-    return None
-
-
-@register_layout("MatMul")
-def _matmul(node, index, shape):
-    rank = len(shape)
-    if rank < 2:
-        return None
-    batch = tuple(range(rank - 2))
-    if index == 1:  # X @ W with W [..., K, N]: out = (batch..., N), in = K
-        return Layout("MatMul", shape, (*batch, rank - 1, rank - 2), rank - 1,
-                      out_axis=rank - 1, in_axis=rank - 2)
-    if index == 0:  # W @ X with W [..., M, K]: out = (batch..., M), in = K
-        return Layout("MatMul", shape, tuple(range(rank)), rank - 1,
-                      out_axis=rank - 2, in_axis=rank - 1)
-    return None

@@ -11,8 +11,8 @@ ConvTranspose, Gemm, MatMul (and their integer/QLinear forms), Einsum, LSTM/GRU/
 normalization, activations, pooling and other per-element ops count 0 (they have no registered
 formula and are left out of ``per_node``): they are memory-bound and small next to the MAC-heavy
 ops, and leaving them out is what common MAC counters do, so numbers compare with published
-ones (ResNet-50 at 224x224: 4.09 G). Adding an op = one function decorated with
-:func:`register_macs`.
+ones (ResNet-50 at 224x224: 4.09 G). Each op's formula is the ``macs`` field of its registry
+entry (:mod:`onnxprune.ops.registry`), in its family file; this module is the driver.
 
 ``If``/``Loop``/``Scan`` bodies are not counted: a node whose body holds a counted op is listed in
 ``MacCount.unknown`` (a loop's trip count is usually unknown); one whose bodies hold only cheap
@@ -21,44 +21,25 @@ ops counts 0.
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
 
-from onnxprune.model.index import attr, node_label
+from onnxprune.model.index import node_label
 from onnxprune.model.io import ModelHandle, ModelLike, iter_graphs, load
 from onnxprune.model.shapes import infer_shapes
 from onnxprune.inputs.signature import input_signature, resolve_input_shapes
 from onnxprune.model.weights import find_weights
+from onnxprune.ops.registry import complete_types, entry_of, field_of, op_types_with
 
-Shapes = Mapping[str, Tuple[int, ...]]
-MacFormula = Callable[[onnx.NodeProto, Shapes], Optional[int]]
-_FORMULAS: Dict[str, MacFormula] = {}
 _CONTROL_FLOW = {"If", "Loop", "Scan"}
-
-
-def register_macs(*op_types: str) -> Callable[[MacFormula], MacFormula]:
-    """Decorator: register the MAC formula for one or more op types (default ONNX domain).
-
-    A formula receives the node and a mapping from tensor name to its fully known shape
-    (tensors with an unknown dim are absent) and returns the node's MACs, or None when a shape
-    it needs is unknown.
-    """
-
-    def deco(fn: MacFormula) -> MacFormula:
-        for op in op_types:
-            _FORMULAS[op] = fn
-        return fn
-
-    return deco
 
 
 def counted_op_types() -> Tuple[str, ...]:
     """Op types with a MAC formula."""
-    return tuple(sorted(_FORMULAS))
+    return op_types_with("macs")
 
 
 @dataclass
@@ -120,7 +101,8 @@ def count_macs(model: ModelLike,
     if shapeless:
         notes.append(f"input(s) {', '.join(shapeless)} declare no shape; pass --input-shape to "
                      "count the nodes they feed")
-    inferred = infer_shapes(proto if handle is None else handle, resolved, keep_value_info=True)
+    inferred = infer_shapes(proto if handle is None else handle, resolved, keep_value_info=True,
+                            complete=complete_types)
     if inferred.error:
         notes.append(f"shape inference failed ({inferred.error}); MACs use declared shapes only")
     shapes = inferred.static()
@@ -136,7 +118,7 @@ def count_macs(model: ModelLike,
             if _has_counted_ops(node):
                 unknown.append(label)
             continue
-        formula = _FORMULAS.get(node.op_type)
+        formula = field_of(node, "macs")
         if formula is None:
             continue
         macs = formula(node, shapes)
@@ -198,125 +180,9 @@ def _has_counted_ops(node: onnx.NodeProto) -> bool:
         graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
         for g in graphs:
             for _, sub in iter_graphs(g):
-                if any(n.op_type in _FORMULAS or n.op_type in _CONTROL_FLOW for n in sub.node):
+                if any(getattr(entry_of(n.op_type), "macs", None) is not None
+                       or n.op_type in _CONTROL_FLOW for n in sub.node):
                     return True
     return False
 
 
-# -- formulas ---------------------------------------------------------------------------------
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)  # Python ints: no overflow on large models
-    return n
-
-
-def _get(shapes: Shapes, node: onnx.NodeProto, index: int, output: bool = False
-         ) -> Optional[Tuple[int, ...]]:
-    names = node.output if output else node.input
-    if index >= len(names) or not names[index]:
-        return None
-    return shapes.get(names[index])
-
-
-def _conv_like(weight_index: int) -> MacFormula:
-    def formula(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
-        # Y[N, Cout, out...] with W[Cout, Cin/g, k...]: every output element is a dot product
-        # of length Cin/g * prod(k). Grouped and depthwise convs fall out of W's shape.
-        y = _get(shapes, node, 0, output=True)
-        w = _get(shapes, node, weight_index)
-        if y is None or w is None:
-            return None
-        return _numel(y) * _numel(w[1:])
-
-    return formula
-
-
-register_macs("Conv", "ConvInteger")(_conv_like(1))
-register_macs("QLinearConv")(_conv_like(3))
-
-
-@register_macs("ConvTranspose")
-def _conv_transpose(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
-    # Every input element X[n, ci, in...] is scattered through W[ci, Cout/g, k...]: Cout/g *
-    # prod(k) MACs each. Output cropping by pads is not subtracted (the common convention).
-    x = _get(shapes, node, 0)
-    w = _get(shapes, node, 1)
-    if x is None or w is None:
-        return None
-    return _numel(x) * _numel(w[1:])
-
-
-@register_macs("Gemm")
-def _gemm(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
-    # Y = alpha * A' B' + beta * C with A' [M, K], B' [K, N]: M*N*K (the C add is not counted).
-    a = _get(shapes, node, 0)
-    b = _get(shapes, node, 1)
-    if a is None or b is None or len(a) != 2 or len(b) != 2:
-        return None
-    m, k = (a[1], a[0]) if attr(node, "transA", 0) else a
-    n = b[0] if attr(node, "transB", 0) else b[1]
-    return int(m) * int(n) * int(k)
-
-
-def _matmul_like(a_index: int, b_index: int) -> MacFormula:
-    def formula(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
-        # numpy matmul semantics: A[..., M, K] @ B[..., K, N] with broadcast batch dims;
-        # a 1-D A is [1, K], a 1-D B is [K, 1]. prod(batch) * M * N * K.
-        a = _get(shapes, node, a_index)
-        b = _get(shapes, node, b_index)
-        if a is None or b is None or not a or not b:
-            return None
-        k = a[-1]
-        m = a[-2] if len(a) >= 2 else 1
-        n = b[-1] if len(b) >= 2 else 1
-        try:
-            batch = np.broadcast_shapes(tuple(a[:-2]), tuple(b[:-2]))
-        except ValueError:
-            return None
-        return _numel(batch) * int(m) * int(n) * int(k)
-
-    return formula
-
-
-register_macs("MatMul", "MatMulInteger")(_matmul_like(0, 1))
-register_macs("QLinearMatMul")(_matmul_like(0, 3))
-
-
-@register_macs("LSTM", "GRU", "RNN")
-def _recurrent(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
-    # Per time step and batch row, every gate of every direction multiplies the input by W
-    # [dirs, gates*H, I] and the hidden state by R [dirs, gates*H, H]: numel(W) + numel(R).
-    # Element-wise gate math is not counted.
-    x = _get(shapes, node, 0)
-    w = _get(shapes, node, 1)
-    r = _get(shapes, node, 2)
-    if x is None or w is None or r is None or len(x) != 3:
-        return None
-    seq, batch = (x[1], x[0]) if attr(node, "layout", 0) else (x[0], x[1])
-    return int(seq) * int(batch) * (_numel(w) + _numel(r))
-
-
-@register_macs("Einsum")
-def _einsum(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
-    # A naive contraction of n operands costs (n - 1) * prod(size of every distinct index).
-    equation = attr(node, "equation", b"")
-    if isinstance(equation, bytes):
-        equation = equation.decode()
-    lhs = equation.replace(" ", "").split("->")[0]
-    operands = lhs.split(",")
-    if "." in lhs or len(operands) != len(node.input):
-        return None
-    if len(operands) < 2:
-        return 0
-    sizes: Dict[str, int] = {}
-    for term, name in zip(operands, node.input):
-        shape = shapes.get(name)
-        if shape is None or len(shape) != len(term):
-            return None
-        for letter, size in zip(term, shape):
-            if letter not in string.ascii_letters:
-                return None
-            # Broadcast size-1 dims take the other operand's size.
-            sizes[letter] = max(sizes.get(letter, 1), int(size))
-    return (len(operands) - 1) * _numel(sizes.values())

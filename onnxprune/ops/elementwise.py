@@ -1,0 +1,135 @@
+"""The element-wise family: unary ops (activations, casts, math) and broadcasting binary ops.
+
+Each op's entry: channel rule (every axis tied to the output's, broadcast axes right-aligned; a
+constant operand's channel axis gets the role that masking zeroes) and constant propagation
+(the op applied to the per-channel constant).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from onnxprune.model.index import attr
+from onnxprune.ops._channel import (BIAS, FACTOR, NodeCtx, pass_through_const, tie_all,
+                                    tie_broadcast)
+from onnxprune.ops.registry import define, same_axis, unchanged_step
+
+# -- unary ------------------------------------------------------------------------------------
+_UNARY_NP = {
+    "Relu": lambda x, n: np.maximum(x, 0),
+    "Sigmoid": lambda x, n: 1 / (1 + np.exp(-x)),
+    "Tanh": lambda x, n: np.tanh(x),
+    "Abs": lambda x, n: np.abs(x), "Neg": lambda x, n: -x,
+    "Exp": lambda x, n: np.exp(x), "Softplus": lambda x, n: np.log1p(np.exp(x)),
+    "Softsign": lambda x, n: x / (1 + np.abs(x)),
+    "HardSigmoid": lambda x, n: np.clip(attr(n, "alpha", 0.2) * x + attr(n, "beta", 0.5), 0, 1),
+    "HardSwish": lambda x, n: x * np.clip(x / 6 + 0.5, 0, 1),
+    "LeakyRelu": lambda x, n: np.where(x >= 0, x, attr(n, "alpha", 0.01) * x),
+    "Elu": lambda x, n: np.where(x >= 0, x, attr(n, "alpha", 1.0) * (np.exp(x) - 1)),
+    "Selu": lambda x, n: attr(n, "gamma", 1.0507) * np.where(
+        x > 0, x, attr(n, "alpha", 1.67326) * (np.exp(x) - 1)),
+    "Celu": lambda x, n: np.maximum(0, x) + np.minimum(
+        0, attr(n, "alpha", 1.0) * (np.exp(x / attr(n, "alpha", 1.0)) - 1)),
+    "Mish": lambda x, n: x * np.tanh(np.log1p(np.exp(x))),
+    "ThresholdedRelu": lambda x, n: np.where(x > attr(n, "alpha", 1.0), x, 0),
+    "Erf": lambda x, n: np.vectorize(math.erf)(x), "Log": lambda x, n: np.log(x),
+    "Sqrt": lambda x, n: np.sqrt(x), "Reciprocal": lambda x, n: 1 / x,
+    "Floor": lambda x, n: np.floor(x), "Ceil": lambda x, n: np.ceil(x),
+    "Round": lambda x, n: np.round(x), "Sign": lambda x, n: np.sign(x),
+    "Sin": lambda x, n: np.sin(x), "Cos": lambda x, n: np.cos(x),
+    "Gelu": lambda x, n: 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2))),
+}
+#: Unary ops with a channel rule but no constant propagation (the constant is not followed).
+_UNARY_OPAQUE = ("Shrink", "Not", "IsNaN", "IsInf", "Swish")
+#: Copies: the constant passes unchanged.
+_COPIES = ("Identity", "Cast", "Dropout")
+
+
+def _unary(ctx: NodeCtx) -> None:
+    x = ctx.inp(0)
+    for i in range(1, len(ctx.node.input)):  # Clip min/max, Dropout ratio: scalars
+        ctx.ok(ctx.inp(i))
+    for o in ctx.node.output:
+        if o:
+            tie_all(ctx, x, o)
+
+
+def _unary_const(node, vals, read):
+    if vals[0] is None:
+        return None
+    return [_UNARY_NP[node.op_type](vals[0], node)]
+
+
+def _clip_const(node, vals, read):
+    if vals[0] is None:
+        return None
+    lo = read(node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "min", None)
+    hi = read(node.input[2]) if len(node.input) > 2 and node.input[2] else attr(node, "max", None)
+    x = vals[0]
+    x = x if lo is None else np.maximum(x, float(np.asarray(lo)))
+    return [x if hi is None else np.minimum(x, float(np.asarray(hi)))]
+
+
+define(*_UNARY_NP, channels=_unary, const=_unary_const)
+define("Clip", channels=_unary, const=_clip_const)
+define(*_COPIES, channels=_unary, const=pass_through_const)
+# A weight reaches its consumer through them unchanged (fp16 exports: Cast).
+define("Cast", "Identity", weight_step=unchanged_step, axis_source=same_axis)
+define(*_UNARY_OPAQUE, channels=_unary)
+
+
+# -- binary (broadcasting) --------------------------------------------------------------------
+def _binary_rule(role: str):
+    def rule(ctx: NodeCtx) -> None:
+        out = ctx.out()
+        for i, name in enumerate(ctx.node.input):
+            if not name:
+                continue
+            r = role
+            if ctx.node.op_type == "Sub" and i == 1 and ctx.is_const(name):
+                r = BIAS  # c - x: zeroing c keeps a masked channel at 0
+            tie_broadcast(ctx, name, out, r)
+
+    return rule
+
+
+def _numpy_const(fn):
+    def const(node, vals, read):
+        a, b = vals[0], vals[1] if len(vals) > 1 else None
+        if a is None or b is None:
+            return None
+        with np.errstate(all="ignore"):
+            return [fn(a, b)]
+
+    return const
+
+
+def _variadic_const(fn):
+    def const(node, vals, read):
+        if vals[0] is None:
+            return None
+        return [fn(np.stack([v for v in vals if v is not None]), axis=0)]
+
+    return const
+
+
+def _prelu_const(node, vals, read):
+    a, b = vals[0], vals[1] if len(vals) > 1 else None
+    if a is None or b is None:
+        return None
+    return [np.where(a >= 0, a, b * a)]
+
+
+for _op, _fn in (("Add", np.add), ("Sub", np.subtract)):
+    define(_op, channels=_binary_rule(BIAS), const=_numpy_const(_fn))
+for _op, _fn in (("Mul", np.multiply), ("Div", np.divide), ("Max", np.maximum),
+                 ("Min", np.minimum), ("Pow", np.power)):
+    define(_op, channels=_binary_rule(FACTOR), const=_numpy_const(_fn))
+define("Sum", channels=_binary_rule(BIAS), const=_variadic_const(np.sum))
+define("Mean", channels=_binary_rule(BIAS), const=_variadic_const(np.mean))
+define("PRelu", channels=_binary_rule(FACTOR), const=_prelu_const)
+# Comparisons, logic, Where, Mod: tied like any broadcast, the constant is not followed.
+define("Where", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor",
+       "Mod", channels=_binary_rule(FACTOR))

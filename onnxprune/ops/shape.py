@@ -1,0 +1,502 @@
+"""The layout family: ops that move values between axes without computing — Transpose,
+Squeeze/Unsqueeze, Reshape/Flatten, Concat, Split, Slice, Gather, Shape, DepthToSpace/
+SpaceToDepth, Expand, Tile — and ``Constant``.
+
+Each op's entry: channel rule (axes tied 1:1, or through index maps for merged/split/offset
+axes; shape operands rewritten on resize) and constant propagation (values pass unchanged).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from onnxprune.model.index import attr
+from onnxprune.ops._channel import (BIAS, NodeCtx, axes_arg, norm_axis, pass_through_const,
+                                    set_attr, tie_broadcast)
+from onnxprune.ops.registry import define
+
+
+def _constant(ctx: NodeCtx) -> None:
+    # A stored value, not an op on channels: whatever reads it decides its axes' roles.
+    ctx.ok(ctx.out())
+
+
+# -- layout ops ------------------------------------------------------------------------------
+def _transpose(ctx: NodeCtx) -> None:
+    x, y = ctx.inp(0), ctx.out()
+    r = ctx.rank(x)
+    if r is None:
+        return
+    perm = ctx.attr("perm", None) or list(reversed(range(r)))
+    for i, p in enumerate(perm):
+        ctx.tie((x, int(p)), (y, i))
+
+
+def _squeeze(ctx: NodeCtx) -> None:
+    x, y = ctx.inp(0), ctx.out()
+    rx, ry = ctx.rank(x), ctx.rank(y)
+    if rx is None or ry is None:
+        return
+    axes = axes_arg(ctx, 1)
+    if ctx.node.op_type == "Squeeze":
+        if axes is None:
+            axes = [j for j in range(rx) if ctx.size(x, j) == 1]
+        axes = {norm_axis(a, rx) for a in axes}
+        kept = [j for j in range(rx) if j not in axes]
+        for k, j in enumerate(kept):
+            ctx.tie((x, j), (y, k))
+        for j in axes:
+            ctx.ok(x, j)
+    else:
+        if axes is None:
+            return
+        axes = {norm_axis(a, ry) for a in axes}
+        kept = [j for j in range(ry) if j not in axes]
+        for k, j in enumerate(kept):
+            ctx.tie((x, k), (y, j))
+        for j in axes:
+            ctx.ok(y, j)
+
+
+def reshape_blocks(s: Sequence[int], t: Sequence[int]):
+    """Pair up axes of ``s`` and ``t`` into blocks of equal product (size-1 axes alone)."""
+    blocks = []
+    i = j = 0
+    while i < len(s) or j < len(t):
+        si = s[i] if i < len(s) else None
+        tj = t[j] if j < len(t) else None
+        if isinstance(si, str) or isinstance(tj, str) or si is None and i < len(s) or (
+                tj is None and j < len(t)):
+            # symbolic/unknown extents only pair with the same symbol, 1:1
+            if isinstance(si, str) and si == tj:
+                blocks.append(([i], [j]))
+                i, j = i + 1, j + 1
+                continue
+            return None
+        if i < len(s) and s[i] == 1 and (j >= len(t) or t[j] != 1):
+            blocks.append(([i], []))
+            i += 1
+            continue
+        if j < len(t) and t[j] == 1 and (i >= len(s) or s[i] != 1):
+            blocks.append(([], [j]))
+            j += 1
+            continue
+        if i >= len(s) or j >= len(t):
+            return None
+        bi, bj, pi, pj = [i], [j], s[i], t[j]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj and i < len(s):
+                pi *= s[i]
+                bi.append(i)
+                i += 1
+            elif pj < pi and j < len(t):
+                pj *= t[j]
+                bj.append(j)
+                j += 1
+            else:
+                return None
+        blocks.append((bi, bj))
+    return blocks
+
+
+def tie_reshape(ctx: NodeCtx, x: str, y: str) -> bool:
+    """Tie a reshape's axes exactly: equal axes 1:1; a merged/split block through one carrier
+    axis (the one already linked to a weight for merges, the outermost for splits); every other
+    axis of a block frozen."""
+    s, t = ctx.shape(x), ctx.shape(y)
+    if s is None or t is None:
+        return False
+    blocks = reshape_blocks(s, t)
+    if blocks is None:
+        return False
+    for bi, bj in blocks:
+        if len(bi) == 1 and len(bj) == 1:
+            ctx.tie((x, bi[0]), (y, bj[0]))
+            continue
+        if not bi or not bj:
+            for a in bi:
+                ctx.ok(x, a)
+            for a in bj:
+                ctx.ok(y, a)
+            continue
+        if len(bj) == 1:  # merge: carrier is the input axis linked to weights
+            cands = [a for a in bi if s[a] > 1 and ctx.b.is_linked((x, a))]
+            many, one, side_many, side_one = bi, bj[0], x, y
+            shape_many = [s[a] for a in bi]
+        elif len(bi) == 1:  # split: outermost non-1 output axis carries the channels
+            cands = [a for a in bj if t[a] > 1][:1]
+            many, one, side_many, side_one = bj, bi[0], y, x
+            shape_many = [t[a] for a in bj]
+        else:
+            cands = []
+        if len(cands) != 1:
+            for a in bi:
+                ctx.freeze(x, a, "reshape block has no single channel-carrying axis")
+            for a in bj:
+                ctx.freeze(y, a, "reshape block has no single channel-carrying axis")
+            continue
+        carrier = cands[0]
+        k = many.index(carrier)
+        flat = np.arange(int(np.prod(shape_many))).reshape(shape_many)
+        idx_one = np.moveaxis(flat, k, 0).reshape(shape_many[k], -1)
+        idx_carrier = np.repeat(np.arange(shape_many[k]), idx_one.shape[1])
+        ctx.tie_map((side_many, carrier), idx_carrier, (side_one, one), idx_one.ravel(),
+                    shape_many[k], int(np.prod(shape_many)))
+        for a in many:
+            if a != carrier:
+                ctx.freeze(side_many, a, "reshape merges/splits it with a channel axis")
+    return True
+
+
+def _constant_shape(ctx: NodeCtx) -> bool:
+    """Input 1 is a shape vector: True when it is constant, else the op is frozen."""
+    x, shp, y = ctx.inp(0), ctx.inp(1), ctx.out()
+    ctx.ok(shp)
+    if ctx.const(shp) is None:
+        ctx.freeze(x, None, f"{ctx.node.op_type} shape is computed at run time")
+        ctx.freeze(y, None, f"{ctx.node.op_type} shape is computed at run time")
+        return False
+    return True
+
+
+def _rewrite_shape(ctx: NodeCtx, y: str, fixed: int) -> None:
+    """On resize, entries of the shape vector (input 1, right-aligned with ``y``) on a resized
+    axis take its new size, except the value ``fixed`` (Reshape's -1, Expand's 1)."""
+    def rewrite(node, rc, y=y):
+        old = np.asarray(rc.graph_const(node.input[1])).astype(np.int64)
+        new = old.copy()
+        ry = len(rc.graph.shapes.get(y) or old)
+        for j, v in enumerate(old):
+            ns = rc.new_size(y, ry - len(old) + j, None)
+            if ns is not None and v != fixed:
+                new[j] = ns
+        if not np.array_equal(new, old):
+            node.input[1] = rc.add_initializer(node.input[1], new)
+    ctx.rewrite(rewrite)
+
+
+def _reshape(ctx: NodeCtx) -> None:
+    if _constant_shape(ctx) and tie_reshape(ctx, ctx.inp(0), ctx.out()):
+        _rewrite_shape(ctx, ctx.out(), fixed=-1)
+
+
+def _flatten(ctx: NodeCtx) -> None:
+    tie_reshape(ctx, ctx.inp(0), ctx.out())
+
+
+def _concat(ctx: NodeCtx) -> None:
+    y = ctx.out()
+    r = ctx.rank(y)
+    if r is None:
+        return
+    axis = norm_axis(int(ctx.attr("axis")), r)
+    total = ctx.size(y, axis)
+    sizes = [ctx.size(x, axis) for x in ctx.node.input]
+    if total is None or any(s is None for s in sizes):
+        return
+    off = 0
+    for x, n in zip(ctx.node.input, sizes):
+        for j in range(r):
+            if j != axis:
+                ctx.tie((x, j), (y, j))
+        if n:
+            ctx.tie_map((x, axis), np.arange(n), (y, axis), off + np.arange(n), n, total)
+            if ctx.is_const(x):
+                ctx.role(x, axis, BIAS)  # a constant slab is the channel's value
+        else:
+            ctx.ok(x, axis)
+        off += n
+
+
+def _split(ctx: NodeCtx) -> None:
+    x = ctx.inp(0)
+    r = ctx.rank(x)
+    if r is None:
+        return
+    axis = norm_axis(int(ctx.attr("axis", 0)), r)
+    total = ctx.size(x, axis)
+    outs = list(ctx.node.output)
+    sizes = [ctx.size(o, axis) for o in outs]
+    if total is None or any(s is None for s in sizes) or sum(sizes) != total:
+        return
+    if ctx.inp(1):
+        ctx.ok(ctx.inp(1))
+        if ctx.const(ctx.inp(1)) is None:
+            return
+    off = 0
+    for o, n in zip(outs, sizes):
+        for j in range(r):
+            if j != axis:
+                ctx.tie((x, j), (o, j))
+        ctx.tie_map((x, axis), off + np.arange(n), (o, axis), np.arange(n), total, n)
+        off += n
+
+    def split_sizes(node, rc, outs=outs, sizes=sizes, axis=axis):
+        new = np.array([n - len(rc.removed(o, axis)) for o, n in zip(outs, sizes)], np.int64)
+        if np.array_equal(new, sizes):
+            return
+        if rc.opset >= 13:
+            for i, a in enumerate(node.attribute):
+                if a.name in ("num_outputs", "split"):
+                    del node.attribute[i]
+                    break
+            name = rc.add_initializer(node.input[1] if len(node.input) > 1 and node.input[1]
+                                      else (node.name or node.output[0]) + "_split", new)
+            if len(node.input) > 1:
+                node.input[1] = name
+            else:
+                node.input.append(name)
+        else:
+            set_attr(node, "split", [int(v) for v in new])
+    ctx.rewrite(split_sizes)
+
+
+def _slice(ctx: NodeCtx) -> None:
+    x, y = ctx.inp(0), ctx.out()
+    r = ctx.rank(x)
+    if r is None:
+        return
+    if ctx.opset < 10:
+        starts, ends = ctx.attr("starts"), ctx.attr("ends")
+        axes, steps = ctx.attr("axes", None), None
+    else:
+        for i in range(1, len(ctx.node.input)):
+            ctx.ok(ctx.inp(i))
+        starts, ends = ctx.const(ctx.inp(1)), ctx.const(ctx.inp(2))
+        axes = ctx.const(ctx.inp(3)) if ctx.inp(3) else None
+        steps = ctx.const(ctx.inp(4)) if ctx.inp(4) else None
+    if starts is None or ends is None or (ctx.inp(3) and axes is None) or (
+            ctx.inp(4) and steps is None):
+        return
+    starts = np.asarray(starts, np.int64).ravel()
+    ends = np.asarray(ends, np.int64).ravel()
+    axes = list(range(len(starts))) if axes is None else [norm_axis(int(a), r)
+                                                           for a in np.ravel(axes)]
+    steps = np.ones(len(starts), np.int64) if steps is None else np.asarray(steps).ravel()
+    spans = {}
+    for a, s0, e0, st in zip(axes, starts, ends, steps):
+        n, m = ctx.size(x, a), ctx.size(y, a)
+        if n is None or m is None:
+            continue
+        start = int(np.clip(s0 + n if s0 < 0 else s0, 0, n if st > 0 else n - 1))
+        idx = start + int(st) * np.arange(m)
+        if n == m and st == 1:
+            ctx.tie((x, a), (y, a))
+        elif st == 1:  # a window of channels: rewrite start/end on resize
+            ctx.tie_map((x, a), idx, (y, a), np.arange(m), n, m)
+            spans[a] = (start, start + m, n)
+    for j in range(r):
+        if j not in axes:
+            ctx.tie((x, j), (y, j))
+    if not spans or ctx.opset < 10:
+        if spans:  # old attribute form: keep it frozen rather than rewrite attrs
+            for a in spans:
+                ctx.freeze(x, a, "Slice (opset<10) on a channel axis")
+        return
+
+    def slice_bounds(node, rc, spans=spans, axes=axes):
+        st = np.asarray(rc.graph_const(node.input[1]), np.int64).copy()
+        en = np.asarray(rc.graph_const(node.input[2]), np.int64).copy()
+        changed = False
+        for k, a in enumerate(axes):
+            if a not in spans:
+                continue
+            start, end, n = spans[a]
+            gone = rc.removed(x, a)
+            if len(gone) == 0:
+                continue
+            new_start = start - int(np.sum(gone < start))
+            new_end = end - int(np.sum(gone < end))
+            st[k], en[k] = new_start, new_end
+            changed = True
+        if changed:
+            node.input[1] = rc.add_initializer(node.input[1], st)
+            node.input[2] = rc.add_initializer(node.input[2], en)
+    ctx.rewrite(slice_bounds)
+
+
+
+def _shape(ctx: NodeCtx) -> None:
+    # Only the axes whose size is read are frozen (torch's x.view(x.size(0), -1) reads axis 0).
+    x, y = ctx.inp(0), ctx.out()
+    r = ctx.rank(x)
+    ctx.ok(y)
+    if r is None:
+        ctx.freeze(x, None, "its shape is read")
+        return
+    start = norm_axis(int(ctx.attr("start", 0)), r)
+    end = ctx.attr("end", None)
+    end = r if end is None else min(norm_axis(int(end), r), r)
+    read = _shape_reads(ctx.b, y, start, end)
+    for j in range(r):
+        if j in read:
+            ctx.freeze(x, j, f"its size on axis {j} is read by Shape")
+        else:
+            ctx.ok(x, j)
+
+
+def _shape_reads(b, vec: str, start: int, end: int, depth: int = 0) -> set:
+    """Axes whose size a shape vector's readers actually use: through Cast/Identity, Gather
+    and Slice with constant indices; anything else reads them all."""
+    everything = set(range(start, end))
+    readers = b.consumers.get(vec, [])
+    if depth > 4 or not readers:
+        return everything if readers else set()
+    n = end - start
+    read: set = set()
+    for node, idx in readers:
+        if idx != 0:
+            return everything
+        if node.op_type in ("Cast", "Identity"):
+            read |= _shape_reads(b, node.output[0], start, end, depth + 1)
+        elif node.op_type == "Gather" and b.const_value(node.input[1]) is not None:
+            read |= {start + norm_axis(int(i), n) for i in np.ravel(b.const_value(node.input[1]))}
+        elif node.op_type == "Slice" and all(b.const_value(i) is not None
+                                             for i in node.input[1:] if i):
+            vals = [np.ravel(b.const_value(i)) if i else None for i in list(node.input[1:]) +
+                    [None] * (5 - len(node.input))]
+            st = int(vals[0][0])
+            en = int(vals[1][0])
+            step = int(vals[3][0]) if vals[3] is not None else 1
+            read |= {start + i for i in range(n)[slice(st, en, step)]}
+        else:
+            return everything
+    return read
+
+
+def _gather(ctx: NodeCtx) -> None:
+    data, idx, y = ctx.inp(0), ctx.inp(1), ctx.out()
+    rd, ri = ctx.rank(data), ctx.rank(idx)
+    if rd is None or ri is None:
+        return
+    axis = norm_axis(int(ctx.attr("axis", 0)), rd)
+    for j in range(axis):
+        ctx.tie((data, j), (y, j))
+    for j in range(ri):
+        ctx.tie((idx, j), (y, axis + j))
+    for j in range(axis + 1, rd):
+        ctx.tie((data, j), (y, j - 1 + ri))
+
+
+def _blocks_rule(deep_is_input: bool):
+    """DepthToSpace (input deep) / SpaceToDepth (output deep): channel c of the shallow side
+    (C channels) is a block of b*b channels of the deep side (C*b*b): ``k*C + c`` for block
+    offset k (DCR, SpaceToDepth's only order) or ``c*b*b + k`` (CRD). Removing c removes its
+    whole block; blocksize stays."""
+
+    def rule(ctx: NodeCtx) -> None:
+        x, y = ctx.inp(0), ctx.out()
+        deep, shallow = (x, y) if deep_is_input else (y, x)
+        b = int(ctx.attr("blocksize", 1))
+        nd, ns = ctx.size(deep, 1), ctx.size(shallow, 1)
+        if ctx.rank(x) != 4 or nd is None or ns is None or nd != ns * b * b:
+            return
+        ctx.tie((x, 0), (y, 0))
+        c, k = np.arange(ns)[:, None], np.arange(b * b)[None, :]
+        crd = ctx.attr("mode", b"DCR") == b"CRD"
+        index = (c * b * b + k) if crd else (k * ns + c)
+        ctx.tie_map((shallow, 1), np.repeat(np.arange(ns), b * b), (deep, 1), index.ravel(),
+                    ns, nd)
+
+    return rule
+
+
+def _expand(ctx: NodeCtx) -> None:
+    # Broadcast to a constant shape: axes x already has tie 1:1 (the shape vector's entry is
+    # rewritten when it names the size); axes it creates or widens are new, frozen.
+    if _constant_shape(ctx):
+        tie_broadcast(ctx, ctx.inp(0), ctx.out(), BIAS)  # an expanded constant is the value
+        _rewrite_shape(ctx, ctx.out(), fixed=1)
+
+
+def _tile(ctx: NodeCtx) -> None:
+    # Output axis j is r_j copies of input axis j: channel c owns c + t*C for every copy t,
+    # so the repeats stay as they are.
+    x, reps, y = ctx.inp(0), ctx.inp(1), ctx.out()
+    ctx.ok(reps)
+    r = ctx.rank(x)
+    repeats = ctx.const(reps)
+    if r is None or repeats is None or len(np.ravel(repeats)) != r:
+        return
+    const = ctx.is_const(x)
+    for j, t in enumerate(np.ravel(repeats).astype(np.int64)):
+        n = ctx.size(x, j)
+        if t == 1:
+            ctx.tie((x, j), (y, j))
+        elif n is not None and t > 1:
+            yi = (np.arange(t)[None, :] * n + np.arange(n)[:, None]).ravel()
+            ctx.tie_map((x, j), np.repeat(np.arange(n), t), (y, j), yi, n, n * int(t))
+        else:
+            continue
+        if const and n != 1:
+            ctx.role(x, j, BIAS)  # a tiled constant is the channel's value
+
+
+# -- a stored weight seen through Transpose / constant Reshape --------------------------------
+def _transpose_step(node, seen_shape, read):
+    perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+    rank = len(seen_shape)
+    perm = tuple(perm) if perm else tuple(reversed(range(rank)))
+    return ("transpose", perm) if sorted(perm) == list(range(rank)) else None
+
+
+def _reshape_step(node, seen_shape, read):
+    target = read(1) if len(node.input) > 1 else None
+    if target is None:
+        return None
+    shape = reshaped(seen_shape, target, node)
+    return ("reshape", shape) if shape is not None else None
+
+
+def reshaped(shape: Tuple[int, ...], target: np.ndarray, node) -> Optional[Tuple[int, ...]]:
+    """The output shape of Reshape(shape -> target) with ONNX's 0 and -1 rules, None if odd."""
+    allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
+    dims = [int(d) for d in np.asarray(target).ravel()]
+    out = [shape[i] if d == 0 and not allowzero and i < len(shape) else d
+           for i, d in enumerate(dims)]
+    total = int(np.prod(shape, dtype=np.int64))
+    if out.count(-1) == 1:
+        rest = int(np.prod([d for d in out if d != -1], dtype=np.int64))
+        if rest <= 0 or total % rest:
+            return None
+        out[out.index(-1)] = total // rest
+    if any(d <= 0 for d in out) or int(np.prod(out, dtype=np.int64)) != total:
+        return None
+    return tuple(out)
+
+
+# -- where a stored tensor's axis comes from (channels.graph.stored_source) --------------------
+def _transpose_axis_source(node, axis, shape_of):
+    perm = attr(node, "perm", None)
+    return None if perm is None else int(perm[axis])
+
+
+def _reshape_axis_source(node, axis, shape_of):
+    # [C] -> [1, C, 1, 1] and friends: the axis must sit alone in a 1:1 block.
+    s_in, s_out = shape_of(node.input[0]), shape_of(node.output[0])
+    if s_in is None or s_out is None:
+        return None
+    blocks = reshape_blocks(s_in, s_out)
+    hit = [bi for bi, bj in (blocks or []) if bj == [axis] and len(bi) == 1]
+    return hit[0][0] if hit else None
+
+
+define("Constant", channels=_constant)
+define("Transpose", channels=_transpose, const=pass_through_const, weight_step=_transpose_step)
+define("Squeeze", "Unsqueeze", channels=_squeeze, const=pass_through_const)
+define("Reshape", channels=_reshape, const=pass_through_const, weight_step=_reshape_step)
+define("Flatten", channels=_flatten, const=pass_through_const)
+define("Concat", channels=_concat, const=pass_through_const)
+define("Split", channels=_split, const=pass_through_const)
+define("Slice", channels=_slice, const=pass_through_const)
+define("Shape", channels=_shape)
+define("Gather", channels=_gather)
+define("DepthToSpace", channels=_blocks_rule(deep_is_input=True))
+define("SpaceToDepth", channels=_blocks_rule(deep_is_input=False))
+define("Expand", channels=_expand)
+define("Tile", channels=_tile)
+define("Transpose", axis_source=_transpose_axis_source)
+define("Reshape", "Unsqueeze", "Squeeze", "Flatten", axis_source=_reshape_axis_source)
