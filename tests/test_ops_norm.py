@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from onnxprune.channels import build_channel_graph
+from onnxprune.channels.graph import build_channel_graph
 from onnxprune.model.io import load
 from test_channels_exact import assert_close, masked_and_resized
 from test_channels_models import IMG, G, feeds_for, run

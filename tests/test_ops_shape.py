@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune.channels import build_channel_graph
+from onnxprune.channels.graph import build_channel_graph
 from onnxprune.model.io import load
 from test_channels_exact import assert_close, masked_and_resized
 from test_channels_models import IMG, G, feeds_for, run
