@@ -174,7 +174,7 @@ def test_sequential_sparsegpt_keeps_a_trained_model_accurate():
     from onnxprune.model.io import load
     from onnxprune.model.weights import find_weights
 
-    models = Path(__file__).resolve().parent.parent / "models"
+    models = Path(__file__).resolve().parents[2] / "models"
     if not (models / "digits_cnn.onnx").exists():
         pytest.skip("models/digits_cnn.onnx not present")
     test = np.load(models / "digits_test.npz")

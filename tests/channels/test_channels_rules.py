@@ -15,7 +15,7 @@ from onnxprune.channels.resize import mask_channels, resize_channels
 from onnxprune.channels.select import kept_count, select_channels
 from onnxprune.ops.shape import reshape_blocks as _reshape_blocks
 from onnxprune.model.io import load
-from test_channels_models import BUILDERS, G, IMG, feeds_for, run
+from channel_models import BUILDERS, G, IMG, feeds_for, run
 
 
 def graph_of(name):

@@ -14,29 +14,10 @@ from onnxprune.channels.graph import build_channel_graph
 from onnxprune.channels.resize import mask_channels, resize_channels
 from onnxprune.channels.select import select_channels
 from onnxprune.model.io import load
-from test_channels_models import BUILDERS, feeds_for, run
+from channel_models import BUILDERS, assert_close, feeds_for, masked_and_resized, run
 
 RUNNABLE = sorted(n for n in BUILDERS if n != "unknown_op")
 PRUNABLE_ELSEWHERE = {"unknown_op"}
-
-
-def assert_close(got, want):
-    for g, w in zip(got, want):
-        assert g.shape == w.shape
-        scale = max(1.0, float(np.abs(w).max()))
-        np.testing.assert_allclose(g, w, atol=1e-5 * scale, rtol=1e-4)
-
-
-def masked_and_resized(model, **kw):
-    masked = load(copy.deepcopy(model))
-    graph = build_channel_graph(masked)
-    removed = select_channels(masked, graph, **kw)
-    mask_channels(masked, removed, graph)
-    resized = load(copy.deepcopy(masked.model))
-    graph2 = build_channel_graph(resized)
-    assert [g.size for g in graph2.groups] == [g.size for g in graph.groups]
-    shapes = resize_channels(resized, graph2, removed)
-    return masked.model, resized.model, removed, shapes
 
 
 @pytest.mark.parametrize("name", RUNNABLE)

@@ -1,4 +1,5 @@
-"""Small seeded models, one per channel rule case, shared by the channel tests.
+"""Small seeded models, one per channel rule case, and the masked-vs-resized check, shared by
+the channel and op-rule tests.
 
 Each builder returns an ``onnx.ModelProto`` whose last op feeds the graph output (so that
 output's group is frozen) and whose middle has prunable groups.
@@ -6,11 +7,17 @@ output's group is frozen) and whose middle has prunable groups.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.channels.graph import build_channel_graph
+from onnxprune.channels.resize import mask_channels, resize_channels
+from onnxprune.channels.select import select_channels
+from onnxprune.model.io import load
 
 
 class G:
@@ -268,9 +275,20 @@ def feeds_for(model: onnx.ModelProto, seed: int = 0):
     return out
 
 
-@pytest.mark.parametrize("name", sorted(BUILDERS))
-def test_builders_are_valid(name):
-    model = BUILDERS[name]()
-    if name != "unknown_op":
-        onnx.checker.check_model(model, full_check=True)
-        run(model, feeds_for(model))
+def assert_close(got, want):
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        scale = max(1.0, float(np.abs(w).max()))
+        np.testing.assert_allclose(g, w, atol=1e-5 * scale, rtol=1e-4)
+
+
+def masked_and_resized(model, **kw):
+    masked = load(copy.deepcopy(model))
+    graph = build_channel_graph(masked)
+    removed = select_channels(masked, graph, **kw)
+    mask_channels(masked, removed, graph)
+    resized = load(copy.deepcopy(masked.model))
+    graph2 = build_channel_graph(resized)
+    assert [g.size for g in graph2.groups] == [g.size for g in graph.groups]
+    shapes = resize_channels(resized, graph2, removed)
+    return masked.model, resized.model, removed, shapes

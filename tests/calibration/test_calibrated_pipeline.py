@@ -14,7 +14,7 @@ import onnxprune
 from onnxprune.cli import main
 from onnxprune.errors import OptionError
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+MODELS = Path(__file__).resolve().parents[2] / "models"
 MODEL = MODELS / "digits_cnn.onnx"
 CALIB = MODELS / "digits_calib.npz"
 

@@ -164,7 +164,7 @@ def test_a_fixed_ramp_is_fragile_in_a_real_model():
     # yolo_block's DFL decoding conv has a fixed 0..15 ramp as its weight (models/README.md).
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "models" / "yolo_block.onnx"
+    path = Path(__file__).resolve().parents[2] / "models" / "yolo_block.onnx"
     if not path.exists():
         pytest.skip("models/yolo_block.onnx not present")
     handle = load(path)

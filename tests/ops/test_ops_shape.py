@@ -8,8 +8,7 @@ import pytest
 
 from onnxprune.channels.graph import build_channel_graph
 from onnxprune.model.io import load
-from test_channels_exact import assert_close, masked_and_resized
-from test_channels_models import IMG, G, feeds_for, run
+from channel_models import IMG, G, feeds_for, run, assert_close, masked_and_resized
 
 
 def _check(model, producer, size, units, shapes_want):
