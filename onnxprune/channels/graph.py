@@ -36,7 +36,7 @@ from onnxprune.model.io import ModelHandle
 from onnxprune.model.shapes import Shape, infer_shapes
 # Roles a stored tensor's axis plays in a group, defined beside the rules that assign them.
 from onnxprune.ops._channel import CONSUMER, PRODUCER, ZERO_ON_MASK
-from onnxprune.ops.registry import complete_types, field_of
+from onnxprune.ops.registry import complete_types, copies_values, field_of, shape_only
 from onnxprune.channels.rules import apply_rules
 
 
@@ -212,7 +212,7 @@ class Builder:
                 continue
             seen.add(n)
             node = self.index.producer(n)
-            if node is None or node.op_type in ("Shape", "Size"):
+            if node is None or shape_only(node):
                 return False
             stack.extend(node.input)
         return True
@@ -225,7 +225,7 @@ class Builder:
         src = name
         while src not in self.stored:
             node = self.index.producer(src)
-            if node is None or node.op_type not in ("Cast", "Identity"):
+            if node is None or not copies_values(node):
                 break
             src = node.input[0]
         if src in self.stored:

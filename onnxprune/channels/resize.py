@@ -24,7 +24,7 @@ from onnxprune.model.io import ModelHandle
 from onnxprune.channels.graph import ZERO_ON_MASK, ChannelGraph
 from onnxprune.model.shapes import infer_shapes
 from onnxprune.channels.rules import new_initializer
-from onnxprune.ops.registry import complete_types
+from onnxprune.ops.registry import complete_types, copies_values
 
 Removed = Dict[int, Sequence[int]]
 
@@ -101,7 +101,7 @@ class ResizeContext:
         if name in self.graph.stored:
             return self.handle.read(self.graph.stored[name])
         node = self.index.producer(name)
-        if node is not None and node.op_type in ("Cast", "Identity"):
+        if node is not None and copies_values(node):
             return self.graph_const(node.input[0])
         raise KeyError(name)
 

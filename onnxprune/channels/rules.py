@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from onnxprune.model.index import subgraph_reads
+from onnxprune.model.index import node_key, subgraph_reads
 from onnxprune.ops._channel import NodeCtx, set_attr
 from onnxprune.ops.registry import field_of
 
@@ -53,7 +53,7 @@ def apply_rules(builder: "Builder") -> None:
             for name in list(node.input) + list(node.output):
                 if name:
                     builder.freeze(name, None, f"no channel rule for {label} "
-                                               f"'{node.name or node.output[0]}'")
+                                               f"'{node_key(node)}'")
             continue
         ctx = NodeCtx(builder, node, opset)
         rule(ctx)

@@ -165,11 +165,10 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
 
     def _define_outputs(node: onnx.NodeProto, scope: Dict[str, Optional[_Source]],
                         path: str) -> None:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            tensor = constant_tensor(node)
-            if tensor is not None:
-                scope[node.output[0]] = _Source(tensor, "constant", path, node.output[0])
-                return
+        tensor = constant_tensor(node)
+        if tensor is not None:
+            scope[node.output[0]] = _Source(tensor, "constant", path, node.output[0])
+            return
         src = scope.get(node.input[0]) if node.input and node.input[0] else None
         if src is not None:
             # Cast/Identity/Q-DQ hand it on, Transpose/constant Reshape change its view.

@@ -24,7 +24,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import onnx
 
-from onnxprune.model.index import attr
+from onnxprune.model.index import attr, node_key
 
 # Roles a stored tensor's axis plays in a group. Masking a channel zeroes the slices whose role is
 # in ZERO_ON_MASK, so that the channel contributes nothing anywhere (see resize.mask_channels).
@@ -46,7 +46,7 @@ class NodeCtx:
         self.opset = opset
         self.mentioned: set = set()
         self.quiet: set = set()
-        self.label = f"{node.op_type} '{node.name or node.output[0]}'"
+        self.label = f"{node.op_type} '{node_key(node)}'"
 
     # -- reading -------------------------------------------------------------------------
     def inp(self, i: int) -> Optional[str]:

@@ -76,7 +76,7 @@ define(*_UNARY_NP, channels=_unary, const=_unary_const)
 define("Clip", channels=_unary, const=_clip_const)
 define(*_COPIES, channels=_unary, const=pass_through_const)
 # A weight reaches its consumer through them unchanged (fp16 exports: Cast).
-define("Cast", "Identity", weight_step=unchanged_step, axis_source=same_axis)
+define("Cast", "Identity", weight_step=unchanged_step, axis_source=same_axis, copies_values=True)
 define(*_UNARY_OPAQUE, channels=_unary)
 
 

@@ -29,6 +29,10 @@ field              what it answers                                              
                    stored tensor's axis comes from when the op only moves it
 ``output_like``    ``(node) -> (input index per output)``: outputs have those inputs'   shape
                    type and shape (for ops ONNX's shape inference leaves untyped)       inference
+``copies_values``  ``True``: output 0 holds input 0's values (dtype may change), so a     channels
+                   constant read through it is the stored tensor's
+``shape_only``     ``True``: the output depends on input 0's shape, never its values     channels
+                   (a value computed through it is not a stored constant)
 =================  ===================================================================  ==========
 
 Adding an op = one :func:`define` call in its family file + one test.
@@ -109,13 +113,15 @@ class OpEntry:
     output_like: Optional[Callable] = None
     weight_step: Optional[Callable] = None
     axis_source: Optional[Callable] = None
+    copies_values: Optional[bool] = None
+    shape_only: Optional[bool] = None
 
 
 _FIELDS = tuple(f.name for f in fields(OpEntry) if f.name != "op_type")
 _ENTRIES: Dict[str, OpEntry] = {}
 
 
-def define(*op_types: str, **fns: Callable) -> None:
+def define(*op_types: str, **fns: Any) -> None:
     """Set fields of the entries of ``op_types`` (default ONNX domain), creating them.
 
     A field set twice is a programming error (two files claiming one op's meaning).
@@ -190,6 +196,16 @@ def bias_slot(node: onnx.NodeProto, weight_index: int) -> Optional[BiasSlot]:
     """Where the bias of the rows of ``node``'s weight at ``weight_index`` sits, or None."""
     rule = field_of(node, "bias")
     return None if rule is None else rule(node, weight_index)
+
+
+def copies_values(node: onnx.NodeProto) -> bool:
+    """Whether ``node``'s output 0 holds its input 0's values (Cast, Identity)."""
+    return bool(field_of(node, "copies_values"))
+
+
+def shape_only(node: onnx.NodeProto) -> bool:
+    """Whether ``node``'s output depends only on its input's shape (Shape, Size)."""
+    return bool(field_of(node, "shape_only"))
 
 
 def exact_fold(node: onnx.NodeProto, weight_index: int) -> bool:

@@ -12,10 +12,10 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from onnxprune.model.index import attr
+from onnxprune.model.index import attr, node_key
 from onnxprune.ops._channel import (BIAS, NodeCtx, axes_arg, norm_axis, pass_through_const,
                                     set_attr, tie_broadcast)
-from onnxprune.ops.registry import define
+from onnxprune.ops.registry import copies_values, define
 
 
 def _constant(ctx: NodeCtx) -> None:
@@ -244,7 +244,7 @@ def _split(ctx: NodeCtx) -> None:
                     del node.attribute[i]
                     break
             name = rc.add_initializer(node.input[1] if len(node.input) > 1 and node.input[1]
-                                      else (node.name or node.output[0]) + "_split", new)
+                                      else node_key(node) + "_split", new)
             if len(node.input) > 1:
                 node.input[1] = name
             else:
@@ -350,7 +350,7 @@ def _shape_reads(b, vec: str, start: int, end: int, depth: int = 0) -> set:
     for node, idx in readers:
         if idx != 0:
             return everything
-        if node.op_type in ("Cast", "Identity"):
+        if copies_values(node):
             read |= _shape_reads(b, node.output[0], start, end, depth + 1)
         elif node.op_type == "Gather" and b.const_value(node.input[1]) is not None:
             read |= {start + norm_axis(int(i), n) for i in np.ravel(b.const_value(node.input[1]))}
@@ -492,7 +492,8 @@ define("Flatten", channels=_flatten, const=pass_through_const)
 define("Concat", channels=_concat, const=pass_through_const)
 define("Split", channels=_split, const=pass_through_const)
 define("Slice", channels=_slice, const=pass_through_const)
-define("Shape", channels=_shape)
+define("Shape", channels=_shape, shape_only=True)
+define("Size", shape_only=True)
 define("Gather", channels=_gather)
 define("DepthToSpace", channels=_blocks_rule(deep_is_input=True))
 define("SpaceToDepth", channels=_blocks_rule(deep_is_input=False))
