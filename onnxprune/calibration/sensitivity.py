@@ -39,7 +39,7 @@ from onnxprune.model.io import ModelHandle, load
 from onnxprune.masking.patterns import Pattern, parse_pattern
 from onnxprune.calibration.reconstruct import sparsegpt_prune
 from onnxprune.runtime.session import open_session, run_calibration
-from onnxprune.model.weights import Weight
+from onnxprune.ops.weights import Weight
 
 __all__ = ["SensitivityTable", "layer_sensitivity", "allocate", "looks_fixed"]
 

@@ -43,7 +43,7 @@ from onnxprune.inputs.dataset import CalibrationSet
 from onnxprune.masking.selection import LayerPlan
 from onnxprune.model import io as mio
 from onnxprune.model.index import names_read
-from onnxprune.model.weights import Weight, stored_bias
+from onnxprune.ops.weights import Weight, stored_bias
 from onnxprune.runtime.segments import SegmentRunner
 
 __all__ = ["fit_moments", "load_dense_reference", "mean_shift", "refit_toward_dense",

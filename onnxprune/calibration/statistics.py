@@ -52,7 +52,7 @@ from onnxprune.model.io import ModelHandle, load
 from onnxprune.model.shapes import infer_shapes
 from onnxprune.runtime.session import exposed_batches
 from onnxprune.ops.registry import ConvGeometry, activation_of, complete_types
-from onnxprune.model.weights import Weight
+from onnxprune.ops.weights import Weight
 
 __all__ = ["LayerStats", "StatsRecord", "LayerStatsMap", "collect_layer_stats", "activation_rows"]
 

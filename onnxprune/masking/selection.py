@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from onnxprune.errors import ConfigError, OptionError, PatternError, SelectionError
 from onnxprune.ops.layouts import prunable_op_types
 from onnxprune.masking.patterns import Pattern, parse_pattern
-from onnxprune.model.weights import Skipped, Weight
+from onnxprune.ops.weights import Skipped, Weight
 
 RULE_KEYS = {"op_names", "op_types", "pattern", "sparsity", "criterion", "min_sparsity",
              "max_sparsity", "skip"}

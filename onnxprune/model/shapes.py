@@ -1,6 +1,6 @@
 """The one weight-free shape inference: every tensor's shape and element type without weights.
 
-MAC counting (:mod:`onnxprune.ops.macs`), the channel graph and its resize
+MAC counting (:mod:`onnxprune.report.macs`), the channel graph and its resize
 (:mod:`onnxprune.channels`) and calibration's memory planning
 (:mod:`onnxprune.calibration.statistics`) all ask here. The steps, the same for every caller:
 

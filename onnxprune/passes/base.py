@@ -32,7 +32,7 @@ import onnx
 
 from onnxprune.model import io as mio
 from onnxprune.masking.selection import LayerPlan
-from onnxprune.model.weights import Skipped, Weight
+from onnxprune.ops.weights import Skipped, Weight
 
 if TYPE_CHECKING:  # typed state fields only; the passes that fill them import these for real
     from onnxprune.calibration.sensitivity import SensitivityTable

@@ -29,7 +29,7 @@ from onnxprune.calibration.sensitivity import SensitivityTable, allocate, layer_
 from onnxprune.errors import OptionError
 from onnxprune.masking.criteria import get_criterion
 from onnxprune.passes.base import Pass, PassRecord, PruneState
-from onnxprune.model.weights import find_weights, stored_bias
+from onnxprune.ops.weights import find_weights, stored_bias
 
 CalibrationSource = Union[str, "os.PathLike", Mapping[str, np.ndarray], CalibrationSet, None]
 

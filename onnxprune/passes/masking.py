@@ -18,7 +18,7 @@ from onnxprune.errors import OptionError, SelectionError
 from onnxprune.masking.criteria import ScoreContext, get_criterion
 from onnxprune.masking.scope import UnitLayer, allocate_global, global_cut, select_units
 from onnxprune.masking.selection import LayerPlan
-from onnxprune.model.weights import Skipped
+from onnxprune.ops.weights import Skipped
 from onnxprune.passes.base import Pass, PassRecord, PruneState, layer_result, set_layer
 
 

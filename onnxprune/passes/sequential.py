@@ -23,7 +23,7 @@ from onnxprune.errors import OptionError, SelectionError
 from onnxprune.masking.criteria import ScoreContext, get_criterion
 from onnxprune.masking.selection import LayerPlan
 from onnxprune.model import io as mio
-from onnxprune.model.weights import Skipped, stored_bias
+from onnxprune.ops.weights import Skipped, stored_bias
 from onnxprune.passes.base import Pass, PassRecord, PruneState, layer_result, set_layer
 from onnxprune.passes.masking import local_keep_mask, not_a_weight
 

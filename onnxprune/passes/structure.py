@@ -17,7 +17,7 @@ from onnxprune.channels.graph import build_channel_graph
 from onnxprune.channels.resize import mask_channels, resize_channels
 from onnxprune.channels.select import select_channels
 from onnxprune.errors import OptionError
-from onnxprune.model.weights import Skipped
+from onnxprune.ops.weights import Skipped
 from onnxprune.passes.base import LayerResult, Pass, PassRecord, PruneState, set_layer
 
 #: Our criterion names -> the norm the channel scorer sums over coupled tensors.

@@ -8,7 +8,7 @@ from typing import List, Optional, Union
 from onnxprune.errors import SelectionError
 from onnxprune.masking.criteria import get_criterion
 from onnxprune.masking.selection import select
-from onnxprune.model.weights import find_weights
+from onnxprune.ops.weights import find_weights
 from onnxprune.passes.base import Pass, PassRecord
 
 

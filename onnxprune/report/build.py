@@ -15,8 +15,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from onnxprune.model.weights import Weight
-from onnxprune.ops.macs import MacCount, count_macs, node_label
+from onnxprune.ops.weights import Weight
+from onnxprune.report.macs import MacCount, count_macs, node_label
 from onnxprune.passes.base import LayerResult, PassRecord, PruneState
 from onnxprune.passes.calibrated import SensitivityRecord
 from onnxprune.passes.structure import ChannelRecord

@@ -17,11 +17,11 @@ import numpy as np
 
 from onnxprune.errors import OnnxPruneError
 from onnxprune.model.io import ModelLike, load
-from onnxprune.ops.macs import count_macs
+from onnxprune.report.macs import count_macs
 from onnxprune.report.build import layer_macs, note_density
 from onnxprune.report.report import LayerRow, Report
 from onnxprune.inputs.signature import input_signature
-from onnxprune.model.weights import find_weights
+from onnxprune.ops.weights import find_weights
 
 
 def inspect_model(model: ModelLike,

@@ -13,7 +13,7 @@ from onnxprune.calibration.statistics import activation_rows, collect_layer_stat
 from onnxprune.inputs.dataset import CalibrationSet, generated_calibration
 from onnxprune.errors import OptionError
 from onnxprune.model.io import load
-from onnxprune.model.weights import find_weights
+from onnxprune.ops.weights import find_weights
 
 from builders import if_subgraph_model
 

@@ -172,7 +172,7 @@ def test_sequential_sparsegpt_keeps_a_trained_model_accurate():
     from onnxprune.calibration.statistics import collect_layer_stats
     from onnxprune.inputs.dataset import load_calibration
     from onnxprune.model.io import load
-    from onnxprune.model.weights import find_weights
+    from onnxprune.ops.weights import find_weights
 
     models = Path(__file__).resolve().parents[2] / "models"
     if not (models / "digits_cnn.onnx").exists():

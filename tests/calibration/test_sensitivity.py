@@ -14,7 +14,7 @@ from onnxprune.errors import OptionError
 from onnxprune.model.io import load
 from onnxprune.masking.patterns import parse_pattern
 from onnxprune.calibration.sensitivity import SensitivityTable, allocate, layer_sensitivity, looks_fixed
-from onnxprune.model.weights import find_weights
+from onnxprune.ops.weights import find_weights
 
 from builders import if_subgraph_model
 

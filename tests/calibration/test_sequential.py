@@ -20,7 +20,7 @@ from onnxprune.calibration.reconstruct import (asymmetric_bias, asymmetric_targe
                                    sparsegpt_prune)
 from onnxprune.masking.selection import select
 from onnxprune.calibration.sequential import sequential_waves
-from onnxprune.model.weights import find_weights
+from onnxprune.ops.weights import find_weights
 
 import builders as B
 

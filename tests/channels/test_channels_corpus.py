@@ -18,7 +18,7 @@ from onnxprune.channels.graph import build_channel_graph
 from onnxprune.channels.resize import mask_channels, resize_channels
 from onnxprune.channels.select import select_channels
 from onnxprune.model.io import iter_tensors, load
-from onnxprune.ops.macs import count_macs
+from onnxprune.report.macs import count_macs
 
 # name -> (input shapes for dynamic dims, max freeze rate we accept: a regression guard)
 FIXTURES = {

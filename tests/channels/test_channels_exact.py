@@ -63,7 +63,7 @@ def test_global_scope_and_api(name):
 
 def zero_random_rows(model, fraction=0.4, seed=0):
     """Zero random output rows of every Conv/Gemm/MatMul weight (as unstructured pruning can)."""
-    from onnxprune.model.weights import find_weights
+    from onnxprune.ops.weights import find_weights
     handle = load(copy.deepcopy(model))
     rng = np.random.default_rng(seed)
     weights, _ = find_weights(handle)

@@ -10,7 +10,7 @@ from onnx import numpy_helper
 import builders as B
 from onnxprune.model import io as mio
 from onnxprune.errors import ModelLoadError, OutputError
-from onnxprune.model.weights import find_weights
+from onnxprune.ops.weights import find_weights
 
 
 def _save_external(model, path):

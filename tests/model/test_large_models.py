@@ -21,7 +21,7 @@ from onnx.external_data_helper import ExternalDataInfo
 
 import builders as B
 from onnxprune.model import io as mio
-from onnxprune.ops.macs import count_macs
+from onnxprune.report.macs import count_macs
 from onnxprune.passes.base import DEFAULT_MEMORY_BUDGET, PruneState
 from onnxprune.passes.masking import ApplyMasks, ScoreWeights
 from onnxprune.passes.weights import FindWeights, SelectWeights

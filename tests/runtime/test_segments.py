@@ -19,7 +19,7 @@ from onnxprune.model.io import load
 from onnxprune.runtime.segments import SegmentRunner
 from onnxprune.masking.selection import select
 from onnxprune.calibration.sequential import sequential_waves
-from onnxprune.model.weights import find_weights
+from onnxprune.ops.weights import find_weights
 
 import builders as B
 

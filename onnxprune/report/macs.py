@@ -31,7 +31,7 @@ from onnxprune.model.index import node_label
 from onnxprune.model.io import ModelHandle, ModelLike, iter_graphs, load
 from onnxprune.model.shapes import infer_shapes
 from onnxprune.inputs.signature import input_signature, resolve_input_shapes
-from onnxprune.model.weights import find_weights
+from onnxprune.ops.weights import find_weights
 from onnxprune.ops.registry import complete_types, entry_of, field_of, op_types_with
 
 _CONTROL_FLOW = {"If", "Loop", "Scan"}
@@ -144,7 +144,7 @@ def weight_densities(handle: ModelHandle, weights=None) -> Dict[str, float]:
     """Density (nonzeros / numel) of each prunable weight, keyed by the label of every
     main-graph node that reads it — the ``densities`` argument of :func:`count_macs`.
 
-    ``weights`` defaults to :func:`onnxprune.model.weights.find_weights`; each weight is read once.
+    ``weights`` defaults to :func:`onnxprune.ops.weights.find_weights`; each weight is read once.
     A node reading two weights gets the lower density.
     """
     if weights is None:

@@ -8,7 +8,7 @@ from onnx import helper
 import builders as B
 from onnxprune.model.io import load
 from onnxprune.ops.layouts import layout_for
-from onnxprune.model.weights import find_weights
+from onnxprune.ops.weights import find_weights
 
 
 def _weights(model):

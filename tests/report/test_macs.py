@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.model import io
 from onnxprune.errors import OptionError
-from onnxprune.ops.macs import count_macs, counted_op_types, node_label, weight_densities
+from onnxprune.report.macs import count_macs, counted_op_types, node_label, weight_densities
 
 OPSET = [helper.make_opsetid("", 17)]
 
