@@ -11,6 +11,7 @@ declarations and the text parsers; it never imports click.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
@@ -99,9 +100,12 @@ class FlagGroup:
     commands: Tuple[str, ...] = ("prune",)
 
 
-def option(default: Any, help: Text, **flag: Any) -> Any:
-    """A field exposed on the command line as one :class:`Flag`."""
-    return _field(default, {"cli": Flag(help=help, **flag)})
+def option(default: Any, help: Text, bounds: Optional[Tuple[float, float]] = None,
+           **flag: Any) -> Any:
+    """A field exposed on the command line as one :class:`Flag`. ``bounds=(lo, hi)``: a number
+    field's closed range (checked by :meth:`PruneOptions.__post_init__`; NaN and infinity never
+    pass)."""
+    return _field(default, {"cli": Flag(help=help, **flag), "bounds": bounds})
 
 
 def option_group(default: Any, group: FlagGroup) -> Any:
@@ -117,6 +121,27 @@ def api_only(default: Any, why: str) -> Any:
 
 def _field(default: Any, metadata: dict) -> Any:
     return field(default=default, metadata=metadata)
+
+
+def _check_bounds(f: Field, value: Any) -> None:
+    """Raise when a number field's value is not a finite number within its ``bounds``."""
+    bounds = f.metadata.get("bounds")
+    if bounds is None or value is None:
+        return
+    spec = f.metadata.get("cli")
+    flag = getattr(spec, "name", None) or "--" + f.name.replace("_", "-")
+    flag = flag.split("/")[0]
+    want_int = f.type in ("int", int) or isinstance(bounds[0], int) and isinstance(bounds[1], int)
+    kind = "a whole number" if want_int else "a number"
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if ok and want_int:
+        ok = float(value).is_integer() if isinstance(value, (float, np.floating)) else True
+    if ok:
+        ok = math.isfinite(float(value)) and bounds[0] <= value <= bounds[1]
+    if not ok:
+        hi = "" if math.isinf(bounds[1]) else f" and at most {bounds[1]}"
+        kind = kind if want_int else "a finite number"
+        raise OptionError(f"{flag} must be {kind} at least {bounds[0]}{hi}, got {value!r}")
 
 
 def cli_spec(f: Field) -> Union[Flag, FlagGroup, None]:
@@ -265,8 +290,10 @@ class PruneOptions:
     include: Optional[str] = option(None, "Regex: prune only weights/nodes whose name matches.")
     exclude: Optional[str] = option(None, "Regex: skip weights/nodes whose name matches.")
     config: Any = option(None, "JSON/YAML per-op rules (see README).", type=Path)
-    min_sparsity: float = option(0.0, "Global scope: lower bound per weight.", type=float)
-    max_sparsity: float = option(0.98, "Global scope: upper bound per weight.", type=float)
+    min_sparsity: float = option(0.0, "Global scope: lower bound per weight.", type=float,
+                                 bounds=(0.0, 1.0))
+    max_sparsity: float = option(0.98, "Global scope: upper bound per weight.", type=float,
+                                 bounds=(0.0, 1.0))
     scores: Optional[Dict[str, np.ndarray]] = option(
         None, ".npz of importance scores keyed by weight name (criterion 'scores').",
         parse=npz_arrays, metavar="FILE.npz")
@@ -281,16 +308,17 @@ class PruneOptions:
               "blocks and N:M, whose layout it would shift]. --no-resize keeps every shape "
               "(channel pattern: masks only).", name="--resize/--no-resize", type=bool)
     round_to: int = option(1, "Channel pattern: keep channel counts at multiples of this (8 or "
-                              "16 pays off on CPUs).", type=int)
+                              "16 pays off on CPUs).", type=int, bounds=(1, 1 << 20))
     min_channels: int = option(1, "Channel pattern: channels kept at least, per group.",
-                               type=int)
+                               type=int, bounds=(1, 1 << 30))
     max_group_sparsity: float = option(
         0.9, "Channel pattern, global scope: fraction of a group's channels removed at most.",
-        type=float)
+        type=float, bounds=(0.0, 1.0))
     calibration: Any = option(
         None, "Calibration inputs: .npz (one array per input, axis 0 = samples), a folder of "
               ".npy/.npz, or a folder of images (see --image-*).")
-    calibration_samples: int = option(128, "Calibration samples used at most.", type=int)
+    calibration_samples: int = option(128, "Calibration samples used at most.", type=int,
+                                      bounds=(1, 1 << 40))
     image_preprocess: Optional[ImagePreprocess] = option_group(None, IMAGE_FLAGS)
     refit: bool = option(False, "Channel pattern: refit consumers of removed channels by least "
                                 "squares on the calibration data.", switch=True)
@@ -310,17 +338,20 @@ class PruneOptions:
         name="--input-shape", parse=_input_shapes, multiple=True, commands=COMMANDS)
     max_error: Optional[float] = option(
         None, "Fail (exit 1, nothing written) if the relative max error of any output exceeds "
-              "this.", type=float)
+              "this.", type=float, bounds=(0.0, float("inf")))
     search: bool = option(False, "With --max-error: find the highest sparsity (up to "
                                  "--sparsity, default 0.95) whose outputs stay within it.",
                           switch=True)
-    seed: int = option(0, "Seed of the random criterion and of generated inputs.", type=int)
+    seed: int = option(0, "Seed of the random criterion and of generated inputs.", type=int,
+                       bounds=(0, 2**63 - 1))
     memory_budget: int = option(
         DEFAULT_MEMORY_BUDGET, "MiB of scores held across weights; past it, scoring streams "
                                "(models of any size in bounded memory).",
-        type=int, parse=_mib, show=lambda b: b >> 20)
+        type=int, parse=_mib, show=lambda b: b >> 20, bounds=(1, 1 << 62))
 
     def __post_init__(self):
+        for f in fields(self):
+            _check_bounds(f, getattr(self, f.name))
         if self.search and self.max_error is None:
             raise OptionError("--search looks for the highest sparsity within --max-error; "
                               "give --max-error")

@@ -4,6 +4,7 @@ default or marked API-only, choices are the registries' names, and every flag ha
 from dataclasses import fields
 
 import click
+import onnx
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -175,3 +176,41 @@ def test_readme_cli_synopsis_lists_every_flag():
         for param in command(name).params:
             if isinstance(param, click.Option):
                 assert param.opts[-1] in synopsis, f"README's CLI synopsis lacks {param.opts}"
+
+
+BOUNDED = [f for f in fields(PruneOptions) if f.metadata.get("bounds")]
+
+
+def test_bounded_fields_accept_their_defaults_and_bounds():
+    assert {f.name for f in BOUNDED} >= {"seed", "max_error", "min_sparsity", "max_sparsity",
+                                          "calibration_samples", "round_to", "min_channels",
+                                          "max_group_sparsity", "memory_budget"}
+    for f in BOUNDED:
+        lo, hi = f.metadata["bounds"]
+        for value in (lo, hi) if hi != float("inf") else (lo, 1e9):
+            PruneOptions(**{f.name: value})
+
+
+@pytest.mark.parametrize("name,value", [(f.name, v) for f in BOUNDED
+                                        for v in (float("nan"), float("inf"), -1, True)])
+def test_bounded_fields_refuse_non_finite_negative_and_bool(name, value):
+    lo, hi = next(f for f in BOUNDED if f.name == name).metadata["bounds"]
+    if value == float("inf") and hi == float("inf"):
+        value = float("-inf")
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(OptionError, match=flag):
+        PruneOptions(**{name: value})
+
+
+@pytest.mark.parametrize("args", [["--seed", "-1"], ["--max-error", "nan"],
+                                  ["--max-sparsity", "inf"], ["--calibration-samples", "0"]])
+def test_odd_numbers_on_the_cli_are_one_error_line_and_exit_2(tmp_path, args):
+    import builders as B
+
+    src = tmp_path / "m.onnx"
+    onnx.save(B.conv_gemm_model(), str(src))
+    out = tmp_path / "out.onnx"
+    res = CliRunner().invoke(cli.main, [str(src), "-o", str(out), "-q", *args])
+    assert res.exit_code == 2, res.output
+    assert args[0] in res.output and "Traceback" not in res.output
+    assert not out.exists()

@@ -130,6 +130,23 @@ def check_arrays(where: str, specs: Sequence[InputSpec], headers: Mapping[str, H
     return next(iter(counts.values())), adds_axis
 
 
+def check_finite(where: str, name: str, arr: np.ndarray) -> None:
+    """Raise naming the first sample (axis 0) of ``arr`` that holds NaN or infinity."""
+    if arr.dtype.kind not in "fc" or not arr.size:
+        return
+    finite = np.isfinite(arr)
+    if finite.all():
+        return
+    bad = np.argwhere(~finite)[0]
+    value = arr[tuple(bad)]
+    sample = f"sample {int(bad[0])} (index {tuple(int(i) for i in bad)})" if arr.ndim else "its value"
+    count = int(arr.size - np.count_nonzero(finite))
+    raise InputDataError(f"input '{name}' in '{where}' holds {value} at {sample}"
+                         f"{f' and {count - 1} more non-finite values' if count > 1 else ''}; "
+                         "onnxprune calibrates and validates only on finite data: fix or drop "
+                         "those samples")
+
+
 def check_dtype(where: str, spec: InputSpec, dtype: np.dtype) -> None:
     """Raise unless an array of ``dtype`` can serve ``spec`` (same type, float to float, or
     integer to integer; whether integer values fit is checked by :func:`coerce`)."""
@@ -147,9 +164,12 @@ def check_dtype(where: str, spec: InputSpec, dtype: np.dtype) -> None:
 
 def coerce(where: str, spec: InputSpec, arr: np.ndarray, add_axis: bool = False) -> np.ndarray:
     """``arr`` in the input's dtype (with a sample axis added when ``add_axis``); integers that
-    do not fit the input's integer type are an error, never wrapped around."""
+    do not fit the input's integer type are an error, never wrapped around, and so are NaN or
+    infinite floats (one NaN pixel would turn every statistic, and so every corrected bias, into
+    NaN, or make every comparison meaningless)."""
     if add_axis:
         arr = arr[None]
+    check_finite(where, spec.name, arr)
     target = spec.dtype
     if arr.dtype == target:
         return arr

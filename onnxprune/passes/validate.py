@@ -71,7 +71,15 @@ class Validate(Pass):
         summary = (f"valid; max abs error {comparison.max_abs:.3g}, worst cosine "
                    f"{comparison.worst_cosine:.6f}")
         gate = None
-        if self.max_error is not None and not comparison.passed(self.max_error):
+        broken = [o for o in comparison.outputs if o.reason is not None]
+        if broken:
+            # Outputs that cannot match at all (inf/nan where the original is finite, a missing
+            # output or a changed shape): never written, with or without --max-error.
+            gate = ("pruned model's outputs are broken: " + "; ".join(
+                f"output '{o.name}': {o.reason}" for o in broken) +
+                "; lower --sparsity, exclude the layers that break (--exclude), or use "
+                "calibration data")
+        elif self.max_error is not None and not comparison.passed(self.max_error):
             # The caller decides what a failed gate means (prune() writes nothing and raises
             # ValidationFailed after the report is built, so the user sees why).
             gate = (f"pruned model's outputs drift past --max-error {self.max_error}: {summary}; "

@@ -545,3 +545,29 @@ def test_other_npz_files_refuse_pickles(tmp_path):
     assert not _Boom.ran
     np.savez(path, w=np.ones(3))
     assert list(read_npz(path, "--scores")) == ["w"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_refused_alike_for_calibration_and_validation(tmp_path, bad):
+    # One NaN pixel used to turn every statistic (and every corrected bias) into NaN.
+    model = _one_input_model()
+    x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    x[4, 2] = bad
+    path = _npz(tmp_path, x=x)
+    messages = []
+    for load in (lambda: load_calibration(path, model).batches(2).__next__(),
+                 lambda: load_inputs(path, model),
+                 lambda: load_inputs({"x": x}, model)):
+        with pytest.raises(InputDataError) as err:
+            load()
+        messages.append(str(err.value))
+    for m in messages:
+        assert "input 'x'" in m and "sample 4 (index (4, 2))" in m and str(bad) in m
+    assert messages[0] == messages[1]  # one check, one message, whichever use reads the file
+
+
+def test_finite_data_passes_the_finite_check(tmp_path):
+    model = _one_input_model()
+    x = np.arange(24, dtype=np.float32).reshape(6, 4)
+    got = load_inputs(_npz(tmp_path, x=x), model)
+    np.testing.assert_array_equal(got["x"], x)

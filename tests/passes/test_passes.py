@@ -224,3 +224,29 @@ def test_per_layer_macs_agree_between_inspect_and_prune():
     assert {r.name: r.macs_after for r in channels.rows} == {"conv.w": 12 * 100 * 8 * 9,
                                                              "fc.w": 120}
     assert channels.to_dict()["rows"][0]["macs_after"] == 12 * 100 * 8 * 9
+
+
+def test_outputs_broken_by_pruning_are_never_written(tmp_path):
+    # x [1, 4] (positive) @ W [4, 3] (positive) -> Log: finite. A keep-mask that empties
+    # column 0 makes that output log(0) = -inf; the model must not be written, even without
+    # --max-error.
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).uniform(0.1, 1.0, (4, 3)).astype(np.float32)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Log", ["m"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(w, "W")]), opset_imports=[helper.make_opsetid("", 17)])
+    keep = np.ones_like(w, bool)
+    keep[:, 0] = False
+    out = tmp_path / "out.onnx"
+    feeds = {"x": np.ones((1, 4), np.float32)}
+    with pytest.raises(ValidationFailed, match="output 'y'.*inf/nan"):
+        onnxprune.prune(model, masks={"W": keep}, inputs=feeds, output=out)
+    assert not out.exists()
+    # The same mask on a column the output never turns non-finite for passes.
+    keep = np.ones_like(w, bool)
+    keep[0, :] = False
+    result = onnxprune.prune(model, masks={"W": keep}, inputs=feeds, output=out)
+    assert out.exists() and result.report is not None
