@@ -7,30 +7,14 @@ position, columns in exactly the order of :meth:`Layout.to_2d`'s ``in``), reduce
 streaming to ``in_sq_norms = sum_rows x_j**2`` (Wanda's ``||X_j||^2``), ``hessian = X^T X``
 (SparseGPT, least-squares refits) and ``in_sums`` (means, bias correction), all in float64.
 
-How ``X`` is formed, per op (the node's *activation* operand is the one that is not the weight):
-
-* **Conv** ``[Cout, Cin/g, k...]``: im2col of the input honoring ``pads``/``auto_pad``
-  (SAME_UPPER, SAME_LOWER, VALID), ``strides``, ``dilations`` and ``group``; columns ordered
-  ``(k..., Cin/g)`` with the input channel innermost. With ``group > 1`` the rows of group ``i``
-  only ever see group ``i``'s channels, so one ``[in, in]`` matrix cannot be exact for every
-  row: ``group_hessians[i]`` (``[g, in, in]``) keeps each group's own ``X_i^T X_i`` (what
-  :func:`onnxprune.calibration.reconstruct.sparsegpt_prune` wants, see :meth:`LayerStats.sparsegpt_hessian`)
-  and ``hessian`` is their sum, i.e. ``X^T X`` of all groups' rows stacked.
-* **ConvTranspose** ``[Cin, Cout/g, k...]`` (view: ``out = Cout/g``, ``in = (k..., Cin)``): the
-  gather form of the transposed convolution (each output position reads the input positions its
-  kernel taps land on; stride, dilation, pads, ``output_padding``, ``output_shape``/``auto_pad``
-  honored). Row ``co`` of the view serves output channel ``co`` of every group, each time seeing
-  only that group's input channels, so the exact ``H`` is ``X^T X`` with the cross-group blocks
-  zeroed. Exact, not just norms.
-* **Gemm**: the other operand, transposed per ``transA``/``transB`` so rows are samples.
-* **MatMul** ``x @ W``: every leading dim of ``x`` flattened into rows; ``W @ x``: the rows are
-  the columns of ``x``. A weight with batch dims (``[B, K, N]``) gets one ``H`` summed over the
-  batch (exact when the activation broadcasts over ``B``, an average otherwise).
+How ``X`` is formed from one activation batch, per op (im2col for Conv/ConvTranspose, the
+other operand for Gemm/MatMul), is :mod:`onnxprune.calibration.extract`'s; this module runs the
+model, streams those row blocks into float64 accumulators and returns the statistics.
 
 Activations are read by adding them as graph outputs of a copy of the model, run in
 onnxruntime batch by batch (:func:`onnxprune.runtime.session.exposed_batches`). Layers are
-processed in *chunks* so that the activations exposed at once stay under ``budget_bytes`` per batch (shapes from shape inference at the actual input
-shapes); weights reading the same activation the same way (Q/K/V projections) share one
+processed in *chunks* so that the activations exposed at once stay under ``budget_bytes`` per
+batch (shapes from shape inference at the actual input shapes); weights reading the same activation the same way (Q/K/V projections) share one
 accumulator. The :class:`StatsRecord` says how many chunks and model runs it took and the peak
 bytes held (exposed activations + im2col block + accumulators).
 
@@ -41,20 +25,20 @@ are listed in :attr:`StatsRecord.skipped` with a reason.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
-from onnxprune.errors import InputDataError, OptionError
+from onnxprune.errors import OptionError
 from onnxprune.inputs.dataset import CalibrationSet
 from onnxprune.model.io import ModelHandle, load
 from onnxprune.model.shapes import infer_shapes
 from onnxprune.runtime.session import exposed_batches
-from onnxprune.ops.registry import ConvGeometry, activation_of, complete_types
+from onnxprune.ops.registry import complete_types
 from onnxprune.ops.weights import Weight
+from onnxprune.calibration.extract import Extractor, extractor_for
 
-__all__ = ["LayerStats", "StatsRecord", "LayerStatsMap", "collect_layer_stats", "activation_rows"]
+__all__ = ["LayerStats", "StatsRecord", "LayerStatsMap", "collect_layer_stats"]
 
 #: Activation bytes per batch exposed at once before a new chunk of layers starts.
 DEFAULT_BUDGET_BYTES = 1 << 30
@@ -126,260 +110,10 @@ class LayerStatsMap(dict):
     record: StatsRecord
 
 
-class _Extractor:
-    """Turns one node's activation batch into row blocks of ``X`` (``[G, rows, in]``)."""
-
-    groups = 1  # G: row groups with separate Hessians (grouped Conv)
-    col_groups = 1  # ConvTranspose: channel groups whose cross blocks of H are zero
-    col_group_of: Optional[np.ndarray] = None
-
-    def __init__(self, activation: str, in_dim: int) -> None:
-        self.activation = activation
-        self.in_dim = in_dim
-
-    @property
-    def signature(self) -> tuple:
-        return (type(self).__name__, self.activation, self.in_dim)
-
-    def blocks(self, x: np.ndarray, block_bytes: int, dtype=np.float64) -> Iterator[np.ndarray]:
-        raise NotImplementedError
-
-    def moments(self, x: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray, int]]:
-        """``(sums [G, in], squared sums [G, in], rows per group)`` of ``X`` for this batch
-        without forming ``X``, or None where there is no shortcut (then blocks are summed)."""
-        return None
-
-
-class _MatrixExtractor(_Extractor):
-    """Gemm/MatMul: the activation is (a transpose of) X itself."""
-
-    def __init__(self, activation: str, in_dim: int, rows_last: bool) -> None:
-        super().__init__(activation, in_dim)
-        self.rows_last = rows_last  # True: X is the activation's last-two-axes transpose
-
-    @property
-    def signature(self) -> tuple:
-        return super().signature + (self.rows_last,)
-
-    def blocks(self, x: np.ndarray, block_bytes: int, dtype=np.float64) -> Iterator[np.ndarray]:
-        if x.ndim == 1:
-            x = x[None, :]  # a vector operand is one row, on either side
-        elif self.rows_last:
-            x = np.swapaxes(x, -1, -2)
-        if x.shape[-1] != self.in_dim:
-            raise InputDataError(f"activation '{self.activation}' has shape {x.shape}; the "
-                                 f"weight reads {self.in_dim} input columns")
-        x2 = x.reshape(-1, self.in_dim) if x.flags.c_contiguous else None
-        if x2 is None:
-            x2 = np.ascontiguousarray(x).reshape(-1, self.in_dim)
-        step = max(1, block_bytes // (np.dtype(dtype).itemsize * self.in_dim))
-        for r0 in range(0, x2.shape[0], step):
-            yield x2[r0:r0 + step].astype(dtype)[None]
-
-
-class _ConvExtractor(_Extractor):
-    """Conv (and, with ``transpose``, ConvTranspose): im2col in layout column order."""
-
-    def __init__(self, activation: str, geometry: ConvGeometry, wshape: Tuple[int, ...]) -> None:
-        transpose = geometry.transpose
-        self.transpose = transpose
-        self.kernel = geometry.kernel
-        nd = len(self.kernel)
-        self.nd = nd
-        self.group = geometry.group
-        self.strides = geometry.strides
-        self.dilations = geometry.dilations
-        self.pads = geometry.pads
-        self.auto_pad = geometry.auto_pad
-        self.output_padding = geometry.output_padding
-        self.output_shape = geometry.output_shape
-        k = int(np.prod(self.kernel))
-        if transpose:
-            self.cin = int(wshape[0])  # all input channels, every group
-            self.cg = self.cin
-            in_dim = k * self.cin
-            self.col_groups = self.group
-            self.col_group_of = np.tile(np.arange(self.cin) // (self.cin // self.group), k)
-        else:
-            self.cg = int(wshape[1])
-            self.cin = self.cg * self.group
-            in_dim = k * self.cg
-            self.groups = self.group
-        super().__init__(activation, in_dim)
-
-    @property
-    def signature(self) -> tuple:
-        return super().signature + (self.transpose, self.kernel, self.group, self.strides,
-                                    self.dilations, self.pads, self.auto_pad,
-                                    self.output_padding, self.output_shape)
-
-    # -- geometry: per spatial axis (pad_begin, pad_end, out) ---------------------------------
-    def _conv_geometry(self, spatial: Sequence[int]) -> List[Tuple[int, int, int]]:
-        geo = []
-        for i, size in enumerate(spatial):
-            k, s, d = self.kernel[i], self.strides[i], self.dilations[i]
-            span = (k - 1) * d + 1
-            if self.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-                out = -(-size // s)
-                total = max(0, (out - 1) * s + span - size)
-                begin = total // 2 if self.auto_pad == "SAME_UPPER" else total - total // 2
-                end = total - begin
-            elif self.auto_pad == "VALID":
-                begin = end = 0
-                out = (size - span) // s + 1
-            else:
-                begin, end = self.pads[i], self.pads[i + self.nd]
-                out = (size + begin + end - span) // s + 1
-            geo.append((begin, end, out))
-        return geo
-
-    def _transpose_geometry(self, spatial: Sequence[int]) -> List[Tuple[int, int, int]]:
-        geo = []
-        out_shape = self.output_shape[-self.nd:] if self.output_shape else None
-        for i, size in enumerate(spatial):
-            k, s, d = self.kernel[i], self.strides[i], self.dilations[i]
-            op = self.output_padding[i]
-            full = s * (size - 1) + op + (k - 1) * d + 1
-            if out_shape is not None or self.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-                out = int(out_shape[i]) if out_shape is not None else size * s
-                total = full - out
-                # ONNX: SAME_UPPER puts the odd pad at the end, anything else at the start.
-                if self.auto_pad == "SAME_UPPER":
-                    begin = total // 2
-                else:
-                    begin = total - total // 2
-                end = total - begin
-            elif self.auto_pad == "VALID":
-                begin = end = 0
-                out = full
-            else:
-                begin, end = self.pads[i], self.pads[i + self.nd]
-                out = full - begin - end
-            geo.append((begin, end, out))
-        return geo
-
-    def blocks(self, x: np.ndarray, block_bytes: int, dtype=np.float64) -> Iterator[np.ndarray]:
-        if x.ndim != self.nd + 2 or x.shape[1] != self.cin:
-            raise InputDataError(f"activation '{self.activation}' has shape {x.shape}; the "
-                                 f"weight expects [N, {self.cin}, {self.nd} spatial dims]")
-        if self.transpose:
-            yield from self._transpose_blocks(x, block_bytes, dtype)
-        else:
-            yield from self._conv_blocks(x, block_bytes, dtype)
-
-    def moments(self, x: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray, int]]:
-        # Column (kernel offset k, channel j of group g) of im2col sums one strided slice of the
-        # padded input: no im2col copy, one slice per kernel offset.
-        if self.transpose:
-            return None
-        if x.ndim != self.nd + 2 or x.shape[1] != self.cin:
-            return None  # blocks() raises the proper error
-        geo = self._conv_geometry(x.shape[2:])
-        out = [o for _, _, o in geo]
-        sums = np.zeros((self.cin, int(np.prod(self.kernel))))
-        sq = np.zeros_like(sums)
-        rows = x.shape[0] * int(np.prod(out)) if min(out) >= 1 else 0
-        if rows:
-            # Summing over samples first commutes with the slicing: per offset the work is
-            # C x positions, not N x C x positions.
-            xp = np.pad(x.astype(np.float64), [(0, 0), (0, 0)] + [(b, e) for b, e, _ in geo])
-            total, total_sq = xp.sum(axis=0), np.square(xp).sum(axis=0)  # [C, *padded]
-            spatial = tuple(range(1, 1 + self.nd))
-            for k, offset in enumerate(np.ndindex(*self.kernel)):
-                index = (slice(None),) + tuple(
-                    slice(o * d, o * d + s * (n - 1) + 1, s) for o, d, s, n in
-                    zip(offset, self.dilations, self.strides, out))
-                sums[:, k] = total[index].sum(axis=spatial)
-                sq[:, k] = total_sq[index].sum(axis=spatial)
-        # [C, K] -> [G, (K, cg)] with the channel innermost, as to_2d orders the columns
-        def cols(a):
-            return a.reshape(self.group, self.cg, -1).transpose(0, 2, 1).reshape(self.group, -1)
-        return cols(sums), cols(sq), rows
-
-    def _windows(self, xp: np.ndarray, out: Sequence[int], strides: Sequence[int]
-                 ) -> np.ndarray:
-        """[N, C, *out, *kernel] view of padded ``xp``."""
-        st = xp.strides
-        shape = xp.shape[:2] + tuple(out) + self.kernel
-        strides_ = (st[0], st[1]) + tuple(st[2 + i] * strides[i] for i in range(self.nd)) + \
-            tuple(st[2 + i] * self.dilations[i] for i in range(self.nd))
-        return as_strided(xp, shape, strides_, writeable=False)
-
-    def _conv_blocks(self, x: np.ndarray, block_bytes: int, dtype) -> Iterator[np.ndarray]:
-        geo = self._conv_geometry(x.shape[2:])
-        out = [o for _, _, o in geo]
-        if min(out) < 1:
-            return
-        xp = np.pad(x, [(0, 0), (0, 0)] + [(b, e) for b, e, _ in geo])
-        v = self._windows(xp, out, self.strides)  # [N, C, *O, *K]
-        n = x.shape[0]
-        v = v.reshape((n, self.group, self.cg) + v.shape[2:])
-        nd = self.nd
-        # -> [g, N, *O, *K, cg]: rows (N, *O), columns (*K, cg) with the channel innermost.
-        v = v.transpose((1, 0) + tuple(range(3, 3 + 2 * nd)) + (2,))
-        yield from _row_blocks(v, self.groups, self.in_dim, block_bytes, dtype)
-
-    def _transpose_blocks(self, x: np.ndarray, block_bytes: int, dtype
-                          ) -> Iterator[np.ndarray]:
-        # Output p reads input q = (p + pad_begin - k*d) / s where integral: a stride-1
-        # correlation of the zero-upsampled input, placed at offset (k-1)*d - pad_begin, with
-        # the kernel flipped (window tap k' is kernel index k-1-k').
-        geo = self._transpose_geometry(x.shape[2:])
-        out = [o for _, _, o in geo]
-        if min(out) < 1:
-            return
-        n = x.shape[0]
-        lengths = [o + (k - 1) * d for o, k, d in zip(out, self.kernel, self.dilations)]
-        u = np.zeros((n, self.cin) + tuple(lengths), dtype=x.dtype)
-        dst, src = [slice(None), slice(None)], [slice(None), slice(None)]
-        for i, (begin, _, _) in enumerate(geo):
-            s, size = self.strides[i], x.shape[2 + i]
-            offset = (self.kernel[i] - 1) * self.dilations[i] - begin
-            q0 = (-offset + s - 1) // s if offset < 0 else 0  # first q with q*s+offset >= 0
-            q1 = min(size, (lengths[i] - 1 - offset) // s + 1)
-            if q1 <= q0:
-                return  # no input position reaches the output: X is all zeros
-            t0 = q0 * s + offset
-            dst.append(slice(t0, t0 + (q1 - q0 - 1) * s + 1, s))
-            src.append(slice(q0, q1))
-        u[tuple(dst)] = x[tuple(src)]
-        v = self._windows(u, out, (1,) * self.nd)  # [N, Cin, *O, *K']
-        v = v[(slice(None), slice(None)) + (slice(None),) * self.nd +
-              (slice(None, None, -1),) * self.nd]
-        v = v.transpose((0,) + tuple(range(2, 2 + 2 * self.nd)) + (1,))[None]
-        yield from _row_blocks(v, 1, self.in_dim, block_bytes, dtype)
-
-
-def _row_blocks(v: np.ndarray, groups: int, in_dim: int, block_bytes: int, dtype
-                ) -> Iterator[np.ndarray]:
-    """Copy row blocks of the view ``v`` ``[G, N, *O, *cols]`` into ``dtype`` ``[G, rows, in]``."""
-    n = v.shape[1]
-    nd = (v.ndim - 2) // 2 if v.ndim > 3 else 0
-    out_shape = v.shape[2:2 + nd] if nd else ()
-    per_sample = int(np.prod(out_shape, dtype=np.int64)) if nd else 1
-    rows_per_block = max(1, block_bytes // (np.dtype(dtype).itemsize * in_dim * groups))
-    if per_sample <= rows_per_block:
-        step = max(1, rows_per_block // per_sample)
-        for n0 in range(0, n, step):
-            chunk = v[:, n0:n0 + step]
-            buf = np.empty(chunk.shape, dtype=dtype)
-            buf[...] = chunk
-            yield buf.reshape(groups, -1, in_dim)
-        return
-    per_row0 = per_sample // out_shape[0]
-    step = max(1, rows_per_block // per_row0)
-    for i in range(n):
-        for o0 in range(0, out_shape[0], step):
-            chunk = v[:, i:i + 1, o0:o0 + step]
-            buf = np.empty(chunk.shape, dtype=dtype)
-            buf[...] = chunk
-            yield buf.reshape(groups, -1, in_dim)
-
-
 class _Accumulator:
     """Streaming float64 sums for one extractor signature."""
 
-    def __init__(self, extractor: _Extractor, want_hessian: bool, paired: bool = False) -> None:
+    def __init__(self, extractor: Extractor, want_hessian: bool, paired: bool = False) -> None:
         g, d = extractor.groups, extractor.in_dim
         self.extractor = extractor
         self.sq = np.zeros((g, d))
@@ -413,7 +147,7 @@ class _Accumulator:
 
     def add_moments(self, sums: np.ndarray, sq: np.ndarray, rows: int,
                     ref_sums: Optional[np.ndarray] = None) -> None:
-        """What :meth:`add` gathers without a Hessian, from :meth:`_Extractor.moments`."""
+        """What :meth:`add` gathers without a Hessian, from :meth:`Extractor.moments`."""
         self.sums += sums
         self.sq += sq
         if self.ref_sums is not None:
@@ -440,31 +174,6 @@ class _Accumulator:
                           in_sums=self.sums.sum(axis=0), group_hessians=groups,
                           group_sums=self.sums, group_rows=self.rows // self.sums.shape[0],
                           ref_sums=self.ref_sums, cross=cross)
-
-
-def _extractor_for(weight: Weight, consumer) -> Tuple[Optional[_Extractor], str]:
-    node, index = consumer.node, consumer.input_index
-    act = activation_of(node, index, weight.shape)
-    if act is None:
-        return None, f"no activation rule for {node.op_type} input {index}"
-    name = node.input[act.index]
-    if act.conv is not None:
-        return _ConvExtractor(name, act.conv, weight.shape), ""
-    return _MatrixExtractor(name, weight.layout.shape2d[1], act.rows_last), ""
-
-
-def activation_rows(weight: Weight, activation: np.ndarray, consumer: int = 0) -> np.ndarray:
-    """``X`` (float64 ``[G, rows, in]``) for one activation batch of ``weight``'s consumer.
-
-    The matrix :func:`collect_layer_stats` reduces; ``X[g] @ W2d[rows of group g].T``
-    reproduces the node's output (before bias) position by position. Meant for tests and
-    debugging: it holds the whole im2col of the batch.
-    """
-    ex, why = _extractor_for(weight, weight.consumers[consumer])
-    if ex is None:
-        raise ValueError(why)
-    blocks = list(ex.blocks(np.asarray(activation), 1 << 62))
-    return np.concatenate(blocks, axis=1)
 
 
 def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
@@ -509,7 +218,7 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
         o for n in handle.model.graph.node if n.op_type == "Constant" for o in n.output}
 
     # One accumulator per distinct (activation, extraction) pair; weights map onto them.
-    extractors: Dict[tuple, _Extractor] = {}
+    extractors: Dict[tuple, Extractor] = {}
     weight_sigs: Dict[str, List[tuple]] = {}
     for weight in weights:
         sigs = []
@@ -519,7 +228,7 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
                                               f"({consumer.graph}); its input cannot be exposed")
                 sigs = []
                 break
-            ex, why = _extractor_for(weight, consumer)
+            ex, why = extractor_for(weight, consumer)
             if ex is None:
                 record.skipped[weight.key] = why
                 sigs = []
@@ -610,7 +319,7 @@ def _combine(parts: List[LayerStats]) -> LayerStats:
                       ref_sums=add("ref_sums"), cross=add("cross"))
 
 
-def _chunk(items: List[Tuple[str, List[tuple]]], extractors: Mapping[tuple, _Extractor],
+def _chunk(items: List[Tuple[str, List[tuple]]], extractors: Mapping[tuple, Extractor],
            sizes: Mapping[str, int], graph_inputs, budget: int
            ) -> List[Tuple[List[str], List[tuple]]]:
     """Group weights (graph order) so each chunk exposes at most ``budget`` bytes per batch.

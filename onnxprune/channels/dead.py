@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import onnx
 
+from onnxprune.model.external import tensor_dtype
 from onnxprune.model.index import node_key
 from onnxprune.model.io import ModelHandle
 from onnxprune.ops.layouts import layout_for
@@ -273,7 +274,6 @@ def apply_folds(handle: ModelHandle, graph: ChannelGraph, folds) -> List[str]:
 
 
 def _dtype_of(handle, graph, node) -> np.dtype:
-    from onnxprune.model.io import tensor_dtype
     w = node.input[1]
     return tensor_dtype(graph.stored[w]) if w in graph.stored else np.dtype(np.float32)
 

@@ -13,6 +13,10 @@ Saving never overwrites the input, never leaves a partial file: data and model g
 files beside the target and are renamed into place only when complete. External tensors are
 copied to the output's data file in chunks, from the spill or straight from the input's data
 file (byte for byte when untouched), never as whole arrays.
+
+This module owns the handle, loading with its integrity checks, weightless copies for the
+checker and shape inference, and saving. The bytes of external tensors (reading, the spill file,
+chunked copies, pointing a tensor at a data file) are :mod:`onnxprune.model.external`'s.
 """
 
 from __future__ import annotations
@@ -20,10 +24,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterator, NamedTuple, Optional, Tuple, Union
+from typing import BinaryIO, Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import onnx
@@ -31,108 +34,15 @@ from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo
 
 from onnxprune.errors import ModelLoadError, OutputError
+from onnxprune.model import external as ext
+from onnxprune.model.external import (ALIGN, SpillStore, copy_range, external_span, external_state,
+                                      is_external, point_external, restore_external, tensor_dtype,
+                                      write_all)
 from onnxprune.model.index import GraphIndex
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto, "ModelHandle"]
-_ALIGN = 4096  # external tensors start on page boundaries (mmap-friendly, as onnx does)
 _PROTO_LIMIT = 2_000_000_000  # protobuf cannot serialize 2 GiB; past this, weights go external
 _KEEP_VALUES = 4096  # tensors up to this many elements keep their values in weightless copies
-_COPY_CHUNK = 16 << 20  # bytes moved at a time when streaming tensor data between files
-
-
-class _Slot(NamedTuple):
-    tensor: onnx.TensorProto  # held so that its id() stays unique while the slot lives
-    offset: int
-    nbytes: int
-    capacity: int
-    shape: Tuple[int, ...]
-
-
-class SpillStore:
-    """Rewritten external tensors, kept in one temporary file rather than in memory.
-
-    Each tensor has a slot (rewritten in place when the new values fit, appended otherwise);
-    reads come back from disk. Also a read-only mapping-like view: ``bool(store)``,
-    ``len(store)``, ``store.values()`` -> ``(tensor, array)`` pairs read one at a time.
-    """
-
-    def __init__(self) -> None:
-        self._slots: Dict[int, _Slot] = {}
-        self._file: Optional[BinaryIO] = None
-        self._end = 0
-        self._finalizer: Optional[weakref.finalize] = None
-
-    def __bool__(self) -> bool:
-        return bool(self._slots)
-
-    def __len__(self) -> int:
-        return len(self._slots)
-
-    def __contains__(self, tensor: onnx.TensorProto) -> bool:
-        return self._slot(tensor) is not None
-
-    def values(self) -> Iterator[Tuple[onnx.TensorProto, np.ndarray]]:
-        for slot in list(self._slots.values()):
-            yield slot.tensor, self.read(slot.tensor)
-
-    def _slot(self, tensor: onnx.TensorProto) -> Optional[_Slot]:
-        slot = self._slots.get(id(tensor))
-        return slot if slot is not None and slot.tensor is tensor else None
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the spill file takes (0 when nothing was spilled or after :meth:`close`)."""
-        return 0 if self._file is None else os.fstat(self._file.fileno()).st_size
-
-    def _open(self) -> BinaryIO:
-        if self._file is None:
-            # No name on disk (O_TMPFILE, or unlinked at once): the kernel frees it with the
-            # last descriptor, so even a killed process leaves nothing behind.
-            self._file = tempfile.TemporaryFile(prefix="onnxprune-spill-", buffering=0)
-            self._finalizer = weakref.finalize(self, self._file.close)
-        return self._file
-
-    def write(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
-        """Store ``values`` (the tensor's dtype) as the tensor's new data, little-endian."""
-        data = _le_bytes(values, tensor_dtype(tensor))
-        f = self._open()
-        slot = self._slot(tensor)
-        if slot is None or slot.capacity < data.nbytes:
-            offset = self._end + (-self._end) % _ALIGN
-            self._end = offset + data.nbytes
-            capacity = data.nbytes
-        else:
-            offset, capacity = slot.offset, slot.capacity
-        f.seek(offset)
-        _write_all(f, data)
-        self._slots[id(tensor)] = _Slot(tensor, offset, data.nbytes, capacity, values.shape)
-
-    def read(self, tensor: onnx.TensorProto) -> Optional[np.ndarray]:
-        """The tensor's stored values (a fresh, writable array), or None if it was not written."""
-        slot = self._slot(tensor)
-        if slot is None:
-            return None
-        dtype = tensor_dtype(tensor)
-        values = np.empty(slot.shape, dtype=dtype.newbyteorder("<"))
-        self._file.seek(slot.offset)
-        _read_into(self._file, values.reshape(-1).view(np.uint8), tensor.name, "the spill file")
-        return values.astype(dtype, copy=False)
-
-    def copy_to(self, tensor: onnx.TensorProto, out: BinaryIO) -> Optional[int]:
-        """Append the tensor's stored bytes to ``out``; their length, or None if not written."""
-        slot = self._slot(tensor)
-        if slot is None:
-            return None
-        _copy_range(self._file, slot.offset, slot.nbytes, out, tensor.name, "the spill file")
-        return slot.nbytes
-
-    def close(self) -> None:
-        """Free the spill file and forget every stored tensor."""
-        if self._finalizer is not None:
-            self._finalizer()
-        self._slots.clear()
-        self._file = self._finalizer = None
-        self._end = 0
 
 
 @dataclass
@@ -171,7 +81,7 @@ class ModelHandle:
         if spilled is not None:
             return spilled
         if is_external(tensor):
-            return _read_external(tensor, self.base_dir)
+            return ext.read_external(tensor, self.base_dir)  # via the module: tests watch reads
         return numpy_helper.to_array(tensor)
 
     def write(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
@@ -228,10 +138,6 @@ class ModelHandle:
         return size_on_disk(self.path, self.model)
 
 
-def tensor_dtype(tensor: onnx.TensorProto) -> np.dtype:
-    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-
-
 def estimated_size(model: onnx.ModelProto) -> int:
     """Bytes of tensor data held inside the proto, from dims alone (``ByteSize`` walks it all)."""
     total = 0
@@ -240,89 +146,6 @@ def estimated_size(model: onnx.ModelProto) -> int:
             total += int(np.prod(t.dims, dtype=np.int64)) * tensor_dtype(t).itemsize
     return total
 
-
-def is_external(tensor: onnx.TensorProto) -> bool:
-    return tensor.data_location == onnx.TensorProto.EXTERNAL
-
-
-def _read_external(tensor: onnx.TensorProto, base_dir: Optional[Path]) -> np.ndarray:
-    data_path, offset, length = _external_span(tensor, base_dir)
-    dtype = tensor_dtype(tensor)
-    values = np.empty(tuple(tensor.dims), dtype=dtype.newbyteorder("<"))
-    with open(data_path, "rb", buffering=0) as f:
-        f.seek(offset)
-        _read_into(f, values.reshape(-1).view(np.uint8), tensor.name, str(data_path))
-    return values.astype(dtype, copy=False)
-
-
-def _external_span(tensor: onnx.TensorProto, base_dir: Optional[Path]) -> Tuple[Path, int, int]:
-    """(data file, offset, length) of an external tensor's bytes, checked against the file."""
-    info = ExternalDataInfo(tensor)
-    if base_dir is None:
-        raise ModelLoadError(f"tensor '{tensor.name}' has external data but the model was given "
-                             "as a proto without a folder; load it from its file path instead")
-    data_path = (base_dir / info.location).resolve()
-    if not data_path.is_file():
-        raise ModelLoadError(f"external data file '{data_path}' for tensor '{tensor.name}' is "
-                             "missing; keep the .onnx file beside its data file(s)")
-    dtype = tensor_dtype(tensor)
-    shape = tuple(tensor.dims)
-    count = int(np.prod(shape, dtype=np.int64))
-    offset = int(info.offset or 0)
-    expected = count * dtype.itemsize
-    length = int(info.length) if info.length else expected
-    if length != expected or offset + length > data_path.stat().st_size:
-        raise ModelLoadError(f"external data for tensor '{tensor.name}' in '{data_path}' is "
-                             f"truncated or malformed (needs {expected} bytes at offset {offset})")
-    return data_path, offset, expected
-
-
-def _le_bytes(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """``values`` as a flat uint8 view of little-endian ``dtype`` data (a copy only if needed)."""
-    data = np.ascontiguousarray(values, dtype=dtype.newbyteorder("<"))
-    return data.reshape(-1).view(np.uint8)
-
-
-def _write_all(f: BinaryIO, data) -> None:
-    view = memoryview(data).cast("B")
-    while view.nbytes:
-        view = view[f.write(view):]
-
-
-def _read_into(f: BinaryIO, buffer, name: str, where: str) -> None:
-    view = memoryview(buffer).cast("B")
-    while view.nbytes:
-        got = f.readinto(view)
-        if not got:
-            raise ModelLoadError(f"data of tensor '{name}' ends early in {where}; the file was "
-                                 "truncated while onnxprune was reading it")
-        view = view[got:]
-
-
-def _copy_range(src: BinaryIO, offset: int, length: int, out: BinaryIO, name: str,
-                where: str) -> None:
-    """Append ``length`` bytes of ``src`` from ``offset`` to ``out`` (unbuffered files), in the
-    kernel where it can (``copy_file_range``), else through one reused chunk buffer."""
-    done = 0
-    if hasattr(os, "copy_file_range"):
-        try:
-            while done < length:
-                n = os.copy_file_range(src.fileno(), out.fileno(), min(length - done, 1 << 30),
-                                       offset + done)
-                if n == 0:
-                    break
-                done += n
-        except OSError:  # another file system, an old kernel: copy through user space
-            pass
-        out.seek(0, os.SEEK_END)  # copy_file_range moved the descriptor; keep f.tell() true
-    if done < length:
-        buffer = bytearray(min(_COPY_CHUNK, length - done))
-        src.seek(offset + done)
-        while done < length:
-            view = memoryview(buffer)[:min(len(buffer), length - done)]
-            _read_into(src, view, name, where)
-            _write_all(out, view)
-            done += view.nbytes
 
 
 def iter_graphs(graph: onnx.GraphProto, path: str = "") -> Iterator[Tuple[str, onnx.GraphProto]]:
@@ -650,20 +473,20 @@ def save(handle: ModelHandle, output: Union[str, os.PathLike]) -> Path:
                 sources: Dict[Path, BinaryIO] = {}
                 with open(data_tmp, "wb", buffering=0) as f:
                     for tensor in external:
-                        saved_entries.append((tensor, _external_state(tensor)))
-                        _write_all(f, bytes((-f.tell()) % _ALIGN))
+                        saved_entries.append((tensor, external_state(tensor)))
+                        write_all(f, bytes((-f.tell()) % ALIGN))
                         offset = f.tell()
                         length = handle._external_updates.copy_to(tensor, f)
                         if length is None and is_external(tensor):
-                            path, start, length = _external_span(tensor, handle.base_dir)
+                            path, start, length = external_span(tensor, handle.base_dir)
                             if path not in sources:
                                 sources[path] = stack.enter_context(open(path, "rb", buffering=0))
-                            _copy_range(sources[path], start, length, f, tensor.name,
+                            copy_range(sources[path], start, length, f, tensor.name,
                                         str(path))
                         elif length is None:  # an inline tensor of a model past protobuf's limit
                             length = len(tensor.raw_data)
-                            _write_all(f, tensor.raw_data)
-                        _point_external(tensor, data_name, offset, length)
+                            write_all(f, tensor.raw_data)
+                        point_external(tensor, data_name, offset, length)
             model_tmp = _tmp_beside(out)
             with open(model_tmp, "wb") as f:
                 f.write(model.SerializeToString())
@@ -680,7 +503,7 @@ def save(handle: ModelHandle, output: Union[str, os.PathLike]) -> Path:
                     os.unlink(tmp)
             # The handle keeps reading from the original files: restore its external entries.
             for tensor, state in saved_entries:
-                _restore_external(tensor, state)
+                restore_external(tensor, state)
     return out
 
 
@@ -692,35 +515,6 @@ def _tmp_beside(path: Path) -> str:
     os.umask(umask)
     os.chmod(name, 0o666 & ~umask)
     return name
-
-
-def _external_state(tensor: onnx.TensorProto):
-    return (tensor.data_location, [(e.key, e.value) for e in tensor.external_data],
-            tensor.raw_data if tensor.HasField("raw_data") else None)
-
-
-def _restore_external(tensor: onnx.TensorProto, state) -> None:
-    location, entries, raw = state
-    del tensor.external_data[:]
-    for k, v in entries:
-        tensor.external_data.add(key=k, value=v)
-    tensor.data_location = location
-    if raw is None:
-        tensor.ClearField("raw_data")
-    else:
-        tensor.raw_data = raw
-
-
-def _point_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
-    """Make ``tensor`` an external tensor whose bytes are at ``offset`` in ``location``."""
-    for field_name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data",
-                       "string_data"):
-        tensor.ClearField(field_name)
-    tensor.ClearField("raw_data")
-    del tensor.external_data[:]
-    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        tensor.external_data.add(key=k, value=v)
-    tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
 def size_on_disk(path: Path, model: onnx.ModelProto) -> int:

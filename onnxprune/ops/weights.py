@@ -16,8 +16,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import onnx
 
+from onnxprune.model.external import tensor_dtype
 from onnxprune.model.index import GraphIndex, constant_tensor, node_label
-from onnxprune.model.io import ModelHandle, tensor_dtype
+from onnxprune.model.io import ModelHandle
 from onnxprune.ops.layouts import Layout, layout_for
 from onnxprune.ops.registry import bias_slot, weight_step
 

@@ -27,8 +27,9 @@ import onnx
 from onnxprune.errors import InputDataError
 from onnxprune.inputs.dataset import CalibrationSet
 from onnxprune.inputs.signature import ModelOrPath, fmt_shape
+from onnxprune.model.external import is_external
 from onnxprune.model.index import names_read
-from onnxprune.model.io import ModelHandle, is_external, iter_tensors, save
+from onnxprune.model.io import ModelHandle, iter_tensors, save
 
 _PROTO_LIMIT = 2_000_000_000  # protobuf cannot serialize 2 GiB: such models go through a file
 

@@ -9,7 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.calibration import statistics as calibration
-from onnxprune.calibration.statistics import activation_rows, collect_layer_stats
+from onnxprune.calibration.extract import activation_rows
+from onnxprune.calibration.statistics import collect_layer_stats
 from onnxprune.inputs.dataset import CalibrationSet, generated_calibration
 from onnxprune.errors import OptionError
 from onnxprune.model.io import load
@@ -301,10 +302,10 @@ def test_stats_follow_rewritten_external_weights(tmp_path):
 def test_conv_moments_without_im2col_equal_the_im2col_sums(op, attrs, wshape, xshape):
     # Without a Hessian, Conv stats come from strided slices (no im2col): they must equal the
     # sums over the im2col rows, column for column, group by group.
-    from onnxprune.calibration.statistics import _extractor_for
+    from onnxprune.calibration.extract import extractor_for
     model, _ = _single_op_model(op, attrs, wshape, xshape)
     weight = _weight(model)
-    ex, _ = _extractor_for(weight, weight.consumers[0])
+    ex, _ = extractor_for(weight, weight.consumers[0])
     x = np.random.default_rng(2).standard_normal(xshape).astype(np.float32)
     act = np.maximum(x, 0)
     quick = ex.moments(act)

@@ -11,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
-from onnxprune.calibration.statistics import activation_rows, collect_layer_stats
+from onnxprune.calibration.extract import activation_rows
+from onnxprune.calibration.statistics import collect_layer_stats
 from onnxprune.inputs.dataset import CalibrationSet
 from onnxprune.runtime import session as runtime_session
 from onnxprune.runtime.session import needed_nodes

@@ -9,6 +9,7 @@ from onnx import numpy_helper
 
 import builders as B
 from onnxprune.model import io as mio
+from onnxprune.model.external import is_external
 from onnxprune.errors import ModelLoadError, OutputError
 from onnxprune.ops.weights import find_weights
 
@@ -36,7 +37,7 @@ def test_external_data_read_write_roundtrip(tmp_path):
     assert (tmp_path / "out.onnx.data").is_file()
     # external layout kept: tensors still external in the output proto
     reloaded = onnx.load(str(out), load_external_data=False)
-    assert all(mio.is_external(t) for t in reloaded.graph.initializer)
+    assert all(is_external(t) for t in reloaded.graph.initializer)
     full = onnx.load(str(out))
     np.testing.assert_array_equal(numpy_helper.to_array(full.graph.initializer[0]), arr2)
     np.testing.assert_array_equal(numpy_helper.to_array(full.graph.initializer[2]),

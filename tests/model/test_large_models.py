@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper
 from onnx.external_data_helper import ExternalDataInfo
 
 import builders as B
+from onnxprune.model import external as ext
 from onnxprune.model import io as mio
 from onnxprune.report.macs import count_macs
 from onnxprune.passes.base import DEFAULT_MEMORY_BUDGET, PruneState
@@ -285,7 +286,7 @@ def test_save_copies_untouched_tensors_byte_for_byte(tmp_path, monkeypatch, copy
     src_data = (tmp_path / "m.onnx.data").read_bytes()
     out_data = (tmp_path / "out.onnx.data").read_bytes()
     saved = onnx.load(str(out), load_external_data=False)
-    assert all(mio.is_external(t) for t in saved.graph.initializer)
+    assert all(ext.is_external(t) for t in saved.graph.initializer)
     assert {ExternalDataInfo(t).location for t in saved.graph.initializer} == {"out.onnx.data"}
     for t in saved.graph.initializer:
         info = ExternalDataInfo(t)
@@ -311,8 +312,8 @@ def test_save_streams_without_reading_tensors(tmp_path, monkeypatch):
     def no_reads(*args, **kwargs):
         raise AssertionError("save must copy bytes, not read arrays")
 
-    monkeypatch.setattr(mio, "_read_external", no_reads)
-    monkeypatch.setattr(mio.SpillStore, "read", no_reads)
+    monkeypatch.setattr(ext, "read_external", no_reads)
+    monkeypatch.setattr(ext.SpillStore, "read", no_reads)
     mio.save(handle, tmp_path / "out.onnx")
     with mio.materialized(handle) as path:  # what Validate checks and runs
         assert isinstance(path, Path) and (path.parent / "model.onnx.data").is_file()
@@ -337,13 +338,13 @@ def test_spill_and_save_keep_dtypes(tmp_path, dtype):
 def test_checker_and_macs_never_read_big_weights(tmp_path, monkeypatch):
     model = _mlp(width=96)  # 9216-element weights: past what weightless copies keep
     src = _save_external(model, tmp_path / "m.onnx")
-    real = mio._read_external
+    real = ext.read_external
 
     def small_only(tensor, base_dir):
         assert int(np.prod(tensor.dims)) <= mio._KEEP_VALUES, tensor.name
         return real(tensor, base_dir)
 
-    monkeypatch.setattr(mio, "_read_external", small_only)
+    monkeypatch.setattr(ext, "read_external", small_only)
     handle = mio.load(src)
     assert mio.check_input(handle)
     assert count_macs(src).total == 4 * 2 * 96 * 96

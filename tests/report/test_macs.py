@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.model import io
+from onnxprune.model.external import is_external
 from onnxprune.errors import OptionError
 from onnxprune.report.macs import count_macs, counted_op_types, node_label, weight_densities
 
@@ -206,7 +207,7 @@ def test_external_data_model_from_path(tmp_path):
     onnx.save_model(model, str(path), save_as_external_data=True, location="mlp.data",
                     size_threshold=0)
     handle = io.load(path)
-    assert all(io.is_external(t) for t in handle.model.graph.initializer)
+    assert all(is_external(t) for t in handle.model.graph.initializer)
     assert count_macs(path, {"x": (2, 16)}).total == 2 * 160
     assert count_macs(handle.model, {"x": (2, 16)}).total == 2 * 160  # dims suffice
 

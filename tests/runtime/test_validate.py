@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxprune.model import io
+from onnxprune.model.external import is_external
 from onnxprune.errors import OnnxPruneError
 from onnxprune.inputs.generate import make_inputs
 from onnxprune.runtime.session import InvalidOutputModel, run_model
@@ -73,7 +74,7 @@ def test_external_data_handles(tmp_path):
     onnx.save_model(onnx.ModelProto.FromString(model.SerializeToString()), str(path),
                     save_as_external_data=True, location="mlp.data", size_threshold=0)
     handle = io.load(path)
-    assert all(io.is_external(t) for t in handle.model.graph.initializer)
+    assert all(is_external(t) for t in handle.model.graph.initializer)
     check_valid(handle)
     np.testing.assert_allclose(run_model(handle, x)["y"], expected, rtol=1e-6)
     # A rewritten external weight is only on the handle: validation must see the new values.
