@@ -21,7 +21,7 @@ field              what it answers                                              
                    constant propagation through the op
 ``zero_filter``    ``(node, bias constant, input constant) -> per-unit constant``: what  dead chans
                    the output of an all-zero filter row carries
-``macs``           ``(node, shapes) -> int | None``: the MAC formula                   ops.macs
+``macs``           ``(node, shapes) -> int | None``: the MAC formula                   report.macs
 ``weight_step``    ``(node, seen shape, read) -> step | None``: a stored weight passes   weights
                    through the op on its way to its consumer: ``()`` unchanged (Cast,
                    Q/DQ), ``("transpose", perm)``, ``("reshape", shape)``
