@@ -129,7 +129,7 @@ class ModelHandle:
 
     @property
     def has_external_data(self) -> bool:
-        return any(is_external(t) for t in iter_tensors(self.model.graph))
+        return any(is_external(t) for _, t in every_tensor(self.model))
 
     def file_size(self) -> Optional[int]:
         """Bytes on disk of the model file plus its external data, when loaded from a file."""
@@ -171,6 +171,50 @@ def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 for attr in node.attribute:
                     if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
                         yield attr.t
+
+
+def every_tensor(model: onnx.ModelProto) -> Iterator[Tuple[str, onnx.TensorProto]]:
+    """Every tensor a model holds anywhere, with where it sits: initializers and sparse
+    initializers, and every node attribute of tensor type (``Constant.value``,
+    ``ConstantOfShape.value``, any op's TENSOR/TENSORS/SPARSE_TENSOR(S) attribute), in the main
+    graph, every If/Loop/Scan body and every model-local function. Anything that may point at
+    external data is here, so :func:`check_tensors` sees all of it before anything is read
+    (onnxruntime would read an attribute's external data as readily as an initializer's)."""
+
+    def from_nodes(path: str, nodes) -> Iterator[Tuple[str, onnx.TensorProto]]:
+        for node in nodes:
+            for a in node.attribute:
+                where = f"{path}/{node.name or node.op_type}.{a.name}"
+                if a.type == onnx.AttributeProto.TENSOR:
+                    yield where, a.t
+                elif a.type == onnx.AttributeProto.TENSORS:
+                    yield from ((where, t) for t in a.tensors)
+                elif a.type == onnx.AttributeProto.SPARSE_TENSOR:
+                    yield from ((where, t) for t in (a.sparse_tensor.values,
+                                                     a.sparse_tensor.indices))
+                elif a.type == onnx.AttributeProto.SPARSE_TENSORS:
+                    for sp in a.sparse_tensors:
+                        yield from ((where, t) for t in (sp.values, sp.indices))
+                elif a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                    continue  # bodies are walked as graphs below
+
+    def from_graphs(graph: onnx.GraphProto, path: str) -> Iterator[Tuple[str, onnx.TensorProto]]:
+        for gpath, g in iter_graphs(graph, path):
+            yield from ((gpath, t) for t in g.initializer)
+            for sp in g.sparse_initializer:
+                yield from ((gpath, t) for t in (sp.values, sp.indices))
+            yield from from_nodes(gpath, g.node)
+
+    yield from from_graphs(model.graph, "")
+    for fn in model.functions:
+        path = f"function {fn.domain}.{fn.name}" if fn.domain else f"function {fn.name}"
+        yield from from_nodes(path, fn.node)
+        for node in fn.node:
+            for a in node.attribute:
+                bodies = [a.g] if a.type == onnx.AttributeProto.GRAPH else (
+                    list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else [])
+                for body in bodies:
+                    yield from from_graphs(body, f"{path}/{node.name or node.op_type}.{a.name}")
 
 
 def weightless_copy(proto: onnx.ModelProto, handle: Optional[ModelHandle] = None,
@@ -291,7 +335,7 @@ def check_tensors(handle: ModelHandle, where: str = "the model") -> None:
     before any weight is read (a flipped byte must not turn into a traceback or, worse, into
     reading a file the model has no business pointing at)."""
     folder = handle.base_dir.resolve() if handle.base_dir is not None else None
-    for tensor in iter_tensors(handle.model.graph):
+    for place, tensor in every_tensor(handle.model):
         try:
             name = tensor.name  # protobuf hands invalid UTF-8 back as bytes or surrogates
             if isinstance(name, bytes):
@@ -300,6 +344,7 @@ def check_tensors(handle: ModelHandle, where: str = "the model") -> None:
         except UnicodeError:
             raise ModelLoadError(f"{where}: a stored tensor's name is not valid UTF-8; the file "
                                  "is corrupt, re-export it") from None
+        name = name or f"(unnamed, in {place})"
         if tensor.data_type == onnx.TensorProto.STRING:
             continue
         try:
@@ -327,14 +372,24 @@ def check_tensors(handle: ModelHandle, where: str = "the model") -> None:
                                          f"its shape {list(tensor.dims)} needs {numel}")
 
 
+#: Longest external-data location accepted (Linux's PATH_MAX); a name part may have 255 bytes.
+_MAX_LOCATION = 4096
+
+
 def _check_external(tensor, name: str, folder: Optional[Path], nbytes: int, where: str) -> None:
     entries = {e.key: e.value for e in tensor.external_data}
     location = entries.get("location", "")
     if folder is None:
         raise ModelLoadError(f"tensor '{name}' has external data but the model was given as a "
                              "proto without a folder; load it from its file path instead")
+    if (not location or "\0" in location or len(location) > _MAX_LOCATION
+            or any(len(part) > 255 for part in location.replace("\\", "/").split("/"))):
+        shown = location if len(location) <= 80 else location[:80] + "…"
+        raise ModelLoadError(f"{where}: external data location {shown!r} of tensor '{name}' is "
+                             "empty, holds a NUL byte or is too long to be a file beside the "
+                             "model; the file is corrupt or hostile, re-export it")
     target = (folder / location).resolve()
-    if not location or Path(location).is_absolute() or folder not in target.parents:
+    if Path(location).is_absolute() or folder not in target.parents:
         raise ModelLoadError(f"{where}: external data '{location}' of tensor '{name}' lies "
                              "outside the model's folder; onnxprune reads external data only "
                              "from files beside the model")

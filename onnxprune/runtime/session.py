@@ -29,7 +29,7 @@ from onnxprune.inputs.dataset import CalibrationSet
 from onnxprune.inputs.signature import ModelOrPath, fmt_shape
 from onnxprune.model.external import is_external
 from onnxprune.model.index import names_read
-from onnxprune.model.io import ModelHandle, iter_tensors, save
+from onnxprune.model.io import ModelHandle, every_tensor, save
 
 _PROTO_LIMIT = 2_000_000_000  # protobuf cannot serialize 2 GiB: such models go through a file
 
@@ -127,7 +127,7 @@ def model_source(model: ModelOrPath, allow_external_folder: bool
         return
     handle = model if isinstance(model, ModelHandle) else ModelHandle(model=model)
     proto = handle.model
-    external = any(is_external(t) for t in iter_tensors(proto.graph))
+    external = any(is_external(t) for _, t in every_tensor(proto))
     rewritten = bool(handle.rewritten_external)
     if external and handle.base_dir is None:
         raise ValueError("the model has external data but no folder to read it from; "

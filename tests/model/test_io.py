@@ -107,3 +107,92 @@ def test_save_failure_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         mio.save(handle, target)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- every place a tensor can hide external data ------------------------------------------------
+def _external_value(location: str, name: str = "v") -> onnx.TensorProto:
+    t = onnx.helper.make_tensor(name, onnx.TensorProto.FLOAT, [1], [0.0])
+    t.ClearField("float_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+    t.external_data.add(key="location", value=location)
+    t.external_data.add(key="length", value="4")
+    return t
+
+
+def _hiding_model(where: str, location: str) -> onnx.ModelProto:
+    """A MatMul model plus one tensor with external data at ``location``, hidden ``where``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(B.rng(0).standard_normal((4, 4)).astype(np.float32), "W")
+    shp = numpy_helper.from_array(np.array([1, 4], np.int64), "shp")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y0"])]
+    inits, funcs = [w, shp], []
+    fill = helper.make_node("ConstantOfShape", ["shp"], ["c"], value=_external_value(location))
+    if where == "ConstantOfShape.value":
+        nodes.append(fill)
+    elif where == "If body":
+        body = helper.make_graph([fill], "b", [], [helper.make_tensor_value_info(
+            "c", TensorProto.FLOAT, [1, 4])])
+        inits.append(numpy_helper.from_array(np.array(True), "cond"))
+        nodes.append(helper.make_node("If", ["cond"], ["c"], then_branch=body, else_branch=body))
+    elif where == "function":
+        fill = helper.make_node("ConstantOfShape", ["s"], ["o"], value=_external_value(location))
+        funcs.append(helper.make_function("custom", "F", ["s"], ["o"], [fill],
+                                          [helper.make_opsetid("", 17)]))
+        nodes.append(helper.make_node("F", ["shp"], ["c"], domain="custom"))
+    nodes.append(helper.make_node("Add", ["y0", "c"], ["y"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                         [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              inits)
+    if where == "sparse initializer":
+        graph.node.pop()
+        graph.node[0].output[0] = "y"
+        graph.sparse_initializer.append(onnx.helper.make_sparse_tensor(
+            _external_value(location, "sv"),
+            numpy_helper.from_array(np.array([0], np.int64), "si"), [4]))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                   helper.make_opsetid("custom", 1)],
+                             functions=funcs)
+
+
+HIDING = ["ConstantOfShape.value", "If body", "function", "sparse initializer"]
+
+
+@pytest.mark.parametrize("where", HIDING)
+@pytest.mark.parametrize("location,why", [
+    ("../secret.bin", "outside the model's folder"), ("ABSOLUTE", "outside the model's folder"),
+    ("a\0b", "NUL byte"), ("x" * 5000, "too long"), ("y/" * 3000, "too long"),
+    ("z" * 300, "too long")])
+def test_external_data_is_checked_wherever_a_tensor_hides(tmp_path, where, location, why):
+    (tmp_path / "sub").mkdir()
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\0" * 64)
+    if location == "ABSOLUTE":
+        location = str(secret)
+    path = tmp_path / "sub" / "m.onnx"
+    path.write_bytes(_hiding_model(where, location).SerializeToString())
+    with pytest.raises(ModelLoadError, match=why):
+        mio.load(path)
+
+
+def test_a_hidden_escape_is_one_error_line_exit_2_and_nothing_written(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_hiding_model("ConstantOfShape.value", "../../etc/passwd").SerializeToString())
+    out = tmp_path / "out.onnx"
+    proc = subprocess.run([sys.executable, "-m", "onnxprune", str(path), "-o", str(out), "-q"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count("error:") == 1 and "outside the model's folder" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_external_data_inside_the_folder_in_an_attribute_still_loads(tmp_path):
+    (tmp_path / "data.bin").write_bytes(np.zeros(1, np.float32).tobytes())
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_hiding_model("ConstantOfShape.value", "data.bin").SerializeToString())
+    handle = mio.load(path)
+    assert handle.has_external_data
