@@ -108,8 +108,8 @@ def prune(model: mio.ModelLike, pattern: str = "unstructured",
     probes = None
     if opts.search:
         if output is not None:  # fail on a bad output path before minutes of probing
-            mio.resolve_output(mio.load(model).path if not isinstance(
-                model, onnx.ModelProto) else None, output, force)
+            handle = mio.load(model)
+            mio.resolve_output(handle.path, output, force, reads=mio.input_files(handle))
         high = 0.95 if opts.sparsity is None else float(opts.sparsity)
         run = probe_runner(model, opts, lambda m, o: _run(m, o, None, False, no_progress))
         best, probes = search_sparsity(run, opts.max_error, high, track=track)
@@ -131,14 +131,15 @@ def _run(model: mio.ModelLike, opts: PruneOptions, output, force: bool, track: T
     out = None
     if output is not None:
         out = mio.resolve_output(state.handle.path, output, force,
-                                 external=mio.needs_external(state.handle))
+                                 external=mio.needs_external(state.handle),
+                                 reads=mio.input_files(state.handle))
     size_before = state.handle.file_size()
     pipeline = build_passes(opts)
     macs_before = count_macs_or_error(state.model, opts.input_shapes, None)
     pipeline.run(state)
     size_after = None
     if out is not None and state.gate_failure is None:
-        mio.save(state.handle, out)
+        mio.save(state.handle, out, force=force)
         size_after = mio.size_on_disk(out, state.model)
     report = build_report(state, opts.summary(), out, size_before, size_after, macs_before,
                           opts.input_shapes)

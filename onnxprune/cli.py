@@ -14,7 +14,7 @@ import signal
 import sys
 from dataclasses import Field
 from pathlib import Path
-from typing import List, Union
+from typing import List, Optional, Union
 
 import click
 
@@ -67,7 +67,10 @@ def _run(fn):
     """Run a command body, turning user errors into one line and exit code 2."""
     def on_term(signum, frame):
         raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_term)
+    # Every signal that ends the process unwinds like Ctrl-C, so temp files are removed.
+    for name in ("SIGTERM", "SIGHUP", "SIGQUIT"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), on_term)
     try:
         return fn()
     except OnnxPruneError as exc:
@@ -115,8 +118,14 @@ def option_params(command: str) -> List[click.Option]:
 
 
 def _report_option() -> click.Option:
-    return click.Option(["--report", "report_path"], type=click.Path(path_type=Path),
-                        default=None, help="Write the report as JSON here.")
+    return click.Option(["--report", "report_path"], type=str, default=None, metavar="PATH",
+                        help="Write the report as JSON here ('-': to stdout, and the text "
+                             "report to stderr). Checked like -o before any work.")
+
+
+def _force_option() -> click.Option:
+    return click.Option(["--force"], is_flag=True,
+                        help="Overwrite existing output/report files (never the input's).")
 
 
 def _quiet_option() -> click.Option:
@@ -140,17 +149,19 @@ def build_main() -> click.Group:
 
     prune_params = [
         click.Argument(["model"], required=False, type=click.Path(dir_okay=True, path_type=Path)),
-        click.Option(["-o", "--output"], type=click.Path(path_type=Path),
-                     help="Output path [default: <stem>.pruned.onnx beside the input]."),
+        click.Option(["-o", "--output"], type=str, metavar="PATH",
+                     help="Output path [default: <stem>.pruned.onnx beside the input]; a "
+                          "folder (or a path ending in /) gets <stem>.pruned.onnx inside it."),
         *option_params("prune"),
         _report_option(),
-        click.Option(["--force"], is_flag=True, help="Overwrite an existing output file."),
+        _force_option(),
         _quiet_option(),
     ]
     inspect_params = [
         click.Argument(["model"], type=click.Path(path_type=Path)),
         *option_params("inspect"),
         _report_option(),
+        _force_option(),
         _quiet_option(),
     ]
     main.add_command(click.Command("prune", callback=prune_command, params=prune_params,
@@ -170,24 +181,25 @@ def prune_command(model, output, report_path, force, quiet, **flags):
         out = output
         if out is None:  # the bundled model's output goes to the working folder, not the package
             out = default_output(path if model is not None else Path.cwd() / DEFAULT_MODEL.name)
-        stamp = _stamp(out)
+        report_path_ok = _check_report(report_path, path, force, avoid=[out])
+        stamp = _stamp(Path(out))
         try:
             result = prune(path, output=out, force=force,
                            track=_track(quiet) or (lambda items, d, t: items),
                            **from_cli(flags, "prune"))
         except KeyboardInterrupt:
-            if _stamp(out) != stamp:  # the signal came after the output was renamed into place
+            if _stamp(Path(out)) != stamp:  # the signal came after the output was renamed into place
                 click.echo(f"interrupted after {out} was completely written", err=True)
                 sys.exit(130)
             raise
         except OnnxPruneError as exc:
             report = getattr(exc, "report", None)
             if report is not None:  # a failed --max-error gate: show why before the error
-                _emit(report, report_path, quiet)
+                _emit(report, report_path_ok, quiet, force)
             raise
-        _emit(result.report, report_path, quiet)
+        _emit(result.report, report_path_ok, quiet, force)
         if not quiet:
-            click.echo(f"wrote {result.output}")
+            click.echo(f"wrote {result.output}", err=report_path_ok == "-")
 
     _run(body)
 
@@ -201,20 +213,37 @@ def _stamp(path: Path):
         return None
 
 
-def _emit(report, report_path, quiet):
+def _check_report(report_path: Optional[str], model, force: bool, avoid=()):
+    """The ``--report`` path checked like ``-o`` before any work: never a file the input reads
+    or the model output, only a regular file, an existing one only with ``--force``."""
+    if report_path is None or report_path == "-":
+        return report_path
+    from onnxprune.model.io import input_files, load
+    from onnxprune.model.output import check_output
+
+    return check_output(report_path, force, input_files(load(model)), "report", avoid=avoid)
+
+
+def _emit(report, report_path, quiet, force=False):
+    if report_path == "-":  # JSON owns stdout; the text report goes to stderr
+        click.echo(report.json_text())
+        if not quiet:
+            report.render(_err_console())
+        return
     if report_path is not None:
-        report.write_json(report_path)
+        report.write_json(report_path, force=force)
     report.render(_console(quiet))
 
 
-def inspect_command(model, report_path, quiet, **flags):
+def inspect_command(model, report_path, force, quiet, **flags):
     """Report sparsity, params and MACs of MODEL without changing it."""
 
     def body():
         from onnxprune.api import inspect
 
+        checked = _check_report(report_path, model, force)
         report = inspect(model, **from_cli(flags, "inspect"))
-        _emit(report, report_path, quiet)
+        _emit(report, checked, quiet, force)
 
     _run(body)
 

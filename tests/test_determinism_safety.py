@@ -258,7 +258,8 @@ def _assert_atomic(big_model, code, stderr, out_dir):
     assert snapshot(path.parent) == hashes
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"])
 @pytest.mark.parametrize("when", [0.5, "save"], ids=["mid-run", "while-saving"])
 def test_interrupted_run_leaves_nothing(big_model, tmp_path, sig, when):
     code, stderr, out_dir = _interrupt(big_model, tmp_path, sig, when)
@@ -274,8 +275,8 @@ def _interrupt_after_saving(monkeypatch, target: Path):
 
     real_save = mio.save
 
-    def save(handle, output):
-        written = real_save(handle, output)
+    def save(handle, output, force=True):
+        written = real_save(handle, output, force)
         if Path(output) == target:
             raise KeyboardInterrupt
         return written

@@ -21,7 +21,7 @@ from onnxprune.passes.base import DEFAULT_MEMORY_BUDGET
 
 #: Flags of the commands that are no option of a run (where to write, what to print).
 NOT_OPTIONS = {"prune": {"model", "output", "report_path", "force", "quiet"},
-               "inspect": {"model", "report_path", "quiet"}}
+               "inspect": {"model", "report_path", "force", "quiet"}}
 
 
 def command(name, main=None):

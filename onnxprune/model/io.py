@@ -26,13 +26,14 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterator, Optional, Tuple, Union
+from typing import BinaryIO, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo
 
+from onnxprune.model.output import check_output, commit, default_output, temp_beside
 from onnxprune.errors import ModelLoadError, OutputError
 from onnxprune.model import external as ext
 from onnxprune.model.external import (ALIGN, SpillStore, copy_range, external_span, external_state,
@@ -464,50 +465,42 @@ def needs_external(handle: ModelHandle) -> bool:
     return handle.has_external_data or estimated_size(handle.model) > _PROTO_LIMIT
 
 
-def default_output(input_path: Union[str, os.PathLike], suffix: str = ".pruned.onnx") -> Path:
-    """``dir/model.onnx`` -> ``dir/model.pruned.onnx`` (any other name gets the suffix added)."""
-    path = Path(input_path)
-    stem = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.name
-    return path.with_name(stem + suffix)
-
-
 def resolve_output(input_path: Optional[Path], output: Optional[Union[str, os.PathLike]],
-                   force: bool, suffix: str = ".pruned.onnx", external: bool = False) -> Path:
-    """The output path: given, or ``<stem>.pruned.onnx`` beside the input; checked before work.
-
-    Refuses the input itself, an existing file without ``force``, a folder, and an unwritable
-    location, so that nothing is computed only to fail at the end.
-    """
+                   force: bool, suffix: str = ".pruned.onnx", external: bool = False,
+                   reads: Sequence[Path] = ()) -> Path:
+    """The path to write the model to: given, or ``<stem>.pruned.onnx`` beside the input;
+    checked by :func:`onnxprune.model.output.check_output` before any work (``reads``: the
+    files the input reads, the input path itself always among them). With ``external``, its
+    ``.data`` file is checked too. Returns the real path (symlinks resolved)."""
     if output is None:
         if input_path is None:
             raise OutputError("no output path given for an in-memory model; pass output=...")
-        out = default_output(input_path, suffix)
-    else:
-        out = Path(output)
-    if out.exists() and out.is_dir():
-        raise OutputError(f"output '{out}' is a directory; give a file path like "
-                          f"'{out / 'model.pruned.onnx'}'")
-    if input_path is not None and out.resolve() == input_path.resolve():
-        raise OutputError(f"output '{out}' is the input model; onnxprune never overwrites its "
-                          "input, choose another -o/--output")
-    data = out.with_name(out.name + ".data")
-    if external and data.exists() and not force:
-        raise OutputError(f"output data file '{data}' already exists; pass --force (force=True) "
-                          "to overwrite it or choose another -o/--output")
-    if out.exists() and not force:
-        raise OutputError(f"output '{out}' already exists; pass --force (force=True) to "
-                          "overwrite it or choose another -o/--output")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise OutputError(f"folder '{parent}' for output '{out}' does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"folder '{parent}' is not writable; choose another -o/--output")
+        output = default_output(input_path, suffix)
+    reads = list(reads) + ([input_path] if input_path is not None else [])
+    default_name = default_output(input_path, suffix).name if input_path is not None else None
+    out = check_output(output, force, reads, "output", default_name=default_name)
+    if external:
+        check_output(out.with_name(out.name + ".data"), force, reads, "output data file")
     return out
 
 
-def save(handle: ModelHandle, output: Union[str, os.PathLike]) -> Path:
+def input_files(handle: ModelHandle) -> List[Path]:
+    """The files ``handle``'s model reads: its file and its external data files."""
+    files = [handle.path] if handle.path is not None else []
+    if handle.base_dir is not None:
+        for _, tensor in every_tensor(handle.model):
+            if is_external(tensor):
+                loc = ExternalDataInfo(tensor).location
+                if loc and (handle.base_dir / loc) not in files:
+                    files.append(handle.base_dir / loc)
+    return files
+
+
+def save(handle: ModelHandle, output: Union[str, os.PathLike], force: bool = True) -> Path:
     """Write the model atomically; tensors that were external stay external, in
-    ``<output>.data`` beside it. Returns the path written.
+    ``<output>.data`` beside it. Returns the path written. Without ``force`` each file is
+    created exclusively (:func:`onnxprune.model.output.commit`): one that appeared meanwhile is
+    never replaced.
 
     Tensor data is streamed: rewritten tensors from the spill, untouched ones byte for byte from
     their data file, so saving holds no tensor in memory whatever the model's size.
@@ -524,7 +517,7 @@ def save(handle: ModelHandle, output: Union[str, os.PathLike]) -> Path:
         saved_entries = []
         try:
             if external:
-                data_tmp = _tmp_beside(out.with_name(data_name))
+                data_tmp = temp_beside(out.with_name(data_name))
                 sources: Dict[Path, BinaryIO] = {}
                 with open(data_tmp, "wb", buffering=0) as f:
                     for tensor in external:
@@ -542,15 +535,15 @@ def save(handle: ModelHandle, output: Union[str, os.PathLike]) -> Path:
                             length = len(tensor.raw_data)
                             write_all(f, tensor.raw_data)
                         point_external(tensor, data_name, offset, length)
-            model_tmp = _tmp_beside(out)
+            model_tmp = temp_beside(out)
             with open(model_tmp, "wb") as f:
                 f.write(model.SerializeToString())
                 f.flush()
                 os.fsync(f.fileno())
             if data_tmp is not None:
-                os.replace(data_tmp, out.with_name(data_name))
+                commit(data_tmp, out.with_name(data_name), force, "output data file")
                 data_tmp = None
-            os.replace(model_tmp, out)
+            commit(model_tmp, out, force)
             model_tmp = None
         finally:
             for tmp in (data_tmp, model_tmp):
@@ -560,16 +553,6 @@ def save(handle: ModelHandle, output: Union[str, os.PathLike]) -> Path:
             for tensor, state in saved_entries:
                 restore_external(tensor, state)
     return out
-
-
-def _tmp_beside(path: Path) -> str:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
-    os.close(fd)
-    # mkstemp makes 0600 files; the output should get the permissions any new file gets.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)
-    return name
 
 
 def size_on_disk(path: Path, model: onnx.ModelProto) -> int:

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -138,21 +137,22 @@ class Report:
             "sections": _jsonable(self.sections),
         }
 
-    def write_json(self, path: Union[str, os.PathLike]) -> Path:
-        """Write :meth:`to_dict` as indented JSON, atomically (temp file + ``os.replace``)."""
-        out = Path(path)
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp",
-                                   dir=out.resolve().parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-            os.replace(tmp, out)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return out
+    def write_json(self, path: Union[str, os.PathLike], force: bool = True) -> Path:
+        """Write :meth:`to_dict` as indented JSON, atomically (temp file beside it, then an
+        exclusive create, or a replace with ``force``; see :mod:`onnxprune.model.output`)."""
+        from onnxprune.model.output import write_atomic
+
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+
+        return write_atomic(Path(os.path.realpath(path)), write, force, "report")
+
+    def json_text(self) -> str:
+        """:meth:`to_dict` as indented JSON text (``--report -``)."""
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
 
     # -- terminal -----------------------------------------------------------------------------
     def render(self, console: Console, max_rows: int = 60) -> None:

@@ -86,7 +86,7 @@ def test_resolve_output_rules(tmp_path):
     src = tmp_path / "m.onnx"
     onnx.save(B.conv_gemm_model(), str(src))
     assert mio.resolve_output(src, None, False) == tmp_path / "m.pruned.onnx"
-    with pytest.raises(OutputError, match="is the input"):
+    with pytest.raises(OutputError, match="input model reads"):
         mio.resolve_output(src, src, True)
     (tmp_path / "m.pruned.onnx").write_bytes(b"x")
     with pytest.raises(OutputError, match="--force"):
