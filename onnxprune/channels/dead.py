@@ -170,7 +170,16 @@ def find_dead(handle: ModelHandle, graph: ChannelGraph):
                         in zip(consumer_inputs, vals) if v != 0 and _reads(handle, graph, m, u)]
                 if not plan:
                     remove.add(u)
-                elif all(exact_fold(node, idx) for _, node, idx, _ in plan):
+                elif any(not exact_fold(node, idx) for _, node, idx, _ in plan):
+                    kept.append(f"{group.describe()} channel {u}: constant "
+                                f"{[round(k, 6) for *_, k in plan]} reaches a consumer where "
+                                "folding is not exact (zero padding or no bias)")
+                elif any(_bias_unfit(index, graph, node, idx) for _, node, idx, _ in plan):
+                    why = next(r for r in (_bias_unfit(index, graph, node, idx)
+                                           for _, node, idx, _ in plan) if r)
+                    kept.append(f"{group.describe()} channel {u}: constant "
+                                f"{[round(k, 6) for *_, k in plan]} cannot be folded: {why}")
+                else:
                     folded_units.add(u)
                     # zero every consumer's slice so the next pass sees the unit as unread
                     in_plan = {(id(m), id(node)) for m, node, _, _ in plan}
@@ -178,10 +187,6 @@ def find_dead(handle: ModelHandle, graph: ChannelGraph):
                     # value 0 there: zeroing the slice is exact and makes the unit unread
                     folds.extend((u, m, node, idx, 0.0) for m, node, idx, _ in consumer_inputs
                                  if (id(m), id(node)) not in in_plan)
-                else:
-                    kept.append(f"{group.describe()} channel {u}: constant "
-                                f"{[round(k, 6) for *_, k in plan]} reaches a consumer where "
-                                "folding is not exact (zero padding or no bias)")
         # Never remove every channel: keep the group alive with one unit.
         if len(remove) + len(folded_units) >= group.size:
             last = max(remove | folded_units)
@@ -211,6 +216,26 @@ def _all_zero(handle, graph, group, role) -> np.ndarray:
 def _reads(handle, graph, m: Member, u: int) -> bool:
     arr = np.asarray(handle.read(graph.stored[m.tensor]))
     return bool(np.any(np.take(arr, m.index_map[u], axis=m.axis) != 0))
+
+
+def _bias_unfit(index, graph: ChannelGraph, node: onnx.NodeProto, weight_index: int
+                ) -> Optional[str]:
+    """Why the bias a fold into ``node`` would edit cannot take it (None when it can): it must
+    be absent (a new one is made), or a stored tensor no other node reads. A bias that is a graph
+    input or computed (an fp32 bias behind a Cast in an fp16 model) cannot be edited, and one
+    shared by two layers (optimizers merge equal initializers) would shift the other layer."""
+    slot = bias_slot(node, weight_index)
+    if slot is None or slot.index is None or len(node.input) <= slot.index \
+            or not node.input[slot.index]:
+        return None  # a new bias input, or an Add after a MatMul, is created for the fold
+    name = node.input[slot.index]
+    if name not in graph.stored:
+        return f"the bias '{name}' of {node.op_type} '{node_key(node)}' is not a stored tensor"
+    readers = index.read_anywhere(name)
+    if readers != 1:
+        return (f"the bias '{name}' of {node.op_type} '{node_key(node)}' is shared by "
+                f"{readers} nodes")
+    return None
 
 
 def apply_folds(handle: ModelHandle, graph: ChannelGraph, folds) -> List[str]:

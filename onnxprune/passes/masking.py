@@ -103,6 +103,18 @@ def not_a_weight(raw: np.ndarray, guard_fixed: bool = True) -> Optional[str]:
     return None
 
 
+def check_user_keys(given: Dict[str, np.ndarray], plans: List[LayerPlan], what: str) -> None:
+    """Refuse user ``scores``/``masks`` keyed by a name no selected weight has (a typo would
+    otherwise leave the user's arrays unused and prune by magnitude instead)."""
+    names = {p.weight.name for p in plans} | {p.weight.key for p in plans}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        some = ", ".join(sorted(p.weight.name for p in plans)[:8])
+        raise OptionError(f"{what} given for {unknown[:5]}, which are not selected weights; "
+                          f"keys must be the model's weight tensor names (selected: {some}"
+                          f"{', …' if len(plans) > 8 else ''})")
+
+
 class ScoreWeights(Pass):
     """Score every selected weight with its criterion, folded into its pattern's units.
 
@@ -126,11 +138,7 @@ class ScoreWeights(Pass):
         self.guard_fixed = guard_fixed
 
     def run(self, state):
-        unknown = set(self.user_scores) - {p.weight.name for p in state.plans} - {
-            p.weight.key for p in state.plans}
-        if unknown:
-            raise OptionError(f"scores given for {sorted(unknown)[:5]}, which are not selected "
-                              "weights; names must match the model's weight tensor names")
+        check_user_keys(self.user_scores, state.plans, "scores")
         record = ScoreRecord()
         kept = []
         held = 0  # bytes of unit scores kept; None once past the budget (then none are kept)
@@ -200,6 +208,7 @@ class ApplyMasks(Pass):
 
     def run(self, state):
         plans = state.plans
+        check_user_keys(self.user_masks, plans, "masks")
         record = MaskRecord(scope=self.scope)
         user = {p.weight.key: self._user_mask_array(p) for p in plans}  # shapes checked first
         free = [p for p in plans if user[p.weight.key] is None

@@ -129,3 +129,47 @@ def test_dead_unread_columns_removed():
     rec = remove_dead_channels(handle)
     assert rec.removed.get(0) == [2, 3, 7]
     assert_close(run(handle.model, feeds_for(zeroed)), run(zeroed, feeds_for(zeroed)))
+
+
+def _shared_bias_model():
+    """x -> Conv a (3x3, valid; filter 1 zero, bias 1 nonzero) -> Relu -> two 1x1 Convs that
+    share one bias initializer (optimizers merge equal initializers) -> Add -> y."""
+    from onnx import TensorProto, helper
+
+    import builders as B
+
+    wa = B.rng(1).standard_normal((6, 3, 3, 3)).astype(np.float32)
+    wa[1] = 0
+    ba = B.rng(2).standard_normal(6).astype(np.float32)
+    ba[1] = 0.7  # relu(0.7) = 0.7 reaches both 1x1 convs as a constant
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "w1", "shared"], ["c1"]),
+             helper.make_node("Conv", ["x2", "w2", "shared"], ["c2"]),
+             helper.make_node("Add", ["c1", "c2"], ["y"])]
+    inits = [onnx.numpy_helper.from_array(wa, "wa"), onnx.numpy_helper.from_array(ba, "ba"),
+             B.tensor("w1", (4, 6, 1, 1), 3), B.tensor("w2", (4, 5, 1, 1), 4),
+             B.tensor("shared", (4,), 5)]
+    return B.make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+                                helper.make_tensor_value_info("x2", TensorProto.FLOAT, [1, 5, 6, 6])],
+                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+                        inits)
+
+
+def test_a_constant_is_never_folded_into_a_bias_another_layer_shares():
+    model = _shared_bias_model()
+    handle = load(copy.deepcopy(model))
+    rec = remove_dead_channels(handle)
+    assert any("shared by 2 nodes" in k for k in rec.kept_nonzero_const), rec
+    assert not rec.folded
+    feeds = feeds_for(model)
+    assert_close(run(handle.model, feeds), run(model, feeds))
+
+
+def test_a_bias_behind_a_cast_keeps_the_channel_and_the_run_succeeds(models_dir, tmp_path):
+    # The bundled fp16 block keeps its fp32 biases behind Cast nodes: not stored, not editable.
+    src = models_dir / "mobilenetv3_block_fp16.onnx"
+    result = onnxprune.prune(str(src), sparsity=0.9, output=tmp_path / "o.onnx")
+    notes = " ".join(result.report.notes)
+    assert "not a stored tensor" in notes
+    onnx.checker.check_model(onnx.load(str(tmp_path / "o.onnx")), full_check=True)

@@ -250,3 +250,14 @@ def test_outputs_broken_by_pruning_are_never_written(tmp_path):
     keep[0, :] = False
     result = onnxprune.prune(model, masks={"W": keep}, inputs=feeds, output=out)
     assert out.exists() and result.report is not None
+
+
+@pytest.mark.parametrize("what", ["masks", "scores"])
+def test_user_arrays_keyed_by_no_weight_are_an_error_naming_the_key(what):
+    model = B.conv_gemm_model()
+    name = model.graph.initializer[0].name
+    shape = tuple(model.graph.initializer[0].dims)
+    arrays = {name: np.ones(shape, bool if what == "masks" else np.float32),
+              "typo_weight": np.ones(shape, bool if what == "masks" else np.float32)}
+    with pytest.raises(OnnxPruneError, match=f"{what} given for \\['typo_weight'\\]"):
+        onnxprune.prune(model, **{what: arrays})
