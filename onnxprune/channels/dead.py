@@ -218,6 +218,17 @@ def _reads(handle, graph, m: Member, u: int) -> bool:
     return bool(np.any(np.take(arr, m.index_map[u], axis=m.axis) != 0))
 
 
+def set_input(node: onnx.NodeProto, index: int, name: str) -> None:
+    """Make ``name`` input ``index`` of ``node``: an explicit empty optional input (``""``)
+    is filled in place, missing ones before it become ``""``; the node never grows past it."""
+    while len(node.input) < index:
+        node.input.append("")
+    if len(node.input) > index:
+        node.input[index] = name
+    else:
+        node.input.append(name)
+
+
 def _bias_unfit(index, graph: ChannelGraph, node: onnx.NodeProto, weight_index: int
                 ) -> Optional[str]:
     """Why the bias a fold into ``node`` would edit cannot take it (None when it can): it must
@@ -272,9 +283,7 @@ def apply_folds(handle: ModelHandle, graph: ChannelGraph, folds) -> List[str]:
             else:  # a new bias holds delta as is: its scale attribute (Gemm beta) becomes 1
                 name = new_initializer(g, f"{node_key(node)}_{slot.operand}",
                                        delta.astype(_dtype_of(handle, graph, node)))
-                while len(node.input) < slot.index:
-                    node.input.append("")
-                node.input.append(name)
+                set_input(node, slot.index, name)
                 if slot.beta_attr:
                     set_attr(node, slot.beta_attr, 1.0)
         else:  # no bias input (MatMul): an Add after it
@@ -316,9 +325,7 @@ def _add_bias(handle, graph, node, index, delta) -> None:
     else:
         name = new_initializer(g, node_key(node) + "_B",
                                delta.astype(_dtype_of(handle, graph, node)))
-        while len(node.input) < index:
-            node.input.append("")
-        node.input.append(name)
+        set_input(node, index, name)
 
 
 @dataclass

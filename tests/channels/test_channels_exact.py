@@ -173,3 +173,31 @@ def test_a_bias_behind_a_cast_keeps_the_channel_and_the_run_succeeds(models_dir,
     notes = " ".join(result.report.notes)
     assert "not a stored tensor" in notes
     onnx.checker.check_model(onnx.load(str(tmp_path / "o.onnx")), full_check=True)
+
+
+def test_a_fold_into_an_explicit_empty_bias_fills_it_in_place():
+    # Conv's bias given as "" (an explicit empty optional input) must not grow a 4th input.
+    from onnx import TensorProto, helper
+
+    import builders as B
+
+    wa = B.rng(1).standard_normal((6, 3, 3, 3)).astype(np.float32)
+    wa[1] = 0
+    ba = B.rng(2).standard_normal(6).astype(np.float32)
+    ba[1] = 0.7
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "w1", ""], ["y"])]
+    model = B.make_model(
+        nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [onnx.numpy_helper.from_array(wa, "wa"), onnx.numpy_helper.from_array(ba, "ba"),
+         B.tensor("w1", (4, 6, 1, 1), 3)])
+    handle = load(copy.deepcopy(model))
+    rec = remove_dead_channels(handle)
+    assert rec.folded and rec.channels_removed == 1
+    consumer = [n for n in handle.model.graph.node if n.output[0] == "y"][0]
+    assert len(consumer.input) == 3 and consumer.input[2]
+    onnx.checker.check_model(handle.model, full_check=True)
+    feeds = feeds_for(model)
+    assert_close(run(handle.model, feeds), run(model, feeds))
