@@ -158,8 +158,12 @@ class CalibrationSet:
             yield flush(pending_n)
 
 
-def _head(loader: Callable[[], Dict[str, np.ndarray]], n: int):
-    return lambda: {k: v[:n] for k, v in loader().items()}
+def _head(loader: Callable[..., Dict[str, np.ndarray]], n: int):
+    """``loader`` limited to its first ``n`` samples: the source reads no more than that."""
+    def load(limit: Optional[int] = None) -> Dict[str, np.ndarray]:
+        rows = n if limit is None else min(n, limit)
+        return {k: v[:rows] for k, v in loader(rows).items()}
+    return load
 
 
 def _same_sample_shape(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
@@ -224,7 +228,7 @@ def generated_calibration(model, n: int = 8, seed: int = 0,
     resolved = resolve_input_shapes(proto, shapes, batch=1)
     parts = []
     for i in range(int(n)):
-        def loader(i=i):
+        def loader(limit=None, i=i):
             return make_inputs(proto, resolved, seed=seed * 1_000_003 + i)
         parts.append(Part(1, loader, f"generated #{i}"))
     return CalibrationSet(specs, parts, f"generated (seed {seed})", data_free=True)

@@ -29,10 +29,12 @@ _NPY_MAGIC = b"\x93NUMPY"
 @dataclass
 class Part:
     """A slice of the user's data: ``count`` samples (None: one feed, no sample axis), loaded
-    on demand as ``{input name: array}``, checked and in the model's dtypes."""
+    on demand as ``{input name: array}``, checked and in the model's dtypes. ``load(limit)``
+    reads only the first ``limit`` samples where the source allows (files are read up to what is
+    needed, never whole: ``--calibration-samples 2`` on a 1.5 GB file reads two samples)."""
 
     count: Optional[int]
-    load: Callable[[], Dict[str, np.ndarray]]
+    load: Callable[..., Dict[str, np.ndarray]]
     label: str
 
 
@@ -97,19 +99,54 @@ def file_part(path: Path, specs: Sequence[InputSpec], samples: bool, single_ok: 
                                     samples, single_ok, want)
     by_input = {v: k for k, v in names.items()}
 
-    def load() -> Dict[str, np.ndarray]:
+    def load(limit: Optional[int] = None) -> Dict[str, np.ndarray]:
         try:
-            if kind == "npy":
-                raw = {specs[0].name: np.load(path, allow_pickle=False)}
-            else:
-                with np.load(path, allow_pickle=False) as z:
-                    raw = {s.name: z[by_input[s.name]] for s in specs}
+            raw = {}
+            for s in specs:
+                rows = None if (limit is None or adds_axis[s.name] or not samples) else limit
+                if kind == "npy":
+                    with open(path, "rb") as f:
+                        raw[s.name] = _read_rows(f, rows)
+                else:
+                    with zipfile.ZipFile(path) as zf, zf.open(by_input[s.name] + ".npy") as f:
+                        raw[s.name] = _read_rows(f, rows)
+        except InputDataError:
+            raise
         except Exception as exc:
             raise InputDataError(f"'{path}' is not a readable .npz/.npy file ({exc}); "
                                  f"{SAVE_HINT}") from None
         return {s.name: coerce(str(path), s, raw[s.name], adds_axis[s.name]) for s in specs}
 
     return Part(count, load, path.name)
+
+
+def _read_rows(f, rows: Optional[int]) -> np.ndarray:
+    """The array in the ``.npy`` stream ``f``, only its first ``rows`` entries along axis 0
+    when ``rows`` is given (C order: those are the first bytes; a ``.npz`` member is streamed,
+    decompressed only as far as needed). Pickled (object) arrays are refused."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise InputDataError("holds Python objects (a pickled array), which onnxprune never "
+                             "loads; save plain numeric arrays")
+    if rows is None or fortran or not shape or rows >= shape[0]:
+        rows = shape[0] if shape else None
+        count = int(np.prod(shape, dtype=np.int64))
+        data = f.read(count * dtype.itemsize)
+        if len(data) != count * dtype.itemsize:
+            raise ValueError("the array data is truncated")
+        arr = np.frombuffer(data, dtype=dtype, count=count)
+        return arr.reshape(shape[::-1]).T.copy() if fortran else arr.reshape(shape).copy()
+    out_shape = (int(rows),) + tuple(shape[1:])
+    count = int(np.prod(out_shape, dtype=np.int64))
+    data = f.read(count * dtype.itemsize)
+    if len(data) != count * dtype.itemsize:
+        raise ValueError("the array data is truncated")
+    return np.frombuffer(data, dtype=dtype, count=count).reshape(out_shape).copy()
 
 
 def arrays_part(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], label: str,
@@ -122,7 +159,7 @@ def arrays_part(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], la
                                     {k: (v.shape, v.dtype) for k, v in arrays.items()},
                                     samples, want=want)
     conformed = {s.name: coerce(label, s, arrays[s.name], adds_axis[s.name]) for s in specs}
-    return Part(count, lambda: dict(conformed), label)
+    return Part(count, lambda limit=None: dict(conformed), label)
 
 
 def read_npz(path, what: str) -> Dict[str, np.ndarray]:

@@ -86,7 +86,8 @@ def image_parts(folder: Path, files: List[Path], specs: Sequence[InputSpec],
             if dims is not None and isinstance(dims[axis], int) and dims[axis] != want:
                 raise InputDataError(f"image size {size[0]}x{size[1]} does not fit input "
                                      f"'{spec.name}' {spec.declared}")
-    return [Part(1, (lambda p=p: {spec.name: _read_image(p, pre, size, channels, spec)}),
+    return [Part(1, (lambda limit=None, p=p: {spec.name: _read_image(p, pre, size, channels,
+                                                                        spec)}),
                  p.name) for p in files]
 
 

@@ -571,3 +571,35 @@ def test_finite_data_passes_the_finite_check(tmp_path):
     x = np.arange(24, dtype=np.float32).reshape(6, 4)
     got = load_inputs(_npz(tmp_path, x=x), model)
     np.testing.assert_array_equal(got["x"], x)
+
+
+def _truncated_npy(arr: np.ndarray, rows: int) -> bytes:
+    """``arr`` saved as .npy whose data stops after ``rows`` samples (header still says all)."""
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    full = buf.getvalue()
+    header = len(full) - arr.nbytes
+    return full[: header + rows * arr[0].nbytes]
+
+
+@pytest.mark.parametrize("kind", ["npy", "npz", "npz-deflated"])
+def test_calibration_samples_read_only_what_is_asked(tmp_path, kind):
+    # Only 3 of 1000 samples are in the file; reading more than asked would hit the end.
+    import zipfile
+
+    model = _one_input_model()
+    x = np.random.default_rng(0).standard_normal((1000, 4)).astype(np.float32)
+    data = _truncated_npy(x, 3)
+    path = tmp_path / f"calib.{kind[:3]}"
+    if kind == "npy":
+        path.write_bytes(data)
+    else:
+        comp = zipfile.ZIP_DEFLATED if kind.endswith("deflated") else zipfile.ZIP_STORED
+        with zipfile.ZipFile(path, "w", compression=comp) as zf:
+            zf.writestr("x.npy", data)
+    got = np.concatenate([b["x"] for b in load_calibration(path, model, samples=3).batches(2)])
+    np.testing.assert_array_equal(got, x[:3])
+    with pytest.raises(InputDataError, match="truncated"):
+        list(load_calibration(path, model, samples=4).batches(2))
