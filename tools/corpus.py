@@ -63,6 +63,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fetch_corpus import sha256_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+# Run the onnxprune of this checkout (the --worker processes run this file too), not whichever
+# one an editable install elsewhere points to.
+sys.path.insert(0, str(REPO))
 ONNX_COLLECTIONS = ("simple", "pytorch-converted", "pytorch-operator")
 CACHE_COLLECTIONS = ("light", "ppocr")
 COLLECTIONS = ("light",) + ONNX_COLLECTIONS + ("ppocr",)

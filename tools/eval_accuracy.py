@@ -41,6 +41,9 @@ import numpy as np
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parent.parent
+# Measure the onnxprune of this checkout (spawned children inherit sys.path), not whichever one
+# an editable install elsewhere points to.
+sys.path.insert(0, str(ROOT))
 MODELS = ROOT / "models"
 CORPUS = Path(os.environ.get("ONNXPRUNE_CORPUS", Path.home() / ".cache/onnxprune/corpus"))
 PPOCR_REC = CORPUS / "ppocr" / "ch_PP-OCRv4_rec_infer.onnx"
