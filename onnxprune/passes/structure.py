@@ -153,6 +153,10 @@ class PruneChannels(Pass):
             record.refit = refit_channels(state, record)
             record.notes.append(f"least-squares refit of {len(record.refit)} weights (and their "
                                 "biases), layer by layer, to the dense model's outputs")
+            # The refit's part-graph sessions replaced the graph's node objects (protobuf
+            # detaches what it removes), so the resize must work on a graph built from the nodes
+            # the model holds now, or its edits (Split sizes, Reshape constants) land nowhere.
+            graph = _same_groups(graph, build_channel_graph(state.handle, self.input_shapes))
         resize_channels(state.handle, graph, removed)
         changed = _record_shapes(state, record, before, "channel", self.criterion)
         frozen = [(g.describe(), g.frozen) for g in graph.groups if g.frozen and g.producers]
@@ -168,6 +172,16 @@ class PruneChannels(Pass):
                                                                         with_producer, pruned)
         record.resized = changed
         return record
+
+
+def _same_groups(before, after):
+    """``after`` (the channel graph rebuilt from the same structure), checked to hold the same
+    groups as ``before`` so that removals keyed by group id still mean the same channels."""
+    if [(g.size, sorted(g.producers)) for g in before.groups] != \
+            [(g.size, sorted(g.producers)) for g in after.groups]:
+        raise RuntimeError("internal error: the channel graph changed while channels were being "
+                           "refit; nothing was written (please report this model)")
+    return after
 
 
 class RemoveDeadChannels(Pass):

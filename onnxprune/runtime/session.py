@@ -215,6 +215,8 @@ def part_session(handle: ModelHandle, nodes: Optional[Sequence[onnx.NodeProto]],
         for name, items in saved.items():
             del getattr(graph, name)[:]
             getattr(graph, name).extend(items)
+        if "node" in saved:  # new node objects: anything holding the old ones must rebuild
+            handle.graph_changed()
 
 
 def _copy(message):

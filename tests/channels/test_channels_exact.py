@@ -201,3 +201,30 @@ def test_a_fold_into_an_explicit_empty_bias_fills_it_in_place():
     onnx.checker.check_model(handle.model, full_check=True)
     feeds = feeds_for(model)
     assert_close(run(handle.model, feeds), run(model, feeds))
+
+
+def test_channel_refit_on_a_c2f_detector_block_keeps_split_sizes_consistent(models_dir, tmp_path):
+    # YOLOv8-style C2f (Split -> bottlenecks -> Concat): the refit's part-graph sessions used to
+    # leave the resize editing detached node copies, so Split sizes kept their old values and the
+    # output was invalid (onnx.checker: "Mismatch between the sum of 'split'").
+    src = models_dir / "yolo_block.onnx"
+    calib = np.random.default_rng(0).standard_normal((8, 3, 64, 64)).astype(np.float32)
+    out = tmp_path / "o.onnx"
+    result = onnxprune.prune(str(src), pattern="channel", sparsity=0.25, refit=True,
+                             calibration={"images": calib}, output=out)
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    dims = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+            for vi in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    stored.update({n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t)
+                   for n in model.graph.node if n.op_type == "Constant"})
+    splits = [n for n in model.graph.node if n.op_type == "Split"]
+    assert splits
+    for node in splits:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        assert int(stored[node.input[1]].sum()) == dims[node.input[0]][axis], node.name
+    assert result.report.to_dict()["params_after"] < result.report.to_dict()["params_before"]
+    feeds = {"images": calib[:1]}
+    assert np.isfinite(run(model, feeds)[0]).all()
