@@ -282,6 +282,10 @@ class Report:
                 _num(s.mean_rel), _num(s.cosine, ".6f"),
                 "" if s.top1_agreement is None else _pct(s.top1_agreement)]
             tol = None if gate is None else tolerance_for(gate, s.name)
+            if s.reason is None and not s.numeric:
+                # compared by equality only: the numeric columns do not apply
+                row[1] = Text(f"{s.kind} {_shape(s.shape)}")
+                row[2] = Text(f"{_pct(s.equal)} equal")
             if s.reason is not None:
                 failure = Text(f"fail: {s.reason}", style="red")
                 if gate is None:
