@@ -75,6 +75,13 @@ def check_arrays(where: str, specs: Sequence[InputSpec], headers: Mapping[str, H
         shape, dtype = headers[spec.name]
         shape = tuple(int(d) for d in shape)
         check_dtype(where, spec, dtype)
+        # A zero-length axis is an empty tensor: nothing to calibrate or compare on (a zero
+        # sample count is said by the caller, which counts the samples).
+        empty = [axis for axis, d in enumerate(shape) if d == 0 and not (samples and axis == 0)]
+        if empty:
+            raise InputDataError(f"input '{spec.name}' in '{where}' has shape "
+                                 f"{fmt_shape(shape)}: axis {empty[0]} is empty (size 0); "
+                                 "give arrays with at least one element along every axis")
         adds_axis[spec.name] = False
         if spec.name in want and shape != want[spec.name]:
             raise InputDataError(f"input '{spec.name}' in '{where}' has shape "

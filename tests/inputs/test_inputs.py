@@ -492,11 +492,26 @@ def _bad_case(tmp_path, case):
     if case == "pickled":
         np.savez(path, x=np.array([_Boom()], dtype=object), m=good["m"])
         return path, ["input 'x'", "is object", "expects float"]
+    if case == "object_ragged":  # an object array of arrays (ragged samples)
+        ragged = np.empty(2, dtype=object)
+        ragged[0], ragged[1] = np.ones((5, 4), np.float32), np.ones((3, 4), np.float32)
+        np.savez(path, x=ragged, m=good["m"])
+        return path, ["input 'x'", "is object", "expects float"]
+    if case == "object_numbers":  # numbers boxed in an object array: still refused, not cast
+        np.savez(path, x=good["x"].astype(object), m=good["m"])
+        return path, ["input 'x'", "is object", "expects float"]
+    if case == "strings":
+        np.savez(path, x=np.full((2, 5, 4), "1.0"), m=good["m"])
+        return path, ["input 'x'", "is <U3", "expects float"]
+    if case == "empty_axis":  # a zero-size (non-sample) axis
+        np.savez(path, x=np.ones((2, 0, 4), np.float32), m=np.ones((2, 0), np.int32))
+        return path, ["input 'x'", "shape 2x0x4: axis 1 is empty (size 0)"]
     raise AssertionError(case)
 
 
 BAD_CASES = ["missing", "extra", "static_dim", "dtype", "int_range", "shared_dim",
-             "unnamed_count", "unreadable", "pickled"]
+             "unnamed_count", "unreadable", "pickled", "object_ragged", "object_numbers",
+             "strings", "empty_axis"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -527,6 +542,27 @@ def test_rank_errors_say_what_each_use_needs(tmp_path):
               "(rank 3) float")
     assert str(fed.value) == common
     assert str(served.value) == common + ", so the array needs rank 3 with samples on axis 0"
+
+
+def test_zero_size_inputs_are_clear_errors(tmp_path):
+    from onnxprune.errors import ModelLoadError
+
+    # a declared zero-size dim: one clear error wherever concrete shapes are needed
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [0, 4])
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "W")
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [x],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [0, 3])], [w])
+    assert input_signature(model)[0].dims == (0, 4)
+    for call in (lambda: make_inputs(model), lambda: resolve_input_shapes(model),
+                 lambda: generated_calibration(model, 2)):
+        with pytest.raises(ModelLoadError, match=r"input 'x' declares a zero-size dim \[0, 4\] "
+                                                 r"\(axis 0\)"):
+            call()
+    # data with an empty axis: the fed axis 0 too (validation feeds arrays as they are)
+    with pytest.raises(InputDataError, match="shape 0x4: axis 0 is empty"):
+        load_inputs({"x": np.ones((0, 4), np.float32)}, _one_input_model())
+    with pytest.raises(InputDataError, match="holds no samples"):
+        load_calibration(_npz(tmp_path, x=np.ones((0, 4), np.float32)), _one_input_model())
 
 
 def test_dicts_are_checked_like_files():
