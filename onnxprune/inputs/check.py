@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import onnx
 
 from onnxprune.errors import InputDataError
 from onnxprune.inputs.signature import FLOAT_TYPES, InputSpec, fmt_shape, type_name
@@ -165,6 +166,8 @@ def check_dtype(where: str, spec: InputSpec, dtype: np.dtype) -> None:
         return
     if target.kind in "iu" and dtype.kind in "iu":
         return
+    if spec.elem_type == onnx.TensorProto.STRING and dtype.kind in "US":
+        return  # np.savez writes strings as unicode/bytes arrays (no pickle); fed as objects
     raise InputDataError(f"input '{spec.name}' in '{where}' is {dtype}; the model expects "
                          f"{type_name(spec)} {spec.declared}")
 
@@ -180,6 +183,8 @@ def coerce(where: str, spec: InputSpec, arr: np.ndarray, add_axis: bool = False)
     target = spec.dtype
     if arr.dtype == target:
         return arr
+    if spec.elem_type == onnx.TensorProto.STRING:
+        return arr.astype(object)
     if target.kind in "iu" and arr.dtype.kind in "iu" and arr.size:
         info = np.iinfo(target)
         if arr.min() < info.min or arr.max() > info.max:

@@ -607,3 +607,23 @@ def test_finite_data_passes_the_finite_check(tmp_path):
     x = np.arange(24, dtype=np.float32).reshape(6, 4)
     got = load_inputs(_npz(tmp_path, x=x), model)
     np.testing.assert_array_equal(got["x"], x)
+
+
+def test_string_inputs_from_npz_unicode_arrays(tmp_path):
+    # np.savez stores strings as a unicode array (no pickle): served to a STRING input as
+    # objects; a number array for it stays an error
+    nodes = [helper.make_node("LabelEncoder", ["s"], ["code"], domain="ai.onnx.ml",
+                              keys_strings=["a", "b"], values_floats=[1.0, 2.0]),
+             helper.make_node("Mul", ["x", "code"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [_vi("x", [2, 1]), _vi("s", [2, 1], TensorProto.STRING)],
+                              [_vi("y", [2, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("ai.onnx.ml", 3)])
+    model.ir_version = 8
+    x = np.ones((2, 1), np.float32)
+    feeds = load_inputs(_npz(tmp_path, x=x, s=np.array([["a"], ["b"]])), model)
+    assert feeds["s"].dtype == object
+    np.testing.assert_array_equal(run_model(model, feeds)["y"], [[1.0], [2.0]])
+    with pytest.raises(InputDataError, match="input 's' in '.*' is int64; the model expects "
+                                             "string"):
+        load_inputs(_npz(tmp_path, "n.npz", x=x, s=np.array([[1], [2]])), model)
