@@ -83,6 +83,7 @@ class Skipped:
 
     name: str
     reason: str
+    readers: Tuple[str, ...] = ()  # what else reads it, when that is why it was skipped
 
 
 @dataclass
@@ -223,7 +224,7 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
             mixed.add(w.name)
             skipped_list.append(Skipped(
                 w.name, f"also read by {shown}, not as a prunable weight; pruning it for "
-                        f"{w.op_type} would change what that reader sees"))
+                        f"{w.op_type} would change what that reader sees", tuple(readers)))
     weights = [w for w in weights if w.name not in mixed]
     skipped_list = [s for s in skipped_list if s.name not in pruned_names or s.name in mixed]
     return weights, skipped_list

@@ -17,6 +17,7 @@ from onnxprune.channels.graph import build_channel_graph
 from onnxprune.channels.resize import mask_channels, resize_channels
 from onnxprune.channels.select import select_channels
 from onnxprune.errors import OptionError
+from onnxprune.inputs.signature import fmt_shape
 from onnxprune.ops.weights import Skipped
 from onnxprune.passes.base import LayerResult, Pass, PassRecord, PruneState, set_layer
 
@@ -153,7 +154,18 @@ class PruneChannels(Pass):
             record.refit = refit_channels(state, record)
             record.notes.append(f"least-squares refit of {len(record.refit)} weights (and their "
                                 "biases), layer by layer, to the dense model's outputs")
-        resize_channels(state.handle, graph, removed)
+        resized = resize_channels(state.handle, graph, removed)
+        # A tensor left alone as a weight because something else reads it (a tied embedding
+        # table read by Gather) may still lose channels its whole group loses: say so, naming
+        # those readers (the channel rules make them follow the same channels).
+        for skip in state.skipped:
+            shapes = resized.get(skip.name)
+            if skip.readers and shapes and shapes[0] != shapes[1]:
+                record.notes.append(
+                    f"'{skip.name}' (not pruned as a weight: also read by "
+                    f"{', '.join(skip.readers)}) lost the channels of its group: "
+                    f"{fmt_shape(shapes[0])} -> {fmt_shape(shapes[1])}; those readers see the "
+                    "same channels removed")
         changed = _record_shapes(state, record, before, "channel", self.criterion)
         frozen = [(g.describe(), g.frozen) for g in graph.groups if g.frozen and g.producers]
         with_producer = sum(1 for g in graph.groups if g.producers)

@@ -105,3 +105,17 @@ def test_weight_read_by_a_subgraph_non_prunable_node_left_alone():
     names, skipped = _skipped(model)
     assert names == [] and skipped["W"].startswith("also read by ")
     assert "ReduceMax 'ReduceMax(m)'" in skipped["W"] and "ReduceMin 'ReduceMin(n)'" in skipped["W"]
+
+
+def test_channel_pruning_names_the_other_reader_of_a_resized_tied_table():
+    # E's column axis is tied (through Gather and Transpose) to W's channels: removing them
+    # slices E too, consistently for both readers, and the report says so by name
+    model = _tied_embeddings()
+    res = onnxprune.prune(model, sparsity=0.5, pattern="channel")
+    out = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    assert out["E"].shape == (32, 8) and out["W"].shape == (8, 8)
+    note = [n for n in res.report.notes if n.startswith("'E'")]
+    assert note == ["'E' (not pruned as a weight: also read by Gather 'embed') lost the "
+                    "channels of its group: 32x16 -> 32x8; those readers see the same channels "
+                    "removed"]
+    assert res.report.comparison["logits"].ok
