@@ -168,6 +168,10 @@ def check_dtype(where: str, spec: InputSpec, dtype: np.dtype) -> None:
         return
     if spec.elem_type == onnx.TensorProto.STRING and dtype.kind in "US":
         return  # np.savez writes strings as unicode/bytes arrays (no pickle); fed as objects
+    if dtype.kind == "O":  # pickled Python objects: never unpickled, so never usable
+        raise InputDataError(f"input '{spec.name}' in '{where}' is object (an array of pickled "
+                             f"Python objects, which onnxprune never loads); the model expects "
+                             f"{type_name(spec)} {spec.declared}: save a numeric array")
     raise InputDataError(f"input '{spec.name}' in '{where}' is {dtype}; the model expects "
                          f"{type_name(spec)} {spec.declared}")
 

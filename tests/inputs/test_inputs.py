@@ -496,7 +496,9 @@ def _bad_case(tmp_path, case):
         ragged = np.empty(2, dtype=object)
         ragged[0], ragged[1] = np.ones((5, 4), np.float32), np.ones((3, 4), np.float32)
         np.savez(path, x=ragged, m=good["m"])
-        return path, ["input 'x'", "is object", "expects float"]
+        return path, ["input 'x'", "is object (an array of pickled Python objects, which "
+                      "onnxprune never loads); the model expects float [N, T, 4]: save a "
+                      "numeric array"]
     if case == "object_numbers":  # numbers boxed in an object array: still refused, not cast
         np.savez(path, x=good["x"].astype(object), m=good["m"])
         return path, ["input 'x'", "is object", "expects float"]
