@@ -22,6 +22,7 @@ from onnxprune import __version__
 from onnxprune.errors import OnnxPruneError
 from onnxprune.model.io import default_output
 from onnxprune.options import Flag, FlagGroup, cli_fields, from_cli, param_name
+from onnxprune.text import printable
 
 #: Pruned when no MODEL is given, so a first run needs no file of one's own (models/digits_cnn.onnx).
 DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "digits_cnn.onnx"
@@ -51,7 +52,7 @@ def _track(quiet: bool):
     def tracker(items, description, total):
         if total < 8:
             return items
-        return track(items, description=description, total=total, transient=True,
+        return track(items, description=printable(description), total=total, transient=True,
                      console=_err_console())
 
     return tracker
@@ -74,7 +75,8 @@ def _run(fn):
     try:
         return fn()
     except OnnxPruneError as exc:
-        click.echo(f"error: {exc}", err=True)
+        # one line, names escaped: a model's names reach messages, and the terminal
+        click.echo(f"error: {printable(exc)}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted: nothing was written", err=True)
@@ -189,7 +191,8 @@ def prune_command(model, output, report_path, force, quiet, **flags):
                            **from_cli(flags, "prune"))
         except KeyboardInterrupt:
             if _stamp(Path(out)) != stamp:  # the signal came after the output was renamed into place
-                click.echo(f"interrupted after {out} was completely written", err=True)
+                click.echo(f"interrupted after {printable(out)} was completely written",
+                           err=True)
                 sys.exit(130)
             raise
         except OnnxPruneError as exc:
@@ -199,7 +202,7 @@ def prune_command(model, output, report_path, force, quiet, **flags):
             raise
         _emit(result.report, report_path_ok, quiet, force)
         if not quiet:
-            click.echo(f"wrote {result.output}", err=report_path_ok == "-")
+            click.echo(f"wrote {printable(result.output)}", err=report_path_ok == "-")
 
     _run(body)
 

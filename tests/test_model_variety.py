@@ -212,9 +212,10 @@ def test_custom_domain_cli_writes_checked_model_and_says_it_was_not_run(tmp_path
 
 
 # -- QDQ --------------------------------------------------------------------------------------
-def qdq_float_model() -> onnx.ModelProto:
-    """float cw -> QuantizeLinear -> DequantizeLinear -> Conv; the dequantized weight is also a
-    graph output so the test can read what the Conv really sees."""
+def qdq_float_model(probe: bool = False) -> onnx.ModelProto:
+    """float cw -> QuantizeLinear -> DequantizeLinear -> Conv; with ``probe`` the dequantized
+    weight is also a graph output (the test adds it to the pruned model to read what the Conv
+    really sees: a weight that is also a graph output is left alone)."""
     r = B.rng(3)
     inits = [numpy_helper.from_array(r.standard_normal((8, 4, 3, 3)).astype(np.float32), "cw"),
              numpy_helper.from_array(np.array(0.02, np.float32), "s"),
@@ -223,21 +224,28 @@ def qdq_float_model() -> onnx.ModelProto:
              helper.make_node("DequantizeLinear", ["cwq", "s", "zp"], ["cwd"], name="dq"),
              helper.make_node("Conv", ["x", "cwd"], ["y"], pads=[1, 1, 1, 1], name="conv")]
     return model_for(nodes, [vi("x", TensorProto.FLOAT, [1, 4, 6, 6])],
-                     [vi("y", TensorProto.FLOAT, [1, 8, 6, 6]),
-                      vi("cwd", TensorProto.FLOAT, [8, 4, 3, 3])], inits,
+                     [vi("y", TensorProto.FLOAT, [1, 8, 6, 6])] +
+                     ([vi("cwd", TensorProto.FLOAT, [8, 4, 3, 3])] if probe else []), inits,
                      [helper.make_opsetid("", 17)])
 
 
+def _probe(model: onnx.ModelProto) -> onnx.ModelProto:
+    probed = onnx.ModelProto()
+    probed.CopyFrom(model)
+    probed.graph.output.append(vi("cwd", TensorProto.FLOAT, [8, 4, 3, 3]))
+    return probed
+
+
 def test_qdq_float_weight_pruned_and_zeros_survive_dequantize():
-    model = qdq_float_model()
-    res = onnxprune.prune(model, sparsity=0.5, resize=False)
+    model = qdq_float_model(probe=True)
+    res = onnxprune.prune(qdq_float_model(), sparsity=0.5, resize=False)
     a = arrays(res.model)
     assert zeros(a["cw"]) == 144
     assert [r.name for r in res.report.rows] == ["cw"]
     np.testing.assert_array_equal(a["s"], np.float32(0.02))
     np.testing.assert_array_equal(a["zp"], np.int8(0))
     x = {"x": np.ones((1, 4, 6, 6), np.float32)}
-    dequantized = run_model(res.model, x)["cwd"]
+    dequantized = run_model(_probe(res.model), x)["cwd"]
     # every pruned element reaches the Conv as an exact 0 (zero -> zero point -> 0); kept ones
     # whose magnitude is under half a quantization step also round to 0, as they did before
     np.testing.assert_array_equal(dequantized[a["cw"] == 0], 0.0)
@@ -246,6 +254,13 @@ def test_qdq_float_weight_pruned_and_zeros_survive_dequantize():
     np.testing.assert_array_equal(dequantized[kept], original[kept])
     assert [n.op_type for n in res.model.graph.node] == ["QuantizeLinear", "DequantizeLinear",
                                                          "Conv"]
+
+
+def test_qdq_weight_that_is_also_a_graph_output_is_left_alone():
+    # the dequantized weight is an output too: pruning cw would change it silently
+    with pytest.raises(SelectionError,
+                       match="cw: also read by graph output 'cwd'"):
+        onnxprune.prune(qdq_float_model(probe=True), sparsity=0.5, resize=False)
 
 
 def int8_conv_nodes(prefix: str, r):

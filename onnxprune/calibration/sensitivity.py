@@ -162,8 +162,10 @@ def layer_sensitivity(handle, weights: Sequence[Weight], data: CalibrationSet,
     out_names = [o.name for o in session.get_outputs()]
     batches = list(subset.batches(batch_size))
     references = [run_calibration(session, out_names, feed) for feed in batches]
+    # Only float tensors measure an error; strings, sequences and maps (ai.onnx.ml outputs,
+    # ZipMap's sequence of maps) are left out of the sum.
     float_outputs = [i for i, ref in enumerate(references[0])
-                     if np.asarray(ref).dtype.kind == "f"]
+                     if isinstance(ref, np.ndarray) and ref.dtype.kind == "f"]
     if not float_outputs:
         raise OptionError("the model has no float outputs; its output error cannot be measured")
     ref_energy = [sum(float(np.sum(np.square(r[i], dtype=np.float64))) for r in references)

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import onnx
 
 from onnxprune.errors import InputDataError
 from onnxprune.inputs.signature import FLOAT_TYPES, InputSpec, fmt_shape, type_name
@@ -75,6 +76,13 @@ def check_arrays(where: str, specs: Sequence[InputSpec], headers: Mapping[str, H
         shape, dtype = headers[spec.name]
         shape = tuple(int(d) for d in shape)
         check_dtype(where, spec, dtype)
+        # A zero-length axis is an empty tensor: nothing to calibrate or compare on (a zero
+        # sample count is said by the caller, which counts the samples).
+        empty = [axis for axis, d in enumerate(shape) if d == 0 and not (samples and axis == 0)]
+        if empty:
+            raise InputDataError(f"input '{spec.name}' in '{where}' has shape "
+                                 f"{fmt_shape(shape)}: axis {empty[0]} is empty (size 0); "
+                                 "give arrays with at least one element along every axis")
         adds_axis[spec.name] = False
         if spec.name in want and shape != want[spec.name]:
             raise InputDataError(f"input '{spec.name}' in '{where}' has shape "
@@ -158,6 +166,12 @@ def check_dtype(where: str, spec: InputSpec, dtype: np.dtype) -> None:
         return
     if target.kind in "iu" and dtype.kind in "iu":
         return
+    if spec.elem_type == onnx.TensorProto.STRING and dtype.kind in "US":
+        return  # np.savez writes strings as unicode/bytes arrays (no pickle); fed as objects
+    if dtype.kind == "O":  # pickled Python objects: never unpickled, so never usable
+        raise InputDataError(f"input '{spec.name}' in '{where}' is object (an array of pickled "
+                             f"Python objects, which onnxprune never loads); the model expects "
+                             f"{type_name(spec)} {spec.declared}: save a numeric array")
     raise InputDataError(f"input '{spec.name}' in '{where}' is {dtype}; the model expects "
                          f"{type_name(spec)} {spec.declared}")
 
@@ -173,6 +187,8 @@ def coerce(where: str, spec: InputSpec, arr: np.ndarray, add_axis: bool = False)
     target = spec.dtype
     if arr.dtype == target:
         return arr
+    if spec.elem_type == onnx.TensorProto.STRING:
+        return arr.astype(object)
     if target.kind in "iu" and arr.dtype.kind in "iu" and arr.size:
         info = np.iinfo(target)
         if arr.min() < info.min or arr.max() > info.max:

@@ -26,7 +26,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import onnx
 
-from onnxprune.errors import InputDataError, OptionError
+from onnxprune.errors import InputDataError, ModelLoadError, OptionError
 from onnxprune.model.io import ModelHandle, load
 
 ModelOrPath = Union[str, os.PathLike, onnx.ModelProto, ModelHandle]
@@ -103,8 +103,8 @@ _ANONYMOUS_DIMS = {"?", "-1", "None", "none", "unk", "dynamic"}
 
 
 def _dim(d: onnx.TensorShapeProto.Dimension) -> Dim:
-    if d.HasField("dim_value") and d.dim_value > 0:
-        return int(d.dim_value)
+    if d.HasField("dim_value") and d.dim_value >= 0:
+        return int(d.dim_value)  # 0 too: a declared empty axis (refused by concrete_shapes)
     if d.HasField("dim_param") and d.dim_param and d.dim_param not in _ANONYMOUS_DIMS:
         return d.dim_param
     return None
@@ -158,6 +158,13 @@ def concrete_shapes(specs: Sequence[InputSpec], overrides: Optional[Mapping[str,
     """Each input's concrete shape (None for a shapeless input when not ``require_all``); see
     :func:`resolve_input_shapes`."""
     overrides = {k: tuple(int(d) for d in v) for k, v in (overrides or {}).items()}
+    for spec in specs:
+        empty = [axis for axis, d in enumerate(spec.dims or ()) if d == 0]
+        if empty:
+            raise ModelLoadError(f"input '{spec.name}' declares a zero-size dim {spec.declared} "
+                                 f"(axis {empty[0]}): it can only hold empty tensors, which "
+                                 "onnxprune cannot calibrate or validate on; re-export the "
+                                 "model with a positive or symbolic size for that axis")
     if batch < 1:
         raise OptionError(f"batch must be a positive integer, got {batch}")
     names = [s.name for s in specs]

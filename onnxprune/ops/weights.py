@@ -5,7 +5,10 @@ any ``If``/``Loop``/``Scan`` body — that reaches a prunable input of a Conv/Co
 MatMul, directly or through the ops whose registry entry carries it on (``weight_step``:
 ``Cast``/``Identity`` in fp16 exports, Q/DQ pairs, a Transpose or constant Reshape). A tensor read by several nodes
 is one :class:`Weight` with several consumers, pruned once; if the consumers disagree on its
-``W[out, in]`` view it is skipped with a reason rather than guessed.
+``W[out, in]`` view it is skipped with a reason rather than guessed. A tensor that anything
+else reads as well — a ``Gather`` on a tied embedding table, an ``Add``/``ReduceSum``, a graph
+output, directly or after a pass-through op — is skipped with a reason naming that reader:
+pruning it would change the other reader's values silently.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ class Skipped:
 
     name: str
     reason: str
+    readers: Tuple[str, ...] = ()  # what else reads it, when that is why it was skipped
 
 
 @dataclass
@@ -113,6 +117,13 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
     found: Dict[int, Weight] = {}
     order: List[int] = []
     skipped: Dict[str, Skipped] = {}
+    # id(stored tensor) -> what else reads it (not a prunable input, not a pass-through)
+    others: Dict[int, List[str]] = {}
+
+    def other_reader(source: _Source, what: str) -> None:
+        readers = others.setdefault(id(source.tensor), [])
+        if what not in readers:
+            readers.append(what)
 
     def visit(graph: onnx.GraphProto, path: str, outer: Dict[str, Optional[_Source]]) -> None:
         scope: Dict[str, Optional[_Source]] = dict(outer)
@@ -125,11 +136,15 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
             if inp.name not in init_names:
                 scope[inp.name] = None
         for node in graph.node:
+            read = []
             for index, name in enumerate(node.input):
                 source = scope.get(name) if name else None
-                if source is not None:
-                    _consider(node, index, source, path)
-            _define_outputs(node, scope, path)
+                if source is not None and not _consider(node, index, source, path):
+                    read.append((index, source))
+            handed_on = _define_outputs(node, scope, path)
+            for index, source in read:
+                if not (handed_on and index == 0):
+                    other_reader(source, f"{node.op_type} '{node_label(node)}'")
             for a in node.attribute:
                 label = f"{path}/{node.name or node.op_type}.{a.name}"
                 if a.type == onnx.AttributeProto.GRAPH:
@@ -137,11 +152,17 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
                 elif a.type == onnx.AttributeProto.GRAPHS:
                     for i, g in enumerate(a.graphs):
                         visit(g, f"{label}[{i}]", scope)
+        for out in graph.output:
+            source = scope.get(out.name)
+            if source is not None:
+                other_reader(source, f"graph output '{out.name}'")
 
-    def _consider(node: onnx.NodeProto, index: int, source: _Source, path: str) -> None:
+    def _consider(node: onnx.NodeProto, index: int, source: _Source, path: str) -> bool:
+        """Record ``node`` as a consumer of ``source`` when it reads it as a prunable weight
+        (True), else False."""
         layout = layout_for(node, index, source.seen_shape)
         if layout is None:
-            return
+            return False
         if source.view:
             layout = replace(layout, view=source.view, source_shape=source.stored_shape)
         consumer = Consumer(node, index, path, source.via)
@@ -150,7 +171,7 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
             skipped.setdefault(source.name, Skipped(
                 source.name, f"{dtype_name} weight (quantized or integer); only float weights "
                              "are pruned"))
-            return
+            return True
         key = id(source.tensor)
         weight = found.get(key)
         if weight is None:
@@ -163,13 +184,16 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
             skipped[source.name] = Skipped(
                 source.name, f"shared by {weight.op_type} and {node.op_type} with different "
                              "W[out, in] views; pruning it for one would mis-shape the other")
+        return True
 
     def _define_outputs(node: onnx.NodeProto, scope: Dict[str, Optional[_Source]],
-                        path: str) -> None:
+                        path: str) -> bool:
+        """Define ``node``'s outputs in ``scope``; True when it hands its input 0's stored
+        tensor on (a pass-through op)."""
         tensor = constant_tensor(node)
         if tensor is not None:
             scope[node.output[0]] = _Source(tensor, "constant", path, node.output[0])
-            return
+            return False
         src = scope.get(node.input[0]) if node.input and node.input[0] else None
         if src is not None:
             # Cast/Identity/Q-DQ hand it on, Transpose/constant Reshape change its view.
@@ -179,10 +203,11 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
             step = weight_step(node, src.seen_shape, read)
             if step is not None:
                 scope[node.output[0]] = src.then(node.op_type, step)
-                return
+                return True
         for out in node.output:
             if out:
                 scope[out] = None
+        return False
 
     visit(handle.model.graph, handle.model.graph.name or "main", {})
     weights = [found[k] for k in order]
@@ -190,6 +215,16 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
     skipped_list = [s for s in skipped.values()]
     # A tensor skipped for mixed views must not also be pruned through its first consumer.
     mixed = {s.name for s in skipped_list if s.reason.startswith("shared by")}
+    # A tensor something else reads too is left alone, naming that reader.
+    for w in weights:
+        readers = others.get(id(w.tensor))
+        if readers and w.name not in mixed:
+            shown = ", ".join(readers[:3]) + (f" and {len(readers) - 3} more"
+                                               if len(readers) > 3 else "")
+            mixed.add(w.name)
+            skipped_list.append(Skipped(
+                w.name, f"also read by {shown}, not as a prunable weight; pruning it for "
+                        f"{w.op_type} would change what that reader sees", tuple(readers)))
     weights = [w for w in weights if w.name not in mixed]
     skipped_list = [s for s in skipped_list if s.name not in pruned_names or s.name in mixed]
     return weights, skipped_list

@@ -17,6 +17,7 @@ from onnxprune.channels.graph import build_channel_graph
 from onnxprune.channels.resize import mask_channels, resize_channels
 from onnxprune.channels.select import select_channels
 from onnxprune.errors import OptionError
+from onnxprune.inputs.signature import fmt_shape
 from onnxprune.ops.weights import Skipped
 from onnxprune.passes.base import LayerResult, Pass, PassRecord, PruneState, set_layer
 
@@ -157,7 +158,18 @@ class PruneChannels(Pass):
             # detaches what it removes), so the resize must work on a graph built from the nodes
             # the model holds now, or its edits (Split sizes, Reshape constants) land nowhere.
             graph = _same_groups(graph, build_channel_graph(state.handle, self.input_shapes))
-        resize_channels(state.handle, graph, removed)
+        resized = resize_channels(state.handle, graph, removed)
+        # A tensor left alone as a weight because something else reads it (a tied embedding
+        # table read by Gather) may still lose channels its whole group loses: say so, naming
+        # those readers (the channel rules make them follow the same channels).
+        for skip in state.skipped:
+            shapes = resized.get(skip.name)
+            if skip.readers and shapes and shapes[0] != shapes[1]:
+                record.notes.append(
+                    f"'{skip.name}' (not pruned as a weight: also read by "
+                    f"{', '.join(skip.readers)}) lost the channels of its group: "
+                    f"{fmt_shape(shapes[0])} -> {fmt_shape(shapes[1])}; those readers see the "
+                    "same channels removed")
         changed = _record_shapes(state, record, before, "channel", self.criterion)
         frozen = [(g.describe(), g.frozen) for g in graph.groups if g.frozen and g.producers]
         with_producer = sum(1 for g in graph.groups if g.producers)

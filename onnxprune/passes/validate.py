@@ -84,7 +84,11 @@ class Validate(Pass):
             # ValidationFailed after the report is built, so the user sees why).
             gate = (f"pruned model's outputs drift past --max-error {self.max_error}: {summary}; "
                     "lower --sparsity or use a calibrated criterion")
-        return ValidateRecord(summary=summary, comparison=comparison, gate_failure=gate)
+        notes = [f"output '{o.name}' is a {o.kind}, not a numeric tensor: compared by equality "
+                 f"({100 * o.equal:.1f}% equal), not gated by --max-error"
+                 for o in comparison.by_equality]
+        return ValidateRecord(summary=summary, notes=notes, comparison=comparison,
+                              gate_failure=gate)
 
     def _feeds(self, state):
         from onnxprune.inputs.dataset import load_inputs

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -38,6 +38,12 @@ class OutputStats:
     where both hold the same inf/nan are equal. ``reason`` is set when the output cannot pass
     at all (missing, shape mismatch, a non-finite value where the reference is finite); its
     numeric fields are then ``inf``/``nan``.
+
+    An output that is not a numeric tensor (strings from ``ai.onnx.ml`` nodes, a sequence, a
+    map, a sequence of maps such as sklearn-onnx's ZipMap) cannot be measured by these
+    statistics: it is compared by equality (``kind`` says what it is, ``equal`` the fraction of
+    its elements that are equal), reported, and never gated by a tolerance; its numeric fields
+    are ``nan`` and the aggregates over outputs leave it out.
     """
 
     name: str
@@ -50,6 +56,14 @@ class OutputStats:
     shape: Tuple[int, ...] = ()
     candidate_shape: Optional[Tuple[int, ...]] = None
     reason: Optional[str] = None
+    kind: str = "tensor"  # "tensor" (numeric) or what the non-numeric output is
+    equal: Optional[float] = None  # non-numeric outputs: fraction of equal elements
+
+    @property
+    def numeric(self) -> bool:
+        """True for a numeric tensor (the statistics apply); False for one compared by
+        equality."""
+        return self.kind == "tensor"
 
     @property
     def ok(self) -> bool:
@@ -57,7 +71,7 @@ class OutputStats:
         return self.reason is None
 
     def passed(self, max_error: float) -> bool:
-        return self.reason is None and self.rel_error <= max_error
+        return self.reason is None and (not self.numeric or self.rel_error <= max_error)
 
     def to_dict(self) -> dict:
         return {
@@ -68,6 +82,7 @@ class OutputStats:
             "mean_rel": _finite(self.mean_rel), "cosine": _finite(self.cosine),
             "top1_agreement": _finite(self.top1_agreement),
             "ref_scale": _finite(self.ref_scale), "reason": self.reason,
+            "kind": self.kind, "equal": self.equal,
         }
 
 
@@ -93,19 +108,19 @@ class Comparison:
     @property
     def max_abs(self) -> float:
         """Worst absolute error over all outputs (``inf`` if one could not be compared)."""
-        return max((s.max_abs for s in self.outputs), default=0.0)
+        return max((s.max_abs for s in self.outputs if s.numeric or not s.ok), default=0.0)
 
     @property
     def max_rel_error(self) -> float:
         """Worst :attr:`OutputStats.rel_error` over all outputs: the quantity that is gated."""
-        return max((s.rel_error for s in self.outputs), default=0.0)
+        return max((s.rel_error for s in self.outputs if s.numeric or not s.ok), default=0.0)
 
     @property
     def worst_cosine(self) -> float:
         """Lowest cosine over the comparable outputs (nan when none was comparable)."""
-        cosines = [s.cosine for s in self.outputs if s.ok]
+        cosines = [s.cosine for s in self.outputs if s.ok and s.numeric]
         if not cosines:
-            return float("nan") if self.outputs else 1.0
+            return float("nan") if any(s.numeric or not s.ok for s in self.outputs) else 1.0
         return min(cosines)
 
     def passed(self, max_error: Union[float, Mapping[str, float]]) -> bool:
@@ -124,11 +139,16 @@ class Comparison:
             tol = tolerance_for(max_error, stats.name)
             if stats.reason is not None:
                 lines.append(f"output '{stats.name}': {stats.reason}")
-            elif tol is not None and not stats.rel_error <= tol:
+            elif stats.numeric and tol is not None and not stats.rel_error <= tol:
                 lines.append(f"output '{stats.name}': relative max error {stats.rel_error:.3g} "
                              f"(max abs {stats.max_abs:.3g} on a scale of "
                              f"{stats.ref_scale:.3g}) exceeds {tol:g}")
         return lines
+
+    @property
+    def by_equality(self) -> List[OutputStats]:
+        """The comparable outputs that are not numeric tensors (compared by equality only)."""
+        return [s for s in self.outputs if s.ok and not s.numeric]
 
     def to_dict(self) -> dict:
         return {
@@ -176,23 +196,113 @@ def compare(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndar
     different shape fails with a reason. Outputs only the candidate has are listed in
     ``extra_outputs`` and not compared.
     """
-    stats = [_compare_one(name, np.asarray(ref), candidate.get(name))
-             for name, ref in reference.items()]
+    stats = [_compare_one(name, ref, candidate.get(name)) for name, ref in reference.items()]
     extra = [k for k in candidate if k not in reference]
     return Comparison(stats, extra)
 
 
-def _failed(name: str, shape, cand_shape, reason: str) -> OutputStats:
+def _failed(name: str, shape, cand_shape, reason: str, kind: str = "tensor") -> OutputStats:
     inf, nan = float("inf"), float("nan")
     return OutputStats(name, max_abs=inf, mean_rel=inf, cosine=nan, top1_agreement=None,
                        rel_error=inf, ref_scale=nan, shape=tuple(shape),
-                       candidate_shape=cand_shape, reason=reason)
+                       candidate_shape=cand_shape, reason=reason, kind=kind)
 
 
-def _compare_one(name: str, ref: np.ndarray, cand: Optional[np.ndarray]) -> OutputStats:
+def _numeric(value: Any) -> Optional[np.ndarray]:
+    """``value`` as a numeric array (bool, integer, float, complex), else None (strings,
+    objects, a ragged sequence, maps)."""
+    if isinstance(value, dict):
+        return None
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError):  # a ragged sequence
+        return None
+    return arr if arr.dtype.kind in "biufc" else None
+
+
+def kind_of(value: Any) -> str:
+    """What an output value is, in words: ``"tensor"`` for a numeric tensor, else e.g.
+    ``"string tensor"``, ``"map"``, ``"sequence of maps"``."""
+    if isinstance(value, dict):
+        return "map"
+    if isinstance(value, (list, tuple)):
+        inner = {kind_of(v) for v in value}
+        if len(inner) == 1:
+            sub = inner.pop()
+            return "sequence of " + ("tensors" if sub == "tensor" else sub + "s")
+        return "sequence"
+    arr = np.asarray(value)
+    if arr.dtype.kind in "biufc":
+        return "tensor"
+    if arr.dtype.kind in "US" or (arr.dtype.kind == "O" and arr.size and
+                                  all(isinstance(v, (str, bytes)) for v in arr.flat)):
+        return "string tensor"
+    return "object tensor"
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Exact equality of two output values of any kind (nan equals nan)."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        return (isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys()
+                and all(_equal(a[k], b[k]) for k in a))
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))
+                and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b)))
+    x, y = np.asarray(a), np.asarray(b)
+    if x.shape != y.shape:
+        return False
+    if x.dtype.kind in "fc" and y.dtype.kind in "fc":
+        return bool(np.array_equal(x, y, equal_nan=True))
+    try:
+        return bool(np.all(x == y))
+    except (TypeError, ValueError):
+        return False
+
+
+def _size(value: Any) -> Tuple[int, ...]:
+    if isinstance(value, (list, tuple)):
+        return (len(value),)
+    if isinstance(value, dict):
+        return (len(value),)
+    return tuple(np.shape(value))
+
+
+def _compare_by_equality(name: str, ref: Any, cand: Any) -> OutputStats:
+    """A non-numeric output: the fraction of elements (tensor elements, sequence items, or
+    the whole map) that are equal; not gated. A different kind or size cannot pass."""
+    kind, ckind = kind_of(ref), kind_of(cand)
+    shape, cshape = _size(ref), _size(cand)
+    if ckind != kind:
+        return _failed(name, shape, cshape, f"is a {ckind} where the reference has a {kind}",
+                       kind)
+    if cshape != shape:
+        return _failed(name, shape, cshape, f"size {fmt_shape(cshape)} differs from the "
+                       f"reference's {fmt_shape(shape)}", kind)
+    if isinstance(ref, dict):
+        equal = 1.0 if _equal(ref, cand) else 0.0
+    elif isinstance(ref, (list, tuple)):
+        equal = (float(np.mean([_equal(x, y) for x, y in zip(ref, cand)])) if ref else 1.0)
+    else:
+        x, y = np.asarray(ref), np.asarray(cand)
+        try:
+            same = np.asarray(x == y, dtype=bool).reshape(x.shape)
+        except (TypeError, ValueError):
+            same = np.array([_equal(p, q) for p, q in zip(x.flat, y.flat)], dtype=bool)
+        equal = float(same.mean()) if same.size else 1.0
+    nan = float("nan")
+    return OutputStats(name, max_abs=nan, mean_rel=nan, cosine=nan, rel_error=nan,
+                       ref_scale=nan, shape=shape, candidate_shape=cshape, kind=kind,
+                       equal=equal)
+
+
+def _compare_one(name: str, ref: Any, cand: Any) -> OutputStats:
     if cand is None:
-        return _failed(name, ref.shape, None, "missing from the candidate's outputs")
-    cand = np.asarray(cand)
+        return _failed(name, _size(ref), None, "missing from the candidate's outputs",
+                       "tensor" if _numeric(ref) is not None else kind_of(ref))
+    ref_arr, cand_arr = _numeric(ref), _numeric(cand)
+    if ref_arr is None or cand_arr is None:
+        return _compare_by_equality(name, ref, cand)
+    ref, cand = ref_arr, cand_arr
     if ref.shape != cand.shape:
         return _failed(name, ref.shape, tuple(cand.shape),
                        f"shape {fmt_shape(cand.shape)} differs from the reference's "

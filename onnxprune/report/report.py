@@ -19,10 +19,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from rich import box
 from rich.console import Console
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
 from onnxprune.report.compare import Comparison, tolerance_for
+from onnxprune.text import printable
 
 ARROW = "→"
 
@@ -158,30 +160,40 @@ class Report:
     def render(self, console: Console, max_rows: int = 60) -> None:
         """Print the report: per-layer table (first and last rows of long ones), totals, MACs,
         params, file size, validation per output, skipped/frozen weights, notes, extra
-        sections and timings."""
+        sections and timings.
+
+        Names come from the model (untrusted): every cell is escaped with
+        :func:`~onnxprune.text.printable` before layout, and whatever reaches the console is
+        escaped again (:class:`_Escaped`), so no control character a name carries is printed
+        raw."""
+        print_ = console.print
+
+        def show(renderable) -> None:
+            print_(_Escaped(renderable))
+
         title = f"onnxprune: {self.model}" + (f" {ARROW} {self.output}" if self.output else "")
         # A line of its own: a table title would wrap at the table's width.
-        console.print(Text(title, style="bold"))
+        show(_text(title, style="bold"))
         if self.rows:
-            console.print(self._layer_table(max_rows))
+            show(self._layer_table(max_rows))
         else:
-            console.print("no prunable weights")
-        console.print(self._summary())
+            show("no prunable weights")
+        show(self._summary())
         if self.comparison is not None:
-            console.print(self._comparison_table())
+            show(self._comparison_table())
         for label, items in (("skipped", self.skipped), ("frozen", self.frozen)):
             if items:
-                console.print(_name_reason_table(label, items, max_rows))
+                show(_name_reason_table(label, items, max_rows))
         for title_, rows in self.sections.items():
             if rows:
-                console.print(_dict_table(title_, rows, max_rows))
+                show(_dict_table(title_, rows, max_rows))
         if self.notes:
-            console.print(Text("notes", style="bold"))
+            show(_text("notes", style="bold"))
             for note in self.notes:
-                console.print(Text(f"  • {note}"))
+                show(_text(f"  • {note}"))
         if self.timings:
             parts = ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())
-            console.print(Text(f"time: {parts}", style="dim"))
+            show(_text(f"time: {parts}", style="dim"))
 
     def _layer_table(self, max_rows: int) -> Table:
         rows = self.rows
@@ -215,7 +227,7 @@ class Report:
             if changed:
                 sparsity += f" {ARROW} {_pct(r.sparsity_after)}"
             params = _before_after(r.params, r.params_after, format_count)
-            out: List[Union[str, Text]] = [Text(r.name), r.op_type, shape, sparsity, params]
+            out: List[Union[str, Text]] = [_text(r.name), _text(r.op_type), shape, sparsity, params]
             if show_channels:
                 out.append("" if r.channels is None
                            else f"{r.channels[0]} {ARROW} {r.channels[1]}")
@@ -223,9 +235,9 @@ class Report:
                 out.append("" if r.macs_before is None
                            else _before_after(r.macs_before, r.macs_after, format_count))
             if show_pattern:
-                out.append(Text("/".join(p for p in (r.pattern, r.criterion) if p)))
+                out.append(_text("/".join(p for p in (r.pattern, r.criterion) if p)))
             if show_note:
-                out.append(Text(r.note))
+                out.append(_text(r.note))
             return out
 
         head, tail = _head_tail(len(rows), max_rows)
@@ -278,24 +290,54 @@ class Report:
             table.add_column("status", overflow="fold")
         for s in cmp.outputs:
             row: List[Union[str, Text]] = [
-                Text(s.name), _shape(s.shape), _num(s.max_abs), _num(s.rel_error),
+                _text(s.name), _shape(s.shape), _num(s.max_abs), _num(s.rel_error),
                 _num(s.mean_rel), _num(s.cosine, ".6f"),
                 "" if s.top1_agreement is None else _pct(s.top1_agreement)]
             tol = None if gate is None else tolerance_for(gate, s.name)
+            if s.reason is None and not s.numeric:
+                # compared by equality only: the numeric columns do not apply
+                row[1] = _text(f"{s.kind} {_shape(s.shape)}")
+                row[2] = _text(f"{_pct(s.equal)} equal")
             if s.reason is not None:
-                failure = Text(f"fail: {s.reason}", style="red")
+                failure = _text(f"fail: {s.reason}", style="red")
                 if gate is None:
                     row[2] = failure
                 else:
                     row.append(failure)
             elif gate is not None:
-                row.append(Text("ok", style="green") if tol is None or s.passed(tol)
-                           else Text(f"fail (> {tol:g})", style="red"))
+                row.append(_text("ok", style="green") if tol is None or s.passed(tol)
+                           else _text(f"fail (> {tol:g})", style="red"))
             table.add_row(*row)
         return table
 
 
 # -- formatting ---------------------------------------------------------------------------------
+def _text(text: Any, style: str = "") -> Text:
+    """A table cell or line of the report: ``text`` escaped (:func:`printable`), never parsed
+    as markup."""
+    return Text(printable(text, keep_newlines=True), style=style)
+
+
+class _Escaped:
+    """``renderable`` with every control character in its text segments escaped: the last
+    guard between a model's names and the terminal (rich's own control segments, such as
+    colours, pass unchanged)."""
+
+    def __init__(self, renderable):
+        self.renderable = renderable
+
+    def __rich_console__(self, console, options):
+        renderable = self.renderable
+        if isinstance(renderable, str):
+            renderable = console.render_str(renderable)
+        for segment in console.render(renderable, options):
+            if segment.control or segment.text == "\n":
+                yield segment
+            else:
+                yield Segment(printable(segment.text, keep_newlines=True), segment.style)
+
+
+
 def format_count(n: Optional[float]) -> str:
     """``1234567`` -> ``'1.23M'`` (SI prefixes K, M, G, T; exact below 1000)."""
     if n is None:
@@ -370,11 +412,11 @@ def _name_reason_table(title: str, items: Sequence[Tuple[str, str]], max_rows: i
     table.add_column("reason", overflow="fold")
     head, tail = _head_tail(len(items), max_rows)
     for name, reason in items[:head]:
-        table.add_row(Text(str(name)), Text(str(reason)))
+        table.add_row(_text(str(name)), _text(str(reason)))
     if len(items) - head - tail > 0:
         table.add_row(f"… {len(items) - head - tail} more", "", style="dim")
     for name, reason in items[len(items) - tail:] if tail else []:
-        table.add_row(Text(str(name)), Text(str(reason)))
+        table.add_row(_text(str(name)), _text(str(reason)))
     return table
 
 
@@ -386,14 +428,14 @@ def _dict_table(title: str, rows: Sequence[Dict[str, Any]], max_rows: int) -> Ta
                 columns.append(str(key))
     table = _table(title)
     for col in columns:
-        table.add_column(col, overflow="fold")
+        table.add_column(printable(col), overflow="fold")
 
     def cell(v: Any) -> Text:
         if isinstance(v, float):
-            return Text(_num(v))
+            return _text(_num(v))
         if isinstance(v, (list, tuple)) and all(isinstance(x, (int, np.integer)) for x in v):
-            return Text(_shape(v))
-        return Text("" if v is None else str(v))
+            return _text(_shape(v))
+        return _text("" if v is None else str(v))
 
     head, tail = _head_tail(len(rows), max_rows)
     for row in rows[:head]:

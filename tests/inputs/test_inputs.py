@@ -492,11 +492,28 @@ def _bad_case(tmp_path, case):
     if case == "pickled":
         np.savez(path, x=np.array([_Boom()], dtype=object), m=good["m"])
         return path, ["input 'x'", "is object", "expects float"]
+    if case == "object_ragged":  # an object array of arrays (ragged samples)
+        ragged = np.empty(2, dtype=object)
+        ragged[0], ragged[1] = np.ones((5, 4), np.float32), np.ones((3, 4), np.float32)
+        np.savez(path, x=ragged, m=good["m"])
+        return path, ["input 'x'", "is object (an array of pickled Python objects, which "
+                      "onnxprune never loads); the model expects float [N, T, 4]: save a "
+                      "numeric array"]
+    if case == "object_numbers":  # numbers boxed in an object array: still refused, not cast
+        np.savez(path, x=good["x"].astype(object), m=good["m"])
+        return path, ["input 'x'", "is object", "expects float"]
+    if case == "strings":
+        np.savez(path, x=np.full((2, 5, 4), "1.0"), m=good["m"])
+        return path, ["input 'x'", "is <U3", "expects float"]
+    if case == "empty_axis":  # a zero-size (non-sample) axis
+        np.savez(path, x=np.ones((2, 0, 4), np.float32), m=np.ones((2, 0), np.int32))
+        return path, ["input 'x'", "shape 2x0x4: axis 1 is empty (size 0)"]
     raise AssertionError(case)
 
 
 BAD_CASES = ["missing", "extra", "static_dim", "dtype", "int_range", "shared_dim",
-             "unnamed_count", "unreadable", "pickled"]
+             "unnamed_count", "unreadable", "pickled", "object_ragged", "object_numbers",
+             "strings", "empty_axis"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -527,6 +544,27 @@ def test_rank_errors_say_what_each_use_needs(tmp_path):
               "(rank 3) float")
     assert str(fed.value) == common
     assert str(served.value) == common + ", so the array needs rank 3 with samples on axis 0"
+
+
+def test_zero_size_inputs_are_clear_errors(tmp_path):
+    from onnxprune.errors import ModelLoadError
+
+    # a declared zero-size dim: one clear error wherever concrete shapes are needed
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [0, 4])
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "W")
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [x],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [0, 3])], [w])
+    assert input_signature(model)[0].dims == (0, 4)
+    for call in (lambda: make_inputs(model), lambda: resolve_input_shapes(model),
+                 lambda: generated_calibration(model, 2)):
+        with pytest.raises(ModelLoadError, match=r"input 'x' declares a zero-size dim \[0, 4\] "
+                                                 r"\(axis 0\)"):
+            call()
+    # data with an empty axis: the fed axis 0 too (validation feeds arrays as they are)
+    with pytest.raises(InputDataError, match="shape 0x4: axis 0 is empty"):
+        load_inputs({"x": np.ones((0, 4), np.float32)}, _one_input_model())
+    with pytest.raises(InputDataError, match="holds no samples"):
+        load_calibration(_npz(tmp_path, x=np.ones((0, 4), np.float32)), _one_input_model())
 
 
 def test_dicts_are_checked_like_files():
@@ -603,3 +641,23 @@ def test_calibration_samples_read_only_what_is_asked(tmp_path, kind):
     np.testing.assert_array_equal(got, x[:3])
     with pytest.raises(InputDataError, match="truncated"):
         list(load_calibration(path, model, samples=4).batches(2))
+
+
+def test_string_inputs_from_npz_unicode_arrays(tmp_path):
+    # np.savez stores strings as a unicode array (no pickle): served to a STRING input as
+    # objects; a number array for it stays an error
+    nodes = [helper.make_node("LabelEncoder", ["s"], ["code"], domain="ai.onnx.ml",
+                              keys_strings=["a", "b"], values_floats=[1.0, 2.0]),
+             helper.make_node("Mul", ["x", "code"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [_vi("x", [2, 1]), _vi("s", [2, 1], TensorProto.STRING)],
+                              [_vi("y", [2, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("ai.onnx.ml", 3)])
+    model.ir_version = 8
+    x = np.ones((2, 1), np.float32)
+    feeds = load_inputs(_npz(tmp_path, x=x, s=np.array([["a"], ["b"]])), model)
+    assert feeds["s"].dtype == object
+    np.testing.assert_array_equal(run_model(model, feeds)["y"], [[1.0], [2.0]])
+    with pytest.raises(InputDataError, match="input 's' in '.*' is int64; the model expects "
+                                             "string"):
+        load_inputs(_npz(tmp_path, "n.npz", x=x, s=np.array([[1], [2]])), model)
