@@ -31,11 +31,12 @@ from onnxprune.model.external import tensor_dtype
 from onnxprune.model.index import node_key
 from onnxprune.model.io import ModelHandle
 from onnxprune.ops.layouts import layout_for
-from onnxprune.ops.registry import BiasSlot, activation_of, bias_slot, exact_fold, field_of
+from onnxprune.ops.registry import (BiasSlot, activation_of, bias_slot, copies_values, field_of,
+                                    fold_refusal)
 from onnxprune.channels.graph import ChannelGraph, ChannelGroup, Member, build_channel_graph
 from onnxprune.channels.resize import resize_channels, zero_slices
 from onnxprune.channels.rules import new_initializer
-from onnxprune.ops._channel import BIAS, CONSUMER, PRODUCER, set_attr
+from onnxprune.ops._channel import CONSUMER, PRODUCER, set_attr
 
 
 class _Walk:
@@ -59,9 +60,15 @@ class _Walk:
         m = self.members.get(name)
         if m is not None and m.stored:
             arr = np.asarray(self.h.read(self.g.stored[name]), np.float64)
-            taken = np.take(arr, m.index_map[:, 0], axis=m.axis)
-            taken = np.moveaxis(taken, m.axis, 0).reshape(self.group.size, -1)
-            return taken[:, 0] if taken.shape[1] == 1 else None
+            if arr.size != arr.shape[m.axis]:
+                return None  # more than one value per channel: not one constant per unit
+            flat = arr.reshape(-1)
+            # A unit can be several channels of the tensor (the groups of a grouped conv read
+            # channel c of each group through one weight slice): one constant only where they
+            # all hold the same value, else unknown (NaN), never the first one's.
+            vals = flat[m.index_map]
+            same = np.all(vals == vals[:, :1], axis=1)
+            return np.where(same, vals[:, 0], np.nan)
         src = name
         while src not in self.g.stored:
             return None
@@ -86,6 +93,9 @@ class _Walk:
                     ins.append(None)
                 elif name in self.values:
                     ins.append(self.values[name])
+                elif name in self.members and not self.members[name].stored:
+                    # an activation of this group no constant reached: unknown, not absent
+                    ins.append(np.full(self.group.size, np.nan))
                 else:
                     ins.append(self.param(name))
             if all(v is None for v in ins[:1]) and not any(n in self.values for n in node.input):
@@ -103,14 +113,34 @@ class _Walk:
     def _producer_const(self, node, key, weight_index, zero_filter) -> np.ndarray:
         bias = np.zeros(self.group.size)
         slot = bias_slot(node, weight_index)
-        if slot is not None and slot.index is not None:
-            for role, m in self.by_node_roles.get((key, slot.index), []):
-                if role == BIAS:
-                    v = self.param(m.tensor)
-                    if v is None:
-                        return np.full(self.group.size, np.nan)
-                    bias = v * slot.beta
+        if slot is not None and slot.index is not None and len(node.input) > slot.index \
+                and node.input[slot.index]:
+            # The bias the zero row outputs: one per unit of this group, or a scalar broadcast
+            # to all; any other (a Gemm C of [M, 1] or a computed one) varies along another
+            # axis or is unknown, so the channel is not a known constant.
+            v = self._through_copies(node.input[slot.index])
+            if v is None:
+                return np.full(self.group.size, np.nan)
+            bias = v * slot.beta
         return zero_filter(node, bias, self.values.get(node.input[0]))
+
+    def _through_copies(self, name: str) -> Optional[np.ndarray]:
+        """:meth:`param` of ``name``, or of the stored tensor it copies through value-copying
+        ops (an fp32 bias behind a Cast in an fp16 model), each applied with its registry
+        ``const`` (a Cast rounds to its type); None when it is neither."""
+        chain = []
+        while name not in self.g.stored and len(chain) < 8:
+            p = self.h.index.producer(name)
+            if p is None or not copies_values(p) or not p.input:
+                return None
+            chain.append(p)
+            name = p.input[0]
+        v = self.param(name)
+        for p in reversed(chain):
+            const = field_of(p, "const")
+            out = None if (v is None or const is None) else const(p, [v], self._read_const)
+            v = None if not out or out[0] is None else np.asarray(out[0], np.float64)
+        return v
 
     def _read_const(self, name: str):
         if name in self.g.stored:
@@ -170,10 +200,12 @@ def find_dead(handle: ModelHandle, graph: ChannelGraph):
                         in zip(consumer_inputs, vals) if v != 0 and _reads(handle, graph, m, u)]
                 if not plan:
                     remove.add(u)
-                elif any(not exact_fold(node, idx) for _, node, idx, _ in plan):
+                elif any(_refusal(graph, m, node, idx) for m, node, idx, _ in plan):
+                    why = next(r for r in (_refusal(graph, m, node, idx)
+                                           for m, node, idx, _ in plan) if r)
                     kept.append(f"{group.describe()} channel {u}: constant "
                                 f"{[round(k, 6) for *_, k in plan]} reaches a consumer where "
-                                "folding is not exact (zero padding or no bias)")
+                                f"folding is not exact: {why}")
                 elif any(_bias_unfit(index, graph, node, idx) for _, node, idx, _ in plan):
                     why = next(r for r in (_bias_unfit(index, graph, node, idx)
                                            for _, node, idx, _ in plan) if r)
@@ -197,6 +229,13 @@ def find_dead(handle: ModelHandle, graph: ChannelGraph):
             folds = [f for f in folds if f[0] != last]
         result.append((group, sorted(remove), folds, kept))
     return result
+
+
+def _refusal(graph: ChannelGraph, m: Member, node: onnx.NodeProto, idx: int) -> Optional[str]:
+    """Why folding into the weight ``m`` read by ``node`` at ``idx`` is not exact (the op
+    registry's ``fold`` rule, told the stored weight's shape), or None."""
+    why = fold_refusal(node, idx, tuple(graph.stored[m.tensor].dims))
+    return None if why is None else f"{node.op_type} '{node_key(node)}': {why}"
 
 
 def _all_zero(handle, graph, group, role) -> np.ndarray:

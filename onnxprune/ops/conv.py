@@ -66,11 +66,22 @@ def _conv_transpose_bias(node, index):
     return BiasSlot(2, mean_shift=False) if index == 1 else None
 
 
-def _conv_fold(node, index):
-    # A zero-padded Conv sees 0 instead of the constant at its borders.
+def _conv_fold(node, index, shape):
+    # Without padding every output position sees the whole kernel over the constant channel,
+    # so it adds sum(W[o, c, k...]) * constant to every output of row o; grouped convs read
+    # channel c of each group through the same slice (the tied channels' constants must be
+    # equal, which the caller checks). A zero-padded Conv sees 0 instead at its borders.
+    if index != 1:
+        return f"{node.op_type} input {index} is not its weight"
     pads = attr(node, "pads", None)
     auto = attr(node, "auto_pad", b"NOTSET")
-    return (not pads or not any(pads)) and auto in (b"NOTSET", b"VALID")
+    if (pads and any(pads)) or auto not in (b"NOTSET", b"VALID"):
+        return "zero padding: the border outputs see 0, not the constant"
+    return None
+
+
+def _conv_transpose_fold(node, index, shape):
+    return "ConvTranspose spreads a constant input unevenly over its output"
 
 
 def _conv_zero_filter(node, bias, x):
@@ -218,7 +229,6 @@ define("Conv", layout=_kernel_layout(0, 1), activation=_conv_activation, bias=_c
        macs=_conv_macs(1))
 define("ConvInteger", macs=_conv_macs(1))
 define("QLinearConv", macs=_conv_macs(3))
-# ConvTranspose spreads a constant input unevenly over its output: never an exact fold.
 define("ConvTranspose", layout=_kernel_layout(1, 0), activation=_conv_activation,
-       bias=_conv_transpose_bias, zero_filter=_conv_zero_filter,
+       bias=_conv_transpose_bias, fold=_conv_transpose_fold, zero_filter=_conv_zero_filter,
        channels=_conv_transpose_channels, macs=_conv_transpose_macs)
