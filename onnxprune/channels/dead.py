@@ -9,10 +9,16 @@ A unit (channel) of a non-frozen group is dead when
   each op's registry ``const`` function (:mod:`onnxprune.ops.registry`; what a zero filter
   outputs is its ``zero_filter``, the bias it adds its ``bias`` slot); where it is 0 at every
   consumer the channel goes, otherwise it is folded into each consumer's bias **only where that
-  is exact** (the entry's ``fold`` condition: Gemm, MatMul with a constant right operand, Conv
-  with no padding). A zero-padded Conv sees 0 instead of the constant at its borders,
-  ConvTranspose spreads it unevenly, and an op that is not a consumer weight cannot take a bias:
-  those channels are kept, and the record lists them as ``kept_nonzero_const``.
+  is exact** (the entry's ``fold`` rule, told the weight's shape: Gemm's right operand, MatMul
+  with a constant 2-D right operand, Conv with no padding). A zero-padded Conv sees 0 instead
+  of the constant at its borders, ConvTranspose spreads it unevenly, a batched MatMul weight
+  adds a different row per batch entry, and an op that is not a consumer weight cannot take a
+  bias: those channels are kept, and the record lists them as ``kept_nonzero_const`` with the
+  reason (the fold rule's, or the first op or parameter that made the value unknown).
+
+A unit can be several channels of one tensor (a grouped conv's groups, a depthwise multiplier,
+the halves of a Split added back): it carries one constant only where all of them hold the same
+value; otherwise the value is unknown, never the first channel's.
 
 :func:`remove_dead_channels` runs the whole step (find, fold, resize) on a model; the
 :class:`~onnxprune.passes.structure.RemoveDeadChannels` pass calls it.
@@ -50,10 +56,17 @@ class _Walk:
             self.members.setdefault(m.tensor, m)
         self.nodes = nodes
         self.values: Dict[str, np.ndarray] = {}
+        self.why: Dict[int, str] = {}  # unit -> first reason its value became unknown
         self.by_node_roles: Dict[Tuple[str, int], List[Tuple[str, Member]]] = defaultdict(list)
         for m in group.members:
             for role, node_name, idx in graph.roles.get((m.tensor, m.axis), []):
                 self.by_node_roles[(node_name, idx)].append((role, m))
+
+    def lost(self, units, reason: str) -> None:
+        """Record ``reason`` for the units (a mask or indices) whose value became unknown."""
+        for u in np.flatnonzero(np.asarray(units)) if np.asarray(units).dtype == bool \
+                else units:
+            self.why.setdefault(int(u), reason)
 
     def param(self, name: str) -> Optional[np.ndarray]:
         """Per-unit value of a per-channel parameter of this group, or a scalar constant."""
@@ -68,6 +81,9 @@ class _Walk:
             # all hold the same value, else unknown (NaN), never the first one's.
             vals = flat[m.index_map]
             same = np.all(vals == vals[:, :1], axis=1)
+            for u in np.flatnonzero(~same):
+                self.lost([u], f"channels {m.index_map[u].tolist()} of '{name}' are one unit "
+                               f"but hold different values {np.round(vals[u], 6).tolist()}")
             return np.where(same, vals[:, 0], np.nan)
         src = name
         while src not in self.g.stored:
@@ -109,6 +125,12 @@ class _Walk:
                 for o in node.output:
                     if o in self.members:
                         self.values[o] = nan
+            first = next((np.asarray(v, np.float64) for v in ins if v is not None), nan)
+            for o in node.output:
+                if o in self.members:
+                    self.lost(np.isnan(self.values[o]) & ~np.isnan(first),
+                              f"{node.op_type} '{key}' " + ("has no constant rule" if const is None
+                                                            else "does not keep it constant"))
 
     def _producer_const(self, node, key, weight_index, zero_filter) -> np.ndarray:
         bias = np.zeros(self.group.size)
@@ -120,9 +142,15 @@ class _Walk:
             # axis or is unknown, so the channel is not a known constant.
             v = self._through_copies(node.input[slot.index])
             if v is None:
+                self.lost(np.arange(self.group.size),
+                          f"the bias '{node.input[slot.index]}' of {node.op_type} '{key}' is not "
+                          "one known value per channel")
                 return np.full(self.group.size, np.nan)
             bias = v * slot.beta
-        return zero_filter(node, bias, self.values.get(node.input[0]))
+        out = np.asarray(zero_filter(node, bias, self.values.get(node.input[0])), np.float64)
+        self.lost(np.isnan(out) & ~np.isnan(bias),
+                  f"{node.op_type} '{key}': its zero filter's output is not known here")
+        return out
 
     def _through_copies(self, name: str) -> Optional[np.ndarray]:
         """:meth:`param` of ``name``, or of the stored tensor it copies through value-copying
@@ -193,8 +221,11 @@ def find_dead(handle: ModelHandle, graph: ChannelGraph):
                         for _, _, _, act in consumer_inputs]
                 svals = [walk.values.get(t, np.full(group.size, np.nan))[u] for t in sink_tensors]
                 if any(np.isnan(v) for v in vals + svals) or any(v != 0 for v in svals):
+                    why = walk.why.get(u) or ("read by an op with no weight (a sink)"
+                                              if not any(np.isnan(v) for v in svals + vals)
+                                              else "no constant reaches its reader")
                     kept.append(f"{group.describe()} channel {u}: zero filter, value not "
-                                "constant/zero where it is read")
+                                f"constant/zero where it is read: {why}")
                     continue
                 plan = [(m, node, idx, float(v)) for (m, node, idx, _), v
                         in zip(consumer_inputs, vals) if v != 0 and _reads(handle, graph, m, u)]

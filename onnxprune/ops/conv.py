@@ -85,10 +85,9 @@ def _conv_transpose_fold(node, index, shape):
 
 
 def _conv_zero_filter(node, bias, x):
-    # Grouped/depthwise: a zero filter outputs its bias only; a constant input through padding
-    # would not be constant, so an input constant other than 0 makes it unknown.
-    if int(attr(node, "group", 1)) > 1 and x is not None:
-        return np.where(x == 0, bias, np.nan)
+    # An all-zero filter row outputs its bias at every position whatever it reads (padding
+    # included): grouped and depthwise alike, the unit is dead only when every producer row
+    # of it (the depthwise rows too) is zero.
     return bias
 
 

@@ -219,3 +219,32 @@ def test_instance_norm_of_a_zero_map_is_its_shift_and_folds():
     handle, rec = _remove(_instance_norm_model(0.0), [1, 3, 4, 4])
     assert rec.channels_removed == 1 and len(rec.folded) == 1
     assert "constant 0.6" in rec.folded[0]
+
+
+def test_a_zero_depthwise_row_outputs_its_bias_whatever_it_reads():
+    # Conv row 1 zero (bias 0.9) -> padded 3x3 depthwise with row 1 zero (bias -0.3) -> 1x1
+    # Conv: the unit carries -0.3 after the depthwise (its zero row ignores the padded input),
+    # folded exactly. Was: kept, any nonzero input constant made a grouped zero row unknown.
+    rng = np.random.default_rng(9)
+    dw = rng.standard_normal((3, 1, 3, 3)).astype(np.float32)
+    dw[1] = 0
+    inits = [_init("W1", _conv_w(rng, 3, 3, (1,))), _init("B1", [0.2, 0.9, -0.3]),
+             _init("D", dw), _init("DB", [0.1, -0.3, 0.5]),
+             _init("W2", rng.standard_normal((2, 3, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["y"], name="c1"),
+             helper.make_node("Conv", ["y", "D", "DB"], ["d"], name="dw", group=3,
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["d", "W2"], ["z"], name="c2")]
+    handle, rec = _remove(_model(nodes, inits, [1, 3, 4, 4], "z", [1, 2, 4, 4]), [1, 3, 4, 4])
+    assert rec.channels_removed == 1 and len(rec.folded) == 1
+    assert "constant -0.3" in rec.folded[0]
+    w = _weights(handle)
+    assert w["W1"].shape == (2, 3, 1, 1) and w["D"].shape == (2, 1, 3, 3)
+
+
+def test_a_kept_channel_says_why_its_value_is_unknown():
+    _, rec = _remove(_pad_model(10, 0.7, 0.0), [1, 3, 4, 4])
+    assert rec.kept_nonzero_const[0].endswith("Pad 'pad' does not keep it constant")
+    _, rec = _remove(_grouped_consumer([1.0, 0.5, 3.0, -0.5]), [1, 3, 4, 4])
+    assert "channels [0, 2] of 'B1' are one unit but hold different values [1.0, 3.0]" \
+        in rec.kept_nonzero_const[0]
