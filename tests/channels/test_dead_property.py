@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 import onnx
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
@@ -219,3 +219,34 @@ def test_dead_channel_removal_equals_the_zeroed_model(data):
     got = run(handle.model, FEEDS)
     assert_close(got, want)
     assert all(isinstance(k, str) for k in rec.kept_nonzero_const)
+
+
+def _keep_masks(model):
+    """Keep-masks of every prunable weight that keep exactly its nonzeros (the zero rows the
+    builder made stay zero; nothing else is pruned)."""
+    from onnxprune.ops.weights import find_weights
+    handle = load(copy.deepcopy(model))
+    weights, _ = find_weights(handle)
+    masks = {w.name: np.asarray(handle.read(w.tensor)) != 0 for w in weights}
+    return {k: v for k, v in masks.items() if v.any()}  # an all-zero weight is not selected
+
+
+@settings(max_examples=EXAMPLES // 2, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_prune_default_equals_no_resize(data):
+    """The API end to end: ``resize`` (dead channels folded and removed) vs ``resize=False``."""
+    import onnxprune
+
+    from onnxprune.errors import OnnxPruneError
+
+    model = build(data)
+    masks = _keep_masks(model)
+    try:
+        kept = onnxprune.prune(copy.deepcopy(model), masks=masks, resize=False)
+    except OnnxPruneError as e:  # masks that prune nothing: no run to compare
+        assume(not str(e))
+    resized = onnxprune.prune(copy.deepcopy(model), masks=masks, resize=True)
+    onnx.checker.check_model(resized.model, full_check=True)
+    assert_close(run(resized.model, FEEDS), run(kept.model, FEEDS))
+    assert_close(run(kept.model, FEEDS), run(model, FEEDS))
