@@ -248,3 +248,18 @@ def test_a_kept_channel_says_why_its_value_is_unknown():
     _, rec = _remove(_grouped_consumer([1.0, 0.5, 3.0, -0.5]), [1, 3, 4, 4])
     assert "channels [0, 2] of 'B1' are one unit but hold different values [1.0, 3.0]" \
         in rec.kept_nonzero_const[0]
+
+
+def test_a_clip_bound_that_is_computed_makes_the_value_unknown():
+    # Clip(y, min=ReduceMax(x)): the dead channel carries max(0.5, max(x)), not 0.5. Was: a
+    # bound that is not stored was read as no bound and 0.5 folded.
+    rng = np.random.default_rng(10)
+    inits = [_init("W1", _conv_w(rng, 3, 3, (1,))), _init("B1", [0.2, 0.5, -0.3]),
+             _init("W2", rng.standard_normal((2, 3, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["y"], name="c1"),
+             helper.make_node("ReduceMax", ["x"], ["lo"], name="rm", keepdims=0),
+             helper.make_node("Clip", ["y", "lo"], ["k"], name="clip"),
+             helper.make_node("Conv", ["k", "W2"], ["z"], name="c2")]
+    _, rec = _remove(_model(nodes, inits, [1, 3, 4, 4], "z", [1, 2, 4, 4]), [1, 3, 4, 4])
+    assert rec.channels_removed == 0 and rec.folded == []
+    assert rec.kept_nonzero_const[0].endswith("Clip 'clip' does not keep it constant")
