@@ -9,10 +9,16 @@ A unit (channel) of a non-frozen group is dead when
   each op's registry ``const`` function (:mod:`onnxprune.ops.registry`; what a zero filter
   outputs is its ``zero_filter``, the bias it adds its ``bias`` slot); where it is 0 at every
   consumer the channel goes, otherwise it is folded into each consumer's bias **only where that
-  is exact** (the entry's ``fold`` condition: Gemm, MatMul with a constant right operand, Conv
-  with no padding). A zero-padded Conv sees 0 instead of the constant at its borders,
-  ConvTranspose spreads it unevenly, and an op that is not a consumer weight cannot take a bias:
-  those channels are kept, and the record lists them as ``kept_nonzero_const``.
+  is exact** (the entry's ``fold`` rule, told the weight's shape: Gemm's right operand, MatMul
+  with a constant 2-D right operand, Conv with no padding). A zero-padded Conv sees 0 instead
+  of the constant at its borders, ConvTranspose spreads it unevenly, a batched MatMul weight
+  adds a different row per batch entry, and an op that is not a consumer weight cannot take a
+  bias: those channels are kept, and the record lists them as ``kept_nonzero_const`` with the
+  reason (the fold rule's, or the first op or parameter that made the value unknown).
+
+A unit can be several channels of one tensor (a grouped conv's groups, a depthwise multiplier,
+the halves of a Split added back): it carries one constant only where all of them hold the same
+value; otherwise the value is unknown, never the first channel's.
 
 :func:`remove_dead_channels` runs the whole step (find, fold, resize) on a model; the
 :class:`~onnxprune.passes.structure.RemoveDeadChannels` pass calls it.
@@ -31,11 +37,12 @@ from onnxprune.model.external import tensor_dtype
 from onnxprune.model.index import node_key
 from onnxprune.model.io import ModelHandle
 from onnxprune.ops.layouts import layout_for
-from onnxprune.ops.registry import BiasSlot, activation_of, bias_slot, exact_fold, field_of
+from onnxprune.ops.registry import (BiasSlot, activation_of, bias_slot, copies_values, field_of,
+                                    fold_refusal)
 from onnxprune.channels.graph import ChannelGraph, ChannelGroup, Member, build_channel_graph
 from onnxprune.channels.resize import resize_channels, zero_slices
 from onnxprune.channels.rules import new_initializer
-from onnxprune.ops._channel import BIAS, CONSUMER, PRODUCER, set_attr
+from onnxprune.ops._channel import CONSUMER, PRODUCER, set_attr
 
 
 class _Walk:
@@ -49,19 +56,35 @@ class _Walk:
             self.members.setdefault(m.tensor, m)
         self.nodes = nodes
         self.values: Dict[str, np.ndarray] = {}
+        self.why: Dict[int, str] = {}  # unit -> first reason its value became unknown
         self.by_node_roles: Dict[Tuple[str, int], List[Tuple[str, Member]]] = defaultdict(list)
         for m in group.members:
             for role, node_name, idx in graph.roles.get((m.tensor, m.axis), []):
                 self.by_node_roles[(node_name, idx)].append((role, m))
+
+    def lost(self, units, reason: str) -> None:
+        """Record ``reason`` for the units (a mask or indices) whose value became unknown."""
+        for u in np.flatnonzero(np.asarray(units)) if np.asarray(units).dtype == bool \
+                else units:
+            self.why.setdefault(int(u), reason)
 
     def param(self, name: str) -> Optional[np.ndarray]:
         """Per-unit value of a per-channel parameter of this group, or a scalar constant."""
         m = self.members.get(name)
         if m is not None and m.stored:
             arr = np.asarray(self.h.read(self.g.stored[name]), np.float64)
-            taken = np.take(arr, m.index_map[:, 0], axis=m.axis)
-            taken = np.moveaxis(taken, m.axis, 0).reshape(self.group.size, -1)
-            return taken[:, 0] if taken.shape[1] == 1 else None
+            if arr.size != arr.shape[m.axis]:
+                return None  # more than one value per channel: not one constant per unit
+            flat = arr.reshape(-1)
+            # A unit can be several channels of the tensor (the groups of a grouped conv read
+            # channel c of each group through one weight slice): one constant only where they
+            # all hold the same value, else unknown (NaN), never the first one's.
+            vals = flat[m.index_map]
+            same = np.all(vals == vals[:, :1], axis=1)
+            for u in np.flatnonzero(~same):
+                self.lost([u], f"channels {m.index_map[u].tolist()} of '{name}' are one unit "
+                               f"but hold different values {np.round(vals[u], 6).tolist()}")
+            return np.where(same, vals[:, 0], np.nan)
         src = name
         while src not in self.g.stored:
             return None
@@ -86,6 +109,9 @@ class _Walk:
                     ins.append(None)
                 elif name in self.values:
                     ins.append(self.values[name])
+                elif name in self.members and not self.members[name].stored:
+                    # an activation of this group no constant reached: unknown, not absent
+                    ins.append(np.full(self.group.size, np.nan))
                 else:
                     ins.append(self.param(name))
             if all(v is None for v in ins[:1]) and not any(n in self.values for n in node.input):
@@ -99,18 +125,50 @@ class _Walk:
                 for o in node.output:
                     if o in self.members:
                         self.values[o] = nan
+            first = next((np.asarray(v, np.float64) for v in ins if v is not None), nan)
+            for o in node.output:
+                if o in self.members:
+                    self.lost(np.isnan(self.values[o]) & ~np.isnan(first),
+                              f"{node.op_type} '{key}' " + ("has no constant rule" if const is None
+                                                            else "does not keep it constant"))
 
     def _producer_const(self, node, key, weight_index, zero_filter) -> np.ndarray:
         bias = np.zeros(self.group.size)
         slot = bias_slot(node, weight_index)
-        if slot is not None and slot.index is not None:
-            for role, m in self.by_node_roles.get((key, slot.index), []):
-                if role == BIAS:
-                    v = self.param(m.tensor)
-                    if v is None:
-                        return np.full(self.group.size, np.nan)
-                    bias = v * slot.beta
-        return zero_filter(node, bias, self.values.get(node.input[0]))
+        if slot is not None and slot.index is not None and len(node.input) > slot.index \
+                and node.input[slot.index]:
+            # The bias the zero row outputs: one per unit of this group, or a scalar broadcast
+            # to all; any other (a Gemm C of [M, 1] or a computed one) varies along another
+            # axis or is unknown, so the channel is not a known constant.
+            v = self._through_copies(node.input[slot.index])
+            if v is None:
+                self.lost(np.arange(self.group.size),
+                          f"the bias '{node.input[slot.index]}' of {node.op_type} '{key}' is not "
+                          "one known value per channel")
+                return np.full(self.group.size, np.nan)
+            bias = v * slot.beta
+        out = np.asarray(zero_filter(node, bias, self.values.get(node.input[0])), np.float64)
+        self.lost(np.isnan(out) & ~np.isnan(bias),
+                  f"{node.op_type} '{key}': its zero filter's output is not known here")
+        return out
+
+    def _through_copies(self, name: str) -> Optional[np.ndarray]:
+        """:meth:`param` of ``name``, or of the stored tensor it copies through value-copying
+        ops (an fp32 bias behind a Cast in an fp16 model), each applied with its registry
+        ``const`` (a Cast rounds to its type); None when it is neither."""
+        chain = []
+        while name not in self.g.stored and len(chain) < 8:
+            p = self.h.index.producer(name)
+            if p is None or not copies_values(p) or not p.input:
+                return None
+            chain.append(p)
+            name = p.input[0]
+        v = self.param(name)
+        for p in reversed(chain):
+            const = field_of(p, "const")
+            out = None if (v is None or const is None) else const(p, [v], self._read_const)
+            v = None if not out or out[0] is None else np.asarray(out[0], np.float64)
+        return v
 
     def _read_const(self, name: str):
         if name in self.g.stored:
@@ -163,17 +221,22 @@ def find_dead(handle: ModelHandle, graph: ChannelGraph):
                         for _, _, _, act in consumer_inputs]
                 svals = [walk.values.get(t, np.full(group.size, np.nan))[u] for t in sink_tensors]
                 if any(np.isnan(v) for v in vals + svals) or any(v != 0 for v in svals):
+                    why = walk.why.get(u) or ("read by an op with no weight (a sink)"
+                                              if not any(np.isnan(v) for v in svals + vals)
+                                              else "no constant reaches its reader")
                     kept.append(f"{group.describe()} channel {u}: zero filter, value not "
-                                "constant/zero where it is read")
+                                f"constant/zero where it is read: {why}")
                     continue
                 plan = [(m, node, idx, float(v)) for (m, node, idx, _), v
                         in zip(consumer_inputs, vals) if v != 0 and _reads(handle, graph, m, u)]
                 if not plan:
                     remove.add(u)
-                elif any(not exact_fold(node, idx) for _, node, idx, _ in plan):
+                elif any(_refusal(graph, m, node, idx) for m, node, idx, _ in plan):
+                    why = next(r for r in (_refusal(graph, m, node, idx)
+                                           for m, node, idx, _ in plan) if r)
                     kept.append(f"{group.describe()} channel {u}: constant "
                                 f"{[round(k, 6) for *_, k in plan]} reaches a consumer where "
-                                "folding is not exact (zero padding or no bias)")
+                                f"folding is not exact: {why}")
                 elif any(_bias_unfit(index, graph, node, idx) for _, node, idx, _ in plan):
                     why = next(r for r in (_bias_unfit(index, graph, node, idx)
                                            for _, node, idx, _ in plan) if r)
@@ -197,6 +260,13 @@ def find_dead(handle: ModelHandle, graph: ChannelGraph):
             folds = [f for f in folds if f[0] != last]
         result.append((group, sorted(remove), folds, kept))
     return result
+
+
+def _refusal(graph: ChannelGraph, m: Member, node: onnx.NodeProto, idx: int) -> Optional[str]:
+    """Why folding into the weight ``m`` read by ``node`` at ``idx`` is not exact (the op
+    registry's ``fold`` rule, told the stored weight's shape), or None."""
+    why = fold_refusal(node, idx, tuple(graph.stored[m.tensor].dims))
+    return None if why is None else f"{node.op_type} '{node_key(node)}': {why}"
 
 
 def _all_zero(handle, graph, group, role) -> np.ndarray:

@@ -66,18 +66,28 @@ def _conv_transpose_bias(node, index):
     return BiasSlot(2, mean_shift=False) if index == 1 else None
 
 
-def _conv_fold(node, index):
-    # A zero-padded Conv sees 0 instead of the constant at its borders.
+def _conv_fold(node, index, shape):
+    # Without padding every output position sees the whole kernel over the constant channel,
+    # so it adds sum(W[o, c, k...]) * constant to every output of row o; grouped convs read
+    # channel c of each group through the same slice (the tied channels' constants must be
+    # equal, which the caller checks). A zero-padded Conv sees 0 instead at its borders.
+    if index != 1:
+        return f"{node.op_type} input {index} is not its weight"
     pads = attr(node, "pads", None)
     auto = attr(node, "auto_pad", b"NOTSET")
-    return (not pads or not any(pads)) and auto in (b"NOTSET", b"VALID")
+    if (pads and any(pads)) or auto not in (b"NOTSET", b"VALID"):
+        return "zero padding: the border outputs see 0, not the constant"
+    return None
+
+
+def _conv_transpose_fold(node, index, shape):
+    return "ConvTranspose spreads a constant input unevenly over its output"
 
 
 def _conv_zero_filter(node, bias, x):
-    # Grouped/depthwise: a zero filter outputs its bias only; a constant input through padding
-    # would not be constant, so an input constant other than 0 makes it unknown.
-    if int(attr(node, "group", 1)) > 1 and x is not None:
-        return np.where(x == 0, bias, np.nan)
+    # An all-zero filter row outputs its bias at every position whatever it reads (padding
+    # included): grouped and depthwise alike, the unit is dead only when every producer row
+    # of it (the depthwise rows too) is zero.
     return bias
 
 
@@ -218,7 +228,6 @@ define("Conv", layout=_kernel_layout(0, 1), activation=_conv_activation, bias=_c
        macs=_conv_macs(1))
 define("ConvInteger", macs=_conv_macs(1))
 define("QLinearConv", macs=_conv_macs(3))
-# ConvTranspose spreads a constant input unevenly over its output: never an exact fold.
 define("ConvTranspose", layout=_kernel_layout(1, 0), activation=_conv_activation,
-       bias=_conv_transpose_bias, zero_filter=_conv_zero_filter,
+       bias=_conv_transpose_bias, fold=_conv_transpose_fold, zero_filter=_conv_zero_filter,
        channels=_conv_transpose_channels, macs=_conv_transpose_macs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
 
 from onnxprune.model.index import attr
 from onnxprune.ops._channel import (BIAS, FACTOR, NodeCtx, pass_through_const, tie_all,
@@ -43,8 +44,6 @@ _UNARY_NP = {
 }
 #: Unary ops with a channel rule but no constant propagation (the constant is not followed).
 _UNARY_OPAQUE = ("Shrink", "Not", "IsNaN", "IsInf", "Swish")
-#: Copies: the constant passes unchanged.
-_COPIES = ("Identity", "Cast", "Dropout")
 
 
 def _unary(ctx: NodeCtx) -> None:
@@ -67,6 +66,9 @@ def _clip_const(node, vals, read):
         return None
     lo = read(node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "min", None)
     hi = read(node.input[2]) if len(node.input) > 2 and node.input[2] else attr(node, "max", None)
+    for i, bound in ((1, lo), (2, hi)):
+        if bound is None and len(node.input) > i and node.input[i]:
+            return None  # a computed bound: the clipped value is not known
     x = vals[0]
     x = x if lo is None else np.maximum(x, float(np.asarray(lo)))
     return [x if hi is None else np.minimum(x, float(np.asarray(hi)))]
@@ -74,7 +76,23 @@ def _clip_const(node, vals, read):
 
 define(*_UNARY_NP, channels=_unary, const=_unary_const)
 define("Clip", channels=_unary, const=_clip_const)
-define(*_COPIES, channels=_unary, const=pass_through_const)
+def _cast_const(node, vals, read):
+    # The constant rounded to the target float type; to any other type it is not followed.
+    if vals[0] is None:
+        return None
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(attr(node, "to", 0))))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if dtype.kind != "f":
+        return None
+    with np.errstate(all="ignore"):
+        return [np.asarray(vals[0], np.float64).astype(dtype).astype(np.float64)]
+
+
+# Copies: the constant passes unchanged (Dropout is the identity at inference).
+define("Identity", "Dropout", channels=_unary, const=pass_through_const)
+define("Cast", channels=_unary, const=_cast_const)
 # A weight reaches its consumer through them unchanged (fp16 exports: Cast).
 define("Cast", "Identity", weight_step=unchanged_step, axis_source=same_axis, copies_values=True)
 define(*_UNARY_OPAQUE, channels=_unary)
@@ -108,8 +126,8 @@ def _numpy_const(fn):
 
 def _variadic_const(fn):
     def const(node, vals, read):
-        if vals[0] is None:
-            return None
+        if any(v is None for v in vals):
+            return None  # an operand that is not a known constant: the result is not either
         return [fn(np.stack([v for v in vals if v is not None]), axis=0)]
 
     return const

@@ -80,8 +80,25 @@ def _matmul_bias(node, index):
     return BiasSlot(None) if index == 1 else None
 
 
-def _right_operand_fold(node, index):
-    return index == 1
+def _gemm_fold(node, index, shape):
+    # A' @ B' with a constant column k of A': adds const * B'[k, :] to every row; the bias C is
+    # per output column. A constant A (index 0) has its rows as outputs: not a per-column bias.
+    if index != 1:
+        return "the constant reaches Gemm's left operand (its bias is per column)"
+    return None
+
+
+def _matmul_fold(node, index, shape):
+    # X @ W with W [K, N] adds const * W[k, :] to every row: an [N] bias after it. A batched
+    # W [B.., K, N] adds const * W[b, k, :], different per batch entry: not one [N] bias.
+    if index != 1:
+        return "the constant reaches MatMul's left operand (W @ X: no per-column bias)"
+    if shape is None:
+        return "the MatMul weight's shape is unknown"
+    if len(shape) > 2 and numel(shape[:-2]) != 1:
+        return (f"the MatMul weight {list(shape)} is batched: the constant adds a different "
+                "row per batch entry, not one bias")
+    return None
 
 
 def _bias_only(node, bias, x):
@@ -213,10 +230,10 @@ def _einsum_macs(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
 
 
 define("Gemm", layout=_gemm_layout, activation=_gemm_activation, bias=_gemm_bias,
-       fold=_right_operand_fold, zero_filter=_bias_only, channels=_gemm_channels,
+       fold=_gemm_fold, zero_filter=_bias_only, channels=_gemm_channels,
        macs=_gemm_macs)
 define("MatMul", layout=_matmul_layout, activation=_matmul_activation, bias=_matmul_bias,
-       fold=_right_operand_fold, zero_filter=_bias_only, channels=_matmul_channels,
+       fold=_matmul_fold, zero_filter=_bias_only, channels=_matmul_channels,
        macs=_matmul_macs(0, 1))
 define("MatMulInteger", macs=_matmul_macs(0, 1))
 define("QLinearMatMul", macs=_matmul_macs(0, 3))

@@ -47,8 +47,12 @@ def _instancenorm_channels(ctx: NodeCtx) -> None:
 
 
 def _instancenorm_const(node, vals, read):
-    # A constant map normalizes to 0: the output is the shift.
-    return [vals[2]] if len(vals) > 2 and vals[2] is not None else None
+    # A constant map normalizes to 0 in exact arithmetic, but a runtime's float mean of c is
+    # c only to the last bit, and that bit is scaled by 1/sqrt(epsilon): the output is the
+    # shift (exactly) only for a map of zeros; any other constant is unknown.
+    if vals[0] is None or len(vals) < 3 or vals[2] is None:
+        return None
+    return [np.where(np.asarray(vals[0], np.float64) == 0, vals[2], np.nan)]
 
 
 def _layernorm_channels(ctx: NodeCtx) -> None:

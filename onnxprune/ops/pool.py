@@ -21,10 +21,12 @@ def _pool_channels(ctx: NodeCtx) -> None:
 
 
 def _average_pool_const(node, vals, read):
-    pads = attr(node, "pads", None)
-    if (pads and any(pads)) or attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"):
-        if not attr(node, "count_include_pad", 0):
-            return [vals[0]]
+    # A window over padding (explicit pads, auto_pad SAME_*, or ceil_mode's partial last
+    # window) averages the constant with zeros when count_include_pad counts them.
+    padded = any(attr(node, "pads", None) or ()) or \
+        attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID") or \
+        bool(attr(node, "ceil_mode", 0))
+    if padded and attr(node, "count_include_pad", 0):
         return [np.where(vals[0] == 0, 0.0, np.nan)]
     return [vals[0]]
 
@@ -76,9 +78,19 @@ def _pad_channels(ctx: NodeCtx) -> None:
 
 
 def _pad_const(node, vals, read):
+    """A constant channel stays constant only where the pad value equals it. The pad value is
+    input 2 (opset 11+; an unknown one makes every channel unknown), attribute ``value``
+    (opset < 11: the pads are then an attribute and the node has one input), or 0."""
     if attr(node, "mode", b"constant") != b"constant":
         return [vals[0]]
-    pv = vals[2] if len(vals) > 2 and vals[2] is not None else np.zeros_like(vals[0])
+    if len(node.input) > 2 and node.input[2]:
+        pv = vals[2]
+        if pv is None:
+            return [np.full_like(vals[0], np.nan)]
+    elif len(node.input) == 1:
+        pv = float(attr(node, "value", 0.0))
+    else:
+        pv = 0.0
     return [np.where(vals[0] == pv, vals[0], np.nan)]
 
 
@@ -86,5 +98,15 @@ define("MaxPool", "GlobalAveragePool", "GlobalMaxPool", channels=_pool_channels,
        const=pass_through_const)
 define("AveragePool", channels=_pool_channels, const=_average_pool_const)
 define("LpPool", "GlobalLpPool", channels=_pool_channels)
-define("Resize", "Upsample", channels=_resize_channels, const=pass_through_const)
+def _resize_const(node, vals, read):
+    # Interpolation weights sum to 1, so a constant map stays constant, except that
+    # tf_crop_and_resize writes extrapolation_value outside the crop box.
+    mode = attr(node, "coordinate_transformation_mode", b"half_pixel")
+    if mode == b"tf_crop_and_resize":
+        ev = float(attr(node, "extrapolation_value", 0.0))
+        return [np.where(vals[0] == ev, vals[0], np.nan)]
+    return [vals[0]]
+
+
+define("Resize", "Upsample", channels=_resize_channels, const=_resize_const)
 define("Pad", channels=_pad_channels, const=_pad_const)

@@ -14,8 +14,9 @@ field              what it answers                                              
                    operand is the activation and how its columns are extracted          dead chans
 ``bias``           ``(node, weight index) -> BiasSlot | None``: where the bias of the    weights,
                    weight's output rows sits and how alpha/beta scale it                dead chans
-``fold``           ``(node, weight index) -> bool``: folding a constant input channel   dead chans
-                   into the bias is exact
+``fold``           ``(node, weight index, weight shape | None) -> str | None``: why      dead chans
+                   folding a constant input channel into the bias is not exact (None:
+                   proven exact for every input; see :func:`fold_refusal`)
 ``channels``       ``(NodeCtx) -> None``: the channel-tie rule                          channels
 ``const``          ``(node, per-unit input constants, read) -> [outputs] | None``:      dead chans
                    constant propagation through the op
@@ -208,11 +209,23 @@ def shape_only(node: onnx.NodeProto) -> bool:
     return bool(field_of(node, "shape_only"))
 
 
-def exact_fold(node: onnx.NodeProto, weight_index: int) -> bool:
-    """Whether a constant input channel of the weight at ``weight_index`` folds exactly into
-    the bias (``sum(W[:, channel]) * constant``)."""
+def fold_refusal(node: onnx.NodeProto, weight_index: int,
+                 weight_shape: Optional[Sequence[int]] = None) -> Optional[str]:
+    """Why folding a constant input channel of the weight at ``weight_index`` (shape
+    ``weight_shape``, None when unknown) into the bias (``sum(W[:, channel]) * constant``) is
+    not exact, or None when the op's ``fold`` rule proves it is."""
     rule = field_of(node, "fold")
-    return bool(rule is not None and rule(node, weight_index))
+    if rule is None:
+        return f"{node.op_type} has no exact-fold rule (no bias the constant can move into)"
+    shape = None if weight_shape is None else tuple(int(d) for d in weight_shape)
+    return rule(node, weight_index, shape)
+
+
+def exact_fold(node: onnx.NodeProto, weight_index: int,
+               weight_shape: Optional[Sequence[int]] = None) -> bool:
+    """Whether a constant input channel of the weight at ``weight_index`` folds exactly into
+    the bias (:func:`fold_refusal` has no reason against it)."""
+    return fold_refusal(node, weight_index, weight_shape) is None
 
 
 def weight_step(node: onnx.NodeProto, seen_shape: Tuple[int, ...],

@@ -484,12 +484,23 @@ def _reshape_axis_source(node, axis, shape_of):
     return hit[0][0] if hit else None
 
 
+def _concat_const(node, vals, read):
+    """The inputs a group's units come from all carry the constant: where two known inputs
+    disagree (a unit spans both, as before a grouped conv), it is unknown (NaN)."""
+    known = [np.asarray(v, np.float64) for v in vals if v is not None]
+    if not known:
+        return None
+    first = known[0]
+    same = np.all([np.asarray(k == first) for k in known], axis=0)
+    return [np.where(same, first, np.nan)]
+
+
 define("Constant", channels=_constant)
 define("Transpose", channels=_transpose, const=pass_through_const, weight_step=_transpose_step)
 define("Squeeze", "Unsqueeze", channels=_squeeze, const=pass_through_const)
 define("Reshape", channels=_reshape, const=pass_through_const, weight_step=_reshape_step)
 define("Flatten", channels=_flatten, const=pass_through_const)
-define("Concat", channels=_concat, const=pass_through_const)
+define("Concat", channels=_concat, const=_concat_const)
 define("Split", channels=_split, const=pass_through_const)
 define("Slice", channels=_slice, const=pass_through_const)
 define("Shape", channels=_shape, shape_only=True)
