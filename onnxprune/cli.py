@@ -37,6 +37,25 @@ class DefaultToPrune(click.Group):
             args = ["prune", *args]
         return super().parse_args(ctx, args)
 
+    def main(self, *args, **kwargs):
+        # click's own usage errors quote what the user typed (a path, a value): escape control
+        # characters there too, like every other line the tool prints.
+        try:
+            kwargs.setdefault("standalone_mode", False)
+            return super().main(*args, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
+        except click.ClickException as exc:
+            import io
+
+            shown = io.StringIO()
+            exc.show(file=shown)
+            click.echo(printable(shown.getvalue().rstrip("\n"), keep_newlines=True), err=True)
+            sys.exit(exc.exit_code)
+
 
 def _console(quiet: bool):
     from rich.console import Console

@@ -105,3 +105,18 @@ def test_real_terminal_streams_carry_no_raw_escapes(tmp_path):
         assert proc.returncode in (0, 2), proc.stderr
         _assert_clean(proc.stdout)
         _assert_clean(proc.stderr)
+
+
+def test_clicks_own_usage_errors_escape_what_the_user_typed(tmp_path):
+    import subprocess
+    import sys
+
+    bad = "x\x1b]0;title\x07\x1b[2J"
+    proc = subprocess.run([sys.executable, "-m", "onnxprune", "inspect", str(tmp_path / "m.onnx"),
+                           "--input-shape", bad], capture_output=True, text=True)
+    proc2 = subprocess.run([sys.executable, "-m", "onnxprune", str(tmp_path / "m.onnx"),
+                            "--criterion", bad], capture_output=True, text=True)
+    for p in (proc, proc2):
+        assert p.returncode == 2
+        assert "\x1b" not in p.stdout + p.stderr and "\x07" not in p.stdout + p.stderr
+    assert "\\x1b" in proc2.stderr and "prune --help' for help." in proc2.stderr
