@@ -73,12 +73,18 @@ def read_headers(path: Path, kind: str) -> Dict[str, Header]:
 
 
 def _header(f) -> Header:
+    shape, _, dtype = _read_header(f)
+    return shape, dtype
+
+
+def _read_header(f) -> tuple:
+    """(shape, fortran order, dtype) from the ``.npy`` stream ``f``, left at its data."""
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
     else:
-        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-    return tuple(shape), np.dtype(dtype)
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    return tuple(shape), fortran, np.dtype(dtype)
 
 
 def file_part(path: Path, specs: Sequence[InputSpec], samples: bool, single_ok: bool = False,
@@ -106,10 +112,10 @@ def file_part(path: Path, specs: Sequence[InputSpec], samples: bool, single_ok: 
                 rows = None if (limit is None or adds_axis[s.name] or not samples) else limit
                 if kind == "npy":
                     with open(path, "rb") as f:
-                        raw[s.name] = _read_rows(f, rows)
+                        raw[s.name] = _read_rows(f, rows, str(path))
                 else:
                     with zipfile.ZipFile(path) as zf, zf.open(by_input[s.name] + ".npy") as f:
-                        raw[s.name] = _read_rows(f, rows)
+                        raw[s.name] = _read_rows(f, rows, str(path))
         except InputDataError:
             raise
         except Exception as exc:
@@ -120,33 +126,22 @@ def file_part(path: Path, specs: Sequence[InputSpec], samples: bool, single_ok: 
     return Part(count, load, path.name)
 
 
-def _read_rows(f, rows: Optional[int]) -> np.ndarray:
+def _read_rows(f, rows: Optional[int], where: str) -> np.ndarray:
     """The array in the ``.npy`` stream ``f``, only its first ``rows`` entries along axis 0
     when ``rows`` is given (C order: those are the first bytes; a ``.npz`` member is streamed,
     decompressed only as far as needed). Pickled (object) arrays are refused."""
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    else:
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    dtype = np.dtype(dtype)
+    shape, fortran, dtype = _read_header(f)
     if dtype.hasobject:
-        raise InputDataError("holds Python objects (a pickled array), which onnxprune never "
-                             "loads; save plain numeric arrays")
-    if rows is None or fortran or not shape or rows >= shape[0]:
-        rows = shape[0] if shape else None
-        count = int(np.prod(shape, dtype=np.int64))
-        data = f.read(count * dtype.itemsize)
-        if len(data) != count * dtype.itemsize:
-            raise ValueError("the array data is truncated")
-        arr = np.frombuffer(data, dtype=dtype, count=count)
-        return arr.reshape(shape[::-1]).T.copy() if fortran else arr.reshape(shape).copy()
-    out_shape = (int(rows),) + tuple(shape[1:])
-    count = int(np.prod(out_shape, dtype=np.int64))
+        raise InputDataError(f"'{where}' holds Python objects (a pickled array), which "
+                             "onnxprune never loads; save plain numeric arrays")
+    if rows is not None and shape and not fortran and rows < shape[0]:
+        shape = (int(rows),) + shape[1:]
+    count = int(np.prod(shape, dtype=np.int64))
     data = f.read(count * dtype.itemsize)
     if len(data) != count * dtype.itemsize:
         raise ValueError("the array data is truncated")
-    return np.frombuffer(data, dtype=dtype, count=count).reshape(out_shape).copy()
+    arr = np.frombuffer(data, dtype=dtype, count=count)
+    return arr.reshape(shape[::-1]).T.copy() if fortran else arr.reshape(shape).copy()
 
 
 def arrays_part(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], label: str,
