@@ -39,7 +39,7 @@ from onnxprune.model import external as ext
 from onnxprune.model.external import (ALIGN, SpillStore, copy_range, external_span, external_state,
                                       is_external, point_external, restore_external, tensor_dtype,
                                       write_all)
-from onnxprune.model.index import GraphIndex
+from onnxprune.model.index import GraphIndex, subgraphs
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto, "ModelHandle"]
 _PROTO_LIMIT = 2_000_000_000  # protobuf cannot serialize 2 GiB; past this, weights go external
@@ -196,8 +196,6 @@ def every_tensor(model: onnx.ModelProto) -> Iterator[Tuple[str, onnx.TensorProto
                 elif a.type == onnx.AttributeProto.SPARSE_TENSORS:
                     for sp in a.sparse_tensors:
                         yield from ((where, t) for t in (sp.values, sp.indices))
-                elif a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                    continue  # bodies are walked as graphs below
 
     def from_graphs(graph: onnx.GraphProto, path: str) -> Iterator[Tuple[str, onnx.TensorProto]]:
         for gpath, g in iter_graphs(graph, path):
@@ -211,11 +209,8 @@ def every_tensor(model: onnx.ModelProto) -> Iterator[Tuple[str, onnx.TensorProto
         path = f"function {fn.domain}.{fn.name}" if fn.domain else f"function {fn.name}"
         yield from from_nodes(path, fn.node)
         for node in fn.node:
-            for a in node.attribute:
-                bodies = [a.g] if a.type == onnx.AttributeProto.GRAPH else (
-                    list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else [])
-                for body in bodies:
-                    yield from from_graphs(body, f"{path}/{node.name or node.op_type}.{a.name}")
+            for label, body in subgraphs(node):
+                yield from from_graphs(body, f"{path}/{node.name or node.op_type}.{label}")
 
 
 def weightless_copy(proto: onnx.ModelProto, handle: Optional[ModelHandle] = None,
@@ -484,15 +479,22 @@ def resolve_output(input_path: Optional[Path], output: Optional[Union[str, os.Pa
     return out
 
 
+def external_files(model: onnx.ModelProto, folder: Path) -> List[Path]:
+    """The external data files ``model``'s tensors name, in ``folder``, each once."""
+    files: List[Path] = []
+    for _, tensor in every_tensor(model):
+        if is_external(tensor):
+            loc = ExternalDataInfo(tensor).location
+            if loc and folder / loc not in files:
+                files.append(folder / loc)
+    return files
+
+
 def input_files(handle: ModelHandle) -> List[Path]:
     """The files ``handle``'s model reads: its file and its external data files."""
     files = [handle.path] if handle.path is not None else []
     if handle.base_dir is not None:
-        for _, tensor in every_tensor(handle.model):
-            if is_external(tensor):
-                loc = ExternalDataInfo(tensor).location
-                if loc and (handle.base_dir / loc) not in files:
-                    files.append(handle.base_dir / loc)
+        files += external_files(handle.model, handle.base_dir)
     return files
 
 
@@ -556,12 +558,5 @@ def save(handle: ModelHandle, output: Union[str, os.PathLike], force: bool = Tru
 
 
 def size_on_disk(path: Path, model: onnx.ModelProto) -> int:
-    size = path.stat().st_size
-    seen = set()
-    for tensor in iter_tensors(model.graph):
-        if is_external(tensor):
-            loc = ExternalDataInfo(tensor).location
-            if loc not in seen and (path.parent / loc).is_file():
-                seen.add(loc)
-                size += (path.parent / loc).stat().st_size
-    return size
+    return path.stat().st_size + sum(f.stat().st_size for f in
+                                     external_files(model, path.parent) if f.is_file())
