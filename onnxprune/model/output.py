@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -37,12 +38,16 @@ def default_output(input_path: PathLike, suffix: str = ".pruned.onnx") -> Path:
     return path.with_name(stem + suffix)
 
 
-def _identity(path: Path) -> Optional[Tuple[int, int]]:
+def _same_file(target: Path, identity: Optional[Tuple[int, int]], other: PathLike) -> bool:
+    """Whether ``target`` (an existing file's ``(st_dev, st_ino)`` is ``identity``) is
+    ``other``: the same real path, or the same file through a hard link."""
+    if target == Path(os.path.realpath(other)):
+        return True
     try:
-        st = os.stat(path)
+        st = os.stat(other)
     except OSError:
-        return None
-    return st.st_dev, st.st_ino
+        return False
+    return identity == (st.st_dev, st.st_ino)
 
 
 def check_output(path: PathLike, force: bool, reads: Iterable[PathLike] = (),
@@ -74,12 +79,11 @@ def check_output(path: PathLike, force: bool, reads: Iterable[PathLike] = (),
                           f"choose another {flag}")
     me = None if st is None else (st.st_dev, st.st_ino)
     for other in reads:
-        if me is not None and me == _identity(Path(other)) or target == Path(os.path.realpath(other)):
+        if _same_file(target, me, other):
             raise OutputError(f"{what} '{out}' is a file the input model reads ('{other}'); "
                               f"onnxprune never overwrites its input, choose another {flag}")
     for other in avoid:
-        if other is not None and (target == Path(os.path.realpath(other)) or
-                                  (me is not None and me == _identity(Path(other)))):
+        if other is not None and _same_file(target, me, other):
             raise OutputError(f"{what} '{out}' is also the path of another file this run "
                               f"writes ('{other}'); choose another {flag}")
     if st is not None and not force:
@@ -113,8 +117,7 @@ def commit(tmp: str, final: Path, force: bool, what: str = "output") -> None:
         os.link(tmp, final)
     except FileExistsError:
         os.unlink(tmp)
-        raise OutputError(f"{what} '{final}' appeared while onnxprune was working; nothing was "
-                          "overwritten (pass --force to replace it)") from None
+        raise _appeared(final, what) from None
     except OSError as exc:  # a filesystem without hard links: exclusive create, then copy
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK,
                              errno.EXDEV):
@@ -128,16 +131,16 @@ def _copy_exclusive(tmp: str, final: Path, what: str) -> None:
         fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except FileExistsError:
         os.unlink(tmp)
-        raise OutputError(f"{what} '{final}' appeared while onnxprune was working; nothing was "
-                          "overwritten (pass --force to replace it)") from None
+        raise _appeared(final, what) from None
     with os.fdopen(fd, "wb") as dst, open(tmp, "rb") as src:
-        while True:
-            chunk = src.read(1 << 24)
-            if not chunk:
-                break
-            dst.write(chunk)
+        shutil.copyfileobj(src, dst, 1 << 24)
         dst.flush()
         os.fsync(dst.fileno())
+
+
+def _appeared(final: Path, what: str) -> OutputError:
+    return OutputError(f"{what} '{final}' appeared while onnxprune was working; nothing was "
+                       "overwritten (pass --force to replace it)")
 
 
 def write_atomic(final: Path, write: Callable[[str], None], force: bool,
