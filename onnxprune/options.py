@@ -124,23 +124,21 @@ def _field(default: Any, metadata: dict) -> Any:
 
 
 def _check_bounds(f: Field, value: Any) -> None:
-    """Raise when a number field's value is not a finite number within its ``bounds``."""
+    """Raise when a number field's value is not a finite number within its ``bounds`` (whole
+    numbers when both bounds are ints)."""
     bounds = f.metadata.get("bounds")
     if bounds is None or value is None:
         return
-    spec = f.metadata.get("cli")
-    flag = getattr(spec, "name", None) or "--" + f.name.replace("_", "-")
-    flag = flag.split("/")[0]
-    want_int = f.type in ("int", int) or isinstance(bounds[0], int) and isinstance(bounds[1], int)
-    kind = "a whole number" if want_int else "a number"
+    flag = f.metadata["cli"].flag(f.name)
+    want_int = all(isinstance(b, int) for b in bounds)
     ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if ok and want_int:
-        ok = float(value).is_integer() if isinstance(value, (float, np.floating)) else True
+    if ok and want_int and isinstance(value, (float, np.floating)):
+        ok = float(value).is_integer()
     if ok:
         ok = math.isfinite(float(value)) and bounds[0] <= value <= bounds[1]
     if not ok:
         hi = "" if math.isinf(bounds[1]) else f" and at most {bounds[1]}"
-        kind = kind if want_int else "a finite number"
+        kind = "a whole number" if want_int else "a finite number"
         raise OptionError(f"{flag} must be {kind} at least {bounds[0]}{hi}, got {value!r}")
 
 
