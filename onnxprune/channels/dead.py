@@ -231,17 +231,20 @@ def find_dead(handle: ModelHandle, graph: ChannelGraph):
                         in zip(consumer_inputs, vals) if v != 0 and _reads(handle, graph, m, u)]
                 if not plan:
                     remove.add(u)
-                elif any(_refusal(graph, m, node, idx) for m, node, idx, _ in plan):
-                    why = next(r for r in (_refusal(graph, m, node, idx)
-                                           for m, node, idx, _ in plan) if r)
+                    continue
+                # The first reason a fold would not be exact: the op's (registry) or the bias's.
+                refused = next((r for r in (_refusal(graph, m, node, idx)
+                                            for m, node, idx, _ in plan) if r), None)
+                unfit = None if refused else next(
+                    (r for r in (_bias_unfit(index, graph, node, idx)
+                                 for _, node, idx, _ in plan) if r), None)
+                if refused:
                     kept.append(f"{group.describe()} channel {u}: constant "
                                 f"{[round(k, 6) for *_, k in plan]} reaches a consumer where "
-                                f"folding is not exact: {why}")
-                elif any(_bias_unfit(index, graph, node, idx) for _, node, idx, _ in plan):
-                    why = next(r for r in (_bias_unfit(index, graph, node, idx)
-                                           for _, node, idx, _ in plan) if r)
+                                f"folding is not exact: {refused}")
+                elif unfit:
                     kept.append(f"{group.describe()} channel {u}: constant "
-                                f"{[round(k, 6) for *_, k in plan]} cannot be folded: {why}")
+                                f"{[round(k, 6) for *_, k in plan]} cannot be folded: {unfit}")
                 else:
                     folded_units.add(u)
                     # zero every consumer's slice so the next pass sees the unit as unread
