@@ -202,7 +202,7 @@ def prune_command(model, output, report_path, force, quiet, **flags):
         out = output
         if out is None:  # the bundled model's output goes to the working folder, not the package
             out = default_output(path if model is not None else Path.cwd() / DEFAULT_MODEL.name)
-        report_path_ok = _check_report(report_path, path, force, avoid=[out])
+        report_path_ok = _check_report(report_path, path, force, output=out)
         stamp = _stamp(Path(out))
         try:
             result = prune(path, output=out, force=force,
@@ -235,14 +235,16 @@ def _stamp(path: Path):
         return None
 
 
-def _check_report(report_path: Optional[str], model, force: bool, avoid=()):
+def _check_report(report_path: Optional[str], model, force: bool, output=None):
     """The ``--report`` path checked like ``-o`` before any work: never a file the input reads
-    or the model output, only a regular file, an existing one only with ``--force``."""
+    or the model ``output`` (as it will be written: a folder means the file inside it), only a
+    regular file, an existing one only with ``--force``."""
     if report_path is None or report_path == "-":
         return report_path
-    from onnxprune.model.io import input_files, load
+    from onnxprune.model.io import input_files, load, resolve_output
     from onnxprune.model.output import check_output
 
+    avoid = [] if output is None else [resolve_output(Path(model), output, force=True)]
     return check_output(report_path, force, input_files(load(model)), "report", avoid=avoid)
 
 

@@ -144,7 +144,7 @@ class Report:
         exclusive create, or a replace with ``force``; see :mod:`onnxprune.model.output`)."""
         from onnxprune.model.output import write_atomic
 
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        text = self.json_text() + "\n"
 
         def write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as f:

@@ -61,6 +61,14 @@ def test_report_may_not_be_the_output(src, tmp_path):
     assert not out.exists()
 
 
+def test_report_may_not_be_the_file_an_output_folder_gets(src, tmp_path):
+    folder = tmp_path / "outdir"
+    folder.mkdir()
+    res = invoke(src, "-o", str(folder) + "/", "--report", folder / "m.pruned.onnx", "-q")
+    assert res.exit_code == 2 and "another file this run writes" in res.output
+    assert list(folder.iterdir()) == []
+
+
 def test_existing_report_needs_force_and_is_checked_before_work(src, tmp_path):
     report = tmp_path / "r.json"
     report.write_text("keep me")
