@@ -58,8 +58,11 @@ def build_passes(options: PruneOptions) -> Pipeline:
         # A channel refit collects its own, layer by layer, too.
         collect = not (o.sequential or o.channel_removal) or (
             o.allocation == "sensitivity" and not reconstructs)
+        # Real calibration data and nothing else to validate on: hold some out for validation.
+        hold_out = o.validation_samples if (o.validate and o.inputs is None) else 0
         passes.append(Calibrate(o.calibration, o.calibration_samples, o.image_preprocess,
-                                o.input_shapes, seed=o.seed, collect=collect))
+                                o.input_shapes, seed=o.seed, collect=collect,
+                                hold_out=hold_out))
     if o.allocation == "sensitivity":
         passes.append(AllocateBySensitivity())
     if o.channel_removal:
@@ -81,7 +84,9 @@ def build_passes(options: PruneOptions) -> Pipeline:
                                              keep_layouts=o.resize is None))
     if o.validate:
         passes.append(Validate(inputs=o.inputs, input_shapes=o.input_shapes,
-                               max_error=o.max_error, seed=o.seed))
+                               max_error=o.max_error, min_agreement=o.min_agreement,
+                               thresholds=o.verdict, seed=o.seed,
+                               image_preprocess=o.image_preprocess))
     return Pipeline(passes)
 
 

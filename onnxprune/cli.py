@@ -249,6 +249,8 @@ def _check_report(report_path: Optional[str], model, force: bool, output=None):
 
 
 def _emit(report, report_path, quiet, force=False):
+    for warning in report.warnings:  # on stderr whatever else is shown (even with --quiet)
+        click.echo(f"warning: {printable(warning)}", err=True)
     if report_path == "-":  # JSON owns stdout; the text report goes to stderr
         click.echo(report.json_text())
         if not quiet:

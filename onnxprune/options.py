@@ -197,6 +197,14 @@ def numbers(sep: str = ",", kind: type = float) -> Callable[[Optional[str], str]
     return parse
 
 
+def _verdict(text: Optional[str]) -> Optional[str]:
+    from onnxprune.report.compare import Thresholds
+
+    if text is not None:
+        Thresholds.parse(text)  # a bad piece is an error now, before any work
+    return text
+
+
 def _input_shapes(specs: Sequence[str], flag: str) -> Optional[Dict[str, Tuple[int, ...]]]:
     return parse_input_shapes(specs) or None
 
@@ -330,13 +338,28 @@ class PruneOptions:
         choices=lambda: ALLOCATIONS)
     validate: bool = option(True, "Skip checker, onnxruntime and comparison.",
                             name="--no-validate", switch=True)
-    inputs: Any = option(None, ".npz of model inputs keyed by input name, for the comparison.")
+    inputs: Any = option(
+        None, "Validation samples: .npz keyed by input name (axis 0 = samples; other arrays such "
+              "as labels are ignored), .npy or a folder. Default: calibration samples held out, "
+              "else generated inputs (not an accuracy estimate).")
+    validation_samples: int = option(
+        32, "With --calibration and no --inputs: samples held out of the calibration data "
+            "(taken after the ones it uses, at most half) to validate on.", type=int,
+        bounds=(0, 1 << 62))
     input_shapes: Optional[Dict[str, Sequence[int]]] = option(
         None, "Fix an input's dims for generated inputs and MACs: NAME:1x3x224x224.",
         name="--input-shape", parse=_input_shapes, multiple=True, commands=COMMANDS)
     max_error: Optional[float] = option(
         None, "Fail (exit 1, nothing written) if the relative max error of any output exceeds "
               "this.", type=float, bounds=(0.0, float("inf")))
+    min_agreement: Optional[float] = option(
+        None, "Fail (exit 1, nothing written) if the top-1 agreement of any class-score output "
+              "with the original on the validation samples is below this (0-1).", type=float,
+        bounds=(0.0, 1.0))
+    verdict: Any = option(
+        None, "Verdict thresholds OK/DEGRADED per measure, e.g. agreement=0.99/0.9,cosine=0.99/"
+              "0.9,equal=0.99/0.9,scalar=0.01/0.1 (those are the defaults).",
+        parse=lambda text, flag: _verdict(text))
     search: bool = option(False, "With --max-error: find the highest sparsity (up to "
                                  "--sparsity, default 0.95) whose outputs stay within it.",
                           switch=True)

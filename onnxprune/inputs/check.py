@@ -36,9 +36,12 @@ Header = Tuple[Tuple[int, ...], np.dtype]  # an array's shape and dtype, read wi
 SAVE_HINT = "save one array per input with np.savez(path, **{name: array})"
 
 
-def map_names(where: str, specs: Sequence[InputSpec], keys: List[str]) -> Dict[str, str]:
+def map_names(where: str, specs: Sequence[InputSpec], keys: List[str],
+              extra_ok: bool = False) -> Dict[str, str]:
     """Array key -> input name: by name, or positionally for ``arr_0, arr_1, ...`` (what
-    ``np.savez(path, a, b)`` writes). Every input must have an array and every array an input."""
+    ``np.savez(path, a, b)`` writes). Every input must have an array and every array an input
+    (``extra_ok``: arrays that are no input, such as labels beside validation inputs, are left
+    out of the mapping instead)."""
     wanted = [s.name for s in specs]
     positional = [f"arr_{i}" for i in range(len(keys))]
     if keys and sorted(keys) == sorted(positional) and not set(keys) & set(wanted):
@@ -53,10 +56,10 @@ def map_names(where: str, specs: Sequence[InputSpec], keys: List[str]) -> Dict[s
         want = ", ".join(f"'{s.name}' {s.declared} {type_name(s)}" for s in missing)
         raise InputDataError(f"'{where}' has no array for input(s) {want}; it holds "
                              f"{', '.join(repr(k) for k in keys) or 'nothing'}; {SAVE_HINT}")
-    if extra:
+    if extra and not extra_ok:
         raise InputDataError(f"'{where}' has array(s) {', '.join(repr(e) for e in extra)} that "
                              f"are not model inputs; the inputs are: {', '.join(wanted)}")
-    return {k: k for k in keys}
+    return {k: k for k in keys if k in wanted}
 
 
 def check_arrays(where: str, specs: Sequence[InputSpec], headers: Mapping[str, Header],

@@ -22,14 +22,15 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 import numpy as np
 
 from onnxprune.errors import InputDataError, OptionError
-from onnxprune.inputs.files import (ARRAY_EXTENSIONS, IMAGE_EXTENSIONS, Part, arrays_part,
-                                    file_part)
+from onnxprune.inputs.files import (ARRAY_EXTENSIONS, IMAGE_EXTENSIONS, Part, array_kind,
+                                    arrays_part, file_part, read_headers)
 from onnxprune.inputs.generate import make_inputs
 from onnxprune.inputs.images import ImagePreprocess, image_parts
 from onnxprune.inputs.signature import (InputSpec, ModelOrPath, input_signature, model_proto,
                                         resolve_input_shapes)
 
-__all__ = ["CalibrationSet", "load_calibration", "generated_calibration", "load_inputs"]
+__all__ = ["CalibrationSet", "load_calibration", "generated_calibration", "load_inputs",
+           "load_samples"]
 
 
 def load_inputs(source: Union[str, os.PathLike, Mapping[str, np.ndarray]], model: ModelOrPath,
@@ -53,6 +54,40 @@ def load_inputs(source: Union[str, os.PathLike, Mapping[str, np.ndarray]], model
     return file_part(path, specs, samples=False, want=shapes).load()
 
 
+def load_samples(source, model: ModelOrPath,
+                 image_preprocess: Optional[ImagePreprocess] = None) -> "CalibrationSet":
+    """Validation samples for ``model`` from ``--inputs``: a dict of arrays, a ``.npz`` (a
+    ``.npy`` for a one-input model) or a folder, read as calibration sources are (axis 0 =
+    samples; an array one rank lower is one sample) and served in batches.
+
+    Arrays that are no model input (labels saved beside the inputs) are left out and listed in
+    the set's ``ignored``; every model input must be there.
+    """
+    specs = input_signature(model_proto(model))
+    if isinstance(source, CalibrationSet):
+        return source
+    if isinstance(source, Mapping):
+        data = CalibrationSet(specs, [arrays_part(source, specs, "the given inputs",
+                                                  samples=True, extra_ok=True)],
+                              "the given inputs")
+        if not all(str(k).startswith("arr_") for k in source):  # else mapped by position
+            data.ignored = sorted(set(source) - {s.name for s in specs})
+        return data
+    path = Path(source)
+    if not path.exists():
+        raise InputDataError(f"input file '{path}' does not exist; pass a .npz with one array "
+                             "per model input (axis 0 = samples)")
+    if path.is_dir():
+        return _load_folder(path, specs, image_preprocess)
+    part = file_part(path, specs, samples=True, single_ok=True, extra_ok=True)
+    data = CalibrationSet(specs, [part], str(path))
+    if array_kind(path) == "npz":
+        keys = list(read_headers(path, "npz"))
+        if not all(k.startswith("arr_") for k in keys):  # else mapped by position
+            data.ignored = sorted(set(keys) - {s.name for s in specs})
+    return data
+
+
 class CalibrationSet:
     """Calibration samples checked against a model's inputs, served as feed dicts.
 
@@ -70,6 +105,7 @@ class CalibrationSet:
         self._parts = list(parts)
         self.source = source
         self.data_free = data_free
+        self.ignored: List[str] = []  # arrays in the source that are no model input
 
     @classmethod
     def from_arrays(cls, model, arrays: Mapping[str, np.ndarray],
@@ -101,17 +137,33 @@ class CalibrationSet:
 
     def take(self, n: int) -> "CalibrationSet":
         """The first ``n`` samples (all when there are fewer)."""
+        return self.slice(0, n)
+
+    def slice(self, start: int, stop: int) -> "CalibrationSet":
+        """Samples ``start`` to ``stop`` (fewer when the set ends first); their sources read no
+        more than those rows' worth."""
         parts: List[Part] = []
-        left = int(n)
+        offset = 0
         for part in self._parts:
-            if left <= 0:
+            lo, hi = max(start - offset, 0), min(stop - offset, part.count)
+            if lo < hi:
+                parts.append(part if (lo, hi) == (0, part.count)
+                             else Part(hi - lo, _window(part.load, lo, hi), part.label))
+            offset += part.count
+            if offset >= stop:
                 break
-            if part.count <= left:
-                parts.append(part)
-            else:
-                parts.append(Part(left, _head(part.load, left), part.label))
-            left -= part.count
         return CalibrationSet(self.inputs, parts, self.source, self.data_free)
+
+    def _chunks(self, size: int) -> Iterator[Part]:
+        """The parts, those holding more than a few batches cut into windows of ``size``
+        samples, so one batch of a large file is in memory at a time."""
+        for part in self._parts:
+            if part.count is None or part.count <= 4 * size:
+                yield part
+                continue
+            for lo in range(0, part.count, size):
+                hi = min(lo + size, part.count)
+                yield Part(hi - lo, _window(part.load, lo, hi), part.label)
 
     def batches(self, batch_size: int = 8) -> Iterator[Dict[str, np.ndarray]]:
         """Feed dicts of ``batch_size`` samples (the last may be smaller).
@@ -140,7 +192,7 @@ class CalibrationSet:
             pending = [rest] if pending_n else []
             return {**out, **constants}
 
-        for part in self._parts:
+        for part in self._chunks(size):
             arrays = part.load()
             constants.update({k: arrays.pop(k) for k in scalars if k in arrays})
             if pending and not _same_sample_shape(pending[0], arrays):
@@ -158,11 +210,15 @@ class CalibrationSet:
             yield flush(pending_n)
 
 
-def _head(loader: Callable[..., Dict[str, np.ndarray]], n: int):
-    """``loader`` limited to its first ``n`` samples: the source reads no more than that."""
-    def load(limit: Optional[int] = None) -> Dict[str, np.ndarray]:
-        rows = n if limit is None else min(n, limit)
-        return {k: v[:rows] for k, v in loader(rows).items()}
+def _window(loader: Callable[..., Dict[str, np.ndarray]], lo: int, hi: int):
+    """``loader`` limited to its samples ``lo`` to ``hi`` (renumbered from 0): the source reads
+    no more than those."""
+    def load(limit: Optional[int] = None, start: int = 0) -> Dict[str, np.ndarray]:
+        first = lo + start
+        stop = hi if limit is None else min(hi, lo + limit)
+        rows = stop - first
+        return {k: v if v.ndim == 0 else v[:rows]
+                for k, v in loader(stop, start=first).items()}
     return load
 
 
@@ -228,7 +284,7 @@ def generated_calibration(model, n: int = 8, seed: int = 0,
     resolved = resolve_input_shapes(proto, shapes, batch=1)
     parts = []
     for i in range(int(n)):
-        def loader(limit=None, i=i):
+        def loader(limit=None, start=0, i=i):
             return make_inputs(proto, resolved, seed=seed * 1_000_003 + i)
         parts.append(Part(1, loader, f"generated #{i}"))
     return CalibrationSet(specs, parts, f"generated (seed {seed})", data_free=True)

@@ -31,7 +31,9 @@ class Part:
     """A slice of the user's data: ``count`` samples (None: one feed, no sample axis), loaded
     on demand as ``{input name: array}``, checked and in the model's dtypes. ``load(limit)``
     reads only the first ``limit`` samples where the source allows (files are read up to what is
-    needed, never whole: ``--calibration-samples 2`` on a 1.5 GB file reads two samples)."""
+    needed, never whole: ``--calibration-samples 2`` on a 1.5 GB file reads two samples);
+    ``load(limit, start)`` reads samples ``start`` to ``limit`` only (a window: validation
+    streams a large file one batch at a time)."""
 
     count: Optional[int]
     load: Callable[..., Dict[str, np.ndarray]]
@@ -88,7 +90,8 @@ def _read_header(f) -> tuple:
 
 
 def file_part(path: Path, specs: Sequence[InputSpec], samples: bool, single_ok: bool = False,
-              want: Optional[Mapping[str, Sequence[int]]] = None) -> Part:
+              want: Optional[Mapping[str, Sequence[int]]] = None,
+              extra_ok: bool = False) -> Part:
     """One ``.npz``/``.npy`` file as a :class:`Part`, checked from its headers now and read
     (and coerced) when loaded. A ``.npy`` serves a one-input model."""
     kind = array_kind(path)
@@ -100,22 +103,25 @@ def file_part(path: Path, specs: Sequence[InputSpec], samples: bool, single_ok: 
     if kind == "npy":
         names = {"": specs[0].name}
     else:
-        names = map_names(str(path), specs, list(headers))
-    count, adds_axis = check_arrays(str(path), specs, {names[k]: v for k, v in headers.items()},
+        names = map_names(str(path), specs, list(headers), extra_ok)
+    count, adds_axis = check_arrays(str(path), specs, {names[k]: v for k, v in headers.items()
+                                                       if k in names},
                                     samples, single_ok, want)
     by_input = {v: k for k, v in names.items()}
 
-    def load(limit: Optional[int] = None) -> Dict[str, np.ndarray]:
+    def load(limit: Optional[int] = None, start: int = 0) -> Dict[str, np.ndarray]:
         try:
             raw = {}
             for s in specs:
-                rows = None if (limit is None or adds_axis[s.name] or not samples) else limit
+                whole = adds_axis[s.name] or not samples
+                rows = None if (limit is None or whole) else limit
+                first = 0 if whole else start
                 if kind == "npy":
                     with open(path, "rb") as f:
-                        raw[s.name] = _read_rows(f, rows, str(path))
+                        raw[s.name] = _read_rows(f, rows, str(path), first)
                 else:
                     with zipfile.ZipFile(path) as zf, zf.open(by_input[s.name] + ".npy") as f:
-                        raw[s.name] = _read_rows(f, rows, str(path))
+                        raw[s.name] = _read_rows(f, rows, str(path), first)
         except InputDataError:
             raise
         except Exception as exc:
@@ -126,35 +132,50 @@ def file_part(path: Path, specs: Sequence[InputSpec], samples: bool, single_ok: 
     return Part(count, load, path.name)
 
 
-def _read_rows(f, rows: Optional[int], where: str) -> np.ndarray:
-    """The array in the ``.npy`` stream ``f``, only its first ``rows`` entries along axis 0
-    when ``rows`` is given (C order: those are the first bytes; a ``.npz`` member is streamed,
-    decompressed only as far as needed). Pickled (object) arrays are refused."""
+def _read_rows(f, rows: Optional[int], where: str, start: int = 0) -> np.ndarray:
+    """The array in the ``.npy`` stream ``f``, only its entries ``start`` to ``rows`` along
+    axis 0 when given (C order: those are consecutive bytes, the ones before skipped; a ``.npz``
+    member is streamed, decompressed only as far as needed). Pickled (object) arrays are
+    refused."""
     shape, fortran, dtype = _read_header(f)
     if dtype.hasobject:
         raise InputDataError(f"'{where}' holds Python objects (a pickled array), which "
                              "onnxprune never loads; save plain numeric arrays")
-    if rows is not None and shape and not fortran and rows < shape[0]:
-        shape = (int(rows),) + shape[1:]
+    first = 0
+    if shape and not fortran:
+        stop = shape[0] if rows is None else min(int(rows), shape[0])
+        first = min(int(start), stop)
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        if first:
+            f.seek(first * row_bytes, 1)
+        shape = (stop - first,) + tuple(shape[1:])
     count = int(np.prod(shape, dtype=np.int64))
     data = f.read(count * dtype.itemsize)
     if len(data) != count * dtype.itemsize:
         raise ValueError("the array data is truncated")
     arr = np.frombuffer(data, dtype=dtype, count=count)
-    return arr.reshape(shape[::-1]).T.copy() if fortran else arr.reshape(shape).copy()
+    if fortran:  # rows are not consecutive: read whole, then cut
+        arr = arr.reshape(shape[::-1]).T
+        return arr[start:rows].copy() if shape else arr.copy()
+    return arr.reshape(shape).copy()
 
 
 def arrays_part(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], label: str,
-                samples: bool, want: Optional[Mapping[str, Sequence[int]]] = None) -> Part:
+                samples: bool, want: Optional[Mapping[str, Sequence[int]]] = None,
+                extra_ok: bool = False) -> Part:
     """In-memory arrays keyed by input name (or ``arr_0, arr_1, ...``), checked like a file."""
-    arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    names = map_names(label, specs, list(arrays))
-    arrays = {names[k]: v for k, v in arrays.items()}
+    names = map_names(label, specs, list(arrays), extra_ok)
+    arrays = {names[k]: np.asarray(v) for k, v in arrays.items() if k in names}
     count, adds_axis = check_arrays(label, specs,
                                     {k: (v.shape, v.dtype) for k, v in arrays.items()},
                                     samples, want=want)
     conformed = {s.name: coerce(label, s, arrays[s.name], adds_axis[s.name]) for s in specs}
-    return Part(count, lambda limit=None: dict(conformed), label)
+    def load(limit: Optional[int] = None, start: int = 0) -> Dict[str, np.ndarray]:
+        if count is None or (limit is None and not start):
+            return dict(conformed)
+        return {k: v if v.ndim == 0 else v[start:limit] for k, v in conformed.items()}
+
+    return Part(count, load, label)
 
 
 def read_npz(path, what: str) -> Dict[str, np.ndarray]:

@@ -86,9 +86,11 @@ def image_parts(folder: Path, files: List[Path], specs: Sequence[InputSpec],
             if dims is not None and isinstance(dims[axis], int) and dims[axis] != want:
                 raise InputDataError(f"image size {size[0]}x{size[1]} does not fit input "
                                      f"'{spec.name}' {spec.declared}")
-    return [Part(1, (lambda limit=None, p=p: {spec.name: _read_image(p, pre, size, channels,
-                                                                        spec)}),
-                 p.name) for p in files]
+    def loader(path: Path):
+        return lambda limit=None, start=0: {spec.name: _read_image(path, pre, size, channels,
+                                                                  spec)}
+
+    return [Part(1, loader(p), p.name) for p in files]
 
 
 def _read_image(path: Path, pre: ImagePreprocess, size: Tuple[int, int], channels: int,

@@ -229,6 +229,13 @@ def _einsum_macs(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
     return (len(operands) - 1) * numel(sizes.values())
 
 
+def _head_classes(node, rank: int, opset: int) -> Optional[int]:
+    """A linear layer's output features, when its output is a model output of rank 2
+    (``[batch, classes]``) or 3 (``[batch, positions, vocabulary]``): a classifier or LM head."""
+    return rank - 1 if rank in (2, 3) else None
+
+
+define("Gemm", "MatMul", class_axis=_head_classes)
 define("Gemm", layout=_gemm_layout, activation=_gemm_activation, bias=_gemm_bias,
        fold=_gemm_fold, zero_filter=_bias_only, channels=_gemm_channels,
        macs=_gemm_macs)

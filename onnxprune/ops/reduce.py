@@ -7,6 +7,9 @@ itself).
 
 from __future__ import annotations
 
+from typing import Optional
+
+from onnxprune.model.index import attr
 from onnxprune.ops._channel import NodeCtx, axes_arg, norm_axis, pass_through_const, tie_all
 from onnxprune.ops.registry import define
 
@@ -59,4 +62,14 @@ _REDUCE = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "R
            "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare", "ReduceLogSum", "ArgMax", "ArgMin")
 define(*_REDUCE, channels=_reduce)
 define("ReduceMean", "ReduceMax", "ReduceMin", const=pass_through_const)
-define("Softmax", "LogSoftmax", "Hardmax", channels=_softmax)
+def _softmax_classes(node, rank: int, opset: int) -> Optional[int]:
+    """Softmax normalizes over its axis: the output holds class scores along it. Before opset
+    13 the input is flattened from ``axis`` on, which names one class axis only when it is the
+    last."""
+    if rank < 1:
+        return None
+    axis = norm_axis(int(attr(node, "axis", -1 if opset >= 13 else 1)), rank)
+    return axis if (opset >= 13 or axis == rank - 1) else None
+
+
+define("Softmax", "LogSoftmax", "Hardmax", channels=_softmax, class_axis=_softmax_classes)

@@ -34,6 +34,9 @@ field              what it answers                                              
                    constant read through it is the stored tensor's
 ``shape_only``     ``True``: the output depends on input 0's shape, never its values     channels
                    (a value computed through it is not a stored constant)
+``class_axis``     ``(node, rank, opset) -> axis | None``: the axis along which the     validation
+                   op's output holds class scores (Softmax's axis, a linear head's
+                   output features), so agreement of argmax is the fitting measure
 =================  ===================================================================  ==========
 
 Adding an op = one :func:`define` call in its family file + one test.
@@ -116,6 +119,7 @@ class OpEntry:
     axis_source: Optional[Callable] = None
     copies_values: Optional[bool] = None
     shape_only: Optional[bool] = None
+    class_axis: Optional[Callable] = None
 
 
 _FIELDS = tuple(f.name for f in fields(OpEntry) if f.name != "op_type")

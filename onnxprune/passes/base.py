@@ -116,6 +116,7 @@ class PruneState:
     layer_stats: Dict[str, "LayerStats"] = field(default_factory=dict)  # per weight key
     layers: Dict[str, LayerResult] = field(default_factory=dict)  # latest result per weight
     calibration: Optional["CalibrationSet"] = None
+    validation: Optional["CalibrationSet"] = None  # calibration samples held out for validation
     sensitivity: Optional["SensitivityTable"] = None
     comparison: Optional["Comparison"] = None
     records: List[PassRecord] = field(default_factory=list)

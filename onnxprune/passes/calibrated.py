@@ -91,31 +91,43 @@ class Calibrate(Pass):
                  image_preprocess: Optional[ImagePreprocess] = None,
                  input_shapes: Optional[Dict[str, Sequence[int]]] = None, hessian: bool = False,
                  targets: str = "selected", batch_size: int = 8, seed: int = 0,
-                 collect: bool = True):
+                 collect: bool = True, hold_out: int = 0):
         if samples < 1:
             raise OptionError(f"--calibration-samples must be at least 1, got {samples}")
         self.source, self.samples, self.pre = source, samples, image_preprocess
         self.input_shapes, self.hessian, self.targets = input_shapes, hessian, targets
         self.batch_size, self.seed, self.collect = batch_size, seed, collect
+        self.hold_out = hold_out
         self.requires = frozenset({"selection" if targets == "selected" else "weights"})
         self.ensures = frozenset({"calibration", "statistics"} if collect else {"calibration"})
 
     def load(self, state: PruneState) -> CalibrationSet:
-        if isinstance(self.source, CalibrationSet):
-            return self.source.take(self.samples) if len(self.source) > self.samples \
-                else self.source
-        if isinstance(self.source, Mapping):
-            data = CalibrationSet.from_arrays(state.model, self.source)
-            return data.take(self.samples) if len(data) > self.samples else data
+        """The calibration samples; with ``hold_out``, the samples after them (up to
+        ``hold_out``, at most half the source) go to ``state.validation``, never into the
+        statistics."""
         if self.source is None:
             return generated_calibration(state.model, min(self.samples, 32), self.seed,
                                          self.input_shapes)
-        return load_calibration(self.source, state.handle, self.samples, self.pre)
+        if isinstance(self.source, CalibrationSet):
+            data = self.source
+        elif isinstance(self.source, Mapping):
+            data = CalibrationSet.from_arrays(state.model, self.source)
+        else:
+            data = load_calibration(self.source, state.handle, None, self.pre)
+        total = len(data)
+        held = min(self.hold_out, total // 2)
+        used = min(self.samples, total - held)
+        if held:
+            state.validation = data.slice(used, used + held)
+        return data if used == total else data.take(used)
 
     def run(self, state):
         data = self.load(state)
         state.calibration = data
         record = CalibrateRecord(samples=len(data), data_free=data.data_free)
+        if state.validation is not None:
+            record.notes.append(f"{len(state.validation)} calibration samples held out for "
+                                f"validation (not used for statistics)")
         if data.data_free:
             record.notes.append("no calibration data given: statistics come from generated "
                                 "inputs, so the calibrated criterion was data-free in effect")

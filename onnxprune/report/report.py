@@ -97,6 +97,7 @@ class Report:
     file_size_before: Optional[int] = None
     file_size_after: Optional[int] = None
     comparison: Optional[Comparison] = None
+    warnings: List[str] = field(default_factory=list)  # said on stderr too (broken verdicts)
     options: Dict[str, Any] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
@@ -133,6 +134,7 @@ class Report:
             "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
             "frozen": [{"name": n, "reason": r} for n, r in self.frozen],
             "comparison": None if self.comparison is None else self.comparison.to_dict(),
+            "warnings": [str(w) for w in self.warnings],
             "options": _jsonable(self.options),
             "notes": [str(n) for n in self.notes],
             "timings": _jsonable(self.timings),
@@ -181,6 +183,8 @@ class Report:
         show(self._summary())
         if self.comparison is not None:
             show(self._comparison_table())
+            for line in self._verdict_lines():
+                show(_text(line, style="dim"))
         for label, items in (("skipped", self.skipped), ("frozen", self.frozen)):
             if items:
                 show(_name_reason_table(label, items, max_rows))
@@ -281,34 +285,41 @@ class Report:
     def _comparison_table(self) -> Table:
         cmp = self.comparison
         gate = self.options.get("max_error")  # a float, or {output name: tolerance}
-        table = _table("validation: reference vs pruned outputs")
+        table = _table(f"validation on {cmp.data_note}" if cmp.data_note
+                       else "validation: reference vs pruned outputs")
         table.add_column("output", overflow="fold")
         table.add_column("shape", overflow="fold")
-        for name in ("max abs", "rel err", "mean rel", "cosine", "top-1"):
+        table.add_column("measure", overflow="fold")
+        for name in ("samples", "top-1", "top-5", "cosine", "rel err", "max abs"):
             table.add_column(name, justify="right", no_wrap=True)
-        if gate is not None:
-            table.add_column("status", overflow="fold")
+        table.add_column("verdict", overflow="fold")
+        styles = {"ok": "green", "degraded": "yellow", "broken": "red"}
         for s in cmp.outputs:
             row: List[Union[str, Text]] = [
-                _text(s.name), _shape(s.shape), _num(s.max_abs), _num(s.rel_error),
-                _num(s.mean_rel), _num(s.cosine, ".6f"),
-                "" if s.top1_agreement is None else _pct(s.top1_agreement)]
+                _text(s.name), _shape(s.shape),
+                _text(s.metric if s.numeric else f"{s.metric} ({s.kind})"), str(s.samples),
+                "" if s.top1_agreement is None else _pct(s.top1_agreement),
+                "" if s.top5_agreement is None else _pct(s.top5_agreement),
+                "" if s.cosine is None else _num(s.cosine, ".6f"),
+                "" if not s.gated else _num(s.rel_error),
+                "" if not s.gated else _num(s.max_abs)]
+            if s.reason is None and s.metric == "exact":
+                row[4] = _text(f"{_pct(s.equal)} equal")
+            verdict = s.verdict if s.reason is None else f"{s.verdict}: {s.reason}"
             tol = None if gate is None else tolerance_for(gate, s.name)
-            if s.reason is None and not s.numeric:
-                # compared by equality only: the numeric columns do not apply
-                row[1] = _text(f"{s.kind} {_shape(s.shape)}")
-                row[2] = _text(f"{_pct(s.equal)} equal")
-            if s.reason is not None:
-                failure = _text(f"fail: {s.reason}", style="red")
-                if gate is None:
-                    row[2] = failure
-                else:
-                    row.append(failure)
-            elif gate is not None:
-                row.append(_text("ok", style="green") if tol is None or s.passed(tol)
-                           else _text(f"fail (> {tol:g})", style="red"))
-            table.add_row(*row)
+            if s.reason is None and tol is not None and s.gated and not s.passed(tol):
+                verdict += f" (rel err > --max-error {tol:g})"
+            table.add_row(*row, _text(verdict, style=styles.get(s.verdict, "")))
         return table
+
+    def _verdict_lines(self) -> List[str]:
+        """What the verdicts mean: the thresholds of the measures the outputs used."""
+        cmp = self.comparison
+        lines = cmp.threshold_lines()
+        out = [f"verdict thresholds: {'; '.join(lines)}"] if lines else []
+        if not cmp.accuracy_estimate:
+            out.append("generated inputs: these figures are not an accuracy estimate")
+        return out
 
 
 # -- formatting ---------------------------------------------------------------------------------
