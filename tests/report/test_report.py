@@ -113,9 +113,9 @@ def test_render_contains_layers_and_totals():
 
 def test_render_marks_failed_outputs():
     report = _report(options={"max_error": 0.1})
-    assert "fail (> 0.1)" in _render(report)
+    assert "(rel err > --max-error 0.1)" in _render(report)
     report = _report(comparison=compare({"y": np.ones(3)}, {"y": np.ones(2)}))
-    assert "fail: shape 2 differs" in _render(report)
+    assert "broken: shape 2 differs" in _render(report)
 
 
 def test_render_long_table_shows_head_and_tail():
