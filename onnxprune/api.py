@@ -8,6 +8,7 @@ its :class:`~onnxprune.report.report.Report`. Every CLI option is an argument he
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -130,7 +131,29 @@ def prune(model: mio.ModelLike, pattern: str = "unstructured",
 
 def _run(model: mio.ModelLike, opts: PruneOptions, output, force: bool, track: Track
          ) -> PruneResult:
-    """One pipeline run with fixed options: load, passes, save, report."""
+    """One pruning with fixed options: load, passes, save, report. ``--allocate auto`` that
+    would spread sparsity by sensitivity prunes twice and keeps what wins on validation."""
+    if opts.allocate == "auto" and opts.allocation == "sensitivity":
+        return _auto_allocation(model, opts, output, force, track)
+    return _finish(_execute(model, opts, output, force, track), output, force)
+
+
+@dataclass
+class _Run:
+    """A finished pipeline before anything is written: its state and what the report needs."""
+
+    state: PruneState
+    opts: PruneOptions
+    out: Optional[Path]
+    size_before: Optional[int]
+    macs_before: object
+    seconds: float = 0.0
+
+
+def _execute(model: mio.ModelLike, opts: PruneOptions, output, force: bool, track: Track
+             ) -> _Run:
+    """Load and run the pipeline (the output path is checked first; nothing is written)."""
+    start = time.perf_counter()
     state = PruneState.from_model(model, seed=opts.seed, track=track,
                                   memory_budget=opts.memory_budget)
     out = None
@@ -142,17 +165,78 @@ def _run(model: mio.ModelLike, opts: PruneOptions, output, force: bool, track: T
     pipeline = build_passes(opts)
     macs_before = count_macs_or_error(state.model, opts.input_shapes, None)
     pipeline.run(state)
+    return _Run(state, opts, out, size_before, macs_before, time.perf_counter() - start)
+
+
+def _finish(run: _Run, output, force: bool, notes: Sequence[str] = (),
+            sections: Optional[Dict[str, list]] = None) -> PruneResult:
+    """Save (unless a gate failed), build the report, raise :class:`ValidationFailed` for a
+    failed gate."""
+    state, out = run.state, run.out
     size_after = None
     if out is not None and state.gate_failure is None:
         mio.save(state.handle, out, force=force)
         size_after = mio.size_on_disk(out, state.model)
-    report = build_report(state, opts.summary(), out, size_before, size_after, macs_before,
-                          opts.input_shapes)
+    report = build_report(state, run.opts.summary(), out, run.size_before, size_after,
+                          run.macs_before, run.opts.input_shapes)
+    report.notes.extend(notes)
+    report.sections.update(sections or {})
     if state.gate_failure is not None:
         error = ValidationFailed(state.gate_failure + " (nothing written)")
         error.report = report
         raise error
     return PruneResult(state.model, report, out, state)
+
+
+def _quality(comparison) -> Optional[float]:
+    """One number for how close a pruned model stays (higher is better), for choosing between
+    two prunings: the worst top-1 agreement of class-score outputs, else the worst cosine."""
+    if comparison is None or not comparison.accuracy_estimate:
+        return None
+    if comparison.worst_agreement is not None:
+        return comparison.worst_agreement
+    cosine = comparison.worst_cosine
+    return None if cosine != cosine else cosine  # nan: nothing comparable
+
+
+def _auto_allocation(model, opts: PruneOptions, output, force: bool, track: Track
+                     ) -> PruneResult:
+    """``--allocate auto`` with calibration data: prune with sensitivity allocation and with
+    uniform sparsity, and keep sensitivity only when it beats uniform on the held-out
+    validation samples; the report says which won, by how much, and what the comparison
+    cost."""
+    uniform = _execute(model, replace(opts, allocate="uniform"), output, force, track)
+    spread = _execute(model, replace(opts, allocate="sensitivity"), output, force, track)
+    q_uni = _quality(uniform.state.comparison)
+    q_sen = _quality(spread.state.comparison)
+    measure = ("top-1 agreement" if uniform.state.comparison is not None and
+               uniform.state.comparison.worst_agreement is not None else "cosine")
+    sen, uni = (_fmt(q, measure) if q is not None else "n/a" for q in (q_sen, q_uni))
+    where = (uniform.state.comparison.data_note if uniform.state.comparison is not None
+             else "no validation")
+    cost = (f"the choice took two prunings: {spread.seconds:.1f} s with sensitivity, "
+            f"{uniform.seconds:.1f} s uniform")
+    if q_uni is None or q_sen is None:
+        chosen, why = uniform, (f"--allocate auto kept uniform sparsity: no real validation "
+                                f"samples to show that sensitivity allocation is better "
+                                f"({where}); {cost}")
+    elif q_sen > q_uni:
+        chosen, why = spread, (f"--allocate auto chose sensitivity allocation: worst {measure} "
+                               f"{sen} vs {uni} with uniform sparsity on "
+                               f"{where}; {cost}")
+    else:
+        chosen, why = uniform, (f"--allocate auto fell back to uniform sparsity: sensitivity "
+                                f"allocation did not beat it on {where} (worst {measure} "
+                                f"{sen} vs {uni} uniform); {cost}")
+    table = [{"allocation": name, f"worst {measure}": q, "seconds": round(run.seconds, 2),
+              "chosen": run is chosen}
+             for name, q, run in (("uniform", q_uni, uniform), ("sensitivity", q_sen, spread))]
+    return _finish(chosen, output, force, notes=[why],
+                   sections={"--allocate auto: uniform vs sensitivity on validation": table})
+
+
+def _fmt(x: float, measure: str) -> str:
+    return f"{100 * x:.1f}%" if measure == "top-1 agreement" else f"{x:.6f}"
 
 
 def inspect(model: mio.ModelLike, input_shapes: Optional[Dict[str, Sequence[int]]] = None

@@ -87,8 +87,11 @@ class MatrixExtractor(Extractor):
         elif self.rows_last:
             x = np.swapaxes(x, -1, -2)
         if x.shape[-1] != self.in_dim:
-            raise InputDataError(f"activation '{self.activation}' has shape {x.shape}; the "
-                                 f"weight reads {self.in_dim} input columns")
+            raise InputDataError(f"the calibration inputs do not fit the model: activation "
+                                 f"'{self.activation}' has shape {x.shape} but the weight reads "
+                                 f"{self.in_dim} input columns; pass inputs of the shapes the "
+                                 "model was exported for (--input-shape NAME:DIMS for "
+                                 "generated ones)")
         x2 = x.reshape(-1, self.in_dim) if x.flags.c_contiguous else None
         if x2 is None:
             x2 = np.ascontiguousarray(x).reshape(-1, self.in_dim)

@@ -118,9 +118,10 @@ def test_auto_allocation_resolves(kw, want):
         (want == "sensitivity")
 
 
-def test_default_calibrated_run_allocates_by_sensitivity(data):
+def test_sensitivity_allocation_spreads_the_target_where_it_hurts_least(data):
+    # (what --allocate auto keeps only when it wins on held-out samples: test_auto_allocation)
     kw = dict(sparsity=0.7, validate=False, resize=False, calibration=CALIB, criterion="wanda")
-    auto = onnxprune.prune(MODEL, **kw)
+    auto = onnxprune.prune(MODEL, allocate="sensitivity", **kw)
     uniform = onnxprune.prune(MODEL, allocate="uniform", **kw)
     rep = auto.report
     assert rep.options["allocate"] == "sensitivity"
