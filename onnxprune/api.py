@@ -28,6 +28,7 @@ from onnxprune.passes.validate import Validate
 from onnxprune.passes.weights import FindWeights, SelectWeights
 from onnxprune.report.build import build_report, count_macs_or_error
 from onnxprune.report.report import Report
+from onnxprune.runtime.session import session_threads
 from onnxprune.search import probe_runner, search_sparsity
 
 
@@ -164,7 +165,8 @@ def _execute(model: mio.ModelLike, opts: PruneOptions, output, force: bool, trac
     size_before = state.handle.file_size()
     pipeline = build_passes(opts)
     macs_before = count_macs_or_error(state.model, opts.input_shapes, None)
-    pipeline.run(state)
+    with session_threads(opts.threads):
+        pipeline.run(state)
     return _Run(state, opts, out, size_before, macs_before, time.perf_counter() - start)
 
 

@@ -365,6 +365,9 @@ class PruneOptions:
                           switch=True)
     seed: int = option(0, "Seed of the random criterion and of generated inputs.", type=int,
                        bounds=(0, 2**63 - 1))
+    threads: Optional[int] = option(
+        None, "onnxruntime threads per session (default: one per physical core). Results are "
+              "the same for any count.", type=int, bounds=(1, 1024))
     memory_budget: int = option(
         DEFAULT_MEMORY_BUDGET, "MiB of scores held across weights; past it, scoring streams "
                                "(models of any size in bounded memory).",

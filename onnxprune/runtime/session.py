@@ -16,6 +16,7 @@ This module owns every onnxruntime session onnxprune opens:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import tempfile
 from pathlib import Path
@@ -32,6 +33,19 @@ from onnxprune.model.index import names_read
 from onnxprune.model.io import ModelHandle, every_tensor, save
 
 _PROTO_LIMIT = 2_000_000_000  # protobuf cannot serialize 2 GiB: such models go through a file
+_THREADS: contextvars.ContextVar = contextvars.ContextVar("onnxprune_threads", default=None)
+
+
+@contextlib.contextmanager
+def session_threads(threads: Optional[int]) -> Iterator[None]:
+    """Sessions opened inside use ``threads`` intra-op threads (None: onnxruntime's default,
+    one per physical core). onnxruntime's CPU kernels split work over outputs, never over a
+    reduction, so results do not depend on it (tests/runtime check this bit for bit)."""
+    token = _THREADS.set(threads)
+    try:
+        yield
+    finally:
+        _THREADS.reset(token)
 
 
 class InvalidOutputModel(RuntimeError):
@@ -70,6 +84,9 @@ def ort_session(source: Union[bytes, str], folder: Optional[str]):
     # Failures reach the user through our exceptions; onnxruntime's own log would repeat them
     # (and warn about unused initializers, which is noise here).
     options.log_severity_level = 4
+    threads = _THREADS.get()
+    if threads:
+        options.intra_op_num_threads = int(threads)
     if folder is not None:
         # Lets a proto given as bytes find its external data files.
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
