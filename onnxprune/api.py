@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import onnx
 
@@ -21,13 +21,14 @@ from onnxprune.options import PruneOptions
 from onnxprune.passes.base import Pass, Pipeline, PruneState, Track, no_progress
 from onnxprune.passes.calibrated import AllocateBySensitivity, Calibrate, CorrectBias
 from onnxprune.passes.masking import ApplyMasks, ScoreWeights
+from onnxprune.passes.metric import EvaluateMetric
 from onnxprune.passes.sequential import PruneSequentially
 from onnxprune.passes.structure import PruneChannels, RemoveDeadChannels
 from onnxprune.passes.validate import Validate
 from onnxprune.passes.weights import FindWeights, SelectWeights
 from onnxprune.report.build import build_report, count_macs_or_error
 from onnxprune.report.report import Report
-from onnxprune.search import probe_runner, search_sparsity
+from onnxprune.search import criteria_text, probe_runner, search_sparsity
 
 
 @dataclass
@@ -82,45 +83,69 @@ def build_passes(options: PruneOptions) -> Pipeline:
     if o.validate:
         passes.append(Validate(inputs=o.inputs, input_shapes=o.input_shapes,
                                max_error=o.max_error, seed=o.seed))
+    if o.eval_script is not None:
+        passes.append(EvaluateMetric(o.eval_script, o.min_metric, o.max_metric_drop))
     return Pipeline(passes)
 
 
 def prune(model: mio.ModelLike, pattern: str = "unstructured",
           sparsity: Optional[Union[float, int]] = None, criterion: str = "magnitude",
           scope: str = "local", *, output: Union[str, os.PathLike, None] = None,
-          force: bool = False, track: Track = no_progress, **options) -> PruneResult:
+          force: bool = False, track: Track = no_progress,
+          evaluate: Optional[Callable[[Any], float]] = None, **options) -> PruneResult:
     """Prune ``model`` (a path or ``onnx.ModelProto``, never modified) and return the result.
 
     The options are the fields of :class:`PruneOptions` (pattern, sparsity, criterion, scope,
     selection, structure, calibration, validation). ``output``: write the result there
     atomically (``force`` to overwrite an existing file); None keeps it in memory.
     ``track(items, description, total)`` wraps long loops (the CLI passes a progress bar).
+    ``evaluate``: your own metric, ``evaluate(session) -> float`` on an
+    ``onnxruntime.InferenceSession`` of a model (higher is better; it loads its own data); the
+    same as ``eval_script=``, which also takes ``"file.py:function"``. It is measured on the
+    dense model first, then on the pruned one (``report.metric``); ``min_metric`` and
+    ``max_metric_drop`` gate on it, and ``search`` can bisect for them.
 
     >>> result = prune("model.onnx", pattern="2:4", output="model.24.onnx")  # doctest: +SKIP
     >>> result.report.nonzeros_after / result.report.params_after            # doctest: +SKIP
     """
+    if evaluate is not None:
+        if options.get("eval_script") is not None:
+            raise OptionError("give evaluate= or eval_script=, not both (they are one option)")
+        options["eval_script"] = evaluate
     try:
         opts = PruneOptions(pattern=pattern, sparsity=sparsity, criterion=criterion, scope=scope,
                             **options)
     except TypeError as exc:  # an unknown keyword: say which names exist
         raise OptionError(f"{exc}; options are {', '.join(f.name for f in fields(PruneOptions))}"
                           ) from None
+    if (opts.search or opts.eval_script is not None) and output is not None:
+        # fail on a bad output path before the user's metric and minutes of probing
+        handle = mio.load(model)
+        mio.resolve_output(handle.path, output, force, reads=mio.input_files(handle))
+    if opts.eval_script is not None:
+        _measure_dense(model, opts.eval_script)
     probes = None
     if opts.search:
-        if output is not None:  # fail on a bad output path before minutes of probing
-            handle = mio.load(model)
-            mio.resolve_output(handle.path, output, force, reads=mio.input_files(handle))
         high = 0.95 if opts.sparsity is None else float(opts.sparsity)
         run = probe_runner(model, opts, lambda m, o: _run(m, o, None, False, no_progress))
-        best, probes = search_sparsity(run, opts.max_error, high, track=track)
+        best, probes = search_sparsity(run, high, track=track)
         # the final run prunes exactly as the probes did (auto allocation resolved under search)
         opts = replace(opts, sparsity=best, search=False, allocate=opts.allocation)
     result = _run(model, opts, output, force, track)
     if probes is not None:
-        result.report.sections["sparsity search (relative max error per probe)"] = probes
-        result.report.notes.append(f"search: highest sparsity within --max-error "
-                                   f"{opts.max_error:g} is {opts.sparsity:.4f}")
+        names = {"metric": "metric", "rel_error": "relative max error"}
+        measured = ", ".join(names.get(k, k) for k in probes[0] if k in names)
+        result.report.sections[f"sparsity search ({measured} per probe)"] = probes
+        result.report.notes.append(f"search: highest sparsity with {criteria_text(opts)} is "
+                                   f"{opts.sparsity:.4f}")
     return result
+
+
+def _measure_dense(model: mio.ModelLike, metric) -> None:
+    """The user's metric of the dense model, measured once before any pruning (a broken script
+    fails here, at once); the probes and the final run compare with it."""
+    source = model if isinstance(model, onnx.ModelProto) else mio.load(model)
+    metric.dense = metric.measure(source, "dense")
 
 
 def _run(model: mio.ModelLike, opts: PruneOptions, output, force: bool, track: Track
