@@ -277,9 +277,10 @@ class Report:
             grid.add_row("MACs", text)
         if self.metric is not None:
             m = self.metric
-            grid.add_row("metric", _text(f"{_num(m['dense'], '.6g')} {ARROW} "
-                                         f"{_num(m['pruned'], '.6g')} (drop "
-                                         f"{_num(m['drop'], '.3g')}; {m['source']})"))
+            line = _text(f"{_num(m['dense'], '.6g')} {ARROW} {_num(m['pruned'], '.6g')} "
+                         f"(drop {_num(m['drop'], '.3g')}; {m['source']})")
+            line.overflow = "fold"  # the script's path in full, never cut
+            grid.add_row("metric", line)
         if self.file_size_before is not None or self.file_size_after is not None:
             grid.add_row("file size", _before_after(self.file_size_before, self.file_size_after,
                                                     format_bytes, ratio=True))
