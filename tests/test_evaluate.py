@@ -276,3 +276,20 @@ def test_non_finite_metric_of_a_pruned_model_fails_its_bounds():
     calls.clear()
     with pytest.raises(ValidationFailed, match="is nan"):
         onnxprune.prune(DIGITS, sparsity=0.3, evaluate=metric, min_metric=-1e9)
+
+
+def test_a_model_onnxruntime_cannot_run_is_an_error_for_the_metric():
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((16, 8), np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+         helper.make_node("FancyAct", ["h"], ["y"], domain="com.example.unknown", name="fancy")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.example.unknown", 1)])
+    model.ir_version = 8
+    with pytest.raises(OptionError, match="needs onnxruntime to run the model, but it cannot "
+                                          "load the input model .*FancyAct"):
+        onnxprune.prune(model, sparsity=0.5, evaluate=lambda session: 1.0)
