@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import onnx
 
@@ -22,6 +22,7 @@ from onnxprune.options import PruneOptions
 from onnxprune.passes.base import Pass, Pipeline, PruneState, Track, no_progress
 from onnxprune.passes.calibrated import AllocateBySensitivity, Calibrate, CorrectBias
 from onnxprune.passes.masking import ApplyMasks, ScoreWeights
+from onnxprune.passes.metric import EvaluateMetric
 from onnxprune.passes.sequential import PruneSequentially
 from onnxprune.passes.structure import PruneChannels, RemoveDeadChannels
 from onnxprune.passes.validate import Validate
@@ -29,7 +30,7 @@ from onnxprune.passes.weights import FindWeights, SelectWeights
 from onnxprune.report.build import build_report, count_macs_or_error
 from onnxprune.report.report import Report
 from onnxprune.runtime.session import session_threads
-from onnxprune.search import probe_runner, search_sparsity
+from onnxprune.search import criteria_text, probe_runner, search_sparsity
 
 
 @dataclass
@@ -89,45 +90,69 @@ def build_passes(options: PruneOptions) -> Pipeline:
                                max_error=o.max_error, min_agreement=o.min_agreement,
                                thresholds=o.verdict, seed=o.seed,
                                image_preprocess=o.image_preprocess))
+    if o.eval_script is not None:
+        passes.append(EvaluateMetric(o.eval_script, o.min_metric, o.max_metric_drop))
     return Pipeline(passes)
 
 
 def prune(model: mio.ModelLike, pattern: str = "unstructured",
           sparsity: Optional[Union[float, int]] = None, criterion: str = "magnitude",
           scope: str = "local", *, output: Union[str, os.PathLike, None] = None,
-          force: bool = False, track: Track = no_progress, **options) -> PruneResult:
+          force: bool = False, track: Track = no_progress,
+          evaluate: Optional[Callable[[Any], float]] = None, **options) -> PruneResult:
     """Prune ``model`` (a path or ``onnx.ModelProto``, never modified) and return the result.
 
     The options are the fields of :class:`PruneOptions` (pattern, sparsity, criterion, scope,
     selection, structure, calibration, validation). ``output``: write the result there
     atomically (``force`` to overwrite an existing file); None keeps it in memory.
     ``track(items, description, total)`` wraps long loops (the CLI passes a progress bar).
+    ``evaluate``: your own metric, ``evaluate(session) -> float`` on an
+    ``onnxruntime.InferenceSession`` of a model (higher is better; it loads its own data); the
+    same as ``eval_script=``, which also takes ``"file.py:function"``. It is measured on the
+    dense model first, then on the pruned one (``report.metric``); ``min_metric`` and
+    ``max_metric_drop`` gate on it, and ``search`` can bisect for them.
 
     >>> result = prune("model.onnx", pattern="2:4", output="model.24.onnx")  # doctest: +SKIP
     >>> result.report.nonzeros_after / result.report.params_after            # doctest: +SKIP
     """
+    if evaluate is not None:
+        if options.get("eval_script") is not None:
+            raise OptionError("give evaluate= or eval_script=, not both (they are one option)")
+        options["eval_script"] = evaluate
     try:
         opts = PruneOptions(pattern=pattern, sparsity=sparsity, criterion=criterion, scope=scope,
                             **options)
     except TypeError as exc:  # an unknown keyword: say which names exist
         raise OptionError(f"{exc}; options are {', '.join(f.name for f in fields(PruneOptions))}"
                           ) from None
+    if (opts.search or opts.eval_script is not None) and output is not None:
+        # fail on a bad output path before the user's metric and minutes of probing
+        handle = mio.load(model)
+        mio.resolve_output(handle.path, output, force, reads=mio.input_files(handle))
+    if opts.eval_script is not None:
+        _measure_dense(model, opts.eval_script)
     probes = None
     if opts.search:
-        if output is not None:  # fail on a bad output path before minutes of probing
-            handle = mio.load(model)
-            mio.resolve_output(handle.path, output, force, reads=mio.input_files(handle))
         high = 0.95 if opts.sparsity is None else float(opts.sparsity)
         run = probe_runner(model, opts, lambda m, o: _run(m, o, None, False, no_progress))
-        best, probes = search_sparsity(run, opts.max_error, high, track=track)
+        best, probes = search_sparsity(run, high, track=track)
         # the final run prunes exactly as the probes did (auto allocation resolved under search)
         opts = replace(opts, sparsity=best, search=False, allocate=opts.allocation)
     result = _run(model, opts, output, force, track)
     if probes is not None:
-        result.report.sections["sparsity search (relative max error per probe)"] = probes
-        result.report.notes.append(f"search: highest sparsity within --max-error "
-                                   f"{opts.max_error:g} is {opts.sparsity:.4f}")
+        names = {"metric": "metric", "rel_error": "relative max error"}
+        measured = ", ".join(names.get(k, k) for k in probes[0] if k in names)
+        result.report.sections[f"sparsity search ({measured} per probe)"] = probes
+        result.report.notes.append(f"search: highest sparsity with {criteria_text(opts)} is "
+                                   f"{opts.sparsity:.4f}")
     return result
+
+
+def _measure_dense(model: mio.ModelLike, metric) -> None:
+    """The user's metric of the dense model, measured once before any pruning (a broken script
+    fails here, at once); the probes and the final run compare with it."""
+    source = model if isinstance(model, onnx.ModelProto) else mio.load(model)
+    metric.dense = metric.measure(source, "dense")
 
 
 def _run(model: mio.ModelLike, opts: PruneOptions, output, force: bool, track: Track
@@ -190,15 +215,23 @@ def _finish(run: _Run, output, force: bool, notes: Sequence[str] = (),
     return PruneResult(state.model, report, out, state)
 
 
-def _quality(comparison) -> Optional[float]:
-    """One number for how close a pruned model stays (higher is better), for choosing between
-    two prunings: the worst top-1 agreement of class-score outputs, else the worst cosine."""
+def _quality(run: "_Run") -> Tuple[Optional[float], str]:
+    """One number for how close a pruning stays (higher is better) and its name, for choosing
+    between two prunings: the user's metric when given, else on real validation samples the
+    worst top-1 agreement of class-score outputs, else the worst cosine."""
+    from onnxprune.passes.metric import MetricRecord
+
+    for record in run.state.records:
+        if isinstance(record, MetricRecord) and record.metric is not None:
+            value = record.metric["pruned"]
+            return (value if value == value else None), f"metric {record.metric['source']}"
+    comparison = run.state.comparison
     if comparison is None or not comparison.accuracy_estimate:
-        return None
+        return None, "validation"
     if comparison.worst_agreement is not None:
-        return comparison.worst_agreement
+        return comparison.worst_agreement, "worst top-1 agreement"
     cosine = comparison.worst_cosine
-    return None if cosine != cosine else cosine  # nan: nothing comparable
+    return (None if cosine != cosine else cosine), "worst cosine"  # nan: nothing comparable
 
 
 def _auto_allocation(model, opts: PruneOptions, output, force: bool, track: Track
@@ -209,13 +242,12 @@ def _auto_allocation(model, opts: PruneOptions, output, force: bool, track: Trac
     cost."""
     uniform = _execute(model, replace(opts, allocate="uniform"), output, force, track)
     spread = _execute(model, replace(opts, allocate="sensitivity"), output, force, track)
-    q_uni = _quality(uniform.state.comparison)
-    q_sen = _quality(spread.state.comparison)
-    measure = ("top-1 agreement" if uniform.state.comparison is not None and
-               uniform.state.comparison.worst_agreement is not None else "cosine")
+    (q_uni, measure), (q_sen, _) = _quality(uniform), _quality(spread)
     sen, uni = (_fmt(q, measure) if q is not None else "n/a" for q in (q_sen, q_uni))
     where = (uniform.state.comparison.data_note if uniform.state.comparison is not None
              else "no validation")
+    if measure.startswith("metric"):
+        where = "the data of --eval-script"
     cost = (f"the choice took two prunings: {spread.seconds:.1f} s with sensitivity, "
             f"{uniform.seconds:.1f} s uniform")
     if q_uni is None or q_sen is None:
@@ -223,14 +255,14 @@ def _auto_allocation(model, opts: PruneOptions, output, force: bool, track: Trac
                                 f"samples to show that sensitivity allocation is better "
                                 f"({where}); {cost}")
     elif q_sen > q_uni:
-        chosen, why = spread, (f"--allocate auto chose sensitivity allocation: worst {measure} "
+        chosen, why = spread, (f"--allocate auto chose sensitivity allocation: {measure} "
                                f"{sen} vs {uni} with uniform sparsity on "
                                f"{where}; {cost}")
     else:
         chosen, why = uniform, (f"--allocate auto fell back to uniform sparsity: sensitivity "
-                                f"allocation did not beat it on {where} (worst {measure} "
+                                f"allocation did not beat it on {where} ({measure} "
                                 f"{sen} vs {uni} uniform); {cost}")
-    table = [{"allocation": name, f"worst {measure}": q, "seconds": round(run.seconds, 2),
+    table = [{"allocation": name, measure: q, "seconds": round(run.seconds, 2),
               "chosen": run is chosen}
              for name, q, run in (("uniform", q_uni, uniform), ("sensitivity", q_sen, spread))]
     return _finish(chosen, output, force, notes=[why],
@@ -238,7 +270,7 @@ def _auto_allocation(model, opts: PruneOptions, output, force: bool, track: Trac
 
 
 def _fmt(x: float, measure: str) -> str:
-    return f"{100 * x:.1f}%" if measure == "top-1 agreement" else f"{x:.6f}"
+    return f"{100 * x:.1f}%" if measure.endswith("agreement") else f"{x:.6g}"
 
 
 def inspect(model: mio.ModelLike, input_shapes: Optional[Dict[str, Sequence[int]]] = None

@@ -277,8 +277,12 @@ class PruneOptions:
 
     Validation: onnx checker + onnxruntime, then original vs pruned outputs on ``inputs`` (an
     .npz path or dict) or inputs generated from the signature (``input_shapes`` fixes dynamic
-    dims); ``max_error`` gates on the relative max error. ``search`` bisects for the highest
-    sparsity (up to ``sparsity``, default 0.95) whose error stays within ``max_error``.
+    dims); ``max_error`` gates on the relative max error. ``eval_script``: the user's own metric
+    (``"file.py:function"`` or a callable ``function(session) -> float``, higher is better; API
+    ``evaluate=``), measured on the dense and the pruned model; ``min_metric`` and
+    ``max_metric_drop`` (absolute, below the dense value) gate on it. ``search`` bisects for the
+    highest sparsity (up to ``sparsity``, default 0.95) that keeps every bound given
+    (``max_error``, ``min_metric``, ``max_metric_drop``).
     ``memory_budget``: bytes of scores held across weights; past it scoring streams (two passes
     over the weights, memory bounded by the largest weight, for models of any size).
     """
@@ -360,9 +364,21 @@ class PruneOptions:
         None, "Verdict thresholds OK/DEGRADED per measure, e.g. agreement=0.99/0.9,cosine=0.99/"
               "0.9,equal=0.99/0.9,scalar=0.01/0.1 (those are the defaults).",
         parse=lambda text, flag: _verdict(text))
-    search: bool = option(False, "With --max-error: find the highest sparsity (up to "
-                                 "--sparsity, default 0.95) whose outputs stay within it.",
-                          switch=True)
+    search: bool = option(False, "Find the highest sparsity (up to --sparsity, default 0.95) "
+                                 "that keeps --max-error, --min-agreement, --min-metric and "
+                                 "--max-metric-drop (those given).", switch=True)
+    eval_script: Any = option(
+        None, "Your own metric, higher is better: FILE.py:FUNCTION where FUNCTION(session) -> "
+              "float takes an onnxruntime.InferenceSession and loads its own data; the report "
+              "shows it for the dense and pruned models (API: evaluate=callable).",
+        metavar="FILE.py:FUNCTION")
+    min_metric: Optional[float] = option(
+        None, "With --eval-script: fail (exit 1, nothing written) if the pruned model's metric "
+              "is below this; with --search, the bound searched for.", type=float)
+    max_metric_drop: Optional[float] = option(
+        None, "With --eval-script: fail (exit 1, nothing written) if the pruned model's metric "
+              "is more than this below the dense model's (absolute); with --search, the bound "
+              "searched for.", type=float)
     seed: int = option(0, "Seed of the random criterion and of generated inputs.", type=int,
                        bounds=(0, 2**63 - 1))
     threads: Optional[int] = option(
@@ -376,9 +392,7 @@ class PruneOptions:
     def __post_init__(self):
         for f in fields(self):
             _check_bounds(f, getattr(self, f.name))
-        if self.search and self.max_error is None:
-            raise OptionError("--search looks for the highest sparsity within --max-error; "
-                              "give --max-error")
+        self._check_metric()
         if self.scores and self.criterion == "magnitude":
             self.criterion = "scores"
         if self.criterion == "scores" and not self.scores:
@@ -398,6 +412,33 @@ class PruneOptions:
         if crit.reconstructs and self.scope == "global":
             raise OptionError(f"criterion '{self.criterion}' prunes layer by layer; use "
                               "--scope local, or --allocate sensitivity to spread a target")
+
+    def _check_metric(self) -> None:
+        """The user's metric resolved (the script imported: its errors come before any work),
+        its bounds finite and given with it, and --search given something to search for."""
+        for name in ("min_metric", "max_metric_drop"):
+            value = getattr(self, name)
+            flag = "--" + name.replace("_", "-")
+            if value is None:
+                continue
+            if (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
+                    or not math.isfinite(float(value))):
+                raise OptionError(f"{flag} must be a finite number, got {value!r}")
+            if self.eval_script is None:
+                raise OptionError(f"{flag} bounds the metric of --eval-script (API: evaluate=); "
+                                  "give the script that measures it")
+        if self.max_metric_drop is not None and self.max_metric_drop < 0:
+            raise OptionError(f"--max-metric-drop must be at least 0, got {self.max_metric_drop!r}")
+        if self.eval_script is not None:
+            from onnxprune.runtime.evaluate import load_metric
+
+            self.eval_script = load_metric(self.eval_script)
+        if self.search and self.max_error is None and self.min_agreement is None \
+                and self.min_metric is None and self.max_metric_drop is None:
+            raise OptionError("--search looks for the highest sparsity that keeps a bound; give "
+                              "--max-error or --min-agreement (outputs vs the dense model's), or "
+                              "--eval-script with --min-metric or --max-metric-drop (your own "
+                              "metric)")
 
     @property
     def channel_removal(self) -> bool:
@@ -436,6 +477,10 @@ class PruneOptions:
                 "calibration_samples", "search")
         out = {k: getattr(self, k) for k in keep if getattr(self, k) is not None}
         out["allocate"] = self.allocation
+        if self.eval_script is not None:
+            out.update(eval_script=self.eval_script.source, **{
+                k: getattr(self, k) for k in ("min_metric", "max_metric_drop")
+                if getattr(self, k) is not None})
         if self.pattern == "channel":
             out.update(round_to=self.round_to, min_channels=self.min_channels, refit=self.refit)
         if isinstance(self.calibration, (str, os.PathLike)):

@@ -19,6 +19,7 @@ from onnxprune.ops.weights import Weight
 from onnxprune.report.macs import MacCount, count_macs, node_label
 from onnxprune.passes.base import LayerResult, PassRecord, PruneState
 from onnxprune.passes.calibrated import SensitivityRecord
+from onnxprune.passes.metric import MetricRecord
 from onnxprune.passes.structure import ChannelRecord
 from onnxprune.passes.validate import ValidateRecord
 from onnxprune.passes.weights import FindRecord
@@ -116,6 +117,7 @@ def build_report(state: PruneState, options: dict, output: Optional[Path],
         notes=notes,
         timings={r.name: r.seconds for r in records},
         sections=sections(records, layers),
+        metric=next((r.metric for r in records if isinstance(r, MetricRecord)), None),
     )
 
 

@@ -102,6 +102,7 @@ class Report:
     notes: List[str] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
     sections: Dict[str, List[Dict[str, Any]]] = field(default_factory=dict)
+    metric: Optional[Dict[str, Any]] = None  # the user's: {"source", "dense", "pruned", "drop"}
 
     @property
     def sparsity_before(self) -> float:
@@ -139,6 +140,7 @@ class Report:
             "notes": [str(n) for n in self.notes],
             "timings": _jsonable(self.timings),
             "sections": _jsonable(self.sections),
+            "metric": _jsonable(self.metric),
         }
 
     def write_json(self, path: Union[str, os.PathLike], force: bool = True) -> Path:
@@ -277,6 +279,12 @@ class Report:
                     text += f", ×{self.sparse_macs_after / self.macs_before:.2f}"
                 text += ")"
             grid.add_row("MACs", text)
+        if self.metric is not None:
+            m = self.metric
+            line = _text(f"{_num(m['dense'], '.6g')} {ARROW} {_num(m['pruned'], '.6g')} "
+                         f"(drop {_num(m['drop'], '.3g')}; {m['source']})")
+            line.overflow = "fold"  # the script's path in full, never cut
+            grid.add_row("metric", line)
         if self.file_size_before is not None or self.file_size_after is not None:
             grid.add_row("file size", _before_after(self.file_size_before, self.file_size_after,
                                                     format_bytes, ratio=True))
