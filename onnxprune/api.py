@@ -116,6 +116,7 @@ def prune(model: mio.ModelLike, pattern: str = "unstructured",
         # the final run prunes exactly as the probes did (auto allocation resolved under search)
         opts = replace(opts, sparsity=best, search=False, allocate=opts.allocation)
     result = _run(model, opts, output, force, track)
+    result.report.flag_noop()
     if probes is not None:
         result.report.sections["sparsity search (relative max error per probe)"] = probes
         result.report.notes.append(f"search: highest sparsity within --max-error "

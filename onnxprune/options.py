@@ -271,6 +271,8 @@ class PruneOptions:
     .npz path or dict) or inputs generated from the signature (``input_shapes`` fixes dynamic
     dims); ``max_error`` gates on the relative max error. ``search`` bisects for the highest
     sparsity (up to ``sparsity``, default 0.95) whose error stays within ``max_error``.
+    A run that prunes nothing (no new zero, no channel removed) returns normally with
+    ``report.noop`` set and a note; the CLI exits 3 then unless ``allow_noop``.
     ``memory_budget``: bytes of scores held across weights; past it scoring streams (two passes
     over the weights, memory bounded by the largest weight, for models of any size).
     """
@@ -332,7 +334,8 @@ class PruneOptions:
                             name="--no-validate", switch=True)
     inputs: Any = option(None, ".npz of model inputs keyed by input name, for the comparison.")
     input_shapes: Optional[Dict[str, Sequence[int]]] = option(
-        None, "Fix an input's dims for generated inputs and MACs: NAME:1x3x224x224.",
+        None, "Fix an input's dims for generated inputs and MACs: NAME:1x3x224x224, or "
+              "Polygraphy's NAME:[1,3,224,224] (several in one value, space-separated).",
         name="--input-shape", parse=_input_shapes, multiple=True, commands=COMMANDS)
     max_error: Optional[float] = option(
         None, "Fail (exit 1, nothing written) if the relative max error of any output exceeds "
@@ -340,6 +343,9 @@ class PruneOptions:
     search: bool = option(False, "With --max-error: find the highest sparsity (up to "
                                  "--sparsity, default 0.95) whose outputs stay within it.",
                           switch=True)
+    allow_noop: bool = option(
+        False, "Accept a run that prunes nothing (no new zero, no channel removed): exit 0 "
+               "instead of 3. The model is written either way.", switch=True)
     seed: int = option(0, "Seed of the random criterion and of generated inputs.", type=int,
                        bounds=(0, 2**63 - 1))
     memory_budget: int = option(

@@ -27,6 +27,10 @@ from onnxprune.report.compare import Comparison, tolerance_for
 from onnxprune.text import printable
 
 ARROW = "→"
+#: The note (and the CLI's warning) of a run that pruned nothing (:meth:`Report.flag_noop`).
+NOOP_NOTE = ("nothing was pruned: no weight gained a zero and no channel was removed (the "
+             "selected weights may already be at the target sparsity, or the selection left "
+             "every weight alone); raise --sparsity or widen the selection")
 
 
 @dataclass
@@ -101,6 +105,7 @@ class Report:
     notes: List[str] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
     sections: Dict[str, List[Dict[str, Any]]] = field(default_factory=dict)
+    noop: bool = False
 
     @property
     def sparsity_before(self) -> float:
@@ -109,6 +114,15 @@ class Report:
     @property
     def sparsity_after(self) -> float:
         return _sparsity(self.nonzeros_after, self.params_after)
+
+    def flag_noop(self) -> bool:
+        """Set :attr:`noop` (and add :data:`NOOP_NOTE` to the notes) when the run changed no
+        weight: no new zero and no channel removed. Returns :attr:`noop`."""
+        self.noop = (self.nonzeros_after >= self.nonzeros_before
+                     and self.params_after == self.params_before)
+        if self.noop and NOOP_NOTE not in self.notes:
+            self.notes.append(NOOP_NOTE)
+        return self.noop
 
     # -- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -137,6 +151,7 @@ class Report:
             "notes": [str(n) for n in self.notes],
             "timings": _jsonable(self.timings),
             "sections": _jsonable(self.sections),
+            "noop": bool(self.noop),
         }
 
     def write_json(self, path: Union[str, os.PathLike], force: bool = True) -> Path:
