@@ -141,13 +141,13 @@ def _console(quiet: bool = False, stderr: bool = False):
 
 
 def _print(report, console) -> None:
-    """Render ``report`` on ``console``; off a terminal, each line is written as one plain
-    line, its table padding trimmed."""
+    """Render ``report`` on ``console``; off a terminal, every table row (a log is searched,
+    not scrolled), each as one plain line, its table padding trimmed."""
     if console.is_terminal or console.quiet:
         report.render(console)
         return
     with console.capture() as captured:
-        report.render(console)
+        report.render(console, max_rows=0)
     text = "\n".join(line.rstrip() for line in captured.get().splitlines())
     click.echo(text, err=console.stderr)
 

@@ -101,6 +101,26 @@ def test_real_pipe_full_lines_and_long_note(tmp_path):
     _assert_full_lines(res.stderr.split("wrote ")[0], ops)
 
 
+def test_piped_report_shows_every_row(tmp_path):
+    """A terminal shows the first and last rows of a long table; a log gets every row."""
+    from onnx import TensorProto, helper
+
+    n = 70
+    nodes = [helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"h{i + 1}"], name=f"mm{i}")
+             for i in range(n)]
+    inits = [B.tensor(f"w{i}", (4, 4), i) for i in range(n)]
+    model = B.make_model(nodes, [helper.make_tensor_value_info("h0", TensorProto.FLOAT, [2, 4])],
+                         [helper.make_tensor_value_info(f"h{n}", TensorProto.FLOAT, [2, 4])],
+                         inits)
+    onnx.save(model, str(tmp_path / "deep.onnx"))
+    res = invoke("inspect", tmp_path / "deep.onnx")
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    for i in range(n):
+        assert sum(line.split()[:1] == [f"w{i}"] for line in lines) == 1, i
+    assert "more" not in res.stdout
+
+
 # -- 2. logging ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flags,info,debug", [
