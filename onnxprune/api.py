@@ -139,6 +139,7 @@ def prune(model: mio.ModelLike, pattern: str = "unstructured",
         # the final run prunes exactly as the probes did (auto allocation resolved under search)
         opts = replace(opts, sparsity=best, search=False, allocate=opts.allocation)
     result = _run(model, opts, output, force, track)
+    result.report.flag_noop()
     if probes is not None:
         names = {"metric": "metric", "rel_error": "relative max error"}
         measured = ", ".join(names.get(k, k) for k in probes[0] if k in names)

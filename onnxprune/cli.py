@@ -4,12 +4,20 @@
 The options are generated from :class:`~onnxprune.options.PruneOptions`' field metadata (help,
 flag names, choices read from the registries, parsers) with the dataclass defaults, so this
 module types none of them; it adds only what is no option of a run (output, report, force,
-quiet). User mistakes (:class:`~onnxprune.errors.OnnxPruneError`) print one line and exit 2
-(1 for a failed ``--max-error`` gate); anything else is a bug and keeps its traceback.
+quiet, logging). User mistakes (:class:`~onnxprune.errors.OnnxPruneError`) print one line and
+exit 2 (1 for a failed ``--max-error`` gate); a run that pruned nothing warns and exits 3 unless
+``--allow-noop``; anything else is a bug and keeps its traceback.
+
+Output: the report on stdout, laid out for a terminal when stdout is one, and as plain
+full-width lines (never wrapped or cut at 80 columns) when it is piped or redirected. Log lines
+(``-v``/``--log-level``; the ``onnxprune`` logger, configured here only) go to stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import signal
 import sys
 from dataclasses import Field
@@ -26,12 +34,75 @@ from onnxprune.text import printable
 
 #: Pruned when no MODEL is given, so a first run needs no file of one's own (models/digits_cnn.onnx).
 DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "digits_cnn.onnx"
+#: Exit code of a run that pruned nothing (no new zero, no channel removed) without --allow-noop.
+EXIT_NOOP = 3
+#: The console width when output is not a terminal: wide enough that no line is ever wrapped.
+PLAIN_WIDTH = 1 << 16
+#: ``--log-level`` choices (the ``onnxprune`` logger's level; default warning).
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+log = logging.getLogger("onnxprune.cli")  # not __name__: `python -m onnxprune.cli` is __main__
+
+
+def version() -> str:
+    """The installed distribution's version (``onnxprune.__version__`` when not installed)."""
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version("onnxprune")
+    except Exception:  # not installed (run from a source tree)
+        return __version__
+
+
+#: Options every command takes, which may also come before the command's name
+#: (``onnxprune -v inspect model.onnx``); the value each takes (0 or 1 argument).
+_LEADING_OPTIONS = {"-q": 0, "--quiet": 0, "-v": 0, "-vv": 0, "-vvv": 0, "--verbose": 0,
+                    "--force": 0, "--log-level": 1}
+
+
+def _command_first(args: List[str], commands) -> List[str]:
+    """``[-v, inspect, m.onnx]`` -> ``[inspect, -v, m.onnx]``: the common options given before
+    a command name move after it; anything else is left as it is."""
+    i = 0
+    while i < len(args):
+        flag = args[i].split("=", 1)[0]
+        if flag not in _LEADING_OPTIONS:
+            break
+        i += 1 + (_LEADING_OPTIONS[flag] if "=" not in args[i] else 0)
+    if 0 < i < len(args) and args[i] in commands:
+        return [args[i], *args[:i], *args[i + 1:]]
+    return args
+
+
+def _help_records(command: click.Command, ctx: click.Context, skip_help: bool = False):
+    """The help lines of ``command``'s options (its -h/--help left out with ``skip_help``)."""
+    return [rec for p in command.get_params(ctx)
+            if isinstance(p, click.Option) and not (skip_help and "--help" in p.opts)
+            and (rec := p.get_help_record(ctx))]
 
 
 class DefaultToPrune(click.Group):
     """``onnxprune MODEL ...`` means ``onnxprune prune MODEL ...``; subcommands stay reachable."""
 
+    def format_help(self, ctx, formatter):
+        """The group's help with the prune options in full: ``onnxprune MODEL [OPTIONS]`` is
+        the main use, so ``onnxprune --help`` shows what ``onnxprune prune --help`` shows, then
+        the subcommands."""
+        formatter.write_usage(ctx.command_path, "[MODEL] [OPTIONS]")
+        formatter.write_usage(ctx.command_path, "COMMAND [ARGS]...", prefix="       ")
+        self.format_help_text(ctx, formatter)
+        prune = self.commands["prune"]
+        prune_ctx = click.Context(prune, info_name="prune", parent=ctx)
+        with formatter.section("Prune options (onnxprune [MODEL] or onnxprune prune [MODEL])"):
+            formatter.write_dl(_help_records(prune, prune_ctx, skip_help=True))
+        records = _help_records(self, ctx)
+        with formatter.section("Other options"):
+            formatter.write_dl(records)
+        self.format_commands(ctx, formatter)
+        self.format_epilog(ctx, formatter)
+
     def parse_args(self, ctx, args):
+        args = _command_first(list(args), self.commands)
         if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h",
                                                                           "--version")):
             args = ["prune", *args]
@@ -57,10 +128,28 @@ class DefaultToPrune(click.Group):
             sys.exit(exc.exit_code)
 
 
-def _console(quiet: bool):
+def _console(quiet: bool = False, stderr: bool = False):
+    """The console the report is printed on: laid out for the terminal when the stream is one;
+    otherwise plain full-width lines (no wrapping, no cut columns; see :func:`_print`)."""
     from rich.console import Console
 
-    return Console(stderr=False, quiet=quiet, highlight=False)
+    console = Console(stderr=stderr, quiet=quiet, highlight=False)
+    if console.is_terminal:
+        return console
+    return Console(stderr=stderr, quiet=quiet, highlight=False, width=PLAIN_WIDTH,
+                   soft_wrap=True)
+
+
+def _print(report, console) -> None:
+    """Render ``report`` on ``console``; off a terminal, every table row (a log is searched,
+    not scrolled), each as one plain line, its table padding trimmed."""
+    if console.is_terminal or console.quiet:
+        report.render(console)
+        return
+    with console.capture() as captured:
+        report.render(console, max_rows=0)
+    text = "\n".join(line.rstrip() for line in captured.get().splitlines())
+    click.echo(text, err=console.stderr)
 
 
 def _track(quiet: bool):
@@ -78,9 +167,7 @@ def _track(quiet: bool):
 
 
 def _err_console():
-    from rich.console import Console
-
-    return Console(stderr=True)
+    return _console(stderr=True)
 
 
 def _run(fn):
@@ -154,12 +241,66 @@ def _quiet_option() -> click.Option:
                         help="No report or progress on stdout.")
 
 
+def _logging_options() -> List[click.Option]:
+    return [
+        click.Option(["-v", "--verbose"], count=True,
+                     help="Log what the run does on stderr: -v each step and its time (info), "
+                          "-vv details (debug)."),
+        click.Option(["--log-level"], type=click.Choice(LOG_LEVELS), default=None,
+                     help="Level of the log lines on stderr (overrides -v) [default: warning]."),
+    ]
+
+
+class _EchoHandler(logging.Handler):
+    """Log records as escaped lines on the current stderr (click's, so tests capture them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.echo(printable(self.format(record), keep_newlines=True), err=True)
+        except Exception:  # pragma: no cover - logging must never end the run
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _logging(verbose: int, log_level: Optional[str]):
+    """The ``onnxprune`` logger at the level asked for (``--log-level``, else ``-v`` info,
+    ``-vv`` debug, else warning) with a stderr handler, for the command's duration."""
+    level = (log_level.upper() if log_level else
+             "DEBUG" if verbose >= 2 else "INFO" if verbose == 1 else "WARNING")
+    root = logging.getLogger("onnxprune")
+    handler = _EchoHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+
+
+def _demo_output(folder: Path, force: bool) -> Path:
+    """Where the no-MODEL demo writes: ``digits_cnn.pruned.onnx`` in ``folder``, or with
+    ``--force`` over it; when it exists, the first free ``digits_cnn.pruned-N.onnx`` (N = 2,
+    3, ...), so the demo runs again and again and never overwrites a file."""
+    first = default_output(folder / DEFAULT_MODEL.name)
+    if force or not os.path.lexists(first):
+        return first
+    n = 2
+    while os.path.lexists(folder / f"{DEFAULT_MODEL.stem}.pruned-{n}.onnx"):
+        n += 1
+    return folder / f"{DEFAULT_MODEL.stem}.pruned-{n}.onnx"
+
+
 def build_main() -> click.Group:
     """The ``onnxprune`` command group, its options built from the fields and registries as
     they are now (a criterion registered before the call is a ``--criterion`` choice)."""
 
     @click.group(cls=DefaultToPrune, context_settings={"help_option_names": ["-h", "--help"]})
-    @click.version_option(__version__, prog_name="onnxprune")
+    @click.version_option(version(), "--version", prog_name="onnxprune",
+                          message="%(prog)s %(version)s",
+                          help="Print 'onnxprune <version>' and exit.")
     def main() -> None:
         """Post-training pruning for ONNX models.
 
@@ -177,6 +318,7 @@ def build_main() -> click.Group:
         _report_option(),
         _force_option(),
         _quiet_option(),
+        *_logging_options(),
     ]
     inspect_params = [
         click.Argument(["model"], type=click.Path(path_type=Path)),
@@ -184,6 +326,7 @@ def build_main() -> click.Group:
         _report_option(),
         _force_option(),
         _quiet_option(),
+        *_logging_options(),
     ]
     main.add_command(click.Command("prune", callback=prune_command, params=prune_params,
                                    help=prune_command.__doc__))
@@ -192,8 +335,15 @@ def build_main() -> click.Group:
     return main
 
 
-def prune_command(model, output, report_path, force, quiet, **flags):
-    """Prune MODEL and write <stem>.pruned.onnx (MODEL defaults to the bundled digits CNN)."""
+def prune_command(model, output, report_path, force, quiet, verbose, log_level, **flags):
+    """Prune MODEL into <stem>.pruned.onnx (the default command).
+
+    Without MODEL the bundled digits CNN is pruned into ./digits_cnn.pruned.onnx, or
+    ./digits_cnn.pruned-2.onnx, -3, ... when that exists (never over a file without --force).
+
+    Exit codes: 0 done; 1 a --max-error gate failed (nothing written); 2 a problem with the
+    input or options (nothing written); 3 nothing was pruned (written; --allow-noop makes it 0).
+    """
 
     def body():
         from onnxprune.api import prune
@@ -201,13 +351,16 @@ def prune_command(model, output, report_path, force, quiet, **flags):
         path = model if model is not None else DEFAULT_MODEL
         out = output
         if out is None:  # the bundled model's output goes to the working folder, not the package
-            out = default_output(path if model is not None else Path.cwd() / DEFAULT_MODEL.name)
+            out = (default_output(path) if model is not None
+                   else _demo_output(Path.cwd(), force))
         report_path_ok = _check_report(report_path, path, force, output=out)
         stamp = _stamp(Path(out))
+        options = from_cli(flags, "prune")
+        log.info("pruning %s into %s", path, out)
+        log.debug("options: %s", options)
         try:
             result = prune(path, output=out, force=force,
-                           track=_track(quiet) or (lambda items, d, t: items),
-                           **from_cli(flags, "prune"))
+                           track=_track(quiet) or (lambda items, d, t: items), **options)
         except KeyboardInterrupt:
             if _stamp(Path(out)) != stamp:  # the signal came after the output was renamed into place
                 click.echo(f"interrupted after {printable(out)} was completely written",
@@ -222,8 +375,18 @@ def prune_command(model, output, report_path, force, quiet, **flags):
         _emit(result.report, report_path_ok, quiet, force)
         if not quiet:
             click.echo(f"wrote {printable(result.output)}", err=report_path_ok == "-")
+        if result.report.noop:
+            from onnxprune.report.report import NOOP_NOTE
 
-    _run(body)
+            if options["allow_noop"]:
+                click.echo(f"warning: {NOOP_NOTE} (accepted: --allow-noop)", err=True)
+            else:
+                click.echo(f"warning: {NOOP_NOTE}; exit {EXIT_NOOP} (--allow-noop accepts "
+                           "such a run)", err=True)
+                sys.exit(EXIT_NOOP)
+
+    with _logging(verbose, log_level):
+        _run(body)
 
 
 def _stamp(path: Path):
@@ -254,24 +417,26 @@ def _emit(report, report_path, quiet, force=False):
     if report_path == "-":  # JSON owns stdout; the text report goes to stderr
         click.echo(report.json_text())
         if not quiet:
-            report.render(_err_console())
+            _print(report, _err_console())
         return
     if report_path is not None:
         report.write_json(report_path, force=force)
-    report.render(_console(quiet))
+    _print(report, _console(quiet))
 
 
-def inspect_command(model, report_path, force, quiet, **flags):
+def inspect_command(model, report_path, force, quiet, verbose, log_level, **flags):
     """Report sparsity, params and MACs of MODEL without changing it."""
 
     def body():
         from onnxprune.api import inspect
 
         checked = _check_report(report_path, model, force)
+        log.info("inspecting %s", model)
         report = inspect(model, **from_cli(flags, "inspect"))
         _emit(report, checked, quiet, force)
 
-    _run(body)
+    with _logging(verbose, log_level):
+        _run(body)
 
 
 main = build_main()

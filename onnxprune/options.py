@@ -283,6 +283,8 @@ class PruneOptions:
     ``max_metric_drop`` (absolute, below the dense value) gate on it. ``search`` bisects for the
     highest sparsity (up to ``sparsity``, default 0.95) that keeps every bound given
     (``max_error``, ``min_metric``, ``max_metric_drop``).
+    A run that prunes nothing (no new zero, no channel removed) returns normally with
+    ``report.noop`` set and a note; the CLI exits 3 then unless ``allow_noop``.
     ``memory_budget``: bytes of scores held across weights; past it scoring streams (two passes
     over the weights, memory bounded by the largest weight, for models of any size).
     """
@@ -351,7 +353,8 @@ class PruneOptions:
             "(taken after the ones it uses, at most half) to validate on.", type=int,
         bounds=(0, 1 << 62))
     input_shapes: Optional[Dict[str, Sequence[int]]] = option(
-        None, "Fix an input's dims for generated inputs and MACs: NAME:1x3x224x224.",
+        None, "Fix an input's dims for generated inputs and MACs: NAME:1x3x224x224, or "
+              "Polygraphy's NAME:[1,3,224,224] (several in one value, space-separated).",
         name="--input-shape", parse=_input_shapes, multiple=True, commands=COMMANDS)
     max_error: Optional[float] = option(
         None, "Fail (exit 1, nothing written) if the relative max error of any output exceeds "
@@ -379,6 +382,9 @@ class PruneOptions:
         None, "With --eval-script: fail (exit 1, nothing written) if the pruned model's metric "
               "is more than this below the dense model's (absolute); with --search, the bound "
               "searched for.", type=float)
+    allow_noop: bool = option(
+        False, "Accept a run that prunes nothing (no new zero, no channel removed): exit 0 "
+               "instead of 3. The model is written either way.", switch=True)
     seed: int = option(0, "Seed of the random criterion and of generated inputs.", type=int,
                        bounds=(0, 2**63 - 1))
     threads: Optional[int] = option(

@@ -1,7 +1,6 @@
 """The CLI: the main job end to end, and every bad input answered with exit 2 and nothing written."""
 
 import json
-import os
 
 import numpy as np
 import onnx

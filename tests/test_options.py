@@ -20,8 +20,9 @@ from onnxprune.options import (ALLOCATIONS, Flag, FlagGroup, PruneOptions, cli_f
 from onnxprune.passes.base import DEFAULT_MEMORY_BUDGET
 
 #: Flags of the commands that are no option of a run (where to write, what to print).
-NOT_OPTIONS = {"prune": {"model", "output", "report_path", "force", "quiet"},
-               "inspect": {"model", "report_path", "force", "quiet"}}
+NOT_OPTIONS = {"prune": {"model", "output", "report_path", "force", "quiet", "verbose",
+                         "log_level"},
+               "inspect": {"model", "report_path", "force", "quiet", "verbose", "log_level"}}
 
 
 def command(name, main=None):

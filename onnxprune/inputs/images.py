@@ -51,7 +51,7 @@ def image_parts(folder: Path, files: List[Path], specs: Sequence[InputSpec],
         import PIL.Image  # noqa: F401 - optional dependency, checked before any work
     except ImportError:
         raise OptionError(f"calibration folder '{folder}' holds images; reading them needs "
-                          "Pillow: pip install pillow") from None
+                          "Pillow: pip install onnxprune[images]") from None
     if len(specs) != 1:
         raise InputDataError(f"calibration images fit a one-input model; this one has "
                              f"{len(specs)} inputs ({', '.join(s.name for s in specs)}); "

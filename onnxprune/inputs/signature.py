@@ -41,7 +41,8 @@ DEFAULT_DIM = 16
 #: ONNX element types served as floats (numpy float data is cast to them).
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
                          onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16})
-_SHAPE_FORM = "NAME:DIMS, like input:1x3x224x224 or input:1,3,224,224"
+_SHAPE_FORM = ("NAME:DIMS, like input:1x3x224x224, input:1,3,224,224 or (Polygraphy's form) "
+               "input:[1,3,224,224]")
 
 
 def model_proto(model: ModelOrPath) -> onnx.ModelProto:
@@ -113,27 +114,60 @@ def _dim(d: onnx.TensorShapeProto.Dimension) -> Dim:
 def parse_input_shapes(specs: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
     """``["x:1x3x224x224", "ids:1,128"]`` -> ``{"x": (1, 3, 224, 224), "ids": (1, 128)}``.
 
-    The name is everything before the *last* colon, so TensorFlow names like ``input:0`` work
-    (``input:0:1x3x224x224``). Raises :class:`OptionError` with the expected form.
+    Two spellings: ``NAME:DIMS`` with dims joined by ``x`` or ``,`` (one input per text), and
+    Polygraphy's ``NAME:[d0,d1,...]``, several of which may share one text separated by spaces
+    (``"x:[1,3,224,224] y:[1,10]"``; ``x:[]`` is a scalar). The name is everything before the
+    *last* colon before the dims, so TensorFlow names like ``input:0`` work
+    (``input:0:1x3x224x224``, ``input:0:[1,3]``). Raises :class:`OptionError` naming the bad
+    piece and the expected form.
     """
     shapes: Dict[str, Tuple[int, ...]] = {}
     for spec in specs:
-        name, sep, dims_text = str(spec).strip().rpartition(":")
-        if not sep or not name or not dims_text.strip():
-            raise OptionError(f"--input-shape '{spec}' is not {_SHAPE_FORM}")
-        parts = re.split(r"[x,]", dims_text.strip())
-        try:
-            dims = tuple(int(p) for p in parts)
-        except ValueError:
-            raise OptionError(f"--input-shape '{spec}': dims '{dims_text}' must be positive "
-                              f"integers; expected {_SHAPE_FORM}") from None
-        if any(d <= 0 for d in dims):
-            raise OptionError(f"--input-shape '{spec}': every dim must be a positive integer; "
-                              f"expected {_SHAPE_FORM}")
-        if name in shapes:
-            raise OptionError(f"--input-shape gives input '{name}' twice; give it once")
-        shapes[name] = dims
+        for piece, name, dims_text, bracketed in _shape_pieces(str(spec)):
+            dims = _parse_dims(piece, dims_text, bracketed)
+            if name in shapes:
+                raise OptionError(f"--input-shape gives input '{name}' twice; give it once")
+            shapes[name] = dims
     return shapes
+
+
+#: One Polygraphy-style ``NAME:[dims]`` piece: the name runs up to the ``:`` before ``[``.
+_BRACKETED = re.compile(r"\s*(?P<piece>(?P<name>[^\[\]]*?):\[(?P<dims>[^\[\]]*)\])(?=\s|$)")
+
+
+def _shape_pieces(text: str) -> List[Tuple[str, str, str, bool]]:
+    """``(piece, name, dims text, bracketed)`` for each input ``text`` gives a shape."""
+    text = text.strip()
+    if "[" not in text and "]" not in text:
+        name, sep, dims_text = text.rpartition(":")
+        if not sep or not name or not dims_text.strip():
+            raise OptionError(f"--input-shape '{text}' is not {_SHAPE_FORM}")
+        return [(text, name, dims_text.strip(), False)]
+    pieces, pos = [], 0
+    while text[pos:].strip():
+        m = _BRACKETED.match(text, pos)
+        if m is None or not m.group("name").strip():
+            bad = text[pos:].split()[0]
+            raise OptionError(f"--input-shape '{bad}' is not {_SHAPE_FORM} (several bracketed "
+                              "shapes are separated by spaces)")
+        pieces.append((m.group("piece"), m.group("name").strip(), m.group("dims"), True))
+        pos = m.end()
+    return pieces
+
+
+def _parse_dims(piece: str, dims_text: str, bracketed: bool) -> Tuple[int, ...]:
+    parts = [p.strip() for p in re.split(r"[x,]", dims_text)]
+    if bracketed and parts == [""]:
+        return ()  # x:[] is a scalar
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        raise OptionError(f"--input-shape '{piece}': dims '{dims_text}' must be positive "
+                          f"integers; expected {_SHAPE_FORM}") from None
+    if any(d <= 0 for d in dims):
+        raise OptionError(f"--input-shape '{piece}': every dim must be a positive integer; "
+                          f"expected {_SHAPE_FORM}")
+    return dims
 
 
 def resolve_input_shapes(model: ModelOrPath,

@@ -14,7 +14,10 @@ and sparsity bounds. A config file (JSON or YAML) is either a list of rules or a
         skip: true
 
 The first rule that matches a weight decides; keys it leaves out come from ``defaults``, then from
-the command line / API arguments.
+the command line / API arguments. A sparsity is inherited only by a pattern that takes one: an
+N:M pattern fixes its own (``2:4`` is 50 %), so the rule above prunes ``backbone.*`` 2:4 although
+the defaults say 0.8; a sparsity set at the same level as such a pattern, or above it, is an error
+naming the level (``config rule 0 sparsity``).
 """
 
 from __future__ import annotations
@@ -177,9 +180,8 @@ def select(weights: Sequence[Weight], *, pattern: str, sparsity: Optional[Union[
     if not weights:
         raise SelectionError("the model has no prunable weights (no Conv/ConvTranspose/Gemm/"
                              "MatMul with a constant float weight); nothing to prune")
-    base = {"pattern": pattern, "sparsity": sparsity, "criterion": criterion,
-            "min_sparsity": min_sparsity, "max_sparsity": max_sparsity}
-    base.update(cfg.defaults)
+    run = {"pattern": pattern, "sparsity": sparsity, "criterion": criterion,
+           "min_sparsity": min_sparsity, "max_sparsity": max_sparsity}
 
     def names(w: Weight) -> List[str]:
         return [w.name] + [c.node_name for c in w.consumers]
@@ -204,25 +206,18 @@ def select(weights: Sequence[Weight], *, pattern: str, sparsity: Optional[Union[
     skipped: List[Skipped] = []
     patterns: Dict[str, Pattern] = {}
     for w in chosen:
-        settings, rule_index = dict(base), None
-        for i, rule in enumerate(cfg.rules):
-            if rule.matches(w):
-                if rule.skip:
-                    rule_index = -1 - i
-                    break
-                settings.update(rule.settings)
-                rule_index = i
-                break
-        if rule_index is not None and rule_index < 0:
-            skipped.append(Skipped(w.name, f"skipped by config rule {-1 - rule_index}"))
+        rule_index = next((i for i, rule in enumerate(cfg.rules) if rule.matches(w)), None)
+        if rule_index is not None and cfg.rules[rule_index].skip:
+            skipped.append(Skipped(w.name, f"skipped by config rule {rule_index}"))
             continue
+        levels = [("sparsity", run), ("config defaults sparsity", cfg.defaults)]
+        if rule_index is not None:
+            levels.append((f"config rule {rule_index} sparsity", cfg.rules[rule_index].settings))
+        settings = resolve_settings(levels)
         spec = str(settings["pattern"])
         pat = patterns.get(spec) or patterns.setdefault(spec, parse_pattern(spec))
-        target = settings["sparsity"]
-        if target is None:
-            target = pat.implied_sparsity if pat.implied_sparsity is not None else 0.5
-        check_sparsity(target, pat, "sparsity" if rule_index is None else
-                       f"config rule {rule_index} sparsity")
+        target, where = sparsity_for(pat, levels)
+        check_sparsity(target, pat, where)
         for bound in ("min_sparsity", "max_sparsity"):
             b = settings[bound]
             if not isinstance(b, (int, float)) or not 0.0 <= float(b) <= 1.0:
@@ -238,6 +233,37 @@ def select(weights: Sequence[Weight], *, pattern: str, sparsity: Optional[Union[
         raise SelectionError(f"every selected weight was left alone, nothing to prune ({reasons})")
     _counts_to_fractions(plans)
     return plans, skipped
+
+
+def resolve_settings(levels: Sequence[Tuple[str, Dict[str, Any]]]) -> Dict[str, Any]:
+    """Each setting from the last of ``levels`` (the run's options, the config's defaults, the
+    matching rule) that gives it (a None value gives nothing)."""
+    settings: Dict[str, Any] = {}
+    for _, level in levels:
+        settings.update({k: v for k, v in level.items() if v is not None})
+    return settings
+
+
+def sparsity_for(pattern: Pattern, levels: Sequence[Tuple[str, Dict[str, Any]]]
+                 ) -> Tuple[Union[float, int], str]:
+    """The target sparsity of a weight pruned with ``pattern`` (resolved from ``levels``), and
+    the name of the level that set it, for messages.
+
+    A sparsity is inherited from a level below the one that set the pattern only when the
+    pattern takes one: an N:M pattern fixes its own, so the run's ``--sparsity`` (or the
+    config's defaults) never reaches a rule that sets ``pattern: "2:4"``. A sparsity given at
+    the pattern's level or above is the user's word for that weight and is checked against the
+    pattern (an error naming the level when they conflict)."""
+    pattern_level = max((i for i, (_, level) in enumerate(levels)
+                         if level.get("pattern") is not None), default=0)
+    given = [(i, name, level["sparsity"]) for i, (name, level) in enumerate(levels)
+             if level.get("sparsity") is not None]
+    implied = pattern.implied_sparsity
+    if given:
+        i, name, value = given[-1]
+        if implied is None or i >= pattern_level:
+            return value, name
+    return (implied if implied is not None else 0.5), levels[pattern_level][0]
 
 
 def _nm_misfit(weight: Weight, pattern: Pattern) -> Optional[str]:

@@ -21,6 +21,7 @@ ensures: that is a :class:`PipelineError`, a programming error, never a user's m
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ if TYPE_CHECKING:  # typed state fields only; the passes that fill them import t
     from onnxprune.calibration.statistics import LayerStats
     from onnxprune.inputs.dataset import CalibrationSet
     from onnxprune.report.compare import Comparison
+
+log = logging.getLogger(__name__)
 
 Track = Callable[[Iterable, str, int], Iterable]
 
@@ -180,10 +183,13 @@ class Pass:
         if missing:
             raise PipelineError(f"pass '{self.name}' requires {sorted(missing)}, which no earlier "
                                 "pass on this state ensured")
+        log.debug("pass %s: start", self.name)
         start = time.perf_counter()
         record = self.run(state)
         record.name = self.name
         record.seconds = time.perf_counter() - start
+        log.info("pass %s: %.2fs%s", self.name, record.seconds,
+                 f" ({record.summary})" if record.summary else "")
         state.records.append(record)
         state.facts.update(self.ensures)
         return PassResult(state.model, record.modified, record)
@@ -223,7 +229,11 @@ class Pipeline:
         return self.passes[index]
 
     def run(self, state: PruneState) -> List[PassResult]:
-        return [p(state) for p in self.passes]
+        log.info("pipeline: %s", " → ".join(p.name for p in self.passes))
+        start = time.perf_counter()
+        results = [p(state) for p in self.passes]
+        log.info("pipeline done in %.2fs", time.perf_counter() - start)
+        return results
 
 
 def layer_result(weight: Weight, before: int, after: int, pattern: str, criterion: str

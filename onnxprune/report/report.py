@@ -27,6 +27,10 @@ from onnxprune.report.compare import Comparison, tolerance_for
 from onnxprune.text import printable
 
 ARROW = "→"
+#: The note (and the CLI's warning) of a run that pruned nothing (:meth:`Report.flag_noop`).
+NOOP_NOTE = ("nothing was pruned: no weight gained a zero and no channel was removed (the "
+             "selected weights may already be at the target sparsity, or the selection left "
+             "every weight alone); raise --sparsity or widen the selection")
 
 
 @dataclass
@@ -103,6 +107,7 @@ class Report:
     timings: Dict[str, float] = field(default_factory=dict)
     sections: Dict[str, List[Dict[str, Any]]] = field(default_factory=dict)
     metric: Optional[Dict[str, Any]] = None  # the user's: {"source", "dense", "pruned", "drop"}
+    noop: bool = False
 
     @property
     def sparsity_before(self) -> float:
@@ -111,6 +116,15 @@ class Report:
     @property
     def sparsity_after(self) -> float:
         return _sparsity(self.nonzeros_after, self.params_after)
+
+    def flag_noop(self) -> bool:
+        """Set :attr:`noop` (and add :data:`NOOP_NOTE` to the notes) when the run changed no
+        weight: no new zero and no channel removed. Returns :attr:`noop`."""
+        self.noop = (self.nonzeros_after >= self.nonzeros_before
+                     and self.params_after == self.params_before)
+        if self.noop and NOOP_NOTE not in self.notes:
+            self.notes.append(NOOP_NOTE)
+        return self.noop
 
     # -- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -141,6 +155,7 @@ class Report:
             "timings": _jsonable(self.timings),
             "sections": _jsonable(self.sections),
             "metric": _jsonable(self.metric),
+            "noop": bool(self.noop),
         }
 
     def write_json(self, path: Union[str, os.PathLike], force: bool = True) -> Path:

@@ -349,7 +349,7 @@ def test_images_need_pillow_with_a_clear_message(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_pil)
-    with pytest.raises(OptionError, match="pip install pillow"):
+    with pytest.raises(OptionError, match=r"pip install onnxprune\[images\]"):
         load_calibration(tmp_path, _image_model(), image_preprocess=ImagePreprocess())
 
 
