@@ -364,9 +364,9 @@ class PruneOptions:
               "with the original on the validation samples is below this (0-1).", type=float,
         bounds=(0.0, 1.0))
     verdict: Any = option(
-        None, "Verdict thresholds OK/DEGRADED per measure, e.g. agreement=0.99/0.9,cosine=0.99/"
-              "0.9,equal=0.99/0.9,scalar=0.01/0.1 (those are the defaults).",
-        parse=lambda text, flag: _verdict(text))
+        None, "Verdict thresholds, comma-separated MEASURE=OK/DEGRADED; the defaults are "
+              "agreement=0.99/0.9 cosine=0.99/0.9 equal=0.99/0.9 scalar=0.01/0.1.",
+        parse=lambda text, flag: _verdict(text), metavar="MEASURE=OK/DEGRADED,...")
     search: bool = option(False, "Find the highest sparsity (up to --sparsity, default 0.95) "
                                  "that keeps --max-error, --min-agreement, --min-metric and "
                                  "--max-metric-drop (those given).", switch=True)

@@ -62,6 +62,16 @@ def _placeholders(folder: Path) -> None:
     shutil.copy(MODELS / "digits_calib.npz", folder / "calib.npz")
     test = np.load(MODELS / "digits_test.npz")
     np.savez(folder / "val.npz", input=test["input"][:64])
+    # examples run from the repository root name models/...; a python block that starts with
+    # "# NAME.py:" is the file of that name the examples use (the --eval-script metric)
+    (folder / "models").mkdir(exist_ok=True)
+    for name in ("digits_cnn.onnx", "digits_test.npz", "digits_calib.npz"):
+        shutil.copy(MODELS / name, folder / "models" / name)
+    for block in _blocks("python"):
+        first = block.lstrip().splitlines()[0]
+        match = re.match(r"#\s*([\w.-]+\.py):", first)
+        if match:
+            (folder / match.group(1)).write_text(block)
 
 
 def _written(comment: str):
