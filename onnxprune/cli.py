@@ -255,7 +255,7 @@ def _emit(report, report_path, quiet, force=False):
             report.render(_err_console())
         return
     if report_path is not None:
-        report.write_json(report_path, force=force)
+        report.write(report_path, force=force)
     report.render(_console(quiet))
 
 

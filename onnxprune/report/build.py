@@ -3,7 +3,9 @@
 A pruning run's report is folded from ``state.records`` in order: the per-weight results each
 pass set (a later pass's result for a weight replaces an earlier one's), the weights left alone,
 the channel groups left whole, notes, the output comparison, the sensitivity table and the
-time each pass took. The model itself is read only to count MACs. :func:`layer_macs` fills each
+time each pass took. The model itself is read only to count MACs. Every "left alone" reason is
+put in plain words (:func:`onnxprune.report.reasons.explain`), and a note says when zeros are
+stored densely. :func:`layer_macs` fills each
 row's MACs from a MAC count; ``inspect`` (:mod:`onnxprune.report.inspect`) and pruning runs use
 it alike, and both give the MAC count each weight's density through :func:`note_density`.
 """
@@ -17,12 +19,13 @@ import numpy as np
 
 from onnxprune.ops.weights import Weight
 from onnxprune.report.macs import MacCount, count_macs, node_label
+from onnxprune.report.reasons import explain
 from onnxprune.passes.base import LayerResult, PassRecord, PruneState
 from onnxprune.passes.calibrated import SensitivityRecord
 from onnxprune.passes.structure import ChannelRecord
 from onnxprune.passes.validate import ValidateRecord
 from onnxprune.passes.weights import FindRecord
-from onnxprune.report.report import LayerRow, Report
+from onnxprune.report.report import ARROW, LayerRow, Report, format_bytes, format_count
 
 
 def count_macs_or_error(model, input_shapes, densities) -> Union[MacCount, Exception]:
@@ -93,14 +96,18 @@ def build_report(state: PruneState, options: dict, output: Optional[Path],
         if key in weights:
             row.macs_before = layer_macs(weights[key], ok_before)
             row.macs_after = layer_macs(weights[key], ok_after)
+    note = dense_zeros_note(rows, size_before, size_after)
+    if note:
+        notes.append(note)
     validations = [r for r in records if isinstance(r, ValidateRecord)]
     original = state.original
     return Report(
         model=str(original) if isinstance(original, Path) else "<in-memory model>",
         output=str(output) if output else None,
         rows=rows,
-        skipped=[(s.name, s.reason) for r in records for s in r.skipped],
-        frozen=[f for r in records if isinstance(r, ChannelRecord) for f in r.frozen],
+        skipped=[(s.name, explain("weight", s.reason)) for r in records for s in r.skipped],
+        frozen=[(name, explain("group", reason)) for r in records
+                if isinstance(r, ChannelRecord) for name, reason in r.frozen],
         macs_before=ok_before.total if ok_before else None,
         macs_after=ok_after.total if ok_after else None,
         sparse_macs_after=ok_after.sparse_total if ok_after else None,
@@ -116,6 +123,23 @@ def build_report(state: PruneState, options: dict, output: Optional[Path],
         timings={r.name: r.seconds for r in records},
         sections=sections(records, layers),
     )
+
+
+def dense_zeros_note(rows: Sequence[LayerRow], size_before: Optional[int],
+                     size_after: Optional[int]) -> Optional[str]:
+    """A note when pruning left zeros stored in full (a masked pattern without resizing): the
+    nonzeros dropped, the file did not shrink by as much, and what would shrink it."""
+    new_zeros = sum((r.params_after - r.nonzeros_after) - (r.params - r.nonzeros_before)
+                    for r in rows)
+    if new_zeros <= 0:
+        return None
+    sizes = ""
+    if size_before is not None and size_after is not None:
+        sizes = f" (file {format_bytes(size_before)} {ARROW} {format_bytes(size_after)})"
+    return (f"zeros are stored densely: the {format_count(new_zeros)} weights set to zero still "
+            f"take their full space in the file{sizes}; the file shrinks only when compressed "
+            "(e.g. zip/gzip, which packs the runs of zeros) or with --pattern channel, which "
+            "removes whole channels; sparse storage formats are planned")
 
 
 def sections(records: Sequence[PassRecord], layers: Mapping[str, LayerResult]
@@ -136,5 +160,5 @@ def sections(records: Sequence[PassRecord], layers: Mapping[str, LayerResult]
     return {f"sensitivity ({table.metric}, {table.samples} samples)": rows}
 
 
-__all__ = ["build_report", "count_macs_or_error", "layer_macs", "layer_results", "note_density",
+__all__ = ["build_report", "count_macs_or_error", "dense_zeros_note", "layer_macs", "layer_results", "note_density",
            "sections"]
