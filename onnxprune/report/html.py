@@ -107,12 +107,13 @@ def render_html(data: Dict[str, Any]) -> str:
     options = data.get("options") or {}
     if options:
         parts.append(_section("Options used", _table(
-            ["option", "value"], [[_td(k), _td(_value(v))] for k, v in options.items()])))
+            ["option", "value"], [[_td(k), _td(_value(v))] for k, v in options.items()],
+            cls="kv")))
     timings = data.get("timings") or {}
     if timings:
         parts.append(_section("Time", _table(
             ["step", "seconds"], [[_td(k), _td(_num(v, ".2f"), "n")] for k, v in
-                                  timings.items()])))
+                                  timings.items()], cls="kv")))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{_e(title)}</title><style>{_CSS}</style></head>"
@@ -145,13 +146,15 @@ def _headline(d: Dict[str, Any]) -> str:
 
 
 def _comparison(cmp: Dict[str, Any]) -> str:
-    """Top-level comparison keys as a list, then one row per output with every key it has."""
-    scalars = [(k, v) for k, v in cmp.items()
-               if k != "outputs" and not (isinstance(v, list) and not v)]
-    html_ = ""
-    if scalars:
-        html_ += _table(["", ""], [[_td(k), _td(_value(v))] for k, v in scalars],
-                        show_head=False)
+    """The comparison's own keys as a list (a ``verdict`` as a badge), then one row per output
+    with every key any output has (its ``verdict`` as a badge, first)."""
+    pairs = []
+    for k, v in cmp.items():
+        if k == "outputs" or (isinstance(v, (list, dict)) and not v):
+            continue
+        cell = f"<td>{_badge(v)}</td>" if k == "verdict" else _td(_value(v))
+        pairs.append([_td(k), cell])
+    html_ = _table(["", ""], pairs, show_head=False, cls="kv") if pairs else ""
     outputs = cmp.get("outputs") or []
     if outputs:
         columns: List[str] = []
@@ -168,7 +171,7 @@ def _comparison(cmp: Dict[str, Any]) -> str:
                 row.append(f"<td>{_badge(o.get('verdict'))}</td>")
             for k in columns:
                 v = o.get(k)
-                row.append(_td(_value(v), "n" if isinstance(v, (int, float)) else ""))
+                row.append(_td(_value(v), "n" if _finite(v) else ""))
             body.append(row)
         html_ += _table(head, body)
     return html_
@@ -362,12 +365,14 @@ def _td(x: Any, cls: str = "") -> str:
     return f"<td class=\"{cls}\">{_e(x)}</td>" if cls else f"<td>{_e(x)}</td>"
 
 
-def _table(columns: Sequence[str], body: Sequence[Sequence[str]], show_head: bool = True) -> str:
+def _table(columns: Sequence[str], body: Sequence[Sequence[str]], show_head: bool = True,
+           cls: str = "") -> str:
     """A table of ``body`` rows of ready ``<td>`` cells under the escaped ``columns``."""
     head = ("<thead><tr>" + "".join(f"<th>{_e(c)}</th>" for c in columns) + "</tr></thead>"
             if show_head else "")
     rows = "".join("<tr>" + "".join(cells) + "</tr>" for cells in body)
-    return f"<table>{head}<tbody>{rows}</tbody></table>"
+    attr = f" class=\"{cls}\"" if cls else ""
+    return f"<table{attr}>{head}<tbody>{rows}</tbody></table>"
 
 
 def _section(title: str, body: str) -> str:
@@ -388,10 +393,13 @@ def _value(v: Any) -> str:
         return "yes" if v else "no"
     if isinstance(v, float):
         return _num(v)
-    if isinstance(v, (dict, list)):
-        if isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-            return _shape(v)
-        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        return _shape(v)
+    if isinstance(v, dict):
+        return "; ".join(f"{k}: {_value(x)}" for k, x in v.items())
+    if isinstance(v, list):
+        return ", ".join(_value(x) for x in v) if all(
+            not isinstance(x, (dict, list)) for x in v) else json.dumps(v, ensure_ascii=False)
     return str(v)
 
 

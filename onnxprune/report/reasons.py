@@ -81,8 +81,6 @@ _MEANINGS: List[Tuple[str, "re.Pattern[str]", str]] = [
     ("weight", re.compile(r"looks like a fixed operand"),
      "it looks like a constant the model needs exactly (a ramp, a transform basis), not a "
      "learned weight"),
-    ("weight", re.compile(r"needs input channels in multiples"),
-     "sparse kernels could not read this layer in that pattern"),
     ("weight", re.compile(r"used inside a subgraph"),
      "layer-by-layer pruning cannot collect its input from inside an If/Loop/Scan body"),
     ("weight", re.compile(r"input activation could not be collected"),
@@ -114,13 +112,10 @@ channels"
     if kind not in OUTCOME:
         raise ValueError(f"kind must be one of {sorted(OUTCOME)}, got {kind!r}")
     reason = str(reason).rstrip(". ")
-    text = reason
     plain = meaning(kind, reason)
-    if plain and plain not in reason:
-        text += f": {plain}"
-    if not _SAYS_OUTCOME.search(reason):
-        text += f"; {OUTCOME[kind]}"
-    return text
+    if _SAYS_OUTCOME.search(reason):
+        return f"{reason} ({plain})" if plain else reason
+    return f"{reason}: {plain}; {OUTCOME[kind]}" if plain else f"{reason}; {OUTCOME[kind]}"
 
 
 __all__ = ["OUTCOME", "explain", "meaning"]
