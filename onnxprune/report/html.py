@@ -24,6 +24,7 @@ import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from onnxprune.report.report import ARROW, format_bytes, format_count
+from onnxprune.text import printable
 
 #: Most layers drawn in the per-layer chart (the largest by params); the table lists all.
 CHART_LAYERS = 60
@@ -227,8 +228,7 @@ def _chart_backend():
 
 
 def _chart_div(plt, draw: Callable[[], Any]) -> str:
-    with plt.rc_context({"svg.fonttype": "none", "svg.hashsalt": "onnxprune",
-                         "font.size": 9}):
+    with plt.rc_context({"svg.fonttype": "none", "svg.hashsalt": "onnxprune", "font.size": 9}):
         fig = draw()
         try:
             buf = io.StringIO()
@@ -358,7 +358,8 @@ def _search_chart(rows: Sequence[Dict[str, Any]]):
 
 # -- formatting ---------------------------------------------------------------------------------
 def _e(x: Any) -> str:
-    return html.escape("" if x is None else str(x), quote=True)
+    """``x`` as HTML text: markup characters escaped, control characters shown as escapes."""
+    return html.escape(printable("" if x is None else x, keep_newlines=True), quote=True)
 
 
 def _td(x: Any, cls: str = "") -> str:
@@ -428,8 +429,11 @@ def _change(before: Any, after: Any, fmt: Callable[[Any], str]) -> str:
 
 
 def _short(name: Any, width: int = 40) -> str:
-    text = "" if name is None else str(name)
-    return text if len(text) <= width else "…" + text[-(width - 1):]
+    """A chart label: ``name`` printable, its end kept when too long, ``$`` escaped (a name is
+    text, not matplotlib math)."""
+    text = printable("" if name is None else name)
+    text = text if len(text) <= width else "…" + text[-(width - 1):]
+    return text.replace("$", r"\$")
 
 
 __all__ = ["CHART_CURVES", "CHART_LAYERS", "INSTALL_HINT", "render_html"]
