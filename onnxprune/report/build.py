@@ -24,7 +24,7 @@ from onnxprune.passes.base import LayerResult, PassRecord, PruneState
 from onnxprune.passes.calibrated import SensitivityRecord
 from onnxprune.passes.structure import ChannelRecord
 from onnxprune.passes.validate import ValidateRecord
-from onnxprune.passes.weights import FindRecord
+from onnxprune.passes.weights import FindRecord, SelectRecord
 from onnxprune.report.report import ARROW, LayerRow, Report, format_bytes, format_count
 
 
@@ -105,7 +105,8 @@ def build_report(state: PruneState, options: dict, output: Optional[Path],
         model=str(original) if isinstance(original, Path) else "<in-memory model>",
         output=str(output) if output else None,
         rows=rows,
-        skipped=[(s.name, explain("weight", s.reason)) for r in records for s in r.skipped],
+        skipped=[(s.name, explain("weight", s.reason)) for r in records for s in r.skipped]
+        + [(name, explain("weight", NOT_SELECTED)) for name in not_selected(records, weights)],
         frozen=[(name, explain("group", reason)) for r in records
                 if isinstance(r, ChannelRecord) for name, reason in r.frozen],
         macs_before=ok_before.total if ok_before else None,
@@ -123,6 +124,29 @@ def build_report(state: PruneState, options: dict, output: Optional[Path],
         timings={r.name: r.seconds for r in records},
         sections=sections(records, layers),
     )
+
+
+#: why a weight the options left out of the selection was not pruned
+NOT_SELECTED = "not selected: left out by --op-types, --include or --exclude"
+
+
+def not_selected(records: Sequence[PassRecord], weights: Mapping[str, Weight]) -> List[str]:
+    """Names of the weights found but neither selected, nor reported (a row or a skip reason):
+    those the selection options left out."""
+    found = [r for r in records if isinstance(r, FindRecord)]
+    selects = [r for r in records if isinstance(r, SelectRecord)]
+    if not found or not selects:
+        return []
+    selected = set(selects[-1].selected)
+    reported = {s.name for r in records for s in r.skipped}
+    reported.update(key for r in records for key in r.layers)
+    names = []
+    for key in found[-1].weights:
+        weight = weights.get(key)
+        if weight is not None and key not in selected and key not in reported \
+                and weight.name not in reported:
+            names.append(weight.name)
+    return names
 
 
 def dense_zeros_note(rows: Sequence[LayerRow], size_before: Optional[int],
@@ -160,5 +184,6 @@ def sections(records: Sequence[PassRecord], layers: Mapping[str, LayerResult]
     return {f"sensitivity ({table.metric}, {table.samples} samples)": rows}
 
 
-__all__ = ["build_report", "count_macs_or_error", "dense_zeros_note", "layer_macs", "layer_results", "note_density",
+__all__ = ["NOT_SELECTED", "build_report", "count_macs_or_error", "dense_zeros_note",
+           "not_selected", "layer_macs", "layer_results", "note_density",
            "sections"]

@@ -64,8 +64,8 @@ _MEANINGS: List[Tuple[str, "re.Pattern[str]", str]] = [
     ("group", re.compile(r"sizes differ|inconsistent sizes"),
      "tensors that must share a channel count disagree on it, so the tool does not touch them"),
     ("group", re.compile(r"is not selected"),
-     "a weight producing these channels was left out of the selection, and removing channels "
-     "would change it too"),
+     "a weight that produces these channels is outside your selection, and removing channels "
+     "would change that weight too"),
     ("group", re.compile(r"no weight produces these channels"),
      "there is no weight whose rows could be removed"),
     (None, re.compile(r"NaN or infinity"),
@@ -74,10 +74,6 @@ _MEANINGS: List[Tuple[str, "re.Pattern[str]", str]] = [
      "integer and quantized weights are kept exactly, so their quantization stays valid"),
     ("weight", re.compile(r"skipped by config rule"),
      "a rule in your --config file says to skip it"),
-    ("weight", re.compile(r"with different W\[out, in\] views"),
-     "two ops read the same tensor in different layouts"),
-    ("weight", re.compile(r"^also read by"),
-     "another op reads the same tensor as data"),
     ("weight", re.compile(r"looks like a fixed operand"),
      "it looks like a constant the model needs exactly (a ramp, a transform basis), not a "
      "learned weight"),

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 import builders as B
 import onnxprune
-from onnxprune.report.build import dense_zeros_note
+from onnxprune.report.build import NOT_SELECTED, dense_zeros_note
 from onnxprune.report.macs import count_macs
 from onnxprune.report.reasons import OUTCOME, explain, meaning
 from onnxprune.report.report import SCHEMA_VERSION, LayerRow, Report
@@ -185,6 +185,33 @@ def test_skipped_weights_are_explained_in_prune_and_inspect(digits):
     assert pruned["Wq"] == inspected["Wq"] == explain(
         "weight", "INT8 weight (quantized or integer); only float weights are pruned")
     assert inspected["Wq"].endswith("; this weight is kept as it was (not pruned)")
+
+
+@pytest.mark.parametrize("kwargs, left_out", [
+    (dict(exclude="head"), ["head.0.weight", "head.2.weight"]),
+    (dict(op_types="Gemm"), ["onnx::Conv_39", "onnx::Conv_42", "onnx::Conv_45"]),
+    (dict(include="Conv_42"), ["onnx::Conv_39", "onnx::Conv_45", "head.0.weight",
+                               "head.2.weight"]),
+    (dict(), []),
+])
+def test_weights_the_options_left_out_are_listed(digits, kwargs, left_out):
+    report = onnxprune.prune(digits, validate=False, resize=False, **kwargs).report
+    assert report.skipped == [(name, explain("weight", NOT_SELECTED)) for name in left_out]
+    if left_out:
+        assert report.skipped[0][1] == ("not selected: left out by --op-types, --include or "
+                                        "--exclude; this weight is kept as it was (not pruned)")
+    # every weight the model holds is either a row or listed with its reason
+    assert {r.name for r in report.rows} | {n for n, _ in report.skipped} == {
+        "onnx::Conv_39", "onnx::Conv_42", "onnx::Conv_45", "head.0.weight", "head.2.weight"}
+
+
+def test_channel_group_with_an_unselected_producer_is_explained(digits):
+    report = onnxprune.prune(digits, pattern="channel", op_types="Gemm", validate=False).report
+    frozen = dict(report.frozen)
+    assert frozen["group 0 [16 ch: onnx::Conv_39]"] == (
+        "producer onnx::Conv_39 is not selected (--op-types/--include/--exclude/config): a weight "
+        "that produces these channels is outside your selection, and removing channels would "
+        "change that weight too; this group keeps all its channels")
 
 
 # -- zeros stored densely ------------------------------------------------------------------------------
