@@ -141,6 +141,8 @@ def _headline(d: Dict[str, Any]) -> str:
         ratio = ""
         if label != "sparsity" and before and after is not None and after != before:
             ratio = f"<div class=\"r\">×{after / before:.2f}</div>"
+        elif label == "file size" and after is None:
+            ratio = "<div class=\"r\">input; no output written</div>"
         out.append(f"<div class=\"card\"><div class=\"k\">{_e(label)}</div>"
                    f"<div class=\"v\">{_e(value)}</div>{ratio}</div>")
     return f"<div class=\"cards\">{''.join(out)}</div>"
@@ -268,7 +270,7 @@ def _layer_chart(rows: Sequence[Dict[str, Any]]):
     ax1.set_xlabel("sparsity (% zeros)")
     ax1.set_yticks(y)
     ax1.set_yticklabels(names)
-    ax1.invert_yaxis()
+    ax1.set_ylim(len(shown) - 0.5, -0.5)  # first layer on top, no blank margins
     ax1.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
     p_before = [r.get("params") or 0 for r in shown]
     nz_after = [r.get("nonzeros_after") or 0 for r in shown]

@@ -138,6 +138,9 @@ def test_page_headline_and_sections_follow_the_data(digits, tmp_path):
     assert "zeros are stored densely" in text
     assert "Options used" in text and "4x1" in text
     assert f"report schema {d['schema_version']}" in text and d["tool"]["version"] in text
+    assert "no output written" not in text
+    assert "input; no output written" in "".join(parse(onnxprune.prune(
+        digits, validate=False).report.html_text()).text)
 
 
 def _with_verdicts(report: Report) -> dict:
