@@ -420,7 +420,7 @@ def _emit(report, report_path, quiet, force=False):
             _print(report, _err_console())
         return
     if report_path is not None:
-        report.write_json(report_path, force=force)
+        report.write(report_path, force=force)
     _print(report, _console(quiet))
 
 

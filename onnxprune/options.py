@@ -477,11 +477,17 @@ class PruneOptions:
                 or self.allocation == "sensitivity" or self.calibration is not None)
 
     def summary(self) -> dict:
-        """The options worth showing in a report (what differs from nothing)."""
+        """The options worth showing in a report, defaults resolved (``sparsity`` as used)."""
         keep = ("pattern", "sparsity", "criterion", "scope", "op_types", "include", "exclude",
                 "min_sparsity", "max_sparsity", "resize", "seed", "max_error",
                 "calibration_samples", "search")
-        out = {k: getattr(self, k) for k in keep if getattr(self, k) is not None}
+        used = {"sparsity": self.sparsity}
+        if self.sparsity is None:  # the value actually used: implied by N:M, else 0.5
+            implied = None if self.pattern == "channel" else \
+                parse_pattern(self.pattern).implied_sparsity
+            used["sparsity"] = 0.5 if implied is None else implied
+        out = {k: used.get(k, getattr(self, k)) for k in keep if used.get(k, getattr(self, k))
+               is not None}
         out["allocate"] = self.allocation
         if self.eval_script is not None:
             out.update(eval_script=self.eval_script.source, **{

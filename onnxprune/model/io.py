@@ -136,7 +136,7 @@ class ModelHandle:
         """Bytes on disk of the model file plus its external data, when loaded from a file."""
         if self.path is None:
             return None
-        return size_on_disk(self.path, self.model)
+        return sum(f.stat().st_size for f in input_files(self) if f.is_file())
 
 
 def estimated_size(model: onnx.ModelProto) -> int:
@@ -509,10 +509,7 @@ def save(handle: ModelHandle, output: Union[str, os.PathLike], force: bool = Tru
     """
     out = Path(output)
     model = handle.model
-    external = [t for t in iter_tensors(model.graph) if is_external(t)]
-    too_big = not external and estimated_size(model) > _PROTO_LIMIT
-    if too_big:
-        external = [t for t in iter_tensors(model.graph) if len(t.raw_data) >= 1024]
+    external = _saved_external(model)
     with contextlib.ExitStack() as stack:
         data_name = out.name + ".data"
         data_tmp = model_tmp = None
@@ -557,6 +554,18 @@ def save(handle: ModelHandle, output: Union[str, os.PathLike], force: bool = Tru
     return out
 
 
+def _saved_external(model: onnx.ModelProto) -> List[onnx.TensorProto]:
+    """The tensors :func:`save` writes to the ``<output>.data`` file: those external now, or, for
+    a model past protobuf's limit, every tensor of 1 KiB or more."""
+    external = [t for t in iter_tensors(model.graph) if is_external(t)]
+    if not external and estimated_size(model) > _PROTO_LIMIT:
+        external = [t for t in iter_tensors(model.graph) if len(t.raw_data) >= 1024]
+    return external
+
+
 def size_on_disk(path: Path, model: onnx.ModelProto) -> int:
-    return path.stat().st_size + sum(f.stat().st_size for f in
-                                     external_files(model, path.parent) if f.is_file())
+    """Bytes of ``model`` as :func:`save` wrote it to ``path``: the file and its ``.data`` file.
+    (After a save, ``model``'s external entries name the input's data files again.)"""
+    data = path.with_name(path.name + ".data")
+    extra = data.stat().st_size if _saved_external(model) and data.is_file() else 0
+    return path.stat().st_size + extra

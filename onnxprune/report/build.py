@@ -3,7 +3,9 @@
 A pruning run's report is folded from ``state.records`` in order: the per-weight results each
 pass set (a later pass's result for a weight replaces an earlier one's), the weights left alone,
 the channel groups left whole, notes, the output comparison, the sensitivity table and the
-time each pass took. The model itself is read only to count MACs. :func:`layer_macs` fills each
+time each pass took. The model itself is read only to count MACs. Every "left alone" reason is
+put in plain words (:func:`onnxprune.report.reasons.explain`), and a note says when zeros are
+stored densely. :func:`layer_macs` fills each
 row's MACs from a MAC count; ``inspect`` (:mod:`onnxprune.report.inspect`) and pruning runs use
 it alike, and both give the MAC count each weight's density through :func:`note_density`.
 """
@@ -17,13 +19,14 @@ import numpy as np
 
 from onnxprune.ops.weights import Weight
 from onnxprune.report.macs import MacCount, count_macs, node_label
+from onnxprune.report.reasons import explain
 from onnxprune.passes.base import LayerResult, PassRecord, PruneState
 from onnxprune.passes.calibrated import SensitivityRecord
 from onnxprune.passes.metric import MetricRecord
 from onnxprune.passes.structure import ChannelRecord
 from onnxprune.passes.validate import ValidateRecord
-from onnxprune.passes.weights import FindRecord
-from onnxprune.report.report import LayerRow, Report
+from onnxprune.passes.weights import FindRecord, SelectRecord
+from onnxprune.report.report import ARROW, LayerRow, Report, format_bytes, format_count
 
 
 def count_macs_or_error(model, input_shapes, densities) -> Union[MacCount, Exception]:
@@ -94,14 +97,19 @@ def build_report(state: PruneState, options: dict, output: Optional[Path],
         if key in weights:
             row.macs_before = layer_macs(weights[key], ok_before)
             row.macs_after = layer_macs(weights[key], ok_after)
+    note = dense_zeros_note(rows, size_before, size_after)
+    if note:
+        notes.append(note)
     validations = [r for r in records if isinstance(r, ValidateRecord)]
     original = state.original
     return Report(
         model=str(original) if isinstance(original, Path) else "<in-memory model>",
         output=str(output) if output else None,
         rows=rows,
-        skipped=[(s.name, s.reason) for r in records for s in r.skipped],
-        frozen=[f for r in records if isinstance(r, ChannelRecord) for f in r.frozen],
+        skipped=[(s.name, explain("weight", s.reason)) for r in records for s in r.skipped]
+        + [(name, explain("weight", NOT_SELECTED)) for name in not_selected(records, weights)],
+        frozen=[(name, explain("group", reason)) for r in records
+                if isinstance(r, ChannelRecord) for name, reason in r.frozen],
         macs_before=ok_before.total if ok_before else None,
         macs_after=ok_after.total if ok_after else None,
         sparse_macs_after=ok_after.sparse_total if ok_after else None,
@@ -119,6 +127,46 @@ def build_report(state: PruneState, options: dict, output: Optional[Path],
         sections=sections(records, layers),
         metric=next((r.metric for r in records if isinstance(r, MetricRecord)), None),
     )
+
+
+#: why a weight the options left out of the selection was not pruned
+NOT_SELECTED = "not selected: left out by --op-types, --include or --exclude"
+
+
+def not_selected(records: Sequence[PassRecord], weights: Mapping[str, Weight]) -> List[str]:
+    """Names of the weights found but neither selected, nor reported (a row or a skip reason):
+    those the selection options left out."""
+    found = [r for r in records if isinstance(r, FindRecord)]
+    selects = [r for r in records if isinstance(r, SelectRecord)]
+    if not found or not selects:
+        return []
+    selected = set(selects[-1].selected)
+    reported = {s.name for r in records for s in r.skipped}
+    reported.update(key for r in records for key in r.layers)
+    names = []
+    for key in found[-1].weights:
+        weight = weights.get(key)
+        if weight is not None and key not in selected and key not in reported \
+                and weight.name not in reported:
+            names.append(weight.name)
+    return names
+
+
+def dense_zeros_note(rows: Sequence[LayerRow], size_before: Optional[int],
+                     size_after: Optional[int]) -> Optional[str]:
+    """A note when pruning left zeros stored in full (a masked pattern without resizing): the
+    nonzeros dropped, the file did not shrink by as much, and what would shrink it."""
+    new_zeros = sum((r.params_after - r.nonzeros_after) - (r.params - r.nonzeros_before)
+                    for r in rows)
+    if new_zeros <= 0:
+        return None
+    sizes = ""
+    if size_before is not None and size_after is not None:
+        sizes = f" (file {format_bytes(size_before)} {ARROW} {format_bytes(size_after)})"
+    return (f"zeros are stored densely: the {format_count(new_zeros)} weights set to zero still "
+            f"take their full space in the file{sizes}; the file shrinks only when compressed "
+            "(e.g. zip/gzip, which packs the runs of zeros) or with --pattern channel, which "
+            "removes whole channels; sparse storage formats are planned")
 
 
 def sections(records: Sequence[PassRecord], layers: Mapping[str, LayerResult]
@@ -139,5 +187,6 @@ def sections(records: Sequence[PassRecord], layers: Mapping[str, LayerResult]
     return {f"sensitivity ({table.metric}, {table.samples} samples)": rows}
 
 
-__all__ = ["build_report", "count_macs_or_error", "layer_macs", "layer_results", "note_density",
+__all__ = ["NOT_SELECTED", "build_report", "count_macs_or_error", "dense_zeros_note",
+           "not_selected", "layer_macs", "layer_results", "note_density",
            "sections"]

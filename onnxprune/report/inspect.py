@@ -19,6 +19,7 @@ from onnxprune.errors import OnnxPruneError
 from onnxprune.model.io import ModelLike, load
 from onnxprune.report.macs import count_macs
 from onnxprune.report.build import layer_macs, note_density
+from onnxprune.report.reasons import explain
 from onnxprune.report.report import LayerRow, Report
 from onnxprune.inputs.signature import input_signature
 from onnxprune.ops.weights import find_weights
@@ -81,7 +82,7 @@ def inspect_model(model: ModelLike,
                        "shape used": None if used is None else list(used)})
     return Report(
         model=str(handle.path) if handle.path is not None else "<in-memory model>",
-        output=None, rows=rows, skipped=[(s.name, s.reason) for s in skipped],
+        output=None, rows=rows, skipped=[(s.name, explain("weight", s.reason)) for s in skipped],
         macs_before=None if macs is None else macs.total,
         macs_after=None if macs is None else macs.total,
         sparse_macs_after=None if macs is None else macs.sparse_total,

@@ -1,9 +1,10 @@
 """The per-layer report: what a run (or ``onnxprune inspect``) found and did, as data.
 
 :class:`Report` and :class:`LayerRow` are plain dataclasses the passes fill in; this module owns
-how they are shown — a rich table on the terminal (:meth:`Report.render`) or JSON
-(:meth:`Report.to_dict`, :meth:`Report.write_json`) — so the CLI, the Python API and ``inspect``
-share one format. Sizes are shown in human units (params and MACs in K/M/G, files in KiB/MiB).
+how they are shown — a rich table on the terminal (:meth:`Report.render`), JSON
+(:meth:`Report.to_dict`, :meth:`Report.write_json`; layout in ``report.schema.json``, versioned
+by :data:`SCHEMA_VERSION`) or an HTML page (:meth:`Report.write`, :mod:`onnxprune.report.html`) — so the CLI, the Python
+API and ``inspect`` share one format. Sizes are shown in human units (params and MACs in K/M/G, files in KiB/MiB).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ ARROW = "→"
 NOOP_NOTE = ("nothing was pruned: no weight gained a zero and no channel was removed (the "
              "selected weights may already be at the target sparsity, or the selection left "
              "every weight alone); raise --sparsity or widen the selection")
+
+#: Version of the report's JSON layout (:meth:`Report.to_dict`, described by
+#: ``report.schema.json`` beside this module): raised whenever a key is renamed, removed or
+#: changes meaning; new optional keys inside ``comparison``/``options``/``sections`` do not raise it.
+SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -131,7 +137,11 @@ class Report:
         """A JSON-safe dict: the dataclass fields (tuples as lists, numpy as Python, inf/nan as
         null) plus ``sparsity_before``/``sparsity_after`` totals; ``skipped``/``frozen`` entries
         become ``{"name", "reason"}`` objects."""
+        from onnxprune import __version__
+
         return {
+            "tool": {"name": "onnxprune", "version": __version__},
+            "schema_version": SCHEMA_VERSION,
             "model": self.model,
             "output": self.output,
             "params_before": int(self.params_before),
@@ -158,18 +168,37 @@ class Report:
             "noop": bool(self.noop),
         }
 
+    def write(self, path: Union[str, os.PathLike], force: bool = True) -> Path:
+        """Write the report in the format its suffix names: ``.html``/``.htm`` a self-contained
+        page (:meth:`html_text`), anything else JSON (:meth:`json_text`)."""
+        if Path(path).suffix.lower() in (".html", ".htm"):
+            return self._write_text(path, self.html_text(), force)
+        return self.write_json(path, force)
+
     def write_json(self, path: Union[str, os.PathLike], force: bool = True) -> Path:
         """Write :meth:`to_dict` as indented JSON, atomically (temp file beside it, then an
         exclusive create, or a replace with ``force``; see :mod:`onnxprune.model.output`)."""
-        from onnxprune.model.output import write_atomic
+        return self._write_text(path, self.json_text() + "\n", force)
 
-        text = self.json_text() + "\n"
+    def write_html(self, path: Union[str, os.PathLike], force: bool = True) -> Path:
+        """Write :meth:`html_text`, atomically as :meth:`write_json`."""
+        return self._write_text(path, self.html_text(), force)
+
+    @staticmethod
+    def _write_text(path: Union[str, os.PathLike], text: str, force: bool) -> Path:
+        from onnxprune.model.output import write_atomic
 
         def write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
 
         return write_atomic(Path(os.path.realpath(path)), write, force, "report")
+
+    def html_text(self) -> str:
+        """The report as one self-contained HTML page (:mod:`onnxprune.report.html`)."""
+        from onnxprune.report.html import render_html
+
+        return render_html(self.to_dict())
 
     def json_text(self) -> str:
         """:meth:`to_dict` as indented JSON text (``--report -``)."""
