@@ -141,7 +141,9 @@ def prune(model: mio.ModelLike, pattern: str = "unstructured",
     result = _run(model, opts, output, force, track)
     result.report.flag_noop()
     if probes is not None:
-        names = {"metric": "metric", "rel_error": "relative max error"}
+        result.report.options["search"] = True  # the final run repeats the best probe
+        names = {"metric": "metric", "rel_error": "relative max error",
+                 "agreement": "top-1 agreement"}
         measured = ", ".join(names.get(k, k) for k in probes[0] if k in names)
         result.report.sections[f"sparsity search ({measured} per probe)"] = probes
         result.report.notes.append(f"search: highest sparsity with {criteria_text(opts)} is "

@@ -5,8 +5,8 @@ The options are generated from :class:`~onnxprune.options.PruneOptions`' field m
 flag names, choices read from the registries, parsers) with the dataclass defaults, so this
 module types none of them; it adds only what is no option of a run (output, report, force,
 quiet, logging). User mistakes (:class:`~onnxprune.errors.OnnxPruneError`) print one line and
-exit 2 (1 for a failed ``--max-error`` gate); a run that pruned nothing warns and exits 3 unless
-``--allow-noop``; anything else is a bug and keeps its traceback.
+exit 2 (1 for a failed gate: ``--max-error``, ``--min-agreement``, ``--min-metric``,
+``--max-metric-drop``); a run that pruned nothing warns and exits 3 unless ``--allow-noop``; anything else is a bug and keeps its traceback.
 
 Output: the report on stdout, laid out for a terminal when stdout is one, and as plain
 full-width lines (never wrapped or cut at 80 columns) when it is piped or redirected. Log lines
@@ -227,8 +227,9 @@ def option_params(command: str) -> List[click.Option]:
 
 def _report_option() -> click.Option:
     return click.Option(["--report", "report_path"], type=str, default=None, metavar="PATH",
-                        help="Write the report as JSON here ('-': to stdout, and the text "
-                             "report to stderr). Checked like -o before any work.")
+                        help="Write the report here: a self-contained page for .html/.htm, "
+                             "else JSON ('-': JSON to stdout, and the text report to stderr). "
+                             "Checked like -o before any work.")
 
 
 def _force_option() -> click.Option:
@@ -341,8 +342,9 @@ def prune_command(model, output, report_path, force, quiet, verbose, log_level, 
     Without MODEL the bundled digits CNN is pruned into ./digits_cnn.pruned.onnx, or
     ./digits_cnn.pruned-2.onnx, -3, ... when that exists (never over a file without --force).
 
-    Exit codes: 0 done; 1 a --max-error gate failed (nothing written); 2 a problem with the
-    input or options (nothing written); 3 nothing was pruned (written; --allow-noop makes it 0).
+    Exit codes: 0 done; 1 a gate (--max-error, --min-agreement, --min-metric,
+    --max-metric-drop) failed (nothing written); 2 a problem with the input or options
+    (nothing written); 3 nothing was pruned (written; --allow-noop makes it 0).
     """
 
     def body():
@@ -369,7 +371,7 @@ def prune_command(model, output, report_path, force, quiet, verbose, log_level, 
             raise
         except OnnxPruneError as exc:
             report = getattr(exc, "report", None)
-            if report is not None:  # a failed --max-error gate: show why before the error
+            if report is not None:  # a failed gate: show why before the error
                 _emit(report, report_path_ok, quiet, force)
             raise
         _emit(result.report, report_path_ok, quiet, force)

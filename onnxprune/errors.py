@@ -41,6 +41,8 @@ class InputDataError(OnnxPruneError):
 
 
 class ValidationFailed(OnnxPruneError):
-    """The pruned model is valid but its outputs drift past the user's --max-error gate."""
+    """The pruned model is valid but misses a gate the user set (--max-error, --min-agreement,
+    --min-metric, --max-metric-drop) or its outputs are broken (inf/nan, another shape):
+    nothing is written, exit 1."""
 
     exit_code = 1
