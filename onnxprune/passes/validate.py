@@ -197,9 +197,9 @@ class Validate(Pass):
         warnings = [f"output '{o.name}' is broken: {o.verdict_reason}, on "
                     f"{comparison.data_note.split(':')[0]}"
                     for o in comparison.outputs if o.verdict == "broken" and o.reason is None]
-        notes = notes + [f"output '{o.name}' is a {o.kind}, not a numeric tensor: compared by equality "
-                  f"({100 * o.equal:.1f}% equal), not gated by --max-error"
-                  for o in comparison.by_equality]
+        notes = notes + [f"output '{o.name}' is a {o.kind}, not a numeric tensor: compared by "
+                         f"equality ({100 * o.equal:.1f}% equal), not gated by --max-error"
+                         for o in comparison.by_equality]
         return ValidateRecord(summary=summary, notes=notes, comparison=comparison,
                               gate_failure=gate, warnings=warnings)
 
