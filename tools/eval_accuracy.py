@@ -10,10 +10,12 @@ Two models:
   accuracy (1 - edit distance / length, clamped at 0, averaged over lines) and exact-line
   accuracy with greedy CTC decoding. Calibration lines are rendered separately (other seed).
 
-Each row is one ``onnxprune.prune(..., validate=False)`` call run in a fresh child process (so a
-row that hangs or runs past ``--row-timeout`` is stopped and recorded as not measured); the
-pruned model is evaluated with onnxruntime. ``time`` is the wall time of the prune call alone
-(calibration included), measured with ``time.perf_counter`` inside the child.
+Each row is one ``onnxprune.prune(...)`` call (validation on, as users run it) run in a fresh
+child process (so a row that hangs or runs past ``--row-timeout`` is stopped and recorded as not
+measured); the pruned model is evaluated with onnxruntime. ``time`` is the wall time of the
+prune call (calibration included, the report's own validation excluded), measured with
+``time.perf_counter`` inside the child; ``report says`` is the worst top-1 agreement that run's
+report gave, and on which samples.
 
     python tools/eval_accuracy.py --write benchmarks/accuracy.md          # both models
     python tools/eval_accuracy.py --only digits --quick                    # a fast smoke run
@@ -67,6 +69,11 @@ class Row:
     params_ratio: Optional[float] = None  # params after / before (channel removal)
     error: Optional[str] = None
     notes: List[str] = field(default_factory=list)
+    # what the run's own report said (validation on held-out calibration samples, else on
+    # generated inputs): worst top-1 agreement with the dense model, on what, how many
+    said: Optional[float] = None
+    said_on: Optional[str] = None
+    said_samples: int = 0
 
     @property
     def label(self) -> str:
@@ -83,12 +90,17 @@ def _child(model_path: str, kwargs: dict, out_path: str, conn) -> None:
 
         started = time.perf_counter()
         result = onnxprune.prune(model_path, **kwargs)
-        seconds = time.perf_counter() - started
-        onnx.save(result.model, out_path)
         rep = result.report
+        # the time of pruning alone: the report's own validation is timed apart
+        seconds = time.perf_counter() - started - rep.timings.get("validate", 0.0)
+        onnx.save(result.model, out_path)
+        cmp = rep.comparison
         conn.send({"seconds": seconds, "nonzeros_after": rep.nonzeros_after,
                    "params_before": rep.params_before, "params_after": rep.params_after,
-                   "notes": [str(n) for n in rep.notes]})
+                   "notes": [str(n) for n in rep.notes],
+                   "said": None if cmp is None else cmp.worst_agreement,
+                   "said_on": None if cmp is None else cmp.data,
+                   "said_samples": 0 if cmp is None else cmp.samples})
     except BaseException as exc:  # noqa: BLE001 - reported as the row's result
         conn.send({"error": f"{type(exc).__name__}: {exc}",
                    "traceback": traceback.format_exc()})
@@ -132,7 +144,7 @@ def run_rows(model_path: Path, rows: Sequence[Row], evaluate: Callable[[str], tu
              timeout: float, workdir: Path, log=print) -> None:
     for row in rows:
         log(f"  {row.label:28s} {row.setting:22s} ...", end="", flush=True)
-        got = prune_in_child(model_path, dict(row.kwargs, validate=False), timeout, workdir)
+        got = prune_in_child(model_path, dict(row.kwargs), timeout, workdir)
         if "error" in got:
             row.error = got["error"]
             log(f" NOT MEASURED: {row.error}")
@@ -143,6 +155,7 @@ def run_rows(model_path: Path, rows: Sequence[Row], evaluate: Callable[[str], tu
         row.zeros = 1.0 - got["nonzeros_after"] / max(1, got["params_before"])
         row.params_ratio = got["params_after"] / max(1, got["params_before"])
         row.notes = got["notes"]
+        row.said, row.said_on, row.said_samples = got["said"], got["said_on"], got["said_samples"]
         row.accuracy, row.exact = evaluate(str(got["path"]))
         extra = f", exact {row.exact:.4f}" if row.exact is not None else ""
         log(f" acc {row.accuracy:.4f}{extra}, zeros {row.zeros:.3f}, {row.seconds:.1f} s")
@@ -321,29 +334,31 @@ def run_ppocr(args) -> Optional[dict]:
 # =============================================================================================
 def _fmt_row(r: Row, dense: float, dense_exact: Optional[float], ocr: bool) -> str:
     if r.error:
-        cells = ["not measured"] * (3 if ocr else 2) + ["—", "—"]
+        cells = ["not measured"] * (3 if ocr else 2) + ["—", "—", "—"]
         cells[-1] = r.error.replace("|", "\\|")
         return f"| {r.label} | {r.setting} | " + " | ".join(cells) + " |"
     pct = f"{100 * r.accuracy / dense:.1f}%"
+    said = "—" if r.said is None else f"{100 * r.said:.1f}% ({r.said_samples} {r.said_on})"
     size = f"{r.zeros:.3f}"
     if r.params_ratio is not None and r.params_ratio < 0.999:
         size += f" (params ×{r.params_ratio:.2f})"
     acc = f"{r.accuracy:.4f}"
     if ocr:
-        return (f"| {r.label} | {r.setting} | {acc} | {r.exact:.4f} | {pct} | {size} | "
+        return (f"| {r.label} | {r.setting} | {acc} | {r.exact:.4f} | {pct} | {said} | {size} | "
                 f"{r.seconds:.1f} |")
-    return f"| {r.label} | {r.setting} | {acc} | {pct} | {size} | {r.seconds:.1f} |"
+    return f"| {r.label} | {r.setting} | {acc} | {pct} | {said} | {size} | {r.seconds:.1f} |"
 
 
 def table(result: dict, ocr: bool) -> List[str]:
     dense, dense_exact = result["dense"], result["dense_exact"]
     if ocr:
-        head = ["| method | setting | char acc | exact lines | % of dense (char) | zeros | "
-                "time s |", "|---|---|---|---|---|---|---|",
-                f"| dense | — | {dense:.4f} | {dense_exact:.4f} | 100% | — | — |"]
+        head = ["| method | setting | char acc | exact lines | % of dense (char) | report says | "
+                "zeros | time s |", "|---|---|---|---|---|---|---|---|",
+                f"| dense | — | {dense:.4f} | {dense_exact:.4f} | 100% | — | — | — |"]
     else:
-        head = ["| method | setting | top-1 | % of dense | zeros | time s |",
-                "|---|---|---|---|---|---|", f"| dense | — | {dense:.4f} | 100% | — | — |"]
+        head = ["| method | setting | top-1 | % of dense | report says | zeros | time s |",
+                "|---|---|---|---|---|---|---|",
+                f"| dense | — | {dense:.4f} | 100% | — | — | — |"]
     return head + [_fmt_row(r, dense, dense_exact, ocr) for r in result["rows"]]
 
 
