@@ -79,6 +79,11 @@ def load_samples(source, model: ModelOrPath,
                              "per model input (axis 0 = samples)")
     if path.is_dir():
         return _load_folder(path, specs, image_preprocess)
+    if any(s.dims is not None and len(s.dims) == 1 for s in specs):
+        # a rank-1 input has no sample axis to split on: the file is one feed, as given
+        feed = file_part(path, specs, samples=False, extra_ok=True)
+        return _OneFeed(specs, [Part(1, lambda limit=None, start=0: feed.load(), path.name)],
+                        str(path))
     part = file_part(path, specs, samples=True, single_ok=True, extra_ok=True)
     data = CalibrationSet(specs, [part], str(path))
     if array_kind(path) == "npz":
@@ -208,6 +213,14 @@ class CalibrationSet:
                 yield flush(size)
         if pending_n and fixed is None:
             yield flush(pending_n)
+
+
+class _OneFeed(CalibrationSet):
+    """One feed given whole (a model input without a sample axis): one batch, as given."""
+
+    def batches(self, batch_size: int = 8) -> Iterator[Dict[str, np.ndarray]]:
+        for part in self._parts:
+            yield part.load()
 
 
 def _window(loader: Callable[..., Dict[str, np.ndarray]], lo: int, hi: int):

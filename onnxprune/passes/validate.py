@@ -222,7 +222,8 @@ def _agreement_gate(comparison, min_agreement: float) -> Optional[str]:
 
 def _batched(data, batch_size: int) -> Iterator[Tuple[Dict[str, np.ndarray], int]]:
     """(feed, samples in it) per batch of ``data``."""
+    one = len(data) == 1  # a single sample (or a feed given whole): no sample axis to count
     for feed in data.batches(batch_size):
         sized = [np.shape(v)[0] for v in feed.values() if np.ndim(v)]
-        yield feed, (min(sized) if sized else 1)
+        yield feed, (min(sized) if sized and not one else 1)
 

@@ -235,3 +235,18 @@ def test_calibration_set_slices_match_the_arrays():
     part = data.slice(100, 140).slice(5, 30)
     assert len(part) == 25
     assert np.array_equal(np.concatenate([b["input"] for b in part.batches(7)]), x[105:130])
+
+
+def test_a_model_with_a_rank_1_input_gets_the_inputs_file_as_one_feed(tmp_path):
+    # x[n] -> Mul by a constant: axis 0 is no sample axis; cutting it into batches of 8 would
+    # feed other tensors than the user gave
+    model = B.make_model([helper.make_node("Mul", ["x", "w"], ["y"])],
+                         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
+                         [B.tensor("w", (1,))])
+    path = tmp_path / "x.npz"
+    x = np.arange(20, dtype=np.float32)
+    np.savez(path, x=x, labels=np.zeros(3))
+    data = load_samples(path, model)
+    feeds = list(data.batches(8))
+    assert len(data) == 1 and len(feeds) == 1 and np.array_equal(feeds[0]["x"], x)
