@@ -45,6 +45,9 @@ from onnxprune.channels.rules import new_initializer
 from onnxprune.ops._channel import CONSUMER, PRODUCER, set_attr
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 class _Walk:
     """Per-unit constants of one group's tensors (NaN = not constant / unknown)."""
 
@@ -128,9 +131,20 @@ class _Walk:
             first = next((np.asarray(v, np.float64) for v in ins if v is not None), nan)
             for o in node.output:
                 if o in self.members:
+                    self.values[o] = self._finite(self.values[o], f"{node.op_type} '{key}'")
                     self.lost(np.isnan(self.values[o]) & ~np.isnan(first),
                               f"{node.op_type} '{key}' " + ("has no constant rule" if const is None
                                                             else "does not keep it constant"))
+
+    def _finite(self, v: np.ndarray, where: str) -> np.ndarray:
+        """``v`` with values outside float32's finite range made unknown (NaN): the walk's
+        float64 arithmetic does not overflow where the model's fp32 run gives inf (Exp of a
+        large bias), and no bias can take an infinite constant (inf * W is inf or NaN)."""
+        big = ~np.isnan(v) & ~(np.abs(v) <= _F32_MAX)
+        if big.any():
+            self.lost(big, f"{where} makes it overflow float32")
+            v = np.where(big, np.nan, v)
+        return v
 
     def _producer_const(self, node, key, weight_index, zero_filter) -> np.ndarray:
         bias = np.zeros(self.group.size)
@@ -148,6 +162,7 @@ class _Walk:
                 return np.full(self.group.size, np.nan)
             bias = v * slot.beta
         out = np.asarray(zero_filter(node, bias, self.values.get(node.input[0])), np.float64)
+        out = self._finite(out, f"{node.op_type} '{key}'")
         self.lost(np.isnan(out) & ~np.isnan(bias),
                   f"{node.op_type} '{key}': its zero filter's output is not known here")
         return out
