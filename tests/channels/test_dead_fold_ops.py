@@ -316,3 +316,28 @@ def test_a_constant_that_overflows_float32_is_kept_with_the_reason():
     assert rec.channels_removed == 0 and rec.folded == []
     assert rec.kept_nonzero_const[0].endswith("Exp 'exp' makes it overflow float32")
     assert _weights(handle)["W1"].shape == (3, 3, 1, 1)
+
+
+def test_a_constant_cast_to_fp16_folds_into_an_fp16_consumer_within_one_fp16_step():
+    # Conv (fp32, row 1 zero, bias 0.8) -> Cast fp16 -> Conv (fp16 weights and bias): the unit
+    # carries fp16(0.8); its fold lands in the fp16 bias, rounded as the model's own fp16 bias
+    # is, so the outputs agree to within one fp16 step of their magnitude.
+    rng = np.random.default_rng(19)
+    inits = [_init("W1", _conv_w(rng, 3, 3, (1,))), _init("B1", [0.2, 0.8, -0.3]),
+             _init("W2", rng.standard_normal((2, 3, 1, 1)), np.float16),
+             _init("B2", [0.1, 0.2], np.float16)]
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["y"], name="c1"),
+             helper.make_node("Cast", ["y"], ["h"], name="to16", to=TensorProto.FLOAT16),
+             helper.make_node("Conv", ["h", "W2", "B2"], ["z16"], name="c2"),
+             helper.make_node("Cast", ["z16"], ["z"], name="to32", to=TensorProto.FLOAT)]
+    model = _model(nodes, inits, "z")
+    handle = load(copy.deepcopy(model))
+    rec = remove_dead_channels(handle)
+    onnx.checker.check_model(handle.model, full_check=True)
+    assert rec.channels_removed == 1 and rec.kept_nonzero_const == []
+    assert rec.folded == [f"unit 1 (constant {float(np.float16(0.8)):.6g}) folded into Conv 'c2'"]
+    w = _weights(handle)
+    assert w["W2"].shape == (2, 2, 1, 1) and w["B2"].dtype == np.float16
+    feeds = {"x": np.random.default_rng(0).standard_normal(X).astype(np.float32)}
+    (got,), (want,) = run(handle.model, feeds), run(model, feeds)
+    assert np.abs(got - want).max() <= 2.0 ** -10 * np.abs(want).max()
