@@ -82,10 +82,11 @@ _WALK_ERROR = 2.0 ** -19
 
 
 def _cast_const(node, vals, read):
-    """The constant rounded to the target float type; to any other type it is not followed.
+    """The constant rounded to the target float type; to any other type (integers, and bf16/fp8,
+    which numpy holds as opaque types) it is not followed.
 
-    A cast to a type narrower than fp32 (fp16, bf16: a rounding step far coarser than fp32's)
-    is followed only where the rounding is decided: every value within ``_WALK_ERROR`` of the
+    A cast to a type narrower than fp32 (fp16: a rounding step far coarser than fp32's) is
+    followed only where the rounding is decided: every value within ``_WALK_ERROR`` of the
     walk's constant rounds to the same one and it is finite. Near a rounding boundary the
     model's fp32 value may fall on the other side than the float64 one (the fold would be off
     by a whole fp16 step), and an overflow to inf is no constant a bias can take: unknown (NaN).

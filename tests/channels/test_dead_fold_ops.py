@@ -135,8 +135,8 @@ def test_the_cast_constant_rule_rounds_or_gives_up():
     to32 = helper.make_node("Cast", ["a"], ["b"], to=TensorProto.FLOAT)
     assert cast(to32, [np.array([1.0 + _NEAR_MIDPOINT])], None)[0][0] == \
         float(np.float32(1.0 + _NEAR_MIDPOINT))
-    assert cast(helper.make_node("Cast", ["a"], ["b"], to=TensorProto.INT64),
-                [np.array([1.5])], None) is None
+    for to in (TensorProto.INT64, TensorProto.BFLOAT16):
+        assert cast(helper.make_node("Cast", ["a"], ["b"], to=to), [np.array([1.5])], None) is None
 
 
 # -- Resize -----------------------------------------------------------------------------------
@@ -341,3 +341,20 @@ def test_a_constant_cast_to_fp16_folds_into_an_fp16_consumer_within_one_fp16_ste
     feeds = {"x": np.random.default_rng(0).standard_normal(X).astype(np.float32)}
     (got,), (want,) = run(handle.model, feeds), run(model, feeds)
     assert np.abs(got - want).max() <= 2.0 ** -10 * np.abs(want).max()
+
+
+def test_the_prune_report_names_the_cast_that_kept_a_dead_channel():
+    # End to end: masks keeping exactly the nonzeros (W1's row 1 was zero already), the default
+    # run removes dead channels; the one behind the undecided fp16 rounding stays, and the
+    # report's notes say which Cast made its value unknown.
+    import onnxprune
+
+    model = _cast_model(1.0, _NEAR_MIDPOINT)
+    masks = {t.name: numpy_helper.to_array(t) != 0 for t in model.graph.initializer
+             if t.name in ("W1", "W2")}
+    result = onnxprune.prune(copy.deepcopy(model), masks=masks)
+    notes = [n for n in result.report.notes if "not folded exactly" in n or "Cast" in n]
+    assert any("Cast 'to16' does not keep it constant" in n for n in notes), result.report.notes
+    assert _weights(result)["W1"].shape == (3, 3, 1, 1)
+    feeds = {"x": np.random.default_rng(0).standard_normal(X).astype(np.float32)}
+    assert_close(run(result.model, feeds), run(model, feeds))
