@@ -177,6 +177,30 @@ def test_a_constant_through_resize_into_a_padded_conv_is_kept(mode):
     assert rec.channels_removed == 1 and rec.folded == [] and rec.kept_nonzero_const == []
 
 
+@pytest.mark.parametrize("axes", [None, [2, 3], [1, 2, 3], [-3, -2, -1], [3]])
+def test_resize_sizes_are_rewritten_at_the_channel_axis_entry(axes):
+    # Resize by ``sizes`` with the opset-18 ``axes`` attribute: ``sizes`` has one entry per
+    # named axis. Was: entry 1 was taken as the channel count whatever ``axes`` said, so with
+    # axes=[2, 3] removing a dead channel rewrote the output width to the channel count.
+    rng = np.random.default_rng(20)
+    full = {2: 6, 3: 7}
+    named = [0, 1, 2, 3] if axes is None else [a % 4 for a in axes]
+    sizes = [{0: 1, 1: 4}.get(a, full.get(a)) for a in named]
+    inits = [_init("W1", _conv_w(rng, 4, 3, (1,))), _init("B1", [0.2, 0.0, -0.3, 0.5]),
+             _init("SZ", sizes, np.int64), _init("W2", rng.standard_normal((2, 4, 1, 1)))]
+    attrs = {} if axes is None else {"axes": axes}
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["y"], name="c1"),
+             helper.make_node("Resize", ["y", "", "", "SZ"], ["r"], name="rs", mode="nearest",
+                              **attrs),
+             helper.make_node("Conv", ["r", "W2"], ["z"], name="c2")]
+    model = _model(nodes, inits, "z", opset=19)
+    handle, rec = _remove(model)
+    assert rec.channels_removed == 1 and rec.folded == [] and rec.kept_nonzero_const == []
+    resize = next(n for n in handle.model.graph.node if n.op_type == "Resize")
+    new = _weights(handle)[resize.input[3]].tolist()
+    assert new == [{1: 3}.get(a, s) for a, s in zip(named, sizes)]
+
+
 def test_tf_crop_and_resize_writes_its_extrapolation_value_outside_the_box():
     rng = np.random.default_rng(13)
     roi = [0, 0, -0.5, -0.5, 1, 1, 1.5, 1.5]  # a box reaching past the input: extrapolated

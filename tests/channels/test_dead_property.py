@@ -11,8 +11,9 @@ The ops: Conv (plain, grouped, depthwise, padded), ConvTranspose (producer and c
 grouped), Gemm/MatMul heads after Flatten/Reshape/GlobalAveragePool and batched, BN and
 InstanceNorm, activations, Add/Mul constants, Concat (of the same and of different producers),
 Split, Pad (constant/reflect/edge/wrap, opset-10 attribute form, opset-18 axes), pooling,
-Resize (nearest, linear, cubic, antialiased), Slice (channel window, spatial), Gather (channel
-axis, spatial axis), Cast fp16 round trips, Transpose (NHWC round trip, spatial swap).
+Resize (nearest, linear, cubic, antialiased; by scales, or by sizes with opset-18 axes), Slice
+(channel window, spatial), Gather (channel axis, spatial axis), Cast fp16 round trips, Transpose
+(NHWC round trip, spatial swap).
 
 CI runs a small derandomized budget; ``ONNXPRUNE_SLOW=1`` runs a larger one.
 """
@@ -195,7 +196,7 @@ class _Builder:
             cout = self.pick([2, 4], "ct cout")
             return self.conv_transpose(y, c, cout), cout
         if kind == "resize":
-            return self.resize(y), c
+            return self.resize(y, c), c
         if kind == "slice":
             return self.slice(y, c)
         if kind == "gather":
@@ -233,14 +234,23 @@ class _Builder:
             ins.append(self.ints("pax", [2, -1]))
         return self.node("Pad", ins, mode=mode)
 
-    def resize(self, y: str) -> str:
+    def resize(self, y: str, c: int) -> str:
         modes = ["nearest", "linear"] + (["cubic"] if self.opset >= 11 else [])
         mode = self.pick(modes, "resize mode")
         scale = 2.0 if max(self.h, self.w) <= 5 else 0.5
-        self.h, self.w = int(self.h * scale), int(self.w * scale)
-        scales = self.init("scales", [1, 1, scale, scale])
-        ins = [y, scales] if self.opset < 11 else [y, "", scales]
+        h, w = int(self.h * scale), int(self.w * scale)
         attrs = {}
+        if self.opset >= 18 and self.draw(st.booleans(), "resize by sizes"):
+            axes = self.pick([[2, 3], [1, 2, 3], [-1, 1, -2], None], "resize axes")
+            full = {0: 1, 1: c, 2: h, 3: w}
+            named = [0, 1, 2, 3] if axes is None else [a % 4 for a in axes]
+            ins = [y, "", "", self.ints("sizes", [full[a] for a in named])]
+            if axes is not None:
+                attrs["axes"] = axes
+        else:
+            scales = self.init("scales", [1, 1, scale, scale])
+            ins = [y, scales] if self.opset < 11 else [y, "", scales]
+        self.h, self.w = h, w
         if self.opset >= 18 and mode != "nearest":
             attrs["antialias"] = int(self.draw(st.booleans(), "antialias"))
         return self.node("Resize", ins, mode=mode, **attrs)
