@@ -16,6 +16,9 @@ A unit (channel) of a non-frozen group is dead when
   bias: those channels are kept, and the record lists them as ``kept_nonzero_const`` with the
   reason (the fold rule's, or the first op or parameter that made the value unknown).
 
+A value past float32's finite range is unknown too: the walk's float64 arithmetic does not
+overflow where the model's fp32 run does, and no bias can take an infinite constant.
+
 A unit can be several channels of one tensor (a grouped conv's groups, a depthwise multiplier,
 the halves of a Split added back): it carries one constant only where all of them hold the same
 value; otherwise the value is unknown, never the first channel's.
