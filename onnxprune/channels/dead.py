@@ -16,6 +16,9 @@ A unit (channel) of a non-frozen group is dead when
   bias: those channels are kept, and the record lists them as ``kept_nonzero_const`` with the
   reason (the fold rule's, or the first op or parameter that made the value unknown).
 
+A value past float32's finite range is unknown too: the walk's float64 arithmetic does not
+overflow where the model's fp32 run does, and no bias can take an infinite constant.
+
 A unit can be several channels of one tensor (a grouped conv's groups, a depthwise multiplier,
 the halves of a Split added back): it carries one constant only where all of them hold the same
 value; otherwise the value is unknown, never the first channel's.
@@ -43,6 +46,9 @@ from onnxprune.channels.graph import ChannelGraph, ChannelGroup, Member, build_c
 from onnxprune.channels.resize import resize_channels, zero_slices
 from onnxprune.channels.rules import new_initializer
 from onnxprune.ops._channel import CONSUMER, PRODUCER, set_attr
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 class _Walk:
@@ -128,9 +134,20 @@ class _Walk:
             first = next((np.asarray(v, np.float64) for v in ins if v is not None), nan)
             for o in node.output:
                 if o in self.members:
+                    self.values[o] = self._finite(self.values[o], f"{node.op_type} '{key}'")
                     self.lost(np.isnan(self.values[o]) & ~np.isnan(first),
                               f"{node.op_type} '{key}' " + ("has no constant rule" if const is None
                                                             else "does not keep it constant"))
+
+    def _finite(self, v: np.ndarray, where: str) -> np.ndarray:
+        """``v`` with values outside float32's finite range made unknown (NaN): the walk's
+        float64 arithmetic does not overflow where the model's fp32 run gives inf (Exp of a
+        large bias), and no bias can take an infinite constant (inf * W is inf or NaN)."""
+        big = ~np.isnan(v) & ~(np.abs(v) <= _F32_MAX)
+        if big.any():
+            self.lost(big, f"{where} makes it overflow float32")
+            v = np.where(big, np.nan, v)
+        return v
 
     def _producer_const(self, node, key, weight_index, zero_filter) -> np.ndarray:
         bias = np.zeros(self.group.size)
@@ -148,6 +165,7 @@ class _Walk:
                 return np.full(self.group.size, np.nan)
             bias = v * slot.beta
         out = np.asarray(zero_filter(node, bias, self.values.get(node.input[0])), np.float64)
+        out = self._finite(out, f"{node.op_type} '{key}'")
         self.lost(np.isnan(out) & ~np.isnan(bias),
                   f"{node.op_type} '{key}': its zero filter's output is not known here")
         return out

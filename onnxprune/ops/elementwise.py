@@ -76,8 +76,21 @@ def _clip_const(node, vals, read):
 
 define(*_UNARY_NP, channels=_unary, const=_unary_const)
 define("Clip", channels=_unary, const=_clip_const)
+#: How far (relative) the float64 constant the dead-channel walk computes may lie from the value
+#: the model's own fp32 arithmetic produces (a few fp32 ulps: BN, activations, adds before it).
+_WALK_ERROR = 2.0 ** -19
+
+
 def _cast_const(node, vals, read):
-    # The constant rounded to the target float type; to any other type it is not followed.
+    """The constant rounded to the target float type; to any other type (integers, and bf16/fp8,
+    which numpy holds as opaque types) it is not followed.
+
+    A cast to a type narrower than fp32 (fp16: a rounding step far coarser than fp32's) is
+    followed only where the rounding is decided: every value within ``_WALK_ERROR`` of the
+    walk's constant rounds to the same one and it is finite. Near a rounding boundary the
+    model's fp32 value may fall on the other side than the float64 one (the fold would be off
+    by a whole fp16 step), and an overflow to inf is no constant a bias can take: unknown (NaN).
+    """
     if vals[0] is None:
         return None
     try:
@@ -86,8 +99,14 @@ def _cast_const(node, vals, read):
         return None
     if dtype.kind != "f":
         return None
+    v = np.asarray(vals[0], np.float64)
     with np.errstate(all="ignore"):
-        return [np.asarray(vals[0], np.float64).astype(dtype).astype(np.float64)]
+        out = v.astype(dtype).astype(np.float64)
+        if np.finfo(dtype).eps > np.finfo(np.float32).eps:
+            lo = (v - np.abs(v) * _WALK_ERROR).astype(dtype).astype(np.float64)
+            hi = (v + np.abs(v) * _WALK_ERROR).astype(dtype).astype(np.float64)
+            out = np.where((lo == out) & (hi == out), out, np.nan)
+        return [np.where(np.isfinite(out), out, np.nan)]
 
 
 # Copies: the constant passes unchanged (Dropout is the identity at inference).

@@ -47,11 +47,17 @@ def _resize_channels(ctx: NodeCtx) -> None:
         elif ctx.shape(x)[j] == ctx.shape(y)[j] and isinstance(ctx.shape(x)[j], str):
             ctx.tie((x, j), (y, j))
     sizes = ctx.inp(3) if ctx.node.op_type == "Resize" else None
+    # ``sizes`` has one entry per axis of the ``axes`` attribute (opset 18; all axes without
+    # it): the channel axis's entry is at its position there, or absent (nothing to rewrite).
+    axes = ctx.attr("axes", None)
+    axes = list(range(r)) if axes is None else [norm_axis(int(a), r) for a in axes]
     if sizes and ctx.const(sizes) is not None and 1 in tied:
-        def resize_sizes(node, rc, y=y):
+        def resize_sizes(node, rc, y=y, at=axes.index(1) if 1 in axes else None):
+            if at is None:
+                return
             old = rc.graph_const(node.input[3])
             new = np.array(old, dtype=np.int64)
-            new[1] = rc.new_size(y, 1, int(old[1]))
+            new[at] = rc.new_size(y, 1, int(old[at]))
             if not np.array_equal(new, old):
                 node.input[3] = rc.add_initializer(node.input[3], new)
         ctx.rewrite(resize_sizes)

@@ -484,6 +484,13 @@ def _reshape_axis_source(node, axis, shape_of):
     return hit[0][0] if hit else None
 
 
+def _gather_const(node, vals, read):
+    """Gather moves its data's values along the gathered axis; a group's channels reach it only
+    on another axis (the channel rule does not map the gathered one), so each channel keeps its
+    constant. The indices carry no channel value."""
+    return None if vals[0] is None else [vals[0]]
+
+
 def _concat_const(node, vals, read):
     """The inputs a group's units come from all carry the constant: where two known inputs
     disagree (a unit spans both, as before a grouped conv), it is unknown (NaN)."""
@@ -505,7 +512,7 @@ define("Split", channels=_split, const=pass_through_const)
 define("Slice", channels=_slice, const=pass_through_const)
 define("Shape", channels=_shape, shape_only=True)
 define("Size", shape_only=True)
-define("Gather", channels=_gather)
+define("Gather", channels=_gather, const=_gather_const)
 define("DepthToSpace", channels=_blocks_rule(deep_is_input=True))
 define("SpaceToDepth", channels=_blocks_rule(deep_is_input=False))
 define("Expand", channels=_expand)
