@@ -262,3 +262,25 @@ def test_zeroed_unit_output(op, attrs, dead):
     zero = np.all(y[..., units] == 0)
     assert zero == dead
     assert_close(run(resized, feeds), run(masked, feeds))
+
+
+def test_symbolic_sequence_length_with_exporter_reshape():
+    # PyTorch writes Reshape(Transpose(Y), [0, 0, -1]) and a symbolic sequence axis: the hidden
+    # units still reach the classifier's rows j and H + j.
+    g = G(0)
+    x = g.op("MatMul", ["x", g.w([FEAT, 7])])
+    y = recurrent(g, "LSTM", x, 7, 6, 2)[0]
+    t = g.op("Transpose", [y], perm=[0, 2, 1, 3])
+    f = g.op("Reshape", [t, g.c(np.array([0, 0, -1], np.int64))])
+    out = g.op("MatMul", [f, g.w([12, 3])])
+    model = g.model([("x", ["seq", BATCH, FEAT])], [out])
+    node = node_of(model, "LSTM")
+    graph = build_channel_graph(load(copy.deepcopy(model)))
+    group = hidden_group(graph, node.input[1])
+    assert group.frozen is None
+    cls = next(m for m in group.members if m.tensor == model.graph.node[-1].input[1])
+    assert cls.index_map.tolist() == [[j, 6 + j] for j in range(6)]
+    masked, resized, removed, shapes = masked_and_resized(model, sparsity=0.5)
+    onnx.checker.check_model(resized, full_check=True)
+    feeds = {"x": np.random.default_rng(0).standard_normal((9, BATCH, FEAT)).astype(np.float32)}
+    assert_close(run(resized, feeds), run(masked, feeds))
