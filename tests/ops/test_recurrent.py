@@ -167,3 +167,22 @@ def test_channel_refit_fits_the_input_weights_not_r():
     assert {n.input[1] for n in lstms} <= set(rec.refit)
     assert not {n.input[2] for n in lstms} & set(rec.refit)
     assert errs[1] < errs[0] / 2
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_calibrated_criteria_prune_w_and_leave_r_with_a_reason(criterion):
+    # W's input is X (a graph tensor): its statistics are collected. R's is the hidden state
+    # inside the op: R stays dense, listed as skipped, and the run (sensitivity allocation
+    # included) still succeeds.
+    model = stacked_bilstm()
+    cal = {"x": np.random.default_rng(0).standard_normal((40, BATCH, FEAT)).astype(np.float32)}
+    res = onnxprune.prune(model, pattern="unstructured", sparsity=0.5, criterion=criterion,
+                          calibration=cal)
+    lstms = [n for n in model.graph.node if n.op_type == "LSTM"]
+    skipped = {s.name: s.reason for s in res.state.skipped}
+    for node in lstms:
+        assert "LSTM input 2" in skipped[node.input[2]]
+        assert node.input[1] in res.state.layers and node.input[1] not in skipped
+    w, r = weights_of(res.model, "LSTM")
+    w0, r0 = weights_of(model, "LSTM")
+    assert np.array_equal(r, r0) and np.count_nonzero(w) < w.size
