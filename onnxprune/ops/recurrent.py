@@ -4,8 +4,10 @@ Each op's entry: weight layout ``W[out, in]`` (``W``/``R`` per direction are ``[
 and ``[gates*H, H]``: the rows of every gate and direction are ``out``, the last axis is the
 reduction axis ``in``, so N:M groups run along the input / hidden-state features), the
 activation operand of ``W`` (the sequence input ``X``; ``R`` reads the previous hidden state,
-which is no graph tensor, so it has none), the channel rule (hidden units coupled across gates,
-directions and states), MAC formula.
+which is no graph tensor, so it has none), no bias slot (``B`` packs ``W``'s and ``R``'s biases),
+the fold refusal and zero-filter value that keep dead-channel removal exact (a constant input
+feature is not folded into ``B``; a unit with zero rows is no constant), the channel rule
+(hidden units coupled across gates, directions and states), MAC formula.
 
 Hidden units as channels. ONNX packs the gates of one direction along one axis, gate by gate
 (LSTM ``iofc``, GRU ``zrh``, RNN one gate): hidden unit ``j`` is the rows ``j, H+j, 2H+j, ...``
@@ -62,6 +64,26 @@ def _recurrent_activation(node, index, weight_shape):
     # the rows of X are all (step, batch) positions, its columns the input features. R reads
     # the previous hidden state, which exists only inside the op.
     return Activation(0, rows_last=False) if index == 1 else None
+
+
+def _recurrent_bias(node, index):
+    # B [dirs, 2*G*H] packs W's biases (Wb) with R's (Rb) per direction: no [out] vector of
+    # W2d's rows on its own, so bias correction and constant folds leave it alone.
+    return None
+
+
+def _recurrent_zero_filter(node, bias, x):
+    # A unit whose W and R rows are all zero is no constant: its gates still read B, its own
+    # cell/previous state and the activations (LSTM c = f c_prev + i g over the time steps), so
+    # it is unknown here and dead-channel removal keeps it (it goes only when nobody reads it).
+    return np.full(np.shape(bias), np.nan)
+
+
+def _recurrent_fold(node, index, shape):
+    if index == 2:
+        return "R reads the hidden state, not a graph tensor a constant could come from"
+    return ("a constant input feature would move into B's input half (Wb) per direction; that "
+            "fold is not implemented")
 
 
 # -- channel rule ------------------------------------------------------------------------------
@@ -167,4 +189,5 @@ def _recurrent_macs(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
 
 
 define("LSTM", "GRU", "RNN", layout=_recurrent_layout, activation=_recurrent_activation,
+       bias=_recurrent_bias, fold=_recurrent_fold, zero_filter=_recurrent_zero_filter,
        channels=_recurrent_channels, macs=_recurrent_macs)

@@ -186,3 +186,25 @@ def test_calibrated_criteria_prune_w_and_leave_r_with_a_reason(criterion):
     w, r = weights_of(res.model, "LSTM")
     w0, r0 = weights_of(model, "LSTM")
     assert np.array_equal(r, r0) and np.count_nonzero(w) < w.size
+
+
+def test_constant_feature_into_lstm_is_kept_with_the_reason():
+    # Feature 3 of the embedding is the constant 0.7 (zero column, bias 0.7): folding it would
+    # mean moving W[:, :, 3] * 0.7 into B's input half, which is not done, so it stays.
+    g = G(0)
+    w = g.w([FEAT, 7])
+    x = g.op("Add", [g.op("MatMul", ["x", w]), g.c(np.full(7, 0.7, np.float32))])
+    y = recurrent(g, "LSTM", x, 7, 6, 1)[0]
+    out = g.op("MatMul", [g.op("Squeeze", [y, g.c(np.array([1], np.int64))]), g.w([6, 3])])
+    model = g.model([("x", [5, BATCH, FEAT])], [out])
+
+    def no_col(a):
+        a[:, 3] = 0
+        return a
+    _edit(model, w, no_col)
+    handle = load(copy.deepcopy(model))
+    dead = remove_dead_channels(handle)
+    assert dead.channels_removed == 0
+    assert len(dead.kept_nonzero_const) == 1
+    assert "channel 3" in dead.kept_nonzero_const[0]
+    assert "B's input half" in dead.kept_nonzero_const[0]
