@@ -19,7 +19,9 @@ from channel_models import G
 
 CASES = [("LSTM", 1, {}), ("LSTM", 2, {}), ("GRU", 1, {"linear_before_reset": 0}),
          ("GRU", 2, {"linear_before_reset": 1}), ("GRU", 2, {"linear_before_reset": 0}),
-         ("GRU", 1, {"linear_before_reset": 1}), ("RNN", 1, {}), ("RNN", 2, {})]
+         ("GRU", 1, {"linear_before_reset": 1}), ("RNN", 1, {}), ("RNN", 2, {}),
+         ("LSTM", 1, {"direction": "reverse"}), ("LSTM", 2, {"clip": 0.5, "input_forget": 1}),
+         ("RNN", 2, {"activations": ["Sigmoid", "Relu"]})]
 
 
 def params(model: onnx.ModelProto) -> int:
