@@ -286,3 +286,58 @@ def test_symbolic_sequence_length_with_exporter_reshape():
     onnx.checker.check_model(resized, full_check=True)
     feeds = {"x": np.random.default_rng(0).standard_normal((9, BATCH, FEAT)).astype(np.float32)}
     assert_close(run(resized, feeds), run(masked, feeds))
+
+
+def test_encoder_state_initializes_the_decoder():
+    # seq2seq: the encoder's Y_h is the decoder's initial_h, so unit j of both is one channel
+    # (the decoder's R columns, the encoder's rows, the classifier rows all follow).
+    g = G(0)
+    x = g.op("MatMul", ["x", g.w([FEAT, 7])])
+    yh = recurrent(g, "GRU", x, 7, 6)[1]
+    dec_in = g.op("MatMul", ["x", g.w([FEAT, 5])])
+    ins = [dec_in, g.w([1, 18, 5]), g.w([1, 18, 6]), g.w([1, 36], 0.3), "", yh]
+    y = g.op("GRU", ins, n_out=1, hidden_size=6)
+    feat = g.op("Squeeze", [y, g.c(np.array([1], np.int64))])
+    out = g.op("MatMul", [feat, g.w([6, 3])])
+    model = g.model([("x", [5, BATCH, FEAT])], [out])
+    enc, dec = [n for n in model.graph.node if n.op_type == "GRU"]
+    graph = build_channel_graph(load(copy.deepcopy(model)))
+    group = hidden_group(graph, enc.input[1])
+    assert group is hidden_group(graph, dec.input[1]) and group.frozen is None
+    masked, resized, removed, shapes = masked_and_resized(model, sparsity=0.5)
+    onnx.checker.check_model(resized, full_check=True)
+    feeds = feeds_for(model)
+    assert_close(run(resized, feeds), run(masked, feeds))
+    assert shapes[dec.input[2]] == ((1, 18, 6), (1, 9, 3))
+    assert shapes[enc.input[2]] == ((1, 18, 6), (1, 9, 3))
+
+
+def test_bidirectional_encoder_state_merged_into_the_decoder():
+    # Y_h [2, batch, H] -> Transpose -> Reshape [batch, 2H] -> Unsqueeze: the decoder's unit
+    # d*H + j is the encoder's unit j of direction d, so one channel removes two decoder units.
+    g = G(0)
+    x = g.op("MatMul", ["x", g.w([FEAT, 7])])
+    yh = recurrent(g, "GRU", x, 7, 6, 2)[1]
+    t = g.op("Transpose", [yh], perm=[1, 0, 2])
+    flat = g.op("Reshape", [t, g.c(np.array([BATCH, 12], np.int64))])
+    h0 = g.op("Unsqueeze", [flat, g.c(np.array([0], np.int64))])
+    dec_in = g.op("MatMul", ["x", g.w([FEAT, 5])])
+    ins = [dec_in, g.w([1, 36, 5]), g.w([1, 36, 12]), g.w([1, 72], 0.3), "", h0]
+    y = g.op("GRU", ins, n_out=1, hidden_size=12)
+    feat = g.op("Squeeze", [y, g.c(np.array([1], np.int64))])
+    out = g.op("MatMul", [feat, g.w([12, 3])])
+    model = g.model([("x", [5, BATCH, FEAT])], [out])
+    enc, dec = [n for n in model.graph.node if n.op_type == "GRU"]
+    graph = build_channel_graph(load(copy.deepcopy(model)))
+    group = hidden_group(graph, enc.input[1])
+    assert group is hidden_group(graph, dec.input[1]) and group.frozen is None
+    assert group.size == 6
+    masked, resized, removed, shapes = masked_and_resized(model, sparsity=0.5)
+    onnx.checker.check_model(resized, full_check=True)
+    feeds = feeds_for(model)
+    assert_close(run(resized, feeds), run(masked, feeds))
+    assert shapes[enc.input[2]] == ((2, 18, 6), (2, 9, 3))
+    assert shapes[dec.input[2]] == ((1, 36, 12), (1, 18, 6))
+    sizes = [[a.i for a in n.attribute if a.name == "hidden_size"]
+             for n in resized.graph.node if n.op_type == "GRU"]
+    assert sizes == [[3], [6]]
