@@ -67,7 +67,7 @@ def test_inspect_reports_without_writing(model_file, tmp_path):
     (["--include", "no_such_layer"], "--include"),
     (["--exclude", "."], "--exclude"),
     (["--include", "("], "regex"),
-    (["--op-types", "LSTM"], "op-types"),
+    (["--op-types", "Relu"], "op-types"),
     (["--criterion", "bogus"], "criterion"),
     (["--input-shape", "x:1xAx3"], "input-shape"),
     (["--input-shape", "nope:1x8x10x10"], "nope"),

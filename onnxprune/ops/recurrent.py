@@ -1,18 +1,180 @@
 """The recurrent family: LSTM, GRU, RNN.
 
-Each op's entry: MAC formula. (No channel rule yet: their tensors are frozen.)
+Each op's entry: weight layout ``W[out, in]`` (``W``/``R`` per direction are ``[gates*H, in]``
+and ``[gates*H, H]``: the rows of every gate and direction are ``out``, the last axis is the
+reduction axis ``in``, so N:M groups run along the input / hidden-state features), the
+activation operand of ``W`` (the sequence input ``X``; ``R`` reads the previous hidden state,
+which is no graph tensor, so it has none), no bias slot (``B`` packs ``W``'s and ``R``'s biases),
+the fold refusal and zero-filter value that keep dead-channel removal exact (a constant input
+feature is not folded into ``B``; a unit with zero rows is no constant), the channel rule
+(hidden units coupled across gates, directions and states), MAC formula.
+
+Hidden units as channels. ONNX packs the gates of one direction along one axis, gate by gate
+(LSTM ``iofc``, GRU ``zrh``, RNN one gate): hidden unit ``j`` is the rows ``j, H+j, 2H+j, ...``
+of ``W [dirs, G*H, I]`` and ``R [dirs, G*H, H]``, the entries ``j + kH`` of
+``B [dirs, 2*G*H]`` (``Wb`` then ``Rb``) and of the LSTM peepholes ``P [dirs, 3*H]``, column
+``j`` of ``R`` (what the unit's previous output feeds into every gate), index ``j`` of the last
+axis of ``initial_h``/``initial_c``/``Y_h``/``Y_c`` and of ``Y``. One unit is all of these, tied
+with ``tie_map`` index lists (:func:`tie_blocks`). Both directions of a bidirectional layer share
+``hidden_size``, so their tensors lose the same number of units: unit ``j`` is the pair
+(forward ``j``, backward ``j``), one channel. The sequence input's feature axis is ``W``'s last
+axis, like a MatMul's reduction axis, so the producer of ``X`` (a Conv, the previous layer's
+``Y`` through Transpose/Reshape) loses the columns of ``W`` that read its removed channels.
+
+Why removal is exact. Within one time step, every gate of unit ``j`` reads ``x`` through rows
+``j (+kH)`` of ``W``, the previous state through rows ``j (+kH)`` of ``R``, the biases ``j
+(+kH)`` and its own cell state (peepholes, ``c``); other units see ``h_j`` only through column
+``j`` of ``R``. Masking a unit zeroes its rows, biases, states, ``R``'s column ``j`` and every
+consumer's input slice, so whatever the unit then computes (an LSTM unit with zero rows is
+``c = 0.5 c_prev``; a GRU unit ``h = 0.5 h_prev``; an RNN unit with a Sigmoid activation
+``0.5``) is read by nobody: the masked model equals the one with the unit deleted, for every
+activation, ``clip``, ``input_forget``, ``linear_before_reset`` and initial state. (With zero
+biases and zero initial states a zeroed unit also outputs exactly 0 for the default
+activations, but the exactness does not rely on it.) ``layout=1`` (batch first) moves only the
+batch/sequence axes. The ``hidden_size`` attribute is rewritten on resize.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import onnx
 
 from onnxprune.model.index import attr
-from onnxprune.ops.registry import Shapes, define, numel, shape_in
+from onnxprune.ops._channel import BIAS, CONSUMER, PRODUCER, NodeCtx
+from onnxprune.ops._channel import set_attr
+from onnxprune.ops.layouts import Layout
+from onnxprune.ops.registry import Activation, Shapes, define, numel, shape_in
+
+#: Gates packed along W/R's rows, in ONNX order.
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
+# -- weight layout, activation ----------------------------------------------------------------
+def _recurrent_layout(node, index, shape):
+    # W [dirs, G*H, I] (input 1), R [dirs, G*H, H] (input 2): out = (dirs, G*H), in = last.
+    if index not in (1, 2) or len(shape) != 3:
+        return None
+    return Layout(node.op_type, shape, (0, 1, 2), 2, out_axis=1, in_axis=2)
+
+
+def _recurrent_activation(node, index, weight_shape):
+    # W multiplies every time step of X ([seq, batch, I], or [batch, seq, I] with layout=1):
+    # the rows of X are all (step, batch) positions, its columns the input features. R reads
+    # the previous hidden state, which exists only inside the op.
+    return Activation(0, rows_last=False) if index == 1 else None
+
+
+def _recurrent_bias(node, index):
+    # B [dirs, 2*G*H] packs W's biases (Wb) with R's (Rb) per direction: no [out] vector of
+    # W2d's rows on its own, so bias correction and constant folds leave it alone.
+    return None
+
+
+def _recurrent_zero_filter(node, bias, x):
+    # A unit whose W and R rows are all zero is no constant: its gates still read B, its own
+    # cell/previous state and the activations (LSTM c = f c_prev + i g over the time steps), so
+    # it is unknown here and dead-channel removal keeps it (it goes only when nobody reads it).
+    return np.full(np.shape(bias), np.nan)
+
+
+def _recurrent_fold(node, index, shape):
+    if index == 2:
+        return "R reads the hidden state, not a graph tensor a constant could come from"
+    return ("a constant input feature would move into B's input half (Wb) per direction; that "
+            "fold is not implemented")
+
+
+# -- channel rule ------------------------------------------------------------------------------
+def tie_blocks(ctx: NodeCtx, blocked, plain, blocks: int, size: int) -> None:
+    """Tie axis ``blocked`` (``blocks`` consecutive blocks of ``size``) to axis ``plain`` (one
+    block): index ``k*size + j`` of ``blocked`` is channel ``j`` of ``plain`` for every ``k``."""
+    ia = np.arange(blocks * size, dtype=np.int64)
+    ib = np.tile(np.arange(size, dtype=np.int64), blocks)
+    ctx.tie_map(blocked, ia, plain, ib, blocks * size, size)
+
+
+def _stored_role(ctx: NodeCtx, name: Optional[str], axis: int, role: str) -> None:
+    if name is not None and ctx.is_const(name):
+        ctx.role(name, axis, role)
+
+
+def _recurrent_channels(ctx: NodeCtx) -> None:
+    op = ctx.node.op_type
+    gates = GATES[op]
+    x, w, r, b = ctx.inp(0), ctx.inp(1), ctx.inp(2), ctx.inp(3)
+    seq_lens, h0 = ctx.inp(4), ctx.inp(5)
+    c0 = ctx.inp(6) if op == "LSTM" else None
+    p = ctx.inp(7) if op == "LSTM" else None
+    y, yh = ctx.out(0), ctx.out(1)
+    yc = ctx.out(2) if op == "LSTM" else None
+    ws, rs = ctx.shape(w), ctx.shape(r)
+    if ws is None or rs is None or len(ws) != 3 or len(rs) != 3 or not all(
+            isinstance(d, int) for d in tuple(ws) + tuple(rs)):
+        return  # finish() freezes every axis: the gate blocks cannot be told apart
+    dirs, rows, hidden = rs
+    if rows != gates * hidden or tuple(ws[:2]) != (dirs, rows):
+        ctx.freeze(w, None, f"W {list(ws)} / R {list(rs)} do not hold {gates} gates of "
+                            f"{hidden} units")
+        return
+    batch_first = bool(ctx.attr("layout", 0))
+    # Axes of X / Y / the [dirs, batch, H] states, per layout.
+    x_seq, x_batch = (1, 0) if batch_first else (0, 1)
+    y_seq, y_dir, y_batch = (1, 2, 0) if batch_first else (0, 1, 2)
+    s_dir, s_batch = (1, 0) if batch_first else (0, 1)
+
+    # The hidden units: R's column axis is the anchor every other hidden axis maps onto.
+    unit = (r, 2)
+    _stored_role(ctx, r, 2, CONSUMER)
+    _stored_role(ctx, r, 1, PRODUCER)
+    _stored_role(ctx, w, 1, PRODUCER)
+    tie_blocks(ctx, (r, 1), unit, gates, hidden)
+    tie_blocks(ctx, (w, 1), unit, gates, hidden)
+    if b is not None:
+        _stored_role(ctx, b, 1, BIAS)
+        tie_blocks(ctx, (b, 1), unit, 2 * gates, hidden)
+    if p is not None:
+        _stored_role(ctx, p, 1, BIAS)
+        tie_blocks(ctx, (p, 1), unit, 3, hidden)
+    for state in (h0, c0):
+        if state is not None:
+            _stored_role(ctx, state, 2, BIAS)
+            ctx.tie((state, 2), unit)
+    for out in (yh, yc):
+        if out is not None:
+            ctx.tie((out, 2), unit)
+    if y is not None:
+        ctx.tie((y, 3), unit)
+
+    # The input features: W's last axis reads X's like a MatMul's reduction axis.
+    ctx.tie((x, 2), (w, 2))
+    _stored_role(ctx, w, 2, CONSUMER)
+
+    # Directions (never channels: both keep the same hidden units) and batch / sequence.
+    dir_axes = [(w, 0), (r, 0)] + [(t, 0) for t in (b, p) if t is not None] + \
+        [(t, s_dir) for t in (h0, c0, yh, yc) if t is not None] + \
+        ([(y, y_dir)] if y is not None else [])
+    for a in dir_axes[1:]:
+        ctx.tie(dir_axes[0], a)
+    batch_axes = [(t, s_batch) for t in (h0, c0, yh, yc) if t is not None] + \
+        ([(y, y_batch)] if y is not None else []) + \
+        ([(seq_lens, 0)] if seq_lens is not None else [])
+    for a in batch_axes:
+        ctx.tie((x, x_batch), a)
+    if y is not None:
+        ctx.tie((x, x_seq), (y, y_seq))
+    else:
+        ctx.ok(x, x_seq)
+
+    def hidden_size(node, rc, r=r, hidden=hidden):
+        new = rc.new_size(r, 2, hidden)
+        if new != hidden:
+            set_attr(node, "hidden_size", int(new))
+    ctx.rewrite(hidden_size)
+
+
+# -- MACs --------------------------------------------------------------------------------------
 def _recurrent_macs(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
     # Per time step and batch row, every gate of every direction multiplies the input by W
     # [dirs, gates*H, I] and the hidden state by R [dirs, gates*H, H]: numel(W) + numel(R).
@@ -26,4 +188,6 @@ def _recurrent_macs(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
     return int(seq) * int(batch) * (numel(w) + numel(r))
 
 
-define("LSTM", "GRU", "RNN", macs=_recurrent_macs)
+define("LSTM", "GRU", "RNN", layout=_recurrent_layout, activation=_recurrent_activation,
+       bias=_recurrent_bias, fold=_recurrent_fold, zero_filter=_recurrent_zero_filter,
+       channels=_recurrent_channels, macs=_recurrent_macs)

@@ -210,6 +210,9 @@ class AllocateBySensitivity(Pass):
             return SensitivityRecord(summary="nothing to allocate (N:M sparsity is fixed)")
         specs = {p.pattern.spec for p in plans}
         table = self._measure(state, plans)
+        # A weight whose input could not be collected (an LSTM's R reads the hidden state, no
+        # graph tensor) has no measure for an activation-based criterion: it keeps its sparsity.
+        plans = [p for p in plans if p.weight.key in table.numel]
         counts = {p.weight.key: p.weight.numel for p in plans}
         total = sum(counts.values())
         target = sum(p.sparsity * p.weight.numel for p in plans) / total
@@ -252,6 +255,8 @@ class AllocateBySensitivity(Pass):
         for crit, chunk, fresh in jobs:
             stats = collect_layer_stats(state.handle, chunk, state.calibration,
                                         want_hessian=crit == criterion) if fresh else held
+            if get_criterion(crit).needs_activations:
+                chunk = [w for w in chunk if stats.get(w.key) is not None]
             part = layer_sensitivity(state.handle, chunk, state.calibration, plans[0].pattern,
                                      self.sparsities, crit, samples=self.samples,
                                      seed=state.seed, stats=stats or None, progress=progress)
