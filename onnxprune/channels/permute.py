@@ -26,13 +26,16 @@ from onnxprune.model.io import ModelHandle
 
 Perms = Dict[int, np.ndarray]
 
-__all__ = ["permute_channels", "permute_array", "column_permutation", "Perms"]
+__all__ = ["permute_channels", "permute_array", "permutation_moves", "column_permutation",
+           "Perms"]
 
 
-def _moves(graph: ChannelGraph, perms: Perms) -> Dict[str, List[Tuple[int, np.ndarray,
-                                                                      np.ndarray]]]:
+Moves = List[Tuple[int, np.ndarray, np.ndarray]]
+
+
+def permutation_moves(graph: ChannelGraph, perms: Perms) -> Dict[str, Moves]:
     """stored tensor -> [(axis, destination indices, source indices)] over all groups."""
-    moves: Dict[str, List[Tuple[int, np.ndarray, np.ndarray]]] = defaultdict(list)
+    moves: Dict[str, Moves] = defaultdict(list)
     for gid, perm in perms.items():
         group = graph.groups[gid]
         perm = np.asarray(perm, dtype=np.int64)
@@ -66,7 +69,7 @@ def permute_channels(handle: ModelHandle, graph: ChannelGraph, perms: Perms) -> 
     perms = {g: p for g, p in perms.items()
              if not np.array_equal(np.asarray(p), np.arange(len(p)))}
     changed = []
-    for name, moves in _moves(graph, perms).items():
+    for name, moves in permutation_moves(graph, perms).items():
         tensor = graph.stored[name]
         handle.write(tensor, permute_array(handle.read(tensor), moves))
         changed.append(name)

@@ -43,6 +43,8 @@ SEARCH_SECONDS = 3.0
 MAX_SWAPS = 4000
 #: Random escapes from a local optimum, per search (each followed by ascent again).
 MAX_ESCAPES = 24
+#: Random swaps of one escape.
+ESCAPE_SWAPS = 2
 #: rows x C x C elementwise operations at most for the gain matrix; past it rows are sampled.
 MAX_WORK = 3e8
 
@@ -213,11 +215,16 @@ def search_permutation(scores: np.ndarray, n: int, m: int, seed: int = 0,
             best, best_perm = state.total(), state.ch.copy()
         if stopped != "converged" or escapes >= max_escapes:
             break
-        # escape: one random swap between two different groups, then ascend again
-        s = int(rng.integers(c))
-        t = int(rng.integers(c - m))
-        t = t if t < (s // m) * m else t + m
-        state.swap([(s, t)])
+        # escape: from the best order seen, ESCAPE_SWAPS random swaps between groups, then
+        # ascend again
+        if not np.array_equal(state.ch, best_perm):
+            state = _Search(x, n, m, best_perm)
+        pairs = []
+        for _ in range(ESCAPE_SWAPS):
+            s = int(rng.integers(c))
+            t = int(rng.integers(c - m))
+            pairs.append((s, t if t < (s // m) * m else t + m))
+        state.swap(pairs)
         escapes += 1
     after = kept_nm(full[:, best_perm], n, m)
     if not after > before:
