@@ -45,11 +45,13 @@ MAX_SWAPS = 4000
 MAX_ESCAPES = 24
 #: Random swaps of one escape.
 ESCAPE_SWAPS = 2
+#: Channels searched at most (the gain matrix is C x C); larger groups keep their order.
+MAX_CHANNELS = 2048
 #: rows x C x C elementwise operations at most for the gain matrix; past it rows are sampled.
 MAX_WORK = 3e8
 
 __all__ = ["PermutationResult", "kept_nm", "search_permutation", "SEARCH_SECONDS", "MAX_SWAPS",
-           "MAX_ESCAPES", "MAX_WORK"]
+           "MAX_ESCAPES", "MAX_WORK", "MAX_CHANNELS"]
 
 
 @dataclass
@@ -65,7 +67,7 @@ class PermutationResult:
     escapes: int = 0
     seconds: float = 0.0
     sampled_rows: Optional[int] = None  # rows the search saw when the matrix was sampled
-    stopped: str = "converged"  # converged | swap cap | time cap
+    stopped: str = "converged"  # converged | swap cap | time cap | too large
 
     @property
     def identity(self) -> bool:
@@ -184,6 +186,8 @@ def search_permutation(scores: np.ndarray, n: int, m: int, seed: int = 0,
     before = kept_nm(full, n, m)
     if c <= m or r == 0:
         return PermutationResult(identity, before, before, total, seconds=0.0)
+    if c > MAX_CHANNELS:
+        return PermutationResult(identity, before, before, total, stopped="too large")
     rng = np.random.default_rng(seed)
     x, sampled = full, None
     if r * c * c > max_work:

@@ -27,7 +27,7 @@ from onnxprune.channels.graph import build_channel_graph
 from onnxprune.channels.permute import (column_permutation, permutation_moves, permute_array,
                                        permute_channels)
 from onnxprune.masking.patterns import NM
-from onnxprune.masking.permute import search_permutation
+from onnxprune.masking.permute import MAX_CHANNELS, search_permutation
 from onnxprune.passes.base import Pass, PassRecord, PruneState
 
 #: Title of the report table of kept saliency per weight.
@@ -138,6 +138,10 @@ class PermuteChannels(Pass):
             seed = state.seed + group.id
             kwargs = {} if self.seconds is None else {"seconds": self.seconds}
             result = search_permutation(columns, n, m, seed=seed, **kwargs)
+            if result.stopped == "too large":
+                record.left.append((group.describe(), f"{group.size} channels: over the "
+                                    f"search limit of {MAX_CHANNELS}"))
+                continue
             if result.identity:
                 continue
             # Exact check over every N:M weight the group touches (rows of producers move

@@ -121,3 +121,12 @@ def test_other_n_m_and_bad_shapes():
         search_permutation(np.ones((2, 8)), 4, 4)
     one_group = search_permutation(np.ones((2, 4)), 2, 4)
     assert one_group.identity
+
+
+def test_too_many_channels_keeps_the_order(monkeypatch):
+    import onnxprune.masking.permute as P
+
+    monkeypatch.setattr(P, "MAX_CHANNELS", 8)
+    x = np.array([[9., 9., 9., 9., 1., 1., 1., 1., 0., 0., 0., 0.]])
+    res = P.search_permutation(x, 2, 4)
+    assert res.identity and res.stopped == "too large" and res.kept_after == res.kept_before

@@ -163,3 +163,28 @@ def test_cli_flags(tmp_path):
                                str(tmp_path / "q.onnx")])
     assert off.exit_code == 0, off.output
     assert "channel permutation:" not in off.output
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_block_fp16", "yolo_block", "transformer_mlp"])
+def test_fixture_models_permuted_dense_equals_original(name):
+    """Exporter output: depthwise + SE + residual (weights fp16 behind Cast), C2f Split/Concat +
+    SPPF + Resize, attention heads + LayerNorm + residual stream."""
+    import onnxruntime as ort
+    from pathlib import Path
+
+    from onnxprune.inputs.generate import make_inputs
+
+    path = Path(__file__).resolve().parents[2] / "models" / f"{name}.onnx"
+    res = onnxprune.prune(str(path), pattern="2:4", permute=True, validate=False)
+    rec = record_of(res)
+    assert rec.groups_permuted >= 2 and rec.kept_after > rec.kept_before
+    feeds = make_inputs(str(path), None, seed=3)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+    def outputs(model):
+        data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+    for got, want in zip(outputs(res.state.dense), outputs(path)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(want).max()))
