@@ -29,7 +29,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import onnxprune  # noqa: E402
-from onnxprune.masking.permute import SEARCH_SECONDS, kept_nm, search_permutation  # noqa: E402
+from onnxprune.masking.permute import SEARCH_SECONDS, search_permutation  # noqa: E402
 from onnxprune.passes.permute import PermuteRecord  # noqa: E402
 
 MODELS = ROOT / "models"
