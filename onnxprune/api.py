@@ -23,6 +23,7 @@ from onnxprune.passes.base import Pass, Pipeline, PruneState, Track, no_progress
 from onnxprune.passes.calibrated import AllocateBySensitivity, Calibrate, CorrectBias
 from onnxprune.passes.masking import ApplyMasks, ScoreWeights
 from onnxprune.passes.metric import EvaluateMetric
+from onnxprune.passes.permute import PermuteChannels
 from onnxprune.passes.sequential import PruneSequentially
 from onnxprune.passes.structure import PruneChannels, RemoveDeadChannels
 from onnxprune.passes.validate import Validate
@@ -68,6 +69,8 @@ def build_passes(options: PruneOptions) -> Pipeline:
                                 hold_out=hold_out))
     if o.allocation == "sensitivity":
         passes.append(AllocateBySensitivity())
+    if o.permute and not o.channel_removal:  # before any N:M mask is chosen
+        passes.append(PermuteChannels(input_shapes=o.input_shapes))
     if o.channel_removal:
         passes.append(PruneChannels(sparsity=o.sparsity, criterion=o.criterion,
                                     round_to=o.round_to, min_channels=o.min_channels,

@@ -22,7 +22,7 @@ import numpy as np
 from onnxprune.inputs.images import ImagePreprocess
 from onnxprune.errors import OptionError
 from onnxprune.masking.criteria import criterion_names, get_criterion
-from onnxprune.masking.patterns import parse_pattern, pattern_help
+from onnxprune.masking.patterns import NM, parse_pattern, pattern_help
 from onnxprune.masking.scope import SCOPES
 from onnxprune.ops.layouts import prunable_op_types
 from onnxprune.passes.base import DEFAULT_MEMORY_BUDGET
@@ -326,6 +326,12 @@ class PruneOptions:
     max_group_sparsity: float = option(
         0.9, "Channel pattern, global scope: fraction of a group's channels removed at most.",
         type=float, bounds=(0.0, 1.0))
+    # -- channel permutation for N:M (passes/permute.py) --
+    permute: bool = option(
+        False, "N:M patterns: reorder input channels (through their producers and every tensor "
+               "tied to them, so the dense model computes the same function) so more magnitude, "
+               "or calibrated saliency, survives the mask; the report shows the kept saliency "
+               "before/after.", name="--permute/--no-permute", type=bool)
     calibration: Any = option(
         None, "Calibration inputs: .npz (one array per input, axis 0 = samples), a folder of "
               ".npy/.npz, or a folder of images (see --image-*).")
@@ -414,10 +420,24 @@ class PruneOptions:
         if self.refit and self.pattern != "channel":
             raise OptionError("--refit refits the consumers of removed channels; it needs "
                               "--pattern channel")
+        if self.permute:
+            self._check_permute()
         crit = get_criterion(self.criterion)
         if crit.reconstructs and self.scope == "global":
             raise OptionError(f"criterion '{self.criterion}' prunes layer by layer; use "
                               "--scope local, or --allocate sensitivity to spread a target")
+
+    def _check_permute(self) -> None:
+        """--permute needs an N:M pattern (or config rules that may give one) and weights in
+        the model's own channel order."""
+        nm = isinstance(parse_pattern(self.pattern), NM)
+        if not nm and self.config is None:
+            raise OptionError(f"--permute reorders channels for N:M patterns; pattern "
+                              f"'{self.pattern}' is not one (use e.g. --pattern 2:4)")
+        for name, given in (("--scores", self.scores), ("--masks", self.masks)):
+            if given is not None:
+                raise OptionError(f"--permute cannot be used with {name}: those arrays are in the "
+                                  "model's channel order; drop --permute or the arrays")
 
     def _check_metric(self) -> None:
         """The user's metric resolved (the script imported: its errors come before any work),
@@ -489,6 +509,8 @@ class PruneOptions:
         out = {k: used.get(k, getattr(self, k)) for k in keep if used.get(k, getattr(self, k))
                is not None}
         out["allocate"] = self.allocation
+        if self.permute:
+            out["permute"] = True
         if self.eval_script is not None:
             out.update(eval_script=self.eval_script.source, **{
                 k: getattr(self, k) for k in ("min_metric", "max_metric_drop")

@@ -110,6 +110,9 @@ class PruneState:
 
     handle: mio.ModelHandle
     original: Union[Path, onnx.ModelProto]  # the untouched input, for validation
+    # The dense model layer-by-layer pruning fits toward when an earlier pass rewrote it exactly
+    # (channel permutation: same function, weights in another order); None: ``original``.
+    dense: Optional[onnx.ModelProto] = None
     weights: List[Weight] = field(default_factory=list)
     plans: List[LayerPlan] = field(default_factory=list)
     # Unit scores by weight key, held only while all of them fit in memory_budget; a missing

@@ -171,10 +171,12 @@ def dense_zeros_note(rows: Sequence[LayerRow], size_before: Optional[int],
 
 def sections(records: Sequence[PassRecord], layers: Mapping[str, LayerResult]
              ) -> Dict[str, List[dict]]:
-    """Extra report tables: the sensitivity table when one was measured."""
+    """Extra report tables: the sensitivity table when one was measured, and the tables a
+    record carries as ``sections`` (title -> rows; e.g. channel permutation's kept saliency)."""
+    carried = {k: v for r in records for k, v in (getattr(r, "sections", None) or {}).items()}
     tables = [r.table for r in records if isinstance(r, SensitivityRecord) and r.table is not None]
     if not tables:
-        return {}
+        return carried
     table = tables[-1]
     rows = []
     for key, errors in table.errors.items():
@@ -184,7 +186,7 @@ def sections(records: Sequence[PassRecord], layers: Mapping[str, LayerResult]
             layer = layers[key]
             row["sparsity"] = round(1 - layer.nonzeros_after / max(1, layer.numel), 4)
         rows.append(row)
-    return {f"sensitivity ({table.metric}, {table.samples} samples)": rows}
+    return {**carried, f"sensitivity ({table.metric}, {table.samples} samples)": rows}
 
 
 __all__ = ["NOT_SELECTED", "build_report", "count_macs_or_error", "dense_zeros_note",
