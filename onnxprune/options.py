@@ -25,6 +25,7 @@ from onnxprune.masking.criteria import criterion_names, get_criterion
 from onnxprune.masking.patterns import parse_pattern, pattern_help
 from onnxprune.masking.scope import SCOPES
 from onnxprune.ops.layouts import prunable_op_types
+from onnxprune.ops.targets import TARGETS
 from onnxprune.passes.base import DEFAULT_MEMORY_BUDGET
 from onnxprune.inputs.signature import parse_input_shapes
 
@@ -390,6 +391,13 @@ class PruneOptions:
     threads: Optional[int] = option(
         None, "onnxruntime threads per session (default: one per physical core). Results are "
               "the same for any count.", type=int, bounds=(1, 1024))
+    # -- deployment target (issue 12: TensorRT 2:4 eligibility) --------------------------------
+    target: Optional[str] = option(
+        None, "Runtime the model is deployed on: tensorrt reports per Conv/Gemm/MatMul weight "
+              "whether TensorRT can run it with 2:4 sparse kernels and the MAC fraction that "
+              "can run sparse (with --pattern 2:4 only those layers are pruned, the rest stay "
+              "dense); onnxruntime-cpu says what speeds that runtime up (channel removal only).",
+        choices=lambda: TARGETS, commands=COMMANDS)
     memory_budget: int = option(
         DEFAULT_MEMORY_BUDGET, "MiB of scores held across weights; past it, scoring streams "
                                "(models of any size in bounded memory).",
@@ -414,6 +422,8 @@ class PruneOptions:
         if self.refit and self.pattern != "channel":
             raise OptionError("--refit refits the consumers of removed channels; it needs "
                               "--pattern channel")
+        if self.target is not None and self.target not in TARGETS:
+            raise OptionError(f"target must be one of {', '.join(TARGETS)}, got '{self.target}'")
         crit = get_criterion(self.criterion)
         if crit.reconstructs and self.scope == "global":
             raise OptionError(f"criterion '{self.criterion}' prunes layer by layer; use "
@@ -480,7 +490,7 @@ class PruneOptions:
         """The options worth showing in a report, defaults resolved (``sparsity`` as used)."""
         keep = ("pattern", "sparsity", "criterion", "scope", "op_types", "include", "exclude",
                 "min_sparsity", "max_sparsity", "resize", "seed", "max_error",
-                "calibration_samples", "search")
+                "calibration_samples", "search", "target")
         used = {"sparsity": self.sparsity}
         if self.sparsity is None:  # the value actually used: implied by N:M, else 0.5
             implied = None if self.pattern == "channel" else \
