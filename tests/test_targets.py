@@ -23,7 +23,7 @@ from onnxprune.passes.weights import satisfies_24
 from onnxprune.report.inspect import satisfies_nm
 from onnxprune.report.macs import count_macs
 from onnxprune.report.targets import ORT_TABLE, TRT_MACS, TRT_TABLE
-from tests.builders import make_model, tensor
+from tests.builders import conv_gemm_model, make_model, tensor
 
 vi = helper.make_tensor_value_info
 
@@ -307,3 +307,15 @@ def test_prune_cli_24_target(tmp_path):
     pruned = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
     assert satisfies_nm(pruned["fc2.w"], 2, 4)  # [out, in] as stored with transB=1
     assert np.count_nonzero(pruned["fc1.w"]) == pruned["fc1.w"].size
+
+
+def test_24_target_with_no_picked_layer_is_a_clear_error(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_gemm_model(), str(path))  # Conv 8->16 and Gemm 16->10: eligible, too small
+    res = CliRunner().invoke(main, [str(path), "--pattern", "2:4", "--target", "tensorrt",
+                                    "-o", str(tmp_path / "p.onnx")])
+    assert res.exit_code == 2
+    text = " ".join(res.output.split())
+    assert text.startswith("error: --target tensorrt: no selected weight is one TensorRT would "
+                           "run 2:4 sparse (2 of 2 eligible, none large enough")
+    assert not (tmp_path / "p.onnx").exists()
