@@ -81,6 +81,24 @@ def giga(n: int) -> str:
     return f"{n / 1e9:.3f} G" if n >= 1e8 else f"{n / 1e6:.2f} M"
 
 
+def write_section(path: Path, text: str) -> None:
+    """Write this tool's section (from ``SECTION`` to the next ``## `` heading) into ``path``,
+    keeping the other sections of ``deploy.md`` (other tools write those); a new file gets the
+    page title too."""
+    title, body = text.split(SECTION, 1)
+    if not path.exists():
+        path.write_text(title + SECTION + body)
+        return
+    old = path.read_text()
+    if SECTION not in old:
+        path.write_text(old.rstrip("\n") + "\n\n" + SECTION + body)
+        return
+    head, rest = old.split(SECTION, 1)
+    tail = rest.split("\n## ", 1)
+    after = "\n## " + tail[1] if len(tail) == 2 else ""
+    path.write_text(head + SECTION + body.rstrip("\n") + "\n" + after)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all", action="store_true", help="also AlexNet, VGG-19, ZFNet-512")
@@ -108,9 +126,11 @@ def main(argv=None) -> int:
         f" --write {args.write}" if args.write else "")
     if args.write:
         text = HEADER.format(command=command, size=MIN_SPARSE_SIZE, seconds=seconds)
-        args.write.write_text(text + "\n".join(lines) + "\n" + FOOTER)
+        write_section(args.write, text + "\n".join(lines) + "\n" + FOOTER)
     return 0
 
+
+SECTION = "## Eligible MAC fraction (TensorRT 2:4)"
 
 HEADER = """# Deployment: what TensorRT could run with 2:4 sparse kernels
 
