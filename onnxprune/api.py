@@ -25,6 +25,7 @@ from onnxprune.passes.masking import ApplyMasks, ScoreWeights
 from onnxprune.passes.metric import EvaluateMetric
 from onnxprune.passes.sequential import PruneSequentially
 from onnxprune.passes.structure import PruneChannels, RemoveDeadChannels
+from onnxprune.passes.target import SkipCostlySparse
 from onnxprune.passes.validate import Validate
 from onnxprune.passes.weights import FindWeights, SelectWeights
 from onnxprune.report.build import build_report, count_macs_or_error
@@ -67,6 +68,8 @@ def build_passes(options: PruneOptions) -> Pipeline:
         passes.append(Calibrate(o.calibration, o.calibration_samples, o.image_preprocess,
                                 o.input_shapes, seed=o.seed, collect=collect,
                                 hold_out=hold_out))
+    if o.target == "tensorrt" and o.calibration is not None and o.sparse_error_ratio:
+        passes.append(SkipCostlySparse(o.sparse_error_ratio, input_shapes=o.input_shapes))
     if o.allocation == "sensitivity":
         passes.append(AllocateBySensitivity())
     if o.channel_removal:

@@ -398,6 +398,10 @@ class PruneOptions:
               "can run sparse (with --pattern 2:4 only those layers are pruned, the rest stay "
               "dense); onnxruntime-cpu says what speeds that runtime up (channel removal only).",
         choices=lambda: TARGETS, commands=COMMANDS)
+    sparse_error_ratio: float = option(
+        4.0, "With --target tensorrt, a 2:4 pattern and --calibration: leave dense a layer "
+             "whose measured 2:4 output error share exceeds this many times its MAC share "
+             "(0: prune every layer TensorRT would pick).", type=float, bounds=(0.0, 1e9))
     memory_budget: int = option(
         DEFAULT_MEMORY_BUDGET, "MiB of scores held across weights; past it, scoring streams "
                                "(models of any size in bounded memory).",
@@ -424,6 +428,9 @@ class PruneOptions:
                               "--pattern channel")
         if self.target is not None and self.target not in TARGETS:
             raise OptionError(f"target must be one of {', '.join(TARGETS)}, got '{self.target}'")
+        if 0 < self.sparse_error_ratio < 1:
+            raise OptionError("--sparse-error-ratio must be 0 (off) or at least 1 (an error share "
+                              f"equal to the MAC share), got {self.sparse_error_ratio!r}")
         crit = get_criterion(self.criterion)
         if crit.reconstructs and self.scope == "global":
             raise OptionError(f"criterion '{self.criterion}' prunes layer by layer; use "

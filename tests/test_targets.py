@@ -319,3 +319,37 @@ def test_24_target_with_no_picked_layer_is_a_clear_error(tmp_path):
     assert text.startswith("error: --target tensorrt: no selected weight is one TensorRT would "
                            "run 2:4 sparse (2 of 2 eligible, none large enough")
     assert not (tmp_path / "p.onnx").exists()
+
+
+# -- with calibration: error out of proportion to MAC share -------------------------------------
+
+def _calibration():
+    return {"x": np.random.default_rng(0).standard_normal((40, 64, 8, 8)).astype(np.float32)}
+
+
+def test_calibrated_24_target_leaves_costly_small_layer_dense():
+    model = deploy_model()
+    result = onnxprune.prune(model, pattern="2:4", target="tensorrt", calibration=_calibration())
+    skipped = dict(result.report.skipped)
+    # fc2 holds 0.7% of the picked MACs but a far larger share of the 2:4 output error
+    assert skipped["fc2.w"].startswith("TensorRT could run it sparse, but its measured 2:4 error "
+                                       "is out of proportion to the MACs it saves (")
+    assert "for 0.7% of the MACs, above --sparse-error-ratio 4); stays dense" in skipped["fc2.w"]
+    (title,) = [t for t in result.report.sections if "error vs MAC share" in t]
+    rows = {r["weight"]: r for r in result.report.sections[title]}
+    assert rows["big.w"]["stays 2:4"] and not rows["fc2.w"]["stays 2:4"]
+    assert rows["fc2.w"]["error share"] > 4 * rows["fc2.w"]["MAC share"]
+    assert abs(rows["big.w"]["MAC share"] + rows["fc2.w"]["MAC share"] - 1) < 1e-3
+    after = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert np.array_equal(after["fc2.w"], before["fc2.w"])
+    assert np.count_nonzero(after["big.w"]) == after["big.w"].size // 2
+
+
+def test_sparse_error_ratio_zero_prunes_every_picked_layer_and_bad_ratio_is_refused():
+    result = onnxprune.prune(deploy_model(), pattern="2:4", target="tensorrt",
+                             calibration=_calibration(), sparse_error_ratio=0)
+    assert {r.name for r in result.report.rows} == {"big.w", "fc2.w"}
+    assert not any("error vs MAC share" in t for t in result.report.sections)
+    with pytest.raises(OptionError, match="--sparse-error-ratio must be 0 \\(off\\) or at least 1"):
+        onnxprune.prune(deploy_model(), pattern="2:4", target="tensorrt", sparse_error_ratio=0.5)

@@ -8,7 +8,8 @@ The rules live in :mod:`onnxprune.ops.targets`; this module turns them into repo
   picked, whether it holds 2:4 zeros now, its MACs and the reason in words), the section
   ``"target tensorrt: MACs"`` (one row: total MACs, and the MACs and fraction eligible, likely
   picked, and in weights that are 2:4 now and eligible — the work that can run sparse), and a
-  note saying the same in one sentence. MACs are the dense counts of
+  note saying the same in one sentence; with calibration data, the section
+  ``"target tensorrt: 2:4 error vs MAC share (...)"`` of :mod:`onnxprune.passes.target`. MACs are the dense counts of
   :mod:`onnxprune.report.macs` on the model before pruning.
 * ``onnxruntime-cpu``: the section ``"target onnxruntime-cpu"`` (which patterns speed it up)
   and :data:`~onnxprune.ops.targets.ORT_CPU_NOTE`; in a pruning run, what the run's pattern
@@ -26,6 +27,7 @@ from onnxprune.model.io import ModelHandle
 from onnxprune.ops.targets import (MIN_SPARSE_SIZE, ORT_CPU_NOTE, TARGETS, SparseVerdict,
                                    tensorrt_eligibility)
 from onnxprune.ops.weights import Skipped, Weight
+from onnxprune.passes.target import TrimRecord
 from onnxprune.passes.weights import SelectRecord
 from onnxprune.report.build import layer_macs
 from onnxprune.report.macs import MacCount
@@ -34,6 +36,7 @@ from onnxprune.report.macs import MacCount
 TRT_TABLE = "target tensorrt: 2:4 eligibility"
 TRT_MACS = "target tensorrt: MACs"
 ORT_TABLE = "target onnxruntime-cpu"
+TRT_TRIM = "target tensorrt: 2:4 error vs MAC share (--sparse-error-ratio {ratio:g})"
 
 
 def check_target(target: Optional[str]) -> None:
@@ -165,6 +168,9 @@ def add_target(report, target: str, state, macs_before: Union[MacCount, Exceptio
             now[key] = False
     tables = tensorrt_tables(selects[-1].verdicts, weights, macs, now)
     report.sections.update(tables)
+    trims = [r for r in state.records if isinstance(r, TrimRecord) and r.table]
+    if trims:
+        report.sections[TRT_TRIM.format(ratio=trims[-1].ratio)] = trims[-1].table
     report.notes.append(tensorrt_note(tables, pruning=True))
     if not any(now.values()):
         report.notes.append(f"target tensorrt: --pattern {pattern} leaves no weight 2:4, so "
@@ -172,5 +178,6 @@ def add_target(report, target: str, state, macs_before: Union[MacCount, Exceptio
                             "sparse kernels use")
 
 
-__all__ = ["ORT_TABLE", "TRT_MACS", "TRT_TABLE", "add_target", "check_target", "inspect_target",
+__all__ = ["ORT_TABLE", "TRT_MACS", "TRT_TABLE", "TRT_TRIM", "add_target", "check_target",
+           "inspect_target",
            "is_24", "ort_cpu_table", "tensorrt_note", "tensorrt_tables"]
