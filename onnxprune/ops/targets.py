@@ -135,9 +135,9 @@ def tensorrt_verdict(weight: Weight) -> SparseVerdict:
                       precision)
         return no(f"grouped convolution (group={layout.group}): sparse kernels take only "
                   "group=1 convolutions", precision)
+    inputs = "input channels" if weight.op_type == "Conv" else "input features"
     if channels % 4:
-        what = "input channels" if kernel > 1 or weight.op_type == "Conv" else "input features"
-        return no(f"C={channels} {what} is not a multiple of 4, so 2:4 groups of 4 consecutive "
+        return no(f"C={channels} {inputs} is not a multiple of 4, so 2:4 groups of 4 consecutive "
                   f"input channels do not fit at every kernel position", precision)
     built = " when built with fp16/int8" if precision == "fp16/int8 build" else ""
     k = f"{channels}×{kernel}" if kernel > 1 else f"{channels}"
@@ -146,7 +146,7 @@ def tensorrt_verdict(weight: Weight) -> SparseVerdict:
         small.append(f"K={rows} output channels < {MIN_SPARSE_SIZE}")
     if cols < MIN_SPARSE_SIZE:
         small.append(f"C×kernel={k}={cols} < {MIN_SPARSE_SIZE}" if kernel > 1
-                     else f"C={cols} input features < {MIN_SPARSE_SIZE}")
+                     else f"C={cols} {inputs} < {MIN_SPARSE_SIZE}")
     if not small:
         if rows % TILE_OUT:
             small.append(f"K={rows} is not a multiple of {TILE_OUT} (tiles would be padded)")
