@@ -26,6 +26,7 @@ from onnxprune.passes.metric import EvaluateMetric
 from onnxprune.passes.permute import PermuteChannels
 from onnxprune.passes.sequential import PruneSequentially
 from onnxprune.passes.structure import PruneChannels, RemoveDeadChannels
+from onnxprune.passes.target import SkipCostlySparse
 from onnxprune.passes.validate import Validate
 from onnxprune.passes.weights import FindWeights, SelectWeights
 from onnxprune.report.build import build_report, count_macs_or_error
@@ -52,7 +53,8 @@ def build_passes(options: PruneOptions) -> Pipeline:
         FindWeights(),
         SelectWeights(pattern=o.pattern, sparsity=o.sparsity, criterion=o.criterion,
                       op_types=o.op_types, include=o.include, exclude=o.exclude, config=o.config,
-                      min_sparsity=o.min_sparsity, max_sparsity=o.max_sparsity),
+                      min_sparsity=o.min_sparsity, max_sparsity=o.max_sparsity,
+                      target=o.target),
     ]
     reconstructs = get_criterion(o.criterion).reconstructs
     if o.needs_calibration:
@@ -67,6 +69,8 @@ def build_passes(options: PruneOptions) -> Pipeline:
         passes.append(Calibrate(o.calibration, o.calibration_samples, o.image_preprocess,
                                 o.input_shapes, seed=o.seed, collect=collect,
                                 hold_out=hold_out))
+    if o.target == "tensorrt" and o.calibration is not None and o.sparse_error_ratio:
+        passes.append(SkipCostlySparse(o.sparse_error_ratio, input_shapes=o.input_shapes))
     if o.allocation == "sensitivity":
         passes.append(AllocateBySensitivity())
     if o.permute and not o.channel_removal:  # before any N:M mask is chosen
@@ -214,6 +218,9 @@ def _finish(run: _Run, output, force: bool, notes: Sequence[str] = (),
                           run.macs_before, run.opts.input_shapes)
     report.notes.extend(notes)
     report.sections.update(sections or {})
+    if run.opts.target is not None:
+        from onnxprune.report.targets import add_target
+        add_target(report, run.opts.target, state, run.macs_before)
     if state.gate_failure is not None:
         error = ValidationFailed(state.gate_failure + " (nothing written)")
         error.report = report
@@ -279,9 +286,10 @@ def _fmt(x: float, measure: str) -> str:
     return f"{100 * x:.1f}%" if measure.endswith("agreement") else f"{x:.6g}"
 
 
-def inspect(model: mio.ModelLike, input_shapes: Optional[Dict[str, Sequence[int]]] = None
-            ) -> Report:
-    """Sparsity, params and MACs of ``model`` per prunable weight, without changing it."""
+def inspect(model: mio.ModelLike, input_shapes: Optional[Dict[str, Sequence[int]]] = None,
+            target: Optional[str] = None) -> Report:
+    """Sparsity, params and MACs of ``model`` per prunable weight, without changing it;
+    ``target`` (``"tensorrt"``, ``"onnxruntime-cpu"``) adds what that runtime can use."""
     from onnxprune.report.inspect import inspect_model
 
-    return inspect_model(model, input_shapes)
+    return inspect_model(model, input_shapes, target=target)

@@ -25,6 +25,7 @@ from onnxprune.masking.criteria import criterion_names, get_criterion
 from onnxprune.masking.patterns import NM, parse_pattern, pattern_help
 from onnxprune.masking.scope import SCOPES
 from onnxprune.ops.layouts import prunable_op_types
+from onnxprune.ops.targets import TARGETS
 from onnxprune.passes.base import DEFAULT_MEMORY_BUDGET
 from onnxprune.inputs.signature import parse_input_shapes
 
@@ -396,6 +397,17 @@ class PruneOptions:
     threads: Optional[int] = option(
         None, "onnxruntime threads per session (default: one per physical core). Results are "
               "the same for any count.", type=int, bounds=(1, 1024))
+    # -- deployment target (issue 12: TensorRT 2:4 eligibility) --------------------------------
+    target: Optional[str] = option(
+        None, "Runtime the model is deployed on: tensorrt reports per Conv/Gemm/MatMul weight "
+              "whether TensorRT can run it with 2:4 sparse kernels and the MAC fraction that "
+              "can run sparse (with --pattern 2:4 only those layers are pruned, the rest stay "
+              "dense); onnxruntime-cpu says what speeds that runtime up (channel removal only).",
+        choices=lambda: TARGETS, commands=COMMANDS)
+    sparse_error_ratio: float = option(
+        4.0, "With --target tensorrt, a 2:4 pattern and --calibration: leave dense a layer "
+             "whose measured 2:4 output error share exceeds this many times its MAC share "
+             "(0: prune every layer TensorRT would pick).", type=float, bounds=(0.0, 1e9))
     memory_budget: int = option(
         DEFAULT_MEMORY_BUDGET, "MiB of scores held across weights; past it, scoring streams "
                                "(models of any size in bounded memory).",
@@ -422,6 +434,11 @@ class PruneOptions:
                               "--pattern channel")
         if self.permute:
             self._check_permute()
+        if self.target is not None and self.target not in TARGETS:
+            raise OptionError(f"target must be one of {', '.join(TARGETS)}, got '{self.target}'")
+        if 0 < self.sparse_error_ratio < 1:
+            raise OptionError("--sparse-error-ratio must be 0 (off) or at least 1 (an error share "
+                              f"equal to the MAC share), got {self.sparse_error_ratio!r}")
         crit = get_criterion(self.criterion)
         if crit.reconstructs and self.scope == "global":
             raise OptionError(f"criterion '{self.criterion}' prunes layer by layer; use "
@@ -500,7 +517,7 @@ class PruneOptions:
         """The options worth showing in a report, defaults resolved (``sparsity`` as used)."""
         keep = ("pattern", "sparsity", "criterion", "scope", "op_types", "include", "exclude",
                 "min_sparsity", "max_sparsity", "resize", "seed", "max_error",
-                "calibration_samples", "search")
+                "calibration_samples", "search", "target")
         used = {"sparsity": self.sparsity}
         if self.sparsity is None:  # the value actually used: implied by N:M, else 0.5
             implied = None if self.pattern == "channel" else \

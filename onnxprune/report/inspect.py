@@ -21,24 +21,29 @@ from onnxprune.report.macs import count_macs
 from onnxprune.report.build import layer_macs, note_density
 from onnxprune.report.reasons import explain
 from onnxprune.report.report import LayerRow, Report
+from onnxprune.report.targets import check_target, inspect_target
 from onnxprune.inputs.signature import input_signature
 from onnxprune.ops.weights import find_weights
 
 
 def inspect_model(model: ModelLike,
-                  input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> Report:
+                  input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+                  target: Optional[str] = None) -> Report:
     """A :class:`Report` describing the model's prunable weights, params, sparsity and MACs.
 
     ``input_shapes`` fixes dynamic input dims for the MAC count (as ``--input-shape``). If MACs
     cannot be counted (an input without a declared shape, say) the report says so in ``notes``
-    rather than failing.
+    rather than failing. ``target`` (``--target``) adds what that runtime can use
+    (:mod:`onnxprune.report.targets`: TensorRT's 2:4 eligibility table and MAC fractions).
     """
+    check_target(target)
     handle = load(model)
     weights, skipped = find_weights(handle)
     notes: List[str] = []
     macs = None
     densities = {}
     rows: List[LayerRow] = []
+    now = {}  # weight key -> holds 2:4 zeros
     for weight in weights:
         values = handle.read(weight.tensor)
         nonzeros = int(np.count_nonzero(values))
@@ -47,6 +52,7 @@ def inspect_model(model: ModelLike,
                                              ("4x1", lambda w: satisfies_blocks(w, 4, 1)))
                     if check(w2d)]
         note_density(densities, weight, nonzeros / max(weight.numel, 1))
+        now[weight.key] = "2:4" in patterns and nonzeros < weight.numel
         note = []
         if len(weight.consumers) > 1:
             note.append(f"shared by {len(weight.consumers)} nodes")
@@ -80,7 +86,7 @@ def inspect_model(model: ModelLike,
         used = None if macs is None else macs.input_shapes.get(spec.name)
         inputs.append({"name": spec.name, "dtype": str(spec.dtype), "declared": spec.declared,
                        "shape used": None if used is None else list(used)})
-    return Report(
+    report = Report(
         model=str(handle.path) if handle.path is not None else "<in-memory model>",
         output=None, rows=rows, skipped=[(s.name, explain("weight", s.reason)) for s in skipped],
         macs_before=None if macs is None else macs.total,
@@ -90,6 +96,10 @@ def inspect_model(model: ModelLike,
         nonzeros_after=nonzeros, file_size_before=handle.file_size(),
         options={"input_shapes": {k: list(v) for k, v in (input_shapes or {}).items()}},
         notes=notes, sections={"inputs": inputs})
+    if target is not None:
+        report.options["target"] = target
+        inspect_target(report, target, handle, weights, skipped, macs, now)
+    return report
 
 
 def satisfies_nm(w2d: np.ndarray, n: int, m: int) -> bool:
