@@ -76,8 +76,8 @@ def table(rows: list) -> str:
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['sparsity']:.0%} | {r['dense'] / 2**20:.2f} MiB | "
-            f"{r['sparse'] / 2**20:.2f} MiB | {r['sparse'] / r['dense']:.2f}x | "
-            f"{r['compact'] / 2**20:.2f} MiB | {r['compact'] / r['dense']:.2f}x | "
+            f"{r['sparse'] / 2**20:.2f} MiB | {r['sparse'] / r['dense']:.3f}x | "
+            f"{r['compact'] / 2**20:.2f} MiB | {r['compact'] / r['dense']:.3f}x | "
             f"<= {TARGETS[r['sparsity']]}x | {r['went']} | {'yes' if r['same'] else 'NO'} |")
     return "\n".join(lines)
 
