@@ -175,3 +175,15 @@ def test_save_plan_refuses_an_existing_file_before_work(tmp_path):
     res = invoke(model, "--save-plan", tmp_path / "p.json", "-o", tmp_path / "out.onnx")
     assert res.exit_code == 2 and res.output.startswith("error: ")
     assert (tmp_path / "p.json").read_text() == "keep" and not (tmp_path / "out.onnx").exists()
+
+
+def test_apply_to_a_sparse_stored_model(tmp_path):
+    """A sparse-stored file is read as dense: the plan applies to it and changes nothing more."""
+    first, second, plan = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "plan.json"
+    res = invoke(_digits(), "--sparsity", "0.9", "--no-resize", "--storage", "sparse",
+                 "--save-plan", plan, "-o", first, "-q")
+    assert res.exit_code == 0, res.output
+    assert onnx.load(str(first)).graph.sparse_initializer
+    res = invoke("apply", plan, first, "-o", second, "-q")
+    assert res.exit_code == 0, res.output
+    assert first.read_bytes() == second.read_bytes()

@@ -291,8 +291,12 @@ def load(model: ModelLike) -> ModelHandle:
     if isinstance(model, ModelHandle):
         return model
     if isinstance(model, onnx.ModelProto):
+        if len(model.graph.sparse_initializer):  # densified on a copy: the caller's is kept
+            model, original = onnx.ModelProto(), model
+            model.CopyFrom(original)
         handle = ModelHandle(model=model)
         check_tensors(handle)
+        _densify(handle.model, "the model")
         return handle
     if not isinstance(model, (str, os.PathLike)):
         raise ModelLoadError(f"expected a path or onnx.ModelProto, got {type(model).__name__}")
@@ -313,7 +317,16 @@ def load(model: ModelLike) -> ModelHandle:
                              "ONNX model (wrong file?)")
     handle = ModelHandle(model=proto, path=path.resolve(), base_dir=path.resolve().parent)
     check_tensors(handle, str(path))
+    _densify(handle.model, str(path))
     return handle
+
+
+def _densify(model: onnx.ModelProto, where: str) -> None:
+    """Sparse initializers read as dense ones (:func:`onnxprune.model.sparse.densify`)."""
+    if len(model.graph.sparse_initializer):
+        from onnxprune.model.sparse import densify
+
+        densify(model, where)
 
 
 _FIELDS = {  # where a tensor's values live when not in raw_data, by element type

@@ -23,8 +23,10 @@ form is smaller than the dense one; everything else stays dense, each with its r
 (:class:`StorageDecision`): Constant-node and subgraph tensors, external-data tensors,
 initializers that are also graph inputs (a caller may override them; onnxruntime does not take
 a sparse initializer as an input's default), string/bool and other element types not checked.
-This module owns that decision and the conversion of a model proto; :func:`onnxprune.model.io.save`
-calls it for ``storage="sparse"``/``"sparse-compact"``.
+This module owns that decision and the conversion of a model proto both ways:
+:func:`onnxprune.model.io.save` calls :func:`sparsify` for ``storage="sparse"``/
+``"sparse-compact"``, :func:`onnxprune.model.io.load` calls :func:`densify` (a sparse-stored
+model is read as onnxruntime reads it).
 """
 
 from __future__ import annotations
@@ -155,6 +157,43 @@ def sparsify(model: onnx.ModelProto, read: Callable[[onnx.TensorProto], np.ndarr
     return decisions
 
 
+def densify(model: onnx.ModelProto, where: str = "the model") -> int:
+    """Turn the main graph's sparse initializers into dense initializers, in place, as
+    onnxruntime does when it loads a model (so onnxprune reads, prunes and re-saves a
+    sparse-stored model like any other). Returns how many were converted. Raises
+    :class:`~onnxprune.errors.ModelLoadError` for indices that do not fit the dense shape."""
+    from onnxprune.errors import ModelLoadError
+
+    graph = model.graph
+    dense = []
+    for sp in graph.sparse_initializer:
+        name = sp.values.name
+        if is_external(sp.values) or is_external(sp.indices):
+            raise ModelLoadError(f"{where}: sparse initializer '{name}' keeps its values in "
+                                 "external data, which onnxprune does not read; store it dense")
+        shape = tuple(int(d) for d in sp.dims)
+        values = numpy_helper.to_array(sp.values).reshape(-1)
+        indices = numpy_helper.to_array(sp.indices).astype(np.int64)
+        numel = int(np.prod(shape, dtype=np.int64))
+        if indices.ndim == 2 and indices.shape[1] == len(shape) and len(shape) > 0:
+            if (indices < 0).any() or (indices >= np.array(shape)).any():
+                indices = np.array([-1])
+            else:
+                indices = np.ravel_multi_index(tuple(indices.T), shape)
+        if indices.ndim != 1 or len(indices) != len(values) or (indices < 0).any() \
+                or (indices >= numel).any():
+            raise ModelLoadError(f"{where}: sparse initializer '{name}' has indices that do "
+                                 f"not fit its shape {list(shape)} (or its values); the file "
+                                 "is corrupt, re-export it")
+        array = np.zeros(numel, dtype=values.dtype)
+        array[indices] = values
+        dense.append(numpy_helper.from_array(array.reshape(shape), name))
+    if dense:
+        del graph.sparse_initializer[:]
+        graph.initializer.extend(dense)
+    return len(dense)
+
+
 def _why_dense(tensor: onnx.TensorProto, inputs) -> str:
     """Why ``tensor`` stays dense whatever its values, or ''."""
     if is_external(tensor):
@@ -183,6 +222,6 @@ def summary(decisions: List[StorageDecision], storage: str) -> str:
             "sparse, or not an initializer onnxruntime densifies)")
 
 
-__all__ = ["MIN_ZEROS", "SPARSE_DTYPES", "STORAGES", "StorageDecision", "decide",
+__all__ = ["MIN_ZEROS", "SPARSE_DTYPES", "STORAGES", "StorageDecision", "decide", "densify",
            "estimated_saving", "index_type", "sparse_bytes", "sparsify", "summary",
            "to_sparse"]

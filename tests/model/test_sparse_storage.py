@@ -191,3 +191,38 @@ def test_prune_with_storage_sparse_reports_and_matches_dense(tmp_path):
     a = _session(tmp_path / "d.onnx").run(None, {name: x})[0]
     b = _session(tmp_path / "s.onnx").run(None, {name: x})[0]
     assert a.tobytes() == b.tobytes()
+
+
+# -- loading a sparse-stored model ------------------------------------------------------------------
+
+def test_load_reads_sparse_initializers_as_dense(tmp_path):
+    handle = _pruned()
+    expected = {t.name: numpy_helper.to_array(t) for t in handle.model.graph.initializer}
+    path = mio.save(handle, tmp_path / "s.onnx", storage="sparse-compact")
+    given = onnx.load(str(path))
+    loaded = mio.load(given)
+    assert len(given.graph.sparse_initializer) == 2  # the caller's proto is left as it was
+    for source in (loaded, mio.load(path)):
+        assert not source.model.graph.sparse_initializer
+        got = {t.name: numpy_helper.to_array(t) for t in source.model.graph.initializer}
+        assert got.keys() == expected.keys()
+        assert all(got[k].tobytes() == expected[k].tobytes() for k in got)
+    # so inspect and a second pruning see the weights and their zeros
+    from onnxprune.api import inspect
+
+    report = inspect(path)
+    assert report.nonzeros_after == sum(int(np.count_nonzero(expected[k]))
+                                        for k in ("conv.w", "fc.w"))
+
+
+@pytest.mark.parametrize("indices", [np.array([0, 99], np.int64), np.array([-1, 1], np.int64),
+                                     np.array([0], np.int64)])
+def test_load_refuses_sparse_indices_outside_the_shape(tmp_path, indices):
+    sparse, _ = _sparse_add_model(np.zeros((6, 10), np.float32), np.int64)
+    sp = sparse.graph.sparse_initializer[0]
+    sp.values.CopyFrom(numpy_helper.from_array(np.ones(2, np.float32), "W"))
+    sp.indices.CopyFrom(numpy_helper.from_array(indices, "W_idx"))
+    path = tmp_path / "bad.onnx"
+    onnx.save(sparse, str(path))
+    with pytest.raises(mio.ModelLoadError, match="indices that do not fit"):
+        mio.load(path)
