@@ -418,6 +418,9 @@ class PruneOptions:
         if self.criterion == "scores" and not self.scores:
             raise OptionError("criterion 'scores' needs scores={weight_name: array} (CLI: "
                               "--scores FILE.npz)")
+        if self.storage not in ("dense", "sparse", "sparse-compact"):
+            raise OptionError(f"storage must be dense, sparse or sparse-compact, got "
+                              f"{self.storage!r}")
         if self.allocate not in ALLOCATIONS:
             raise OptionError(f"allocate must be one of {', '.join(ALLOCATIONS)}, got "
                               f"'{self.allocate}'")

@@ -41,7 +41,7 @@ PLAN_FORMAT = "onnxprune-plan"
 PLAN_VERSION = 1
 #: The :class:`~onnxprune.options.PruneOptions` fields a plan keeps to re-apply its masks.
 APPLY_FIELDS = ("pattern", "sparsity", "scope", "resize", "round_to", "min_channels",
-                "max_group_sparsity", "storage", "seed")
+                "max_group_sparsity", "storage", "seed", "input_shapes")
 
 
 class PlanMismatch(OnnxPruneError):
@@ -302,6 +302,7 @@ def apply_plan(plan_path, model: mio.ModelLike, output=None, force: bool = False
                         min_channels=o["min_channels"], seed=o["seed"],
                         storage=storage or o.get("storage", "dense"), include=include,
                         masks=masks or None, validate=validate, inputs=inputs,
+                        input_shapes=o.get("input_shapes"),
                         allocate="uniform")
     start = time.perf_counter()
     state = PruneState.from_model(model, seed=opts.seed, track=track or no_progress)

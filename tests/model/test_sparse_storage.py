@@ -226,3 +226,10 @@ def test_load_refuses_sparse_indices_outside_the_shape(tmp_path, indices):
     onnx.save(sparse, str(path))
     with pytest.raises(mio.ModelLoadError, match="indices that do not fit"):
         mio.load(path)
+
+
+def test_storage_option_is_checked():
+    from onnxprune.errors import OptionError
+
+    with pytest.raises(OptionError, match="storage must be dense, sparse or sparse-compact"):
+        prune(B.conv_gemm_model(), storage="zip")
