@@ -28,7 +28,7 @@ from onnxprune.passes.structure import PruneChannels, RemoveDeadChannels
 from onnxprune.passes.validate import Validate
 from onnxprune.passes.weights import FindWeights, SelectWeights
 from onnxprune.model.output import check_output
-from onnxprune.model.sparse import StorageDecision, summary as storage_summary
+from onnxprune.model.sparse import StorageDecision, rows as storage_rows, summary as storage_summary
 from onnxprune.plan import RecordPlan, plan_of, summary_rows, write_plan
 from onnxprune.report.build import build_report, count_macs_or_error
 from onnxprune.report.report import Report
@@ -225,7 +225,8 @@ def _finish(run: _Run, output, force: bool, notes: Sequence[str] = (),
     report.notes.extend(notes)
     plan = plan_of(state, run.opts)
     if stored:  # --storage sparse: what went sparse
-        report.notes.append(storage_summary(stored, run.opts.storage))
+        report.notes.append(storage_summary(stored, run.opts.storage, size_after))
+        report.sections[f"storage (--storage {run.opts.storage})"] = storage_rows(stored)
     if plan is not None and state.gate_failure is None:
         if run.opts.save_plan is not None:
             write_plan(plan, run.opts.save_plan, force)

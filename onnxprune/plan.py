@@ -206,10 +206,10 @@ def write_plan(plan: Dict[str, Any], path: Path, force: bool) -> Path:
 def summary_rows(plan: Dict[str, Any]) -> List[dict]:
     """The plan as report rows: one per weight mask and per channel group."""
     rows = [{"weight": k, "pattern": v["pattern"], "sparsity": v["sparsity"],
-             "mask_sha256": v["mask_sha256"][:16]} for k, v in plan["weights"].items()]
+             "kept": f"mask sha256 {v['mask_sha256'][:16]}"} for k, v in plan["weights"].items()]
     rows += [{"weight": ", ".join(g["producers"][:3]), "pattern": "channel",
               "sparsity": round(len(g["removed"]) / max(1, g["size"]), 6),
-              "mask_sha256": f"kept {len(g['kept'])} of {g['size']} channels"}
+              "kept": f"{len(g['kept'])} of {g['size']} channels"}
              for g in plan["channels"]]
     return rows
 

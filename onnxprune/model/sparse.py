@@ -31,6 +31,7 @@ model is read as onnxruntime reads it).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -209,19 +210,39 @@ def _why_dense(tensor: onnx.TensorProto, inputs) -> str:
     return ""
 
 
-def summary(decisions: List[StorageDecision], storage: str) -> str:
-    """One line for the report: how many tensors went sparse and the bytes saved."""
+def summary(decisions: List[StorageDecision], storage: str,
+            size: Optional[int] = None) -> str:
+    """One line for the report: how many tensors went sparse, the bytes saved and (with the
+    written file's ``size``) the ratio to the file dense storage would have written."""
     sparse = [d for d in decisions if d.stored == "sparse"]
     saved = sum(d.dense_bytes - d.stored_bytes for d in sparse)
-    index = "int64 indices" if storage == "sparse" else "int8/16/32 indices (onnx.checker refuses " \
-        "them; onnxruntime loads them)"
-    dense_many = [d for d in decisions if d.stored == "dense" and d.numel > 1]
+    index = ("int64 indices" if storage == "sparse" else
+             "int8/16/32 indices, which onnx.checker refuses and onnxruntime loads")
+    ratio = f", {size / (size + saved):.2f}x of the dense file" if size else ""
+    reasons = Counter(_reason_kind(d.reason) for d in decisions if d.stored == "dense")
+    kept = "; ".join(f"{n} {kind}" for kind, n in reasons.most_common())
     return (f"--storage {storage}: {len(sparse)} of {len(decisions)} initializers written as "
-            f"sparse_initializers ({index}), {saved / 2**20:.2f} MiB saved; "
-            f"{len(dense_many)} kept dense (under {100 * MIN_ZEROS:.0f}% zeros, not smaller "
-            "sparse, or not an initializer onnxruntime densifies)")
+            f"sparse_initializers ({index}): {saved / 2**20:.2f} MiB smaller{ratio}"
+            + (f"; kept dense: {kept}" if kept else ""))
+
+
+def _reason_kind(reason: str) -> str:
+    for key, kind in (("threshold", f"under {100 * MIN_ZEROS:.0f}% zeros"),
+                      ("not be smaller", "not smaller sparse"), ("external", "external data"),
+                      ("graph input", "graph inputs"), ("element type", "other element types"),
+                      ("scalar", "scalars")):
+        if key in reason:
+            return kind
+    return reason
+
+
+def rows(decisions: List[StorageDecision]) -> List[dict]:
+    """The decisions as a report table."""
+    return [{"tensor": d.name, "zeros": round(d.zeros, 4), "stored": d.stored,
+             "dense bytes": d.dense_bytes, "stored bytes": d.stored_bytes,
+             "why dense": d.reason} for d in decisions]
 
 
 __all__ = ["MIN_ZEROS", "SPARSE_DTYPES", "STORAGES", "StorageDecision", "decide", "densify",
-           "estimated_saving", "index_type", "sparse_bytes", "sparsify", "summary",
+           "estimated_saving", "index_type", "rows", "sparse_bytes", "sparsify", "summary",
            "to_sparse"]

@@ -233,3 +233,20 @@ def test_storage_option_is_checked():
 
     with pytest.raises(OptionError, match="storage must be dense, sparse or sparse-compact"):
         prune(B.conv_gemm_model(), storage="zip")
+
+
+def test_summary_and_rows_say_what_went_sparse_and_why_not():
+    from onnxprune.model.sparse import rows, summary
+
+    decisions = [decide(*_tensor(900), False), decide(*_tensor(100), False),
+                 decide(*_tensor(600), False)]
+    assert [d.stored for d in decisions] == ["sparse", "dense", "dense"]
+    saved = 4000 - 100 * 12
+    assert summary(decisions, "sparse", 10000) == (
+        "--storage sparse: 1 of 3 initializers written as sparse_initializers (int64 "
+        f"indices): {saved / 2**20:.2f} MiB smaller, {10000 / (10000 + saved):.2f}x of the dense "
+        "file; kept dense: 1 under 50% zeros; 1 not smaller sparse")
+    table = rows(decisions)
+    assert table[0] == {"tensor": "w", "zeros": 0.9, "stored": "sparse", "dense bytes": 4000,
+                        "stored bytes": 1200, "why dense": ""}
+    assert table[2]["why dense"].startswith("sparse form (4800 B: values + int64 indices)")
