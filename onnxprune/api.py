@@ -143,7 +143,8 @@ def prune(model: mio.ModelLike, pattern: str = "unstructured",
     probes = None
     if opts.search:
         high = 0.95 if opts.sparsity is None else float(opts.sparsity)
-        run = probe_runner(model, opts, lambda m, o: _run(m, o, None, False, no_progress))
+        run = probe_runner(model, opts, lambda m, o: _run(  # probes write no plan
+            m, replace(o, save_plan=None, dry_run=False), None, False, no_progress))
         best, probes = search_sparsity(run, high, track=track)
         # the final run prunes exactly as the probes did (auto allocation resolved under search)
         opts = replace(opts, sparsity=best, search=False, allocate=opts.allocation)

@@ -187,3 +187,16 @@ def test_apply_to_a_sparse_stored_model(tmp_path):
     res = invoke("apply", plan, first, "-o", second, "-q")
     assert res.exit_code == 0, res.output
     assert first.read_bytes() == second.read_bytes()
+
+
+def test_search_writes_the_plan_of_the_final_run_only(tmp_path):
+    model = tmp_path / "m.onnx"
+    onnx.save(_matmul(), str(model))
+    plan = tmp_path / "p.json"
+    result = prune(model, search=True, max_error=0.5, save_plan=plan,
+                   output=tmp_path / "out.onnx")
+    written = json.loads(plan.read_text())
+    w = _weights(tmp_path / "out.onnx")["W"]
+    assert (unpack_mask(base64.b64decode(written["weights"]["W"]["mask"]), w.shape)
+            == (w != 0)).all()
+    assert written["options"]["sparsity"] == result.report.options["sparsity"]
