@@ -129,7 +129,7 @@ class RecordPlan(Pass):
                 continue  # resized by a channel pass: its groups say what happened
             keep = state.handle.read(w.tensor) != 0
             packed = pack_mask(keep)
-            weights[key] = {"pattern": layer.pattern, "criterion": layer.criterion,
+            weights[key] = {"name": w.name, "pattern": layer.pattern, "criterion": layer.criterion,
                             "shape": list(layer.shape),
                             "sparsity": round(1 - int(keep.sum()) / max(1, keep.size), 6),
                             "mask_sha256": hashlib.sha256(packed).hexdigest(),
@@ -292,7 +292,8 @@ def apply_plan(plan_path, model: mio.ModelLike, output=None, force: bool = False
 
     plan = load_plan(plan_path)
     o = dict(plan["options"])
-    names = list(plan["weights"]) + [p for g in plan["channels"] for p in g["producers"]]
+    names = [v.get("name", k) for k, v in plan["weights"].items()] + \
+        [p for g in plan["channels"] for p in g["producers"]]
     masks = {k: unpack_mask(base64.b64decode(v["mask"]), v["shape"])
              for k, v in plan["weights"].items()}
     include = "^(?:" + "|".join(re.escape(n) for n in dict.fromkeys(names)) + ")$" \

@@ -200,3 +200,13 @@ def test_search_writes_the_plan_of_the_final_run_only(tmp_path):
     assert (unpack_mask(base64.b64decode(written["weights"]["W"]["mask"]), w.shape)
             == (w != 0)).all()
     assert written["options"]["sparsity"] == result.report.options["sparsity"]
+
+
+def test_plan_reapplies_weights_inside_subgraphs(tmp_path):
+    src = tmp_path / "if.onnx"
+    onnx.save(B.if_subgraph_model(), str(src))
+    first, second, plan = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "p.json"
+    prune(src, sparsity=0.5, save_plan=plan, output=first, validate=False)
+    assert len(json.loads(plan.read_text())["weights"]) == 3
+    apply_plan(plan, src, output=second, validate=False)
+    assert first.read_bytes() == second.read_bytes()
