@@ -29,6 +29,9 @@ from onnxprune.passes.structure import PruneChannels, RemoveDeadChannels
 from onnxprune.passes.target import SkipCostlySparse
 from onnxprune.passes.validate import Validate
 from onnxprune.passes.weights import FindWeights, SelectWeights
+from onnxprune.model.output import check_output
+from onnxprune.model.sparse import StorageDecision, rows as storage_rows, summary as storage_summary
+from onnxprune.plan import RecordPlan, plan_of, summary_rows, write_plan
 from onnxprune.report.build import build_report, count_macs_or_error
 from onnxprune.report.report import Report
 from onnxprune.runtime.session import session_threads
@@ -80,6 +83,8 @@ def build_passes(options: PruneOptions) -> Pipeline:
                                     round_to=o.round_to, min_channels=o.min_channels,
                                     scope=o.scope, max_group_sparsity=o.max_group_sparsity,
                                     input_shapes=o.input_shapes, refit=o.refit))
+        if o.save_plan is not None or o.dry_run:
+            passes.append(RecordPlan(o.input_shapes))
     else:
         if o.sequential:
             passes.append(PruneSequentially(bias_correction=o.bias_correction,
@@ -89,6 +94,8 @@ def build_passes(options: PruneOptions) -> Pipeline:
                        ApplyMasks(scope=o.scope, masks=o.masks)]
             if o.needs_calibration and o.bias_correction:
                 passes.append(CorrectBias())
+        if o.save_plan is not None or o.dry_run:  # the masks, before dead channels go
+            passes.append(RecordPlan(o.input_shapes))
         if o.resize is not False:
             passes.append(RemoveDeadChannels(input_shapes=o.input_shapes,
                                              keep_layouts=o.resize is None))
@@ -132,6 +139,8 @@ def prune(model: mio.ModelLike, pattern: str = "unstructured",
     except TypeError as exc:  # an unknown keyword: say which names exist
         raise OptionError(f"{exc}; options are {', '.join(f.name for f in fields(PruneOptions))}"
                           ) from None
+    if opts.dry_run:  # --dry-run: everything but writing the model
+        output = None
     if (opts.search or opts.eval_script is not None) and output is not None:
         # fail on a bad output path before the user's metric and minutes of probing
         handle = mio.load(model)
@@ -141,7 +150,8 @@ def prune(model: mio.ModelLike, pattern: str = "unstructured",
     probes = None
     if opts.search:
         high = 0.95 if opts.sparsity is None else float(opts.sparsity)
-        run = probe_runner(model, opts, lambda m, o: _run(m, o, None, False, no_progress))
+        run = probe_runner(model, opts, lambda m, o: _run(  # probes write no plan
+            m, replace(o, save_plan=None, dry_run=False), None, False, no_progress))
         best, probes = search_sparsity(run, high, track=track)
         # the final run prunes exactly as the probes did (auto allocation resolved under search)
         opts = replace(opts, sparsity=best, search=False, allocate=opts.allocation)
@@ -197,6 +207,9 @@ def _execute(model: mio.ModelLike, opts: PruneOptions, output, force: bool, trac
         out = mio.resolve_output(state.handle.path, output, force,
                                  external=mio.needs_external(state.handle),
                                  reads=mio.input_files(state.handle))
+    if opts.save_plan is not None:
+        check_output(opts.save_plan, force, mio.input_files(state.handle), "plan",
+                     avoid=[out] if out is not None else [])
     size_before = state.handle.file_size()
     pipeline = build_passes(opts)
     macs_before = count_macs_or_error(state.model, opts.input_shapes, None)
@@ -211,12 +224,25 @@ def _finish(run: _Run, output, force: bool, notes: Sequence[str] = (),
     failed gate."""
     state, out = run.state, run.out
     size_after = None
+    stored: List[StorageDecision] = []
     if out is not None and state.gate_failure is None:
-        mio.save(state.handle, out, force=force)
+        mio.save(state.handle, out, force=force, storage=run.opts.storage, decisions=stored)
         size_after = mio.size_on_disk(out, state.model)
     report = build_report(state, run.opts.summary(), out, run.size_before, size_after,
                           run.macs_before, run.opts.input_shapes)
     report.notes.extend(notes)
+    plan = plan_of(state, run.opts)
+    if stored:  # --storage sparse: what went sparse
+        report.notes.append(storage_summary(stored, run.opts.storage, size_after))
+        report.sections[f"storage (--storage {run.opts.storage})"] = storage_rows(stored)
+    if plan is not None and state.gate_failure is None:
+        if run.opts.save_plan is not None:
+            write_plan(plan, run.opts.save_plan, force)
+            report.notes.append(f"plan written to {run.opts.save_plan}")
+        if run.opts.dry_run:
+            report.sections["plan (dry run: no model written)"] = summary_rows(plan)
+            report.notes.append("dry run: no model written; params and MACs after are what "
+                                "the pruned model would have")
     report.sections.update(sections or {})
     if run.opts.target is not None:
         from onnxprune.report.targets import add_target

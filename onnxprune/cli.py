@@ -333,6 +333,22 @@ def build_main() -> click.Group:
                                    help=prune_command.__doc__))
     main.add_command(click.Command("inspect", callback=inspect_command, params=inspect_params,
                                    help=inspect_command.__doc__))
+    apply_params = [
+        click.Argument(["plan"], type=click.Path(path_type=Path)),
+        click.Argument(["model"], type=click.Path(path_type=Path)),
+        click.Option(["-o", "--output"], type=str, metavar="PATH",
+                     help="Output path [default: <stem>.pruned.onnx beside the input]."),
+        click.Option(["--storage"], type=click.Choice(["dense", "sparse", "sparse-compact"]),
+                     default=None, help="Override the plan's --storage."),
+        click.Option(["--no-validate", "no_validate"], is_flag=True,
+                     help="Skip checker, onnxruntime and comparison."),
+        _report_option(),
+        _force_option(),
+        _quiet_option(),
+        *_logging_options(),
+    ]
+    main.add_command(click.Command("apply", callback=apply_command, params=apply_params,
+                                   help=apply_command.__doc__))
     return main
 
 
@@ -376,7 +392,8 @@ def prune_command(model, output, report_path, force, quiet, verbose, log_level, 
             raise
         _emit(result.report, report_path_ok, quiet, force)
         if not quiet:
-            click.echo(f"wrote {printable(result.output)}", err=report_path_ok == "-")
+            click.echo(f"wrote {printable(result.output)}" if result.output is not None
+                       else "dry run: no model written", err=report_path_ok == "-")
         if result.report.noop:
             from onnxprune.report.report import NOOP_NOTE
 
@@ -436,6 +453,30 @@ def inspect_command(model, report_path, force, quiet, verbose, log_level, **flag
         log.info("inspecting %s", model)
         report = inspect(model, **from_cli(flags, "inspect"))
         _emit(report, checked, quiet, force)
+
+    with _logging(verbose, log_level):
+        _run(body)
+
+
+def apply_command(plan, model, output, storage, no_validate, report_path, force, quiet, verbose,
+                  log_level):
+    """Re-apply PLAN (written by --save-plan) to MODEL of the same architecture.
+
+    Exit 2 (nothing written) when MODEL's weights are not the plan's (a missing weight, another
+    shape), naming what differs.
+    """
+
+    def body():
+        from onnxprune.plan import apply_plan
+
+        out = output if output is not None else default_output(model)
+        checked = _check_report(report_path, model, force, output=out)
+        log.info("applying %s to %s", plan, model)
+        result = apply_plan(plan, model, output=out, force=force, validate=not no_validate,
+                            storage=storage)
+        _emit(result.report, checked, quiet, force)
+        if not quiet:
+            click.echo(f"wrote {printable(result.output)}", err=checked == "-")
 
     with _logging(verbose, log_level):
         _run(body)

@@ -412,6 +412,20 @@ class PruneOptions:
         DEFAULT_MEMORY_BUDGET, "MiB of scores held across weights; past it, scoring streams "
                                "(models of any size in bounded memory).",
         type=int, parse=_mib, show=lambda b: b >> 20, bounds=(1, 1 << 62))
+    # -- deployment: sparse storage, the pruning plan, dry runs (issue 12) --------------------
+    storage: str = option(
+        "dense", "How to write weights: sparse writes each initializer with at least 50% zeros "
+                 "as an ONNX sparse_initializer (values + int64 indices) when that is smaller; "
+                 "onnxruntime loads it and computes the same outputs. sparse-compact uses "
+                 "int8/16/32 indices (smaller; onnxruntime loads it, onnx.checker refuses it).",
+        choices=lambda: ("dense", "sparse", "sparse-compact"))
+    save_plan: Optional[Path] = option(
+        None, "Write what was decided (per weight: pattern, sparsity, keep mask; channels "
+              "removed; options; a graph fingerprint) as JSON; re-apply it with 'onnxprune "
+              "apply PLAN MODEL'.", type=Path, metavar="PLAN.json")
+    dry_run: bool = option(False, "Prune in memory and print the report (the plan, params, "
+                                  "MACs) without writing a model (--save-plan still writes the "
+                                  "plan).", switch=True)
 
     def __post_init__(self):
         for f in fields(self):
@@ -422,6 +436,9 @@ class PruneOptions:
         if self.criterion == "scores" and not self.scores:
             raise OptionError("criterion 'scores' needs scores={weight_name: array} (CLI: "
                               "--scores FILE.npz)")
+        if self.storage not in ("dense", "sparse", "sparse-compact"):
+            raise OptionError(f"storage must be dense, sparse or sparse-compact, got "
+                              f"{self.storage!r}")
         if self.allocate not in ALLOCATIONS:
             raise OptionError(f"allocate must be one of {', '.join(ALLOCATIONS)}, got "
                               f"'{self.allocate}'")
@@ -528,6 +545,8 @@ class PruneOptions:
         out["allocate"] = self.allocation
         if self.permute:
             out["permute"] = True
+        if self.storage != "dense":
+            out["storage"] = self.storage
         if self.eval_script is not None:
             out.update(eval_script=self.eval_script.source, **{
                 k: getattr(self, k) for k in ("min_metric", "max_metric_drop")

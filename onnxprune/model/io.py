@@ -291,8 +291,12 @@ def load(model: ModelLike) -> ModelHandle:
     if isinstance(model, ModelHandle):
         return model
     if isinstance(model, onnx.ModelProto):
+        if len(model.graph.sparse_initializer):  # densified on a copy: the caller's is kept
+            model, original = onnx.ModelProto(), model
+            model.CopyFrom(original)
         handle = ModelHandle(model=model)
         check_tensors(handle)
+        _densify(handle.model, "the model")
         return handle
     if not isinstance(model, (str, os.PathLike)):
         raise ModelLoadError(f"expected a path or onnx.ModelProto, got {type(model).__name__}")
@@ -313,7 +317,16 @@ def load(model: ModelLike) -> ModelHandle:
                              "ONNX model (wrong file?)")
     handle = ModelHandle(model=proto, path=path.resolve(), base_dir=path.resolve().parent)
     check_tensors(handle, str(path))
+    _densify(handle.model, str(path))
     return handle
+
+
+def _densify(model: onnx.ModelProto, where: str) -> None:
+    """Sparse initializers read as dense ones (:func:`onnxprune.model.sparse.densify`)."""
+    if len(model.graph.sparse_initializer):
+        from onnxprune.model.sparse import densify
+
+        densify(model, where)
 
 
 _FIELDS = {  # where a tensor's values live when not in raw_data, by element type
@@ -498,7 +511,8 @@ def input_files(handle: ModelHandle) -> List[Path]:
     return files
 
 
-def save(handle: ModelHandle, output: Union[str, os.PathLike], force: bool = True) -> Path:
+def save(handle: ModelHandle, output: Union[str, os.PathLike], force: bool = True,
+         storage: str = "dense", decisions: Optional[list] = None) -> Path:
     """Write the model atomically; tensors that were external stay external, in
     ``<output>.data`` beside it. Returns the path written. Without ``force`` each file is
     created exclusively (:func:`onnxprune.model.output.commit`): one that appeared meanwhile is
@@ -506,9 +520,29 @@ def save(handle: ModelHandle, output: Union[str, os.PathLike], force: bool = Tru
 
     Tensor data is streamed: rewritten tensors from the spill, untouched ones byte for byte from
     their data file, so saving holds no tensor in memory whatever the model's size.
+
+    ``storage``: ``"dense"``, or ``"sparse"``/``"sparse-compact"`` to write the initializers
+    with enough zeros as sparse initializers (:mod:`onnxprune.model.sparse`; a model with
+    external data is written dense); ``decisions``, a list, receives one
+    :class:`~onnxprune.model.sparse.StorageDecision` per initializer.
     """
     out = Path(output)
     model = handle.model
+    if storage != "dense":
+        from onnxprune.model import sparse
+
+        if _saved_external(model):
+            if decisions is not None:
+                decisions.append(sparse.StorageDecision(
+                    "(model)", 0, 0, 0, 0, "dense", "the model has external data: --storage "
+                    "sparse applies to self-contained models only; written dense"))
+        else:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            found = sparse.sparsify(copy, handle.read, compact=storage == "sparse-compact")
+            if decisions is not None:
+                decisions.extend(found)
+            return save(ModelHandle(model=copy), out, force)
     external = _saved_external(model)
     with contextlib.ExitStack() as stack:
         data_name = out.name + ".data"

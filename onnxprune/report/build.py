@@ -97,7 +97,9 @@ def build_report(state: PruneState, options: dict, output: Optional[Path],
         if key in weights:
             row.macs_before = layer_macs(weights[key], ok_before)
             row.macs_after = layer_macs(weights[key], ok_after)
-    note = dense_zeros_note(rows, size_before, size_after)
+    itemsizes = [weights[k].dtype.itemsize if k in weights else 4 for k in layers]
+    note = None if options.get("storage", "dense") != "dense" else \
+        dense_zeros_note(rows, size_before, size_after, itemsizes)
     if note:
         notes.append(note)
     validations = [r for r in records if isinstance(r, ValidateRecord)]
@@ -153,9 +155,11 @@ def not_selected(records: Sequence[PassRecord], weights: Mapping[str, Weight]) -
 
 
 def dense_zeros_note(rows: Sequence[LayerRow], size_before: Optional[int],
-                     size_after: Optional[int]) -> Optional[str]:
+                     size_after: Optional[int], itemsizes: Optional[Sequence[int]] = None
+                     ) -> Optional[str]:
     """A note when pruning left zeros stored in full (a masked pattern without resizing): the
-    nonzeros dropped, the file did not shrink by as much, and what would shrink it."""
+    nonzeros dropped, the file did not shrink by as much, and what would shrink it (with
+    ``itemsizes``, one per row, the bytes ``--storage sparse`` would save, from the nonzeros)."""
     new_zeros = sum((r.params_after - r.nonzeros_after) - (r.params - r.nonzeros_before)
                     for r in rows)
     if new_zeros <= 0:
@@ -166,7 +170,19 @@ def dense_zeros_note(rows: Sequence[LayerRow], size_before: Optional[int],
     return (f"zeros are stored densely: the {format_count(new_zeros)} weights set to zero still "
             f"take their full space in the file{sizes}; the file shrinks only when compressed "
             "(e.g. zip/gzip, which packs the runs of zeros) or with --pattern channel, which "
-            "removes whole channels; sparse storage formats are planned")
+            f"removes whole channels, or with --storage sparse{_sparse_saving(rows, itemsizes)}")
+
+
+def _sparse_saving(rows: Sequence[LayerRow], itemsizes: Optional[Sequence[int]]) -> str:
+    """`` (about N saved)``: what ``--storage sparse`` would save, from each row's nonzeros."""
+    from onnxprune.model.sparse import estimated_saving
+
+    sizes = list(itemsizes) if itemsizes is not None else [4] * len(rows)
+    saved = estimated_saving([(r.params_after, r.nonzeros_after, s) for r, s in zip(rows, sizes)])
+    if saved <= 0:
+        return (" (which saves nothing here: with int64 indices a float32 weight needs over "
+                "2/3 zeros to shrink)")
+    return f" (about {format_bytes(saved)} smaller)"
 
 
 def sections(records: Sequence[PassRecord], layers: Mapping[str, LayerResult]
