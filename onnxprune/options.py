@@ -342,6 +342,16 @@ class PruneOptions:
                 "spread the target where it hurts least; auto: sensitivity when --calibration "
                 "is given for a free-sparsity pattern (local scope, no search), else uniform.",
         choices=lambda: ALLOCATIONS)
+    # Allocation by measured cost (issue 14): per-group channel widths that meet a target.
+    target_macs: Optional[float] = option(
+        None, "Channel pattern: keep this fraction (0-1] of the model's MACs, each group's "
+              "width chosen by least damage per MAC saved (instead of one --sparsity).",
+        type=float, bounds=(0.0, 1.0))
+    target_speedup: Optional[float] = option(
+        None, "Channel pattern: the onnxruntime CPU speed-up wanted (>= 1), predicted from a "
+              "per-layer timing table measured on this machine with --threads (cached in "
+              "$ONNXPRUNE_CACHE, default ~/.cache/onnxprune); the report gives the predicted "
+              "and the measured speed-up.", type=float, bounds=(1.0, 1e6))
     validate: bool = option(True, "Skip checker, onnxruntime and comparison.",
                             name="--no-validate", switch=True)
     inputs: Any = option(
@@ -414,10 +424,32 @@ class PruneOptions:
         if self.refit and self.pattern != "channel":
             raise OptionError("--refit refits the consumers of removed channels; it needs "
                               "--pattern channel")
+        self._check_target()
         crit = get_criterion(self.criterion)
         if crit.reconstructs and self.scope == "global":
             raise OptionError(f"criterion '{self.criterion}' prunes layer by layer; use "
                               "--scope local, or --allocate sensitivity to spread a target")
+
+    def _check_target(self) -> None:
+        """--target-macs/--target-speedup: one of them, for channel removal, in place of a
+        sparsity (and of --scope global or --search, which spread a sparsity)."""
+        given = [f for f, v in (("--target-macs", self.target_macs),
+                                ("--target-speedup", self.target_speedup)) if v is not None]
+        if not given:
+            return
+        flag = given[0]
+        if len(given) > 1:
+            raise OptionError("give either --target-macs or --target-speedup, not both")
+        if self.target_macs is not None and self.target_macs <= 0:
+            raise OptionError(f"--target-macs must be in (0, 1], got {self.target_macs!r}")
+        if self.pattern != "channel" or not self.channel_removal:
+            raise OptionError(f"{flag} chooses how many channels each group keeps; use it with "
+                              "--pattern channel (without --no-resize, --masks or --config)")
+        clash = [f for f, bad in (("--sparsity", self.sparsity is not None),
+                                  ("--scope global", self.scope == "global"),
+                                  ("--search", self.search)) if bad]
+        if clash:
+            raise OptionError(f"{flag} chooses each group's width itself; drop {clash[0]}")
 
     def _check_metric(self) -> None:
         """The user's metric resolved (the script imported: its errors come before any work),
@@ -493,6 +525,10 @@ class PruneOptions:
             out.update(eval_script=self.eval_script.source, **{
                 k: getattr(self, k) for k in ("min_metric", "max_metric_drop")
                 if getattr(self, k) is not None})
+        if self.target_macs is not None or self.target_speedup is not None:
+            out.pop("sparsity", None)
+            out.update({k: getattr(self, k) for k in ("target_macs", "target_speedup")
+                        if getattr(self, k) is not None})
         if self.pattern == "channel":
             out.update(round_to=self.round_to, min_channels=self.min_channels, refit=self.refit)
         if isinstance(self.calibration, (str, os.PathLike)):

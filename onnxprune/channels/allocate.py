@@ -181,9 +181,11 @@ def allocate_widths(scores: Mapping[int, np.ndarray], nodes: Sequence[NodeCost],
                     budget: float, cost: CostFn = mac_cost, round_to: int = 1,
                     min_channels: int = 1, max_group_sparsity: float = 0.9,
                     weights: Optional[Mapping[int, float]] = None,
-                    fixed_cost: float = 0.0) -> Allocation:
+                    fixed_cost: float = 0.0,
+                    budget_fn: Optional[Callable[[float], float]] = None) -> Allocation:
     """Greedy widths (see the module doc) for the groups in ``scores`` (group id -> unit
-    scores) so that ``fixed_cost + model_cost(nodes) <= budget``."""
+    scores) so that ``fixed_cost + model_cost(nodes) <= budget`` (``budget_fn(dense cost)``
+    when given: e.g. the dense cost over a speed-up)."""
     weights = dict(weights or {})
     sizes = {gid: len(s) for gid, s in scores.items()}
     keep = dict(sizes)
@@ -200,6 +202,8 @@ def allocate_widths(scores: Mapping[int, np.ndarray], nodes: Sequence[NodeCost],
     node_cost = {n.key: cost(n, n.macs * n.fraction(frac)) for n in nodes}
     total = fixed_cost + sum(node_cost.values())
     before = total
+    if budget_fn is not None:
+        budget = budget_fn(before)
 
     def move(gid: int) -> Optional[Tuple[float, float, float]]:
         """(ratio, saving, damage) of taking group ``gid`` one step down, or None."""
@@ -255,3 +259,147 @@ def uniform_width(handle: ModelHandle, width: float, round_to: int = 1, min_chan
         removed[g.id] = list(range(g.size - keep))
     resize_channels(twin, graph, removed)
     return twin
+
+
+def counted_macs(handle: ModelHandle,
+                 input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> int:
+    """The model's MACs as :func:`onnxprune.report.macs.count_macs` counts them (the same
+    registry formulas on the same shape inference), main graph only."""
+    resolved = resolve_input_shapes(handle.model, input_shapes, require_all=False)
+    shapes = infer_shapes(handle, resolved, keep_value_info=True,
+                          complete=complete_types).static()
+    total = 0
+    for node in handle.model.graph.node:
+        if node.domain in ("", "ai.onnx") and field_of(node, "macs") is not None:
+            total += int(field_of(node, "macs")(node, shapes) or 0)
+    return total
+
+
+class TargetPlan:
+    """A ``--target-macs``/``--target-speedup`` allocation for one model: ``removed`` (group id
+    -> units) to prune, then :meth:`finish` on the pruned model measures what was reached and
+    :meth:`summary` / ``notes`` report it."""
+
+    def __init__(self, handle: ModelHandle, allocation: Allocation, removed, nodes, kind: str,
+                 target: float, input_shapes, threads, table=None, table_cached=False,
+                 table_seconds: float = 0.0):
+        self.allocation, self.removed, self.nodes = allocation, removed, nodes
+        self.kind, self.target, self.input_shapes, self.threads = kind, target, input_shapes, \
+            threads
+        self.table, self.table_cached, self.table_seconds = table, table_cached, table_seconds
+        self.macs_before = sum(n.macs for n in nodes)
+        self.fixed_macs = counted_macs(handle, input_shapes) - self.macs_before
+        self.macs_before += self.fixed_macs
+        kept = {g: allocation.keep[g] / allocation.sizes[g] for g in allocation.keep}
+        self.predicted_macs = self.fixed_macs + model_cost(nodes, kept)
+        self.predicted_speedup = None
+        if table is not None:
+            from onnxprune.runtime.latency import predict_seconds
+
+            dense = predict_seconds(table, nodes, {})
+            self.predicted_speedup = dense / max(predict_seconds(table, nodes, kept), 1e-12)
+        self.dense = None
+        if kind == "speedup":  # the dense model, to time the pruned one against
+            self.dense = ModelHandle(model=copy.deepcopy(handle.model), path=handle.path,
+                                     base_dir=handle.base_dir)
+            for tensor, values in handle.rewritten_values():
+                self.dense.write(self.dense.index.stored[tensor.name], values)
+        self.macs_after: Optional[int] = None
+        self.measured: Optional[Tuple[float, float, float]] = None
+        self.notes: List[str] = []
+
+    def finish(self, pruned: ModelHandle) -> None:
+        """Count the pruned model's MACs (and with a speed-up target, time it against the
+        dense model), and write the notes."""
+        self.macs_after = counted_macs(pruned, self.input_shapes)
+        ratio = self.macs_after / max(self.macs_before, 1)
+        a = self.allocation
+        narrowed = sum(1 for g in a.keep if a.keep[g] < a.sizes[g])
+        if self.kind == "macs":
+            head = (f"allocation: target MACs x{self.target:.3f}, reached x{ratio:.3f} "
+                    f"(predicted x{self.predicted_macs / max(self.macs_before, 1):.3f})")
+        else:
+            from onnxprune.runtime.latency import measure_speedup
+
+            resolved = resolve_input_shapes(pruned.model, self.input_shapes, require_all=False)
+            self.measured = measure_speedup(self.dense, pruned, resolved, self.threads)
+            threads = self.threads or "onnxruntime's default"
+            head = (f"allocation: target speed-up x{self.target:.2f}, predicted "
+                    f"x{self.predicted_speedup:.2f}, measured x{self.measured[2]:.2f} "
+                    f"(onnxruntime CPU, {threads} threads, median of interleaved runs); "
+                    f"MACs x{ratio:.3f}")
+            widths = ", ".join(f"{w:g}" for w in self.table.widths)
+            self.notes.append(
+                f"latency table ({len(self.table.nodes)} layers at widths {widths}): "
+                + ("read from the cache" if self.table_cached else
+                   f"measured in {self.table_seconds:.1f} s, cached for the next run"))
+        self.notes.append(f"{head}; {narrowed} of {len(a.keep)} groups narrowed")
+        if not a.reached:
+            self.notes.append("allocation: the target was not reached: every group is at its "
+                              "narrowest allowed width (--min-channels, --round-to, "
+                              "--max-group-sparsity)")
+
+    def summary(self, graph: ChannelGraph) -> dict:
+        a = self.allocation
+        out = {"target": {self.kind: self.target}, "reached": bool(a.reached),
+               "macs_before": int(self.macs_before), "macs_after": self.macs_after,
+               "macs_ratio": (None if self.macs_after is None
+                              else self.macs_after / max(self.macs_before, 1)),
+               "predicted_macs_ratio": self.predicted_macs / max(self.macs_before, 1),
+               "predicted_speedup": self.predicted_speedup,
+               "groups": [{"group": gid, "describe": graph.groups[gid].describe(),
+                           "channels": a.sizes[gid], "kept": a.keep[gid]}
+                          for gid in sorted(a.keep)]}
+        if self.measured is not None:
+            out.update(measured_speedup=self.measured[2], dense_seconds=self.measured[0],
+                       pruned_seconds=self.measured[1], threads=self.threads,
+                       table_cached=self.table_cached)
+        return out
+
+
+def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
+                        target_macs: Optional[float] = None,
+                        target_speedup: Optional[float] = None, threads: Optional[int] = None,
+                        input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+                        criterion: str = "l1", round_to: int = 1, min_channels: int = 1,
+                        max_group_sparsity: float = 0.9, channel_scores=None,
+                        table=None) -> TargetPlan:
+    """Per-group widths for ``target_macs`` (keep this fraction of the model's MACs) or
+    ``target_speedup`` (predicted from the latency table, measured with ``threads``; ``table``
+    injects one, e.g. in tests) on the groups left prunable in ``graph``."""
+    import time
+
+    from onnxprune.channels.select import group_scores
+
+    scores = group_scores(handle, graph, criterion, channel_scores)
+    nodes = node_costs(handle, graph, input_shapes)
+    total = counted_macs(handle, input_shapes)
+    fixed = total - sum(n.macs for n in nodes)
+    common = dict(round_to=round_to, min_channels=min_channels,
+                  max_group_sparsity=max_group_sparsity)
+    if target_macs is not None:
+        alloc = allocate_widths(scores, nodes, target_macs * total, mac_cost,
+                                fixed_cost=fixed, **common)
+        return TargetPlan(handle, alloc, alloc.removed(scores), nodes, "macs", target_macs,
+                          input_shapes, threads)
+    from onnxprune.runtime.latency import latency_table
+
+    start, cached = time.perf_counter(), True
+    if table is None:
+        table, cached = latency_table(
+            handle, lambda w: uniform_width(handle, w, round_to, min_channels, input_shapes),
+            input_shapes, round_to, min_channels, threads=threads)
+    elapsed = time.perf_counter() - start
+    alloc = allocate_widths(scores, nodes, 0.0, latency_cost(table), fixed_cost=table.rest,
+                            **common, budget_fn=lambda dense: dense / target_speedup)
+    return TargetPlan(handle, alloc, alloc.removed(scores), nodes, "speedup", target_speedup,
+                      input_shapes, threads, table, cached, elapsed)
+
+
+def latency_cost(table) -> CostFn:
+    """Seconds of a node at some MACs from a latency table (0 for nodes it lacks: their time
+    is in the table's rest)."""
+    def cost(node: NodeCost, macs: float) -> float:
+        s = table.seconds(node.key, macs)
+        return 0.0 if s is None else s
+    return cost

@@ -171,7 +171,16 @@ def dense_zeros_note(rows: Sequence[LayerRow], size_before: Optional[int],
 
 def sections(records: Sequence[PassRecord], layers: Mapping[str, LayerResult]
              ) -> Dict[str, List[dict]]:
-    """Extra report tables: the sensitivity table when one was measured."""
+    """Extra report tables: the sensitivity table when one was measured, the channel widths
+    a --target-macs/--target-speedup allocation chose."""
+    out = {f"channel allocation ({next(iter(r.allocation['target']))} target)": [
+        {k: g[k] for k in ("group", "describe", "channels", "kept")}
+        for g in r.allocation["groups"]]
+        for r in records if isinstance(r, ChannelRecord) and r.allocation}
+    return {**out, **_sensitivity_section(records, layers)}
+
+
+def _sensitivity_section(records, layers):
     tables = [r.table for r in records if isinstance(r, SensitivityRecord) and r.table is not None]
     if not tables:
         return {}
