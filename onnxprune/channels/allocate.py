@@ -20,8 +20,9 @@ by importance), times the group's sensitivity weight (1, or a measured output er
 
 Greedy: every group starts whole; each step takes the move (one group down to its next allowed
 width: multiples of ``round_to``, at least ``min_channels``, at most ``max_group_sparsity``
-removed) with the least damage per cost saved, until the cost is at most the budget. The last
-step overshoots the budget by at most one move.
+removed) with the least damage per cost saved, until the cost is at most the budget; then the
+steps that still fit under the budget are given back (most damage per cost first), so the last
+move's overshoot shrinks to what no single step can fill.
 """
 
 from __future__ import annotations
@@ -226,6 +227,10 @@ def allocate_widths(scores: Mapping[int, np.ndarray], nodes: Sequence[NodeCost],
         if not live:
             break
         _, gid = min(live)
+        # Any move that reaches the budget ends the search: then the least damage wins.
+        final = [(cands[g][2], g) for _, g in live if total - cands[g][1] <= budget]
+        if final:
+            gid = min(final)[1]
         step[gid] += 1
         keep[gid] = ladders[gid][step[gid]]
         frac[gid] = keep[gid] / sizes[gid]
@@ -238,6 +243,31 @@ def allocate_widths(scores: Mapping[int, np.ndarray], nodes: Sequence[NodeCost],
         for g in touched | {gid}:
             if g in cands:
                 cands[g] = move(g)
+    # The last move may overshoot the budget by a whole step of a costly group: give back the
+    # steps (most damage per cost first) that still fit under the budget.
+    while total <= budget:
+        back = []
+        for gid in sizes:
+            if step[gid] == 0:
+                continue
+            n, k0, k1 = sizes[gid], ladders[gid][step[gid]], ladders[gid][step[gid] - 1]
+            trial = dict(frac)
+            trial[gid] = k1 / n
+            extra = sum(cost(x, x.macs * x.fraction(trial)) - node_cost[x.key]
+                        for x in by_group[gid])
+            regain = float(sorted_scores[gid][n - k1: n - k0].sum()) / n * weights.get(gid, 1.0)
+            if total + extra <= budget:
+                back.append((-regain / max(extra, 1e-30), gid, regain))
+        if not back:
+            break
+        _, gid, regain = min(back)
+        step[gid] -= 1
+        keep[gid] = ladders[gid][step[gid]]
+        frac[gid] = keep[gid] / sizes[gid]
+        damage_total -= regain
+        for x in by_group[gid]:
+            node_cost[x.key] = cost(x, x.macs * x.fraction(frac))
+        total = fixed_cost + sum(node_cost.values())
     return Allocation(keep, sizes, before, total, budget, total <= budget, damage_total)
 
 
