@@ -346,12 +346,12 @@ class PruneOptions:
     target_macs: Optional[float] = option(
         None, "Channel pattern: keep this fraction (0-1] of the model's MACs, each group's "
               "width chosen by least damage per MAC saved (instead of one --sparsity).",
-        type=float, bounds=(0.0, 1.0))
+        type=float)
     target_speedup: Optional[float] = option(
         None, "Channel pattern: the onnxruntime CPU speed-up wanted (>= 1), predicted from a "
               "per-layer timing table measured on this machine with --threads (cached in "
               "$ONNXPRUNE_CACHE, default ~/.cache/onnxprune); the report gives the predicted "
-              "and the measured speed-up.", type=float, bounds=(1.0, 1e6))
+              "and the measured speed-up.", type=float)
     validate: bool = option(True, "Skip checker, onnxruntime and comparison.",
                             name="--no-validate", switch=True)
     inputs: Any = option(
@@ -440,8 +440,14 @@ class PruneOptions:
         flag = given[0]
         if len(given) > 1:
             raise OptionError("give either --target-macs or --target-speedup, not both")
-        if self.target_macs is not None and self.target_macs <= 0:
-            raise OptionError(f"--target-macs must be in (0, 1], got {self.target_macs!r}")
+        value = self.target_macs if self.target_speedup is None else self.target_speedup
+        ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.number))
+              and math.isfinite(float(value)))
+        if self.target_macs is not None and not (ok and 0 < self.target_macs <= 1):
+            raise OptionError(f"--target-macs must be in (0, 1] (the fraction of the MACs "
+                              f"kept), got {value!r}")
+        if self.target_speedup is not None and not (ok and self.target_speedup >= 1):
+            raise OptionError(f"--target-speedup must be a finite number >= 1, got {value!r}")
         if self.pattern != "channel" or not self.channel_removal:
             raise OptionError(f"{flag} chooses how many channels each group keeps; use it with "
                               "--pattern channel (without --no-resize, --masks or --config)")

@@ -353,10 +353,11 @@ class TargetPlan:
 
             resolved = resolve_input_shapes(pruned.model, self.input_shapes, require_all=False)
             self.measured = measure_speedup(self.dense, pruned, resolved, self.threads)
-            threads = self.threads or "onnxruntime's default"
+            threads = (f"{self.threads} thread{'s' if self.threads > 1 else ''}" if self.threads
+                       else "onnxruntime's default threads")
             head = (f"allocation: target speed-up x{self.target:.2f}, predicted "
                     f"x{self.predicted_speedup:.2f}, measured x{self.measured[2]:.2f} "
-                    f"(onnxruntime CPU, {threads} threads, median of interleaved runs); "
+                    f"(onnxruntime CPU, {threads}, median of interleaved runs); "
                     f"MACs x{ratio:.3f}")
             widths = ", ".join(f"{w:g}" for w in self.table.widths)
             self.notes.append(

@@ -207,3 +207,22 @@ def test_options_api_errors():
     with pytest.raises(OptionError, match="not both"):
         prune(BUILDERS["conv_bn_relu"](), pattern="channel", target_macs=0.5,
               target_speedup=2.0)
+
+
+def test_speedup_run_reports_predicted_and_measured(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNXPRUNE_CACHE", str(tmp_path))
+    model = BUILDERS["conv_bn_relu"]()
+    notes = []
+    for _ in range(2):
+        res = prune(model, pattern="channel", target_speedup=1.2, threads=1, validate=False)
+        alloc = [r for r in res.state.records if getattr(r, "allocation", None)][0].allocation
+        assert alloc["target"] == {"speedup": 1.2} and alloc["threads"] == 1
+        assert alloc["predicted_speedup"] >= 1.2 or not alloc["reached"]
+        assert alloc["measured_speedup"] == pytest.approx(
+            alloc["dense_seconds"] / alloc["pruned_seconds"])
+        assert alloc["macs_after"] == count_macs(res.model).total
+        notes.append([n for n in res.report.notes if n.startswith(("allocation", "latency"))])
+    assert "measured in" in notes[0][0] and notes[1][0].endswith("read from the cache")
+    assert "allocation: target speed-up x1.20, predicted x" in notes[1][1]
+    assert "measured x" in notes[1][1] and "1 thread," in notes[1][1]
+    assert len(list((tmp_path / "latency").iterdir())) == 1
