@@ -28,6 +28,7 @@ move's overshoot shrinks to what no single step can fill.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -183,10 +184,26 @@ def allocate_widths(scores: Mapping[int, np.ndarray], nodes: Sequence[NodeCost],
                     min_channels: int = 1, max_group_sparsity: float = 0.9,
                     weights: Optional[Mapping[int, float]] = None,
                     fixed_cost: float = 0.0,
-                    budget_fn: Optional[Callable[[float], float]] = None) -> Allocation:
+                    budget_fn: Optional[Callable[[float], float]] = None,
+                    curves: Optional[Mapping[int, Sequence[Tuple[float, float]]]] = None
+                    ) -> Allocation:
     """Greedy widths (see the module doc) for the groups in ``scores`` (group id -> unit
     scores) so that ``fixed_cost + model_cost(nodes) <= budget`` (``budget_fn(dense cost)``
-    when given: e.g. the dense cost over a speed-up)."""
+    when given: e.g. the dense cost over a speed-up). ``curves``: per group, measured damage
+    at fractions removed (:func:`measured_damage`), used instead of the scores' sums."""
+    curves = dict(curves or {})
+
+    def damage_of(gid: int, k0: int, k1: int) -> float:
+        """Damage of group ``gid`` going from ``k0`` to ``k1`` kept channels (k1 < k0 removes,
+        k1 > k0 gives back: the value is then what giving back regains, positive)."""
+        n = sizes[gid]
+        lo, hi = sorted((k0, k1))
+        if gid in curves:
+            d = curve_at(curves[gid], (n - lo) / n) - curve_at(curves[gid], (n - hi) / n)
+        else:
+            d = float(sorted_scores[gid][n - hi: n - lo].sum()) / n
+        return d * weights.get(gid, 1.0)
+
     weights = dict(weights or {})
     sizes = {gid: len(s) for gid, s in scores.items()}
     keep = dict(sizes)
@@ -217,7 +234,7 @@ def allocate_widths(scores: Mapping[int, np.ndarray], nodes: Sequence[NodeCost],
         saving = sum(node_cost[x.key] - cost(x, x.macs * x.fraction(trial)) for x in by_group[gid])
         if saving <= 0:
             return None
-        damage = float(sorted_scores[gid][n - k0: n - k1].sum()) / n * weights.get(gid, 1.0)
+        damage = damage_of(gid, k0, k1)
         return damage / saving, saving, damage
 
     cands = {gid: move(gid) for gid in sizes}
@@ -255,7 +272,7 @@ def allocate_widths(scores: Mapping[int, np.ndarray], nodes: Sequence[NodeCost],
             trial[gid] = k1 / n
             extra = sum(cost(x, x.macs * x.fraction(trial)) - node_cost[x.key]
                         for x in by_group[gid])
-            regain = float(sorted_scores[gid][n - k1: n - k0].sum()) / n * weights.get(gid, 1.0)
+            regain = damage_of(gid, k0, k1)
             if total + extra <= budget:
                 back.append((-regain / max(extra, 1e-30), gid, regain))
         if not back:
@@ -269,6 +286,56 @@ def allocate_widths(scores: Mapping[int, np.ndarray], nodes: Sequence[NodeCost],
             node_cost[x.key] = cost(x, x.macs * x.fraction(frac))
         total = fixed_cost + sum(node_cost.values())
     return Allocation(keep, sizes, before, total, budget, total <= budget, damage_total)
+
+
+def curve_at(curve: Sequence[Tuple[float, float]], p: float) -> float:
+    """Damage at fraction removed ``p`` on a measured curve (points ``(p, damage)``, starting
+    at ``(0, 0)``): piecewise linear, made non-decreasing, the last segment's slope beyond."""
+    xs = np.asarray([c[0] for c in curve], dtype=np.float64)
+    ys = np.maximum.accumulate(np.asarray([c[1] for c in curve], dtype=np.float64))
+    if p <= xs[-1] or len(xs) < 2:
+        return float(np.interp(p, xs, ys))
+    slope = (ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-12)
+    return float(ys[-1] + slope * (p - xs[-1]))
+
+
+def measured_damage(handle: ModelHandle, graph: ChannelGraph, scores: Mapping[int, np.ndarray],
+                    feeds: Sequence[Mapping[str, np.ndarray]],
+                    levels: Sequence[float] = (0.25, 0.5)) -> Dict[int, List[Tuple[float, float]]]:
+    """Per group: ``[(0, 0), (p, error), ...]``, the model's relative output error
+    ``sum ||y - y0||^2 / sum ||y0||^2`` over ``feeds`` with the group's lowest-scored fraction
+    ``p`` of channels masked (exactly what removing them computes), each level alone. The
+    handle's weights are restored after each trial."""
+    from onnxprune.channels.resize import mask_channels
+    from onnxprune.runtime.session import open_session
+
+    def outputs():
+        session = open_session(handle)
+        return [np.asarray(o, dtype=np.float64) for f in feeds for o in session.run(None, dict(f))]
+
+    ref = outputs()
+    norm = sum(float((r ** 2).sum()) for r in ref) or 1.0
+    curves: Dict[int, List[Tuple[float, float]]] = {}
+    for gid, s in scores.items():
+        group = graph.groups[gid]
+        n = group.size
+        order = np.argsort(s, kind="stable")
+        saved = {m.tensor: handle.read(graph.stored[m.tensor]).copy()
+                 for m in group.members if m.stored}
+        curve = [(0.0, 0.0)]
+        for p in levels:
+            k = int(round(p * n))
+            if k < 1 or k >= n or (curve and k / n <= curve[-1][0]):
+                continue
+            mask_channels(handle, {gid: sorted(order[:k].tolist())}, graph)
+            try:
+                err = sum(float(((o - r) ** 2).sum()) for o, r in zip(outputs(), ref)) / norm
+            finally:
+                for name, values in saved.items():
+                    handle.write(graph.stored[name], values)
+            curve.append((k / n, err if np.isfinite(err) else 1e6))
+        curves[gid] = curve
+    return curves
 
 
 def uniform_width(handle: ModelHandle, width: float, round_to: int = 1, min_channels: int = 1,
@@ -394,25 +461,35 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
                         input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
                         criterion: str = "l1", round_to: int = 1, min_channels: int = 1,
                         max_group_sparsity: float = 0.9, channel_scores=None,
-                        table=None) -> TargetPlan:
+                        table=None, calibration=None, damage_samples: int = 8) -> TargetPlan:
     """Per-group widths for ``target_macs`` (keep this fraction of the model's MACs) or
     ``target_speedup`` (predicted from the latency table, measured with ``threads``; ``table``
     injects one, e.g. in tests) on the groups left prunable in ``graph``."""
-    import time
-
     from onnxprune.channels.select import group_scores
 
     scores = group_scores(handle, graph, criterion, channel_scores)
     nodes = node_costs(handle, graph, input_shapes)
+    curves, damage_note = None, None
+    if calibration is not None and len(calibration) and not getattr(calibration, "data_free",
+                                                                     False):
+        start = time.perf_counter()
+        data = calibration.take(damage_samples)
+        feeds = list(data.batches(data.fixed_batch or damage_samples))
+        curves = measured_damage(handle, graph, scores, feeds)
+        damage_note = (f"allocation: damage measured per group as the output error on "
+                       f"{len(data)} calibration samples with 25 % and 50 % of its channels "
+                       f"removed ({len(curves)} groups, {time.perf_counter() - start:.1f} s)")
     total = counted_macs(handle, input_shapes)
     fixed = total - sum(n.macs for n in nodes)
     common = dict(round_to=round_to, min_channels=min_channels,
                   max_group_sparsity=max_group_sparsity)
     if target_macs is not None:
         alloc = allocate_widths(scores, nodes, target_macs * total, mac_cost,
-                                fixed_cost=fixed, **common)
-        return TargetPlan(handle, alloc, alloc.removed(scores), nodes, "macs", target_macs,
+                                fixed_cost=fixed, curves=curves, **common)
+        plan = TargetPlan(handle, alloc, alloc.removed(scores), nodes, "macs", target_macs,
                           input_shapes, threads)
+        plan.notes += [damage_note] if damage_note else []
+        return plan
     from onnxprune.runtime.latency import latency_table
 
     start, cached = time.perf_counter(), True
@@ -422,9 +499,12 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
             input_shapes, round_to, min_channels, threads=threads)
     elapsed = time.perf_counter() - start
     alloc = allocate_widths(scores, nodes, 0.0, latency_cost(table), fixed_cost=table.rest,
-                            **common, budget_fn=lambda dense: dense / target_speedup)
-    return TargetPlan(handle, alloc, alloc.removed(scores), nodes, "speedup", target_speedup,
+                            **common, budget_fn=lambda dense: dense / target_speedup,
+                            curves=curves)
+    plan = TargetPlan(handle, alloc, alloc.removed(scores), nodes, "speedup", target_speedup,
                       input_shapes, threads, table, cached, elapsed)
+    plan.notes += [damage_note] if damage_note else []
+    return plan
 
 
 def latency_cost(table) -> CostFn:

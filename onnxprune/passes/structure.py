@@ -157,7 +157,8 @@ class PruneChannels(Pass):
             allocation = allocate_for_target(
                 state.handle, graph, *self.target, input_shapes=self.input_shapes,
                 **{k: self.kwargs[k] for k in ("criterion", "round_to", "min_channels",
-                                               "max_group_sparsity", "channel_scores")})
+                                               "max_group_sparsity", "channel_scores")},
+                calibration=state.calibration)
             removed = allocation.removed
         else:
             removed = select_channels(state.handle, graph, self.sparsity, **self.kwargs)

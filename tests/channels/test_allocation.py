@@ -226,3 +226,40 @@ def test_speedup_run_reports_predicted_and_measured(tmp_path, monkeypatch):
     assert "allocation: target speed-up x1.20, predicted x" in notes[1][1]
     assert "measured x" in notes[1][1] and "1 thread," in notes[1][1]
     assert len(list((tmp_path / "latency").iterdir())) == 1
+
+
+def test_curve_at():
+    from onnxprune.channels.allocate import curve_at
+
+    curve = [(0.0, 0.0), (0.25, 0.1), (0.5, 0.05)]  # noise: made non-decreasing
+    assert curve_at(curve, 0.125) == pytest.approx(0.05)
+    assert curve_at(curve, 0.5) == pytest.approx(0.1)
+    assert curve_at([(0.0, 0.0), (0.25, 0.1), (0.5, 0.3)], 0.75) == pytest.approx(0.5)
+
+
+def test_measured_damage_restores_weights_and_drives_the_allocation():
+    from onnxprune.channels.allocate import measured_damage
+    from onnxprune.channels.select import group_scores
+    from onnxprune.inputs.dataset import CalibrationSet
+
+    model = BUILDERS["conv_bn_relu"]()
+    handle = load(copy.deepcopy(model))
+    graph = build_channel_graph(handle)
+    scores = group_scores(handle, graph)
+    data = CalibrationSet.from_arrays(model, {"x": np.random.default_rng(0).standard_normal(
+        (4, 3, 16, 16)).astype(np.float32)})
+    feeds = list(data.batches(4))
+    before = {t.name: handle.read(t).copy() for t in handle.model.graph.initializer}
+    curves = measured_damage(handle, graph, scores, feeds)
+    for t in handle.model.graph.initializer:
+        np.testing.assert_array_equal(handle.read(t), before[t.name])
+    assert set(curves) == {0, 2}
+    assert [p for p, _ in curves[0]] == [0.0, 0.25, 0.5]
+    assert [p for p, _ in curves[2]] == [0.0, 6 / 24, 0.5]
+    assert all(e > 0 for c in curves.values() for _, e in c[1:])
+    # the plan uses them (and says so), and still meets the target exactly
+    plan = allocate_for_target(handle, graph, target_macs=0.5, calibration=data)
+    assert plan.notes and "4 calibration samples" in plan.notes[0]
+    resize_channels(handle, graph, plan.removed)
+    assert count_macs(handle.model).total / count_macs(model).total <= 0.5
+    assert count_macs(handle.model).total == pytest.approx(plan.predicted_macs, abs=0.5)
