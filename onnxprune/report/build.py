@@ -173,10 +173,18 @@ def sections(records: Sequence[PassRecord], layers: Mapping[str, LayerResult]
              ) -> Dict[str, List[dict]]:
     """Extra report tables: the sensitivity table when one was measured, the channel widths
     a --target-macs/--target-speedup allocation chose."""
-    out = {f"channel allocation ({next(iter(r.allocation['target']))} target)": [
-        {k: g[k] for k in ("group", "describe", "channels", "kept")}
-        for g in r.allocation["groups"]]
-        for r in records if isinstance(r, ChannelRecord) and r.allocation}
+    out: Dict[str, List[dict]] = {}
+    for r in records:
+        if isinstance(r, ChannelRecord) and r.allocation:
+            a = r.allocation
+            kind, target = next(iter(a["target"].items()))
+            out["channel allocation target"] = [dict(
+                {"target": kind, "value": target, "reached": a["reached"],
+                 "macs_ratio": a["macs_ratio"], "predicted_macs_ratio": a["predicted_macs_ratio"]},
+                **{k: a[k] for k in ("predicted_speedup", "measured_speedup", "threads")
+                   if a.get(k) is not None})]
+            out[f"channel allocation ({kind} target)"] = [
+                {k: g[k] for k in ("group", "describe", "channels", "kept")} for g in a["groups"]]
     return {**out, **_sensitivity_section(records, layers)}
 
 

@@ -263,3 +263,13 @@ def test_measured_damage_restores_weights_and_drives_the_allocation():
     resize_channels(handle, graph, plan.removed)
     assert count_macs(handle.model).total / count_macs(model).total <= 0.5
     assert count_macs(handle.model).total == pytest.approx(plan.predicted_macs, abs=0.5)
+
+
+def test_report_target_row():
+    res = prune(BUILDERS["conv_bn_relu"](), pattern="channel", target_macs=0.5, validate=False)
+    (row,) = res.report.sections["channel allocation target"]
+    assert row["target"] == "macs" and row["value"] == 0.5 and row["reached"] is True
+    assert row["macs_ratio"] == row["predicted_macs_ratio"] <= 0.5
+    assert "measured_speedup" not in row
+    import json
+    json.dumps(res.report.to_dict())
