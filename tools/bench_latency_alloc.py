@@ -30,7 +30,14 @@ from onnxprune.runtime.session import session_threads
 from onnxprune.inputs.signature import resolve_input_shapes
 
 SHAPES = {"ch_PP-OCRv4_det_infer": {"x": [1, 3, 320, 320]}}
-BEGIN, END = "<!-- bench_latency_alloc: begin -->", "<!-- bench_latency_alloc: end -->"
+
+
+def markers(models: str):
+    """The comment lines around one run's block in the results file (one block per model
+    list, so runs on other models keep theirs)."""
+    names = ",".join(Path(m).stem for m in models.split(","))
+    return (f"<!-- bench_latency_alloc {names}: begin -->",
+            f"<!-- bench_latency_alloc {names}: end -->")
 
 
 def text_pages(n: int, size: int = 320, seed: int = 0):
@@ -143,7 +150,7 @@ def main(argv=None) -> int:
     text = render(args, rows, speed_rows, threads)
     print(text)
     if args.write:
-        write(Path(args.write), text)
+        write(Path(args.write), text, *markers(args.models))
     return 0
 
 
@@ -152,7 +159,10 @@ def render(args, rows, speed_rows, threads) -> str:
     head = ["model", "uniform sparsity", "uniform MACs", "uniform cosine", "allocated MACs",
             "allocated cosine"] + [f"speed-up {t} thr (uniform / allocated)" for t in threads] \
         + ["prune s (uniform / allocated)"]
-    lines = [BEGIN, "## Allocation by measured cost: uniform vs --target-macs at equal MACs", "",
+    begin, end = markers(args.models)
+    names = ", ".join(Path(m).stem for m in args.models.split(","))
+    lines = [begin, f"## Allocation by measured cost: uniform vs --target-macs at equal MACs "
+             f"({names})", "",
              f"Command: `{cmd}`", "",
              f"onnxruntime {onnxruntime.__version__}, CPUExecutionProvider, batch 1, "
              f"{os.cpu_count()} CPUs shared with other jobs; speed-ups are dense / pruned, "
@@ -172,14 +182,14 @@ def render(args, rows, speed_rows, threads) -> str:
               "| model | threads | target | predicted | measured | MACs | cosine | "
               "run s (measured table / cached) |", "|---|---|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in speed_rows]
-    lines.append(END)
+    lines.append(end)
     return "\n".join(lines) + "\n"
 
 
-def write(path: Path, text: str) -> None:
+def write(path: Path, text: str, begin: str, end: str) -> None:
     old = path.read_text() if path.exists() else ""
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + text.rstrip("\n") + old[old.index(END) + len(END):]
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + text.rstrip("\n") + old[old.index(end) + len(end):]
     else:
         new = old.rstrip("\n") + "\n\n" + text
     path.write_text(new)

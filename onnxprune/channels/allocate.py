@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import onnx
 
 from onnxprune.channels.graph import CONSUMER, PRODUCER, ChannelGraph
 from onnxprune.channels.select import round_kept
@@ -304,38 +305,74 @@ def measured_damage(handle: ModelHandle, graph: ChannelGraph, scores: Mapping[in
                     levels: Sequence[float] = (0.25, 0.5)) -> Dict[int, List[Tuple[float, float]]]:
     """Per group: ``[(0, 0), (p, error), ...]``, the model's relative output error
     ``sum ||y - y0||^2 / sum ||y0||^2`` over ``feeds`` with the group's lowest-scored fraction
-    ``p`` of channels masked (exactly what removing them computes), each level alone. The
-    handle's weights are restored after each trial."""
+    ``p`` of channels masked (exactly what removing them computes), each level alone.
+
+    One session serves every trial: the groups' stored tensors that are initializers become
+    overridable graph inputs of a copy of the model, and each trial feeds its masked values.
+    (A group with a tensor stored as a ``Constant`` node gets a session of its own per trial.)
+    The handle is left as it was."""
     from onnxprune.channels.resize import mask_channels
+    from onnxprune.ops._channel import ZERO_ON_MASK
     from onnxprune.runtime.session import open_session
 
-    def outputs():
-        session = open_session(handle)
-        return [np.asarray(o, dtype=np.float64) for f in feeds for o in session.run(None, dict(f))]
+    inits = {t.name for t in handle.model.graph.initializer}
+    touched = sorted({m.tensor for gid in scores for m in graph.groups[gid].members
+                      if m.stored and ZERO_ON_MASK.intersection(m.roles) and m.tensor in inits})
+    twin = ModelHandle(model=copy.deepcopy(handle.model), path=handle.path,
+                       base_dir=handle.base_dir)
+    for tensor, values in handle.rewritten_values():
+        twin.write(twin.index.stored[tensor.name], values)
+    stored = dict(twin.index.stored)  # before its initializers become inputs
+    twin_view = _rebind(graph, stored)
+    declared = {i.name for i in twin.model.graph.input}
+    for name in touched:
+        if name not in declared:
+            t = graph.stored[name]
+            twin.model.graph.input.append(
+                onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+    twin.graph_changed()
+    shared = open_session(twin)
 
-    ref = outputs()
+    def run(session, extra):
+        return [np.asarray(o, dtype=np.float64) for f in feeds
+                for o in session.run(None, {**dict(f), **extra})]
+
+    ref = run(shared, {})
     norm = sum(float((r ** 2).sum()) for r in ref) or 1.0
     curves: Dict[int, List[Tuple[float, float]]] = {}
     for gid, s in scores.items():
         group = graph.groups[gid]
         n = group.size
         order = np.argsort(s, kind="stable")
-        saved = {m.tensor: handle.read(graph.stored[m.tensor]).copy()
-                 for m in group.members if m.stored}
+        names = sorted({m.tensor for m in group.members
+                        if m.stored and ZERO_ON_MASK.intersection(m.roles)})
         curve = [(0.0, 0.0)]
         for p in levels:
             k = int(round(p * n))
-            if k < 1 or k >= n or (curve and k / n <= curve[-1][0]):
+            if k < 1 or k >= n or k / n <= curve[-1][0]:
                 continue
-            mask_channels(handle, {gid: sorted(order[:k].tolist())}, graph)
+            saved = {name: twin.read(stored[name]) for name in names}
             try:
-                err = sum(float(((o - r) ** 2).sum()) for o, r in zip(outputs(), ref)) / norm
+                mask_channels(twin, {gid: sorted(order[:k].tolist())}, twin_view)
+                if all(name in inits for name in names):
+                    out = run(shared, {name: twin.read(stored[name]) for name in names})
+                else:
+                    out = run(open_session(twin), {})
             finally:
                 for name, values in saved.items():
-                    handle.write(graph.stored[name], values)
+                    twin.write(stored[name], values)
+            err = sum(float(((o - r) ** 2).sum()) for o, r in zip(out, ref)) / norm
             curve.append((k / n, err if np.isfinite(err) else 1e6))
         curves[gid] = curve
     return curves
+
+
+def _rebind(graph: ChannelGraph, stored: Mapping[str, onnx.TensorProto]) -> ChannelGraph:
+    """``graph`` with its stored tensors taken from ``stored`` (those of a copy of the model it
+    was built on: same names, other protos)."""
+    from dataclasses import replace
+
+    return replace(graph, stored={k: stored.get(k, v) for k, v in graph.stored.items()})
 
 
 def uniform_width(handle: ModelHandle, width: float, round_to: int = 1, min_channels: int = 1,

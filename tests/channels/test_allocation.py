@@ -257,6 +257,16 @@ def test_measured_damage_restores_weights_and_drives_the_allocation():
     assert [p for p, _ in curves[0]] == [0.0, 0.25, 0.5]
     assert [p for p, _ in curves[2]] == [0.0, 6 / 24, 0.5]
     assert all(e > 0 for c in curves.values() for _, e in c[1:])
+    # each point is the error of the model with those channels masked, run on its own
+    twin = load(copy.deepcopy(model))
+    twin_graph = build_channel_graph(twin)
+    mask_channels(twin, {2: sorted(np.argsort(scores[2], kind="stable")[:12].tolist())},
+                  twin_graph)
+    ref = [o for f in feeds for o in run(model, f)]
+    out = [o for f in feeds for o in run(twin.model, f)]
+    err = sum(((o - r).astype(np.float64) ** 2).sum() for o, r in zip(out, ref)) / sum(
+        (r.astype(np.float64) ** 2).sum() for r in ref)
+    assert curves[2][2][1] == pytest.approx(err, rel=1e-4)
     # the plan uses them (and says so), and still meets the target exactly
     plan = allocate_for_target(handle, graph, target_macs=0.5, calibration=data)
     assert plan.notes and "4 calibration samples" in plan.notes[0]
