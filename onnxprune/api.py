@@ -82,7 +82,9 @@ def build_passes(options: PruneOptions) -> Pipeline:
         passes.append(PruneChannels(sparsity=o.sparsity, criterion=o.criterion,
                                     round_to=o.round_to, min_channels=o.min_channels,
                                     scope=o.scope, max_group_sparsity=o.max_group_sparsity,
-                                    input_shapes=o.input_shapes, refit=o.refit))
+                                    input_shapes=o.input_shapes, refit=o.refit,
+                                    target_macs=o.target_macs, target_speedup=o.target_speedup,
+                                    threads=o.threads))
         if o.save_plan is not None or o.dry_run:
             passes.append(RecordPlan(o.input_shapes))
     else:

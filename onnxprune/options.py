@@ -349,6 +349,16 @@ class PruneOptions:
                 "spread the target where it hurts least; auto: sensitivity when --calibration "
                 "is given for a free-sparsity pattern (local scope, no search), else uniform.",
         choices=lambda: ALLOCATIONS)
+    # Allocation by measured cost (issue 14): per-group channel widths that meet a target.
+    target_macs: Optional[float] = option(
+        None, "Channel pattern: keep this fraction (0-1] of the model's MACs, each group's "
+              "width chosen by least damage per MAC saved (instead of one --sparsity).",
+        type=float)
+    target_speedup: Optional[float] = option(
+        None, "Channel pattern: the onnxruntime CPU speed-up wanted (>= 1), predicted from a "
+              "per-layer timing table measured on this machine with --threads (cached in "
+              "$ONNXPRUNE_CACHE, default ~/.cache/onnxprune); the report gives the predicted "
+              "and the measured speed-up.", type=float)
     validate: bool = option(True, "Skip checker, onnxruntime and comparison.",
                             name="--no-validate", switch=True)
     inputs: Any = option(
@@ -456,6 +466,7 @@ class PruneOptions:
         if 0 < self.sparse_error_ratio < 1:
             raise OptionError("--sparse-error-ratio must be 0 (off) or at least 1 (an error share "
                               f"equal to the MAC share), got {self.sparse_error_ratio!r}")
+        self._check_target()
         crit = get_criterion(self.criterion)
         if crit.reconstructs and self.scope == "global":
             raise OptionError(f"criterion '{self.criterion}' prunes layer by layer; use "
@@ -472,6 +483,33 @@ class PruneOptions:
             if given is not None:
                 raise OptionError(f"--permute cannot be used with {name}: those arrays are in the "
                                   "model's channel order; drop --permute or the arrays")
+
+    def _check_target(self) -> None:
+        """--target-macs/--target-speedup: one of them, for channel removal, in place of a
+        sparsity (and of --scope global or --search, which spread a sparsity)."""
+        given = [f for f, v in (("--target-macs", self.target_macs),
+                                ("--target-speedup", self.target_speedup)) if v is not None]
+        if not given:
+            return
+        flag = given[0]
+        if len(given) > 1:
+            raise OptionError("give either --target-macs or --target-speedup, not both")
+        value = self.target_macs if self.target_speedup is None else self.target_speedup
+        ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.number))
+              and math.isfinite(float(value)))
+        if self.target_macs is not None and not (ok and 0 < self.target_macs <= 1):
+            raise OptionError(f"--target-macs must be in (0, 1] (the fraction of the MACs "
+                              f"kept), got {value!r}")
+        if self.target_speedup is not None and not (ok and self.target_speedup >= 1):
+            raise OptionError(f"--target-speedup must be a finite number >= 1, got {value!r}")
+        if self.pattern != "channel" or not self.channel_removal:
+            raise OptionError(f"{flag} chooses how many channels each group keeps; use it with "
+                              "--pattern channel (without --no-resize, --masks or --config)")
+        clash = [f for f, bad in (("--sparsity", self.sparsity is not None),
+                                  ("--scope global", self.scope == "global"),
+                                  ("--search", self.search)) if bad]
+        if clash:
+            raise OptionError(f"{flag} chooses each group's width itself; drop {clash[0]}")
 
     def _check_metric(self) -> None:
         """The user's metric resolved (the script imported: its errors come before any work),
@@ -551,6 +589,10 @@ class PruneOptions:
             out.update(eval_script=self.eval_script.source, **{
                 k: getattr(self, k) for k in ("min_metric", "max_metric_drop")
                 if getattr(self, k) is not None})
+        if self.target_macs is not None or self.target_speedup is not None:
+            out.pop("sparsity", None)
+            out.update({k: getattr(self, k) for k in ("target_macs", "target_speedup")
+                        if getattr(self, k) is not None})
         if self.pattern == "channel":
             out.update(round_to=self.round_to, min_channels=self.min_channels, refit=self.refit)
         if isinstance(self.calibration, (str, os.PathLike)):

@@ -57,6 +57,21 @@ def _user_scores(graph: ChannelGraph, key: Union[int, str], values) -> tuple:
                       f"{group.id} has {group.size} channels")
 
 
+def group_scores(handle: ModelHandle, graph: ChannelGraph, criterion: str = "l1",
+                 channel_scores: Optional[Dict] = None) -> Dict[int, np.ndarray]:
+    """Prunable group id -> its units' scores (the user's where given), mean 1 when nonzero."""
+    user = dict(_user_scores(graph, k, v) for k, v in (channel_scores or {}).items())
+    cache: Dict = {}
+    scores: Dict[int, np.ndarray] = {}
+    for g in graph.prunable():
+        if g.id in user:
+            s = user[g.id]
+            scores[g.id] = s / s.mean() if s.mean() > 0 else s
+        else:
+            scores[g.id] = unit_scores(handle, graph, g, criterion, cache)
+    return scores
+
+
 def kept_count(n: int, sparsity: float, round_to: int = 1, min_channels: int = 1) -> int:
     """Channels a group of ``n`` keeps: ``n - floor(s*n)``, at least ``min_channels`` (and 1),
     then rounded to the nearest multiple of ``round_to`` (never below ``round_to``); a group
@@ -91,15 +106,7 @@ def select_channels(handle: ModelHandle, graph: ChannelGraph, sparsity: float,
         raise OptionError(f"scope must be 'local' or 'global', got '{scope}'")
     if round_to < 1 or min_channels < 0:
         raise OptionError("round_to must be >= 1 and min_channels >= 0")
-    user = dict(_user_scores(graph, k, v) for k, v in (channel_scores or {}).items())
-    cache: Dict = {}
-    scores: Dict[int, np.ndarray] = {}
-    for g in graph.prunable():
-        if g.id in user:
-            s = user[g.id]
-            scores[g.id] = s / s.mean() if s.mean() > 0 else s
-        else:
-            scores[g.id] = unit_scores(handle, graph, g, criterion, cache)
+    scores = group_scores(handle, graph, criterion, channel_scores)
     removed: Dict[int, List[int]] = {}
     if scope == "local":
         for gid, s in scores.items():

@@ -38,6 +38,7 @@ class ChannelRecord(PassRecord):
     frozen: List[Tuple[str, str]] = field(default_factory=list)
     resized: int = 0
     refit: List[str] = field(default_factory=list)
+    allocation: Optional[dict] = None  # --target-macs/--target-speedup: see channels.allocate
 
 
 @dataclass
@@ -106,7 +107,9 @@ class PruneChannels(Pass):
     def __init__(self, sparsity: Optional[float] = None, criterion: str = "magnitude",
                  round_to: int = 1, min_channels: int = 1, scope: str = "local",
                  max_group_sparsity: float = 0.9, channel_scores: Optional[Dict] = None,
-                 input_shapes: Optional[Dict[str, Sequence[int]]] = None, refit: bool = False):
+                 input_shapes: Optional[Dict[str, Sequence[int]]] = None, refit: bool = False,
+                 target_macs: Optional[float] = None, target_speedup: Optional[float] = None,
+                 threads: Optional[int] = None):
         if criterion not in _CHANNEL_NORMS and channel_scores is None:
             raise OptionError(f"criterion '{criterion}' does not rank channels; use "
                               f"{', '.join(sorted(_CHANNEL_NORMS))} with --pattern channel")
@@ -119,6 +122,7 @@ class PruneChannels(Pass):
         self.criterion = criterion
         self.input_shapes = input_shapes
         self.refit = refit
+        self.target = (target_macs, target_speedup, threads)
         if refit:  # the refit fits layers to the dense model on calibration data
             self.requires = frozenset({"selection", "calibration"})
 
@@ -146,7 +150,18 @@ class PruneChannels(Pass):
             elif left_out:
                 group.frozen = (f"producer {left_out[0]} is not selected (--op-types/"
                                 "--include/--exclude/config)")
-        removed = select_channels(state.handle, graph, self.sparsity, **self.kwargs)
+        allocation = None
+        if self.target[0] is not None or self.target[1] is not None:
+            from onnxprune.channels.allocate import allocate_for_target
+
+            allocation = allocate_for_target(
+                state.handle, graph, *self.target, input_shapes=self.input_shapes,
+                **{k: self.kwargs[k] for k in ("criterion", "round_to", "min_channels",
+                                               "max_group_sparsity", "channel_scores")},
+                calibration=state.calibration)
+            removed = allocation.removed
+        else:
+            removed = select_channels(state.handle, graph, self.sparsity, **self.kwargs)
         mask_channels(state.handle, removed, graph)
         if self.refit:
             from onnxprune.passes.sequential import refit_channels
@@ -183,6 +198,10 @@ class PruneChannels(Pass):
         record.channels_removed, record.groups, record.groups_pruned = (n_removed,
                                                                         with_producer, pruned)
         record.resized = changed
+        if allocation is not None:
+            allocation.finish(state.handle)
+            record.allocation = allocation.summary(graph)
+            record.notes.extend(allocation.notes)
         return record
 
 

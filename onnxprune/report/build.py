@@ -187,12 +187,29 @@ def _sparse_saving(rows: Sequence[LayerRow], itemsizes: Optional[Sequence[int]])
 
 def sections(records: Sequence[PassRecord], layers: Mapping[str, LayerResult]
              ) -> Dict[str, List[dict]]:
-    """Extra report tables: the sensitivity table when one was measured, and the tables a
-    record carries as ``sections`` (title -> rows; e.g. channel permutation's kept saliency)."""
+    """Extra report tables: the sensitivity table when one was measured, the channel widths
+    a --target-macs/--target-speedup allocation chose, and the tables a record carries as
+    ``sections`` (title -> rows; e.g. channel permutation's kept saliency)."""
     carried = {k: v for r in records for k, v in (getattr(r, "sections", None) or {}).items()}
+    out: Dict[str, List[dict]] = {}
+    for r in records:
+        if isinstance(r, ChannelRecord) and r.allocation:
+            a = r.allocation
+            kind, target = next(iter(a["target"].items()))
+            out["channel allocation target"] = [dict(
+                {"target": kind, "value": target, "reached": a["reached"],
+                 "macs_ratio": a["macs_ratio"], "predicted_macs_ratio": a["predicted_macs_ratio"]},
+                **{k: a[k] for k in ("predicted_speedup", "measured_speedup", "threads")
+                   if a.get(k) is not None})]
+            out[f"channel allocation ({kind} target)"] = [
+                {k: g[k] for k in ("group", "describe", "channels", "kept")} for g in a["groups"]]
+    return {**out, **carried, **_sensitivity_section(records, layers)}
+
+
+def _sensitivity_section(records, layers):
     tables = [r.table for r in records if isinstance(r, SensitivityRecord) and r.table is not None]
     if not tables:
-        return carried
+        return {}
     table = tables[-1]
     rows = []
     for key, errors in table.errors.items():
@@ -202,7 +219,7 @@ def sections(records: Sequence[PassRecord], layers: Mapping[str, LayerResult]
             layer = layers[key]
             row["sparsity"] = round(1 - layer.nonzeros_after / max(1, layer.numel), 4)
         rows.append(row)
-    return {**carried, f"sensitivity ({table.metric}, {table.samples} samples)": rows}
+    return {f"sensitivity ({table.metric}, {table.samples} samples)": rows}
 
 
 __all__ = ["NOT_SELECTED", "build_report", "count_macs_or_error", "dense_zeros_note",

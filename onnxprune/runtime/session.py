@@ -74,10 +74,11 @@ def open_session(model: ModelOrPath):
         return ort_session(source, folder)
 
 
-def ort_session(source: Union[bytes, str], folder: Optional[str]):
+def ort_session(source: Union[bytes, str], folder: Optional[str], spin: bool = True):
     """A CPU session on ``source`` (bytes or a path, from :func:`model_source`), quiet, with
     ``folder`` holding the external data of a proto given as bytes; :class:`InvalidOutputModel`
-    when onnxruntime refuses it."""
+    when onnxruntime refuses it. ``spin=False``: its worker threads sleep between runs instead
+    of spinning (many sessions timed side by side would otherwise steal each other's cores)."""
     import onnxruntime as ort  # deferred: importing onnxruntime costs ~0.3 s
 
     options = ort.SessionOptions()
@@ -87,6 +88,8 @@ def ort_session(source: Union[bytes, str], folder: Optional[str]):
     threads = _THREADS.get()
     if threads:
         options.intra_op_num_threads = int(threads)
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if folder is not None:
         # Lets a proto given as bytes find its external data files.
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",

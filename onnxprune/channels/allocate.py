@@ -1,0 +1,553 @@
+"""Per-group channel widths that meet a MAC or latency target with the least damage.
+
+Instead of one sparsity for every channel group, :func:`allocate_widths` chooses how many
+channels each group keeps so that a cost over the model's counted nodes (MACs, or predicted
+onnxruntime seconds from :mod:`onnxprune.runtime.latency`) falls to a budget, removing first
+what hurts least per unit of cost saved.
+
+Cost model (:func:`node_costs`): each node with a MAC formula (Conv, Gemm, MatMul, ...) whose
+stored weight has axes in channel groups does work proportional to that weight's element count
+(``MACs = numel(W) x output positions`` for every such op), so with group ``g`` keeping a
+fraction ``f_g`` of its channels the node's MACs are ``MACs x prod(f_g)`` over the weight's
+grouped axes — exact for those nodes. Nodes whose work the groups do not change through a
+stored weight (weight-free MatMul, pooling) count as fixed: if channel removal shrinks them
+too, the real MACs only come out lower than predicted.
+
+Damage (:func:`allocate_widths`): a group's units ranked by their importance score (the channel
+criterion's normalized scores, mean 1 per group, lowest removed first); removing units costs
+the sum of their scores divided by the group's size (the share of the group removed, weighted
+by importance), times the group's sensitivity weight (1, or a measured output error).
+
+Greedy: every group starts whole; each step takes the move (one group down to its next allowed
+width: multiples of ``round_to``, at least ``min_channels``, at most ``max_group_sparsity``
+removed) with the least damage per cost saved, until the cost is at most the budget; then the
+steps that still fit under the budget are given back (most damage per cost first), so the last
+move's overshoot shrinks to what no single step can fill.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+
+from onnxprune.channels.graph import CONSUMER, PRODUCER, ChannelGraph
+from onnxprune.channels.select import round_kept
+from onnxprune.inputs.signature import resolve_input_shapes
+from onnxprune.model.index import node_key
+from onnxprune.model.io import ModelHandle
+from onnxprune.model.shapes import infer_shapes
+from onnxprune.ops.registry import complete_types, field_of
+
+
+#: One grouped axis of a weight: (axis size, ((group id, indices of the axis in the group), ...)).
+AxisSpec = Tuple[int, Tuple[Tuple[int, int], ...]]
+
+
+@dataclass
+class NodeCost:
+    """One counted node: its key (:func:`node_key`), op type, dense MACs, and the channel groups
+    its work scales with: ``factors`` is a list of ``(share, axes)``, one per stored weight,
+    ``share`` the weight's part of the node's weight elements (shares sum to 1) and ``axes``
+    its grouped axes (:data:`AxisSpec`; an axis may hold channels of several groups, e.g. a conv
+    whose output a ``Split`` divides). With group ``g`` keeping a fraction ``f_g``, an axis keeps
+    ``(size - sum(count) + sum(f_g x count)) / size`` and the node's MAC fraction is
+    ``sum(share x prod(axis fractions))``."""
+
+    key: str
+    op_type: str
+    macs: int
+    factors: List[Tuple[float, Tuple[AxisSpec, ...]]] = field(default_factory=list)
+
+    @property
+    def groups(self) -> Tuple[int, ...]:
+        return tuple(sorted({g for _, axes in self.factors for _, parts in axes
+                             for g, _ in parts}))
+
+    def fraction(self, kept: Mapping[int, float]) -> float:
+        """The node's MAC fraction with group ``g`` keeping ``kept[g]`` of its channels (1 for
+        groups not given)."""
+        if not self.factors:
+            return 1.0
+        total = 0.0
+        for share, axes in self.factors:
+            f = 1.0
+            for size, parts in axes:
+                f *= (size - sum(c for _, c in parts)
+                      + sum(kept.get(g, 1.0) * c for g, c in parts)) / size
+            total += share * f
+        return float(total)
+
+
+def node_costs(handle: ModelHandle, graph: ChannelGraph,
+               input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> List[NodeCost]:
+    """Every main-graph node with a MAC formula, its dense MACs on the resolved input shapes
+    and the prunable groups its weights' axes hold channels of."""
+    proto = handle.model
+    resolved = resolve_input_shapes(proto, input_shapes, require_all=False)
+    shapes = infer_shapes(handle, resolved, keep_value_info=True,
+                          complete=complete_types).static()
+    dim_groups: Dict[Tuple[str, int], Dict[int, int]] = {}
+    for g in graph.groups:
+        if not g.prunable:
+            continue
+        for m in g.members:
+            if m.stored:
+                parts = dim_groups.setdefault((m.tensor, m.axis), {})
+                parts[g.id] = parts.get(g.id, 0) + int(m.index_map.size)
+    # node key -> stored tensor -> axis -> {group id: indices}
+    per_node: Dict[str, Dict[str, Dict[int, Dict[int, int]]]] = {}
+    for (tensor, axis), roles in graph.roles.items():
+        parts = dim_groups.get((tensor, axis))
+        if not parts:
+            continue
+        for role, key, _ in roles:
+            if role in (PRODUCER, CONSUMER):
+                per_node.setdefault(key, {}).setdefault(tensor, {})[axis] = parts
+    out: List[NodeCost] = []
+    for node in proto.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        formula = field_of(node, "macs")
+        if formula is None:
+            continue
+        macs = formula(node, shapes)
+        if not macs:
+            continue
+        key = node_key(node)
+        weights = per_node.get(key, {})
+        dims = {t: tuple(int(d) for d in graph.stored[t].dims) for t in weights}
+        sizes = {t: float(np.prod(dims[t])) for t in weights}
+        total = sum(sizes.values()) or 1.0
+        factors = [(sizes[t] / total, tuple((dims[t][a], tuple(sorted(axes[a].items())))
+                                            for a in sorted(axes)))
+                   for t, axes in sorted(weights.items())]
+        out.append(NodeCost(key, node.op_type, int(macs), factors))
+    return out
+
+
+def allowed_keeps(n: int, round_to: int = 1, min_channels: int = 1,
+                  max_group_sparsity: float = 0.9) -> List[int]:
+    """Channel counts a group of ``n`` may keep, largest first (``n`` itself first): the counts
+    :func:`~onnxprune.channels.select.round_kept` yields, at most ``max_group_sparsity`` of the
+    group removed."""
+    lowest = n - int(np.floor(max_group_sparsity * n + 1e-9))
+    keeps = {n}
+    for k in range(1, n):
+        r = round_kept(n, k, round_to, min_channels)
+        if r >= lowest and r <= n:
+            keeps.add(r)
+    return sorted(keeps, reverse=True)
+
+
+#: cost of a node at some MACs: ``fn(node, macs) -> cost`` (MACs themselves, or seconds).
+CostFn = Callable[[NodeCost, float], float]
+
+
+def mac_cost(node: NodeCost, macs: float) -> float:
+    return float(macs)
+
+
+@dataclass
+class Allocation:
+    """The widths chosen: ``keep`` group id -> channels kept; ``cost_before``/``cost_after`` in
+    the cost function's unit; ``reached`` whether the budget was met."""
+
+    keep: Dict[int, int]
+    sizes: Dict[int, int]
+    cost_before: float
+    cost_after: float
+    budget: float
+    reached: bool
+    damage: float = 0.0
+
+    def removed(self, scores: Mapping[int, np.ndarray]) -> Dict[int, List[int]]:
+        """Group id -> sorted units to remove: each group's lowest-scored units."""
+        out = {}
+        for gid, s in scores.items():
+            order = np.argsort(s, kind="stable")
+            out[gid] = sorted(order[: self.sizes[gid] - self.keep[gid]].tolist())
+        return out
+
+
+def model_cost(nodes: Sequence[NodeCost], kept: Mapping[int, float],
+               cost: CostFn = mac_cost) -> float:
+    """Total cost of ``nodes`` with group ``g`` keeping the fraction ``kept[g]``."""
+    return float(sum(cost(n, n.macs * n.fraction(kept)) for n in nodes))
+
+
+def allocate_widths(scores: Mapping[int, np.ndarray], nodes: Sequence[NodeCost],
+                    budget: float, cost: CostFn = mac_cost, round_to: int = 1,
+                    min_channels: int = 1, max_group_sparsity: float = 0.9,
+                    weights: Optional[Mapping[int, float]] = None,
+                    fixed_cost: float = 0.0,
+                    budget_fn: Optional[Callable[[float], float]] = None,
+                    curves: Optional[Mapping[int, Sequence[Tuple[float, float]]]] = None
+                    ) -> Allocation:
+    """Greedy widths (see the module doc) for the groups in ``scores`` (group id -> unit
+    scores) so that ``fixed_cost + model_cost(nodes) <= budget`` (``budget_fn(dense cost)``
+    when given: e.g. the dense cost over a speed-up). ``curves``: per group, measured damage
+    at fractions removed (:func:`measured_damage`), used instead of the scores' sums."""
+    curves = dict(curves or {})
+
+    def damage_of(gid: int, k0: int, k1: int) -> float:
+        """Damage of group ``gid`` going from ``k0`` to ``k1`` kept channels (k1 < k0 removes,
+        k1 > k0 gives back: the value is then what giving back regains, positive)."""
+        n = sizes[gid]
+        lo, hi = sorted((k0, k1))
+        if gid in curves:
+            d = curve_at(curves[gid], (n - lo) / n) - curve_at(curves[gid], (n - hi) / n)
+        else:
+            d = float(sorted_scores[gid][n - hi: n - lo].sum()) / n
+        return d * weights.get(gid, 1.0)
+
+    weights = dict(weights or {})
+    sizes = {gid: len(s) for gid, s in scores.items()}
+    keep = dict(sizes)
+    ladders = {gid: allowed_keeps(n, round_to, min_channels, max_group_sparsity)
+               for gid, n in sizes.items()}
+    step = {gid: 0 for gid in sizes}  # position on the ladder
+    sorted_scores = {gid: np.sort(np.asarray(s, dtype=np.float64)) for gid, s in scores.items()}
+    by_group: Dict[int, List[NodeCost]] = {gid: [] for gid in sizes}
+    for n in nodes:
+        for g in n.groups:
+            if g in by_group:
+                by_group[g].append(n)
+    frac = {gid: 1.0 for gid in sizes}
+    node_cost = {n.key: cost(n, n.macs * n.fraction(frac)) for n in nodes}
+    total = fixed_cost + sum(node_cost.values())
+    before = total
+    if budget_fn is not None:
+        budget = budget_fn(before)
+
+    def move(gid: int) -> Optional[Tuple[float, float, float]]:
+        """(ratio, saving, damage) of taking group ``gid`` one step down, or None."""
+        ladder = ladders[gid]
+        if step[gid] + 1 >= len(ladder) or not by_group[gid]:
+            return None
+        n, k0, k1 = sizes[gid], ladder[step[gid]], ladder[step[gid] + 1]
+        trial = dict(frac)
+        trial[gid] = k1 / n
+        saving = sum(node_cost[x.key] - cost(x, x.macs * x.fraction(trial)) for x in by_group[gid])
+        if saving <= 0:
+            return None
+        damage = damage_of(gid, k0, k1)
+        return damage / saving, saving, damage
+
+    cands = {gid: move(gid) for gid in sizes}
+    damage_total = 0.0
+    while total > budget:
+        live = [(c[0], gid) for gid, c in cands.items() if c is not None]
+        if not live:
+            break
+        _, gid = min(live)
+        # Any move that reaches the budget ends the search: then the least damage wins.
+        final = [(cands[g][2], g) for _, g in live if total - cands[g][1] <= budget]
+        if final:
+            gid = min(final)[1]
+        step[gid] += 1
+        keep[gid] = ladders[gid][step[gid]]
+        frac[gid] = keep[gid] / sizes[gid]
+        damage_total += cands[gid][2]
+        touched = set()
+        for x in by_group[gid]:
+            node_cost[x.key] = cost(x, x.macs * x.fraction(frac))
+            touched.update(x.groups)
+        total = fixed_cost + sum(node_cost.values())
+        for g in touched | {gid}:
+            if g in cands:
+                cands[g] = move(g)
+    # The last move may overshoot the budget by a whole step of a costly group: give back the
+    # steps (most damage per cost first) that still fit under the budget.
+    while total <= budget:
+        back = []
+        for gid in sizes:
+            if step[gid] == 0:
+                continue
+            n, k0, k1 = sizes[gid], ladders[gid][step[gid]], ladders[gid][step[gid] - 1]
+            trial = dict(frac)
+            trial[gid] = k1 / n
+            extra = sum(cost(x, x.macs * x.fraction(trial)) - node_cost[x.key]
+                        for x in by_group[gid])
+            regain = damage_of(gid, k0, k1)
+            if total + extra <= budget:
+                back.append((-regain / max(extra, 1e-30), gid, regain))
+        if not back:
+            break
+        _, gid, regain = min(back)
+        step[gid] -= 1
+        keep[gid] = ladders[gid][step[gid]]
+        frac[gid] = keep[gid] / sizes[gid]
+        damage_total -= regain
+        for x in by_group[gid]:
+            node_cost[x.key] = cost(x, x.macs * x.fraction(frac))
+        total = fixed_cost + sum(node_cost.values())
+    return Allocation(keep, sizes, before, total, budget, total <= budget, damage_total)
+
+
+def curve_at(curve: Sequence[Tuple[float, float]], p: float) -> float:
+    """Damage at fraction removed ``p`` on a measured curve (points ``(p, damage)``, starting
+    at ``(0, 0)``): piecewise linear, made non-decreasing, the last segment's slope beyond."""
+    xs = np.asarray([c[0] for c in curve], dtype=np.float64)
+    ys = np.maximum.accumulate(np.asarray([c[1] for c in curve], dtype=np.float64))
+    if p <= xs[-1] or len(xs) < 2:
+        return float(np.interp(p, xs, ys))
+    slope = (ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-12)
+    return float(ys[-1] + slope * (p - xs[-1]))
+
+
+def measured_damage(handle: ModelHandle, graph: ChannelGraph, scores: Mapping[int, np.ndarray],
+                    feeds: Sequence[Mapping[str, np.ndarray]],
+                    levels: Sequence[float] = (0.25, 0.5)) -> Dict[int, List[Tuple[float, float]]]:
+    """Per group: ``[(0, 0), (p, error), ...]``, the model's relative output error
+    ``sum ||y - y0||^2 / sum ||y0||^2`` over ``feeds`` with the group's lowest-scored fraction
+    ``p`` of channels masked (exactly what removing them computes), each level alone.
+
+    One session serves every trial: the groups' stored tensors that are initializers become
+    overridable graph inputs of a copy of the model, and each trial feeds its masked values.
+    (A group with a tensor stored as a ``Constant`` node gets a session of its own per trial.)
+    The handle is left as it was."""
+    from onnxprune.channels.resize import mask_channels
+    from onnxprune.ops._channel import ZERO_ON_MASK
+    from onnxprune.runtime.session import open_session
+
+    inits = {t.name for t in handle.model.graph.initializer}
+    touched = sorted({m.tensor for gid in scores for m in graph.groups[gid].members
+                      if m.stored and ZERO_ON_MASK.intersection(m.roles) and m.tensor in inits})
+    twin = ModelHandle(model=copy.deepcopy(handle.model), path=handle.path,
+                       base_dir=handle.base_dir)
+    for tensor, values in handle.rewritten_values():
+        twin.write(twin.index.stored[tensor.name], values)
+    stored = dict(twin.index.stored)  # before its initializers become inputs
+    twin_view = _rebind(graph, stored)
+    declared = {i.name for i in twin.model.graph.input}
+    for name in touched:
+        if name not in declared:
+            t = graph.stored[name]
+            twin.model.graph.input.append(
+                onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+    twin.graph_changed()
+    shared = open_session(twin)
+
+    def run(session, extra):
+        return [np.asarray(o, dtype=np.float64) for f in feeds
+                for o in session.run(None, {**dict(f), **extra})]
+
+    ref = run(shared, {})
+    norm = sum(float((r ** 2).sum()) for r in ref) or 1.0
+    curves: Dict[int, List[Tuple[float, float]]] = {}
+    for gid, s in scores.items():
+        group = graph.groups[gid]
+        n = group.size
+        order = np.argsort(s, kind="stable")
+        names = sorted({m.tensor for m in group.members
+                        if m.stored and ZERO_ON_MASK.intersection(m.roles)})
+        curve = [(0.0, 0.0)]
+        for p in levels:
+            k = int(round(p * n))
+            if k < 1 or k >= n or k / n <= curve[-1][0]:
+                continue
+            saved = {name: twin.read(stored[name]) for name in names}
+            try:
+                mask_channels(twin, {gid: sorted(order[:k].tolist())}, twin_view)
+                if all(name in inits for name in names):
+                    out = run(shared, {name: twin.read(stored[name]) for name in names})
+                else:
+                    out = run(open_session(twin), {})
+            finally:
+                for name, values in saved.items():
+                    twin.write(stored[name], values)
+            err = sum(float(((o - r) ** 2).sum()) for o, r in zip(out, ref)) / norm
+            curve.append((k / n, err if np.isfinite(err) else 1e6))
+        curves[gid] = curve
+    return curves
+
+
+def _rebind(graph: ChannelGraph, stored: Mapping[str, onnx.TensorProto]) -> ChannelGraph:
+    """``graph`` with its stored tensors taken from ``stored`` (those of a copy of the model it
+    was built on: same names, other protos)."""
+    from dataclasses import replace
+
+    return replace(graph, stored={k: stored.get(k, v) for k, v in graph.stored.items()})
+
+
+def uniform_width(handle: ModelHandle, width: float, round_to: int = 1, min_channels: int = 1,
+                  input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> ModelHandle:
+    """A copy of ``handle`` with every prunable group keeping ``width`` of its channels (rounded
+    as pruning rounds them; which channels is irrelevant here: the copy is for timing)."""
+    from onnxprune.channels.graph import build_channel_graph
+    from onnxprune.channels.resize import resize_channels
+
+    twin = ModelHandle(model=copy.deepcopy(handle.model), path=handle.path,
+                       base_dir=handle.base_dir)
+    for tensor, values in handle.rewritten_values():
+        twin.write(twin.index.stored[tensor.name], values)
+    graph = build_channel_graph(twin, input_shapes)
+    removed = {}
+    for g in graph.prunable():
+        keep = round_kept(g.size, int(np.ceil(width * g.size - 1e-9)), round_to, min_channels)
+        removed[g.id] = list(range(g.size - keep))
+    resize_channels(twin, graph, removed)
+    return twin
+
+
+def counted_macs(handle: ModelHandle,
+                 input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> int:
+    """The model's MACs as :func:`onnxprune.report.macs.count_macs` counts them (the same
+    registry formulas on the same shape inference), main graph only."""
+    resolved = resolve_input_shapes(handle.model, input_shapes, require_all=False)
+    shapes = infer_shapes(handle, resolved, keep_value_info=True,
+                          complete=complete_types).static()
+    total = 0
+    for node in handle.model.graph.node:
+        if node.domain in ("", "ai.onnx") and field_of(node, "macs") is not None:
+            total += int(field_of(node, "macs")(node, shapes) or 0)
+    return total
+
+
+class TargetPlan:
+    """A ``--target-macs``/``--target-speedup`` allocation for one model: ``removed`` (group id
+    -> units) to prune, then :meth:`finish` on the pruned model measures what was reached and
+    :meth:`summary` / ``notes`` report it."""
+
+    def __init__(self, handle: ModelHandle, allocation: Allocation, removed, nodes, kind: str,
+                 target: float, input_shapes, threads, table=None, table_cached=False,
+                 table_seconds: float = 0.0):
+        self.allocation, self.removed, self.nodes = allocation, removed, nodes
+        self.kind, self.target, self.input_shapes, self.threads = kind, target, input_shapes, \
+            threads
+        self.table, self.table_cached, self.table_seconds = table, table_cached, table_seconds
+        self.macs_before = sum(n.macs for n in nodes)
+        self.fixed_macs = counted_macs(handle, input_shapes) - self.macs_before
+        self.macs_before += self.fixed_macs
+        kept = {g: allocation.keep[g] / allocation.sizes[g] for g in allocation.keep}
+        self.predicted_macs = self.fixed_macs + model_cost(nodes, kept)
+        self.predicted_speedup = None
+        if table is not None:
+            from onnxprune.runtime.latency import predict_seconds
+
+            dense = predict_seconds(table, nodes, {})
+            self.predicted_speedup = dense / max(predict_seconds(table, nodes, kept), 1e-12)
+        self.dense = None
+        if kind == "speedup":  # the dense model, to time the pruned one against
+            self.dense = ModelHandle(model=copy.deepcopy(handle.model), path=handle.path,
+                                     base_dir=handle.base_dir)
+            for tensor, values in handle.rewritten_values():
+                self.dense.write(self.dense.index.stored[tensor.name], values)
+        self.macs_after: Optional[int] = None
+        self.measured: Optional[Tuple[float, float, float]] = None
+        self.notes: List[str] = []
+
+    def finish(self, pruned: ModelHandle) -> None:
+        """Count the pruned model's MACs (and with a speed-up target, time it against the
+        dense model), and write the notes."""
+        self.macs_after = counted_macs(pruned, self.input_shapes)
+        ratio = self.macs_after / max(self.macs_before, 1)
+        a = self.allocation
+        narrowed = sum(1 for g in a.keep if a.keep[g] < a.sizes[g])
+        if self.kind == "macs":
+            head = (f"allocation: target MACs x{self.target:.3f}, reached x{ratio:.3f} "
+                    f"(predicted x{self.predicted_macs / max(self.macs_before, 1):.3f})")
+        else:
+            from onnxprune.runtime.latency import measure_speedup
+
+            resolved = resolve_input_shapes(pruned.model, self.input_shapes, require_all=False)
+            self.measured = measure_speedup(self.dense, pruned, resolved, self.threads)
+            threads = (f"{self.threads} thread{'s' if self.threads > 1 else ''}" if self.threads
+                       else "onnxruntime's default threads")
+            head = (f"allocation: target speed-up x{self.target:.2f}, predicted "
+                    f"x{self.predicted_speedup:.2f}, measured x{self.measured[2]:.2f} "
+                    f"(onnxruntime CPU, {threads}, median of interleaved runs); "
+                    f"MACs x{ratio:.3f}")
+            widths = ", ".join(f"{w:g}" for w in self.table.widths)
+            self.notes.append(
+                f"latency table ({len(self.table.nodes)} layers at widths {widths}): "
+                + ("read from the cache" if self.table_cached else
+                   f"measured in {self.table_seconds:.1f} s, cached for the next run"))
+        self.notes.append(f"{head}; {narrowed} of {len(a.keep)} groups narrowed")
+        if not a.reached:
+            self.notes.append("allocation: the target was not reached: every group is at its "
+                              "narrowest allowed width (--min-channels, --round-to, "
+                              "--max-group-sparsity)")
+
+    def summary(self, graph: ChannelGraph) -> dict:
+        a = self.allocation
+        out = {"target": {self.kind: self.target}, "reached": bool(a.reached),
+               "macs_before": int(self.macs_before), "macs_after": self.macs_after,
+               "macs_ratio": (None if self.macs_after is None
+                              else self.macs_after / max(self.macs_before, 1)),
+               "predicted_macs_ratio": self.predicted_macs / max(self.macs_before, 1),
+               "predicted_speedup": self.predicted_speedup,
+               "groups": [{"group": gid, "describe": graph.groups[gid].describe(),
+                           "channels": a.sizes[gid], "kept": a.keep[gid]}
+                          for gid in sorted(a.keep)]}
+        if self.measured is not None:
+            out.update(measured_speedup=self.measured[2], dense_seconds=self.measured[0],
+                       pruned_seconds=self.measured[1], threads=self.threads,
+                       table_cached=self.table_cached)
+        return out
+
+
+def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
+                        target_macs: Optional[float] = None,
+                        target_speedup: Optional[float] = None, threads: Optional[int] = None,
+                        input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+                        criterion: str = "l1", round_to: int = 1, min_channels: int = 1,
+                        max_group_sparsity: float = 0.9, channel_scores=None,
+                        table=None, calibration=None, damage_samples: int = 8) -> TargetPlan:
+    """Per-group widths for ``target_macs`` (keep this fraction of the model's MACs) or
+    ``target_speedup`` (predicted from the latency table, measured with ``threads``; ``table``
+    injects one, e.g. in tests) on the groups left prunable in ``graph``."""
+    from onnxprune.channels.select import group_scores
+
+    scores = group_scores(handle, graph, criterion, channel_scores)
+    nodes = node_costs(handle, graph, input_shapes)
+    curves, damage_note = None, None
+    if calibration is not None and len(calibration) and not getattr(calibration, "data_free",
+                                                                     False):
+        start = time.perf_counter()
+        data = calibration.take(damage_samples)
+        feeds = list(data.batches(data.fixed_batch or damage_samples))
+        curves = measured_damage(handle, graph, scores, feeds)
+        damage_note = (f"allocation: damage measured per group as the output error on "
+                       f"{len(data)} calibration samples with 25 % and 50 % of its channels "
+                       f"removed ({len(curves)} groups, {time.perf_counter() - start:.1f} s)")
+    total = counted_macs(handle, input_shapes)
+    fixed = total - sum(n.macs for n in nodes)
+    common = dict(round_to=round_to, min_channels=min_channels,
+                  max_group_sparsity=max_group_sparsity)
+    if target_macs is not None:
+        alloc = allocate_widths(scores, nodes, target_macs * total, mac_cost,
+                                fixed_cost=fixed, curves=curves, **common)
+        plan = TargetPlan(handle, alloc, alloc.removed(scores), nodes, "macs", target_macs,
+                          input_shapes, threads)
+        plan.notes += [damage_note] if damage_note else []
+        return plan
+    from onnxprune.runtime.latency import latency_table
+
+    start, cached = time.perf_counter(), True
+    if table is None:
+        table, cached = latency_table(
+            handle, lambda w: uniform_width(handle, w, round_to, min_channels, input_shapes),
+            input_shapes, round_to, min_channels, threads=threads)
+    elapsed = time.perf_counter() - start
+    alloc = allocate_widths(scores, nodes, 0.0, latency_cost(table), fixed_cost=table.rest,
+                            **common, budget_fn=lambda dense: dense / target_speedup,
+                            curves=curves)
+    plan = TargetPlan(handle, alloc, alloc.removed(scores), nodes, "speedup", target_speedup,
+                      input_shapes, threads, table, cached, elapsed)
+    plan.notes += [damage_note] if damage_note else []
+    return plan
+
+
+def latency_cost(table) -> CostFn:
+    """Seconds of a node at some MACs from a latency table (0 for nodes it lacks: their time
+    is in the table's rest)."""
+    def cost(node: NodeCost, macs: float) -> float:
+        s = table.seconds(node.key, macs)
+        return 0.0 if s is None else s
+    return cost
