@@ -353,3 +353,13 @@ def test_sparse_error_ratio_zero_prunes_every_picked_layer_and_bad_ratio_is_refu
     assert not any("error vs MAC share" in t for t in result.report.sections)
     with pytest.raises(OptionError, match="--sparse-error-ratio must be 0 \\(off\\) or at least 1"):
         onnxprune.prune(deploy_model(), pattern="2:4", target="tensorrt", sparse_error_ratio=0.5)
+
+
+def test_24_target_with_no_eligible_layer_says_so():
+    m = make_model([helper.make_node("Conv", ["x", "w"], ["y"], group=2, name="g")],
+                   [vi("x", TensorProto.FLOAT, [1, 16, 4, 4])],
+                   [vi("y", TensorProto.FLOAT, [1, 16, 4, 4])], [tensor("w", (16, 8, 1, 1))])
+    with pytest.raises(onnxprune.OnnxPruneError,
+                       match=r"no selected weight is one TensorRT would run 2:4 sparse \(none of "
+                             r"the 1 is eligible\); nothing to prune"):
+        onnxprune.prune(m, pattern="2:4", target="tensorrt", validate=False)

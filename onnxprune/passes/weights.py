@@ -74,12 +74,13 @@ class SelectWeights(Pass):
             state.plans, dense = _sparse_where_picked(state.plans, verdicts)
             if had and not state.plans:
                 n_elig = sum(v.eligible for v in verdicts if v.is_weight)
+                n_all = sum(v.is_weight for v in verdicts)
+                why = (f"{n_elig} of {n_all} eligible, none large enough to be likely picked: "
+                       "K and C×kernel ≥ 256") if n_elig else f"none of the {n_all} is eligible"
                 raise SelectionError(
                     f"--target tensorrt: no selected weight is one TensorRT would run 2:4 sparse "
-                    f"({n_elig} of {sum(v.is_weight for v in verdicts)} eligible, none large "
-                    "enough to be likely picked: K and C×kernel ≥ 256); nothing to prune. See "
-                    "`onnxprune inspect MODEL --target tensorrt`, or drop --target to prune "
-                    "them anyway")
+                    f"({why}); nothing to prune. See `onnxprune inspect MODEL --target "
+                    "tensorrt`, or drop --target to prune them anyway")
             skipped = _say_tensorrt(skipped, verdicts, self.kwargs["pattern"]) + dense
         return SelectRecord(summary=f"{len(state.plans)} weights selected", skipped=list(skipped),
                             selected=[p.weight.key for p in state.plans], target=self.target,
