@@ -547,10 +547,12 @@ def save(handle: ModelHandle, output: Union[str, os.PathLike], force: bool = Tru
     with contextlib.ExitStack() as stack:
         data_name = out.name + ".data"
         data_tmp = model_tmp = None
+        made: List[str] = []  # every temp file created, recorded as it is created
+        data_committed = False
         saved_entries = []
         try:
             if external:
-                data_tmp = temp_beside(out.with_name(data_name))
+                data_tmp = temp_beside(out.with_name(data_name), made)
                 sources: Dict[Path, BinaryIO] = {}
                 with open(data_tmp, "wb", buffering=0) as f:
                     for tensor in external:
@@ -568,20 +570,22 @@ def save(handle: ModelHandle, output: Union[str, os.PathLike], force: bool = Tru
                             length = len(tensor.raw_data)
                             write_all(f, tensor.raw_data)
                         point_external(tensor, data_name, offset, length)
-            model_tmp = temp_beside(out)
+            model_tmp = temp_beside(out, made)
             with open(model_tmp, "wb") as f:
                 f.write(model.SerializeToString())
                 f.flush()
                 os.fsync(f.fileno())
             if data_tmp is not None:
                 commit(data_tmp, out.with_name(data_name), force, "output data file")
-                data_tmp = None
+                data_committed = True
             commit(model_tmp, out, force)
-            model_tmp = None
+            data_committed = False  # the pair is in place
         finally:
-            for tmp in (data_tmp, model_tmp):
-                if tmp is not None and os.path.exists(tmp):
+            for tmp in made:  # committed ones are gone already (moved or unlinked)
+                if os.path.exists(tmp):
                     os.unlink(tmp)
+            if data_committed:  # a data file without its model is no output: take it back
+                os.unlink(out.with_name(data_name))
             # The handle keeps reading from the original files: restore its external entries.
             for tensor, state in saved_entries:
                 restore_external(tensor, state)

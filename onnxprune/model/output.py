@@ -18,13 +18,15 @@ target, so the final rename never crosses a filesystem.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
+import signal
 import stat
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Tuple, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple, Union
 
 from onnxprune.errors import OutputError
 
@@ -97,13 +99,39 @@ def check_output(path: PathLike, force: bool, reads: Iterable[PathLike] = (),
     return target
 
 
-def temp_beside(path: Path) -> str:
-    """A new empty temp file in ``path``'s folder, with a new file's usual permissions."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold the signals that end a run (INT, TERM, HUP, QUIT) until the block is done, so a
+    temp file is never created without being recorded for cleanup (POSIX; elsewhere a no-op)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    wanted = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+              if hasattr(signal, n)}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def temp_beside(path: Path, made: Optional[List[str]] = None) -> str:
+    """A new empty temp file in ``path``'s folder, with a new file's usual permissions. Its name
+    is appended to ``made`` in the same step as it is created (no signal lands in between), so
+    the caller's cleanup always knows it."""
+    with _signals_deferred():
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        if made is not None:
+            made.append(name)
+    try:
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(name, 0o666 & ~umask)
+    except BaseException:
+        if made is None and os.path.exists(name):
+            os.unlink(name)
+        raise
     return name
 
 
@@ -147,12 +175,14 @@ def write_atomic(final: Path, write: Callable[[str], None], force: bool,
                  what: str = "output") -> Path:
     """Write ``final`` through a temp file beside it (``write(tmp_path)`` fills it), then
     :func:`commit`; the temp file never outlives a failure or an interrupt."""
-    tmp = temp_beside(final)
+    made: List[str] = []
     try:
+        tmp = temp_beside(final, made)
         write(tmp)
         commit(tmp, final, force, what)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp in made:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return final
 
