@@ -110,9 +110,10 @@ class PruneState:
 
     handle: mio.ModelHandle
     original: Union[Path, onnx.ModelProto]  # the untouched input, for validation
-    # The dense model layer-by-layer pruning fits toward when an earlier pass rewrote it exactly
-    # (channel permutation: same function, weights in another order); None: ``original``.
-    dense: Optional[onnx.ModelProto] = None
+    # Exact rewrites earlier passes made to the dense model (a channel permutation: the same
+    # function, weights in another order), replayed on the untouched input wherever it runs
+    # beside the model being pruned (layer-by-layer pruning's dense reference).
+    dense_edits: List[Callable[[mio.ModelHandle], None]] = field(default_factory=list)
     weights: List[Weight] = field(default_factory=list)
     plans: List[LayerPlan] = field(default_factory=list)
     # Unit scores by weight key, held only while all of them fit in memory_budget; a missing

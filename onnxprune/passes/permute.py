@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import onnx
 
 from onnxprune.channels.graph import build_channel_graph
 from onnxprune.channels.permute import (column_permutation, permutation_moves, permute_array,
@@ -169,9 +168,7 @@ class PermuteChannels(Pass):
                     state.layer_stats[w.key] = _permute_stats(state.layer_stats[w.key], cols)
             # Layer-by-layer pruning fits toward the dense model: the permuted one, whose layers
             # line up with the model being pruned (it computes the same function).
-            dense = onnx.ModelProto()
-            dense.CopyFrom(handle.model)
-            state.dense = dense
+            state.dense_edits.append(_replay(graph, perms, self.input_shapes))
         else:
             before_kept = None
         self._report(record, plans, saliency, before_kept, len(perms))
@@ -248,6 +245,20 @@ class PermuteChannels(Pass):
             record.notes.append(f"channel permutation: {len(record.left)} channel groups read "
                                 "by N:M weights left in order, e.g. "
                                 f"{record.left[0][0]}: {record.left[0][1]}")
+
+
+def _replay(graph, perms, input_shapes):
+    """The permutation as an edit of another load of the same model (the dense reference)."""
+    shape = [(g.size, sorted(g.producers)) for g in graph.groups]
+
+    def replay(handle) -> None:
+        again = build_channel_graph(handle, input_shapes)
+        if [(g.size, sorted(g.producers)) for g in again.groups] != shape:
+            raise RuntimeError("internal error: the dense model's channel groups differ from the "
+                               "pruned model's; nothing was written (please report this model)")
+        permute_channels(handle, again, perms)
+
+    return replay
 
 
 def _permute_stats(stats, cols: np.ndarray):

@@ -42,8 +42,9 @@ class SequentialRecord(PassRecord):
 def dense_reference(state: PruneState, notes: List[str]) -> Optional[mio.ModelHandle]:
     """The untouched input model, to run beside the one being pruned; None (with a note) when
     an earlier pass changed the graph so the two no longer line up."""
-    reference = load_dense_reference(state.dense if state.dense is not None else state.original,
-                                     state.model)
+    reference = load_dense_reference(state.original, state.model)
+    for replay in state.dense_edits if reference is not None else ():
+        replay(reference)
     if reference is None:
         notes.append("the graph changed before layer-by-layer pruning: layers were fit to "
                      "their own outputs, not the input model's, and biases not corrected")

@@ -34,6 +34,15 @@ def model():
     return g.model(IMG, [g.op("Gemm", [h, g.w([32, 10]), g.w([10], 0.1)])])
 
 
+def dense_of(result, original):
+    """The input model with the run's dense edits (the permutation) replayed."""
+    handle = load(copy.deepcopy(original) if isinstance(original, onnx.ModelProto)
+                  else str(original))
+    for replay in result.state.dense_edits:
+        replay(handle)
+    return handle.model
+
+
 def record_of(result):
     return next(r for r in result.state.records if isinstance(r, PermuteRecord))
 
@@ -83,8 +92,9 @@ def test_permute_raises_kept_magnitude_and_reports_it_exactly():
     assert perm.report.options.get("permute") is True
     # the permuted dense model computes the original function
     feeds = feeds_for(m, seed=4)
-    assert_close(run(perm.state.dense, feeds), run(m, feeds))
-    assert plain.state.dense is None
+    assert len(perm.state.dense_edits) == 1
+    assert_close(run(dense_of(perm, m), feeds), run(m, feeds))
+    assert plain.state.dense_edits == []
 
 
 def test_no_permute_is_the_default_and_changes_nothing():
@@ -122,6 +132,16 @@ def test_calibrated_runs_fit_toward_the_permuted_dense_model():
     assert rec.groups_permuted >= 1 and rec.kept_after > rec.kept_before
     assert not any("graph changed before layer-by-layer" in n for n in res.report.notes)
     check_nm(res)
+    # the reference layer-by-layer pruning ran beside the model is the permuted dense model
+    from onnxprune.passes.sequential import dense_reference
+
+    ref = dense_reference(res.state, [])
+    want = {t.name: onnx.numpy_helper.to_array(t) for t in dense_of(res, m).graph.initializer}
+    orig = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    moved = [n for n in want if not np.array_equal(want[n], orig[n])]
+    assert moved
+    for name in want:
+        np.testing.assert_array_equal(ref.read(ref.index.stored[name]), want[name])
 
 
 def test_statistics_follow_the_permutation():
@@ -129,7 +149,7 @@ def test_statistics_follow_the_permutation():
     res = onnxprune.prune(copy.deepcopy(m), pattern="2:4", permute=True, criterion="wanda",
                           scope="global")
     assert record_of(res).groups_permuted >= 1
-    dense = load(copy.deepcopy(res.state.dense))
+    dense = load(dense_of(res, m))
     fresh = collect_layer_stats(dense, res.state.weights, res.state.calibration,
                                 want_hessian=False)
     moved = 0
@@ -186,5 +206,5 @@ def test_fixture_models_permuted_dense_equals_original(name):
         data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
         return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"]).run(None, feeds)
 
-    for got, want in zip(outputs(res.state.dense), outputs(path)):
+    for got, want in zip(outputs(dense_of(res, path)), outputs(path)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(want).max()))
