@@ -275,8 +275,8 @@ def _interrupt_after_saving(monkeypatch, target: Path):
 
     real_save = mio.save
 
-    def save(handle, output, force=True):
-        written = real_save(handle, output, force)
+    def save(handle, output, force=True, **kwargs):
+        written = real_save(handle, output, force, **kwargs)
         if Path(output) == target:
             raise KeyboardInterrupt
         return written
