@@ -228,7 +228,9 @@ def _finish(run: _Run, output, force: bool, notes: Sequence[str] = (),
     size_after = None
     stored: List[StorageDecision] = []
     if out is not None and state.gate_failure is None:
-        mio.save(state.handle, out, force=force, storage=run.opts.storage, decisions=stored)
+        sparse = {} if run.opts.storage == "dense" else dict(storage=run.opts.storage,
+                                                               decisions=stored)
+        mio.save(state.handle, out, force=force, **sparse)
         size_after = mio.size_on_disk(out, state.model)
     report = build_report(state, run.opts.summary(), out, run.size_before, size_after,
                           run.macs_before, run.opts.input_shapes)
