@@ -77,11 +77,21 @@ def quality(report) -> str:
     return out
 
 
-def latency(models, shapes, threads, runs):
+def latency(models, shapes, threads, runs, reps=3):
+    """Median seconds per model: ``reps`` measurements, each with fresh sessions opened in a
+    rotated order (the session opened first in a process is sometimes slower), ``runs``
+    interleaved rounds each; the median over the measurements."""
+    import statistics
+
+    per = [[] for _ in models]
     with session_threads(threads):
-        sessions = [(_quiet_session(load(m)), model_feed(load(m), shapes)) for m in models]
-        times = time_sessions(sessions, runs, 5)
-    return times
+        for r in range(reps):
+            order = [(i + r) % len(models) for i in range(len(models))]
+            sessions = [(_quiet_session(load(models[i])), model_feed(load(models[i]), shapes))
+                        for i in order]
+            for i, t in zip(order, time_sessions(sessions, runs, 5)):
+                per[i].append(t)
+    return [statistics.median(t) for t in per]
 
 
 def main(argv=None) -> int:
@@ -166,7 +176,8 @@ def render(args, rows, speed_rows, threads) -> str:
              f"Command: `{cmd}`", "",
              f"onnxruntime {onnxruntime.__version__}, CPUExecutionProvider, batch 1, "
              f"{os.cpu_count()} CPUs shared with other jobs; speed-ups are dense / pruned, "
-             f"median of {args.runs} interleaved runs after warm-up, one run: read ratios, "
+             f"median of 3 measurements (sessions opened in rotated order) of {args.runs} "
+             "interleaved runs after warm-up each, one run of the script: read ratios, "
              "not absolute times. MACs as the report counts them (pruned / dense). Cosine: "
              "worst output cosine vs the dense model on the validation inputs "
              "(generated random inputs — they show how far outputs move, not task accuracy — "

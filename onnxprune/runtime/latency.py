@@ -4,13 +4,15 @@
 take at a given amount of work", for the model as the user will run it (the session threads
 of :func:`~onnxprune.runtime.session.session_threads`, the input shapes given):
 
-* the model is resized to a few uniform widths (every prunable channel group keeping e.g.
-  100 %, 75 %, 50 %, 25 % of its channels, rounded with ``round_to``/``min_channels`` exactly as
-  pruning rounds them, so counts that hit fast kernels are the ones timed);
+* the model at a few uniform widths (every prunable channel group keeping e.g. 100 %, 75 %,
+  50 %, 25 % of its channels, rounded with ``round_to``/``min_channels`` exactly as pruning
+  rounds them, so counts that hit fast kernels are the ones timed) — made by the caller's
+  ``at_width`` (the channel layer's :func:`~onnxprune.channels.allocate.uniform_width`: this
+  layer knows nothing of channels);
 * every counted node of each resized model becomes a one-node model (its stored weights as
   initializers, its other inputs fed random values of their inferred shapes), and the whole
   resized model is timed too;
-* all of those run interleaved (one run of each per round, after warm-up rounds), and each
+* all of those run interleaved, in sessions whose threads do not spin between runs (one run of each per round, after warm-up rounds), and each
   time is the median over the rounds: the noise of a shared machine hits all of them alike.
 
 The table keeps, per node, its MACs and median seconds at each width; :meth:`LatencyTable.seconds`
