@@ -41,7 +41,7 @@ from onnxprune.inputs.signature import resolve_input_shapes
 from onnxprune.model.index import node_key
 from onnxprune.model.io import ModelHandle
 from onnxprune.model.shapes import infer_shapes
-from onnxprune.ops.registry import complete_types, field_of
+from onnxprune.ops.registry import complete_types, counted_nodes
 
 
 #: One grouped axis of a weight: (axis size, ((group id, indices of the axis in the group), ...)).
@@ -109,15 +109,7 @@ def node_costs(handle: ModelHandle, graph: ChannelGraph,
             if role in (PRODUCER, CONSUMER):
                 per_node.setdefault(key, {}).setdefault(tensor, {})[axis] = parts
     out: List[NodeCost] = []
-    for node in proto.graph.node:
-        if node.domain not in ("", "ai.onnx"):
-            continue
-        formula = field_of(node, "macs")
-        if formula is None:
-            continue
-        macs = formula(node, shapes)
-        if not macs:
-            continue
+    for node, macs in counted_nodes(proto.graph, shapes):
         key = node_key(node)
         weights = per_node.get(key, {})
         dims = {t: tuple(int(d) for d in graph.stored[t].dims) for t in weights}
@@ -402,11 +394,7 @@ def counted_macs(handle: ModelHandle,
     resolved = resolve_input_shapes(handle.model, input_shapes, require_all=False)
     shapes = infer_shapes(handle, resolved, keep_value_info=True,
                           complete=complete_types).static()
-    total = 0
-    for node in handle.model.graph.node:
-        if node.domain in ("", "ai.onnx") and field_of(node, "macs") is not None:
-            total += int(field_of(node, "macs")(node, shapes) or 0)
-    return total
+    return sum(macs for _, macs in counted_nodes(handle.model.graph, shapes))
 
 
 class TargetPlan:

@@ -45,7 +45,7 @@ Adding an op = one :func:`define` call in its family file + one test.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import onnx
 
@@ -158,6 +158,23 @@ def field_of(node: onnx.NodeProto, name: str) -> Optional[Callable]:
     """``entry(node).<name>``, or None."""
     e = entry(node)
     return None if e is None else getattr(e, name)
+
+
+def macs_of(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
+    """``node``'s MACs by its entry's formula on ``shapes``: None when its op has no formula or
+    the formula cannot tell (a shape it needs is unknown)."""
+    formula = field_of(node, "macs")
+    return None if formula is None else formula(node, shapes)
+
+
+def counted_nodes(graph: onnx.GraphProto, shapes: Shapes
+                  ) -> Iterator[Tuple[onnx.NodeProto, int]]:
+    """(node, MACs) for each node of ``graph`` (not its subgraphs) whose formula gives a
+    positive count."""
+    for node in graph.node:
+        macs = macs_of(node, shapes)
+        if macs:
+            yield node, int(macs)
 
 
 def op_types_with(name: str) -> Tuple[str, ...]:

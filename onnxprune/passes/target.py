@@ -17,7 +17,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 from onnxprune.calibration.sensitivity import layer_sensitivity
 from onnxprune.inputs.signature import resolve_input_shapes
 from onnxprune.model.shapes import infer_shapes
-from onnxprune.ops.registry import complete_types, field_of
+from onnxprune.ops.registry import complete_types, macs_of
 from onnxprune.ops.weights import Skipped
 from onnxprune.passes.base import Pass, PassRecord
 from onnxprune.passes.weights import satisfies_24
@@ -41,8 +41,7 @@ def weight_macs(handle, weights: Sequence, input_shapes: Optional[Mapping] = Non
     for w in weights:
         total = 0
         for c in w.consumers:
-            formula = field_of(c.node, "macs")
-            macs = formula(c.node, shapes) if formula is not None else None
+            macs = macs_of(c.node, shapes)
             if macs is None:
                 total = None
                 break

@@ -44,7 +44,7 @@ from onnxprune.model.index import node_key
 from onnxprune.model.io import ModelHandle
 from onnxprune.model.shapes import infer_shapes
 from onnxprune.inputs.signature import resolve_input_shapes
-from onnxprune.ops.registry import complete_types, field_of
+from onnxprune.ops.registry import complete_types, counted_nodes
 from onnxprune.runtime.session import (_THREADS, model_source, ort_session,
                                        session_threads)
 
@@ -179,15 +179,7 @@ def node_models(handle: ModelHandle, input_shapes: Mapping[str, Sequence[int]]
     stored = handle.index.stored
     rng = np.random.default_rng(0)
     out = {}
-    for node in proto.graph.node:
-        if node.domain not in ("", "ai.onnx"):
-            continue
-        formula = field_of(node, "macs")
-        if formula is None:
-            continue
-        macs = formula(node, shapes)
-        if not macs:
-            continue
+    for node, macs in counted_nodes(proto.graph, shapes):
         inits, inputs, feed = [], [], {}
         ok = True
         for name in node.input:
