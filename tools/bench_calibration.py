@@ -8,7 +8,9 @@ For each model x pattern it calls ``onnxprune.prune(model, criterion="sparsegpt"
 calibration=<arrays>, calibration_samples=N, pattern=..., validate=True)`` once, in this
 process, and prints one JSON line per run plus a markdown table:
 
-* ``total`` — wall seconds of the ``prune`` call (``time.perf_counter``);
+* ``total`` — wall seconds of the ``prune`` call (``time.perf_counter``), and ``CPU`` — the
+  CPU seconds this process spent in it (``time.process_time``, all threads: steadier than
+  wall time on a loaded machine, but counts onnxruntime's worker threads too);
 * one column per pass (``report.timings``: ``calibrate``, ``sensitivity``, ``sequential``,
   ``validate``...) and the finer phases the calibrated passes record (``statistics`` — running
   the model and reducing activations into Hessians, ``solve`` — SparseGPT's masks and updates,
@@ -165,15 +167,16 @@ def run_one(model_name: str, pattern: str, samples: int, hold_out: int, det_size
     model, input_name, make = load_model(model_name, det_size)
     data = {input_name: make(samples + hold_out, seed)}
     load0 = os.getloadavg()[0]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = onnxprune.prune(model, pattern=pattern, criterion="sparsegpt", calibration=data,
                              calibration_samples=samples, validate=True,
                              validation_samples=hold_out, seed=seed)
     total = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     report = result.report
     cmp = report.comparison
     row = {"model": model_name, "pattern": pattern, "samples": samples, "hold_out": hold_out,
-           "total": round(total, 2),
+           "total": round(total, 2), "cpu": round(cpu, 2),
            "passes": {k: round(v, 2) for k, v in report.timings.items()},
            "phases": {k: round(v, 2) for k, v in phases(result).items()},
            "cosine": None if cmp is None else float(cmp.worst_cosine),
@@ -188,11 +191,11 @@ def run_one(model_name: str, pattern: str, samples: int, hold_out: int, det_size
 def table(rows: List[dict]) -> str:
     passes = list(dict.fromkeys(k for r in rows for k in r["passes"]
                                 if k in ("calibrate", "sensitivity", "sequential", "validate")))
-    head = ["model", "pattern", "total s"] + [f"{p} s" for p in passes] + \
+    head = ["model", "pattern", "total s", "CPU s"] + [f"{p} s" for p in passes] + \
         [f"{p} s" for p in PHASES] + ["worst cosine", "worst agreement", "load"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["model"], r["pattern"], f"{r['total']:.1f}"]
+        cells = [r["model"], r["pattern"], f"{r['total']:.1f}", f"{r.get('cpu', 0):.1f}"]
         cells += [f"{r['passes'].get(p, 0):.1f}" for p in passes]
         cells += [f"{r['phases'][p]:.1f}" if p in r["phases"] else "–" for p in PHASES]
         cells += ["–" if r["cosine"] is None else f"{r['cosine']:.4f}",

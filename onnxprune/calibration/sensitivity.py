@@ -43,7 +43,7 @@ from onnxprune.masking.criteria import Criterion, ScoreContext, get_criterion
 from onnxprune.errors import OptionError
 from onnxprune.model.io import ModelHandle, load
 from onnxprune.masking.patterns import Pattern, parse_pattern
-from onnxprune.calibration.reconstruct import sparsegpt_prune
+from onnxprune.calibration.reconstruct import sparsegpt_factor, sparsegpt_prune
 from onnxprune.runtime.segments import SegmentRunner
 from onnxprune.runtime.session import open_session, part_session, run_calibration
 from onnxprune.ops.weights import Weight
@@ -206,6 +206,7 @@ def layer_sensitivity(handle, weights: Sequence[Weight], data: CalibrationSet,
                               f"it, which needs the layer's Hessian: none for {w.key}")
         scores = None if crit.reconstructs else crit.scores(
             w2d, ScoreContext(w.key, seed=seed, in_norms=st.in_norms if st else None))
+        factor = sparsegpt_factor(hessian) if crit.reconstructs else None  # once per layer
         table.solve_seconds += time.perf_counter() - t0
         trial = downstream.trial(w)
         errors = []
@@ -213,7 +214,7 @@ def layer_sensitivity(handle, weights: Sequence[Weight], data: CalibrationSet,
             t0 = time.perf_counter()
             zeros = int(round(s * w2d.size))
             if crit.reconstructs:  # the layer as the criterion leaves it: masked and updated
-                new, _ = sparsegpt_prune(w2d, hessian, pattern, zeros)
+                new, _ = sparsegpt_prune(w2d, hessian, pattern, zeros, factor=factor)
                 pruned = w.layout.from_2d(new.astype(raw.dtype))
             else:
                 new_zeros = max(0, zeros - (w2d.size - int(np.count_nonzero(nonzero))))

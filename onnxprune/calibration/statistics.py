@@ -52,7 +52,7 @@ BLOCK_BYTES = 32 << 20
 #: 32 x in well-spread rows is what SparseGPT needs; a 416x416 input gives 64 images x 43 k
 #: positions = 2.8 M rows for a stride-2 layer, 100x more than that.
 ROWS_PER_COLUMN = 32
-MIN_ROWS = 8192
+MIN_ROWS = 4096
 
 Progress = Callable[[int, int], None]  # (batches done, batches in total over all chunks)
 

@@ -154,3 +154,34 @@ def test_float32_shift_keeps_the_centered_hessian_with_a_large_mean():
     np.testing.assert_allclose(f32.in_sums, exact.in_sums, rtol=1e-9)
     cx = f32.cross[0] / f32.count - np.outer(f32.in_sums, f32.ref_sums[0]) / f32.count ** 2
     assert np.abs(cx - c64).max() < 1e-4 * np.abs(np.diag(c64)).max()
+
+
+# -- sensitivity trials from a cut ------------------------------------------------------------
+def test_trials_after_a_cut_equal_whole_model_trials(monkeypatch):
+    """Trials that run only the graph after a cut (fed the dense tensors cached there) give the
+    errors the whole-model trials give, for every number of cuts."""
+    from pathlib import Path
+
+    from onnxprune.calibration import sensitivity
+
+    root = Path(__file__).resolve().parents[2] / "models"
+    handle = load(root / "mobilenetv3_block.onnx")  # residual Adds, SE branches, depthwise
+    weights, _ = find_weights(handle)
+    x = np.random.default_rng(0).standard_normal((6, 3, 64, 64)).astype(np.float32)
+    data = CalibrationSet.from_arrays(handle.model, {"input": x})
+
+    def table():
+        return sensitivity.layer_sensitivity(handle, weights, data, "unstructured", (0.5, 0.9),
+                                             "magnitude", samples=6, batch_size=4)
+
+    cut = {}
+    for cuts in (1, 3, 1000):
+        monkeypatch.setattr(sensitivity, "TRIAL_CUTS", cuts)
+        cut[cuts] = table()
+    monkeypatch.setattr(sensitivity._Downstream, "trial", lambda self, w: None)
+    whole = table()
+    assert list(whole.errors) == [w.key for w in weights]
+    for t in cut.values():
+        assert list(t.errors) == list(whole.errors)
+        for k in whole.errors:
+            np.testing.assert_allclose(t.errors[k], whole.errors[k], rtol=1e-4, atol=1e-9)
