@@ -20,6 +20,14 @@ bytes held (exposed activations + im2col block + accumulators).
 
 Weights used inside ``If``/``Loop``/``Scan`` bodies cannot have their activations exposed and
 are listed in :attr:`StatsRecord.skipped` with a reason.
+
+Speed (what the calibrated passes ask for): ``sample_rows`` reads a Conv weight's ``X`` at
+seeded output positions only, at most :func:`row_cap` rows over the whole calibration set
+(``ROWS_PER_COLUMN`` per input column, at least ``MIN_ROWS``), every sum exactly that of the
+rows read; ``precision="float32"`` multiplies blocks in float32 after shifting them by fixed
+column means, so the rounding is relative to the centered data (:class:`_Accumulator`).
+:attr:`StatsRecord.rows` says how many rows each weight used of how many, and
+:attr:`StatsRecord.seconds` how long the collection took.
 """
 
 from __future__ import annotations
