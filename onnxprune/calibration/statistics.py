@@ -255,7 +255,8 @@ def rows_note(rows: Mapping[str, Tuple[int, int]], what: str) -> Optional[str]:
         return None
     per = ", ".join(f"{k} {u}/{t}" for k, (u, t) in sampled.items())
     return (f"{what}: Conv Hessians from sampled positions (at most max({MIN_ROWS}, "
-            f"{ROWS_PER_COLUMN} x inputs) rows per layer), rows used/there were: {per}")
+            f"{ROWS_PER_COLUMN} x inputs) rows per layer, per group for grouped Convs), rows "
+            f"used/there were: {per}")
 
 
 def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,

@@ -185,3 +185,31 @@ def test_trials_after_a_cut_equal_whole_model_trials(monkeypatch):
         assert list(t.errors) == list(whole.errors)
         for k in whole.errors:
             np.testing.assert_allclose(t.errors[k], whole.errors[k], rtol=1e-4, atol=1e-9)
+
+
+def test_sequential_record_has_phases_and_rows_within_the_cap(monkeypatch):
+    from pathlib import Path
+
+    import onnxprune
+    from onnxprune.passes.sequential import SequentialRecord
+
+    monkeypatch.setattr(calibration, "ROWS_PER_COLUMN", 1)
+    monkeypatch.setattr(calibration, "MIN_ROWS", 40)
+    model = Path(__file__).resolve().parents[2] / "models" / "mobilenetv3_block.onnx"
+    x = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
+    res = onnxprune.prune(model, pattern="2:4", criterion="sparsegpt",
+                          calibration={"input": x}, validate=False)
+    (rec,) = [r for r in res.state.records if isinstance(r, SequentialRecord)]
+    assert set(rec.phase_seconds) == {"statistics", "solve"}
+    assert all(v >= 0 for v in rec.phase_seconds.values())
+    weights = {w.key: w for w in find_weights(load(model))[0]}
+    sampled = 0
+    for key, (used, there) in rec.rows.items():
+        w = weights[key]
+        ex, _ = extractor_for(w, w.consumers[0])
+        assert used <= there
+        if used < there:
+            sampled += 1
+            assert used <= row_cap(ex.in_dim) * ex.groups  # the cap holds per Conv group
+    assert sampled
+    assert any("rows used/there were" in n for n in res.report.notes)
