@@ -6,6 +6,14 @@ consumes it, an :class:`Extractor` (:func:`extractor_for`, driven by the op regi
 one row per sample and output position, columns in exactly the order of :meth:`Layout.to_2d`'s
 ``in``), streamed in blocks of a given byte size so that a big im2col is never held whole.
 :func:`activation_rows` returns the whole ``X`` of one batch (tests, debugging).
+
+**Sampled rows** (Conv only): a Hessian ``X^T X`` needs thousands of rows, not the millions a
+high-resolution Conv input gives (64 images at 416x416 hold 11 M output positions each). Given
+``positions`` (``[n, k]`` flat output-position indices per sample of the batch, from
+:func:`sample_positions`: seeded, deterministic, sorted, without replacement),
+:meth:`ConvExtractor.blocks` gathers exactly those im2col rows and no others, so the sums are
+those of exactly the sampled rows. :meth:`Extractor.positions` says how many output positions
+one sample has (what the caller caps).
 :mod:`onnxprune.calibration.statistics` reduces these blocks into layer statistics.
 
 How ``X`` is formed, per op (the node's *activation* operand is the one that is not the weight):
@@ -33,6 +41,7 @@ How ``X`` is formed, per op (the node's *activation* operand is the one that is 
 
 from __future__ import annotations
 
+import zlib
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -43,7 +52,7 @@ from onnxprune.ops.weights import Weight
 from onnxprune.ops.registry import ConvGeometry, activation_of
 
 __all__ = ["Extractor", "MatrixExtractor", "ConvExtractor", "extractor_for", "activation_rows",
-           "row_blocks"]
+           "row_blocks", "sample_positions"]
 
 
 class Extractor:
@@ -61,8 +70,16 @@ class Extractor:
     def signature(self) -> tuple:
         return (type(self).__name__, self.activation, self.in_dim)
 
-    def blocks(self, x: np.ndarray, block_bytes: int, dtype=np.float64) -> Iterator[np.ndarray]:
+    def blocks(self, x: np.ndarray, block_bytes: int, dtype=np.float64,
+               positions: Optional[np.ndarray] = None) -> Iterator[np.ndarray]:
+        """Row blocks ``[G, rows, in]`` of ``X`` for the batch ``x``; with ``positions``
+        (:meth:`positions` > 0 only), just the rows of those output positions per sample."""
         raise NotImplementedError
+
+    def positions(self, shape: Sequence[int]) -> int:
+        """Output positions (rows of ``X`` per row group) one sample of an activation of
+        ``shape`` gives, where rows can be sampled per position; 0 where they cannot."""
+        return 0
 
     def moments(self, x: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray, int]]:
         """``(sums [G, in], squared sums [G, in], rows per group)`` of ``X`` for this batch
@@ -81,7 +98,10 @@ class MatrixExtractor(Extractor):
     def signature(self) -> tuple:
         return super().signature + (self.rows_last,)
 
-    def blocks(self, x: np.ndarray, block_bytes: int, dtype=np.float64) -> Iterator[np.ndarray]:
+    def blocks(self, x: np.ndarray, block_bytes: int, dtype=np.float64,
+               positions: Optional[np.ndarray] = None) -> Iterator[np.ndarray]:
+        if positions is not None:
+            raise ValueError("Gemm/MatMul rows are not sampled")
         if x.ndim == 1:
             x = x[None, :]  # a vector operand is one row, on either side
         elif self.rows_last:
@@ -181,14 +201,23 @@ class ConvExtractor(Extractor):
             geo.append((begin, end, out))
         return geo
 
-    def blocks(self, x: np.ndarray, block_bytes: int, dtype=np.float64) -> Iterator[np.ndarray]:
+    def blocks(self, x: np.ndarray, block_bytes: int, dtype=np.float64,
+               positions: Optional[np.ndarray] = None) -> Iterator[np.ndarray]:
         if x.ndim != self.nd + 2 or x.shape[1] != self.cin:
             raise InputDataError(f"activation '{self.activation}' has shape {x.shape}; the "
                                  f"weight expects [N, {self.cin}, {self.nd} spatial dims]")
         if self.transpose:
+            if positions is not None:
+                raise ValueError("ConvTranspose rows are not sampled")
             yield from self._transpose_blocks(x, block_bytes, dtype)
         else:
-            yield from self._conv_blocks(x, block_bytes, dtype)
+            yield from self._conv_blocks(x, block_bytes, dtype, positions)
+
+    def positions(self, shape: Sequence[int]) -> int:
+        if self.transpose or len(shape) != self.nd + 2:
+            return 0
+        out = [o for _, _, o in self._conv_geometry(shape[2:])]
+        return int(np.prod(out, dtype=np.int64)) if min(out) >= 1 else 0
 
     def moments(self, x: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray, int]]:
         # Column (kernel offset k, channel j of group g) of im2col sums one strided slice of the
@@ -228,7 +257,8 @@ class ConvExtractor(Extractor):
             tuple(st[2 + i] * self.dilations[i] for i in range(self.nd))
         return as_strided(xp, shape, strides_, writeable=False)
 
-    def _conv_blocks(self, x: np.ndarray, block_bytes: int, dtype) -> Iterator[np.ndarray]:
+    def _conv_blocks(self, x: np.ndarray, block_bytes: int, dtype,
+                     positions: Optional[np.ndarray] = None) -> Iterator[np.ndarray]:
         geo = self._conv_geometry(x.shape[2:])
         out = [o for _, _, o in geo]
         if min(out) < 1:
@@ -240,7 +270,21 @@ class ConvExtractor(Extractor):
         nd = self.nd
         # -> [g, N, *O, *K, cg]: rows (N, *O), columns (*K, cg) with the channel innermost.
         v = v.transpose((1, 0) + tuple(range(3, 3 + 2 * nd)) + (2,))
-        yield from row_blocks(v, self.groups, self.in_dim, block_bytes, dtype)
+        if positions is None:
+            yield from row_blocks(v, self.groups, self.in_dim, block_bytes, dtype)
+            return
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.ndim != 2 or positions.shape[0] != n:
+            raise ValueError(f"positions must be [{n}, k], got {positions.shape}")
+        k = positions.shape[1]
+        per_row = np.dtype(dtype).itemsize * self.in_dim * self.groups
+        step = max(1, block_bytes // max(per_row * max(k, 1), 1))  # samples per block
+        for n0 in range(0, n, step):
+            chosen = positions[n0:n0 + step]
+            samples = np.repeat(np.arange(n0, n0 + chosen.shape[0]), k)
+            index = np.unravel_index(chosen.reshape(-1), out)
+            rows = v[(slice(None), samples) + tuple(index)]  # [g, rows, *K, cg], a copy
+            yield rows.reshape(self.groups, -1, self.in_dim).astype(dtype, copy=False)
 
     def _transpose_blocks(self, x: np.ndarray, block_bytes: int, dtype
                           ) -> Iterator[np.ndarray]:
@@ -297,6 +341,26 @@ def row_blocks(v: np.ndarray, groups: int, in_dim: int, block_bytes: int, dtype
             buf = np.empty(chunk.shape, dtype=dtype)
             buf[...] = chunk
             yield buf.reshape(groups, -1, in_dim)
+
+
+def sample_positions(total: int, k: int, seed: int, key: str, first: int, n: int
+                     ) -> np.ndarray:
+    """``[n, k]`` output-position indices (of ``total`` per sample), sorted, without
+    replacement, for samples ``first .. first + n - 1`` of the calibration set.
+
+    A pure function of ``(seed, key, sample index, total, k)``: the same sample gets the same
+    positions in every run and in both models of a paired collection (the pruned model and
+    its dense reference read the same rows). ``key`` names the activation, so layers of equal
+    size do not all read the same positions. ``k >= total`` takes every position.
+    """
+    if k >= total:
+        return np.broadcast_to(np.arange(total, dtype=np.int64), (n, total))
+    salt = zlib.crc32(key.encode("utf-8"))
+    out = np.empty((n, k), dtype=np.int64)
+    for i in range(n):
+        rng = np.random.default_rng((seed, salt, first + i))
+        out[i] = np.sort(rng.choice(total, size=k, replace=False))
+    return out
 
 
 def extractor_for(weight: Weight, consumer) -> Tuple[Optional[Extractor], str]:

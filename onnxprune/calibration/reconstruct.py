@@ -29,7 +29,7 @@ import numpy as np
 from onnxprune.errors import OptionError, PatternError
 from onnxprune.masking.patterns import NM, Blocks, Channel, Pattern, Unstructured, parse_pattern
 
-__all__ = ["sparsegpt_prune", "asymmetric_target", "centered_cross", "asymmetric_bias"]
+__all__ = ["sparsegpt_prune", "sparsegpt_factor", "asymmetric_target", "centered_cross", "asymmetric_bias"]
 
 PatternLike = Union[str, Pattern]
 
@@ -48,6 +48,13 @@ def _stack_hessian(hessian: np.ndarray, rows: int, cols: int) -> np.ndarray:
     if rows % h.shape[0]:
         raise ValueError(f"{h.shape[0]} Hessian groups do not divide {rows} output rows")
     return h
+
+
+def sparsegpt_factor(hessian: np.ndarray, damp: float = 0.01) -> Tuple[np.ndarray, np.ndarray]:
+    """What :func:`sparsegpt_prune` factors its Hessian into (pass it as ``factor=`` to prune
+    one layer at several sparsities with one factorization)."""
+    h = np.asarray(hessian, dtype=np.float64)
+    return _upper_cholesky_of_inverse(h[None] if h.ndim == 2 else h, damp)
 
 
 def _upper_cholesky_of_inverse(h: np.ndarray, damp: float) -> Tuple[np.ndarray, np.ndarray]:
@@ -101,7 +108,7 @@ def _lower_triangular_inverse(lower: np.ndarray) -> np.ndarray:
 
 def sparsegpt_prune(w2d: np.ndarray, hessian: np.ndarray, pattern: PatternLike,
                     zeros_needed: Union[int, None], damp: float = 0.01,
-                    blocksize: int = 128) -> Tuple[np.ndarray, np.ndarray]:
+                    blocksize: int = 128, factor=None) -> Tuple[np.ndarray, np.ndarray]:
     """Prune ``w2d`` (``W[out, in]``) to ``pattern`` and update the kept weights (SparseGPT).
 
     Returns ``(new_w2d, keep)``: ``new_w2d`` in ``w2d``'s dtype, exactly 0 where ``keep`` is
@@ -157,7 +164,8 @@ def sparsegpt_prune(w2d: np.ndarray, hessian: np.ndarray, pattern: PatternLike,
     # Column blocks must not cut a unit: round the block size up to a multiple of its width.
     blocksize = -(-max(blocksize, unit_c) // unit_c) * unit_c
 
-    upper, dead = _upper_cholesky_of_inverse(h, damp)
+    # factor: sparsegpt_factor(hessian, damp), reused when one layer is pruned several times
+    upper, dead = factor if factor is not None else _upper_cholesky_of_inverse(h, damp)
     w = w2d.astype(np.float64).reshape(groups, rows // groups, cols)
     keep = np.ones((groups, rows // groups, cols), dtype=bool)
     d_all = upper[:, np.arange(cols), np.arange(cols)]  # [G, C]

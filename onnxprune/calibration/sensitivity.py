@@ -16,9 +16,15 @@ This module owns:
   any of them breaks the model at any sparsity. :meth:`SensitivityTable.fragile` is the
   data-driven counterpart.
 
-Every trial runs in one onnxruntime session in which the measured weights are *overridable
-initializers* (also listed as graph inputs): a trial feeds the pruned array for one weight and
-the session is never rebuilt.
+The measured weights are *overridable initializers* (also listed as graph inputs): a trial
+feeds the pruned array for one weight and no session is rebuilt per trial. Trials run only the
+part of the graph after the layer (:class:`_Downstream`): the dense model is run once, piece by
+piece (:class:`~onnxprune.runtime.segments.SegmentRunner`), the weights are taken in graph
+order and cut into at most :data:`TRIAL_CUTS` groups, and each group's trials run a session of
+the nodes not yet run at its first weight, fed the tensors cached at that cut. Outputs computed
+before the cut do not depend on the weight: their error is zero. Where a value cannot be cached
+(a sequence), every trial runs the whole model instead. The table records the seconds spent
+choosing masks (``solve_seconds``) and running trials (``trial_seconds``).
 """
 
 from __future__ import annotations
@@ -37,14 +43,19 @@ from onnxprune.masking.criteria import Criterion, ScoreContext, get_criterion
 from onnxprune.errors import OptionError
 from onnxprune.model.io import ModelHandle, load
 from onnxprune.masking.patterns import Pattern, parse_pattern
-from onnxprune.calibration.reconstruct import sparsegpt_prune
-from onnxprune.runtime.session import open_session, run_calibration
+from onnxprune.calibration.reconstruct import sparsegpt_factor, sparsegpt_prune
+from onnxprune.runtime.segments import SegmentRunner
+from onnxprune.runtime.session import open_session, part_session, run_calibration
 from onnxprune.ops.weights import Weight
 
 __all__ = ["SensitivityTable", "layer_sensitivity", "allocate", "looks_fixed"]
 
 DEFAULT_SPARSITIES = (0.3, 0.5, 0.7, 0.9)
 _EPS = 1e-30
+#: Trials run the graph from a cut before the layer; the weights (in graph order) share at most
+#: this many cuts, i.e. this many sessions (a session per weight costs more to build than the
+#: few nodes between neighbouring weights cost to run).
+TRIAL_CUTS = 8
 
 
 @dataclass
@@ -66,6 +77,8 @@ class SensitivityTable:
     seconds: float = 0.0
     skipped: Dict[str, str] = field(default_factory=dict)  # weight key -> why not measured
     metric: str = "relative squared error of the model outputs, mean over float outputs"
+    solve_seconds: float = 0.0  # choosing masks (SparseGPT solves, scores) for the trials
+    trial_seconds: float = 0.0  # running the pruned trials (downstream of each layer)
 
     def fragile(self, threshold: float = 0.25, ratio: float = 200.0) -> Dict[str, str]:
         """Weights to leave out, with the reason: candidates are fixed operands (bases, ramps,
@@ -104,6 +117,8 @@ class SensitivityTable:
         for name in ("errors", "existing", "numel", "skipped"):
             getattr(self, name).update(getattr(other, name))
         self.seconds += other.seconds
+        self.solve_seconds += other.solve_seconds
+        self.trial_seconds += other.trial_seconds
         return self
 
     def to_dict(self) -> dict:
@@ -158,7 +173,8 @@ def layer_sensitivity(handle, weights: Sequence[Weight], data: CalibrationSet,
         table.seconds = time.perf_counter() - started
         return table
 
-    session = open_session(_overridable_copy(handle, measured))
+    copy = _overridable_copy(handle, measured)
+    session = open_session(copy)
     out_names = [o.name for o in session.get_outputs()]
     batches = list(subset.batches(batch_size))
     references = [run_calibration(session, out_names, feed) for feed in batches]
@@ -173,7 +189,11 @@ def layer_sensitivity(handle, weights: Sequence[Weight], data: CalibrationSet,
 
     total = len(measured) * len(grid)
     done = 0
-    for w in measured:
+    energy = np.asarray(ref_energy) + _EPS
+    downstream = _Downstream(copy, subset, batch_size, out_names, measured)
+    errors_of: Dict[str, np.ndarray] = {}
+    for w in downstream.order:
+        t0 = time.perf_counter()
         raw = handle.read(w.tensor)
         w2d = w.layout.to_2d(raw)
         nonzero = w2d != 0
@@ -186,29 +206,125 @@ def layer_sensitivity(handle, weights: Sequence[Weight], data: CalibrationSet,
                               f"it, which needs the layer's Hessian: none for {w.key}")
         scores = None if crit.reconstructs else crit.scores(
             w2d, ScoreContext(w.key, seed=seed, in_norms=st.in_norms if st else None))
+        factor = sparsegpt_factor(hessian) if crit.reconstructs else None  # once per layer
+        table.solve_seconds += time.perf_counter() - t0
+        trial = downstream.trial(w)
         errors = []
         for s in grid:
+            t0 = time.perf_counter()
             zeros = int(round(s * w2d.size))
             if crit.reconstructs:  # the layer as the criterion leaves it: masked and updated
-                new, _ = sparsegpt_prune(w2d, hessian, pattern, zeros)
+                new, _ = sparsegpt_prune(w2d, hessian, pattern, zeros, factor=factor)
                 pruned = w.layout.from_2d(new.astype(raw.dtype))
             else:
                 new_zeros = max(0, zeros - (w2d.size - int(np.count_nonzero(nonzero))))
                 keep = pattern.local_mask(scores, nonzero, new_zeros, crit.reduce)
                 pruned = w.layout.from_2d(np.where(keep, w2d, 0).astype(raw.dtype))
+            t1 = time.perf_counter()
+            table.solve_seconds += t1 - t0
             diff = np.zeros(len(float_outputs))
-            for feed, ref in zip(batches, references):
-                got = session.run(out_names, {**feed, w.name: pruned})
+            for b, (feed, ref) in enumerate(zip(batches, references)):
+                got = trial(b, feed, pruned) if trial is not None else dict(zip(
+                    out_names, session.run(out_names, {**feed, w.name: pruned})))
                 for j, i in enumerate(float_outputs):
-                    delta = got[i].astype(np.float64) - ref[i]
+                    if out_names[i] not in got:  # computed before the cut: unchanged
+                        continue
+                    delta = got[out_names[i]].astype(np.float64) - ref[i]
                     diff[j] += float(np.sum(np.square(delta)))
-            errors.append(float(np.mean(diff / (np.asarray(ref_energy) + _EPS))))
+            table.trial_seconds += time.perf_counter() - t1
+            errors.append(float(np.mean(diff / energy)))
             done += 1
             if progress is not None:
                 progress(done, total)
-        table.errors[w.key] = np.asarray(errors)
+        errors_of[w.key] = np.asarray(errors)
+    downstream.close()
+    for w in measured:  # the table in the order the weights were given
+        table.errors[w.key] = errors_of[w.key]
     table.seconds = time.perf_counter() - started
     return table
+
+
+class _Downstream:
+    """Trials that run only the graph after a cut before the weight (see the module doc).
+
+    ``order`` is the measured weights in graph order (of their first consumer);
+    :meth:`trial` (called in that order) returns ``run(batch, feed, pruned) -> {output: array}``
+    with the outputs computed after the cut, or None where trials must run the whole model.
+    """
+
+    def __init__(self, handle: ModelHandle, data: CalibrationSet, batch_size: int,
+                 out_names: Sequence[str], weights: Sequence[Weight]):
+        self.handle, self.out_names = handle, list(out_names)
+        self.runner: Optional[SegmentRunner] = SegmentRunner(handle, data, batch_size)
+        reads = self.runner.reads
+        first = {}
+        for w in weights:
+            first[w.key] = next((i for i, names in enumerate(reads) if w.name in names),
+                                len(reads))
+        self.order = sorted(weights, key=lambda w: first[w.key])
+        self.first = first
+        # cut points: the first weight of each of at most TRIAL_CUTS equal groups
+        n = len(self.order)
+        per = max(1, -(-n // TRIAL_CUTS))
+        self.cut_of = {w.key: self.order[(k // per) * per].key for k, w in enumerate(self.order)}
+        self.inputs = {vi.name: vi for vi in handle.model.graph.input}
+        self.names = {w.name for w in weights}
+        self.current: Optional[tuple] = None  # (cut weight key, session, cached, graph inputs, outputs)
+
+    def trial(self, w: Weight):
+        if self.runner is None:
+            return None
+        cut = self.cut_of[w.key]
+        if self.current is None or self.current[0] != cut:
+            self.current = None
+            self.current = self._prepare(cut)
+            if self.current is None:
+                self.close()
+                return None
+        _, session, cached, graph_in, outputs = self.current
+        runner = self.runner
+
+        def run(b: int, feed: Mapping[str, np.ndarray], pruned: np.ndarray):
+            inputs = {n: feed[n] for n in graph_in}
+            inputs.update({n: runner._get(n, b) for n in cached})
+            inputs[w.name] = pruned
+            return dict(zip(outputs, run_calibration(session, outputs, inputs, feed)))
+        return run
+
+    def _prepare(self, cut_key: str):
+        runner = self.runner
+        start = self.first[cut_key]
+        graph = self.handle.model.graph
+        if start >= len(graph.node):
+            return None
+        need = [n for n in runner.reads[start] if n in runner.producer]
+        for _ in runner.batches(need):  # run the dense model up to the cut, keep what is live
+            pass
+        if runner.from_scratch:
+            return None
+        rest = np.flatnonzero(~runner.done)
+        produced = {o for i in rest for o in graph.node[i].output if o}
+        read = set().union(*(runner.reads[i] for i in rest)) if len(rest) else set()
+        cached = sorted(n for n in read if n in runner.cache and n not in produced)
+        if any(n in runner.producer and not runner.done[runner.producer[n]] and
+               n not in produced for n in read):
+            return None
+        graph_in = [n for n in self.inputs if n in read and n in runner.graph_inputs]
+        outputs = [o for o in self.out_names if o in produced]
+        values = [self.inputs[n] for n in graph_in]
+        values += [onnx.helper.make_tensor_value_info(
+            n, onnx.helper.np_dtype_to_tensor_dtype(np.asarray(runner._get(n, 0)).dtype), None)
+            for n in cached]
+        values += [self.inputs[n] for n in sorted(self.names & read) if n in self.inputs]
+        session = part_session(self.handle, [graph.node[i] for i in rest],
+                               [onnx.ValueInfoProto(name=o) for o in outputs], values)
+        return cut_key, session, cached, graph_in, outputs
+
+    def close(self) -> None:
+        self.current = None
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
 
 
 def _overridable_copy(handle: ModelHandle, weights: Sequence[Weight]) -> ModelHandle:

@@ -101,7 +101,8 @@ def _node_key(node: onnx.NodeProto) -> tuple:
 def refit_toward_dense(handle: mio.ModelHandle, reference: mio.ModelHandle,
                        weights: Sequence[Weight], calibration: CalibrationSet,
                        notes: List[str], track=None, batch_size: int = 8, damp: float = 0.01,
-                       bias_correction: bool = True) -> List[str]:
+                       bias_correction: bool = True, sample_rows: bool = True,
+                       seed: int = 0) -> List[str]:
     """Refit ``weights`` of ``handle``, wave by wave, after channels were masked (shapes kept,
     removed rows and columns zero): each layer's kept rows are fit on its kept input columns to
     reproduce the *dense* layer (in ``reference``) output from the inputs it now gets, and its
@@ -109,6 +110,8 @@ def refit_toward_dense(handle: mio.ModelHandle, reference: mio.ModelHandle,
     :func:`~onnxprune.calibration.reconstruct.asymmetric_target` with ``kept``). Grouped Convs,
     weights reached through views and weights whose Hessian would pass the budget
     (:mod:`onnxprune.calibration.hessian`; appended to ``notes``) are left as they are.
+    Conv statistics are read from sampled rows (``sample_rows``, seeded by ``seed``,
+    :func:`~onnxprune.calibration.statistics.row_cap`) in shifted float32 products.
     Returns the names refit."""
     main = handle.model.graph.name or "main"
     weights = [w for w in weights if w.graph == main and not w.layout.view
@@ -124,7 +127,8 @@ def refit_toward_dense(handle: mio.ModelHandle, reference: mio.ModelHandle,
         for wave in track(waves, "refitting layer by layer", len(waves)):
             stats = collect_layer_stats(handle, wave, calibration, want_hessian=True,
                                         batch_size=batch_size, reference=reference,
-                                        runners=runners)
+                                        runners=runners, precision="float32",
+                                        sample_rows=sample_rows, seed=seed)
             for w in wave:
                 st = stats.get(w.key)
                 if st is None or w.name not in dense_tensors:

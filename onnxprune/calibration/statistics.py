@@ -20,10 +20,19 @@ bytes held (exposed activations + im2col block + accumulators).
 
 Weights used inside ``If``/``Loop``/``Scan`` bodies cannot have their activations exposed and
 are listed in :attr:`StatsRecord.skipped` with a reason.
+
+Speed (what the calibrated passes ask for): ``sample_rows`` reads a Conv weight's ``X`` at
+seeded output positions only, at most :func:`row_cap` rows over the whole calibration set
+(``ROWS_PER_COLUMN`` per input column, at least ``MIN_ROWS``), every sum exactly that of the
+rows read; ``precision="float32"`` multiplies blocks in float32 after shifting them by fixed
+column means, so the rounding is relative to the centered data (:class:`_Accumulator`).
+:attr:`StatsRecord.rows` says how many rows each weight used of how many, and
+:attr:`StatsRecord.seconds` how long the collection took.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -36,14 +45,22 @@ from onnxprune.model.shapes import infer_shapes
 from onnxprune.runtime.session import exposed_batches
 from onnxprune.ops.registry import complete_types
 from onnxprune.ops.weights import Weight
-from onnxprune.calibration.extract import Extractor, extractor_for
+from onnxprune.calibration.extract import Extractor, extractor_for, sample_positions
 
-__all__ = ["LayerStats", "StatsRecord", "LayerStatsMap", "collect_layer_stats"]
+__all__ = ["LayerStats", "StatsRecord", "LayerStatsMap", "collect_layer_stats", "row_cap",
+           "rows_note"]
 
 #: Activation bytes per batch exposed at once before a new chunk of layers starts.
 DEFAULT_BUDGET_BYTES = 1 << 30
 #: Bytes of one float64 im2col block (rows are streamed through in blocks of this size).
 BLOCK_BYTES = 32 << 20
+#: Sampled Conv statistics (``sample_rows=True``): a weight's ``X`` keeps at most
+#: ``ROWS_PER_COLUMN`` rows per column of its ``W[out, in]`` view (``in`` = k*k*Cin/g), and
+#: never caps below ``MIN_ROWS`` (see :func:`row_cap`). A ``[in, in]`` Hessian estimated from
+#: 32 x in well-spread rows is what SparseGPT needs; a 416x416 input gives 64 images x 43 k
+#: positions = 2.8 M rows for a stride-2 layer, 100x more than that.
+ROWS_PER_COLUMN = 32
+MIN_ROWS = 4096
 
 Progress = Callable[[int, int], None]  # (batches done, batches in total over all chunks)
 
@@ -102,6 +119,9 @@ class StatsRecord:
     peak_bytes: int = 0  # exposed activations + im2col block + accumulators, at most
     data_free: bool = False
     skipped: Dict[str, str] = field(default_factory=dict)  # weight key -> why no stats
+    # weight key -> (rows of X summed, rows there were): they differ where rows were sampled
+    rows: Dict[str, Tuple[int, int]] = field(default_factory=dict)
+    seconds: float = 0.0  # wall time of the collection (model runs + reductions)
 
 
 class LayerStatsMap(dict):
@@ -111,7 +131,15 @@ class LayerStatsMap(dict):
 
 
 class _Accumulator:
-    """Streaming float64 sums for one extractor signature."""
+    """Streaming float64 sums for one extractor signature.
+
+    Float32 blocks (``precision="float32"``) are *shifted* before their products: every row
+    has a fixed per-column vector ``s`` (the first block's column means, rounded to float32)
+    subtracted, so the float32 products ``Y^T Y`` carry rounding relative to the *centered*
+    spread of the data, not to its mean (a post-ReLU or post-BN input with a large mean would
+    otherwise lose the centered Hessian to cancellation). :meth:`finish` adds the shift back
+    exactly in float64: ``X^T X = Y^T Y + s (sum y)^T + (sum y) s^T + r s s^T``.
+    """
 
     def __init__(self, extractor: Extractor, want_hessian: bool, paired: bool = False) -> None:
         g, d = extractor.groups, extractor.in_dim
@@ -122,6 +150,10 @@ class _Accumulator:
         self.ref_sums = np.zeros((g, d)) if paired else None
         self.cross = np.zeros((g, d, d)) if paired and want_hessian else None
         self.rows = 0
+        self.available = 0  # rows of X there were (sampled: more than ``rows``)
+        self.shift: Optional[np.ndarray] = None  # [g, d] float32 (float32 blocks only)
+        self.ref_shift: Optional[np.ndarray] = None
+        self.shifted_rows = 0  # rows per group summed after the shift
 
     @property
     def nbytes(self) -> int:
@@ -130,6 +162,15 @@ class _Accumulator:
 
     def add(self, block: np.ndarray, ref_block: Optional[np.ndarray] = None) -> None:
         """One row block of ``X`` (and, paired, the same rows of the reference's ``X``)."""
+        if block.dtype == np.float32 and block.shape[1]:
+            if self.shift is None:
+                self.shift = block.mean(axis=1, dtype=np.float64).astype(np.float32)
+                if ref_block is not None:
+                    self.ref_shift = ref_block.mean(axis=1, dtype=np.float64).astype(np.float32)
+            block = block - self.shift[:, None, :]
+            if ref_block is not None:
+                ref_block = ref_block - self.ref_shift[:, None, :]
+            self.shifted_rows += block.shape[1]
         if self.ref_sums is not None:
             self.ref_sums += ref_block.sum(axis=1, dtype=np.float64)
             if self.cross is not None:
@@ -154,8 +195,30 @@ class _Accumulator:
             self.ref_sums += ref_sums
         self.rows += rows * sums.shape[0]
 
+    def _unshift(self) -> None:
+        """Add the float32 blocks' shift back, exactly, in float64 (see the class doc)."""
+        if self.shift is None:
+            return
+        r, s = self.shifted_rows, self.shift.astype(np.float64)
+        ys = self.sums.copy()  # sum of shifted rows (moments-path rows carry no shift)
+        if self.h is not None:
+            self.h += (s[:, :, None] * ys[:, None, :] + ys[:, :, None] * s[:, None, :]
+                       + r * s[:, :, None] * s[:, None, :])
+        else:
+            self.sq += 2 * s * ys + r * s * s
+        if self.ref_sums is not None:
+            sr = self.ref_shift.astype(np.float64)
+            yr = self.ref_sums.copy()
+            if self.cross is not None:
+                self.cross += (ys[:, :, None] * sr[:, None, :] + s[:, :, None] * yr[:, None, :]
+                               + r * s[:, :, None] * sr[:, None, :])
+            self.ref_sums += r * sr
+        self.sums += r * s
+        self.shift = None
+
     def finish(self) -> LayerStats:
         ex = self.extractor
+        self._unshift()
         h, cross = self.h, self.cross
         if h is not None:
             sq = np.einsum("gii->gi", h).sum(axis=0)
@@ -176,12 +239,33 @@ class _Accumulator:
                           ref_sums=self.ref_sums, cross=cross)
 
 
+def row_cap(in_dim: int) -> int:
+    """Most rows of ``X`` a sampled Conv weight with ``in_dim`` input columns reads over the
+    whole calibration set (``max(MIN_ROWS, ROWS_PER_COLUMN * in_dim)``). Each sample gives
+    ``max(1, cap // samples)`` of its output positions, so the total stays within the cap
+    (``samples`` rows where there are more samples than the cap)."""
+    return max(MIN_ROWS, ROWS_PER_COLUMN * int(in_dim))
+
+
+def rows_note(rows: Mapping[str, Tuple[int, int]], what: str) -> Optional[str]:
+    """One report note naming, per weight whose rows were sampled, the rows used of those
+    there were; None when no weight was sampled."""
+    sampled = {k: v for k, v in rows.items() if v[0] < v[1]}
+    if not sampled:
+        return None
+    per = ", ".join(f"{k} {u}/{t}" for k, (u, t) in sampled.items())
+    return (f"{what}: Conv Hessians from sampled positions (at most max({MIN_ROWS}, "
+            f"{ROWS_PER_COLUMN} x inputs) rows per layer, per group for grouped Convs), rows "
+            f"used/there were: {per}")
+
+
 def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
                         want_hessian: bool = True, batch_size: int = 8,
                         progress: Optional[Progress] = None,
                         budget_bytes: int = DEFAULT_BUDGET_BYTES,
                         precision: str = "float64", reference=None,
-                        runners: Optional[Sequence] = None) -> LayerStatsMap:
+                        runners: Optional[Sequence] = None, sample_rows: bool = False,
+                        seed: int = 0) -> LayerStatsMap:
     """``{weight.key: LayerStats}`` from running ``data`` through the model as it is now.
 
     The model is read from ``handle`` in its current state (weights already pruned upstream
@@ -205,7 +289,16 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
     ``runners`` (one per model: ``handle``'s, then the reference's) serve the activations
     instead of a session per chunk: :class:`onnxprune.runtime.segments.SegmentRunner` runs only the
     nodes not run before (layer-by-layer pruning).
+
+    ``sample_rows``: a Conv weight whose summed rows would pass :func:`row_cap` reads only
+    ``cap // len(data)`` output positions of each sample
+    (:func:`onnxprune.calibration.extract.sample_positions`, seeded by ``seed``, the same rows
+    in both models when paired); every sum (Hessian, means, norms, cross moment) is then
+    exactly that of the sampled rows, and ``count`` says how many. Gemm/MatMul, ConvTranspose
+    and the Hessian-free moments path (Wanda) always read every row.
+    ``result.record.rows`` gives each weight's (rows used, rows there were).
     """
+    started = time.perf_counter()
     if precision not in ("float64", "float32"):
         raise OptionError(f"precision must be 'float64' or 'float32', got {precision!r}")
     block_dtype = np.dtype(precision)
@@ -258,10 +351,12 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
     record.chunks = [keys for keys, _ in chunks]
 
     total = data.num_batches(batch_size) * len(chunks)
+    n_samples = max(len(data), 1)
     done = 0
     accumulators: Dict[tuple, _Accumulator] = {}
     held = 0  # bytes of accumulators alive
     finished: Dict[tuple, LayerStats] = {}
+    rows: Dict[tuple, Tuple[int, int]] = {}
     for keys, sigs in chunks:
         accs = {s: accumulators.setdefault(s, _Accumulator(extractors[s], want_hessian,
                                                            paired=ref is not None))
@@ -274,7 +369,7 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
             sources = [runner.batches(names) for runner in runners[:len(models)]]
         else:
             sources = [exposed_batches(h, names, data, batch_size, types) for h in models]
-        for outs in zip(*sources):
+        for b, outs in enumerate(zip(*sources)):
             batch_bytes = sum(v.nbytes for got in outs for v in got.values())
             block_peak = 0
             for s, acc in accs.items():
@@ -283,12 +378,25 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
                                                    for got in outs]
                 if quick is not None and all(m is not None for m in quick):
                     acc.add_moments(*quick[0], *([quick[1][0]] if len(quick) > 1 else []))
+                    acc.available = acc.rows
                     continue
-                streams = [ex.blocks(got[ex.activation], BLOCK_BYTES, block_dtype)
+                x = outs[0][ex.activation]
+                positions = None
+                per_sample = ex.positions(np.shape(x)) if sample_rows else 0
+                k = max(1, row_cap(ex.in_dim) // n_samples)
+                if per_sample:
+                    acc.available += ex.groups * per_sample * np.shape(x)[0]
+                    if per_sample > k:
+                        positions = sample_positions(per_sample, k, seed, ex.activation,
+                                                     b * batch_size, np.shape(x)[0])
+                before = acc.rows
+                streams = [ex.blocks(got[ex.activation], BLOCK_BYTES, block_dtype, positions)
                            for got in outs]
                 for blocks in zip(*streams):  # the same rows of both models, block by block
-                    block_peak = max(block_peak, sum(b.nbytes for b in blocks))
+                    block_peak = max(block_peak, sum(blk.nbytes for blk in blocks))
                     acc.add(*blocks)
+                if not per_sample:
+                    acc.available += acc.rows - before
             record.peak_bytes = max(record.peak_bytes, held + batch_bytes + block_peak)
             record.model_runs += len(models)
             done += 1
@@ -297,9 +405,14 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
             del outs
         del sources
         for s in sigs:
-            finished[s] = accumulators.pop(s).finish()
+            acc = accumulators.pop(s)
+            rows[s] = (acc.rows, max(acc.available, acc.rows))
+            finished[s] = acc.finish()
         for key in keys:  # every signature of these keys is finished (this or an earlier chunk)
             result[key] = _combine([finished[s] for s in weight_sigs[key]])
+            record.rows[key] = (sum(rows[s][0] for s in weight_sigs[key]),
+                                sum(rows[s][1] for s in weight_sigs[key]))
+    record.seconds = time.perf_counter() - started
     return result
 
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
 
 from onnxprune.model import io as mio
-from onnxprune.calibration.statistics import collect_layer_stats
+from onnxprune.calibration.statistics import collect_layer_stats, rows_note
 from onnxprune.calibration.hessian import fits_budget, hessian_chunks
 from onnxprune.inputs.dataset import CalibrationSet, generated_calibration, load_calibration
 from onnxprune.inputs.images import ImagePreprocess
@@ -45,6 +45,8 @@ class CalibrateRecord(PassRecord):
     model_runs: int = 0
     peak_bytes: int = 0
     no_stats: Dict[str, str] = field(default_factory=dict)
+    phase_seconds: Dict[str, float] = field(default_factory=dict)  # "statistics"
+    rows: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # key -> (used, there were)
 
 
 @dataclass
@@ -61,6 +63,9 @@ class SensitivityRecord(PassRecord):
     table: Optional[SensitivityTable] = None
     target: float = 0.0
     allocation: Dict[str, float] = field(default_factory=dict)
+    # seconds: "statistics" (Hessians on the dense model), "solve" (trial masks), "trials"
+    phase_seconds: Dict[str, float] = field(default_factory=dict)
+    rows: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # key -> (used, there were)
 
 
 def _progress(state: PruneState, description: str, total: int):
@@ -139,7 +144,9 @@ class Calibrate(Pass):
         stats = collect_layer_stats(state.handle, weights, data, want_hessian=self.hessian,
                                     batch_size=self.batch_size,
                                     progress=_progress(state, "calibrating",
-                                                       data.num_batches(self.batch_size)))
+                                                       data.num_batches(self.batch_size)),
+                                    precision="float32" if self.hessian else "float64",
+                                    sample_rows=self.hessian, seed=self.seed)
         state.layer_stats.update(stats)
         collected = stats.record
         for key, reason in collected.skipped.items():
@@ -147,6 +154,11 @@ class Calibrate(Pass):
         record.no_stats = dict(collected.skipped)
         record.with_stats, record.model_runs = len(stats), collected.model_runs
         record.peak_bytes = collected.peak_bytes
+        record.phase_seconds = {"statistics": collected.seconds}
+        record.rows = dict(collected.rows)
+        note = rows_note(collected.rows, "calibration")
+        if note:
+            record.notes.append(note)
         record.summary = (f"{len(data)} samples, statistics for {len(stats)} weights in "
                           f"{collected.model_runs} runs, peak "
                           f"{collected.peak_bytes / 2**20:.0f} MiB"
@@ -209,7 +221,9 @@ class AllocateBySensitivity(Pass):
         if not plans:
             return SensitivityRecord(summary="nothing to allocate (N:M sparsity is fixed)")
         specs = {p.pattern.spec for p in plans}
-        table = self._measure(state, plans)
+        phases: Dict[str, float] = {"statistics": 0.0}
+        rows: Dict[str, Tuple[int, int]] = {}
+        table = self._measure(state, plans, phases, rows)
         # A weight whose input could not be collected (an LSTM's R reads the hidden state, no
         # graph tensor) has no measure for an activation-based criterion: it keeps its sparsity.
         plans = [p for p in plans if p.weight.key in table.numel]
@@ -225,7 +239,14 @@ class AllocateBySensitivity(Pass):
         record = SensitivityRecord(
             summary=(f"per-layer sparsities allocated for an overall {target:.3f} from "
                      f"{len(self.sparsities)} measured levels"),
-            table=table, target=target, allocation={k: float(v) for k, v in levels.items()})
+            table=table, target=target, allocation={k: float(v) for k, v in levels.items()},
+            phase_seconds={**phases, "solve": table.solve_seconds, "trials": table.trial_seconds},
+            rows=rows)
+        note = rows_note(rows, "sensitivity")
+        if note:
+            record.notes.append(note)
+        record.notes.append("sensitivity: " + ", ".join(
+            f"{k} {v:.1f} s" for k, v in record.phase_seconds.items()))
         if len(specs) > 1:
             record.notes.append("sensitivity measured with the first selected weight's pattern "
                                 f"({plans[0].pattern.spec}) for all")
@@ -233,7 +254,8 @@ class AllocateBySensitivity(Pass):
             record.notes.append(f"sensitive layer {key}: {reason}")
         return record
 
-    def _measure(self, state: PruneState, plans) -> SensitivityTable:
+    def _measure(self, state: PruneState, plans, phases: Dict[str, float],
+                 rows: Dict[str, Tuple[int, int]]) -> SensitivityTable:
         """The sensitivity table of ``plans`` with their (first plan's) criterion. A
         reconstructing criterion prunes each trial layer with its Hessian: those are collected
         here, for as many weights at a time as fit in the Hessian budget
@@ -254,7 +276,11 @@ class AllocateBySensitivity(Pass):
         table = None
         for crit, chunk, fresh in jobs:
             stats = collect_layer_stats(state.handle, chunk, state.calibration,
-                                        want_hessian=crit == criterion) if fresh else held
+                                        want_hessian=crit == criterion, precision="float32",
+                                        sample_rows=True, seed=state.seed) if fresh else held
+            if fresh:
+                phases["statistics"] += stats.record.seconds
+                rows.update(stats.record.rows)
             if get_criterion(crit).needs_activations:
                 chunk = [w for w in chunk if stats.get(w.key) is not None]
             part = layer_sensitivity(state.handle, chunk, state.calibration, plans[0].pattern,

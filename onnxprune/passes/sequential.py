@@ -8,8 +8,9 @@ pass over the :class:`~onnxprune.passes.base.PruneState` and records what they d
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from onnxprune.calibration.reconstruct import asymmetric_target, sparsegpt_prune
 from onnxprune.calibration.sequential import (fit_moments, load_dense_reference, mean_shift,
                                               refit_toward_dense, segment_runners,
                                               sequential_waves)
-from onnxprune.calibration.statistics import LayerStats, collect_layer_stats
+from onnxprune.calibration.statistics import LayerStats, collect_layer_stats, rows_note
 from onnxprune.errors import OptionError, SelectionError
 from onnxprune.masking.criteria import ScoreContext, get_criterion
 from onnxprune.masking.selection import LayerPlan
@@ -31,12 +32,17 @@ from onnxprune.passes.masking import local_keep_mask, not_a_weight
 @dataclass
 class SequentialRecord(PassRecord):
     """The waves (weight keys per wave, in order), the segment runs and activation bytes they
-    took, and the weight names whose bias was moved to the dense mean."""
+    took, the weight names whose bias was moved to the dense mean, seconds per phase
+    (``statistics``: running the model and reducing activations; ``solve``: masks and
+    updates) and, per weight key, the rows of ``X`` its statistics used of those there were
+    (Conv rows are sampled, :func:`~onnxprune.calibration.statistics.row_cap`)."""
 
     waves: List[List[str]] = field(default_factory=list)
     model_runs: int = 0
     activation_bytes: int = 0
     bias_corrected: List[str] = field(default_factory=list)
+    phase_seconds: Dict[str, float] = field(default_factory=dict)
+    rows: Dict[str, Tuple[int, int]] = field(default_factory=dict)
 
 
 def dense_reference(state: PruneState, notes: List[str]) -> Optional[mio.ModelHandle]:
@@ -59,7 +65,8 @@ def refit_channels(state: PruneState, record: PassRecord, batch_size: int = 8) -
     if reference is None or state.calibration is None:
         return []
     return refit_toward_dense(state.handle, reference, state.weights, state.calibration,
-                              record.notes, track=state.track, batch_size=batch_size)
+                              record.notes, track=state.track, batch_size=batch_size,
+                              seed=state.seed)
 
 
 class PruneSequentially(Pass):
@@ -77,16 +84,18 @@ class PruneSequentially(Pass):
     ensures = frozenset({"masks"})
 
     def __init__(self, bias_correction: bool = True, guard_fixed: bool = True,
-                 damp: float = 0.01, blocksize: int = 128, batch_size: int = 8):
+                 damp: float = 0.01, blocksize: int = 128, batch_size: int = 8,
+                 sample_rows: bool = True):
         self.bias_correction, self.guard_fixed = bias_correction, guard_fixed
         self.damp, self.blocksize, self.batch_size = damp, blocksize, batch_size
+        self.sample_rows = sample_rows
 
     def run(self, state: PruneState):
         for plan in state.plans:
             if plan.pattern.spec == "channel":
                 raise OptionError("layer-by-layer pruning does not choose channels; use "
                                   "--pattern channel with --refit for calibrated channel pruning")
-        record = SequentialRecord()
+        record = SequentialRecord(phase_seconds={"statistics": 0.0, "solve": 0.0})
         plans = self._screen(state, record)
         waves, outside = sequential_waves(state.model, plans)
         for plan in outside:
@@ -110,6 +119,11 @@ class PruneSequentially(Pass):
         if corrected:
             record.notes.append(f"biases of {len(corrected)} layers moved so their mean outputs "
                                 "stay the dense model's")
+        note = rows_note(record.rows, "layer by layer")
+        if note:
+            record.notes.append(note)
+        record.notes.append("layer by layer: " + ", ".join(
+            f"{k} {v:.1f} s" for k, v in record.phase_seconds.items()))
         record.summary, record.modified = summary, True
         record.waves = [[p.weight.key for p in w] for w in waves]
         record.model_runs, record.bias_corrected, record.activation_bytes = (runs, corrected,
@@ -135,12 +149,19 @@ class PruneSequentially(Pass):
             part = [p.weight for p in wave
                     if get_criterion(p.criterion).reconstructs == hessian]
             if part:
+                # Float32 block products are safe here: the accumulator shifts every row by
+                # its first block's means before multiplying (statistics._Accumulator).
                 got = collect_layer_stats(state.handle, part, state.calibration,
                                           want_hessian=hessian, batch_size=self.batch_size,
-                                          reference=reference, runners=runners)
+                                          reference=reference, runners=runners,
+                                          precision="float32", sample_rows=self.sample_rows,
+                                          seed=state.seed)
                 stats.update(got)
                 skipped.update(got.record.skipped)
+                record.rows.update(got.record.rows)
+                record.phase_seconds["statistics"] += got.record.seconds
         corrected = []
+        t0 = time.perf_counter()
         for plan in wave:
             st = stats.get(plan.weight.key)
             if st is None:
@@ -150,6 +171,7 @@ class PruneSequentially(Pass):
                 continue
             if self._prune(state, record, plan, st, stored):
                 corrected.append(plan.weight.name)
+        record.phase_seconds["solve"] += time.perf_counter() - t0
         return corrected
 
     def _screen(self, state: PruneState, record: "SequentialRecord") -> List[LayerPlan]:
