@@ -17,6 +17,11 @@ file (byte for byte when untouched), never as whole arrays.
 This module owns the handle, loading with its integrity checks, weightless copies for the
 checker and shape inference, and saving. The bytes of external tensors (reading, the spill file,
 chunked copies, pointing a tensor at a data file) are :mod:`onnxprune.model.external`'s.
+
+One module (about 600 lines) on purpose: ``load`` and ``save`` are the two halves of one
+contract on the handle's external-data state (save repoints tensors at the output's data file
+and restores them; load's integrity checks are what save relies on), and splitting them would
+put that state's invariants in two places.
 """
 
 from __future__ import annotations

@@ -171,7 +171,7 @@ class Validate(Pass):
 
     # -- verdict and gates --------------------------------------------------------------------
     def _judge(self, comparison, notes: List[str]) -> ValidateRecord:
-        summary = (f"{comparison.verdict} on {comparison.data_note.split(':')[0]}; "
+        summary = (f"{comparison.verdict} on {comparison.data_brief}; "
                    f"max abs error {comparison.max_abs:.3g}, worst cosine "
                    f"{comparison.worst_cosine:.6f}")
         if comparison.worst_agreement is not None:
@@ -190,12 +190,12 @@ class Validate(Pass):
             # ValidationFailed after the report is built, so the user sees why).
             gate = (f"pruned model's outputs drift past --max-error {self.max_error:g}: "
                     + "; ".join(comparison.failures(self.max_error)) +
-                    f" (measured on {comparison.data_note.split(':')[0]}); lower --sparsity or "
+                    f" (measured on {comparison.data_brief}); lower --sparsity or "
                     "use a calibrated criterion")
         elif self.min_agreement is not None:
             gate = _agreement_gate(comparison, self.min_agreement)
         warnings = [f"output '{o.name}' is broken: {o.verdict_reason}, on "
-                    f"{comparison.data_note.split(':')[0]}"
+                    f"{comparison.data_brief}"
                     for o in comparison.outputs if o.verdict == "broken" and o.reason is None]
         notes = notes + [f"output '{o.name}' is a {o.kind}, not a numeric tensor: compared by "
                          f"equality ({100 * o.equal:.1f}% equal), not gated by --max-error"
@@ -216,7 +216,7 @@ def _agreement_gate(comparison, min_agreement: float) -> Optional[str]:
     name = min((o for o in comparison.outputs if o.metric == "class scores"),
                key=lambda o: o.top1_agreement if o.ok else 0.0).name
     return (f"pruned model's top-1 agreement with the original is {100 * worst:.1f}% on output "
-            f"'{name}' ({comparison.data_note.split(':')[0]}), below --min-agreement "
+            f"'{name}' ({comparison.data_brief}), below --min-agreement "
             f"{min_agreement:g}; lower --sparsity or use calibration data")
 
 

@@ -211,6 +211,11 @@ class Comparison:
         raise KeyError(name)
 
     @property
+    def data_brief(self) -> str:
+        """The samples in a few words (``data_note`` up to its explanation)."""
+        return self.data_note.split(":")[0]
+
+    @property
     def accuracy_estimate(self) -> bool:
         """Whether the figures speak for the model on real data (False for generated inputs)."""
         return self.data != "generated"
