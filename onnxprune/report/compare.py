@@ -366,14 +366,14 @@ class _Stream:
             self.shape = _size(ref)
         self.samples += samples
         failure = self._mismatch(ref, cand)
+        if failure is None:
+            if self.metric == "exact":
+                self._add_equal(ref, cand)
+            else:
+                failure = self._add_numeric(np.asarray(ref), np.asarray(cand), samples)
         if failure is not None:
             self.failed = _failed(self.name, _size(ref), _size(cand) if cand is not None
                                   else None, failure, self.kind, self.metric)
-            return
-        if self.metric == "exact":
-            self._add_equal(ref, cand)
-        else:
-            self._add_numeric(np.asarray(ref), np.asarray(cand), samples)
 
     def _mismatch(self, ref: Any, cand: Any) -> Optional[str]:
         if cand is None:
@@ -385,15 +385,6 @@ class _Stream:
             word = "shape" if rkind == "tensor" else "size"
             return (f"{word} {fmt_shape(_size(cand))} differs from the reference's "
                     f"{fmt_shape(_size(ref))}")
-        if rkind != "tensor" or self.metric == "exact":
-            return None
-        a = np.asarray(ref, dtype=np.float64)
-        b = np.asarray(cand, dtype=np.float64)
-        fa, fb = np.isfinite(a), np.isfinite(b)
-        same_nonfinite = ~fa & ~fb & ((a == b) | (np.isnan(a) & np.isnan(b)))
-        bad = int((~(fa & fb) & ~same_nonfinite).sum())
-        if bad:
-            return f"{bad} value(s) are inf/nan in one model but not the other"
         return None
 
     def _add_equal(self, ref: Any, cand: Any) -> None:
@@ -418,10 +409,17 @@ class _Stream:
         self.equal += same
         self.elements += n
 
-    def _add_numeric(self, ref: np.ndarray, cand: np.ndarray, samples: int) -> None:
+    def _add_numeric(self, ref: np.ndarray, cand: np.ndarray, samples: int) -> Optional[str]:
+        """Accumulate one batch; the reason it cannot be compared (a value inf/nan in one model
+        but not the other) instead, with nothing accumulated."""
         a = ref.astype(np.float64)
         b = cand.astype(np.float64)
-        both = np.isfinite(a) & np.isfinite(b)
+        finite_a, finite_b = np.isfinite(a), np.isfinite(b)
+        both = finite_a & finite_b
+        same_nonfinite = ~finite_a & ~finite_b & ((a == b) | (np.isnan(a) & np.isnan(b)))
+        bad = int((~both & ~same_nonfinite).sum())
+        if bad:
+            return f"{bad} value(s) are inf/nan in one model but not the other"
         fa, fb = a[both], b[both]
         diff = np.abs(fa - fb)
         if diff.size:
@@ -435,7 +433,7 @@ class _Stream:
             rel[(diff == 0)] = 0.0
             if rel.size:
                 self.worst_rel = max(self.worst_rel, float(rel.max()))
-            return
+            return None
         self.dot += float(np.dot(fa, fb))
         self.na += float(np.dot(fa, fa))
         self.nb += float(np.dot(fb, fb))
@@ -450,6 +448,7 @@ class _Stream:
                 self.top5 += int((best5 == np.expand_dims(top_ref, axis)).any(axis=axis).sum())
             else:
                 self.five = False
+        return None
 
     def result(self, thresholds: Thresholds) -> OutputStats:
         if self.failed is not None:
