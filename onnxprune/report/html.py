@@ -54,7 +54,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td.name{word-break:break-all;max-width:420px}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;font-weight:600;font-size:12px;
  color:#fff;background:#6b7280}
-.ok{background:#15803d}.degraded{background:#b45309}.broken,.fail{background:#b91c1c}
+.ok{background:#15803d}.unverified{background:#0e7490}.degraded{background:#b45309}.broken,.fail{background:#b91c1c}
 .chart svg{max-width:100%;height:auto}
 ul.notes li{margin:4px 0}
 .muted{color:#5b6475}

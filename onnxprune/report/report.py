@@ -345,7 +345,7 @@ class Report:
         for name in ("samples", "top-1", "top-5", "cosine", "rel err", "max abs"):
             table.add_column(name, justify="right", no_wrap=True)
         table.add_column("verdict", overflow="fold")
-        styles = {"ok": "green", "degraded": "yellow", "broken": "red"}
+        styles = {"ok": "green", "unverified": "cyan", "degraded": "yellow", "broken": "red"}
         for s in cmp.outputs:
             row: List[Union[str, Text]] = [
                 _text(s.name), _shape(s.shape),

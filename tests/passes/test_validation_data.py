@@ -250,3 +250,26 @@ def test_a_model_with_a_rank_1_input_gets_the_inputs_file_as_one_feed(tmp_path):
     data = load_samples(path, model)
     feeds = list(data.batches(8))
     assert len(data) == 1 and len(feeds) == 1 and np.array_equal(feeds[0]["x"], x)
+
+
+def test_close_outputs_on_generated_inputs_are_unverified_never_ok(tmp_path):
+    # The same light pruning: on generated inputs "unverified" (it cannot speak for accuracy),
+    # on real samples "ok"; a degraded/broken output keeps its verdict on either. On noise the
+    # scores are near-ties whose argmax flips (top-1 agreement well below 99 % here), so the
+    # verdict reads the cosine instead.
+    gen = prune(DIGITS, pattern="unstructured", sparsity=0.1).report.comparison
+    real = prune(DIGITS, pattern="unstructured", sparsity=0.1, inputs=str(TEST)).report.comparison
+    assert real.data == "inputs" and real.verdict == "ok"
+    assert real["logits"].top1_agreement >= 0.99
+    assert gen.data == "generated" and gen.verdict == "unverified"
+    assert gen["logits"].verdict == "unverified" and gen["logits"].cosine >= 0.99
+    assert "cannot show accuracy" in gen["logits"].verdict_reason
+    assert gen.to_dict()["verdict"] == "unverified"
+    ruined = prune(DIGITS, pattern="4x1", sparsity=0.95).report.comparison
+    assert ruined.data == "generated" and ruined.verdict in ("degraded", "broken")
+    out = CliRunner().invoke(main, [str(DIGITS), "--sparsity", "0.1", "-o",
+                                    str(tmp_path / "p.onnx")])
+    assert out.exit_code == 0, out.output
+    row = [line for line in out.output.splitlines() if line.strip().startswith("logits")][-1]
+    assert row.split()[-1] == "unverified"
+    assert "verdict thresholds: cosine" in out.output  # class scores judged by cosine on noise
