@@ -328,11 +328,13 @@ class PruneOptions:
         0.9, "Channel pattern, global scope: fraction of a group's channels removed at most.",
         type=float, bounds=(0.0, 1.0))
     # -- channel permutation for N:M (passes/permute.py) --
-    permute: bool = option(
-        False, "N:M patterns: reorder input channels (through their producers and every tensor "
-               "tied to them, so the dense model computes the same function) so more magnitude, "
-               "or calibrated saliency, survives the mask; the report shows the kept saliency "
-               "before/after.", name="--permute/--no-permute", type=bool)
+    permute: Optional[bool] = option(
+        None, "N:M patterns: reorder input channels (through their producers and every tensor "
+              "tied to them, so the dense model computes the same function) so more magnitude, "
+              "or calibrated saliency, survives the mask; a group is reordered only where more "
+              "survives; the report shows the kept saliency before/after [default: on with "
+              "--target tensorrt and an N:M pattern, else off].",
+        name="--permute/--no-permute", type=bool)
     calibration: Any = option(
         None, "Calibration inputs: .npz (one array per input, axis 0 = samples), a folder of "
               ".npy/.npz, or a folder of images (see --image-*).")
@@ -459,10 +461,14 @@ class PruneOptions:
         if self.refit and self.pattern != "channel":
             raise OptionError("--refit refits the consumers of removed channels; it needs "
                               "--pattern channel")
-        if self.permute:
-            self._check_permute()
         if self.target is not None and self.target not in TARGETS:
             raise OptionError(f"target must be one of {', '.join(TARGETS)}, got '{self.target}'")
+        if self.permute is None:  # on where it can pay: TensorRT runs N:M sparse
+            self.permute = (self.target == "tensorrt" and self.masks is None
+                            and self.scores is None
+                            and isinstance(parse_pattern(self.pattern), NM))
+        if self.permute:
+            self._check_permute()
         if 0 < self.sparse_error_ratio < 1:
             raise OptionError("--sparse-error-ratio must be 0 (off) or at least 1 (an error share "
                               f"equal to the MAC share), got {self.sparse_error_ratio!r}")

@@ -4,13 +4,15 @@
 are removed: per pruned weight its pattern, sparsity, shape, the keep mask itself (``nonzero``
 positions packed 8 per byte, base64; ``mask_sha256`` the digest of those packed bytes) and, for
 ``--pattern channel``, the channels removed and kept per channel group (with the group's size
-and producers); the options that decide how masks become a model (pattern, scope, resize, the
+and producers); the channel orders ``--permute`` applied before the N:M masks (per group: its
+producers, size and order — the masks are recorded on the reordered weights); the options that decide how masks become a model (pattern, scope, resize, the
 channel counts); the tool version; and a **graph fingerprint**: each weight's name, shape and
 reading op type, the op types of the graph, and a sha256 over them.
 
 :func:`apply_plan` re-applies a plan to a model of the same architecture — the same file, a
 re-export after fine-tuning, an fp16 copy (element types are not part of the fingerprint): the
-masks are applied as they are (``masks=``), then dead channels as the original run removed them;
+channels are first reordered as the plan's permutations say, the masks applied as they are
+(``masks=``), then dead channels as the original run removed them;
 channel plans remove exactly the recorded channels. It reproduces the *decisions*, not value
 updates a calibrated run made (SparseGPT reconstruction, bias correction, refits): on the same
 model with a non-calibrated criterion the output is byte for byte the pruned one. A model whose
@@ -81,7 +83,7 @@ def mismatches(plan: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
     problems = []
     have = current["weights"]
     wanted = dict(plan["weights"])
-    for group in plan.get("channels", []):  # channel producers must be there as well
+    for group in plan.get("channels", []) + plan.get("permutations", []):  # producers too
         for name in group["producers"]:
             wanted.setdefault(name, plan["graph"]["weights"].get(name, {}))
     for key, entry in wanted.items():
@@ -118,6 +120,7 @@ class RecordPlan(Pass):
         self.input_shapes = input_shapes
 
     def run(self, state):
+        from onnxprune.passes.permute import PermuteRecord
         from onnxprune.passes.structure import ChannelRecord
 
         record = PlanRecord()
@@ -148,7 +151,11 @@ class RecordPlan(Pass):
                 channels.append({"group": gid, "producers": list(group.producers),
                                  "size": group.size, "removed": gone,
                                  "kept": sorted(set(range(group.size)) - set(gone))})
-        record.plan = {"graph": fingerprint(original), "weights": weights, "channels": channels}
+        permutations = [{"group": gid, "producers": producers, "size": size, "order": order}
+                        for r in state.records if isinstance(r, PermuteRecord)
+                        for gid, (producers, size, order) in sorted(r.orders.items())]
+        record.plan = {"graph": fingerprint(original), "weights": weights, "channels": channels,
+                       "permutations": permutations}
         record.summary = (f"{len(weights)} weight masks, {len(channels)} channel groups "
                           "recorded")
         return record
@@ -211,6 +218,9 @@ def summary_rows(plan: Dict[str, Any]) -> List[dict]:
               "sparsity": round(len(g["removed"]) / max(1, g["size"]), 6),
               "kept": f"{len(g['kept'])} of {g['size']} channels"}
              for g in plan["channels"]]
+    rows += [{"weight": ", ".join(g["producers"][:3]), "pattern": "permutation",
+              "sparsity": 0.0, "kept": f"{g['size']} channels reordered"}
+             for g in plan.get("permutations", [])]
     return rows
 
 
@@ -235,6 +245,48 @@ def load_plan(path) -> Dict[str, Any]:
     return plan
 
 
+def planned_group(graph, g: Dict[str, Any], what: str):
+    """The channel group a plan entry ``g`` names (same id, size and producers) in ``graph``;
+    :class:`PlanMismatch` when this model has no such group."""
+    gid = g["group"]
+    have = graph.groups[gid] if 0 <= gid < len(graph.groups) else None
+    if have is None or have.size != g["size"] or list(have.producers) != g["producers"]:
+        raise PlanMismatch(f"channel group {gid} ({', '.join(g['producers'][:3])}, "
+                           f"{g['size']} channels) that the plan {what} is not in this model's "
+                           "channel graph as the plan has it")
+    return have
+
+
+class ApplyPermutations(Pass):
+    """Reorder channels as a plan records (``--permute``), before its masks are applied."""
+
+    name = "permute"
+    requires = frozenset({"selection"})
+    ensures = frozenset({"permutation"})
+
+    def __init__(self, groups: List[Dict[str, Any]], input_shapes=None):
+        self.groups = groups
+        self.input_shapes = input_shapes
+
+    def run(self, state):
+        from onnxprune.channels.graph import build_channel_graph
+        from onnxprune.channels.permute import permute_channels
+
+        graph = build_channel_graph(state.handle, self.input_shapes)
+        perms = {}
+        for g in self.groups:
+            group = planned_group(graph, g, "reorders")
+            order = np.asarray(g["order"], dtype=np.int64)
+            if sorted(order.tolist()) != list(range(group.size)):
+                raise PlanMismatch(f"the plan's order for channel group {g['group']} is not a "
+                                   f"permutation of its {group.size} channels")
+            perms[group.id] = order
+        permute_channels(state.handle, graph, perms)
+        record = PassRecord(summary=f"{len(perms)} channel groups reordered as planned")
+        record.modified = bool(perms)
+        return record
+
+
 class ApplyChannels(Pass):
     """Remove exactly the channels a plan records, group by group (the channel pass's masking
     and resize, without its selection)."""
@@ -257,13 +309,7 @@ class ApplyChannels(Pass):
         graph = build_channel_graph(state.handle, self.input_shapes)
         removed = {}
         for g in self.groups:
-            gid = g["group"]
-            have = graph.groups[gid] if 0 <= gid < len(graph.groups) else None
-            if have is None or have.size != g["size"] or list(have.producers) != g["producers"]:
-                raise PlanMismatch(f"channel group {gid} ({', '.join(g['producers'][:3])}, "
-                                   f"{g['size']} channels) is not in this model's channel graph "
-                                   "as the plan has it")
-            removed[gid] = list(g["removed"])
+            removed[planned_group(graph, g, "prunes").id] = list(g["removed"])
         mask_channels(state.handle, removed, graph)
         resize_channels(state.handle, graph, removed)
         record.resized = _record_shapes(state, record, before, "channel", "plan")
@@ -323,11 +369,16 @@ def apply_plan(plan_path, model: mio.ModelLike, output=None, force: bool = False
     passes = api.build_passes(opts).passes
     passes = [ApplyChannels(plan["channels"], opts.input_shapes)
               if isinstance(p, PruneChannels) else p for p in passes]
+    if plan.get("permutations"):  # reorder right after the selection, before any mask
+        at = next(i for i, p in enumerate(passes) if "selection" in p.ensures) + 1
+        passes.insert(at, ApplyPermutations(plan["permutations"], opts.input_shapes))
     macs_before = count_macs_or_error(state.model, opts.input_shapes, None)
     with session_threads(opts.threads):
         Pipeline(passes).run(state)
     notes = [f"plan {plan_path} applied (made by onnxprune {plan.get('tool_version')}): "
-             f"{len(plan['weights'])} weight masks, {len(plan['channels'])} channel groups"]
+             f"{len(plan['weights'])} weight masks, {len(plan['channels'])} channel groups"
+             + (f", {len(plan['permutations'])} channel orders"
+                if plan.get("permutations") else "")]
     if current["sha256"] != plan["graph"]["sha256"]:
         diff = {k for k in set(current["op_types"]) | set(plan["graph"]["op_types"])
                 if current["op_types"].get(k) != plan["graph"]["op_types"].get(k)}

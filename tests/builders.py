@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper

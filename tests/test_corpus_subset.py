@@ -21,7 +21,7 @@ import pytest
 import onnxprune
 from onnxprune import OnnxPruneError
 from onnxprune.inputs.generate import make_inputs
-from onnxprune.runtime.session import InvalidOutputModel, run_model
+from onnxprune.runtime.session import run_model
 
 
 def _test_data() -> Path:

@@ -42,6 +42,7 @@ def test_mask_packing_round_trips():
     ["--pattern", "4x1", "--sparsity", "0.5", "--storage", "sparse"],
     ["--pattern", "channel", "--sparsity", "0.5"],
     ["--sparsity", "0.7", "--scope", "global"],
+    ["--pattern", "2:4", "--permute"],
 ])
 def test_save_plan_then_apply_reproduces_the_output_bytes(tmp_path, flags):
     model = _digits()
@@ -210,3 +211,36 @@ def test_plan_reapplies_weights_inside_subgraphs(tmp_path):
     assert len(json.loads(plan.read_text())["weights"]) == 3
     apply_plan(plan, src, output=second, validate=False)
     assert first.read_bytes() == second.read_bytes()
+
+
+def test_plan_records_the_channel_orders_permute_applied(tmp_path):
+    # The masks of a --permute run are on reordered weights: the plan carries the orders, and
+    # applying it without them would give another model (so they are load-bearing).
+    model = _digits()
+    first, second, plan = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "plan.json"
+    assert invoke(model, "--pattern", "2:4", "--permute", "--save-plan", plan, "-o", first,
+                  "-q").exit_code == 0
+    data = json.loads(plan.read_text())
+    assert data["permutations"], "digits' 2:4 layers gain from reordering"
+    for g in data["permutations"]:
+        assert sorted(g["order"]) == list(range(g["size"])) and g["order"] != sorted(g["order"])
+    stripped = dict(data, permutations=[])
+    (tmp_path / "stripped.json").write_text(json.dumps(stripped))
+    assert invoke("apply", tmp_path / "stripped.json", model, "-o", second, "-q").exit_code == 0
+    assert first.read_bytes() != second.read_bytes()
+    bad = json.loads(plan.read_text())
+    bad["permutations"][0]["order"][0] = bad["permutations"][0]["order"][1]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    res = CliRunner().invoke(main, ["apply", str(tmp_path / "bad.json"), str(model), "-o",
+                                    str(tmp_path / "c.onnx")])
+    assert res.exit_code == 2 and "not a permutation" in res.output
+
+
+def test_permute_is_on_by_default_only_for_tensorrt_and_nm():
+    from onnxprune.options import PruneOptions
+
+    assert PruneOptions(pattern="2:4", target="tensorrt").permute is True
+    assert PruneOptions(pattern="2:4").permute is False
+    assert PruneOptions(pattern="2:4", target="tensorrt", permute=False).permute is False
+    assert PruneOptions(pattern="4x1", target="tensorrt").permute is False
+    assert PruneOptions(pattern="channel", target="onnxruntime-cpu").permute is False

@@ -176,8 +176,10 @@ def test_24_target_prunes_exactly_the_picked_weights(pruned_24):
             w2d = weights[name].layout.to_2d(after[name])
             assert (np.count_nonzero(w2d.reshape(w2d.shape[0], -1, 4), axis=2) == 2).all(), name
             assert np.count_nonzero(after[name]) == after[name].size // 2
-        else:  # untouched, bit for bit
-            assert np.array_equal(after[name], before[name]), name
+        else:  # left dense: no value zeroed (--permute, on with tensorrt, may reorder
+            # channels the picked weights share with it: the same values, reordered)
+            assert np.array_equal(np.sort(after[name], axis=None),
+                                  np.sort(before[name], axis=None)), name
     assert np.count_nonzero(after["big.w"]) == 256 * 64 * 9 // 2
 
 

@@ -47,6 +47,9 @@ class PermuteRecord(PassRecord):
     kept_after: float = 0.0
     saliency: str = "magnitude"
     sections: Dict[str, List[dict]] = field(default_factory=dict)
+    # group id -> (the group's producers, its size, the unit order applied): what a plan
+    # records so that `onnxprune apply` reorders the same channels before its masks
+    orders: Dict[int, Tuple[List[str], int, List[int]]] = field(default_factory=dict)
 
 
 def kept_fraction_parts(s2d: np.ndarray, n: int, m: int) -> Tuple[float, float]:
@@ -156,6 +159,8 @@ class PermuteChannels(Pass):
             if after > before:
                 perms[group.id] = result.perm
         if perms:
+            record.orders = {g: (list(graph.groups[g].producers), graph.groups[g].size,
+                                 [int(i) for i in perm]) for g, perm in perms.items()}
             before_kept = {k: self._kept(saliency(p), p) for k, p in plans.items()}
             moves = permutation_moves(graph, perms)
             permute_channels(handle, graph, perms)
