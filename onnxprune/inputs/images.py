@@ -48,9 +48,8 @@ def image_parts(folder: Path, files: List[Path], specs: Sequence[InputSpec],
                 pre: Optional[ImagePreprocess]) -> List[Part]:
     """One :class:`Part` per image file (read when loaded), for a one-input float model."""
     try:
-        import importlib
-
-        importlib.import_module("PIL.Image")  # optional dependency, checked before any work
+        import PIL.Image  # optional dependency, checked before any work
+        del PIL
     except ImportError:
         raise OptionError(f"calibration folder '{folder}' holds images; reading them needs "
                           "Pillow: pip install onnxprune[images]") from None
