@@ -31,7 +31,7 @@ from onnxprune.passes.validate import Validate
 from onnxprune.passes.weights import FindWeights, SelectWeights
 from onnxprune.model.output import check_output
 from onnxprune.model.sparse import StorageDecision, rows as storage_rows, summary as storage_summary
-from onnxprune.plan import RecordPlan, plan_of, summary_rows, write_plan
+from onnxprune.plan import RecordPlan, plan_of, predicted_latency, summary_rows, write_plan
 from onnxprune.report.build import build_report, count_macs_or_error
 from onnxprune.report.report import Report
 from onnxprune.runtime.session import session_threads
@@ -247,6 +247,8 @@ def _finish(run: _Run, output, force: bool, notes: Sequence[str] = (),
             report.sections["plan (dry run: no model written)"] = summary_rows(plan)
             report.notes.append("dry run: no model written; params and MACs after are what "
                                 "the pruned model would have")
+            report.notes.append(predicted_latency(report.macs_before, report.macs_after,
+                                                  str(run.opts.pattern)))
     report.sections.update(sections or {})
     if run.opts.target is not None:
         from onnxprune.report.targets import add_target

@@ -224,6 +224,31 @@ def summary_rows(plan: Dict[str, Any]) -> List[dict]:
     return rows
 
 
+def predicted_latency(macs_before: Optional[int], macs_after: Optional[int], pattern: str) -> str:
+    """The latency class a dry run predicts, in words: what the MAC change means on onnxruntime
+    CPU (only removed structure is faster there; its latency followed 0.6-0.97 of the MAC
+    reduction on the CNNs in benchmarks/latency.md) and where N:M zeros could pay instead."""
+    if not macs_before or not macs_after:
+        return ("predicted latency: unknown (MACs could not be counted; give --input-shape for "
+                "dynamic dims)")
+    ratio = macs_before / macs_after
+    if ratio < 1.02:
+        line = ("predicted latency: no change on onnxruntime CPU (zeros are still computed; "
+                "only removed channels make it faster: --pattern channel)")
+    else:
+        lo, hi = max(1.0, 0.6 * ratio), 0.97 * ratio
+        mid = (lo + hi) / 2
+        size = "small" if mid < 1.1 else "moderate" if mid < 1.5 else "large"
+        line = (f"predicted latency: {size} speed-up on onnxruntime CPU, about ×{lo:.2f}-"
+                f"×{hi:.2f} for MACs ×{1 / ratio:.2f} (CPU latency followed 0.6-0.97 of the MAC "
+                "reduction on the benchmarked CNNs; --target-speedup measures it on this "
+                "machine)")
+    if ":" in pattern:
+        line += ("; N:M zeros can pay on TensorRT's sparse tensor cores: --target tensorrt "
+                 "lists the layers it would run sparse")
+    return line
+
+
 # -- applying ------------------------------------------------------------------------------------
 
 def load_plan(path) -> Dict[str, Any]:

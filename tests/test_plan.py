@@ -244,3 +244,18 @@ def test_permute_is_on_by_default_only_for_tensorrt_and_nm():
     assert PruneOptions(pattern="2:4", target="tensorrt", permute=False).permute is False
     assert PruneOptions(pattern="4x1", target="tensorrt").permute is False
     assert PruneOptions(pattern="channel", target="onnxruntime-cpu").permute is False
+
+
+def test_dry_run_predicts_the_latency_class(tmp_path):
+    from onnxprune.plan import predicted_latency
+
+    model = _digits()
+    res = invoke(model, "--pattern", "channel", "--sparsity", "0.3", "--dry-run")
+    assert res.exit_code == 0 and "speed-up on onnxruntime CPU" in res.output
+    masks = invoke(model, "--pattern", "2:4", "--dry-run")
+    assert "no change on onnxruntime CPU" in masks.output and "--target tensorrt" in masks.output
+    assert predicted_latency(100, 100, "unstructured").startswith("predicted latency: no change")
+    assert "small speed-up" in predicted_latency(105, 100, "channel")
+    assert "large speed-up" in predicted_latency(400, 100, "channel")
+    assert "×2.40-×3.88" in predicted_latency(400, 100, "channel")
+    assert "unknown" in predicted_latency(None, 100, "channel")
