@@ -29,6 +29,7 @@ import click
 from onnxprune import __version__
 from onnxprune.errors import OnnxPruneError
 from onnxprune.model.io import default_output
+from onnxprune.model.sparse import STORAGES
 from onnxprune.options import Flag, FlagGroup, cli_fields, from_cli, param_name
 from onnxprune.text import printable
 
@@ -338,7 +339,7 @@ def build_main() -> click.Group:
         click.Argument(["model"], type=click.Path(path_type=Path)),
         click.Option(["-o", "--output"], type=str, metavar="PATH",
                      help="Output path [default: <stem>.pruned.onnx beside the input]."),
-        click.Option(["--storage"], type=click.Choice(["dense", "sparse", "sparse-compact"]),
+        click.Option(["--storage"], type=click.Choice(list(STORAGES)),
                      default=None, help="Override the plan's --storage."),
         click.Option(["--no-validate", "no_validate"], is_flag=True,
                      help="Skip checker, onnxruntime and comparison."),

@@ -26,6 +26,7 @@ from onnxprune.masking.patterns import NM, parse_pattern, pattern_help
 from onnxprune.masking.scope import SCOPES
 from onnxprune.ops.layouts import prunable_op_types
 from onnxprune.ops.targets import TARGETS
+from onnxprune.model.sparse import STORAGES
 from onnxprune.passes.base import DEFAULT_MEMORY_BUDGET
 from onnxprune.inputs.signature import parse_input_shapes
 
@@ -429,8 +430,11 @@ class PruneOptions:
         "dense", "How to write weights: sparse writes each initializer with at least 50% zeros "
                  "as an ONNX sparse_initializer (values + int64 indices) when that is smaller; "
                  "onnxruntime loads it and computes the same outputs. sparse-compact uses "
-                 "int8/16/32 indices (smaller; onnxruntime loads it, onnx.checker refuses it).",
-        choices=lambda: ("dense", "sparse", "sparse-compact"))
+                 "int8/16/32 indices (smaller; onnxruntime loads it, onnx.checker refuses it). "
+                 "bitmask writes the nonzero values + 1 bit per element, expanded by standard "
+                 "ops that onnxruntime folds into the dense weight at session start (smallest "
+                 "from 50% zeros; valid for onnx.checker; opset 11+).",
+        choices=lambda: STORAGES)
     save_plan: Optional[Path] = option(
         None, "Write what was decided (per weight: pattern, sparsity, keep mask; channels "
               "removed; options; a graph fingerprint) as JSON; re-apply it with 'onnxprune "
@@ -448,8 +452,8 @@ class PruneOptions:
         if self.criterion == "scores" and not self.scores:
             raise OptionError("criterion 'scores' needs scores={weight_name: array} (CLI: "
                               "--scores FILE.npz)")
-        if self.storage not in ("dense", "sparse", "sparse-compact"):
-            raise OptionError(f"storage must be dense, sparse or sparse-compact, got "
+        if self.storage not in STORAGES:
+            raise OptionError(f"storage must be one of {', '.join(STORAGES)}, got "
                               f"{self.storage!r}")
         if self.allocate not in ALLOCATIONS:
             raise OptionError(f"allocate must be one of {', '.join(ALLOCATIONS)}, got "

@@ -296,7 +296,8 @@ def load(model: ModelLike) -> ModelHandle:
     if isinstance(model, ModelHandle):
         return model
     if isinstance(model, onnx.ModelProto):
-        if len(model.graph.sparse_initializer):  # densified on a copy: the caller's is kept
+        if len(model.graph.sparse_initializer) or len(model.metadata_props):
+            # densified on a copy: the caller's is kept
             model, original = onnx.ModelProto(), model
             model.CopyFrom(original)
         handle = ModelHandle(model=model)
@@ -327,11 +328,16 @@ def load(model: ModelLike) -> ModelHandle:
 
 
 def _densify(model: onnx.ModelProto, where: str) -> None:
-    """Sparse initializers read as dense ones (:func:`onnxprune.model.sparse.densify`)."""
+    """Sparse initializers (:func:`onnxprune.model.sparse.densify`) and bitmask-stored tensors
+    (:func:`onnxprune.model.bitmask.decode`) read as dense initializers."""
     if len(model.graph.sparse_initializer):
         from onnxprune.model.sparse import densify
 
         densify(model, where)
+    if any(p.key == "onnxprune.storage" for p in model.metadata_props):
+        from onnxprune.model.bitmask import decode
+
+        decode(model, where)
 
 
 _FIELDS = {  # where a tensor's values live when not in raw_data, by element type
@@ -527,8 +533,8 @@ def save(handle: ModelHandle, output: Union[str, os.PathLike], force: bool = Tru
     their data file, so saving holds no tensor in memory whatever the model's size.
 
     ``storage``: ``"dense"``, or ``"sparse"``/``"sparse-compact"`` to write the initializers
-    with enough zeros as sparse initializers (:mod:`onnxprune.model.sparse`; a model with
-    external data is written dense); ``decisions``, a list, receives one
+    with enough zeros as sparse initializers (:mod:`onnxprune.model.sparse`), ``"bitmask"`` as
+    values + bits (:mod:`onnxprune.model.bitmask`); a model with external data is written dense; ``decisions``, a list, receives one
     :class:`~onnxprune.model.sparse.StorageDecision` per initializer.
     """
     out = Path(output)
@@ -544,7 +550,12 @@ def save(handle: ModelHandle, output: Union[str, os.PathLike], force: bool = Tru
         else:
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
-            found = sparse.sparsify(copy, handle.read, compact=storage == "sparse-compact")
+            if storage == "bitmask":
+                from onnxprune.model import bitmask
+
+                found = bitmask.encode(copy, handle.read)
+            else:
+                found = sparse.sparsify(copy, handle.read, compact=storage == "sparse-compact")
             if decisions is not None:
                 decisions.extend(found)
             return save(ModelHandle(model=copy), out, force)

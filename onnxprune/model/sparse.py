@@ -41,8 +41,8 @@ from onnx import numpy_helper
 
 from onnxprune.model.external import is_external, tensor_dtype
 
-#: The ``--storage`` choices.
-STORAGES = ("dense", "sparse", "sparse-compact")
+#: The ``--storage`` choices (``bitmask``: :mod:`onnxprune.model.bitmask`).
+STORAGES = ("dense", "sparse", "sparse-compact", "bitmask")
 #: A tensor is stored sparse only with at least this fraction of zeros (and when smaller).
 MIN_ZEROS = 0.5
 #: Element types onnxruntime was checked to densify exactly (see the module docstring).
@@ -62,7 +62,7 @@ class StorageDecision:
     nonzeros: int
     dense_bytes: int
     stored_bytes: int
-    stored: str  # "sparse" or "dense"
+    stored: str  # "sparse", "bitmask" or "dense"
     reason: str = ""
     index_type: str = ""
 
@@ -87,20 +87,27 @@ def sparse_bytes(numel: int, nonzeros: int, itemsize: int, compact: bool = False
     return nonzeros * (itemsize + index_type(numel, compact).itemsize)
 
 
-def estimated_saving(rows: List[Tuple[int, int, int]], compact: bool = False) -> int:
-    """Bytes ``--storage sparse`` would save over ``(numel, nonzeros, itemsize)`` per weight,
-    counting only the weights it would store sparse."""
+def estimated_saving(rows: List[Tuple[int, int, int]], compact: bool = False,
+                     form: str = "sparse") -> int:
+    """Bytes ``--storage sparse`` (``compact``: ``sparse-compact``; ``form="bitmask"``:
+    ``--storage bitmask``) would save over ``(numel, nonzeros, itemsize)`` per weight, counting
+    only the weights it would store that way."""
+    from onnxprune.model.bitmask import bitmask_bytes
+
     saved = 0
     for numel, nonzeros, itemsize in rows:
         if numel and 1 - nonzeros / numel >= MIN_ZEROS:
-            saved += max(0, numel * itemsize - sparse_bytes(numel, nonzeros, itemsize, compact))
+            size = bitmask_bytes(numel, nonzeros, itemsize) if form == "bitmask" else \
+                sparse_bytes(numel, nonzeros, itemsize, compact)
+            saved += max(0, numel * itemsize - size)
     return saved
 
 
-def decide(tensor: onnx.TensorProto, values: Optional[np.ndarray], compact: bool,
+def decide(tensor: onnx.TensorProto, values: Optional[np.ndarray], form: str,
            why_dense: str = "") -> StorageDecision:
     """Whether ``tensor`` (``values``: its array, or None when ``why_dense`` already says it
-    stays dense) is stored sparse."""
+    stays dense) is stored in ``form`` (``sparse``, ``sparse-compact`` or ``bitmask``)."""
+    compact = form == "sparse-compact"
     numel = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
     itemsize = tensor_dtype(tensor).itemsize if tensor.data_type != onnx.TensorProto.STRING else 0
     dense = numel * itemsize
@@ -108,15 +115,21 @@ def decide(tensor: onnx.TensorProto, values: Optional[np.ndarray], compact: bool
         return StorageDecision(tensor.name, numel, numel, dense, dense, "dense", why_dense)
     nz = int(np.count_nonzero(values))
     d = StorageDecision(tensor.name, numel, nz, dense, dense, "dense")
-    size = sparse_bytes(numel, nz, itemsize, compact)
+    if form == "bitmask":
+        from onnxprune.model.bitmask import bitmask_bytes
+
+        size, parts = bitmask_bytes(numel, nz, itemsize), "values + 1 bit per element"
+    else:
+        size = sparse_bytes(numel, nz, itemsize, compact)
+        parts = f"values + {index_type(numel, compact).name} indices"
     if d.zeros < MIN_ZEROS:
         d.reason = f"{100 * d.zeros:.0f}% zeros, under the {100 * MIN_ZEROS:.0f}% threshold"
     elif size >= dense:
-        d.reason = (f"sparse form ({size} B: values + {index_type(numel, compact).name} indices) "
-                    f"would not be smaller than dense ({dense} B)")
+        d.reason = (f"{form} form ({size} B: {parts}) would not be smaller than dense "
+                    f"({dense} B)")
     else:
-        d.stored, d.stored_bytes = "sparse", size
-        d.index_type = index_type(numel, compact).name
+        d.stored, d.stored_bytes = ("bitmask" if form == "bitmask" else "sparse"), size
+        d.index_type = "" if form == "bitmask" else index_type(numel, compact).name
     return d
 
 
@@ -141,9 +154,9 @@ def sparsify(model: onnx.ModelProto, read: Callable[[onnx.TensorProto], np.ndarr
     decisions: List[StorageDecision] = []
     keep: List[onnx.TensorProto] = []
     for tensor in graph.initializer:
-        why = _why_dense(tensor, inputs)
+        why = why_dense(tensor, inputs)
         values = None if why else read(tensor)
-        d = decide(tensor, values, compact, why)
+        d = decide(tensor, values, "sparse-compact" if compact else "sparse", why)
         decisions.append(d)
         if d.stored == "sparse":
             graph.sparse_initializer.append(to_sparse(values, tensor.name, compact))
@@ -195,16 +208,16 @@ def densify(model: onnx.ModelProto, where: str = "the model") -> int:
     return len(dense)
 
 
-def _why_dense(tensor: onnx.TensorProto, inputs) -> str:
+def why_dense(tensor: onnx.TensorProto, inputs) -> str:
     """Why ``tensor`` stays dense whatever its values, or ''."""
     if is_external(tensor):
         return "external data (kept dense: stored in the .data file as it was)"
     if tensor.name in inputs:
         return "also a graph input (a caller may override it)"
     if tensor.data_type == _BF16 or tensor.data_type == onnx.TensorProto.STRING:
-        return "element type not checked with onnxruntime's sparse initializers"
+        return "element type not checked with onnxruntime's sparse storage"
     if tensor_dtype(tensor) not in SPARSE_DTYPES:
-        return "element type not checked with onnxruntime's sparse initializers"
+        return "element type not checked with onnxruntime's sparse storage"
     if not len(tensor.dims):
         return "a scalar"
     return ""
@@ -214,21 +227,24 @@ def summary(decisions: List[StorageDecision], storage: str,
             size: Optional[int] = None) -> str:
     """One line for the report: how many tensors went sparse, the bytes saved and (with the
     written file's ``size``) the ratio to the file dense storage would have written."""
-    sparse = [d for d in decisions if d.stored == "sparse"]
+    sparse = [d for d in decisions if d.stored != "dense"]
     saved = sum(d.dense_bytes - d.stored_bytes for d in sparse)
-    index = ("int64 indices" if storage == "sparse" else
-             "int8/16/32 indices, which onnx.checker refuses and onnxruntime loads")
+    form = {"sparse": "as sparse_initializers (int64 indices)",
+            "sparse-compact": "as sparse_initializers (int8/16/32 indices, which onnx.checker "
+                              "refuses and onnxruntime loads)",
+            "bitmask": "as nonzero values + 1 bit per element (standard ops that onnxruntime "
+                       "folds back into the dense weight when the session starts)"}[storage]
     ratio = f", {size / (size + saved):.2f}x of the dense file" if size else ""
     reasons = Counter(_reason_kind(d.reason) for d in decisions if d.stored == "dense")
     kept = "; ".join(f"{n} {kind}" for kind, n in reasons.most_common())
-    return (f"--storage {storage}: {len(sparse)} of {len(decisions)} initializers written as "
-            f"sparse_initializers ({index}): {saved / 2**20:.2f} MiB smaller{ratio}"
+    return (f"--storage {storage}: {len(sparse)} of {len(decisions)} initializers written "
+            f"{form}: {saved / 2**20:.2f} MiB smaller{ratio}"
             + (f"; kept dense: {kept}" if kept else ""))
 
 
 def _reason_kind(reason: str) -> str:
     for key, kind in (("threshold", f"under {100 * MIN_ZEROS:.0f}% zeros"),
-                      ("not be smaller", "not smaller sparse"), ("external", "external data"),
+                      ("not be smaller", "not smaller stored sparse"), ("external", "external data"),
                       ("graph input", "graph inputs"), ("element type", "other element types"),
                       ("scalar", "scalars")):
         if key in reason:
@@ -245,4 +261,4 @@ def rows(decisions: List[StorageDecision]) -> List[dict]:
 
 __all__ = ["MIN_ZEROS", "SPARSE_DTYPES", "STORAGES", "StorageDecision", "decide", "densify",
            "estimated_saving", "index_type", "rows", "sparse_bytes", "sparsify", "summary",
-           "to_sparse"]
+           "to_sparse", "why_dense"]

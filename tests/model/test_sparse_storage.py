@@ -103,7 +103,7 @@ def _tensor(zeros: int, numel: int = 1000, dtype=np.float32):
 ])
 def test_decide_by_threshold_and_size(zeros, compact, stored):
     t, v = _tensor(zeros)
-    d = decide(t, v, compact)
+    d = decide(t, v, "sparse-compact" if compact else "sparse")
     assert d.stored == stored
     assert d.nonzeros == 1000 - zeros and d.dense_bytes == 4000
     if stored == "sparse":
@@ -117,6 +117,7 @@ def test_estimated_saving_counts_only_what_goes_sparse():
     # 90% zeros: 1000 - 100 x 12 = 2800 saved; 60% zeros: would grow, counts 0
     assert estimated_saving([(1000, 100, 4), (1000, 400, 4)]) == 2800
     assert estimated_saving([(1000, 400, 4)], compact=True) == 4000 - 400 * 6
+    assert estimated_saving([(1000, 400, 4)], form="bitmask") == 4000 - 401 * 4 - 125
 
 
 def test_to_sparse_round_trips():
@@ -231,21 +232,21 @@ def test_load_refuses_sparse_indices_outside_the_shape(tmp_path, indices):
 def test_storage_option_is_checked():
     from onnxprune.errors import OptionError
 
-    with pytest.raises(OptionError, match="storage must be dense, sparse or sparse-compact"):
+    with pytest.raises(OptionError, match="storage must be one of dense, sparse, sparse-compact, bitmask"):
         prune(B.conv_gemm_model(), storage="zip")
 
 
 def test_summary_and_rows_say_what_went_sparse_and_why_not():
     from onnxprune.model.sparse import rows, summary
 
-    decisions = [decide(*_tensor(900), False), decide(*_tensor(100), False),
-                 decide(*_tensor(600), False)]
+    decisions = [decide(*_tensor(900), "sparse"), decide(*_tensor(100), "sparse"),
+                 decide(*_tensor(600), "sparse")]
     assert [d.stored for d in decisions] == ["sparse", "dense", "dense"]
     saved = 4000 - 100 * 12
     assert summary(decisions, "sparse", 10000) == (
         "--storage sparse: 1 of 3 initializers written as sparse_initializers (int64 "
         f"indices): {saved / 2**20:.2f} MiB smaller, {10000 / (10000 + saved):.2f}x of the dense "
-        "file; kept dense: 1 under 50% zeros; 1 not smaller sparse")
+        "file; kept dense: 1 under 50% zeros; 1 not smaller stored sparse")
     table = rows(decisions)
     assert table[0] == {"tensor": "w", "zeros": 0.9, "stored": "sparse", "dense bytes": 4000,
                         "stored bytes": 1200, "why dense": ""}
