@@ -112,9 +112,7 @@ def count_macs(model: ModelLike,
     unknown: List[str] = []
     for node in proto.graph.node:
         label = _unique(node_label(node), per_node, unknown)
-        if node.domain not in ("", "ai.onnx"):
-            continue
-        if node.op_type in _CONTROL_FLOW:
+        if node.op_type in _CONTROL_FLOW and node.domain in ("", "ai.onnx"):
             if _has_counted_ops(node):
                 unknown.append(label)
             continue

@@ -1,0 +1,347 @@
+"""Registry entries of the fused-attention family (ops/attention.py): heads removed as units
+from com.microsoft Attention (packed QKV weight and bias), MultiHeadAttention,
+GroupQueryAttention (whole KV groups) and opset-23 Attention, masked == resized in onnxruntime;
+the FFN width through FastGelu / BiasGelu; normalizations keeping the residual stream; 2:4 masks
+on the packed weight along its reduction axis; MAC formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import onnxprune
+from channel_models import G, assert_close, masked_and_resized, run
+from onnxprune.channels.graph import build_channel_graph
+from onnxprune.model.io import load
+from onnxprune.ops.layouts import layout_for, prunable_op_types
+from onnxprune.ops.registry import entry
+from onnxprune.report.macs import count_macs
+
+B, S, D = 2, 5, 16
+MS = "com.microsoft"
+
+
+def model_of(g, inputs, outputs, opset=17):
+    """``g.model`` with the outputs shaped like input ``x`` (what every model here returns)."""
+    m = g.model(inputs, outputs, opset=opset)
+    x = next(vi for vi in m.graph.input if vi.name == "x")
+    for o in m.graph.output:
+        o.type.CopyFrom(x.type)
+    return m
+
+
+def feeds(model, seed=0):
+    rng = np.random.default_rng(seed)
+    return {vi.name: rng.standard_normal([d.dim_value for d in vi.type.tensor_type.shape.dim]
+                                         ).astype(np.float32) for vi in model.graph.input}
+
+
+def attr_of(model, op, name):
+    node = next(n for n in model.graph.node if n.op_type == op)
+    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
+def init(model, name):
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def node_of(model, op):
+    return next(n for n in model.graph.node if n.op_type == op)
+
+
+def head_group(graph, tensor, axis=1):
+    """The group holding axis ``axis`` of ``tensor`` (a projection's output columns)."""
+    return next(g for g in graph.groups if any((m.tensor, m.axis) == (tensor, axis)
+                                               for m in g.members))
+
+
+def check_exact(model, sparsity=0.5, checker=True, **kw):
+    """masked == resized on onnxruntime CPU; returns (resized model, removed, shapes)."""
+    masked, resized, removed, shapes = masked_and_resized(model, sparsity=sparsity, **kw)
+    if checker:  # ONNX's checker does not know onnxruntime's default-domain contrib ops
+        onnx.checker.check_model(resized)
+    f = feeds(model)
+    assert_close(run(resized, f), run(masked, f))
+    return resized, removed, shapes
+
+
+# -- com.microsoft Attention (packed QKV) --------------------------------------------------------
+def packed_attention(heads=4, bias=True, sizes=None, seed=1):
+    g = G(seed)
+    q, k, v = sizes or (D, D, D)
+    w = g.w([D, q + k + v], name="qkv_w")
+    ins = ["x", w] + ([g.w([q + k + v], 0.1, name="qkv_b")] if bias else [])
+    attrs = {"num_heads": heads}
+    if sizes:
+        attrs["qkv_hidden_sizes"] = list(sizes)
+    a = g.op("Attention", ins, domain=MS, **attrs)
+    o = g.op("MatMul", [a, g.w([v, D], name="out_w")])
+    y = g.op("Add", [o, "x"])
+    return model_of(g, [("x", [B, S, D])], [y])
+
+
+def test_packed_weight_layout_reduces_over_hidden():
+    node = onnx.helper.make_node("Attention", ["x", "W", "b"], ["y"], domain=MS, num_heads=4)
+    lay = layout_for(node, 1, (16, 48))
+    assert (lay.shape2d, lay.out_axis, lay.in_axis) == ((48, 16), 1, 0)
+    assert layout_for(node, 2, (48,)) is None
+    assert "Attention" in prunable_op_types()
+    assert entry(node) is not None and entry(node).layout is not None
+    # the default-domain (opset 23) Attention is a different entry: no weight
+    onnx23 = onnx.helper.make_node("Attention", ["q", "k", "v"], ["y"])
+    assert entry(onnx23).layout is None and entry(onnx23).channels is not None
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_attention_heads_removed_exactly(bias):
+    model = packed_attention(bias=bias)
+    graph = build_channel_graph(load(model))
+    group = head_group(graph, "qkv_w")
+    assert group.prunable and group.size == 4  # one unit per head
+    w_member = next(m for m in group.members if m.tensor == "qkv_w" and m.axis == 1)
+    # head 1 = its Q, K and V columns of the packed weight
+    assert w_member.index_map[1].tolist() == [4, 5, 6, 7, 20, 21, 22, 23, 36, 37, 38, 39]
+    resized, removed, shapes = check_exact(model)
+    assert len(removed[group.id]) == 2
+    assert shapes["qkv_w"] == ((D, 48), (D, 24))
+    assert shapes["out_w"] == ((D, D), (8, D))
+    if bias:
+        assert shapes["qkv_b"] == ((48,), (24,))
+    assert attr_of(resized, "Attention", "num_heads") == 2
+    kept = [h for h in range(4) if h not in removed[group.id]]
+    w0, w1 = init(model, "qkv_w"), init(resized, node_of(resized, "Attention").input[1])
+    cols = [p * 16 + h * 4 + i for p in range(3) for h in kept for i in range(4)]
+    assert np.array_equal(w1, w0[:, cols])
+
+
+def test_packed_attention_qkv_hidden_sizes_rewritten():
+    # Q/K heads of 4, V heads of 2: three slices of different widths per head.
+    model = packed_attention(sizes=(16, 16, 8))
+    resized, removed, shapes = check_exact(model, sparsity=0.25)
+    assert attr_of(resized, "Attention", "num_heads") == 3
+    assert attr_of(resized, "Attention", "qkv_hidden_sizes") == [12, 12, 6]
+    assert shapes["qkv_w"] == ((D, 40), (D, 30))
+    assert shapes["out_w"] == ((8, D), (6, D))
+
+
+def test_hidden_width_of_the_packed_weight_is_the_residual_stream():
+    model = packed_attention()
+    graph = build_channel_graph(load(model))
+    hidden = head_group(graph, "qkv_w", 0)
+    assert not hidden.prunable  # x is the graph input here
+
+
+def test_two_four_masks_on_the_packed_weight_along_hidden():
+    model = packed_attention()
+    result = onnxprune.prune(model, pattern="2:4")
+    w = init(result.model, "qkv_w")
+    # 4 consecutive hidden features (rows of the stored [D, 3H] weight) per output column
+    groups = w.T.reshape(48, D // 4, 4)
+    assert (np.count_nonzero(groups, axis=-1) == 2).all()
+    run(result.model, feeds(model))
+
+
+def test_channel_pattern_through_the_api_prunes_heads():
+    model = packed_attention()
+    result = onnxprune.prune(model, pattern="channel", sparsity=0.5, validate=True)
+    assert attr_of(result.model, "Attention", "num_heads") == 2
+    assert init(result.model, node_of(result.model, "Attention").input[1]).shape == (D, 24)
+    run(result.model, feeds(model))
+
+
+def test_attention_macs():
+    model = packed_attention()
+    macs = count_macs(model)
+    label = next(k for k, v in macs.op_types.items() if v == "Attention")
+    assert macs.per_node[label] == B * S * D * 48 + B * S * S * (D + D)
+
+
+# -- MultiHeadAttention --------------------------------------------------------------------------
+def mha(heads=4, bias=True, seed=2):
+    g = G(seed)
+    q, k, v = (g.op("MatMul", ["x", g.w([D, D], name=n)]) for n in ("wq", "wk", "wv"))
+    ins = [q, k, v] + ([g.w([3 * D], 0.1, name="mha_b")] if bias else [])
+    a = g.op("MultiHeadAttention", ins, domain=MS, num_heads=heads)
+    o = g.op("MatMul", [a, g.w([D, D], name="out_w")])
+    return model_of(g, [("x", [B, S, D])], [g.op("Add", [o, "x"])])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_multihead_attention_heads_removed_exactly(bias):
+    model = mha(bias=bias)
+    graph = build_channel_graph(load(model))
+    group = head_group(graph, "wq")
+    assert group.prunable and group.size == 4
+    assert {"wq", "wk", "wv"} <= set(group.producers)
+    resized, removed, shapes = check_exact(model)
+    assert attr_of(resized, "MultiHeadAttention", "num_heads") == 2
+    for name in ("wq", "wk", "wv"):
+        assert shapes[name] == ((D, D), (D, 8))
+    assert shapes["out_w"] == ((D, D), (8, D))
+    if bias:
+        assert shapes["mha_b"] == ((48,), (24,))
+
+
+# -- GroupQueryAttention ---------------------------------------------------------------------------
+HS = 8  # onnxruntime's CPU kernel wants head sizes that are multiples of 8
+
+
+def gqa(heads=4, kv=2, packed=False, key_input=False, seed=3):
+    g = G(seed)
+    d, dkv = heads * HS, kv * HS
+    sl = g.c(np.full((B,), S - 1, np.int32), name="seqlens")
+    tl = g.c(np.array(S, np.int32), name="total")
+    inputs = [("x", [B, S, d])]
+    if packed:
+        qkv = g.op("MatMul", ["x", g.w([d, d + 2 * dkv], name="wqkv")])
+        ins = [qkv, "", "", "", "", sl, tl]
+    else:
+        q = g.op("MatMul", ["x", g.w([d, d], name="wq")])
+        if key_input:  # K comes from outside: its heads cannot be removed
+            k = "k"
+            inputs.append(("k", [B, S, dkv]))
+        else:
+            k = g.op("MatMul", ["x", g.w([d, dkv], name="wk")])
+        v = g.op("MatMul", ["x", g.w([d, dkv], name="wv")])
+        ins = [q, k, v, "", "", sl, tl]
+    a = g.op("GroupQueryAttention", ins, n_out=3, domain=MS, num_heads=heads,
+             kv_num_heads=kv)[0]
+    o = g.op("MatMul", [a, g.w([d, d], name="out_w")])
+    return model_of(g, inputs, [g.op("Add", [o, "x"])])
+
+
+def test_gqa_unit_is_a_whole_kv_group():
+    model = gqa()
+    graph = build_channel_graph(load(model))
+    group = head_group(graph, "wk")
+    assert group.prunable and group.size == 2  # kv_num_heads units, not num_heads
+    wq = next(m for m in group.members if m.tensor == "wq" and m.axis == 1)
+    wk = next(m for m in group.members if m.tensor == "wk" and m.axis == 1)
+    # KV group 1 = KV head 1 and Q heads 2, 3
+    assert wq.index_map[1].tolist() == list(range(2 * HS, 4 * HS))
+    assert wk.index_map[1].tolist() == list(range(HS, 2 * HS))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_gqa_groups_removed_exactly(packed):
+    model = gqa(packed=packed)
+    resized, removed, shapes = check_exact(model)
+    assert attr_of(resized, "GroupQueryAttention", "num_heads") == 2
+    assert attr_of(resized, "GroupQueryAttention", "kv_num_heads") == 1
+    assert shapes["out_w"] == ((4 * HS, 4 * HS), (2 * HS, 4 * HS))
+    if packed:
+        assert shapes["wqkv"] == ((4 * HS, 8 * HS), (4 * HS, 4 * HS))
+    else:
+        assert shapes["wq"] == ((4 * HS, 4 * HS), (4 * HS, 2 * HS))
+        assert shapes["wk"] == ((4 * HS, 2 * HS), (4 * HS, HS))
+
+
+def test_gqa_part_of_a_group_is_refused():
+    # K is a graph input: its KV heads cannot go, so neither can any Q head of their groups
+    # (a Q head alone is no unit), and the Q projection's columns stay.
+    model = gqa(key_input=True)
+    graph = build_channel_graph(load(model))
+    group = head_group(graph, "wq")
+    assert not group.prunable
+    assert "graph input 'k'" in group.frozen
+    _, _, shapes = check_exact(model)
+    assert "wq" not in shapes and "out_w" not in shapes
+
+
+# -- opset-23 Attention ------------------------------------------------------------------------------
+def onnx_attention(heads=4, kv=2, rank=3, seed=4):
+    g = G(seed)
+    hs, d = 4, heads * 4
+    q = g.op("MatMul", ["x", g.w([d, d], name="wq")])
+    k = g.op("MatMul", ["x", g.w([d, kv * hs], name="wk")])
+    v = g.op("MatMul", ["x", g.w([d, kv * hs], name="wv")])
+    if rank == 3:
+        a = g.op("Attention", [q, k, v], q_num_heads=heads, kv_num_heads=kv)
+    else:
+        def split(t, n):
+            t = g.op("Reshape", [t, g.c(np.array([B, S, n, hs], np.int64))])
+            return g.op("Transpose", [t], perm=[0, 2, 1, 3])
+        a = g.op("Attention", [split(q, heads), split(k, kv), split(v, kv)])
+        a = g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]),
+                             g.c(np.array([B, S, d], np.int64))])
+    o = g.op("MatMul", [a, g.w([d, d], name="out_w")])
+    return model_of(g, [("x", [B, S, d])], [g.op("Add", [o, "x"])], opset=23)
+
+
+def _ort_runs_opset23_attention() -> bool:
+    try:
+        run(onnx_attention(), feeds(onnx_attention()))
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _ort_runs_opset23_attention(),
+                    reason="the installed onnxruntime does not run opset-23 Attention")
+def test_opset23_attention_gqa_groups_removed_exactly():
+    model = onnx_attention()
+    graph = build_channel_graph(load(model))
+    group = head_group(graph, "wk")
+    assert group.prunable and group.size == 2
+    resized, removed, shapes = check_exact(model)
+    assert attr_of(resized, "Attention", "q_num_heads") == 2
+    assert attr_of(resized, "Attention", "kv_num_heads") == 1
+    assert shapes["wq"] == ((16, 16), (16, 8))
+    assert shapes["wv"] == ((16, 8), (16, 4))
+
+
+# -- FFN through FastGelu / BiasGelu, normalizations -------------------------------------------------
+def ffn(act="FastGelu", norm="SkipLayerNormalization", seed=5):
+    g = G(seed)
+    inputs = [("x", [B, S, D]), ("r", [B, S, D])]
+    params = [g.w([D], positive=True), g.w([D], 0.1)]
+    if norm == "SkipSimplifiedLayerNormalization":
+        params = params[:1]
+    n = g.op(norm, ["x", "r"] + params, domain=MS) if norm else "x"
+    h = g.op("MatMul", [n, g.w([D, 32], name="up")])
+    h = g.op(act, [h] + ([g.w([32], 0.1, name="act_b")] if act != "Gelu" else []), domain=MS)
+    o = g.op("Add", [g.op("MatMul", [h, g.w([32, D], name="down")]), n])
+    return model_of(g, inputs, [g.op("MatMul", [o, g.w([D, D])])])
+
+
+@pytest.mark.parametrize("act", ["FastGelu", "BiasGelu", "Gelu"])
+def test_ffn_width_through_gelu_forms(act):
+    model = ffn(act)
+    graph = build_channel_graph(load(model))
+    group = head_group(graph, "up")
+    assert group.prunable and group.size == 32
+    resized, removed, shapes = check_exact(model)
+    assert shapes["up"] == ((D, 32), (D, 16)) and shapes["down"] == ((32, D), (16, D))
+    if act != "Gelu":
+        assert shapes["act_b"] == ((32,), (16,))
+
+
+@pytest.mark.parametrize("norm", ["SkipLayerNormalization", "SkipSimplifiedLayerNormalization"])
+def test_skip_norm_keeps_the_residual_stream(norm):
+    model = ffn(norm=norm)
+    graph = build_channel_graph(load(model))
+    hidden = head_group(graph, "up", 0)
+    assert not hidden.prunable
+    assert f"{norm} normalizes over the hidden width" in hidden.frozen
+
+
+def test_rms_norms_freeze_with_their_reason():
+    for op, domain, opset in (("SimplifiedLayerNormalization", "", 17),
+                              ("RMSNormalization", "", 23)):
+        g = G(6)
+        n = g.op(op, ["x", g.w([D], positive=True)], domain=domain or None, axis=-1)
+        m = g.op("MatMul", [n, g.w([D, 8], name="fc1")])
+        m = g.op("Relu", [m])
+        model = g.model([("x", [B, S, D])], [g.op("MatMul", [m, g.w([8, 4])])], opset=opset)
+        model.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info(
+            model.graph.output[0].name, onnx.TensorProto.FLOAT, [B, S, 4]))
+        graph = build_channel_graph(load(model))
+        hidden = head_group(graph, "fc1", 0)
+        assert hidden.frozen.startswith(f"{op} '") and "normalizes over the hidden" in \
+            hidden.frozen
+        assert head_group(graph, "fc1").prunable  # the width after it still prunes
+        if opset == 23 and not _ort_runs_opset23_attention():
+            continue
+        check_exact(model, checker=domain or op != "SimplifiedLayerNormalization")
