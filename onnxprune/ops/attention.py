@@ -502,7 +502,7 @@ def _normalized(ctx: NodeCtx, x: str, outs, params, axis: int, what: str,
         for j in range(min(axis, ro)):
             ctx.tie((x, j), (o, j))
     reason = (f"{what} normalizes over the hidden width (the residual stream): removing a "
-              "channel would change every other channel's mean/variance, so the width is kept")
+              "channel would change every other channel's mean/variance")
     for t in [x] + [o for o in list(outs) + list(others) if o]:
         rt = ctx.rank(t)
         for j in range(axis, r):
@@ -549,6 +549,34 @@ def _simplified_shapes(node, shape_of):
         return [(0, None)]
     axis = norm_axis(int(attr(node, "axis", -1)), len(x))
     return [(0, x), (0, tuple(x[:axis]) + (1,) * (len(x) - axis))]
+
+
+def _embed_layernorm_channels(ctx: NodeCtx) -> None:
+    # input_ids, segment_ids [B, S]; word / position / segment tables [*, D]; gamma, beta [D];
+    # mask, position_ids. Outputs: output [B, S, D], mask_index [B], embedding_sum [B, S, D].
+    ids, y, total = ctx.inp(0), ctx.out(0), ctx.out(2)
+    for o in (y, total):
+        _tie_rows(ctx, ids, o)
+    for i in (1, 7, 8):
+        _tie_rows(ctx, ids, ctx.inp(i)) if ctx.rank(ctx.inp(i) or "") == 2 else ctx.ok(ctx.inp(i))
+    ctx.ok(ctx.out(1))
+    reason = ("EmbedLayerNormalization normalizes over the hidden width (the residual stream): "
+              "removing a channel would change every other channel's mean/variance")
+    for o in (y, total):
+        ctx.freeze(o, 2, reason)
+    for i in (2, 3, 4, 5, 6):
+        name = ctx.inp(i)
+        if name:
+            ctx.freeze(name, None, reason)
+
+
+def _embed_layernorm_shapes(node, shape_of):
+    ids, table = shape_of(node.input[0]), shape_of(node.input[2])
+    if ids is None or table is None or len(ids) != 2 or len(table) != 2:
+        return [(2, None)]
+    mask = 7 if len(node.input) > 7 and node.input[7] else 0
+    out = (ids[0], ids[1], table[1])
+    return [(2, out), (mask, (ids[0],)), (2, out)]
 
 
 # -- Gelu forms, BiasAdd: element-wise along the FFN width -------------------------------------
@@ -606,6 +634,8 @@ define(*ms("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"),
 define("SimplifiedLayerNormalization", *ms("SimplifiedLayerNormalization"),
        channels=_rmsnorm_channels, output_shape=_simplified_shapes)
 define("RMSNormalization", channels=_rmsnorm_channels)
+define(*ms("EmbedLayerNormalization"), channels=_embed_layernorm_channels,
+       output_shape=_embed_layernorm_shapes)
 define(*ms("FastGelu"), channels=_bias_elementwise, output_like=lambda node: (0,),
        const=_gelu_const(_gelu_tanh))
 define(*ms("BiasGelu", "Gelu"), channels=_bias_elementwise, output_like=lambda node: (0,),

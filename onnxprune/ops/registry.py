@@ -277,12 +277,14 @@ def unchanged_step(node, seen_shape, read) -> tuple:
 
 def complete_types(graph: onnx.GraphProto) -> bool:
     """Declare the outputs ONNX's shape inference left untyped for ops whose entry says what they
-    are (``output_like``, ``output_shape``), from their inputs' inferred types; True when any was added (run the
-    inference again to carry them on). Works on an inferred model's main graph."""
+    are (``output_like``, ``output_shape``), from their inputs' inferred types; True when any was
+    added (run the inference again to carry them on). Works on an inferred model's main graph."""
     typed = {vi.name: vi for vi in list(graph.input) + list(graph.value_info) +
              list(graph.output) if vi.type.HasField("tensor_type")}
     added = False
     dims_of = {t.name: tuple(int(d) for d in t.dims) for t in graph.initializer}
+    elem_of = {t.name: t.data_type for t in graph.initializer}
+    elem_of.update({n: vi.type.tensor_type.elem_type for n, vi in typed.items()})
 
     def shape_of(name: str):
         """``name``'s dims (ints, symbolic names, None unknown), or None."""
@@ -297,11 +299,11 @@ def complete_types(graph: onnx.GraphProto) -> bool:
         if shaped is not None:
             for out, item in zip(node.output, shaped(node, shape_of)):
                 name = None if item is None else operand(node, item[0])
-                if not out or out in typed or name is None or name not in typed:
+                if not out or out in typed or name is None or not elem_of.get(name):
                     continue
                 vi = graph.value_info.add()
                 vi.name = out
-                vi.type.tensor_type.elem_type = typed[name].type.tensor_type.elem_type
+                vi.type.tensor_type.elem_type = elem_of[name]
                 if item[1] is not None:
                     vi.type.tensor_type.shape.SetInParent()
                     for d in item[1]:
@@ -311,6 +313,7 @@ def complete_types(graph: onnx.GraphProto) -> bool:
                         elif d:
                             dim.dim_param = d
                 typed[out] = vi
+                elem_of[out] = elem_of[name]
                 added = True
         rule = field_of(node, "output_like")
         if rule is None:

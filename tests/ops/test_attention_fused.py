@@ -6,6 +6,8 @@ on the packed weight along its reduction axis; MAC formulas."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -345,3 +347,59 @@ def test_rms_norms_freeze_with_their_reason():
         if opset == 23 and not _ort_runs_opset23_attention():
             continue
         check_exact(model, checker=domain or op != "SimplifiedLayerNormalization")
+
+
+# -- a real fused graph: onnxruntime's transformer optimizer output ------------------------------
+FUSED = Path(__file__).resolve().parents[2] / "models" / "bert_fused.onnx"
+
+
+def fused_feeds():
+    rng = np.random.default_rng(0)
+    mask = np.ones((1, 16), np.int64)
+    mask[0, 12:] = 0  # padded positions: the mask_index path is exercised too
+    return {"input_ids": rng.integers(0, 50, (1, 16)).astype(np.int64), "attention_mask": mask}
+
+
+def test_fused_fixture_groups():
+    model = onnx.load(FUSED)
+    ops = {(n.domain, n.op_type) for n in model.graph.node}
+    assert {(MS, "Attention"), (MS, "SkipLayerNormalization"), (MS, "BiasGelu"),
+            (MS, "FastGelu"), (MS, "EmbedLayerNormalization")} <= ops
+    graph = build_channel_graph(load(model))
+    prunable = sorted((g.size, g.producers[0]) for g in graph.prunable())
+    # 2 layers x (4 heads of the packed QKV weight, 128 FFN channels through BiasGelu/FastGelu)
+    assert [s for s, _ in prunable] == [4, 4, 128, 128]
+    assert {p for s, p in prunable if s == 4} == {"Attention_0_qkv_weight",
+                                                   "Attention_1_qkv_weight"}
+    stream = [g.frozen for g in graph.groups if g.frozen and "normalizes" in g.frozen]
+    assert len(stream) == 5 and all("the residual stream" in f for f in stream)
+
+
+def test_fused_fixture_heads_and_ffn_removed_exactly():
+    model = onnx.load(FUSED)
+    masked, resized, removed, shapes = masked_and_resized(model, sparsity=0.5)
+    onnx.checker.check_model(resized)
+    f = fused_feeds()
+    assert_close(run(resized, f), run(masked, f))
+    assert shapes["Attention_0_qkv_weight"] == ((64, 192), (64, 96))
+    assert shapes["Attention_1_qkv_bias"] == ((192,), (96,))
+    assert shapes["layers.0.up.bias"] == ((128,), (64,))  # BiasGelu's bias
+    assert shapes["layers.1.up.bias"] == ((128,), (64,))  # FastGelu's bias
+    assert [attr_of_node(n, "num_heads") for n in resized.graph.node
+            if n.op_type == "Attention"] == [2, 2]
+
+
+def attr_of_node(node, name):
+    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
+def test_fused_fixture_channel_pruning_through_the_api():
+    model = onnx.load(FUSED)
+    result = onnxprune.prune(model, pattern="channel", sparsity=0.5, validate=True)
+    rep = result.report
+    assert (rep.params_before, rep.params_after) == (65536, 32768)
+    assert (rep.macs_before, rep.macs_after) == (1122304, 565248)  # Attention MACs counted
+    comparison = rep.to_dict()["comparison"]  # validated in onnxruntime on the resized model
+    assert comparison["samples"] == 8 and comparison["verdict"] in ("ok", "degraded")
+    out = run(result.model, fused_feeds())
+    assert out[0].shape == (1, 16, 8)
