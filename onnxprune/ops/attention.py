@@ -184,18 +184,16 @@ def _attention_channels(ctx: NodeCtx) -> None:
     ws = ctx.shape(w)
     if not _static(ws) or len(ws) != 2 or heads < 1:
         return  # finish() freezes: the packed Q/K/V columns cannot be told apart
+    _stored_role(ctx, w, 1, PRODUCER)
+    _stored_role(ctx, w, 0, CONSUMER)
+    ctx.tie((x, 2), (w, 0))  # the hidden features: W's reduction axis
+    _tie_rows(ctx, x, y)
     sizes = _packed_sizes(ctx.node, ws[1])
     if sizes is None or any(s % heads for s in sizes):
         ctx.freeze(w, 1, f"weight {list(ws)} does not split into Q, K, V of {heads} heads "
                          "(qkv_hidden_sizes)")
         return
     dq, dk, dv = (s // heads for s in sizes)
-    if not ctx.is_const(w):
-        ctx.freeze(w, 1, "the packed QKV weight is computed in-graph, not a stored tensor")
-    _stored_role(ctx, w, 1, PRODUCER)
-    _stored_role(ctx, w, 0, CONSUMER)
-    ctx.tie((x, 2), (w, 0))  # the hidden features: W's reduction axis
-    _tie_rows(ctx, x, y)
     packed = np.concatenate([heads_of(heads, dq), heads_of(heads, dk), heads_of(heads, dv)])
     members = [(y, 2, heads_of(heads, dv)), (w, 1, packed)]
     if b:

@@ -282,14 +282,21 @@ def _ort_runs_opset23_attention() -> bool:
 
 @pytest.mark.skipif(not _ort_runs_opset23_attention(),
                     reason="the installed onnxruntime does not run opset-23 Attention")
-def test_opset23_attention_gqa_groups_removed_exactly():
-    model = onnx_attention()
+@pytest.mark.parametrize("rank", [3, 4])
+def test_opset23_attention_gqa_groups_removed_exactly(rank):
+    # 3-D [B, S, N*H] inputs with q_num_heads / kv_num_heads, or 4-D [B, N, S, H] ones split
+    # by Reshape + Transpose (the head axis then ties through those rules).
+    model = onnx_attention(rank=rank)
     graph = build_channel_graph(load(model))
     group = head_group(graph, "wk")
     assert group.prunable and group.size == 2
+    assert {"wq", "wk", "wv"} <= set(group.producers)
     resized, removed, shapes = check_exact(model)
-    assert attr_of(resized, "Attention", "q_num_heads") == 2
-    assert attr_of(resized, "Attention", "kv_num_heads") == 1
+    if rank == 3:
+        assert attr_of(resized, "Attention", "q_num_heads") == 2
+        assert attr_of(resized, "Attention", "kv_num_heads") == 1
+    else:
+        assert not node_of(resized, "Attention").attribute  # 4-D: the shapes say the heads
     assert shapes["wq"] == ((16, 16), (16, 8))
     assert shapes["wv"] == ((16, 8), (16, 4))
 
@@ -403,3 +410,66 @@ def test_fused_fixture_channel_pruning_through_the_api():
     assert comparison["samples"] == 8 and comparison["verdict"] in ("ok", "degraded")
     out = run(result.model, fused_feeds())
     assert out[0].shape == (1, 16, 8)
+
+
+# -- what cannot be exact is frozen with a reason ------------------------------------------------
+def test_attention_with_a_past_cache_from_outside_keeps_its_heads():
+    g = G(7)
+    ins = ["x", g.w([D, 48], name="qkv_w"), g.w([48], 0.1), "", "past"]
+    a, present = g.op("Attention", ins, n_out=2, domain=MS, num_heads=4)
+    o = g.op("MatMul", [a, g.w([D, D], name="out_w")])
+    model = model_of(g, [("x", [B, S, D]), ("past", [2, B, 4, 3, 4])], [g.op("Add", [o, "x"])])
+    model.graph.output.append(onnx.helper.make_tensor_value_info(present, onnx.TensorProto.FLOAT,
+                                                                 None))
+    graph = build_channel_graph(load(model))
+    group = head_group(graph, "qkv_w")
+    assert not group.prunable and group.size == 4
+    assert group.frozen == "graph input 'past' keeps its shape"
+
+
+def test_packed_weight_that_does_not_split_into_heads_is_frozen():
+    model = packed_attention(heads=3)  # 16 columns per Q/K/V: not 3 heads
+    graph = build_channel_graph(load(model))
+    group = head_group(graph, "qkv_w")
+    assert not group.prunable
+    assert "does not split into Q, K, V of 3 heads" in group.frozen
+
+
+def test_attention_bias_per_head_is_sliced_with_its_head():
+    # MultiHeadAttention with a stored per-head attention bias [1, N, S, S]: sliced, not zeroed.
+    g = G(8)
+    q, k, v = (g.op("MatMul", ["x", g.w([D, D], name=n)]) for n in ("wq", "wk", "wv"))
+    bias = g.w([1, 4, S, S], name="rel_bias")
+    a = g.op("MultiHeadAttention", [q, k, v, "", "", bias], domain=MS, num_heads=4)
+    o = g.op("MatMul", [a, g.w([D, D], name="out_w")])
+    model = model_of(g, [("x", [B, S, D])], [g.op("Add", [o, "x"])])
+    resized, removed, shapes = check_exact(model)
+    gone = removed[head_group(build_channel_graph(load(model)), "wq").id]
+    kept = [h for h in range(4) if h not in gone]
+    assert shapes["rel_bias"] == ((1, 4, S, S), (1, 2, S, S))
+    assert np.array_equal(init(resized, node_of(resized, "MultiHeadAttention").input[5]),
+                          init(model, "rel_bias")[:, kept])
+
+
+# -- shapes and MACs ---------------------------------------------------------------------------------
+def test_output_shapes_of_custom_domain_ops_are_inferred():
+    from onnxprune.model.shapes import infer_shapes
+    from onnxprune.ops.registry import complete_types
+    model = packed_attention(sizes=(16, 16, 8))
+    shapes = infer_shapes(model, complete=complete_types).shapes
+    assert shapes[node_of(model, "Attention").output[0]] == (B, S, 8)
+    model = gqa(packed=True)
+    shapes = infer_shapes(model, complete=complete_types).shapes
+    out, pk, _ = node_of(model, "GroupQueryAttention").output
+    assert shapes[out] == (B, S, 4 * HS) and shapes[pk] == (B, 2, None, HS)
+
+
+def test_attention_op_macs():
+    for model, op, want in (
+            (mha(), "MultiHeadAttention", B * S * S * (D + D)),
+            (gqa(), "GroupQueryAttention", 2 * B * S * S * 4 * HS),
+            (onnx_attention(), "Attention", B * S * S * (16 + 16)),
+            (onnx_attention(rank=4), "Attention", B * 4 * S * S * (4 + 4))):
+        macs = count_macs(model)
+        label = next(k for k, v in macs.op_types.items() if v == op)
+        assert macs.per_node[label] == want, op
