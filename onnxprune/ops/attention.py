@@ -20,7 +20,9 @@ unit per head. Removing it is exact: head ``h`` reads only its own Q, K, V slice
 its own output slice, the softmax runs per head, and the default scale ``1/sqrt(dq)`` does not
 change (head sizes stay). Masked (Q, K, V slices and biases zero) the head attends uniformly to
 zero values and the output projection's rows for it are zero: the same outputs as the model with
-the head deleted. ``num_heads`` / ``kv_num_heads`` / ``q_num_heads`` / ``qkv_hidden_sizes`` are
+the head deleted. Q.K^T reduces over a head's own columns only, so the op is no "sink" for
+dead-channel removal: a head whose output rows nobody reads (zero output-projection rows) goes
+exactly. ``num_heads`` / ``kv_num_heads`` / ``q_num_heads`` / ``qkv_hidden_sizes`` are
 rewritten on resize.
 
 Grouped-query attention. ``num_heads / kv_num_heads`` Q heads share one K/V head: the unit is a
@@ -177,6 +179,12 @@ def _attention_fold(node, index, shape):
     return None
 
 
+def _attention_zero_filter(node, bias, x):
+    # A head whose Q/K/V columns are zero still attends (uniformly) over its V bias: no
+    # per-column constant of the output, so dead-channel removal keeps it unless unread.
+    return np.full(np.shape(bias), np.nan)
+
+
 def _attention_channels(ctx: NodeCtx) -> None:
     x, w, b = ctx.inp(0), ctx.inp(1), ctx.inp(2)
     y, present = ctx.out(0), ctx.out(1)
@@ -206,7 +214,6 @@ def _attention_channels(ctx: NodeCtx) -> None:
     _per_head_tensor(ctx, ctx.inp(5), 1, heads, units, STAT, members)  # attention bias
     ctx.ok(ctx.inp(6))  # past_sequence_length
     tie_units(ctx, members)
-    ctx.b.sink(w, 1, ctx.node, 1)  # Q.K^T reduces over the Q/K columns inside the op
     _rewrite_heads(ctx, (y, 2), dv, [("num_heads", heads, 1)], (sizes, (dq, dk, dv)))
 
 
@@ -305,7 +312,6 @@ def _mha_channels(ctx: NodeCtx) -> None:
     for i in (1, 2, 3):  # present_key / present_value [B, N, T, H], qk [B, N, S, T]
         _per_head_tensor(ctx, ctx.out(i), 1, heads, units, STAT, members)
     tie_units(ctx, members)
-    ctx.b.sink(q, 2, ctx.node, 0)
     _rewrite_heads(ctx, (y, 2), dv, [("num_heads", heads, 1)])
 
 
@@ -390,7 +396,6 @@ def _gqa_channels(ctx: NodeCtx) -> None:
         else:  # seqlens_k, total_sequence_length, cos/sin caches, position_ids
             ctx.ok(name)
     tie_units(ctx, members)
-    ctx.b.sink(q, 2, ctx.node, 0)
     _rewrite_heads(ctx, (y, 2), per * hs, [("num_heads", heads, per), ("kv_num_heads", kv, 1)])
 
 
@@ -462,7 +467,6 @@ def _onnx_attention_channels(ctx: NodeCtx) -> None:
         _per_head_tensor(ctx, ctx.out(i), 1, kv, groups, STAT, members)
     _per_head_tensor(ctx, ctx.out(3), 1, heads, np.arange(heads) // per, STAT, members)
     tie_units(ctx, members)
-    ctx.b.sink(q, members[1][1], ctx.node, 0)
     attrs = [(n, val, f) for n, val, f in (("q_num_heads", heads, per), ("kv_num_heads", kv, 1))
              if ctx.attr(n, None) is not None]
     _rewrite_heads(ctx, probe, per_positions, attrs)
@@ -618,7 +622,8 @@ def _sum_const(node, vals, read):
 
 # -- registration ------------------------------------------------------------------------------
 define(*ms("Attention"), layout=_attention_layout, activation=_attention_activation,
-       bias=_attention_bias, fold=_attention_fold, channels=_attention_channels,
+       bias=_attention_bias, fold=_attention_fold, zero_filter=_attention_zero_filter,
+       channels=_attention_channels,
        output_shape=_attention_shapes, macs=_attention_macs)
 define(*ms("MultiHeadAttention"), channels=_mha_channels, output_shape=_mha_shapes,
        macs=_mha_macs)

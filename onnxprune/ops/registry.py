@@ -191,6 +191,14 @@ def op_types_with(name: str) -> Tuple[str, ...]:
                          if getattr(e, name) is not None}))
 
 
+def entries_with(name: str) -> Tuple[OpEntry, ...]:
+    """The entries (every domain; ``op_type`` is the registry key, ``domain:OpType`` outside the
+    default domain) whose field ``name`` is set."""
+    if name not in _FIELDS:
+        raise TypeError(f"unknown op entry field '{name}'")
+    return tuple(e for _, e in sorted(_ENTRIES.items()) if getattr(e, name) is not None)
+
+
 # -- small helpers the family files share ------------------------------------------------------
 def operand(node: onnx.NodeProto, index: int, output: bool = False) -> Optional[str]:
     """The name of input (or output) ``index``, None when absent or empty."""

@@ -473,3 +473,43 @@ def test_attention_op_macs():
         macs = count_macs(model)
         label = next(k for k, v in macs.op_types.items() if v == op)
         assert macs.per_node[label] == want, op
+
+
+# -- dead heads ----------------------------------------------------------------------------------
+def _zeroed(model, name, fn):
+    for t in model.graph.initializer:
+        if t.name == name:
+            t.CopyFrom(numpy_helper.from_array(fn(numpy_helper.to_array(t).copy()), name))
+    return model
+
+
+def test_unread_head_is_removed_exactly():
+    # Head 2's output rows of the projection are zero: nobody reads the head, it goes.
+    from onnxprune.channels.dead import remove_dead_channels
+
+    def rows(a):
+        a[8:12] = 0
+        return a
+    model = _zeroed(packed_attention(), "out_w", rows)
+    handle = load(onnx.load_from_string(model.SerializeToString()))
+    dead = remove_dead_channels(handle)
+    assert dead.channels_removed == 1
+    assert attr_of(handle.model, "Attention", "num_heads") == 3
+    assert init(handle.model, node_of(handle.model, "Attention").input[1]).shape == (D, 36)
+    f = feeds(model)
+    assert_close(run(handle.model, f), run(model, f))
+
+
+def test_head_with_zero_qkv_columns_is_kept():
+    # Zero Q/K/V columns: the head still attends (uniformly) over its V bias, a value that is no
+    # per-channel constant to fold, so it stays.
+    from onnxprune.channels.dead import remove_dead_channels
+
+    def cols(a):
+        a[:, [c + p * 16 for p in range(3) for c in range(4, 8)]] = 0
+        return a
+    model = _zeroed(packed_attention(), "qkv_w", cols)
+    handle = load(onnx.load_from_string(model.SerializeToString()))
+    dead = remove_dead_channels(handle)
+    assert dead.channels_removed == 0
+    assert attr_of(handle.model, "Attention", "num_heads") == 4
