@@ -254,17 +254,13 @@ def _mha_channels(ctx: NodeCtx) -> None:
         return
     units = np.arange(heads, dtype=np.int64)
     members: List[Tuple[Optional[str], int, np.ndarray]] = []
-    if len(qs) == 5 and k is None:
-        # Packed QKV [B, S, N, 3, H]: the head axis is 2.
-        if qs[2] != heads or not _static(qs[2:]):
-            ctx.freeze(q, 2, f"packed QKV {list(qs)} does not hold {heads} heads")
-            return
-        dq = dv = qs[4]
-        members += [(y, 2, heads_of(heads, dv)), (q, 2, units)]
-        _ok_axes(ctx, q, (0, 1, 2))
-        _tie_rows(ctx, q, y)
-        bias_units = None
-    elif len(qs) == 3 and ks is not None and vs is not None and len(ks) == len(vs):
+    if len(qs) == 5 or (ks is not None and len(ks) == 5):
+        # Packed QKV [B, S, N, 3, H] / KV [B, L, N, 2, H]: onnxruntime runs these on GPU only,
+        # so the rule could not be checked against a resized model; they stay.
+        ctx.freeze(q, None, "packed QKV/KV layouts of MultiHeadAttention are not mapped "
+                            "(onnxruntime's CPU kernel does not run them to check a resize)")
+        return
+    if len(qs) == 3 and ks is not None and vs is not None and len(ks) == len(vs):
         dq_all = _width(qs, (2,))
         if dq_all is None or dq_all % heads:
             ctx.freeze(q, 2, f"query width {qs[2]} is not {heads} heads")
@@ -283,7 +279,8 @@ def _mha_channels(ctx: NodeCtx) -> None:
             ctx.tie((v, 0), (q, 0))
             ctx.tie((k, 1), (v, 1))
         elif len(ks) == 4:  # K, V [B, N, L, H]: already split into heads
-            if ks[1] != heads or vs[1] != heads or not _static(vs):
+            if ks[1] != heads or vs[1] != heads or not all(
+                    isinstance(t[a], int) for t in (ks, vs) for a in (1, 3)):
                 ctx.freeze(k, 1, f"key/value {list(ks)}/{list(vs)} do not hold {heads} heads")
                 return
             dk, dv = ks[3], vs[3]
@@ -296,9 +293,9 @@ def _mha_channels(ctx: NodeCtx) -> None:
         bias_units = np.concatenate([heads_of(heads, dq), heads_of(heads, dk),
                                      heads_of(heads, dv)])
     else:
-        return  # packed KV and other layouts: finish() freezes them
+        return  # other layouts: finish() freezes them
     if bias:
-        if bias_units is None or ctx.size(bias, 0) != len(bias_units):
+        if ctx.size(bias, 0) != len(bias_units):
             ctx.freeze(bias, 0, "bias does not hold Q, K, V of every head")
         else:
             members.append((bias, 0, bias_units))

@@ -161,18 +161,22 @@ def test_attention_macs():
 
 
 # -- MultiHeadAttention --------------------------------------------------------------------------
-def mha(heads=4, bias=True, seed=2):
+def mha(heads=4, bias=True, seed=2, split_kv=False):
     g = G(seed)
     q, k, v = (g.op("MatMul", ["x", g.w([D, D], name=n)]) for n in ("wq", "wk", "wv"))
+    if split_kv:  # K, V already split into heads: [B, N, L, H] through Reshape + Transpose
+        k, v = (g.op("Transpose", [g.op("Reshape", [t, g.c(np.array([B, S, heads, D // heads],
+                                                                     np.int64))])],
+                     perm=[0, 2, 1, 3]) for t in (k, v))
     ins = [q, k, v] + ([g.w([3 * D], 0.1, name="mha_b")] if bias else [])
     a = g.op("MultiHeadAttention", ins, domain=MS, num_heads=heads)
     o = g.op("MatMul", [a, g.w([D, D], name="out_w")])
     return model_of(g, [("x", [B, S, D])], [g.op("Add", [o, "x"])])
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_multihead_attention_heads_removed_exactly(bias):
-    model = mha(bias=bias)
+@pytest.mark.parametrize("bias,split_kv", [(True, False), (False, False), (False, True)])
+def test_multihead_attention_heads_removed_exactly(bias, split_kv):
+    model = mha(bias=bias, split_kv=split_kv)
     graph = build_channel_graph(load(model))
     group = head_group(graph, "wq")
     assert group.prunable and group.size == 4
@@ -413,6 +417,18 @@ def test_fused_fixture_channel_pruning_through_the_api():
 
 
 # -- what cannot be exact is frozen with a reason ------------------------------------------------
+def test_packed_qkv_of_multihead_attention_is_frozen():
+    g = G(9)
+    qkv = g.op("MatMul", ["x", g.w([D, 3 * D], name="wqkv")])
+    qkv = g.op("Reshape", [qkv, g.c(np.array([B, S, 4, 3, 4], np.int64))])
+    a = g.op("MultiHeadAttention", [qkv], domain=MS, num_heads=4)
+    model = model_of(g, [("x", [B, S, D])], [g.op("MatMul", [a, g.w([D, D], name="out_w")])])
+    graph = build_channel_graph(load(model))
+    assert not any(g.prunable for g in graph.groups)
+    assert "packed QKV/KV layouts of MultiHeadAttention are not mapped" in \
+        head_group(graph, "wqkv").frozen
+
+
 def test_attention_with_a_past_cache_from_outside_keeps_its_heads():
     g = G(7)
     ins = ["x", g.w([D, 48], name="qkv_w"), g.w([48], 0.1), "", "past"]
