@@ -320,15 +320,16 @@ def _mha_shapes(node, shape_of):
     if q is None:
         return [(0, None)]
     if len(q) == 5 and k is None:
-        dv = q[2] * q[4] if _static(q[2:]) else None
+        dv = q[2] * q[4] if _static((q[2], q[4])) else None
     elif v is not None and len(v) == 3:
         dv = v[2]
     elif v is not None and len(v) == 4:
-        dv = v[1] * v[3] if _static(v[1:]) else None
+        dv = v[1] * v[3] if _static((v[1], v[3])) else None
     else:
         dv = None
     out = [(0, (q[0], q[1], dv))]
-    if v is not None and len(v) in (3, 4) and len(q) == 3 and heads:
+    if k is not None and v is not None and len(v) in (3, 4) and len(k) == len(v) and \
+            len(q) == 3 and heads:
         hd = None if not isinstance(dv, int) else dv // heads
         hk = None if k is None or not isinstance(k[-1], int) else (
             k[-1] // heads if len(k) == 3 else k[-1])
@@ -513,11 +514,16 @@ def _normalized(ctx: NodeCtx, x: str, outs, params, axis: int, what: str,
                 ctx.freeze(p, j, reason)
 
 
-def _skip_layernorm_channels(ctx: NodeCtx) -> None:
-    # input, skip [B, S, D] (skip may broadcast), gamma, beta, bias [D]; outputs: output, mean,
+def _skip_norm_rule(n_params: int):
+    """SkipLayerNormalization (gamma, beta, bias: 3 parameter inputs) and
+    SkipSimplifiedLayerNormalization (gamma, bias: 2)."""
+    return lambda ctx: _skip_norm_channels(ctx, n_params)
+
+
+def _skip_norm_channels(ctx: NodeCtx, n_params: int) -> None:
+    # input, skip [B, S, D] (skip may broadcast), parameters [D]; outputs: output, mean,
     # inv_std_var, input_skip_bias_sum (the residual stream the next block reads).
     x, skip = ctx.inp(0), ctx.inp(1)
-    n_params = 3 if ctx.node.op_type == "SkipLayerNormalization" else 2
     params = [ctx.inp(i) for i in range(2, 2 + n_params)]
     y, mean, inv, total = (ctx.out(i) for i in range(4))
     if skip and ctx.rank(skip) == ctx.rank(x):
@@ -627,8 +633,9 @@ define(*ms("MultiHeadAttention"), channels=_mha_channels, output_shape=_mha_shap
 define(*ms("GroupQueryAttention"), channels=_gqa_channels, output_shape=_gqa_shapes,
        macs=_gqa_macs)
 define("Attention", channels=_onnx_attention_channels, macs=_onnx_attention_macs)
-define(*ms("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"),
-       channels=_skip_layernorm_channels, output_shape=_skip_shapes)
+define(*ms("SkipLayerNormalization"), channels=_skip_norm_rule(3), output_shape=_skip_shapes)
+define(*ms("SkipSimplifiedLayerNormalization"), channels=_skip_norm_rule(2),
+       output_shape=_skip_shapes)
 # onnxruntime registers SimplifiedLayerNormalization in the default domain; ONNX has
 # RMSNormalization since opset 23 (its shapes inferred by ONNX).
 define("SimplifiedLayerNormalization", *ms("SimplifiedLayerNormalization"),

@@ -256,7 +256,7 @@ def test_gqa_part_of_a_group_is_refused():
     assert "wq" not in shapes and "out_w" not in shapes
 
 
-# -- opset-23 Attention ------------------------------------------------------------------------------
+# -- opset-23 Attention ----------------------------------------------------------------------------
 def onnx_attention(heads=4, kv=2, rank=3, seed=4):
     g = G(seed)
     hs, d = 4, heads * 4
@@ -305,7 +305,7 @@ def test_opset23_attention_gqa_groups_removed_exactly(rank):
     assert shapes["wv"] == ((16, 8), (16, 4))
 
 
-# -- FFN through FastGelu / BiasGelu, normalizations -------------------------------------------------
+# -- FFN through FastGelu / BiasGelu, normalizations -----------------------------------------------
 def ffn(act="FastGelu", norm="SkipLayerNormalization", seed=5):
     g = G(seed)
     inputs = [("x", [B, S, D]), ("r", [B, S, D])]
@@ -467,7 +467,7 @@ def test_attention_bias_per_head_is_sliced_with_its_head():
                           init(model, "rel_bias")[:, kept])
 
 
-# -- shapes and MACs ---------------------------------------------------------------------------------
+# -- shapes and MACs -------------------------------------------------------------------------------
 def test_output_shapes_of_custom_domain_ops_are_inferred():
     from onnxprune.model.shapes import infer_shapes
     from onnxprune.ops.registry import complete_types
