@@ -194,11 +194,16 @@ def test_multihead_attention_heads_removed_exactly(bias, split_kv):
 HS = 8  # onnxruntime's CPU kernel wants head sizes that are multiples of 8
 
 
-def gqa(heads=4, kv=2, packed=False, key_input=False, seed=3):
+def gqa(heads=4, kv=2, packed=False, key_input=False, rotary=False, seed=3, hs=HS):
     g = G(seed)
-    d, dkv = heads * HS, kv * HS
+    d, dkv = heads * hs, kv * hs
     sl = g.c(np.full((B,), S - 1, np.int32), name="seqlens")
     tl = g.c(np.array(S, np.int32), name="total")
+    extra, attrs = [], {}
+    if rotary:  # rotary embedding per head: cos/sin caches [max positions, head size / 2]
+        angle = np.arange(S)[:, None] / 10000 ** (np.arange(hs // 2)[None] / (hs // 2))
+        extra = [g.c(np.cos(angle).astype(np.float32)), g.c(np.sin(angle).astype(np.float32))]
+        attrs = {"do_rotary": 1}
     inputs = [("x", [B, S, d])]
     if packed:
         qkv = g.op("MatMul", ["x", g.w([d, d + 2 * dkv], name="wqkv")])
@@ -212,8 +217,8 @@ def gqa(heads=4, kv=2, packed=False, key_input=False, seed=3):
             k = g.op("MatMul", ["x", g.w([d, dkv], name="wk")])
         v = g.op("MatMul", ["x", g.w([d, dkv], name="wv")])
         ins = [q, k, v, "", "", sl, tl]
-    a = g.op("GroupQueryAttention", ins, n_out=3, domain=MS, num_heads=heads,
-             kv_num_heads=kv)[0]
+    a = g.op("GroupQueryAttention", ins + extra, n_out=3, domain=MS, num_heads=heads,
+             kv_num_heads=kv, **attrs)[0]
     o = g.op("MatMul", [a, g.w([d, d], name="out_w")])
     return model_of(g, inputs, [g.op("Add", [o, "x"])])
 
@@ -230,18 +235,19 @@ def test_gqa_unit_is_a_whole_kv_group():
     assert wk.index_map[1].tolist() == list(range(HS, 2 * HS))
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_gqa_groups_removed_exactly(packed):
-    model = gqa(packed=packed)
+@pytest.mark.parametrize("packed,rotary", [(False, False), (True, False), (True, True)])
+def test_gqa_groups_removed_exactly(packed, rotary):
+    hs = 16 if rotary else HS  # the CPU kernel's rotary wants head sizes that are multiples of 16
+    model = gqa(packed=packed, rotary=rotary, hs=hs)
     resized, removed, shapes = check_exact(model)
     assert attr_of(resized, "GroupQueryAttention", "num_heads") == 2
     assert attr_of(resized, "GroupQueryAttention", "kv_num_heads") == 1
-    assert shapes["out_w"] == ((4 * HS, 4 * HS), (2 * HS, 4 * HS))
+    assert shapes["out_w"] == ((4 * hs, 4 * hs), (2 * hs, 4 * hs))
     if packed:
-        assert shapes["wqkv"] == ((4 * HS, 8 * HS), (4 * HS, 4 * HS))
+        assert shapes["wqkv"] == ((4 * hs, 8 * hs), (4 * hs, 4 * hs))
     else:
-        assert shapes["wq"] == ((4 * HS, 4 * HS), (4 * HS, 2 * HS))
-        assert shapes["wk"] == ((4 * HS, 2 * HS), (4 * HS, HS))
+        assert shapes["wq"] == ((4 * hs, 4 * hs), (4 * hs, 2 * hs))
+        assert shapes["wk"] == ((4 * hs, 2 * hs), (4 * hs, hs))
 
 
 def test_gqa_part_of_a_group_is_refused():
@@ -398,6 +404,20 @@ def test_fused_fixture_heads_and_ffn_removed_exactly():
     assert shapes["layers.1.up.bias"] == ((128,), (64,))  # FastGelu's bias
     assert [attr_of_node(n, "num_heads") for n in resized.graph.node
             if n.op_type == "Attention"] == [2, 2]
+
+
+def test_fused_fixture_with_dynamic_batch_and_sequence():
+    model = onnx.load(FUSED)
+    for vi in list(model.graph.input) + list(model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        dims[0].dim_param, dims[1].dim_param = "batch", "sequence"
+    graph = build_channel_graph(load(model))
+    assert sorted(g.size for g in graph.prunable()) == [4, 4, 128, 128]
+    masked, resized, _, _ = masked_and_resized(model, sparsity=0.5)
+    rng = np.random.default_rng(0)
+    f = {"input_ids": rng.integers(0, 50, (3, 16)).astype(np.int64),
+         "attention_mask": np.ones((3, 16), np.int64)}
+    assert_close(run(resized, f), run(masked, f))
 
 
 def attr_of_node(node, name):
