@@ -30,6 +30,9 @@ field              what it answers                                              
                    stored tensor's axis comes from when the op only moves it
 ``output_like``    ``(node) -> (input index per output)``: outputs have those inputs'   shape
                    type and shape (for ops ONNX's shape inference leaves untyped)       inference
+``output_shape``   ``(node, shape_of) -> [(input index, dims | None) per output]``: an    shape
+                   output has that input's element type and ``dims`` (``None``: unknown  inference
+                   shape), for ops ONNX's inference does not know (custom domains)
 ``copies_values``  ``True``: output 0 holds input 0's values (dtype may change), so a     channels
                    constant read through it is the stored tensor's
 ``shape_only``     ``True``: the output depends on input 0's shape, never its values     channels
@@ -115,6 +118,7 @@ class OpEntry:
     zero_filter: Optional[Callable] = None
     macs: Optional[Callable] = None
     output_like: Optional[Callable] = None
+    output_shape: Optional[Callable] = None
     weight_step: Optional[Callable] = None
     axis_source: Optional[Callable] = None
     copies_values: Optional[bool] = None
@@ -127,7 +131,8 @@ _ENTRIES: Dict[str, OpEntry] = {}
 
 
 def define(*op_types: str, **fns: Any) -> None:
-    """Set fields of the entries of ``op_types`` (default ONNX domain), creating them.
+    """Set fields of the entries of ``op_types``, creating them: ``"Conv"`` is the default ONNX
+    domain's op, ``"com.microsoft:Attention"`` another domain's (``domain:OpType``).
 
     A field set twice is a programming error (two files claiming one op's meaning).
     """
@@ -148,9 +153,10 @@ def entry_of(op_type: str) -> Optional[OpEntry]:
 
 
 def entry(node: onnx.NodeProto) -> Optional[OpEntry]:
-    """The entry of ``node``'s op, or None (unknown op, or a custom domain)."""
+    """The entry of ``node``'s op, or None (unknown op); another domain's op is looked up as
+    ``domain:OpType``."""
     if node.domain not in ("", "ai.onnx"):
-        return None
+        return _ENTRIES.get(f"{node.domain}:{node.op_type}")
     return _ENTRIES.get(node.op_type)
 
 
@@ -178,10 +184,19 @@ def counted_nodes(graph: onnx.GraphProto, shapes: Shapes
 
 
 def op_types_with(name: str) -> Tuple[str, ...]:
-    """Sorted op types whose entry sets field ``name``."""
+    """Sorted op types (as ``node.op_type`` spells them, any domain) whose entry sets ``name``."""
     if name not in _FIELDS:
         raise TypeError(f"unknown op entry field '{name}'")
-    return tuple(sorted(op for op, e in _ENTRIES.items() if getattr(e, name) is not None))
+    return tuple(sorted({op.split(":")[-1] for op, e in _ENTRIES.items()
+                         if getattr(e, name) is not None}))
+
+
+def entries_with(name: str) -> Tuple[OpEntry, ...]:
+    """The entries (every domain; ``op_type`` is the registry key, ``domain:OpType`` outside the
+    default domain) whose field ``name`` is set."""
+    if name not in _FIELDS:
+        raise TypeError(f"unknown op entry field '{name}'")
+    return tuple(e for _, e in sorted(_ENTRIES.items()) if getattr(e, name) is not None)
 
 
 # -- small helpers the family files share ------------------------------------------------------
@@ -270,12 +285,44 @@ def unchanged_step(node, seen_shape, read) -> tuple:
 
 def complete_types(graph: onnx.GraphProto) -> bool:
     """Declare the outputs ONNX's shape inference left untyped for ops whose entry says what they
-    are (``output_like``), from their inputs' inferred types; True when any was added (run the
-    inference again to carry them on). Works on an inferred model's main graph."""
+    are (``output_like``, ``output_shape``), from their inputs' inferred types; True when any was
+    added (run the inference again to carry them on). Works on an inferred model's main graph."""
     typed = {vi.name: vi for vi in list(graph.input) + list(graph.value_info) +
              list(graph.output) if vi.type.HasField("tensor_type")}
     added = False
+    dims_of = {t.name: tuple(int(d) for d in t.dims) for t in graph.initializer}
+    elem_of = {t.name: t.data_type for t in graph.initializer}
+    elem_of.update({n: vi.type.tensor_type.elem_type for n, vi in typed.items()})
+
+    def shape_of(name: str):
+        """``name``'s dims (ints, symbolic names, None unknown), or None."""
+        vi = typed.get(name)
+        if vi is None or not vi.type.tensor_type.HasField("shape"):
+            return dims_of.get(name)
+        return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in vi.type.tensor_type.shape.dim)
+
     for node in graph.node:
+        shaped = field_of(node, "output_shape")
+        if shaped is not None:
+            for out, item in zip(node.output, shaped(node, shape_of)):
+                name = None if item is None else operand(node, item[0])
+                if not out or out in typed or name is None or not elem_of.get(name):
+                    continue
+                vi = graph.value_info.add()
+                vi.name = out
+                vi.type.tensor_type.elem_type = elem_of[name]
+                if item[1] is not None:
+                    vi.type.tensor_type.shape.SetInParent()
+                    for d in item[1]:
+                        dim = vi.type.tensor_type.shape.dim.add()
+                        if isinstance(d, int):
+                            dim.dim_value = d
+                        elif d:
+                            dim.dim_param = d
+                typed[out] = vi
+                elem_of[out] = elem_of[name]
+                added = True
         rule = field_of(node, "output_like")
         if rule is None:
             continue

@@ -32,7 +32,7 @@ from onnxprune.model.io import ModelHandle, ModelLike, iter_graphs, load
 from onnxprune.model.shapes import infer_shapes
 from onnxprune.inputs.signature import input_signature, resolve_input_shapes
 from onnxprune.ops.weights import find_weights
-from onnxprune.ops.registry import complete_types, entry_of, field_of, op_types_with
+from onnxprune.ops.registry import complete_types, field_of, op_types_with
 
 _CONTROL_FLOW = {"If", "Loop", "Scan"}
 
@@ -112,9 +112,7 @@ def count_macs(model: ModelLike,
     unknown: List[str] = []
     for node in proto.graph.node:
         label = _unique(node_label(node), per_node, unknown)
-        if node.domain not in ("", "ai.onnx"):
-            continue
-        if node.op_type in _CONTROL_FLOW:
+        if node.op_type in _CONTROL_FLOW and node.domain in ("", "ai.onnx"):
             if _has_counted_ops(node):
                 unknown.append(label)
             continue
@@ -180,7 +178,7 @@ def _has_counted_ops(node: onnx.NodeProto) -> bool:
         graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
         for g in graphs:
             for _, sub in iter_graphs(g):
-                if any(getattr(entry_of(n.op_type), "macs", None) is not None
+                if any(field_of(n, "macs") is not None
                        or n.op_type in _CONTROL_FLOW for n in sub.node):
                     return True
     return False

@@ -28,9 +28,8 @@ def test_lookup_respects_the_domain():
 def test_every_weighted_op_says_where_its_activation_and_bias_are():
     # An op with a weight layout is one calibration, bias correction and dead-channel folding
     # can handle: all of its weight fields are set.
-    for op in op_types_with("layout"):
-        e = entry_of(op)
-        assert e.activation and e.bias and e.zero_filter and e.channels and e.macs, op
+    for e in registry.entries_with("layout"):
+        assert e.activation and e.bias and e.zero_filter and e.channels and e.macs, e.op_type
     assert set(op_types_with("fold")) <= set(op_types_with("layout"))
 
 
