@@ -148,9 +148,10 @@ def entry_of(op_type: str) -> Optional[OpEntry]:
 
 
 def entry(node: onnx.NodeProto) -> Optional[OpEntry]:
-    """The entry of ``node``'s op, or None (unknown op, or a custom domain)."""
+    """The entry of ``node``'s op, or None (unknown op). A custom-domain op's entry is defined
+    as ``"domain:OpType"`` (``"com.microsoft:MatMulNBits"``)."""
     if node.domain not in ("", "ai.onnx"):
-        return None
+        return _ENTRIES.get(f"{node.domain}:{node.op_type}")
     return _ENTRIES.get(node.op_type)
 
 
@@ -280,12 +281,18 @@ def complete_types(graph: onnx.GraphProto) -> bool:
         if rule is None:
             continue
         for out, src in zip(node.output, rule(node)):
-            name = operand(node, src)
-            if not out or out in typed or name is None or name not in typed:
+            if not out or out in typed:
+                continue
+            if callable(src):  # computes the type from the typed values (custom-domain ops)
+                tp = src(typed)
+            else:
+                name = operand(node, src)
+                tp = typed[name].type if name is not None and name in typed else None
+            if tp is None:
                 continue
             vi = graph.value_info.add()
             vi.name = out
-            vi.type.CopyFrom(typed[name].type)
+            vi.type.CopyFrom(tp)
             typed[out] = vi
             added = True
     return added
