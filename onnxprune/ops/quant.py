@@ -43,7 +43,8 @@ from onnxprune.ops._channel import (BIAS, CONSUMER, PRODUCER, SCALE, STAT, NodeC
 from onnxprune.ops.conv import _conv_channels
 from onnxprune.ops.layouts import Layout
 from onnxprune.ops.linear import _matmul_macs
-from onnxprune.ops.registry import Shapes, define, numel, same_axis, shape_in, unchanged_step
+from onnxprune.ops.registry import (Shapes, define, numel, op_key, same_axis, shape_in,
+                                    unchanged_step)
 
 MS = "com.microsoft"
 
@@ -70,10 +71,6 @@ _WEIGHT_ZERO_POINT = {
 }
 
 
-def _key(node: onnx.NodeProto) -> str:
-    return f"{node.domain}:{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
-
-
 def integer_weight_refusal(chain: Sequence[onnx.NodeProto], consumer: onnx.NodeProto,
                            index: int, read: Callable[[str], Optional[np.ndarray]]
                            ) -> Optional[str]:
@@ -88,7 +85,7 @@ def integer_weight_refusal(chain: Sequence[onnx.NodeProto], consumer: onnx.NodeP
             return ("blocked quantization (DequantizeLinear block_size): a block's scale spans "
                     "several input channels; left alone")
     else:
-        zp_index = _WEIGHT_ZERO_POINT.get(_key(consumer), {}).get(index)
+        zp_index = _WEIGHT_ZERO_POINT.get(op_key(consumer), {}).get(index)
         node = consumer
         if zp_index is None:
             return ("integer weight read as plain integers (no DequantizeLinear, no integer op "

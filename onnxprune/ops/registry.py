@@ -147,12 +147,15 @@ def entry_of(op_type: str) -> Optional[OpEntry]:
     return _ENTRIES.get(op_type)
 
 
+def op_key(node: onnx.NodeProto) -> str:
+    """The op type an entry is defined under: ``OpType``, or ``domain:OpType`` for a custom
+    domain (``"com.microsoft:MatMulNBits"``); what ``--op-types`` names."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
+
+
 def entry(node: onnx.NodeProto) -> Optional[OpEntry]:
-    """The entry of ``node``'s op, or None (unknown op). A custom-domain op's entry is defined
-    as ``"domain:OpType"`` (``"com.microsoft:MatMulNBits"``)."""
-    if node.domain not in ("", "ai.onnx"):
-        return _ENTRIES.get(f"{node.domain}:{node.op_type}")
-    return _ENTRIES.get(node.op_type)
+    """The entry of ``node``'s op (see :func:`op_key`), or None (unknown op)."""
+    return _ENTRIES.get(op_key(node))
 
 
 def field_of(node: onnx.NodeProto, name: str) -> Optional[Callable]:
