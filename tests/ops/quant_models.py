@@ -145,3 +145,53 @@ def matmul_nbits(n=12, k=32, block=16, asym=True, pre=False):
     del m.graph.output[:]
     m.graph.output.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, [4, 5]))
     return m
+
+
+def dq_lstm(hidden=8, feat=8, per_row=False, batch=2, seq=5):
+    """com.microsoft DynamicQuantizeLSTM (bidirectional, int8 W [2, I, 4H] / R [2, H, 4H],
+    per-direction or per-row scales, zero initial states from ConstantOfShape -> Slice as
+    onnxruntime's quantizer leaves them), then Transpose -> Reshape -> MatMul."""
+    g = QG(10)
+    x = g.op("Relu", [g.op("MatMul", ["x", g.w([feat, feat])])])
+    params = []
+    for shape in ([2, feat, 4 * hidden], [2, hidden, 4 * hidden]):
+        w = g.rng.standard_normal(shape).astype(np.float32) / np.sqrt(shape[1])
+        if per_row:
+            scale = (np.abs(w).max(axis=1) / 127).astype(np.float32)  # [2, 4H]
+            q = np.round(w / scale[:, None, :]).astype(np.int8)
+        else:
+            scale = (np.abs(w).reshape(2, -1).max(axis=1) / 127).astype(np.float32)  # [2]
+            q = np.round(w / scale[:, None, None]).astype(np.int8)
+        params.append((g.c(q, g.name("q")), g.c(scale, g.name("s")),
+                       g.c(np.zeros(scale.shape, np.int8), g.name("z"))))
+    zeros = g.op("ConstantOfShape", [g.c(np.array([4, batch, hidden], np.int64))])
+    h0 = g.op("Slice", [zeros, g.c(np.array([0], np.int64)), g.c(np.array([2], np.int64)),
+                        g.c(np.array([0], np.int64))])
+    c0 = g.op("Slice", [zeros, g.c(np.array([2], np.int64)), g.c(np.array([4], np.int64)),
+                        g.c(np.array([0], np.int64))])
+    b = g.w([2, 8 * hidden], 0.1)
+    (wq, ws, wz), (rq, rs, rz) = params
+    y = g.op("DynamicQuantizeLSTM", [x, wq, rq, b, "", h0, c0, "", ws, wz, rs, rz], n_out=3,
+             domain="com.microsoft", hidden_size=hidden, direction="bidirectional")[0]
+    t = g.op("Transpose", [y], perm=[0, 2, 1, 3])
+    flat = g.op("Reshape", [t, g.c(np.array([0, 0, -1], np.int64))])
+    out = g.op("MatMul", [flat, g.w([2 * hidden, 3])])
+    m = g.model([("x", [seq, batch, feat])], [out], opset=17)
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT,
+                                                        [seq, batch, 3]))
+    return m
+
+
+def lstm_zero_state(hidden=8, feat=8, batch=2, seq=5):
+    """An ONNX LSTM whose initial states are ConstantOfShape zeros (what exporters write when
+    no state is given): the states are dropped on resize."""
+    g = QG(11)
+    x = g.op("Relu", [g.op("MatMul", ["x", g.w([feat, feat])])])
+    zeros = g.op("ConstantOfShape", [g.c(np.array([1, batch, hidden], np.int64))])
+    y = g.op("LSTM", [x, g.w([1, 4 * hidden, feat]), g.w([1, 4 * hidden, hidden]),
+                      g.w([1, 8 * hidden], 0.1), "", zeros, zeros], n_out=3,
+             hidden_size=hidden)[0]
+    flat = g.op("Reshape", [y, g.c(np.array([seq, batch, hidden], np.int64))])
+    out = g.op("MatMul", [flat, g.w([hidden, 3])])
+    return g.model([("x", [seq, batch, feat])], [out], opset=17)
