@@ -103,7 +103,8 @@ def measure(name: str, path: Path) -> list:
                     sorted((t for t in model.graph.initializer
                             if t.name in {i.name for i in out.graph.initializer}),
                            key=lambda t: t.name))) else "CHANGED",
-            "frozen": "; ".join(f"{n}× {k}" for k, n in kinds.most_common()) or "none",
+            "frozen": ("; ".join(f"{n}× {k}" for k, n in kinds.most_common()) or "none")
+            if kw["pattern"] == "channel" else "— (masks: no channel step)",
         })
     return rows
 
