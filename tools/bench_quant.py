@@ -123,7 +123,14 @@ def section(rows: list) -> str:
         lines.append(f"| {r['model']} | {r['setting']} | {r['int8']} | {r['size']} | "
                      f"{r['zeros']} | {r['cosine']} | {r['agree']} | {r['dtypes']} | "
                      f"{r['frozen']} |")
-    lines += ["", END]
+    lines += ["", "Both models stay int8 with the same ops: kept channels keep their integers, scales "
+              "and zero points (nothing is requantized). 2:4 halves the integer weights' nonzeros "
+              "but not the file (zeros are stored densely). Channel pruning removes t5's FFN "
+              "width — its attention groups freeze on the `Shape→Gather→Concat` reshape targets "
+              "(the decomposed-attention rules' part of issue 11) — and dksplit's BiLSTM hidden "
+              "units across both directions and the next layer's input columns. Magnitude "
+              "without calibration or refit: the cosine / agreement columns are where a "
+              "calibrated run starts from.", "", END]
     return "\n".join(lines)
 
 
