@@ -58,8 +58,8 @@ def zero_point_issue(value: Optional[np.ndarray], present: bool) -> Optional[str
     if value is None:
         return "its zero point is computed in-graph, not a stored constant"
     if np.any(np.asarray(value) != 0):
-        return ("asymmetric quantization (nonzero zero point): a masked entry written as 0 "
-                "would not dequantize to 0")
+        return ("its zero point is not 0 (asymmetric quantization): a pruned entry is written "
+                "as 0, which would not dequantize to 0")
     return None
 
 
@@ -88,11 +88,11 @@ def integer_weight_refusal(chain: Sequence[onnx.NodeProto], consumer: onnx.NodeP
         zp_index = _WEIGHT_ZERO_POINT.get(op_key(consumer), {}).get(index)
         node = consumer
         if zp_index is None:
-            return ("integer weight read as plain integers (no DequantizeLinear, no integer op "
-                    "operand); only float and quantized weights are pruned")
+            return ("read as plain integers (no DequantizeLinear, no integer op operand); only "
+                    "float and quantized weights are pruned")
     name = node.input[zp_index] if zp_index < len(node.input) and node.input[zp_index] else None
     issue = zero_point_issue(None if name is None else read(name), name is not None)
-    return None if issue is None else f"quantized weight left alone: {issue}"
+    return issue
 
 
 def stored_values(values: np.ndarray, dtype) -> np.ndarray:
@@ -141,7 +141,7 @@ def _qdq_channels(ctx: NodeCtx) -> None:
     if dequantize and ctx.is_const(x) and zp is not None:
         issue = zero_point_issue(ctx.const(zp), True)
         if issue is not None:
-            ctx.freeze(x, None, f"integer weight: {issue}")
+            ctx.freeze(x, None, f"integer weight '{x}': {issue}")
 
 
 def _dynamic_quantize_channels(ctx: NodeCtx) -> None:
@@ -176,7 +176,7 @@ def _weight_zero_point_ok(ctx: NodeCtx, w: str, zp_index: Optional[int]) -> bool
     name = ctx.inp(zp_index) if zp_index is not None else None
     issue = zero_point_issue(ctx.const(name), name is not None)
     if issue is not None:
-        ctx.freeze(w, None, f"quantized weight: {issue}")
+        ctx.freeze(w, None, f"quantized weight '{w}': {issue}")
         return False
     return True
 

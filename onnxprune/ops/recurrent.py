@@ -251,7 +251,7 @@ def _dq_lstm_channels(ctx: NodeCtx) -> None:
     for weight, _, zp in pairs:
         issue = zero_point_issue(ctx.const(zp), zp is not None)
         if issue is not None:
-            ctx.freeze(weight, None, f"quantized weight: {issue}")
+            ctx.freeze(weight, None, f"quantized weight '{weight}': {issue}")
     tied = _recurrent_channels(ctx, gate_axis=2, in_axis=1)
     if tied is None:
         return

@@ -78,7 +78,7 @@ def test_nonzero_zero_point_freezes_the_units():
             t.CopyFrom(numpy_helper.from_array(np.array([0, 3], np.int8), t.name))
     g = build_channel_graph(load(model))
     group = g.group_of(node.input[2])
-    assert "nonzero zero point" in group.frozen
+    assert f"quantized weight '{node.input[2]}': its zero point is not 0" in group.frozen
 
 
 def test_plain_lstm_zero_state_is_dropped_not_frozen():
