@@ -28,6 +28,7 @@ import numpy as np
 
 from onnxprune.errors import OptionError, PatternError
 from onnxprune.masking.patterns import NM, Blocks, Channel, Pattern, Unstructured, parse_pattern
+from onnxprune.ops.quant import stored_values
 
 __all__ = ["sparsegpt_prune", "sparsegpt_factor", "asymmetric_target", "centered_cross", "asymmetric_bias"]
 
@@ -203,7 +204,7 @@ def sparsegpt_prune(w2d: np.ndarray, hessian: np.ndarray, pattern: PatternLike,
     keep2d = keep.reshape(rows, cols)
     out = w.reshape(rows, cols)
     out[~keep2d] = 0.0  # already exact; kept as a guard against -0.0 and round-off
-    return out.astype(w2d.dtype), keep2d
+    return stored_values(out, w2d.dtype), keep2d
 
 
 def _saliency(w: np.ndarray, d: np.ndarray, dead: np.ndarray) -> np.ndarray:

@@ -47,6 +47,7 @@ from onnxprune.calibration.reconstruct import sparsegpt_factor, sparsegpt_prune
 from onnxprune.runtime.segments import SegmentRunner
 from onnxprune.runtime.session import open_session, part_session, run_calibration
 from onnxprune.ops.weights import Weight
+from onnxprune.ops.quant import stored_values
 
 __all__ = ["SensitivityTable", "layer_sensitivity", "allocate", "looks_fixed"]
 
@@ -215,7 +216,7 @@ def layer_sensitivity(handle, weights: Sequence[Weight], data: CalibrationSet,
             zeros = int(round(s * w2d.size))
             if crit.reconstructs:  # the layer as the criterion leaves it: masked and updated
                 new, _ = sparsegpt_prune(w2d, hessian, pattern, zeros, factor=factor)
-                pruned = w.layout.from_2d(new.astype(raw.dtype))
+                pruned = w.layout.from_2d(stored_values(new, raw.dtype))
             else:
                 new_zeros = max(0, zeros - (w2d.size - int(np.count_nonzero(nonzero))))
                 keep = pattern.local_mask(scores, nonzero, new_zeros, crit.reduce)
@@ -518,7 +519,8 @@ def _looks_fixed_whole(w: np.ndarray) -> Optional[str]:
     flat = a.reshape(-1)
     if np.all(flat == flat[0]):
         return f"constant tensor (every value is {flat[0]:g})"
-    if a.size >= 4 and np.all(flat == np.round(flat)):
+    # A quantized weight (integer dtype) is integer by construction: not the sign of a table.
+    if a.size >= 4 and np.asarray(w).dtype.kind == "f" and np.all(flat == np.round(flat)):
         return "all values are integers (a ramp, index, mask or count table, not a learned weight)"
     m = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(1, -1)
     nz = m != 0

@@ -45,6 +45,7 @@ from onnxprune.model import io as mio
 from onnxprune.model.index import names_read
 from onnxprune.ops.weights import Weight, stored_bias
 from onnxprune.runtime.segments import SegmentRunner
+from onnxprune.ops.quant import stored_values
 
 __all__ = ["fit_moments", "load_dense_reference", "mean_shift", "refit_toward_dense",
            "segment_runners", "sequential_waves"]
@@ -144,7 +145,7 @@ def refit_toward_dense(handle: mio.ModelHandle, reference: mio.ModelHandle,
                 new = np.zeros_like(dense)
                 new[:, cols] = asymmetric_target(dense, h, cross, damp, kept=cols)
                 new[~rows] = 0.0
-                handle.write(w.tensor, w.layout.from_2d(new.astype(raw.dtype)))
+                handle.write(w.tensor, w.layout.from_2d(stored_values(new, raw.dtype)))
                 if bias is not None:
                     bias.shift(handle, np.where(rows, mean_shift(st, dense, new), 0.0))
                 refit.append(w.name)

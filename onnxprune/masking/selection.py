@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from onnxprune.errors import ConfigError, OptionError, PatternError, SelectionError
 from onnxprune.ops.layouts import prunable_op_types
+from onnxprune.ops.registry import op_key
 from onnxprune.masking.patterns import Pattern, parse_pattern
 from onnxprune.ops.weights import Skipped, Weight
 
@@ -58,7 +59,7 @@ class Rule:
     skip: bool = False
 
     def matches(self, weight: Weight) -> bool:
-        if self.op_types and not any(c.node.op_type in self.op_types for c in weight.consumers):
+        if self.op_types and not any(op_key(c.node) in self.op_types for c in weight.consumers):
             return False
         if self.op_names:
             names = [weight.name] + [c.node_name for c in weight.consumers]
@@ -186,7 +187,7 @@ def select(weights: Sequence[Weight], *, pattern: str, sparsity: Optional[Union[
     def names(w: Weight) -> List[str]:
         return [w.name] + [c.node_name for c in w.consumers]
 
-    chosen = [w for w in weights if any(c.node.op_type in types for c in w.consumers)]
+    chosen = [w for w in weights if any(op_key(c.node) in types for c in w.consumers)]
     if not chosen:
         raise SelectionError(f"no weight feeds the op types {', '.join(types)}; the model's "
                              "prunable ops are "

@@ -1,4 +1,4 @@
-"""The convolution family: Conv, ConvTranspose (and the integer/QLinear Conv forms' MACs).
+"""The convolution family: Conv, ConvTranspose (the integer/QLinear forms are in ``quant``).
 
 Each op's entry: weight layout ``W[out, in]``, activation operand with its im2col geometry,
 bias slot, exact-fold condition, zero-filter constant, channel rule (groups, depthwise
@@ -226,8 +226,6 @@ def _conv_transpose_macs(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
 define("Conv", layout=_kernel_layout(0, 1), activation=_conv_activation, bias=_conv_bias,
        fold=_conv_fold, zero_filter=_conv_zero_filter, channels=_conv_channels,
        macs=_conv_macs(1))
-define("ConvInteger", macs=_conv_macs(1))
-define("QLinearConv", macs=_conv_macs(3))
 define("ConvTranspose", layout=_kernel_layout(1, 0), activation=_conv_activation,
        bias=_conv_transpose_bias, fold=_conv_transpose_fold, zero_filter=_conv_zero_filter,
        channels=_conv_transpose_channels, macs=_conv_transpose_macs)

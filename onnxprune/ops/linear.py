@@ -1,4 +1,4 @@
-"""The matrix family: Gemm, MatMul (and the integer/QLinear MatMul forms' MACs), Einsum.
+"""The matrix family: Gemm, MatMul, Einsum (the integer/QLinear forms are in ``quant``).
 
 Each op's entry: weight layout ``W[out, in]``, activation operand, bias slot (Gemm's
 alpha/beta), exact-fold condition, zero-filter constant, channel rule (the reduction axis is
@@ -242,6 +242,4 @@ define("Gemm", layout=_gemm_layout, activation=_gemm_activation, bias=_gemm_bias
 define("MatMul", layout=_matmul_layout, activation=_matmul_activation, bias=_matmul_bias,
        fold=_matmul_fold, zero_filter=_bias_only, channels=_matmul_channels,
        macs=_matmul_macs(0, 1))
-define("MatMulInteger", macs=_matmul_macs(0, 1))
-define("QLinearMatMul", macs=_matmul_macs(0, 3))
 define("Einsum", macs=_einsum_macs)

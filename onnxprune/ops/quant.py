@@ -1,12 +1,412 @@
-"""The quantization family: QuantizeLinear, DequantizeLinear.
+"""The quantization family: QDQ (QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear), the
+QOperator ops (QLinearConv, ConvInteger, QLinearMatMul, MatMulInteger) and the ``com.microsoft``
+quantized ops (DynamicQuantizeMatMul, MatMulIntegerToFloat, MatMulNBits).
 
-Each op's entry: how a stored weight passes through it. A float weight in a QDQ model reaches
-its Conv through QuantizeLinear -> DequantizeLinear; a zero quantizes to the zero point and
-dequantizes back to exactly 0, so masks survive it. (No channel rule yet: frozen.)
+Each op's entry: how a stored weight passes through it (Q/DQ), the weight layout ``W[out, in]``
+of the integer ops' weight operand, the channel rule, the MAC formula.
+
+**Zero point = zero.** A quantized weight dequantizes as ``(q - zero_point) * scale``. onnxprune
+masks by writing 0 into the stored tensor, so an integer weight is pruned (masks, N:M groups,
+channels) only when its zero point is 0 everywhere (symmetric quantization, what onnxruntime's
+quantizer writes for weights): then the written 0 *is* the zero point and dequantizes to exactly
+0, and every count (sparsity, N:M per group) is a count of zero-point entries. A weight with a
+nonzero (or in-graph computed) zero point is left alone with that reason and its channels
+freeze — except where the per-channel scale of a removed output channel is zeroed instead,
+which makes the channel exactly 0 whatever its zero point (MatMulNBits). Scales and zero points
+are never requantized: kept channels keep their integer values, scales and zero points, so the
+output stays quantized with the same scheme and dtypes.
+
+**Channels.** ``DequantizeLinear``/``QuantizeLinear`` keep the shape: every axis of the input is
+the same axis of the output. A per-axis scale (and zero point) is tied to its ``axis`` and
+sliced with it; a per-tensor one is a scalar and carries no channels. Opset-21 ``block_size``
+(blocked quantization) is left frozen: a block spans several channels along its axis.
+``DynamicQuantizeLinear`` passes channels through: its per-tensor scale and zero point come from
+``min(0, min x)`` and ``max(0, max x)`` — the range always includes 0 — so deleting channels that
+hold exactly 0 (what a masked producer leaves) changes neither, and the kept values quantize to
+the same integers: removal is exact. The QOperator ops tie like Conv and MatMul (their weight at
+its own input index); per-output-channel weight scales / zero points are sliced with the output
+channels, the activation's and output's per-tensor parameters carry none, QLinearConv's int32
+bias is the bias. An integer output of a masked channel is its zero point (QLinear ops: the
+output zero point), which the next DequantizeLinear / QLinear op reads as exactly 0.
 """
 
 from __future__ import annotations
 
-from onnxprune.ops.registry import define, unchanged_step
+from typing import Callable, Optional, Sequence
 
-define("QuantizeLinear", "DequantizeLinear", weight_step=unchanged_step)
+import numpy as np
+import onnx
+
+from onnxprune.model.index import attr
+from onnxprune.ops._channel import (BIAS, CONSUMER, PRODUCER, SCALE, STAT, NodeCtx, norm_axis,
+                                    set_attr, tie_all)
+from onnxprune.ops.conv import _conv_channels
+from onnxprune.ops.layouts import Layout
+from onnxprune.ops.linear import _matmul_macs
+from onnxprune.ops.registry import (Shapes, define, numel, op_key, same_axis, shape_in,
+                                    unchanged_step)
+
+MS = "com.microsoft"
+
+
+# -- zero points --------------------------------------------------------------------------------
+def zero_point_issue(value: Optional[np.ndarray], present: bool) -> Optional[str]:
+    """Why a weight whose zero point is ``value`` (None: computed in-graph; ``present`` False:
+    the input is absent, i.e. 0) cannot be masked by writing 0, or None when it can."""
+    if not present:
+        return None
+    if value is None:
+        return "its zero point is computed in-graph, not a stored constant"
+    if np.any(np.asarray(value) != 0):
+        return ("its zero point is not 0 (asymmetric quantization): a pruned entry is written "
+                "as 0, which would not dequantize to 0")
+    return None
+
+
+#: Integer ops: input index of the weight operand -> input index of its zero point.
+_WEIGHT_ZERO_POINT = {
+    "MatMulInteger": {1: 3}, "ConvInteger": {1: 3}, "QLinearMatMul": {3: 5},
+    "QLinearConv": {3: 5}, f"{MS}:DynamicQuantizeMatMul": {1: 3},
+    f"{MS}:MatMulIntegerToFloat": {1: 5}, f"{MS}:DynamicQuantizeLSTM": {1: 9, 2: 11},
+}
+
+
+def integer_weight_refusal(chain: Sequence[onnx.NodeProto], consumer: onnx.NodeProto,
+                           index: int, read: Callable[[str], Optional[np.ndarray]]
+                           ) -> Optional[str]:
+    """Why an integer stored tensor reaching input ``index`` of ``consumer`` through the
+    pass-through nodes ``chain`` is not prunable by masking, or None when it is: it must be read
+    as quantized values (a DequantizeLinear on the way, or the weight operand of an integer op)
+    whose zero point is 0 (see the module docstring). ``read(name)`` is a stored value or None."""
+    dq = [n for n in chain if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx")]
+    if dq:
+        node, zp_index = dq[-1], 2
+        if int(attr(node, "block_size", 0) or 0):
+            return ("blocked quantization (DequantizeLinear block_size): a block's scale spans "
+                    "several input channels; left alone")
+    else:
+        zp_index = _WEIGHT_ZERO_POINT.get(op_key(consumer), {}).get(index)
+        node = consumer
+        if zp_index is None:
+            return ("read as plain integers (no DequantizeLinear, no integer op operand); only "
+                    "float and quantized weights are pruned")
+    name = node.input[zp_index] if zp_index < len(node.input) and node.input[zp_index] else None
+    issue = zero_point_issue(None if name is None else read(name), name is not None)
+    return issue
+
+
+def stored_values(values: np.ndarray, dtype) -> np.ndarray:
+    """``values`` (a refit, computed in float) as a weight of ``dtype`` stores them: a float
+    dtype is a cast; an integer dtype (a quantized weight, refit in its own integer units: the
+    scale stays) is rounded and clipped to the dtype's range, never wrapped around."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iu":
+        return np.asarray(values).astype(dtype)
+    info = np.iinfo(dtype)
+    return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+
+
+# -- QDQ channel rules --------------------------------------------------------------------------
+def _scalar(ctx: NodeCtx, name: Optional[str]) -> bool:
+    s = ctx.shape(name) if name else ()
+    return s is not None and numel([d if isinstance(d, int) else 2 for d in s]) == 1
+
+
+def _qdq_channels(ctx: NodeCtx) -> None:
+    """Q / DQ: same shape in and out; per-axis scale / zero point tied to ``axis``."""
+    x, s, zp, y = ctx.inp(0), ctx.inp(1), ctx.inp(2), ctx.out()
+    rank = ctx.rank(x)
+    if rank is None:
+        return
+    tie_all(ctx, x, y)
+    dequantize = ctx.node.op_type == "DequantizeLinear"
+    if int(ctx.attr("block_size", 0) or 0):
+        ctx.freeze(x, None, "blocked quantization (block_size): a block spans several channels")
+        return
+    if _scalar(ctx, s) and (zp is None or _scalar(ctx, zp)):
+        ctx.ok(s)
+        ctx.ok(zp)
+    else:
+        per_axis = norm_axis(int(ctx.attr("axis", 1)), rank)
+        for name in (s, zp):
+            if name is None:
+                continue
+            if ctx.rank(name) != 1:
+                ctx.freeze(x, None, f"'{name}' is neither per-tensor nor per-axis")
+                return
+            ctx.tie((name, 0), (x, per_axis))
+            if ctx.is_const(name):
+                # Sliced with the channels, never zeroed: Q divides by its scale.
+                ctx.role(name, 0, STAT)
+    if dequantize and ctx.is_const(x) and zp is not None:
+        issue = zero_point_issue(ctx.const(zp), True)
+        if issue is not None:
+            ctx.freeze(x, None, f"integer weight '{x}': {issue}")
+
+
+def _dynamic_quantize_channels(ctx: NodeCtx) -> None:
+    """DynamicQuantizeLinear: channels pass through (exact: see the module docstring); the
+    scale and zero point outputs are scalars."""
+    tie_all(ctx, ctx.inp(0), ctx.out(0))
+
+
+# -- QOperator: layouts -------------------------------------------------------------------------
+def _matrix_layout(weight_index: int):
+    """A ``[K, N]`` weight at ``weight_index``: out = N (columns), in = K."""
+    def rule(node, index, shape):
+        if index != weight_index or len(shape) != 2:
+            return None
+        return Layout(node.op_type, shape, (1, 0), 1, out_axis=1, in_axis=0)
+    return rule
+
+
+def _kernel_layout(weight_index: int):
+    """A Conv kernel ``[Cout, Cin/g, k...]`` at ``weight_index`` (input channel innermost)."""
+    def rule(node, index, shape):
+        if index != weight_index or len(shape) < 3:
+            return None
+        return Layout(node.op_type, shape, (0, *range(2, len(shape)), 1), 1, out_axis=0,
+                      in_axis=1, group=int(attr(node, "group", 1)))
+    return rule
+
+
+# -- QOperator: channel rules -------------------------------------------------------------------
+def _weight_zero_point_ok(ctx: NodeCtx, w: str, zp_index: Optional[int]) -> bool:
+    """False (and the weight frozen) when the weight's zero point is not 0."""
+    name = ctx.inp(zp_index) if zp_index is not None else None
+    issue = zero_point_issue(ctx.const(name), name is not None)
+    if issue is not None:
+        ctx.freeze(w, None, f"quantized weight '{w}': {issue}")
+        return False
+    return True
+
+
+def _per_channel(ctx: NodeCtx, params: Sequence[Optional[int]], target) -> None:
+    """Scalars carry no channels; 1-D per-channel params are tied to ``target`` and sliced."""
+    for i in params:
+        name = ctx.inp(i) if i is not None else None
+        if name is None:
+            continue
+        if _scalar(ctx, name):
+            ctx.ok(name)
+        elif ctx.rank(name) == 1:
+            ctx.tie((name, 0), target)
+            if ctx.is_const(name):
+                ctx.role(name, 0, STAT)
+
+
+def _matmul_like(act: int, weight: int, scalars: Sequence[int], per_col: Sequence[int],
+                 bias: Optional[int] = None, zp: Optional[int] = None):
+    """``Y[..., M, N] = X[..., M, K] @ W[K, N]`` with the weight at input ``weight``."""
+    def rule(ctx: NodeCtx) -> None:
+        a, b, y = ctx.inp(act), ctx.inp(weight), ctx.out()
+        ra, rb, ry = ctx.rank(a), ctx.rank(b), ctx.rank(y)
+        if ra is None or rb != 2 or ry != ra or ra < 2:
+            return  # finish() freezes: only X[..., K] @ W[K, N] is mapped
+        ctx.tie((a, ra - 1), (b, 0))
+        ctx.tie((b, 1), (y, ry - 1))
+        for j in range(ra - 1):
+            ctx.tie((a, j), (y, j))
+        if ctx.is_const(b):
+            if not _weight_zero_point_ok(ctx, b, zp):
+                return
+            ctx.role(b, 1, PRODUCER)
+            ctx.role(b, 0, CONSUMER)
+        else:
+            ctx.b.sink(a, ra - 1, ctx.node, act)
+            ctx.b.sink(b, 0, ctx.node, weight)
+        for i in scalars:
+            name = ctx.inp(i)
+            if name is not None and not _scalar(ctx, name):
+                ctx.freeze(a, None, f"'{name}' is not per-tensor")
+            ctx.ok(name)
+        _per_channel(ctx, per_col, (b, 1))
+        if bias is not None and ctx.inp(bias):
+            ctx.tie((ctx.inp(bias), 0), (y, ry - 1))
+            if ctx.is_const(ctx.inp(bias)):
+                ctx.role(ctx.inp(bias), 0, BIAS)
+    return rule
+
+
+class _ConvView:
+    """A QLinearConv / ConvInteger node seen by Conv's channel rule: inputs (x, w, bias)
+    picked from the op's own positions, the layout asked as a Conv's."""
+
+    def __init__(self, ctx: NodeCtx, order: Sequence[Optional[int]]) -> None:
+        self._ctx = ctx
+        self._order = order
+        node = onnx.NodeProto()
+        node.CopyFrom(ctx.node)
+        node.op_type, node.domain = "Conv", ""
+        self.node = node
+
+    def inp(self, i: int) -> Optional[str]:
+        j = self._order[i] if i < len(self._order) else None
+        return None if j is None else self._ctx.inp(j)
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+
+def _conv_like(x: int, w: int, bias: Optional[int], scalars: Sequence[int],
+               per_out: Sequence[int], zp: int):
+    def rule(ctx: NodeCtx) -> None:
+        name = ctx.inp(w)
+        if name is None or not ctx.is_const(name) or not _weight_zero_point_ok(ctx, name, zp):
+            return
+        _conv_channels(_ConvView(ctx, (x, w, bias)))
+        for i in scalars:
+            s = ctx.inp(i)
+            if s is not None and not _scalar(ctx, s):
+                ctx.freeze(ctx.inp(x), None, f"'{s}' is not per-tensor")
+            ctx.ok(s)
+        _per_channel(ctx, per_out, (name, 0))
+    return rule
+
+
+# -- MatMulNBits (com.microsoft) ----------------------------------------------------------------
+def _nbits_channels(ctx: NodeCtx) -> None:
+    """``Y[..., N] = A[..., K] @ dequant(B)^T + bias`` with ``B [N, n_blocks, blob]`` packed
+    ``bits``-wide along K, ``scales [N * n_blocks]`` (or ``[N, n_blocks]``), zero points packed
+    per row (``[N * ceil(n_blocks * bits / 8)]`` uint8) or float like the scales. Output channel
+    n is row n of B and the n-th equal share of every per-channel parameter: sliced on removal
+    (``N`` rewritten). A masked channel's scales are zeroed, so it outputs exactly 0 (its bias
+    too) whatever its zero point. Input channels (K) are packed inside B's blobs: frozen."""
+    n, k = int(ctx.attr("N", 0)), int(ctx.attr("K", 0))
+    a, b, scales, zp, y = ctx.inp(0), ctx.inp(1), ctx.inp(2), ctx.inp(3), ctx.out()
+    bias = ctx.inp(5)
+    ra, ry = ctx.rank(a), ctx.rank(y)
+    if not n or not k or ra is None or ry != ra or not ctx.is_const(b) or \
+            not ctx.is_const(scales) or ctx.inp(4):
+        return  # g_idx (act-order) or unknown shapes: finish() freezes
+    for j in range(ra - 1):
+        ctx.tie((a, j), (y, j))
+    ctx.freeze(a, ra - 1, "MatMulNBits packs K inside its blocks (input channels not removed)")
+    ctx.tie((b, 0), (y, ry - 1))
+    ctx.role(b, 0, PRODUCER)
+    for ax in range(1, ctx.rank(b) or 0):
+        ctx.ok(b, ax)
+    for name, role in ((scales, SCALE), (zp, STAT), (bias, BIAS)):
+        if name is None:
+            continue
+        shape = ctx.shape(name)
+        if shape is None or not ctx.is_const(name) or shape[0] % n:
+            ctx.freeze(y, None, f"'{name}' {shape} is not N equal per-channel shares")
+            return
+        if len(shape) == 1 and shape[0] != n:
+            share = shape[0] // n
+            ctx.tie_map((name, 0), np.arange(n * share), (y, ry - 1),
+                        np.repeat(np.arange(n), share), n * share, n)
+        else:
+            ctx.tie((name, 0), (y, ry - 1))
+            for ax in range(1, len(shape)):
+                ctx.ok(name, ax)
+        ctx.role(name, 0, role)
+
+    def rewrite(node, rc, y=y, axis=ry - 1, n=n):
+        gone = rc.removed(y, axis)
+        if len(gone):
+            set_attr(node, "N", int(n - len(gone)))
+
+    ctx.rewrite(rewrite)
+
+
+def _nbits_macs(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
+    # Y[..., N] = A[..., K] @ W^T: prod(A's leading dims) * N * K.
+    a = shape_in(shapes, node, 0)
+    if a is None:
+        return None
+    return numel(a[:-1]) * int(attr(node, "N", 0)) * int(attr(node, "K", 0))
+
+
+# -- output types of com.microsoft ops (ONNX's shape inference does not know them) ----------------
+def _dims(vi) -> Optional[list]:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in t.shape.dim]
+
+
+def _typed(elem: int, dims: Sequence) -> onnx.TypeProto:
+    return onnx.helper.make_tensor_type_proto(elem, list(dims))
+
+
+def _matmul_output(a_index: int, n_of: Callable):
+    """``Y = A[..., K] @ W[K, N]``: float, ``A``'s leading dims then ``N``."""
+    def output_like(node):
+        def compute(typed):
+            a = typed.get(node.input[a_index])
+            dims = None if a is None else _dims(a)
+            n = n_of(node, typed)
+            if not dims or n is None:
+                return None
+            return _typed(onnx.TensorProto.FLOAT if a.type.tensor_type.elem_type in (
+                onnx.TensorProto.UINT8, onnx.TensorProto.INT8) else a.type.tensor_type.elem_type,
+                dims[:-1] + [n])
+        return (compute,)
+    return output_like
+
+
+def _n_from_weight(node, typed):
+    w = typed.get(node.input[1])
+    dims = None if w is None else _dims(w)
+    return dims[-1] if dims and isinstance(dims[-1], int) else None
+
+
+# -- MACs ---------------------------------------------------------------------------------------
+def _conv_macs(weight_index: int):
+    def formula(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
+        # Y[N, Cout, out...] with W[Cout, Cin/g, k...]: numel(Y) * Cin/g * prod(k).
+        y = shape_in(shapes, node, 0, output=True)
+        w = shape_in(shapes, node, weight_index)
+        if y is None or w is None:
+            return None
+        return numel(y) * numel(w[1:])
+    return formula
+
+
+# -- what calibration, bias correction and dead channels may use ------------------------------
+def _no_activation(node, index, weight_shape):
+    # The activation operand is quantized (integers with their own scale and zero point):
+    # calibration statistics and refits in those units are not implemented.
+    return None
+
+
+def _no_bias(node, index):
+    # QLinearConv's bias is int32 in accumulator units (x_scale * w_scale per channel); the
+    # others have none (or add it after the float conversion): no per-row float mean shift.
+    return None
+
+
+def _unknown_filter(node, bias, x):
+    # A zero filter row's output is requantized (QLinear ops) or scaled in-graph afterwards:
+    # not a constant this pass can fold, so dead-channel removal keeps it unless unread.
+    return np.full(np.shape(bias), np.nan)
+
+
+_INTEGER_OPS = ("MatMulInteger", "QLinearMatMul", "ConvInteger", "QLinearConv",
+                f"{MS}:DynamicQuantizeMatMul", f"{MS}:MatMulIntegerToFloat")
+
+
+# -- entries ------------------------------------------------------------------------------------
+define(*_INTEGER_OPS, activation=_no_activation, bias=_no_bias, zero_filter=_unknown_filter)
+define("QuantizeLinear", "DequantizeLinear", weight_step=unchanged_step, axis_source=same_axis,
+       channels=_qdq_channels)
+define("DynamicQuantizeLinear", channels=_dynamic_quantize_channels)
+define("MatMulInteger", layout=_matrix_layout(1), macs=_matmul_macs(0, 1),
+       channels=_matmul_like(0, 1, scalars=(2,), per_col=(3,), zp=3))
+define("QLinearMatMul", layout=_matrix_layout(3), macs=_matmul_macs(0, 3),
+       channels=_matmul_like(0, 3, scalars=(1, 2, 6, 7), per_col=(4, 5), zp=5))
+define("ConvInteger", layout=_kernel_layout(1), macs=_conv_macs(1),
+       channels=_conv_like(0, 1, None, scalars=(2,), per_out=(3,), zp=3))
+define("QLinearConv", layout=_kernel_layout(3), macs=_conv_macs(3),
+       channels=_conv_like(0, 3, 8, scalars=(1, 2, 6, 7), per_out=(4, 5), zp=5))
+define(f"{MS}:DynamicQuantizeMatMul", f"{MS}:MatMulIntegerToFloat",
+       output_like=_matmul_output(0, _n_from_weight))
+define(f"{MS}:MatMulNBits", output_like=_matmul_output(0, lambda node, typed: attr(node, "N")))
+define(f"{MS}:DynamicQuantizeMatMul", layout=_matrix_layout(1), macs=_matmul_macs(0, 1),
+       channels=_matmul_like(0, 1, scalars=(), per_col=(2, 3), bias=4, zp=3))
+define(f"{MS}:MatMulIntegerToFloat", layout=_matrix_layout(1), macs=_matmul_macs(0, 1),
+       channels=_matmul_like(0, 1, scalars=(2, 4), per_col=(3, 5), bias=6, zp=5))
+define(f"{MS}:MatMulNBits", channels=_nbits_channels, macs=_nbits_macs)

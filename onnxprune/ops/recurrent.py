@@ -42,7 +42,7 @@ import numpy as np
 import onnx
 
 from onnxprune.model.index import attr
-from onnxprune.ops._channel import BIAS, CONSUMER, PRODUCER, NodeCtx
+from onnxprune.ops._channel import BIAS, CONSUMER, PRODUCER, STAT, NodeCtx
 from onnxprune.ops._channel import set_attr
 from onnxprune.ops.layouts import Layout
 from onnxprune.ops.registry import Activation, Shapes, define, numel, shape_in
@@ -100,8 +100,11 @@ def _stored_role(ctx: NodeCtx, name: Optional[str], axis: int, role: str) -> Non
         ctx.role(name, axis, role)
 
 
-def _recurrent_channels(ctx: NodeCtx) -> None:
-    op = ctx.node.op_type
+def _recurrent_channels(ctx: NodeCtx, gate_axis: int = 1, in_axis: int = 2) -> Optional[tuple]:
+    """The hidden-unit rule. ``W``/``R`` hold the gate rows on ``gate_axis`` and the input /
+    hidden columns on ``in_axis`` (ONNX: 1 and 2; com.microsoft DynamicQuantizeLSTM stores them
+    transposed, ``[dirs, I, G*H]``: 2 and 1). Returns ``(unit dim, gates, hidden)`` once tied."""
+    op = "LSTM" if ctx.node.op_type == "DynamicQuantizeLSTM" else ctx.node.op_type
     gates = GATES[op]
     x, w, r, b = ctx.inp(0), ctx.inp(1), ctx.inp(2), ctx.inp(3)
     seq_lens, h0 = ctx.inp(4), ctx.inp(5)
@@ -112,12 +115,12 @@ def _recurrent_channels(ctx: NodeCtx) -> None:
     ws, rs = ctx.shape(w), ctx.shape(r)
     if ws is None or rs is None or len(ws) != 3 or len(rs) != 3 or not all(
             isinstance(d, int) for d in tuple(ws) + tuple(rs)):
-        return  # finish() freezes every axis: the gate blocks cannot be told apart
-    dirs, rows, hidden = rs
-    if rows != gates * hidden or tuple(ws[:2]) != (dirs, rows):
+        return None  # finish() freezes every axis: the gate blocks cannot be told apart
+    dirs, rows, hidden = rs[0], rs[gate_axis], rs[in_axis]
+    if rows != gates * hidden or (ws[0], ws[gate_axis]) != (dirs, rows):
         ctx.freeze(w, None, f"W {list(ws)} / R {list(rs)} do not hold {gates} gates of "
                             f"{hidden} units")
-        return
+        return None
     batch_first = bool(ctx.attr("layout", 0))
     # Axes of X / Y / the [dirs, batch, H] states, per layout.
     x_seq, x_batch = (1, 0) if batch_first else (0, 1)
@@ -125,18 +128,25 @@ def _recurrent_channels(ctx: NodeCtx) -> None:
     s_dir, s_batch = (1, 0) if batch_first else (0, 1)
 
     # The hidden units: R's column axis is the anchor every other hidden axis maps onto.
-    unit = (r, 2)
-    _stored_role(ctx, r, 2, CONSUMER)
-    _stored_role(ctx, r, 1, PRODUCER)
-    _stored_role(ctx, w, 1, PRODUCER)
-    tie_blocks(ctx, (r, 1), unit, gates, hidden)
-    tie_blocks(ctx, (w, 1), unit, gates, hidden)
+    unit = (r, in_axis)
+    _stored_role(ctx, r, in_axis, CONSUMER)
+    _stored_role(ctx, r, gate_axis, PRODUCER)
+    _stored_role(ctx, w, gate_axis, PRODUCER)
+    tie_blocks(ctx, (r, gate_axis), unit, gates, hidden)
+    tie_blocks(ctx, (w, gate_axis), unit, gates, hidden)
     if b is not None:
         _stored_role(ctx, b, 1, BIAS)
         tie_blocks(ctx, (b, 1), unit, 2 * gates, hidden)
     if p is not None:
         _stored_role(ctx, p, 1, BIAS)
         tie_blocks(ctx, (p, 1), unit, 3, hidden)
+    # A computed all-zero initial state (ConstantOfShape -> Slice, as exporters write the
+    # default) is dropped on resize instead: an absent initial state is zeros, exactly.
+    dropped = [i for i, state in ((5, h0), (6, c0)) if state is not None and
+               _zero_state(ctx, state)]
+    for i in dropped:
+        ctx.ok(ctx.inp(i))
+    h0, c0 = (None if 5 in dropped else h0), (None if 6 in dropped else c0)
     for state in (h0, c0):
         if state is not None:
             _stored_role(ctx, state, 2, BIAS)
@@ -148,8 +158,8 @@ def _recurrent_channels(ctx: NodeCtx) -> None:
         ctx.tie((y, 3), unit)
 
     # The input features: W's last axis reads X's like a MatMul's reduction axis.
-    ctx.tie((x, 2), (w, 2))
-    _stored_role(ctx, w, 2, CONSUMER)
+    ctx.tie((x, 2), (w, in_axis))
+    _stored_role(ctx, w, in_axis, CONSUMER)
 
     # Directions (never channels: both keep the same hidden units) and batch / sequence.
     dir_axes = [(w, 0), (r, 0)] + [(t, 0) for t in (b, p) if t is not None] + \
@@ -167,11 +177,35 @@ def _recurrent_channels(ctx: NodeCtx) -> None:
     else:
         ctx.ok(x, x_seq)
 
-    def hidden_size(node, rc, r=r, hidden=hidden):
-        new = rc.new_size(r, 2, hidden)
+    def hidden_size(node, rc, r=r, hidden=hidden, axis=in_axis, dropped=tuple(dropped)):
+        new = rc.new_size(r, axis, hidden)
         if new != hidden:
             set_attr(node, "hidden_size", int(new))
+            for i in dropped:
+                node.input[i] = ""
     ctx.rewrite(hidden_size)
+    return unit, gates, hidden
+
+
+#: Ops that hand a computed zero state on unchanged in value (only its shape changes).
+_ZERO_KEEPING = {"Slice", "Identity", "Cast", "Reshape", "Expand", "Squeeze", "Unsqueeze",
+                 "Transpose", "Tile", "Gather"}
+
+
+def _zero_state(ctx: NodeCtx, name: str) -> bool:
+    """True when ``name`` is computed in-graph and provably all zeros: a ``ConstantOfShape``
+    of 0 (its default), passed only through ops that keep the values' zeros."""
+    for _ in range(16):
+        node = ctx.b.index.producer(name)
+        if node is None or node.domain not in ("", "ai.onnx"):
+            return False
+        if node.op_type == "ConstantOfShape":
+            value = attr(node, "value", None)
+            return value is None or not np.any(onnx.numpy_helper.to_array(value))
+        if node.op_type not in _ZERO_KEEPING or not node.input:
+            return False
+        name = node.input[0]
+    return False
 
 
 # -- MACs --------------------------------------------------------------------------------------
@@ -191,3 +225,74 @@ def _recurrent_macs(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
 define("LSTM", "GRU", "RNN", layout=_recurrent_layout, activation=_recurrent_activation,
        bias=_recurrent_bias, fold=_recurrent_fold, zero_filter=_recurrent_zero_filter,
        channels=_recurrent_channels, macs=_recurrent_macs)
+
+
+# -- com.microsoft DynamicQuantizeLSTM ---------------------------------------------------------
+# onnxruntime's dynamically quantized LSTM (quantize_dynamic of an LSTM): the LSTM's inputs with
+# int8 ``W [dirs, I, 4H]`` / ``R [dirs, H, 4H]`` stored transposed, then their scales and zero
+# points (inputs 8-11: per direction ``[dirs]`` or per gate row ``[dirs, 4H]``). X and the
+# hidden state are quantized inside the op per tensor (the range always includes 0). The hidden
+# units are the LSTM's (same gate order), so the LSTM rule runs with the axes swapped; per-row
+# scales / zero points are sliced with the units. A masked unit (zero rows, biases) starting from
+# a zero state outputs exactly 0 at every step, so the in-op quantization of the hidden state
+# sees the same range without it: removal is exact. Weights with a nonzero zero point freeze
+# (masking writes 0, see :mod:`onnxprune.ops.quant`).
+def _dq_lstm_layout(node, index, shape):
+    # W [dirs, I, 4H] (input 1), R [dirs, H, 4H] (input 2): out = (dirs, 4H), in = axis 1.
+    if index not in (1, 2) or len(shape) != 3:
+        return None
+    return Layout(node.op_type, shape, (0, 2, 1), 2, out_axis=2, in_axis=1)
+
+
+def _dq_lstm_channels(ctx: NodeCtx) -> None:
+    from onnxprune.ops.quant import zero_point_issue
+
+    pairs = ((ctx.inp(1), ctx.inp(8), ctx.inp(9)), (ctx.inp(2), ctx.inp(10), ctx.inp(11)))
+    for weight, _, zp in pairs:
+        issue = zero_point_issue(ctx.const(zp), zp is not None)
+        if issue is not None:
+            ctx.freeze(weight, None, f"quantized weight '{weight}': {issue}")
+    tied = _recurrent_channels(ctx, gate_axis=2, in_axis=1)
+    if tied is None:
+        return
+    unit, gates, hidden = tied
+    for weight, scale, zp in pairs:
+        for name in (scale, zp):
+            shape = ctx.shape(name) if name else None
+            if shape is None:
+                continue
+            ctx.tie((name, 0), (weight, 0))  # directions
+            if len(shape) == 2:
+                tie_blocks(ctx, (name, 1), unit, gates, hidden)
+                if ctx.is_const(name):
+                    ctx.role(name, 1, STAT)
+
+
+def _dq_lstm_outputs(node):
+    """Y ``[seq, dirs, batch, H]``, Y_h / Y_c ``[dirs, batch, H]`` (ONNX's shape inference does
+    not know the op)."""
+    def shape_of(typed, name):
+        vi = typed.get(name)
+        if vi is None or not vi.type.tensor_type.HasField("shape"):
+            return None
+        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                for d in vi.type.tensor_type.shape.dim]
+
+    def make(kind):
+        def compute(typed):
+            x = shape_of(typed, node.input[0])
+            hidden = attr(node, "hidden_size", None)
+            if not x or len(x) != 3 or hidden is None:
+                return None
+            dirs = 2 if attr(node, "direction", b"forward") == b"bidirectional" else 1
+            state = [dirs, x[1], int(hidden)]
+            dims = [x[0]] + state if kind == "y" else state
+            return onnx.helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, dims)
+        return compute
+    return (make("y"), make("state"), make("state"))
+
+
+define("com.microsoft:DynamicQuantizeLSTM", layout=_dq_lstm_layout,
+       activation=_recurrent_activation, bias=_recurrent_bias, fold=_recurrent_fold,
+       zero_filter=_recurrent_zero_filter, channels=_dq_lstm_channels, macs=_recurrent_macs,
+       output_like=_dq_lstm_outputs)

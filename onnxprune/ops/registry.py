@@ -152,12 +152,15 @@ def entry_of(op_type: str) -> Optional[OpEntry]:
     return _ENTRIES.get(op_type)
 
 
+def op_key(node: onnx.NodeProto) -> str:
+    """The op type an entry is defined under: ``OpType``, or ``domain:OpType`` for a custom
+    domain (``"com.microsoft:MatMulNBits"``); what ``--op-types`` names."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
+
+
 def entry(node: onnx.NodeProto) -> Optional[OpEntry]:
-    """The entry of ``node``'s op, or None (unknown op); another domain's op is looked up as
-    ``domain:OpType``."""
-    if node.domain not in ("", "ai.onnx"):
-        return _ENTRIES.get(f"{node.domain}:{node.op_type}")
-    return _ENTRIES.get(node.op_type)
+    """The entry of ``node``'s op (see :func:`op_key`), or None (unknown op)."""
+    return _ENTRIES.get(op_key(node))
 
 
 def field_of(node: onnx.NodeProto, name: str) -> Optional[Callable]:
@@ -327,12 +330,18 @@ def complete_types(graph: onnx.GraphProto) -> bool:
         if rule is None:
             continue
         for out, src in zip(node.output, rule(node)):
-            name = operand(node, src)
-            if not out or out in typed or name is None or name not in typed:
+            if not out or out in typed:
+                continue
+            if callable(src):  # computes the type from the typed values (custom-domain ops)
+                tp = src(typed)
+            else:
+                name = operand(node, src)
+                tp = typed[name].type if name is not None and name in typed else None
+            if tp is None:
                 continue
             vi = graph.value_info.add()
             vi.name = out
-            vi.type.CopyFrom(typed[name].type)
+            vi.type.CopyFrom(tp)
             typed[out] = vi
             added = True
     return added

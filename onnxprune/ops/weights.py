@@ -23,11 +23,15 @@ from onnxprune.model.external import tensor_dtype
 from onnxprune.model.index import GraphIndex, constant_tensor, node_label
 from onnxprune.model.io import ModelHandle
 from onnxprune.ops.layouts import Layout, layout_for
+from onnxprune.ops.quant import integer_weight_refusal
 from onnxprune.ops.registry import bias_slot, weight_step
 
 #: Element types onnxprune can rewrite (values keep their dtype on write).
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                onnx.TensorProto.DOUBLE}
+#: Quantized weights, pruned when their zero point is 0 (:mod:`onnxprune.ops.quant`).
+INTEGER_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
+                 onnx.TensorProto.UINT16}
 
 
 @dataclass
@@ -94,6 +98,7 @@ class _Source:
     name: str
     via: Tuple[str, ...] = ()
     view: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()  # Reshape/Transpose steps on the way
+    nodes: Tuple[onnx.NodeProto, ...] = ()  # the pass-through nodes of ``via``
 
     @property
     def stored_shape(self) -> Tuple[int, ...]:
@@ -106,10 +111,11 @@ class _Source:
             shape = arg if op == "reshape" else tuple(shape[i] for i in arg)
         return shape
 
-    def then(self, op_type: str, step=None) -> "_Source":
+    def then(self, node: onnx.NodeProto, step=None) -> "_Source":
         """This source seen through one more pass-through node."""
         return _Source(self.tensor, self.location, self.graph, self.name,
-                       self.via + (op_type,), self.view + ((step,) if step else ()))
+                       self.via + (node.op_type,), self.view + ((step,) if step else ()),
+                       self.nodes + (node,))
 
 
 def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
@@ -119,6 +125,7 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
     skipped: Dict[str, Skipped] = {}
     # id(stored tensor) -> what else reads it (not a prunable input, not a pass-through)
     others: Dict[int, List[str]] = {}
+    scopes: Dict[str, Dict[str, Optional[_Source]]] = {}
 
     def other_reader(source: _Source, what: str) -> None:
         readers = others.setdefault(id(source.tensor), [])
@@ -127,6 +134,7 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
 
     def visit(graph: onnx.GraphProto, path: str, outer: Dict[str, Optional[_Source]]) -> None:
         scope: Dict[str, Optional[_Source]] = dict(outer)
+        scopes[path] = scope
         for init in graph.initializer:
             scope[init.name] = _Source(init, "initializer", path, init.name)
         # Graph inputs that shadow an initializer keep it as a default value (old exporters list
@@ -166,11 +174,15 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
         if source.view:
             layout = replace(layout, view=source.view, source_shape=source.stored_shape)
         consumer = Consumer(node, index, path, source.via)
-        if source.tensor.data_type not in FLOAT_TYPES:
+        if source.tensor.data_type not in FLOAT_TYPES and (
+                source.tensor.data_type not in INTEGER_TYPES or
+                _refuse_integer(source, node, index, path)):
             dtype_name = onnx.TensorProto.DataType.Name(source.tensor.data_type)
+            reason = (_refuse_integer(source, node, index, path)
+                      if source.tensor.data_type in INTEGER_TYPES else None)
             skipped.setdefault(source.name, Skipped(
-                source.name, f"{dtype_name} weight (quantized or integer); only float weights "
-                             "are pruned"))
+                source.name, f"{dtype_name} weight: {reason}" if reason else
+                f"{dtype_name} weight (quantized or integer); only float weights are pruned"))
             return True
         key = id(source.tensor)
         weight = found.get(key)
@@ -185,6 +197,15 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
                 source.name, f"shared by {weight.op_type} and {node.op_type} with different "
                              "W[out, in] views; pruning it for one would mis-shape the other")
         return True
+
+    def _refuse_integer(source: _Source, node: onnx.NodeProto, index: int, path: str):
+        """Why an integer weight is not prunable (ops/quant.py: zero point 0), or None."""
+        scope = scopes[path]
+
+        def read(name: str):
+            s = scope.get(name)
+            return None if s is None else handle.read(s.tensor)
+        return integer_weight_refusal(source.nodes, node, index, read)
 
     def _define_outputs(node: onnx.NodeProto, scope: Dict[str, Optional[_Source]],
                         path: str) -> bool:
@@ -202,7 +223,7 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
                 return None if s is None else handle.read(s.tensor)
             step = weight_step(node, src.seen_shape, read)
             if step is not None:
-                scope[node.output[0]] = src.then(node.op_type, step)
+                scope[node.output[0]] = src.then(node, step)
                 return True
         for out in node.output:
             if out:

@@ -27,6 +27,7 @@ from onnxprune.model import io as mio
 from onnxprune.ops.weights import Skipped, stored_bias
 from onnxprune.passes.base import Pass, PassRecord, PruneState, layer_result, set_layer
 from onnxprune.passes.masking import local_keep_mask, not_a_weight
+from onnxprune.ops.quant import stored_values
 
 
 @dataclass
@@ -222,7 +223,7 @@ class PruneSequentially(Pass):
                 need = 0
             keep = local_keep_mask(plan, scores, nz, need)
             new = np.where(keep, w2d, 0.0)
-        pruned = new.astype(raw.dtype)  # sparsegpt_prune leaves exact zeros where ~keep
+        pruned = stored_values(new, raw.dtype)  # sparsegpt_prune leaves exact zeros where ~keep
         state.handle.write(w.tensor, w.layout.from_2d(pruned))
         after = int(np.count_nonzero(pruned))
         set_layer(state, record, layer_result(w, before, after, plan.pattern.spec,

@@ -171,19 +171,21 @@ def test_skipped_weights_are_explained_in_prune_and_inspect(digits):
     report = onnxprune.prune(digits, pattern="2:4", validate=False).report
     assert report.skipped == [("onnx::Conv_39", "2:4 needs input channels in multiples of 4 per "
                                "kernel position; this Conv has 1, so it stays dense")]
-    # an integer weight: inspect and prune say the same sentence
+    # an integer weight it cannot prune (nonzero zero point): inspect and prune say the same
     w = helper.make_tensor("Wq", TensorProto.INT8, [8, 4], np.arange(32).tolist())
-    nodes = [helper.make_node("DequantizeLinear", ["Wq", "s"], ["W"]),
+    nodes = [helper.make_node("DequantizeLinear", ["Wq", "s", "zp"], ["W"]),
              helper.make_node("MatMul", ["x", "W"], ["y"]),
              helper.make_node("MatMul", ["y", "V"], ["z"])]
     model = B.make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3])],
                          [w, helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]),
+                          helper.make_tensor("zp", TensorProto.INT8, [], [3]),
                           B.tensor("V", (4, 3))])
     pruned = dict(onnxprune.prune(model, validate=False).report.skipped)
     inspected = dict(onnxprune.inspect(model).skipped)
     assert pruned["Wq"] == inspected["Wq"] == explain(
-        "weight", "INT8 weight (quantized or integer); only float weights are pruned")
+        "weight", "INT8 weight: its zero point is not 0 (asymmetric quantization): a pruned "
+                  "entry is written as 0, which would not dequantize to 0")
     assert inspected["Wq"].endswith("; this weight is kept as it was (not pruned)")
 
 

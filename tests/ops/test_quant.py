@@ -1,0 +1,222 @@
+"""The quantization family (ops/quant.py): QDQ and QOperator weights are pruned in zero-point
+terms, their channels removed exactly with per-channel scales / zero points sliced, and the
+output keeps its dtypes and quantization scheme (onnxruntime runs it)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxprune
+from channel_models import assert_close, feeds_for, masked_and_resized, run
+from onnxprune.channels.graph import build_channel_graph
+from onnxprune.model.io import load
+from onnxprune.ops.layouts import layout_for, prunable_op_types
+from onnxprune.ops.registry import entry, macs_of
+from onnxprune.ops.weights import find_weights
+from quant_models import (QG, dynamic_matmul_integer, matmul_nbits, qdq_conv, qdq_matmul,
+                          qlinear_conv, qlinear_matmul)
+
+BUILDERS = {"qdq_conv": qdq_conv, "qdq_matmul": qdq_matmul, "qlinear_conv": qlinear_conv,
+            "qlinear_matmul": qlinear_matmul, "dynamic_matmul_integer": dynamic_matmul_integer,
+            "matmul_nbits": matmul_nbits}
+
+
+def dtypes(model):
+    return {t.name: t.data_type for t in model.graph.initializer}
+
+
+def ops(model):
+    return [(n.domain, n.op_type) for n in model.graph.node]
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+@pytest.mark.parametrize("sparsity", [0.3, 0.5])
+def test_resized_equals_masked(name, sparsity):
+    model = BUILDERS[name]()
+    masked, resized, removed, shapes = masked_and_resized(model, sparsity=sparsity)
+    onnx.checker.check_model(resized, full_check=True)
+    feeds = feeds_for(model)
+    assert_close(run(resized, feeds), run(masked, feeds))
+    assert sum(len(v) for v in removed.values()) > 0
+    changed = {t for t, (before, after) in shapes.items() if before != after}
+    assert changed
+    # Same scheme: the same ops, every stored tensor keeps its dtype.
+    assert ops(resized) == ops(model)
+    before = dtypes(model)
+    assert {n: t for n, t in dtypes(resized).items() if n in before} == \
+        {n: before[n] for n in dtypes(resized) if n in before}
+
+
+def _dims(model, name):
+    return tuple(next(t.dims for t in model.graph.initializer if t.name == name))
+
+
+def test_per_channel_scales_and_zero_points_are_sliced_with_the_channels():
+    model = qdq_conv()
+    _, resized, removed, shapes = masked_and_resized(model, sparsity=0.5)
+    dq = [n for n in resized.graph.node if n.op_type == "DequantizeLinear"
+          and any(t.name == n.input[0] for t in resized.graph.initializer)]
+    assert len(dq) == 3
+    for node in dq:
+        q, s, z = (_dims(resized, i) for i in node.input)
+        assert s == z == (q[0],)  # axis 0: one scale / zero point per kept output channel
+    assert shapes[dq[0].input[0]] == ((8, 3, 3, 3), (4, 3, 3, 3))
+    assert shapes[dq[0].input[1]] == ((8,), (4,))
+
+
+def test_qlinear_conv_keeps_int32_bias_and_output_zero_point():
+    model = qlinear_conv()
+    _, resized, _, shapes = masked_and_resized(model, sparsity=0.5)
+    conv = [n for n in resized.graph.node if n.op_type == "QLinearConv"]
+    for node in conv[:2]:
+        w = _dims(resized, node.input[3])
+        assert _dims(resized, node.input[4]) == _dims(resized, node.input[5]) == (w[0],)
+        assert _dims(resized, node.input[8]) == (w[0],)
+        assert _dims(resized, node.input[6]) == _dims(resized, node.input[7]) == ()
+    assert [_dims(resized, n.input[3])[:2] for n in conv] == [(4, 3), (3, 4), (4, 3)]
+
+
+def test_nbits_n_removal_rewrites_n_and_slices_blocks():
+    model = matmul_nbits()
+    masked, resized, removed, shapes = masked_and_resized(model, sparsity=0.5)
+    node = next(n for n in resized.graph.node if n.op_type == "MatMulNBits")
+    n = next(a.i for a in node.attribute if a.name == "N")
+    assert n == 6
+    assert shapes["B"] == ((12, 2, 8), (6, 2, 8))
+    assert shapes["scales"] == ((24,), (12,))
+    assert shapes["zp"] == ((12,), (6,))  # one packed byte (two 4-bit zero points) per row
+    # The masked channels' scales are zeroed: their output is exactly 0 whatever the zero point.
+    group = build_channel_graph(load(copy.deepcopy(model))).group_of("B")
+    gone = np.asarray(removed[group.id])
+    y = run(masked, feeds_for(model))
+    scales = numpy_helper.to_array(next(t for t in masked.graph.initializer
+                                        if t.name == "scales")).reshape(12, 2)
+    assert (scales[gone] == 0).all() and (scales[np.setdiff1d(np.arange(12), gone)] != 0).all()
+    assert np.isfinite(y[0]).all()
+
+
+def test_nbits_input_channels_are_frozen_with_a_reason():
+    model = matmul_nbits(pre=True)
+    g = build_channel_graph(load(model))
+    k_group = g.group_of(model.graph.node[0].input[1])
+    assert k_group.frozen.endswith("MatMulNBits packs K inside its blocks (input channels not "
+                                   "removed)")
+    assert g.group_of("B").prunable
+
+
+@pytest.mark.parametrize("name", ["qdq_conv", "qdq_matmul", "qlinear_conv", "qlinear_matmul",
+                                  "dynamic_matmul_integer"])
+def test_two_four_on_integer_weights_counts_zero_points(name):
+    model = BUILDERS[name]()
+    result = onnxprune.prune(copy.deepcopy(model), pattern="2:4", validate=True)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert ops(result.model) == ops(model)
+    pruned = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    handle = load(copy.deepcopy(result.model))
+    weights, _ = find_weights(handle)
+    checked = 0
+    for w in weights:
+        arr = pruned[w.name]
+        assert arr.dtype.kind in "iu"  # still quantized
+        w2d = w.layout.to_2d(arr)
+        if w2d.shape[1] % 4:
+            continue
+        groups = w2d.reshape(w2d.shape[0], -1, 4)
+        # zero point 0: a pruned entry is the zero point, two per group of 4 along `in`
+        assert (np.count_nonzero(groups, axis=-1) <= 2).all()
+        checked += 1
+    assert checked
+    run(result.model, feeds_for(model))
+
+
+@pytest.mark.parametrize("name", ["qdq_conv", "qlinear_matmul", "dynamic_matmul_integer"])
+def test_channel_pattern_through_the_api_keeps_the_scheme(name):
+    model = BUILDERS[name]()
+    result = onnxprune.prune(copy.deepcopy(model), pattern="channel", sparsity=0.25,
+                             validate=True)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert ops(result.model) == ops(model)
+    rows = [r for r in result.report.rows if tuple(r.shape_after) != tuple(r.shape)]
+    assert rows
+    before = dtypes(model)
+    for t in result.model.graph.initializer:
+        if t.name in before:
+            assert t.data_type == before[t.name]
+    feeds = feeds_for(model)
+    for a, b in zip(run(result.model, feeds), run(model, feeds)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+
+
+def _asymmetric_qdq_matmul():
+    g = QG(7)
+    q = g.c(np.random.default_rng(0).integers(0, 255, size=(16, 12)).astype(np.uint8))
+    s = g.c(np.full(12, 0.01, np.float32))
+    z = g.c(np.full(12, 128, np.uint8))
+    w = g.op("DequantizeLinear", [q, s, z], axis=1)
+    h = g.op("Relu", [g.op("MatMul", ["x", g.w([16, 16])])])
+    h = g.op("Relu", [g.op("MatMul", [h, w])])
+    y = g.op("MatMul", [h, g.w([12, 5])])
+    return g.model([("x", [4, 16])], [y], opset=13), q
+
+
+def test_nonzero_zero_point_is_left_alone_with_a_reason():
+    model, q = _asymmetric_qdq_matmul()
+    handle = load(copy.deepcopy(model))
+    weights, skipped = find_weights(handle)
+    assert q not in {w.name for w in weights}
+    reason = next(s.reason for s in skipped if s.name == q)
+    assert reason == ("UINT8 weight: its zero point is not 0 (asymmetric quantization): a "
+                      "pruned entry is written as 0, which would not dequantize to 0")
+    g = build_channel_graph(load(copy.deepcopy(model)))
+    frozen = [gr.frozen for gr in g.groups if q in [m.tensor for m in gr.members]]
+    assert len(frozen) == 2 and all(f and f"integer weight '{q}': its zero point is not 0" in f
+                                    for f in frozen)
+
+
+def test_blocked_dequantize_is_left_alone():
+    g = QG(8)
+    q = g.c(np.ones((16, 12), np.int8))
+    s = g.c(np.full((4, 12), 0.01, np.float32))
+    w = g.op("DequantizeLinear", [q, s], axis=0, block_size=4)
+    y = g.op("MatMul", [g.op("Relu", [g.op("MatMul", ["x", g.w([16, 16])])]), w])
+    model = g.model([("x", [4, 16])], [y], opset=21)
+    weights, skipped = find_weights(load(model))
+    assert q not in {w.name for w in weights}
+    assert "blocked quantization" in next(s.reason for s in skipped if s.name == q)
+    frozen = [gr.frozen for gr in build_channel_graph(load(model)).groups if gr.frozen]
+    assert any("blocked quantization" in f for f in frozen)
+
+
+def test_plain_integer_operand_is_not_a_weight():
+    g = QG(9)
+    w = g.op("Cast", [g.c(np.ones((16, 12), np.int8))], to=TensorProto.FLOAT)
+    y = g.op("MatMul", ["x", w])
+    model = g.model([("x", [4, 16])], [y])
+    weights, skipped = find_weights(load(model))
+    assert not weights
+    assert "read as plain integers" in skipped[0].reason
+
+
+def test_registry_entries():
+    assert {"MatMulInteger", "QLinearMatMul", "ConvInteger", "QLinearConv"} <= \
+        set(prunable_op_types())
+    qconv = helper.make_node("QLinearConv", list("abcdefgh"), ["y"], group=2)
+    lay = layout_for(qconv, 3, (8, 4, 3, 3))
+    assert (lay.out_axis, lay.in_axis, lay.group) == (0, 1, 2)
+    assert layout_for(qconv, 0, (1, 8, 5, 5)) is None
+    mmi = helper.make_node("MatMulInteger", ["a", "b", "az", "bz"], ["y"])
+    assert layout_for(mmi, 1, (16, 12)).shape2d == (12, 16)
+    qmm = helper.make_node("QLinearMatMul", list("abcdefgh"), ["y"])
+    assert macs_of(qmm, {"a": (4, 16), "d": (16, 12)}) == 4 * 16 * 12
+    assert macs_of(qconv, {"y": (1, 8, 5, 5), "d": (8, 4, 3, 3)}) == 200 * 36
+    nbits = helper.make_node("MatMulNBits", ["a", "b", "s"], ["y"], domain="com.microsoft",
+                             K=32, N=12, bits=4, block_size=16)
+    assert macs_of(nbits, {"a": (2, 4, 32)}) == 8 * 12 * 32
+    assert entry(nbits) is not None
+    other = helper.make_node("MatMulNBits", ["a"], ["y"], domain="custom.domain")
+    assert entry(other) is None
