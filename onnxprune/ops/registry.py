@@ -187,11 +187,11 @@ def counted_nodes(graph: onnx.GraphProto, shapes: Shapes
 
 
 def op_types_with(name: str) -> Tuple[str, ...]:
-    """Sorted op types (as ``node.op_type`` spells them, any domain) whose entry sets ``name``."""
+    """Sorted op types whose entry sets field ``name``, as :func:`op_key` spells them
+    (``domain:OpType`` for another domain's op: what ``--op-types`` names)."""
     if name not in _FIELDS:
         raise TypeError(f"unknown op entry field '{name}'")
-    return tuple(sorted({op.split(":")[-1] for op, e in _ENTRIES.items()
-                         if getattr(e, name) is not None}))
+    return tuple(sorted(op for op, e in _ENTRIES.items() if getattr(e, name) is not None))
 
 
 def entries_with(name: str) -> Tuple[OpEntry, ...]:
