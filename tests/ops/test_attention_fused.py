@@ -549,3 +549,19 @@ def test_head_with_zero_qkv_columns_is_kept():
     dead = remove_dead_channels(handle)
     assert dead.channels_removed == 0
     assert attr_of(handle.model, "Attention", "num_heads") == 4
+
+
+def test_fused_fixture_through_the_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from onnxprune.cli import main
+    out = tmp_path / "bert.pruned.onnx"
+    res = CliRunner().invoke(main, [str(FUSED), "--pattern", "channel", "--sparsity", "0.25",
+                                    "-o", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "SkipLayerNormalization normalizes over the hidden width (the residual stream)" in \
+        " ".join(res.output.split())
+    pruned = onnx.load(out)
+    assert [attr_of_node(n, "num_heads") for n in pruned.graph.node
+            if n.op_type == "Attention"] == [3, 3]
+    assert run(pruned, fused_feeds())[0].shape == (1, 16, 8)
