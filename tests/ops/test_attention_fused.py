@@ -565,3 +565,23 @@ def test_fused_fixture_through_the_cli(tmp_path):
     assert [attr_of_node(n, "num_heads") for n in pruned.graph.node
             if n.op_type == "Attention"] == [3, 3]
     assert run(pruned, fused_feeds())[0].shape == (1, 16, 8)
+
+
+def test_bias_add_ties_its_operands():
+    # BiasAdd (x + bias + skip) runs on CUDA only in onnxruntime: the ties and the resize are
+    # checked here, element-wise like Add (whose outputs the other tests compare).
+    from onnxprune.channels.resize import resize_channels
+    from onnxprune.channels.select import select_channels
+    g = G(11)
+    h = g.op("MatMul", ["x", g.w([D, 32], name="up")])
+    s = g.op("MatMul", ["x", g.w([D, 32], name="side")])
+    h = g.op("BiasAdd", [h, g.w([32], 0.1, name="ba_b"), s], domain=MS)
+    o = g.op("MatMul", [g.op("Relu", [h]), g.w([32, D], name="down")])
+    model = model_of(g, [("x", [B, S, D])], [g.op("Add", [o, "x"])])
+    handle = load(model)
+    graph = build_channel_graph(handle)
+    group = head_group(graph, "up")
+    assert group.prunable and {"up", "side"} <= set(group.producers)
+    assert any(m.tensor == "ba_b" and "bias" in m.roles for m in group.members)
+    shapes = resize_channels(handle, graph, select_channels(handle, graph, 0.5))
+    assert shapes["ba_b"] == ((32,), (16,)) and shapes["side"] == ((D, 32), (D, 16))
