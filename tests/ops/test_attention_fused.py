@@ -250,6 +250,23 @@ def test_gqa_groups_removed_exactly(packed, rotary):
         assert shapes["wk"] == ((4 * hs, 2 * hs), (4 * hs, hs))
 
 
+def test_gqa_a_low_scoring_q_head_takes_its_whole_group():
+    # Scores per column of the Q projection: Q head 0 is the least important. Removing it alone
+    # would leave KV head 0 read by Q head 1 only, so the unit that goes is the whole group 0.
+    from onnxprune.channels.resize import removed_by_dim
+    from onnxprune.channels.select import select_channels
+    model = gqa()
+    handle = load(model)
+    graph = build_channel_graph(handle)
+    scores = np.ones(4 * HS)
+    scores[:HS] = 0.01
+    removed = select_channels(handle, graph, 0.5, channel_scores={"wq": scores})
+    cut = removed_by_dim(graph, removed)
+    assert cut[("wq", 1)].tolist() == list(range(2 * HS))  # Q heads 0 and 1
+    assert cut[("wk", 1)].tolist() == list(range(HS))  # KV head 0
+    assert cut[("out_w", 0)].tolist() == list(range(2 * HS))
+
+
 def test_gqa_part_of_a_group_is_refused():
     # K is a graph input: its KV heads cannot go, so neither can any Q head of their groups
     # (a Q head alone is no unit), and the Q projection's columns stay.
