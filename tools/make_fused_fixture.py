@@ -7,6 +7,9 @@ Torch lives in its own venv (the package never imports it); the optimizer needs 
     python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch==2.13.0 onnx \
         onnxruntime numpy sympy
     /tmp/torchvenv/bin/python tools/make_fused_fixture.py        # ~5 s
+    # a larger one for tools/bench_fused.py (not committed):
+    /tmp/torchvenv/bin/python tools/make_fused_fixture.py --hidden 256 --heads 8 --ffn 1024 \
+        --layers 4 --seq 128 -o /tmp/bert_fused_big.onnx
 
 Seeded and byte-for-byte reproducible for one torch/onnxruntime version (the script prints the
 fused op counts and the SHA-256; it checks the fused model against the exported one in
@@ -15,6 +18,7 @@ onnxruntime and fails when the fusion did not happen).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import math
 import sys
@@ -31,6 +35,21 @@ from torch import nn
 
 HIDDEN, HEADS, FFN, LAYERS, SEQ, VOCAB = 64, 4, 128, 2, 16, 50
 OUT = Path(__file__).resolve().parent.parent / "models" / "bert_fused.onnx"
+
+
+def _configure(argv) -> Path:
+    """Sizes from the command line (defaults: the committed fixture); returns the output path."""
+    global HIDDEN, HEADS, FFN, LAYERS, SEQ
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=HIDDEN)
+    ap.add_argument("--heads", type=int, default=HEADS)
+    ap.add_argument("--ffn", type=int, default=FFN)
+    ap.add_argument("--layers", type=int, default=LAYERS)
+    ap.add_argument("--seq", type=int, default=SEQ)
+    ap.add_argument("-o", "--output", type=Path, default=OUT)
+    a = ap.parse_args(argv)
+    HIDDEN, HEADS, FFN, LAYERS, SEQ = a.hidden, a.heads, a.ffn, a.layers, a.seq
+    return a.output
 
 
 class Layer(nn.Module):
@@ -66,7 +85,7 @@ class Encoder(nn.Module):
         self.pos = nn.Embedding(SEQ, HIDDEN)
         self.ln = nn.LayerNorm(HIDDEN, eps=1e-12)
         # erf GELU (fused to BiasGelu) in layer 0, tanh GELU (FastGelu) in layer 1
-        self.layers = nn.ModuleList([Layer("none"), Layer("tanh")][:LAYERS])
+        self.layers = nn.ModuleList([Layer(("none", "tanh")[i % 2]) for i in range(LAYERS)])
         self.head = nn.Linear(HIDDEN, 8)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -78,7 +97,8 @@ class Encoder(nn.Module):
         return self.head(x)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    out_path = _configure(argv)
     torch.manual_seed(0)
     model = Encoder().eval()
     with torch.no_grad():  # unit-scale LayerNorm affine parameters that are not the identity
@@ -117,8 +137,9 @@ def main() -> int:
             print("error: the fused model does not match the exported one", file=sys.stderr)
             return 1
         data = out.SerializeToString()
-    OUT.write_bytes(data)
-    print(f"{OUT.name}: {len(data) / 1024:.0f} KiB sha256 {hashlib.sha256(data).hexdigest()}")
+    out_path.write_bytes(data)
+    print(f"{out_path.name}: {len(data) / 1024:.0f} KiB sha256 "
+          f"{hashlib.sha256(data).hexdigest()}")
     return 0
 
 

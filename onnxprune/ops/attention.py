@@ -33,7 +33,8 @@ ratio ``num_heads / kv_num_heads`` must stay whole).
 Normalizations. (Skip)LayerNormalization / RMSNorm statistics are taken over the hidden axis —
 the residual stream — so removing one channel would change every other's mean / variance: the
 rules tie batch and sequence axes and freeze the normalized axes with that reason. FastGelu,
-BiasGelu, Gelu and BiasAdd are element-wise along the FFN width (their bias sliced with it).
+BiasGelu, Gelu and BiasAdd are element-wise along the FFN width (their bias sliced with it;
+onnxruntime runs BiasAdd on CUDA only, so its resize is checked by the channel graph alone).
 """
 
 from __future__ import annotations

@@ -251,6 +251,23 @@ def test_gqa_groups_removed_exactly(packed, rotary):
         assert shapes["wk"] == ((4 * hs, 2 * hs), (4 * hs, hs))
 
 
+def test_gqa_a_low_scoring_q_head_takes_its_whole_group():
+    # Scores per column of the Q projection: Q head 0 is the least important. Removing it alone
+    # would leave KV head 0 read by Q head 1 only, so the unit that goes is the whole group 0.
+    from onnxprune.channels.resize import removed_by_dim
+    from onnxprune.channels.select import select_channels
+    model = gqa()
+    handle = load(model)
+    graph = build_channel_graph(handle)
+    scores = np.ones(4 * HS)
+    scores[:HS] = 0.01
+    removed = select_channels(handle, graph, 0.5, channel_scores={"wq": scores})
+    cut = removed_by_dim(graph, removed)
+    assert cut[("wq", 1)].tolist() == list(range(2 * HS))  # Q heads 0 and 1
+    assert cut[("wk", 1)].tolist() == list(range(HS))  # KV head 0
+    assert cut[("out_w", 0)].tolist() == list(range(2 * HS))
+
+
 def test_gqa_part_of_a_group_is_refused():
     # K is a graph input: its KV heads cannot go, so neither can any Q head of their groups
     # (a Q head alone is no unit), and the Q projection's columns stay.
@@ -550,3 +567,39 @@ def test_head_with_zero_qkv_columns_is_kept():
     dead = remove_dead_channels(handle)
     assert dead.channels_removed == 0
     assert attr_of(handle.model, "Attention", "num_heads") == 4
+
+
+def test_fused_fixture_through_the_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from onnxprune.cli import main
+    out = tmp_path / "bert.pruned.onnx"
+    res = CliRunner().invoke(main, [str(FUSED), "--pattern", "channel", "--sparsity", "0.25",
+                                    "-o", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "SkipLayerNormalization normalizes over the hidden width (the residual stream)" in \
+        " ".join(res.output.split())
+    pruned = onnx.load(out)
+    assert [attr_of_node(n, "num_heads") for n in pruned.graph.node
+            if n.op_type == "Attention"] == [3, 3]
+    assert run(pruned, fused_feeds())[0].shape == (1, 16, 8)
+
+
+def test_bias_add_ties_its_operands():
+    # BiasAdd (x + bias + skip) runs on CUDA only in onnxruntime: the ties and the resize are
+    # checked here, element-wise like Add (whose outputs the other tests compare).
+    from onnxprune.channels.resize import resize_channels
+    from onnxprune.channels.select import select_channels
+    g = G(11)
+    h = g.op("MatMul", ["x", g.w([D, 32], name="up")])
+    s = g.op("MatMul", ["x", g.w([D, 32], name="side")])
+    h = g.op("BiasAdd", [h, g.w([32], 0.1, name="ba_b"), s], domain=MS)
+    o = g.op("MatMul", [g.op("Relu", [h]), g.w([32, D], name="down")])
+    model = model_of(g, [("x", [B, S, D])], [g.op("Add", [o, "x"])])
+    handle = load(model)
+    graph = build_channel_graph(handle)
+    group = head_group(graph, "up")
+    assert group.prunable and {"up", "side"} <= set(group.producers)
+    assert any(m.tensor == "ba_b" and "bias" in m.roles for m in group.members)
+    shapes = resize_channels(handle, graph, select_channels(handle, graph, 0.5))
+    assert shapes["ba_b"] == ((32,), (16,)) and shapes["side"] == ((D, 32), (D, 16))
