@@ -204,10 +204,24 @@ def digits_rows(calib: str, samples: int, quick: bool) -> List[Row]:
     return rows
 
 
-def ppocr_rows(calib: str, samples: int, input_name: str, quick: bool) -> List[Row]:
+def permute_rows(kw: dict, cal: dict) -> List[Row]:
+    """Calibrated 2:4 per criterion without and with ``--permute`` (and magnitude without
+    data): the permutation's effect on the task metric."""
+    rows = []
+    for permute in (False, True):
+        label = "2:4 (50%)" + (" + permute" if permute else "")
+        base = dict(kw, pattern="2:4", sparsity=None, permute=permute)
+        rows += calibrated_rows(base, label, cal, ("uniform",))
+    return rows
+
+
+def ppocr_rows(calib: str, samples: int, input_name: str, quick: bool,
+               permute: bool = False) -> List[Row]:
     rows: List[Row] = []
     shapes = {input_name: (1, 3, 48, 320)}
     cal = dict(calibration=calib, calibration_samples=samples)
+    if permute:
+        return permute_rows(dict(input_shapes=shapes), cal)
     settings = [("unstructured", 0.5, "unstructured 50%"), ("2:4", None, "2:4 (50%)")]
     if not quick:  # where 50 % and 2:4 no longer separate the calibrated methods
         settings.append(("unstructured", 0.7, "unstructured 70%"))
@@ -322,7 +336,7 @@ def run_ppocr(args) -> Optional[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         calib = str(Path(tmp) / "ppocr_calib.npz")
         np.savez(calib, **{input_name: x_cal})
-        rows = ppocr_rows(calib, n_cal, input_name, args.quick)
+        rows = ppocr_rows(calib, n_cal, input_name, args.quick, args.permute)
         run_rows(PPOCR_REC, rows, evaluate, args.row_timeout, Path(tmp))
     return {"dense": dense, "dense_exact": dense_exact, "rows": rows, "n_test": n_test,
             "samples": n_cal, "order": order, "dense_by_order": dense_by_order,
@@ -511,6 +525,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     help="fewer settings; ppocr: 60 test lines, at most 32 calibration lines")
     ap.add_argument("--row-timeout", type=float, default=600.0,
                     help="seconds one prune call may take before it is stopped (600)")
+    ap.add_argument("--permute", action="store_true",
+                    help="ppocr: only calibrated 2:4, without and with --permute")
     ap.add_argument("--write", metavar="MD", help="update the generated blocks of this file")
     ap.add_argument("--json", metavar="FILE", help="also dump the results as JSON")
     args = ap.parse_args(argv)
