@@ -195,3 +195,34 @@ def lstm_zero_state(hidden=8, feat=8, batch=2, seq=5):
     flat = g.op("Reshape", [y, g.c(np.array([seq, batch, hidden], np.int64))])
     out = g.op("MatMul", [flat, g.w([hidden, 3])])
     return g.model([("x", [seq, batch, feat])], [out], opset=17)
+
+
+def qdq_per_axis_activation():
+    """A per-channel activation QuantizeLinear -> DequantizeLinear (axis 1, scale [C], uint8
+    zero points) between two QDQ Convs: its scale and zero point are sliced with the channels."""
+    g = QG(12)
+    h = g.op("Conv", ["x", g.dq_weight([8, 3, 3, 3], 0)], kernel_shape=[3, 3], pads=[1] * 4)
+    h = g.op("Relu", [h])
+    s = g.c(np.linspace(0.02, 0.09, 8).astype(np.float32))
+    z = g.c(np.full(8, 3, np.uint8))
+    h = g.op("DequantizeLinear", [g.op("QuantizeLinear", [h, s, z], axis=1), s, z], axis=1)
+    y = g.op("Conv", [h, g.dq_weight([4, 8, 1, 1], 0)], kernel_shape=[1, 1])
+    return g.model([("x", [1, 3, 8, 8])], [y], opset=13)
+
+
+def qlinear_depthwise():
+    """QLinearConv 3->8, depthwise QLinearConv (group 8, per-channel w scale), QLinearConv 8->4."""
+    g = QG(13)
+    xs, xz = g.c(np.array(0.05, np.float32)), g.c(np.array(128, np.uint8))
+    q = g.op("QuantizeLinear", ["x", xs, xz])
+
+    def qconv(q, xs, xz, cin_g, cout, k, group=1):
+        w, ws, wz = g.qweight([cout, cin_g, k, k], 0)
+        ys, yz = g.c(np.array(0.1, np.float32)), g.c(np.array(128, np.uint8))
+        return g.op("QLinearConv", [q, xs, xz, w, ws, wz, ys, yz], kernel_shape=[k, k],
+                    pads=[k // 2] * 4, group=group), ys, yz
+
+    h, s, z = qconv(q, xs, xz, 3, 8, 3)
+    h, s, z = qconv(h, s, z, 1, 8, 3, group=8)
+    h, s, z = qconv(h, s, z, 8, 4, 1)
+    return g.model([("x", [1, 3, 8, 8])], [g.op("DequantizeLinear", [h, s, z])], opset=13)

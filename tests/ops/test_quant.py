@@ -19,11 +19,13 @@ from onnxprune.ops.layouts import layout_for, prunable_op_types
 from onnxprune.ops.registry import entry, macs_of
 from onnxprune.ops.weights import find_weights
 from quant_models import (QG, dynamic_matmul_integer, matmul_nbits, qdq_conv, qdq_matmul,
-                          qlinear_conv, qlinear_matmul)
+                          qdq_per_axis_activation, qlinear_conv, qlinear_depthwise,
+                          qlinear_matmul)
 
 BUILDERS = {"qdq_conv": qdq_conv, "qdq_matmul": qdq_matmul, "qlinear_conv": qlinear_conv,
             "qlinear_matmul": qlinear_matmul, "dynamic_matmul_integer": dynamic_matmul_integer,
-            "matmul_nbits": matmul_nbits}
+            "matmul_nbits": matmul_nbits, "qdq_per_axis_activation": qdq_per_axis_activation,
+            "qlinear_depthwise": qlinear_depthwise}
 
 
 def dtypes(model):
@@ -67,6 +69,26 @@ def test_per_channel_scales_and_zero_points_are_sliced_with_the_channels():
         assert s == z == (q[0],)  # axis 0: one scale / zero point per kept output channel
     assert shapes[dq[0].input[0]] == ((8, 3, 3, 3), (4, 3, 3, 3))
     assert shapes[dq[0].input[1]] == ((8,), (4,))
+
+
+def test_per_axis_activation_quantization_slices_its_scale():
+    model = qdq_per_axis_activation()
+    _, resized, _, shapes = masked_and_resized(model, sparsity=0.5)
+    q = next(n for n in resized.graph.node if n.op_type == "QuantizeLinear")
+    dq = next(n for n in resized.graph.node if n.op_type == "DequantizeLinear"
+              and n.input[0] == q.output[0])
+    assert _dims(resized, q.input[1]) == _dims(resized, q.input[2]) == (4,)
+    assert list(dq.input[1:]) == list(q.input[1:])  # still the one shared scale / zero point
+    s = numpy_helper.to_array(next(t for t in resized.graph.initializer
+                                   if t.name == q.input[1]))
+    assert (s > 0).all()  # sliced, never zeroed (QuantizeLinear divides by it)
+
+
+def test_depthwise_qlinear_conv_regroups():
+    _, resized, _, _ = masked_and_resized(qlinear_depthwise(), sparsity=0.5)
+    dw = [n for n in resized.graph.node if n.op_type == "QLinearConv"][1]
+    assert next(a.i for a in dw.attribute if a.name == "group") == 4
+    assert _dims(resized, dw.input[3]) == (4, 1, 3, 3)
 
 
 def test_qlinear_conv_keeps_int32_bias_and_output_zero_point():
