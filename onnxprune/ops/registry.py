@@ -278,6 +278,9 @@ def complete_types(graph: onnx.GraphProto) -> bool:
     inference again to carry them on). Works on an inferred model's main graph."""
     typed = {vi.name: vi for vi in list(graph.input) + list(graph.value_info) +
              list(graph.output) if vi.type.HasField("tensor_type")}
+    for t in graph.initializer:  # what a computed type may read (a weight's dims)
+        typed.setdefault(t.name, onnx.helper.make_tensor_value_info(t.name, t.data_type,
+                                                                    list(t.dims)))
     added = False
     for node in graph.node:
         rule = field_of(node, "output_like")

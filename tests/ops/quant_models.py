@@ -226,3 +226,40 @@ def qlinear_depthwise():
     h, s, z = qconv(h, s, z, 1, 8, 3, group=8)
     h, s, z = qconv(h, s, z, 8, 4, 1)
     return g.model([("x", [1, 3, 8, 8])], [g.op("DequantizeLinear", [h, s, z])], opset=13)
+
+
+def conv_integer(wdtype=np.int8):
+    """DynamicQuantizeLinear -> ConvInteger (weight zero point 0; onnxruntime takes it per tensor) -> Cast ->
+    Mul(scale), twice: onnxruntime's dynamic quantization of Convs."""
+    g = QG(14)
+
+    def layer(x, cin, cout, k):
+        q, s, z = g.op("DynamicQuantizeLinear", [x], n_out=3)
+        w = g.rng.integers(-60, 60, size=(cout, cin, k, k)).astype(wdtype) if wdtype == np.int8 \
+            else g.rng.integers(0, 120, size=(cout, cin, k, k)).astype(wdtype)
+        wz = np.zeros((), wdtype)
+        acc = g.op("ConvInteger", [q, g.c(w, g.name("q")), z, g.c(wz, g.name("z"))],
+                   kernel_shape=[k, k], pads=[k // 2] * 4)
+        f = g.op("Cast", [acc], to=TensorProto.FLOAT)
+        return g.op("Mul", [f, g.op("Mul", [s, g.c(np.array(0.01, np.float32))])])
+
+    h = g.op("Relu", [layer("x", 3, 8, 3)])
+    y = layer(h, 8, 4, 1)
+    return g.model([("x", [1, 3, 8, 8])], [y], opset=13)
+
+
+def ms_matmuls():
+    """com.microsoft DynamicQuantizeMatMul (per-column b scale, bias) then
+    MatMulIntegerToFloat (after a DynamicQuantizeLinear)."""
+    g = QG(15)
+    w, ws, wz = g.qweight([16, 12], 1)
+    h = g.op("DynamicQuantizeMatMul", ["x", w, ws, wz, g.w([12], 0.1)], domain="com.microsoft")
+    h = g.op("Relu", [h])
+    q, s, z = g.op("DynamicQuantizeLinear", [h], n_out=3)
+    w2, ws2, wz2 = g.qweight([12, 5], 1)
+    y = g.op("MatMulIntegerToFloat", [q, w2, s, ws2, z, wz2], domain="com.microsoft")
+    m = g.model([("x", [4, 16])], [y], opset=17)
+    m.graph.value_info.extend([helper.make_tensor_value_info(h, TensorProto.FLOAT, [4, 12])])
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, [4, 5]))
+    return m

@@ -18,14 +18,16 @@ from onnxprune.model.io import load
 from onnxprune.ops.layouts import layout_for, prunable_op_types
 from onnxprune.ops.registry import entry, macs_of
 from onnxprune.ops.weights import find_weights
-from quant_models import (QG, dynamic_matmul_integer, matmul_nbits, qdq_conv, qdq_matmul,
+from quant_models import (QG, conv_integer, dynamic_matmul_integer, matmul_nbits, ms_matmuls,
+                          qdq_conv, qdq_matmul,
                           qdq_per_axis_activation, qlinear_conv, qlinear_depthwise,
                           qlinear_matmul)
 
 BUILDERS = {"qdq_conv": qdq_conv, "qdq_matmul": qdq_matmul, "qlinear_conv": qlinear_conv,
             "qlinear_matmul": qlinear_matmul, "dynamic_matmul_integer": dynamic_matmul_integer,
             "matmul_nbits": matmul_nbits, "qdq_per_axis_activation": qdq_per_axis_activation,
-            "qlinear_depthwise": qlinear_depthwise}
+            "qlinear_depthwise": qlinear_depthwise, "conv_integer": conv_integer,
+            "ms_matmuls": ms_matmuls}
 
 
 def dtypes(model):
@@ -132,7 +134,7 @@ def test_nbits_input_channels_are_frozen_with_a_reason():
 
 
 @pytest.mark.parametrize("name", ["qdq_conv", "qdq_matmul", "qlinear_conv", "qlinear_matmul",
-                                  "dynamic_matmul_integer"])
+                                  "dynamic_matmul_integer", "conv_integer", "ms_matmuls"])
 def test_two_four_on_integer_weights_counts_zero_points(name):
     model = BUILDERS[name]()
     result = onnxprune.prune(copy.deepcopy(model), pattern="2:4", validate=True)
