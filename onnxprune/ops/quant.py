@@ -95,6 +95,50 @@ def integer_weight_refusal(chain: Sequence[onnx.NodeProto], consumer: onnx.NodeP
     return issue
 
 
+#: Integer ops: input index of the weight operand -> input index of its scale.
+_WEIGHT_SCALE = {
+    "QLinearMatMul": {3: 4}, "QLinearConv": {3: 4}, f"{MS}:DynamicQuantizeMatMul": {1: 2},
+    f"{MS}:MatMulIntegerToFloat": {1: 3}, f"{MS}:DynamicQuantizeLSTM": {1: 8, 2: 10},
+}
+
+
+def weight_scale(chain: Sequence[onnx.NodeProto], consumer: onnx.NodeProto, index: int,
+                 stored_shape: Sequence[int], read: Callable[[str], Optional[np.ndarray]]
+                 ) -> Optional[np.ndarray]:
+    """The scale of a quantized stored weight, broadcastable to its stored shape (its values
+    dequantize as ``(q - 0) * scale``), so criteria can rank it on what it computes; None when
+    unknown (computed in-graph, applied by a later Mul as in MatMulInteger, or a layout step
+    before the DequantizeLinear)."""
+    shape = tuple(int(d) for d in stored_shape)
+    if chain and chain[0].op_type == "DequantizeLinear" and chain[0].domain in ("", "ai.onnx"):
+        node, scale_index = chain[0], 1
+        axis = int(attr(node, "axis", 1))
+    elif not chain:
+        node, scale_index = consumer, _WEIGHT_SCALE.get(op_key(consumer), {}).get(index)
+        if scale_index is None:
+            return None
+        axis = {"QLinearConv": 0}.get(consumer.op_type, len(shape) - 1)
+    else:
+        return None
+    name = node.input[scale_index] if scale_index < len(node.input) else ""
+    value = read(name) if name else None
+    if value is None:
+        return None
+    value = np.asarray(value, np.float64)
+    if value.size == 1:
+        return value.reshape(())
+    if node.op_type == "DynamicQuantizeLSTM" and value.ndim == 2:  # [dirs, 4H] on (0, 2)
+        return value.reshape(value.shape[0], 1, value.shape[1])
+    if node.op_type == "DynamicQuantizeLSTM":  # [dirs]
+        axis = 0
+    axis = axis + len(shape) if axis < 0 else axis
+    if value.ndim != 1 or axis >= len(shape) or shape[axis] != value.size:
+        return None
+    view = [1] * len(shape)
+    view[axis] = value.size
+    return value.reshape(view)
+
+
 def stored_values(values: np.ndarray, dtype) -> np.ndarray:
     """``values`` (a refit, computed in float) as a weight of ``dtype`` stores them: a float
     dtype is a cast; an integer dtype (a quantized weight, refit in its own integer units: the

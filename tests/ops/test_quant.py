@@ -244,3 +244,25 @@ def test_registry_entries():
     assert entry(nbits) is not None
     other = helper.make_node("MatMulNBits", ["a"], ["y"], domain="custom.domain")
     assert entry(other) is None
+
+
+def test_per_channel_scales_rank_dequantized_values():
+    """Column scales 1000x apart: magnitude ranks (q - 0) * scale, not the raw integers."""
+    g = QG(16)
+    q = g.rng.integers(-127, 128, size=(16, 12)).astype(np.int8)
+    scale = np.geomspace(1e-4, 1e-1, 12).astype(np.float32)
+    w = g.op("DequantizeLinear", [g.c(q, "q"), g.c(scale, "s"), g.c(np.zeros(12, np.int8))],
+             axis=1)
+    y = g.op("MatMul", [g.op("Relu", [g.op("MatMul", ["x", g.w([16, 16])])]), w])
+    model = g.model([("x", [4, 16])], [y], opset=13)
+    weights, _ = find_weights(load(copy.deepcopy(model)))
+    assert next(x for x in weights if x.name == "q").scale.shape == (1, 12)
+    result = onnxprune.prune(copy.deepcopy(model), sparsity=0.5, include="^q$", resize=False)
+    pruned = numpy_helper.to_array(next(t for t in result.model.graph.initializer
+                                        if t.name == "q"))
+    value = np.abs(q.astype(np.float64) * scale)
+    gone = (pruned == 0) & (q != 0)
+    assert gone.sum() >= 90
+    assert value[gone].max() <= value[pruned != 0].min()
+    # raw integers would have pruned small integers in every column alike
+    assert gone[:, -1].sum() < gone[:, 0].sum()
