@@ -139,6 +139,25 @@ def weight_scale(chain: Sequence[onnx.NodeProto], consumer: onnx.NodeProto, inde
     return value.reshape(view)
 
 
+def stored_scale(index, name: str, read: Callable[[str], Optional[np.ndarray]]
+                 ) -> Optional[np.ndarray]:
+    """:func:`weight_scale` of the stored tensor ``name`` from the one node that reads it (a
+    DequantizeLinear, or a QLinear / com.microsoft op as its weight), for channel scores;
+    None for float tensors, several readers or an unknown scale. ``index`` is the graph index."""
+    tensor = index.stored.get(name)
+    readers = index.consumers(name)
+    if tensor is None or tensor.data_type not in _INTEGER_DTYPES or len(readers) != 1:
+        return None
+    node, i = readers[0]
+    if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and i == 0:
+        return weight_scale((node,), node, 0, tensor.dims, read)
+    return weight_scale((), node, i, tensor.dims, read)
+
+
+_INTEGER_DTYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
+                   onnx.TensorProto.UINT16}
+
+
 def stored_values(values: np.ndarray, dtype) -> np.ndarray:
     """``values`` (a refit, computed in float) as a weight of ``dtype`` stores them: a float
     dtype is a cast; an integer dtype (a quantized weight, refit in its own integer units: the

@@ -266,3 +266,23 @@ def test_per_channel_scales_rank_dequantized_values():
     assert value[gone].max() <= value[pruned != 0].min()
     # raw integers would have pruned small integers in every column alike
     assert gone[:, -1].sum() < gone[:, 0].sum()
+
+
+def test_channel_scores_use_the_per_channel_scales():
+    """Identical integer columns (and consumer rows), scales 1000x apart: the low-scale
+    channels go."""
+    g = QG(17)
+    col = g.rng.integers(-127, 128, size=(16, 1)).astype(np.int8)
+    q = np.repeat(col, 12, axis=1)
+    scale = np.geomspace(1e-4, 1e-1, 12).astype(np.float32)[::-1].copy()
+    w = g.op("DequantizeLinear", [g.c(q, "q"), g.c(scale, "s"), g.c(np.zeros(12, np.int8))],
+             axis=1)
+    h = g.op("Relu", [g.op("MatMul", ["x", w])])
+    same_rows = np.tile(g.rng.standard_normal((1, 3)), (12, 1)).astype(np.float32)
+    y = g.op("MatMul", [h, g.c(same_rows)])  # the consumer scores every channel alike
+    model = g.model([("x", [4, 16])], [y], opset=13)
+    result = onnxprune.prune(copy.deepcopy(model), pattern="channel", sparsity=0.5,
+                             include="^q$")
+    kept = numpy_helper.to_array(next(t for t in result.model.graph.initializer
+                                      if t.name.startswith("s")))
+    np.testing.assert_array_equal(kept, scale[:6])  # the six largest scales stay
