@@ -263,3 +263,41 @@ def ms_matmuls():
     del m.graph.output[:]
     m.graph.output.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, [4, 5]))
     return m
+
+
+def qoperator_net():
+    """What onnxruntime's static QOperator quantization writes: QLinearConv x2 with a residual
+    com.microsoft QLinearAdd, QLinearGlobalAveragePool, Flatten, QGemm (transB, per-row b scale,
+    int32 bias), DequantizeLinear."""
+    g = QG(18)
+    ms = "com.microsoft"
+
+    def p(scale, zp=128):
+        return g.c(np.array(scale, np.float32)), g.c(np.array(zp, np.uint8))
+
+    xs, xz = p(0.05)
+    q = g.op("QuantizeLinear", ["x", xs, xz])
+
+    def qconv(q, xs, xz, cin, cout, k):
+        w, ws, wz = g.qweight([cout, cin, k, k], 0)
+        ys, yz = p(0.02)
+        b = g.c((g.rng.standard_normal(cout) * 20).astype(np.int32))
+        return g.op("QLinearConv", [q, xs, xz, w, ws, wz, ys, yz, b], kernel_shape=[k, k],
+                    pads=[k // 2] * 4), ys, yz
+
+    c1, s1, z1 = qconv(q, xs, xz, 3, 8, 3)
+    c2, s2, z2 = qconv(c1, s1, z1, 8, 8, 3)
+    ss, sz = p(0.03)
+    r = g.op("QLinearAdd", [c1, s1, z1, c2, s2, z2, ss, sz], domain=ms)
+    ps, pz = p(0.01)
+    pooled = g.op("QLinearGlobalAveragePool", [r, ss, sz, ps, pz], domain=ms, channels_last=0)
+    flat = g.op("Flatten", [pooled])
+    w, ws, wz = g.qweight([5, 8], 0)  # transB: [N, K], per-row scale
+    ys, yz = p(0.002)
+    b = g.c((g.rng.standard_normal(5) * 20).astype(np.int32))
+    y = g.op("QGemm", [flat, ps, pz, w, ws, wz, b, ys, yz], domain=ms, transB=1)
+    out = g.op("DequantizeLinear", [y, ys, yz])
+    m = g.model([("x", [1, 3, 8, 8])], [out], opset=13)
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, 5]))
+    return m

@@ -19,7 +19,7 @@ from onnxprune.ops.layouts import layout_for, prunable_op_types
 from onnxprune.ops.registry import entry, macs_of
 from onnxprune.ops.weights import find_weights
 from quant_models import (QG, conv_integer, dynamic_matmul_integer, matmul_nbits, ms_matmuls,
-                          qdq_conv, qdq_matmul,
+                          qdq_conv, qdq_matmul, qoperator_net,
                           qdq_per_axis_activation, qlinear_conv, qlinear_depthwise,
                           qlinear_matmul)
 
@@ -27,7 +27,7 @@ BUILDERS = {"qdq_conv": qdq_conv, "qdq_matmul": qdq_matmul, "qlinear_conv": qlin
             "qlinear_matmul": qlinear_matmul, "dynamic_matmul_integer": dynamic_matmul_integer,
             "matmul_nbits": matmul_nbits, "qdq_per_axis_activation": qdq_per_axis_activation,
             "qlinear_depthwise": qlinear_depthwise, "conv_integer": conv_integer,
-            "ms_matmuls": ms_matmuls}
+            "ms_matmuls": ms_matmuls, "qoperator_net": qoperator_net}
 
 
 def dtypes(model):
@@ -134,7 +134,8 @@ def test_nbits_input_channels_are_frozen_with_a_reason():
 
 
 @pytest.mark.parametrize("name", ["qdq_conv", "qdq_matmul", "qlinear_conv", "qlinear_matmul",
-                                  "dynamic_matmul_integer", "conv_integer", "ms_matmuls"])
+                                  "dynamic_matmul_integer", "conv_integer", "ms_matmuls",
+                                  "qoperator_net"])
 def test_two_four_on_integer_weights_counts_zero_points(name):
     model = BUILDERS[name]()
     result = onnxprune.prune(copy.deepcopy(model), pattern="2:4", validate=True)
@@ -242,6 +243,11 @@ def test_registry_entries():
                              K=32, N=12, bits=4, block_size=16)
     assert macs_of(nbits, {"a": (2, 4, 32)}) == 8 * 12 * 32
     assert entry(nbits) is not None
+    qgemm = helper.make_node("QGemm", list("abcdefghi"), ["y"], domain="com.microsoft", transB=1)
+    lay = layout_for(qgemm, 3, (5, 8))
+    assert (lay.shape2d, lay.out_axis, lay.in_axis) == ((5, 8), 0, 1)
+    assert layout_for(qgemm, 0, (1, 8)) is None
+    assert macs_of(qgemm, {"a": (2, 8), "d": (5, 8)}) == 2 * 5 * 8
     other = helper.make_node("MatMulNBits", ["a"], ["y"], domain="custom.domain")
     assert entry(other) is None
 
