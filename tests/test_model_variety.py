@@ -263,11 +263,13 @@ def test_qdq_weight_that_is_also_a_graph_output_is_left_alone():
         onnxprune.prune(qdq_float_model(probe=True), sparsity=0.5, resize=False)
 
 
-def int8_conv_nodes(prefix: str, r):
+def int8_conv_nodes(prefix: str, r, zero_point: int = 3):
+    """An int8 Conv weight behind DequantizeLinear; with a nonzero zero point onnxprune leaves
+    it alone (ops/quant.py: only zero point 0 is pruned)."""
     q = r.integers(-127, 128, (8, 4, 3, 3)).astype(np.int8)
     inits = [numpy_helper.from_array(q, f"{prefix}q"),
              numpy_helper.from_array(np.array(0.02, np.float32), f"{prefix}s"),
-             numpy_helper.from_array(np.array(0, np.int8), f"{prefix}zp")]
+             numpy_helper.from_array(np.array(zero_point, np.int8), f"{prefix}zp")]
     nodes = [helper.make_node("DequantizeLinear", [f"{prefix}q", f"{prefix}s", f"{prefix}zp"],
                               [f"{prefix}d"], name=f"{prefix}dq")]
     return nodes, inits
@@ -284,11 +286,26 @@ def test_int8_weight_behind_dequantize_is_skipped_with_reason():
                       [vi("y", TensorProto.FLOAT, [1, 5])], inits, [helper.make_opsetid("", 17)])
     res = onnxprune.prune(model, sparsity=0.5, resize=False)
     skipped = dict(res.report.skipped)
-    assert "INT8" in skipped["cwq"] and "only float weights are pruned" in skipped["cwq"]
+    assert skipped["cwq"].startswith("INT8 weight: its zero point is not 0")
     a, before = arrays(res.model), arrays(model)
     assert a["cwq"].dtype == np.int8 and np.array_equal(a["cwq"], before["cwq"])
     assert zeros(a["W"]) == 720
     assert [r.name for r in res.report.rows] == ["W"]
+
+
+def test_symmetric_int8_weight_behind_dequantize_is_pruned_in_zero_point_terms():
+    r = B.rng(4)
+    nodes, inits = int8_conv_nodes("cw", r, zero_point=0)
+    nodes.append(helper.make_node("Conv", ["x", "cwd"], ["y"], pads=[1, 1, 1, 1], name="conv"))
+    model = model_for(nodes, [vi("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+                      [vi("y", TensorProto.FLOAT, [1, 8, 6, 6])], inits,
+                      [helper.make_opsetid("", 17)])
+    res = onnxprune.prune(model, sparsity=0.5, resize=False)
+    a, before = arrays(res.model), arrays(model)
+    assert a["cwq"].dtype == np.int8 and zeros(a["cwq"]) == 144  # the zero point, half of 288
+    kept = a["cwq"] != 0
+    assert np.array_equal(a["cwq"][kept], before["cwq"][kept])
+    assert [n.op_type for n in res.model.graph.node] == ["DequantizeLinear", "Conv"]
 
 
 def int8_only_model() -> onnx.ModelProto:

@@ -140,7 +140,8 @@ def test_batched_matmul_weight_and_ragged_tiles():
 def test_quantized_weight_is_named_with_onnxprunes_reason():
     q = numpy_helper.from_array(np.ones((256, 256), np.int8), "wq")
     s = numpy_helper.from_array(np.array(0.1, np.float32), "s")
-    zp = numpy_helper.from_array(np.array(0, np.int8), "zp")
+    # a nonzero zero point: onnxprune leaves the weight alone (a zero point of 0 is pruned)
+    zp = numpy_helper.from_array(np.array(1, np.int8), "zp")
     m = make_model([helper.make_node("DequantizeLinear", ["wq", "s", "zp"], ["w"]),
                     helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
                    [vi("x", TensorProto.FLOAT, [1, 256])], [vi("y", TensorProto.FLOAT, [1, 256])],

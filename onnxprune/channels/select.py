@@ -18,6 +18,7 @@ import numpy as np
 from onnxprune.errors import OptionError
 from onnxprune.model.io import ModelHandle
 from onnxprune.channels.graph import CONSUMER, PRODUCER, ChannelGraph, ChannelGroup
+from onnxprune.ops.quant import stored_scale
 
 CRITERIA = ("l1", "l2")
 
@@ -33,6 +34,10 @@ def unit_scores(handle: ModelHandle, graph: ChannelGraph, group: ChannelGroup,
         key = (m.tensor, m.axis, criterion)
         if key not in cache:
             arr = np.asarray(handle.read(graph.stored[m.tensor]), dtype=np.float64)
+            scale = stored_scale(handle.index, m.tensor, lambda n: handle.read(
+                graph.stored[n]) if n in graph.stored else None)
+            if scale is not None:  # a quantized weight: score what it dequantizes to
+                arr = arr * scale
             rows = np.moveaxis(arr, m.axis, 0).reshape(arr.shape[m.axis], -1)
             cache[key] = (np.abs(rows).sum(1) if criterion == "l1" else (rows ** 2).sum(1))
         v = cache[key][m.index_map].sum(axis=1)

@@ -1,6 +1,9 @@
 """The quantization family: QDQ (QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear), the
 QOperator ops (QLinearConv, ConvInteger, QLinearMatMul, MatMulInteger) and the ``com.microsoft``
-quantized ops (DynamicQuantizeMatMul, MatMulIntegerToFloat, MatMulNBits).
+quantized ops (QGemm, QLinearAdd, QLinearMul, QLinearGlobalAveragePool, DynamicQuantizeMatMul,
+MatMulIntegerToFloat, MatMulNBits; DynamicQuantizeLSTM is in ``recurrent``). Other
+``com.microsoft`` ops (QAttention, QLinearConcat, QLinearSigmoid, ...) have no entry: their
+channels freeze with "no channel rule".
 
 Each op's entry: how a stored weight passes through it (Q/DQ), the weight layout ``W[out, in]``
 of the integer ops' weight operand, the channel rule, the MAC formula.
@@ -39,10 +42,10 @@ import onnx
 
 from onnxprune.model.index import attr
 from onnxprune.ops._channel import (BIAS, CONSUMER, PRODUCER, SCALE, STAT, NodeCtx, norm_axis,
-                                    set_attr, tie_all)
+                                    set_attr, tie_all, tie_broadcast)
 from onnxprune.ops.conv import _conv_channels
 from onnxprune.ops.layouts import Layout
-from onnxprune.ops.linear import _matmul_macs
+from onnxprune.ops.linear import _gemm_channels, _gemm_layout, _gemm_macs, _matmul_macs
 from onnxprune.ops.registry import (Shapes, define, numel, op_key, same_axis, shape_in,
                                     unchanged_step)
 
@@ -66,7 +69,7 @@ def zero_point_issue(value: Optional[np.ndarray], present: bool) -> Optional[str
 #: Integer ops: input index of the weight operand -> input index of its zero point.
 _WEIGHT_ZERO_POINT = {
     "MatMulInteger": {1: 3}, "ConvInteger": {1: 3}, "QLinearMatMul": {3: 5},
-    "QLinearConv": {3: 5}, f"{MS}:DynamicQuantizeMatMul": {1: 3},
+    "QLinearConv": {3: 5}, f"{MS}:DynamicQuantizeMatMul": {1: 3}, f"{MS}:QGemm": {3: 5},
     f"{MS}:MatMulIntegerToFloat": {1: 5}, f"{MS}:DynamicQuantizeLSTM": {1: 9, 2: 11},
 }
 
@@ -93,6 +96,71 @@ def integer_weight_refusal(chain: Sequence[onnx.NodeProto], consumer: onnx.NodeP
     name = node.input[zp_index] if zp_index < len(node.input) and node.input[zp_index] else None
     issue = zero_point_issue(None if name is None else read(name), name is not None)
     return issue
+
+
+#: Integer ops: input index of the weight operand -> input index of its scale.
+_WEIGHT_SCALE = {
+    "QLinearMatMul": {3: 4}, "QLinearConv": {3: 4}, f"{MS}:DynamicQuantizeMatMul": {1: 2},
+    f"{MS}:MatMulIntegerToFloat": {1: 3}, f"{MS}:DynamicQuantizeLSTM": {1: 8, 2: 10},
+    f"{MS}:QGemm": {3: 4},
+}
+
+
+def weight_scale(chain: Sequence[onnx.NodeProto], consumer: onnx.NodeProto, index: int,
+                 stored_shape: Sequence[int], read: Callable[[str], Optional[np.ndarray]]
+                 ) -> Optional[np.ndarray]:
+    """The scale of a quantized stored weight, broadcastable to its stored shape (its values
+    dequantize as ``(q - 0) * scale``), so criteria can rank it on what it computes; None when
+    unknown (computed in-graph, applied by a later Mul as in MatMulInteger, or a layout step
+    before the DequantizeLinear)."""
+    shape = tuple(int(d) for d in stored_shape)
+    if chain and chain[0].op_type == "DequantizeLinear" and chain[0].domain in ("", "ai.onnx"):
+        node, scale_index = chain[0], 1
+        axis = int(attr(node, "axis", 1))
+    elif not chain:
+        node, scale_index = consumer, _WEIGHT_SCALE.get(op_key(consumer), {}).get(index)
+        if scale_index is None:
+            return None
+        axis = 0 if consumer.op_type == "QLinearConv" or (
+            consumer.op_type == "QGemm" and attr(consumer, "transB", 0)) else len(shape) - 1
+    else:
+        return None
+    name = node.input[scale_index] if scale_index < len(node.input) else ""
+    value = read(name) if name else None
+    if value is None:
+        return None
+    value = np.asarray(value, np.float64)
+    if value.size == 1:
+        return value.reshape(())
+    if node.op_type == "DynamicQuantizeLSTM" and value.ndim == 2:  # [dirs, 4H] on (0, 2)
+        return value.reshape(value.shape[0], 1, value.shape[1])
+    if node.op_type == "DynamicQuantizeLSTM":  # [dirs]
+        axis = 0
+    axis = axis + len(shape) if axis < 0 else axis
+    if value.ndim != 1 or axis >= len(shape) or shape[axis] != value.size:
+        return None
+    view = [1] * len(shape)
+    view[axis] = value.size
+    return value.reshape(view)
+
+
+def stored_scale(index, name: str, read: Callable[[str], Optional[np.ndarray]]
+                 ) -> Optional[np.ndarray]:
+    """:func:`weight_scale` of the stored tensor ``name`` from the one node that reads it (a
+    DequantizeLinear, or a QLinear / com.microsoft op as its weight), for channel scores;
+    None for float tensors, several readers or an unknown scale. ``index`` is the graph index."""
+    tensor = index.stored.get(name)
+    readers = index.consumers(name)
+    if tensor is None or tensor.data_type not in _INTEGER_DTYPES or len(readers) != 1:
+        return None
+    node, i = readers[0]
+    if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and i == 0:
+        return weight_scale((node,), node, 0, tensor.dims, read)
+    return weight_scale((), node, i, tensor.dims, read)
+
+
+_INTEGER_DTYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
+                   onnx.TensorProto.UINT16}
 
 
 def stored_values(values: np.ndarray, dtype) -> np.ndarray:
@@ -228,21 +296,28 @@ def _matmul_like(act: int, weight: int, scalars: Sequence[int], per_col: Sequenc
     return rule
 
 
-class _ConvView:
-    """A QLinearConv / ConvInteger node seen by Conv's channel rule: inputs (x, w, bias)
-    picked from the op's own positions, the layout asked as a Conv's."""
+class _View:
+    """A QLinearConv / ConvInteger / QGemm node seen by Conv's / Gemm's channel rule: inputs
+    (x, w, bias) picked from the op's own positions, layouts asked as the float op's."""
 
-    def __init__(self, ctx: NodeCtx, order: Sequence[Optional[int]]) -> None:
+    def __init__(self, ctx: NodeCtx, order: Sequence[Optional[int]], op_type: str) -> None:
         self._ctx = ctx
         self._order = order
         node = onnx.NodeProto()
         node.CopyFrom(ctx.node)
-        node.op_type, node.domain = "Conv", ""
+        node.op_type, node.domain = op_type, ""
         self.node = node
 
     def inp(self, i: int) -> Optional[str]:
         j = self._order[i] if i < len(self._order) else None
         return None if j is None else self._ctx.inp(j)
+
+    @staticmethod
+    def plain(node: onnx.NodeProto, order: Sequence[int], op_type: str) -> onnx.NodeProto:
+        """A copy of ``node`` as ``op_type`` with only the inputs at ``order``."""
+        copy = onnx.helper.make_node(op_type, [node.input[i] for i in order], list(node.output))
+        copy.attribute.extend(node.attribute)
+        return copy
 
     def __getattr__(self, name):
         return getattr(self._ctx, name)
@@ -254,7 +329,7 @@ def _conv_like(x: int, w: int, bias: Optional[int], scalars: Sequence[int],
         name = ctx.inp(w)
         if name is None or not ctx.is_const(name) or not _weight_zero_point_ok(ctx, name, zp):
             return
-        _conv_channels(_ConvView(ctx, (x, w, bias)))
+        _conv_channels(_View(ctx, (x, w, bias), "Conv"))
         for i in scalars:
             s = ctx.inp(i)
             if s is not None and not _scalar(ctx, s):
@@ -262,6 +337,85 @@ def _conv_like(x: int, w: int, bias: Optional[int], scalars: Sequence[int],
             ctx.ok(s)
         _per_channel(ctx, per_out, (name, 0))
     return rule
+
+
+def _qgemm_channels(ctx: NodeCtx) -> None:
+    """com.microsoft QGemm ``(A, a_scale, a_zp, B, b_scale, b_zp, C, y_scale, y_zp)``: Gemm's
+    rule on (A, B, C); B's per-column scale / zero point follow its output columns."""
+    b = ctx.inp(3)
+    if b is None or not ctx.is_const(b) or not _weight_zero_point_ok(ctx, b, 5):
+        return
+    _gemm_channels(_View(ctx, (0, 3, 6), "Gemm"))
+    for i in (1, 2, 7, 8):
+        name = ctx.inp(i)
+        if name is not None and not _scalar(ctx, name):
+            ctx.freeze(ctx.inp(0), None, f"'{name}' is not per-tensor")
+        ctx.ok(name)
+    _per_channel(ctx, (4, 5), (b, 0 if ctx.attr("transB", 0) else 1))
+
+
+def _qgemm_layout(node, index, shape):
+    return _gemm_layout(node, 1, shape) if index == 3 else None
+
+
+def _qgemm_output(node):
+    def compute(typed):
+        a, b = typed.get(node.input[0]), typed.get(node.input[3])
+        da, db = (None if a is None else _dims(a)), (None if b is None else _dims(b))
+        if not da or not db or len(da) != 2 or len(db) != 2:
+            return None
+        m = da[1] if attr(node, "transA", 0) else da[0]
+        n = db[0] if attr(node, "transB", 0) else db[1]
+        zp = typed.get(node.input[8]) if len(node.input) > 8 and node.input[8] else None
+        elem = zp.type.tensor_type.elem_type if zp is not None else onnx.TensorProto.FLOAT
+        return _typed(elem, [m, n])
+    return (compute,)
+
+
+# -- com.microsoft QLinear elementwise / pooling (QOperator models) -----------------------------
+def _qlinear_global_pool_channels(ctx: NodeCtx) -> None:
+    """QLinearGlobalAveragePool ``(X, x_scale, x_zp, y_scale, y_zp)``: batch and channels
+    pass (per-tensor parameters); a masked channel is x's zero point, averaging to y's."""
+    x, y = ctx.inp(0), ctx.out()
+    c = ctx.rank(x) - 1 if ctx.attr("channels_last", 0) and ctx.rank(x) else 1
+    ctx.tie((x, 0), (y, 0))
+    ctx.tie((x, c), (y, c))
+    for i in (1, 2, 3, 4):
+        name = ctx.inp(i)
+        if name is not None and not _scalar(ctx, name):
+            ctx.freeze(x, None, f"'{name}' is not per-tensor")
+        ctx.ok(name)
+
+
+def _qlinear_global_pool_output(node):
+    def compute(typed):
+        x = typed.get(node.input[0])
+        dims = None if x is None else _dims(x)
+        if not dims or len(dims) < 3:
+            return None
+        c = len(dims) - 1 if attr(node, "channels_last", 0) else 1
+        out = [d if i in (0, c) else 1 for i, d in enumerate(dims)]
+        return _typed(x.type.tensor_type.elem_type, out)
+    return (compute,)
+
+
+def _qlinear_binary_channels(ctx: NodeCtx) -> None:
+    """QLinearAdd / QLinearMul ``(A, a_scale, a_zp, B, b_scale, b_zp, c_scale, c_zp)``: numpy
+    broadcasting between two activations (per-tensor parameters); a masked channel is each
+    operand's zero point (real 0), so the result is 0 (c's zero point) as with Add / Mul.
+    A stored per-channel operand is not mapped (it would need its zero point written)."""
+    a, b, y = ctx.inp(0), ctx.inp(3), ctx.out()
+    for name in (a, b):
+        if name is not None and ctx.is_const(name) and not _scalar(ctx, name):
+            return  # finish() freezes
+    for name in (a, b):
+        if name is not None:
+            tie_broadcast(ctx, name, y)
+    for i in (1, 2, 4, 5, 6, 7):
+        name = ctx.inp(i)
+        if name is not None and not _scalar(ctx, name):
+            ctx.freeze(y, None, f"'{name}' is not per-tensor")
+        ctx.ok(name)
 
 
 # -- MatMulNBits (com.microsoft) ----------------------------------------------------------------
@@ -386,7 +540,7 @@ def _unknown_filter(node, bias, x):
 
 
 _INTEGER_OPS = ("MatMulInteger", "QLinearMatMul", "ConvInteger", "QLinearConv",
-                f"{MS}:DynamicQuantizeMatMul", f"{MS}:MatMulIntegerToFloat")
+                f"{MS}:DynamicQuantizeMatMul", f"{MS}:MatMulIntegerToFloat", f"{MS}:QGemm")
 
 
 # -- entries ------------------------------------------------------------------------------------
@@ -410,3 +564,9 @@ define(f"{MS}:DynamicQuantizeMatMul", layout=_matrix_layout(1), macs=_matmul_mac
 define(f"{MS}:MatMulIntegerToFloat", layout=_matrix_layout(1), macs=_matmul_macs(0, 1),
        channels=_matmul_like(0, 1, scalars=(2, 4), per_col=(3, 5), bias=6, zp=5))
 define(f"{MS}:MatMulNBits", channels=_nbits_channels, macs=_nbits_macs)
+define(f"{MS}:QLinearGlobalAveragePool", channels=_qlinear_global_pool_channels,
+       output_like=_qlinear_global_pool_output)
+define(f"{MS}:QLinearAdd", f"{MS}:QLinearMul", channels=_qlinear_binary_channels,
+       output_like=lambda node: (0,))
+define(f"{MS}:QGemm", layout=_qgemm_layout, channels=_qgemm_channels, output_like=_qgemm_output,
+       macs=lambda node, shapes: _gemm_macs(_View.plain(node, (0, 3), "Gemm"), shapes))

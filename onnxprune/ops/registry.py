@@ -292,6 +292,9 @@ def complete_types(graph: onnx.GraphProto) -> bool:
     added (run the inference again to carry them on). Works on an inferred model's main graph."""
     typed = {vi.name: vi for vi in list(graph.input) + list(graph.value_info) +
              list(graph.output) if vi.type.HasField("tensor_type")}
+    for t in graph.initializer:  # what a computed type may read (a weight's dims)
+        typed.setdefault(t.name, onnx.helper.make_tensor_value_info(t.name, t.data_type,
+                                                                    list(t.dims)))
     added = False
     dims_of = {t.name: tuple(int(d) for d in t.dims) for t in graph.initializer}
     elem_of = {t.name: t.data_type for t in graph.initializer}

@@ -23,7 +23,7 @@ from onnxprune.model.external import tensor_dtype
 from onnxprune.model.index import GraphIndex, constant_tensor, node_label
 from onnxprune.model.io import ModelHandle
 from onnxprune.ops.layouts import Layout, layout_for
-from onnxprune.ops.quant import integer_weight_refusal
+from onnxprune.ops.quant import integer_weight_refusal, weight_scale
 from onnxprune.ops.registry import bias_slot, weight_step
 
 #: Element types onnxprune can rewrite (values keep their dtype on write).
@@ -58,6 +58,9 @@ class Weight:
     graph: str
     layout: Layout
     consumers: List[Consumer] = field(default_factory=list)
+    #: A quantized weight's scale, broadcastable to its stored shape (criteria rank it on its
+    #: dequantized values); None for float weights or when unknown.
+    scale: Optional[np.ndarray] = None
 
     @property
     def op_type(self) -> str:
@@ -188,7 +191,7 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
         weight = found.get(key)
         if weight is None:
             found[key] = Weight(source.name, source.tensor, source.location, source.graph,
-                                layout, [consumer])
+                                layout, [consumer], _scale_of(source, node, index, path))
             order.append(key)
         elif weight.layout.same_view(layout):
             weight.consumers.append(consumer)
@@ -206,6 +209,16 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
             s = scope.get(name)
             return None if s is None else handle.read(s.tensor)
         return integer_weight_refusal(source.nodes, node, index, read)
+
+    def _scale_of(source: _Source, node: onnx.NodeProto, index: int, path: str):
+        if source.tensor.data_type in FLOAT_TYPES:
+            return None
+        scope = scopes[path]
+
+        def read(name: str):
+            s = scope.get(name)
+            return None if s is None else handle.read(s.tensor)
+        return weight_scale(source.nodes, node, index, source.stored_shape, read)
 
     def _define_outputs(node: onnx.NodeProto, scope: Dict[str, Optional[_Source]],
                         path: str) -> bool:

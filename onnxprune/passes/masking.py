@@ -52,6 +52,9 @@ def score_units(state: PruneState, plan: LayerPlan, w2d: np.ndarray) -> np.ndarr
     w = plan.weight
     crit = get_criterion(plan.criterion)
     w2d = w2d.astype(_compute_dtype(w2d.dtype), copy=False)
+    if w.scale is not None:  # a quantized weight is ranked on its dequantized values
+        w2d = w2d * w.layout.to_2d(np.broadcast_to(w.scale, w.layout.stored_shape)).astype(
+            w2d.dtype)
     user = state.user_scores.get(w.key)
     if user is not None:
         user = w.layout.to_2d(user)

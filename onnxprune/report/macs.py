@@ -112,6 +112,8 @@ def count_macs(model: ModelLike,
     unknown: List[str] = []
     for node in proto.graph.node:
         label = _unique(node_label(node), per_node, unknown)
+        if node.domain not in ("", "ai.onnx") and field_of(node, "macs") is None:
+            continue  # a custom-domain op the registry has no formula for
         if node.op_type in _CONTROL_FLOW and node.domain in ("", "ai.onnx"):
             if _has_counted_ops(node):
                 unknown.append(label)

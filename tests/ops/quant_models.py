@@ -195,3 +195,109 @@ def lstm_zero_state(hidden=8, feat=8, batch=2, seq=5):
     flat = g.op("Reshape", [y, g.c(np.array([seq, batch, hidden], np.int64))])
     out = g.op("MatMul", [flat, g.w([hidden, 3])])
     return g.model([("x", [seq, batch, feat])], [out], opset=17)
+
+
+def qdq_per_axis_activation():
+    """A per-channel activation QuantizeLinear -> DequantizeLinear (axis 1, scale [C], uint8
+    zero points) between two QDQ Convs: its scale and zero point are sliced with the channels."""
+    g = QG(12)
+    h = g.op("Conv", ["x", g.dq_weight([8, 3, 3, 3], 0)], kernel_shape=[3, 3], pads=[1] * 4)
+    h = g.op("Relu", [h])
+    s = g.c(np.linspace(0.02, 0.09, 8).astype(np.float32))
+    z = g.c(np.full(8, 3, np.uint8))
+    h = g.op("DequantizeLinear", [g.op("QuantizeLinear", [h, s, z], axis=1), s, z], axis=1)
+    y = g.op("Conv", [h, g.dq_weight([4, 8, 1, 1], 0)], kernel_shape=[1, 1])
+    return g.model([("x", [1, 3, 8, 8])], [y], opset=13)
+
+
+def qlinear_depthwise():
+    """QLinearConv 3->8, depthwise QLinearConv (group 8, per-channel w scale), QLinearConv 8->4."""
+    g = QG(13)
+    xs, xz = g.c(np.array(0.05, np.float32)), g.c(np.array(128, np.uint8))
+    q = g.op("QuantizeLinear", ["x", xs, xz])
+
+    def qconv(q, xs, xz, cin_g, cout, k, group=1):
+        w, ws, wz = g.qweight([cout, cin_g, k, k], 0)
+        ys, yz = g.c(np.array(0.1, np.float32)), g.c(np.array(128, np.uint8))
+        return g.op("QLinearConv", [q, xs, xz, w, ws, wz, ys, yz], kernel_shape=[k, k],
+                    pads=[k // 2] * 4, group=group), ys, yz
+
+    h, s, z = qconv(q, xs, xz, 3, 8, 3)
+    h, s, z = qconv(h, s, z, 1, 8, 3, group=8)
+    h, s, z = qconv(h, s, z, 8, 4, 1)
+    return g.model([("x", [1, 3, 8, 8])], [g.op("DequantizeLinear", [h, s, z])], opset=13)
+
+
+def conv_integer(wdtype=np.int8):
+    """DynamicQuantizeLinear -> ConvInteger (weight zero point 0; onnxruntime takes it per tensor) -> Cast ->
+    Mul(scale), twice: onnxruntime's dynamic quantization of Convs."""
+    g = QG(14)
+
+    def layer(x, cin, cout, k):
+        q, s, z = g.op("DynamicQuantizeLinear", [x], n_out=3)
+        w = g.rng.integers(-60, 60, size=(cout, cin, k, k)).astype(wdtype) if wdtype == np.int8 \
+            else g.rng.integers(0, 120, size=(cout, cin, k, k)).astype(wdtype)
+        wz = np.zeros((), wdtype)
+        acc = g.op("ConvInteger", [q, g.c(w, g.name("q")), z, g.c(wz, g.name("z"))],
+                   kernel_shape=[k, k], pads=[k // 2] * 4)
+        f = g.op("Cast", [acc], to=TensorProto.FLOAT)
+        return g.op("Mul", [f, g.op("Mul", [s, g.c(np.array(0.01, np.float32))])])
+
+    h = g.op("Relu", [layer("x", 3, 8, 3)])
+    y = layer(h, 8, 4, 1)
+    return g.model([("x", [1, 3, 8, 8])], [y], opset=13)
+
+
+def ms_matmuls():
+    """com.microsoft DynamicQuantizeMatMul (per-column b scale, bias) then
+    MatMulIntegerToFloat (after a DynamicQuantizeLinear)."""
+    g = QG(15)
+    w, ws, wz = g.qweight([16, 12], 1)
+    h = g.op("DynamicQuantizeMatMul", ["x", w, ws, wz, g.w([12], 0.1)], domain="com.microsoft")
+    h = g.op("Relu", [h])
+    q, s, z = g.op("DynamicQuantizeLinear", [h], n_out=3)
+    w2, ws2, wz2 = g.qweight([12, 5], 1)
+    y = g.op("MatMulIntegerToFloat", [q, w2, s, ws2, z, wz2], domain="com.microsoft")
+    m = g.model([("x", [4, 16])], [y], opset=17)
+    m.graph.value_info.extend([helper.make_tensor_value_info(h, TensorProto.FLOAT, [4, 12])])
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, [4, 5]))
+    return m
+
+
+def qoperator_net():
+    """What onnxruntime's static QOperator quantization writes: QLinearConv x2 with a residual
+    com.microsoft QLinearAdd, QLinearGlobalAveragePool, Flatten, QGemm (transB, per-row b scale,
+    int32 bias), DequantizeLinear."""
+    g = QG(18)
+    ms = "com.microsoft"
+
+    def p(scale, zp=128):
+        return g.c(np.array(scale, np.float32)), g.c(np.array(zp, np.uint8))
+
+    xs, xz = p(0.05)
+    q = g.op("QuantizeLinear", ["x", xs, xz])
+
+    def qconv(q, xs, xz, cin, cout, k):
+        w, ws, wz = g.qweight([cout, cin, k, k], 0)
+        ys, yz = p(0.02)
+        b = g.c((g.rng.standard_normal(cout) * 20).astype(np.int32))
+        return g.op("QLinearConv", [q, xs, xz, w, ws, wz, ys, yz, b], kernel_shape=[k, k],
+                    pads=[k // 2] * 4), ys, yz
+
+    c1, s1, z1 = qconv(q, xs, xz, 3, 8, 3)
+    c2, s2, z2 = qconv(c1, s1, z1, 8, 8, 3)
+    ss, sz = p(0.03)
+    r = g.op("QLinearAdd", [c1, s1, z1, c2, s2, z2, ss, sz], domain=ms)
+    ps, pz = p(0.01)
+    pooled = g.op("QLinearGlobalAveragePool", [r, ss, sz, ps, pz], domain=ms, channels_last=0)
+    flat = g.op("Flatten", [pooled])
+    w, ws, wz = g.qweight([5, 8], 0)  # transB: [N, K], per-row scale
+    ys, yz = p(0.002)
+    b = g.c((g.rng.standard_normal(5) * 20).astype(np.int32))
+    y = g.op("QGemm", [flat, ps, pz, w, ws, wz, b, ys, yz], domain=ms, transB=1)
+    out = g.op("DequantizeLinear", [y, ys, yz])
+    m = g.model([("x", [1, 3, 8, 8])], [out], opset=13)
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, 5]))
+    return m

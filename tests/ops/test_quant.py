@@ -18,12 +18,16 @@ from onnxprune.model.io import load
 from onnxprune.ops.layouts import layout_for, prunable_op_types
 from onnxprune.ops.registry import entry, macs_of
 from onnxprune.ops.weights import find_weights
-from quant_models import (QG, dynamic_matmul_integer, matmul_nbits, qdq_conv, qdq_matmul,
-                          qlinear_conv, qlinear_matmul)
+from quant_models import (QG, conv_integer, dynamic_matmul_integer, matmul_nbits, ms_matmuls,
+                          qdq_conv, qdq_matmul, qoperator_net,
+                          qdq_per_axis_activation, qlinear_conv, qlinear_depthwise,
+                          qlinear_matmul)
 
 BUILDERS = {"qdq_conv": qdq_conv, "qdq_matmul": qdq_matmul, "qlinear_conv": qlinear_conv,
             "qlinear_matmul": qlinear_matmul, "dynamic_matmul_integer": dynamic_matmul_integer,
-            "matmul_nbits": matmul_nbits}
+            "matmul_nbits": matmul_nbits, "qdq_per_axis_activation": qdq_per_axis_activation,
+            "qlinear_depthwise": qlinear_depthwise, "conv_integer": conv_integer,
+            "ms_matmuls": ms_matmuls, "qoperator_net": qoperator_net}
 
 
 def dtypes(model):
@@ -69,6 +73,26 @@ def test_per_channel_scales_and_zero_points_are_sliced_with_the_channels():
     assert shapes[dq[0].input[1]] == ((8,), (4,))
 
 
+def test_per_axis_activation_quantization_slices_its_scale():
+    model = qdq_per_axis_activation()
+    _, resized, _, shapes = masked_and_resized(model, sparsity=0.5)
+    q = next(n for n in resized.graph.node if n.op_type == "QuantizeLinear")
+    dq = next(n for n in resized.graph.node if n.op_type == "DequantizeLinear"
+              and n.input[0] == q.output[0])
+    assert _dims(resized, q.input[1]) == _dims(resized, q.input[2]) == (4,)
+    assert list(dq.input[1:]) == list(q.input[1:])  # still the one shared scale / zero point
+    s = numpy_helper.to_array(next(t for t in resized.graph.initializer
+                                   if t.name == q.input[1]))
+    assert (s > 0).all()  # sliced, never zeroed (QuantizeLinear divides by it)
+
+
+def test_depthwise_qlinear_conv_regroups():
+    _, resized, _, _ = masked_and_resized(qlinear_depthwise(), sparsity=0.5)
+    dw = [n for n in resized.graph.node if n.op_type == "QLinearConv"][1]
+    assert next(a.i for a in dw.attribute if a.name == "group") == 4
+    assert _dims(resized, dw.input[3]) == (4, 1, 3, 3)
+
+
 def test_qlinear_conv_keeps_int32_bias_and_output_zero_point():
     model = qlinear_conv()
     _, resized, _, shapes = masked_and_resized(model, sparsity=0.5)
@@ -110,7 +134,8 @@ def test_nbits_input_channels_are_frozen_with_a_reason():
 
 
 @pytest.mark.parametrize("name", ["qdq_conv", "qdq_matmul", "qlinear_conv", "qlinear_matmul",
-                                  "dynamic_matmul_integer"])
+                                  "dynamic_matmul_integer", "conv_integer", "ms_matmuls",
+                                  "qoperator_net"])
 def test_two_four_on_integer_weights_counts_zero_points(name):
     model = BUILDERS[name]()
     result = onnxprune.prune(copy.deepcopy(model), pattern="2:4", validate=True)
@@ -218,5 +243,52 @@ def test_registry_entries():
                              K=32, N=12, bits=4, block_size=16)
     assert macs_of(nbits, {"a": (2, 4, 32)}) == 8 * 12 * 32
     assert entry(nbits) is not None
+    qgemm = helper.make_node("QGemm", list("abcdefghi"), ["y"], domain="com.microsoft", transB=1)
+    lay = layout_for(qgemm, 3, (5, 8))
+    assert (lay.shape2d, lay.out_axis, lay.in_axis) == ((5, 8), 0, 1)
+    assert layout_for(qgemm, 0, (1, 8)) is None
+    assert macs_of(qgemm, {"a": (2, 8), "d": (5, 8)}) == 2 * 5 * 8
     other = helper.make_node("MatMulNBits", ["a"], ["y"], domain="custom.domain")
     assert entry(other) is None
+
+
+def test_per_channel_scales_rank_dequantized_values():
+    """Column scales 1000x apart: magnitude ranks (q - 0) * scale, not the raw integers."""
+    g = QG(16)
+    q = g.rng.integers(-127, 128, size=(16, 12)).astype(np.int8)
+    scale = np.geomspace(1e-4, 1e-1, 12).astype(np.float32)
+    w = g.op("DequantizeLinear", [g.c(q, "q"), g.c(scale, "s"), g.c(np.zeros(12, np.int8))],
+             axis=1)
+    y = g.op("MatMul", [g.op("Relu", [g.op("MatMul", ["x", g.w([16, 16])])]), w])
+    model = g.model([("x", [4, 16])], [y], opset=13)
+    weights, _ = find_weights(load(copy.deepcopy(model)))
+    assert next(x for x in weights if x.name == "q").scale.shape == (1, 12)
+    result = onnxprune.prune(copy.deepcopy(model), sparsity=0.5, include="^q$", resize=False)
+    pruned = numpy_helper.to_array(next(t for t in result.model.graph.initializer
+                                        if t.name == "q"))
+    value = np.abs(q.astype(np.float64) * scale)
+    gone = (pruned == 0) & (q != 0)
+    assert gone.sum() >= 90
+    assert value[gone].max() <= value[pruned != 0].min()
+    # raw integers would have pruned small integers in every column alike
+    assert gone[:, -1].sum() < gone[:, 0].sum()
+
+
+def test_channel_scores_use_the_per_channel_scales():
+    """Identical integer columns (and consumer rows), scales 1000x apart: the low-scale
+    channels go."""
+    g = QG(17)
+    col = g.rng.integers(-127, 128, size=(16, 1)).astype(np.int8)
+    q = np.repeat(col, 12, axis=1)
+    scale = np.geomspace(1e-4, 1e-1, 12).astype(np.float32)[::-1].copy()
+    w = g.op("DequantizeLinear", [g.c(q, "q"), g.c(scale, "s"), g.c(np.zeros(12, np.int8))],
+             axis=1)
+    h = g.op("Relu", [g.op("MatMul", ["x", w])])
+    same_rows = np.tile(g.rng.standard_normal((1, 3)), (12, 1)).astype(np.float32)
+    y = g.op("MatMul", [h, g.c(same_rows)])  # the consumer scores every channel alike
+    model = g.model([("x", [4, 16])], [y], opset=13)
+    result = onnxprune.prune(copy.deepcopy(model), pattern="channel", sparsity=0.5,
+                             include="^q$")
+    kept = numpy_helper.to_array(next(t for t in result.model.graph.initializer
+                                      if t.name.startswith("s")))
+    np.testing.assert_array_equal(kept, scale[:6])  # the six largest scales stay

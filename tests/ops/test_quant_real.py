@@ -73,3 +73,51 @@ def test_pruned_stays_int8_and_runs(path, pattern, sparsity):
         resized = [n for n in before if pruned[n].size < numpy_helper.to_array(
             next(t for t in model.graph.initializer if t.name == n)).size]
         assert resized  # FFN widths (t5) / hidden units (dksplit) went
+
+
+@pytest.fixture(scope="module")
+def ort_quantized(tmp_path_factory):
+    """The bundled digits CNN quantized by onnxruntime's own quantizer: static QDQ (per-channel
+    int8 weights), static QOperator (QLinearConv, com.microsoft QGemm, ...), dynamic."""
+    quant = pytest.importorskip("onnxruntime.quantization")
+    src = str(Path(onnxprune.__file__).parent / "data" / "digits_cnn.onnx")
+    folder = tmp_path_factory.mktemp("ortq")
+
+    class Reader(quant.CalibrationDataReader):
+        def __init__(self):
+            self.i = 0
+
+        def get_next(self):
+            self.i += 1
+            if self.i > 4:
+                return None
+            return {"input": np.random.default_rng(self.i).random((1, 1, 8, 8)).astype(
+                np.float32)}
+
+    out = {}
+    for name, fmt in (("qdq", quant.QuantFormat.QDQ), ("qoperator", quant.QuantFormat.QOperator)):
+        out[name] = str(folder / f"{name}.onnx")
+        quant.quantize_static(src, out[name], Reader(), quant_format=fmt, per_channel=True,
+                              weight_type=quant.QuantType.QInt8,
+                              activation_type=quant.QuantType.QUInt8)
+    out["dynamic"] = str(folder / "dynamic.onnx")
+    quant.quantize_dynamic(src, out["dynamic"], weight_type=quant.QuantType.QInt8)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["qdq", "qoperator", "dynamic"])
+def test_onnxruntime_quantized_cnn_loses_channels_and_stays_quantized(ort_quantized, kind):
+    model = onnx.load(ort_quantized[kind])
+    result = onnxprune.prune(copy.deepcopy(model), pattern="channel", sparsity=0.25,
+                             validate=False)
+    out = result.model
+    onnx.checker.check_model(out)
+    assert [(n.domain, n.op_type) for n in out.graph.node] == \
+        [(n.domain, n.op_type) for n in model.graph.node]
+    before, after = _int_weights(model), _int_weights(out)
+    assert after == {n: before[n] for n in after}
+    # every conv width and the hidden Gemm width went, in all three forms alike
+    assert result.report.params_after < 0.6 * result.report.params_before
+    assert [r for r in result.report.frozen if "graph output" not in r[1]] == []
+    x = {"input": np.random.default_rng(0).random((2, 1, 8, 8)).astype(np.float32)}
+    assert run(out, x)[0].shape == (2, 10)

@@ -91,3 +91,15 @@ def test_plain_lstm_zero_state_is_dropped_not_frozen():
     feeds = feeds_for(model)
     assert_close(run(resized, feeds), run(masked, feeds))
     assert list(node_of(resized, "LSTM").input[5:7]) == ["", ""]
+
+
+def test_macs_of_custom_domain_ops_are_counted():
+    from onnxprune.report.macs import count_macs
+    from quant_models import matmul_nbits
+
+    counted = count_macs(dq_lstm())
+    lstm = next(k for k, op in counted.op_types.items() if op == "DynamicQuantizeLSTM")
+    # seq 5 * batch 2 * (numel W + numel R) = 10 * (2*8*32 + 2*8*32)
+    assert counted.per_node[lstm] == 10 * 1024
+    nbits = count_macs(matmul_nbits())
+    assert 4 * 12 * 32 in nbits.per_node.values()
