@@ -32,9 +32,10 @@ def make_inputs(model: ModelOrPath,
     * float (fp16/bf16/fp32/fp64): standard normal;
     * token ids (the indices of a ``Gather`` over an embedding table): ``0..rows-1`` of that
       table; other integers ``0..9``; ``uint8``: ``0..255`` (image pixels);
-    * attention masks: all ones (attend everywhere); token types: all zeros; position ids:
+    * attention masks: attend everywhere (all ones, or all zeros / false for a padding mask);
+      token types: all zeros; position ids:
       ``0, 1, 2, ...``;
-    * bool: fair coin flips (a bool mask: all true).
+    * bool: fair coin flips (a bool mask: as attention masks).
 
     >>> make_inputs(model, {"pixels": (2, 3, 64, 64)})       # doctest: +SKIP
     {'pixels': array([...], dtype=float32)}
@@ -72,7 +73,7 @@ def _random_tensor(spec: InputSpec, shape: Tuple[int, ...], rng: np.random.Gener
         return rng.standard_normal(shape).astype(spec.dtype)
     if et == onnx.TensorProto.BOOL:
         if role.kind == "mask":
-            return np.ones(shape, dtype=bool)
+            return np.full(shape, bool(role.fill))
         return rng.random(shape) < 0.5
     if et == onnx.TensorProto.STRING or et == onnx.TensorProto.UNDEFINED:
         raise InputDataError(f"input '{spec.name}' has element type "
@@ -81,7 +82,7 @@ def _random_tensor(spec: InputSpec, shape: Tuple[int, ...], rng: np.random.Gener
     dtype = spec.dtype
     if dtype.kind in "iu":
         if role.kind == "mask":
-            return np.ones(shape, dtype=dtype)
+            return np.full(shape, role.fill, dtype=dtype)
         if role.kind == "type":
             return np.zeros(shape, dtype=dtype)
         if role.kind == "position":

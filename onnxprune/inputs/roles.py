@@ -11,7 +11,10 @@ second):
   sight an integer input falls back to ``0 .. INT_HIGH-1`` with a note;
 * ``mask``: an attention mask, an input turned into float and combined by ``Sub``/``Mul``/
   ``Add`` toward an additive mask, or compared / selected on (``Equal``, ``Not``, ``Where``),
-  or (by name) one whose name contains ``mask``: all ones (attend everywhere);
+  or (by name) one whose name contains ``mask``: all ones (attend everywhere) — or all zeros
+  when a true value is what selects a ``Where``'s masking fill, or a zero what a ``Mul``
+  with activations keeps (a padding mask, PyTorch's ``key_padding_mask``: ``ids == pad``),
+  ``Not`` on the way counted;
 * ``type``: token types / segments, ids into a table of at most 2 rows, or (by name) containing
   ``type`` or ``segment``: all zeros;
 * ``position``: named ``position_ids``/``positions``: ``0, 1, 2, ...`` along the last axis;
@@ -51,18 +54,20 @@ _TABLE_PATH = {"Cast", "Mul", "DequantizeLinear", "Identity", "Transpose", "Resh
 @dataclass(frozen=True)
 class InputRole:
     """What an input holds: ``kind`` (ids, mask, type, position, past, plain), ``high`` (ids:
-    the exclusive upper bound of the values drawn) and ``why`` (how it was decided, for the
-    report)."""
+    the exclusive upper bound of the values drawn), ``why`` (how it was decided, for the
+    report) and ``fill`` (a mask's attend-everywhere value: 1, or 0 where true marks padding)."""
 
     kind: str
     high: Optional[int] = None
     why: str = ""
+    fill: int = 1  # a mask's value that lets every position through
 
     def describe(self, name: str, shape: Sequence[int]) -> str:
         """One line for the report: what was generated for input ``name``."""
         dims = "x".join(str(d) for d in shape) or "()"
         what = {"ids": f"token ids in 0..{(self.high or INT_HIGH) - 1}",
-                "mask": "all ones (attend everywhere)", "type": "all zeros",
+                "mask": ("all ones (attend everywhere)" if self.fill else
+                         "all zeros (nothing marked as padding)"), "type": "all zeros",
                 "position": "0, 1, 2, ... along the last axis",
                 "past": "standard normal with past length 1"}.get(self.kind, "random values")
         return f"{name} [{dims}]: {what} ({self.why})" if self.why else f"{name} [{dims}]: {what}"
@@ -91,7 +96,7 @@ def _role(spec: InputSpec, index: GraphIndex) -> InputRole:
     is_bool = spec.elem_type == onnx.TensorProto.BOOL
     if not (is_int or is_bool):
         return InputRole("plain")
-    tables, masky = _uses(spec.name, index)
+    tables, masky, hides = _uses(spec.name, index)
     if "position" in lowered and is_int:
         return InputRole("position", why="named as positions")
     if tables:
@@ -100,6 +105,9 @@ def _role(spec: InputSpec, index: GraphIndex) -> InputRole:
             return InputRole("type", why=f"indexes a table of {rows} rows" if rows <= 2
                              else "named as token types")
         return InputRole("ids", high=rows, why=f"indexes an embedding table of {rows} rows")
+    if hides and all(hides):
+        return InputRole("mask", fill=0, why="true marks padding: it selects a masking fill "
+                         "or zeroes activations")
     if masky:
         return InputRole("mask", why="combined toward an additive mask")
     if "mask" in lowered:
@@ -114,12 +122,14 @@ def _role(spec: InputSpec, index: GraphIndex) -> InputRole:
 
 def _uses(name: str, index: GraphIndex):
     """(row counts of the tables ``name`` indexes through Gather, whether it is used like a
-    mask), following it through shape-only ops and integer casts."""
+    mask, the mask's polarities: True where a true/nonzero value *hides* a position), following
+    it through shape-only ops, casts and ``Not``."""
     tables: List[int] = []
     masky = False
-    seen, todo = set(), [(name, False)]
+    hides: List[bool] = []
+    seen, todo = set(), [(name, False, False)]
     while todo:
-        value, as_float = todo.pop()
+        value, as_float, negated = todo.pop()
         if value in seen:
             continue
         seen.add(value)
@@ -132,12 +142,37 @@ def _uses(name: str, index: GraphIndex):
             elif op == "Cast":
                 to = int(attr(node, "to", 0))
                 floaty = to in FLOAT_TYPES
-                todo.extend((o, as_float or floaty) for o in node.output)
+                todo.extend((o, as_float or floaty, negated) for o in node.output)
+            elif op == "Not":
+                masky = True
+                todo.extend((o, as_float, not negated) for o in node.output)
             elif op in _CARRY and (slot == 0 or op == "Concat"):
-                todo.extend((o, as_float) for o in node.output)
+                todo.extend((o, as_float, negated) for o in node.output)
             elif op in _MASK_ARITH:
                 masky = True
-    return tables, masky
+                if op == "Mul" and as_float and _constant(node.input[1 - slot], index) is None:
+                    hides.append(negated)  # multiplies activations: a zero hides a position
+                elif op == "Where" and slot == 0:
+                    fill = _constant(node.input[1], index)
+                    if fill is not None and fill.size and (fill <= MASK_FILL).all():
+                        hides.append(not negated)  # the condition selects the -inf fill
+    return tables, masky, hides
+
+
+#: A ``Where`` branch at or below this is a masking fill (-1e4, -1e9, -inf, float min).
+MASK_FILL = -1e4
+
+
+def _constant(name: str, index: GraphIndex) -> Optional[np.ndarray]:
+    stored = index.stored.get(name)
+    if stored is None:
+        return None
+    from onnx import numpy_helper
+
+    try:
+        return numpy_helper.to_array(stored).astype(np.float64)
+    except (ValueError, TypeError):
+        return None
 
 
 def _table_rows(name: str, index: GraphIndex, depth: int = 4) -> Optional[int]:

@@ -194,6 +194,41 @@ def test_ids_behind_dequantized_table_and_fallback():
     assert ids.dtype == np.int32 and ids.max() < 300 and ids.max() >= 250
 
 
+@pytest.mark.parametrize("negate, fill, expected", [
+    (False, -1e9, 0),          # Where(mask, -1e9, scores): true hides -> generate all false
+    (True, -1e9, 1),           # Where(Not(mask), -1e9, scores): true attends
+    (False, float("-inf"), 0),
+    (True, 0.0, 1),            # a Where that selects no masking fill: the default, ones
+])
+def test_padding_mask_polarity(negate, fill, expected):
+    """Which value of a bool mask lets every position through, read from its Where."""
+    nodes = [helper.make_node("Not", ["m"], ["nm"])] if negate else []
+    nodes += [helper.make_node("Where", ["nm" if negate else "m", "fill", "x"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "pad", [_vi("m", ["batch", "seq"], TensorProto.BOOL), _vi("x", ["batch", "seq"])],
+        [_vi("y", None)], [numpy_helper.from_array(np.array(fill, np.float32), "fill")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    role = input_roles(model)["m"]
+    assert (role.kind, role.fill) == ("mask", expected)
+    feed = make_inputs(model, {"seq": 6})
+    assert feed["m"].dtype == bool and (feed["m"] == bool(expected)).all()
+
+
+def test_multiplicative_padding_mask():
+    """Not(mask) cast to float and multiplied into activations: the mask is true on padding."""
+    nodes = [helper.make_node("Not", ["m"], ["keep"]),
+             helper.make_node("Cast", ["keep"], ["kf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["x", "kf"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "mul", [_vi("m", ["n"], TensorProto.BOOL), _vi("x", ["n"])], [_vi("y", None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    role = input_roles(model)["m"]
+    assert (role.kind, role.fill) == ("mask", 0)
+    assert role.describe("m", (1, 4)) == ("m [1x4]: all zeros (nothing marked as padding) (true "
+                                          "marks padding: it selects a masking fill or zeroes "
+                                          "activations)")
+
+
 def test_generated_calibration_uses_roles():
     data = generated_calibration(token_model(), n=3, shapes={"seq": 7})
     batch = next(iter(data.batches(3)))
