@@ -11,7 +11,7 @@ by input name, for ``onnxprune --calibration``.
 | minilm | all-MiniLM-L6-v2 int8 | sentence pairs from a small grammar; each pair is a paraphrase (synonyms, word order) | retrieval: share of queries whose nearest neighbour (mean-pooled embedding, cosine) among all second halves is their own paraphrase; also ``minilm_cosine`` (embedding cosine vs dense) and ``minilm_agreement`` (top-1 neighbour unchanged vs dense) |
 | flan_t5 | flan-t5-small encoder (dynamic int8) | sentences | mean hidden-state cosine vs dense over unmasked tokens |
 | dksplit | int8 BiLSTM-CRF | 2-3 English words concatenated (``"openmailbox"``) | exact split accuracy vs the known words (Viterbi with the wheel's CRF); ``dksplit_agreement`` vs dense |
-| romanizer | BiGRU encoder (+ the dense decoder) | one or two common Arabic names | greedy-decode top-1 agreement with the dense encoder's transliteration |
+| romanizer | BiGRU encoder (+ the dense decoder) | 40 common Arabic name units | greedy-decode top-1 agreement with the dense encoder's transliteration |
 | svtrv2 | SVTRv2 text recognizer | rendered lines (digits, Latin, punctuation; ``tools/render_text_lines.py``) | character accuracy vs the rendered text: 1 - edit distance / length |
 | khmersm, text2tashkeel | char transformer / int8 BiLSTM | random character sequences from the model's own vocabulary (not real text) | per-character tag agreement with dense |
 
@@ -107,8 +107,12 @@ def concatenated_words(n: int, seed: int) -> List[List[str]]:
 
 
 def arabic_names(n: int, seed: int) -> List[str]:
+    """Single name units (the romanizer reads one unit at a time), shuffled; repeats only past the list."""
     rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(ARABIC_NAMES, size=int(rng.integers(1, 3)))) for _ in range(n)]
+    names = []
+    while len(names) < n:
+        names += list(rng.permutation(ARABIC_NAMES))
+    return names[:n]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,7 +310,7 @@ def romanize(encoder, names: Sequence[str], decoder=None, max_len: int = 32) -> 
     return out
 
 
-def romanizer_data(n: int = 100, seed: int = 0, dense=None) -> dict:
+def romanizer_data(n: int = 40, seed: int = 0, dense=None) -> dict:
     names = arabic_names(n, seed)
     return {"names": names, "dense": romanize(dense or text_file(ROM_ENCODER), names)}
 
@@ -380,7 +384,7 @@ def svtrv2_metric(model_path, data) -> float:
 # khmersm, text2tashkeel: tag agreement on random in-vocabulary characters
 # ---------------------------------------------------------------------------------------------------------------
 
-def _random_chars(n: int, seed: int, high: int, length: int = 24) -> np.ndarray:
+def _random_chars(n: int, seed: int, high: int, length: int = 32) -> np.ndarray:
     return np.random.default_rng(seed).integers(2, high, size=(n, length)).astype(np.int64)
 
 
