@@ -669,9 +669,11 @@ def _freeze_only(entries: List[ModelEntry], rows: List[RunResult], command: str,
         if entry.label in first:
             first[entry.label].freeze = freeze
         print(f"{entry.label}: frozen {freeze['rate']}", flush=True)
-    seconds = 0.0
-    summary = write_markdown(rows, command + "  # freeze rates only, into the previous rows",
-                             out, seconds, keep_time=True)
+    previous = re.search(r"```\n(.*?)\n```", out.read_text(encoding="utf-8"), re.S) \
+        if out.is_file() else None
+    command = ((previous.group(1) + "\n") if previous else "") + command + \
+        "  # freeze rates only, into the previous rows"
+    summary = write_markdown(rows, command, out, 0.0, keep_time=True)
     out.with_suffix(".json").write_text(
         "[\n" + ",\n".join(json.dumps({k: v for k, v in asdict(r).items() if v not in (None, "")})
                             for r in rows) + "\n]\n", encoding="utf-8")
@@ -728,7 +730,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"[{i}/{len(entries)}] {entry.label}: {marks}", flush=True)
     elapsed = time.perf_counter() - start
     if kept:
-        command += f"  # merged into the {len(kept)} rows of the previous run"
+        before = re.search(r"```\n(.*?)\n```", args.write.read_text(encoding="utf-8"), re.S) \
+            if args.write.is_file() else None
+        command = ((before.group(1) + "\n") if before else "") + command + \
+            f"  # merged into the {len(kept)} rows of the previous run"
         labels = {e.label for e in entries}
         entries = entries + [ModelEntry(*r.model.split("/", 1), path=None) for r in kept
                              if r.model not in labels and not labels.add(r.model)]
