@@ -103,8 +103,8 @@ def section(rows: List[Dict], freezes: Dict[str, dict], command: str, seconds: f
     lines = [BEGIN, "", "## Real text and sequence models (`tools/bench_text.py`)", "", "```", command, "```", "",
              f"{seconds / 60:.1f} min on a shared 2-core machine. Task metrics from `tools/eval_text.py` on data "
              "generated with seed 1 (calibration: seed 0, "
-             f"{CALIBRATION_SAMPLES} samples written by `eval_text.make_calibration`, half of them held out "
-             "for validation); *kept* = pruned / dense metric. *params*: the pruned weights' elements before → after "
+             f"{CALIBRATION_SAMPLES} samples written by `eval_text.make_calibration`, "
+             f"{CALIBRATION_SAMPLES // 2} of them for the statistics and 8 of the rest held out for validation); *kept* = pruned / dense metric. *params*: the pruned weights' elements before → after "
              "(channel removal) and their zeros; *frozen*: channel groups left whole. The freeze rate is "
              "`tools/corpus.py`'s (weight-like parameters channel pruning cannot reach).", "",
              "| model | metric | freeze rate | run | dense | pruned | kept | params | nonzeros | frozen | s |",
