@@ -4,8 +4,8 @@ This module owns :class:`InputSpec` (one runtime input: name, element type, decl
 :func:`input_signature`, the CLI's ``--input-shape`` text (:func:`parse_input_shapes`) and
 :func:`resolve_input_shapes`, which fills dynamic dims the same way for generated inputs,
 calibration and MAC counting (:func:`bind_input_shapes` turns dim-name bindings such as
-``sequence=32`` into the whole shapes of the inputs declaring them, once per run). It also holds the two spellings every input message shares:
-:func:`fmt_shape` and :func:`type_name`.
+``sequence=32`` into the whole shapes of the inputs declaring them, once per run). It also
+holds the two spellings every input message shares: :func:`fmt_shape` and :func:`type_name`.
 
 Default sizes for dynamic dimensions (symbolic like ``"batch"``, or unnamed):
 

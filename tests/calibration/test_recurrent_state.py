@@ -40,10 +40,9 @@ def rnn_model(direction: str, initial: bool = False, layout: int = 0, op: str = 
     xshape = [BATCH, SEQ, FEAT] if layout else [SEQ, BATCH, FEAT]
     if batch_major:
         nodes.insert(0, helper.make_node("Transpose", ["xb"], ["x"], perm=[1, 0, 2]))
-        ins[0] = "x"
         xshape = ["batch", SEQ, FEAT]
-    graph = helper.make_graph(nodes, "rnn", [helper.make_tensor_value_info("xb" if batch_major else "x",
-                                                             TensorProto.FLOAT, xshape)],
+    x_in = helper.make_tensor_value_info("xb" if batch_major else "x", TensorProto.FLOAT, xshape)
+    graph = helper.make_graph(nodes, "rnn", [x_in],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT,
                                                              [SEQ, None, None, H])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
@@ -113,7 +112,8 @@ def test_calibrated_pruning_reaches_r(tmp_path):
                    calibration_samples=12, validation_samples=4)
     rows = {r["name"]: r for r in result.report.to_dict()["rows"]}
     assert set(rows) == {"W", "R"}
-    assert rows["R"]["criterion"] == "sparsegpt" and rows["R"]["nonzeros_after"] == 2 * 3 * H * H // 2
+    assert rows["R"]["criterion"] == "sparsegpt"
+    assert rows["R"]["nonzeros_after"] == 2 * 3 * H * H // 2
     r = numpy_helper.to_array({t.name: t for t in result.model.graph.initializer}["R"])
     assert ((r.reshape(-1, 4) != 0).sum(axis=1) <= 2).all()
     assert not result.report.skipped
