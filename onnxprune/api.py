@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import onnx
 
 from onnxprune.errors import OptionError, ValidationFailed
+from onnxprune.inputs.signature import bind_input_shapes
 from onnxprune.masking.criteria import get_criterion
 from onnxprune.model import io as mio
 from onnxprune.options import PruneOptions
@@ -213,6 +214,7 @@ def _execute(model: mio.ModelLike, opts: PruneOptions, output, force: bool, trac
         check_output(opts.save_plan, force, mio.input_files(state.handle), "plan",
                      avoid=[out] if out is not None else [])
     size_before = state.handle.file_size()
+    opts = replace(opts, input_shapes=bind_input_shapes(state.model, opts.input_shapes))
     pipeline = build_passes(opts)
     macs_before = count_macs_or_error(state.model, opts.input_shapes, None)
     with session_threads(opts.threads):
@@ -324,4 +326,4 @@ def inspect(model: mio.ModelLike, input_shapes: Optional[Dict[str, Sequence[int]
     ``target`` (``"tensorrt"``, ``"onnxruntime-cpu"``) adds what that runtime can use."""
     from onnxprune.report.inspect import inspect_model
 
-    return inspect_model(model, input_shapes, target=target)
+    return inspect_model(model, bind_input_shapes(model, input_shapes), target=target)

@@ -207,7 +207,7 @@ def _verdict(text: Optional[str]) -> Optional[str]:
     return text
 
 
-def _input_shapes(specs: Sequence[str], flag: str) -> Optional[Dict[str, Tuple[int, ...]]]:
+def _input_shapes(specs: Sequence[str], flag: str) -> Optional[Dict[str, Any]]:
     return parse_input_shapes(specs) or None
 
 
@@ -372,9 +372,11 @@ class PruneOptions:
         32, "With --calibration and no --inputs: samples held out of the calibration data "
             "(taken after the ones it uses, at most half) to validate on.", type=int,
         bounds=(0, 1 << 62))
-    input_shapes: Optional[Dict[str, Sequence[int]]] = option(
-        None, "Fix an input's dims for generated inputs and MACs: NAME:1x3x224x224, or "
-              "Polygraphy's NAME:[1,3,224,224] (several in one value, space-separated).",
+    input_shapes: Optional[Dict[str, Any]] = option(
+        None, "Fix an input's dims for generated inputs, calibration, validation and MACs: "
+              "NAME:1x3x224x224, or Polygraphy's NAME:[1,3,224,224] (several in one value, "
+              "space-separated), or symbolic dims by name for every input declaring them: "
+              "batch=1,sequence=32 (mix forms with ';').",
         name="--input-shape", parse=_input_shapes, multiple=True, commands=COMMANDS)
     max_error: Optional[float] = option(
         None, "Fail (exit 1, nothing written) if the relative max error of any output exceeds "

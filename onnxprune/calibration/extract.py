@@ -37,6 +37,14 @@ How ``X`` is formed, per op (the node's *activation* operand is the one that is 
 * **MatMul** ``x @ W``: every leading dim of ``x`` flattened into rows; ``W @ x``: the rows are
   the columns of ``x``. A weight with batch dims (``[B, K, N]``) gets one ``H`` summed over the
   batch (exact when the activation broadcasts over ``B``, an average otherwise).
+* **LSTM / GRU / RNN** ``W``: every (step, batch) position of the sequence input (the registry's
+  activation rule). ``R [dirs, G*H, H]`` reads the previous hidden state, which is no graph
+  tensor: :class:`RecurrentStateExtractor` rebuilds it from the op's own output ``Y`` shifted
+  by one step (forward: step ``t`` reads ``Y[t-1]``; reverse: ``Y[t+1]``), one row group per
+  direction (direction ``d`` owns rows ``d`` of ``R``'s 2-D view), rows in step order. The
+  first step each direction takes reads ``initial_h``: zeros when the op has none (exact), its
+  rows left out when it has one (not a tensor of this batch). With ``sequence_lens``, the states
+  of padded steps are included (an approximation). ``Y`` must be a named output.
 """
 
 from __future__ import annotations
@@ -48,11 +56,13 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from onnxprune.errors import InputDataError
+from onnxprune.model.index import attr
+from onnxprune.ops.recurrent import GATES
 from onnxprune.ops.weights import Weight
 from onnxprune.ops.registry import ConvGeometry, activation_of
 
-__all__ = ["Extractor", "MatrixExtractor", "ConvExtractor", "extractor_for", "activation_rows",
-           "row_blocks", "sample_positions"]
+__all__ = ["Extractor", "MatrixExtractor", "ConvExtractor", "RecurrentStateExtractor",
+           "extractor_for", "activation_rows", "row_blocks", "sample_positions"]
 
 
 class Extractor:
@@ -118,6 +128,65 @@ class MatrixExtractor(Extractor):
         step = max(1, block_bytes // (np.dtype(dtype).itemsize * self.in_dim))
         for r0 in range(0, x2.shape[0], step):
             yield x2[r0:r0 + step].astype(dtype)[None]
+
+
+class RecurrentStateExtractor(Extractor):
+    """LSTM/GRU/RNN ``R``: the hidden states each step reads, from the op's output ``Y``."""
+
+    def __init__(self, activation: str, hidden: int, dirs: int, reverse: Sequence[bool],
+                 batch_first: bool, initial: bool) -> None:
+        super().__init__(activation, hidden)
+        self.groups = dirs
+        self.reverse = tuple(bool(r) for r in reverse)  # per direction
+        self.batch_first = batch_first
+        self.initial = initial  # the op reads an initial_h: its step is left out
+
+    @property
+    def signature(self) -> tuple:
+        return super().signature + (self.groups, self.reverse, self.batch_first, self.initial)
+
+    def states(self, y: np.ndarray) -> np.ndarray:
+        """``[dirs, rows, H]``: direction ``d``'s previous state for every step it reads one
+        from this batch, in step order (rows step-major, then batch)."""
+        y = np.asarray(y)
+        if self.batch_first:  # [batch, seq, dirs, H] -> [seq, dirs, batch, H]
+            y = np.transpose(y, (1, 2, 0, 3)) if y.ndim == 4 else y
+        if y.ndim != 4 or y.shape[1] != self.groups or y.shape[3] != self.in_dim:
+            raise InputDataError(f"the calibration inputs do not fit the model: the recurrent "
+                                 f"output '{self.activation}' has shape {np.shape(y)}, not "
+                                 f"[seq, {self.groups}, batch, {self.in_dim}]")
+        parts = []
+        for d, reverse in enumerate(self.reverse):
+            yd = y[:, d]  # [seq, batch, H]
+            zero = [] if self.initial else [np.zeros_like(yd[:1])]
+            steps = [yd[1:]] + zero if reverse else zero + [yd[:-1]]
+            parts.append(np.concatenate(steps, axis=0).reshape(-1, self.in_dim))
+        return np.stack(parts)
+
+    def blocks(self, x: np.ndarray, block_bytes: int, dtype=np.float64,
+               positions: Optional[np.ndarray] = None) -> Iterator[np.ndarray]:
+        if positions is not None:
+            raise ValueError("recurrent state rows are not sampled")
+        v = self.states(x)
+        step = max(1, block_bytes // (np.dtype(dtype).itemsize * self.in_dim * self.groups))
+        for r0 in range(0, v.shape[1], step):
+            yield v[:, r0:r0 + step].astype(dtype)
+
+
+def recurrent_state_extractor(weight: Weight, node) -> Tuple[Optional[Extractor], str]:
+    """The extractor of an LSTM/GRU/RNN ``R`` (see :class:`RecurrentStateExtractor`)."""
+    if len(node.output) < 1 or not node.output[0]:
+        return None, (f"{node.op_type} input 2 (R) reads the previous hidden state, taken from "
+                      "the op's output Y, which this node does not name")
+    dirs, hidden = int(weight.shape[0]), int(weight.shape[2])
+    direction = attr(node, "direction", b"forward")
+    direction = direction.decode() if isinstance(direction, bytes) else str(direction)
+    reverse = [False, True] if direction == "bidirectional" else [direction == "reverse"]
+    if len(reverse) != dirs:
+        return None, f"{node.op_type} R has {dirs} directions but direction={direction}"
+    initial = len(node.input) > 5 and bool(node.input[5])
+    return RecurrentStateExtractor(node.output[0], hidden, dirs, reverse,
+                                   int(attr(node, "layout", 0)) == 1, initial), ""
 
 
 class ConvExtractor(Extractor):
@@ -366,6 +435,8 @@ def sample_positions(total: int, k: int, seed: int, key: str, first: int, n: int
 def extractor_for(weight: Weight, consumer) -> Tuple[Optional[Extractor], str]:
     node, index = consumer.node, consumer.input_index
     act = activation_of(node, index, weight.shape)
+    if act is None and index == 2 and node.op_type in GATES and len(weight.shape) == 3:
+        return recurrent_state_extractor(weight, node)  # R: the state from Y, shifted
     if act is None:
         return None, f"no activation rule for {node.op_type} input {index}"
     name = node.input[act.index]

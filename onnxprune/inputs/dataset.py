@@ -25,6 +25,7 @@ from onnxprune.errors import InputDataError, OptionError
 from onnxprune.inputs.files import (ARRAY_EXTENSIONS, IMAGE_EXTENSIONS, Part, array_kind,
                                     arrays_part, file_part, read_headers)
 from onnxprune.inputs.generate import make_inputs
+from onnxprune.inputs.roles import input_roles
 from onnxprune.inputs.images import ImagePreprocess, image_parts
 from onnxprune.inputs.signature import (InputSpec, ModelOrPath, input_signature, model_proto,
                                         resolve_input_shapes)
@@ -295,10 +296,11 @@ def generated_calibration(model, n: int = 8, seed: int = 0,
         raise OptionError(f"generated calibration needs at least 1 sample, got {n}")
     specs = input_signature(proto)
     resolved = resolve_input_shapes(proto, shapes, batch=1)
+    roles = input_roles(proto, specs)
     parts = []
     for i in range(int(n)):
         def loader(limit=None, start=0, i=i):
-            return make_inputs(proto, resolved, seed=seed * 1_000_003 + i)
+            return make_inputs(proto, resolved, seed=seed * 1_000_003 + i, roles=roles)
         parts.append(Part(1, loader, f"generated #{i}"))
     return CalibrationSet(specs, parts, f"generated (seed {seed})", data_free=True)
 

@@ -148,7 +148,8 @@ class Validate(Pass):
 
         return (generated(), "generated",
                 f"{n} generated random inputs: the figures show how far the outputs moved, "
-                "not the accuracy; pass --inputs or --calibration data for a real estimate", [])
+                "not the accuracy; pass --inputs or --calibration data for a real estimate",
+                _generated_note(model, self.input_shapes))
 
     def _compare(self, state, reference, pruned):
         from onnxprune.report.compare import Comparer, Thresholds
@@ -227,3 +228,10 @@ def _batched(data, batch_size: int) -> Iterator[Tuple[Dict[str, np.ndarray], int
         sized = [np.shape(v)[0] for v in feed.values() if np.ndim(v)]
         yield feed, (min(sized) if sized and not one else 1)
 
+
+def _generated_note(model, shapes) -> List[str]:
+    """What was generated for token-id / mask / position / past inputs (none for plain ones)."""
+    from onnxprune.inputs.generate import generated_notes
+
+    lines = generated_notes(model, shapes)
+    return ["generated inputs: " + "; ".join(lines)] if lines else []
