@@ -18,6 +18,7 @@ import numpy as np
 from onnxprune.errors import OptionError
 from onnxprune.model.io import ModelHandle
 from onnxprune.channels.graph import CONSUMER, PRODUCER, ChannelGraph, ChannelGroup
+from onnxprune.ops.weights import FLOAT_TYPES, find_weights
 
 CRITERIA = ("l1", "l2")
 
@@ -32,7 +33,7 @@ def unit_scores(handle: ModelHandle, graph: ChannelGraph, group: ChannelGroup,
             continue
         key = (m.tensor, m.axis, criterion)
         if key not in cache:
-            arr = np.asarray(handle.read(graph.stored[m.tensor]), dtype=np.float64)
+            arr = _dequantized(handle, graph, m.tensor, cache)
             rows = np.moveaxis(arr, m.axis, 0).reshape(arr.shape[m.axis], -1)
             cache[key] = (np.abs(rows).sum(1) if criterion == "l1" else (rows ** 2).sum(1))
         v = cache[key][m.index_map].sum(axis=1)
@@ -43,6 +44,22 @@ def unit_scores(handle: ModelHandle, graph: ChannelGraph, group: ChannelGroup,
     if not per_tensor:
         return np.zeros(group.size)
     return np.mean(per_tensor, axis=0)
+
+
+def _dequantized(handle: ModelHandle, graph: ChannelGraph, name: str, cache: Dict
+                 ) -> np.ndarray:
+    """A stored tensor's values as its readers see them: an integer weight dequantized by its
+    scale (:class:`onnxprune.ops.weights.Dequant`), so per-channel scales weigh the channels as
+    the model does; float tensors as stored."""
+    tensor = graph.stored[name]
+    arr = np.asarray(handle.read(tensor), dtype=np.float64)
+    if tensor.data_type in FLOAT_TYPES:
+        return arr
+    if "dequant" not in cache:  # found once per selection, only for models with such weights
+        cache["dequant"] = {w.name: w.dequant for w in find_weights(handle)[0]
+                            if w.dequant is not None}
+    dq = cache["dequant"].get(name)
+    return arr if dq is None else arr * dq.factor(handle, arr.shape)
 
 
 def _user_scores(graph: ChannelGraph, key: Union[int, str], values) -> tuple:
