@@ -1,0 +1,180 @@
+"""Attention heads when the reshapes' targets are computed by ``Shape -> Gather -> Unsqueeze ->
+Concat`` subgraphs (as torch exports write ``x.view(b, s, -1, hd)``): the subgraph is evaluated
+statically, heads are removed as units across Q, K, V and the output projection, and every
+shape constant that carries a head count is overridden exactly (never edited in place when
+shared)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.channels.graph import build_channel_graph
+from onnxprune.channels.resize import mask_channels, resize_channels
+from onnxprune.channels.select import select_channels
+from onnxprune.model.io import load
+from onnxprune.ops.shape import DimRef, reshape_output, shape_vector
+from channel_models import G
+
+D, H, HD, T = 32, 4, 8, 6
+SHAPES = {"x": [1, T, D]}
+
+
+def _dim(g: G, x: str, axis: int) -> str:
+    """Unsqueeze(Gather(Shape(x), axis)): a [1] vector holding x's size on ``axis``."""
+    s = g.op("Shape", [x])
+    return g.op("Unsqueeze", [g.op("Gather", [s, g.c(np.int64(axis))], axis=0),
+                              g.c(np.array([0], np.int64))])
+
+
+def attention_dynamic(style: str = "minus_one", layers: int = 1, seed: int = 0):
+    """x[batch, seq, 32] -> ``layers`` blocks of 4-head attention + GELU FFN, reshapes built at
+    run time. ``style``: "minus_one" (``view(b, s, -1, 8)``, merge ``view(b, s, -1)``), "count"
+    (``view(b, s, 4, -1)``, merge ``view(b, s, 32)``: head count and width as constants),
+    "shared" (like count, one head-count initializer and one target vector shared by every
+    reshape of every layer), "constant_node" (the head count from a Constant node)."""
+    g = G(seed)
+    x = "x"
+    shared = {}
+
+    def split_target(y):
+        b, s = _dim(g, "x", 0), _dim(g, "x", 1)
+        if style == "minus_one":
+            return g.op("Concat", [b, s, g.c(np.array([-1], np.int64)),
+                                   g.c(np.array([HD], np.int64))], axis=0)
+        if style == "constant_node":
+            count = g.op("Constant", [], value=numpy_helper.from_array(np.array([H], np.int64)))
+            return g.op("Concat", [b, s, count, g.c(np.array([-1], np.int64))], axis=0)
+        if style == "shared":
+            if "split" not in shared:
+                shared["count"] = g.c(np.array([H], np.int64), name="head_count")
+                shared["split"] = g.op("Concat", [b, s, shared["count"],
+                                                  g.c(np.array([-1], np.int64))], axis=0)
+            return shared["split"]
+        return g.op("Concat", [b, s, g.c(np.array([H], np.int64)),
+                               g.c(np.array([-1], np.int64))], axis=0)
+
+    def merge_target():
+        b, s = _dim(g, "x", 0), _dim(g, "x", 1)
+        last = -1 if style == "minus_one" else D
+        return g.op("Concat", [b, s, g.c(np.array([last], np.int64))], axis=0)
+
+    def proj(x, n):
+        return g.op("Add", [g.op("MatMul", [x, g.w([D if n != D else D, n])]), g.w([n], 0.1)])
+
+    def heads(y):
+        y = g.op("Reshape", [y, split_target(y)])
+        return g.op("Transpose", [y], perm=[0, 2, 1, 3])
+
+    for _ in range(layers):
+        q, k, v = heads(proj(x, D)), heads(proj(x, D)), heads(proj(x, D))
+        s = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])
+        s = g.op("Softmax", [g.op("Div", [s, g.c(np.float32(np.sqrt(HD)))])], axis=-1)
+        o = g.op("Transpose", [g.op("MatMul", [s, v])], perm=[0, 2, 1, 3])
+        o = g.op("Reshape", [o, merge_target()])
+        o = g.op("Add", [g.op("MatMul", [o, g.w([D, D])]), x])
+        n = g.op("LayerNormalization", [o, g.w([D], positive=True), g.w([D], 0.1)], axis=-1)
+        m = g.op("Add", [g.op("MatMul", [n, g.w([D, 64])]), g.w([64], 0.1)])
+        m = g.op("Mul", [m, g.op("Mul", [g.c(np.float32(0.5)), g.op("Add", [
+            g.op("Erf", [g.op("Div", [m, g.c(np.float32(1.41421))])]), g.c(np.float32(1.0))])])])
+        x = g.op("Add", [g.op("MatMul", [m, g.w([64, D])]), n])
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(g.nodes, "attn", [vi("x", TensorProto.FLOAT, ["batch", "seq", D])],
+                              [vi(x, TensorProto.FLOAT, ["batch", "seq", D])], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def run(model, x):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+def masked_and_resized(model, sparsity=0.5):
+    masked = load(copy.deepcopy(model))
+    graph = build_channel_graph(masked, SHAPES)
+    removed = select_channels(masked, graph, sparsity)
+    mask_channels(masked, removed, graph)
+    resized = load(copy.deepcopy(masked.model))
+    graph2 = build_channel_graph(resized, SHAPES)
+    assert [g.size for g in graph2.groups] == [g.size for g in graph.groups]
+    shapes = resize_channels(resized, graph2, removed)
+    return graph, masked.model, resized.model, removed, shapes
+
+
+def _inputs():
+    r = np.random.default_rng(5)
+    return [r.standard_normal(s).astype(np.float32) for s in ((1, T, D), (2, 9, D), (3, 1, D))]
+
+
+@pytest.mark.parametrize("style", ["minus_one", "count", "shared", "constant_node"])
+def test_heads_removed_as_units_masked_equals_resized(style):
+    model = attention_dynamic(style, layers=2)
+    graph, masked, resized, removed, shapes = masked_and_resized(model)
+    onnx.checker.check_model(resized, full_check=True)
+    heads = [g for g in graph.groups if g.size == H]
+    assert len(heads) == 2 and all(g.prunable and len(g.producers) == 3 for g in heads)
+    for g in heads:  # half the heads of each layer, whole heads
+        assert len(removed[g.id]) == 2
+    q = next(m for m in heads[0].members if m.tensor == heads[0].producers[0] and m.axis == 1)
+    assert q.index_map.shape == (H, HD)
+    assert q.index_map[1].tolist() == list(range(HD, 2 * HD))
+    # Q/K/V columns and output-projection rows lose 2 heads x 8
+    assert sum(1 for before, after in shapes.values() if before == (D, D) and after == (D, 16)) \
+        == 6
+    assert sum(1 for before, after in shapes.values() if before == (D, D) and after == (16, D)) \
+        == 2
+    for x in _inputs():  # any batch and sequence: the targets still come from Shape at run time
+        want, got = run(masked, x), run(resized, x)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+        assert not np.allclose(run(model, x), want, atol=1e-3)  # something was removed
+
+
+def test_shared_head_count_is_never_edited_in_place():
+    """Both layers read one head-count initializer; each layer's reshapes get their own override
+    of the entry (a Where before the Reshape); the shared constant keeps its value."""
+    model = attention_dynamic("shared", layers=2)
+    _, masked, resized, removed, _ = masked_and_resized(model)
+    count = next(t for t in resized.graph.initializer if t.name == "head_count")
+    assert numpy_helper.to_array(count).tolist() == [H]
+    wheres = [n for n in resized.graph.node if n.op_type == "Where"]
+    reshapes = [n for n in resized.graph.node if n.op_type == "Reshape"]
+    assert len(wheres) == len(reshapes) == 8  # 3 splits + 1 merge per layer
+    assert all(r.input[1] in {w.output[0] for w in wheres} for r in reshapes)
+
+
+def test_minus_one_needs_no_override():
+    model = attention_dynamic("minus_one")
+    _, _, resized, _, _ = masked_and_resized(model)
+    assert not any(n.op_type == "Where" for n in resized.graph.node)
+
+
+def test_shape_vector_evaluates_the_subgraph():
+    model = attention_dynamic("count")
+    handle = load(model)
+    graph = build_channel_graph(handle, SHAPES)
+    reshape = next(n for n in model.graph.node if n.op_type == "Reshape")
+    entries = shape_vector(reshape.input[1], graph.shapes.get,
+                           lambda n: numpy_helper.to_array(handle.index.stored[n])
+                           if n in handle.index.stored else None, handle.index.producer)
+    assert entries == [DimRef("x", 0), DimRef("x", 1), H, -1]
+    # symbols flow through as symbols; -1 is solved when they cancel
+    assert reshape_output(("batch", "seq", 32), ["batch", "seq", -1, 8], True) == \
+        ("batch", "seq", 4, 8)
+    assert reshape_output(("batch", 4, "seq", 8), [-1, "seq", 8], True) is None
+    assert reshape_output((2, 6, 32), [0, 0, -1, 8], False) == (2, 6, 4, 8)
+
+
+def test_symbolic_input_shapes_resolve_heads():
+    """Without --input-shape the batch and sequence stay symbols and heads are still found."""
+    graph = build_channel_graph(load(attention_dynamic("minus_one")), None)
+    assert [g.size for g in graph.groups if g.prunable and g.size == H] == [H]
