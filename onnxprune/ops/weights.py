@@ -98,11 +98,31 @@ class Weight:
         to the integer type (exact zeros stay exact zeros)."""
         if self.dequant is None:
             return self.layout.from_2d(np.asarray(w2d).astype(dtype))
+        info = np.iinfo(dtype)
+        self._widen_scale(handle, np.asarray(w2d, np.float64), info)
         factor = self.layout.to_2d(self.dequant.factor(handle, self.layout.stored_shape))
         with np.errstate(divide="ignore", invalid="ignore"):
             q = np.where(factor != 0, np.asarray(w2d, np.float64) / factor, 0.0)
-        info = np.iinfo(dtype)
         return self.layout.from_2d(np.clip(np.rint(q), info.min, info.max).astype(dtype))
+
+    def _widen_scale(self, handle: ModelHandle, w2d: np.ndarray, info) -> None:
+        """A refit can move a row past what its scale reaches (``qmax * scale``): with one
+        scale per output row held by this weight alone, that row's scale grows to fit it
+        (the scheme stays integer + scale); a scalar or shared scale stays and values clip."""
+        dq = self.dequant
+        rows = w2d.shape[0]
+        scale = np.asarray(handle.read(dq.scale))
+        if scale.size != rows or rows == 1 or dq.divide or \
+                handle.index.read_anywhere(dq.scale.name) != 1:
+            return
+        factor = self.layout.to_2d(dq.factor(handle, self.layout.stored_shape))[:, 0]
+        qmax = float(min(info.max, -info.min))
+        need = np.abs(w2d).max(axis=1) / qmax
+        grow = need > np.abs(factor)
+        if grow.any():
+            # the scale broadcasts against the stored shape; its rows follow W[out]'s order
+            per_row = np.where(grow, need * np.sign(np.where(factor == 0, 1.0, factor)), factor)
+            handle.write(dq.scale, per_row.reshape(scale.shape).astype(scale.dtype))
 
     @property
     def op_type(self) -> str:
