@@ -91,6 +91,10 @@ def reshape_blocks(s: Sequence[int], t: Sequence[int]):
         bi, bj, pi, pj = [i], [j], s[i], t[j]
         i, j = i + 1, j + 1
         while pi != pj:
+            if not (isinstance(pi, int) and isinstance(pj, int)) or \
+                    (pi < pj and i < len(s) and not isinstance(s[i], int)) or \
+                    (pj < pi and j < len(t) and not isinstance(t[j], int)):
+                return None  # a symbol inside a merged/split block: no exact map
             if pi < pj and i < len(s):
                 pi *= s[i]
                 bi.append(i)
