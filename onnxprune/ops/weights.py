@@ -269,7 +269,7 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
             dtype_name = onnx.TensorProto.DataType.Name(source.tensor.data_type)
             skipped.setdefault(source.name, Skipped(
                 source.name, f"{dtype_name} weight (quantized or integer); only float weights "
-                             "and integers dequantized by Cast + Mul/Div scale are pruned"))
+                             "are pruned"))
             return True
         if source.dequant is not None:
             scale = handle.read(source.dequant.scale)
