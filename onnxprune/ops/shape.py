@@ -134,7 +134,10 @@ def tie_reshape(ctx: NodeCtx, x: str, y: str) -> bool:
             many, one, side_many, side_one = bi, bj[0], x, y
             shape_many = [s[a] for a in bi]
         elif len(bi) == 1:  # split: outermost non-1 output axis carries the channels
-            cands = [a for a in bj if t[a] > 1][:1]
+            cands = [a for a in bj if t[a] > 1]
+            if len(cands) > 1 and _unstacked(ctx.b, y, cands[0]):
+                cands = cands[1:]  # fused qkv [3, heads, hd]: the 3 is split apart, heads carry
+            cands = cands[:1]
             many, one, side_many, side_one = bj, bi[0], y, x
             shape_many = [t[a] for a in bj]
         else:
@@ -155,6 +158,36 @@ def tie_reshape(ctx: NodeCtx, x: str, y: str) -> bool:
         for a in many:
             if a != carrier:
                 ctx.freeze(side_many, a, "reshape merges/splits it with a channel axis")
+    return True
+
+
+def _unstacked(b, name: str, axis: int, depth: int = 0) -> bool:
+    """Whether every reader of ``name`` takes its ``axis`` apart into single slices (a Split into
+    sizes of 1 or a Gather of one index along it, through Transposes): a stacking axis such as
+    the 3 of a fused ``[3, heads, head_dim]`` projection, which holds no channels of its own."""
+    readers = b.consumers.get(name, [])
+    if not readers or depth > 4 or name in b.graph_outputs:
+        return False
+    for node, idx in readers:
+        if idx != 0 or node.domain not in ("", "ai.onnx"):
+            return False
+        r = len(b.shape(name) or ())
+        if node.op_type == "Transpose":
+            perm = attr(node, "perm", None)
+            if perm is None or not _unstacked(b, node.output[0], list(perm).index(axis),
+                                              depth + 1):
+                return False
+        elif node.op_type == "Split":
+            if norm_axis(int(attr(node, "axis", 0)), r) != axis or \
+                    any(b.size(o, axis) != 1 for o in node.output):
+                return False
+        elif node.op_type == "Gather":
+            i = b.const_value(node.input[1])
+            if norm_axis(int(attr(node, "axis", 0)), r) != axis or i is None or \
+                    np.ndim(i) != 0:
+                return False
+        else:
+            return False
     return True
 
 

@@ -178,3 +178,49 @@ def test_symbolic_input_shapes_resolve_heads():
     """Without --input-shape the batch and sequence stay symbols and heads are still found."""
     graph = build_channel_graph(load(attention_dynamic("minus_one")), None)
     assert [g.size for g in graph.groups if g.prunable and g.size == H] == [H]
+
+
+def fused_qkv(seed: int = 1, gather: bool = False):
+    """SVTR/timm style: one qkv MatMul [32, 96] -> view(b, s, 3, 4, 8) -> Transpose(2,0,3,1,4)
+    -> Split (or Gather) along the 3 -> q, k, v; merge view(b, s, 32); output projection."""
+    g = G(seed)
+    b, s = _dim(g, "x", 0), _dim(g, "x", 1)
+    qkv = g.op("Add", [g.op("MatMul", ["x", g.w([D, 3 * D])]), g.w([3 * D], 0.1)])
+    shape = g.op("Concat", [b, s, g.c(np.array([3, H, HD], np.int64))], axis=0)
+    t = g.op("Transpose", [g.op("Reshape", [qkv, shape])], perm=[2, 0, 3, 1, 4])
+    if gather:
+        q, k, v = (g.op("Gather", [t, g.c(np.int64(i))], axis=0) for i in range(3))
+    else:
+        parts = g.op("Split", [t, g.c(np.array([1, 1, 1], np.int64))], n_out=3, axis=0)
+        q, k, v = (g.op("Squeeze", [p, g.c(np.array([0], np.int64))]) for p in parts)
+    att = g.op("Softmax", [g.op("Mul", [g.op("MatMul", [q, g.op("Transpose", [k],
+                                                                     perm=[0, 1, 3, 2])]),
+                                         g.c(np.float32(0.35))])], axis=-1)
+    o = g.op("Transpose", [g.op("MatMul", [att, v])], perm=[0, 2, 1, 3])
+    b2, s2 = _dim(g, "x", 0), _dim(g, "x", 1)
+    o = g.op("Reshape", [o, g.op("Concat", [b2, s2, g.c(np.array([D], np.int64))], axis=0)])
+    y = g.op("Add", [g.op("MatMul", [o, g.w([D, D])]), "x"])
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(g.nodes, "fused", [vi("x", TensorProto.FLOAT, ["batch", "seq", D])],
+                              [vi(y, TensorProto.FLOAT, ["batch", "seq", D])], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("gather", [False, True])
+def test_fused_qkv_heads_are_the_units(gather):
+    """The 3 of [3, heads, head_dim] is taken apart by Split/Gather, so heads carry the channels:
+    removing head h removes its q, k and v columns (h*8.. of each third of the fused weight)."""
+    model = fused_qkv(gather=gather)
+    graph, masked, resized, removed, shapes = masked_and_resized(model)
+    heads = [g for g in graph.groups if g.size == H and g.prunable]
+    assert len(heads) == 1
+    qkv = next(m for m in heads[0].members if m.tensor == heads[0].producers[0] and m.axis == 1)
+    assert qkv.index_map.shape == (H, 3 * HD)
+    assert qkv.index_map[1].tolist() == [k * D + HD + d for k in range(3) for d in range(HD)]
+    assert sorted(after for before, after in shapes.values() if before == (D, 3 * D)) == \
+        [(D, 3 * D // 2)]
+    for x in _inputs():
+        np.testing.assert_allclose(run(resized, x), run(masked, x), atol=1e-5, rtol=1e-4)
