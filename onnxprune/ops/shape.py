@@ -77,6 +77,17 @@ def reshape_blocks(s: Sequence[int], t: Sequence[int]):
                 blocks.append(([i], [j]))
                 i, j = i + 1, j + 1
                 continue
+            # a symbol merged with the axis after it ([batch, 12] <-> "batch*12", batch-major)
+            if isinstance(si, str) and isinstance(tj, str) and i + 1 < len(s) and \
+                    isinstance(s[i + 1], int) and tj == f"{si}*{s[i + 1]}":
+                blocks.append(([i, i + 1], [j]))
+                i, j = i + 2, j + 1
+                continue
+            if isinstance(si, str) and isinstance(tj, str) and j + 1 < len(t) and \
+                    isinstance(t[j + 1], int) and si == f"{tj}*{t[j + 1]}":
+                blocks.append(([i], [j, j + 1]))
+                i, j = i + 1, j + 2
+                continue
             return None
         if i < len(s) and s[i] == 1 and (j >= len(t) or t[j] != 1):
             blocks.append(([i], []))
@@ -128,6 +139,16 @@ def tie_reshape(ctx: NodeCtx, x: str, y: str) -> bool:
                 ctx.ok(x, a)
             for a in bj:
                 ctx.ok(y, a)
+            continue
+        if isinstance(s[bi[0]], str) or isinstance(t[bj[0]], str):
+            # [batch, n] <-> "batch*n": position b*n + c is channel c of every batch entry, so
+            # the merged axis carries the n channels as they are (the batch axis none)
+            if len(bj) == 1:
+                ctx.tie((x, bi[1]), (y, bj[0]))
+                ctx.ok(x, bi[0])
+            else:
+                ctx.tie((x, bi[0]), (y, bj[1]))
+                ctx.ok(y, bj[0])
             continue
         if len(bj) == 1:  # merge: carrier is the input axis linked to weights
             cands = [a for a in bi if s[a] > 1 and ctx.b.is_linked((x, a))]
@@ -760,13 +781,17 @@ def reshape_output(in_shape, target: Sequence, allowzero: bool) -> Optional[tupl
             return None
         num = Counter(d for d in in_shape if isinstance(d, str))
         den = Counter(d for d in out if isinstance(d, str))
-        if num != den:
+        left = num - den
+        if den - num or sum(left.values()) > 1:
             return None
         n = int(np.prod([d for d in in_shape if isinstance(d, int)], dtype=np.int64))
         m = int(np.prod([d for d in out if isinstance(d, int) and d != -1], dtype=np.int64))
         if m <= 0 or n % m:
             return None
-        out[out.index(-1)] = n // m
+        # one symbol left over: the -1 is that symbol times the rest ("batch*12")
+        sym = next(iter(left), None)
+        out[out.index(-1)] = n // m if sym is None else (
+            sym if n // m == 1 else f"{sym}*{n // m}")
     return tuple(out)
 
 

@@ -32,7 +32,20 @@ def _dim(g: G, x: str, axis: int) -> str:
                               g.c(np.array([0], np.int64))])
 
 
-def attention_dynamic(style: str = "minus_one", layers: int = 1, seed: int = 0):
+def transposed_keys(g: G, k: str) -> str:
+    """Kᵀ as torch's SDPA export writes it: view(-1, s, hd) (batch and heads merged), transpose,
+    view back to [b, h, hd, s] from slices of Shape(k)."""
+    sh = g.op("Shape", [k])
+    last = g.op("Slice", [sh, g.c(np.array([-1], np.int64)), g.c(np.array([2**63 - 1]))])
+    mid = g.op("Slice", [sh, g.c(np.array([-2], np.int64)), g.c(np.array([-1], np.int64))])
+    front = g.op("Slice", [sh, g.c(np.array([-2**63], np.int64)), g.c(np.array([-2], np.int64))])
+    k3 = g.op("Reshape", [k, g.op("Concat", [g.c(np.array([-1], np.int64)), mid, last], axis=0)])
+    kt = g.op("Transpose", [k3], perm=[0, 2, 1])
+    return g.op("Reshape", [kt, g.op("Concat", [front, last, mid], axis=0)])
+
+
+def attention_dynamic(style: str = "minus_one", layers: int = 1, seed: int = 0,
+                      merged_keys: bool = False):
     """x[batch, seq, 32] -> ``layers`` blocks of 4-head attention + GELU FFN, reshapes built at
     run time. ``style``: "minus_one" (``view(b, s, -1, 8)``, merge ``view(b, s, -1)``), "count"
     (``view(b, s, 4, -1)``, merge ``view(b, s, 32)``: head count and width as constants),
@@ -73,7 +86,8 @@ def attention_dynamic(style: str = "minus_one", layers: int = 1, seed: int = 0):
 
     for _ in range(layers):
         q, k, v = heads(proj(x, D)), heads(proj(x, D)), heads(proj(x, D))
-        s = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])
+        kt = transposed_keys(g, k) if merged_keys else g.op("Transpose", [k], perm=[0, 1, 3, 2])
+        s = g.op("MatMul", [q, kt])
         s = g.op("Softmax", [g.op("Div", [s, g.c(np.float32(np.sqrt(HD)))])], axis=-1)
         o = g.op("Transpose", [g.op("MatMul", [s, v])], perm=[0, 2, 1, 3])
         o = g.op("Reshape", [o, merge_target()])
@@ -99,13 +113,13 @@ def run(model, x):
     return sess.run(None, {"x": x})[0]
 
 
-def masked_and_resized(model, sparsity=0.5):
+def masked_and_resized(model, sparsity=0.5, shapes=SHAPES):
     masked = load(copy.deepcopy(model))
-    graph = build_channel_graph(masked, SHAPES)
+    graph = build_channel_graph(masked, shapes)
     removed = select_channels(masked, graph, sparsity)
     mask_channels(masked, removed, graph)
     resized = load(copy.deepcopy(masked.model))
-    graph2 = build_channel_graph(resized, SHAPES)
+    graph2 = build_channel_graph(resized, shapes)
     assert [g.size for g in graph2.groups] == [g.size for g in graph.groups]
     shapes = resize_channels(resized, graph2, removed)
     return graph, masked.model, resized.model, removed, shapes
@@ -170,7 +184,9 @@ def test_shape_vector_evaluates_the_subgraph():
     # symbols flow through as symbols; -1 is solved when they cancel
     assert reshape_output(("batch", "seq", 32), ["batch", "seq", -1, 8], True) == \
         ("batch", "seq", 4, 8)
-    assert reshape_output(("batch", 4, "seq", 8), [-1, "seq", 8], True) is None
+    assert reshape_output(("batch", 4, "seq", 8), [-1, "seq", 8], True) == \
+        ("batch*4", "seq", 8)
+    assert reshape_output(("batch", "seq", 8), [-1, 8], True) is None  # two symbols left
     assert reshape_output((2, 6, 32), [0, 0, -1, 8], False) == (2, 6, 4, 8)
 
 
@@ -222,5 +238,18 @@ def test_fused_qkv_heads_are_the_units(gather):
     assert qkv.index_map[1].tolist() == [k * D + HD + d for k in range(3) for d in range(HD)]
     assert sorted(after for before, after in shapes.values() if before == (D, 3 * D)) == \
         [(D, 3 * D // 2)]
+    for x in _inputs():
+        np.testing.assert_allclose(run(resized, x), run(masked, x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shapes", [SHAPES, None])
+def test_keys_merged_with_a_symbolic_batch(shapes):
+    """K viewed as [-1, s, hd] merges batch and heads: with the batch a symbol the merged axis is
+    "batch*4", position b*4 + h being head h of every batch entry, so heads stay units."""
+    model = attention_dynamic("minus_one", merged_keys=True)
+    graph, masked, resized, removed, _ = masked_and_resized(model, shapes=shapes)
+    assert [len(removed[g.id]) for g in graph.groups if g.size == H and g.prunable] == [2]
+    if shapes is None:
+        assert "batch*4" in {d for s in graph.shapes.values() for d in s}
     for x in _inputs():
         np.testing.assert_allclose(run(resized, x), run(masked, x), atol=1e-5, rtol=1e-4)
