@@ -253,3 +253,33 @@ def test_keys_merged_with_a_symbolic_batch(shapes):
         assert "batch*4" in {d for s in graph.shapes.values() for d in s}
     for x in _inputs():
         np.testing.assert_allclose(run(resized, x), run(masked, x), atol=1e-5, rtol=1e-4)
+
+
+def test_wanda_heads_follow_output_projection_activation_norms():
+    """criterion wanda: a head's output-projection columns count as |W| * ||X||, so a head
+    whose attention output is quiet goes first even when its weights are the largest."""
+    model = attention_dynamic("minus_one")
+    handle = load(copy.deepcopy(model))
+    graph = build_channel_graph(handle, SHAPES)
+    heads = next(g for g in graph.groups if g.size == H and g.prunable)
+    proj = heads.consumers[0]
+    l1 = select_channels(handle, graph, 0.25)[heads.id]
+    loud = l1[0]  # the head magnitude would remove first
+    norms = np.full(D, 10.0)
+    quiet = (loud + 1) % H
+    norms[quiet * HD:(quiet + 1) * HD] = 1e-3
+    wanda = select_channels(handle, graph, 0.25, criterion="wanda", in_norms={proj: norms})
+    assert wanda[heads.id] == [quiet] != l1
+    with pytest.raises(Exception, match="needs calibration data"):
+        select_channels(handle, graph, 0.25, criterion="wanda")
+
+
+def test_wanda_channel_criterion_through_the_api():
+    import onnxprune
+
+    model = attention_dynamic("minus_one")
+    calib = {"x": np.random.default_rng(8).standard_normal((16, T, D)).astype(np.float32)}
+    result = onnxprune.prune(copy.deepcopy(model), pattern="channel", criterion="wanda",
+                             sparsity=0.5, calibration=calib, input_shapes={"x": [1, T, D]})
+    shapes = sorted(tuple(t.dims) for t in result.model.graph.initializer if len(t.dims) == 2)
+    assert shapes.count((D, D // 2)) == 3 and (D // 2, D) in shapes  # Q, K, V | projection
