@@ -268,6 +268,10 @@ def _computed_reshape(ctx: NodeCtx) -> None:
                "computed shape does not match the output's rank or axes")
         ctx.freeze(x, None, f"{ctx.node.op_type} {why}")
         ctx.freeze(y, None, f"{ctx.node.op_type} {why}")
+        for e in entries or ():  # a size it copies must not change under it either
+            if isinstance(e, DimRef):
+                ctx.freeze(e.tensor, e.axis, f"{ctx.node.op_type} '{node_key(ctx.node)}' "
+                                             f"copies its size into a shape it cannot map")
         return
     allowzero = bool(ctx.attr("allowzero", 0))
     for j, e in enumerate(entries):
