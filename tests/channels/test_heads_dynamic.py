@@ -283,3 +283,33 @@ def test_wanda_channel_criterion_through_the_api():
                              sparsity=0.5, calibration=calib, input_shapes={"x": [1, T, D]})
     shapes = sorted(tuple(t.dims) for t in result.model.graph.initializer if len(t.dims) == 2)
     assert shapes.count((D, D // 2)) == 3 and (D // 2, D) in shapes  # Q, K, V | projection
+
+
+def test_refine_shapes_fills_slice_range_and_reshape_from_shape_subgraphs():
+    """What ONNX's inference leaves unknown: a Slice whose end is a sequence length read by
+    Shape (position ids), a Range up to the batch size, a Reshape to (b, s, -1, 8)."""
+    from onnxprune.model.shapes import infer_shapes
+    from onnxprune.ops.shape import complete_shapes
+
+    g = G(2)
+    seq = g.op("Slice", [g.op("Shape", ["x"]), g.c(np.array([1], np.int64)),
+                         g.c(np.array([2], np.int64))])
+    pos = g.op("Slice", [g.c(np.arange(64, dtype=np.int64)[None], name="pos_ids"),
+                         g.c(np.array([0], np.int64)), seq, g.c(np.array([1], np.int64))])
+    batch = g.op("Squeeze", [g.op("Slice", [g.op("Shape", ["x"]), g.c(np.array([0], np.int64)),
+                                            g.c(np.array([1], np.int64))])])
+    rng = g.op("Range", [g.c(np.int64(0)), batch, g.c(np.int64(1))])
+    target = g.op("Concat", [_dim(g, "x", 0), _dim(g, "x", 1), g.c(np.array([-1, HD], np.int64))],
+                  axis=0)
+    y = g.op("Reshape", [g.op("MatMul", ["x", g.w([D, D])]), target])
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(g.nodes, "sub", [vi("x", TensorProto.FLOAT, ["batch", "seq", D])],
+                              [vi(y, TensorProto.FLOAT, None), vi(pos, TensorProto.INT64, None),
+                               vi(rng, TensorProto.INT64, None)], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    for shapes, want in ((None, ("batch", "seq")), ({"x": [2, 5, D]}, (2, 5))):
+        got = infer_shapes(model, shapes, upgrade=False, complete=complete_shapes)
+        b, s = want
+        assert got.get(pos) == (1, s)
+        assert got.get(rng) == (b,)
+        assert got.get(y) == (b, s, D // HD, HD)
