@@ -207,7 +207,6 @@ class _Source:
         return out
 
 
-
 def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
     """All prunable weights in the model, in graph order, and the tensors skipped with a reason."""
     found: Dict[int, Weight] = {}
