@@ -67,7 +67,8 @@ def build_passes(options: PruneOptions) -> Pipeline:
         # (a reconstructing criterion's sensitivity collects its Hessians in bounded chunks).
         # A channel refit collects its own, layer by layer, too.
         collect = not (o.sequential or o.channel_removal) or (
-            o.allocation == "sensitivity" and not reconstructs)
+            o.allocation == "sensitivity" and not reconstructs) or (
+            o.channel_removal and o.criterion == "wanda")  # heads/channels by |W| * ||X||
         # Real calibration data and nothing else to validate on: hold some out for validation.
         hold_out = o.validation_samples if (o.validate and o.inputs is None) else 0
         passes.append(Calibrate(o.calibration, o.calibration_samples, o.image_preprocess,

@@ -45,7 +45,6 @@ from onnxprune.model import io as mio
 from onnxprune.model.index import names_read
 from onnxprune.ops.weights import Weight, stored_bias
 from onnxprune.runtime.segments import SegmentRunner
-from onnxprune.ops.quant import stored_values
 
 __all__ = ["fit_moments", "load_dense_reference", "mean_shift", "refit_toward_dense",
            "segment_runners", "sequential_waves"]
@@ -139,13 +138,14 @@ def refit_toward_dense(handle: mio.ModelHandle, reference: mio.ModelHandle,
                 rows, cols = now.any(axis=1), np.flatnonzero(now.any(axis=0))
                 if not rows.any() or not cols.size:
                     continue
-                dense = w.layout.to_2d(reference.read(dense_tensors[w.name])).astype(np.float64)
+                dense = w.values_2d(handle, reference.read(dense_tensors[w.name])
+                                    ).astype(np.float64)
                 bias = stored_bias(handle.index, w) if bias_correction else None
                 h, cross = fit_moments(st, centered=bias is not None)
                 new = np.zeros_like(dense)
                 new[:, cols] = asymmetric_target(dense, h, cross, damp, kept=cols)
                 new[~rows] = 0.0
-                handle.write(w.tensor, w.layout.from_2d(stored_values(new, raw.dtype)))
+                handle.write(w.tensor, w.stored_from_2d(handle, new, raw.dtype))
                 if bias is not None:
                     bias.shift(handle, np.where(rows, mean_shift(st, dense, new), 0.0))
                 refit.append(w.name)

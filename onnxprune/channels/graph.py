@@ -36,7 +36,8 @@ from onnxprune.model.io import ModelHandle
 from onnxprune.model.shapes import Shape, infer_shapes
 # Roles a stored tensor's axis plays in a group, defined beside the rules that assign them.
 from onnxprune.ops._channel import CONSUMER, PRODUCER, ZERO_ON_MASK
-from onnxprune.ops.registry import complete_types, copies_values, field_of, shape_only
+from onnxprune.ops.registry import copies_values, field_of, shape_only
+from onnxprune.ops.shape import complete_shapes
 from onnxprune.channels.rules import apply_rules
 
 
@@ -157,7 +158,7 @@ class Builder:
         self.graph = handle.model.graph
         self.index = handle.index
         self.shapes: Dict[str, Shape] = dict(
-            infer_shapes(handle, input_shapes, upgrade=False, complete=complete_types).shapes)
+            infer_shapes(handle, input_shapes, upgrade=False, complete=complete_shapes).shapes)
         self.stored: Dict[str, onnx.TensorProto] = dict(self.index.stored)
         # value -> [(node, input index)]; rules read it with .get
         self.consumers: Dict[str, List[Tuple[onnx.NodeProto, int]]] = self.index.main.consumers

@@ -24,7 +24,8 @@ from onnxprune.model.io import ModelHandle
 from onnxprune.channels.graph import ZERO_ON_MASK, ChannelGraph
 from onnxprune.model.shapes import infer_shapes
 from onnxprune.channels.rules import new_initializer
-from onnxprune.ops.registry import complete_types, copies_values
+from onnxprune.ops.registry import copies_values
+from onnxprune.ops.shape import complete_shapes
 
 Removed = Dict[int, Sequence[int]]
 
@@ -163,7 +164,7 @@ def refresh_value_info(model: onnx.ModelProto) -> None:
     del model.graph.value_info[:]
     if not had:
         return
-    shapes = infer_shapes(model, upgrade=False, complete=complete_types).shapes
+    shapes = infer_shapes(model, upgrade=False, complete=complete_shapes).shapes
     for name in sorted(had):
         shape = shapes.get(name)
         if shape is None:

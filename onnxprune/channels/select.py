@@ -7,6 +7,12 @@ mean of these over the tensors. Dividing by the per-tensor mean makes every tens
 (a 3x3x512 consumer would otherwise drown a 1x1x64 producer) and puts all groups on one scale
 (mean 1), which is what lets ``scope="global"`` use one threshold. Biases and BN parameters are
 not scored: they say little about a channel once its weights are known.
+
+With ``in_norms`` (criterion ``wanda``: each weight's per-input-column activation norm
+``||X_c||`` from calibration data, keyed by weight name) a consumer's slice of unit ``u`` counts
+as ``sum |W[:, c]| * ||X_c||`` over its columns ``c`` (Wanda's ``|W| * ||X||``): a head whose
+output-projection inputs carry little signal scores low whatever its weights. Producers, and
+consumers whose columns are not one channel each (Conv kernel positions), stay unweighted.
 """
 
 from __future__ import annotations
@@ -19,28 +25,32 @@ from onnxprune.errors import OptionError
 from onnxprune.model.io import ModelHandle
 from onnxprune.channels.graph import CONSUMER, PRODUCER, ChannelGraph, ChannelGroup
 from onnxprune.ops.quant import stored_scale
+from onnxprune.ops.weights import FLOAT_TYPES, find_weights
 
-CRITERIA = ("l1", "l2")
+CRITERIA = ("l1", "l2", "wanda")
 
 
 def unit_scores(handle: ModelHandle, graph: ChannelGraph, group: ChannelGroup,
-                criterion: str = "l1", cache: Optional[Dict] = None) -> np.ndarray:
+                criterion: str = "l1", cache: Optional[Dict] = None,
+                in_norms: Optional[Dict[str, np.ndarray]] = None) -> np.ndarray:
     """Normalized importance of each unit of ``group`` (mean 1 over units when nonzero)."""
     cache = {} if cache is None else cache
+    wanda = criterion == "wanda"
+    criterion = "l1" if wanda else criterion
     per_tensor: List[np.ndarray] = []
     for m in group.members:
         if not m.stored or not ({PRODUCER, CONSUMER} & set(m.roles)):
             continue
         key = (m.tensor, m.axis, criterion)
         if key not in cache:
-            arr = np.asarray(handle.read(graph.stored[m.tensor]), dtype=np.float64)
-            scale = stored_scale(handle.index, m.tensor, lambda n: handle.read(
-                graph.stored[n]) if n in graph.stored else None)
-            if scale is not None:  # a quantized weight: score what it dequantizes to
-                arr = arr * scale
+            arr = _dequantized(handle, graph, m.tensor, cache)
             rows = np.moveaxis(arr, m.axis, 0).reshape(arr.shape[m.axis], -1)
             cache[key] = (np.abs(rows).sum(1) if criterion == "l1" else (rows ** 2).sum(1))
-        v = cache[key][m.index_map].sum(axis=1)
+        per_channel = cache[key]
+        norms = (in_norms or {}).get(m.tensor) if wanda and CONSUMER in m.roles else None
+        if norms is not None and len(norms) == len(per_channel):
+            per_channel = per_channel * np.asarray(norms, np.float64)
+        v = per_channel[m.index_map].sum(axis=1)
         if criterion == "l2":
             v = np.sqrt(v)
         mean = v.mean()
@@ -48,6 +58,29 @@ def unit_scores(handle: ModelHandle, graph: ChannelGraph, group: ChannelGroup,
     if not per_tensor:
         return np.zeros(group.size)
     return np.mean(per_tensor, axis=0)
+
+
+def _dequantized(handle: ModelHandle, graph: ChannelGraph, name: str, cache: Dict
+                 ) -> np.ndarray:
+    """A stored tensor's values as its readers see them: an integer weight times its
+    dequantization (:meth:`onnxprune.ops.weights.Weight.factor`: Cast + Mul scales and
+    DequantizeLinear / QOperator scales alike; another integer tensor read by one such op, by
+    its scale), so per-channel scales weigh the channels as the model does; float tensors as
+    stored."""
+    tensor = graph.stored[name]
+    arr = np.asarray(handle.read(tensor), dtype=np.float64)
+    if tensor.data_type in FLOAT_TYPES:
+        return arr
+    if "weights" not in cache:  # found once per selection, only for models with such weights
+        cache["weights"] = {w.name: w for w in find_weights(handle)[0]
+                            if w.dequant is not None or w.scale is not None}
+    w = cache["weights"].get(name)
+    if w is not None:
+        factor = w.factor(handle)
+        return arr if factor is None or factor.shape != arr.shape else arr * factor
+    scale = stored_scale(handle.index, name, lambda n: handle.read(
+        graph.stored[n]) if n in graph.stored else None)
+    return arr if scale is None else arr * scale
 
 
 def _user_scores(graph: ChannelGraph, key: Union[int, str], values) -> tuple:
@@ -63,7 +96,8 @@ def _user_scores(graph: ChannelGraph, key: Union[int, str], values) -> tuple:
 
 
 def group_scores(handle: ModelHandle, graph: ChannelGraph, criterion: str = "l1",
-                 channel_scores: Optional[Dict] = None) -> Dict[int, np.ndarray]:
+                 channel_scores: Optional[Dict] = None,
+                 in_norms: Optional[Dict[str, np.ndarray]] = None) -> Dict[int, np.ndarray]:
     """Prunable group id -> its units' scores (the user's where given), mean 1 when nonzero."""
     user = dict(_user_scores(graph, k, v) for k, v in (channel_scores or {}).items())
     cache: Dict = {}
@@ -73,7 +107,7 @@ def group_scores(handle: ModelHandle, graph: ChannelGraph, criterion: str = "l1"
             s = user[g.id]
             scores[g.id] = s / s.mean() if s.mean() > 0 else s
         else:
-            scores[g.id] = unit_scores(handle, graph, g, criterion, cache)
+            scores[g.id] = unit_scores(handle, graph, g, criterion, cache, in_norms)
     return scores
 
 
@@ -100,7 +134,8 @@ def round_kept(n: int, keep: int, round_to: int, min_channels: int) -> int:
 def select_channels(handle: ModelHandle, graph: ChannelGraph, sparsity: float,
                     criterion: str = "l1", round_to: int = 1, min_channels: int = 1,
                     scope: str = "local", max_group_sparsity: float = 0.9,
-                    channel_scores: Optional[Dict] = None) -> Dict[int, List[int]]:
+                    channel_scores: Optional[Dict] = None,
+                    in_norms: Optional[Dict[str, np.ndarray]] = None) -> Dict[int, List[int]]:
     """Group id -> sorted unit indices to remove (lowest scores first)."""
     if not 0 <= sparsity < 1:
         raise OptionError(f"channel sparsity must be in [0, 1), got {sparsity}")
@@ -111,7 +146,10 @@ def select_channels(handle: ModelHandle, graph: ChannelGraph, sparsity: float,
         raise OptionError(f"scope must be 'local' or 'global', got '{scope}'")
     if round_to < 1 or min_channels < 0:
         raise OptionError("round_to must be >= 1 and min_channels >= 0")
-    scores = group_scores(handle, graph, criterion, channel_scores)
+    if criterion == "wanda" and not in_norms:
+        raise OptionError("the wanda channel criterion needs calibration data (activation "
+                          "norms); give --calibration")
+    scores = group_scores(handle, graph, criterion, channel_scores, in_norms)
     removed: Dict[int, List[int]] = {}
     if scope == "local":
         for gid, s in scores.items():

@@ -168,5 +168,44 @@ define("Sum", channels=_binary_rule(BIAS), const=_variadic_const(np.sum))
 define("Mean", channels=_binary_rule(BIAS), const=_variadic_const(np.mean))
 define("PRelu", channels=_binary_rule(FACTOR), const=_prelu_const)
 # Comparisons, logic, Where, Mod: tied like any broadcast, the constant is not followed.
+
+
+# -- a stored integer weight dequantized by Cast + [Sub zero point] + Mul/Div scale -----------
+def _dequant_step(kind: str):
+    """``weight_step`` of Mul/Div (``kind`` "scale") and Sub (``kind`` "zero_point"): the stored
+    weight at input 0, the constant at input 1. The step is ``(kind, 1)``; the weight finder
+    (:mod:`onnxprune.ops.weights`) follows it only for an integer tensor cast to float (a
+    dequantization: ``(q - zero_point) * scale`` or ``/ scale``), never for a float weight, and
+    only when the constant does not widen the weight by broadcasting."""
+
+    def step(node, seen_shape, read):
+        if len(node.input) != 2 or not node.input[1]:
+            return None
+        other = read(1)
+        if other is None:
+            return None
+        other = np.asarray(other)
+        if other.ndim > len(seen_shape):
+            return None
+        padded = (1,) * (len(seen_shape) - other.ndim) + tuple(other.shape)
+        if any(o not in (1, s) for o, s in zip(padded, seen_shape)):
+            return None
+        return (kind, 1)
+
+    return step
+
+
+def _scaled_axis_source(node, axis, shape_of):
+    """A constant scaled by another constant (``W * s``, ``W / s``) keeps input 0's axes when the
+    scale does not broadcast it wider: slicing the stored ``W`` (and the scale, by its own
+    channel rule) slices the product."""
+    s_in, s_out = shape_of(node.input[0]), shape_of(node.output[0])
+    if s_in is None or s_out is None or tuple(s_in) != tuple(s_out):
+        return None
+    return axis
+
+
+define("Mul", "Div", weight_step=_dequant_step("scale"), axis_source=_scaled_axis_source)
+define("Sub", weight_step=_dequant_step("zero_point"))
 define("Where", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor",
        "Mod", channels=_binary_rule(FACTOR))

@@ -63,10 +63,16 @@ def _layernorm_channels(ctx: NodeCtx) -> None:
     axis = norm_axis(int(ctx.attr("axis", -1)), r)
     for j in range(axis):
         ctx.tie((x, j), (y, j))
+    op = ctx.node.op_type
     for j in range(axis, r):
         # Mean/variance are taken over these axes: removing a channel changes them for all.
-        ctx.freeze(x, j, f"LayerNormalization normalizes over axis {j}")
-        ctx.freeze(y, j, f"LayerNormalization normalizes over axis {j}")
+        # (Exact only if every reader and writer of the stream removed it too: the residual
+        # width of a transformer; not done.)
+        why = (f"{op} normalizes over axis {j} (its statistics span every channel of the "
+               "stream; removing some is exact only if every reader and writer of the stream "
+               "follows)")
+        ctx.freeze(x, j, why)
+        ctx.freeze(y, j, why)
         for p in (ctx.inp(1), ctx.inp(2)):
             if p and ctx.rank(p) is not None and j - axis < ctx.rank(p):
                 pj = ctx.rank(p) - (r - j)
@@ -108,6 +114,8 @@ def _groupnorm_channels(ctx: NodeCtx) -> None:
 
 define("BatchNormalization", channels=_batchnorm_channels, const=_batchnorm_const)
 define("InstanceNormalization", channels=_instancenorm_channels, const=_instancenorm_const)
+# RMSNorm as one op (onnxruntime's SimplifiedLayerNormalization, opset-23 RMSNormalization)
+# lives with the fused transformer ops in ops/attention.py.
 define("LayerNormalization", channels=_layernorm_channels)
 # No const: a group of different constants does not normalize to its shift.
 # ONNX infers no shape for it (a function op without an inference function): output = input.

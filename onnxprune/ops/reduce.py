@@ -33,6 +33,10 @@ def _reduce(ctx: NodeCtx) -> None:
                 return
             axes = list(range(r))
     axes = {norm_axis(int(a), r) for a in axes}
+    for j in axes:  # a statistic over the channels (RMSNorm's Pow -> ReduceMean): frozen
+        if ctx.size(x, j) != 1:
+            ctx.freeze(x, j, f"{op} reduces over axis {j} (a statistic over every channel, "
+                             "as in RMSNorm's Pow -> ReduceMean; removing some would change it)")
     keep = int(ctx.attr("keepdims", 1))
     k = 0
     for j in range(r):

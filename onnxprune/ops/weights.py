@@ -9,6 +9,14 @@ is one :class:`Weight` with several consumers, pruned once; if the consumers dis
 else reads as well — a ``Gather`` on a tied embedding table, an ``Add``/``ReduceSum``, a graph
 output, directly or after a pass-through op — is skipped with a reason naming that reader:
 pruning it would change the other reader's values silently.
+
+An integer tensor is a weight only when it is dequantized on its way: ``Cast`` to float, then
+``Mul``/``Div`` by a constant scale (scalar or per output channel; the registry's ``("scale", i)``
+step), as int8 exports without Q/DQ write it. Its :class:`Dequant` says how: masks and channel
+cuts go into the stored integers (0 stays 0 through the scale), criteria and refits see the
+dequantized values (:meth:`Weight.values_2d`, :meth:`Weight.stored_from_2d`), and the output keeps
+the integer + Cast + scale scheme. A zero point (``Sub`` before the scale) is left alone with a
+reason: a masked entry would have to hold the zero point, which the masking passes do not write.
 """
 
 from __future__ import annotations
@@ -48,6 +56,24 @@ class Consumer:
         return node_label(self.node)
 
 
+@dataclass(frozen=True)
+class Dequant:
+    """How a stored integer weight becomes the float one its consumer reads:
+    ``q * scale`` (``divide``: ``q / scale``), with ``scale`` broadcast against the stored
+    shape (it never varies along the weight's ``in`` axis)."""
+
+    scale: onnx.TensorProto
+    divide: bool = False
+
+    def factor(self, handle: ModelHandle, shape: Tuple[int, ...]) -> np.ndarray:
+        """The float64 multiplier of each stored entry, broadcast to ``shape``."""
+        s = np.asarray(handle.read(self.scale), dtype=np.float64)
+        if self.divide:
+            with np.errstate(divide="ignore"):
+                s = 1.0 / s
+        return np.broadcast_to(s, shape)
+
+
 @dataclass
 class Weight:
     """A stored tensor that feeds a prunable op input, with its logical ``W[out, in]`` view."""
@@ -58,9 +84,63 @@ class Weight:
     graph: str
     layout: Layout
     consumers: List[Consumer] = field(default_factory=list)
-    #: A quantized weight's scale, broadcastable to its stored shape (criteria rank it on its
-    #: dequantized values); None for float weights or when unknown.
+    #: A weight quantized by DequantizeLinear or read by a QOperator op: its scale, broadcastable
+    #: to its stored shape; None for float weights or when unknown.
     scale: Optional[np.ndarray] = None
+    #: An integer tensor dequantized on its way by Cast + Mul/Div (see module); None otherwise.
+    dequant: Optional[Dequant] = None
+
+    def factor(self, handle: ModelHandle) -> Optional[np.ndarray]:
+        """The float64 multiplier of each stored entry (its dequantization), broadcast to the
+        stored shape; None for a float weight. The one place both quantized forms meet."""
+        shape = self.layout.stored_shape
+        if self.dequant is not None:
+            return self.dequant.factor(handle, shape)
+        if self.scale is not None:
+            return np.broadcast_to(np.asarray(self.scale, np.float64), shape)
+        return None
+
+    def values_2d(self, handle: ModelHandle, raw: Optional[np.ndarray] = None) -> np.ndarray:
+        """``W[out, in]`` as the consumer sees it (dequantized for an integer weight); ``raw``
+        is the stored array when already read. Float weights: the stored values' own view."""
+        raw = handle.read(self.tensor) if raw is None else raw
+        w2d = self.layout.to_2d(raw)
+        factor = self.factor(handle)
+        return w2d if factor is None else w2d * self.layout.to_2d(factor)
+
+    def stored_from_2d(self, handle: ModelHandle, w2d: np.ndarray, dtype: np.dtype
+                       ) -> np.ndarray:
+        """The stored array for new consumer-side values ``w2d`` (``W[out, in]``): the layout's
+        inverse, and for an integer weight the values divided by the scale, rounded and clipped
+        to the integer type (exact zeros stay exact zeros)."""
+        dtype = np.dtype(dtype)
+        if self.factor(handle) is None or dtype.kind not in "iu":
+            return self.layout.from_2d(np.asarray(w2d).astype(dtype))
+        info = np.iinfo(dtype)
+        if self.dequant is not None:
+            self._widen_scale(handle, np.asarray(w2d, np.float64), info)
+        factor = self.layout.to_2d(self.factor(handle))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(factor != 0, np.asarray(w2d, np.float64) / factor, 0.0)
+        return self.layout.from_2d(np.clip(np.rint(q), info.min, info.max).astype(dtype))
+    def _widen_scale(self, handle: ModelHandle, w2d: np.ndarray, info) -> None:
+        """A refit can move a row past what its scale reaches (``qmax * scale``): with one
+        scale per output row held by this weight alone, that row's scale grows to fit it
+        (the scheme stays integer + scale); a scalar or shared scale stays and values clip."""
+        dq = self.dequant
+        rows = w2d.shape[0]
+        scale = np.asarray(handle.read(dq.scale))
+        if scale.size != rows or rows == 1 or dq.divide or \
+                handle.index.read_anywhere(dq.scale.name) != 1:
+            return
+        factor = self.layout.to_2d(dq.factor(handle, self.layout.stored_shape))[:, 0]
+        qmax = float(min(info.max, -info.min))
+        need = np.abs(w2d).max(axis=1) / qmax
+        grow = need > np.abs(factor)
+        if grow.any():
+            # the scale broadcasts against the stored shape; its rows follow W[out]'s order
+            per_row = np.where(grow, need * np.sign(np.where(factor == 0, 1.0, factor)), factor)
+            handle.write(dq.scale, per_row.reshape(scale.shape).astype(scale.dtype))
 
     @property
     def op_type(self) -> str:
@@ -102,6 +182,8 @@ class _Source:
     via: Tuple[str, ...] = ()
     view: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()  # Reshape/Transpose steps on the way
     nodes: Tuple[onnx.NodeProto, ...] = ()  # the pass-through nodes of ``via``
+    dequant: Optional[Dequant] = None
+    refused: Optional[str] = None  # why an integer tensor on its way is not prunable
 
     @property
     def stored_shape(self) -> Tuple[int, ...]:
@@ -118,7 +200,30 @@ class _Source:
         """This source seen through one more pass-through node."""
         return _Source(self.tensor, self.location, self.graph, self.name,
                        self.via + (node.op_type,), self.view + ((step,) if step else ()),
-                       self.nodes + (node,))
+                       self.nodes + (node,), self.dequant, self.refused)
+
+    def dequantized(self, node: onnx.NodeProto, step: tuple, scale: Optional[onnx.TensorProto]
+                    ) -> Optional["_Source"]:
+        """This integer source seen through a ``("scale" | "zero_point", i)`` step of ``node``
+        (the constant at input ``i`` is ``scale``), or None when that is no dequantization (a
+        float weight, no Cast to float before it, a view on the way, a second scale)."""
+        kind = step[0]
+        if self.refused is not None and kind == "scale":
+            return self.then(node)  # carried on, to be named where it is consumed
+        if self.tensor.data_type in FLOAT_TYPES or "Cast" not in self.via or self.view \
+                or self.dequant is not None or self.refused is not None or scale is None:
+            return None
+        out = _Source(self.tensor, self.location, self.graph, self.name,
+                      self.via + (node.op_type,), (), self.nodes + (node,))
+        if kind == "zero_point":
+            out.refused = (f"integer weight with a zero point ({node.op_type} "
+                           f"'{node_label(node)}'); a masked entry would have to hold the zero "
+                           "point, so it is left alone")
+        elif kind == "scale":
+            out.dequant = Dequant(scale, divide=node.op_type == "Div")
+        else:
+            return None
+        return out
 
 
 def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
@@ -177,7 +282,10 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
         if source.view:
             layout = replace(layout, view=source.view, source_shape=source.stored_shape)
         consumer = Consumer(node, index, path, source.via)
-        if source.tensor.data_type not in FLOAT_TYPES and (
+        if source.refused is not None:
+            skipped.setdefault(source.name, Skipped(source.name, source.refused))
+            return True
+        if source.tensor.data_type not in FLOAT_TYPES and source.dequant is None and (
                 source.tensor.data_type not in INTEGER_TYPES or
                 _refuse_integer(source, node, index, path)):
             dtype_name = onnx.TensorProto.DataType.Name(source.tensor.data_type)
@@ -187,12 +295,26 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
                 source.name, f"{dtype_name} weight: {reason}" if reason else
                 f"{dtype_name} weight (quantized or integer); only float weights are pruned"))
             return True
+        if source.dequant is not None:
+            scale = handle.read(source.dequant.scale)
+            varies = _varies_along(np.asarray(scale), source.stored_shape, layout)
+            if varies:
+                skipped.setdefault(source.name, Skipped(
+                    source.name, "integer weight whose dequantization scale varies along its "
+                                 "input axis; criteria and refits need one scale per output "
+                                 "row, so it is left alone"))
+                return True
         key = id(source.tensor)
         weight = found.get(key)
         if weight is None:
             found[key] = Weight(source.name, source.tensor, source.location, source.graph,
-                                layout, [consumer], _scale_of(source, node, index, path))
+                                layout, [consumer], None if source.dequant else
+                                _scale_of(source, node, index, path), source.dequant)
             order.append(key)
+        elif weight.dequant != source.dequant:
+            skipped[source.name] = Skipped(
+                source.name, f"shared by {weight.op_type} and {node.op_type} through different "
+                             "dequantizations; pruning it for one would mis-scale the other")
         elif weight.layout.same_view(layout):
             weight.consumers.append(consumer)
         else:
@@ -235,7 +357,13 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
                 s = scope.get(node.input[i]) if node.input[i] else None
                 return None if s is None else handle.read(s.tensor)
             step = weight_step(node, src.seen_shape, read)
-            if step is not None:
+            if step is not None and step and step[0] in ("scale", "zero_point"):
+                const = scope.get(node.input[step[1]])
+                out = src.dequantized(node, step, None if const is None else const.tensor)
+                if out is not None:
+                    scope[node.output[0]] = out
+                    return True
+            elif step is not None:
                 scope[node.output[0]] = src.then(node, step)
                 return True
         for out in node.output:
@@ -262,6 +390,14 @@ def find_weights(handle: ModelHandle) -> Tuple[List[Weight], List[Skipped]]:
     weights = [w for w in weights if w.name not in mixed]
     skipped_list = [s for s in skipped_list if s.name not in pruned_names or s.name in mixed]
     return weights, skipped_list
+
+
+def _varies_along(scale: np.ndarray, stored_shape: Tuple[int, ...], layout: Layout) -> bool:
+    """Whether a dequantization ``scale`` (broadcast against the stored shape) takes more than
+    one value within some row of the weight's ``W[out, in]`` view."""
+    full = np.broadcast_to(np.asarray(scale, np.float64), stored_shape)
+    w2d = layout.to_2d(full)
+    return bool(w2d.size) and bool((w2d != w2d[:, :1]).any())
 
 
 @dataclass

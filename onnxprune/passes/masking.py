@@ -52,9 +52,9 @@ def score_units(state: PruneState, plan: LayerPlan, w2d: np.ndarray) -> np.ndarr
     w = plan.weight
     crit = get_criterion(plan.criterion)
     w2d = w2d.astype(_compute_dtype(w2d.dtype), copy=False)
-    if w.scale is not None:  # a quantized weight is ranked on its dequantized values
-        w2d = w2d * w.layout.to_2d(np.broadcast_to(w.scale, w.layout.stored_shape)).astype(
-            w2d.dtype)
+    factor = w.factor(state.handle)
+    if factor is not None:  # a quantized weight is ranked on its dequantized values
+        w2d = w2d * w.layout.to_2d(factor).astype(w2d.dtype)
     user = state.user_scores.get(w.key)
     if user is not None:
         user = w.layout.to_2d(user)
@@ -151,7 +151,8 @@ class ScoreWeights(Pass):
             w = plan.weight
             raw = state.handle.read(w.tensor)
             user = self.user_scores.get(w.name, self.user_scores.get(w.key))
-            reason = not_a_weight(raw, self.guard_fixed and user is None)
+            reason = not_a_weight(raw if w.dequant is None else w.values_2d(state.handle, raw),
+                                  self.guard_fixed and user is None)
             if reason is not None:
                 record.skipped.append(Skipped(w.name, reason))
                 continue

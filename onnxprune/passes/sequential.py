@@ -27,7 +27,6 @@ from onnxprune.model import io as mio
 from onnxprune.ops.weights import Skipped, stored_bias
 from onnxprune.passes.base import Pass, PassRecord, PruneState, layer_result, set_layer
 from onnxprune.passes.masking import local_keep_mask, not_a_weight
-from onnxprune.ops.quant import stored_values
 
 
 @dataclass
@@ -178,7 +177,7 @@ class PruneSequentially(Pass):
     def _screen(self, state: PruneState, record: "SequentialRecord") -> List[LayerPlan]:
         kept = []
         for plan in state.plans:
-            reason = not_a_weight(state.handle.read(plan.weight.tensor), self.guard_fixed)
+            reason = not_a_weight(plan.weight.values_2d(state.handle), self.guard_fixed)
             if reason is None:
                 kept.append(plan)
             else:
@@ -201,7 +200,7 @@ class PruneSequentially(Pass):
         w = plan.weight
         crit = get_criterion(plan.criterion)
         raw = state.handle.read(w.tensor)
-        w2d = w.layout.to_2d(raw).astype(np.float64)
+        w2d = w.values_2d(state.handle, raw).astype(np.float64)
         nz = w2d != 0
         before = int(np.count_nonzero(nz))
         bias = stored_bias(stored, w) if self.bias_correction else None
@@ -223,8 +222,9 @@ class PruneSequentially(Pass):
                 need = 0
             keep = local_keep_mask(plan, scores, nz, need)
             new = np.where(keep, w2d, 0.0)
-        pruned = stored_values(new, raw.dtype)  # sparsegpt_prune leaves exact zeros where ~keep
-        state.handle.write(w.tensor, w.layout.from_2d(pruned))
+        # sparsegpt_prune leaves exact zeros where ~keep (an integer weight: back to its scale)
+        pruned = w.stored_from_2d(state.handle, new, raw.dtype)
+        state.handle.write(w.tensor, pruned)
         after = int(np.count_nonzero(pruned))
         set_layer(state, record, layer_result(w, before, after, plan.pattern.spec,
                                               plan.criterion))

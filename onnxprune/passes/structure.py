@@ -22,7 +22,7 @@ from onnxprune.ops.weights import Skipped
 from onnxprune.passes.base import LayerResult, Pass, PassRecord, PruneState, set_layer
 
 #: Our criterion names -> the norm the channel scorer sums over coupled tensors.
-_CHANNEL_NORMS = {"magnitude": "l1", "l1": "l1", "l2": "l2"}
+_CHANNEL_NORMS = {"magnitude": "l1", "l1": "l1", "l2": "l2", "wanda": "wanda"}
 
 
 @dataclass
@@ -161,7 +161,10 @@ class PruneChannels(Pass):
                 calibration=state.calibration)
             removed = allocation.removed
         else:
-            removed = select_channels(state.handle, graph, self.sparsity, **self.kwargs)
+            norms = {k: np.sqrt(s.in_sq_norms) for k, s in state.layer_stats.items()
+                     if getattr(s, "in_sq_norms", None) is not None}  # wanda: ||X_c||
+            removed = select_channels(state.handle, graph, self.sparsity, in_norms=norms,
+                                      **self.kwargs)
         mask_channels(state.handle, removed, graph)
         if self.refit:
             from onnxprune.passes.sequential import refit_channels
