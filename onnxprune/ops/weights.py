@@ -90,10 +90,12 @@ class Weight:
     #: An integer tensor dequantized on its way by Cast + Mul/Div (see module); None otherwise.
     dequant: Optional[Dequant] = None
 
-    def factor(self, handle: ModelHandle) -> Optional[np.ndarray]:
-        """The float64 multiplier of each stored entry (its dequantization), broadcast to the
-        stored shape; None for a float weight. The one place both quantized forms meet."""
-        shape = self.layout.stored_shape
+    def factor(self, handle: ModelHandle, shape: Optional[Tuple[int, ...]] = None
+               ) -> Optional[np.ndarray]:
+        """The float64 multiplier of each stored entry (its dequantization), broadcast to
+        ``shape`` (default: the stored shape); None for a float weight. The one place both
+        quantized forms meet."""
+        shape = self.layout.stored_shape if shape is None else shape
         if self.dequant is not None:
             return self.dequant.factor(handle, shape)
         if self.scale is not None:
@@ -105,7 +107,7 @@ class Weight:
         is the stored array when already read. Float weights: the stored values' own view."""
         raw = handle.read(self.tensor) if raw is None else raw
         w2d = self.layout.to_2d(raw)
-        factor = self.factor(handle)
+        factor = self.factor(handle, tuple(raw.shape))
         return w2d if factor is None else w2d * self.layout.to_2d(factor)
 
     def stored_from_2d(self, handle: ModelHandle, w2d: np.ndarray, dtype: np.dtype
