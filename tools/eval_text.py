@@ -363,20 +363,15 @@ def svtrv2_data(n: int = 64, seed: int = 0, dense=None) -> dict:
     return {"truth": [t for t, _ in lines], "images": [im for _, im in lines]}
 
 
-def _edit(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
 
 
 def svtrv2_metric(model_path, data) -> float:
     """Character accuracy vs the rendered text: 1 - total edit distance / total length."""
     got = svtr_read(model_path, data["images"])
-    errors = sum(_edit(g, t) for g, t in zip(got, data["truth"]))
+    sys.path.insert(0, str(HERE))
+    from eval_accuracy import edit_distance
+
+    errors = sum(edit_distance(g, t) for g, t in zip(got, data["truth"]))
     return 1.0 - errors / sum(len(t) for t in data["truth"])
 
 

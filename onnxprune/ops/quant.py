@@ -43,7 +43,7 @@ import onnx
 from onnxprune.model.index import attr
 from onnxprune.ops._channel import (BIAS, CONSUMER, PRODUCER, SCALE, STAT, NodeCtx, norm_axis,
                                     set_attr, tie_all, tie_broadcast)
-from onnxprune.ops.conv import _conv_channels
+from onnxprune.ops.conv import _conv_channels, _conv_macs
 from onnxprune.ops.layouts import Layout
 from onnxprune.ops.linear import _gemm_channels, _gemm_layout, _gemm_macs, _matmul_macs
 from onnxprune.ops.registry import (Shapes, define, numel, op_key, same_axis, shape_in,
@@ -506,18 +506,6 @@ def _n_from_weight(node, typed):
     w = typed.get(node.input[1])
     dims = None if w is None else _dims(w)
     return dims[-1] if dims and isinstance(dims[-1], int) else None
-
-
-# -- MACs ---------------------------------------------------------------------------------------
-def _conv_macs(weight_index: int):
-    def formula(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
-        # Y[N, Cout, out...] with W[Cout, Cin/g, k...]: numel(Y) * Cin/g * prod(k).
-        y = shape_in(shapes, node, 0, output=True)
-        w = shape_in(shapes, node, weight_index)
-        if y is None or w is None:
-            return None
-        return numel(y) * numel(w[1:])
-    return formula
 
 
 # -- what calibration, bias correction and dead channels may use ------------------------------
