@@ -143,7 +143,9 @@ def refit_toward_dense(handle: mio.ModelHandle, reference: mio.ModelHandle,
                 bias = stored_bias(handle.index, w) if bias_correction else None
                 h, cross = fit_moments(st, centered=bias is not None)
                 new = np.zeros_like(dense)
-                new[:, cols] = asymmetric_target(dense, h, cross, damp, kept=cols)
+                new[:, cols] = asymmetric_target(dense, h, cross,
+                                                 refit_ridge(damp, cols.size, st.count),
+                                                 kept=cols)
                 new[~rows] = 0.0
                 handle.write(w.tensor, w.stored_from_2d(handle, new, raw.dtype))
                 if bias is not None:
@@ -163,6 +165,17 @@ def segment_runners(handles: Sequence[mio.ModelHandle], calibration: Calibration
     finally:
         for runner in runners:
             runner.close()
+
+
+def refit_ridge(damp: float, inputs: int, rows: int) -> float:
+    """The pull toward the dense weights of a refit on ``inputs`` kept inputs from ``rows``
+    rows of calibration activations (a fraction of the mean Hessian diagonal): ``damp``, or
+    the inputs-per-row ratio when that is larger. Few rows for many inputs (a small calibration
+    set on a wide layer: 32 sentences for MiniLM's 1536-wide FFN, dksplit's BiLSTM) make the
+    least squares fit the calibration samples and miss the task (dksplit, channel 25 %: split
+    accuracy 0.825 with damp alone, 0.895 with this, 0.915 without a refit, 0.9 dense); with
+    many rows it is ``damp``."""
+    return max(damp, inputs / max(rows, 1))
 
 
 def fit_moments(st: LayerStats, centered: bool):

@@ -199,3 +199,21 @@ def test_sequential_sparsegpt_keeps_a_trained_model_accurate():
         results[method] = accuracy(handle)
     assert results["sparsegpt"] > 0.95  # dense: 0.9937
     assert results["sparsegpt"] > results["mask"] + 0.1
+
+
+def test_refit_pull_toward_dense_grows_when_rows_are_few():
+    from onnxprune.calibration.reconstruct import asymmetric_target
+    from onnxprune.calibration.sequential import refit_ridge
+
+    assert refit_ridge(0.01, 100, 100_000) == 0.01
+    assert refit_ridge(0.01, 100, 50) == 2.0
+    # 8 rows for 32 kept inputs: the refit stays near the dense weights, whereas the bare
+    # damping lets it move far to fit those 8 rows exactly.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 40))
+    w = rng.standard_normal((6, 40))
+    kept = np.arange(32)
+    h, cross = x.T @ x, x.T @ x
+    bare = asymmetric_target(w, h, cross, 0.01, kept=kept)
+    pulled = asymmetric_target(w, h, cross, refit_ridge(0.01, 32, 8), kept=kept)
+    assert np.linalg.norm(pulled - w[:, kept]) < 0.5 * np.linalg.norm(bare - w[:, kept])
