@@ -40,6 +40,9 @@ from onnxprune.inputs.signature import resolve_input_shapes  # noqa: E402
 
 BEGIN, END = "<!-- bench_detect: begin -->", "<!-- bench_detect: end -->"
 #: calibration / evaluation pages per model (800×608 layout pages are costly to calibrate on)
+#: variant = "refit" or "norefit", then "+name" for each of these option sets
+VARIANTS = {"bn": {"bn_reestimate": "match"}, "bndata": {"bn_reestimate": "data"},
+            "recon": {"channel_criterion": "reconstruction"}}
 SAMPLES = {"ppocr_det": (32, 16), "layout": (16, 8), "yolo": (64, 32)}
 
 
@@ -70,7 +73,10 @@ def run_model(name, args, tmp: Path, rows_path: Path):
     resolved = {k: list(v) for k, v in resolve_input_shapes(str(dense), shapes).items()}
     dense_macs = count_macs(str(dense), shapes).total
     for variant in args.variants.split(","):
-        extra = {"refit": "refit" in variant}
+        parts = variant.split("+")
+        extra = {"refit": parts[0] == "refit"}
+        for part in parts[1:]:
+            extra.update(VARIANTS[part])
         for s in [float(x) for x in args.speedups.split(",")]:
             out = tmp / f"{name}_{variant}_{s}.onnx"
             t0 = time.perf_counter()
@@ -153,7 +159,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="ppocr_det,layout,yolo")
     ap.add_argument("--speedups", default="1.2,1.3,1.5")
-    ap.add_argument("--variants", default="refit", help="comma list of: refit, norefit")
+    ap.add_argument("--variants", default="refit",
+                    help="comma list of refit / norefit, each optionally +bn, +bndata, +recon")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--rows", default=None, help="JSON lines file the rows are appended to")

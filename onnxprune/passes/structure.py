@@ -39,6 +39,7 @@ class ChannelRecord(PassRecord):
     resized: int = 0
     refit: List[str] = field(default_factory=list)
     allocation: Optional[dict] = None  # --target-macs/--target-speedup: see channels.allocate
+    bn_reestimated: List[str] = field(default_factory=list)  # --bn-reestimate: BN nodes changed
 
 
 @dataclass
@@ -109,7 +110,8 @@ class PruneChannels(Pass):
                  max_group_sparsity: float = 0.9, channel_scores: Optional[Dict] = None,
                  input_shapes: Optional[Dict[str, Sequence[int]]] = None, refit: bool = False,
                  target_macs: Optional[float] = None, target_speedup: Optional[float] = None,
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, bn_reestimate: str = "none",
+                 channel_criterion: str = "norm"):
         if criterion not in _CHANNEL_NORMS and channel_scores is None:
             raise OptionError(f"criterion '{criterion}' does not rank channels; use "
                               f"{', '.join(sorted(_CHANNEL_NORMS))} with --pattern channel")
@@ -123,7 +125,10 @@ class PruneChannels(Pass):
         self.input_shapes = input_shapes
         self.refit = refit
         self.target = (target_macs, target_speedup, threads)
-        if refit:  # the refit fits layers to the dense model on calibration data
+        self.bn_reestimate, self.channel_criterion = bn_reestimate, channel_criterion
+        if refit or bn_reestimate != "none" or channel_criterion == "reconstruction":
+            # the refit fits layers to the dense model on calibration data (and the
+            # reconstruction ranking and BN re-estimation measure on it)
             self.requires = frozenset({"selection", "calibration"})
 
     def run(self, state):
@@ -150,6 +155,13 @@ class PruneChannels(Pass):
             elif left_out:
                 group.frozen = (f"producer {left_out[0]} is not selected (--op-types/"
                                 "--include/--exclude/config)")
+        if self.channel_criterion == "reconstruction" and state.calibration is not None:
+            from onnxprune.calibration.channel_scores import reconstruction_scores
+
+            scores, note = reconstruction_scores(state.handle, graph, state.weights,
+                                                 state.calibration, seed=state.seed)
+            self.kwargs["channel_scores"] = {**scores, **(self.kwargs["channel_scores"] or {})}
+            record.notes.append(note)
         allocation = None
         if self.target[0] is not None or self.target[1] is not None:
             from onnxprune.channels.allocate import allocate_for_target
@@ -173,6 +185,15 @@ class PruneChannels(Pass):
             # detaches what it removes), so the resize must work on a graph built from the nodes
             # the model holds now, or its edits (Split sizes, Reshape constants) land nowhere.
             graph = _same_groups(graph, build_channel_graph(state.handle, self.input_shapes))
+        if self.bn_reestimate != "none" and state.calibration is not None:
+            from onnxprune.calibration.batchnorm import reestimate_batchnorm
+            from onnxprune.passes.sequential import dense_reference
+
+            reference = dense_reference(state, record.notes) if \
+                self.bn_reestimate == "match" else None
+            record.bn_reestimated, notes = reestimate_batchnorm(
+                state.handle, graph.roles, state.calibration, self.bn_reestimate, reference)
+            record.notes.extend(notes)
         resized = resize_channels(state.handle, graph, removed)
         # A tensor left alone as a weight because something else reads it (a tied embedding
         # table read by Gather) may still lose channels its whole group loses: say so, naming
