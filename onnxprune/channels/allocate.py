@@ -523,7 +523,8 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
             handle, lambda w: uniform_width(handle, w, round_to, min_channels, input_shapes),
             input_shapes, round_to, min_channels, threads=threads)
     elapsed = time.perf_counter() - start
-    alloc = allocate_widths(scores, nodes, 0.0, latency_cost(table), fixed_cost=table.rest,
+    alloc = allocate_widths(scores, nodes, 0.0, latency_cost(table),
+                            fixed_cost=table.rest_model()[0],
                             **common, budget_fn=lambda dense: dense / target_speedup,
                             curves=curves)
     plan = TargetPlan(handle, alloc, alloc.removed(scores), nodes, "speedup", target_speedup,
@@ -533,9 +534,12 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
 
 
 def latency_cost(table) -> CostFn:
-    """Seconds of a node at some MACs from a latency table (0 for nodes it lacks: their time
-    is in the table's rest)."""
+    """Seconds of a node at some MACs from a latency table, with its share of the rest that
+    scales with it (:meth:`~onnxprune.runtime.latency.LatencyTable.rest_model`; 0 for nodes
+    the table lacks: their time is in the table's rest)."""
+    scale = 1.0 + table.rest_model()[1]
+
     def cost(node: NodeCost, macs: float) -> float:
         s = table.seconds(node.key, macs)
-        return 0.0 if s is None else s
+        return 0.0 if s is None else s * scale
     return cost
