@@ -374,6 +374,11 @@ class PruneOptions:
                 "least-squares error when the channel is removed and the rest refit, from "
                 "their input statistics; best with --refit).",
         choices=lambda: CHANNEL_CRITERIA)
+    depth: bool = option(
+        False, "With --target-macs/--target-speedup and --calibration: residual blocks (an Add "
+               "of an identity path and a branch) compete with channel widths in the same "
+               "allocation; a removed block's Add becomes the identity path, exactly.",
+        switch=True)
     validate: bool = option(True, "Skip checker, onnxruntime and comparison.",
                             name="--no-validate", switch=True)
     inputs: Any = option(
@@ -503,6 +508,11 @@ class PruneOptions:
                                   "--pattern channel")
             if on and self.calibration is None:
                 raise OptionError(f"{flag} measures on calibration data; give --calibration")
+        if self.depth and (self.target_macs is None and self.target_speedup is None
+                           or self.pattern != "channel" or self.calibration is None):
+            raise OptionError("--depth removes residual blocks inside a channel allocation; use "
+                              "it with --pattern channel, --target-macs or --target-speedup, "
+                              "and --calibration")
 
     def _check_permute(self) -> None:
         """--permute needs an N:M pattern (or config rules that may give one) and weights in
@@ -628,7 +638,8 @@ class PruneOptions:
         if self.pattern == "channel":
             out.update(round_to=self.round_to, min_channels=self.min_channels, refit=self.refit)
             out.update({k: getattr(self, k) for k, off in (("bn_reestimate", "none"),
-                        ("channel_criterion", "norm")) if getattr(self, k) != off})
+                        ("channel_criterion", "norm"), ("depth", False))
+                        if getattr(self, k) != off})
         if isinstance(self.calibration, (str, os.PathLike)):
             out["calibration"] = str(self.calibration)
         return out

@@ -40,6 +40,7 @@ class ChannelRecord(PassRecord):
     refit: List[str] = field(default_factory=list)
     allocation: Optional[dict] = None  # --target-macs/--target-speedup: see channels.allocate
     bn_reestimated: List[str] = field(default_factory=list)  # --bn-reestimate: BN nodes changed
+    blocks_removed: List[str] = field(default_factory=list)  # --depth: Add names of the blocks
 
 
 @dataclass
@@ -111,7 +112,7 @@ class PruneChannels(Pass):
                  input_shapes: Optional[Dict[str, Sequence[int]]] = None, refit: bool = False,
                  target_macs: Optional[float] = None, target_speedup: Optional[float] = None,
                  threads: Optional[int] = None, bn_reestimate: str = "none",
-                 channel_criterion: str = "norm"):
+                 channel_criterion: str = "norm", depth: bool = False):
         if criterion not in _CHANNEL_NORMS and channel_scores is None:
             raise OptionError(f"criterion '{criterion}' does not rank channels; use "
                               f"{', '.join(sorted(_CHANNEL_NORMS))} with --pattern channel")
@@ -126,6 +127,7 @@ class PruneChannels(Pass):
         self.refit = refit
         self.target = (target_macs, target_speedup, threads)
         self.bn_reestimate, self.channel_criterion = bn_reestimate, channel_criterion
+        self.depth = depth
         if refit or bn_reestimate != "none" or channel_criterion == "reconstruction":
             # the refit fits layers to the dense model on calibration data (and the
             # reconstruction ranking and BN re-estimation measure on it)
@@ -165,12 +167,15 @@ class PruneChannels(Pass):
         allocation = None
         if self.target[0] is not None or self.target[1] is not None:
             from onnxprune.channels.allocate import allocate_for_target
+            from onnxprune.channels.depth import find_residual_blocks
 
+            blocks = (find_residual_blocks(state.handle, self.input_shapes)
+                      if self.depth and state.calibration is not None else None)
             allocation = allocate_for_target(
                 state.handle, graph, *self.target, input_shapes=self.input_shapes,
                 **{k: self.kwargs[k] for k in ("criterion", "round_to", "min_channels",
                                                "max_group_sparsity", "channel_scores")},
-                calibration=state.calibration)
+                calibration=state.calibration, blocks=blocks)
             removed = allocation.removed
         else:
             removed = select_channels(state.handle, graph, self.sparsity, **self.kwargs)
@@ -207,6 +212,8 @@ class PruneChannels(Pass):
                     f"{fmt_shape(shapes[0])} -> {fmt_shape(shapes[1])}; those readers see the "
                     "same channels removed")
         changed = _record_shapes(state, record, before, "channel", self.criterion)
+        if allocation is not None and allocation.blocks:
+            changed += _remove_blocks(state, record, allocation.blocks, self.input_shapes)
         frozen = [(g.describe(), g.frozen) for g in graph.groups if g.frozen and g.producers]
         with_producer = sum(1 for g in graph.groups if g.producers)
         n_removed = sum(len(v) for v in removed.values())
@@ -224,6 +231,30 @@ class PruneChannels(Pass):
             record.allocation = allocation.summary(graph)
             record.notes.extend(allocation.notes)
         return record
+
+
+def _remove_blocks(state: PruneState, record: "ChannelRecord", adds, input_shapes) -> int:
+    """``--depth``: remove the residual blocks the allocation chose (after the channels); their
+    weights leave the model (a result with every dimension 0) and ``state.weights``. Returns
+    how many weights went."""
+    from onnxprune.channels.depth import remove_blocks
+
+    gone = set(remove_blocks(state.handle, adds, input_shapes))
+    record.blocks_removed = list(adds)
+    for w in [w for w in state.weights if w.name in gone]:
+        layer = state.layers.get(w.key)
+        nonzeros = layer.nonzeros_after if layer is not None else int(
+            np.count_nonzero(state.handle.read(w.tensor)))
+        shape = layer.shape if layer is not None else w.shape
+        base = layer or LayerResult(w.key, w.name, w.op_type, shape, int(np.prod(shape)),
+                                    nonzeros, nonzeros, "channel", "")
+        set_layer(state, record, replace(base, nonzeros_after=0,
+                                         shape_after=tuple(0 for _ in shape)))
+    went = sum(1 for w in state.weights if w.name in gone)
+    state.weights = [w for w in state.weights if w.name not in gone]
+    record.notes.append(f"depth: {len(adds)} residual blocks removed (each Add now "
+                        f"Identity of its identity input), {len(gone)} stored tensors with them")
+    return went
 
 
 def _same_groups(before, after):
