@@ -559,10 +559,9 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
         # the target (or overshoots it by far) allocate again for a corrected goal.
         measured = _check_speedup(handle, graph, plan, input_shapes, threads, round_to)
         tried.append((goal, measured))
-        if target_speedup * 0.98 <= measured <= target_speedup * 1.1 + 0.05:
+        if measured >= target_speedup * 0.98:
             break
-        goal = float(np.clip(goal * target_speedup / max(measured, 1e-6), 1.0,
-                             4.0 * target_speedup))
+        goal = min(goal * target_speedup / max(measured, 1e-6), 4.0 * target_speedup)
     if tried:
         plan.notes.append("speed-up check, the pruned model timed: " + "; ".join(
             f"goal x{g:.2f} measured x{m:.2f}" for g, m in tried) + f"; final goal x{goal:.2f}")

@@ -199,6 +199,8 @@ class PruneChannels(Pass):
             record.bn_reestimated, notes = reestimate_batchnorm(
                 state.handle, graph.roles, state.calibration, self.bn_reestimate, reference)
             record.notes.extend(notes)
+            # its part-graph sessions replaced the node objects too (see the refit above)
+            graph = _same_groups(graph, build_channel_graph(state.handle, self.input_shapes))
         resized = resize_channels(state.handle, graph, removed)
         # A tensor left alone as a weight because something else reads it (a tied embedding
         # table read by Gather) may still lose channels its whole group loses: say so, naming
