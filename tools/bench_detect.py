@@ -104,7 +104,7 @@ def run_model(name, args, tmp: Path, rows_path: Path):
                 f.write(json.dumps(row) + "\n")
 
 
-def render(rows, command: str) -> str:
+def render(rows, command: str, notes: str = "") -> str:
     lines = [BEGIN, "## Real detectors: speed-up vs detection F1 (issue 14)", "",
              f"Command: `{command}`", "",
              f"onnxruntime {onnxruntime.__version__}, CPUExecutionProvider, batch 1, "
@@ -142,6 +142,8 @@ def render(rows, command: str) -> str:
                       f"({best['variant']}, target ×{best['target']:g}, F1 {best['f1']:.3f})",
                       f"{best['macs']:.3f}"]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", notes.rstrip("\n")]
     lines.append(END)
     return "\n".join(lines) + "\n"
 
@@ -166,6 +168,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default=None, help="JSON lines file the rows are appended to")
     ap.add_argument("--render-only", action="store_true", help="only render --rows")
     ap.add_argument("--command", default=None, help="the command line to print in the table")
+    ap.add_argument("--notes", default=None, help="a markdown file added to the section "
+                                                    "(what the runs show)")
     ap.add_argument("--write", default=None)
     args = ap.parse_args(argv)
     args.threads = [int(t) for t in args.threads.split(",")]
@@ -175,7 +179,9 @@ def main(argv=None) -> int:
         for name in args.models.split(","):
             run_model(name, args, tmp, rows_path)
     rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
-    text = render(rows, args.command or "python tools/bench_detect.py " + " ".join(sys.argv[1:]))
+    notes = Path(args.notes).read_text() if args.notes else ""
+    text = render(rows, args.command or "python tools/bench_detect.py " + " ".join(sys.argv[1:]),
+                  notes)
     print(text)
     if args.write:
         write(Path(args.write), text)
