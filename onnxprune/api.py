@@ -86,7 +86,8 @@ def build_passes(options: PruneOptions) -> Pipeline:
                                     scope=o.scope, max_group_sparsity=o.max_group_sparsity,
                                     input_shapes=o.input_shapes, refit=o.refit,
                                     target_macs=o.target_macs, target_speedup=o.target_speedup,
-                                    threads=o.threads))
+                                    threads=o.threads, bn_reestimate=o.bn_reestimate,
+                                    channel_criterion=o.channel_criterion, depth=o.depth))
         if o.save_plan is not None or o.dry_run:
             passes.append(RecordPlan(o.input_shapes))
     else:

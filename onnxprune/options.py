@@ -32,6 +32,8 @@ from onnxprune.inputs.signature import parse_input_shapes
 
 #: ``allocate``: how the sparsity target is spread over layers (see :attr:`PruneOptions.allocation`).
 ALLOCATIONS = ("auto", "uniform", "sensitivity")
+BN_MODES = ("none", "data", "match")  # --bn-reestimate (calibration/batchnorm.py)
+CHANNEL_CRITERIA = ("norm", "reconstruction")  # --channel-criterion
 
 #: The commands a flag can belong to.
 COMMANDS = ("prune", "inspect")
@@ -362,6 +364,24 @@ class PruneOptions:
               "per-layer timing table measured on this machine with --threads (cached in "
               "$ONNXPRUNE_CACHE, default ~/.cache/onnxprune); the report gives the predicted "
               "and the measured speed-up.", type=float)
+    # Reconstruction after channel removal on real detectors (issue 14: H5).
+    bn_reestimate: str = option(
+        "none", "Channel pattern with --calibration: after channels are removed (and refit), "
+                "re-estimate BatchNormalization from the calibration data: match = move each "
+                "BN's scale and shift so every channel's output mean and std equal the dense "
+                "model's; data = set its running mean and variance to the pruned input's "
+                "(adaptive BN).", choices=lambda: BN_MODES)
+    channel_criterion: str = option(
+        "norm", "Channel pattern: how channels are ranked within a group: norm (weight norms, "
+                "--criterion l1/l2) or reconstruction (with --calibration: the consumers' "
+                "least-squares error when the channel is removed and the rest refit, from "
+                "their input statistics; best with --refit).",
+        choices=lambda: CHANNEL_CRITERIA)
+    depth: bool = option(
+        False, "With --target-macs/--target-speedup and --calibration: residual blocks (an Add "
+               "of an identity path and a branch) compete with channel widths in the same "
+               "allocation; a removed block's Add becomes the identity path, exactly.",
+        switch=True)
     validate: bool = option(True, "Skip checker, onnxruntime and comparison.",
                             name="--no-validate", switch=True)
     inputs: Any = option(
@@ -467,6 +487,7 @@ class PruneOptions:
         if self.refit and self.pattern != "channel":
             raise OptionError("--refit refits the consumers of removed channels; it needs "
                               "--pattern channel")
+        self._check_reconstruction()
         if self.target is not None and self.target not in TARGETS:
             raise OptionError(f"target must be one of {', '.join(TARGETS)}, got '{self.target}'")
         if self.permute is None:  # on where it can pay: TensorRT runs N:M sparse
@@ -483,6 +504,27 @@ class PruneOptions:
         if crit.reconstructs and self.scope == "global":
             raise OptionError(f"criterion '{self.criterion}' prunes layer by layer; use "
                               "--scope local, or --allocate sensitivity to spread a target")
+
+    def _check_reconstruction(self) -> None:
+        if self.bn_reestimate not in BN_MODES:
+            raise OptionError(f"bn_reestimate must be one of {', '.join(BN_MODES)}, got "
+                              f"'{self.bn_reestimate}'")
+        if self.channel_criterion not in CHANNEL_CRITERIA:
+            raise OptionError(f"channel_criterion must be one of {', '.join(CHANNEL_CRITERIA)}, "
+                              f"got '{self.channel_criterion}'")
+        for flag, on in (("--bn-reestimate", self.bn_reestimate != "none"),
+                         ("--channel-criterion reconstruction",
+                          self.channel_criterion == "reconstruction")):
+            if on and self.pattern != "channel":
+                raise OptionError(f"{flag} works after channel removal; it needs "
+                                  "--pattern channel")
+            if on and self.calibration is None:
+                raise OptionError(f"{flag} measures on calibration data; give --calibration")
+        if self.depth and (self.target_macs is None and self.target_speedup is None
+                           or self.pattern != "channel" or self.calibration is None):
+            raise OptionError("--depth removes residual blocks inside a channel allocation; use "
+                              "it with --pattern channel, --target-macs or --target-speedup, "
+                              "and --calibration")
 
     def _check_permute(self) -> None:
         """--permute needs an N:M pattern (or config rules that may give one) and weights in
@@ -607,6 +649,9 @@ class PruneOptions:
                         if getattr(self, k) is not None})
         if self.pattern == "channel":
             out.update(round_to=self.round_to, min_channels=self.min_channels, refit=self.refit)
+            out.update({k: getattr(self, k) for k, off in (("bn_reestimate", "none"),
+                        ("channel_criterion", "norm"), ("depth", False))
+                        if getattr(self, k) != off})
         if isinstance(self.calibration, (str, os.PathLike)):
             out["calibration"] = str(self.calibration)
         return out

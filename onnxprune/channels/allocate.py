@@ -62,17 +62,19 @@ class NodeCost:
     op_type: str
     macs: int
     factors: List[Tuple[float, Tuple[AxisSpec, ...]]] = field(default_factory=list)
+    gates: Tuple[int, ...] = ()  # --depth: ids of the residual blocks whose branch holds it
 
     @property
     def groups(self) -> Tuple[int, ...]:
         return tuple(sorted({g for _, axes in self.factors for _, parts in axes
-                             for g, _ in parts}))
+                             for g, _ in parts} | set(self.gates)))
 
     def fraction(self, kept: Mapping[int, float]) -> float:
         """The node's MAC fraction with group ``g`` keeping ``kept[g]`` of its channels (1 for
-        groups not given)."""
+        groups not given; a gate at 0, a removed block, takes the node away)."""
+        gate = float(np.prod([kept.get(g, 1.0) for g in self.gates])) if self.gates else 1.0
         if not self.factors:
-            return 1.0
+            return gate
         total = 0.0
         for share, axes in self.factors:
             f = 1.0
@@ -80,7 +82,7 @@ class NodeCost:
                 f *= (size - sum(c for _, c in parts)
                       + sum(kept.get(g, 1.0) * c for g, c in parts)) / size
             total += share * f
-        return float(total)
+        return float(total) * gate
 
 
 def node_costs(handle: ModelHandle, graph: ChannelGraph,
@@ -178,12 +180,15 @@ def allocate_widths(scores: Mapping[int, np.ndarray], nodes: Sequence[NodeCost],
                     weights: Optional[Mapping[int, float]] = None,
                     fixed_cost: float = 0.0,
                     budget_fn: Optional[Callable[[float], float]] = None,
-                    curves: Optional[Mapping[int, Sequence[Tuple[float, float]]]] = None
+                    curves: Optional[Mapping[int, Sequence[Tuple[float, float]]]] = None,
+                    fixed_ladders: Optional[Mapping[int, Sequence[int]]] = None
                     ) -> Allocation:
     """Greedy widths (see the module doc) for the groups in ``scores`` (group id -> unit
     scores) so that ``fixed_cost + model_cost(nodes) <= budget`` (``budget_fn(dense cost)``
     when given: e.g. the dense cost over a speed-up). ``curves``: per group, measured damage
-    at fractions removed (:func:`measured_damage`), used instead of the scores' sums."""
+    at fractions removed (:func:`measured_damage`), used instead of the scores' sums.
+    ``fixed_ladders``: per group, the counts it may keep (largest first) instead of the rounded
+    ones (a residual block: ``[1, 0]``, kept or removed)."""
     curves = dict(curves or {})
 
     def damage_of(gid: int, k0: int, k1: int) -> float:
@@ -200,7 +205,8 @@ def allocate_widths(scores: Mapping[int, np.ndarray], nodes: Sequence[NodeCost],
     weights = dict(weights or {})
     sizes = {gid: len(s) for gid, s in scores.items()}
     keep = dict(sizes)
-    ladders = {gid: allowed_keeps(n, round_to, min_channels, max_group_sparsity)
+    ladders = {gid: list((fixed_ladders or {}).get(gid) or
+                         allowed_keeps(n, round_to, min_channels, max_group_sparsity))
                for gid, n in sizes.items()}
     step = {gid: 0 for gid in sizes}  # position on the ladder
     sorted_scores = {gid: np.sort(np.asarray(s, dtype=np.float64)) for gid, s in scores.items()}
@@ -429,6 +435,7 @@ class TargetPlan:
         self.macs_after: Optional[int] = None
         self.measured: Optional[Tuple[float, float, float]] = None
         self.notes: List[str] = []
+        self.blocks: List[str] = []  # --depth: Add names of the residual blocks to remove
 
     def finish(self, pruned: ModelHandle) -> None:
         """Count the pruned model's MACs (and with a speed-up target, time it against the
@@ -436,7 +443,7 @@ class TargetPlan:
         self.macs_after = counted_macs(pruned, self.input_shapes)
         ratio = self.macs_after / max(self.macs_before, 1)
         a = self.allocation
-        narrowed = sum(1 for g in a.keep if a.keep[g] < a.sizes[g])
+        narrowed = sum(1 for g in a.keep if a.keep[g] < a.sizes[g] and g in self.removed)
         if self.kind == "macs":
             head = (f"allocation: target MACs x{self.target:.3f}, reached x{ratio:.3f} "
                     f"(predicted x{self.predicted_macs / max(self.macs_before, 1):.3f})")
@@ -472,7 +479,9 @@ class TargetPlan:
                "predicted_speedup": self.predicted_speedup,
                "groups": [{"group": gid, "describe": graph.groups[gid].describe(),
                            "channels": a.sizes[gid], "kept": a.keep[gid]}
-                          for gid in sorted(a.keep)]}
+                          for gid in sorted(a.keep) if gid < len(graph.groups)]}
+        if self.blocks:
+            out["blocks_removed"] = list(self.blocks)
         if self.measured is not None:
             out.update(measured_speedup=self.measured[2], dense_seconds=self.measured[0],
                        pruned_seconds=self.measured[1], threads=self.threads,
@@ -486,10 +495,17 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
                         input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
                         criterion: str = "l1", round_to: int = 1, min_channels: int = 1,
                         max_group_sparsity: float = 0.9, channel_scores=None,
-                        table=None, calibration=None, damage_samples: int = 8) -> TargetPlan:
+                        table=None, calibration=None, damage_samples: int = 8,
+                        blocks: Optional[Sequence] = None, speed_checks: int = 2
+                        ) -> TargetPlan:
     """Per-group widths for ``target_macs`` (keep this fraction of the model's MACs) or
     ``target_speedup`` (predicted from the latency table, measured with ``threads``; ``table``
-    injects one, e.g. in tests) on the groups left prunable in ``graph``."""
+    injects one, e.g. in tests) on the groups left prunable in ``graph``. ``blocks``
+    (:func:`~onnxprune.channels.depth.find_residual_blocks`; needs ``calibration``): residual
+    blocks offered in the same allocation, each kept or removed (``plan.blocks``: the ``Add``
+    names of those to remove). ``speed_checks``: with a measured table, times the pruned
+    model up to this many times and allocates again for a corrected goal when it misses the
+    target (the notes list each goal and measured speed-up)."""
     from onnxprune.channels.select import group_scores
 
     scores = group_scores(handle, graph, criterion, channel_scores)
@@ -504,38 +520,114 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
         damage_note = (f"allocation: damage measured per group as the output error on "
                        f"{len(data)} calibration samples with 25 % and 50 % of its channels "
                        f"removed ({len(curves)} groups, {time.perf_counter() - start:.1f} s)")
+        if blocks:
+            nodes, extra = _offer_blocks(handle, graph, blocks, nodes, feeds)
+            for bid, curve in extra.items():
+                scores[bid], curves[bid] = np.ones(1), curve
+    ladders = {bid: [1, 0] for bid in scores if bid >= len(graph.groups)}
     total = counted_macs(handle, input_shapes)
     fixed = total - sum(n.macs for n in nodes)
     common = dict(round_to=round_to, min_channels=min_channels,
                   max_group_sparsity=max_group_sparsity)
     if target_macs is not None:
         alloc = allocate_widths(scores, nodes, target_macs * total, mac_cost,
-                                fixed_cost=fixed, curves=curves, **common)
+                                fixed_cost=fixed, curves=curves, fixed_ladders=ladders, **common)
         plan = TargetPlan(handle, alloc, alloc.removed(scores), nodes, "macs", target_macs,
                           input_shapes, threads)
         plan.notes += [damage_note] if damage_note else []
-        return plan
+        return _with_blocks(plan, graph, blocks)
     from onnxprune.runtime.latency import latency_table
 
-    start, cached = time.perf_counter(), True
+    start, cached, checks = time.perf_counter(), True, (speed_checks if table is None else 0)
     if table is None:
         table, cached = latency_table(
             handle, lambda w: uniform_width(handle, w, round_to, min_channels, input_shapes),
             input_shapes, round_to, min_channels, threads=threads)
     elapsed = time.perf_counter() - start
-    alloc = allocate_widths(scores, nodes, 0.0, latency_cost(table), fixed_cost=table.rest,
-                            **common, budget_fn=lambda dense: dense / target_speedup,
-                            curves=curves)
-    plan = TargetPlan(handle, alloc, alloc.removed(scores), nodes, "speedup", target_speedup,
-                      input_shapes, threads, table, cached, elapsed)
+    goal, tried = target_speedup, []
+    for attempt in range(checks + 1):
+        alloc = allocate_widths(scores, nodes, 0.0, latency_cost(table),
+                                fixed_cost=table.rest_model()[0],
+                                **common, budget_fn=lambda dense, g=goal: dense / g,
+                                curves=curves, fixed_ladders=ladders)
+        plan = _with_blocks(TargetPlan(handle, alloc, alloc.removed(scores), nodes, "speedup",
+                                       target_speedup, input_shapes, threads, table, cached,
+                                       elapsed), graph, blocks)
+        if attempt == checks:
+            break
+        # The table predicts; the pruned model is what counts: time it, and where it misses
+        # the target (or overshoots it by far) allocate again for a corrected goal.
+        measured = _check_speedup(handle, graph, plan, input_shapes, threads, round_to)
+        tried.append((goal, measured))
+        if measured >= target_speedup * 0.98:
+            break
+        goal = min(goal * target_speedup / max(measured, 1e-6), 4.0 * target_speedup)
+    if tried:
+        plan.notes.append("speed-up check, the pruned model timed: " + "; ".join(
+            f"goal x{g:.2f} measured x{m:.2f}" for g, m in tried) + f"; final goal x{goal:.2f}")
     plan.notes += [damage_note] if damage_note else []
     return plan
 
 
+def _check_speedup(handle: ModelHandle, graph: ChannelGraph, plan: "TargetPlan",
+                   input_shapes, threads, round_to: int) -> float:
+    """The measured speed-up of ``plan`` applied to a copy of ``handle`` (channels resized,
+    blocks removed), dense and pruned timed interleaved with ``threads``."""
+    from onnxprune.channels.graph import build_channel_graph
+    from onnxprune.channels.depth import _copy, remove_blocks
+    from onnxprune.channels.resize import resize_channels
+    from onnxprune.runtime.latency import measure_speedup
+
+    twin = _copy(handle)
+    twin_graph = build_channel_graph(twin, input_shapes)
+    if [(g.size, sorted(g.producers)) for g in twin_graph.groups] != \
+            [(g.size, sorted(g.producers)) for g in graph.groups]:
+        raise RuntimeError("internal error: the channel graph of a copy of the model differs; "
+                           "nothing was written (please report this model)")
+    resize_channels(twin, twin_graph, plan.removed)
+    if plan.blocks:
+        remove_blocks(twin, plan.blocks, input_shapes)
+    resolved = resolve_input_shapes(twin.model, input_shapes, require_all=False)
+    return measure_speedup(handle, twin, resolved, threads)[2]
+
+
+def _offer_blocks(handle: ModelHandle, graph: ChannelGraph, blocks: Sequence, nodes, feeds):
+    """``nodes`` with each block's branch nodes gated by the block's id (``len(graph.groups)
+    + i``), and per block id its measured damage curve ``[(0, 0), (1, error)]``."""
+    from dataclasses import replace
+
+    from onnxprune.channels.depth import block_damage
+
+    by_output = {n.output[0]: node_key(n) for n in handle.model.graph.node if n.output}
+    gates: Dict[str, List[int]] = {}
+    for i, b in enumerate(blocks):
+        for out in b.branch:
+            gates.setdefault(by_output.get(out, ""), []).append(len(graph.groups) + i)
+    damage = block_damage(handle, blocks, feeds)
+    nodes = [replace(n, gates=tuple(gates[n.key])) if n.key in gates else n for n in nodes]
+    return nodes, {len(graph.groups) + i: [(0.0, 0.0), (1.0, d)] for i, d in enumerate(damage)}
+
+
+def _with_blocks(plan: "TargetPlan", graph: ChannelGraph, blocks) -> "TargetPlan":
+    """Split the residual blocks the allocation removed out of the channel removals."""
+    n = len(graph.groups)
+    plan.blocks = [blocks[gid - n].add for gid in sorted(plan.removed)
+                   if gid >= n and plan.removed[gid]]
+    plan.removed = {gid: v for gid, v in plan.removed.items() if gid < n}
+    if blocks:
+        plan.notes.append(f"depth: {len(plan.blocks)} of {len(blocks)} residual blocks removed "
+                          "(damage: the output error with the block alone removed)"
+                          + (f": {', '.join(plan.blocks[:5])}" if plan.blocks else ""))
+    return plan
+
+
 def latency_cost(table) -> CostFn:
-    """Seconds of a node at some MACs from a latency table (0 for nodes it lacks: their time
-    is in the table's rest)."""
+    """Seconds of a node at some MACs from a latency table, with its share of the rest that
+    scales with it (:meth:`~onnxprune.runtime.latency.LatencyTable.rest_model`; 0 for nodes
+    the table lacks: their time is in the table's rest)."""
+    scale = 1.0 + table.rest_model()[1]
+
     def cost(node: NodeCost, macs: float) -> float:
         s = table.seconds(node.key, macs)
-        return 0.0 if s is None else s
+        return 0.0 if s is None else s * scale
     return cost

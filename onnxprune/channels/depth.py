@@ -6,15 +6,20 @@ stored tensors or each other, whose outputs nothing outside the branch reads (``
 ``Add``) and that are not graph outputs. Removing the block deletes the branch and replaces the
 ``Add`` by ``Identity(x)``: the model then computes exactly what it computed with ``f(x) = 0``.
 
-Not wired into the allocation yet: :func:`find_residual_blocks` and :func:`remove_block` are the
-exact primitives (tests/channels/test_allocation_depth.py); choosing blocks by measured damage
-per cost saved is the next step.
+In the allocation (``--depth`` with ``--target-macs``/``--target-speedup`` and calibration
+data): each block is one more candidate beside the channel groups, its damage the model's
+relative output error on the calibration samples with the block removed alone
+(:func:`block_damage`), its saving the cost of the branch's counted nodes
+(:mod:`onnxprune.channels.allocate`); the chosen blocks are removed after the channels
+(:func:`remove_blocks`, found again by their ``Add`` in the resized model).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
 
 import onnx
 
@@ -117,3 +122,49 @@ def remove_block(handle: ModelHandle, block: ResidualBlock) -> None:
     for vi in [vi for vi in graph.value_info if vi.name not in used]:
         graph.value_info.remove(vi)
     handle.graph_changed()
+
+
+def _copy(handle: ModelHandle) -> ModelHandle:
+    import copy
+
+    twin = ModelHandle(model=copy.deepcopy(handle.model), path=handle.path,
+                       base_dir=handle.base_dir)
+    for tensor, values in handle.rewritten_values():
+        twin.write(twin.index.stored[tensor.name], values)
+    return twin
+
+
+def block_damage(handle: ModelHandle, blocks: Sequence[ResidualBlock],
+                 feeds: Sequence[Mapping[str, np.ndarray]]) -> List[float]:
+    """Per block: the model's relative output error ``sum ||y - y0||^2 / sum ||y0||^2`` over
+    ``feeds`` with that block alone removed (the measure channel damage uses). ``handle`` is
+    left as it was."""
+    from onnxprune.runtime.session import open_session
+
+    def outputs(h):
+        session = open_session(h)
+        return [np.asarray(o, dtype=np.float64) for f in feeds
+                for o in session.run(None, dict(f))]
+
+    ref = outputs(handle)
+    norm = sum(float((r ** 2).sum()) for r in ref) or 1.0
+    out = []
+    for block in blocks:
+        twin = _copy(handle)
+        remove_block(twin, block)
+        err = sum(float(((o - r) ** 2).sum()) for o, r in zip(outputs(twin), ref)) / norm
+        out.append(err if np.isfinite(err) else 1e6)
+    return out
+
+
+def remove_blocks(handle: ModelHandle, adds: Sequence[str],
+                  input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> List[str]:
+    """Remove the residual blocks whose ``Add`` is named in ``adds`` (found again in the model
+    as it is now, one at a time, so nested blocks stay consistent); returns the stored tensors
+    that went with them."""
+    before = set(handle.index.stored)
+    for add in adds:
+        match = [b for b in find_residual_blocks(handle, input_shapes) if b.add == add]
+        if match:
+            remove_block(handle, match[0])
+    return sorted(before - set(handle.index.stored))

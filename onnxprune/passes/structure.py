@@ -39,6 +39,8 @@ class ChannelRecord(PassRecord):
     resized: int = 0
     refit: List[str] = field(default_factory=list)
     allocation: Optional[dict] = None  # --target-macs/--target-speedup: see channels.allocate
+    bn_reestimated: List[str] = field(default_factory=list)  # --bn-reestimate: BN nodes changed
+    blocks_removed: List[str] = field(default_factory=list)  # --depth: Add names of the blocks
 
 
 @dataclass
@@ -109,7 +111,8 @@ class PruneChannels(Pass):
                  max_group_sparsity: float = 0.9, channel_scores: Optional[Dict] = None,
                  input_shapes: Optional[Dict[str, Sequence[int]]] = None, refit: bool = False,
                  target_macs: Optional[float] = None, target_speedup: Optional[float] = None,
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, bn_reestimate: str = "none",
+                 channel_criterion: str = "norm", depth: bool = False):
         if criterion not in _CHANNEL_NORMS and channel_scores is None:
             raise OptionError(f"criterion '{criterion}' does not rank channels; use "
                               f"{', '.join(sorted(_CHANNEL_NORMS))} with --pattern channel")
@@ -123,7 +126,11 @@ class PruneChannels(Pass):
         self.input_shapes = input_shapes
         self.refit = refit
         self.target = (target_macs, target_speedup, threads)
-        if refit:  # the refit fits layers to the dense model on calibration data
+        self.bn_reestimate, self.channel_criterion = bn_reestimate, channel_criterion
+        self.depth = depth
+        if refit or bn_reestimate != "none" or channel_criterion == "reconstruction":
+            # the refit fits layers to the dense model on calibration data (and the
+            # reconstruction ranking and BN re-estimation measure on it)
             self.requires = frozenset({"selection", "calibration"})
 
     def run(self, state):
@@ -150,15 +157,25 @@ class PruneChannels(Pass):
             elif left_out:
                 group.frozen = (f"producer {left_out[0]} is not selected (--op-types/"
                                 "--include/--exclude/config)")
+        if self.channel_criterion == "reconstruction" and state.calibration is not None:
+            from onnxprune.calibration.channel_scores import reconstruction_scores
+
+            scores, note = reconstruction_scores(state.handle, graph, state.weights,
+                                                 state.calibration, seed=state.seed)
+            self.kwargs["channel_scores"] = {**scores, **(self.kwargs["channel_scores"] or {})}
+            record.notes.append(note)
         allocation = None
         if self.target[0] is not None or self.target[1] is not None:
             from onnxprune.channels.allocate import allocate_for_target
+            from onnxprune.channels.depth import find_residual_blocks
 
+            blocks = (find_residual_blocks(state.handle, self.input_shapes)
+                      if self.depth and state.calibration is not None else None)
             allocation = allocate_for_target(
                 state.handle, graph, *self.target, input_shapes=self.input_shapes,
                 **{k: self.kwargs[k] for k in ("criterion", "round_to", "min_channels",
                                                "max_group_sparsity", "channel_scores")},
-                calibration=state.calibration)
+                calibration=state.calibration, blocks=blocks)
             removed = allocation.removed
         else:
             norms = {k: np.sqrt(s.in_sq_norms) for k, s in state.layer_stats.items()
@@ -176,6 +193,17 @@ class PruneChannels(Pass):
             # detaches what it removes), so the resize must work on a graph built from the nodes
             # the model holds now, or its edits (Split sizes, Reshape constants) land nowhere.
             graph = _same_groups(graph, build_channel_graph(state.handle, self.input_shapes))
+        if self.bn_reestimate != "none" and state.calibration is not None:
+            from onnxprune.calibration.batchnorm import reestimate_batchnorm
+            from onnxprune.passes.sequential import dense_reference
+
+            reference = dense_reference(state, record.notes) if \
+                self.bn_reestimate == "match" else None
+            record.bn_reestimated, notes = reestimate_batchnorm(
+                state.handle, graph.roles, state.calibration, self.bn_reestimate, reference)
+            record.notes.extend(notes)
+            # its part-graph sessions replaced the node objects too (see the refit above)
+            graph = _same_groups(graph, build_channel_graph(state.handle, self.input_shapes))
         resized = resize_channels(state.handle, graph, removed)
         # A tensor left alone as a weight because something else reads it (a tied embedding
         # table read by Gather) may still lose channels its whole group loses: say so, naming
@@ -189,6 +217,8 @@ class PruneChannels(Pass):
                     f"{fmt_shape(shapes[0])} -> {fmt_shape(shapes[1])}; those readers see the "
                     "same channels removed")
         changed = _record_shapes(state, record, before, "channel", self.criterion)
+        if allocation is not None and allocation.blocks:
+            changed += _remove_blocks(state, record, allocation.blocks, self.input_shapes)
         frozen = [(g.describe(), g.frozen) for g in graph.groups if g.frozen and g.producers]
         with_producer = sum(1 for g in graph.groups if g.producers)
         n_removed = sum(len(v) for v in removed.values())
@@ -206,6 +236,30 @@ class PruneChannels(Pass):
             record.allocation = allocation.summary(graph)
             record.notes.extend(allocation.notes)
         return record
+
+
+def _remove_blocks(state: PruneState, record: "ChannelRecord", adds, input_shapes) -> int:
+    """``--depth``: remove the residual blocks the allocation chose (after the channels); their
+    weights leave the model (a result with every dimension 0) and ``state.weights``. Returns
+    how many weights went."""
+    from onnxprune.channels.depth import remove_blocks
+
+    gone = set(remove_blocks(state.handle, adds, input_shapes))
+    record.blocks_removed = list(adds)
+    for w in [w for w in state.weights if w.name in gone]:
+        layer = state.layers.get(w.key)
+        nonzeros = layer.nonzeros_after if layer is not None else int(
+            np.count_nonzero(state.handle.read(w.tensor)))
+        shape = layer.shape if layer is not None else w.shape
+        base = layer or LayerResult(w.key, w.name, w.op_type, shape, int(np.prod(shape)),
+                                    nonzeros, nonzeros, "channel", "")
+        set_layer(state, record, replace(base, nonzeros_after=0,
+                                         shape_after=tuple(0 for _ in shape)))
+    went = sum(1 for w in state.weights if w.name in gone)
+    state.weights = [w for w in state.weights if w.name not in gone]
+    record.notes.append(f"depth: {len(adds)} residual blocks removed (each Add now "
+                        f"Identity of its identity input), {len(gone)} stored tensors with them")
+    return went
 
 
 def _same_groups(before, after):

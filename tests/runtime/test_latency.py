@@ -134,3 +134,26 @@ def test_measure_speedup_returns_times():
     assert dense > 0 and pruned > 0 and ratio == pytest.approx(dense / pruned)
     assert [np.prod(t.dims) for t in half.model.graph.initializer if len(t.dims) == 4] != \
         [np.prod(t.dims) for t in handle.model.graph.initializer if len(t.dims) == 4]
+
+
+def test_rest_scales_with_the_tabled_nodes():
+    """The model timed at each width: the rest (model - tabled nodes) is fit as fixed + scale x
+    nodes, and the prediction of a narrower allocation shrinks the rest with the nodes."""
+    from onnxprune.channels.allocate import NodeCost
+
+    t = LatencyTable("k", 1, {"x": [1]}, 1, [1.0, 0.5, 0.25])
+    t.nodes = {"a": {"op_type": "Conv", "macs": [100, 50, 25], "seconds": [10.0, 6.0, 3.0]},
+               "b": {"op_type": "Conv", "macs": [40, 20, 10], "seconds": [2.0, 1.0, 0.5]}}
+    # rest = 1 + 0.5 x nodes at every width
+    t.model_seconds = [n + 1.0 + 0.5 * n for n in (12.0, 7.0, 3.5)]
+    fixed, scale = t.rest_model()
+    assert fixed == pytest.approx(1.0) and scale == pytest.approx(0.5)
+    nodes = [NodeCost("a", "Conv", 100, [(1.0, ((8, ((0, 8),)),))]),
+             NodeCost("b", "Conv", 40, [(1.0, ((8, ((1, 8),)),))])]
+    assert predict_seconds(t, nodes, {}) == pytest.approx(t.model_seconds[0])
+    assert predict_seconds(t, nodes, {0: 0.5, 1: 0.5}) == pytest.approx(t.model_seconds[1])
+    # a rest that does not grow with the nodes stays fixed (never a negative scale)
+    t.model_seconds = [n + 4.0 - 0.01 * n for n in (12.0, 7.0, 3.5)]
+    fixed, scale = t.rest_model()
+    assert scale == 0.0 and fixed == pytest.approx(np.mean([4.0 - 0.01 * n
+                                                            for n in (12.0, 7.0, 3.5)]))

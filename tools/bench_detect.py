@@ -1,0 +1,192 @@
+"""Speed-up vs detection F1 on real detectors: channel removal + refit at --target-speedup.
+
+Per model (tools/eval_detect.py: PP-OCRv4 det, layout_cdla PicoDet, the yolo_block fixture) and
+per target speed-up: ``prune(pattern="channel", target_speedup=S, round_to=8, refit=True,
+calibration=<rendered pages, seed 1>, threads=1)``, then the pruned model's F1 against the dense
+model's boxes on separate evaluation pages (seed 2), its MACs, and its onnxruntime CPU speed-up
+with 1 and 2 threads (dense and pruned sessions interleaved, warm-up, median of 3 measurements
+with the sessions opened in rotated order). Rows are appended to ``--rows`` (JSON lines) as they
+finish, so a long run that is cut short keeps what it measured; ``--write`` renders them into
+the ``<!-- bench_detect: begin/end -->`` section of benchmarks/latency.md.
+
+    python tools/bench_detect.py --models ppocr_det,layout,yolo --speedups 1.2,1.3,1.5 \\
+        --rows /tmp/bench_detect.jsonl --write benchmarks/latency.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from eval_detect import CAL_SEED, EVAL_SEED, MODELS  # noqa: E402
+
+from onnxprune.api import prune  # noqa: E402
+from onnxprune.model.io import load  # noqa: E402
+from onnxprune.report.macs import count_macs  # noqa: E402
+from onnxprune.runtime.latency import _quiet_session, model_feed, time_sessions  # noqa: E402
+from onnxprune.runtime.session import session_threads  # noqa: E402
+from onnxprune.inputs.signature import resolve_input_shapes  # noqa: E402
+
+BEGIN, END = "<!-- bench_detect: begin -->", "<!-- bench_detect: end -->"
+#: calibration / evaluation pages per model (800×608 layout pages are costly to calibrate on)
+#: variant = "refit" or "norefit", then "+name" for each of these option sets
+VARIANTS = {"bn": {"bn_reestimate": "match"}, "bndata": {"bn_reestimate": "data"},
+            "recon": {"channel_criterion": "reconstruction"}}
+SAMPLES = {"ppocr_det": (32, 16), "layout": (16, 8), "yolo": (64, 32)}
+
+
+def speedups(dense, pruned, shapes, threads, runs, reps=3):
+    """dense / pruned median seconds with ``threads``: ``reps`` measurements of ``runs``
+    interleaved rounds each (after warm-up), sessions opened in rotated order."""
+    per = [[], []]
+    paths = [dense, pruned]
+    with session_threads(threads):
+        for r in range(reps):
+            order = [(i + r) % 2 for i in range(2)]
+            sessions = [(_quiet_session(load(paths[i])), model_feed(load(paths[i]), shapes))
+                        for i in order]
+            for i, t in zip(order, time_sessions(sessions, runs, 5)):
+                per[i].append(t)
+    return statistics.median(per[0]) / statistics.median(per[1])
+
+
+def run_model(name, args, tmp: Path, rows_path: Path):
+    dense, metric, images, input_name, shapes = MODELS[name]
+    if not Path(dense).exists():
+        print(f"{name}: {dense} absent, skipped", flush=True)
+        return
+    n_cal, n_eval = SAMPLES[name]
+    cal = tmp / f"{name}_cal.npz"
+    np.savez(cal, **{input_name: images(n_cal, CAL_SEED)})
+    evals = images(n_eval, EVAL_SEED)
+    resolved = {k: list(v) for k, v in resolve_input_shapes(str(dense), shapes).items()}
+    dense_macs = count_macs(str(dense), shapes).total
+    for variant in args.variants.split(","):
+        parts = variant.split("+")
+        extra = {"refit": parts[0] == "refit"}
+        for part in parts[1:]:
+            extra.update(VARIANTS[part])
+        for s in [float(x) for x in args.speedups.split(",")]:
+            out = tmp / f"{name}_{variant}_{s}.onnx"
+            t0 = time.perf_counter()
+            try:
+                res = prune(str(dense), pattern="channel", target_speedup=s, round_to=8,
+                            threads=1, calibration=cal, input_shapes=shapes, validate=False,
+                            output=out, force=True, **extra)
+            except Exception as e:  # a failure is a row too
+                row = dict(model=name, variant=variant, target=s, error=f"{type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200]}")
+                print(row, flush=True)
+                with rows_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                continue
+            took = time.perf_counter() - t0
+            alloc = [r for r in res.state.records if getattr(r, "allocation", None)][0].allocation
+            row = dict(model=name, variant=variant, target=s, seconds=round(took, 1),
+                       predicted=alloc["predicted_speedup"],
+                       macs=count_macs(str(out), shapes).total / dense_macs,
+                       f1=metric(str(out), evals),
+                       speedup={str(t): speedups(str(dense), str(out), resolved, t, args.runs)
+                                for t in args.threads})
+            print(row, flush=True)
+            with rows_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def render(rows, command: str, notes: str = "") -> str:
+    lines = [BEGIN, "## Real detectors: speed-up vs detection F1 (issue 14)", "",
+             f"Command: `{command}`", "",
+             f"onnxruntime {onnxruntime.__version__}, CPUExecutionProvider, batch 1, "
+             f"{os.cpu_count()} CPUs shared with other jobs (one run of the script: read ratios, "
+             "not absolute times). Each row: `--pattern channel --target-speedup S --round-to 8 "
+             "--threads 1 --calibration <rendered pages>` (+ `--refit`), damage measured per "
+             "group on the calibration pages. F1: the pruned model's boxes against the dense "
+             "model's at IoU 0.5 on separate evaluation pages (tools/eval_detect.py; dense = "
+             "1.0). Speed-up: dense / pruned, median of 3 measurements of interleaved runs "
+             "after warm-up. MACs: pruned / dense as the report counts them.", "",
+             "| model | variant | target | predicted | speed-up 1 thr | speed-up 2 thr | "
+             "MACs | F1 vs dense | prune s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['variant']} | ×{r['target']:g} | "
+                         f"failed: {r['error']} | | | | | |")
+            continue
+        sp = r["speedup"]
+        lines.append(f"| {r['model']} | {r['variant']} | ×{r['target']:g} | "
+                     f"×{r['predicted']:.2f} | ×{sp.get('1', float('nan')):.2f} | "
+                     f"×{sp.get('2', float('nan')):.2f} | {r['macs']:.3f} | {r['f1']:.3f} | "
+                     f"{r['seconds']:.0f} |")
+    lines += ["", "Best measured speed-up (1 thread / 2 threads) per model at F1 ≥ 0.95 and "
+              "≥ 0.90 of the dense model's:", "",
+              "| model | at F1 ≥ 0.95 | MACs | at F1 ≥ 0.90 | MACs |", "|---|---|---|---|---|"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        cells = []
+        for bar in (0.95, 0.90):
+            ok = [r for r in rows if r["model"] == model and "f1" in r and r["f1"] >= bar]
+            if not ok:
+                cells += ["none", "-"]
+                continue
+            best = max(ok, key=lambda r: r["speedup"].get("1", 0))
+            cells += [f"×{best['speedup'].get('1', 0):.2f} / ×{best['speedup'].get('2', 0):.2f} "
+                      f"({best['variant']}, target ×{best['target']:g}, F1 {best['f1']:.3f})",
+                      f"{best['macs']:.3f}"]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", notes.rstrip("\n")]
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def write(path: Path, text: str) -> None:
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        new = old[:old.index(BEGIN)] + text.rstrip("\n") + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    path.write_text(new)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="ppocr_det,layout,yolo")
+    ap.add_argument("--speedups", default="1.2,1.3,1.5")
+    ap.add_argument("--variants", default="refit",
+                    help="comma list of refit / norefit, each optionally +bn, +bndata, +recon")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--rows", default=None, help="JSON lines file the rows are appended to")
+    ap.add_argument("--render-only", action="store_true", help="only render --rows")
+    ap.add_argument("--command", default=None, help="the command line to print in the table")
+    ap.add_argument("--notes", default=None, help="a markdown file added to the section "
+                                                    "(what the runs show)")
+    ap.add_argument("--write", default=None)
+    args = ap.parse_args(argv)
+    args.threads = [int(t) for t in args.threads.split(",")]
+    rows_path = Path(args.rows or tempfile.mktemp(suffix=".jsonl"))
+    if not args.render_only:
+        tmp = Path(tempfile.mkdtemp(prefix="bench_detect_"))
+        for name in args.models.split(","):
+            run_model(name, args, tmp, rows_path)
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+    notes = Path(args.notes).read_text() if args.notes else ""
+    text = render(rows, args.command or "python tools/bench_detect.py " + " ".join(sys.argv[1:]),
+                  notes)
+    print(text)
+    if args.write:
+        write(Path(args.write), text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
