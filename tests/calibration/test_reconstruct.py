@@ -201,19 +201,22 @@ def test_sequential_sparsegpt_keeps_a_trained_model_accurate():
     assert results["sparsegpt"] > results["mask"] + 0.1
 
 
-def test_refit_pull_toward_dense_grows_when_rows_are_few():
-    from onnxprune.calibration.reconstruct import asymmetric_target
-    from onnxprune.calibration.sequential import refit_ridge
+def test_refit_needs_a_row_per_kept_input(tmp_path):
+    from onnxprune.calibration.sequential import enough_rows
 
-    assert refit_ridge(0.01, 100, 100_000) == 0.01
-    assert refit_ridge(0.01, 100, 50) == 2.0
-    # 8 rows for 32 kept inputs: the refit stays near the dense weights, whereas the bare
-    # damping lets it move far to fit those 8 rows exactly.
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((8, 40))
-    w = rng.standard_normal((6, 40))
-    kept = np.arange(32)
-    h, cross = x.T @ x, x.T @ x
-    bare = asymmetric_target(w, h, cross, 0.01, kept=kept)
-    pulled = asymmetric_target(w, h, cross, refit_ridge(0.01, 32, 8), kept=kept)
-    assert np.linalg.norm(pulled - w[:, kept]) < 0.5 * np.linalg.norm(bare - w[:, kept])
+    assert enough_rows(100, 100) and not enough_rows(100, 99)
+    # digits' Gemm 64->64 after 25 % channel removal refits from 4 samples' rows: 4 rows for 48
+    # inputs: left as masked, said in a note; with 64 samples it is refit.
+    import onnxprune
+
+    from pathlib import Path
+
+    models = Path(__file__).resolve().parents[2] / "models"
+    model, calib = str(models / "digits_cnn.onnx"), str(models / "digits_calib.npz")
+    few = onnxprune.prune(model, pattern="channel", sparsity=0.25, refit=True,
+                          calibration=calib, calibration_samples=8, validation_samples=4)
+    note = [n for n in few.report.notes if "not refit: fewer calibration rows" in n]
+    assert note and "Give more --calibration samples" in note[0]
+    many = onnxprune.prune(model, pattern="channel", sparsity=0.25, refit=True,
+                           calibration=calib, calibration_samples=256)
+    assert not [n for n in many.report.notes if "fewer calibration rows" in n]
