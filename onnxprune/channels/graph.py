@@ -37,7 +37,7 @@ from onnxprune.model.shapes import Shape, infer_shapes
 # Roles a stored tensor's axis plays in a group, defined beside the rules that assign them.
 from onnxprune.ops._channel import CONSUMER, PRODUCER, ZERO_ON_MASK
 from onnxprune.ops.registry import copies_values, field_of, shape_only
-from onnxprune.ops.shape import complete_shapes
+from onnxprune.ops.shapevec import complete_shapes
 from onnxprune.channels.rules import apply_rules
 
 

@@ -25,7 +25,7 @@ from onnxprune.channels.graph import ZERO_ON_MASK, ChannelGraph
 from onnxprune.model.shapes import infer_shapes
 from onnxprune.channels.rules import new_initializer
 from onnxprune.ops.registry import copies_values
-from onnxprune.ops.shape import complete_shapes
+from onnxprune.ops.shapevec import complete_shapes
 
 Removed = Dict[int, Sequence[int]]
 

@@ -35,6 +35,9 @@ the residual stream — so removing one channel would change every other's mean 
 rules tie batch and sequence axes and freeze the normalized axes with that reason. FastGelu,
 BiasGelu, Gelu and BiasAdd are element-wise along the FFN width (their bias sliced with it;
 onnxruntime runs BiasAdd on CUDA only, so its resize is checked by the channel graph alone).
+
+One module (about 650 lines) on purpose: it is one op family (the fused transformer ops), and
+they share the head-as-unit rules; splitting it would spread one meaning over files.
 """
 
 from __future__ import annotations

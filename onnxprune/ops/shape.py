@@ -4,13 +4,15 @@ SpaceToDepth, Expand, Tile — and ``Constant``.
 
 Each op's entry: channel rule (axes tied 1:1, or through index maps for merged/split/offset
 axes; shape operands rewritten on resize) and constant propagation (values pass unchanged).
+
+One module (about 650 lines) on purpose: the layout ops' rules share the reshape-block and
+shape-operand machinery (``reshape_blocks``, ``tie_reshape``, the rewrites); the static
+evaluation of computed shape vectors lives in :mod:`onnxprune.ops.shapevec`.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -18,7 +20,8 @@ import onnx
 from onnxprune.model.index import attr, node_key
 from onnxprune.ops._channel import (BIAS, NodeCtx, axes_arg, norm_axis, pass_through_const,
                                     set_attr, tie_broadcast)
-from onnxprune.ops.registry import complete_types, copies_values, define
+from onnxprune.ops.registry import copies_values, define
+from onnxprune.ops.shapevec import VECTOR_OPS, DimRef, Entry, shape_vector
 
 
 def _constant(ctx: NodeCtx) -> None:
@@ -477,7 +480,7 @@ def _sizes_reshapes(b, vec: str, depth: int = 0) -> bool:
             if b.const_value(vec) is not None or _vector_of(b, vec) is None:
                 return False
             continue
-        if node.op_type not in _VECTOR_OPS or node.op_type == "Shape" or idx != 0 and \
+        if node.op_type not in VECTOR_OPS or node.op_type == "Shape" or idx != 0 and \
                 node.op_type != "Concat":
             return False
         if not _sizes_reshapes(b, node.output[0], depth + 1):
@@ -666,274 +669,3 @@ define("Expand", channels=_expand)
 define("Tile", channels=_tile)
 define("Transpose", axis_source=_transpose_axis_source)
 define("Reshape", "Unsqueeze", "Squeeze", "Flatten", axis_source=_reshape_axis_source)
-
-
-# -- shape vectors computed in the graph (Shape -> Gather/Slice -> Unsqueeze -> Concat) --------
-@dataclass(frozen=True)
-class DimRef:
-    """An entry of a computed shape vector: the size of ``tensor``'s ``axis`` at run time."""
-
-    tensor: str
-    axis: int
-
-
-Entry = Union[int, DimRef]
-_VECTOR_OPS = ("Shape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Concat", "Gather", "Slice")
-
-
-def shape_vector(name: str, shape_of: Callable, const_of: Callable, producer: Callable,
-                 depth: int = 0) -> Optional[List[Entry]]:
-    """The entries of a 1-D int shape vector (a scalar counts as one entry), each a constant or
-    a :class:`DimRef`, when it is a stored constant or computed from tensor shapes by Shape,
-    Gather/Slice with constant indices, Squeeze/Unsqueeze, Concat and Cast; None otherwise.
-
-    ``shape_of(name)`` is a value's (possibly symbolic) shape or None, ``const_of(name)`` a
-    stored constant's values or None, ``producer(name)`` the node computing it or None."""
-    c = const_of(name)
-    if c is not None:
-        a = np.asarray(c)
-        if a.dtype.kind not in "iu" or a.ndim > 1:
-            return None
-        return [int(v) for v in a.ravel()]
-    node = producer(name)
-    if node is None or depth > 16 or node.domain not in ("", "ai.onnx") or \
-            node.op_type not in _VECTOR_OPS:
-        return None
-    out_shape = shape_of(node.output[0])
-    if out_shape is not None and len(out_shape) > 1:
-        return None
-
-    def sub(i: int) -> Optional[List[Entry]]:
-        if i >= len(node.input) or not node.input[i]:
-            return None
-        return shape_vector(node.input[i], shape_of, const_of, producer, depth + 1)
-
-    def ints(i: int) -> Optional[List[int]]:
-        if i >= len(node.input) or not node.input[i]:
-            return None
-        v = const_of(node.input[i])
-        return None if v is None else [int(x) for x in np.ravel(v)]
-
-    op = node.op_type
-    if op == "Shape":
-        s = shape_of(node.input[0])
-        if s is None:
-            return None
-        r = len(s)
-        start, end = int(attr(node, "start", 0)), attr(node, "end", None)
-        end = r if end is None else int(end)
-        start = min(max(start + r if start < 0 else start, 0), r)
-        end = min(max(end + r if end < 0 else end, 0), r)
-        return [DimRef(node.input[0], a) for a in range(start, end)]
-    if op in ("Cast", "Identity", "Squeeze", "Unsqueeze"):
-        return sub(0)
-    if op == "Concat":
-        parts = [sub(i) for i in range(len(node.input))]
-        return None if any(p is None for p in parts) else [e for p in parts for e in p]
-    data = sub(0)
-    if data is None:
-        return None
-    if op == "Gather":
-        idx = ints(1)
-        if idx is None or int(attr(node, "axis", 0)) != 0:
-            return None
-        n = len(data)
-        if any(not -n <= i < n for i in idx):
-            return None
-        return [data[i] for i in idx]
-    # Slice (opset >= 10: bounds as inputs)
-    starts, ends = ints(1), ints(2)
-    axes, steps = ints(3), ints(4)
-    if starts is None or ends is None or len(starts) != 1 or (axes not in (None, [0], [-1])) \
-            or (len(node.input) > 3 and node.input[3] and axes is None) \
-            or (len(node.input) > 4 and node.input[4] and steps is None):
-        return None
-    step = 1 if steps is None else steps[0]
-    if step == 0:
-        return None
-    return data[slice(starts[0], ends[0], step)]
-
-
-def entry_size(entry: Entry, shape_of: Callable):
-    """An entry's value: the constant, or the referenced axis's size (int, symbol or None)."""
-    if isinstance(entry, DimRef):
-        s = shape_of(entry.tensor)
-        return None if s is None or entry.axis >= len(s) else s[entry.axis]
-    return entry
-
-
-def _known(d) -> bool:
-    return isinstance(d, int) or (isinstance(d, str) and not d.startswith("unk__"))
-
-
-def reshape_output(in_shape, target: Sequence, allowzero: bool) -> Optional[tuple]:
-    """Reshape's output shape from its (possibly symbolic) input shape and target values (ints
-    or symbols), with ONNX's 0 and -1 rules; a -1 is solved when the symbols cancel."""
-    out = []
-    for j, v in enumerate(target):
-        if v == 0 and not allowzero and isinstance(v, int):
-            if j >= len(in_shape):
-                return None
-            v = in_shape[j]
-        if v is None or not _known(v):
-            return None
-        out.append(v)
-    if out.count(-1) > 1:
-        return None
-    if -1 in out:
-        if not all(_known(d) for d in in_shape):
-            return None
-        num = Counter(d for d in in_shape if isinstance(d, str))
-        den = Counter(d for d in out if isinstance(d, str))
-        left = num - den
-        if den - num or sum(left.values()) > 1:
-            return None
-        n = int(np.prod([d for d in in_shape if isinstance(d, int)], dtype=np.int64))
-        m = int(np.prod([d for d in out if isinstance(d, int) and d != -1], dtype=np.int64))
-        if m <= 0 or n % m:
-            return None
-        # one symbol left over: the -1 is that symbol times the rest ("batch*12")
-        sym = next(iter(left), None)
-        out[out.index(-1)] = n // m if sym is None else (
-            sym if n // m == 1 else f"{sym}*{n // m}")
-    return tuple(out)
-
-
-def refine_shapes(graph: onnx.GraphProto) -> bool:
-    """Fill in the output shapes ONNX's inference leaves unknown for Slice and Reshape whose
-    bounds or target are computed by a shape subgraph (Shape -> Gather -> Unsqueeze ->
-    Concat, as torch exports write ``x.view(b, s, -1, 32)``): evaluated statically where the
-    shapes allow, a symbolic dim (batch, sequence) flowing through as its symbol. Works on an
-    inferred main graph (``value_info`` entries are replaced); True when any shape improved."""
-    from onnx import numpy_helper
-
-    infos = {vi.name: vi for vi in list(graph.input) + list(graph.value_info) +
-             list(graph.output) if vi.type.HasField("tensor_type")}
-    shapes: Dict[str, tuple] = {}
-    for name, vi in infos.items():
-        tt = vi.type.tensor_type
-        if tt.HasField("shape"):
-            shapes[name] = tuple(d.dim_value if d.HasField("dim_value") else
-                                 (d.dim_param or None) for d in tt.shape.dim)
-    consts: Dict[str, np.ndarray] = {}
-    for t in graph.initializer:
-        shapes[t.name] = tuple(int(d) for d in t.dims)
-        if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and len(t.dims) <= 1 \
-                and (t.raw_data or t.int64_data or t.int32_data or not int(np.prod(t.dims))):
-            consts[t.name] = numpy_helper.to_array(t)
-    producers = {}
-    for node in graph.node:
-        for o in node.output:
-            producers[o] = node
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            for a in node.attribute:
-                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR and \
-                        a.t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
-                    consts[node.output[0]] = numpy_helper.to_array(a.t)
-                elif a.name in ("value_int", "value_ints"):
-                    consts[node.output[0]] = np.asarray(onnx.helper.get_attribute_value(a))
-
-    def vector(name: str):
-        entries = shape_vector(name, shapes.get, consts.get, producers.get)
-        return None if entries is None else [entry_size(e, shapes.get) for e in entries]
-
-    changed = False
-    for node in graph.node:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Reshape", "Slice",
-                                                                      "Range") or \
-                len(node.input) < 2:
-            continue
-        y = node.output[0]
-        old = shapes.get(y)
-        if old is not None and all(_known(d) for d in old):
-            continue
-        s = shapes.get(node.input[0])
-        new = None
-        if node.op_type == "Range":
-            new = _range_output(node, vector)
-        elif s is None:
-            continue
-        elif node.op_type == "Reshape":
-            target = vector(node.input[1])
-            if target is not None:
-                new = reshape_output(s, target, bool(attr(node, "allowzero", 0)))
-        else:
-            new = _slice_output(node, s, vector)
-        if new is None or (old is not None and len(old) != len(new)):
-            continue
-        if old is not None:  # never replace a known dim, only fill unknown ones
-            new = tuple(o if _known(o) else n for o, n in zip(old, new))
-            if new == old:
-                continue
-        shapes[y] = new
-        vi = infos.get(y)
-        if vi is None:
-            vi = graph.value_info.add()
-            vi.name = y
-            elem = infos[node.input[0]].type.tensor_type.elem_type \
-                if node.input[0] in infos else 0
-            vi.type.tensor_type.elem_type = elem
-            infos[y] = vi
-        dims = vi.type.tensor_type.shape
-        dims.Clear()
-        dims.SetInParent()
-        for d in new:
-            if isinstance(d, int):
-                dims.dim.add().dim_value = d
-            else:
-                dims.dim.add().dim_param = d
-        changed = True
-    if changed:  # unknowns inferred from the old shapes: let the next inference redo them
-        keep = [vi for vi in graph.value_info if not any(
-            d.dim_param.startswith("unk__") for d in vi.type.tensor_type.shape.dim)]
-        if len(keep) != len(graph.value_info):
-            del graph.value_info[:]
-            graph.value_info.extend(keep)
-    return changed
-
-
-def _range_output(node, vector) -> Optional[tuple]:
-    args = [vector(i) for i in node.input[:3]]
-    if len(args) != 3 or any(a is None or len(a) != 1 for a in args):
-        return None
-    start, limit, delta = (a[0] for a in args)
-    if start == 0 and delta == 1 and isinstance(limit, str) and _known(limit):
-        return (limit,)
-    if all(isinstance(v, int) for v in (start, limit, delta)) and delta != 0:
-        return (max(0, -(-(limit - start) // delta)),)
-    return None
-
-
-def _slice_output(node, s, vector) -> Optional[tuple]:
-    starts, ends = vector(node.input[1]), vector(node.input[2]) if len(node.input) > 2 else None
-    axes = vector(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-    steps = vector(node.input[4]) if len(node.input) > 4 and node.input[4] else None
-    if starts is None or ends is None or (len(node.input) > 3 and node.input[3] and axes is None) \
-            or (len(node.input) > 4 and node.input[4] and steps is None):
-        return None
-    axes = list(range(len(starts))) if axes is None else axes
-    steps = [1] * len(starts) if steps is None else steps
-    if not all(isinstance(v, int) for v in list(axes) + list(steps)):
-        return None
-    out = list(s)
-    for a, b, e, st in zip(axes, starts, ends, steps):
-        a = a + len(s) if a < 0 else a
-        if not 0 <= a < len(s) or st == 0:
-            return None
-        n = s[a]
-        if b == 0 and e == n and st == 1:
-            continue  # the whole axis, symbolic or not
-        if b == 0 and st == 1 and isinstance(e, str) and _known(e):
-            out[a] = e  # x[:, :sequence]: the symbol (a larger one would fail at run time)
-            continue
-        if not (isinstance(n, int) and isinstance(b, int) and isinstance(e, int)):
-            return None
-        out[a] = len(range(n)[slice(b, e, st)])
-    return tuple(out)
-
-
-def complete_shapes(graph: onnx.GraphProto) -> bool:
-    """The registry's type completion, then :func:`refine_shapes`: what the channel graph
-    passes to the shape inference as ``complete``."""
-    typed = complete_types(graph)
-    return refine_shapes(graph) or typed

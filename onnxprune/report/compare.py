@@ -19,6 +19,9 @@ moved little on random inputs, which says nothing of accuracy on real data: a re
 agree 99 % on noise and read no character right). Results are objects that also answer yes/no (:meth:`Comparison.passed`
 for ``--max-error``, :attr:`Comparison.worst_agreement` for ``--min-agreement``), as
 Polygraphy's comparator does.
+
+One module (about 650 lines) on purpose: every measure, its streaming accumulation and its
+verdict are read together (a measure without its verdict rule would be half a definition).
 """
 
 from __future__ import annotations

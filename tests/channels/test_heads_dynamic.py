@@ -18,7 +18,7 @@ from onnxprune.channels.graph import build_channel_graph
 from onnxprune.channels.resize import mask_channels, resize_channels
 from onnxprune.channels.select import select_channels
 from onnxprune.model.io import load
-from onnxprune.ops.shape import DimRef, reshape_output, shape_vector
+from onnxprune.ops.shapevec import DimRef, reshape_output, shape_vector
 from channel_models import G
 
 D, H, HD, T = 32, 4, 8, 6
@@ -289,7 +289,7 @@ def test_refine_shapes_fills_slice_range_and_reshape_from_shape_subgraphs():
     """What ONNX's inference leaves unknown: a Slice whose end is a sequence length read by
     Shape (position ids), a Range up to the batch size, a Reshape to (b, s, -1, 8)."""
     from onnxprune.model.shapes import infer_shapes
-    from onnxprune.ops.shape import complete_shapes
+    from onnxprune.ops.shapevec import complete_shapes
 
     g = G(2)
     seq = g.op("Slice", [g.op("Shape", ["x"]), g.c(np.array([1], np.int64)),
