@@ -170,19 +170,22 @@ def dense_zeros_note(rows: Sequence[LayerRow], size_before: Optional[int],
     return (f"zeros are stored densely: the {format_count(new_zeros)} weights set to zero still "
             f"take their full space in the file{sizes}; the file shrinks only when compressed "
             "(e.g. zip/gzip, which packs the runs of zeros) or with --pattern channel, which "
-            f"removes whole channels, or with --storage sparse{_sparse_saving(rows, itemsizes)}")
+            f"removes whole channels, or with --storage bitmask or sparse"
+            f"{_sparse_saving(rows, itemsizes)}")
 
 
 def _sparse_saving(rows: Sequence[LayerRow], itemsizes: Optional[Sequence[int]]) -> str:
-    """`` (about N saved)``: what ``--storage sparse`` would save, from each row's nonzeros."""
+    """`` (about N / M smaller)``: what ``--storage bitmask`` / ``sparse`` would save, from
+    each row's nonzeros."""
     from onnxprune.model.sparse import estimated_saving
 
     sizes = list(itemsizes) if itemsizes is not None else [4] * len(rows)
-    saved = estimated_saving([(r.params_after, r.nonzeros_after, s) for r, s in zip(rows, sizes)])
-    if saved <= 0:
-        return (" (which saves nothing here: with int64 indices a float32 weight needs over "
-                "2/3 zeros to shrink)")
-    return f" (about {format_bytes(saved)} smaller)"
+    counts = [(r.params_after, r.nonzeros_after, s) for r, s in zip(rows, sizes)]
+    bitmask, sparse = estimated_saving(counts, form="bitmask"), estimated_saving(counts)
+    if bitmask <= 0 and sparse <= 0:
+        return (" (which save nothing here: a weight needs over 1/2 zeros for bitmask, 2/3 for "
+                "sparse's int64 indices)")
+    return f" (about {format_bytes(bitmask)} / {format_bytes(sparse)} smaller)"
 
 
 def sections(records: Sequence[PassRecord], layers: Mapping[str, LayerResult]

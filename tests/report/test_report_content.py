@@ -232,13 +232,18 @@ def test_dense_zeros_note_only_when_new_zeros_are_stored():
     assert note == ("zeros are stored densely: the 55 weights set to zero still take their full "
                     "space in the file (file 2.0 KiB → 2.0 KiB); the file shrinks only when "
                     "compressed (e.g. zip/gzip, which packs the runs of zeros) or with --pattern "
-                    "channel, which removes whole channels, or with --storage sparse (which "
-                    "saves nothing here: with int64 indices a float32 weight needs over 2/3 zeros "
-                    "to shrink)")
+                    "channel, which removes whole channels, or with --storage bitmask or sparse "
+                    "(about 237 B / 0 B smaller)")
+    # 60 % zeros: 40 values + 1 padding value x 4 B + 13 B of bits = 177 B of 400: bitmask
+    # pays, sparse's 12 B per nonzero does not; under 50 % zeros neither does
+    assert dense_zeros_note([_row(100, 100, 100, 60)], None, None).endswith(
+        "(which save nothing here: a weight needs over 1/2 zeros for bitmask, 2/3 for "
+        "sparse's int64 indices)")
     assert "(file" not in dense_zeros_note([_row(100, 100, 90, 40)], None, None)
-    # 90% zeros: 1000 float32 -> 100 nonzeros x (4 B value + 8 B index) = 2800 B saved
+    # 90% zeros: 1000 float32 -> 100 nonzeros x (4 B value + 8 B index) = 2800 B saved by
+    # sparse; bitmask: 101 values x 4 B + 125 B of bits = 529 B, 3471 B saved
     assert dense_zeros_note([_row(1000, 1000, 1000, 100)], None, None, [4]).endswith(
-        "--storage sparse (about 2.7 KiB smaller)")
+        "--storage bitmask or sparse (about 3.4 KiB / 2.7 KiB smaller)")
 
 
 def test_masked_run_notes_dense_zeros_and_channel_run_does_not(tmp_path, digits):
