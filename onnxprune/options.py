@@ -248,6 +248,12 @@ IMAGE_FLAGS = FlagGroup(flags={
 }, build=_image_preprocess)
 
 
+def _one_of(name: str, value: Any, choices: Sequence[str]) -> None:
+    """An option that takes one of ``choices``: an :class:`OptionError` naming them otherwise."""
+    if value not in choices:
+        raise OptionError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
 @dataclass
 class PruneOptions:
     """Every option of a run. Each field's metadata declares its command-line flag (help, choices,
@@ -477,12 +483,8 @@ class PruneOptions:
         if self.criterion == "scores" and not self.scores:
             raise OptionError("criterion 'scores' needs scores={weight_name: array} (CLI: "
                               "--scores FILE.npz)")
-        if self.storage not in STORAGES:
-            raise OptionError(f"storage must be one of {', '.join(STORAGES)}, got "
-                              f"{self.storage!r}")
-        if self.allocate not in ALLOCATIONS:
-            raise OptionError(f"allocate must be one of {', '.join(ALLOCATIONS)}, got "
-                              f"'{self.allocate}'")
+        _one_of("storage", self.storage, STORAGES)
+        _one_of("allocate", self.allocate, ALLOCATIONS)
         if self.allocate == "sensitivity" and self.pattern == "channel":
             raise OptionError("--allocate sensitivity spreads a weight sparsity over layers; "
                               "channel pruning ranks channels per group (use --scope global to "
@@ -491,8 +493,8 @@ class PruneOptions:
             raise OptionError("--refit refits the consumers of removed channels; it needs "
                               "--pattern channel")
         self._check_reconstruction()
-        if self.target is not None and self.target not in TARGETS:
-            raise OptionError(f"target must be one of {', '.join(TARGETS)}, got '{self.target}'")
+        if self.target is not None:
+            _one_of("target", self.target, TARGETS)
         if self.permute is None:  # on where it can pay: TensorRT runs N:M sparse
             self.permute = (self.target == "tensorrt" and self.masks is None
                             and self.scores is None
@@ -509,12 +511,8 @@ class PruneOptions:
                               "--scope local, or --allocate sensitivity to spread a target")
 
     def _check_reconstruction(self) -> None:
-        if self.bn_reestimate not in BN_MODES:
-            raise OptionError(f"bn_reestimate must be one of {', '.join(BN_MODES)}, got "
-                              f"'{self.bn_reestimate}'")
-        if self.channel_criterion not in CHANNEL_CRITERIA:
-            raise OptionError(f"channel_criterion must be one of {', '.join(CHANNEL_CRITERIA)}, "
-                              f"got '{self.channel_criterion}'")
+        _one_of("bn_reestimate", self.bn_reestimate, BN_MODES)
+        _one_of("channel_criterion", self.channel_criterion, CHANNEL_CRITERIA)
         for flag, on in (("--bn-reestimate", self.bn_reestimate != "none"),
                          ("--channel-criterion reconstruction",
                           self.channel_criterion == "reconstruction")):
