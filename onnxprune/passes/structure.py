@@ -188,7 +188,11 @@ class PruneChannels(Pass):
 
             record.refit = refit_channels(state, record)
             record.notes.append(f"least-squares refit of {len(record.refit)} weights (and their "
-                                "biases), layer by layer, to the dense model's outputs")
+                                "biases), layer by layer, to the dense model's outputs on the "
+                                "calibration data; it fits that data's distribution (MiniLM "
+                                "refit on templated sentences kept them and lost other text), so "
+                                "check the result on data like your deployment's (--inputs, "
+                                "--eval-script)")
             # The refit's part-graph sessions replaced the graph's node objects (protobuf
             # detaches what it removes), so the resize must work on a graph built from the nodes
             # the model holds now, or its edits (Split sizes, Reshape constants) land nowhere.

@@ -220,3 +220,6 @@ def test_refit_needs_a_row_per_kept_input(tmp_path):
     many = onnxprune.prune(model, pattern="channel", sparsity=0.25, refit=True,
                            calibration=calib, calibration_samples=256)
     assert not [n for n in many.report.notes if "fewer calibration rows" in n]
+    # the refit says what it fits, and what to check
+    assert any("fits that data's distribution" in n and "--inputs" in n
+               for n in many.report.notes)
