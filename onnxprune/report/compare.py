@@ -467,7 +467,7 @@ class _Stream:
                 self.five = False
         return None
 
-    def result(self, thresholds: Thresholds) -> OutputStats:
+    def result(self, thresholds: Thresholds, generated: bool = False) -> OutputStats:
         if self.failed is not None:
             stats = self.failed
             stats.samples = self.samples
@@ -506,7 +506,7 @@ class _Stream:
                                 candidate_shape=self.shape, metric=metric,
                                 top5_agreement=top5, samples=self.samples,
                                 positions=self.positions if top1 is not None else self.elements)
-        _judge(stats, thresholds)
+        _judge(stats, thresholds, generated)
         return stats
 
 
@@ -558,11 +558,10 @@ class Comparer:
         return None if arr is None else class_axis(arr.shape, arr.dtype)
 
     def result(self, data: str = "given", data_note: str = "") -> Comparison:
-        outputs = [s.result(self.thresholds) for s in self.streams.values()]
-        if data == "generated":
+        generated = data == "generated"
+        outputs = [s.result(self.thresholds, generated) for s in self.streams.values()]
+        if generated:
             for stats in outputs:
-                if stats.reason is None and stats.metric == "class scores":
-                    _judge(stats, self.thresholds, generated=True)
                 if stats.verdict == "ok":
                     stats.verdict = "unverified"
                     stats.verdict_reason += ("; on generated inputs, which cannot show accuracy: "
