@@ -31,7 +31,7 @@ from onnxprune.model.external import tensor_dtype
 from onnxprune.model.index import GraphIndex, constant_tensor, node_label
 from onnxprune.model.io import ModelHandle
 from onnxprune.ops.layouts import Layout, layout_for
-from onnxprune.ops.quant import integer_weight_refusal, weight_scale
+from onnxprune.ops.quant import integer_weight_refusal, stored_values, weight_scale
 from onnxprune.ops.registry import bias_slot, weight_step
 
 #: Element types onnxprune can rewrite (values keep their dtype on write).
@@ -124,7 +124,7 @@ class Weight:
         factor = self.layout.to_2d(self.factor(handle))
         with np.errstate(divide="ignore", invalid="ignore"):
             q = np.where(factor != 0, np.asarray(w2d, np.float64) / factor, 0.0)
-        return self.layout.from_2d(np.clip(np.rint(q), info.min, info.max).astype(dtype))
+        return self.layout.from_2d(stored_values(q, dtype))
     def _widen_scale(self, handle: ModelHandle, w2d: np.ndarray, info) -> None:
         """A refit can move a row past what its scale reaches (``qmax * scale``): with one
         scale per output row held by this weight alone, that row's scale grows to fit it
