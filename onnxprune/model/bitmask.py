@@ -37,7 +37,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxprune.model.sparse import StorageDecision, decide, why_dense
+from onnxprune.model.external import is_external
+from onnxprune.model.sparse import StorageDecision, decide, replace_all, why_dense
 
 #: The metadata entry that marks a model written with bitmask storage.
 META_KEY, META_VALUE = "onnxprune.storage", "bitmask"
@@ -112,18 +113,9 @@ def encode(model: onnx.ModelProto, read: Callable[[onnx.TensorProto], np.ndarray
                 value, node.output[0], lambda t=value: numpy_helper.to_array(t)):
             replaced.add(k)
     if nodes:
-        kept = [onnx.TensorProto() for _ in keep]
-        for new, old in zip(kept, keep):
-            new.CopyFrom(old)
-        del graph.initializer[:]
-        graph.initializer.extend(kept + added)
-        old_nodes = []
-        for k, n in enumerate(graph.node):
-            if k not in replaced:
-                old_nodes.append(onnx.NodeProto())
-                old_nodes[-1].CopyFrom(n)
-        del graph.node[:]
-        graph.node.extend(nodes + old_nodes)
+        replace_all(graph.initializer, keep + added)
+        replace_all(graph.node, nodes + [n for k, n in enumerate(graph.node)
+                                         if k not in replaced])
         entry = next((p for p in model.metadata_props if p.key == META_KEY), None)
         if entry is None:
             entry = model.metadata_props.add()
@@ -187,7 +179,7 @@ def decode(model: onnx.ModelProto, where: str = "the model") -> int:
         except (ValueError, KeyError, TypeError):
             raise ModelLoadError(f"{where}: bitmask-stored tensor chain {key} is incomplete; the "
                                  "file is corrupt, re-export it") from None
-        if is_external_any(tensors.values()):
+        if any(is_external(t) for t in tensors.values()):
             raise ModelLoadError(f"{where}: a bitmask-stored tensor keeps its data in external "
                                  "data, which onnxprune does not read; store it dense")
         values = numpy_helper.to_array(tensors["values"]).reshape(-1)
@@ -210,30 +202,13 @@ def decode(model: onnx.ModelProto, where: str = "the model") -> int:
         drop.update(i for n in nodes for i in n.input)
     if not dense:
         return 0
-    rest = []
-    for n in graph.node:
-        if n.name not in gone:
-            rest.append(onnx.NodeProto())
-            rest[-1].CopyFrom(n)
+    rest = [n for n in graph.node if n.name not in gone]
     read = {i for n in rest for i in n.input} | {o.name for o in graph.output}
-    kept = [t for t in graph.initializer if t.name not in drop or t.name in read]
-    copies = [onnx.TensorProto() for _ in kept]
-    for new, old in zip(copies, kept):
-        new.CopyFrom(old)
-    del graph.initializer[:]
-    graph.initializer.extend(copies + dense)
-    del graph.node[:]
-    graph.node.extend(rest)
-    props = [p for p in model.metadata_props if p.key != META_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(props)
+    replace_all(graph.initializer, [t for t in graph.initializer
+                                    if t.name not in drop or t.name in read] + dense)
+    replace_all(graph.node, rest)
+    replace_all(model.metadata_props, [p for p in model.metadata_props if p.key != META_KEY])
     return len(dense)
-
-
-def is_external_any(tensors) -> bool:
-    from onnxprune.model.external import is_external
-
-    return any(is_external(t) for t in tensors)
 
 
 __all__ = ["META_KEY", "META_VALUE", "MIN_OPSET", "bitmask_bytes", "decode", "encode"]

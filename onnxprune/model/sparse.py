@@ -163,12 +163,19 @@ def sparsify(model: onnx.ModelProto, read: Callable[[onnx.TensorProto], np.ndarr
         else:
             keep.append(tensor)
     if len(keep) != len(graph.initializer):
-        kept = [onnx.TensorProto() for _ in keep]
-        for new, old in zip(kept, keep):
-            new.CopyFrom(old)
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+        replace_all(graph.initializer, keep)
     return decisions
+
+
+def replace_all(field, items) -> None:
+    """Set the repeated message ``field`` (initializers, nodes, metadata) to ``items``, which
+    may be its own elements: they are copied first, since protobuf detaches what it removes."""
+    copies = []
+    for item in items:
+        copies.append(type(item)())
+        copies[-1].CopyFrom(item)
+    del field[:]
+    field.extend(copies)
 
 
 def densify(model: onnx.ModelProto, where: str = "the model") -> int:
@@ -261,4 +268,4 @@ def rows(decisions: List[StorageDecision]) -> List[dict]:
 
 __all__ = ["MIN_ZEROS", "SPARSE_DTYPES", "STORAGES", "StorageDecision", "decide", "densify",
            "estimated_saving", "index_type", "rows", "sparse_bytes", "sparsify", "summary",
-           "to_sparse", "why_dense"]
+           "replace_all", "to_sparse", "why_dense"]
