@@ -106,12 +106,16 @@ class CalibrationSet:
     """
 
     def __init__(self, inputs: Sequence[InputSpec], parts: Sequence[Part], source: str,
-                 data_free: bool = False) -> None:
+                 data_free: bool = False, batch_limit: Optional[int] = None) -> None:
         self.inputs = list(inputs)
         self._parts = list(parts)
         self.source = source
         self.data_free = data_free
         self.ignored: List[str] = []  # arrays in the source that are no model input
+        #: the batch size the model actually runs at when its inputs leave axis 0 dynamic but
+        #: its graph fixes it inside (a Reshape to a constant shape): set by
+        #: :func:`onnxprune.runtime.session.fit_batch`, kept by :meth:`slice`.
+        self.batch_limit = batch_limit
 
     @classmethod
     def from_arrays(cls, model, arrays: Mapping[str, np.ndarray],
@@ -130,8 +134,10 @@ class CalibrationSet:
 
     @property
     def fixed_batch(self) -> Optional[int]:
-        """The batch size the model's inputs fix on axis 0 (None when it is dynamic)."""
+        """The batch size the model's inputs fix on axis 0 (None when it is dynamic), or the
+        one :attr:`batch_limit` found the model runs at."""
         fixed = [s.dims[0] for s in self.inputs if s.dims and isinstance(s.dims[0], int)]
+        fixed += [self.batch_limit] if self.batch_limit else []
         return min(fixed) if fixed else None
 
     def num_batches(self, batch_size: int) -> int:
@@ -158,7 +164,7 @@ class CalibrationSet:
             offset += part.count
             if offset >= stop:
                 break
-        return CalibrationSet(self.inputs, parts, self.source, self.data_free)
+        return CalibrationSet(self.inputs, parts, self.source, self.data_free, self.batch_limit)
 
     def _chunks(self, size: int) -> Iterator[Part]:
         """The parts, those holding more than a few batches cut into windows of ``size``

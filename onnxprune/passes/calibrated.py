@@ -24,6 +24,7 @@ from onnxprune.model import io as mio
 from onnxprune.calibration.statistics import collect_layer_stats, rows_note
 from onnxprune.calibration.hessian import fits_budget, hessian_chunks
 from onnxprune.inputs.dataset import CalibrationSet, generated_calibration, load_calibration
+from onnxprune.runtime.session import fit_batch
 from onnxprune.inputs.images import ImagePreprocess
 from onnxprune.calibration.sensitivity import SensitivityTable, allocate, layer_sensitivity
 from onnxprune.errors import OptionError
@@ -103,6 +104,7 @@ class Calibrate(Pass):
         self.input_shapes, self.hessian, self.targets = input_shapes, hessian, targets
         self.batch_size, self.seed, self.collect = batch_size, seed, collect
         self.hold_out = hold_out
+        self.batch_note: Optional[str] = None  # set by load(): the model runs only at batch 1
         self.requires = frozenset({"selection" if targets == "selected" else "weights"})
         self.ensures = frozenset({"calibration", "statistics"} if collect else {"calibration"})
 
@@ -119,6 +121,8 @@ class Calibrate(Pass):
             data = CalibrationSet.from_arrays(state.model, self.source)
         else:
             data = load_calibration(self.source, state.handle, None, self.pre)
+        data = data.slice(0, len(data))  # a copy: fit_batch may limit its batch size
+        self.batch_note = fit_batch(state.handle, data, self.batch_size)
         total = len(data)
         held = min(self.hold_out, total // 2)
         used = min(self.samples, total - held)
@@ -133,6 +137,8 @@ class Calibrate(Pass):
         if state.validation is not None:
             record.notes.append(f"{len(state.validation)} calibration samples held out for "
                                 f"validation (not used for statistics)")
+        if self.batch_note:
+            record.notes.append(self.batch_note)
         if data.data_free:
             record.notes.append("no calibration data given: statistics come from generated "
                                 "inputs, so the calibrated criterion was data-free in effect")

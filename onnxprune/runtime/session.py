@@ -179,6 +179,33 @@ def run_calibration(session, names: Sequence[str], feed: Mapping[str, np.ndarray
                            "exported for with --input-shape NAME:DIMS") from None
 
 
+def fit_batch(handle: ModelHandle, data: CalibrationSet, batch_size: int) -> Optional[str]:
+    """Check the model runs on ``data`` in batches of ``batch_size``; when it does not but runs
+    one sample at a time (an export that leaves the batch axis dynamic on its inputs yet bakes
+    batch 1 into a Reshape inside), set ``data.batch_limit = 1`` and return a note saying so.
+
+    Runs the whole model once on the first batch (twice when that fails). Nothing to check when
+    the inputs fix the batch, or for a single sample. When batch 1 fails as well, the inputs
+    themselves are wrong: that error is raised (:class:`InputDataError`)."""
+    if data.fixed_batch is not None or len(data) < 2 or batch_size < 2:
+        return None
+    session = open_session(handle)
+    feed = next(data.batches(batch_size))
+    try:
+        session.run(None, feed)
+        return None
+    except Exception as exc:
+        first = error_text(exc).splitlines()[0].split(" Status Message")[0]
+        first = first.split("FAIL : ")[-1][:200]
+    single = {k: (v[:1] if np.ndim(v) else v) for k, v in feed.items()}
+    run_calibration(session, [o.name for o in session.get_outputs()], single)
+    data.batch_limit = 1
+    shown = min(batch_size, len(data))
+    return (f"the model does not run on {shown} samples at once (onnxruntime: {first}) but runs "
+            f"on one: its graph fixes batch 1 inside although its inputs leave it open; "
+            f"calibration runs one sample at a time (slower)")
+
+
 def exposed_batches(handle: ModelHandle, names: Sequence[str], data: CalibrationSet,
                     batch_size: int, types: Optional[Mapping[str, int]] = None
                     ) -> Iterator[Dict[str, np.ndarray]]:
