@@ -432,7 +432,14 @@ def sample_positions(total: int, k: int, seed: int, key: str, first: int, n: int
     return out
 
 
-def extractor_for(weight: Weight, consumer) -> Tuple[Optional[Extractor], str]:
+#: Ops whose output quantizes their float input 0 (what a ``quantized`` activation reads).
+QUANTIZERS = ("DynamicQuantizeLinear", "QuantizeLinear")
+
+
+def extractor_for(weight: Weight, consumer, producer=None) -> Tuple[Optional[Extractor], str]:
+    """How ``X`` of ``weight`` is read at ``consumer`` (or None and why). ``producer(name)``
+    (the graph index's) finds the quantizer behind an integer activation operand: its float
+    input is what the statistics read."""
     node, index = consumer.node, consumer.input_index
     act = activation_of(node, index, weight.shape)
     if act is None and index == 2 and node.op_type in GATES and len(weight.shape) == 3:
@@ -440,6 +447,13 @@ def extractor_for(weight: Weight, consumer) -> Tuple[Optional[Extractor], str]:
     if act is None:
         return None, f"no activation rule for {node.op_type} input {index}"
     name = node.input[act.index]
+    if act.quantized:
+        source = producer(name) if producer is not None else None
+        if source is None or source.op_type not in QUANTIZERS or source.domain not in ("", "ai.onnx"):
+            return None, (f"its input '{name}' holds quantized integers that no "
+                          f"DynamicQuantizeLinear/QuantizeLinear in this graph makes, so the "
+                          f"float values behind them cannot be read")
+        name = source.input[0]
     if act.conv is not None:
         return ConvExtractor(name, act.conv, weight.shape), ""
     return MatrixExtractor(name, weight.layout.shape2d[1], act.rows_last), ""

@@ -321,7 +321,7 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
                                               f"({consumer.graph}); its input cannot be exposed")
                 sigs = []
                 break
-            ex, why = extractor_for(weight, consumer)
+            ex, why = extractor_for(weight, consumer, handle.index.producer)
             if ex is None:
                 record.skipped[weight.key] = why
                 sigs = []

@@ -230,8 +230,7 @@ def select(weights: Sequence[Weight], *, pattern: str, sparsity: Optional[Union[
         plans.append(LayerPlan(w, pat, target, str(settings["criterion"]),
                                float(settings["min_sparsity"]), float(settings["max_sparsity"])))
     if not plans:
-        reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
-        raise SelectionError(f"every selected weight was left alone, nothing to prune ({reasons})")
+        raise nothing_pruned("every selected weight was left alone, nothing to prune", skipped)
     _counts_to_fractions(plans)
     return plans, skipped
 
@@ -295,3 +294,18 @@ def _counts_to_fractions(plans: List[LayerPlan]) -> None:
         raise OptionError(f"sparsity count {count} is not below the {total} selected weights")
     for p in counted:
         p.sparsity = count / total
+
+
+def nothing_pruned(what: str, skipped: Sequence[Any]) -> SelectionError:
+    """The error for a run where every weight was left alone: ``what`` happened, then the
+    reasons (``Skipped`` records), the most common first, each with how many weights it
+    stopped and one of their names, so the user sees why without the report."""
+    by_reason: Dict[str, List[str]] = {}
+    for s in skipped:
+        by_reason.setdefault(s.reason, []).append(s.name)
+    ranked = sorted(by_reason.items(), key=lambda kv: -len(kv[1]))
+    shown = "; ".join(f"{names[0]}: {reason}" if len(names) == 1 else
+                      f"{len(names)} weights (e.g. {names[0]}): {reason}"
+                      for reason, names in ranked[:3])
+    more = f"; and {len(ranked) - 3} other reasons" if len(ranked) > 3 else ""
+    return SelectionError(f"{what} ({shown}{more})" if shown else what)

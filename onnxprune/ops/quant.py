@@ -46,7 +46,7 @@ from onnxprune.ops._channel import (BIAS, CONSUMER, PRODUCER, SCALE, STAT, NodeC
 from onnxprune.ops.conv import _conv_channels, _conv_macs
 from onnxprune.ops.layouts import Layout
 from onnxprune.ops.linear import _gemm_channels, _gemm_layout, _gemm_macs, _matmul_macs
-from onnxprune.ops.registry import (Shapes, define, numel, op_key, same_axis, shape_in,
+from onnxprune.ops.registry import (Activation, Shapes, define, numel, op_key, same_axis, shape_in,
                                     unchanged_step)
 
 MS = "com.microsoft"
@@ -510,9 +510,23 @@ def _n_from_weight(node, typed):
 
 # -- what calibration, bias correction and dead channels may use ------------------------------
 def _no_activation(node, index, weight_shape):
-    # The activation operand is quantized (integers with their own scale and zero point):
-    # calibration statistics and refits in those units are not implemented.
+    # Quantized convolutions and QGemm: statistics on the float tensor behind the quantizer
+    # are not wired for them (im2col of an integer operand); matrix ops have a rule below.
     return None
+
+
+def _quantized_matrix_activation(weight_slot: int):
+    """``A @ W`` with ``A`` integers quantizing a float tensor (MatMulInteger,
+    MatMulIntegerToFloat, QLinearMatMul): up to the scales, the op computes ``X @ W`` on the
+    float ``X`` the quantizer read, so statistics are taken there (``quantized``)."""
+    def activation(node, index, weight_shape):
+        return Activation(0, quantized=True) if index == weight_slot else None
+    return activation
+
+
+def _float_matrix_activation(node, index, weight_shape):
+    # DynamicQuantizeMatMul quantizes its float A itself: A is the activation as it is.
+    return Activation(0) if index == 1 else None
 
 
 def _no_bias(node, index):
@@ -532,7 +546,11 @@ _INTEGER_OPS = ("MatMulInteger", "QLinearMatMul", "ConvInteger", "QLinearConv",
 
 
 # -- entries ------------------------------------------------------------------------------------
-define(*_INTEGER_OPS, activation=_no_activation, bias=_no_bias, zero_filter=_unknown_filter)
+define(*_INTEGER_OPS, bias=_no_bias, zero_filter=_unknown_filter)
+define("ConvInteger", "QLinearConv", f"{MS}:QGemm", activation=_no_activation)
+define("MatMulInteger", f"{MS}:MatMulIntegerToFloat", activation=_quantized_matrix_activation(1))
+define("QLinearMatMul", activation=_quantized_matrix_activation(3))
+define(f"{MS}:DynamicQuantizeMatMul", activation=_float_matrix_activation)
 define("QuantizeLinear", "DequantizeLinear", weight_step=unchanged_step, axis_source=same_axis,
        channels=_qdq_channels)
 define("DynamicQuantizeLinear", channels=_dynamic_quantize_channels)

@@ -79,6 +79,9 @@ class Activation:
     index: int
     rows_last: bool = False
     conv: Optional[ConvGeometry] = None
+    #: the operand holds integers that quantize a float tensor (a DynamicQuantizeLinear /
+    #: QuantizeLinear output): statistics read that float tensor, before the quantizer
+    quantized: bool = False
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from onnxprune.calibration.sensitivity import looks_fixed
-from onnxprune.errors import OptionError, SelectionError
+from onnxprune.errors import OptionError
 from onnxprune.masking.criteria import ScoreContext, get_criterion
 from onnxprune.masking.scope import UnitLayer, allocate_global, global_cut, select_units
-from onnxprune.masking.selection import LayerPlan
+from onnxprune.masking.selection import LayerPlan, nothing_pruned
 from onnxprune.ops.weights import Skipped
 from onnxprune.passes.base import Pass, PassRecord, PruneState, layer_result, set_layer
 
@@ -179,8 +179,8 @@ class ScoreWeights(Pass):
         dropped = len(state.plans) - len(kept)
         state.plans = kept
         if not kept:
-            raise SelectionError("every selected weight was left alone (see the skipped list: "
-                                 "NaN values or fixed operands); nothing to prune")
+            raise nothing_pruned("every selected weight was left alone, nothing to prune",
+                                 record.skipped)
         summary = f"{len(kept)} weights scored" + (
             f", {dropped} left alone (not learned weights)" if dropped else "")
         if held is None:

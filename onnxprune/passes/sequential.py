@@ -20,9 +20,9 @@ from onnxprune.calibration.sequential import (fit_moments, load_dense_reference,
                                               refit_toward_dense, segment_runners,
                                               sequential_waves)
 from onnxprune.calibration.statistics import LayerStats, collect_layer_stats, rows_note
-from onnxprune.errors import OptionError, SelectionError
+from onnxprune.errors import OptionError
 from onnxprune.masking.criteria import ScoreContext, get_criterion
-from onnxprune.masking.selection import LayerPlan
+from onnxprune.masking.selection import LayerPlan, nothing_pruned
 from onnxprune.model import io as mio
 from onnxprune.ops.weights import Skipped, stored_bias
 from onnxprune.passes.base import Pass, PassRecord, PruneState, layer_result, set_layer
@@ -112,8 +112,8 @@ class PruneSequentially(Pass):
         cached = max(r.peak for r in runners)
         done = sum(1 for p in plans if p.weight.key in state.layers)
         if not done:
-            raise SelectionError("no selected weight could be pruned layer by layer (see the "
-                                 "skipped list)")
+            raise nothing_pruned("no selected weight could be pruned layer by layer",
+                                 record.skipped)
         summary = (f"{done} weights pruned in {len(waves)} waves on their upstream-pruned "
                    f"inputs ({runs} segment runs, {cached / 2**20:.0f} MiB of activations held)")
         if corrected:
@@ -183,8 +183,8 @@ class PruneSequentially(Pass):
             else:
                 record.skipped.append(Skipped(plan.weight.name, reason))
         if not kept:
-            raise SelectionError("every selected weight was left alone (see the skipped list: "
-                                 "NaN values or fixed operands); nothing to prune")
+            raise nothing_pruned("every selected weight was left alone, nothing to prune",
+                                 record.skipped)
         state.plans = kept
         return kept
 
