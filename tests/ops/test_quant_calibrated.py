@@ -5,7 +5,6 @@ from that float tensor (the quantizer's input), so SparseGPT and Wanda run on th
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from onnx import numpy_helper
 
 import onnxprune
