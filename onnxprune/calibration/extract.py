@@ -100,13 +100,14 @@ class Extractor:
 class MatrixExtractor(Extractor):
     """Gemm/MatMul: the activation is (a transpose of) X itself."""
 
-    def __init__(self, activation: str, in_dim: int, rows_last: bool) -> None:
+    def __init__(self, activation: str, in_dim: int, rows_last: bool, shift: float = 0.0) -> None:
         super().__init__(activation, in_dim)
         self.rows_last = rows_last  # True: X is the activation's last-two-axes transpose
+        self.shift = shift  # subtracted from every value: an integer operand's zero point
 
     @property
     def signature(self) -> tuple:
-        return super().signature + (self.rows_last,)
+        return super().signature + (self.rows_last, self.shift)
 
     def blocks(self, x: np.ndarray, block_bytes: int, dtype=np.float64,
                positions: Optional[np.ndarray] = None) -> Iterator[np.ndarray]:
@@ -127,7 +128,8 @@ class MatrixExtractor(Extractor):
             x2 = np.ascontiguousarray(x).reshape(-1, self.in_dim)
         step = max(1, block_bytes // (np.dtype(dtype).itemsize * self.in_dim))
         for r0 in range(0, x2.shape[0], step):
-            yield x2[r0:r0 + step].astype(dtype)[None]
+            rows = x2[r0:r0 + step].astype(dtype)
+            yield (rows - np.dtype(dtype).type(self.shift) if self.shift else rows)[None]
 
 
 class RecurrentStateExtractor(Extractor):
@@ -436,10 +438,12 @@ def sample_positions(total: int, k: int, seed: int, key: str, first: int, n: int
 QUANTIZERS = ("DynamicQuantizeLinear", "QuantizeLinear")
 
 
-def extractor_for(weight: Weight, consumer, producer=None) -> Tuple[Optional[Extractor], str]:
+def extractor_for(weight: Weight, consumer, producer=None, constant=None
+                  ) -> Tuple[Optional[Extractor], str]:
     """How ``X`` of ``weight`` is read at ``consumer`` (or None and why). ``producer(name)``
     (the graph index's) finds the quantizer behind an integer activation operand: its float
-    input is what the statistics read."""
+    input is what the statistics read; without one, ``constant(name)`` (a stored value or
+    None) reads the operand's zero point and the rows are the integers minus it."""
     node, index = consumer.node, consumer.input_index
     act = activation_of(node, index, weight.shape)
     if act is None and index == 2 and node.op_type in GATES and len(weight.shape) == 3:
@@ -447,16 +451,24 @@ def extractor_for(weight: Weight, consumer, producer=None) -> Tuple[Optional[Ext
     if act is None:
         return None, f"no activation rule for {node.op_type} input {index}"
     name = node.input[act.index]
+    shift = 0.0
     if act.quantized:
         source = producer(name) if producer is not None else None
-        if source is None or source.op_type not in QUANTIZERS or source.domain not in ("", "ai.onnx"):
-            return None, (f"its input '{name}' holds quantized integers that no "
-                          f"DynamicQuantizeLinear/QuantizeLinear in this graph makes, so the "
-                          f"float values behind them cannot be read")
-        name = source.input[0]
+        if source is not None and source.op_type in QUANTIZERS and source.domain in ("", "ai.onnx"):
+            name = source.input[0]
+        else:
+            zp_name = (node.input[act.zero_point] if act.zero_point is not None
+                       and act.zero_point < len(node.input) else "")
+            zp = constant(zp_name) if zp_name and constant is not None else (
+                np.zeros(()) if not zp_name else None)
+            if zp is None or np.size(zp) != 1:
+                return None, (f"its input '{name}' holds quantized integers with no quantizer "
+                              f"in this graph and no constant per-tensor zero point, so the "
+                              f"values they stand for cannot be read")
+            shift = float(np.asarray(zp).reshape(()))
     if act.conv is not None:
         return ConvExtractor(name, act.conv, weight.shape), ""
-    return MatrixExtractor(name, weight.layout.shape2d[1], act.rows_last), ""
+    return MatrixExtractor(name, weight.layout.shape2d[1], act.rows_last, shift), ""
 
 
 def activation_rows(weight: Weight, activation: np.ndarray, consumer: int = 0) -> np.ndarray:

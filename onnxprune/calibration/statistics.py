@@ -310,6 +310,10 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
     constants = {t.name for t in handle.model.graph.initializer} | {
         o for n in handle.model.graph.node if n.op_type == "Constant" for o in n.output}
 
+    def stored_value(name: str) -> Optional[np.ndarray]:
+        tensor = handle.index.stored.get(name)
+        return None if tensor is None else handle.read(tensor)
+
     # One accumulator per distinct (activation, extraction) pair; weights map onto them.
     extractors: Dict[tuple, Extractor] = {}
     weight_sigs: Dict[str, List[tuple]] = {}
@@ -321,7 +325,7 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
                                               f"({consumer.graph}); its input cannot be exposed")
                 sigs = []
                 break
-            ex, why = extractor_for(weight, consumer, handle.index.producer)
+            ex, why = extractor_for(weight, consumer, handle.index.producer, stored_value)
             if ex is None:
                 record.skipped[weight.key] = why
                 sigs = []

@@ -515,12 +515,14 @@ def _no_activation(node, index, weight_shape):
     return None
 
 
-def _quantized_matrix_activation(weight_slot: int):
+def _quantized_matrix_activation(weight_slot: int, zero_point: int):
     """``A @ W`` with ``A`` integers quantizing a float tensor (MatMulInteger,
     MatMulIntegerToFloat, QLinearMatMul): up to the scales, the op computes ``X @ W`` on the
-    float ``X`` the quantizer read, so statistics are taken there (``quantized``)."""
+    float ``X`` the quantizer read, so statistics are taken there (``quantized``), or on
+    ``A - zero point`` (input ``zero_point``) where no quantizer is in the graph."""
     def activation(node, index, weight_shape):
-        return Activation(0, quantized=True) if index == weight_slot else None
+        return (Activation(0, quantized=True, zero_point=zero_point) if index == weight_slot
+                else None)
     return activation
 
 
@@ -548,8 +550,9 @@ _INTEGER_OPS = ("MatMulInteger", "QLinearMatMul", "ConvInteger", "QLinearConv",
 # -- entries ------------------------------------------------------------------------------------
 define(*_INTEGER_OPS, bias=_no_bias, zero_filter=_unknown_filter)
 define("ConvInteger", "QLinearConv", f"{MS}:QGemm", activation=_no_activation)
-define("MatMulInteger", f"{MS}:MatMulIntegerToFloat", activation=_quantized_matrix_activation(1))
-define("QLinearMatMul", activation=_quantized_matrix_activation(3))
+define("MatMulInteger", activation=_quantized_matrix_activation(1, 2))
+define(f"{MS}:MatMulIntegerToFloat", activation=_quantized_matrix_activation(1, 4))
+define("QLinearMatMul", activation=_quantized_matrix_activation(3, 2))
 define(f"{MS}:DynamicQuantizeMatMul", activation=_float_matrix_activation)
 define("QuantizeLinear", "DequantizeLinear", weight_step=unchanged_step, axis_source=same_axis,
        channels=_qdq_channels)

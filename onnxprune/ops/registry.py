@@ -82,6 +82,10 @@ class Activation:
     #: the operand holds integers that quantize a float tensor (a DynamicQuantizeLinear /
     #: QuantizeLinear output): statistics read that float tensor, before the quantizer
     quantized: bool = False
+    #: with ``quantized``: the node's input holding the operand's zero point; where no
+    #: quantizer is in the graph (one integer op reads another's output) and it is a stored
+    #: constant, the rows are ``operand - zero point`` (the float tensor up to its scale)
+    zero_point: Optional[int] = None
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,10 @@ from that float tensor (the quantizer's input), so SparseGPT and Wanda run on th
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
 from channel_models import run
@@ -47,15 +49,28 @@ def test_matmul_integer_and_qlinear_matmul_weights_are_calibrated():
         weights, _ = find_weights(handle)
         data = CalibrationSet.from_arrays(model, {"x": correlated(8, 16, 1)})
         stats = collect_layer_stats(handle, weights, data, want_hessian=True, batch_size=4)
-        behind_quantizer = {w.key for w in weights
-                            if handle.index.producer(w.consumers[0].node.input[0]) is None
-                            or handle.index.producer(w.consumers[0].node.input[0]).op_type
-                            in ("DynamicQuantizeLinear", "QuantizeLinear")}
-        assert set(stats) == behind_quantizer, build.__name__
-        # a QLinearMatMul reading another's integer output: no float tensor there, said so
-        assert len(stats.record.skipped) == (1 if build is qlinear_matmul else 0)
-        for key, why in stats.record.skipped.items():
-            assert build is qlinear_matmul and "no DynamicQuantizeLinear/QuantizeLinear" in why
+        assert stats.record.skipped == {}, build.__name__
+        assert set(stats) == {w.key for w in weights}
+
+
+def test_qlinear_matmul_reading_another_uses_its_integers_minus_the_zero_point():
+    model = qlinear_matmul()  # QuantizeLinear -> QLinearMatMul -> QLinearMatMul -> DQ
+    handle = load(model)
+    weights, _ = find_weights(handle)
+    second = next(w for w in weights if w.consumers[0].node.op_type == "QLinearMatMul"
+                  and handle.index.producer(w.consumers[0].node.input[0]).op_type
+                  == "QLinearMatMul")
+    node = second.consumers[0].node
+    a, zp = node.input[0], numpy_helper.to_array(handle.index.stored[node.input[2]])
+    probe = copy.deepcopy(model)
+    probe.graph.output.append(helper.make_tensor_value_info(a, TensorProto.UINT8, None))
+    x = correlated(8, 16, 4)
+    ints = np.concatenate([run(probe, {"x": x[i:i + 4]})[1] for i in (0, 4)]).astype(np.float64)
+    rows = ints.reshape(-1, ints.shape[-1]) - float(zp)
+    data = CalibrationSet.from_arrays(model, {"x": x})
+    st = collect_layer_stats(handle, [second], data, want_hessian=True, batch_size=4)[second.key]
+    np.testing.assert_allclose(st.hessian, rows.T @ rows, rtol=1e-9)
+    np.testing.assert_allclose(st.in_sums, rows.sum(axis=0), rtol=1e-9)
 
 
 def test_sparsegpt_24_on_dynamic_int8_keeps_the_scheme_and_beats_magnitude(tmp_path):
