@@ -19,6 +19,7 @@ otherwise is a warning.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -110,12 +111,22 @@ class Validate(Pass):
                 flag = "--max-error" if self.max_error is not None else "--min-agreement"
                 gate = f"{flag} cannot be measured: onnxruntime cannot run the input model"
             return ValidateRecord(summary=note, notes=[note], executed=False, gate_failure=gate)
+        if not self.compare:
+            reference = None
+            with mio.materialized(state.handle) as candidate:
+                check_valid(candidate, full_check=state.full_check)
+            return ValidateRecord(summary="valid: checker + onnxruntime")
+        batches, kind, note, notes = self._data(state)
+        # The original's outputs first, then its session goes before the pruned one opens:
+        # one model in onnxruntime at a time (a large model's validation peaks at one copy,
+        # not two), as long as the recorded outputs and feeds fit the memory budget.
+        recorded, rest = record_outputs(reference, batches, state.memory_budget)
+        if rest is None:
+            reference = None
         with mio.materialized(state.handle) as candidate:
-            check_valid(candidate, full_check=state.full_check)
-            if not self.compare:
-                return ValidateRecord(summary="valid: checker + onnxruntime")
+            check_valid(candidate, full_check=state.full_check, load=False)
             pruned = open_session(candidate)
-        comparison, notes = self._compare(state, reference, pruned)
+        comparison = self._compare(state, recorded, rest, reference, pruned, kind, note)
         state.comparison = comparison
         return self._judge(comparison, notes)
 
@@ -151,15 +162,16 @@ class Validate(Pass):
                 "not the accuracy; pass --inputs or --calibration data for a real estimate",
                 _generated_note(model, self.input_shapes))
 
-    def _compare(self, state, reference, pruned):
+    def _compare(self, state, recorded, rest, reference, pruned, kind: str, note: str):
+        """Compare the pruned model's outputs with the recorded ones, then (when the budget
+        ran out) with the original's on the ``rest`` of the batches, both sessions open."""
         from onnxprune.report.compare import Comparer, Thresholds
         from onnxprune.runtime.session import run_model
 
-        batches, kind, note, notes = self._data(state)
         thresholds = Thresholds.parse(self.thresholds)
         comparer = None
-        for feed, samples in batches:
-            ref = run_model(reference, feed)
+        live = ((feed, samples, run_model(reference, feed)) for feed, samples in (rest or ()))
+        for feed, samples, ref in itertools.chain(recorded, live):
             out = run_model(pruned, feed, candidate=True)
             if comparer is None:
                 ranks = {k: np.ndim(v) for k, v in ref.items()
@@ -168,7 +180,7 @@ class Validate(Pass):
             comparer.add(ref, out, samples)
         if comparer is None:
             comparer = Comparer({}, thresholds)
-        return comparer.result(kind, note), notes
+        return comparer.result(kind, note)
 
     # -- verdict and gates --------------------------------------------------------------------
     def _judge(self, comparison, notes: List[str]) -> ValidateRecord:
@@ -219,6 +231,27 @@ def _agreement_gate(comparison, min_agreement: float) -> Optional[str]:
     return (f"pruned model's top-1 agreement with the original is {100 * worst:.1f}% on output "
             f"'{name}' ({comparison.data_brief}), below --min-agreement "
             f"{min_agreement:g}; lower --sparsity or use calibration data")
+
+
+def record_outputs(reference, batches, budget: int):
+    """``(recorded, rest)``: ``(feed, samples, outputs)`` of the original model per batch while
+    the feeds and outputs held stay within ``budget`` bytes; ``rest`` is the iterator of the
+    batches not run yet (None when every batch was recorded)."""
+    from onnxprune.runtime.session import run_model
+
+    recorded, held = [], 0
+    batches = iter(batches)
+    for feed, samples in batches:
+        out = run_model(reference, feed)
+        recorded.append((feed, samples, out))
+        held += sum(_nbytes(v) for v in list(feed.values()) + list(out.values()))
+        if held > budget:
+            return recorded, batches
+    return recorded, None
+
+
+def _nbytes(value) -> int:
+    return int(value.nbytes) if isinstance(value, np.ndarray) else 64  # sequences/maps: small
 
 
 def _batched(data, batch_size: int) -> Iterator[Tuple[Dict[str, np.ndarray], int]]:

@@ -14,7 +14,7 @@ from onnxprune.runtime.session import InvalidOutputModel, error_text, model_sour
 __all__ = ["check_valid", "InvalidOutputModel"]
 
 
-def check_valid(model: ModelOrPath, full_check: bool = True) -> None:
+def check_valid(model: ModelOrPath, full_check: bool = True, load: bool = True) -> None:
     """Raise :class:`InvalidOutputModel` unless the model passes ``onnx.checker`` (with strict
     shape inference when ``full_check``) and onnxruntime (CPU) can load it.
 
@@ -26,6 +26,7 @@ def check_valid(model: ModelOrPath, full_check: bool = True) -> None:
     checked in memory when it has no external data and fits protobuf's 2 GiB limit; otherwise
     it is first written to a temporary folder (the checker resolves external data relative to
     the model file, so an in-memory proto cannot point it at the handle's folder).
+    ``load=False``: the checker only (the caller opens the session it needs anyway).
     """
     with model_source(model, allow_external_folder=False) as (source, _):
         try:
@@ -33,4 +34,5 @@ def check_valid(model: ModelOrPath, full_check: bool = True) -> None:
             onnx.checker.check_model(checked, full_check=full_check)
         except Exception as exc:
             raise InvalidOutputModel("onnx.checker", error_text(exc)) from exc
-        ort_session(source, None)
+        if load:
+            ort_session(source, None)
