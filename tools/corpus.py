@@ -227,11 +227,12 @@ def freeze_rate(path: Path, shapes=None) -> dict:
     handle = load(str(path))
     index = handle.index
     weights, _ = find_weights(handle)
-    tables = {n.input[0] for n in index.nodes if n.op_type == "Gather"}
+    left_out = _tables_and_scales(index, weights)
     candidates: Dict[str, int] = {}
     for name, tensor in index.stored.items():
         size = int(np.prod(tensor.dims)) if len(tensor.dims) >= 2 else 0
-        if size >= 256 and name not in tables and index.consumers(name):
+        if size >= 256 and name not in left_out and index.consumers(name) and \
+                tensor.data_type not in _INDEX_TYPES:
             candidates[name] = size
     for w in weights:  # found behind Cast/DequantizeLinear: counted under the stored name
         candidates.setdefault(w.name, w.numel)
@@ -243,11 +244,7 @@ def freeze_rate(path: Path, shapes=None) -> dict:
     else:
         refused = ""
     free = {n for g in groups if g.prunable for n in list(g.producers) + list(g.consumers)}
-    why: Dict[str, str] = {}
-    for g in groups:
-        if not g.prunable:
-            for n in list(g.producers) + list(g.consumers):
-                why.setdefault(n, " ".join(re.sub(r"'[^']*'", "", g.frozen.split(":")[0]).split()))
+    why = _freeze_reasons(groups)
     found = {w.name for w in weights}
     total = sum(candidates.values())
     frozen = {n: s for n, s in candidates.items() if n not in free}
@@ -259,6 +256,64 @@ def freeze_rate(path: Path, shapes=None) -> dict:
     top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
     return {"rate": (sum(frozen.values()) / total) if total else None, "params": total,
             "found": len(found), "reasons": [(r, n / total) for r, n in top]}
+
+
+#: Integer index tensors (position ids, gather indices): data, not weights.
+_INDEX_TYPES = (6, 7)  # INT32, INT64
+#: Ops a stored table passes on its way to a ``Gather`` (dequantization, copies).
+_DEQUANT_OPS = {"Cast", "Mul", "Div", "DequantizeLinear", "Identity"}
+#: Freeze reasons at a graph's boundary: true, but rarely what would free a weight.
+_BOUNDARY = ("graph input", "graph output")
+
+
+def _tables_and_scales(index, weights) -> set:
+    """Stored tensors that are not weight-like parameters: embedding tables read by ``Gather``
+    (also behind a dequantizing Cast/Mul/DequantizeLinear chain, with that chain's scales) and
+    the scales of found quantized weights (counted with their weight)."""
+    out = set()
+    for w in weights:
+        if w.dequant is not None:
+            out.add(w.dequant.scale.name)
+    for node in index.nodes:
+        if node.op_type in ("DequantizeLinear", "QuantizeLinear"):
+            out.update(node.input[1:])
+        if node.op_type != "Gather":
+            continue
+        stack, seen = [node.input[0]], set()
+        while stack:
+            name = stack.pop()
+            if name in seen or not name:
+                continue
+            seen.add(name)
+            if name in index.stored:
+                out.add(name)
+                continue
+            producer = index.producer(name)
+            if producer is not None and producer.op_type in _DEQUANT_OPS:
+                stack.extend(producer.input)
+    return out
+
+
+def _freeze_reasons(groups) -> Dict[str, str]:
+    """Why each weight of a frozen group is frozen: the reason of the group that would have
+    freed it. A weight sits in the group of its out-channels (producer) and of its in-channels
+    (consumer); the producer group's reason comes first (q/k/v freeze because their heads do),
+    and a graph-boundary reason (the residual stream reaching a graph output) gives way to any
+    other (an output projection freezes because its heads do)."""
+    found: Dict[str, List[str]] = {}
+    for g in groups:
+        if g.prunable:
+            continue
+        short = " ".join(re.sub(r"'[^']*'", "", g.frozen.split(":")[0]).split())
+        for n in g.producers:
+            found.setdefault(n, []).insert(0, short)
+        for n in g.consumers:
+            found.setdefault(n, []).append(short)
+    why = {}
+    for n, reasons in found.items():
+        inner = [r for r in reasons if not r.startswith(_BOUNDARY)]
+        why[n] = (inner or reasons)[0]
+    return why
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:
