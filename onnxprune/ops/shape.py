@@ -23,6 +23,9 @@ from onnxprune.ops._channel import (BIAS, NodeCtx, axes_arg, norm_axis, pass_thr
 from onnxprune.ops.registry import copies_values, define
 from onnxprune.ops.shapevec import VECTOR_OPS, DimRef, Entry, shape_vector
 
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                onnx.TensorProto.BFLOAT16)
+
 
 def _constant(ctx: NodeCtx) -> None:
     # A stored value, not an op on channels: whatever reads it decides its axes' roles.
@@ -397,6 +400,7 @@ def _slice(ctx: NodeCtx) -> None:
         steps = ctx.const(ctx.inp(4)) if ctx.inp(4) else None
     if starts is None or ends is None or (ctx.inp(3) and axes is None) or (
             ctx.inp(4) and steps is None):
+        _slice_computed_bounds(ctx, x, y, r, axes)
         return
     starts = np.asarray(starts, np.int64).ravel()
     ends = np.asarray(ends, np.int64).ravel()
@@ -444,6 +448,22 @@ def _slice(ctx: NodeCtx) -> None:
             node.input[2] = rc.add_initializer(node.input[2], en)
     ctx.rewrite(slice_bounds)
 
+
+def _slice_computed_bounds(ctx: NodeCtx, x: str, y: str, r: int, axes) -> None:
+    """Bounds computed at run time (T5's ``position_bias[:, :, -seq:, :]``): the sliced axes
+    stay frozen, the axes it does not slice are copied whole and tied."""
+    if axes is None:
+        if ctx.inp(3):
+            return
+        s = ctx.shape(ctx.inp(1)) if ctx.opset >= 10 else None
+        if s is None or len(s) != 1 or not isinstance(s[0], int):
+            return
+        axes = range(s[0])
+    sliced = {norm_axis(int(a), r) for a in np.ravel(axes)}
+    for j in range(r):
+        if j not in sliced and ctx.size(x, j) is not None and \
+                ctx.size(y, j) in (None, ctx.size(x, j)):
+            ctx.tie((x, j), (y, j))
 
 
 def _shape(ctx: NodeCtx) -> None:
@@ -529,6 +549,16 @@ def _gather(ctx: NodeCtx) -> None:
         ctx.tie((idx, j), (y, axis + j))
     for j in range(axis + 1, rd):
         ctx.tie((data, j), (y, j - 1 + ri))
+    # A stored float table (embeddings, T5's relative position bias [buckets, heads]) is a
+    # parameter like a bias: its columns are zeroed with their channel when masked (resize
+    # slices every stored member anyway). An integer table is dequantized later, where a 0 is
+    # not a zero value: it is only sliced. A table also read as a weight (an LM head tied to
+    # the embeddings) is one stored dim, so both readers prune it alike.
+    table = ctx.b.stored.get(data)
+    if table is not None and table.data_type in _FLOAT_TYPES:
+        for j in range(rd):
+            if j != axis and ctx.size(data, j) not in (None, 1):
+                ctx.role(data, j, BIAS)
 
 
 def _blocks_rule(deep_is_input: bool):

@@ -185,9 +185,19 @@ def refine_shapes(graph: onnx.GraphProto) -> bool:
                 elif a.name in ("value_int", "value_ints"):
                     consts[node.output[0]] = np.asarray(onnx.helper.get_attribute_value(a))
 
-    def vector(name: str):
+    def vector(name: str, depth: int = 0):
         entries = shape_vector(name, shapes.get, consts.get, producers.get)
-        return None if entries is None else [entry_size(e, shapes.get) for e in entries]
+        if entries is not None:
+            return [entry_size(e, shapes.get) for e in entries]
+        node = producers.get(name)  # -x.size(1) (T5's position_bias[:, :, -seq:, :])
+        if node is None or depth > 4 or node.domain not in ("", "ai.onnx") or not node.input:
+            return None
+        if node.op_type in ("Cast", "Identity", "Squeeze", "Unsqueeze"):
+            return vector(node.input[0], depth + 1)
+        if node.op_type == "Neg":
+            v = vector(node.input[0], depth + 1)
+            return None if v is None else [_negate(e) for e in v]
+        return None
 
     changed = False
     for node in graph.node:
@@ -244,6 +254,15 @@ def refine_shapes(graph: onnx.GraphProto) -> bool:
     return changed
 
 
+def _negate(d):
+    """``-d`` for a vector entry: an int, a symbol (``"-sequence"``) or None."""
+    if isinstance(d, int):
+        return -d
+    if isinstance(d, str) and _known(d):
+        return d[1:] if d.startswith("-") else "-" + d
+    return None
+
+
 def _range_output(node, vector) -> Optional[tuple]:
     args = [vector(i) for i in node.input[:3]]
     if len(args) != 3 or any(a is None or len(a) != 1 for a in args):
@@ -254,6 +273,9 @@ def _range_output(node, vector) -> Optional[tuple]:
     if all(isinstance(v, int) for v in (start, limit, delta)) and delta != 0:
         return (max(0, -(-(limit - start) // delta)),)
     return None
+
+
+_INT32_MAX = 2 ** 31 - 1  # an end at least this large means "to the end" (torch writes int64 max)
 
 
 def _slice_output(node, s, vector) -> Optional[tuple]:
@@ -278,6 +300,9 @@ def _slice_output(node, s, vector) -> Optional[tuple]:
         if b == 0 and st == 1 and isinstance(e, str) and _known(e):
             out[a] = e  # x[:, :sequence]: the symbol (a larger one would fail at run time)
             continue
+        if st == 1 and isinstance(n, str) and b == _negate(n) and \
+                (e == n or isinstance(e, int) and e >= _INT32_MAX):
+            continue  # x[-x.size(a):]: the whole axis
         if not (isinstance(n, int) and isinstance(b, int) and isinstance(e, int)):
             return None
         out[a] = len(range(n)[slice(b, e, st)])

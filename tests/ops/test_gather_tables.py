@@ -1,0 +1,199 @@
+"""Tables read by ``Gather`` (onnxprune/ops/shape.py ``_gather``): T5's relative position bias
+(a [buckets, heads] table gathered, transposed, sliced with a run-time ``-seq`` start and added
+onto every layer's scores) goes with the heads; an embedding table tied to an LM head is pruned
+only as both readers agree; a Slice with run-time bounds keeps the axes it does not slice."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from onnxprune.channels.graph import build_channel_graph
+from onnxprune.channels.resize import mask_channels, resize_channels
+from onnxprune.channels.select import select_channels
+from onnxprune.model.io import load
+from onnxprune.model.shapes import infer_shapes
+from onnxprune.ops.shapevec import complete_shapes
+from channel_models import G
+
+D, H, HD, T, BUCKETS, MAXS = 32, 4, 8, 6, 16, 12
+
+
+def _dim(g: G, x: str, axis: int) -> str:
+    """Unsqueeze(Gather(Shape(x), axis)): a [1] vector holding x's size on ``axis``."""
+    s = g.op("Shape", [x])
+    return g.op("Unsqueeze", [g.op("Gather", [s, g.c(np.int64(axis))], axis=0),
+                              g.c(np.array([0], np.int64))])
+
+
+def run(model, x):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+def masked_and_resized(model, sparsity, shapes):
+    masked = load(copy.deepcopy(model))
+    graph = build_channel_graph(masked, shapes)
+    removed = select_channels(masked, graph, sparsity)
+    mask_channels(masked, removed, graph)
+    resized = load(copy.deepcopy(masked.model))
+    graph2 = build_channel_graph(resized, shapes)
+    assert [g.size for g in graph2.groups] == [g.size for g in graph.groups]
+    sizes = resize_channels(resized, graph2, removed)
+    return graph, masked.model, resized.model, removed, sizes
+
+
+def t5_attention(layers: int = 2, seed: int = 0) -> onnx.ModelProto:
+    """x[batch, seq, 32] -> ``layers`` blocks of 4-head attention without biases whose scores
+    get one position bias computed once (as T5 exports it): ``table[buckets, heads]`` gathered
+    by a [seq, seq] bucket matrix (a slice of a constant one), Transpose(2, 0, 1), Unsqueeze(0),
+    then ``bias[:, :, -seq:, :]`` (start ``Neg(Shape(x)[1])``) and Add onto each layer's
+    scores."""
+    g = G(seed)
+    seq = _dim(g, "x", 1)
+    r = np.random.default_rng(seed + 1)
+    buckets = g.c(r.integers(0, BUCKETS, (MAXS, MAXS)).astype(np.int64), name="buckets")
+    zero2 = g.c(np.array([0, 0], np.int64))
+    ends = g.op("Concat", [seq, seq], axis=0)
+    idx = g.op("Slice", [buckets, zero2, ends, g.c(np.array([0, 1], np.int64))])
+    table = g.w([BUCKETS, H], 0.5, name="relative_attention_bias")
+    bias = g.op("Unsqueeze", [g.op("Transpose", [g.op("Gather", [table, idx])], perm=[2, 0, 1]),
+                              g.c(np.array([0], np.int64))])
+    neg = g.op("Neg", [g.op("Gather", [g.op("Shape", ["x"]), g.c(np.int64(1))], axis=0)])
+    bias = g.op("Slice", [bias, g.op("Unsqueeze", [neg, g.c(np.array([0], np.int64))]),
+                          g.c(np.array([2 ** 63 - 1], np.int64)), g.c(np.array([2], np.int64)),
+                          g.c(np.array([1], np.int64))])
+
+    def heads(y):
+        target = g.op("Concat", [_dim(g, "x", 0), seq, g.c(np.array([-1, HD], np.int64))],
+                      axis=0)
+        return g.op("Transpose", [g.op("Reshape", [y, target])], perm=[0, 2, 1, 3])
+
+    x = "x"
+    for _ in range(layers):
+        q, k, v = (heads(g.op("MatMul", [x, g.w([D, D])])) for _ in range(3))
+        s = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])
+        s = g.op("Softmax", [g.op("Add", [s, bias])], axis=-1)
+        o = g.op("Transpose", [g.op("MatMul", [s, v])], perm=[0, 2, 1, 3])
+        o = g.op("Reshape", [o, g.op("Concat", [_dim(g, "x", 0), seq,
+                                                g.c(np.array([-1], np.int64))], axis=0)])
+        x = g.op("Add", [g.op("MatMul", [o, g.w([D, D])]), x])
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(g.nodes, "t5", [vi("x", TensorProto.FLOAT, ["batch", "seq", D])],
+                              [vi(x, TensorProto.FLOAT, ["batch", "seq", D])], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("shapes", [None, {"x": [1, T, D]}])
+def test_relative_position_bias_goes_with_the_heads(shapes):
+    """Head h of every layer reads column h of the one bias table: one group of H units with
+    the Q/K/V of both layers as producers, the table a (stored) member on its heads axis."""
+    graph = build_channel_graph(load(t5_attention()), shapes)
+    heads = [g for g in graph.groups if g.size == H]
+    assert len(heads) == 1 and heads[0].prunable, [(g.size, g.frozen) for g in graph.groups]
+    assert len(heads[0].producers) == 6  # q, k, v of two layers
+    table = [m for m in heads[0].members if m.tensor == "relative_attention_bias"]
+    assert [(m.axis, m.stored, m.index_map.ravel().tolist()) for m in table] == \
+        [(1, True, list(range(H)))]
+    assert "bias" in table[0].roles
+
+
+def test_relative_position_bias_masked_equals_resized():
+    model = t5_attention()
+    graph, masked, resized, removed, shapes = masked_and_resized(model, 0.5, {"x": [1, T, D]})
+    onnx.checker.check_model(resized, full_check=True)
+    gid = next(g.id for g in graph.groups if g.size == H)
+    assert len(removed[gid]) == H // 2
+    assert shapes["relative_attention_bias"] == ((BUCKETS, H), (BUCKETS, H // 2))
+    kept = sorted(set(range(H)) - set(int(u) for u in removed[gid]))
+    table = {t.name: onnx.numpy_helper.to_array(t) for t in resized.graph.initializer}
+    original = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    np.testing.assert_array_equal(table["relative_attention_bias"],
+                                  original["relative_attention_bias"][:, kept])
+    r = np.random.default_rng(3)
+    for b, s in ((1, T), (2, 9), (1, 1)):  # any sequence: the slice start is read at run time
+        x = r.standard_normal((b, s, D)).astype(np.float32)
+        want, got = run(masked, x), run(resized, x)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+        assert not np.allclose(run(model, x), want, atol=1e-3)
+
+
+def test_refine_shapes_solves_a_negative_sequence_start():
+    """``bias[:, :, -seq:, :]`` over an axis of size seq is the whole axis (a symbol or not)."""
+    model = t5_attention(layers=1)
+    slices = [n for n in model.graph.node if n.op_type == "Slice"]
+    for shapes, s in ((None, "seq"), ({"x": [1, T, D]}, T)):
+        got = infer_shapes(model, shapes, upgrade=False, complete=complete_shapes)
+        assert got.get(slices[-1].output[0]) == (1, H, s, s)
+        out = model.graph.output[0].name
+        assert got.get(out)[1:] == (s, D)
+
+
+def test_slice_with_run_time_bounds_ties_the_axes_it_keeps():
+    """A Slice whose start is computed keeps axes 0 and 2 whole: the channel axis (2) is tied
+    through it (prunable), the sliced one frozen."""
+    g = G(4)
+    y = g.op("MatMul", ["x", g.w([D, 16])])
+    neg = g.op("Neg", [g.op("Gather", [g.op("Shape", ["x"]), g.c(np.int64(1))], axis=0)])
+    half = g.op("Div", [neg, g.c(np.int64(2))])  # a start no shape rule evaluates
+    y = g.op("Slice", [y, g.op("Unsqueeze", [half, g.c(np.array([0], np.int64))]),
+                       g.c(np.array([2 ** 63 - 1], np.int64)), g.c(np.array([1], np.int64))])
+    y = g.op("MatMul", [g.op("Relu", [y]), g.w([16, D])])
+    model = g.model([("x", [1, T, D])], [y])
+    graph = build_channel_graph(load(copy.deepcopy(model)), {"x": [1, T, D]})
+    hidden = [g for g in graph.groups if g.size == 16]
+    assert len(hidden) == 1 and hidden[0].prunable
+    _, masked, resized, removed, _ = masked_and_resized(model, 0.5, {"x": [1, T, D]})
+    x = np.random.default_rng(1).standard_normal((1, T, D)).astype(np.float32)
+    np.testing.assert_allclose(run(resized, x), run(masked, x), atol=1e-5, rtol=1e-4)
+
+
+def test_embedding_tied_to_lm_head_is_pruned_as_both_readers_agree():
+    """One [vocab, hidden] table read by Gather (embedding) and by MatMul through Transpose (LM
+    head): its hidden axis is one dim, so the embedding's columns and the head's input rows are
+    the same channels; masking zeroes the table's columns (a float table is a bias-like
+    parameter) and resized == masked."""
+    vocab, hid = 20, 16
+    g = G(6)
+    table = g.w([vocab, hid], 1.0, name="embed")
+    e = g.op("Gather", [table, "ids"])
+    h = g.op("Relu", [g.op("Add", [g.op("MatMul", [e, g.w([hid, hid])]), g.w([hid], 0.1)])])
+    h = g.op("MatMul", [h, g.w([hid, hid])])
+    logits = g.op("MatMul", [h, g.op("Transpose", [table], perm=[1, 0])])
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(g.nodes, "lm", [vi("ids", TensorProto.INT64, [1, T])],
+                              [vi(logits, TensorProto.FLOAT, [1, T, vocab])], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    masked = load(copy.deepcopy(model))
+    cg = build_channel_graph(masked, None)
+    stream = [grp for grp in cg.groups
+              if any(m.tensor == "embed" and m.axis == 1 for m in grp.members)]
+    # The embedding's hidden axis and the LM head's input axis: one dim of one stored tensor.
+    assert len(stream) == 1
+    embed = [m for m in stream[0].members if m.tensor == "embed"]
+    assert [m.axis for m in embed] == [1] and "bias" in embed[0].roles
+    assert stream[0].prunable
+    shapes = {"ids": [1, T]}
+    mask_channels(masked, {stream[0].id: np.array([1, 4, 9])}, cg)
+    arr = onnx.numpy_helper.to_array(next(t for t in masked.model.graph.initializer
+                                          if t.name == "embed"))
+    assert not arr[:, [1, 4, 9]].any() and arr[:, 0].all()
+    resized = load(copy.deepcopy(masked.model))
+    cg2 = build_channel_graph(resized, shapes)
+    sizes = resize_channels(resized, cg2, {stream[0].id: np.array([1, 4, 9])})
+    assert sizes["embed"] == ((vocab, hid), (vocab, hid - 3))
+    ids = np.random.default_rng(0).integers(0, vocab, (1, T)).astype(np.int64)
+    outs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            .run(None, {"ids": ids})[0] for m in (masked.model, resized.model)]
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-5, rtol=1e-4)
