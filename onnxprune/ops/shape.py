@@ -12,7 +12,7 @@ evaluation of computed shape vectors lives in :mod:`onnxprune.ops.shapevec`.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -285,10 +285,16 @@ def _computed_reshape(ctx: NodeCtx) -> None:
             ctx.tie((e.tensor, e.axis), (y, j))
     fixed = [(j, e) for j, e in enumerate(entries)
              if isinstance(e, int) and e != -1 and (e != 0 or allowzero)]
-    if not fixed:
-        return
+    if fixed:
+        ctx.rewrite(_override_entries(y, fixed, len(entries), 1))
 
-    def override(node, rc, y=y, fixed=fixed, n=len(entries)):
+
+def _override_entries(y: str, fixed, n: int, slot: int) -> Callable:
+    """A resize rewrite for a computed shape vector (input ``slot``) with constant entries
+    ``fixed`` [(axis, value)] on axes of ``y`` that may be resized: a ``Where`` in front of
+    the node replaces those entries by the new sizes (never editing a shared vector)."""
+
+    def override(node, rc, y=y, fixed=fixed, n=n):
         mask = np.zeros(n, dtype=bool)
         vals = np.zeros(n, dtype=np.int64)
         for j, e in fixed:
@@ -305,12 +311,38 @@ def _computed_reshape(ctx: NodeCtx) -> None:
                 t.CopyFrom(onnx.numpy_helper.from_array(mask, m))
         v = rc.add_initializer(base + "_resized_shape", vals)
         out = base + "_resized_target"
-        where = onnx.helper.make_node("Where", [m, v, node.input[1]], [out],
+        where = onnx.helper.make_node("Where", [m, v, node.input[slot]], [out],
                                       name=base + "_resized_where")
         pos = next(i for i, n2 in enumerate(g.node) if list(n2.output) == list(node.output))
         g.node.insert(pos, where)
-        node.input[1] = out
-    ctx.rewrite(override)
+        node.input[slot] = out
+    return override
+
+
+def _constant_of_shape(ctx: NodeCtx) -> None:
+    """A zero fill of a computed shape (T5's cross-attention ``position_bias = zeros(1, heads,
+    q, k)``): an axis whose size copies a tensor's axis is tied to it; an axis of constant size
+    carries no value of its own (every entry is 0, no contribution to any channel), so it takes
+    whatever channels its readers tie to it, and its entry is overridden on resize. A nonzero
+    fill would be a value per channel: frozen."""
+    shp, y = ctx.inp(0), ctx.out()
+    ctx.ok(shp)
+    value = ctx.attr("value", None)
+    if value is not None and np.any(onnx.numpy_helper.to_array(value)):
+        return
+    entries = _vector_of(ctx.b, shp) if ctx.const(shp) is None else \
+        [int(v) for v in np.ravel(ctx.const(shp))]
+    if entries is None or ctx.rank(y) != len(entries):
+        return
+    fixed = []
+    for j, e in enumerate(entries):
+        if isinstance(e, DimRef):
+            ctx.tie((e.tensor, e.axis), (y, j))
+        else:
+            ctx.ok(y, j)
+            fixed.append((j, e))
+    if fixed:
+        ctx.rewrite(_override_entries(y, fixed, len(entries), 0))
 
 
 def _flatten(ctx: NodeCtx) -> None:
@@ -326,6 +358,12 @@ def _concat(ctx: NodeCtx) -> None:
     total = ctx.size(y, axis)
     sizes = [ctx.size(x, axis) for x in ctx.node.input]
     if total is None or any(s is None for s in sizes):
+        # Along a symbolic axis (a KV cache's sequence): the other axes are copied whole; the
+        # concatenated one stays frozen (all of it, a lone input's too, is whatever comes).
+        for x in ctx.node.input:
+            for j in range(r):
+                if j != axis:
+                    ctx.tie((x, j), (y, j))
         return
     off = 0
     for x, n in zip(ctx.node.input, sizes):
@@ -696,6 +734,7 @@ define("Gather", channels=_gather, const=_gather_const)
 define("DepthToSpace", channels=_blocks_rule(deep_is_input=True))
 define("SpaceToDepth", channels=_blocks_rule(deep_is_input=False))
 define("Expand", channels=_expand)
+define("ConstantOfShape", channels=_constant_of_shape)
 define("Tile", channels=_tile)
 define("Transpose", axis_source=_transpose_axis_source)
 define("Reshape", "Unsqueeze", "Squeeze", "Flatten", axis_source=_reshape_axis_source)

@@ -50,14 +50,33 @@ def masked_and_resized(model, sparsity, shapes):
     return graph, masked.model, resized.model, removed, sizes
 
 
-def t5_attention(layers: int = 2, seed: int = 0) -> onnx.ModelProto:
+def t5_attention(layers: int = 2, seed: int = 0, decoder: bool = False) -> onnx.ModelProto:
     """x[batch, seq, 32] -> ``layers`` blocks of 4-head attention without biases whose scores
     get one position bias computed once (as T5 exports it): ``table[buckets, heads]`` gathered
     by a [seq, seq] bucket matrix (a slice of a constant one), Transpose(2, 0, 1), Unsqueeze(0),
     then ``bias[:, :, -seq:, :]`` (start ``Neg(Shape(x)[1])``) and Add onto each layer's
-    scores."""
+    scores. ``decoder`` adds what T5's decoder export writes: a causal mask expanded by
+    torch's ``expand(b, 1, -1, -1)`` (target ``Where(Equal(v, -1), 1s, v)``), the keys passed
+    through a one-input Concat on the sequence axis (the KV cache's), and the cross-attention
+    style ``zeros(1, heads, seq, seq)`` bias from ConstantOfShape on a computed shape."""
     g = G(seed)
     seq = _dim(g, "x", 1)
+    mask = None
+    if decoder:
+        s1 = g.op("Squeeze", [seq, g.c(np.array([0], np.int64))])
+        rng = g.op("Range", [g.c(np.int64(0)), s1, g.c(np.int64(1))])
+        causal = g.op("Cast", [g.op("Greater", [rng, g.op("Unsqueeze", [
+            rng, g.c(np.array([1], np.int64))])])], to=TensorProto.FLOAT)
+        causal = g.op("Mul", [causal, g.c(np.float32(-1e4))])
+        causal = g.op("Unsqueeze", [causal, g.c(np.array([0, 1], np.int64))])
+        v = g.op("Reshape", [g.op("Concat", [_dim(g, "x", 0), g.c(np.array([1, -1, -1],
+                                                                            np.int64))],
+                                  axis=0), g.c(np.array([-1], np.int64))])
+        ones = g.op("ConstantOfShape", [g.op("Shape", [v])],
+                    value=onnx.numpy_helper.from_array(np.array([1], np.int64)))
+        minus = g.op("Mul", [ones, g.c(np.int64(-1))])
+        target = g.op("Where", [g.op("Equal", [v, minus]), ones, v])
+        mask = g.op("Expand", [causal, target])
     r = np.random.default_rng(seed + 1)
     buckets = g.c(r.integers(0, BUCKETS, (MAXS, MAXS)).astype(np.int64), name="buckets")
     zero2 = g.c(np.array([0, 0], np.int64))
@@ -79,8 +98,16 @@ def t5_attention(layers: int = 2, seed: int = 0) -> onnx.ModelProto:
     x = "x"
     for _ in range(layers):
         q, k, v = (heads(g.op("MatMul", [x, g.w([D, D])])) for _ in range(3))
+        if decoder:
+            k = g.op("Concat", [k], axis=2)
         s = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])
-        s = g.op("Softmax", [g.op("Add", [s, bias])], axis=-1)
+        s = g.op("Add", [s, bias])
+        if decoder:
+            zeros = g.op("ConstantOfShape", [g.op("Concat", [
+                g.c(np.array([1, H], np.int64)), seq, seq], axis=0)],
+                value=onnx.numpy_helper.from_array(np.array([0], np.float32)))
+            s = g.op("Add", [g.op("Add", [s, mask]), zeros])
+        s = g.op("Softmax", [s], axis=-1)
         o = g.op("Transpose", [g.op("MatMul", [s, v])], perm=[0, 2, 1, 3])
         o = g.op("Reshape", [o, g.op("Concat", [_dim(g, "x", 0), seq,
                                                 g.c(np.array([-1], np.int64))], axis=0)])
@@ -94,11 +121,12 @@ def t5_attention(layers: int = 2, seed: int = 0) -> onnx.ModelProto:
     return model
 
 
+@pytest.mark.parametrize("decoder", [False, True])
 @pytest.mark.parametrize("shapes", [None, {"x": [1, T, D]}])
-def test_relative_position_bias_goes_with_the_heads(shapes):
+def test_relative_position_bias_goes_with_the_heads(shapes, decoder):
     """Head h of every layer reads column h of the one bias table: one group of H units with
     the Q/K/V of both layers as producers, the table a (stored) member on its heads axis."""
-    graph = build_channel_graph(load(t5_attention()), shapes)
+    graph = build_channel_graph(load(t5_attention(decoder=decoder)), shapes)
     heads = [g for g in graph.groups if g.size == H]
     assert len(heads) == 1 and heads[0].prunable, [(g.size, g.frozen) for g in graph.groups]
     assert len(heads[0].producers) == 6  # q, k, v of two layers
@@ -108,8 +136,9 @@ def test_relative_position_bias_goes_with_the_heads(shapes):
     assert "bias" in table[0].roles
 
 
-def test_relative_position_bias_masked_equals_resized():
-    model = t5_attention()
+@pytest.mark.parametrize("decoder", [False, True])
+def test_relative_position_bias_masked_equals_resized(decoder):
+    model = t5_attention(decoder=decoder)
     graph, masked, resized, removed, shapes = masked_and_resized(model, 0.5, {"x": [1, T, D]})
     onnx.checker.check_model(resized, full_check=True)
     gid = next(g.id for g in graph.groups if g.size == H)
