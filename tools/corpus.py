@@ -221,6 +221,7 @@ def freeze_rate(path: Path, shapes=None) -> dict:
     freeze reasons, op type and cause, with their share of the params)."""
     import numpy as np
     from onnxprune.channels.graph import build_channel_graph
+    from onnxprune.inputs.signature import bind_input_shapes
     from onnxprune.model.io import load
     from onnxprune.ops.weights import find_weights
 
@@ -236,8 +237,8 @@ def freeze_rate(path: Path, shapes=None) -> dict:
             candidates[name] = size
     for w in weights:  # found behind Cast/DequantizeLinear: counted under the stored name
         candidates.setdefault(w.name, w.numel)
-    try:
-        graph = build_channel_graph(handle, shapes)
+    try:  # dim names (batch=1, sequence=32) bound to whole shapes, as prune() binds them
+        graph = build_channel_graph(handle, bind_input_shapes(handle.model, shapes))
         groups = graph.groups
     except Exception as exc:  # a graph the channel builder refuses: everything is frozen
         groups, refused = [], _first_line(exc, 120)
@@ -268,16 +269,18 @@ _BOUNDARY = ("graph input", "graph output")
 
 def _tables_and_scales(index, weights) -> set:
     """Stored tensors that are not weight-like parameters: embedding tables read by ``Gather``
-    (also behind a dequantizing Cast/Mul/DequantizeLinear chain, with that chain's scales) and
+    (also behind a dequantizing Cast/Mul/DequantizeLinear chain, with that chain's scales),
+    position tables read by ``Slice`` (found weights excepted) and
     the scales of found quantized weights (counted with their weight)."""
     out = set()
+    found = {w.name for w in weights}
     for w in weights:
         if w.dequant is not None:
             out.add(w.dequant.scale.name)
     for node in index.nodes:
         if node.op_type in ("DequantizeLinear", "QuantizeLinear"):
             out.update(node.input[1:])
-        if node.op_type != "Gather":
+        if node.op_type not in ("Gather", "Slice"):
             continue
         stack, seen = [node.input[0]], set()
         while stack:
@@ -286,7 +289,8 @@ def _tables_and_scales(index, weights) -> set:
                 continue
             seen.add(name)
             if name in index.stored:
-                out.add(name)
+                if node.op_type == "Gather" or name not in found:
+                    out.add(name)  # a position table read by Slice, never a sliced weight
                 continue
             producer = index.producer(name)
             if producer is not None and producer.op_type in _DEQUANT_OPS:

@@ -190,10 +190,11 @@ def tie_reshape(ctx: NodeCtx, x: str, y: str) -> bool:
 
 def _unstacked(b, name: str, axis: int, depth: int = 0) -> bool:
     """Whether every reader of ``name`` takes its ``axis`` apart into single slices (a Split into
-    sizes of 1 or a Gather of one index along it, through Transposes): a stacking axis such as
+    sizes of 1 or a Gather of one index along it, through Transposes and Squeeze/Unsqueeze of
+    other axes): a stacking axis such as
     the 3 of a fused ``[3, heads, head_dim]`` projection, which holds no channels of its own."""
     readers = b.consumers.get(name, [])
-    if not readers or depth > 4 or name in b.graph_outputs:
+    if not readers or depth > 8 or name in b.graph_outputs:
         return False
     for node, idx in readers:
         if idx != 0 or node.domain not in ("", "ai.onnx"):
@@ -203,6 +204,25 @@ def _unstacked(b, name: str, axis: int, depth: int = 0) -> bool:
             perm = attr(node, "perm", None)
             if perm is None or not _unstacked(b, node.output[0], list(perm).index(axis),
                                               depth + 1):
+                return False
+        elif node.op_type in ("Squeeze", "Unsqueeze"):
+            # torch's MultiheadAttention: unflatten(3, E).unsqueeze(0).transpose(0, -2)
+            # .squeeze(-2) moves the 3 to the front before taking it apart
+            axes = b.const_value(node.input[1]) if len(node.input) > 1 and node.input[1] \
+                else attr(node, "axes", None)
+            if axes is None:
+                return False
+            if node.op_type == "Squeeze":
+                gone = {norm_axis(int(a), r) for a in np.ravel(axes)}
+                if axis in gone:
+                    return False
+                moved = axis - sum(1 for a in gone if a < axis)
+            else:
+                ro = r + len(np.ravel(axes))
+                new = {norm_axis(int(a), ro) for a in np.ravel(axes)}
+                kept = [j for j in range(ro) if j not in new]
+                moved = kept[axis]
+            if not _unstacked(b, node.output[0], moved, depth + 1):
                 return False
         elif node.op_type == "Split":
             if norm_axis(int(attr(node, "axis", 0)), r) != axis or \
@@ -626,8 +646,18 @@ def _expand(ctx: NodeCtx) -> None:
     # Broadcast to a constant shape: axes x already has tie 1:1 (the shape vector's entry is
     # rewritten when it names the size); axes it creates or widens are new, frozen.
     if _constant_shape(ctx):
-        tie_broadcast(ctx, ctx.inp(0), ctx.out(), BIAS)  # an expanded constant is the value
-        _rewrite_shape(ctx, ctx.out(), fixed=1)
+        x, y = ctx.inp(0), ctx.out()
+        tie_broadcast(ctx, x, y, BIAS)  # an expanded constant is the value
+        # An axis the expand creates or widens holds one value repeated: any subset of it is
+        # the same expand (a mask broadcast over the heads), so it takes its readers' channels
+        # and its entry is rewritten on resize.
+        sx, sy = ctx.shape(x), ctx.shape(y)
+        if sx is not None and sy is not None:
+            off = len(sy) - len(sx)
+            for j in range(len(sy)):
+                if (j < off or sx[j - off] == 1) and sy[j] != 1:
+                    ctx.ok(y, j)
+        _rewrite_shape(ctx, y, fixed=1)
 
 
 def _tile(ctx: NodeCtx) -> None:

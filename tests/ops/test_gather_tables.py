@@ -226,3 +226,66 @@ def test_embedding_tied_to_lm_head_is_pruned_as_both_readers_agree():
     outs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
             .run(None, {"ids": ids})[0] for m in (masked.model, resized.model)]
     np.testing.assert_allclose(outs[1], outs[0], atol=1e-5, rtol=1e-4)
+
+
+def torch_mha(seed: int = 2) -> onnx.ModelProto:
+    """What torch's ``nn.MultiheadAttention`` (seq-first) exports: one in-projection [32, 96] ->
+    view(s, b, 3, 32) -> unsqueeze(0).transpose(0, -2).squeeze(-2) -> Gather 0/1/2 -> q, k, v
+    viewed as [s, b*4, 8]; a key padding mask [b, s] viewed [b, 1, 1, s] and Expanded over the
+    heads to [b, 4, 1, s] (a constant target) then viewed [b*4, 1, s] and added to the
+    scores."""
+    g = G(seed)
+    B, S = 1, T
+    qkv = g.op("Add", [g.op("MatMul", ["x", g.w([D, 3 * D])]), g.w([3 * D], 0.1)])
+    t = g.op("Reshape", [qkv, g.c(np.array([S, B, 3, D], np.int64))])
+    t = g.op("Unsqueeze", [t, g.c(np.array([0], np.int64))])
+    t = g.op("Transpose", [t], perm=[3, 1, 2, 0, 4])
+    t = g.op("Squeeze", [t, g.c(np.array([-2], np.int64))])
+    q, k, v = (g.op("Transpose", [g.op("Reshape", [
+        g.op("Gather", [t, g.c(np.int64(i))], axis=0), g.c(np.array([S, B * H, HD], np.int64))])],
+        perm=[1, 0, 2]) for i in range(3))
+    mask = g.op("Reshape", ["m", g.c(np.array([B, 1, 1, S], np.int64))])
+    mask = g.op("Expand", [mask, g.c(np.array([B, H, 1, S], np.int64))])
+    mask = g.op("Reshape", [mask, g.c(np.array([B * H, 1, S], np.int64))])
+    s = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 2, 1])])
+    s = g.op("Softmax", [g.op("Add", [s, mask])], axis=-1)
+    o = g.op("Transpose", [g.op("MatMul", [s, v])], perm=[1, 0, 2])
+    o = g.op("Reshape", [o, g.c(np.array([S, B, D], np.int64))])
+    y = g.op("Add", [g.op("MatMul", [o, g.w([D, D])]), "x"])
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(g.nodes, "mha", [vi("x", TensorProto.FLOAT, [S, B, D]),
+                                               vi("m", TensorProto.FLOAT, [B, S])],
+                              [vi(y, TensorProto.FLOAT, [S, B, D])], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_torch_multihead_attention_heads_through_squeeze_and_an_expanded_mask():
+    """The 3 of the fused projection reaches its Gathers through Unsqueeze/Transpose/Squeeze
+    (a stacking axis, no channels); the padding mask expanded over the heads takes the heads'
+    channels (its Expand target entry is rewritten): heads are units and masked == resized."""
+    model = torch_mha()
+    shapes = {"x": [T, 1, D], "m": [1, T]}
+    graph, masked, resized, removed, sizes = masked_and_resized(model, 0.5, shapes)
+    heads = [grp for grp in graph.groups if grp.size == H]
+    assert len(heads) == 1 and heads[0].prunable, [(grp.size, grp.frozen) for grp in graph.groups]
+    assert len(removed[heads[0].id]) == H // 2
+    assert sorted(after for before, after in sizes.values() if before == (D, 3 * D)) == \
+        [(D, 3 * D // 2)]
+    expand = next(n for n in resized.graph.node if n.op_type == "Expand")
+    target = next(t for t in resized.graph.initializer if t.name == expand.input[1])
+    assert onnx.numpy_helper.to_array(target).tolist() == [1, H // 2, 1, T]
+    r = np.random.default_rng(0)
+
+    def run2(m, x, pad):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]
+                                    ).run(None, {"x": x, "m": pad})[0]
+
+    for _ in range(2):
+        x = r.standard_normal((T, 1, D)).astype(np.float32)
+        pad = np.where(r.random((1, T)) < 0.3, -1e4, 0).astype(np.float32)
+        np.testing.assert_allclose(run2(resized, x, pad), run2(masked, x, pad), atol=1e-5,
+                                   rtol=1e-4)
+        assert not np.allclose(run2(model, x, pad), run2(masked, x, pad), atol=1e-3)
