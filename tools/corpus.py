@@ -33,10 +33,14 @@ The models:
     :data:`TEXT_INPUT_SHAPES` (``--input-shape`` dim names).
 
 Every model also gets a **freeze rate**: the share of its weight-like parameters (stored tensors
-of rank >= 2 with >= 256 elements read by an op, embedding tables read by ``Gather`` left out)
-in weights none of whose channel groups can be pruned (or that onnxprune does not find as
-weights at all), with the most common freeze reasons; ``benchmarks/corpus.md`` lists it per
-model.
+of rank >= 2 with >= 256 elements read by an op; left out: embedding tables read by ``Gather``,
+also behind a dequantizing Cast/Mul/DequantizeLinear chain, position tables read by ``Slice``,
+quantization scales, int32/int64 index tensors) in weights none of whose channel groups can be
+pruned (or that onnxprune does not find as weights at all; a bias or norm scale goes with the
+group it is a member of), with the most common freeze reasons (a weight's reason is its
+out-channel group's, a graph-boundary reason giving way to its in-channel group's); the
+channel graph is built on the ``--input-shape`` dim names bound to whole shapes, as ``prune``
+binds them. ``benchmarks/corpus.md`` lists it per model.
 
 For each model x pattern (unstructured 0.5, unstructured 0.9, 4x1 at 0.8, 2:4, channel 0.3) the
 tool calls ``onnxprune.prune(path, pattern, sparsity, output=tmp, validate=True)`` and records:
@@ -244,7 +248,10 @@ def freeze_rate(path: Path, shapes=None) -> dict:
         groups, refused = [], _first_line(exc, 120)
     else:
         refused = ""
-    free = {n for g in groups if g.prunable for n in list(g.producers) + list(g.consumers)}
+    # A weight's bias/scale (a GRU's B, a norm's gamma) goes with the group it is a member of.
+    free = {n for g in groups if g.prunable
+            for n in list(g.producers) + list(g.consumers) + [m.tensor for m in g.members
+                                                               if m.stored]}
     why = _freeze_reasons(groups)
     found = {w.name for w in weights}
     total = sum(candidates.values())
@@ -308,10 +315,10 @@ def _freeze_reasons(groups) -> Dict[str, str]:
     for g in groups:
         if g.prunable:
             continue
-        short = " ".join(re.sub(r"'[^']*'", "", g.frozen.split(":")[0]).split())
+        short = " ".join(re.sub(r"'[^']*'", "", g.frozen.split(":")[0].split(" (")[0]).split())
         for n in g.producers:
             found.setdefault(n, []).insert(0, short)
-        for n in g.consumers:
+        for n in g.consumers + [m.tensor for m in g.members if m.stored]:
             found.setdefault(n, []).append(short)
     why = {}
     for n, reasons in found.items():
@@ -601,6 +608,10 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+#: Markers of the hand-written notes under "Freeze rate" in the markdown, kept on rewrite.
+FREEZE_NOTES = ("<!-- freeze-rate notes: kept by tools/corpus.py -->", "<!-- end of notes -->")
+
+
 def write_markdown(rows: List[RunResult], command: str, out: Path, seconds: float,
                    keep_time: bool = False) -> str:
     ok = sum(r.result == "ok" for r in rows)
@@ -608,11 +619,13 @@ def write_markdown(rows: List[RunResult], command: str, out: Path, seconds: floa
     failed = [r for r in rows if r.result == "FAILED"]
     models = sorted({r.model for r in rows})
     wall = f"{seconds / 60:.1f} min wall"
+    previous = out.read_text(encoding="utf-8") if out.is_file() else ""
     if keep_time or "# merged" in command:  # the rows' earlier run time, plus this one's
-        before = re.search(r"([\d.]+) min wall", out.read_text(encoding="utf-8")) \
-            if out.is_file() else None
+        before = re.search(r"models, ([\d.]+ min wall[^)]*)\)", previous)
         if before:
-            wall = f"{before.group(1)} min wall" + ("" if keep_time else f" + {wall} for the rerun")
+            wall = before.group(1) + ("" if keep_time else f" + {wall} for the rerun")
+    notes = re.search(re.escape(FREEZE_NOTES[0]) + r".*?" + re.escape(FREEZE_NOTES[1]),
+                      previous, re.S)
     summary = (f"**{ok} ok / {skipped} skipped / {len(failed)} failed** "
                f"({len(rows)} model x pattern runs over {len(models)} models, {wall})")
     lines = [
@@ -682,12 +695,18 @@ def write_markdown(rows: List[RunResult], command: str, out: Path, seconds: floa
     if freezes:
         lines += ["", "## Freeze rate", "",
                   "Share of each model's weight-like parameters (stored tensors of rank >= 2, "
-                  ">= 256 elements, read by an op; embedding tables read by `Gather` left out) "
-                  "that channel pruning cannot reach: in weights none of whose channel groups "
-                  "can be pruned, or not found as prunable weights at all. *found*: weights "
-                  "onnxprune finds; *why*: the most common freeze reasons with their share of the "
-                  "params.", "",
-                  "| model | params | found | frozen | why |", "|---|---:|---:|---:|---|"]
+                  ">= 256 elements, read by an op; left out: embedding tables read by `Gather`, "
+                  "also behind a dequantizing Cast/Mul/DequantizeLinear, position tables read by "
+                  "`Slice`, quantization scales, int64 index tensors) that channel pruning cannot "
+                  "reach: in weights none of whose channel groups can be pruned, or not found as "
+                  "prunable weights at all (a bias or norm scale goes with its group). *found*: "
+                  "weights onnxprune finds; *why*: the most common freeze reasons with their share "
+                  "of the params (a weight's reason is its out-channel group's; a graph-boundary "
+                  "reason gives way to its in-channel group's). Text models: their "
+                  "`--input-shape` dim names bound to whole shapes, as `prune` binds them.", ""]
+        if notes:  # hand-written notes under the table's heading, kept across reruns
+            lines += [notes.group(0), ""]
+        lines += ["| model | params | found | frozen | why |", "|---|---:|---:|---:|---|"]
         for model, f in sorted(freezes, key=lambda mf: (
                 COLLECTIONS.index(mf[0].split("/")[0]) if mf[0].split("/")[0] in COLLECTIONS
                 else 99, mf[0])):
