@@ -289,3 +289,25 @@ def test_torch_multihead_attention_heads_through_squeeze_and_an_expanded_mask():
         np.testing.assert_allclose(run2(resized, x, pad), run2(masked, x, pad), atol=1e-5,
                                    rtol=1e-4)
         assert not np.allclose(run2(model, x, pad), run2(masked, x, pad), atol=1e-3)
+
+
+@pytest.mark.parametrize("fill,prunable", [(0.0, True), (1.0, False)])
+def test_constant_of_shape_takes_channels_only_as_a_zero_fill(fill, prunable):
+    """``h + fill`` over a computed [batch, seq, 16] shape: a zero fill adds nothing to any
+    channel (the 16 stay prunable, masked == resized); a nonzero one is a value per channel."""
+    g = G(7)
+    h = g.op("Relu", [g.op("MatMul", ["x", g.w([D, 16])])])
+    shape = g.op("Concat", [_dim(g, "x", 0), _dim(g, "x", 1), g.c(np.array([16], np.int64))],
+                 axis=0)
+    fillv = g.op("ConstantOfShape", [shape],
+                 value=onnx.numpy_helper.from_array(np.array([fill], np.float32)))
+    y = g.op("MatMul", [g.op("Add", [h, fillv]), g.w([16, D])])
+    model = g.model([("x", [1, T, D])], [y])
+    shapes = {"x": [1, T, D]}
+    graph = build_channel_graph(load(copy.deepcopy(model)), shapes)
+    assert [grp.prunable for grp in graph.groups if grp.size == 16] == [prunable]
+    if prunable:
+        _, masked, resized, removed, _ = masked_and_resized(model, 0.5, shapes)
+        assert any(n.op_type == "Where" for n in resized.graph.node)  # the 16 overridden
+        x = np.random.default_rng(2).standard_normal((1, T, D)).astype(np.float32)
+        np.testing.assert_allclose(run(resized, x), run(masked, x), atol=1e-5, rtol=1e-4)
