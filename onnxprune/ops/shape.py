@@ -277,6 +277,70 @@ def _vector_of(b, name: str) -> Optional[List[Entry]]:
     return shape_vector(name, b.shape, b.const_value, b.index.producer)
 
 
+def _pinned(b, e, x: str, pins: list):
+    """A :class:`DimRef` entry as its current size when it reads the width of a channel axis
+    (tied to weights) of another tensor than the reshaped one (``C = x.shape[2]`` read from the
+    residual stream to merge heads back): the axis goes into ``pins`` (the caller freezes it,
+    so the size stays what the entry says). Else the entry itself."""
+    if isinstance(e, DimRef) and e.tensor != x and b.is_linked((e.tensor, e.axis)) and \
+            not _reaches(b, (e.tensor, e.axis), x):
+        size = b.size(e.tensor, e.axis)
+        if size is not None:
+            pins.append(e)
+            return size
+    return e
+
+
+def _reaches(b, key, x: str) -> bool:
+    """Whether dim ``key`` already carries channels of one of ``x``'s axes (the same level-1
+    class, or one joined to it by index maps: K viewed as [b*h, s, hd] and back)."""
+    d = b.dim_id.get(key)
+    if d is None:
+        return False
+    want = {b.dsu.find(b.dim_id[(x, a)]) for a in range(len(b.shape(x) or ()))
+            if (x, a) in b.dim_id}
+    seen = {b.dsu.find(d)}
+    while True:
+        if seen & want:
+            return True
+        more = set()
+        for da, _, db, _ in b.map_ties:
+            ra, rb = b.dsu.find(da), b.dsu.find(db)
+            if ra in seen and rb not in seen:
+                more.add(rb)
+            elif rb in seen and ra not in seen:
+                more.add(ra)
+        if not more:
+            return False
+        seen |= more
+
+
+def _pinned_vector(b, name: str, x: str, pins: list, depth: int = 0) -> Optional[List[Entry]]:
+    """:func:`_vector_of` with channel widths read from other tensors pinned (:func:`_pinned`),
+    and entries computed from such a width (``C // heads``) evaluated."""
+    entries = _vector_of(b, name)
+    if entries is not None:
+        return [_pinned(b, e, x, pins) for e in entries]
+    node = b.index.producer(name)
+    if node is None or depth > 8 or node.domain not in ("", "ai.onnx") or not node.input:
+        return None
+    op = node.op_type
+    if op == "Concat":
+        parts = [_pinned_vector(b, i, x, pins, depth + 1) for i in node.input]
+        return None if any(p is None for p in parts) else [e for p in parts for e in p]
+    if op in ("Cast", "Identity", "Squeeze", "Unsqueeze"):
+        return _pinned_vector(b, node.input[0], x, pins, depth + 1)
+    if op not in ("Div", "Mul", "Add", "Sub") or len(node.input) != 2:
+        return None
+    vals = [_pinned_vector(b, i, x, pins, depth + 1) for i in node.input]
+    if any(v is None or len(v) != 1 or not isinstance(v[0], int) for v in vals):
+        return None
+    u, v = vals[0][0], vals[1][0]
+    if op == "Div":
+        return None if v == 0 or u % v else [u // v]
+    return [u * v if op == "Mul" else u + v if op == "Add" else u - v]
+
+
 def _computed_reshape(ctx: NodeCtx) -> None:
     """A Reshape whose target a shape subgraph computes (``x.view(b, s, -1, 32)``): tied like a
     constant one when the subgraph evaluates statically (:func:`shape_vector`). An entry that
@@ -286,7 +350,11 @@ def _computed_reshape(ctx: NodeCtx) -> None:
     Reshape, so a vector shared with other reshapes is never edited in place."""
     x, shp, y = ctx.inp(0), ctx.inp(1), ctx.out()
     ctx.ok(shp)
-    entries = _vector_of(ctx.b, shp)
+    pins: list = []
+    entries = _pinned_vector(ctx.b, shp, x, pins)
+    for e in pins:  # a width read into the target (C, C // heads) must stay what it is
+        ctx.freeze(e.tensor, e.axis, f"its width is read into the target of "
+                                     f"{ctx.node.op_type} '{node_key(ctx.node)}'")
     ry = ctx.rank(y)
     if entries is None or ry is None or len(entries) != ry or \
             not tie_reshape(ctx, x, y):

@@ -213,7 +213,7 @@ def refine_shapes(graph: onnx.GraphProto) -> bool:
                     np.asarray(value).dtype.kind not in "iu":
                 return None
             return [int(np.asarray(value).ravel()[0])] * n[0]
-        if op in ("Mul", "Add", "Equal") and len(args) == 2:
+        if op in ("Mul", "Add", "Sub", "Div", "Equal") and len(args) == 2:
             return _elementwise(op, args[0], args[1])
         if op == "Where" and len(args) == 3 and all(a is not None for a in args):
             c, a, b = _broadcast(*args)
@@ -298,7 +298,11 @@ def _elementwise(op: str, a, b):
     out = []
     for x, y in zip(a, b):
         if isinstance(x, int) and isinstance(y, int):
-            out.append(x * y if op == "Mul" else x + y if op == "Add" else int(x == y))
+            if op == "Div":  # integer Div truncates toward zero
+                out.append(None if y == 0 else int(x / y) if x % y else x // y)
+                continue
+            out.append(x * y if op == "Mul" else x + y if op == "Add" else x - y if op == "Sub"
+                       else int(x == y))
         elif op == "Equal" and x is not None and y is not None and _known(x) and _known(y):
             if x == y:
                 out.append(1)

@@ -311,3 +311,50 @@ def test_constant_of_shape_takes_channels_only_as_a_zero_fill(fill, prunable):
         assert any(n.op_type == "Where" for n in resized.graph.node)  # the 16 overridden
         x = np.random.default_rng(2).standard_normal((1, T, D)).astype(np.float32)
         np.testing.assert_allclose(run(resized, x), run(masked, x), atol=1e-5, rtol=1e-4)
+
+
+def svtr_attention(seed: int = 5) -> onnx.ModelProto:
+    """SVTR/timm style attention on a LayerNorm'ed stream whose reshape targets read the stream
+    width ``C = x.shape[2]``: qkv viewed (B, N, 3, H, C // H), heads merged back with
+    reshape(B, N, C) (C from the stream, not from the attention output)."""
+    g = G(seed)
+    x = g.op("LayerNormalization", ["x", g.w([D], positive=True), g.w([D], 0.1)], axis=-1)
+    b, n = _dim(g, x, 0), _dim(g, x, 1)
+    c = g.op("Gather", [g.op("Shape", [x]), g.c(np.int64(2))], axis=0)
+    hd = g.op("Unsqueeze", [g.op("Div", [c, g.c(np.int64(H))]), g.c(np.array([0], np.int64))])
+    c1 = g.op("Unsqueeze", [c, g.c(np.array([0], np.int64))])
+    qkv = g.op("MatMul", [x, g.w([D, 3 * D])])
+    shape = g.op("Concat", [b, n, g.c(np.array([3, H], np.int64)), hd], axis=0)
+    t = g.op("Transpose", [g.op("Reshape", [qkv, shape])], perm=[2, 0, 3, 1, 4])
+    q, k, v = (g.op("Gather", [t, g.c(np.int64(i))], axis=0) for i in range(3))
+    att = g.op("Softmax", [g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])],
+               axis=-1)
+    o = g.op("Transpose", [g.op("MatMul", [att, v])], perm=[0, 2, 1, 3])
+    o = g.op("Reshape", [o, g.op("Concat", [b, n, c1], axis=0)])
+    y = g.op("Add", [g.op("MatMul", [o, g.w([D, D])]), x])
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(g.nodes, "svtr", [vi("x", TensorProto.FLOAT, ["batch", "seq", D])],
+                              [vi(y, TensorProto.FLOAT, ["batch", "seq", D])], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_heads_merged_back_with_the_stream_width_read_at_run_time():
+    """The targets read the stream's width (and C // H from it): that width is pinned (frozen,
+    with the reason) and the entries become constants overridden on resize, so the heads are
+    units of their own and masked == resized."""
+    model = svtr_attention()
+    shapes = {"x": [1, T, D]}
+    graph, masked, resized, removed, sizes = masked_and_resized(model, 0.5, shapes)
+    heads = [grp for grp in graph.groups if grp.size == H]
+    assert len(heads) == 1 and heads[0].prunable, [(grp.size, grp.frozen) for grp in graph.groups]
+    assert [grp.prunable for grp in graph.groups if grp.size == D] == [False]  # the stream
+    assert sizes[heads[0].producers[0]] == ((D, 3 * D), (D, 3 * D // 2))
+    assert sum(1 for n in resized.graph.node if n.op_type == "Where") == 2  # H, the merge C
+    r = np.random.default_rng(4)
+    for b, s in ((1, T), (2, 3)):
+        x = r.standard_normal((b, s, D)).astype(np.float32)
+        np.testing.assert_allclose(run(resized, x), run(masked, x), atol=1e-5, rtol=1e-4)
+        assert not np.allclose(run(model, x), run(masked, x), atol=1e-3)
