@@ -33,10 +33,14 @@ The models:
     :data:`TEXT_INPUT_SHAPES` (``--input-shape`` dim names).
 
 Every model also gets a **freeze rate**: the share of its weight-like parameters (stored tensors
-of rank >= 2 with >= 256 elements read by an op, embedding tables read by ``Gather`` left out)
-in weights none of whose channel groups can be pruned (or that onnxprune does not find as
-weights at all), with the most common freeze reasons; ``benchmarks/corpus.md`` lists it per
-model.
+of rank >= 2 with >= 256 elements read by an op; left out: embedding tables read by ``Gather``,
+also behind a dequantizing Cast/Mul/DequantizeLinear chain, position tables read by ``Slice``,
+quantization scales, int32/int64 index tensors) in weights none of whose channel groups can be
+pruned (or that onnxprune does not find as weights at all; a bias or norm scale goes with the
+group it is a member of), with the most common freeze reasons (a weight's reason is its
+out-channel group's, a graph-boundary reason giving way to its in-channel group's); the
+channel graph is built on the ``--input-shape`` dim names bound to whole shapes, as ``prune``
+binds them. ``benchmarks/corpus.md`` lists it per model.
 
 For each model x pattern (unstructured 0.5, unstructured 0.9, 4x1 at 0.8, 2:4, channel 0.3) the
 tool calls ``onnxprune.prune(path, pattern, sparsity, output=tmp, validate=True)`` and records:
@@ -221,33 +225,34 @@ def freeze_rate(path: Path, shapes=None) -> dict:
     freeze reasons, op type and cause, with their share of the params)."""
     import numpy as np
     from onnxprune.channels.graph import build_channel_graph
+    from onnxprune.inputs.signature import bind_input_shapes
     from onnxprune.model.io import load
     from onnxprune.ops.weights import find_weights
 
     handle = load(str(path))
     index = handle.index
     weights, _ = find_weights(handle)
-    tables = {n.input[0] for n in index.nodes if n.op_type == "Gather"}
+    left_out = _tables_and_scales(index, weights)
     candidates: Dict[str, int] = {}
     for name, tensor in index.stored.items():
         size = int(np.prod(tensor.dims)) if len(tensor.dims) >= 2 else 0
-        if size >= 256 and name not in tables and index.consumers(name):
+        if size >= 256 and name not in left_out and index.consumers(name) and \
+                tensor.data_type not in _INDEX_TYPES:
             candidates[name] = size
     for w in weights:  # found behind Cast/DequantizeLinear: counted under the stored name
         candidates.setdefault(w.name, w.numel)
-    try:
-        graph = build_channel_graph(handle, shapes)
+    try:  # dim names (batch=1, sequence=32) bound to whole shapes, as prune() binds them
+        graph = build_channel_graph(handle, bind_input_shapes(handle.model, shapes))
         groups = graph.groups
     except Exception as exc:  # a graph the channel builder refuses: everything is frozen
         groups, refused = [], _first_line(exc, 120)
     else:
         refused = ""
-    free = {n for g in groups if g.prunable for n in list(g.producers) + list(g.consumers)}
-    why: Dict[str, str] = {}
-    for g in groups:
-        if not g.prunable:
-            for n in list(g.producers) + list(g.consumers):
-                why.setdefault(n, " ".join(re.sub(r"'[^']*'", "", g.frozen.split(":")[0]).split()))
+    # A weight's bias/scale (a GRU's B, a norm's gamma) goes with the group it is a member of.
+    free = {n for g in groups if g.prunable
+            for n in list(g.producers) + list(g.consumers) + [m.tensor for m in g.members
+                                                               if m.stored]}
+    why = _freeze_reasons(groups)
     found = {w.name for w in weights}
     total = sum(candidates.values())
     frozen = {n: s for n, s in candidates.items() if n not in free}
@@ -259,6 +264,67 @@ def freeze_rate(path: Path, shapes=None) -> dict:
     top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
     return {"rate": (sum(frozen.values()) / total) if total else None, "params": total,
             "found": len(found), "reasons": [(r, n / total) for r, n in top]}
+
+
+#: Integer index tensors (position ids, gather indices): data, not weights.
+_INDEX_TYPES = (6, 7)  # INT32, INT64
+#: Ops a stored table passes on its way to a ``Gather`` (dequantization, copies).
+_DEQUANT_OPS = {"Cast", "Mul", "Div", "DequantizeLinear", "Identity"}
+#: Freeze reasons at a graph's boundary: true, but rarely what would free a weight.
+_BOUNDARY = ("graph input", "graph output")
+
+
+def _tables_and_scales(index, weights) -> set:
+    """Stored tensors that are not weight-like parameters: embedding tables read by ``Gather``
+    (also behind a dequantizing Cast/Mul/DequantizeLinear chain, with that chain's scales),
+    position tables read by ``Slice`` (found weights excepted) and
+    the scales of found quantized weights (counted with their weight)."""
+    out = set()
+    found = {w.name for w in weights}
+    for w in weights:
+        if w.dequant is not None:
+            out.add(w.dequant.scale.name)
+    for node in index.nodes:
+        if node.op_type in ("DequantizeLinear", "QuantizeLinear"):
+            out.update(node.input[1:])
+        if node.op_type not in ("Gather", "Slice"):
+            continue
+        stack, seen = [node.input[0]], set()
+        while stack:
+            name = stack.pop()
+            if name in seen or not name:
+                continue
+            seen.add(name)
+            if name in index.stored:
+                if node.op_type == "Gather" or name not in found:
+                    out.add(name)  # a position table read by Slice, never a sliced weight
+                continue
+            producer = index.producer(name)
+            if producer is not None and producer.op_type in _DEQUANT_OPS:
+                stack.extend(producer.input)
+    return out
+
+
+def _freeze_reasons(groups) -> Dict[str, str]:
+    """Why each weight of a frozen group is frozen: the reason of the group that would have
+    freed it. A weight sits in the group of its out-channels (producer) and of its in-channels
+    (consumer); the producer group's reason comes first (q/k/v freeze because their heads do),
+    and a graph-boundary reason (the residual stream reaching a graph output) gives way to any
+    other (an output projection freezes because its heads do)."""
+    found: Dict[str, List[str]] = {}
+    for g in groups:
+        if g.prunable:
+            continue
+        short = " ".join(re.sub(r"'[^']*'", "", g.frozen.split(":")[0].split(" (")[0]).split())
+        for n in g.producers:
+            found.setdefault(n, []).insert(0, short)
+        for n in g.consumers + [m.tensor for m in g.members if m.stored]:
+            found.setdefault(n, []).append(short)
+    why = {}
+    for n, reasons in found.items():
+        inner = [r for r in reasons if not r.startswith(_BOUNDARY)]
+        why[n] = (inner or reasons)[0]
+    return why
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:
@@ -542,6 +608,10 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+#: Markers of the hand-written notes under "Freeze rate" in the markdown, kept on rewrite.
+FREEZE_NOTES = ("<!-- freeze-rate notes: kept by tools/corpus.py -->", "<!-- end of notes -->")
+
+
 def write_markdown(rows: List[RunResult], command: str, out: Path, seconds: float,
                    keep_time: bool = False) -> str:
     ok = sum(r.result == "ok" for r in rows)
@@ -549,11 +619,13 @@ def write_markdown(rows: List[RunResult], command: str, out: Path, seconds: floa
     failed = [r for r in rows if r.result == "FAILED"]
     models = sorted({r.model for r in rows})
     wall = f"{seconds / 60:.1f} min wall"
+    previous = out.read_text(encoding="utf-8") if out.is_file() else ""
     if keep_time or "# merged" in command:  # the rows' earlier run time, plus this one's
-        before = re.search(r"([\d.]+) min wall", out.read_text(encoding="utf-8")) \
-            if out.is_file() else None
+        before = re.search(r"models, ([\d.]+ min wall[^)]*)\)", previous)
         if before:
-            wall = f"{before.group(1)} min wall" + ("" if keep_time else f" + {wall} for the rerun")
+            wall = before.group(1) + ("" if keep_time else f" + {wall} for the rerun")
+    notes = re.search(re.escape(FREEZE_NOTES[0]) + r".*?" + re.escape(FREEZE_NOTES[1]),
+                      previous, re.S)
     summary = (f"**{ok} ok / {skipped} skipped / {len(failed)} failed** "
                f"({len(rows)} model x pattern runs over {len(models)} models, {wall})")
     lines = [
@@ -623,12 +695,18 @@ def write_markdown(rows: List[RunResult], command: str, out: Path, seconds: floa
     if freezes:
         lines += ["", "## Freeze rate", "",
                   "Share of each model's weight-like parameters (stored tensors of rank >= 2, "
-                  ">= 256 elements, read by an op; embedding tables read by `Gather` left out) "
-                  "that channel pruning cannot reach: in weights none of whose channel groups "
-                  "can be pruned, or not found as prunable weights at all. *found*: weights "
-                  "onnxprune finds; *why*: the most common freeze reasons with their share of the "
-                  "params.", "",
-                  "| model | params | found | frozen | why |", "|---|---:|---:|---:|---|"]
+                  ">= 256 elements, read by an op; left out: embedding tables read by `Gather`, "
+                  "also behind a dequantizing Cast/Mul/DequantizeLinear, position tables read by "
+                  "`Slice`, quantization scales, int64 index tensors) that channel pruning cannot "
+                  "reach: in weights none of whose channel groups can be pruned, or not found as "
+                  "prunable weights at all (a bias or norm scale goes with its group). *found*: "
+                  "weights onnxprune finds; *why*: the most common freeze reasons with their share "
+                  "of the params (a weight's reason is its out-channel group's; a graph-boundary "
+                  "reason gives way to its in-channel group's). Text models: their "
+                  "`--input-shape` dim names bound to whole shapes, as `prune` binds them.", ""]
+        if notes:  # hand-written notes under the table's heading, kept across reruns
+            lines += [notes.group(0), ""]
+        lines += ["| model | params | found | frozen | why |", "|---|---:|---:|---:|---|"]
         for model, f in sorted(freezes, key=lambda mf: (
                 COLLECTIONS.index(mf[0].split("/")[0]) if mf[0].split("/")[0] in COLLECTIONS
                 else 99, mf[0])):

@@ -37,11 +37,14 @@ def apply_rules(builder: "Builder") -> None:
     graph = builder.graph
     opset = _opset(builder.handle.model)
     init_names = {t.name for t in graph.initializer}
-    for vi in graph.input:
-        if vi.name not in init_names:
-            builder.freeze(vi.name, None, f"graph input '{vi.name}' keeps its shape")
-    for vi in graph.output:
-        builder.freeze(vi.name, None, f"graph output '{vi.name}' keeps its shape")
+    inputs = [vi.name for vi in graph.input if vi.name not in init_names]
+    outputs = [vi.name for vi in graph.output]
+    for name in inputs:
+        builder.freeze(name, None, f"graph input '{name}' keeps its shape"
+                                   f"{_state_note(name, outputs, True)}")
+    for name in outputs:
+        builder.freeze(name, None, f"graph output '{name}' keeps its shape"
+                                   f"{_state_note(name, inputs, False)}")
     for node in graph.node:
         for name in subgraph_reads(node):
             builder.freeze(name, None, f"'{name}' is read inside a subgraph of "
@@ -58,6 +61,28 @@ def apply_rules(builder: "Builder") -> None:
         ctx = NodeCtx(builder, node, opset)
         rule(ctx)
         ctx.finish()
+
+
+_STATE_SUFFIXES = ("_out", "_output", "_new", "_next")
+
+
+def _state_note(name: str, others, is_input: bool) -> str:
+    """Why a boundary that carries a state keeps its width, in the user's words: an input fed
+    back from an output of the same name + ``_out`` (a recurrent decoder's hidden state, passed
+    in and out at every step), or an output named as the input of another model (``memory_out``
+    of an encoder, read by its decoder as ``memory``). Empty when neither applies."""
+    if is_input:
+        back = next((o for o in others if o in {name + s for s in _STATE_SUFFIXES}), None)
+        return "" if back is None else (f" (a state the caller feeds back from output '{back}' "
+                                        "at every step, at this width)")
+    stem = next((name[:-len(s)] for s in _STATE_SUFFIXES if name.endswith(s) and
+                 len(name) > len(s)), None)
+    if stem is None:
+        return ""
+    if stem in others:
+        return f" (a state fed back as input '{stem}' at the next step, at this width)"
+    return (f" (named as a state handed on; another model, or the next call, reads it as "
+            f"'{stem}' at this width)")
 
 
 def new_initializer(handle_graph: onnx.GraphProto, base: str, values: np.ndarray) -> str:

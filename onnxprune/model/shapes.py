@@ -107,7 +107,7 @@ def infer_shapes(model: Union[onnx.ModelProto, ModelHandle],
     try:
         inferred = onnx.shape_inference.infer_shapes(copy, check_type=False, strict_mode=False,
                                                      data_prop=True)
-        for _ in range(8 if complete is not None else 0):
+        for _ in range(64 if complete is not None else 0):  # one round per layer, at worst
             if not complete(inferred.graph):
                 break
             inferred = onnx.shape_inference.infer_shapes(inferred, check_type=False,

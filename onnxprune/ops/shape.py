@@ -12,7 +12,7 @@ evaluation of computed shape vectors lives in :mod:`onnxprune.ops.shapevec`.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -22,6 +22,9 @@ from onnxprune.ops._channel import (BIAS, NodeCtx, axes_arg, norm_axis, pass_thr
                                     set_attr, tie_broadcast)
 from onnxprune.ops.registry import copies_values, define
 from onnxprune.ops.shapevec import VECTOR_OPS, DimRef, Entry, shape_vector
+
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                onnx.TensorProto.BFLOAT16)
 
 
 def _constant(ctx: NodeCtx) -> None:
@@ -187,10 +190,11 @@ def tie_reshape(ctx: NodeCtx, x: str, y: str) -> bool:
 
 def _unstacked(b, name: str, axis: int, depth: int = 0) -> bool:
     """Whether every reader of ``name`` takes its ``axis`` apart into single slices (a Split into
-    sizes of 1 or a Gather of one index along it, through Transposes): a stacking axis such as
+    sizes of 1 or a Gather of one index along it, through Transposes and Squeeze/Unsqueeze of
+    other axes): a stacking axis such as
     the 3 of a fused ``[3, heads, head_dim]`` projection, which holds no channels of its own."""
     readers = b.consumers.get(name, [])
-    if not readers or depth > 4 or name in b.graph_outputs:
+    if not readers or depth > 8 or name in b.graph_outputs:
         return False
     for node, idx in readers:
         if idx != 0 or node.domain not in ("", "ai.onnx"):
@@ -200,6 +204,25 @@ def _unstacked(b, name: str, axis: int, depth: int = 0) -> bool:
             perm = attr(node, "perm", None)
             if perm is None or not _unstacked(b, node.output[0], list(perm).index(axis),
                                               depth + 1):
+                return False
+        elif node.op_type in ("Squeeze", "Unsqueeze"):
+            # torch's MultiheadAttention: unflatten(3, E).unsqueeze(0).transpose(0, -2)
+            # .squeeze(-2) moves the 3 to the front before taking it apart
+            axes = b.const_value(node.input[1]) if len(node.input) > 1 and node.input[1] \
+                else attr(node, "axes", None)
+            if axes is None:
+                return False
+            if node.op_type == "Squeeze":
+                gone = {norm_axis(int(a), r) for a in np.ravel(axes)}
+                if axis in gone:
+                    return False
+                moved = axis - sum(1 for a in gone if a < axis)
+            else:
+                ro = r + len(np.ravel(axes))
+                new = {norm_axis(int(a), ro) for a in np.ravel(axes)}
+                kept = [j for j in range(ro) if j not in new]
+                moved = kept[axis]
+            if not _unstacked(b, node.output[0], moved, depth + 1):
                 return False
         elif node.op_type == "Split":
             if norm_axis(int(attr(node, "axis", 0)), r) != axis or \
@@ -254,6 +277,70 @@ def _vector_of(b, name: str) -> Optional[List[Entry]]:
     return shape_vector(name, b.shape, b.const_value, b.index.producer)
 
 
+def _pinned(b, e, x: str, pins: list):
+    """A :class:`DimRef` entry as its current size when it reads the width of a channel axis
+    (tied to weights) of another tensor than the reshaped one (``C = x.shape[2]`` read from the
+    residual stream to merge heads back): the axis goes into ``pins`` (the caller freezes it,
+    so the size stays what the entry says). Else the entry itself."""
+    if isinstance(e, DimRef) and e.tensor != x and b.is_linked((e.tensor, e.axis)) and \
+            not _reaches(b, (e.tensor, e.axis), x):
+        size = b.size(e.tensor, e.axis)
+        if size is not None:
+            pins.append(e)
+            return size
+    return e
+
+
+def _reaches(b, key, x: str) -> bool:
+    """Whether dim ``key`` already carries channels of one of ``x``'s axes (the same level-1
+    class, or one joined to it by index maps: K viewed as [b*h, s, hd] and back)."""
+    d = b.dim_id.get(key)
+    if d is None:
+        return False
+    want = {b.dsu.find(b.dim_id[(x, a)]) for a in range(len(b.shape(x) or ()))
+            if (x, a) in b.dim_id}
+    seen = {b.dsu.find(d)}
+    while True:
+        if seen & want:
+            return True
+        more = set()
+        for da, _, db, _ in b.map_ties:
+            ra, rb = b.dsu.find(da), b.dsu.find(db)
+            if ra in seen and rb not in seen:
+                more.add(rb)
+            elif rb in seen and ra not in seen:
+                more.add(ra)
+        if not more:
+            return False
+        seen |= more
+
+
+def _pinned_vector(b, name: str, x: str, pins: list, depth: int = 0) -> Optional[List[Entry]]:
+    """:func:`_vector_of` with channel widths read from other tensors pinned (:func:`_pinned`),
+    and entries computed from such a width (``C // heads``) evaluated."""
+    entries = _vector_of(b, name)
+    if entries is not None:
+        return [_pinned(b, e, x, pins) for e in entries]
+    node = b.index.producer(name)
+    if node is None or depth > 8 or node.domain not in ("", "ai.onnx") or not node.input:
+        return None
+    op = node.op_type
+    if op == "Concat":
+        parts = [_pinned_vector(b, i, x, pins, depth + 1) for i in node.input]
+        return None if any(p is None for p in parts) else [e for p in parts for e in p]
+    if op in ("Cast", "Identity", "Squeeze", "Unsqueeze"):
+        return _pinned_vector(b, node.input[0], x, pins, depth + 1)
+    if op not in ("Div", "Mul", "Add", "Sub") or len(node.input) != 2:
+        return None
+    vals = [_pinned_vector(b, i, x, pins, depth + 1) for i in node.input]
+    if any(v is None or len(v) != 1 or not isinstance(v[0], int) for v in vals):
+        return None
+    u, v = vals[0][0], vals[1][0]
+    if op == "Div":
+        return None if v == 0 or u % v else [u // v]
+    return [u * v if op == "Mul" else u + v if op == "Add" else u - v]
+
+
 def _computed_reshape(ctx: NodeCtx) -> None:
     """A Reshape whose target a shape subgraph computes (``x.view(b, s, -1, 32)``): tied like a
     constant one when the subgraph evaluates statically (:func:`shape_vector`). An entry that
@@ -263,7 +350,11 @@ def _computed_reshape(ctx: NodeCtx) -> None:
     Reshape, so a vector shared with other reshapes is never edited in place."""
     x, shp, y = ctx.inp(0), ctx.inp(1), ctx.out()
     ctx.ok(shp)
-    entries = _vector_of(ctx.b, shp)
+    pins: list = []
+    entries = _pinned_vector(ctx.b, shp, x, pins)
+    for e in pins:  # a width read into the target (C, C // heads) must stay what it is
+        ctx.freeze(e.tensor, e.axis, f"its width is read into the target of "
+                                     f"{ctx.node.op_type} '{node_key(ctx.node)}'")
     ry = ctx.rank(y)
     if entries is None or ry is None or len(entries) != ry or \
             not tie_reshape(ctx, x, y):
@@ -282,10 +373,16 @@ def _computed_reshape(ctx: NodeCtx) -> None:
             ctx.tie((e.tensor, e.axis), (y, j))
     fixed = [(j, e) for j, e in enumerate(entries)
              if isinstance(e, int) and e != -1 and (e != 0 or allowzero)]
-    if not fixed:
-        return
+    if fixed:
+        ctx.rewrite(_override_entries(y, fixed, len(entries), 1))
 
-    def override(node, rc, y=y, fixed=fixed, n=len(entries)):
+
+def _override_entries(y: str, fixed, n: int, slot: int) -> Callable:
+    """A resize rewrite for a computed shape vector (input ``slot``) with constant entries
+    ``fixed`` [(axis, value)] on axes of ``y`` that may be resized: a ``Where`` in front of
+    the node replaces those entries by the new sizes (never editing a shared vector)."""
+
+    def override(node, rc, y=y, fixed=fixed, n=n):
         mask = np.zeros(n, dtype=bool)
         vals = np.zeros(n, dtype=np.int64)
         for j, e in fixed:
@@ -302,12 +399,38 @@ def _computed_reshape(ctx: NodeCtx) -> None:
                 t.CopyFrom(onnx.numpy_helper.from_array(mask, m))
         v = rc.add_initializer(base + "_resized_shape", vals)
         out = base + "_resized_target"
-        where = onnx.helper.make_node("Where", [m, v, node.input[1]], [out],
+        where = onnx.helper.make_node("Where", [m, v, node.input[slot]], [out],
                                       name=base + "_resized_where")
         pos = next(i for i, n2 in enumerate(g.node) if list(n2.output) == list(node.output))
         g.node.insert(pos, where)
-        node.input[1] = out
-    ctx.rewrite(override)
+        node.input[slot] = out
+    return override
+
+
+def _constant_of_shape(ctx: NodeCtx) -> None:
+    """A zero fill of a computed shape (T5's cross-attention ``position_bias = zeros(1, heads,
+    q, k)``): an axis whose size copies a tensor's axis is tied to it; an axis of constant size
+    carries no value of its own (every entry is 0, no contribution to any channel), so it takes
+    whatever channels its readers tie to it, and its entry is overridden on resize. A nonzero
+    fill would be a value per channel: frozen."""
+    shp, y = ctx.inp(0), ctx.out()
+    ctx.ok(shp)
+    value = ctx.attr("value", None)
+    if value is not None and np.any(onnx.numpy_helper.to_array(value)):
+        return
+    entries = _vector_of(ctx.b, shp) if ctx.const(shp) is None else \
+        [int(v) for v in np.ravel(ctx.const(shp))]
+    if entries is None or ctx.rank(y) != len(entries):
+        return
+    fixed = []
+    for j, e in enumerate(entries):
+        if isinstance(e, DimRef):
+            ctx.tie((e.tensor, e.axis), (y, j))
+        else:
+            ctx.ok(y, j)
+            fixed.append((j, e))
+    if fixed:
+        ctx.rewrite(_override_entries(y, fixed, len(entries), 0))
 
 
 def _flatten(ctx: NodeCtx) -> None:
@@ -323,6 +446,12 @@ def _concat(ctx: NodeCtx) -> None:
     total = ctx.size(y, axis)
     sizes = [ctx.size(x, axis) for x in ctx.node.input]
     if total is None or any(s is None for s in sizes):
+        # Along a symbolic axis (a KV cache's sequence): the other axes are copied whole; the
+        # concatenated one stays frozen (all of it, a lone input's too, is whatever comes).
+        for x in ctx.node.input:
+            for j in range(r):
+                if j != axis:
+                    ctx.tie((x, j), (y, j))
         return
     off = 0
     for x, n in zip(ctx.node.input, sizes):
@@ -397,6 +526,7 @@ def _slice(ctx: NodeCtx) -> None:
         steps = ctx.const(ctx.inp(4)) if ctx.inp(4) else None
     if starts is None or ends is None or (ctx.inp(3) and axes is None) or (
             ctx.inp(4) and steps is None):
+        _slice_computed_bounds(ctx, x, y, r, axes)
         return
     starts = np.asarray(starts, np.int64).ravel()
     ends = np.asarray(ends, np.int64).ravel()
@@ -444,6 +574,22 @@ def _slice(ctx: NodeCtx) -> None:
             node.input[2] = rc.add_initializer(node.input[2], en)
     ctx.rewrite(slice_bounds)
 
+
+def _slice_computed_bounds(ctx: NodeCtx, x: str, y: str, r: int, axes) -> None:
+    """Bounds computed at run time (T5's ``position_bias[:, :, -seq:, :]``): the sliced axes
+    stay frozen, the axes it does not slice are copied whole and tied."""
+    if axes is None:
+        if ctx.inp(3):
+            return
+        s = ctx.shape(ctx.inp(1)) if ctx.opset >= 10 else None
+        if s is None or len(s) != 1 or not isinstance(s[0], int):
+            return
+        axes = range(s[0])
+    sliced = {norm_axis(int(a), r) for a in np.ravel(axes)}
+    for j in range(r):
+        if j not in sliced and ctx.size(x, j) is not None and \
+                ctx.size(y, j) in (None, ctx.size(x, j)):
+            ctx.tie((x, j), (y, j))
 
 
 def _shape(ctx: NodeCtx) -> None:
@@ -529,6 +675,16 @@ def _gather(ctx: NodeCtx) -> None:
         ctx.tie((idx, j), (y, axis + j))
     for j in range(axis + 1, rd):
         ctx.tie((data, j), (y, j - 1 + ri))
+    # A stored float table (embeddings, T5's relative position bias [buckets, heads]) is a
+    # parameter like a bias: its columns are zeroed with their channel when masked (resize
+    # slices every stored member anyway). An integer table is dequantized later, where a 0 is
+    # not a zero value: it is only sliced. A table also read as a weight (an LM head tied to
+    # the embeddings) is one stored dim, so both readers prune it alike.
+    table = ctx.b.stored.get(data)
+    if table is not None and table.data_type in _FLOAT_TYPES:
+        for j in range(rd):
+            if j != axis and ctx.size(data, j) not in (None, 1):
+                ctx.role(data, j, BIAS)
 
 
 def _blocks_rule(deep_is_input: bool):
@@ -558,8 +714,18 @@ def _expand(ctx: NodeCtx) -> None:
     # Broadcast to a constant shape: axes x already has tie 1:1 (the shape vector's entry is
     # rewritten when it names the size); axes it creates or widens are new, frozen.
     if _constant_shape(ctx):
-        tie_broadcast(ctx, ctx.inp(0), ctx.out(), BIAS)  # an expanded constant is the value
-        _rewrite_shape(ctx, ctx.out(), fixed=1)
+        x, y = ctx.inp(0), ctx.out()
+        tie_broadcast(ctx, x, y, BIAS)  # an expanded constant is the value
+        # An axis the expand creates or widens holds one value repeated: any subset of it is
+        # the same expand (a mask broadcast over the heads), so it takes its readers' channels
+        # and its entry is rewritten on resize.
+        sx, sy = ctx.shape(x), ctx.shape(y)
+        if sx is not None and sy is not None:
+            off = len(sy) - len(sx)
+            for j in range(len(sy)):
+                if (j < off or sx[j - off] == 1) and sy[j] != 1:
+                    ctx.ok(y, j)
+        _rewrite_shape(ctx, y, fixed=1)
 
 
 def _tile(ctx: NodeCtx) -> None:
@@ -666,6 +832,7 @@ define("Gather", channels=_gather, const=_gather_const)
 define("DepthToSpace", channels=_blocks_rule(deep_is_input=True))
 define("SpaceToDepth", channels=_blocks_rule(deep_is_input=False))
 define("Expand", channels=_expand)
+define("ConstantOfShape", channels=_constant_of_shape)
 define("Tile", channels=_tile)
 define("Transpose", axis_source=_transpose_axis_source)
 define("Reshape", "Unsqueeze", "Squeeze", "Flatten", axis_source=_reshape_axis_source)

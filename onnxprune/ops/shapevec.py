@@ -185,14 +185,47 @@ def refine_shapes(graph: onnx.GraphProto) -> bool:
                 elif a.name in ("value_int", "value_ints"):
                     consts[node.output[0]] = np.asarray(onnx.helper.get_attribute_value(a))
 
-    def vector(name: str):
+    def vector(name: str, depth: int = 0):
         entries = shape_vector(name, shapes.get, consts.get, producers.get)
-        return None if entries is None else [entry_size(e, shapes.get) for e in entries]
+        if entries is not None:
+            return [entry_size(e, shapes.get) for e in entries]
+        # Vector arithmetic exporters write around shapes: -x.size(1) (T5's position_bias[:, :,
+        # -seq:, :]) and torch's expand(b, 1, -1, -1) target (Where(Equal(v, -1), 1s, v)).
+        node = producers.get(name)
+        if node is None or depth > 12 or node.domain not in ("", "ai.onnx") or not node.input:
+            return None
+        op = node.op_type
+        args = [vector(i, depth + 1) if i else None for i in node.input]
+        if op in ("Cast", "Identity", "Squeeze", "Unsqueeze"):
+            return args[0]
+        if op == "Reshape":  # a vector reshaped to a vector
+            target = consts.get(node.input[1])
+            return args[0] if target is not None and np.asarray(target).size == 1 else None
+        if op == "Concat":
+            return None if any(a is None for a in args) else [e for a in args for e in a]
+        if op == "Neg":
+            return None if args[0] is None else [_negate(e) for e in args[0]]
+        if op == "ConstantOfShape":
+            value = next((onnx.numpy_helper.to_array(a.t) for a in node.attribute
+                          if a.name == "value"), np.zeros(1, np.int64))
+            n = args[0]
+            if n is None or len(n) != 1 or not isinstance(n[0], int) or \
+                    np.asarray(value).dtype.kind not in "iu":
+                return None
+            return [int(np.asarray(value).ravel()[0])] * n[0]
+        if op in ("Mul", "Add", "Sub", "Div", "Equal") and len(args) == 2:
+            return _elementwise(op, args[0], args[1])
+        if op == "Where" and len(args) == 3 and all(a is not None for a in args):
+            c, a, b = _broadcast(*args)
+            if c is None or any(x is None or not isinstance(x, int) for x in c):
+                return None
+            return [x if k else y for k, x, y in zip(c, a, b)]
+        return None
 
     changed = False
     for node in graph.node:
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("Reshape", "Slice",
-                                                                      "Range") or \
+                                                                      "Range", "Expand") or \
                 len(node.input) < 2:
             continue
         y = node.output[0]
@@ -205,6 +238,8 @@ def refine_shapes(graph: onnx.GraphProto) -> bool:
             new = _range_output(node, vector)
         elif s is None:
             continue
+        elif node.op_type == "Expand":
+            new = _expand_output(s, vector(node.input[1]))
         elif node.op_type == "Reshape":
             target = vector(node.input[1])
             if target is not None:
@@ -244,6 +279,75 @@ def refine_shapes(graph: onnx.GraphProto) -> bool:
     return changed
 
 
+def _broadcast(*vectors):
+    """Vectors of one length, a one-entry vector repeated; Nones when lengths disagree."""
+    n = max(len(v) for v in vectors)
+    if any(len(v) not in (1, n) for v in vectors):
+        return (None,) * len(vectors)
+    return tuple(list(v) * n if len(v) == 1 else list(v) for v in vectors)
+
+
+def _elementwise(op: str, a, b):
+    """``a op b`` entry by entry for int/symbol vectors; an entry it cannot tell is None (a
+    symbol is a size, so it never equals a negative number)."""
+    if a is None or b is None:
+        return None
+    a, b = _broadcast(a, b)
+    if a is None:
+        return None
+    out = []
+    for x, y in zip(a, b):
+        if isinstance(x, int) and isinstance(y, int):
+            if op == "Div":  # integer Div truncates toward zero
+                out.append(None if y == 0 else int(x / y) if x % y else x // y)
+                continue
+            out.append(x * y if op == "Mul" else x + y if op == "Add" else x - y if op == "Sub"
+                       else int(x == y))
+        elif op == "Equal" and x is not None and y is not None and _known(x) and _known(y):
+            if x == y:
+                out.append(1)
+            elif isinstance(x, int) and x < 0 or isinstance(y, int) and y < 0:
+                out.append(0)
+            else:
+                out.append(None)
+        elif op == "Mul" and (x == 1 or y == 1):
+            out.append(y if x == 1 else x)
+        elif op == "Add" and (x == 0 or y == 0):
+            out.append(y if x == 0 else x)
+        else:
+            out.append(None)
+    return out
+
+
+def _expand_output(s, target) -> Optional[tuple]:
+    """Expand's output shape: numpy broadcasting of the input shape and the target vector."""
+    if target is None:
+        return None
+    n = max(len(s), len(target))
+    s = [1] * (n - len(s)) + list(s)
+    target = [1] * (n - len(target)) + list(target)
+    out = []
+    for d, t in zip(s, target):
+        if t == 1:
+            out.append(d)
+        elif d == 1 or d == t:
+            out.append(t)
+        else:
+            return None
+        if out[-1] is None or not _known(out[-1]):
+            return None
+    return tuple(out)
+
+
+def _negate(d):
+    """``-d`` for a vector entry: an int, a symbol (``"-sequence"``) or None."""
+    if isinstance(d, int):
+        return -d
+    if isinstance(d, str) and _known(d):
+        return d[1:] if d.startswith("-") else "-" + d
+    return None
+
+
 def _range_output(node, vector) -> Optional[tuple]:
     args = [vector(i) for i in node.input[:3]]
     if len(args) != 3 or any(a is None or len(a) != 1 for a in args):
@@ -254,6 +358,9 @@ def _range_output(node, vector) -> Optional[tuple]:
     if all(isinstance(v, int) for v in (start, limit, delta)) and delta != 0:
         return (max(0, -(-(limit - start) // delta)),)
     return None
+
+
+_INT32_MAX = 2 ** 31 - 1  # an end at least this large means "to the end" (torch writes int64 max)
 
 
 def _slice_output(node, s, vector) -> Optional[tuple]:
@@ -278,6 +385,9 @@ def _slice_output(node, s, vector) -> Optional[tuple]:
         if b == 0 and st == 1 and isinstance(e, str) and _known(e):
             out[a] = e  # x[:, :sequence]: the symbol (a larger one would fail at run time)
             continue
+        if st == 1 and isinstance(n, str) and b == _negate(n) and \
+                (e == n or isinstance(e, int) and e >= _INT32_MAX):
+            continue  # x[-x.size(a):]: the whole axis
         if not (isinstance(n, int) and isinstance(b, int) and isinstance(e, int)):
             return None
         out[a] = len(range(n)[slice(b, e, st)])
