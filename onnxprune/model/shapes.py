@@ -92,15 +92,26 @@ def infer_shapes(model: Union[onnx.ModelProto, ModelHandle],
     copy = weightless_copy(proto, handle)
     if not keep_value_info:
         del copy.graph.value_info[:]
+    bound: Dict[str, int] = {}  # an input's symbolic dim -> the value given for it
     for vi in copy.graph.input:
         dims = (input_shapes or {}).get(vi.name)
         if dims is None or not vi.type.HasField("tensor_type"):
             continue
         shape = vi.type.tensor_type.shape
+        for old, d in zip(shape.dim, dims):
+            if old.dim_param:
+                bound.setdefault(old.dim_param, int(d))
         shape.Clear()
         shape.SetInParent()
         for d in dims:
             shape.dim.add().dim_value = int(d)
+    # Kept value_info written with the inputs' symbols (a pruned model's, ours) takes the same
+    # values, or inference would keep the symbol where the input now says a number.
+    for vi in copy.graph.value_info if bound else ():
+        if vi.type.HasField("tensor_type"):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.dim_param in bound:
+                    d.dim_value = bound[d.dim_param]
     if upgrade:
         copy = upgrade_opset(copy)
     result = Shapes()

@@ -168,11 +168,13 @@ def refine_shapes(graph: onnx.GraphProto) -> bool:
             shapes[name] = tuple(d.dim_value if d.HasField("dim_value") else
                                  (d.dim_param or None) for d in tt.shape.dim)
     consts: Dict[str, np.ndarray] = {}
+    integral = (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL)
     for t in graph.initializer:
         shapes[t.name] = tuple(int(d) for d in t.dims)
-        if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and len(t.dims) <= 1 \
-                and (t.raw_data or t.int64_data or t.int32_data or not int(np.prod(t.dims))):
-            consts[t.name] = numpy_helper.to_array(t)
+        if t.data_type in integral and len(t.dims) <= 1 and (
+                t.raw_data or t.int64_data or t.int32_data or not int(np.prod(t.dims))):
+            # bools as 0/1: the masks of the Where that carries a resized head count
+            consts[t.name] = numpy_helper.to_array(t).astype(np.int64)
     producers = {}
     for node in graph.node:
         for o in node.output:
@@ -180,8 +182,8 @@ def refine_shapes(graph: onnx.GraphProto) -> bool:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             for a in node.attribute:
                 if a.name == "value" and a.type == onnx.AttributeProto.TENSOR and \
-                        a.t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
-                    consts[node.output[0]] = numpy_helper.to_array(a.t)
+                        a.t.data_type in integral:
+                    consts[node.output[0]] = numpy_helper.to_array(a.t).astype(np.int64)
                 elif a.name in ("value_int", "value_ints"):
                     consts[node.output[0]] = np.asarray(onnx.helper.get_attribute_value(a))
 

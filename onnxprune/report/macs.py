@@ -30,9 +30,10 @@ import onnx
 from onnxprune.model.index import node_label
 from onnxprune.model.io import ModelHandle, ModelLike, iter_graphs, load
 from onnxprune.model.shapes import infer_shapes
+from onnxprune.ops.shapevec import complete_shapes
 from onnxprune.inputs.signature import input_signature, resolve_input_shapes
 from onnxprune.ops.weights import find_weights
-from onnxprune.ops.registry import complete_types, field_of, op_types_with
+from onnxprune.ops.registry import field_of, op_types_with
 
 _CONTROL_FLOW = {"If", "Loop", "Scan"}
 
@@ -102,7 +103,7 @@ def count_macs(model: ModelLike,
         notes.append(f"input(s) {', '.join(shapeless)} declare no shape; pass --input-shape to "
                      "count the nodes they feed")
     inferred = infer_shapes(proto if handle is None else handle, resolved, keep_value_info=True,
-                            complete=complete_types)
+                            complete=complete_shapes)
     if inferred.error:
         notes.append(f"shape inference failed ({inferred.error}); MACs use declared shapes only")
     shapes = inferred.static()

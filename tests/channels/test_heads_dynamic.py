@@ -313,3 +313,24 @@ def test_refine_shapes_fills_slice_range_and_reshape_from_shape_subgraphs():
         assert got.get(pos) == (1, s)
         assert got.get(rng) == (b,)
         assert got.get(y) == (b, s, D // HD, HD)
+
+
+def test_macs_of_a_pruned_model_with_symbolic_value_info():
+    """The pruned model keeps value_info written with the input's symbols ('seq'); counting its
+    MACs at concrete shapes binds those symbols too, so every MatMul is counted, and the count
+    equals the one without the kept value_info (and the report's)."""
+    from onnxprune import prune
+    from onnxprune.report.macs import count_macs
+
+    model = onnx.shape_inference.infer_shapes(attention_dynamic("count", layers=2))
+    shapes = {"x": [1, T, D]}
+    result = prune(model, pattern="channel", sparsity=0.5, input_shapes=shapes)
+    pruned = result.model
+    assert any(d.dim_param == "seq" for vi in pruned.graph.value_info
+               for d in vi.type.tensor_type.shape.dim)
+    counted = count_macs(pruned, shapes)
+    bare = copy.deepcopy(pruned)
+    del bare.graph.value_info[:]
+    assert counted.unknown == [] and counted.total == count_macs(bare, shapes).total
+    assert counted.total < count_macs(model, shapes).total
+    assert result.report.macs_after == counted.total
