@@ -14,6 +14,9 @@ This module owns the math that turns calibration statistics (:mod:`onnxprune.cal
   *input* channels were removed (channel pruning of its producer).
 * :func:`centered_cross` and :func:`asymmetric_bias` — the centered moments and the bias shift
   for a layer whose bias absorbs the mean of what changed.
+* :func:`heldout_error` — how far a candidate ``W*`` (and bias shift) lands from the reference
+  layer's outputs on samples it was not fit on, from those samples' moments alone (how the
+  channel refit picks its strength, :func:`onnxprune.calibration.sequential.refit_toward_dense`).
 
 Everything is computed in float64 and returned in the input's dtype. A Hessian may be
 ``[in, in]`` or, for a grouped Conv, ``[g, in, in]``: one per group of ``out/g`` consecutive
@@ -30,7 +33,8 @@ from onnxprune.errors import OptionError, PatternError
 from onnxprune.masking.patterns import NM, Blocks, Channel, Pattern, Unstructured, parse_pattern
 from onnxprune.ops.quant import stored_values
 
-__all__ = ["sparsegpt_prune", "sparsegpt_factor", "asymmetric_target", "centered_cross", "asymmetric_bias"]
+__all__ = ["sparsegpt_prune", "sparsegpt_factor", "asymmetric_target", "centered_cross",
+           "asymmetric_bias", "heldout_error"]
 
 PatternLike = Union[str, Pattern]
 
@@ -322,3 +326,41 @@ def asymmetric_bias(w_ref: np.ndarray, w_new: np.ndarray, mean: np.ndarray,
     new = np.einsum("gri,gi->gr", np.asarray(w_new, dtype=np.float64).reshape(g, rows // g, cols),
                     mean)
     return (old - new).reshape(rows)
+
+
+def heldout_error(w_ref: np.ndarray, w_new: np.ndarray, hessian: np.ndarray, cross: np.ndarray,
+                  sums: Optional[np.ndarray] = None, ref_sums: Optional[np.ndarray] = None,
+                  count: int = 0, shift: Optional[np.ndarray] = None) -> float:
+    """``||X_ref W^T - X W*^T - 1 shift^T||^2 - ||X_ref W^T||^2`` from moments (float).
+
+    ``X``/``X_ref`` are rows the candidate ``W* = w_new`` (``[out, in]``, removed input columns
+    zero) was *not* fit on: ``hessian = X^T X``, ``cross = X^T X_ref`` (``[in, in]`` or
+    ``[g, in, in]`` per group of consecutive rows), ``sums``/``ref_sums`` the column sums of
+    ``X``/``X_ref`` (``[in]`` or ``[g, in]``) over ``count`` rows (per group), needed only with
+    a bias ``shift`` (``[out]``, added to the layer's output). With ``a_i = W x_ref_i - W* x_i``
+    (``W = w_ref``), the error is ``sum_i ||a_i - shift||^2`` and
+
+    ``sum_i ||a_i||^2 = ||X_ref W^T||^2 - 2 tr(W* C W^T) + tr(W* H W*^T)``,
+    ``sum_i a_i = W s_ref - W* s``,
+
+    so ``tr(W* H W*^T) - 2 tr(W* C W^T) - 2 shift^T (W s_ref - W* s) + n ||shift||^2`` is the
+    error less ``||X_ref W^T||^2``, which no candidate changes (it needs ``X_ref^T X_ref``, not
+    collected): compare candidates by it, the smallest is the best.
+    """
+    w_ref = np.asarray(w_ref, dtype=np.float64)
+    w_new = np.asarray(w_new, dtype=np.float64)
+    rows, cols = w_ref.shape
+    h = _stack_hessian(hessian, rows, cols)
+    c = _stack_hessian(cross, rows, cols)
+    g = h.shape[0]
+    wr = w_ref.reshape(g, rows // g, cols)
+    wn = w_new.reshape(g, rows // g, cols)
+    err = float(np.einsum("gri,gri->", np.matmul(wn, h), wn)
+                - 2.0 * np.einsum("gri,gri->", np.matmul(wn, c), wr))
+    if shift is not None:
+        d = np.asarray(shift, dtype=np.float64).reshape(g, rows // g)
+        s = np.asarray(sums, dtype=np.float64).reshape(-1, cols)
+        sr = np.asarray(ref_sums, dtype=np.float64).reshape(-1, cols)
+        total = np.einsum("gri,gi->gr", wr, sr) - np.einsum("gri,gi->gr", wn, s)
+        err += float(-2.0 * np.sum(d * total) + int(count) * np.sum(d * d))
+    return err
