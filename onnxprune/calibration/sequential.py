@@ -53,7 +53,7 @@ __all__ = ["REFIT_DAMPS", "RefitChoice", "choose_refit", "fit_moments", "load_de
 
 #: The refit strengths :func:`choose_refit` tries (ridge ``lam = damp * mean(diag H)`` toward the
 #: dense weights), besides keeping the weights as they are.
-REFIT_DAMPS = (0.01, 0.1, 1.0, 10.0)
+REFIT_DAMPS = (0.001, 0.01, 0.1, 1.0, 10.0)
 
 
 def sequential_waves(model: onnx.ModelProto, plans: Sequence
