@@ -25,7 +25,7 @@ rows (:attr:`LayerStats.sparsegpt_hessian`).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -34,7 +34,7 @@ from onnxprune.masking.patterns import NM, Blocks, Channel, Pattern, Unstructure
 from onnxprune.ops.quant import stored_values
 
 __all__ = ["sparsegpt_prune", "sparsegpt_factor", "asymmetric_target", "centered_cross",
-           "asymmetric_bias", "heldout_error"]
+           "asymmetric_bias", "heldout_error", "heldout_scorer", "ridge_path"]
 
 PatternLike = Union[str, Pattern]
 
@@ -328,6 +328,69 @@ def asymmetric_bias(w_ref: np.ndarray, w_new: np.ndarray, mean: np.ndarray,
     return (old - new).reshape(rows)
 
 
+def ridge_path(w2d: np.ndarray, hessian: np.ndarray, cross: np.ndarray,
+               damps: Sequence[float], kept: Optional[Sequence[int]] = None) -> List[np.ndarray]:
+    """:func:`asymmetric_target` for each of ``damps`` at the cost of one: one eigendecomposition
+    ``H_kk = V diag(e) V^T`` per row group, then ``W*^T = V diag(1 / (e + lam)) V^T (C_k W^T +
+    lam W_k^T)`` for every ``lam`` by products only. Returns ``[out, len(kept)]`` per damp."""
+    w2d = np.asarray(w2d, dtype=np.float64)
+    rows, cols = w2d.shape
+    h = _stack_hessian(hessian, rows, cols)
+    c = _stack_hessian(cross, rows, cols)
+    k = np.arange(cols) if kept is None else np.asarray(kept, dtype=np.int64).reshape(-1)
+    groups = h.shape[0]
+    w = w2d.reshape(groups, rows // groups, cols)
+    h = h[:, k[:, None], k[None, :]]
+    diag = np.einsum("gii->gi", h)
+    live = diag > 0
+    mean = np.array([d[m].mean() if m.any() else 1.0 for d, m in zip(diag, live)])
+    e, v = np.linalg.eigh(h)  # [g, kk], [g, kk, kk]
+    vt = v.transpose(0, 2, 1)
+    p = np.matmul(vt, np.matmul(c[:, k, :], w.transpose(0, 2, 1)))  # V^T C_k W^T  [g, kk, r]
+    q = np.matmul(vt, w[:, :, k].transpose(0, 2, 1))  # V^T W_k^T  [g, kk, r]
+    out = []
+    for damp in damps:
+        lam = (damp * mean)[:, None]
+        z = (p + lam[:, :, None] * q) / (e + lam)[:, :, None]
+        out.append(np.matmul(v, z).transpose(0, 2, 1).reshape(rows, k.size))
+    return out
+
+
+def heldout_scorer(w_ref: np.ndarray, hessian: np.ndarray, cross: np.ndarray,
+                   sums: Optional[np.ndarray] = None, ref_sums: Optional[np.ndarray] = None,
+                   count: int = 0, kept: Optional[Sequence[int]] = None):
+    """:func:`heldout_error` for many candidates on the same held-out moments: returns
+    ``score(w_kept, shift=None) -> float`` for candidates ``w_kept`` ``[out, len(kept)]`` (the
+    other input columns zero), with the terms that do not depend on the candidate computed once.
+    """
+    w = np.asarray(w_ref, dtype=np.float64)
+    rows, cols = w.shape
+    h = _stack_hessian(hessian, rows, cols)
+    c = _stack_hessian(cross, rows, cols)
+    k = np.arange(cols) if kept is None else np.asarray(kept, dtype=np.int64).reshape(-1)
+    g = h.shape[0]
+    wr = w.reshape(g, rows // g, cols)
+    hk = h[:, k[:, None], k[None, :]]
+    m = np.matmul(wr, c[:, k, :].transpose(0, 2, 1))  # W C_k^T  [g, r, kk]
+    s = sr = w_sref = None
+    if sums is not None:
+        s = np.asarray(sums, dtype=np.float64).reshape(-1, cols)[:, k]
+        sr = np.asarray(ref_sums, dtype=np.float64).reshape(-1, cols)
+        w_sref = np.einsum("gri,gi->gr", wr, sr)
+
+    def score(w_kept: np.ndarray, shift: Optional[np.ndarray] = None) -> float:
+        wn = np.asarray(w_kept, dtype=np.float64).reshape(g, rows // g, k.size)
+        err = float(np.einsum("grk,grk->", np.matmul(wn, hk), wn)
+                    - 2.0 * np.einsum("grk,grk->", wn, m))
+        if shift is not None:
+            d = np.asarray(shift, dtype=np.float64).reshape(g, rows // g)
+            total = w_sref - np.einsum("grk,gk->gr", wn, s)
+            err += float(-2.0 * np.sum(d * total) + int(count) * np.sum(d * d))
+        return err
+
+    return score
+
+
 def heldout_error(w_ref: np.ndarray, w_new: np.ndarray, hessian: np.ndarray, cross: np.ndarray,
                   sums: Optional[np.ndarray] = None, ref_sums: Optional[np.ndarray] = None,
                   count: int = 0, shift: Optional[np.ndarray] = None) -> float:
@@ -347,20 +410,4 @@ def heldout_error(w_ref: np.ndarray, w_new: np.ndarray, hessian: np.ndarray, cro
     error less ``||X_ref W^T||^2``, which no candidate changes (it needs ``X_ref^T X_ref``, not
     collected): compare candidates by it, the smallest is the best.
     """
-    w_ref = np.asarray(w_ref, dtype=np.float64)
-    w_new = np.asarray(w_new, dtype=np.float64)
-    rows, cols = w_ref.shape
-    h = _stack_hessian(hessian, rows, cols)
-    c = _stack_hessian(cross, rows, cols)
-    g = h.shape[0]
-    wr = w_ref.reshape(g, rows // g, cols)
-    wn = w_new.reshape(g, rows // g, cols)
-    err = float(np.einsum("gri,gri->", np.matmul(wn, h), wn)
-                - 2.0 * np.einsum("gri,gri->", np.matmul(wn, c), wr))
-    if shift is not None:
-        d = np.asarray(shift, dtype=np.float64).reshape(g, rows // g)
-        s = np.asarray(sums, dtype=np.float64).reshape(-1, cols)
-        sr = np.asarray(ref_sums, dtype=np.float64).reshape(-1, cols)
-        total = np.einsum("gri,gi->gr", wr, sr) - np.einsum("gri,gi->gr", wn, s)
-        err += float(-2.0 * np.sum(d * total) + int(count) * np.sum(d * d))
-    return err
+    return heldout_scorer(w_ref, hessian, cross, sums, ref_sums, count)(w_new, shift)

@@ -39,7 +39,7 @@ import onnx
 
 from onnxprune.calibration.hessian import fits_budget, over_budget
 from onnxprune.calibration.reconstruct import (asymmetric_bias, asymmetric_target, centered_cross,
-                                                heldout_error)
+                                                heldout_scorer, ridge_path)
 from onnxprune.calibration.statistics import LayerStats, collect_layer_stats
 from onnxprune.inputs.dataset import CalibrationSet
 from onnxprune.masking.selection import LayerPlan
@@ -139,28 +139,22 @@ def choose_refit(st: LayerStats, dense: np.ndarray, now: np.ndarray, cols: np.nd
         return None
     fit, held = st.parts[0], st.parts[1]
     h_held, c_held = fit_moments(held, centered=False)
-    n = max(held.group_rows, 1)
-    candidates: List[Tuple[Optional[float], bool, np.ndarray]] = []
-    kept = np.zeros_like(dense)
-    kept[:, cols] = now[:, cols]
-    kept[~rows] = 0.0
-    for shift in ((False, True) if has_bias else (False,)):
-        candidates.append((None, shift, kept))
-        h_fit, c_fit = fit_moments(fit, centered=shift)
-        for damp in sorted(damps, reverse=True):
-            new = np.zeros_like(dense)
-            new[:, cols] = asymmetric_target(dense, h_fit, c_fit, damp, kept=cols)
-            new[~rows] = 0.0
-            candidates.append((damp, shift, new))
+    score = heldout_scorer(dense, h_held, c_held, held.group_sums, held.ref_sums,
+                           max(held.group_rows, 1), kept=cols)
+    order = sorted(damps, reverse=True)
     errors: Dict[Tuple[Optional[float], bool], float] = {}
     best = None
-    for damp, shift, new in candidates:
-        delta = np.where(rows, mean_shift(fit, dense, new), 0.0) if shift else None
-        err = heldout_error(dense, new, h_held, c_held, held.group_sums, held.ref_sums, n,
-                            delta)
-        errors[(damp, shift)] = err
-        if best is None or err < errors[best]:
-            best = (damp, shift)
+    for shift in ((False, True) if has_bias else (False,)):
+        h_fit, c_fit = fit_moments(fit, centered=shift)
+        fits = [now[:, cols]] + ridge_path(dense, h_fit, c_fit, order, kept=cols)
+        for damp, fitted in zip([None] + order, fits):
+            full = np.zeros_like(dense)
+            full[:, cols] = fitted
+            full[~rows] = 0.0
+            delta = np.where(rows, mean_shift(fit, dense, full), 0.0) if shift else None
+            errors[(damp, shift)] = score(full[:, cols], delta)
+            if best is None or errors[(damp, shift)] < errors[best]:
+                best = (damp, shift)
     return RefitChoice(best[0], best[1], errors)
 
 

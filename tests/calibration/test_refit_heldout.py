@@ -194,3 +194,23 @@ def test_the_choice_per_weight_is_in_the_report():
                                                          "held-out calibration batches")]
     assert len(note) == 1 and "per weight: " in note[0]
     assert "w2 " in note[0].split("per weight: ")[1]
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_ridge_path_is_the_refit_at_each_damp(groups):
+    from onnxprune.calibration.reconstruct import asymmetric_target, ridge_path
+
+    rng = np.random.default_rng(6)
+    rows, cols = 8, 12
+    w = rng.normal(size=(rows, cols))
+    xs = [rng.normal(size=(40, cols)) for _ in range(groups)]
+    refs = [x + 0.1 * rng.normal(size=x.shape) for x in xs]
+    h = np.stack([x.T @ x for x in xs])
+    c = np.stack([x.T @ r for x, r in zip(xs, refs)])
+    h[:, 4, :] = h[:, :, 4] = 0.0  # a silent input
+    c[:, 4, :] = 0.0
+    kept = np.array([0, 1, 3, 4, 6, 7, 9, 11])
+    damps = [0.001, 0.1, 10.0]
+    for damp, got in zip(damps, ridge_path(w, h, c, damps, kept=kept)):
+        np.testing.assert_allclose(got, asymmetric_target(w, h, c, damp, kept=kept),
+                                   rtol=1e-8, atol=1e-10)
