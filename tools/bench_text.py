@@ -13,6 +13,12 @@ model's task metric on data generated with another seed than the calibration's:
 * ``channel 25% + refit``: the same with ``--refit`` and ``--calibration`` (``eval_text.make_calibration``);
 * ``2:4 sparsegpt``: ``--pattern 2:4 --criterion sparsegpt --calibration`` (layer by layer).
 
+MiniLM gets one more row, ``channel 25% + refit, other text``: the refit calibrated on
+``tools/bench_heads.py``'s sentences (other subjects, verbs, objects and clauses than eval_text's
+paraphrase pairs), so the retrieval is measured on text unlike the calibration's. Its rows also
+give onnxruntime CPU latency at batch 1 x 32 tokens, 1 and 2 threads, dense and pruned
+interleaved, medians (``bench_latency.interleaved_latency``, ``--runs`` each).
+
 A run onnxprune refuses (no prunable weight, every channel group frozen) is a row with its reason. The section
 also gives each model's freeze rate (``tools/corpus.py``'s ``freeze_rate``) and the issue's recurrent target
 (LSTM/GRU hidden 25 % removed + refit keeps >= 95 %) as far as today's onnxprune reaches it.
@@ -34,6 +40,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
 import eval_text as et  # noqa: E402
+from bench_latency import interleaved_latency  # noqa: E402
 from corpus import TEXT_INPUT_SHAPES, freeze_rate  # noqa: E402
 
 ACCURACY = REPO / "benchmarks" / "accuracy.md"
@@ -45,13 +52,35 @@ RUNS = {
     "2:4 sparsegpt": dict(pattern="2:4", criterion="sparsegpt", calibrated=True),
 }
 CALIBRATION_SAMPLES = 64
+#: Extra runs per model: (label, spec, calibration maker (name, n, path) -> path).
+EXTRA_RUNS = {"minilm": [("channel 25% + refit, other text",
+                          dict(pattern="channel", sparsity=0.25, refit=True, calibrated=True),
+                          "bench_heads")]}
+LATENCY_RUNS = 40
+
+
+def _bench_heads_calibration(n: int, out: Path) -> Path:
+    """MiniLM calibration from tools/bench_heads.py's sentences (not eval_text's templates)."""
+    import numpy as np
+
+    import bench_heads
+
+    np.savez(out, **bench_heads.tokenize(bench_heads.sentences(n, seed=1)))
+    return out
+
+
+def _latency_feed(name: str, data) -> Optional[dict]:
+    """Batch-1 inputs to time a model on (MiniLM: one 32-token sentence); None: not timed."""
+    if name == "minilm":
+        return {k: v[:1] for k, v in data["feed"].items()}
+    return None
 
 
 def _label(name: str) -> str:
     return "text/" + et.TASKS[name].file.removesuffix(".onnx")
 
 
-def measure(name: str, tmp: Path, runs=RUNS) -> List[Dict]:
+def measure(name: str, tmp: Path, runs=RUNS, latency_runs: int = LATENCY_RUNS) -> List[Dict]:
     import onnxprune
     from onnxprune import OnnxPruneError
 
@@ -61,15 +90,20 @@ def measure(name: str, tmp: Path, runs=RUNS) -> List[Dict]:
     data = task.data(seed=1, dense=dense)
     dense_metric = task.metric(dense, data)
     calibration = et.make_calibration(name, CALIBRATION_SAMPLES, tmp / f"{name}.calib.npz", seed=0)
+    other = {"bench_heads": _bench_heads_calibration(CALIBRATION_SAMPLES, tmp / f"{name}.other.npz")
+             } if name in EXTRA_RUNS else {}
+    feed = _latency_feed(name, data)
     rows = []
-    for run, spec in runs.items():
+    todo = [(run, spec, calibration) for run, spec in runs.items()]
+    todo += [(run, spec, other[maker]) for run, spec, maker in EXTRA_RUNS.get(name, [])]
+    for run, spec, calib in todo:
         spec = dict(spec)
         calibrated = spec.pop("calibrated", False)
         out = tmp / f"{name}.{re.sub(r'[^a-z0-9]+', '_', run)}.onnx"
         row = {"model": name, "run": run, "metric": task.metric_name, "dense": dense_metric}
         start = time.perf_counter()
         try:
-            kwargs = dict(calibration=str(calibration), calibration_samples=CALIBRATION_SAMPLES // 2,
+            kwargs = dict(calibration=str(calib), calibration_samples=CALIBRATION_SAMPLES // 2,
                           validation_samples=8) if calibrated else dict(input_shapes=shapes)
             result = onnxprune.prune(str(dense), output=out, force=True, **spec, **kwargs)
         except OnnxPruneError as exc:
@@ -83,6 +117,11 @@ def measure(name: str, tmp: Path, runs=RUNS) -> List[Dict]:
         row["nonzeros"] = (report.nonzeros_before, report.nonzeros_after)
         row["frozen"] = len(report.frozen)
         row["pruned"] = task.metric(out, data)
+        if feed is not None:
+            row["latency"] = {t: interleaved_latency(dense, out, feed, latency_runs, t) for t in (1, 2)}
+        chosen = [n for n in report.notes if n.startswith("refit strength")]
+        if chosen:
+            row["refit"] = chosen[0].split(": ", 1)[1].split("; per weight")[0]
         comparison = report.comparison
         row["cosine"] = None if comparison is None else comparison.worst_cosine
         rows.append(row)
@@ -99,6 +138,13 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
+def _lat(row: Dict, threads: int) -> str:
+    if "latency" not in row:
+        return ""
+    d, p = row["latency"][threads]
+    return f"{d * 1e3:.1f} → {p * 1e3:.1f} (×{d / p:.2f})"
+
+
 def section(rows: List[Dict], freezes: Dict[str, dict], command: str, seconds: float) -> str:
     lines = [BEGIN, "", "## Real text and sequence models (`tools/bench_text.py`)", "", "```", command, "```", "",
              f"{seconds / 60:.1f} min on a shared 2-core machine. Task metrics from `tools/eval_text.py` on data "
@@ -106,9 +152,13 @@ def section(rows: List[Dict], freezes: Dict[str, dict], command: str, seconds: f
              f"{CALIBRATION_SAMPLES} samples written by `eval_text.make_calibration`, "
              f"{CALIBRATION_SAMPLES // 2} of them for the statistics and 8 of the rest held out for validation); *kept* = pruned / dense metric. *params*: the pruned weights' elements before → after "
              "(channel removal) and their zeros; *frozen*: channel groups left whole. The freeze rate is "
-             "`tools/corpus.py`'s (weight-like parameters channel pruning cannot reach).", "",
-             "| model | metric | freeze rate | run | dense | pruned | kept | params | nonzeros | frozen | s |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "`tools/corpus.py`'s (weight-like parameters channel pruning cannot reach). *1t*/*2t*: "
+             "onnxruntime CPU latency, batch 1 (MiniLM: 32 tokens), 1 and 2 intra-op threads, dense and pruned "
+             f"interleaved, median of {LATENCY_RUNS} runs each, as dense ms → pruned ms (×speed-up); MiniLM only. "
+             "*other text*: calibrated on `tools/bench_heads.py`'s sentences (seed 1) instead of "
+             "`eval_text.make_calibration`'s.", "",
+             "| model | metric | freeze rate | run | dense | pruned | kept | params | nonzeros | frozen | 1t | 2t | s |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     refused_all = {m for m in {r["model"] for r in rows}
                    if len({r.get("refused") for r in rows if r["model"] == m} - {None}) == 1
                    and all("refused" in r for r in rows if r["model"] == m)}
@@ -120,12 +170,12 @@ def section(rows: List[Dict], freezes: Dict[str, dict], command: str, seconds: f
             if r["model"] not in done:
                 done.add(r["model"])
                 lines.append(f"| {r['model']} | {r['metric']} | {rate} | all three refused: "
-                             f"{r['refused'].replace('|', '/')} | {r['dense']:.4f} | | | | | | |")
+                             f"{r['refused'].replace('|', '/')} | {r['dense']:.4f} | | | | | | | | |")
             continue
         if "refused" in r:
-            lines.append(f"| {r['model']} | {r['metric']} | {rate} | {r['run']} | {r['dense']:.4f} | | | | | | "
+            lines.append(f"| {r['model']} | {r['metric']} | {rate} | {r['run']} | {r['dense']:.4f} | | | | | | | | "
                          f"{r['seconds']:.1f} |")
-            lines.append(f"| | | | ↳ refused: {r['refused'].replace('|', '/')} | | | | | | | |")
+            lines.append(f"| | | | ↳ refused: {r['refused'].replace('|', '/')} | | | | | | | | | |")
             continue
         kept = r["pruned"] / r["dense"] if r["dense"] else None
         (pb, pa), (nb, na) = r["params"], r["nonzeros"]
@@ -133,7 +183,13 @@ def section(rows: List[Dict], freezes: Dict[str, dict], command: str, seconds: f
                   else f"{_count(pb)} → {_count(pa)}")
         lines.append(f"| {r['model']} | {r['metric']} | {rate} | {r['run']} | {r['dense']:.4f} | {r['pruned']:.4f} | "
                      f"{_pct(kept)} | {params} | {_count(nb) + ' → ' + _count(na) if pb else ''} | {r['frozen']} | "
-                     f"{r['seconds']:.1f} |")
+                     f"{_lat(r, 1)} | {_lat(r, 2)} | {r['seconds']:.1f} |")
+    choices = [r for r in rows if r.get("refit")]
+    if choices:
+        lines += ["", "Refit strength chosen per weight on held-out calibration batches (fit on the even-numbered "
+                  "batches, judged on the odd-numbered, then refit on all; *kept as is*: every refit did worse "
+                  "on the held-out batches):", ""]
+        lines += [f"- {r['model']}, {r['run']}: {r['refit']}" for r in choices]
     lines += ["", "Freeze reasons (share of the weight-like parameters):", ""]
     for name, f in freezes.items():
         why = "; ".join(f"{reason} ({100 * share:.0f}%)" for reason, share in f.get("reasons", []))

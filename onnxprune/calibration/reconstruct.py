@@ -14,6 +14,9 @@ This module owns the math that turns calibration statistics (:mod:`onnxprune.cal
   *input* channels were removed (channel pruning of its producer).
 * :func:`centered_cross` and :func:`asymmetric_bias` — the centered moments and the bias shift
   for a layer whose bias absorbs the mean of what changed.
+* :func:`heldout_error` — how far a candidate ``W*`` (and bias shift) lands from the reference
+  layer's outputs on samples it was not fit on, from those samples' moments alone (how the
+  channel refit picks its strength, :func:`onnxprune.calibration.sequential.refit_toward_dense`).
 
 Everything is computed in float64 and returned in the input's dtype. A Hessian may be
 ``[in, in]`` or, for a grouped Conv, ``[g, in, in]``: one per group of ``out/g`` consecutive
@@ -22,7 +25,7 @@ rows (:attr:`LayerStats.sparsegpt_hessian`).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -30,7 +33,8 @@ from onnxprune.errors import OptionError, PatternError
 from onnxprune.masking.patterns import NM, Blocks, Channel, Pattern, Unstructured, parse_pattern
 from onnxprune.ops.quant import stored_values
 
-__all__ = ["sparsegpt_prune", "sparsegpt_factor", "asymmetric_target", "centered_cross", "asymmetric_bias"]
+__all__ = ["sparsegpt_prune", "sparsegpt_factor", "asymmetric_target", "centered_cross",
+           "asymmetric_bias", "heldout_error", "heldout_scorer", "ridge_path"]
 
 PatternLike = Union[str, Pattern]
 
@@ -322,3 +326,88 @@ def asymmetric_bias(w_ref: np.ndarray, w_new: np.ndarray, mean: np.ndarray,
     new = np.einsum("gri,gi->gr", np.asarray(w_new, dtype=np.float64).reshape(g, rows // g, cols),
                     mean)
     return (old - new).reshape(rows)
+
+
+def ridge_path(w2d: np.ndarray, hessian: np.ndarray, cross: np.ndarray,
+               damps: Sequence[float], kept: Optional[Sequence[int]] = None) -> List[np.ndarray]:
+    """:func:`asymmetric_target` for each of ``damps`` at the cost of one: one eigendecomposition
+    ``H_kk = V diag(e) V^T`` per row group, then ``W*^T = V diag(1 / (e + lam)) V^T (C_k W^T +
+    lam W_k^T)`` for every ``lam`` by products only. Returns ``[out, len(kept)]`` per damp."""
+    w2d = np.asarray(w2d, dtype=np.float64)
+    rows, cols = w2d.shape
+    h = _stack_hessian(hessian, rows, cols)
+    c = _stack_hessian(cross, rows, cols)
+    k = np.arange(cols) if kept is None else np.asarray(kept, dtype=np.int64).reshape(-1)
+    groups = h.shape[0]
+    w = w2d.reshape(groups, rows // groups, cols)
+    h = h[:, k[:, None], k[None, :]]
+    diag = np.einsum("gii->gi", h)
+    live = diag > 0
+    mean = np.array([d[m].mean() if m.any() else 1.0 for d, m in zip(diag, live)])
+    e, v = np.linalg.eigh(h)  # [g, kk], [g, kk, kk]
+    vt = v.transpose(0, 2, 1)
+    p = np.matmul(vt, np.matmul(c[:, k, :], w.transpose(0, 2, 1)))  # V^T C_k W^T  [g, kk, r]
+    q = np.matmul(vt, w[:, :, k].transpose(0, 2, 1))  # V^T W_k^T  [g, kk, r]
+    out = []
+    for damp in damps:
+        lam = (damp * mean)[:, None]
+        z = (p + lam[:, :, None] * q) / (e + lam)[:, :, None]
+        out.append(np.matmul(v, z).transpose(0, 2, 1).reshape(rows, k.size))
+    return out
+
+
+def heldout_scorer(w_ref: np.ndarray, hessian: np.ndarray, cross: np.ndarray,
+                   sums: Optional[np.ndarray] = None, ref_sums: Optional[np.ndarray] = None,
+                   count: int = 0, kept: Optional[Sequence[int]] = None):
+    """:func:`heldout_error` for many candidates on the same held-out moments: returns
+    ``score(w_kept, shift=None) -> float`` for candidates ``w_kept`` ``[out, len(kept)]`` (the
+    other input columns zero), with the terms that do not depend on the candidate computed once.
+    """
+    w = np.asarray(w_ref, dtype=np.float64)
+    rows, cols = w.shape
+    h = _stack_hessian(hessian, rows, cols)
+    c = _stack_hessian(cross, rows, cols)
+    k = np.arange(cols) if kept is None else np.asarray(kept, dtype=np.int64).reshape(-1)
+    g = h.shape[0]
+    wr = w.reshape(g, rows // g, cols)
+    hk = h[:, k[:, None], k[None, :]]
+    m = np.matmul(wr, c[:, k, :].transpose(0, 2, 1))  # W C_k^T  [g, r, kk]
+    s = sr = w_sref = None
+    if sums is not None:
+        s = np.asarray(sums, dtype=np.float64).reshape(-1, cols)[:, k]
+        sr = np.asarray(ref_sums, dtype=np.float64).reshape(-1, cols)
+        w_sref = np.einsum("gri,gi->gr", wr, sr)
+
+    def score(w_kept: np.ndarray, shift: Optional[np.ndarray] = None) -> float:
+        wn = np.asarray(w_kept, dtype=np.float64).reshape(g, rows // g, k.size)
+        err = float(np.einsum("grk,grk->", np.matmul(wn, hk), wn)
+                    - 2.0 * np.einsum("grk,grk->", wn, m))
+        if shift is not None:
+            d = np.asarray(shift, dtype=np.float64).reshape(g, rows // g)
+            total = w_sref - np.einsum("grk,gk->gr", wn, s)
+            err += float(-2.0 * np.sum(d * total) + int(count) * np.sum(d * d))
+        return err
+
+    return score
+
+
+def heldout_error(w_ref: np.ndarray, w_new: np.ndarray, hessian: np.ndarray, cross: np.ndarray,
+                  sums: Optional[np.ndarray] = None, ref_sums: Optional[np.ndarray] = None,
+                  count: int = 0, shift: Optional[np.ndarray] = None) -> float:
+    """``||X_ref W^T - X W*^T - 1 shift^T||^2 - ||X_ref W^T||^2`` from moments (float).
+
+    ``X``/``X_ref`` are rows the candidate ``W* = w_new`` (``[out, in]``, removed input columns
+    zero) was *not* fit on: ``hessian = X^T X``, ``cross = X^T X_ref`` (``[in, in]`` or
+    ``[g, in, in]`` per group of consecutive rows), ``sums``/``ref_sums`` the column sums of
+    ``X``/``X_ref`` (``[in]`` or ``[g, in]``) over ``count`` rows (per group), needed only with
+    a bias ``shift`` (``[out]``, added to the layer's output). With ``a_i = W x_ref_i - W* x_i``
+    (``W = w_ref``), the error is ``sum_i ||a_i - shift||^2`` and
+
+    ``sum_i ||a_i||^2 = ||X_ref W^T||^2 - 2 tr(W* C W^T) + tr(W* H W*^T)``,
+    ``sum_i a_i = W s_ref - W* s``,
+
+    so ``tr(W* H W*^T) - 2 tr(W* C W^T) - 2 shift^T (W s_ref - W* s) + n ||shift||^2`` is the
+    error less ``||X_ref W^T||^2``, which no candidate changes (it needs ``X_ref^T X_ref``, not
+    collected): compare candidates by it, the smallest is the best.
+    """
+    return heldout_scorer(w_ref, hessian, cross, sums, ref_sums, count)(w_new, shift)

@@ -30,6 +30,7 @@ too), the bias is moved so the layer's mean output over the calibration data is 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -37,7 +38,8 @@ import numpy as np
 import onnx
 
 from onnxprune.calibration.hessian import fits_budget, over_budget
-from onnxprune.calibration.reconstruct import asymmetric_bias, asymmetric_target, centered_cross
+from onnxprune.calibration.reconstruct import (asymmetric_bias, asymmetric_target, centered_cross,
+                                                heldout_scorer, ridge_path)
 from onnxprune.calibration.statistics import LayerStats, collect_layer_stats
 from onnxprune.inputs.dataset import CalibrationSet
 from onnxprune.masking.selection import LayerPlan
@@ -46,8 +48,12 @@ from onnxprune.model.index import names_read
 from onnxprune.ops.weights import Weight, stored_bias
 from onnxprune.runtime.segments import SegmentRunner
 
-__all__ = ["fit_moments", "load_dense_reference", "mean_shift", "refit_toward_dense",
-           "segment_runners", "sequential_waves"]
+__all__ = ["REFIT_DAMPS", "RefitChoice", "choose_refit", "fit_moments", "load_dense_reference",
+           "mean_shift", "refit_toward_dense", "segment_runners", "sequential_waves"]
+
+#: The refit strengths :func:`choose_refit` tries (ridge ``lam = damp * mean(diag H)`` toward the
+#: dense weights), besides keeping the weights as they are.
+REFIT_DAMPS = (0.001, 0.01, 0.1, 1.0, 10.0)
 
 
 def sequential_waves(model: onnx.ModelProto, plans: Sequence
@@ -98,11 +104,66 @@ def _node_key(node: onnx.NodeProto) -> tuple:
     return (node.name, tuple(node.output))
 
 
+@dataclass
+class RefitChoice:
+    """What the held-out comparison chose for one weight: ``damp`` (None: the weights are kept
+    as they are), whether the bias takes the mean shift, and each candidate's held-out error
+    less a constant (``(damp or None, shift) -> error``; lower is better). ``heldout`` is False
+    when there was no held-out part (one calibration batch): ``damp`` is then the default."""
+
+    damp: Optional[float]
+    shift: bool
+    errors: Dict[Tuple[Optional[float], bool], float] = field(default_factory=dict)
+    heldout: bool = True
+
+    @property
+    def label(self) -> str:
+        what = "kept as is" if self.damp is None else f"damp {self.damp:g}"
+        return what + (" + bias shift" if self.shift else "")
+
+
+def choose_refit(st: LayerStats, dense: np.ndarray, now: np.ndarray, cols: np.ndarray,
+                 rows: np.ndarray, has_bias: bool, damps: Sequence[float] = REFIT_DAMPS
+                 ) -> Optional[RefitChoice]:
+    """The refit strength that carries best to calibration data it was not fit on.
+
+    ``st.parts`` (:func:`collect_layer_stats` with ``split=True``) are a fit part and a held-out
+    part. Each candidate — :func:`asymmetric_target` on the fit part with each of ``damps``, or
+    the weights ``now`` as they are; with a bias, each with and without the mean shift (means
+    of the fit part) — is scored by :func:`heldout_error` on the held-out part against the
+    ``dense`` layer; the least error wins (ties to the weaker change: kept before refit, larger
+    damp before smaller, no shift before shift). None when there is no held-out row.
+    ``cols``: kept input columns; ``rows``: kept output rows (mask).
+    """
+    if not st.parts or len(st.parts) < 2 or min(p.count for p in st.parts) == 0:
+        return None
+    fit, held = st.parts[0], st.parts[1]
+    h_held, c_held = fit_moments(held, centered=False)
+    score = heldout_scorer(dense, h_held, c_held, held.group_sums, held.ref_sums,
+                           max(held.group_rows, 1), kept=cols)
+    order = sorted(damps, reverse=True)
+    errors: Dict[Tuple[Optional[float], bool], float] = {}
+    best = None
+    for shift in ((False, True) if has_bias else (False,)):
+        h_fit, c_fit = fit_moments(fit, centered=shift)
+        fits = [now[:, cols]] + ridge_path(dense, h_fit, c_fit, order, kept=cols)
+        for damp, fitted in zip([None] + order, fits):
+            full = np.zeros_like(dense)
+            full[:, cols] = fitted
+            full[~rows] = 0.0
+            delta = np.where(rows, mean_shift(fit, dense, full), 0.0) if shift else None
+            errors[(damp, shift)] = score(full[:, cols], delta)
+            if best is None or errors[(damp, shift)] < errors[best]:
+                best = (damp, shift)
+    return RefitChoice(best[0], best[1], errors)
+
+
 def refit_toward_dense(handle: mio.ModelHandle, reference: mio.ModelHandle,
                        weights: Sequence[Weight], calibration: CalibrationSet,
                        notes: List[str], track=None, batch_size: int = 8, damp: float = 0.01,
                        bias_correction: bool = True, sample_rows: bool = True,
-                       seed: int = 0) -> List[str]:
+                       seed: int = 0, damps: Sequence[float] = REFIT_DAMPS,
+                       choices: Optional[Dict[str, RefitChoice]] = None) -> List[str]:
     """Refit ``weights`` of ``handle``, wave by wave, after channels were masked (shapes kept,
     removed rows and columns zero): each layer's kept rows are fit on its kept input columns to
     reproduce the *dense* layer (in ``reference``) output from the inputs it now gets, and its
@@ -112,7 +173,15 @@ def refit_toward_dense(handle: mio.ModelHandle, reference: mio.ModelHandle,
     (:mod:`onnxprune.calibration.hessian`; appended to ``notes``) are left as they are.
     Conv statistics are read from sampled rows (``sample_rows``, seeded by ``seed``,
     :func:`~onnxprune.calibration.statistics.row_cap`) in shifted float32 products.
-    Returns the names refit."""
+
+    The refit strength is chosen per layer on held-out data (:func:`choose_refit`): the
+    statistics are kept apart for the even- and the odd-numbered calibration batches (at least
+    4 batches: the batch size shrinks for small sets), every candidate (each of ``damps``, or
+    no refit; the bias shift or not) is fit on the even ones and judged on the odd ones, and the
+    winner is refit on all of them — a layer whose every refit does worse on the held-out
+    batches keeps its weights. With a single batch there is nothing held out: ``damp`` with
+    the shift. The choice per weight goes to ``notes`` (and into ``choices`` when given).
+    Returns the names whose weights or bias changed."""
     main = handle.model.graph.name or "main"
     weights = [w for w in weights if w.graph == main and not w.layout.view
                and w.layout.group == 1]
@@ -124,12 +193,15 @@ def refit_toward_dense(handle: mio.ModelHandle, reference: mio.ModelHandle,
     refit = []
     thin: List[tuple] = []  # (name, kept inputs, rows): too few rows to refit
     track = track or (lambda items, description, total: items)
+    if calibration.fixed_batch is None and len(calibration) > 1:
+        batch_size = max(1, min(batch_size, -(-len(calibration) // 4)))
+    chosen: Dict[str, RefitChoice] = {} if choices is None else choices
     with segment_runners([handle, reference], calibration, batch_size) as runners:
         for wave in track(waves, "refitting layer by layer", len(waves)):
             stats = collect_layer_stats(handle, wave, calibration, want_hessian=True,
                                         batch_size=batch_size, reference=reference,
                                         runners=runners, precision="float32",
-                                        sample_rows=sample_rows, seed=seed)
+                                        sample_rows=sample_rows, seed=seed, split=True)
             for w in wave:
                 st = stats.get(w.key)
                 if st is None or w.name not in dense_tensors:
@@ -145,14 +217,27 @@ def refit_toward_dense(handle: mio.ModelHandle, reference: mio.ModelHandle,
                 dense = w.values_2d(handle, reference.read(dense_tensors[w.name])
                                     ).astype(np.float64)
                 bias = stored_bias(handle.index, w) if bias_correction else None
-                h, cross = fit_moments(st, centered=bias is not None)
-                new = np.zeros_like(dense)
-                new[:, cols] = asymmetric_target(dense, h, cross, damp, kept=cols)
-                new[~rows] = 0.0
-                handle.write(w.tensor, w.stored_from_2d(handle, new, raw.dtype))
-                if bias is not None:
+                current = w.values_2d(handle, raw).astype(np.float64)
+                choice = choose_refit(st, dense, current, cols, rows, bias is not None, damps)
+                if choice is None:
+                    choice = RefitChoice(damp, bias is not None, heldout=False)
+                chosen[w.name] = choice
+                if choice.damp is not None:
+                    h, cross = fit_moments(st, centered=choice.shift)
+                    new = np.zeros_like(dense)
+                    new[:, cols] = asymmetric_target(dense, h, cross, choice.damp, kept=cols)
+                    new[~rows] = 0.0
+                    handle.write(w.tensor, w.stored_from_2d(handle, new, raw.dtype))
+                else:
+                    new = np.zeros_like(dense)
+                    new[:, cols] = current[:, cols]
+                    new[~rows] = 0.0
+                if choice.shift:
                     bias.shift(handle, np.where(rows, mean_shift(st, dense, new), 0.0))
-                refit.append(w.name)
+                if choice.damp is not None or choice.shift:
+                    refit.append(w.name)
+    if chosen:
+        notes.append(refit_note(chosen))
     if thin:
         worst = max(thin, key=lambda t: t[1] / max(t[2], 1))
         notes.append(f"{len(thin)} weight(s) not refit: fewer calibration rows than kept inputs "
@@ -160,6 +245,20 @@ def refit_toward_dense(handle: mio.ModelHandle, reference: mio.ModelHandle,
                      "squares would fit those samples rather than the task; they keep their "
                      "values. Give more --calibration samples to refit them")
     return refit
+
+
+def refit_note(chosen: Dict[str, RefitChoice]) -> str:
+    """One report note: how many weights took each refit choice, and each weight's."""
+    counts: Dict[str, int] = {}
+    for c in chosen.values():
+        counts[c.label] = counts.get(c.label, 0) + 1
+    summary = ", ".join(f"{label}: {k}" for label, k in sorted(counts.items()))
+    heldout = all(c.heldout for c in chosen.values())
+    how = ("chosen per weight on held-out calibration batches (fit on the even-numbered, "
+           "judged on the odd-numbered, then refit on all)" if heldout else
+           "not chosen on held-out data for some weights (a single calibration batch)")
+    per = ", ".join(f"{name} {c.label}" for name, c in chosen.items())
+    return f"refit strength {how}: {summary}; per weight: {per}"
 
 
 @contextmanager

@@ -87,6 +87,10 @@ class LayerStats:
     # X_ref is the reference model's X, row for row.
     ref_sums: Optional[np.ndarray] = None  # [g, in]  sum over group i's rows of X_ref
     cross: Optional[np.ndarray] = None  # [g, in, in]  X_i^T X_ref_i (with the Hessian)
+    # collect_layer_stats(split=True): the same statistics over the even-numbered and the
+    # odd-numbered calibration batches (this object holds their sum); a fit part and a
+    # held-out part at no extra model run.
+    parts: Optional[List["LayerStats"]] = None
 
     @property
     def in_norms(self) -> np.ndarray:
@@ -265,7 +269,7 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
                         budget_bytes: int = DEFAULT_BUDGET_BYTES,
                         precision: str = "float64", reference=None,
                         runners: Optional[Sequence] = None, sample_rows: bool = False,
-                        seed: int = 0) -> LayerStatsMap:
+                        seed: int = 0, split: bool = False) -> LayerStatsMap:
     """``{weight.key: LayerStats}`` from running ``data`` through the model as it is now.
 
     The model is read from ``handle`` in its current state (weights already pruned upstream
@@ -297,6 +301,10 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
     exactly that of the sampled rows, and ``count`` says how many. Gemm/MatMul, ConvTranspose
     and the Hessian-free moments path (Wanda) always read every row.
     ``result.record.rows`` gives each weight's (rows used, rows there were).
+
+    ``split``: also keep the statistics of the even-numbered batches and of the odd-numbered
+    ones apart, in each result's :attr:`LayerStats.parts` (the result is their sum): a fit part
+    and a held-out part from the same model runs.
     """
     started = time.perf_counter()
     if precision not in ("float64", "float32"):
@@ -357,15 +365,17 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
     total = data.num_batches(batch_size) * len(chunks)
     n_samples = max(len(data), 1)
     done = 0
-    accumulators: Dict[tuple, _Accumulator] = {}
+    accumulators: Dict[tuple, List[_Accumulator]] = {}
+    n_parts = 2 if split else 1
     held = 0  # bytes of accumulators alive
     finished: Dict[tuple, LayerStats] = {}
     rows: Dict[tuple, Tuple[int, int]] = {}
     for keys, sigs in chunks:
-        accs = {s: accumulators.setdefault(s, _Accumulator(extractors[s], want_hessian,
-                                                           paired=ref is not None))
+        accs = {s: accumulators.setdefault(s, [_Accumulator(extractors[s], want_hessian,
+                                                            paired=ref is not None)
+                                               for _ in range(n_parts)])
                 for s in sigs}
-        held = sum(a.nbytes for a in accumulators.values()) + \
+        held = sum(a.nbytes for parts in accumulators.values() for a in parts) + \
             sum(st.nbytes for st in finished.values())
         names = list(dict.fromkeys(extractors[s].activation for s in sigs))
         models = [handle] if ref is None else [handle, ref]
@@ -376,7 +386,8 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
         for b, outs in enumerate(zip(*sources)):
             batch_bytes = sum(v.nbytes for got in outs for v in got.values())
             block_peak = 0
-            for s, acc in accs.items():
+            for s, part_accs in accs.items():
+                acc = part_accs[b % n_parts]
                 ex = extractors[s]
                 quick = None if want_hessian else [ex.moments(got[ex.activation])
                                                    for got in outs]
@@ -409,11 +420,18 @@ def collect_layer_stats(handle, weights: Sequence[Weight], data: CalibrationSet,
             del outs
         del sources
         for s in sigs:
-            acc = accumulators.pop(s)
-            rows[s] = (acc.rows, max(acc.available, acc.rows))
-            finished[s] = acc.finish()
+            part_accs = accumulators.pop(s)
+            rows[s] = (sum(a.rows for a in part_accs),
+                       sum(max(a.available, a.rows) for a in part_accs))
+            parts = [a.finish() for a in part_accs]
+            finished[s] = parts[0] if not split else _combine(parts)
+            if split:
+                finished[s].parts = parts
         for key in keys:  # every signature of these keys is finished (this or an earlier chunk)
             result[key] = _combine([finished[s] for s in weight_sigs[key]])
+            if split and len(weight_sigs[key]) > 1:
+                result[key].parts = [_combine([finished[s].parts[i] for s in weight_sigs[key]])
+                                     for i in range(n_parts)]
             record.rows[key] = (sum(rows[s][0] for s in weight_sigs[key]),
                                 sum(rows[s][1] for s in weight_sigs[key]))
     record.seconds = time.perf_counter() - started
