@@ -37,6 +37,7 @@ from onnxprune.inputs.signature import parse_input_shapes
 ALLOCATIONS = ("auto", "uniform", "sensitivity")
 BN_MODES = ("none", "data", "match")  # --bn-reestimate (calibration/batchnorm.py)
 CHANNEL_CRITERIA = ("norm", "reconstruction")  # --channel-criterion
+DAMAGE_MODES = ("output", "refit")  # --damage (channels/allocate.py)
 
 #: The commands a flag can belong to.
 COMMANDS = ("prune", "inspect")
@@ -391,6 +392,13 @@ class PruneOptions:
                "of an identity path and a branch) compete with channel widths in the same "
                "allocation; a removed block's Add becomes the identity path, exactly.",
         switch=True)
+    # Damage that predicts the refit model (issue 14, F3: allocation on real detectors).
+    damage: str = option(
+        "output", "With --target-macs/--target-speedup and --calibration: how a group's damage "
+                  "is measured: output (the model's output error with the group's channels "
+                  "masked alone) or refit (the same, its consumers refit by least squares from "
+                  "the channels kept, as --refit does; use it with --refit).",
+        choices=lambda: DAMAGE_MODES)
     validate: bool = option(True, "Skip checker, onnxruntime and comparison.",
                             name="--no-validate", switch=True)
     inputs: Any = option(
@@ -513,6 +521,7 @@ class PruneOptions:
     def _check_reconstruction(self) -> None:
         _one_of("bn_reestimate", self.bn_reestimate, BN_MODES)
         _one_of("channel_criterion", self.channel_criterion, CHANNEL_CRITERIA)
+        _one_of("damage", self.damage, DAMAGE_MODES)
         for flag, on in (("--bn-reestimate", self.bn_reestimate != "none"),
                          ("--channel-criterion reconstruction",
                           self.channel_criterion == "reconstruction")):

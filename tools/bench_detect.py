@@ -42,7 +42,8 @@ BEGIN, END = "<!-- bench_detect: begin -->", "<!-- bench_detect: end -->"
 #: calibration / evaluation pages per model (800×608 layout pages are costly to calibrate on)
 #: variant = "refit" or "norefit", then "+name" for each of these option sets
 VARIANTS = {"bn": {"bn_reestimate": "match"}, "bndata": {"bn_reestimate": "data"},
-            "recon": {"channel_criterion": "reconstruction"}}
+            "recon": {"channel_criterion": "reconstruction"}, "dmgrefit": {"damage": "refit"},
+            "depth": {"depth": True}}
 SAMPLES = {"ppocr_det": (32, 16), "layout": (16, 8), "yolo": (64, 32)}
 
 
@@ -162,7 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="ppocr_det,layout,yolo")
     ap.add_argument("--speedups", default="1.2,1.3,1.5")
     ap.add_argument("--variants", default="refit",
-                    help="comma list of refit / norefit, each optionally +bn, +bndata, +recon")
+                    help="comma list of refit / norefit, each optionally +bn, +bndata, +recon, "
+                         "+dmgrefit (--damage refit), +depth")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--rows", default=None, help="JSON lines file the rows are appended to")

@@ -303,10 +303,16 @@ def curve_at(curve: Sequence[Tuple[float, float]], p: float) -> float:
 
 def measured_damage(handle: ModelHandle, graph: ChannelGraph, scores: Mapping[int, np.ndarray],
                     feeds: Sequence[Mapping[str, np.ndarray]],
-                    levels: Sequence[float] = (0.25, 0.5)) -> Dict[int, List[Tuple[float, float]]]:
+                    levels: Sequence[float] = (0.25, 0.5),
+                    fits: Optional[Mapping[int, Sequence["ConsumerFit"]]] = None
+                    ) -> Dict[int, List[Tuple[float, float]]]:
     """Per group: ``[(0, 0), (p, error), ...]``, the model's relative output error
     ``sum ||y - y0||^2 / sum ||y0||^2`` over ``feeds`` with the group's lowest-scored fraction
     ``p`` of channels masked (exactly what removing them computes), each level alone.
+    ``fits`` (``--damage refit``, :func:`consumer_fits`): per group, its consumers refit by
+    least squares from the channels kept in each trial (:func:`~onnxprune.calibration.
+    channel_scores.refit_columns`, dense input statistics), so the error is what is left after
+    the consumers' refit, as the ``--refit`` model will have it.
 
     One session serves every trial: the groups' stored tensors that are initializers become
     overridable graph inputs of a copy of the model, and each trial feeds its masked values.
@@ -316,9 +322,13 @@ def measured_damage(handle: ModelHandle, graph: ChannelGraph, scores: Mapping[in
     from onnxprune.ops._channel import ZERO_ON_MASK
     from onnxprune.runtime.session import open_session
 
+    fits = dict(fits or {})
     inits = {t.name for t in handle.model.graph.initializer}
+    bias_names = {f.bias.tensor.name for gid in scores for f in fits.get(gid, ())
+                  if f.bias is not None}
     touched = sorted({m.tensor for gid in scores for m in graph.groups[gid].members
-                      if m.stored and ZERO_ON_MASK.intersection(m.roles) and m.tensor in inits})
+                      if m.stored and ZERO_ON_MASK.intersection(m.roles) and m.tensor in inits}
+                     | (bias_names & inits))
     twin = ModelHandle(model=copy.deepcopy(handle.model), path=handle.path,
                        base_dir=handle.base_dir)
     for tensor, values in handle.rewritten_values():
@@ -346,7 +356,8 @@ def measured_damage(handle: ModelHandle, graph: ChannelGraph, scores: Mapping[in
         n = group.size
         order = np.argsort(s, kind="stable")
         names = sorted({m.tensor for m in group.members
-                        if m.stored and ZERO_ON_MASK.intersection(m.roles)})
+                        if m.stored and ZERO_ON_MASK.intersection(m.roles)}
+                       | {f.bias.tensor.name for f in fits.get(gid, ()) if f.bias is not None})
         curve = [(0.0, 0.0)]
         for p in levels:
             k = int(round(p * n))
@@ -355,6 +366,8 @@ def measured_damage(handle: ModelHandle, graph: ChannelGraph, scores: Mapping[in
             saved = {name: twin.read(stored[name]) for name in names}
             try:
                 mask_channels(twin, {gid: sorted(order[:k].tolist())}, twin_view)
+                for fit in fits.get(gid, ()):
+                    fit.apply(twin, stored, saved, order[:k])
                 if all(name in inits for name in names):
                     out = run(shared, {name: twin.read(stored[name]) for name in names})
                 else:
@@ -366,6 +379,70 @@ def measured_damage(handle: ModelHandle, graph: ChannelGraph, scores: Mapping[in
             curve.append((k / n, err if np.isfinite(err) else 1e6))
         curves[gid] = curve
     return curves
+
+
+@dataclass
+class ConsumerFit:
+    """One consumer weight of a group, refit in ``--damage refit`` trials: the weight, per unit
+    of the group its ``W[out, in]`` columns, the dense input's ``X^T X / n`` and mean, and its
+    stored bias (None: the refit uses the raw moment and moves no bias)."""
+
+    weight: object
+    units: List[np.ndarray]
+    moment: np.ndarray
+    mean: np.ndarray
+    bias: object = None
+
+    def apply(self, twin: ModelHandle, stored, saved, removed_units) -> None:
+        """Write into ``twin`` (already masked) this consumer refit from the kept columns, the
+        dense values taken from ``saved`` (name -> values before the trial)."""
+        from onnxprune.calibration.channel_scores import refit_columns
+
+        w = self.weight
+        name = w.tensor.name
+        dense = self.weight.layout.to_2d(saved[name])
+        masked = self.weight.layout.to_2d(twin.read(stored[name]))
+        cols = np.concatenate([self.units[u] for u in removed_units]) if len(removed_units) \
+            else np.zeros(0, np.int64)
+        new, shift = refit_columns(dense, self.moment, None if self.bias is None else self.mean,
+                                   cols)
+        dead = (masked == 0).all(axis=1) & (dense != 0).any(axis=1)  # rows the mask removed
+        new[dead] = 0.0
+        twin.write(stored[name], w.layout.from_2d(new).astype(saved[name].dtype))
+        if self.bias is not None and shift is not None:
+            b = saved[self.bias.tensor.name]
+            shift = np.where(dead, 0.0, shift)
+            twin.write(stored[self.bias.tensor.name],
+                       (b.astype(np.float64) + self.bias.scale * shift.reshape(b.shape))
+                       .astype(b.dtype))
+
+
+def consumer_fits(handle: ModelHandle, graph: ChannelGraph, groups, data, batch_size: int = 8,
+                  seed: int = 0) -> Dict[int, List[ConsumerFit]]:
+    """Per group in ``groups``: its float consumer weights with their dense input statistics on
+    ``data`` (Conv rows sampled as the refit samples them), for ``--damage refit``."""
+    from onnxprune.calibration.channel_scores import consumer_units
+    from onnxprune.calibration.statistics import collect_layer_stats
+    from onnxprune.ops.weights import find_weights, stored_bias
+
+    weights = [w for w in find_weights(handle)[0] if w.factor(handle) is None
+               and not w.layout.view]
+    wanted = consumer_units(graph, weights, set(groups))
+    need = list({w.key: w for parts in wanted.values() for w, _ in parts}.values())
+    if not need:
+        return {}
+    stats = collect_layer_stats(handle, need, data, want_hessian=True, batch_size=batch_size,
+                                precision="float32", sample_rows=True, seed=seed)
+    out: Dict[int, List[ConsumerFit]] = {}
+    for gid, parts in wanted.items():
+        for w, units in parts:
+            st = stats.get(w.key)
+            if st is None or st.hessian is None or w.tensor.name not in graph.stored:
+                continue
+            n = max(st.count, 1)
+            out.setdefault(gid, []).append(ConsumerFit(
+                w, units, st.hessian / n, st.in_sums / n, stored_bias(handle.index, w)))
+    return out
 
 
 def _rebind(graph: ChannelGraph, stored: Mapping[str, onnx.TensorProto]) -> ChannelGraph:
@@ -499,8 +576,8 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
                         criterion: str = "l1", round_to: int = 1, min_channels: int = 1,
                         max_group_sparsity: float = 0.9, channel_scores=None,
                         table=None, calibration=None, damage_samples: int = 8,
-                        blocks: Optional[Sequence] = None, speed_checks: int = 2
-                        ) -> TargetPlan:
+                        blocks: Optional[Sequence] = None, speed_checks: int = 2,
+                        damage: str = "output") -> TargetPlan:
     """Per-group widths for ``target_macs`` (keep this fraction of the model's MACs) or
     ``target_speedup`` (predicted from the latency table, measured with ``threads``; ``table``
     injects one, e.g. in tests) on the groups left prunable in ``graph``. ``blocks``
@@ -508,7 +585,9 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
     blocks offered in the same allocation, each kept or removed (``plan.blocks``: the ``Add``
     names of those to remove). ``speed_checks``: with a measured table, times the pruned
     model up to this many times and allocates again for a corrected goal when it misses the
-    target (the notes list each goal and measured speed-up)."""
+    target (the notes list each goal and measured speed-up). ``damage``: ``output`` (each
+    group's trial masks it alone) or ``refit`` (its consumers refit by least squares in each
+    trial, :class:`ConsumerFit`)."""
     from onnxprune.channels.select import group_scores
 
     scores = group_scores(handle, graph, criterion, channel_scores)
@@ -519,10 +598,15 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
         start = time.perf_counter()
         data = calibration.take(damage_samples)
         feeds = list(data.batches(data.fixed_batch or damage_samples))
-        curves = measured_damage(handle, graph, scores, feeds)
+        fits = (consumer_fits(handle, graph, scores, data, batch_size=data.fixed_batch or 8)
+                if damage == "refit" else None)
+        curves = measured_damage(handle, graph, scores, feeds, fits=fits)
+        how = ("" if fits is None else
+               f", its consumers refit by least squares ({len(fits)} groups with a consumer "
+               "to refit)")
         damage_note = (f"allocation: damage measured per group as the output error on "
                        f"{len(data)} calibration samples with 25 % and 50 % of its channels "
-                       f"removed ({len(curves)} groups, {time.perf_counter() - start:.1f} s)")
+                       f"removed{how} ({len(curves)} groups, {time.perf_counter() - start:.1f} s)")
         if blocks:
             nodes, extra = _offer_blocks(handle, graph, blocks, nodes, feeds)
             for bid, curve in extra.items():
