@@ -37,7 +37,7 @@ from onnxprune.inputs.signature import parse_input_shapes
 ALLOCATIONS = ("auto", "uniform", "sensitivity")
 BN_MODES = ("none", "data", "match")  # --bn-reestimate (calibration/batchnorm.py)
 CHANNEL_CRITERIA = ("norm", "reconstruction")  # --channel-criterion
-DAMAGE_MODES = ("output", "refit")  # --damage (channels/allocate.py)
+DAMAGE_MODES = ("output", "refit", "metric", "metric-refit")  # --damage (channels/allocate.py)
 
 #: The commands a flag can belong to.
 COMMANDS = ("prune", "inspect")
@@ -397,7 +397,9 @@ class PruneOptions:
         "output", "With --target-macs/--target-speedup and --calibration: how a group's damage "
                   "is measured: output (the model's output error with the group's channels "
                   "masked alone) or refit (the same, its consumers refit by least squares from "
-                  "the channels kept, as --refit does; use it with --refit).",
+                  "the channels kept, as --refit does; use it with --refit), metric / "
+                  "metric-refit (the same trials scored by --eval-script: the metric's drop "
+                  "from the dense model's; one evaluation per group and level).",
         choices=lambda: DAMAGE_MODES)
     validate: bool = option(True, "Skip checker, onnxruntime and comparison.",
                             name="--no-validate", switch=True)
@@ -522,6 +524,14 @@ class PruneOptions:
         _one_of("bn_reestimate", self.bn_reestimate, BN_MODES)
         _one_of("channel_criterion", self.channel_criterion, CHANNEL_CRITERIA)
         _one_of("damage", self.damage, DAMAGE_MODES)
+        if self.damage != "output" and (self.target_macs is None and self.target_speedup is None
+                                        or self.calibration is None):
+            raise OptionError(f"--damage {self.damage} measures each channel group for an "
+                              "allocation; use it with --target-macs or --target-speedup and "
+                              "--calibration")
+        if self.damage.startswith("metric") and self.eval_script is None:
+            raise OptionError(f"--damage {self.damage} scores trials with your metric; give "
+                              "--eval-script FILE.py:FUNCTION")
         for flag, on in (("--bn-reestimate", self.bn_reestimate != "none"),
                          ("--channel-criterion reconstruction",
                           self.channel_criterion == "reconstruction")):

@@ -43,6 +43,8 @@ BEGIN, END = "<!-- bench_detect: begin -->", "<!-- bench_detect: end -->"
 #: variant = "refit" or "norefit", then "+name" for each of these option sets
 VARIANTS = {"bn": {"bn_reestimate": "match"}, "bndata": {"bn_reestimate": "data"},
             "recon": {"channel_criterion": "reconstruction"}, "dmgrefit": {"damage": "refit"},
+            "metric": {"damage": "metric", "eval_script": "METRIC"},
+            "metricrefit": {"damage": "metric-refit", "eval_script": "METRIC"},
             "depth": {"depth": True}}
 SAMPLES = {"ppocr_det": (32, 16), "layout": (16, 8), "yolo": (64, 32)}
 
@@ -78,6 +80,9 @@ def run_model(name, args, tmp: Path, rows_path: Path):
         extra = {"refit": parts[0] == "refit"}
         for part in parts[1:]:
             extra.update(VARIANTS[part])
+        if extra.get("eval_script") == "METRIC":  # the model's F1 on calibration pages
+            extra["eval_script"] = f"{Path(__file__).resolve().parent}/eval_detect.py:" \
+                f"{name}_metric"
         for s in [float(x) for x in args.speedups.split(",")]:
             out = tmp / f"{name}_{variant}_{s}.onnx"
             t0 = time.perf_counter()
@@ -94,12 +99,14 @@ def run_model(name, args, tmp: Path, rows_path: Path):
                 continue
             took = time.perf_counter() - t0
             alloc = [r for r in res.state.records if getattr(r, "allocation", None)][0].allocation
+            damage_notes = [n for r in res.state.records for n in getattr(r, "notes", [])
+                            if n.startswith(("allocation: damage", "speed-up check", "depth:"))]
             row = dict(model=name, variant=variant, target=s, seconds=round(took, 1),
                        predicted=alloc["predicted_speedup"],
                        macs=count_macs(str(out), shapes).total / dense_macs,
                        f1=metric(str(out), evals),
                        speedup={str(t): speedups(str(dense), str(out), resolved, t, args.runs)
-                                for t in args.threads})
+                                for t in args.threads}, notes=damage_notes)
             print(row, flush=True)
             with rows_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -164,7 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--speedups", default="1.2,1.3,1.5")
     ap.add_argument("--variants", default="refit",
                     help="comma list of refit / norefit, each optionally +bn, +bndata, +recon, "
-                         "+dmgrefit (--damage refit), +depth")
+                         "+dmgrefit (--damage refit), +metric / +metricrefit (--damage metric / "
+                         "metric-refit with eval_detect's F1 on calibration pages), +depth")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--rows", default=None, help="JSON lines file the rows are appended to")

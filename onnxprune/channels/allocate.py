@@ -301,18 +301,26 @@ def curve_at(curve: Sequence[Tuple[float, float]], p: float) -> float:
     return float(ys[-1] + slope * (p - xs[-1]))
 
 
+#: --damage metric: the weight of the output error added to the metric's drop (a tie-breaker).
+METRIC_TIE = 0.01
+
+
 def measured_damage(handle: ModelHandle, graph: ChannelGraph, scores: Mapping[int, np.ndarray],
                     feeds: Sequence[Mapping[str, np.ndarray]],
                     levels: Sequence[float] = (0.25, 0.5),
-                    fits: Optional[Mapping[int, Sequence["ConsumerFit"]]] = None
-                    ) -> Dict[int, List[Tuple[float, float]]]:
+                    fits: Optional[Mapping[int, Sequence["ConsumerFit"]]] = None,
+                    metric=None) -> Dict[int, List[Tuple[float, float]]]:
     """Per group: ``[(0, 0), (p, error), ...]``, the model's relative output error
     ``sum ||y - y0||^2 / sum ||y0||^2`` over ``feeds`` with the group's lowest-scored fraction
     ``p`` of channels masked (exactly what removing them computes), each level alone.
     ``fits`` (``--damage refit``, :func:`consumer_fits`): per group, its consumers refit by
     least squares from the channels kept in each trial (:func:`~onnxprune.calibration.
     channel_scores.refit_columns`, dense input statistics), so the error is what is left after
-    the consumers' refit, as the ``--refit`` model will have it.
+    the consumers' refit, as the ``--refit`` model will have it. ``metric`` (the user's
+    :class:`~onnxprune.runtime.evaluate.Metric`, its dense value measured): each trial's damage
+    is instead the metric's drop ``dense - trial`` (at least 0; a non-finite value counts as
+    1e6), plus :data:`METRIC_TIE` x the output error so that trials the metric cannot tell
+    apart (a thresholded metric that does not move) still rank by how far the outputs moved.
 
     One session serves every trial: the groups' stored tensors that are initializers become
     overridable graph inputs of a copy of the model, and each trial feeds its masked values.
@@ -372,10 +380,15 @@ def measured_damage(handle: ModelHandle, graph: ChannelGraph, scores: Mapping[in
                     out = run(shared, {name: twin.read(stored[name]) for name in names})
                 else:
                     out = run(open_session(twin), {})
+                if metric is not None:
+                    value = metric.measure(twin, "trial", finite=False)
             finally:
                 for name, values in saved.items():
                     twin.write(stored[name], values)
             err = sum(float(((o - r) ** 2).sum()) for o, r in zip(out, ref)) / norm
+            if metric is not None:
+                drop = max(float(metric.dense) - value, 0.0) if np.isfinite(value) else 1e6
+                err = drop + METRIC_TIE * err
             curve.append((k / n, err if np.isfinite(err) else 1e6))
         curves[gid] = curve
     return curves
@@ -577,7 +590,7 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
                         max_group_sparsity: float = 0.9, channel_scores=None,
                         table=None, calibration=None, damage_samples: int = 8,
                         blocks: Optional[Sequence] = None, speed_checks: int = 2,
-                        damage: str = "output") -> TargetPlan:
+                        damage: str = "output", metric=None) -> TargetPlan:
     """Per-group widths for ``target_macs`` (keep this fraction of the model's MACs) or
     ``target_speedup`` (predicted from the latency table, measured with ``threads``; ``table``
     injects one, e.g. in tests) on the groups left prunable in ``graph``. ``blocks``
@@ -587,7 +600,9 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
     model up to this many times and allocates again for a corrected goal when it misses the
     target (the notes list each goal and measured speed-up). ``damage``: ``output`` (each
     group's trial masks it alone) or ``refit`` (its consumers refit by least squares in each
-    trial, :class:`ConsumerFit`)."""
+    trial, :class:`ConsumerFit`), ``metric`` / ``metric-refit`` (the same trials scored by
+    ``metric``, the user's :class:`~onnxprune.runtime.evaluate.Metric`: its drop from the dense
+    value)."""
     from onnxprune.channels.select import group_scores
 
     scores = group_scores(handle, graph, criterion, channel_scores)
@@ -599,11 +614,17 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
         data = calibration.take(damage_samples)
         feeds = list(data.batches(data.fixed_batch or damage_samples))
         fits = (consumer_fits(handle, graph, scores, data, batch_size=data.fixed_batch or 8)
-                if damage == "refit" else None)
-        curves = measured_damage(handle, graph, scores, feeds, fits=fits)
+                if damage in ("refit", "metric-refit") else None)
+        scored = metric if damage.startswith("metric") else None
+        curves = measured_damage(handle, graph, scores, feeds, fits=fits, metric=scored)
         how = ("" if fits is None else
                f", its consumers refit by least squares ({len(fits)} groups with a consumer "
                "to refit)")
+        if scored is not None:
+            trials = sum(len(c) - 1 for c in curves.values())
+            how += (f"; scored by {scored.source} (its drop from the dense "
+                    f"{float(scored.dense):.4g}, ties broken by {METRIC_TIE} x the output "
+                    f"error): {trials} evaluations")
         damage_note = (f"allocation: damage measured per group as the output error on "
                        f"{len(data)} calibration samples with 25 % and 50 % of its channels "
                        f"removed{how} ({len(curves)} groups, {time.perf_counter() - start:.1f} s)")

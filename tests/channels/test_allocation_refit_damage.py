@@ -123,3 +123,75 @@ def test_damage_api_error():
     with pytest.raises(OptionError, match="damage must be one of output, refit"):
         prune(_redundant_model(), pattern="channel", target_macs=0.8, damage="both",
               validate=False)
+
+
+def test_metric_damage_is_the_metric_drop_plus_the_tie_breaker():
+    from onnxprune.channels.allocate import METRIC_TIE
+    from onnxprune.runtime.evaluate import Metric
+
+    model = _redundant_model()
+    handle = load(copy.deepcopy(model))
+    graph = build_channel_graph(handle)
+    (gid,) = list(group_scores(handle, graph))
+    scores = {gid: np.array([4.0, 3.0, 2.0, 1.0])}
+    data = _data(model)
+    feeds = list(data.batches(8))
+    ref = [o for f in feeds for o in _session(model).run(None, dict(f))]
+    norm = sum(float((r.astype(np.float64) ** 2).sum()) for r in ref)
+
+    def minus_error(session):  # higher is better: minus the relative output error
+        out = [o for f in feeds for o in session.run(None, dict(f))]
+        return -sum(float(((o.astype(np.float64) - r) ** 2).sum())
+                    for o, r in zip(out, ref)) / norm
+
+    calls = []
+    metric = Metric(lambda s: calls.append(1) or minus_error(s), "minus_error", dense=0.0)
+    plain = measured_damage(handle, graph, scores, feeds)
+    scored = measured_damage(handle, graph, scores, feeds, metric=metric)
+    assert len(calls) == 2  # one evaluation per level
+    for (p0, e0), (p1, e1) in zip(plain[gid], scored[gid]):
+        assert p0 == p1 and e1 == pytest.approx(e0 * (1 + METRIC_TIE), rel=1e-4, abs=1e-12)
+    # a metric that does not move: only the tie-breaker is left
+    flat = measured_damage(handle, graph, scores, feeds,
+                           metric=Metric(lambda s: 1.0, "flat", dense=1.0))
+    for (_, e0), (_, e1) in zip(plain[gid], flat[gid]):
+        assert e1 == pytest.approx(METRIC_TIE * e0, rel=1e-6, abs=1e-15)
+
+
+def _session(model):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_metric_damage_through_prune_counts_its_evaluations(tmp_path):
+    model = _redundant_model()
+    cal = tmp_path / "cal.npz"
+    np.savez(cal, x=np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    calls = []
+
+    def metric(session):
+        calls.append(1)
+        return 1.0
+
+    res = prune(copy.deepcopy(model), pattern="channel", target_macs=0.8, calibration=cal,
+                damage="metric", evaluate=metric, validate=False)
+    (note,) = [n for r in res.state.records for n in getattr(r, "notes", [])
+               if n.startswith("allocation: damage")]
+    assert "2 evaluations" in note and "scored by" in note
+    assert len(calls) == 1 + 2 + 1  # dense, two trials, the pruned model
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"damage": "metric"}, "give --eval-script"),
+    ({"damage": "refit", "calibration": None}, "--calibration"),
+])
+def test_damage_needs_its_inputs(tmp_path, extra, words):
+    from onnxprune.errors import OptionError
+
+    cal = tmp_path / "cal.npz"
+    np.savez(cal, x=np.zeros((2, 3, 8, 8), np.float32))
+    kw = dict(pattern="channel", target_macs=0.8, calibration=cal, validate=False)
+    kw.update(extra)
+    with pytest.raises(OptionError, match=words):
+        prune(_redundant_model(), **kw)
