@@ -83,15 +83,17 @@ def run_model(name, args, tmp: Path, rows_path: Path):
         if extra.get("eval_script") == "METRIC":  # the model's F1 on calibration pages
             extra["eval_script"] = f"{Path(__file__).resolve().parent}/eval_detect.py:" \
                 f"{name}_metric"
-        for s in [float(x) for x in args.speedups.split(",")]:
-            out = tmp / f"{name}_{variant}_{s}.onnx"
+        targets = [("target_speedup", float(x)) for x in args.speedups.split(",") if x] + \
+            [("target_macs", float(x)) for x in (args.macs or "").split(",") if x]
+        for kind, s in targets:
+            out = tmp / f"{name}_{variant}_{kind}_{s}.onnx"
             t0 = time.perf_counter()
             try:
-                res = prune(str(dense), pattern="channel", target_speedup=s, round_to=8,
-                            threads=1, calibration=cal, input_shapes=shapes, validate=False,
-                            output=out, force=True, **extra)
+                res = prune(str(dense), pattern="channel", round_to=8, threads=1,
+                            calibration=cal, input_shapes=shapes, validate=False, output=out,
+                            force=True, **{kind: s}, **extra)
             except Exception as e:  # a failure is a row too
-                row = dict(model=name, variant=variant, target=s, error=f"{type(e).__name__}: "
+                row = dict(model=name, variant=variant, target=s, kind=kind, error=f"{type(e).__name__}: "
                            f"{str(e).splitlines()[0][:200]}")
                 print(row, flush=True)
                 with rows_path.open("a") as f:
@@ -101,7 +103,7 @@ def run_model(name, args, tmp: Path, rows_path: Path):
             alloc = [r for r in res.state.records if getattr(r, "allocation", None)][0].allocation
             damage_notes = [n for r in res.state.records for n in getattr(r, "notes", [])
                             if n.startswith(("allocation: damage", "speed-up check", "depth:"))]
-            row = dict(model=name, variant=variant, target=s, seconds=round(took, 1),
+            row = dict(model=name, variant=variant, target=s, kind=kind, seconds=round(took, 1),
                        predicted=alloc["predicted_speedup"],
                        macs=count_macs(str(out), shapes).total / dense_macs,
                        f1=metric(str(out), evals),
@@ -110,6 +112,12 @@ def run_model(name, args, tmp: Path, rows_path: Path):
             print(row, flush=True)
             with rows_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+def _target(row) -> str:
+    if row.get("kind") == "target_macs":
+        return f"MACs {row['target']:g}"
+    return f"×{row['target']:g}"
 
 
 def render(rows, command: str, notes: str = "") -> str:
@@ -127,12 +135,13 @@ def render(rows, command: str, notes: str = "") -> str:
              "MACs | F1 vs dense | prune s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['variant']} | ×{r['target']:g} | "
+            lines.append(f"| {r['model']} | {r['variant']} | {_target(r)} | "
                          f"failed: {r['error']} | | | | | |")
             continue
         sp = r["speedup"]
-        lines.append(f"| {r['model']} | {r['variant']} | ×{r['target']:g} | "
-                     f"×{r['predicted']:.2f} | ×{sp.get('1', float('nan')):.2f} | "
+        predicted = "-" if r["predicted"] is None else f"×{r['predicted']:.2f}"
+        lines.append(f"| {r['model']} | {r['variant']} | {_target(r)} | "
+                     f"{predicted} | ×{sp.get('1', float('nan')):.2f} | "
                      f"×{sp.get('2', float('nan')):.2f} | {r['macs']:.3f} | {r['f1']:.3f} | "
                      f"{r['seconds']:.0f} |")
     lines += ["", "Best measured speed-up (1 thread / 2 threads) per model at F1 ≥ 0.95 and "
@@ -147,7 +156,7 @@ def render(rows, command: str, notes: str = "") -> str:
                 continue
             best = max(ok, key=lambda r: r["speedup"].get("1", 0))
             cells += [f"×{best['speedup'].get('1', 0):.2f} / ×{best['speedup'].get('2', 0):.2f} "
-                      f"({best['variant']}, target ×{best['target']:g}, F1 {best['f1']:.3f})",
+                      f"({best['variant']}, {_target(best)}, F1 {best['f1']:.3f})",
                       f"{best['macs']:.3f}"]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     if notes:
@@ -169,6 +178,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="ppocr_det,layout,yolo")
     ap.add_argument("--speedups", default="1.2,1.3,1.5")
+    ap.add_argument("--macs", default="", help="also rows at these --target-macs (no timing "
+                                                 "loop in the allocation: deterministic)")
     ap.add_argument("--variants", default="refit",
                     help="comma list of refit / norefit, each optionally +bn, +bndata, +recon, "
                          "+dmgrefit (--damage refit), +metric / +metricrefit (--damage metric / "

@@ -597,8 +597,9 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
     (:func:`~onnxprune.channels.depth.find_residual_blocks`; needs ``calibration``): residual
     blocks offered in the same allocation, each kept or removed (``plan.blocks``: the ``Add``
     names of those to remove). ``speed_checks``: with a measured table, times the pruned
-    model up to this many times and allocates again for a corrected goal when it misses the
-    target (the notes list each goal and measured speed-up). ``damage``: ``output`` (each
+    model and allocates again (up to this many times) for a corrected goal when it misses the
+    target, or bisects back when a raised goal passes it by more than 10 %; the lowest goal
+    measured on target is kept (the notes list each goal and measured speed-up). ``damage``: ``output`` (each
     group's trial masks it alone) or ``refit`` (its consumers refit by least squares in each
     trial, :class:`ConsumerFit`), ``metric`` / ``metric-refit`` (the same trials scored by
     ``metric``, the user's :class:`~onnxprune.runtime.evaluate.Metric`: its drop from the dense
@@ -653,6 +654,7 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
             input_shapes, round_to, min_channels, threads=threads)
     elapsed = time.perf_counter() - start
     goal, tried = target_speedup, []
+    short, met, best = None, None, None  # highest goal that missed, lowest that met (+ plan)
     for attempt in range(checks + 1):
         alloc = allocate_widths(scores, nodes, 0.0, latency_cost(table),
                                 fixed_cost=table.rest_model()[0],
@@ -661,15 +663,28 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
         plan = _with_blocks(TargetPlan(handle, alloc, alloc.removed(scores), nodes, "speedup",
                                        target_speedup, input_shapes, threads, table, cached,
                                        elapsed), graph, blocks)
-        if attempt == checks:
+        if not checks:
             break
         # The table predicts; the pruned model is what counts: time it, and where it misses
-        # the target (or overshoots it by far) allocate again for a corrected goal.
+        # the target allocate again for a higher goal; where a raised goal passes it by far,
+        # bisect back between the goal that missed and the one that met it (every removed
+        # channel past the target costs accuracy). The lowest goal measured on target wins.
         measured = _check_speedup(handle, graph, plan, input_shapes, threads, round_to)
         tried.append((goal, measured))
         if measured >= target_speedup * 0.98:
+            met, best = goal, plan
+            if short is None or measured <= target_speedup * 1.1:
+                break
+        else:
+            short = goal
+        if attempt == checks:
             break
-        goal = min(goal * target_speedup / max(measured, 1e-6), 4.0 * target_speedup)
+        if met is not None:
+            goal = (short + met) / 2.0
+        else:
+            goal = min(goal * target_speedup / max(measured, 1e-6), 4.0 * target_speedup)
+    if best is not None and best is not plan:
+        plan, goal = best, met
     if tried:
         plan.notes.append("speed-up check, the pruned model timed: " + "; ".join(
             f"goal x{g:.2f} measured x{m:.2f}" for g, m in tried) + f"; final goal x{goal:.2f}")
