@@ -108,7 +108,10 @@ def run_model(name, args, tmp: Path, rows_path: Path):
                        macs=count_macs(str(out), shapes).total / dense_macs,
                        f1=metric(str(out), evals),
                        speedup={str(t): speedups(str(dense), str(out), resolved, t, args.runs)
-                                for t in args.threads}, notes=damage_notes)
+                                for t in args.threads}, notes=damage_notes,
+                       widths=[(g["describe"][:60], g["channels"], g["kept"])
+                               for g in alloc["groups"] if g["kept"] < g["channels"]],
+                       blocks=alloc.get("blocks_removed", []))
             print(row, flush=True)
             with rows_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
