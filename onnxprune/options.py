@@ -401,6 +401,11 @@ class PruneOptions:
                   "metric-refit (the same trials scored by --eval-script: the metric's drop "
                   "from the dense model's; one evaluation per group and level).",
         choices=lambda: DAMAGE_MODES)
+    damage_stages: int = option(
+        1, "With --damage measured (--calibration and a target): reach the allocation in this "
+           "many steps, measuring every group's damage again after each on the model with the "
+           "channels chosen so far removed (costs one more round of trials per step).",
+        type=int)
     validate: bool = option(True, "Skip checker, onnxruntime and comparison.",
                             name="--no-validate", switch=True)
     inputs: Any = option(
@@ -524,11 +529,16 @@ class PruneOptions:
         _one_of("bn_reestimate", self.bn_reestimate, BN_MODES)
         _one_of("channel_criterion", self.channel_criterion, CHANNEL_CRITERIA)
         _one_of("damage", self.damage, DAMAGE_MODES)
-        if self.damage != "output" and (self.target_macs is None and self.target_speedup is None
-                                        or self.calibration is None):
-            raise OptionError(f"--damage {self.damage} measures each channel group for an "
-                              "allocation; use it with --target-macs or --target-speedup and "
-                              "--calibration")
+        if (isinstance(self.damage_stages, bool) or not isinstance(self.damage_stages, int)
+                or not 1 <= self.damage_stages <= 10):
+            raise OptionError(f"--damage-stages must be a whole number from 1 to 10, got "
+                              f"{self.damage_stages!r}")
+        flag = (f"--damage {self.damage}" if self.damage != "output" else
+                "--damage-stages" if self.damage_stages != 1 else None)
+        if flag and (self.target_macs is None and self.target_speedup is None
+                     or self.calibration is None):
+            raise OptionError(f"{flag} measures each channel group for an allocation; use it "
+                              "with --target-macs or --target-speedup and --calibration")
         if self.damage.startswith("metric") and self.eval_script is None:
             raise OptionError(f"--damage {self.damage} scores trials with your metric; give "
                               "--eval-script FILE.py:FUNCTION")

@@ -45,7 +45,7 @@ VARIANTS = {"bn": {"bn_reestimate": "match"}, "bndata": {"bn_reestimate": "data"
             "recon": {"channel_criterion": "reconstruction"}, "dmgrefit": {"damage": "refit"},
             "metric": {"damage": "metric", "eval_script": "METRIC"},
             "metricrefit": {"damage": "metric-refit", "eval_script": "METRIC"},
-            "depth": {"depth": True}}
+            "depth": {"depth": True}, "stages3": {"damage_stages": 3}}
 SAMPLES = {"ppocr_det": (32, 16), "layout": (16, 8), "yolo": (64, 32)}
 
 
@@ -186,7 +186,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="refit",
                     help="comma list of refit / norefit, each optionally +bn, +bndata, +recon, "
                          "+dmgrefit (--damage refit), +metric / +metricrefit (--damage metric / "
-                         "metric-refit with eval_detect's F1 on calibration pages), +depth")
+                         "metric-refit with eval_detect's F1 on calibration pages), +depth, "
+                         "+stages3 (--damage-stages 3)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--rows", default=None, help="JSON lines file the rows are appended to")

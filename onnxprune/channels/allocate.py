@@ -309,7 +309,8 @@ def measured_damage(handle: ModelHandle, graph: ChannelGraph, scores: Mapping[in
                     feeds: Sequence[Mapping[str, np.ndarray]],
                     levels: Sequence[float] = (0.25, 0.5),
                     fits: Optional[Mapping[int, Sequence["ConsumerFit"]]] = None,
-                    metric=None) -> Dict[int, List[Tuple[float, float]]]:
+                    metric=None, base: Optional[Mapping[int, Sequence[int]]] = None
+                    ) -> Dict[int, List[Tuple[float, float]]]:
     """Per group: ``[(0, 0), (p, error), ...]``, the model's relative output error
     ``sum ||y - y0||^2 / sum ||y0||^2`` over ``feeds`` with the group's lowest-scored fraction
     ``p`` of channels masked (exactly what removing them computes), each level alone.
@@ -321,6 +322,10 @@ def measured_damage(handle: ModelHandle, graph: ChannelGraph, scores: Mapping[in
     is instead the metric's drop ``dense - trial`` (at least 0; a non-finite value counts as
     1e6), plus :data:`METRIC_TIE` x the output error so that trials the metric cannot tell
     apart (a thresholded metric that does not move) still rank by how far the outputs moved.
+    ``base`` (group id -> units already removed, the lowest-scored ones: a stage of
+    ``--damage-stages``): every trial starts from the model with those masked, a group's levels
+    lie past its own base (12.5 % and 25 % of the group further), and the damage is the
+    increase over the base's (the curve is 0 up to the base: ``[(0, 0), (p0, 0), ...]``).
 
     One session serves every trial: the groups' stored tensors that are initializers become
     overridable graph inputs of a copy of the model, and each trial feeds its masked values.
@@ -350,14 +355,25 @@ def measured_damage(handle: ModelHandle, graph: ChannelGraph, scores: Mapping[in
             twin.model.graph.input.append(
                 onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
     twin.graph_changed()
-    shared = open_session(twin)
+    base = {g: list(v) for g, v in (base or {}).items() if len(v)}
 
     def run(session, extra):
         return [np.asarray(o, dtype=np.float64) for f in feeds
                 for o in session.run(None, {**dict(f), **extra})]
 
-    ref = run(shared, {})
+    if base:
+        ref = run(open_session(handle), {})  # the dense outputs
+        mask_channels(twin, base, twin_view)  # the session's defaults: the base masked
+    shared = open_session(twin)
+    if not base:
+        ref = run(shared, {})
     norm = sum(float((r ** 2).sum()) for r in ref) or 1.0
+    base_err = sum(float(((o - r) ** 2).sum()) for o, r in zip(run(shared, {}), ref)) / norm \
+        if base else 0.0
+    base_value = None
+    if metric is not None:
+        base_value = float(metric.dense) if not base else \
+            metric.measure(twin, "trial", finite=False)
     curves: Dict[int, List[Tuple[float, float]]] = {}
     for gid, s in scores.items():
         group = graph.groups[gid]
@@ -366,8 +382,9 @@ def measured_damage(handle: ModelHandle, graph: ChannelGraph, scores: Mapping[in
         names = sorted({m.tensor for m in group.members
                         if m.stored and ZERO_ON_MASK.intersection(m.roles)}
                        | {f.bias.tensor.name for f in fits.get(gid, ()) if f.bias is not None})
-        curve = [(0.0, 0.0)]
-        for p in levels:
+        k0 = len(base.get(gid, ()))
+        curve = [(0.0, 0.0)] + ([(k0 / n, 0.0)] if k0 else [])
+        for p in (levels if not k0 else (k0 / n + 0.125, k0 / n + 0.25)):
             k = int(round(p * n))
             if k < 1 or k >= n or k / n <= curve[-1][0]:
                 continue
@@ -385,9 +402,10 @@ def measured_damage(handle: ModelHandle, graph: ChannelGraph, scores: Mapping[in
             finally:
                 for name, values in saved.items():
                     twin.write(stored[name], values)
-            err = sum(float(((o - r) ** 2).sum()) for o, r in zip(out, ref)) / norm
+            err = max(sum(float(((o - r) ** 2).sum()) for o, r in zip(out, ref)) / norm
+                      - base_err, 0.0)
             if metric is not None:
-                drop = max(float(metric.dense) - value, 0.0) if np.isfinite(value) else 1e6
+                drop = max(base_value - value, 0.0) if np.isfinite(value) else 1e6
                 err = drop + METRIC_TIE * err
             curve.append((k / n, err if np.isfinite(err) else 1e6))
         curves[gid] = curve
@@ -590,7 +608,8 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
                         max_group_sparsity: float = 0.9, channel_scores=None,
                         table=None, calibration=None, damage_samples: int = 8,
                         blocks: Optional[Sequence] = None, speed_checks: int = 2,
-                        damage: str = "output", metric=None) -> TargetPlan:
+                        damage: str = "output", metric=None, damage_stages: int = 1
+                        ) -> TargetPlan:
     """Per-group widths for ``target_macs`` (keep this fraction of the model's MACs) or
     ``target_speedup`` (predicted from the latency table, measured with ``threads``; ``table``
     injects one, e.g. in tests) on the groups left prunable in ``graph``. ``blocks``
@@ -603,12 +622,15 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
     group's trial masks it alone) or ``refit`` (its consumers refit by least squares in each
     trial, :class:`ConsumerFit`), ``metric`` / ``metric-refit`` (the same trials scored by
     ``metric``, the user's :class:`~onnxprune.runtime.evaluate.Metric`: its drop from the dense
-    value)."""
+    value). ``damage_stages`` (> 1, with calibration data): the allocation is reached in that
+    many steps, the damage measured again after each on the model with what was chosen so far
+    masked (``measured_damage(base=...)``), so groups are judged together with the others'
+    removal instead of each alone."""
     from onnxprune.channels.select import group_scores
 
     scores = group_scores(handle, graph, criterion, channel_scores)
     nodes = node_costs(handle, graph, input_shapes)
-    curves, damage_note = None, None
+    curves, damage_note, fits, scored, feeds = None, None, None, None, []
     if calibration is not None and len(calibration) and not getattr(calibration, "data_free",
                                                                      False):
         start = time.perf_counter()
@@ -638,12 +660,32 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
     fixed = total - sum(n.macs for n in nodes)
     common = dict(round_to=round_to, min_channels=min_channels,
                   max_group_sparsity=max_group_sparsity)
+
+    def restage(stage_alloc) -> None:
+        """--damage-stages: allocate part of the way, measure the damage again from there."""
+        if curves is None or damage_stages <= 1:
+            return
+        start = time.perf_counter()
+        channel = {g: s for g, s in scores.items() if g < len(graph.groups)}
+        for k in range(1, damage_stages):
+            part = stage_alloc(k / damage_stages)
+            base = {g: v for g, v in part.removed(scores).items() if g in channel and v}
+            curves.update(measured_damage(handle, graph, channel, feeds, fits=fits,
+                                          metric=scored, base=base))
+        notes.append(f"allocation: damage measured again at {damage_stages - 1} intermediate "
+                     f"allocation(s) on the model with the channels chosen so far masked "
+                     f"({time.perf_counter() - start:.1f} s)")
+
+    notes: List[str] = []
     if target_macs is not None:
+        restage(lambda f: allocate_widths(
+            scores, nodes, total * (1.0 - (1.0 - target_macs) * f), mac_cost, fixed_cost=fixed,
+            curves=curves, fixed_ladders=ladders, **common))
         alloc = allocate_widths(scores, nodes, target_macs * total, mac_cost,
                                 fixed_cost=fixed, curves=curves, fixed_ladders=ladders, **common)
         plan = TargetPlan(handle, alloc, alloc.removed(scores), nodes, "macs", target_macs,
                           input_shapes, threads)
-        plan.notes += [damage_note] if damage_note else []
+        plan.notes += ([damage_note] if damage_note else []) + notes
         return _with_blocks(plan, graph, blocks)
     from onnxprune.runtime.latency import latency_table
 
@@ -653,6 +695,10 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
             handle, lambda w: uniform_width(handle, w, round_to, min_channels, input_shapes),
             input_shapes, round_to, min_channels, threads=threads)
     elapsed = time.perf_counter() - start
+    restage(lambda f: allocate_widths(
+        scores, nodes, 0.0, latency_cost(table), fixed_cost=table.rest_model()[0], **common,
+        budget_fn=lambda dense: dense / (1.0 + (target_speedup - 1.0) * f), curves=curves,
+        fixed_ladders=ladders))
     goal, tried = target_speedup, []
     short, met, best = None, None, None  # highest goal that missed, lowest that met (+ plan)
     for attempt in range(checks + 1):
@@ -688,7 +734,7 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
     if tried:
         plan.notes.append("speed-up check, the pruned model timed: " + "; ".join(
             f"goal x{g:.2f} measured x{m:.2f}" for g, m in tried) + f"; final goal x{goal:.2f}")
-    plan.notes += [damage_note] if damage_note else []
+    plan.notes += ([damage_note] if damage_note else []) + notes
     return plan
 
 

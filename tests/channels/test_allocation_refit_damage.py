@@ -195,3 +195,45 @@ def test_damage_needs_its_inputs(tmp_path, extra, words):
     kw.update(extra)
     with pytest.raises(OptionError, match=words):
         prune(_redundant_model(), **kw)
+
+
+def test_base_damage_is_the_increase_over_the_base():
+    model = _redundant_model()
+    handle = load(copy.deepcopy(model))
+    graph = build_channel_graph(handle)
+    (gid,) = list(group_scores(handle, graph))
+    scores = {gid: np.array([4.0, 3.0, 2.0, 1.0])}
+    data = _data(model)
+    feeds = list(data.batches(8))
+    before = {t.name: handle.read(t).copy() for t in handle.model.graph.initializer}
+    plain = measured_damage(handle, graph, scores, feeds, levels=(0.25, 0.5))
+    # base: channel 3 already removed; the next levels are 1/4 + 1/8 -> still 1 channel (k
+    # rounds to 1 or 2) and 1/4 + 1/4 = 2 channels: the increase of 2 removed over 1 removed
+    staged = measured_damage(handle, graph, scores, feeds, base={gid: [3]})
+    assert staged[gid][0] == (0.0, 0.0) and staged[gid][1] == (0.25, 0.0)
+    (p, e), = [pt for pt in staged[gid][2:] if pt[0] == 0.5]
+    assert e == pytest.approx(plain[gid][2][1] - plain[gid][1][1], rel=1e-4)
+    for t in handle.model.graph.initializer:
+        np.testing.assert_array_equal(handle.read(t), before[t.name])
+
+
+def test_damage_stages_measure_again_and_meet_the_target(tmp_path):
+    from onnxprune.report.macs import count_macs
+
+    model = _redundant_model()
+    cal = tmp_path / "cal.npz"
+    np.savez(cal, x=np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    res = prune(copy.deepcopy(model), pattern="channel", target_macs=0.7, calibration=cal,
+                damage_stages=2, validate=False)
+    notes = [n for r in res.state.records for n in getattr(r, "notes", [])]
+    assert any("damage measured again at 1 intermediate allocation" in n for n in notes)
+    assert count_macs(res.model).total / count_macs(model).total <= 0.7
+    from onnxprune.errors import OptionError
+
+    for bad in (0, 11, 1.5, True):
+        with pytest.raises(OptionError, match="--damage-stages must be a whole number"):
+            prune(copy.deepcopy(model), pattern="channel", target_macs=0.7, calibration=cal,
+                  damage_stages=bad, validate=False)
+    with pytest.raises(OptionError, match="--damage-stages measures"):
+        prune(copy.deepcopy(model), pattern="channel", target_macs=0.7, damage_stages=2,
+              validate=False)
