@@ -93,7 +93,8 @@ def run_model(name, args, tmp: Path, rows_path: Path):
                             calibration=cal, input_shapes=shapes, validate=False, output=out,
                             force=True, **{kind: s}, **extra)
             except Exception as e:  # a failure is a row too
-                row = dict(model=name, variant=variant, target=s, kind=kind, error=f"{type(e).__name__}: "
+                row = dict(model=name, variant=variant, target=s, kind=kind,
+                           error=f"{type(e).__name__}: "
                            f"{str(e).splitlines()[0][:200]}")
                 print(row, flush=True)
                 with rows_path.open("a") as f:
@@ -117,6 +118,10 @@ def run_model(name, args, tmp: Path, rows_path: Path):
                 f.write(json.dumps(row) + "\n")
 
 
+def _x(speedup, threads: str) -> str:
+    return f"×{speedup[threads]:.2f}" if threads in speedup else "-"
+
+
 def _target(row) -> str:
     if row.get("kind") == "target_macs":
         return f"MACs {row['target']:g}"
@@ -128,9 +133,13 @@ def render(rows, command: str, notes: str = "") -> str:
              f"Command: `{command}`", "",
              f"onnxruntime {onnxruntime.__version__}, CPUExecutionProvider, batch 1, "
              f"{os.cpu_count()} CPUs shared with other jobs (one run of the script: read ratios, "
-             "not absolute times). Each row: `--pattern channel --target-speedup S --round-to 8 "
-             "--threads 1 --calibration <rendered pages>` (+ `--refit`), damage measured per "
-             "group on the calibration pages. F1: the pruned model's boxes against the dense "
+             "not absolute times). Each row: `--pattern channel --target-speedup S` (target ×S) "
+             "or "
+             "`--target-macs M` (target MACs M: no timing in the allocation, the same widths "
+             "on every run) with `--round-to 8 --threads 1 --calibration <rendered pages>` "
+             "(+ `--refit` and the variant's options), damage measured per "
+             "group on the calibration pages; `-`: not measured. F1: the pruned model's boxes "
+             "against the dense "
              "model's at IoU 0.5 on separate evaluation pages (tools/eval_detect.py; dense = "
              "1.0). Speed-up: dense / pruned, median of 3 measurements of interleaved runs "
              "after warm-up. MACs: pruned / dense as the report counts them.", "",
@@ -144,8 +153,8 @@ def render(rows, command: str, notes: str = "") -> str:
         sp = r["speedup"]
         predicted = "-" if r["predicted"] is None else f"×{r['predicted']:.2f}"
         lines.append(f"| {r['model']} | {r['variant']} | {_target(r)} | "
-                     f"{predicted} | ×{sp.get('1', float('nan')):.2f} | "
-                     f"×{sp.get('2', float('nan')):.2f} | {r['macs']:.3f} | {r['f1']:.3f} | "
+                     f"{predicted} | {_x(sp, '1')} | {_x(sp, '2')} | {r['macs']:.3f} | "
+                     f"{r['f1']:.3f} | "
                      f"{r['seconds']:.0f} |")
     lines += ["", "Best measured speed-up (1 thread / 2 threads) per model at F1 ≥ 0.95 and "
               "≥ 0.90 of the dense model's:", "",
@@ -158,7 +167,7 @@ def render(rows, command: str, notes: str = "") -> str:
                 cells += ["none", "-"]
                 continue
             best = max(ok, key=lambda r: r["speedup"].get("1", 0))
-            cells += [f"×{best['speedup'].get('1', 0):.2f} / ×{best['speedup'].get('2', 0):.2f} "
+            cells += [f"{_x(best['speedup'], '1')} / {_x(best['speedup'], '2')} "
                       f"({best['variant']}, {_target(best)}, F1 {best['f1']:.3f})",
                       f"{best['macs']:.3f}"]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")

@@ -618,8 +618,8 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
     names of those to remove). ``speed_checks``: with a measured table, times the pruned
     model and allocates again (up to this many times) for a corrected goal when it misses the
     target, or bisects back when a raised goal passes it by more than 10 %; the lowest goal
-    measured on target is kept (the notes list each goal and measured speed-up). ``damage``: ``output`` (each
-    group's trial masks it alone) or ``refit`` (its consumers refit by least squares in each
+    measured on target is kept (the notes list each goal and measured speed-up). ``damage``:
+    ``output`` (each group's trial masks it alone) or ``refit`` (its consumers refit by least squares in each
     trial, :class:`ConsumerFit`), ``metric`` / ``metric-refit`` (the same trials scored by
     ``metric``, the user's :class:`~onnxprune.runtime.evaluate.Metric`: its drop from the dense
     value). ``damage_stages`` (> 1, with calibration data): the allocation is reached in that
