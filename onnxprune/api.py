@@ -87,7 +87,9 @@ def build_passes(options: PruneOptions) -> Pipeline:
                                     input_shapes=o.input_shapes, refit=o.refit,
                                     target_macs=o.target_macs, target_speedup=o.target_speedup,
                                     threads=o.threads, bn_reestimate=o.bn_reestimate,
-                                    channel_criterion=o.channel_criterion, depth=o.depth))
+                                    channel_criterion=o.channel_criterion, depth=o.depth,
+                                    damage=o.damage, metric=o.eval_script,
+                                    damage_stages=o.damage_stages))
         if o.save_plan is not None or o.dry_run:
             passes.append(RecordPlan(o.input_shapes))
     else:

@@ -37,6 +37,7 @@ from onnxprune.inputs.signature import parse_input_shapes
 ALLOCATIONS = ("auto", "uniform", "sensitivity")
 BN_MODES = ("none", "data", "match")  # --bn-reestimate (calibration/batchnorm.py)
 CHANNEL_CRITERIA = ("norm", "reconstruction")  # --channel-criterion
+DAMAGE_MODES = ("output", "refit", "metric", "metric-refit")  # --damage (channels/allocate.py)
 
 #: The commands a flag can belong to.
 COMMANDS = ("prune", "inspect")
@@ -391,6 +392,20 @@ class PruneOptions:
                "of an identity path and a branch) compete with channel widths in the same "
                "allocation; a removed block's Add becomes the identity path, exactly.",
         switch=True)
+    # Damage that predicts the refit model (issue 14, F3: allocation on real detectors).
+    damage: str = option(
+        "output", "With --target-macs/--target-speedup and --calibration: how a group's damage "
+                  "is measured: output (the model's output error with the group's channels "
+                  "masked alone) or refit (the same, its consumers refit by least squares from "
+                  "the channels kept, as --refit does; use it with --refit), metric / "
+                  "metric-refit (the same trials scored by --eval-script: the metric's drop "
+                  "from the dense model's; one evaluation per group and level).",
+        choices=lambda: DAMAGE_MODES)
+    damage_stages: int = option(
+        1, "With --damage measured (--calibration and a target): reach the allocation in this "
+           "many steps, measuring every group's damage again after each on the model with the "
+           "channels chosen so far removed (costs one more round of trials per step).",
+        type=int)
     validate: bool = option(True, "Skip checker, onnxruntime and comparison.",
                             name="--no-validate", switch=True)
     inputs: Any = option(
@@ -513,6 +528,20 @@ class PruneOptions:
     def _check_reconstruction(self) -> None:
         _one_of("bn_reestimate", self.bn_reestimate, BN_MODES)
         _one_of("channel_criterion", self.channel_criterion, CHANNEL_CRITERIA)
+        _one_of("damage", self.damage, DAMAGE_MODES)
+        if (isinstance(self.damage_stages, bool) or not isinstance(self.damage_stages, int)
+                or not 1 <= self.damage_stages <= 10):
+            raise OptionError(f"--damage-stages must be a whole number from 1 to 10, got "
+                              f"{self.damage_stages!r}")
+        flag = (f"--damage {self.damage}" if self.damage != "output" else
+                "--damage-stages" if self.damage_stages != 1 else None)
+        if flag and (self.target_macs is None and self.target_speedup is None
+                     or self.calibration is None):
+            raise OptionError(f"{flag} measures each channel group for an allocation; use it "
+                              "with --target-macs or --target-speedup and --calibration")
+        if self.damage.startswith("metric") and self.eval_script is None:
+            raise OptionError(f"--damage {self.damage} scores trials with your metric; give "
+                              "--eval-script FILE.py:FUNCTION")
         for flag, on in (("--bn-reestimate", self.bn_reestimate != "none"),
                          ("--channel-criterion reconstruction",
                           self.channel_criterion == "reconstruction")):

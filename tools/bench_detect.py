@@ -42,7 +42,10 @@ BEGIN, END = "<!-- bench_detect: begin -->", "<!-- bench_detect: end -->"
 #: calibration / evaluation pages per model (800×608 layout pages are costly to calibrate on)
 #: variant = "refit" or "norefit", then "+name" for each of these option sets
 VARIANTS = {"bn": {"bn_reestimate": "match"}, "bndata": {"bn_reestimate": "data"},
-            "recon": {"channel_criterion": "reconstruction"}}
+            "recon": {"channel_criterion": "reconstruction"}, "dmgrefit": {"damage": "refit"},
+            "metric": {"damage": "metric", "eval_script": "METRIC"},
+            "metricrefit": {"damage": "metric-refit", "eval_script": "METRIC"},
+            "depth": {"depth": True}, "stages3": {"damage_stages": 3}}
 SAMPLES = {"ppocr_det": (32, 16), "layout": (16, 8), "yolo": (64, 32)}
 
 
@@ -77,15 +80,21 @@ def run_model(name, args, tmp: Path, rows_path: Path):
         extra = {"refit": parts[0] == "refit"}
         for part in parts[1:]:
             extra.update(VARIANTS[part])
-        for s in [float(x) for x in args.speedups.split(",")]:
-            out = tmp / f"{name}_{variant}_{s}.onnx"
+        if extra.get("eval_script") == "METRIC":  # the model's F1 on calibration pages
+            extra["eval_script"] = f"{Path(__file__).resolve().parent}/eval_detect.py:" \
+                f"{name}_metric"
+        targets = [("target_speedup", float(x)) for x in args.speedups.split(",") if x] + \
+            [("target_macs", float(x)) for x in (args.macs or "").split(",") if x]
+        for kind, s in targets:
+            out = tmp / f"{name}_{variant}_{kind}_{s}.onnx"
             t0 = time.perf_counter()
             try:
-                res = prune(str(dense), pattern="channel", target_speedup=s, round_to=8,
-                            threads=1, calibration=cal, input_shapes=shapes, validate=False,
-                            output=out, force=True, **extra)
+                res = prune(str(dense), pattern="channel", round_to=8, threads=1,
+                            calibration=cal, input_shapes=shapes, validate=False, output=out,
+                            force=True, **{kind: s}, **extra)
             except Exception as e:  # a failure is a row too
-                row = dict(model=name, variant=variant, target=s, error=f"{type(e).__name__}: "
+                row = dict(model=name, variant=variant, target=s, kind=kind,
+                           error=f"{type(e).__name__}: "
                            f"{str(e).splitlines()[0][:200]}")
                 print(row, flush=True)
                 with rows_path.open("a") as f:
@@ -93,15 +102,30 @@ def run_model(name, args, tmp: Path, rows_path: Path):
                 continue
             took = time.perf_counter() - t0
             alloc = [r for r in res.state.records if getattr(r, "allocation", None)][0].allocation
-            row = dict(model=name, variant=variant, target=s, seconds=round(took, 1),
+            damage_notes = [n for r in res.state.records for n in getattr(r, "notes", [])
+                            if n.startswith(("allocation: damage", "speed-up check", "depth:"))]
+            row = dict(model=name, variant=variant, target=s, kind=kind, seconds=round(took, 1),
                        predicted=alloc["predicted_speedup"],
                        macs=count_macs(str(out), shapes).total / dense_macs,
                        f1=metric(str(out), evals),
                        speedup={str(t): speedups(str(dense), str(out), resolved, t, args.runs)
-                                for t in args.threads})
+                                for t in args.threads}, notes=damage_notes,
+                       widths=[(g["describe"][:60], g["channels"], g["kept"])
+                               for g in alloc["groups"] if g["kept"] < g["channels"]],
+                       blocks=alloc.get("blocks_removed", []))
             print(row, flush=True)
             with rows_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+def _x(speedup, threads: str) -> str:
+    return f"×{speedup[threads]:.2f}" if threads in speedup else "-"
+
+
+def _target(row) -> str:
+    if row.get("kind") == "target_macs":
+        return f"MACs {row['target']:g}"
+    return f"×{row['target']:g}"
 
 
 def render(rows, command: str, notes: str = "") -> str:
@@ -109,9 +133,13 @@ def render(rows, command: str, notes: str = "") -> str:
              f"Command: `{command}`", "",
              f"onnxruntime {onnxruntime.__version__}, CPUExecutionProvider, batch 1, "
              f"{os.cpu_count()} CPUs shared with other jobs (one run of the script: read ratios, "
-             "not absolute times). Each row: `--pattern channel --target-speedup S --round-to 8 "
-             "--threads 1 --calibration <rendered pages>` (+ `--refit`), damage measured per "
-             "group on the calibration pages. F1: the pruned model's boxes against the dense "
+             "not absolute times). Each row: `--pattern channel --target-speedup S` (target ×S) "
+             "or "
+             "`--target-macs M` (target MACs M: no timing in the allocation, the same widths "
+             "on every run) with `--round-to 8 --threads 1 --calibration <rendered pages>` "
+             "(+ `--refit` and the variant's options), damage measured per "
+             "group on the calibration pages; `-`: not measured. F1: the pruned model's boxes "
+             "against the dense "
              "model's at IoU 0.5 on separate evaluation pages (tools/eval_detect.py; dense = "
              "1.0). Speed-up: dense / pruned, median of 3 measurements of interleaved runs "
              "after warm-up. MACs: pruned / dense as the report counts them.", "",
@@ -119,16 +147,18 @@ def render(rows, command: str, notes: str = "") -> str:
              "MACs | F1 vs dense | prune s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['variant']} | ×{r['target']:g} | "
+            lines.append(f"| {r['model']} | {r['variant']} | {_target(r)} | "
                          f"failed: {r['error']} | | | | | |")
             continue
         sp = r["speedup"]
-        lines.append(f"| {r['model']} | {r['variant']} | ×{r['target']:g} | "
-                     f"×{r['predicted']:.2f} | ×{sp.get('1', float('nan')):.2f} | "
-                     f"×{sp.get('2', float('nan')):.2f} | {r['macs']:.3f} | {r['f1']:.3f} | "
+        predicted = "-" if r["predicted"] is None else f"×{r['predicted']:.2f}"
+        lines.append(f"| {r['model']} | {r['variant']} | {_target(r)} | "
+                     f"{predicted} | {_x(sp, '1')} | {_x(sp, '2')} | {r['macs']:.3f} | "
+                     f"{r['f1']:.3f} | "
                      f"{r['seconds']:.0f} |")
     lines += ["", "Best measured speed-up (1 thread / 2 threads) per model at F1 ≥ 0.95 and "
-              "≥ 0.90 of the dense model's:", "",
+              "≥ 0.90 of the dense model's (among rows timed with both thread counts where "
+              "there are any):", "",
               "| model | at F1 ≥ 0.95 | MACs | at F1 ≥ 0.90 | MACs |", "|---|---|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         cells = []
@@ -137,9 +167,10 @@ def render(rows, command: str, notes: str = "") -> str:
             if not ok:
                 cells += ["none", "-"]
                 continue
-            best = max(ok, key=lambda r: r["speedup"].get("1", 0))
-            cells += [f"×{best['speedup'].get('1', 0):.2f} / ×{best['speedup'].get('2', 0):.2f} "
-                      f"({best['variant']}, target ×{best['target']:g}, F1 {best['f1']:.3f})",
+            # rows timed with both thread counts first, then the best one-thread speed-up
+            best = max(ok, key=lambda r: ("2" in r["speedup"], r["speedup"].get("1", 0)))
+            cells += [f"{_x(best['speedup'], '1')} / {_x(best['speedup'], '2')} "
+                      f"({best['variant']}, {_target(best)}, F1 {best['f1']:.3f})",
                       f"{best['macs']:.3f}"]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     if notes:
@@ -161,8 +192,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="ppocr_det,layout,yolo")
     ap.add_argument("--speedups", default="1.2,1.3,1.5")
+    ap.add_argument("--macs", default="", help="also rows at these --target-macs (no timing "
+                                                 "loop in the allocation: deterministic)")
     ap.add_argument("--variants", default="refit",
-                    help="comma list of refit / norefit, each optionally +bn, +bndata, +recon")
+                    help="comma list of refit / norefit, each optionally +bn, +bndata, +recon, "
+                         "+dmgrefit (--damage refit), +metric / +metricrefit (--damage metric / "
+                         "metric-refit with eval_detect's F1 on calibration pages), +depth, "
+                         "+stages3 (--damage-stages 3)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--rows", default=None, help="JSON lines file the rows are appended to")

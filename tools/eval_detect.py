@@ -338,6 +338,44 @@ def yolo_f1(model_path, images: np.ndarray, dense=YOLO) -> float:
     return f1_against_dense("yolo", model_path, images, dense)
 
 
+#: pages the --eval-script metrics score on (calibration pages: the allocation's trials must
+#: not see the evaluation pages)
+METRIC_PAGES = 8
+_METRIC_IMAGES: Dict[str, np.ndarray] = {}
+
+
+def session_f1(kind: str, session, n: int = METRIC_PAGES) -> float:
+    """F1 of an onnxruntime ``session``'s boxes against the dense ``kind`` model's on the first
+    ``n`` calibration pages (seed :data:`CAL_SEED`): the ``function(session) -> float`` form
+    ``--eval-script`` takes."""
+    dense, _, images, _, _ = MODELS[kind]
+    if kind not in _METRIC_IMAGES:
+        _METRIC_IMAGES[kind] = images(n, CAL_SEED)
+    imgs = _METRIC_IMAGES[kind]
+    key = (kind, str(dense), imgs.shape, float(imgs.sum()))
+    if key not in _REFERENCE:
+        _REFERENCE[key] = boxes_of(kind, dense, imgs)
+    name = session.get_inputs()[0].name
+    pred = [_DECODERS[kind](session.run(None, {name: img[None]})) for img in imgs]
+    return match(_REFERENCE[key], pred)
+
+
+def ppocr_det_metric(session) -> float:
+    """``--eval-script tools/eval_detect.py:ppocr_det_metric``: PP-OCR det F1 vs dense on 8
+    calibration pages."""
+    return session_f1("ppocr_det", session)
+
+
+def layout_metric(session) -> float:
+    """``--eval-script tools/eval_detect.py:layout_metric``: layout_cdla F1 vs dense."""
+    return session_f1("layout", session)
+
+
+def yolo_metric(session) -> float:
+    """``--eval-script tools/eval_detect.py:yolo_metric``: yolo_block top-10 F1 vs dense."""
+    return session_f1("yolo", session)
+
+
 #: name -> (dense model, metric, images(n, seed), input name, shapes for onnxprune)
 MODELS = {
     "ppocr_det": (PPOCR_DET, ppocr_det_f1, lambda n, seed: text_pages(n, 320, seed), "x",

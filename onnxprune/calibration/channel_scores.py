@@ -19,7 +19,7 @@ sampled as for the refit.
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -41,6 +41,60 @@ def column_channels(layout, axis: int) -> np.ndarray:
     w2d = layout.to_2d(np.broadcast_to(ramp, shape).copy())
     rows = w2d.reshape(w2d.shape[0], -1)
     return rows[0] if (rows == rows[:1]).all() else np.full(rows.shape[1], -1)
+
+
+def consumer_units(graph, weights: Sequence, groups=None) -> Dict[int, List[tuple]]:
+    """Prunable group id -> ``[(weight, units), ...]``: each float, ungrouped consumer weight of
+    the group within the Hessian budget, and per unit of the group the ``W[out, in]`` columns
+    it feeds (``groups``: only these ids)."""
+    by_name = {w.name: w for w in weights}
+    wanted: Dict[int, List[tuple]] = {}
+    for g in graph.prunable():
+        if groups is not None and g.id not in groups:
+            continue
+        for m in g.members:
+            w = by_name.get(m.tensor)
+            if (w is None or not m.stored or CONSUMER not in m.roles or w.layout.group != 1
+                    or not fits_budget(w)):
+                continue
+            cols = column_channels(w.layout, m.axis)
+            if (cols < 0).all():
+                continue
+            units = [np.flatnonzero(np.isin(cols, m.index_map[u])) for u in range(g.size)]
+            wanted.setdefault(g.id, []).append((w, units))
+    return wanted
+
+
+def refit_columns(w2d: np.ndarray, moment: np.ndarray, mean: Optional[np.ndarray],
+                  removed: np.ndarray, damp: float = DAMP
+                  ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """The least-squares refit of ``w2d`` (``W[out, in]``, dense values) when the columns
+    ``removed`` go: ``(W', bias shift)`` with ``W'_R = 0`` and ``W'_K = W_K + W_R C_RK C_KK^-1``
+    (``C`` the input covariance ``moment/n - mean mean^T`` when ``mean`` is given, the bias
+    then taking ``W_R mean_R - (W'_K - W_K) mean_K``; else the raw second moment ``moment`` and
+    no shift). ``moment`` is ``X^T X / n``; ``C_KK`` is dampened by ``damp`` x its mean
+    diagonal, as the refit does."""
+    w = np.asarray(w2d, dtype=np.float64)
+    n_in = w.shape[1]
+    r = np.zeros(n_in, bool)
+    r[np.asarray(removed, dtype=np.int64)] = True
+    k = ~r
+    c = np.asarray(moment, dtype=np.float64)
+    if mean is not None:
+        c = c - np.outer(mean, mean)
+    ckk = c[np.ix_(k, k)]
+    lam = damp * max(float(np.mean(np.diag(ckk))) if k.any() else 0.0, 1e-12)
+    out = w.copy()
+    out[:, r] = 0.0
+    if not k.any() or not r.any():
+        return out, (None if mean is None else np.zeros(w.shape[0]))
+    gain = np.linalg.solve(ckk + lam * np.eye(int(k.sum())), c[np.ix_(k, r)]).T  # [R, K]
+    delta = w[:, r] @ gain
+    out[:, k] += delta
+    shift = None
+    if mean is not None:
+        shift = w[:, r] @ mean[r] - delta @ mean[k]
+    return out, shift
 
 
 def removal_errors(w2d: np.ndarray, hessian: np.ndarray, units: Sequence[np.ndarray],
@@ -67,19 +121,7 @@ def reconstruction_scores(handle: ModelHandle, graph, weights: Sequence, data: C
     """Prunable group id -> its units' reconstruction importance (mean 1), for the groups with
     at least one consumer weight measured; and a note for the report."""
     start = time.perf_counter()
-    by_name = {w.name: w for w in weights}
-    wanted: Dict[int, List[tuple]] = {}
-    for g in graph.prunable():
-        for m in g.members:
-            w = by_name.get(m.tensor)
-            if (w is None or not m.stored or CONSUMER not in m.roles or w.layout.group != 1
-                    or not fits_budget(w)):
-                continue
-            cols = column_channels(w.layout, m.axis)
-            if (cols < 0).all():
-                continue
-            units = [np.flatnonzero(np.isin(cols, m.index_map[u])) for u in range(g.size)]
-            wanted.setdefault(g.id, []).append((w, units))
+    wanted = consumer_units(graph, weights)
     need = list({w.key: w for parts in wanted.values() for w, _ in parts}.values())
     stats = collect_layer_stats(handle, need, data, want_hessian=True, batch_size=batch_size,
                                 precision="float32", sample_rows=True, seed=seed) if need else {}

@@ -301,12 +301,31 @@ def curve_at(curve: Sequence[Tuple[float, float]], p: float) -> float:
     return float(ys[-1] + slope * (p - xs[-1]))
 
 
+#: --damage metric: the weight of the output error added to the metric's drop (a tie-breaker).
+METRIC_TIE = 0.01
+
+
 def measured_damage(handle: ModelHandle, graph: ChannelGraph, scores: Mapping[int, np.ndarray],
                     feeds: Sequence[Mapping[str, np.ndarray]],
-                    levels: Sequence[float] = (0.25, 0.5)) -> Dict[int, List[Tuple[float, float]]]:
+                    levels: Sequence[float] = (0.25, 0.5),
+                    fits: Optional[Mapping[int, Sequence["ConsumerFit"]]] = None,
+                    metric=None, base: Optional[Mapping[int, Sequence[int]]] = None
+                    ) -> Dict[int, List[Tuple[float, float]]]:
     """Per group: ``[(0, 0), (p, error), ...]``, the model's relative output error
     ``sum ||y - y0||^2 / sum ||y0||^2`` over ``feeds`` with the group's lowest-scored fraction
     ``p`` of channels masked (exactly what removing them computes), each level alone.
+    ``fits`` (``--damage refit``, :func:`consumer_fits`): per group, its consumers refit by
+    least squares from the channels kept in each trial (:func:`~onnxprune.calibration.
+    channel_scores.refit_columns`, dense input statistics), so the error is what is left after
+    the consumers' refit, as the ``--refit`` model will have it. ``metric`` (the user's
+    :class:`~onnxprune.runtime.evaluate.Metric`, its dense value measured): each trial's damage
+    is instead the metric's drop ``dense - trial`` (at least 0; a non-finite value counts as
+    1e6), plus :data:`METRIC_TIE` x the output error so that trials the metric cannot tell
+    apart (a thresholded metric that does not move) still rank by how far the outputs moved.
+    ``base`` (group id -> units already removed, the lowest-scored ones: a stage of
+    ``--damage-stages``): every trial starts from the model with those masked, a group's levels
+    lie past its own base (12.5 % and 25 % of the group further), and the damage is the
+    increase over the base's (the curve is 0 up to the base: ``[(0, 0), (p0, 0), ...]``).
 
     One session serves every trial: the groups' stored tensors that are initializers become
     overridable graph inputs of a copy of the model, and each trial feeds its masked values.
@@ -316,9 +335,13 @@ def measured_damage(handle: ModelHandle, graph: ChannelGraph, scores: Mapping[in
     from onnxprune.ops._channel import ZERO_ON_MASK
     from onnxprune.runtime.session import open_session
 
+    fits = dict(fits or {})
     inits = {t.name for t in handle.model.graph.initializer}
+    bias_names = {f.bias.tensor.name for gid in scores for f in fits.get(gid, ())
+                  if f.bias is not None}
     touched = sorted({m.tensor for gid in scores for m in graph.groups[gid].members
-                      if m.stored and ZERO_ON_MASK.intersection(m.roles) and m.tensor in inits})
+                      if m.stored and ZERO_ON_MASK.intersection(m.roles) and m.tensor in inits}
+                     | (bias_names & inits))
     twin = ModelHandle(model=copy.deepcopy(handle.model), path=handle.path,
                        base_dir=handle.base_dir)
     for tensor, values in handle.rewritten_values():
@@ -332,40 +355,125 @@ def measured_damage(handle: ModelHandle, graph: ChannelGraph, scores: Mapping[in
             twin.model.graph.input.append(
                 onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
     twin.graph_changed()
-    shared = open_session(twin)
+    base = {g: list(v) for g, v in (base or {}).items() if len(v)}
 
     def run(session, extra):
         return [np.asarray(o, dtype=np.float64) for f in feeds
                 for o in session.run(None, {**dict(f), **extra})]
 
-    ref = run(shared, {})
+    if base:
+        ref = run(open_session(handle), {})  # the dense outputs
+        mask_channels(twin, base, twin_view)  # the session's defaults: the base masked
+    shared = open_session(twin)
+    if not base:
+        ref = run(shared, {})
     norm = sum(float((r ** 2).sum()) for r in ref) or 1.0
+    base_err = sum(float(((o - r) ** 2).sum()) for o, r in zip(run(shared, {}), ref)) / norm \
+        if base else 0.0
+    base_value = None
+    if metric is not None:
+        base_value = float(metric.dense) if not base else \
+            metric.measure(twin, "trial", finite=False)
     curves: Dict[int, List[Tuple[float, float]]] = {}
     for gid, s in scores.items():
         group = graph.groups[gid]
         n = group.size
         order = np.argsort(s, kind="stable")
         names = sorted({m.tensor for m in group.members
-                        if m.stored and ZERO_ON_MASK.intersection(m.roles)})
-        curve = [(0.0, 0.0)]
-        for p in levels:
+                        if m.stored and ZERO_ON_MASK.intersection(m.roles)}
+                       | {f.bias.tensor.name for f in fits.get(gid, ()) if f.bias is not None})
+        k0 = len(base.get(gid, ()))
+        curve = [(0.0, 0.0)] + ([(k0 / n, 0.0)] if k0 else [])
+        for p in (levels if not k0 else (k0 / n + 0.125, k0 / n + 0.25)):
             k = int(round(p * n))
             if k < 1 or k >= n or k / n <= curve[-1][0]:
                 continue
             saved = {name: twin.read(stored[name]) for name in names}
             try:
                 mask_channels(twin, {gid: sorted(order[:k].tolist())}, twin_view)
+                for fit in fits.get(gid, ()):
+                    fit.apply(twin, stored, saved, order[:k])
                 if all(name in inits for name in names):
                     out = run(shared, {name: twin.read(stored[name]) for name in names})
                 else:
                     out = run(open_session(twin), {})
+                if metric is not None:
+                    value = metric.measure(twin, "trial", finite=False)
             finally:
                 for name, values in saved.items():
                     twin.write(stored[name], values)
-            err = sum(float(((o - r) ** 2).sum()) for o, r in zip(out, ref)) / norm
+            err = max(sum(float(((o - r) ** 2).sum()) for o, r in zip(out, ref)) / norm
+                      - base_err, 0.0)
+            if metric is not None:
+                drop = max(base_value - value, 0.0) if np.isfinite(value) else 1e6
+                err = drop + METRIC_TIE * err
             curve.append((k / n, err if np.isfinite(err) else 1e6))
         curves[gid] = curve
     return curves
+
+
+@dataclass
+class ConsumerFit:
+    """One consumer weight of a group, refit in ``--damage refit`` trials: the weight, per unit
+    of the group its ``W[out, in]`` columns, the dense input's ``X^T X / n`` and mean, and its
+    stored bias (None: the refit uses the raw moment and moves no bias)."""
+
+    weight: object
+    units: List[np.ndarray]
+    moment: np.ndarray
+    mean: np.ndarray
+    bias: object = None
+
+    def apply(self, twin: ModelHandle, stored, saved, removed_units) -> None:
+        """Write into ``twin`` (already masked) this consumer refit from the kept columns, the
+        dense values taken from ``saved`` (name -> values before the trial)."""
+        from onnxprune.calibration.channel_scores import refit_columns
+
+        w = self.weight
+        name = w.tensor.name
+        dense = self.weight.layout.to_2d(saved[name])
+        masked = self.weight.layout.to_2d(twin.read(stored[name]))
+        cols = np.concatenate([self.units[u] for u in removed_units]) if len(removed_units) \
+            else np.zeros(0, np.int64)
+        new, shift = refit_columns(dense, self.moment, None if self.bias is None else self.mean,
+                                   cols)
+        dead = (masked == 0).all(axis=1) & (dense != 0).any(axis=1)  # rows the mask removed
+        new[dead] = 0.0
+        twin.write(stored[name], w.layout.from_2d(new).astype(saved[name].dtype))
+        if self.bias is not None and shift is not None:
+            b = saved[self.bias.tensor.name]
+            shift = np.where(dead, 0.0, shift)
+            twin.write(stored[self.bias.tensor.name],
+                       (b.astype(np.float64) + self.bias.scale * shift.reshape(b.shape))
+                       .astype(b.dtype))
+
+
+def consumer_fits(handle: ModelHandle, graph: ChannelGraph, groups, data, batch_size: int = 8,
+                  seed: int = 0) -> Dict[int, List[ConsumerFit]]:
+    """Per group in ``groups``: its float consumer weights with their dense input statistics on
+    ``data`` (Conv rows sampled as the refit samples them), for ``--damage refit``."""
+    from onnxprune.calibration.channel_scores import consumer_units
+    from onnxprune.calibration.statistics import collect_layer_stats
+    from onnxprune.ops.weights import find_weights, stored_bias
+
+    weights = [w for w in find_weights(handle)[0] if w.factor(handle) is None
+               and not w.layout.view]
+    wanted = consumer_units(graph, weights, set(groups))
+    need = list({w.key: w for parts in wanted.values() for w, _ in parts}.values())
+    if not need:
+        return {}
+    stats = collect_layer_stats(handle, need, data, want_hessian=True, batch_size=batch_size,
+                                precision="float32", sample_rows=True, seed=seed)
+    out: Dict[int, List[ConsumerFit]] = {}
+    for gid, parts in wanted.items():
+        for w, units in parts:
+            st = stats.get(w.key)
+            if st is None or st.hessian is None or w.tensor.name not in graph.stored:
+                continue
+            n = max(st.count, 1)
+            out.setdefault(gid, []).append(ConsumerFit(
+                w, units, st.hessian / n, st.in_sums / n, stored_bias(handle.index, w)))
+    return out
 
 
 def _rebind(graph: ChannelGraph, stored: Mapping[str, onnx.TensorProto]) -> ChannelGraph:
@@ -499,7 +607,8 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
                         criterion: str = "l1", round_to: int = 1, min_channels: int = 1,
                         max_group_sparsity: float = 0.9, channel_scores=None,
                         table=None, calibration=None, damage_samples: int = 8,
-                        blocks: Optional[Sequence] = None, speed_checks: int = 2
+                        blocks: Optional[Sequence] = None, speed_checks: int = 2,
+                        damage: str = "output", metric=None, damage_stages: int = 1
                         ) -> TargetPlan:
     """Per-group widths for ``target_macs`` (keep this fraction of the model's MACs) or
     ``target_speedup`` (predicted from the latency table, measured with ``threads``; ``table``
@@ -507,22 +616,41 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
     (:func:`~onnxprune.channels.depth.find_residual_blocks`; needs ``calibration``): residual
     blocks offered in the same allocation, each kept or removed (``plan.blocks``: the ``Add``
     names of those to remove). ``speed_checks``: with a measured table, times the pruned
-    model up to this many times and allocates again for a corrected goal when it misses the
-    target (the notes list each goal and measured speed-up)."""
+    model and allocates again (up to this many times) for a corrected goal when it misses the
+    target, or bisects back when a raised goal passes it by more than 10 %; the lowest goal
+    measured on target is kept (the notes list each goal and measured speed-up). ``damage``:
+    ``output`` (each group's trial masks it alone) or ``refit`` (its consumers refit by least squares in each
+    trial, :class:`ConsumerFit`), ``metric`` / ``metric-refit`` (the same trials scored by
+    ``metric``, the user's :class:`~onnxprune.runtime.evaluate.Metric`: its drop from the dense
+    value). ``damage_stages`` (> 1, with calibration data): the allocation is reached in that
+    many steps, the damage measured again after each on the model with what was chosen so far
+    masked (``measured_damage(base=...)``), so groups are judged together with the others'
+    removal instead of each alone."""
     from onnxprune.channels.select import group_scores
 
     scores = group_scores(handle, graph, criterion, channel_scores)
     nodes = node_costs(handle, graph, input_shapes)
-    curves, damage_note = None, None
+    curves, damage_note, fits, scored, feeds = None, None, None, None, []
     if calibration is not None and len(calibration) and not getattr(calibration, "data_free",
                                                                      False):
         start = time.perf_counter()
         data = calibration.take(damage_samples)
         feeds = list(data.batches(data.fixed_batch or damage_samples))
-        curves = measured_damage(handle, graph, scores, feeds)
+        fits = (consumer_fits(handle, graph, scores, data, batch_size=data.fixed_batch or 8)
+                if damage in ("refit", "metric-refit") else None)
+        scored = metric if damage.startswith("metric") else None
+        curves = measured_damage(handle, graph, scores, feeds, fits=fits, metric=scored)
+        how = ("" if fits is None else
+               f", its consumers refit by least squares ({len(fits)} groups with a consumer "
+               "to refit)")
+        if scored is not None:
+            trials = sum(len(c) - 1 for c in curves.values())
+            how += (f"; scored by {scored.source} (its drop from the dense "
+                    f"{float(scored.dense):.4g}, ties broken by {METRIC_TIE} x the output "
+                    f"error): {trials} evaluations")
         damage_note = (f"allocation: damage measured per group as the output error on "
                        f"{len(data)} calibration samples with 25 % and 50 % of its channels "
-                       f"removed ({len(curves)} groups, {time.perf_counter() - start:.1f} s)")
+                       f"removed{how} ({len(curves)} groups, {time.perf_counter() - start:.1f} s)")
         if blocks:
             nodes, extra = _offer_blocks(handle, graph, blocks, nodes, feeds)
             for bid, curve in extra.items():
@@ -532,12 +660,32 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
     fixed = total - sum(n.macs for n in nodes)
     common = dict(round_to=round_to, min_channels=min_channels,
                   max_group_sparsity=max_group_sparsity)
+
+    def restage(stage_alloc) -> None:
+        """--damage-stages: allocate part of the way, measure the damage again from there."""
+        if curves is None or damage_stages <= 1:
+            return
+        start = time.perf_counter()
+        channel = {g: s for g, s in scores.items() if g < len(graph.groups)}
+        for k in range(1, damage_stages):
+            part = stage_alloc(k / damage_stages)
+            base = {g: v for g, v in part.removed(scores).items() if g in channel and v}
+            curves.update(measured_damage(handle, graph, channel, feeds, fits=fits,
+                                          metric=scored, base=base))
+        notes.append(f"allocation: damage measured again at {damage_stages - 1} intermediate "
+                     f"allocation(s) on the model with the channels chosen so far masked "
+                     f"({time.perf_counter() - start:.1f} s)")
+
+    notes: List[str] = []
     if target_macs is not None:
+        restage(lambda f: allocate_widths(
+            scores, nodes, total * (1.0 - (1.0 - target_macs) * f), mac_cost, fixed_cost=fixed,
+            curves=curves, fixed_ladders=ladders, **common))
         alloc = allocate_widths(scores, nodes, target_macs * total, mac_cost,
                                 fixed_cost=fixed, curves=curves, fixed_ladders=ladders, **common)
         plan = TargetPlan(handle, alloc, alloc.removed(scores), nodes, "macs", target_macs,
                           input_shapes, threads)
-        plan.notes += [damage_note] if damage_note else []
+        plan.notes += ([damage_note] if damage_note else []) + notes
         return _with_blocks(plan, graph, blocks)
     from onnxprune.runtime.latency import latency_table
 
@@ -547,7 +695,12 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
             handle, lambda w: uniform_width(handle, w, round_to, min_channels, input_shapes),
             input_shapes, round_to, min_channels, threads=threads)
     elapsed = time.perf_counter() - start
+    restage(lambda f: allocate_widths(
+        scores, nodes, 0.0, latency_cost(table), fixed_cost=table.rest_model()[0], **common,
+        budget_fn=lambda dense: dense / (1.0 + (target_speedup - 1.0) * f), curves=curves,
+        fixed_ladders=ladders))
     goal, tried = target_speedup, []
+    short, met, best = None, None, None  # highest goal that missed, lowest that met (+ plan)
     for attempt in range(checks + 1):
         alloc = allocate_widths(scores, nodes, 0.0, latency_cost(table),
                                 fixed_cost=table.rest_model()[0],
@@ -556,19 +709,32 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
         plan = _with_blocks(TargetPlan(handle, alloc, alloc.removed(scores), nodes, "speedup",
                                        target_speedup, input_shapes, threads, table, cached,
                                        elapsed), graph, blocks)
-        if attempt == checks:
+        if not checks:
             break
         # The table predicts; the pruned model is what counts: time it, and where it misses
-        # the target (or overshoots it by far) allocate again for a corrected goal.
+        # the target allocate again for a higher goal; where a raised goal passes it by far,
+        # bisect back between the goal that missed and the one that met it (every removed
+        # channel past the target costs accuracy). The lowest goal measured on target wins.
         measured = _check_speedup(handle, graph, plan, input_shapes, threads, round_to)
         tried.append((goal, measured))
         if measured >= target_speedup * 0.98:
+            met, best = goal, plan
+            if short is None or measured <= target_speedup * 1.1:
+                break
+        else:
+            short = goal
+        if attempt == checks:
             break
-        goal = min(goal * target_speedup / max(measured, 1e-6), 4.0 * target_speedup)
+        if met is not None:
+            goal = (short + met) / 2.0
+        else:
+            goal = min(goal * target_speedup / max(measured, 1e-6), 4.0 * target_speedup)
+    if best is not None and best is not plan:
+        plan, goal = best, met
     if tried:
         plan.notes.append("speed-up check, the pruned model timed: " + "; ".join(
             f"goal x{g:.2f} measured x{m:.2f}" for g, m in tried) + f"; final goal x{goal:.2f}")
-    plan.notes += [damage_note] if damage_note else []
+    plan.notes += ([damage_note] if damage_note else []) + notes
     return plan
 
 

@@ -112,7 +112,8 @@ class PruneChannels(Pass):
                  input_shapes: Optional[Dict[str, Sequence[int]]] = None, refit: bool = False,
                  target_macs: Optional[float] = None, target_speedup: Optional[float] = None,
                  threads: Optional[int] = None, bn_reestimate: str = "none",
-                 channel_criterion: str = "norm", depth: bool = False):
+                 channel_criterion: str = "norm", depth: bool = False,
+                 damage: str = "output", metric=None, damage_stages: int = 1):
         if criterion not in _CHANNEL_NORMS and channel_scores is None:
             raise OptionError(f"criterion '{criterion}' does not rank channels; use "
                               f"{', '.join(sorted(_CHANNEL_NORMS))} with --pattern channel")
@@ -127,7 +128,8 @@ class PruneChannels(Pass):
         self.refit = refit
         self.target = (target_macs, target_speedup, threads)
         self.bn_reestimate, self.channel_criterion = bn_reestimate, channel_criterion
-        self.depth = depth
+        self.depth, self.damage, self.metric = depth, damage, metric
+        self.damage_stages = damage_stages
         if refit or bn_reestimate != "none" or channel_criterion == "reconstruction":
             # the refit fits layers to the dense model on calibration data (and the
             # reconstruction ranking and BN re-estimation measure on it)
@@ -175,7 +177,8 @@ class PruneChannels(Pass):
                 state.handle, graph, *self.target, input_shapes=self.input_shapes,
                 **{k: self.kwargs[k] for k in ("criterion", "round_to", "min_channels",
                                                "max_group_sparsity", "channel_scores")},
-                calibration=state.calibration, blocks=blocks)
+                calibration=state.calibration, blocks=blocks, damage=self.damage,
+                metric=self.metric, damage_stages=self.damage_stages)
             removed = allocation.removed
         else:
             norms = {k: np.sqrt(s.in_sq_norms) for k, s in state.layer_stats.items()

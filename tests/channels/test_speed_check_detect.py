@@ -28,6 +28,8 @@ def _table(nodes):
     ([1.3], [1.3]),  # on target at once: one check
     ([1.04, 1.31], [1.3, 1.3 * 1.3 / 1.04]),  # short: a higher goal, then on target
     ([1.6], [1.3]),  # past it: kept (the goal is never lowered below the target)
+    # short, then past it by far: bisect back; the lower goal is on target and kept
+    ([1.04, 1.6, 1.35], [1.3, 1.3 * 1.3 / 1.04, (1.3 + 1.3 * 1.3 / 1.04) / 2]),
 ])
 def test_goal_corrected_by_measurement(answers, goals, monkeypatch):
     handle = load(copy.deepcopy(BUILDERS["conv_bn_relu"]()))
@@ -53,3 +55,21 @@ def test_goal_corrected_by_measurement(answers, goals, monkeypatch):
     kept = {g: a.keep[g] / a.sizes[g] for g in a.keep}
     final = predict_seconds(table, plan.nodes, {}) / predict_seconds(table, plan.nodes, kept)
     assert final == pytest.approx(plan.predicted_speedup)
+
+
+def test_bisected_goal_that_misses_keeps_the_one_that_met(monkeypatch):
+    handle = load(copy.deepcopy(BUILDERS["conv_bn_relu"]()))
+    graph = build_channel_graph(handle)
+    table = _table(node_costs(handle, graph))
+    monkeypatch.setattr(lat, "latency_table", lambda *a, **k: (table, True))
+    answers, seen = [1.04, 1.6, 1.2], []
+
+    def fake_check(h, g, plan, *a):
+        seen.append(plan)
+        return answers[len(seen) - 1]
+
+    monkeypatch.setattr(alloc_mod, "_check_speedup", fake_check)
+    plan = allocate_for_target(handle, graph, target_speedup=1.3, speed_checks=2)
+    assert len(seen) == 3 and plan is seen[1]  # the plan measured x1.6, not the last one
+    note = [n for n in plan.notes if n.startswith("speed-up check, the pruned model timed")][0]
+    assert note.endswith(f"final goal x{1.3 * 1.3 / 1.04:.2f}")
