@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -307,13 +307,14 @@ METRIC_TIE = 0.01
 
 def measured_damage(handle: ModelHandle, graph: ChannelGraph, scores: Mapping[int, np.ndarray],
                     feeds: Sequence[Mapping[str, np.ndarray]],
-                    levels: Sequence[float] = (0.25, 0.5),
+                    levels: Union[Sequence[float], Mapping[int, Sequence[float]]] = (0.25, 0.5),
                     fits: Optional[Mapping[int, Sequence["ConsumerFit"]]] = None,
                     metric=None, base: Optional[Mapping[int, Sequence[int]]] = None
                     ) -> Dict[int, List[Tuple[float, float]]]:
     """Per group: ``[(0, 0), (p, error), ...]``, the model's relative output error
     ``sum ||y - y0||^2 / sum ||y0||^2`` over ``feeds`` with the group's lowest-scored fraction
-    ``p`` of channels masked (exactly what removing them computes), each level alone.
+    ``p`` of channels masked (exactly what removing them computes), each level alone
+    (``levels``: the same for every group, or per group id).
     ``fits`` (``--damage refit``, :func:`consumer_fits`): per group, its consumers refit by
     least squares from the channels kept in each trial (:func:`~onnxprune.calibration.
     channel_scores.refit_columns`, dense input statistics), so the error is what is left after
@@ -384,7 +385,8 @@ def measured_damage(handle: ModelHandle, graph: ChannelGraph, scores: Mapping[in
                        | {f.bias.tensor.name for f in fits.get(gid, ()) if f.bias is not None})
         k0 = len(base.get(gid, ()))
         curve = [(0.0, 0.0)] + ([(k0 / n, 0.0)] if k0 else [])
-        for p in (levels if not k0 else (k0 / n + 0.125, k0 / n + 0.25)):
+        own = levels.get(gid, ()) if isinstance(levels, Mapping) else levels
+        for p in (own if not k0 else (k0 / n + 0.125, k0 / n + 0.25)):
             k = int(round(p * n))
             if k < 1 or k >= n or k / n <= curve[-1][0]:
                 continue
@@ -677,15 +679,51 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
                      f"({time.perf_counter() - start:.1f} s)")
 
     notes: List[str] = []
+    extended: Dict[int, List[float]] = {}
+
+    def within_measured(make) -> Allocation:
+        """``make()``'s allocation, where it takes a group past the largest fraction its
+        damage was measured at, measured there too and allocated again (up to 3 times): past
+        its last point a curve is only extrapolated linearly, which underrates removing most
+        of a group (MiniLM: 10 of 12 heads in five layers, output cosine 0.82)."""
+        alloc = make()
+        for _ in range(3):
+            if curves is None:
+                break
+            far = {gid: (alloc.sizes[gid] - kept) / alloc.sizes[gid]
+                   for gid, kept in alloc.keep.items()
+                   if gid < len(graph.groups) and gid in curves and alloc.sizes[gid]
+                   and (alloc.sizes[gid] - kept) / alloc.sizes[gid] > curves[gid][-1][0] + 1e-9}
+            if not far:
+                break
+            more = measured_damage(handle, graph, {g: scores[g] for g in far}, feeds,
+                                   levels={g: (p,) for g, p in far.items()}, fits=fits,
+                                   metric=scored)
+            for gid, curve in more.items():
+                curves[gid] = sorted(set(curves[gid]) | set(curve[1:]))
+                extended.setdefault(gid, []).extend(p for p, _ in curve[1:])
+            alloc = make()
+        return alloc
+
+    def extended_note() -> List[str]:
+        if not extended:
+            return []
+        return [f"allocation: {len(extended)} group(s) taken past their measured damage "
+                f"levels were measured there as well and allocated again ("
+                + ", ".join(f"group {g} at {', '.join(f'{100 * p:.0f} %' for p in ps)}"
+                            for g, ps in sorted(extended.items())[:6])
+                + (", ..." if len(extended) > 6 else "") + ")"]
+
     if target_macs is not None:
         restage(lambda f: allocate_widths(
             scores, nodes, total * (1.0 - (1.0 - target_macs) * f), mac_cost, fixed_cost=fixed,
             curves=curves, fixed_ladders=ladders, **common))
-        alloc = allocate_widths(scores, nodes, target_macs * total, mac_cost,
-                                fixed_cost=fixed, curves=curves, fixed_ladders=ladders, **common)
+        alloc = within_measured(lambda: allocate_widths(
+            scores, nodes, target_macs * total, mac_cost, fixed_cost=fixed, curves=curves,
+            fixed_ladders=ladders, **common))
         plan = TargetPlan(handle, alloc, alloc.removed(scores), nodes, "macs", target_macs,
                           input_shapes, threads)
-        plan.notes += ([damage_note] if damage_note else []) + notes
+        plan.notes += ([damage_note] if damage_note else []) + notes + extended_note()
         return _with_blocks(plan, graph, blocks)
     from onnxprune.runtime.latency import latency_table
 
@@ -702,10 +740,9 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
     goal, tried = target_speedup, []
     short, met, best = None, None, None  # highest goal that missed, lowest that met (+ plan)
     for attempt in range(checks + 1):
-        alloc = allocate_widths(scores, nodes, 0.0, latency_cost(table),
-                                fixed_cost=table.rest_model()[0],
-                                **common, budget_fn=lambda dense, g=goal: dense / g,
-                                curves=curves, fixed_ladders=ladders)
+        alloc = within_measured(lambda g=goal: allocate_widths(
+            scores, nodes, 0.0, latency_cost(table), fixed_cost=table.rest_model()[0],
+            **common, budget_fn=lambda dense: dense / g, curves=curves, fixed_ladders=ladders))
         plan = _with_blocks(TargetPlan(handle, alloc, alloc.removed(scores), nodes, "speedup",
                                        target_speedup, input_shapes, threads, table, cached,
                                        elapsed), graph, blocks)
@@ -734,7 +771,7 @@ def allocate_for_target(handle: ModelHandle, graph: ChannelGraph,
     if tried:
         plan.notes.append("speed-up check, the pruned model timed: " + "; ".join(
             f"goal x{g:.2f} measured x{m:.2f}" for g, m in tried) + f"; final goal x{goal:.2f}")
-    plan.notes += ([damage_note] if damage_note else []) + notes
+    plan.notes += ([damage_note] if damage_note else []) + notes + extended_note()
     return plan
 
 

@@ -3,6 +3,7 @@ a group's damage measured with its consumers refit by least squares from the kep
 the model's weights left as they were, and the option's plumbing and errors."""
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -237,3 +238,34 @@ def test_damage_stages_measure_again_and_meet_the_target(tmp_path):
     with pytest.raises(OptionError, match="--damage-stages measures"):
         prune(copy.deepcopy(model), pattern="channel", target_macs=0.7, damage_stages=2,
               validate=False)
+
+
+def _wide_model(width=16):
+    """x -> Conv(width, 1x1) -> Relu -> Conv(2, 1x1) -> y: one channel group of ``width``."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
+             (("w1", (width, 3, 1, 1)), ("b1", (width,)), ("w2", (2, width, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="c1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="c2")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_group_taken_past_its_measured_levels_is_measured_there():
+    """The damage curves are measured at 25 % and 50 %; a target that needs most of a group
+    gone makes the allocation measure the fraction it takes (not extrapolate the 25-50 % slope)
+    and allocate again, so the chosen width lies within what was measured."""
+    model = _wide_model()
+    cal = {"x": np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32)}
+    res = prune(copy.deepcopy(model), pattern="channel", target_macs=0.3, calibration=cal,
+                validate=False)
+    notes = [n for r in res.state.records for n in getattr(r, "notes", [])
+             if "past their measured damage levels" in n]
+    assert len(notes) == 1 and "group 0 at " in notes[0]
+    levels = [float(p) / 100 for p in re.findall(r"(\d+) %", notes[0])]
+    kept = next(t for t in res.model.graph.initializer if t.name == "w1").dims[0]
+    removed = (16 - kept) / 16
+    assert removed > 0.5 and removed <= max(levels) + 1e-9
