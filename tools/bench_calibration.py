@@ -184,8 +184,19 @@ def run_one(model_name: str, pattern: str, samples: int, hold_out: int, det_size
            else float(cmp.worst_agreement),
            "sparsity": round(1 - report.nonzeros_after / max(report.nonzeros_before, 1), 4),
            "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
+           "auto": auto_rows(report),
            "notes": [n for n in report.notes if "rows" in n or "phase" in n][:4]}
     return row
+
+
+def auto_rows(report) -> Optional[List[dict]]:
+    """``--allocate auto``'s comparison (per allocation: its quality on the held-out samples,
+    seconds, whether chosen), or None when the run did not compare."""
+    for title, rows in report.sections.items():
+        if title.startswith("--allocate auto"):
+            return [{k: (round(v, 8) if isinstance(v, float) else v) for k, v in r.items()}
+                    for r in rows]
+    return None
 
 
 def table(rows: List[dict]) -> str:

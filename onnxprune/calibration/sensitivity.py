@@ -49,7 +49,8 @@ from onnxprune.runtime.session import open_session, part_session, run_calibratio
 from onnxprune.ops.weights import Weight
 from onnxprune.ops.quant import stored_values
 
-__all__ = ["SensitivityTable", "layer_sensitivity", "allocate", "looks_fixed"]
+__all__ = ["SensitivityTable", "layer_sensitivity", "allocate", "looks_fixed", "trial_count",
+           "trial_subset"]
 
 DEFAULT_SPARSITIES = (0.3, 0.5, 0.7, 0.9)
 _EPS = 1e-30
@@ -57,6 +58,11 @@ _EPS = 1e-30
 #: this many cuts, i.e. this many sessions (a session per weight costs more to build than the
 #: few nodes between neighbouring weights cost to run).
 TRIAL_CUTS = 8
+#: Trials on large inputs use fewer samples: at most this many input elements over the trial
+#: samples (16 ImageNet-sized images; a 416x416 RGB image is 4.6 of them), never fewer than
+#: :data:`MIN_TRIAL_SAMPLES`. Below it every requested sample is used.
+TRIAL_ELEMENTS = 16 * 3 * 224 * 224
+MIN_TRIAL_SAMPLES = 4
 
 
 @dataclass
@@ -138,11 +144,13 @@ def layer_sensitivity(handle, weights: Sequence[Weight], data: CalibrationSet,
                       criterion: Union[str, Criterion] = "magnitude",
                       samples: int = 16, batch_size: int = 8, seed: int = 0,
                       stats: Optional[Mapping[str, LayerStats]] = None,
-                      progress: Optional[Callable[[int, int], None]] = None
-                      ) -> SensitivityTable:
+                      progress: Optional[Callable[[int, int], None]] = None,
+                      trial_elements: Optional[int] = TRIAL_ELEMENTS) -> SensitivityTable:
     """Prune each weight alone at each sparsity; measure the model's output error.
 
-    ``data`` is cut to its first ``samples`` samples. A pattern with an implied sparsity (N:M)
+    ``data`` is cut to its first ``samples`` samples, or, where those hold more than
+    ``trial_elements`` input elements (large images), to fewer drawn from all of ``data``
+    (:func:`trial_subset`; None: never). A pattern with an implied sparsity (N:M)
     is measured at that sparsity only. ``criterion`` scores the elements (a registered name or
     a :class:`Criterion`); activation-aware ones take ``in_norms`` from ``stats``; a
     reconstructing one (SparseGPT) prunes and updates the layer with its Hessian from ``stats``. Weights
@@ -160,7 +168,7 @@ def layer_sensitivity(handle, weights: Sequence[Weight], data: CalibrationSet,
         if not grid or grid[0] <= 0 or grid[-1] > 1:
             raise OptionError(f"sensitivity sparsities must be in (0, 1], got {list(sparsities)}")
     table = SensitivityTable(pattern=pattern.spec, criterion=crit.name, sparsities=grid)
-    subset = data.take(samples)
+    subset = trial_subset(data, samples, seed, trial_elements)
     table.samples = len(subset)
 
     main = handle.model.graph.name or "main"
@@ -243,6 +251,35 @@ def layer_sensitivity(handle, weights: Sequence[Weight], data: CalibrationSet,
         table.errors[w.key] = errors_of[w.key]
     table.seconds = time.perf_counter() - started
     return table
+
+
+def trial_count(samples: int, per_sample: int,
+                trial_elements: Optional[int] = TRIAL_ELEMENTS) -> int:
+    """How many of ``samples`` samples (``per_sample`` input elements each) the trials use:
+    all while they hold at most ``trial_elements`` elements, else as many as fit, at least
+    :data:`MIN_TRIAL_SAMPLES`."""
+    if trial_elements is None or samples * per_sample <= trial_elements:
+        return samples
+    return min(samples, max(MIN_TRIAL_SAMPLES, trial_elements // max(per_sample, 1)))
+
+
+def trial_subset(data: CalibrationSet, samples: int, seed: int = 0,
+                 trial_elements: Optional[int] = TRIAL_ELEMENTS) -> CalibrationSet:
+    """The samples sensitivity trials run on: the first ``samples`` of ``data``, or, when
+    :func:`trial_count` says fewer, that many drawn from all of ``data`` without replacement,
+    seeded by ``seed``, in data order."""
+    first = data.take(samples)
+    n = len(first)
+    if n == 0 or trial_elements is None:
+        return first
+    one = next(first.batches(1), {})
+    per = sum(int(np.asarray(v).size) for v in one.values() if np.ndim(v) > 0)
+    per //= max(next((int(np.shape(v)[0]) for v in one.values() if np.ndim(v) > 0), 1), 1)
+    k = trial_count(n, per, trial_elements)
+    if k >= n:
+        return first
+    pick = np.sort(np.random.default_rng(seed).choice(len(data), size=k, replace=False))
+    return data.pick(pick.tolist())
 
 
 class _Downstream:
