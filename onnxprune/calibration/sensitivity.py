@@ -50,7 +50,7 @@ from onnxprune.ops.weights import Weight
 from onnxprune.ops.quant import stored_values
 
 __all__ = ["SensitivityTable", "layer_sensitivity", "allocate", "looks_fixed", "trial_count",
-           "trial_subset"]
+           "trial_subset", "statistics_subset"]
 
 DEFAULT_SPARSITIES = (0.3, 0.5, 0.7, 0.9)
 _EPS = 1e-30
@@ -63,6 +63,13 @@ TRIAL_CUTS = 8
 #: :data:`MIN_TRIAL_SAMPLES`. Below it every requested sample is used.
 TRIAL_ELEMENTS = 16 * 3 * 224 * 224
 MIN_TRIAL_SAMPLES = 4
+#: The Hessians a reconstructing criterion's trials prune with come from the first calibration
+#: samples holding at most this many input elements (64 ImageNet images; 18 at 416x416), never
+#: fewer than :data:`MIN_STATS_SAMPLES`: Conv rows are sampled to a few thousand per layer
+#: anyway (:func:`~onnxprune.calibration.statistics.row_cap`), which 18 large images give
+#: many times over; the pruning itself still uses every sample.
+STATS_ELEMENTS = 4 * TRIAL_ELEMENTS
+MIN_STATS_SAMPLES = 16
 
 
 @dataclass
@@ -263,6 +270,25 @@ def trial_count(samples: int, per_sample: int,
     return min(samples, max(MIN_TRIAL_SAMPLES, trial_elements // max(per_sample, 1)))
 
 
+def _per_sample(data: CalibrationSet) -> int:
+    """Input elements of one sample (from the first one)."""
+    one = next(data.batches(1), {})
+    arrays = [np.asarray(v) for v in one.values() if np.ndim(v) > 0]
+    return sum(a.size for a in arrays) // max(arrays[0].shape[0], 1) if arrays else 0
+
+
+def statistics_subset(data: CalibrationSet,
+                      elements: Optional[int] = STATS_ELEMENTS) -> CalibrationSet:
+    """The calibration samples the trials' Hessians come from: the first ones holding at most
+    ``elements`` input elements, at least :data:`MIN_STATS_SAMPLES` (all with None)."""
+    if elements is None or len(data) == 0:
+        return data
+    per = _per_sample(data)
+    if len(data) * per <= elements:
+        return data
+    return data.take(max(MIN_STATS_SAMPLES, elements // max(per, 1)))
+
+
 def trial_subset(data: CalibrationSet, samples: int, seed: int = 0,
                  trial_elements: Optional[int] = TRIAL_ELEMENTS) -> CalibrationSet:
     """The samples sensitivity trials run on: the first ``samples`` of ``data``, or, when
@@ -272,10 +298,7 @@ def trial_subset(data: CalibrationSet, samples: int, seed: int = 0,
     n = len(first)
     if n == 0 or trial_elements is None:
         return first
-    one = next(first.batches(1), {})
-    per = sum(int(np.asarray(v).size) for v in one.values() if np.ndim(v) > 0)
-    per //= max(next((int(np.shape(v)[0]) for v in one.values() if np.ndim(v) > 0), 1), 1)
-    k = trial_count(n, per, trial_elements)
+    k = trial_count(n, _per_sample(first), trial_elements)
     if k >= n:
         return first
     pick = np.sort(np.random.default_rng(seed).choice(len(data), size=k, replace=False))

@@ -86,3 +86,15 @@ def test_a_sample_that_covers_everything_gives_the_full_errors(monkeypatch, mini
     every = data.pick(range(8))
     for a, b in zip(every.batches(4), data.batches(4)):
         np.testing.assert_array_equal(a["input"], b["input"])
+
+
+def test_trial_hessians_come_from_the_first_samples_up_to_the_budget(monkeypatch):
+    from onnxprune.calibration.sensitivity import statistics_subset
+
+    _, _, data, x = _setup(10)
+    assert statistics_subset(data) is data  # small inputs: every sample
+    assert statistics_subset(data, elements=None) is data
+    monkeypatch.setattr(sensitivity, "MIN_STATS_SAMPLES", 3)
+    part = statistics_subset(data, elements=3 * 64 * 64 * 6)  # 6 samples' worth
+    np.testing.assert_array_equal(np.concatenate([f["input"] for f in part.batches(4)]), x[:6])
+    assert len(statistics_subset(data, elements=1)) == 3  # never below the floor
