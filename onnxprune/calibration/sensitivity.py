@@ -25,6 +25,11 @@ the nodes not yet run at its first weight, fed the tensors cached at that cut. O
 before the cut do not depend on the weight: their error is zero. Where a value cannot be cached
 (a sequence), every trial runs the whole model instead. The table records the seconds spent
 choosing masks (``solve_seconds``) and running trials (``trial_seconds``).
+
+On large inputs the trials cost what running the model does, per weight and level: they use
+fewer samples (:func:`trial_subset`: at most :data:`TRIAL_ELEMENTS` input elements, 4 of
+416x416 images, drawn seeded from all calibration samples), and a reconstructing criterion's
+trial Hessians come from the first :func:`statistics_subset` samples.
 """
 
 from __future__ import annotations
