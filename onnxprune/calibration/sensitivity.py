@@ -68,12 +68,13 @@ TRIAL_CUTS = 8
 #: :data:`MIN_TRIAL_SAMPLES`. Below it every requested sample is used.
 TRIAL_ELEMENTS = 16 * 3 * 224 * 224
 MIN_TRIAL_SAMPLES = 4
-#: The Hessians a reconstructing criterion's trials prune with come from the first calibration
-#: samples holding at most this many input elements (64 ImageNet images; 18 at 416x416), never
-#: fewer than :data:`MIN_STATS_SAMPLES`: Conv rows are sampled to a few thousand per layer
+#: The Hessians a reconstructing criterion's trials prune with come, where each sample is larger
+#: than an ImageNet image (3x224x224), from the first calibration samples holding at most this
+#: many input elements (18 at 416x416), never fewer than :data:`MIN_STATS_SAMPLES`: Conv rows are sampled to a few thousand per layer
 #: anyway (:func:`~onnxprune.calibration.statistics.row_cap`), which 18 large images give
 #: many times over; the pruning itself still uses every sample.
 STATS_ELEMENTS = 4 * TRIAL_ELEMENTS
+LARGE_SAMPLE = 3 * 224 * 224
 MIN_STATS_SAMPLES = 16
 
 
@@ -284,12 +285,13 @@ def _per_sample(data: CalibrationSet) -> int:
 
 def statistics_subset(data: CalibrationSet,
                       elements: Optional[int] = STATS_ELEMENTS) -> CalibrationSet:
-    """The calibration samples the trials' Hessians come from: the first ones holding at most
-    ``elements`` input elements, at least :data:`MIN_STATS_SAMPLES` (all with None)."""
+    """The calibration samples the trials' Hessians come from: all of them, or, where each is
+    larger than an ImageNet image, the first ones holding at most ``elements`` input elements,
+    at least :data:`MIN_STATS_SAMPLES` (all with None)."""
     if elements is None or len(data) == 0:
         return data
     per = _per_sample(data)
-    if len(data) * per <= elements:
+    if per <= LARGE_SAMPLE or len(data) * per <= elements:
         return data
     return data.take(max(MIN_STATS_SAMPLES, elements // max(per, 1)))
 

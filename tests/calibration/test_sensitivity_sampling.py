@@ -94,6 +94,8 @@ def test_trial_hessians_come_from_the_first_samples_up_to_the_budget(monkeypatch
     _, _, data, x = _setup(10)
     assert statistics_subset(data) is data  # small inputs: every sample
     assert statistics_subset(data, elements=None) is data
+    assert statistics_subset(data, elements=1) is data  # 64x64 samples are not large
+    monkeypatch.setattr(sensitivity, "LARGE_SAMPLE", 100)
     monkeypatch.setattr(sensitivity, "MIN_STATS_SAMPLES", 3)
     part = statistics_subset(data, elements=3 * 64 * 64 * 6)  # 6 samples' worth
     np.testing.assert_array_equal(np.concatenate([f["input"] for f in part.batches(4)]), x[:6])
