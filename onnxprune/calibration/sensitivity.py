@@ -70,9 +70,10 @@ TRIAL_ELEMENTS = 16 * 3 * 224 * 224
 MIN_TRIAL_SAMPLES = 4
 #: The Hessians a reconstructing criterion's trials prune with come, where each sample is larger
 #: than an ImageNet image (3x224x224), from the first calibration samples holding at most this
-#: many input elements (18 at 416x416), never fewer than :data:`MIN_STATS_SAMPLES`: Conv rows are sampled to a few thousand per layer
-#: anyway (:func:`~onnxprune.calibration.statistics.row_cap`), which 18 large images give
-#: many times over; the pruning itself still uses every sample.
+#: many input elements (18 at 416x416), never fewer than :data:`MIN_STATS_SAMPLES`: Conv rows
+#: are sampled to a few thousand per layer anyway
+#: (:func:`~onnxprune.calibration.statistics.row_cap`), which 18 large images give many times
+#: over; the pruning itself still uses every sample.
 STATS_ELEMENTS = 4 * TRIAL_ELEMENTS
 LARGE_SAMPLE = 3 * 224 * 224
 MIN_STATS_SAMPLES = 16

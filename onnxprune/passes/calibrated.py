@@ -278,7 +278,8 @@ class AllocateBySensitivity(Pass):
             if big:  # too large for a Hessian: measured (and later pruned) with wanda scores
                 jobs.append(("wanda", big, True))
         table = None
-        sample = statistics_subset(state.calibration)  # large inputs: fewer (sensitivity.py)
+        # large inputs: the trial Hessians from fewer samples (sensitivity.statistics_subset)
+        sample = statistics_subset(state.calibration) if collect else state.calibration
         for crit, chunk, fresh in jobs:
             stats = collect_layer_stats(state.handle, chunk, sample,
                                         want_hessian=crit == criterion, precision="float32",
