@@ -203,9 +203,10 @@ class _Run:
     seconds: float = 0.0
 
 
-def _execute(model: mio.ModelLike, opts: PruneOptions, output, force: bool, track: Track
-             ) -> _Run:
-    """Load and run the pipeline (the output path is checked first; nothing is written)."""
+def _execute(model: mio.ModelLike, opts: PruneOptions, output, force: bool, track: Track,
+             shared: Optional[PruneState] = None) -> _Run:
+    """Load and run the pipeline (the output path is checked first; nothing is written).
+    ``shared``: a state whose calibration to reuse instead of loading it again (auto)."""
     start = time.perf_counter()
     state = PruneState.from_model(model, seed=opts.seed, track=track,
                                   memory_budget=opts.memory_budget)
@@ -220,6 +221,9 @@ def _execute(model: mio.ModelLike, opts: PruneOptions, output, force: bool, trac
     size_before = state.handle.file_size()
     opts = replace(opts, input_shapes=bind_input_shapes(state.model, opts.input_shapes))
     pipeline = build_passes(opts)
+    if shared is not None:
+        pipeline.passes = [_SharedCalibration(p, shared) if isinstance(p, Calibrate) else p
+                           for p in pipeline.passes]
     macs_before = count_macs_or_error(state.model, opts.input_shapes, None)
     with session_threads(opts.threads):
         pipeline.run(state)
@@ -291,8 +295,9 @@ def _auto_allocation(model, opts: PruneOptions, output, force: bool, track: Trac
     uniform sparsity, and keep sensitivity only when it beats uniform on the held-out
     validation samples; the report says which won, by how much, and what the comparison
     cost."""
-    uniform = _execute(model, replace(opts, allocate="uniform"), output, force, track)
     spread = _execute(model, replace(opts, allocate="sensitivity"), output, force, track)
+    uniform = _execute(model, replace(opts, allocate="uniform"), output, force, track,
+                       spread.state)  # the calibration data and statistics loaded once
     (q_uni, measure), (q_sen, _) = _quality(uniform), _quality(spread)
     sen, uni = (_fmt(q, measure) if q is not None else "n/a" for q in (q_sen, q_uni))
     where = (uniform.state.comparison.data_note if uniform.state.comparison is not None
@@ -318,6 +323,34 @@ def _auto_allocation(model, opts: PruneOptions, output, force: bool, track: Trac
              for name, q, run in (("uniform", q_uni, uniform), ("sensitivity", q_sen, spread))]
     return _finish(chosen, output, force, notes=[why],
                    sections={"--allocate auto: uniform vs sensitivity on validation": table})
+
+
+class _SharedCalibration(Pass):
+    """``--allocate auto``'s second pruning: the :class:`Calibrate` pass of the first one
+    reused (the same samples, held-out samples and dense-model statistics; both prunings are
+    the same up to there), instead of loading and collecting again. Its record is the first
+    run's, with a note."""
+
+    name = "calibrate"
+
+    def __init__(self, calibrate: Calibrate, shared: PruneState):
+        self.requires, self.ensures, self.shared = calibrate.requires, calibrate.ensures, shared
+        self.calibrate = calibrate
+
+    def run(self, state):
+        from onnxprune.passes.calibrated import CalibrateRecord
+
+        shared = self.shared
+        if self.calibrate.collect and "statistics" not in shared.facts:
+            return self.calibrate.run(state)  # statistics the first run did not collect
+        state.calibration, state.validation = shared.calibration, shared.validation
+        if self.calibrate.collect:
+            state.layer_stats.update(shared.layer_stats)
+        first = next(r for r in shared.records if isinstance(r, CalibrateRecord))
+        record = replace(first, phase_seconds={k: 0.0 for k in first.phase_seconds},
+                         notes=list(first.notes) + [
+            "calibration data loaded once and shared by --allocate auto's two prunings"])
+        return record
 
 
 def _fmt(x: float, measure: str) -> str:

@@ -162,15 +162,58 @@ def phases(result) -> Dict[str, float]:
     return out
 
 
+class CpuClock:
+    """Process CPU seconds (all threads) per pass and per calibrated phase, measured by
+    wrapping functions for the duration of one run (the records' own phase times are wall
+    clock, which on a loaded machine says more about the load than the code): per pass name
+    (summed over ``--allocate auto``'s two prunings and per run: ``run:uniform`` ...), and
+    ``sensitivity statistics`` / ``sensitivity trials`` / ``sequential statistics``."""
+
+    def __init__(self):
+        self.cpu: Dict[str, float] = {}
+        self.undo = []
+
+    def wrap(self, owner, attr: str, label) -> None:
+        real = getattr(owner, attr)
+        clock = self
+
+        def timed(*args, **kwargs):
+            name = label(args) if callable(label) else label
+            c0 = time.process_time()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                clock.cpu[name] = clock.cpu.get(name, 0.0) + time.process_time() - c0
+        setattr(owner, attr, timed)
+        self.undo.append((owner, attr, real))
+
+    def __enter__(self):
+        import onnxprune.api as api
+        import onnxprune.passes.base as base
+        import onnxprune.passes.calibrated as calibrated
+        import onnxprune.passes.sequential as sequential
+        self.wrap(base.Pass, "__call__", lambda a: f"pass:{a[0].name}")
+        self.wrap(api, "_execute", lambda a: f"run:{a[1].allocate}")
+        self.wrap(calibrated, "collect_layer_stats", "sensitivity statistics")
+        self.wrap(calibrated, "layer_sensitivity", "sensitivity trials")
+        self.wrap(sequential, "collect_layer_stats", "sequential statistics")
+        return self
+
+    def __exit__(self, *exc):
+        for owner, attr, real in reversed(self.undo):
+            setattr(owner, attr, real)
+
+
 def run_one(model_name: str, pattern: str, samples: int, hold_out: int, det_size: int,
             seed: int) -> dict:
     model, input_name, make = load_model(model_name, det_size)
     data = {input_name: make(samples + hold_out, seed)}
     load0 = os.getloadavg()[0]
     t0, c0 = time.perf_counter(), time.process_time()
-    result = onnxprune.prune(model, pattern=pattern, criterion="sparsegpt", calibration=data,
-                             calibration_samples=samples, validate=True,
-                             validation_samples=hold_out, seed=seed)
+    with CpuClock() as clock:
+        result = onnxprune.prune(model, pattern=pattern, criterion="sparsegpt",
+                                 calibration=data, calibration_samples=samples, validate=True,
+                                 validation_samples=hold_out, seed=seed)
     total = time.perf_counter() - t0
     cpu = time.process_time() - c0
     report = result.report
@@ -184,8 +227,33 @@ def run_one(model_name: str, pattern: str, samples: int, hold_out: int, det_size
            else float(cmp.worst_agreement),
            "sparsity": round(1 - report.nonzeros_after / max(report.nonzeros_before, 1), 4),
            "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
+           "cpu_phases": {k: round(v, 2) for k, v in clock.cpu.items()},
+           "auto": auto_rows(report),
+           **sensitivity_of(result),
            "notes": [n for n in report.notes if "rows" in n or "phase" in n][:4]}
     return row
+
+
+def sensitivity_of(result) -> dict:
+    """The kept run's sensitivity allocation (per weight sparsity), its trial samples and the
+    measured errors, when it ran one (to compare allocations before and after)."""
+    for record in result.state.records:
+        if getattr(record, "allocation", None) and getattr(record, "table", None) is not None:
+            t = record.table
+            return {"allocation": {k: round(v, 4) for k, v in record.allocation.items()},
+                    "trial_samples": t.samples, "levels": list(t.sparsities),
+                    "errors": {k: [float(f"{e:.4g}") for e in v] for k, v in t.errors.items()}}
+    return {}
+
+
+def auto_rows(report) -> Optional[List[dict]]:
+    """``--allocate auto``'s comparison (per allocation: its quality on the held-out samples,
+    seconds, whether chosen), or None when the run did not compare."""
+    for title, rows in report.sections.items():
+        if title.startswith("--allocate auto"):
+            return [{k: (round(v, 8) if isinstance(v, float) else v) for k, v in r.items()}
+                    for r in rows]
+    return None
 
 
 def table(rows: List[dict]) -> str:

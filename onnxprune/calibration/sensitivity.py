@@ -25,6 +25,11 @@ the nodes not yet run at its first weight, fed the tensors cached at that cut. O
 before the cut do not depend on the weight: their error is zero. Where a value cannot be cached
 (a sequence), every trial runs the whole model instead. The table records the seconds spent
 choosing masks (``solve_seconds``) and running trials (``trial_seconds``).
+
+On large inputs the trials cost what running the model does, per weight and level: they use
+fewer samples (:func:`trial_subset`: at most :data:`TRIAL_ELEMENTS` input elements, 4 of
+416x416 images, drawn seeded from all calibration samples), and a reconstructing criterion's
+trial Hessians come from the first :func:`statistics_subset` samples.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ from onnxprune.runtime.session import open_session, part_session, run_calibratio
 from onnxprune.ops.weights import Weight
 from onnxprune.ops.quant import stored_values
 
-__all__ = ["SensitivityTable", "layer_sensitivity", "allocate", "looks_fixed"]
+__all__ = ["SensitivityTable", "layer_sensitivity", "allocate", "looks_fixed", "trial_count",
+           "trial_subset", "statistics_subset"]
 
 DEFAULT_SPARSITIES = (0.3, 0.5, 0.7, 0.9)
 _EPS = 1e-30
@@ -57,6 +63,20 @@ _EPS = 1e-30
 #: this many cuts, i.e. this many sessions (a session per weight costs more to build than the
 #: few nodes between neighbouring weights cost to run).
 TRIAL_CUTS = 8
+#: Trials on large inputs use fewer samples: at most this many input elements over the trial
+#: samples (16 ImageNet-sized images; a 416x416 RGB image is 4.6 of them), never fewer than
+#: :data:`MIN_TRIAL_SAMPLES`. Below it every requested sample is used.
+TRIAL_ELEMENTS = 16 * 3 * 224 * 224
+MIN_TRIAL_SAMPLES = 4
+#: The Hessians a reconstructing criterion's trials prune with come, where each sample is larger
+#: than an ImageNet image (3x224x224), from the first calibration samples holding at most this
+#: many input elements (18 at 416x416), never fewer than :data:`MIN_STATS_SAMPLES`: Conv rows
+#: are sampled to a few thousand per layer anyway
+#: (:func:`~onnxprune.calibration.statistics.row_cap`), which 18 large images give many times
+#: over; the pruning itself still uses every sample.
+STATS_ELEMENTS = 4 * TRIAL_ELEMENTS
+LARGE_SAMPLE = 3 * 224 * 224
+MIN_STATS_SAMPLES = 16
 
 
 @dataclass
@@ -138,11 +158,13 @@ def layer_sensitivity(handle, weights: Sequence[Weight], data: CalibrationSet,
                       criterion: Union[str, Criterion] = "magnitude",
                       samples: int = 16, batch_size: int = 8, seed: int = 0,
                       stats: Optional[Mapping[str, LayerStats]] = None,
-                      progress: Optional[Callable[[int, int], None]] = None
-                      ) -> SensitivityTable:
+                      progress: Optional[Callable[[int, int], None]] = None,
+                      trial_elements: Optional[int] = TRIAL_ELEMENTS) -> SensitivityTable:
     """Prune each weight alone at each sparsity; measure the model's output error.
 
-    ``data`` is cut to its first ``samples`` samples. A pattern with an implied sparsity (N:M)
+    ``data`` is cut to its first ``samples`` samples, or, where those hold more than
+    ``trial_elements`` input elements (large images), to fewer drawn from all of ``data``
+    (:func:`trial_subset`; None: never). A pattern with an implied sparsity (N:M)
     is measured at that sparsity only. ``criterion`` scores the elements (a registered name or
     a :class:`Criterion`); activation-aware ones take ``in_norms`` from ``stats``; a
     reconstructing one (SparseGPT) prunes and updates the layer with its Hessian from ``stats``. Weights
@@ -160,7 +182,7 @@ def layer_sensitivity(handle, weights: Sequence[Weight], data: CalibrationSet,
         if not grid or grid[0] <= 0 or grid[-1] > 1:
             raise OptionError(f"sensitivity sparsities must be in (0, 1], got {list(sparsities)}")
     table = SensitivityTable(pattern=pattern.spec, criterion=crit.name, sparsities=grid)
-    subset = data.take(samples)
+    subset = trial_subset(data, samples, seed, trial_elements)
     table.samples = len(subset)
 
     main = handle.model.graph.name or "main"
@@ -243,6 +265,52 @@ def layer_sensitivity(handle, weights: Sequence[Weight], data: CalibrationSet,
         table.errors[w.key] = errors_of[w.key]
     table.seconds = time.perf_counter() - started
     return table
+
+
+def trial_count(samples: int, per_sample: int,
+                trial_elements: Optional[int] = TRIAL_ELEMENTS) -> int:
+    """How many of ``samples`` samples (``per_sample`` input elements each) the trials use:
+    all while they hold at most ``trial_elements`` elements, else as many as fit, at least
+    :data:`MIN_TRIAL_SAMPLES`."""
+    if trial_elements is None or samples * per_sample <= trial_elements:
+        return samples
+    return min(samples, max(MIN_TRIAL_SAMPLES, trial_elements // max(per_sample, 1)))
+
+
+def _per_sample(data: CalibrationSet) -> int:
+    """Input elements of one sample (from the first one)."""
+    one = next(data.batches(1), {})
+    arrays = [np.asarray(v) for v in one.values() if np.ndim(v) > 0]
+    return sum(a.size for a in arrays) // max(arrays[0].shape[0], 1) if arrays else 0
+
+
+def statistics_subset(data: CalibrationSet,
+                      elements: Optional[int] = STATS_ELEMENTS) -> CalibrationSet:
+    """The calibration samples the trials' Hessians come from: all of them, or, where each is
+    larger than an ImageNet image, the first ones holding at most ``elements`` input elements,
+    at least :data:`MIN_STATS_SAMPLES` (all with None)."""
+    if elements is None or len(data) == 0:
+        return data
+    per = _per_sample(data)
+    if per <= LARGE_SAMPLE or len(data) * per <= elements:
+        return data
+    return data.take(max(MIN_STATS_SAMPLES, elements // max(per, 1)))
+
+
+def trial_subset(data: CalibrationSet, samples: int, seed: int = 0,
+                 trial_elements: Optional[int] = TRIAL_ELEMENTS) -> CalibrationSet:
+    """The samples sensitivity trials run on: the first ``samples`` of ``data``, or, when
+    :func:`trial_count` says fewer, that many drawn from all of ``data`` without replacement,
+    seeded by ``seed``, in data order."""
+    first = data.take(samples)
+    n = len(first)
+    if n == 0 or trial_elements is None:
+        return first
+    k = trial_count(n, _per_sample(first), trial_elements)
+    if k >= n:
+        return first
+    pick = np.sort(np.random.default_rng(seed).choice(len(data), size=k, replace=False))
+    return data.pick(pick.tolist())
 
 
 class _Downstream:

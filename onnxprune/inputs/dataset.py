@@ -166,6 +166,11 @@ class CalibrationSet:
                 break
         return CalibrationSet(self.inputs, parts, self.source, self.data_free, self.batch_limit)
 
+    def pick(self, indices: Sequence[int]) -> "CalibrationSet":
+        """The samples at ``indices``, in that order (each read alone from its source)."""
+        parts = [p for i in indices for p in self.slice(int(i), int(i) + 1)._parts]
+        return CalibrationSet(self.inputs, parts, self.source, self.data_free)
+
     def _chunks(self, size: int) -> Iterator[Part]:
         """The parts, those holding more than a few batches cut into windows of ``size``
         samples, so one batch of a large file is in memory at a time."""

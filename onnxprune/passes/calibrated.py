@@ -26,7 +26,8 @@ from onnxprune.calibration.hessian import fits_budget, hessian_chunks
 from onnxprune.inputs.dataset import CalibrationSet, generated_calibration, load_calibration
 from onnxprune.runtime.session import fit_batch
 from onnxprune.inputs.images import ImagePreprocess
-from onnxprune.calibration.sensitivity import SensitivityTable, allocate, layer_sensitivity
+from onnxprune.calibration.sensitivity import (SensitivityTable, allocate, layer_sensitivity,
+                                               statistics_subset)
 from onnxprune.errors import OptionError
 from onnxprune.masking.criteria import get_criterion
 from onnxprune.passes.base import Pass, PassRecord, PruneState
@@ -253,6 +254,9 @@ class AllocateBySensitivity(Pass):
             record.notes.append(note)
         record.notes.append("sensitivity: " + ", ".join(
             f"{k} {v:.1f} s" for k, v in record.phase_seconds.items()))
+        if table.samples < min(self.samples, len(state.calibration)):
+            record.notes.append(f"sensitivity trials on {table.samples} calibration samples "
+                                f"drawn at random (seeded; large inputs)")
         if len(specs) > 1:
             record.notes.append("sensitivity measured with the first selected weight's pattern "
                                 f"({plans[0].pattern.spec}) for all")
@@ -280,8 +284,10 @@ class AllocateBySensitivity(Pass):
             if big:  # too large for a Hessian: measured (and later pruned) with wanda scores
                 jobs.append(("wanda", big, True))
         table = None
+        # large inputs: the trial Hessians from fewer samples (sensitivity.statistics_subset)
+        sample = statistics_subset(state.calibration) if collect else state.calibration
         for crit, chunk, fresh in jobs:
-            stats = collect_layer_stats(state.handle, chunk, state.calibration,
+            stats = collect_layer_stats(state.handle, chunk, sample,
                                         want_hessian=crit == criterion, precision="float32",
                                         sample_rows=True, seed=state.seed) if fresh else held
             if fresh:
