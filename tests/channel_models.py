@@ -65,6 +65,17 @@ class G:
         return self.op("BatchNormalization", [x, self.w([c], positive=True), self.w([c], 0.1),
                                               self.w([c], 0.1), self.w([c], positive=True)])
 
+    def typed_model(self, name: str, inputs, outputs, opset=17) -> onnx.ModelProto:
+        """A checked model (full check) of the nodes so far, with the given ``(name, elem
+        type, shape)`` inputs and outputs, shapes possibly symbolic (``["batch", "seq", 32]``)."""
+        vi = helper.make_tensor_value_info
+        graph = helper.make_graph(self.nodes, name, [vi(*i) for i in inputs],
+                                  [vi(*o) for o in outputs], self.inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        m.ir_version = 8
+        onnx.checker.check_model(m, full_check=True)
+        return m
+
     def model(self, inputs, outputs, opset=17) -> onnx.ModelProto:
         g = helper.make_graph(
             self.nodes, "m",

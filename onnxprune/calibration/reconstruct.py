@@ -265,6 +265,23 @@ def _nm_keep(sal: np.ndarray, n: int) -> np.ndarray:
     return keep
 
 
+def _refit_terms(w2d, hessian, cross, kept):
+    """What both refit solvers start from: ``W`` as ``[g, out/g, in]`` (float64), ``H``
+    restricted to the ``kept`` columns (``[g, kk, kk]``), the cross moment ``[g, in, in]``, the
+    kept column indices, and per group the mean of ``H``'s live diagonal (``lam``'s unit)."""
+    w2d = np.asarray(w2d, dtype=np.float64)
+    rows, cols = w2d.shape
+    h = _stack_hessian(hessian, rows, cols)
+    c = _stack_hessian(cross, rows, cols)
+    k = np.arange(cols) if kept is None else np.asarray(kept, dtype=np.int64).reshape(-1)
+    w = w2d.reshape(h.shape[0], rows // h.shape[0], cols)
+    h = h[:, k[:, None], k[None, :]]
+    diag = np.einsum("gii->gi", h)
+    live = diag > 0
+    mean = np.array([d[m].mean() if m.any() else 1.0 for d, m in zip(diag, live)])
+    return w, h, c, k, mean
+
+
 def asymmetric_target(w2d: np.ndarray, hessian: np.ndarray, cross: np.ndarray,
                       damp: float = 0.01, kept: Optional[Sequence[int]] = None) -> np.ndarray:
     """``W*`` minimizing ``||X_ref W^T - X W*^T||^2 + lam ||W* - W||^2`` (float64).
@@ -284,17 +301,8 @@ def asymmetric_target(w2d: np.ndarray, hessian: np.ndarray, cross: np.ndarray,
     ``kept``: fit on these input columns only (the others are gone: removed input channels);
     the result is ``[out, len(kept)]`` and still reproduces ``X_ref W^T`` with all of ``W``.
     """
-    w2d = np.asarray(w2d, dtype=np.float64)
-    rows, cols = w2d.shape
-    h = _stack_hessian(hessian, rows, cols)
-    c = _stack_hessian(cross, rows, cols)
-    k = np.arange(cols) if kept is None else np.asarray(kept, dtype=np.int64).reshape(-1)
-    groups = h.shape[0]
-    w = w2d.reshape(groups, rows // groups, cols)
-    h = h[:, k[:, None], k[None, :]]
-    diag = np.einsum("gii->gi", h)
-    live = diag > 0
-    mean = np.array([d[m].mean() if m.any() else 1.0 for d, m in zip(diag, live)])
+    w, h, c, k, mean = _refit_terms(w2d, hessian, cross, kept)
+    rows = w2d.shape[0]
     lam = damp * mean
     a = h + lam[:, None, None] * np.eye(k.size)[None]
     rhs = np.matmul(c[:, k, :], w.transpose(0, 2, 1)) + \
@@ -333,17 +341,8 @@ def ridge_path(w2d: np.ndarray, hessian: np.ndarray, cross: np.ndarray,
     """:func:`asymmetric_target` for each of ``damps`` at the cost of one: one eigendecomposition
     ``H_kk = V diag(e) V^T`` per row group, then ``W*^T = V diag(1 / (e + lam)) V^T (C_k W^T +
     lam W_k^T)`` for every ``lam`` by products only. Returns ``[out, len(kept)]`` per damp."""
-    w2d = np.asarray(w2d, dtype=np.float64)
-    rows, cols = w2d.shape
-    h = _stack_hessian(hessian, rows, cols)
-    c = _stack_hessian(cross, rows, cols)
-    k = np.arange(cols) if kept is None else np.asarray(kept, dtype=np.int64).reshape(-1)
-    groups = h.shape[0]
-    w = w2d.reshape(groups, rows // groups, cols)
-    h = h[:, k[:, None], k[None, :]]
-    diag = np.einsum("gii->gi", h)
-    live = diag > 0
-    mean = np.array([d[m].mean() if m.any() else 1.0 for d, m in zip(diag, live)])
+    w, h, c, k, mean = _refit_terms(w2d, hessian, cross, kept)
+    rows = w2d.shape[0]
     e, v = np.linalg.eigh(h)  # [g, kk], [g, kk, kk]
     vt = v.transpose(0, 2, 1)
     p = np.matmul(vt, np.matmul(c[:, k, :], w.transpose(0, 2, 1)))  # V^T C_k W^T  [g, kk, r]

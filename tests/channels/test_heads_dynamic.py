@@ -97,13 +97,8 @@ def attention_dynamic(style: str = "minus_one", layers: int = 1, seed: int = 0,
         m = g.op("Mul", [m, g.op("Mul", [g.c(np.float32(0.5)), g.op("Add", [
             g.op("Erf", [g.op("Div", [m, g.c(np.float32(1.41421))])]), g.c(np.float32(1.0))])])])
         x = g.op("Add", [g.op("MatMul", [m, g.w([64, D])]), n])
-    vi = helper.make_tensor_value_info
-    graph = helper.make_graph(g.nodes, "attn", [vi("x", TensorProto.FLOAT, ["batch", "seq", D])],
-                              [vi(x, TensorProto.FLOAT, ["batch", "seq", D])], g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    io = ("x", TensorProto.FLOAT, ["batch", "seq", D])
+    return g.typed_model("attn", [io], [(x,) + io[1:]])
 
 
 def run(model, x):
@@ -216,13 +211,8 @@ def fused_qkv(seed: int = 1, gather: bool = False):
     b2, s2 = _dim(g, "x", 0), _dim(g, "x", 1)
     o = g.op("Reshape", [o, g.op("Concat", [b2, s2, g.c(np.array([D], np.int64))], axis=0)])
     y = g.op("Add", [g.op("MatMul", [o, g.w([D, D])]), "x"])
-    vi = helper.make_tensor_value_info
-    graph = helper.make_graph(g.nodes, "fused", [vi("x", TensorProto.FLOAT, ["batch", "seq", D])],
-                              [vi(y, TensorProto.FLOAT, ["batch", "seq", D])], g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    io = ("x", TensorProto.FLOAT, ["batch", "seq", D])
+    return g.typed_model("fused", [io], [(y,) + io[1:]])
 
 
 @pytest.mark.parametrize("gather", [False, True])

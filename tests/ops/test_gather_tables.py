@@ -112,13 +112,8 @@ def t5_attention(layers: int = 2, seed: int = 0, decoder: bool = False) -> onnx.
         o = g.op("Reshape", [o, g.op("Concat", [_dim(g, "x", 0), seq,
                                                 g.c(np.array([-1], np.int64))], axis=0)])
         x = g.op("Add", [g.op("MatMul", [o, g.w([D, D])]), x])
-    vi = helper.make_tensor_value_info
-    graph = helper.make_graph(g.nodes, "t5", [vi("x", TensorProto.FLOAT, ["batch", "seq", D])],
-                              [vi(x, TensorProto.FLOAT, ["batch", "seq", D])], g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    io = ("x", TensorProto.FLOAT, ["batch", "seq", D])
+    return g.typed_model("t5", [io], [(x,) + io[1:]])
 
 
 @pytest.mark.parametrize("decoder", [False, True])
@@ -332,13 +327,8 @@ def svtr_attention(seed: int = 5) -> onnx.ModelProto:
     o = g.op("Transpose", [g.op("MatMul", [att, v])], perm=[0, 2, 1, 3])
     o = g.op("Reshape", [o, g.op("Concat", [b, n, c1], axis=0)])
     y = g.op("Add", [g.op("MatMul", [o, g.w([D, D])]), x])
-    vi = helper.make_tensor_value_info
-    graph = helper.make_graph(g.nodes, "svtr", [vi("x", TensorProto.FLOAT, ["batch", "seq", D])],
-                              [vi(y, TensorProto.FLOAT, ["batch", "seq", D])], g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    io = ("x", TensorProto.FLOAT, ["batch", "seq", D])
+    return g.typed_model("svtr", [io], [(y,) + io[1:]])
 
 
 def test_heads_merged_back_with_the_stream_width_read_at_run_time():
