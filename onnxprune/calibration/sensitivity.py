@@ -30,6 +30,10 @@ On large inputs the trials cost what running the model does, per weight and leve
 fewer samples (:func:`trial_subset`: at most :data:`TRIAL_ELEMENTS` input elements, 4 of
 416x416 images, drawn seeded from all calibration samples), and a reconstructing criterion's
 trial Hessians come from the first :func:`statistics_subset` samples.
+
+One module (about 650 lines) on purpose: measuring a layer's sensitivity, the trials' samples
+and cuts, and allocating from the measured table share one table type and one trial loop;
+split, each half would import the other's internals.
 """
 
 from __future__ import annotations

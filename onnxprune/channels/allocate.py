@@ -24,7 +24,7 @@ removed) with the least damage per cost saved, until the cost is at most the bud
 steps that still fit under the budget are given back (most damage per cost first), so the last
 move's overshoot shrinks to what no single step can fill.
 
-One module (about 630 lines) on purpose: the MAC and measured-latency allocations, depth and
+One module (about 840 lines) on purpose: the MAC and measured-latency allocations, depth and
 the speed-up check share one greedy over the same per-group cost/damage tables.
 """
 
