@@ -147,14 +147,14 @@ def resize_channels(handle: ModelHandle, graph: ChannelGraph, removed: Removed
 
 
 def _drop_unused(g: onnx.GraphProto, candidates: set) -> None:
+    """Remove the ``candidates`` no node reads any more, in place: the other initializers stay
+    the same objects (a rewritten external tensor's spilled values are keyed by its object;
+    clearing the field and extending it with copies would orphan them)."""
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    keep = [t for t in g.initializer if t.name not in candidates or t.name in used]
-    if len(keep) != len(g.initializer):
-        del g.initializer[:]
-        g.initializer.extend(keep)
-        inputs = [vi for vi in g.input if vi.name not in candidates or vi.name in used]
-        del g.input[:]
-        g.input.extend(inputs)
+    for field in (g.initializer, g.input):
+        for i in reversed(range(len(field))):
+            if field[i].name in candidates and field[i].name not in used:
+                del field[i]
 
 
 def refresh_value_info(model: onnx.ModelProto) -> None:

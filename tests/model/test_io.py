@@ -196,3 +196,26 @@ def test_external_data_inside_the_folder_in_an_attribute_still_loads(tmp_path):
     path.write_bytes(_hiding_model("ConstantOfShape.value", "data.bin").SerializeToString())
     handle = mio.load(path)
     assert handle.has_external_data
+
+
+def test_dropping_an_unused_initializer_keeps_rewritten_external_ones(tmp_path):
+    """Resizing drops initializers no node reads any more (a replaced head-count constant) in
+    place: the other initializers stay the same objects, so a rewritten external tensor's new
+    values (kept in the spill, keyed by its object) are still the ones saved."""
+    from onnxprune.channels.resize import _drop_unused
+
+    model = B.conv_gemm_model()
+    model.graph.initializer.append(numpy_helper.from_array(np.arange(4, dtype=np.int64),
+                                                           "unused_shape"))
+    src = _save_external(model, tmp_path / "m.onnx")
+    handle = mio.load(src)
+    fc = handle.index.stored["fc.w"]
+    handle.write(fc, np.zeros((10, 12), np.float32))  # resized: 16 -> 12 input channels
+    _drop_unused(handle.model.graph, {"unused_shape"})
+    names = [t.name for t in handle.model.graph.initializer]
+    assert "unused_shape" not in names and len(names) == 4
+    tensor = next(t for t in handle.model.graph.initializer if t.name == "fc.w")
+    assert handle.is_rewritten(tensor)
+    out = mio.save(handle, tmp_path / "out.onnx")
+    saved = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    assert saved["fc.w"].shape == (10, 12) and not saved["fc.w"].any()
