@@ -116,6 +116,9 @@ TEXT_INPUT_SHAPES = {
     "text/svtrv2/svtrv2": {"batch": 1, "height": 32, "width": 128},
     "text/khmersm/model": {"batch": 1, "seq": 32},
     "text/text2tashkeel/rawi_v2.int8": {"batch": 1, "seq": 32},
+    "text/mtcnn/pnet": {"N": 1, "M1": 48, "M2": 64},
+    "text/mtcnn/rnet": {"N": 1},
+    "text/mtcnn/onet": {"N": 1},
 }
 #: Label suffix of a test model run again with its weight inputs frozen from its test data.
 FROZEN_SUFFIX = " [weights from test_data_set_0]"
