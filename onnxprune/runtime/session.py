@@ -243,6 +243,11 @@ def part_session(handle: ModelHandle, nodes: Optional[Sequence[onnx.NodeProto]],
     fed at its cut points: the full graph's ``value_info`` is dropped with them). The handle's
     proto is changed only while the session is built; its initializers, external data
     included, serve as they are."""
+    if nodes is not None and not handle.rewritten_external and not handle.has_external_data:
+        # An in-memory model: a separate proto holding only what the piece reads, so a
+        # session of a few nodes does not serialize every weight of the model (refits and
+        # layer-by-layer runs open one or two per wave: SVTRv2's 76 MB took 37 of 85 s).
+        return open_session(ModelHandle(model=_part_model(handle.model, nodes, outputs, inputs)))
     graph = handle.model.graph
     fields = {"output": list(outputs)}
     if nodes is not None:
@@ -264,6 +269,35 @@ def part_session(handle: ModelHandle, nodes: Optional[Sequence[onnx.NodeProto]],
             getattr(graph, name).extend(items)
         if "node" in saved:  # new node objects: anything holding the old ones must rebuild
             handle.graph_changed()
+
+
+def _part_model(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], outputs: Sequence,
+                inputs: Optional[Sequence]) -> onnx.ModelProto:
+    """A model of ``nodes`` of ``model``'s main graph with the initializers they read (subgraph
+    bodies' outer reads included), ``outputs``, and ``inputs`` (or the graph's inputs, less
+    the initializers left out, and its ``value_info``)."""
+    graph = model.graph
+    read: set = set()
+    for node in nodes:
+        read |= names_read(node)
+    part = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name,
+                           domain=model.domain, model_version=model.model_version)
+    part.opset_import.extend(model.opset_import)
+    part.functions.extend(model.functions)
+    g = part.graph
+    g.name = graph.name
+    g.node.extend(nodes)
+    g.initializer.extend(t for t in graph.initializer if t.name in read)
+    g.sparse_initializer.extend(t for t in graph.sparse_initializer if t.values.name in read)
+    stored = {t.name for t in graph.initializer} | {t.values.name for t in
+                                                     graph.sparse_initializer}
+    if inputs is None:
+        g.input.extend(vi for vi in graph.input if vi.name not in stored or vi.name in read)
+        g.value_info.extend(graph.value_info)
+    else:
+        g.input.extend(inputs)
+    g.output.extend(outputs)
+    return part
 
 
 def _copy(message):

@@ -1,0 +1,55 @@
+"""A session of a piece of an in-memory model holds only what the piece reads: a separate proto
+with the piece's nodes and the initializers they read, so a segment or a trial does not
+serialize every weight of the model; the handle's own proto is left as it was."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import builders as B
+from onnxprune.model.io import load
+from onnxprune.runtime import session as runtime_session
+
+
+def _mlp():
+    r = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h1"], name="mm1"),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+             helper.make_node("MatMul", ["r1", "W2"], ["h2"], name="mm2"),
+             helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+             helper.make_node("MatMul", ["r2", "W3"], ["y"], name="mm3")]
+    inits = [numpy_helper.from_array(r.standard_normal((6, 6)).astype(np.float32), f"W{i}")
+             for i in (1, 2, 3)]
+    vi = helper.make_tensor_value_info
+    return B.make_model(nodes, [vi("x", TensorProto.FLOAT, ["n", 6])],
+                        [vi("y", TensorProto.FLOAT, ["n", 6])], inits)
+
+
+def test_a_piece_session_holds_only_the_initializers_it_reads(monkeypatch):
+    model = _mlp()
+    handle = load(model)
+    seen = []
+    real = runtime_session.open_session
+
+    def spy(h):
+        seen.append(sorted(t.name for t in h.model.graph.initializer))
+        return real(h)
+
+    monkeypatch.setattr(runtime_session, "open_session", spy)
+    nodes = list(handle.model.graph.node)
+    # the middle piece, fed at its cut (r1), giving r2
+    sess = runtime_session.part_session(handle, nodes[2:4], [onnx.ValueInfoProto(name="r2")],
+                                        [helper.make_tensor_value_info("r1", TensorProto.FLOAT,
+                                                                       ["n", 6])])
+    assert seen == [["W2"]]
+    r1 = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
+    w2 = numpy_helper.to_array(model.graph.initializer[1])
+    np.testing.assert_allclose(sess.run(None, {"r1": r1})[0], np.maximum(r1 @ w2, 0),
+                               rtol=1e-5, atol=1e-6)
+    # the first piece with the graph's own inputs: W1 only
+    sess = runtime_session.part_session(handle, nodes[:2], [onnx.ValueInfoProto(name="r1")])
+    assert seen[-1] == ["W1"]
+    assert [t.name for t in handle.model.graph.initializer] == ["W1", "W2", "W3"]
+    assert [n.name for n in handle.model.graph.node] == ["mm1", "relu1", "mm2", "relu2", "mm3"]
