@@ -40,6 +40,22 @@ def mlp_listing_weights() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
+def relu_mlp3(seed: int = 12) -> onnx.ModelProto:
+    """x[n, 6] -> MatMul W1 (mm1) -> Relu (relu1, r1) -> MatMul W2 (mm2) -> Relu (relu2, r2) ->
+    MatMul W3 (mm3) -> y: three 6x6 weights, a tensor between each piece."""
+    r = rng(seed)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h1"], name="mm1"),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+             helper.make_node("MatMul", ["r1", "W2"], ["h2"], name="mm2"),
+             helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+             helper.make_node("MatMul", ["r2", "W3"], ["y"], name="mm3")]
+    inits = [numpy_helper.from_array(r.standard_normal((6, 6)).astype(np.float32), f"W{i}")
+             for i in (1, 2, 3)]
+    vi = helper.make_tensor_value_info
+    return make_model(nodes, [vi("x", TensorProto.FLOAT, ["n", 6])],
+                      [vi("y", TensorProto.FLOAT, ["n", 6])], inits)
+
+
 def conv_gemm_model(dtype=np.float32, seed: int = 0, group: int = 1) -> onnx.ModelProto:
     """x[1,8,10,10] -> Conv(16, 3x3, pad 1, group) -> Relu -> GAP -> Flatten -> Gemm(10, transB=1)."""
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))

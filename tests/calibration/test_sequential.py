@@ -357,14 +357,8 @@ def test_needed_nodes_follow_outer_scope_reads_of_subgraphs():
 
 def test_exposing_an_early_tensor_runs_only_its_ancestors(monkeypatch):
     r = np.random.default_rng(12)
-    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h1"], name="mm1"),
-             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
-             helper.make_node("MatMul", ["r1", "W2"], ["h2"], name="mm2"),
-             helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
-             helper.make_node("MatMul", ["r2", "W3"], ["y"], name="mm3")]
-    inits = [numpy_helper.from_array(r.standard_normal((6, 6)).astype(np.float32), f"W{i}")
-             for i in (1, 2, 3)]
-    model = B.make_model(nodes, [_vi("x", ["n", 6])], [_vi("y", ["n", 6])], inits)
+    model = B.relu_mlp3(12)
+    nodes = list(model.graph.node)
     seen = []
     real = runtime_session.open_session
 

@@ -13,22 +13,8 @@ from onnxprune.model.io import load
 from onnxprune.runtime import session as runtime_session
 
 
-def _mlp():
-    r = np.random.default_rng(3)
-    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h1"], name="mm1"),
-             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
-             helper.make_node("MatMul", ["r1", "W2"], ["h2"], name="mm2"),
-             helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
-             helper.make_node("MatMul", ["r2", "W3"], ["y"], name="mm3")]
-    inits = [numpy_helper.from_array(r.standard_normal((6, 6)).astype(np.float32), f"W{i}")
-             for i in (1, 2, 3)]
-    vi = helper.make_tensor_value_info
-    return B.make_model(nodes, [vi("x", TensorProto.FLOAT, ["n", 6])],
-                        [vi("y", TensorProto.FLOAT, ["n", 6])], inits)
-
-
 def test_a_piece_session_holds_only_the_initializers_it_reads(monkeypatch):
-    model = _mlp()
+    model = B.relu_mlp3(3)
     handle = load(model)
     seen = []
     real = runtime_session.open_session
