@@ -49,6 +49,18 @@ def test_inspect_lists_the_integer_weights(path, op, count):
     assert len(rows) == count
 
 
+def assert_same_ops(model, out):
+    """The Where nodes added. The same ops; removed heads add a Where in front of each Reshape whose target holds the
+    head count as a constant (t5: view(b, -1, 6, 64)), overriding that entry."""
+    names = {n.name for n in model.graph.node}
+    wheres = [n for n in out.graph.node if n.op_type == "Where" and n.name not in names]
+    assert [(n.domain, n.op_type) for n in out.graph.node if n not in wheres] == \
+        [(n.domain, n.op_type) for n in model.graph.node]
+    assert {c.op_type for w in wheres for c in out.graph.node if w.output[0] in c.input} <= \
+        {"Reshape"}
+    return wheres
+
+
 @pytest.mark.parametrize("path", [T5, DKSPLIT])
 @pytest.mark.parametrize("pattern,sparsity", [("2:4", None), ("channel", 0.25)])
 def test_pruned_stays_int8_and_runs(path, pattern, sparsity):
@@ -57,14 +69,7 @@ def test_pruned_stays_int8_and_runs(path, pattern, sparsity):
                              validate=False)
     out = result.model
     onnx.checker.check_model(out)
-    # The same ops; removed heads add a Where in front of each Reshape whose target holds the
-    # head count as a constant (t5: view(b, -1, 6, 64)), overriding that entry.
-    names = {n.name for n in model.graph.node}
-    wheres = [n for n in out.graph.node if n.op_type == "Where" and n.name not in names]
-    assert [(n.domain, n.op_type) for n in out.graph.node if n not in wheres] == \
-        [(n.domain, n.op_type) for n in model.graph.node]
-    assert {c.op_type for w in wheres for c in out.graph.node if w.output[0] in c.input} <= \
-        {"Reshape"}
+    wheres = assert_same_ops(model, out)
     before, after = _int_weights(model), _int_weights(out)
     assert set(after) <= set(before) and all(after[n] == before[n] for n in after)
     feeds = _feeds(model)
@@ -121,14 +126,7 @@ def test_onnxruntime_quantized_cnn_loses_channels_and_stays_quantized(ort_quanti
                              validate=False)
     out = result.model
     onnx.checker.check_model(out)
-    # The same ops; removed heads add a Where in front of each Reshape whose target holds the
-    # head count as a constant (t5: view(b, -1, 6, 64)), overriding that entry.
-    names = {n.name for n in model.graph.node}
-    wheres = [n for n in out.graph.node if n.op_type == "Where" and n.name not in names]
-    assert [(n.domain, n.op_type) for n in out.graph.node if n not in wheres] == \
-        [(n.domain, n.op_type) for n in model.graph.node]
-    assert {c.op_type for w in wheres for c in out.graph.node if w.output[0] in c.input} <= \
-        {"Reshape"}
+    assert_same_ops(model, out)
     before, after = _int_weights(model), _int_weights(out)
     assert after == {n: before[n] for n in after}
     # every conv width and the hidden Gemm width went, in all three forms alike
