@@ -30,6 +30,7 @@ import onnxruntime
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from eval_detect import CAL_SEED, EVAL_SEED, MODELS  # noqa: E402
+from sections import write_marked  # noqa: E402
 
 from onnxprune.api import prune  # noqa: E402
 from onnxprune.model.io import load  # noqa: E402
@@ -179,15 +180,6 @@ def render(rows, command: str, notes: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else ""
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + text.rstrip("\n") + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="ppocr_det,layout,yolo")
@@ -220,7 +212,7 @@ def main(argv=None) -> int:
                   notes)
     print(text)
     if args.write:
-        write(Path(args.write), text)
+        write_marked(Path(args.write), text, BEGIN, END)
     return 0
 
 

