@@ -293,13 +293,19 @@ def assert_close(got, want):
         np.testing.assert_allclose(g, w, atol=1e-5 * scale, rtol=1e-4)
 
 
-def masked_and_resized(model, **kw):
+def masked_and_resized_with_graph(model, shapes=None, **kw):
+    """(channel graph, masked model, resized model, removed units, resized tensor shapes) for
+    the channels ``select_channels(**kw)`` picks, the graphs built on input ``shapes``."""
     masked = load(copy.deepcopy(model))
-    graph = build_channel_graph(masked)
+    graph = build_channel_graph(masked, shapes)
     removed = select_channels(masked, graph, **kw)
     mask_channels(masked, removed, graph)
     resized = load(copy.deepcopy(masked.model))
-    graph2 = build_channel_graph(resized)
+    graph2 = build_channel_graph(resized, shapes)
     assert [g.size for g in graph2.groups] == [g.size for g in graph.groups]
-    shapes = resize_channels(resized, graph2, removed)
-    return masked.model, resized.model, removed, shapes
+    sizes = resize_channels(resized, graph2, removed)
+    return graph, masked.model, resized.model, removed, sizes
+
+
+def masked_and_resized(model, **kw):
+    return masked_and_resized_with_graph(model, None, **kw)[1:]

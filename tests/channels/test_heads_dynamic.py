@@ -15,11 +15,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.channels.graph import build_channel_graph
-from onnxprune.channels.resize import mask_channels, resize_channels
 from onnxprune.channels.select import select_channels
 from onnxprune.model.io import load
 from onnxprune.ops.shapevec import DimRef, reshape_output, shape_vector
-from channel_models import G
+from channel_models import G, masked_and_resized_with_graph
 
 D, H, HD, T = 32, 4, 8, 6
 SHAPES = {"x": [1, T, D]}
@@ -109,15 +108,7 @@ def run(model, x):
 
 
 def masked_and_resized(model, sparsity=0.5, shapes=SHAPES):
-    masked = load(copy.deepcopy(model))
-    graph = build_channel_graph(masked, shapes)
-    removed = select_channels(masked, graph, sparsity)
-    mask_channels(masked, removed, graph)
-    resized = load(copy.deepcopy(masked.model))
-    graph2 = build_channel_graph(resized, shapes)
-    assert [g.size for g in graph2.groups] == [g.size for g in graph.groups]
-    shapes = resize_channels(resized, graph2, removed)
-    return graph, masked.model, resized.model, removed, shapes
+    return masked_and_resized_with_graph(model, shapes, sparsity=sparsity)
 
 
 def _inputs():

@@ -15,11 +15,10 @@ from onnx import TensorProto, helper
 
 from onnxprune.channels.graph import build_channel_graph
 from onnxprune.channels.resize import mask_channels, resize_channels
-from onnxprune.channels.select import select_channels
 from onnxprune.model.io import load
 from onnxprune.model.shapes import infer_shapes
 from onnxprune.ops.shapevec import complete_shapes
-from channel_models import G
+from channel_models import G, masked_and_resized_with_graph
 
 D, H, HD, T, BUCKETS, MAXS = 32, 4, 8, 6, 16, 12
 
@@ -39,15 +38,7 @@ def run(model, x):
 
 
 def masked_and_resized(model, sparsity, shapes):
-    masked = load(copy.deepcopy(model))
-    graph = build_channel_graph(masked, shapes)
-    removed = select_channels(masked, graph, sparsity)
-    mask_channels(masked, removed, graph)
-    resized = load(copy.deepcopy(masked.model))
-    graph2 = build_channel_graph(resized, shapes)
-    assert [g.size for g in graph2.groups] == [g.size for g in graph.groups]
-    sizes = resize_channels(resized, graph2, removed)
-    return graph, masked.model, resized.model, removed, sizes
+    return masked_and_resized_with_graph(model, shapes, sparsity=sparsity)
 
 
 def t5_attention(layers: int = 2, seed: int = 0, decoder: bool = False) -> onnx.ModelProto:
