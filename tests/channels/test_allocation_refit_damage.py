@@ -46,6 +46,18 @@ def _data(model, n=8):
     return CalibrationSet.from_arrays(model, {"x": x})
 
 
+def _one_group():
+    """The redundant model, its handle and channel graph, its one group's id, scores that take
+    channel 3 first then channel 2, the calibration data and its feeds (batches of 8)."""
+    model = _redundant_model()
+    handle = load(copy.deepcopy(model))
+    graph = build_channel_graph(handle)
+    (gid,) = list(group_scores(handle, graph))
+    data = _data(model)
+    return (model, handle, graph, gid, {gid: np.array([4.0, 3.0, 2.0, 1.0])}, data,
+            list(data.batches(8)))
+
+
 def test_refit_columns_recovers_a_dependent_column_exactly():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((500, 4))
@@ -68,13 +80,7 @@ def test_refit_columns_recovers_a_dependent_column_exactly():
 
 
 def test_refit_damage_sees_what_the_refit_recovers_and_restores_weights():
-    model = _redundant_model()
-    handle = load(copy.deepcopy(model))
-    graph = build_channel_graph(handle)
-    (gid,) = list(group_scores(handle, graph))
-    scores = {gid: np.array([4.0, 3.0, 2.0, 1.0])}  # channel 3 first, then channel 2
-    data = _data(model)
-    feeds = list(data.batches(8))
+    model, handle, graph, gid, scores, data, feeds = _one_group()  # channel 3 first, then 2
     before = {t.name: handle.read(t).copy() for t in handle.model.graph.initializer}
     fits = consumer_fits(handle, graph, scores, data)
     assert [f.weight.name for f in fits[gid]] == ["w2"] and fits[gid][0].bias is not None
@@ -130,13 +136,7 @@ def test_metric_damage_is_the_metric_drop_plus_the_tie_breaker():
     from onnxprune.channels.allocate import METRIC_TIE
     from onnxprune.runtime.evaluate import Metric
 
-    model = _redundant_model()
-    handle = load(copy.deepcopy(model))
-    graph = build_channel_graph(handle)
-    (gid,) = list(group_scores(handle, graph))
-    scores = {gid: np.array([4.0, 3.0, 2.0, 1.0])}
-    data = _data(model)
-    feeds = list(data.batches(8))
+    model, handle, graph, gid, scores, data, feeds = _one_group()
     ref = [o for f in feeds for o in _session(model).run(None, dict(f))]
     norm = sum(float((r.astype(np.float64) ** 2).sum()) for r in ref)
 
@@ -199,13 +199,7 @@ def test_damage_needs_its_inputs(tmp_path, extra, words):
 
 
 def test_base_damage_is_the_increase_over_the_base():
-    model = _redundant_model()
-    handle = load(copy.deepcopy(model))
-    graph = build_channel_graph(handle)
-    (gid,) = list(group_scores(handle, graph))
-    scores = {gid: np.array([4.0, 3.0, 2.0, 1.0])}
-    data = _data(model)
-    feeds = list(data.batches(8))
+    model, handle, graph, gid, scores, data, feeds = _one_group()
     before = {t.name: handle.read(t).copy() for t in handle.model.graph.initializer}
     plain = measured_damage(handle, graph, scores, feeds, levels=(0.25, 0.5))
     # base: channel 3 already removed; the next levels are 1/4 + 1/8 -> still 1 channel (k

@@ -88,11 +88,8 @@ def test_tied_embedding_loses_only_what_both_readers_agree_with():
     h = g.op("Add", [g.op("MatMul", [g.op("Relu", [g.op("MatMul", [e, g.w([D, F])])]),
                                      g.w([F, D])]), e])
     logits = g.op("MatMul", [h, g.op("Transpose", [table], perm=[1, 0])])
-    vi = helper.make_tensor_value_info
-    graph = helper.make_graph(g.nodes, "lm", [vi("ids", TensorProto.INT64, [1, T])],
-                              [vi(logits, TensorProto.FLOAT, [1, T, vocab])], g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = g.typed_model("lm", [("ids", TensorProto.INT64, [1, T])],
+                          [(logits, TensorProto.FLOAT, [1, T, vocab])])
     weights, skipped = find_weights(load(model))
     assert "table" not in {w.name for w in weights}
     assert "Gather" in next(s.reason for s in skipped if s.name == "table")

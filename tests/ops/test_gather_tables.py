@@ -185,11 +185,8 @@ def test_embedding_tied_to_lm_head_is_pruned_as_both_readers_agree():
     h = g.op("Relu", [g.op("Add", [g.op("MatMul", [e, g.w([hid, hid])]), g.w([hid], 0.1)])])
     h = g.op("MatMul", [h, g.w([hid, hid])])
     logits = g.op("MatMul", [h, g.op("Transpose", [table], perm=[1, 0])])
-    vi = helper.make_tensor_value_info
-    graph = helper.make_graph(g.nodes, "lm", [vi("ids", TensorProto.INT64, [1, T])],
-                              [vi(logits, TensorProto.FLOAT, [1, T, vocab])], g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = g.typed_model("lm", [("ids", TensorProto.INT64, [1, T])],
+                          [(logits, TensorProto.FLOAT, [1, T, vocab])])
     masked = load(copy.deepcopy(model))
     cg = build_channel_graph(masked, None)
     stream = [grp for grp in cg.groups
