@@ -20,7 +20,7 @@ from onnxprune.inputs.signature import bind_input_shapes
 from onnxprune.masking.criteria import get_criterion
 from onnxprune.model import io as mio
 from onnxprune.options import PruneOptions
-from onnxprune.passes.base import Pass, Pipeline, PruneState, Track, no_progress
+from onnxprune.passes.base import Pass, Pipeline, PruneState, Track, no_progress, verify_layers
 from onnxprune.passes.calibrated import AllocateBySensitivity, Calibrate, CorrectBias
 from onnxprune.passes.masking import ApplyMasks, ScoreWeights
 from onnxprune.passes.metric import EvaluateMetric
@@ -227,6 +227,7 @@ def _execute(model: mio.ModelLike, opts: PruneOptions, output, force: bool, trac
     macs_before = count_macs_or_error(state.model, opts.input_shapes, None)
     with session_threads(opts.threads):
         pipeline.run(state)
+    verify_layers(state)
     return _Run(state, opts, out, size_before, macs_before, time.perf_counter() - start)
 
 

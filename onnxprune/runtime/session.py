@@ -24,6 +24,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnxprune.errors import InputDataError
 from onnxprune.inputs.dataset import CalibrationSet
@@ -240,42 +241,28 @@ def part_session(handle: ModelHandle, nodes: Optional[Sequence[onnx.NodeProto]],
                   outputs: Sequence, inputs: Optional[Sequence] = None):
     """A session of the handle's main graph cut down to ``nodes`` (None: all of them), with
     ``outputs`` (ValueInfoProtos) and, when given, ``inputs`` in place of the graph's (a piece
-    fed at its cut points: the full graph's ``value_info`` is dropped with them). The handle's
-    proto is changed only while the session is built; its initializers, external data
-    included, serve as they are."""
-    if nodes is not None and not handle.rewritten_external and not handle.has_external_data:
-        # An in-memory model: a separate proto holding only what the piece reads, so a
-        # session of a few nodes does not serialize every weight of the model (refits and
-        # layer-by-layer runs open one or two per wave: SVTRv2's 76 MB took 37 of 85 s).
-        return open_session(ModelHandle(model=_part_model(handle.model, nodes, outputs, inputs)))
-    graph = handle.model.graph
-    fields = {"output": list(outputs)}
-    if nodes is not None:
-        fields["node"] = list(nodes)
-    if inputs is not None:
-        fields.update(input=list(inputs), value_info=[])
-    saved = {}
-    for name, items in fields.items():  # detached copies: the fields are cleared below
-        saved[name] = [_copy(m) for m in getattr(graph, name)]
-        fields[name] = [_copy(m) for m in items]
-    try:
-        for name, items in fields.items():
-            del getattr(graph, name)[:]
-            getattr(graph, name).extend(items)
-        return open_session(handle)
-    finally:
-        for name, items in saved.items():
-            del getattr(graph, name)[:]
-            getattr(graph, name).extend(items)
-        if "node" in saved:  # new node objects: anything holding the old ones must rebuild
-            handle.graph_changed()
+    fed at its cut points: the full graph's ``value_info`` is dropped with them).
+
+    The session is built on a separate proto holding the piece's nodes and only the tensors
+    they read (a segment or a trial does not serialize every weight of the model: SVTRv2's
+    76 MB took 37 of 85 s), external tensors read from the handle's folder and rewritten ones
+    from its spill. The handle's proto is never touched: passes hold its node and tensor
+    objects (a weight stored in a ``Constant`` node is written through that node), and a
+    piece built by swapping the graph's nodes for copies once sent every later write of
+    such a weight to a detached copy — the pruned model came out unpruned."""
+    if nodes is None:
+        nodes = handle.model.graph.node
+    part = _part_model(handle, nodes, outputs, inputs)
+    return open_session(ModelHandle(model=part, base_dir=handle.base_dir))
 
 
-def _part_model(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], outputs: Sequence,
+def _part_model(handle: ModelHandle, nodes: Sequence[onnx.NodeProto], outputs: Sequence,
                 inputs: Optional[Sequence]) -> onnx.ModelProto:
-    """A model of ``nodes`` of ``model``'s main graph with the initializers they read (subgraph
-    bodies' outer reads included), ``outputs``, and ``inputs`` (or the graph's inputs, less
-    the initializers left out, and its ``value_info``)."""
+    """A model of ``nodes`` of the handle's main graph with the initializers they read
+    (subgraph bodies' outer reads included), ``outputs``, and ``inputs`` (or the graph's
+    inputs, less the initializers left out, and its ``value_info``). A tensor rewritten into
+    the handle's spill is written into the part with its current values."""
+    model = handle.model
     graph = model.graph
     read: set = set()
     for node in nodes:
@@ -287,8 +274,17 @@ def _part_model(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], outputs
     g = part.graph
     g.name = graph.name
     g.node.extend(nodes)
-    g.initializer.extend(t for t in graph.initializer if t.name in read)
+    kept = [t for t in graph.initializer if t.name in read]
+    g.initializer.extend(kept)
     g.sparse_initializer.extend(t for t in graph.sparse_initializer if t.values.name in read)
+    if handle.rewritten_external:
+        # the copies lost their link to the spill (kept by object): give them their values
+        pairs = list(zip(kept, g.initializer))
+        pairs += [(a, b) for n, c in zip(nodes, g.node)
+                  for a, b in zip(_node_tensors(n), _node_tensors(c))]
+        for original, copy in pairs:
+            if handle.is_rewritten(original):
+                copy.CopyFrom(numpy_helper.from_array(handle.read(original), original.name))
     stored = {t.name for t in graph.initializer} | {t.values.name for t in
                                                      graph.sparse_initializer}
     if inputs is None:
@@ -300,10 +296,19 @@ def _part_model(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], outputs
     return part
 
 
-def _copy(message):
-    copy = type(message)()
-    copy.CopyFrom(message)
-    return copy
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    """The tensors a node holds (attributes, subgraph initializers and nodes), in a fixed
+    order: a node and its copy yield their tensors pairwise."""
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.TENSOR:
+            yield a.t
+        elif a.type == onnx.AttributeProto.TENSORS:
+            yield from a.tensors
+        for body in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                     list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+            yield from body.initializer
+            for inner in body.node:
+                yield from _node_tensors(inner)
 
 
 def needed_nodes(graph: onnx.GraphProto, names: Sequence[str]) -> List[int]:

@@ -39,3 +39,83 @@ def test_a_piece_session_holds_only_the_initializers_it_reads(monkeypatch):
     assert seen[-1] == ["W1"]
     assert [t.name for t in handle.model.graph.initializer] == ["W1", "W2", "W3"]
     assert [n.name for n in handle.model.graph.node] == ["mm1", "relu1", "mm2", "relu2", "mm3"]
+
+
+def _constant_weight_mlp(tmp_path=None):
+    """y = relu(relu(x @ A) @ B) @ C, x [n, 32]: A and B stored in ``Constant`` nodes (as
+    paddle2onnx writes PP-OCR's weights), C an initializer — written with external data when
+    ``tmp_path`` is given."""
+    r = np.random.default_rng(3)
+    vals = [r.standard_normal((32, 32)).astype(np.float32) for _ in range(3)]
+    nodes = [helper.make_node("Constant", [], [name], name=f"const_{name}",
+                              value=numpy_helper.from_array(v, name + "_value"))
+             for name, v in (("A", vals[0]), ("B", vals[1]))]
+    nodes += [helper.make_node("MatMul", ["x", "A"], ["h1"], name="mm1"),
+              helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+              helper.make_node("MatMul", ["r1", "B"], ["h2"], name="mm2"),
+              helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+              helper.make_node("MatMul", ["r2", "C"], ["y"], name="mm3")]
+    vi = helper.make_tensor_value_info
+    model = B.make_model(nodes, [vi("x", TensorProto.FLOAT, ["n", 32])],
+                         [vi("y", TensorProto.FLOAT, ["n", 32])],
+                         [numpy_helper.from_array(vals[2], "C")])
+    if tmp_path is None:
+        return model
+    path = tmp_path / "mlp.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="mlp.data",
+                    size_threshold=0)
+    return str(path)
+
+
+def _stored_zeros(path) -> dict:
+    model = onnx.load(str(path))
+    got = {t.name: t for t in model.graph.initializer}
+    got.update({n.output[0]: n.attribute[0].t for n in model.graph.node
+                if n.op_type == "Constant"})
+    return {k: int(np.count_nonzero(numpy_helper.to_array(t) == 0)) for k, t in got.items()}
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_calibrated_pruning_writes_weights_held_in_constant_nodes(tmp_path, external):
+    """Layer-by-layer pruning opens piece sessions between its writes; a weight in a
+    ``Constant`` node must still be written into the model that is saved (a piece built by
+    swapping the graph's nodes for copies once detached every later write: the saved model
+    came out dense while the report said 50 %)."""
+    from onnxprune.api import prune
+
+    model = _constant_weight_mlp(tmp_path if external else None)
+    x = np.random.default_rng(4).standard_normal((48, 32)).astype(np.float32)
+    out = tmp_path / "pruned.onnx"
+    result = prune(model, output=out, pattern="unstructured", sparsity=0.5,
+                   criterion="sparsegpt", allocate="uniform", calibration={"x": x},
+                   calibration_samples=32, validation_samples=16)
+    zeros = _stored_zeros(out)
+    rows = {r.name: r for r in result.report.rows}
+    assert set(rows) == {"A", "B", "C"}
+    for name, row in rows.items():
+        assert row.params - row.nonzeros_after >= 512  # half of 32 x 32 (or a dead channel)
+        assert zeros[name] == row.params_after - row.nonzeros_after, name
+
+
+def test_a_result_the_model_does_not_hold_is_an_internal_error():
+    """verify_layers finds the weights again from the graph and counts what is stored: a
+    record the model does not match stops the run before anything is written."""
+    from onnxprune.ops.weights import find_weights
+    from onnxprune.passes.base import LayerResult, PruneState, verify_layers
+
+    state = PruneState.from_model(_constant_weight_mlp())
+    w = {w.name: w for w in find_weights(state.handle)[0]}["A"]
+    state.layers[w.key] = LayerResult(key=w.key, name="A", op_type="MatMul", shape=(32, 32),
+                                      numel=1024, nonzeros_before=1024, nonzeros_after=512,
+                                      pattern="unstructured", criterion="magnitude")
+    with pytest.raises(RuntimeError, match="internal error: weight 'A' should hold 512 "
+                                           "nonzeros in 1024 elements after pruning, but "
+                                           "the model holds 1024"):
+        verify_layers(state)
+    values = state.handle.read(w.tensor).copy()
+    values.reshape(-1)[:512] = 0
+    state.handle.write(w.tensor, values)
+    verify_layers(state)  # now it holds what the record says
