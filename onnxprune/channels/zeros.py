@@ -112,7 +112,7 @@ class _Walk:
                             results = const(node, ins, self._read)
                         except (ValueError, TypeError, IndexError):
                             results = None
-                what = f"{label} ({'no constant rule' if const is None else 'its output'})"
+                what = label if const is not None else f"{label} (an op whose values are not followed)"
             for k, o in enumerate(node.output):
                 if o not in self.activations:
                     continue
@@ -127,7 +127,7 @@ class _Walk:
     def _describe(what: str, v: np.ndarray) -> str:
         finite = v[~np.isnan(v)] if v.size else v
         if np.isnan(v).any() or finite.size == 0:
-            return f"{what} is not a known value"
+            return f"{what} leaves them unknown"
         if np.ptp(finite) == 0:
             return f"{what} makes them {float(finite.ravel()[0]):.6g}"
         return f"{what} makes them nonzero"

@@ -70,7 +70,7 @@ def t5_block_model(norm="div", table="dq", opset=17, stream_op=None, reduce="Red
     h = g.op("Add", [h, g.op("MatMul", [up, g.w([F, D])])])
     # final norm and LM head
     n = _rmsnorm(g, h, norm, opset)
-    logits = g.op("MatMul", [n, g.w([D, V], name="lm_head")])
+    g.op("MatMul", [n, g.w([D, V], name="lm_head")])
     g.nodes[-1].output[0] = "logits"
     return g.typed_model("t5ish", [("ids", TensorProto.INT64, [1, S])],
                          [("logits", TensorProto.FLOAT, [1, S, V])], opset=opset)
@@ -207,3 +207,70 @@ def test_zero_value_needs_every_reader_to_agree():
                                                ["other"]))
     h.graph_changed()
     assert zero_value(h.index, "table", read) is None
+
+
+# -- RMSNorm as one op: epsilon and scale rewritten ------------------------------------------------
+def fused_model(op: str, read_stats: bool = False):
+    """x -> MatMul (the stream) -> fused RMSNorm -> FFN + residual -> MatMul -> y."""
+    g = G(11)
+    a = g.op("MatMul", ["x", g.w([D, D])])
+    domain, opset = ("com.microsoft", 17) if op.startswith("Skip") else ("", 17)
+    if op == "RMSNormalization":
+        opset = 23
+    if op == "SkipSimplifiedLayerNormalization":
+        b = g.op("MatMul", ["x", g.w([D, D])])
+        n, _, inv, total = g.op(op, [a, b, g.w([D], positive=True, name="gamma"),
+                                     g.w([D], 0.1, name="beta")], n_out=4, domain=domain,
+                                epsilon=1e-3)
+    else:
+        n, inv = g.op(op, [a, g.w([D], positive=True, name="gamma")], n_out=2, axis=-1,
+                      epsilon=1e-3) if op != "RMSNormalization" else \
+            (g.op(op, [a, g.w([D], positive=True, name="gamma")], axis=-1, epsilon=1e-3), None)
+        total = a
+    up = g.op("Relu", [g.op("MatMul", [n, g.w([D, F])])])
+    h = g.op("Add", [total, g.op("MatMul", [up, g.w([F, D])])])
+    if read_stats:
+        h = g.op("Mul", [h, inv])
+    return g.model([("x", [1, S, D])], [g.op("MatMul", [h, g.w([D, 7])])], opset=opset)
+
+
+def _ort_runs(model) -> bool:
+    try:
+        run(model, {"x": np.zeros((1, S, D), np.float32)})
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("op", ["SimplifiedLayerNormalization", "RMSNormalization",
+                                "SkipSimplifiedLayerNormalization"])
+def test_fused_rmsnorm_follows_the_stream_exactly(op):
+    model = fused_model(op)
+    if not _ort_runs(model):
+        pytest.skip(f"the installed onnxruntime does not run {op}")
+    graph, masked, resized, removed, sizes = masked_and_resized_with_graph(model, sparsity=0.25)
+    [group] = [g for g in graph.groups if any(m.tensor == "gamma" for m in g.members)]
+    assert group.prunable, group.frozen
+    assert len(removed[group.id]) == 4
+    x = {"x": np.random.default_rng(1).standard_normal((1, S, D)).astype(np.float32)}
+    np.testing.assert_allclose(run(masked, x)[0], run(resized, x)[0], rtol=1e-4, atol=1e-5)
+    node = next(n for n in resized.graph.node if n.op_type == op)
+    eps = next(a.f for a in node.attribute if a.name == "epsilon")
+    assert eps == pytest.approx(1e-3 * 16 / 12)
+    gamma = {t.name: numpy_helper.to_array(t) for t in resized.graph.initializer}[node.input[
+        2 if op.startswith("Skip") else 1]]
+    original = numpy_helper.to_array(next(t for t in model.graph.initializer
+                                          if t.name == "gamma"))
+    kept = [c for c in range(D) if c not in removed[group.id]]
+    np.testing.assert_allclose(gamma, original[kept] * np.sqrt(16 / 12), rtol=1e-6)
+    assert "gamma" not in {t.name for t in resized.graph.initializer}  # replaced, not shared
+    if op.startswith("Skip"):
+        assert sizes["beta"] == ((D,), (12,))
+
+
+def test_fused_rmsnorm_whose_statistics_are_read_keeps_the_stream():
+    graph = build_channel_graph(load(fused_model("SimplifiedLayerNormalization",
+                                                 read_stats=True)))
+    [group] = [g for g in graph.groups if any(m.tensor == "gamma" for m in g.members)]
+    assert not group.prunable
+    assert "its statistics output" in group.frozen and "is read: it would change" in group.frozen
