@@ -103,6 +103,9 @@ class NodeCtx:
         they are 0 in the masked model (checked on the built group; frozen with ``why``)."""
         self.mentioned.add((name, axis))
         self.b.need_zero.append((name, axis, f"{self.label}: {why}"))
+        # its value matters here with no weight reading it: dead-channel removal may not take
+        # a channel as unread, nor remove one whose constant is not 0 here
+        self.b.sink(name, axis, self.node, list(self.node.input).index(name))
 
     def dtype(self, name: str) -> Optional[int]:
         """The ONNX element type of ``name`` (shape inference), or None."""

@@ -274,3 +274,22 @@ def test_fused_rmsnorm_whose_statistics_are_read_keeps_the_stream():
     [group] = [g for g in graph.groups if any(m.tensor == "gamma" for m in g.members)]
     assert not group.prunable
     assert "its statistics output" in group.frozen and "is read: it would change" in group.frozen
+
+
+def test_a_stream_channel_no_weight_reads_is_not_dead():
+    """A removed stream channel whose consumer rows are all zero is still read by the RMSNorm's
+    sum of squares: dead-channel removal keeps it (masked == dead-removed would not hold)."""
+    from onnxprune.channels.dead import find_dead
+    model = t5_block_model()
+    h = load(model)
+    graph = build_channel_graph(h)
+    group = stream_group(graph)
+    assert any("sink" in m.roles for m in group.members)
+    for name in group.consumers:  # every weight reading channel 3 of the stream: zero rows
+        m = next(m for m in group.members if m.tensor == name)
+        arr = numpy_helper.to_array(h.index.stored[name]).copy()
+        arr[tuple(m.indices([3]) if a == m.axis else slice(None) for a in range(arr.ndim))] = 0
+        h.write(h.index.stored[name], arr)
+    [(_, removed, folds, kept)] = [d for d in find_dead(h, build_channel_graph(h))
+                                   if d[0].id == group.id]
+    assert removed == [] and folds == []
