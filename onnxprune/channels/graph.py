@@ -181,6 +181,7 @@ class Builder:
         # (tensor, axis, why): reduced over; exact only where removed channels hold 0 (zeros.py)
         self.need_zero: List[Tuple[str, int, str]] = []
         self.zero_values: Dict[str, np.ndarray] = {}  # see ChannelGraph.zero_values
+        self._zero_cache: Dict[str, Optional[np.ndarray]] = {}
         self._const_cache: Dict[str, Optional[np.ndarray]] = {}
         self.linked: Dict[int, bool] = {}  # level-1 root -> reaches a weight (for Reshape carriers)
 
@@ -299,20 +300,26 @@ class Builder:
                                         "computed in-graph, not a stored tensor")
                 return False
             return True
-        if role in ZERO_ON_MASK and self.stored[src[0]].data_type not in FLOAT_TYPES:
+        if role in ZERO_ON_MASK:
             # An integer tensor is masked by writing the value its readers dequantize to 0 (a
-            # table's zero point). Weights reach here only with zero point 0 (their rules
-            # check it); a table with no such value is only sliced, never masked.
-            value = zero_value(self.index, src[0], self.const_value)
-            if value is None:
-                if role not in (PRODUCER, CONSUMER):
-                    return True
-            elif np.any(value != 0):
+            # table's zero point; weights get roles only with zero point 0, their rules check).
+            value = self.zero_value(src[0])
+            if value is not None and np.any(value != 0):
                 self.zero_values[src[0]] = value
         self.roles[src].append((role, node_key(node), index))
         d = self.dim(*src)
         self.linked[self.dsu.find(d)] = True
         return True
+
+    def zero_value(self, name: str) -> Optional[np.ndarray]:
+        """The value that reads as 0 in the stored integer tensor ``name`` (a quantized table's
+        zero point: :func:`onnxprune.ops.quant.zero_value`); None for float tensors or when
+        there is none."""
+        if name not in self.stored or self.stored[name].data_type in FLOAT_TYPES:
+            return None
+        if name not in self._zero_cache:
+            self._zero_cache[name] = zero_value(self.index, name, self.const_value)
+        return self._zero_cache[name]
 
     def sink(self, name: str, axis: int, node: onnx.NodeProto, index: int) -> None:
         """A weight-free op reduces over this activation axis (x @ y between activations): a
