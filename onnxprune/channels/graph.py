@@ -25,7 +25,7 @@ A group is prunable when it is not frozen and at least one weight produces its c
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -36,9 +36,12 @@ from onnxprune.model.io import ModelHandle
 from onnxprune.model.shapes import Shape, infer_shapes
 # Roles a stored tensor's axis plays in a group, defined beside the rules that assign them.
 from onnxprune.ops._channel import CONSUMER, PRODUCER, ZERO_ON_MASK
+from onnxprune.ops.quant import zero_value
 from onnxprune.ops.registry import copies_values, field_of, shape_only
+from onnxprune.ops.weights import FLOAT_TYPES
 from onnxprune.ops.shapevec import complete_shapes
 from onnxprune.channels.rules import apply_rules
+from onnxprune.channels.zeros import check_zeros
 
 
 
@@ -86,6 +89,8 @@ class ChannelGraph:
     stored: Dict[str, onnx.TensorProto]
     shapes: Dict[str, Shape]
     roles: Dict[Tuple[str, int], List[Tuple[str, str, int]]]  # (stored, axis) -> (role, node, input)
+    # integer stored tensors whose masked entries are written as their zero point, not 0
+    zero_values: Dict[str, np.ndarray] = field(default_factory=dict)
 
     def frozen(self) -> List[Tuple[str, str]]:
         return [(g.describe(), g.frozen) for g in self.groups if g.frozen]
@@ -157,8 +162,9 @@ class Builder:
         self.handle = handle
         self.graph = handle.model.graph
         self.index = handle.index
-        self.shapes: Dict[str, Shape] = dict(
-            infer_shapes(handle, input_shapes, upgrade=False, complete=complete_shapes).shapes)
+        inferred = infer_shapes(handle, input_shapes, upgrade=False, complete=complete_shapes)
+        self.shapes: Dict[str, Shape] = dict(inferred.shapes)
+        self.types: Dict[str, int] = dict(inferred.types)
         self.stored: Dict[str, onnx.TensorProto] = dict(self.index.stored)
         # value -> [(node, input index)]; rules read it with .get
         self.consumers: Dict[str, List[Tuple[onnx.NodeProto, int]]] = self.index.main.consumers
@@ -172,6 +178,10 @@ class Builder:
         self.frozen_keys: Dict[Tuple[str, Optional[int]], str] = {}
         self.roles: Dict[Tuple[str, int], List[Tuple[str, str, int]]] = defaultdict(list)
         self.rewrites: List[Tuple[onnx.NodeProto, Callable]] = []
+        # (tensor, axis, why): reduced over; exact only where removed channels hold 0 (zeros.py)
+        self.need_zero: List[Tuple[str, int, str]] = []
+        self.zero_values: Dict[str, np.ndarray] = {}  # see ChannelGraph.zero_values
+        self._zero_cache: Dict[str, Optional[np.ndarray]] = {}
         self._const_cache: Dict[str, Optional[np.ndarray]] = {}
         self.linked: Dict[int, bool] = {}  # level-1 root -> reaches a weight (for Reshape carriers)
 
@@ -290,10 +300,26 @@ class Builder:
                                         "computed in-graph, not a stored tensor")
                 return False
             return True
+        if role in ZERO_ON_MASK:
+            # An integer tensor is masked by writing the value its readers dequantize to 0 (a
+            # table's zero point; weights get roles only with zero point 0, their rules check).
+            value = self.zero_value(src[0])
+            if value is not None and np.any(value != 0):
+                self.zero_values[src[0]] = value
         self.roles[src].append((role, node_key(node), index))
         d = self.dim(*src)
         self.linked[self.dsu.find(d)] = True
         return True
+
+    def zero_value(self, name: str) -> Optional[np.ndarray]:
+        """The value that reads as 0 in the stored integer tensor ``name`` (a quantized table's
+        zero point: :func:`onnxprune.ops.quant.zero_value`); None for float tensors or when
+        there is none."""
+        if name not in self.stored or self.stored[name].data_type in FLOAT_TYPES:
+            return None
+        if name not in self._zero_cache:
+            self._zero_cache[name] = zero_value(self.index, name, self.const_value)
+        return self._zero_cache[name]
 
     def sink(self, name: str, axis: int, node: onnx.NodeProto, index: int) -> None:
         """A weight-free op reduces over this activation axis (x @ y between activations): a
@@ -408,7 +434,9 @@ class Builder:
                 frozen = ("a single unit: every channel is coupled to every other (or only one "
                           "channel); nothing can be removed")
             groups.append(ChannelGroup(len(groups), size, members, producers, consumers, frozen))
-        return ChannelGraph(groups, self.rewrites, self.stored, self.shapes, dict(self.roles))
+        check_zeros(self, groups)
+        return ChannelGraph(groups, self.rewrites, self.stored, self.shapes, dict(self.roles),
+                            dict(self.zero_values))
 
 
 def build_channel_graph(handle: ModelHandle, input_shapes: Optional[Dict] = None) -> ChannelGraph:

@@ -60,14 +60,16 @@ def mask_channels(handle: ModelHandle, removed: Removed, graph: ChannelGraph) ->
 def zero_slices(handle: ModelHandle, graph: ChannelGraph,
                 cuts_by_tensor: Dict[str, List[Tuple[int, np.ndarray]]]) -> None:
     """Set ``tensor[..., idx (on axis), ...] = 0`` for every (axis, idx) listed per stored
-    tensor, reading and writing each tensor once."""
+    tensor, reading and writing each tensor once. An integer table dequantized with a nonzero
+    zero point gets that zero point instead (``graph.zero_values``): what reads as 0."""
     for name, cuts in cuts_by_tensor.items():
         tensor = graph.stored[name]
         arr = np.array(handle.read(tensor), copy=True)
+        zero = graph.zero_values.get(name, 0)
         for axis, idx in cuts:
             sl = [slice(None)] * arr.ndim
             sl[axis] = idx
-            arr[tuple(sl)] = 0
+            arr[tuple(sl)] = zero
         handle.write(tensor, arr)
 
 
@@ -81,7 +83,8 @@ class ResizeContext:
         self.cut = cut
         self.opset = opset
         self.replaced: List[str] = []
-        # Producers as they were before the rewrites (which add initializers, never nodes).
+        # Producers as they were before the rewrites (which add initializers, and nodes only
+        # after the node they rewrite: ReduceMean's width ratio).
         self.index = handle.index
 
     def removed(self, name: str, axis: int) -> np.ndarray:
@@ -105,6 +108,20 @@ class ResizeContext:
         if node is not None and copies_values(node):
             return self.graph_const(node.input[0])
         raise KeyError(name)
+
+    def unique_name(self, base: str) -> str:
+        """``base``, or ``base_1``, ``base_2``...: a value name no node or initializer uses."""
+        g = self.handle.model.graph
+        used = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | \
+            {i.name for i in g.input}
+        name, k = base, 1
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        return name
+
+    def new_constant(self, base: str, values: np.ndarray) -> str:
+        """A new initializer holding ``values`` in their own dtype."""
+        return new_initializer(self.handle.model.graph, base, np.asarray(values))
 
     def add_initializer(self, old_name: str, values: np.ndarray) -> str:
         """A new initializer holding ``values`` (the old one may be shared, so never edited)."""

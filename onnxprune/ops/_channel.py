@@ -10,7 +10,11 @@ A rule receives a :class:`NodeCtx` and calls
   biases, BN parameters, per-channel constants) — what masking zeroes and scoring reads,
 * ``ctx.rewrite(fn)`` for attributes/constants that resize must rewrite (Conv ``group``, Split
   sizes, Slice starts/ends, Reshape shape),
-* ``ctx.ok(name)`` for control inputs (shape vectors, scalars) that carry no channels.
+* ``ctx.ok(name)`` for control inputs (shape vectors, scalars) that carry no channels,
+* ``ctx.need_zero(name, axis, why)`` for a statistic over a channel axis (a sum, a mean of
+  squares) that stays exact under removal only where the removed channels hold 0 in the masked
+  model: the group is checked once built (:mod:`onnxprune.channels.zeros`) and frozen with
+  ``why`` and the cause where they do not.
 
 Every axis of every input/output that a rule does not tie is **frozen** afterwards — never
 guessed. The builder itself (union-find, groups) is :mod:`onnxprune.channels.graph`; this module
@@ -93,6 +97,19 @@ class NodeCtx:
         """Mark a control input (or one axis) as carrying no channels: not frozen."""
         if name:
             self.quiet.add((name, axis))
+
+    def need_zero(self, name: str, axis: int, why: str) -> None:
+        """``name``'s ``axis`` is reduced over here: removing its channels is exact only where
+        they are 0 in the masked model (checked on the built group; frozen with ``why``)."""
+        self.mentioned.add((name, axis))
+        self.b.need_zero.append((name, axis, f"{self.label}: {why}"))
+        # its value matters here with no weight reading it: dead-channel removal may not take
+        # a channel as unread, nor remove one whose constant is not 0 here
+        self.b.sink(name, axis, self.node, list(self.node.input).index(name))
+
+    def dtype(self, name: str) -> Optional[int]:
+        """The ONNX element type of ``name`` (shape inference), or None."""
+        return self.b.types.get(name)
 
     def freeze(self, name: Optional[str], axis: Optional[int], reason: str) -> None:
         if name:

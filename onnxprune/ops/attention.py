@@ -49,7 +49,7 @@ import numpy as np
 import onnx
 
 from onnxprune.model.index import attr
-from onnxprune.ops._channel import (BIAS, CONSUMER, PRODUCER, STAT, NodeCtx, norm_axis,
+from onnxprune.ops._channel import (BIAS, CONSUMER, FACTOR, PRODUCER, STAT, NodeCtx, norm_axis,
                                     set_attr, tie_all, tie_broadcast)
 from onnxprune.ops.layouts import Layout
 from onnxprune.ops.registry import Activation, BiasSlot, Shapes, define, numel, shape_in
@@ -505,8 +505,9 @@ def _normalized(ctx: NodeCtx, x: str, outs, params, axis: int, what: str,
             continue
         for j in range(min(axis, ro)):
             ctx.tie((x, j), (o, j))
-    reason = (f"{what} normalizes over the hidden width (the residual stream): removing a "
-              "channel would change every other channel's mean/variance")
+    reason = (f"{what} normalizes over the hidden width (the residual stream): it subtracts "
+              "the mean of every channel, and the mean of the kept channels is another mean "
+              "(even where the removed ones are 0)")
     for t in [x] + [o for o in list(outs) + list(others) if o]:
         rt = ctx.rank(t)
         for j in range(axis, r):
@@ -532,16 +533,89 @@ def _skip_norm_channels(ctx: NodeCtx, n_params: int) -> None:
     y, mean, inv, total = (ctx.out(i) for i in range(4))
     if skip and ctx.rank(skip) == ctx.rank(x):
         tie_all(ctx, skip, x)
-    _normalized(ctx, x, [y, total], params, -1, ctx.node.op_type, (mean, inv))
+    if n_params == 2:  # SkipSimplifiedLayerNormalization: gamma rewritten, bias added
+        _rms_channels(ctx, x, [y, total], params[0], [mean, inv], -1, extra_zero=[skip],
+                      bias=params[1])
+    else:
+        _normalized(ctx, x, [y, total], params, -1, ctx.node.op_type, (mean, inv))
     if skip and ctx.rank(skip) is not None and ctx.rank(skip) != ctx.rank(x):
         ctx.freeze(skip, None, "skip broadcasts over the batch")
 
 
 def _rmsnorm_channels(ctx: NodeCtx) -> None:
-    x = ctx.inp(0)
-    axis = int(ctx.attr("axis", -1))
-    _normalized(ctx, x, [ctx.out(0)], [ctx.inp(1), ctx.inp(2)], axis, ctx.node.op_type,
-                [ctx.out(1)])
+    _rms_channels(ctx, ctx.inp(0), [ctx.out(0)], ctx.inp(1), [ctx.out(1), ctx.out(2)],
+                  int(ctx.attr("axis", -1)))
+
+
+def _rms_channels(ctx: NodeCtx, x: str, outs, scale: Optional[str], stats, axis: int,
+                  extra_zero=(), bias: Optional[str] = None) -> None:
+    """RMSNorm as one op: ``y = x / sqrt(mean(x^2) + epsilon) * scale`` over the axes from
+    ``axis`` on. Removing channels that are 0 in the masked model (checked: ``need_zero``)
+    leaves the sum of squares; on resize ``epsilon`` becomes ``epsilon * n / k`` and ``scale``
+    ``scale * sqrt(n / k)`` (n, k: the normalized width before and after), which gives exactly
+    the masked model's ``x / sqrt(sum / n + epsilon) * scale``. A statistics output
+    (``inv_std_var``) would change: read by anything, the stream freezes."""
+    r = ctx.rank(x)
+    if r is None:
+        return
+    axis = norm_axis(axis, r)
+    op = ctx.node.op_type
+    for o in list(outs) + [s for s in stats if s]:
+        ro = ctx.rank(o)
+        for j in range(min(axis, ro if ro is not None else 0)):
+            ctx.tie((x, j), (o, j))
+    for o in outs:
+        if o and ctx.rank(o) == r:
+            for j in range(axis, r):
+                ctx.tie((x, j), (o, j))
+    for o in stats:
+        if o and ctx.rank(o) is not None:
+            for j in range(axis, ctx.rank(o)):
+                ctx.ok(o, j)
+    read = [o for o in stats if o and (ctx.b.consumers.get(o) or o in ctx.b.graph_outputs)]
+    why = (f"{op} normalizes over the hidden width (the residual stream): exact under removal "
+           "only where the removed channels are 0 in the masked model")
+    for j in range(axis, r):
+        if ctx.size(x, j) == 1:
+            continue
+        if read:
+            ctx.freeze(x, j, f"{op} normalizes over the hidden width (the residual stream) and "
+                             f"its statistics output '{read[0]}' is read: it would change")
+            continue
+        for t in [x] + [e for e in extra_zero if e and ctx.rank(e) == r]:
+            ctx.need_zero(t, j, why)
+    for p, role in ((scale, FACTOR), (bias, BIAS)):
+        if not p or ctx.rank(p) is None:
+            continue
+        for pj in range(ctx.rank(p)):
+            j = r - ctx.rank(p) + pj
+            if j >= axis and ctx.size(p, pj) not in (None, 1):
+                ctx.tie((p, pj), (x, j))
+                if ctx.is_const(p):
+                    ctx.role(p, pj, role)
+            else:
+                ctx.ok(p, pj)
+    if scale is None or not ctx.is_const(scale):
+        if scale is not None:
+            ctx.freeze(x, None, f"{op}: its scale '{scale}' is computed in-graph")
+        return
+    shape = ctx.shape(x)
+
+    def rewrite(node, rc, x=x, axis=axis, shape=shape, scale=scale):
+        n = k = 1  # over the axes that lose channels (the others cancel)
+        for j in range(axis, len(shape)):
+            if len(rc.removed(x, j)):
+                n *= int(shape[j])
+                k *= int(shape[j]) - len(rc.removed(x, j))
+        if n == k:
+            return
+        set_attr(node, "epsilon", float(attr(node, "epsilon", 1e-5)) * n / k)
+        index = list(node.input).index(scale)
+        value = np.asarray(rc.graph_const(scale))
+        rc.replaced.append(scale)
+        node.input[index] = rc.new_constant(scale, (value * math.sqrt(n / k)).astype(
+            value.dtype))
+    ctx.rewrite(rewrite)
 
 
 def _skip_shapes(node, shape_of):

@@ -65,12 +65,14 @@ def _layernorm_channels(ctx: NodeCtx) -> None:
         ctx.tie((x, j), (y, j))
     op = ctx.node.op_type
     for j in range(axis, r):
-        # Mean/variance are taken over these axes: removing a channel changes them for all.
-        # (Exact only if every reader and writer of the stream removed it too: the residual
-        # width of a transformer; not done.)
-        why = (f"{op} normalizes over axis {j} (its statistics span every channel of the "
-               "stream; removing some is exact only if every reader and writer of the stream "
-               "follows)")
+        # Mean/variance are taken over these axes. Unlike RMSNorm (a sum of squares, which
+        # channels holding 0 do not change: ops/reduce.py, channels/zeros.py), the mean it
+        # subtracts from every channel is taken over the removed ones too: the kept channels'
+        # mean is another mean even where the removed ones are 0, so no rewrite of the op
+        # keeps it exact.
+        why = (f"{op} normalizes over axis {j} (it subtracts the mean of every channel of the "
+               "stream, and the mean of the kept channels is another mean, even where the "
+               "removed ones are 0)")
         ctx.freeze(x, j, why)
         ctx.freeze(y, j, why)
         for p in (ctx.inp(1), ctx.inp(2)):

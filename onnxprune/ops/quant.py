@@ -159,6 +159,95 @@ def stored_scale(index, name: str, read: Callable[[str], Optional[np.ndarray]]
     return weight_scale((), node, i, tensor.dims, read)
 
 
+#: Ops that move a stored table's values unchanged on the way to its dequantization (input 0).
+_MOVES = ("Gather", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Flatten",
+          "Slice", "Expand")
+
+
+def zero_value(index, name: str, read: Callable[[str], Optional[np.ndarray]]
+               ) -> Optional[np.ndarray]:
+    """The integer value that every reader of the stored integer tensor ``name`` dequantizes to
+    exactly 0 — what masking writes into a removed channel — or None when there is none or it
+    is unknown. Readers are followed through ops that move values (a ``Gather`` of an embedding
+    table, layout ops) to a ``DequantizeLinear`` (its per-tensor zero point; absent: 0), a
+    ``Cast`` to float then ``Sub`` of a constant zero point (or straight into a ``Mul``/``Div``
+    scale: 0), or the weight operand of an integer op (its zero point input). All must agree."""
+    tensor = index.stored.get(name)
+    if tensor is None or tensor.data_type not in _INTEGER_DTYPES:
+        return None
+    found = []
+    stack, seen = [name], set()
+    while stack:
+        value_name = stack.pop()
+        if value_name in seen:
+            continue
+        seen.add(value_name)
+        readers = index.consumers(value_name)
+        if not readers:
+            continue
+        for node, i in readers:
+            if node.domain not in ("", "ai.onnx") and op_key(node) not in _WEIGHT_ZERO_POINT:
+                return None
+            if node.op_type in _MOVES and i == 0:
+                stack.append(node.output[0])
+                continue
+            zp = _reader_zero_point(index, node, i, read)
+            if zp is None:
+                return None
+            found.append(zp)
+    if not found or any(np.any(f != found[0]) for f in found[1:]):
+        return None
+    return np.asarray(found[0]).astype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+
+
+def _uniform(value) -> Optional[np.ndarray]:
+    """A constant's one value (a scalar, or a vector of equal entries), else None."""
+    if value is None:
+        return None
+    flat = np.asarray(value).ravel()
+    return flat[0] if flat.size and np.all(flat == flat[0]) else None
+
+
+def _reader_zero_point(index, node, i: int, read) -> Optional[np.ndarray]:
+    """The zero point ``node`` subtracts from its input ``i`` (see :func:`zero_value`)."""
+    def operand(k):
+        return node.input[k] if k < len(node.input) and node.input[k] else None
+    if node.op_type == "DequantizeLinear" and i == 0:
+        if int(attr(node, "block_size", 0) or 0):
+            return None
+        zp = operand(2)
+        return np.int64(0) if zp is None else _uniform(read(zp))
+    if node.op_type == "Cast" and i == 0:
+        values = set()
+        for reader, k in index.consumers(node.output[0]):
+            if reader.op_type == "Sub" and k == 0 and len(reader.input) == 2:
+                v = _uniform(read(reader.input[1]))
+            elif reader.op_type in ("Mul", "Div") and k == 0 or reader.op_type == "Mul":
+                v = 0
+            else:
+                return None
+            if v is None or float(v) != round(float(v)):
+                return None
+            values.add(int(round(float(v))))
+        return np.int64(values.pop()) if len(values) == 1 else None
+    zp_index = _WEIGHT_ZERO_POINT.get(op_key(node), {}).get(i)
+    if zp_index is None:
+        return None
+    zp = operand(zp_index)
+    return np.int64(0) if zp is None else _uniform(read(zp))
+
+
+def _dequantize_const(node, vals, read):
+    """DequantizeLinear of a known value: ``(x - zero_point) * scale`` (a masked table column
+    holds its zero point: 0 after this)."""
+    x = vals[0]
+    scale = vals[1] if len(vals) > 1 else None
+    zp = vals[2] if len(vals) > 2 and node.input[2] else 0
+    if x is None or scale is None or zp is None or int(attr(node, "block_size", 0) or 0):
+        return None
+    return [(np.asarray(x, np.float64) - zp) * scale]
+
+
 _INTEGER_DTYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
                    onnx.TensorProto.UINT16}
 
@@ -537,6 +626,12 @@ def _no_bias(node, index):
     return None
 
 
+def _accumulator_filter(node, bias, x):
+    # MatMulInteger / ConvInteger output the integer accumulator itself: a zero row (zero
+    # point 0, which their rules require) sums to exactly 0.
+    return np.zeros(np.shape(bias))
+
+
 def _unknown_filter(node, bias, x):
     # A zero filter row's output is requantized (QLinear ops) or scaled in-graph afterwards:
     # not a constant this pass can fold, so dead-channel removal keeps it unless unread.
@@ -548,7 +643,10 @@ _INTEGER_OPS = ("MatMulInteger", "QLinearMatMul", "ConvInteger", "QLinearConv",
 
 
 # -- entries ------------------------------------------------------------------------------------
-define(*_INTEGER_OPS, bias=_no_bias, zero_filter=_unknown_filter)
+define(*_INTEGER_OPS, bias=_no_bias)
+define("MatMulInteger", "ConvInteger", zero_filter=_accumulator_filter)
+define(*(op for op in _INTEGER_OPS if op not in ("MatMulInteger", "ConvInteger")),
+       zero_filter=_unknown_filter)
 define("ConvInteger", "QLinearConv", f"{MS}:QGemm", activation=_no_activation)
 define("MatMulInteger", activation=_quantized_matrix_activation(1, 2))
 define(f"{MS}:MatMulIntegerToFloat", activation=_quantized_matrix_activation(1, 4))
@@ -556,6 +654,7 @@ define("QLinearMatMul", activation=_quantized_matrix_activation(3, 2))
 define(f"{MS}:DynamicQuantizeMatMul", activation=_float_matrix_activation)
 define("QuantizeLinear", "DequantizeLinear", weight_step=unchanged_step, axis_source=same_axis,
        channels=_qdq_channels)
+define("DequantizeLinear", const=_dequantize_const)
 define("DynamicQuantizeLinear", channels=_dynamic_quantize_channels)
 define("MatMulInteger", layout=_matrix_layout(1), macs=_matmul_macs(0, 1),
        channels=_matmul_like(0, 1, scalars=(2,), per_col=(3,), zp=3))

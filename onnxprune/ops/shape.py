@@ -677,11 +677,13 @@ def _gather(ctx: NodeCtx) -> None:
         ctx.tie((data, j), (y, j - 1 + ri))
     # A stored float table (embeddings, T5's relative position bias [buckets, heads]) is a
     # parameter like a bias: its columns are zeroed with their channel when masked (resize
-    # slices every stored member anyway). An integer table is dequantized later, where a 0 is
-    # not a zero value: it is only sliced. A table also read as a weight (an LM head tied to
-    # the embeddings) is one stored dim, so both readers prune it alike.
+    # slices every stored member anyway). An integer table is dequantized later: it is masked
+    # with the value that reads as 0 there (its zero point), and only sliced where there is
+    # none. A table also read as a weight (an LM head tied to the embeddings) is one stored
+    # dim, so both readers prune it alike.
     table = ctx.b.stored.get(data)
-    if table is not None and table.data_type in _FLOAT_TYPES:
+    if table is not None and (table.data_type in _FLOAT_TYPES or
+                              ctx.b.zero_value(data) is not None):
         for j in range(rd):
             if j != axis and ctx.size(data, j) not in (None, 1):
                 ctx.role(data, j, BIAS)
