@@ -21,7 +21,7 @@ from onnxprune.model.index import attr, node_key
 from onnxprune.ops._channel import (BIAS, NodeCtx, axes_arg, norm_axis, pass_through_const,
                                     set_attr, tie_broadcast)
 from onnxprune.ops.registry import copies_values, define
-from onnxprune.ops.shapevec import VECTOR_OPS, DimRef, Entry, shape_vector
+from onnxprune.ops.shapevec import VECTOR_OPS, DimProduct, DimRef, Entry, shape_vector
 
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                 onnx.TensorProto.BFLOAT16)
@@ -363,18 +363,145 @@ def _computed_reshape(ctx: NodeCtx) -> None:
         ctx.freeze(x, None, f"{ctx.node.op_type} {why}")
         ctx.freeze(y, None, f"{ctx.node.op_type} {why}")
         for e in entries or ():  # a size it copies must not change under it either
-            if isinstance(e, DimRef):
-                ctx.freeze(e.tensor, e.axis, f"{ctx.node.op_type} '{node_key(ctx.node)}' "
+            for r in _refs(e):
+                ctx.freeze(r.tensor, r.axis, f"{ctx.node.op_type} '{node_key(ctx.node)}' "
                                              f"copies its size into a shape it cannot map")
         return
     allowzero = bool(ctx.attr("allowzero", 0))
     for j, e in enumerate(entries):
         if isinstance(e, DimRef):
             ctx.tie((e.tensor, e.axis), (y, j))
+        elif isinstance(e, DimProduct):
+            _product_axis(ctx, y, j, e)
     fixed = [(j, e) for j, e in enumerate(entries)
              if isinstance(e, int) and e != -1 and (e != 0 or allowzero)]
     if fixed:
         ctx.rewrite(_override_entries(y, fixed, len(entries), 1))
+    products = [(j, e) for j, e in enumerate(entries)
+                if isinstance(e, DimProduct) and e.factor > 1]
+    if products:
+        ctx.rewrite(_rewrite_products(ctx.b, y, products, len(entries)))
+
+
+def _refs(e) -> tuple:
+    """The run-time sizes an entry reads."""
+    return (e,) if isinstance(e, DimRef) else e.refs if isinstance(e, DimProduct) else ()
+
+
+def _product_axis(ctx: NodeCtx, y: str, j: int, e: DimProduct) -> None:
+    """Output axis ``j`` sized ``refs * factor`` at run time (``batch * heads``). The sizes it
+    reads are pinned (frozen: the product must stay what it is), never evaluated. With a
+    factor > 1 the axis is a batch-major merge of the read sizes with ``factor`` units (heads):
+    it keeps the channels :func:`tie_reshape` gave it, and a resize rewrites the factor to the
+    units kept (:func:`_rewrite_products`), so the axis still scales with the batch. That needs
+    the read sizes' product to be 1 where the graph is built (``--input-shape batch=1``) or
+    symbolic (``"batch*6"``); a factor of 1 (``seq * batch``) carries no channels."""
+    where = f"{ctx.node.op_type} '{node_key(ctx.node)}'"
+    for r in e.refs:
+        ctx.freeze(r.tensor, r.axis, f"its size is multiplied into the target of {where}")
+    size = ctx.size(y, j)
+    if e.factor <= 1:
+        ctx.freeze(y, j, f"{where}: the axis is a product of run-time sizes")
+    elif size is not None and size != e.factor:
+        ctx.freeze(y, j, f"{where}: the axis is {size} = {size // e.factor if size % e.factor == 0 else '?'}"
+                         f" x {e.factor} with the bound sizes; its units are exact only where the"
+                         f" sizes multiplied by {e.factor} are bound to 1 (--input-shape batch=1)")
+
+
+def _new_factor(rc, y: str, j: int, factor: int) -> Optional[int]:
+    """The factor of a product entry on axis ``j`` of ``y`` after the resize: the units kept
+    (the axis is ``factor`` units per run-time batch entry, see :func:`_product_axis`)."""
+    gone = len(rc.removed(y, j))
+    return factor - gone if gone < factor else None
+
+
+def _product_uses(b, origin: str) -> Optional[List[Tuple[str, int]]]:
+    """Every (Reshape output, axis) whose computed target has the product ``origin`` as that
+    axis's entry, when every use of ``origin`` ends (through the vector ops that keep its
+    value) in such a Reshape target; else None (its constant cannot be rewritten in place)."""
+    uses: List[Tuple[str, int]] = []
+    stack, seen = [origin], set()
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        readers = b.consumers.get(v, [])
+        if v in b.graph_outputs or not readers:
+            return None
+        for node, idx in readers:
+            if node.domain not in ("", "ai.onnx"):
+                return None
+            if node.op_type == "Reshape" and idx == 1:
+                entries = _vector_of(b, v)
+                if entries is None:
+                    return None
+                uses += [(node.output[0], j) for j, e in enumerate(entries)
+                         if isinstance(e, DimProduct) and e.origin == origin]
+            elif node.op_type in ("Cast", "Identity", "Squeeze", "Unsqueeze", "Concat",
+                                  "Gather", "Slice", "Reshape") and \
+                    (idx == 0 or node.op_type == "Concat"):
+                stack.append(node.output[0])
+            else:
+                return None
+    return uses
+
+
+def _rewrite_products(b, y: str, products, n: int) -> Callable:
+    """A resize rewrite for product entries [(axis, DimProduct)] of a computed Reshape target:
+    the factor becomes the units kept on that axis of ``y``, at run time still multiplied by
+    the sizes it reads (never by their bound values). The constant of the ``Mul`` computing the
+    product is replaced (a new initializer) when every Reshape reading the product wants the
+    same factor; else a ``Mul``/``Div`` by ``kept``/``factor`` in front of this Reshape scales
+    only its own entries."""
+    plans = {}
+    for _, e in products:
+        node = b.index.producer(e.origin)
+        uses = _product_uses(b, e.origin)
+        plan = None
+        if node is not None and node.op_type == "Mul" and uses is not None:
+            for slot in (0, 1):
+                c = b.const_value(node.input[slot])
+                other = _vector_of(b, node.input[1 - slot])
+                if c is not None and np.size(c) == 1 and other is not None and \
+                        len(other) == 1 and not isinstance(other[0], int):
+                    inner = other[0].factor if isinstance(other[0], DimProduct) else 1
+                    plan = (node, slot, inner, uses)
+                    break
+        plans[e.origin] = plan
+
+    def rewrite(node, rc, y=y, products=products, n=n):
+        num, den = np.ones(n, np.int64), np.ones(n, np.int64)
+        for j, e in products:
+            kept = _new_factor(rc, y, j, e.factor)
+            if kept is None or kept == e.factor:
+                continue
+            plan = plans[e.origin]
+            if plan is not None:
+                mul, slot, inner, uses = plan
+                wants = {_new_factor(rc, yr, jr, e.factor) for yr, jr in uses}
+                old = np.asarray(rc.graph_const(mul.input[slot]))
+                if wants == {kept} and kept % inner == 0 and old.dtype == np.int64:
+                    if int(np.ravel(old)[0]) * inner == e.factor:  # not yet rewritten
+                        new = np.full(old.shape, kept // inner, np.int64)
+                        mul.input[slot] = rc.add_initializer(mul.input[slot], new)
+                    continue
+            num[j], den[j] = kept, e.factor
+        if (num == 1).all():
+            return
+        g = rc.handle.model.graph
+        base = node_key(node)
+        scaled = onnx.helper.make_node(
+            "Mul", [node.input[1], rc.add_initializer(base + "_kept_units", num)],
+            [base + "_scaled_target"], name=base + "_kept_units_mul")
+        target = onnx.helper.make_node(
+            "Div", [scaled.output[0], rc.add_initializer(base + "_all_units", den)],
+            [base + "_kept_target"], name=base + "_kept_units_div")
+        pos = next(i for i, n2 in enumerate(g.node) if list(n2.output) == list(node.output))
+        g.node.insert(pos, target)
+        g.node.insert(pos, scaled)
+        node.input[1] = target.output[0]
+    return rewrite
 
 
 def _override_entries(y: str, fixed, n: int, slot: int) -> Callable:
@@ -420,7 +547,8 @@ def _constant_of_shape(ctx: NodeCtx) -> None:
         return
     entries = _vector_of(ctx.b, shp) if ctx.const(shp) is None else \
         [int(v) for v in np.ravel(ctx.const(shp))]
-    if entries is None or ctx.rank(y) != len(entries):
+    if entries is None or ctx.rank(y) != len(entries) or \
+            any(isinstance(e, DimProduct) for e in entries):
         return
     fixed = []
     for j, e in enumerate(entries):
