@@ -21,7 +21,8 @@ from onnxprune.model.index import attr, node_key
 from onnxprune.ops._channel import (BIAS, NodeCtx, axes_arg, norm_axis, pass_through_const,
                                     set_attr, tie_broadcast)
 from onnxprune.ops.registry import copies_values, define
-from onnxprune.ops.shapevec import VECTOR_OPS, DimProduct, DimRef, Entry, shape_vector
+from onnxprune.ops.shapevec import (VECTOR_OPS, DimProduct, DimRef, Entry, dim_factors,
+                                    shape_vector)
 
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                 onnx.TensorProto.BFLOAT16)
@@ -129,22 +130,39 @@ def reshape_blocks(s: Sequence[int], t: Sequence[int]):
 def tie_reshape(ctx: NodeCtx, x: str, y: str) -> bool:
     """Tie a reshape's axes exactly: equal axes 1:1; a merged/split block through one carrier
     axis (the one already linked to a weight for merges, the outermost for splits); every other
-    axis of a block frozen."""
+    axis of a block frozen. An axis sized by a run-time product (``"batch*6"``, a
+    :class:`DimProduct` target entry) is its symbols and its units: the symbols pair with
+    the same symbols and carry nothing, the 6 units take part in blocks like any axis (the
+    merged axis carries them as they are, position ``b*6 + h`` being unit h)."""
     s, t = ctx.shape(x), ctx.shape(y)
     if s is None or t is None:
         return False
     blocks = reshape_blocks(s, t)
+    ox, oy = list(range(len(s))), list(range(len(t)))  # block axis -> the tensor's axis
+    if blocks is None and any(_is_product(d) for d in list(s) + list(t)):
+        (s, ox), (t, oy) = _expand_products(s), _expand_products(t)
+        blocks = reshape_blocks(s, t)
     if blocks is None:
         return False
+    expanded = len(ox) != len(ctx.shape(x)) or len(oy) != len(ctx.shape(y))
     for bi, bj in blocks:
         if len(bi) == 1 and len(bj) == 1:
-            ctx.tie((x, bi[0]), (y, bj[0]))
+            ax, ay = ox[bi[0]], oy[bj[0]]
+            if expanded and isinstance(s[bi[0]], str) and (
+                    _is_product(ctx.shape(x)[ax]) or _is_product(ctx.shape(y)[ay])):
+                # the batch of "batch*6" against a batch: no channels, and the axes are not
+                # the same axis (the product one carries the units)
+                for side, a in ((x, ax), (y, ay)):
+                    if not _is_product(ctx.shape(side)[a]):
+                        ctx.ok(side, a)
+                continue
+            ctx.tie((x, ax), (y, ay))
             continue
         if not bi or not bj:
             for a in bi:
-                ctx.ok(x, a)
+                ctx.ok(x, ox[a])
             for a in bj:
-                ctx.ok(y, a)
+                ctx.ok(y, oy[a])
             continue
         if isinstance(s[bi[0]], str) or isinstance(t[bj[0]], str):
             # [batch, n] <-> "batch*n": position b*n + c is channel c of every batch entry, so
@@ -157,35 +175,55 @@ def tie_reshape(ctx: NodeCtx, x: str, y: str) -> bool:
                 ctx.ok(y, bj[0])
             continue
         if len(bj) == 1:  # merge: carrier is the input axis linked to weights
-            cands = [a for a in bi if s[a] > 1 and ctx.b.is_linked((x, a))]
-            many, one, side_many, side_one = bi, bj[0], x, y
+            cands = [a for a in bi if s[a] > 1 and ctx.b.is_linked((x, ox[a]))]
+            many, one, side_many, side_one, own_many, own_one = bi, bj[0], x, y, ox, oy
             shape_many = [s[a] for a in bi]
         elif len(bi) == 1:  # split: outermost non-1 output axis carries the channels
             cands = [a for a in bj if t[a] > 1]
-            if len(cands) > 1 and _unstacked(ctx.b, y, cands[0]):
+            if len(cands) > 1 and _unstacked(ctx.b, y, oy[cands[0]]):
                 cands = cands[1:]  # fused qkv [3, heads, hd]: the 3 is split apart, heads carry
             cands = cands[:1]
-            many, one, side_many, side_one = bj, bi[0], y, x
+            many, one, side_many, side_one, own_many, own_one = bj, bi[0], y, x, oy, ox
             shape_many = [t[a] for a in bj]
         else:
             cands = []
         if len(cands) != 1:
             for a in bi:
-                ctx.freeze(x, a, "reshape block has no single channel-carrying axis")
+                ctx.freeze(x, ox[a], "reshape block has no single channel-carrying axis")
             for a in bj:
-                ctx.freeze(y, a, "reshape block has no single channel-carrying axis")
+                ctx.freeze(y, oy[a], "reshape block has no single channel-carrying axis")
             continue
         carrier = cands[0]
         k = many.index(carrier)
         flat = np.arange(int(np.prod(shape_many))).reshape(shape_many)
         idx_one = np.moveaxis(flat, k, 0).reshape(shape_many[k], -1)
         idx_carrier = np.repeat(np.arange(shape_many[k]), idx_one.shape[1])
-        ctx.tie_map((side_many, carrier), idx_carrier, (side_one, one), idx_one.ravel(),
-                    shape_many[k], int(np.prod(shape_many)))
+        ctx.tie_map((side_many, own_many[carrier]), idx_carrier, (side_one, own_one[one]),
+                    idx_one.ravel(), shape_many[k], int(np.prod(shape_many)))
         for a in many:
             if a != carrier:
-                ctx.freeze(side_many, a, "reshape merges/splits it with a channel axis")
+                ctx.freeze(side_many, own_many[a], "reshape merges/splits it with a channel axis")
     return True
+
+
+def _is_product(d) -> bool:
+    return isinstance(d, str) and "*" in d
+
+
+def _expand_products(shape) -> Tuple[list, List[int]]:
+    """A shape with each product dim (``"batch*6"``) as its factors (``batch``, ``6``), and for
+    each factor the axis it belongs to."""
+    out: list = []
+    owner: List[int] = []
+    for a, d in enumerate(shape):
+        if _is_product(d):
+            syms, n = dim_factors(d)
+            parts = list(syms) + ([n] if n != 1 else [])
+        else:
+            parts = [d]
+        out += parts
+        owner += [a] * len(parts)
+    return out, owner
 
 
 def _unstacked(b, name: str, axis: int, depth: int = 0) -> bool:

@@ -124,11 +124,16 @@ def test_product_spelling_is_one_representation():
     assert reshape_output(("seq", "batch", 24), ["seq", -1, 4], False) == ("seq", "batch*6", 4)
 
 
-@pytest.mark.parametrize("const_first", [False, True])
-def test_batch_times_heads_heads_are_units_and_the_factor_is_rewritten(const_first):
+@pytest.mark.parametrize("const_first,bound", [(False, SHAPES), (True, SHAPES),
+                                                (False, None)])
+def test_batch_times_heads_heads_are_units_and_the_factor_is_rewritten(const_first, bound):
+    """Built on batch 1 (as prune binds it) or on the symbols (the axis is "batch*6", its 6
+    units carried as they are): the same heads, the same rewrite."""
     model = torch_mha(const_first=const_first)
     graph, masked, resized, removed, shapes = masked_and_resized_with_graph(
-        model, SHAPES, sparsity=0.5)
+        model, bound, sparsity=0.5)
+    if bound is None:
+        assert {"batch*6", "seq*batch"} <= {d for s in graph.shapes.values() for d in s}
     onnx.checker.check_model(resized, full_check=True)
     heads = [g for g in graph.groups if g.size == H]
     assert len(heads) == 1 and heads[0].prunable and len(heads[0].producers) == 3
@@ -172,6 +177,21 @@ def test_a_factor_that_is_not_the_head_count_freezes_with_a_reason():
     assert not group.prunable
     assert "reshape block has no single channel-carrying axis" in group.frozen
     assert _factor(resized) == 8
+    for x in _inputs():
+        np.testing.assert_allclose(run(resized, x)[0], run(model, x)[0], atol=1e-5,
+                                   rtol=1e-4)
+
+
+def test_built_on_a_batch_above_one_the_heads_freeze():
+    """Bound to batch 2 the merged axis is 12 = 2 x 6 positions: the graph never turns it into
+    units, so the heads freeze (bind the batch to 1) and nothing is rewritten."""
+    model = torch_mha()
+    graph, masked, resized, removed, _ = masked_and_resized_with_graph(
+        model, {"x": [T, 2, E]}, sparsity=0.5)
+    q = next(n for n in model.graph.node if n.op_type == "MatMul")
+    group = next(g for g in graph.groups if q.input[1] in g.producers)
+    assert not group.prunable and "Reshape" in group.frozen
+    assert _factor(resized) == H
     for x in _inputs():
         np.testing.assert_allclose(run(resized, x)[0], run(model, x)[0], atol=1e-5,
                                    rtol=1e-4)
