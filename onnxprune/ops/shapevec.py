@@ -401,6 +401,12 @@ def _elementwise(op: str, a, b):
                 out.append(None)
         elif op == "Mul" and (x == 1 or y == 1):
             out.append(y if x == 1 else x)
+        elif op == "Mul" and _known(x) and _known(y) and (isinstance(x, int) and x > 0 or
+                                                          isinstance(y, int) and y > 0):
+            out.append(product_symbol([x, y]))  # a resize's kept-units scaling: "batch*6" * 3
+        elif op == "Div" and isinstance(y, int) and y > 0 and _known(x) and \
+                dim_factors(x)[1] % y == 0:
+            out.append(product_symbol(dim_factors(x)[0] + [dim_factors(x)[1] // y]))
         elif op == "Add" and (x == 0 or y == 0):
             out.append(y if x == 0 else x)
         else:

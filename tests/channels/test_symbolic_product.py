@@ -14,8 +14,9 @@ from onnx import TensorProto, numpy_helper
 
 from onnxprune.channels.graph import build_channel_graph
 from onnxprune.model.io import load
-from onnxprune.ops.shapevec import (DimProduct, DimRef, dim_factors, entry_size, product_symbol,
-                                    reshape_output, shape_vector)
+from onnxprune.model.shapes import infer_shapes
+from onnxprune.ops.shapevec import (DimProduct, DimRef, complete_shapes, dim_factors, entry_size,
+                                    product_symbol, reshape_output, shape_vector)
 from channel_models import G, masked_and_resized_with_graph
 
 E, H, HD, T = 24, 6, 4, 5
@@ -145,6 +146,8 @@ def test_batch_times_heads_heads_are_units_and_the_factor_is_rewritten(const_fir
     # the Mul now reads batch * 3 (the heads kept), still Shape(x)[1] at run time
     assert _factor(model) == H and _factor(resized) == H - 3
     assert not any(n.name.endswith("_kept_units_mul") for n in resized.graph.node)
+    inferred = infer_shapes(resized, complete=complete_shapes).shapes
+    assert sum(s == ("seq", "batch*3", HD) for s in inferred.values()) == 4  # 3 views + merge
     for x in _inputs():  # batch 1 (as built) and 3, 2: nothing baked
         want, got = run(masked, x)[0], run(resized, x)[0]
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
@@ -160,6 +163,11 @@ def test_a_product_read_elsewhere_is_scaled_in_front_of_each_reshape():
     assert [len(removed[g.id]) for g in graph.groups if g.size == H and g.prunable] == [3]
     assert _factor(resized) == H
     assert sum(n.name.endswith("_kept_units_mul") for n in resized.graph.node) == 3
+    # the scaled target still reads as batch * 3 where the batch is a symbol
+    inferred = infer_shapes(resized, complete=complete_shapes).shapes
+    views = [n.output[0] for n in resized.graph.node if n.op_type == "Reshape" and
+             n.input[1].endswith("_kept_target")]
+    assert [inferred[v] for v in views] == [("seq", "batch*3", HD)] * 3
     for x in _inputs():
         want, got = run(masked, x), run(resized, x)
         np.testing.assert_allclose(got[0], want[0], atol=1e-5, rtol=1e-4)
