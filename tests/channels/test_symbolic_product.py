@@ -33,7 +33,8 @@ def _vec(g: G, scalar: str) -> str:
 
 
 def torch_mha(factor: int = H, heads: int = H, const_first: bool = False,
-              expose_product: bool = False, split_first: bool = False, seed: int = 0):
+              expose_product: bool = False, split_first: bool = False, div: bool = False,
+              seed: int = 0):
     """x[seq, batch, E] -> torch-MHA-like self-attention + residual. q/k/v are viewed as
     ``[seq, batch * factor, E // factor]`` with the entry ``Mul(Shape(x)[1], factor)`` (one
     Mul and one constant shared by the three views and the merge), attention runs over the
@@ -41,11 +42,13 @@ def torch_mha(factor: int = H, heads: int = H, const_first: bool = False,
     projection. ``const_first``: ``Mul(factor, batch)``; ``expose_product``: the product is
     also a graph output (so its Mul cannot be edited in place); ``split_first``: q/k/v are
     first viewed as ``[seq, batch, heads, E // heads]`` (a constant head count) and then as
-    ``[seq, batch * factor, -1]``."""
+    ``[seq, batch * factor, -1]``; ``div``: the entry is ``Div(Mul(batch, 2 * factor), 2)``."""
     g = G(seed)
     seq, batch = _scalar(g, "x", 0), _scalar(g, "x", 1)
-    k = g.c(np.int64(factor), name="heads_factor")
+    k = g.c(np.int64(factor * (2 if div else 1)), name="heads_factor")
     prod = g.op("Mul", [k, batch] if const_first else [batch, k])
+    if div:
+        prod = g.op("Div", [prod, g.c(np.int64(2))])
     bh = _vec(g, prod)
     seqv = g.op("Shape", ["x"], start=0, end=1)
     batchv = g.op("Shape", ["x"], start=1, end=2)
@@ -172,6 +175,39 @@ def test_a_product_read_elsewhere_is_scaled_in_front_of_each_reshape():
         want, got = run(masked, x), run(resized, x)
         np.testing.assert_allclose(got[0], want[0], atol=1e-5, rtol=1e-4)
         assert got[1].tolist() == [x.shape[1] * H]
+
+
+def test_a_product_divided_by_a_constant_is_scaled_in_front_of_each_reshape():
+    """``batch * 12 / 2``: the entry is the product batch x 6 (Div exact on the factor); its
+    outermost node is the Div, so each Reshape scales its own entry."""
+    model = torch_mha(div=True)
+    graph, masked, resized, removed, _ = masked_and_resized_with_graph(model, SHAPES,
+                                                                       sparsity=0.5)
+    assert [len(removed[g.id]) for g in graph.groups if g.size == H and g.prunable] == [3]
+    assert _factor(resized) == 2 * H
+    assert sum(n.name.endswith("_kept_units_mul") for n in resized.graph.node) == 3
+    for x in _inputs():
+        np.testing.assert_allclose(run(resized, x)[0], run(masked, x)[0], atol=1e-5,
+                                   rtol=1e-4)
+
+
+def test_shape_vector_products_and_quotients():
+    g = G()
+    b = _scalar(g, "x", 1)
+    twelve = g.op("Mul", [b, g.c(np.int64(12))])
+    six = g.op("Div", [twelve, g.c(np.int64(2))])
+    one = g.op("Div", [six, g.c(np.int64(6))])
+    odd = g.op("Div", [six, g.c(np.int64(4))])
+    both = g.op("Mul", [_scalar(g, "x", 0), b])
+    consts = {t.name: numpy_helper.to_array(t) for t in g.inits}
+    producer = {o: n for n in g.nodes for o in n.output}.get
+    shape_of = {"x": ("seq", "batch", E)}.get
+    ev = {v: shape_vector(v, shape_of, consts.get, producer) for v in (six, one, odd, both)}
+    assert ev[six] == [DimProduct((DimRef("x", 1),), 6, six)]
+    assert ev[one] == [DimRef("x", 1)]  # batch * 6 / 6 is the batch itself
+    assert ev[odd] is None  # 6 / 4 is no integer factor
+    assert ev[both] == [DimProduct((DimRef("x", 0), DimRef("x", 1)), 1, both)]
+    assert entry_size(ev[both][0], shape_of) == "seq*batch"
 
 
 def test_a_factor_that_is_not_the_head_count_freezes_with_a_reason():
