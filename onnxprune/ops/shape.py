@@ -441,9 +441,9 @@ def _product_axis(ctx: NodeCtx, y: str, j: int, e: DimProduct) -> None:
     if e.factor <= 1:
         ctx.freeze(y, j, f"{where}: the axis is a product of run-time sizes")
     elif size is not None and size != e.factor:
-        ctx.freeze(y, j, f"{where}: the axis is {size} = {size // e.factor if size % e.factor == 0 else '?'}"
-                         f" x {e.factor} with the bound sizes; its units are exact only where the"
-                         f" sizes multiplied by {e.factor} are bound to 1 (--input-shape batch=1)")
+        ctx.freeze(y, j, f"{where}: the axis is {size} positions for {e.factor} units with "
+                         f"the bound sizes; the units are exact only where the sizes multiplied "
+                         f"by {e.factor} are bound to 1 (--input-shape batch=1)")
 
 
 def _new_factor(rc, y: str, j: int, factor: int) -> Optional[int]:
