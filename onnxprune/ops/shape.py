@@ -5,7 +5,7 @@ SpaceToDepth, Expand, Tile — and ``Constant``.
 Each op's entry: channel rule (axes tied 1:1, or through index maps for merged/split/offset
 axes; shape operands rewritten on resize) and constant propagation (values pass unchanged).
 
-One module (about 840 lines) on purpose: the layout ops' rules share the reshape-block and
+One module (about 1000 lines) on purpose: the layout ops' rules share the reshape-block and
 shape-operand machinery (``reshape_blocks``, ``tie_reshape``, the rewrites); the static
 evaluation of computed shape vectors lives in :mod:`onnxprune.ops.shapevec`.
 """
