@@ -17,7 +17,10 @@ MAC counting (:mod:`onnxprune.report.macs`), the channel graph and its resize
    its outputs unknown instead of failing the model); a failure leaves the declared shapes.
 
 The result keeps symbolic dims (their name) and unknown dims (``None``); :meth:`Shapes.static`
-is the fully-known view. Two choices are the caller's, each for a stated reason:
+is the fully-known view. A dim that is a product of run-time sizes (a ``complete`` step solving
+``Mul(Shape(x)[0], 6)`` in a Reshape target) has one spelling, the symbols then the constant:
+``"batch*6"``, ``"seq*batch"`` (:func:`onnxprune.ops.shapevec.product_symbol`; the channel
+rules read it back with ``dim_factors``). Two choices are the caller's, each for a stated reason:
 
 * ``keep_value_info``: the declared ``value_info`` is dropped before inference unless kept. A
   model under edit carries stale intermediate shapes; MAC counting keeps them, trusting what

@@ -5,7 +5,7 @@ SpaceToDepth, Expand, Tile — and ``Constant``.
 Each op's entry: channel rule (axes tied 1:1, or through index maps for merged/split/offset
 axes; shape operands rewritten on resize) and constant propagation (values pass unchanged).
 
-One module (about 840 lines) on purpose: the layout ops' rules share the reshape-block and
+One module (about 1000 lines) on purpose: the layout ops' rules share the reshape-block and
 shape-operand machinery (``reshape_blocks``, ``tie_reshape``, the rewrites); the static
 evaluation of computed shape vectors lives in :mod:`onnxprune.ops.shapevec`.
 """
@@ -21,7 +21,8 @@ from onnxprune.model.index import attr, node_key
 from onnxprune.ops._channel import (BIAS, NodeCtx, axes_arg, norm_axis, pass_through_const,
                                     set_attr, tie_broadcast)
 from onnxprune.ops.registry import copies_values, define
-from onnxprune.ops.shapevec import VECTOR_OPS, DimRef, Entry, shape_vector
+from onnxprune.ops.shapevec import (VECTOR_OPS, DimProduct, DimRef, Entry, dim_factors,
+                                    shape_vector)
 
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                 onnx.TensorProto.BFLOAT16)
@@ -129,22 +130,39 @@ def reshape_blocks(s: Sequence[int], t: Sequence[int]):
 def tie_reshape(ctx: NodeCtx, x: str, y: str) -> bool:
     """Tie a reshape's axes exactly: equal axes 1:1; a merged/split block through one carrier
     axis (the one already linked to a weight for merges, the outermost for splits); every other
-    axis of a block frozen."""
+    axis of a block frozen. An axis sized by a run-time product (``"batch*6"``, a
+    :class:`DimProduct` target entry) is its symbols and its units: the symbols pair with
+    the same symbols and carry nothing, the 6 units take part in blocks like any axis (the
+    merged axis carries them as they are, position ``b*6 + h`` being unit h)."""
     s, t = ctx.shape(x), ctx.shape(y)
     if s is None or t is None:
         return False
     blocks = reshape_blocks(s, t)
+    ox, oy = list(range(len(s))), list(range(len(t)))  # block axis -> the tensor's axis
+    if blocks is None and any(_is_product(d) for d in list(s) + list(t)):
+        (s, ox), (t, oy) = _expand_products(s), _expand_products(t)
+        blocks = reshape_blocks(s, t)
     if blocks is None:
         return False
+    expanded = len(ox) != len(ctx.shape(x)) or len(oy) != len(ctx.shape(y))
     for bi, bj in blocks:
         if len(bi) == 1 and len(bj) == 1:
-            ctx.tie((x, bi[0]), (y, bj[0]))
+            ax, ay = ox[bi[0]], oy[bj[0]]
+            if expanded and isinstance(s[bi[0]], str) and (
+                    _is_product(ctx.shape(x)[ax]) or _is_product(ctx.shape(y)[ay])):
+                # the batch of "batch*6" against a batch: no channels, and the axes are not
+                # the same axis (the product one carries the units)
+                for side, a in ((x, ax), (y, ay)):
+                    if not _is_product(ctx.shape(side)[a]):
+                        ctx.ok(side, a)
+                continue
+            ctx.tie((x, ax), (y, ay))
             continue
         if not bi or not bj:
             for a in bi:
-                ctx.ok(x, a)
+                ctx.ok(x, ox[a])
             for a in bj:
-                ctx.ok(y, a)
+                ctx.ok(y, oy[a])
             continue
         if isinstance(s[bi[0]], str) or isinstance(t[bj[0]], str):
             # [batch, n] <-> "batch*n": position b*n + c is channel c of every batch entry, so
@@ -157,35 +175,55 @@ def tie_reshape(ctx: NodeCtx, x: str, y: str) -> bool:
                 ctx.ok(y, bj[0])
             continue
         if len(bj) == 1:  # merge: carrier is the input axis linked to weights
-            cands = [a for a in bi if s[a] > 1 and ctx.b.is_linked((x, a))]
-            many, one, side_many, side_one = bi, bj[0], x, y
+            cands = [a for a in bi if s[a] > 1 and ctx.b.is_linked((x, ox[a]))]
+            many, one, side_many, side_one, own_many, own_one = bi, bj[0], x, y, ox, oy
             shape_many = [s[a] for a in bi]
         elif len(bi) == 1:  # split: outermost non-1 output axis carries the channels
             cands = [a for a in bj if t[a] > 1]
-            if len(cands) > 1 and _unstacked(ctx.b, y, cands[0]):
+            if len(cands) > 1 and _unstacked(ctx.b, y, oy[cands[0]]):
                 cands = cands[1:]  # fused qkv [3, heads, hd]: the 3 is split apart, heads carry
             cands = cands[:1]
-            many, one, side_many, side_one = bj, bi[0], y, x
+            many, one, side_many, side_one, own_many, own_one = bj, bi[0], y, x, oy, ox
             shape_many = [t[a] for a in bj]
         else:
             cands = []
         if len(cands) != 1:
             for a in bi:
-                ctx.freeze(x, a, "reshape block has no single channel-carrying axis")
+                ctx.freeze(x, ox[a], "reshape block has no single channel-carrying axis")
             for a in bj:
-                ctx.freeze(y, a, "reshape block has no single channel-carrying axis")
+                ctx.freeze(y, oy[a], "reshape block has no single channel-carrying axis")
             continue
         carrier = cands[0]
         k = many.index(carrier)
         flat = np.arange(int(np.prod(shape_many))).reshape(shape_many)
         idx_one = np.moveaxis(flat, k, 0).reshape(shape_many[k], -1)
         idx_carrier = np.repeat(np.arange(shape_many[k]), idx_one.shape[1])
-        ctx.tie_map((side_many, carrier), idx_carrier, (side_one, one), idx_one.ravel(),
-                    shape_many[k], int(np.prod(shape_many)))
+        ctx.tie_map((side_many, own_many[carrier]), idx_carrier, (side_one, own_one[one]),
+                    idx_one.ravel(), shape_many[k], int(np.prod(shape_many)))
         for a in many:
             if a != carrier:
-                ctx.freeze(side_many, a, "reshape merges/splits it with a channel axis")
+                ctx.freeze(side_many, own_many[a], "reshape merges/splits it with a channel axis")
     return True
+
+
+def _is_product(d) -> bool:
+    return isinstance(d, str) and "*" in d
+
+
+def _expand_products(shape) -> Tuple[list, List[int]]:
+    """A shape with each product dim (``"batch*6"``) as its factors (``batch``, ``6``), and for
+    each factor the axis it belongs to."""
+    out: list = []
+    owner: List[int] = []
+    for a, d in enumerate(shape):
+        if _is_product(d):
+            syms, n = dim_factors(d)
+            parts = list(syms) + ([n] if n != 1 else [])
+        else:
+            parts = [d]
+        out += parts
+        owner += [a] * len(parts)
+    return out, owner
 
 
 def _unstacked(b, name: str, axis: int, depth: int = 0) -> bool:
@@ -363,18 +401,145 @@ def _computed_reshape(ctx: NodeCtx) -> None:
         ctx.freeze(x, None, f"{ctx.node.op_type} {why}")
         ctx.freeze(y, None, f"{ctx.node.op_type} {why}")
         for e in entries or ():  # a size it copies must not change under it either
-            if isinstance(e, DimRef):
-                ctx.freeze(e.tensor, e.axis, f"{ctx.node.op_type} '{node_key(ctx.node)}' "
+            for r in _refs(e):
+                ctx.freeze(r.tensor, r.axis, f"{ctx.node.op_type} '{node_key(ctx.node)}' "
                                              f"copies its size into a shape it cannot map")
         return
     allowzero = bool(ctx.attr("allowzero", 0))
     for j, e in enumerate(entries):
         if isinstance(e, DimRef):
             ctx.tie((e.tensor, e.axis), (y, j))
+        elif isinstance(e, DimProduct):
+            _product_axis(ctx, y, j, e)
     fixed = [(j, e) for j, e in enumerate(entries)
              if isinstance(e, int) and e != -1 and (e != 0 or allowzero)]
     if fixed:
         ctx.rewrite(_override_entries(y, fixed, len(entries), 1))
+    products = [(j, e) for j, e in enumerate(entries)
+                if isinstance(e, DimProduct) and e.factor > 1]
+    if products:
+        ctx.rewrite(_rewrite_products(ctx.b, y, products, len(entries)))
+
+
+def _refs(e) -> tuple:
+    """The run-time sizes an entry reads."""
+    return (e,) if isinstance(e, DimRef) else e.refs if isinstance(e, DimProduct) else ()
+
+
+def _product_axis(ctx: NodeCtx, y: str, j: int, e: DimProduct) -> None:
+    """Output axis ``j`` sized ``refs * factor`` at run time (``batch * heads``). The sizes it
+    reads are pinned (frozen: the product must stay what it is), never evaluated. With a
+    factor > 1 the axis is a batch-major merge of the read sizes with ``factor`` units (heads):
+    it keeps the channels :func:`tie_reshape` gave it, and a resize rewrites the factor to the
+    units kept (:func:`_rewrite_products`), so the axis still scales with the batch. That needs
+    the read sizes' product to be 1 where the graph is built (``--input-shape batch=1``) or
+    symbolic (``"batch*6"``); a factor of 1 (``seq * batch``) carries no channels."""
+    where = f"{ctx.node.op_type} '{node_key(ctx.node)}'"
+    for r in e.refs:
+        ctx.freeze(r.tensor, r.axis, f"its size is multiplied into the target of {where}")
+    size = ctx.size(y, j)
+    if e.factor <= 1:
+        ctx.freeze(y, j, f"{where}: the axis is a product of run-time sizes")
+    elif size is not None and size != e.factor:
+        ctx.freeze(y, j, f"{where}: the axis is {size} positions for {e.factor} units with "
+                         f"the bound sizes; the units are exact only where the sizes multiplied "
+                         f"by {e.factor} are bound to 1 (--input-shape batch=1)")
+
+
+def _new_factor(rc, y: str, j: int, factor: int) -> Optional[int]:
+    """The factor of a product entry on axis ``j`` of ``y`` after the resize: the units kept
+    (the axis is ``factor`` units per run-time batch entry, see :func:`_product_axis`)."""
+    gone = len(rc.removed(y, j))
+    return factor - gone if gone < factor else None
+
+
+def _product_uses(b, origin: str) -> Optional[List[Tuple[str, int]]]:
+    """Every (Reshape output, axis) whose computed target has the product ``origin`` as that
+    axis's entry, when every use of ``origin`` ends (through the vector ops that keep its
+    value) in such a Reshape target; else None (its constant cannot be rewritten in place)."""
+    uses: List[Tuple[str, int]] = []
+    stack, seen = [origin], set()
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        readers = b.consumers.get(v, [])
+        if v in b.graph_outputs or not readers:
+            return None
+        for node, idx in readers:
+            if node.domain not in ("", "ai.onnx"):
+                return None
+            if node.op_type == "Reshape" and idx == 1:
+                entries = _vector_of(b, v)
+                if entries is None:
+                    return None
+                uses += [(node.output[0], j) for j, e in enumerate(entries)
+                         if isinstance(e, DimProduct) and e.origin == origin]
+            elif node.op_type in ("Cast", "Identity", "Squeeze", "Unsqueeze", "Concat",
+                                  "Gather", "Slice", "Reshape") and \
+                    (idx == 0 or node.op_type == "Concat"):
+                stack.append(node.output[0])
+            else:
+                return None
+    return uses
+
+
+def _rewrite_products(b, y: str, products, n: int) -> Callable:
+    """A resize rewrite for product entries [(axis, DimProduct)] of a computed Reshape target:
+    the factor becomes the units kept on that axis of ``y``, at run time still multiplied by
+    the sizes it reads (never by their bound values). The constant of the ``Mul`` computing the
+    product is replaced (a new initializer) when every Reshape reading the product wants the
+    same factor; else a ``Mul``/``Div`` by ``kept``/``factor`` in front of this Reshape scales
+    only its own entries."""
+    plans = {}
+    for _, e in products:
+        node = b.index.producer(e.origin)
+        uses = _product_uses(b, e.origin)
+        plan = None
+        if node is not None and node.op_type == "Mul" and uses is not None:
+            for slot in (0, 1):
+                c = b.const_value(node.input[slot])
+                other = _vector_of(b, node.input[1 - slot])
+                if c is not None and np.size(c) == 1 and other is not None and \
+                        len(other) == 1 and not isinstance(other[0], int):
+                    inner = other[0].factor if isinstance(other[0], DimProduct) else 1
+                    plan = (node, slot, inner, uses)
+                    break
+        plans[e.origin] = plan
+
+    def rewrite(node, rc, y=y, products=products, n=n):
+        num, den = np.ones(n, np.int64), np.ones(n, np.int64)
+        for j, e in products:
+            kept = _new_factor(rc, y, j, e.factor)
+            if kept is None or kept == e.factor:
+                continue
+            plan = plans[e.origin]
+            if plan is not None:
+                mul, slot, inner, uses = plan
+                wants = {_new_factor(rc, yr, jr, e.factor) for yr, jr in uses}
+                old = np.asarray(rc.graph_const(mul.input[slot]))
+                if wants == {kept} and kept % inner == 0 and old.dtype == np.int64:
+                    if int(np.ravel(old)[0]) * inner == e.factor:  # not yet rewritten
+                        new = np.full(old.shape, kept // inner, np.int64)
+                        mul.input[slot] = rc.add_initializer(mul.input[slot], new)
+                    continue
+            num[j], den[j] = kept, e.factor
+        if (num == 1).all():
+            return
+        g = rc.handle.model.graph
+        base = node_key(node)
+        scaled = onnx.helper.make_node(
+            "Mul", [node.input[1], rc.add_initializer(base + "_kept_units", num)],
+            [base + "_scaled_target"], name=base + "_kept_units_mul")
+        target = onnx.helper.make_node(
+            "Div", [scaled.output[0], rc.add_initializer(base + "_all_units", den)],
+            [base + "_kept_target"], name=base + "_kept_units_div")
+        pos = next(i for i, n2 in enumerate(g.node) if list(n2.output) == list(node.output))
+        g.node.insert(pos, target)
+        g.node.insert(pos, scaled)
+        node.input[1] = target.output[0]
+    return rewrite
 
 
 def _override_entries(y: str, fixed, n: int, slot: int) -> Callable:
@@ -420,7 +585,8 @@ def _constant_of_shape(ctx: NodeCtx) -> None:
         return
     entries = _vector_of(ctx.b, shp) if ctx.const(shp) is None else \
         [int(v) for v in np.ravel(ctx.const(shp))]
-    if entries is None or ctx.rank(y) != len(entries):
+    if entries is None or ctx.rank(y) != len(entries) or \
+            any(isinstance(e, DimProduct) for e in entries):
         return
     fixed = []
     for j, e in enumerate(entries):

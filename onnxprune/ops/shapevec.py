@@ -1,6 +1,7 @@
 """Shape vectors computed in the graph, evaluated statically: ``Shape → Gather/Slice →
 Unsqueeze → Concat`` chains (what exporters write for ``x.view(b, s, heads, -1)``) read as
-vectors of numbers and symbolic :class:`DimRef` entries, reshape outputs from them, and the
+vectors of numbers, symbolic :class:`DimRef` entries and :class:`DimProduct` entries (a
+run-time size times a constant: torch's ``batch * heads``), reshape outputs from them, and the
 graph's shapes refined with them (``refine_shapes``, ``complete_shapes``: the channel graph's
 and the resize's shapes, batch and sequence kept symbolic). The Reshape channel rule in
 :mod:`onnxprune.ops.shape` reads a computed target through :func:`shape_vector`.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -29,15 +30,31 @@ class DimRef:
     axis: int
 
 
-Entry = Union[int, DimRef]
-VECTOR_OPS = ("Shape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Concat", "Gather", "Slice")
+@dataclass(frozen=True)
+class DimProduct:
+    """An entry computed at run time as the product of sizes times a constant:
+    ``Mul(Shape(mask)[0], 6)`` (torch's ``nn.MultiheadAttention`` viewing q as
+    ``[seq, batch * heads, head_dim]``), ``Mul(seq, batch)``, ``Div`` by a constant that divides
+    ``factor``. ``origin`` is the value the outermost ``Mul``/``Div`` computes: the node whose
+    constant a resize rewrites. Never evaluated with bound sizes (that would bake the batch)."""
+
+    refs: Tuple[DimRef, ...]
+    factor: int
+    origin: str
+
+
+Entry = Union[int, DimRef, DimProduct]
+VECTOR_OPS = ("Shape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Concat", "Gather", "Slice",
+              "Reshape", "Mul", "Div")
 
 
 def shape_vector(name: str, shape_of: Callable, const_of: Callable, producer: Callable,
                  depth: int = 0) -> Optional[List[Entry]]:
     """The entries of a 1-D int shape vector (a scalar counts as one entry), each a constant or
     a :class:`DimRef`, when it is a stored constant or computed from tensor shapes by Shape,
-    Gather/Slice with constant indices, Squeeze/Unsqueeze, Concat and Cast; None otherwise.
+    Gather/Slice with constant indices, Squeeze/Unsqueeze, Concat, Cast and Reshape (a vector
+    kept a vector); ``Mul``/``Div`` of one-entry vectors gives a :class:`DimProduct` (or an int
+    when both are constants). None otherwise.
 
     ``shape_of(name)`` is a value's (possibly symbolic) shape or None, ``const_of(name)`` a
     stored constant's values or None, ``producer(name)`` the node computing it or None."""
@@ -82,7 +99,18 @@ def shape_vector(name: str, shape_of: Callable, const_of: Callable, producer: Ca
     if op == "Concat":
         parts = [sub(i) for i in range(len(node.input))]
         return None if any(p is None for p in parts) else [e for p in parts for e in p]
+    if op in ("Mul", "Div"):
+        a, b = sub(0), sub(1)
+        if a is None or b is None or len(a) != 1 or len(b) != 1:
+            return None
+        e = product_entry(op, a[0], b[0], node.output[0])
+        return None if e is None else [e]
     data = sub(0)
+    if op == "Reshape":  # [n] -> [-1] / [n], a scalar -> [1]: the same entries
+        t = ints(1)
+        ok = t is not None and (t[0] in (-1, len(data)) if len(t) == 1 else
+                                (not t and len(data) == 1))
+        return data if ok else None
     if data is None:
         return None
     if op == "Gather":
@@ -106,12 +134,70 @@ def shape_vector(name: str, shape_of: Callable, const_of: Callable, producer: Ca
     return data[slice(starts[0], ends[0], step)]
 
 
+def product_entry(op: str, a: Entry, b: Entry, origin: str) -> Optional[Entry]:
+    """``a * b`` or ``a / b`` of two entries: an int when both are constants, else a
+    :class:`DimProduct` (a ``Div`` only by a constant that divides the factor exactly); a
+    product that is one size times 1 is that :class:`DimRef`."""
+    def parts(e):
+        if isinstance(e, DimProduct):
+            return e.refs, e.factor
+        return ((e,), 1) if isinstance(e, DimRef) else ((), e)
+
+    (ra, fa), (rb, fb) = parts(a), parts(b)
+    if op == "Div":
+        if rb or fb == 0 or fa % fb:
+            return None
+        refs, factor = ra, fa // fb
+    else:
+        refs, factor = ra + rb, fa * fb
+    if not refs or factor == 0:
+        return factor
+    if factor == 1 and len(refs) == 1:
+        return refs[0]
+    return DimProduct(tuple(refs), int(factor), origin)
+
+
 def entry_size(entry: Entry, shape_of: Callable):
-    """An entry's value: the constant, or the referenced axis's size (int, symbol or None)."""
+    """An entry's value: the constant, or the referenced axis's size (int, symbol or None), or
+    a product's (an int when every size is known, else its symbol: ``"batch*6"``)."""
     if isinstance(entry, DimRef):
         s = shape_of(entry.tensor)
         return None if s is None or entry.axis >= len(s) else s[entry.axis]
+    if isinstance(entry, DimProduct):
+        sizes = [entry_size(r, shape_of) for r in entry.refs]
+        if any(d is None or not _known(d) for d in sizes):
+            return None
+        return product_symbol(sizes + [entry.factor])
     return entry
+
+
+def dim_factors(d) -> Tuple[List[str], int]:
+    """A dim as (its symbols, its constant factor): ``"batch*6"`` -> (["batch"], 6), ``12`` ->
+    ([], 12), ``"seq"`` -> (["seq"], 1). The one spelling of a product of sizes in a shape."""
+    if isinstance(d, int):
+        return [], d
+    syms, n = [], 1
+    for part in d.split("*"):
+        if part.lstrip("-").isdigit():
+            n *= int(part)
+        else:
+            syms.append(part)
+    return syms, n
+
+
+def product_symbol(dims: Sequence) -> Union[int, str]:
+    """The product of dims (ints and symbols) in the spelling :func:`dim_factors` reads: the
+    symbols in order, then the constant factor when it is not 1 (``"batch*6"``,
+    ``"seq*batch"``); an int when no symbol is left."""
+    syms: List[str] = []
+    n = 1
+    for d in dims:
+        s, k = dim_factors(d)
+        syms += s
+        n *= k
+    if not syms or n == 0:
+        return n
+    return "*".join(syms + ([str(n)] if n != 1 else []))
 
 
 def _known(d) -> bool:
@@ -135,19 +221,20 @@ def reshape_output(in_shape, target: Sequence, allowzero: bool) -> Optional[tupl
     if -1 in out:
         if not all(_known(d) for d in in_shape):
             return None
-        num = Counter(d for d in in_shape if isinstance(d, str))
-        den = Counter(d for d in out if isinstance(d, str))
+        # symbols and constant factors of both sides ("batch*6" is batch and 6)
+        fin = [dim_factors(d) for d in in_shape]
+        fout = [dim_factors(d) for d in out if d != -1]
+        num = Counter(s for syms, _ in fin for s in syms)
+        den = Counter(s for syms, _ in fout for s in syms)
         left = num - den
         if den - num or sum(left.values()) > 1:
             return None
-        n = int(np.prod([d for d in in_shape if isinstance(d, int)], dtype=np.int64))
-        m = int(np.prod([d for d in out if isinstance(d, int) and d != -1], dtype=np.int64))
+        n = int(np.prod([k for _, k in fin], dtype=np.int64))
+        m = int(np.prod([k for _, k in fout], dtype=np.int64))
         if m <= 0 or n % m:
             return None
         # one symbol left over: the -1 is that symbol times the rest ("batch*12")
-        sym = next(iter(left), None)
-        out[out.index(-1)] = n // m if sym is None else (
-            sym if n // m == 1 else f"{sym}*{n // m}")
+        out[out.index(-1)] = product_symbol(list(left) + [n // m])
     return tuple(out)
 
 
@@ -314,6 +401,12 @@ def _elementwise(op: str, a, b):
                 out.append(None)
         elif op == "Mul" and (x == 1 or y == 1):
             out.append(y if x == 1 else x)
+        elif op == "Mul" and _known(x) and _known(y) and (isinstance(x, int) and x > 0 or
+                                                          isinstance(y, int) and y > 0):
+            out.append(product_symbol([x, y]))  # a resize's kept-units scaling: "batch*6" * 3
+        elif op == "Div" and isinstance(y, int) and y > 0 and _known(x) and \
+                dim_factors(x)[1] % y == 0:
+            out.append(product_symbol(dim_factors(x)[0] + [dim_factors(x)[1] // y]))
         elif op == "Add" and (x == 0 or y == 0):
             out.append(y if x == 0 else x)
         else:
