@@ -89,7 +89,8 @@ def build_passes(options: PruneOptions) -> Pipeline:
                                     threads=o.threads, bn_reestimate=o.bn_reestimate,
                                     channel_criterion=o.channel_criterion, depth=o.depth,
                                     damage=o.damage, metric=o.eval_script,
-                                    damage_stages=o.damage_stages))
+                                    damage_stages=o.damage_stages,
+                                    prune_stream=o.prune_stream))
         if o.save_plan is not None or o.dry_run:
             passes.append(RecordPlan(o.input_shapes))
     else:

@@ -392,6 +392,13 @@ class PruneOptions:
                "of an identity path and a branch) compete with channel widths in the same "
                "allocation; a removed block's Add becomes the identity path, exactly.",
         switch=True)
+    prune_stream: bool = option(
+        False, "With --pattern channel: also remove channels of a residual stream that an RMSNorm "
+               "reads (a transformer's model width: embedding columns, every block's input rows "
+               "and output rows, the LM head's inputs). Off by default: a stream's few "
+               "large channels carry much of the signal (flan-t5-small's decoder at 25 % with "
+               "--criterion wanda --refit: 66 % top-1 agreement with the stream cut, 73 % kept).",
+        switch=True)
     # Damage that predicts the refit model (issue 14, F3: allocation on real detectors).
     damage: str = option(
         "output", "With --target-macs/--target-speedup and --calibration: how a group's damage "
@@ -680,7 +687,8 @@ class PruneOptions:
         if self.pattern == "channel":
             out.update(round_to=self.round_to, min_channels=self.min_channels, refit=self.refit)
             out.update({k: getattr(self, k) for k, off in (("bn_reestimate", "none"),
-                        ("channel_criterion", "norm"), ("depth", False))
+                        ("channel_criterion", "norm"), ("depth", False),
+                        ("prune_stream", False))
                         if getattr(self, k) != off})
         if isinstance(self.calibration, (str, os.PathLike)):
             out["calibration"] = str(self.calibration)

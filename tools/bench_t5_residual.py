@@ -2,8 +2,8 @@
 decoder: top-1 agreement of the decoder's next-token logits with the dense decoder's, teacher
 forced on generated sentences (``tools/eval_text.py``'s, encoded by the dense encoder).
 
-    python tools/bench_t5_residual.py                      # this checkout: the stream is cut
-    python tools/bench_t5_residual.py --onnxprune-root /work/main   # another checkout (before)
+    python tools/bench_t5_residual.py                      # this checkout: stream kept and cut
+    python tools/bench_t5_residual.py --onnxprune-root <checkout>   # another checkout
 
 Each row is one ``onnxprune`` CLI run on ``text/flan_t5/decoder.onnx`` (``--input-shape`` from
 ``tools/corpus.py``'s ``TEXT_INPUT_SHAPES``); calibrated rows get 64 samples made the same way
@@ -30,8 +30,11 @@ from corpus import TEXT_INPUT_SHAPES  # noqa: E402
 
 DECODER = "flan_t5/decoder.onnx"
 RUNS = {
-    "channel 25%": [],
-    "channel 25% + wanda + refit": ["--criterion", "wanda", "--refit"],
+    "channel 25% (stream kept: the default)": [],
+    "channel 25% + wanda + refit (stream kept)": ["--criterion", "wanda", "--refit"],
+    "channel 25% --prune-stream": ["--prune-stream"],
+    "channel 25% + wanda + refit --prune-stream": ["--criterion", "wanda", "--refit",
+                                                   "--prune-stream"],
 }
 DEC_LEN = 8
 
@@ -70,8 +73,9 @@ def main(argv=None) -> int:
             out = Path(tmp) / "pruned.onnx"
             cmd = [sys.executable, "-m", "onnxprune", str(decoder), "--pattern", "channel",
                    "--sparsity", "0.25", "--input-shape", shapes, "-o", str(out), "--force"]
-            if extra:
-                cmd += ["--calibration", str(cal)] + extra
+            if "--refit" in extra:
+                cmd += ["--calibration", str(cal)]
+            cmd += extra
             res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
             if res.returncode != 0 or not out.is_file():
                 rows.append((label, "—", "—", res.stdout.strip().splitlines()[-1:] or

@@ -69,6 +69,9 @@ class ChannelGroup:
     producers: List[str]  # stored weights whose out-channels are in the group
     consumers: List[str]  # stored weights whose input channels are in the group
     frozen: Optional[str] = None  # why it cannot be pruned, None when it can
+    #: set when a statistic over every channel reads the group (an RMSNorm's mean of squares:
+    #: a transformer's residual stream), which its removal keeps exact: what reads it
+    stream: Optional[str] = None
 
     @property
     def prunable(self) -> bool:

@@ -62,6 +62,8 @@ def check_zeros(builder: "Builder", groups: List["ChannelGroup"]) -> None:
         cause = walks[g.id].cause(name)
         if cause is not None:
             g.frozen = f"{why}; here they are not: {cause}"
+        elif g.stream is None:
+            g.stream = why.split(": ", 1)[0]  # the node's label: "ReduceMean 'ln/mean'"
 
 
 class _Walk:

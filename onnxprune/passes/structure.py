@@ -113,7 +113,8 @@ class PruneChannels(Pass):
                  target_macs: Optional[float] = None, target_speedup: Optional[float] = None,
                  threads: Optional[int] = None, bn_reestimate: str = "none",
                  channel_criterion: str = "norm", depth: bool = False,
-                 damage: str = "output", metric=None, damage_stages: int = 1):
+                 damage: str = "output", metric=None, damage_stages: int = 1,
+                 prune_stream: bool = False):
         if criterion not in _CHANNEL_NORMS and channel_scores is None:
             raise OptionError(f"criterion '{criterion}' does not rank channels; use "
                               f"{', '.join(sorted(_CHANNEL_NORMS))} with --pattern channel")
@@ -130,6 +131,7 @@ class PruneChannels(Pass):
         self.bn_reestimate, self.channel_criterion = bn_reestimate, channel_criterion
         self.depth, self.damage, self.metric = depth, damage, metric
         self.damage_stages = damage_stages
+        self.prune_stream = prune_stream
         if refit or bn_reestimate != "none" or channel_criterion == "reconstruction":
             # the refit fits layers to the dense model on calibration data (and the
             # reconstruction ranking and BN re-estimation measure on it)
@@ -159,6 +161,10 @@ class PruneChannels(Pass):
             elif left_out:
                 group.frozen = (f"producer {left_out[0]} is not selected (--op-types/"
                                 "--include/--exclude/config)")
+            elif group.stream is not None and not self.prune_stream:
+                group.frozen = (f"a residual stream ({group.stream} normalizes over it): kept "
+                                "whole unless --prune-stream (its few large channels carry "
+                                "much of the signal)")
         if self.channel_criterion == "reconstruction" and state.calibration is not None:
             from onnxprune.calibration.channel_scores import reconstruction_scores
 
@@ -196,9 +202,8 @@ class PruneChannels(Pass):
                                 "refit on templated sentences kept them and lost other text), so "
                                 "check the result on data like your deployment's (--inputs, "
                                 "--eval-script)")
-            # The refit's part-graph sessions replaced the graph's node objects (protobuf
-            # detaches what it removes), so the resize must work on a graph built from the nodes
-            # the model holds now, or its edits (Split sizes, Reshape constants) land nowhere.
+            # A guard: the graph built again on the model as the refit left it must hold the
+            # same groups (the refit writes weights only; _same_groups says so, or fails).
             graph = _same_groups(graph, build_channel_graph(state.handle, self.input_shapes))
         if self.bn_reestimate != "none" and state.calibration is not None:
             from onnxprune.calibration.batchnorm import reestimate_batchnorm
@@ -209,7 +214,7 @@ class PruneChannels(Pass):
             record.bn_reestimated, notes = reestimate_batchnorm(
                 state.handle, graph.roles, state.calibration, self.bn_reestimate, reference)
             record.notes.extend(notes)
-            # its part-graph sessions replaced the node objects too (see the refit above)
+            # the same guard as after the refit
             graph = _same_groups(graph, build_channel_graph(state.handle, self.input_shapes))
         resized = resize_channels(state.handle, graph, removed)
         # A tensor left alone as a weight because something else reads it (a tied embedding

@@ -293,3 +293,24 @@ def test_a_stream_channel_no_weight_reads_is_not_dead():
     [(_, removed, folds, kept)] = [d for d in find_dead(h, build_channel_graph(h))
                                    if d[0].id == group.id]
     assert removed == [] and folds == []
+
+
+@pytest.mark.parametrize("prune_stream", [False, True])
+def test_the_stream_is_kept_unless_asked(tmp_path, prune_stream):
+    """The channel graph can remove the stream; `prune` keeps it whole unless --prune-stream
+    (a policy, reported as the group's reason), and with it removes the same 4 of 16."""
+    from onnxprune.api import prune
+
+    model = t5_block_model()
+    out = tmp_path / "p.onnx"
+    result = prune(model, output=out, pattern="channel", sparsity=0.25,
+                   prune_stream=prune_stream, validate=False)
+    pruned = onnx.load(str(out))
+    dims = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+    assert dims["lm_head"] == ((D - 4, V) if prune_stream else (D, V))
+    assert dims["table"] == ((V, D - 4) if prune_stream else (V, D))
+    reasons = [why for _, why in result.report.frozen]
+    kept = [w for w in reasons if w.startswith("a residual stream (ReduceMean")]
+    assert len(kept) == (0 if prune_stream else 1), reasons
+    if not prune_stream:
+        assert "kept whole unless --prune-stream" in kept[0]
