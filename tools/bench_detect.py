@@ -47,7 +47,7 @@ VARIANTS = {"bn": {"bn_reestimate": "match"}, "bndata": {"bn_reestimate": "data"
             "metric": {"damage": "metric", "eval_script": "METRIC"},
             "metricrefit": {"damage": "metric-refit", "eval_script": "METRIC"},
             "depth": {"depth": True}, "stages3": {"damage_stages": 3}}
-SAMPLES = {"ppocr_det": (32, 16), "layout": (16, 8), "yolo": (64, 32)}
+SAMPLES = {"ppocr_det": (32, 16), "layout": (16, 8), "yolo": (64, 32), "ddddocr": (16, 16)}
 
 
 def speedups(dense, pruned, shapes, threads, runs, reps=3):
