@@ -53,7 +53,9 @@ sys.path.insert(0, os.environ.get("BENCH_ONNXPRUNE_ROOT", str(ROOT)))
 
 import onnxprune  # noqa: E402
 
-CORPUS = Path(os.environ.get("ONNXPRUNE_CORPUS", Path.home() / ".cache/onnxprune/corpus"))
+from fetch_corpus import default_corpus_dir  # noqa: E402
+
+CORPUS = default_corpus_dir()
 PPOCR_DET = CORPUS / "ppocr" / "ch_PP-OCRv4_det_infer.onnx"
 YOLO = ROOT / "models" / "yolo_block.onnx"
 

@@ -16,7 +16,6 @@ ops). No timing: the numbers are counts, the same on any machine.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,9 @@ from onnxprune.ops.targets import MIN_SPARSE_SIZE  # noqa: E402
 from onnxprune.report.targets import TRT_MACS, TRT_TABLE  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-CORPUS = Path(os.environ.get("ONNXPRUNE_CORPUS", Path.home() / ".cache/onnxprune/corpus"))
+from fetch_corpus import default_corpus_dir  # noqa: E402
+
+CORPUS = default_corpus_dir()
 BUNDLED = ("digits_cnn", "mobilenetv3_block", "yolo_block", "transformer_mlp")
 LIGHT = ("resnet50", "densenet121", "inception_v1", "inception_v2", "shufflenet", "squeezenet")
 HUGE = ("bvlc_alexnet", "vgg19", "zfnet512")

@@ -12,7 +12,6 @@ compared, so machine drift hits both alike. Reported as ratios from one run: MAC
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -25,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import onnxprune  # noqa: E402
 from onnxprune.inputs.generate import make_inputs  # noqa: E402
 
-CORPUS = Path(os.environ.get("ONNXPRUNE_CORPUS", Path.home() / ".cache/onnxprune/corpus"))
+from fetch_corpus import default_corpus_dir  # noqa: E402
+
+CORPUS = default_corpus_dir()
 MODELS = {
     "resnet50": CORPUS / "light" / "light_resnet50.onnx",
     "squeezenet": CORPUS / "light" / "light_squeezenet.onnx",

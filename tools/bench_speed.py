@@ -12,7 +12,6 @@ validation (``validate=False``), as the issue asks. Runs are interleaved and the
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -26,7 +25,9 @@ from onnx import numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import onnxprune  # noqa: E402
 
-CORPUS = Path(os.environ.get("ONNXPRUNE_CORPUS", Path.home() / ".cache/onnxprune/corpus"))
+from fetch_corpus import default_corpus_dir  # noqa: E402
+
+CORPUS = default_corpus_dir()
 
 
 def weight_names(model: onnx.ModelProto) -> set:

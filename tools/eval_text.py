@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import string
 import sys
 from dataclasses import dataclass
@@ -37,11 +36,12 @@ import numpy as np
 import onnxruntime as ort
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from fetch_corpus import default_corpus_dir  # noqa: E402
 
 
 def corpus_dir() -> Path:
-    env = os.environ.get("ONNXPRUNE_CORPUS")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "onnxprune" / "corpus"
+    return default_corpus_dir()
 
 
 def text_file(rel: str) -> Path:
