@@ -22,6 +22,7 @@ from onnxprune.model import io as mio
 from onnxprune.options import PruneOptions
 from onnxprune.passes.base import Pass, Pipeline, PruneState, Track, no_progress, verify_layers
 from onnxprune.passes.calibrated import AllocateBySensitivity, Calibrate, CorrectBias
+from onnxprune.passes.fold import FoldScalars
 from onnxprune.passes.masking import ApplyMasks, ScoreWeights
 from onnxprune.passes.metric import EvaluateMetric
 from onnxprune.passes.permute import PermuteChannels
@@ -107,6 +108,8 @@ def build_passes(options: PruneOptions) -> Pipeline:
         if o.resize is not False:
             passes.append(RemoveDeadChannels(input_shapes=o.input_shapes,
                                              keep_layouts=o.resize is None))
+    if o.fold_scalars:  # exact graph folds, after pruning, before validation
+        passes.append(FoldScalars())
     if o.validate:
         passes.append(Validate(inputs=o.inputs, input_shapes=o.input_shapes,
                                max_error=o.max_error, min_agreement=o.min_agreement,

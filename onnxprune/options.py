@@ -413,6 +413,13 @@ class PruneOptions:
            "many steps, measuring every group's damage again after each on the model with the "
            "channels chosen so far removed (costs one more round of trials per step).",
         type=int)
+    # Exact scalar folds (issue 14, F3: onnxruntime time outside the Convs).
+    fold_scalars: bool = option(
+        False, "After pruning, fold scalar Mul/Div/Add nodes into the weights and biases of "
+               "the Convs/Gemms/MatMuls next to them where that is exact (after the op; a scale "
+               "before it; a shift before an unpadded Conv) and merge scalar scales in a row: a "
+               "graph optimization (the same outputs up to float rounding), reported on its "
+               "own line.", switch=True)
     validate: bool = option(True, "Skip checker, onnxruntime and comparison.",
                             name="--no-validate", switch=True)
     inputs: Any = option(
@@ -690,6 +697,8 @@ class PruneOptions:
                         ("channel_criterion", "norm"), ("depth", False),
                         ("prune_stream", False))
                         if getattr(self, k) != off})
+        if self.fold_scalars:
+            out["fold_scalars"] = True
         if isinstance(self.calibration, (str, os.PathLike)):
             out["calibration"] = str(self.calibration)
         return out

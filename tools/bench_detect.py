@@ -34,7 +34,8 @@ from eval_detect import CAL_SEED, EVAL_SEED, MODELS  # noqa: E402
 from sections import write_marked  # noqa: E402
 
 from onnxprune.api import prune  # noqa: E402
-from onnxprune.model.io import load  # noqa: E402
+from onnxprune.model.io import load, save  # noqa: E402
+from onnxprune.passes.fold import fold_scalars  # noqa: E402
 from onnxprune.report.macs import count_macs  # noqa: E402
 from onnxprune.runtime.latency import _quiet_session, model_feed, time_sessions  # noqa: E402
 from onnxprune.runtime.session import session_threads  # noqa: E402
@@ -48,7 +49,9 @@ VARIANTS = {"bn": {"bn_reestimate": "match"}, "bndata": {"bn_reestimate": "data"
             "recon": {"channel_criterion": "reconstruction"}, "dmgrefit": {"damage": "refit"},
             "metric": {"damage": "metric", "eval_script": "METRIC"},
             "metricrefit": {"damage": "metric-refit", "eval_script": "METRIC"},
-            "depth": {"depth": True}, "stages3": {"damage_stages": 3}}
+            "depth": {"depth": True}, "stages3": {"damage_stages": 3},
+            "fold": {"fold_scalars": True}, "stages5": {"damage_stages": 5},
+            "maskmetric": {"damage": "metric", "eval_script": "MASKMETRIC"}}
 SAMPLES = {"ppocr_det": (32, 16), "layout": (16, 8), "yolo": (64, 32), "ddddocr": (16, 16)}
 
 
@@ -79,6 +82,10 @@ def run_model(name, args, tmp: Path, rows_path: Path):
     resolved = {k: list(v) for k, v in resolve_input_shapes(str(dense), shapes).items()}
     dense_macs = count_macs(str(dense), shapes).total
     for variant in args.variants.split(","):
+        if variant == "fold":  # the dense model with --fold-scalars' exact folds, no pruning
+            _fold_row(name, dense, metric, evals, shapes, resolved, dense_macs, args, tmp,
+                      rows_path)
+            continue
         parts = variant.split("+")
         extra = {"refit": parts[0] == "refit"}
         for part in parts[1:]:
@@ -86,6 +93,9 @@ def run_model(name, args, tmp: Path, rows_path: Path):
         if extra.get("eval_script") == "METRIC":  # the model's F1 on calibration pages
             extra["eval_script"] = f"{Path(__file__).resolve().parent}/eval_detect.py:" \
                 f"{name}_metric"
+        if extra.get("eval_script") == "MASKMETRIC":  # its text-mask IoU (PP-OCR det only)
+            extra["eval_script"] = f"{Path(__file__).resolve().parent}/eval_detect.py:" \
+                f"{name}_mask_metric"
         targets = [("target_speedup", float(x)) for x in args.speedups.split(",") if x] + \
             [("target_macs", float(x)) for x in (args.macs or "").split(",") if x]
         for kind, s in targets:
@@ -111,7 +121,7 @@ def run_model(name, args, tmp: Path, rows_path: Path):
                        predicted=alloc["predicted_speedup"],
                        macs=count_macs(str(out), shapes).total / dense_macs,
                        f1=metric(str(out), evals),
-                       speedup={str(t): speedups(str(dense), str(out), resolved, t, args.runs)
+                       speedup={str(t): speedups(str(dense), str(out), resolved, t, args.runs, args.reps)
                                 for t in args.threads}, notes=damage_notes,
                        widths=[(g["describe"][:60], g["channels"], g["kept"])
                                for g in alloc["groups"] if g["kept"] < g["channels"]],
@@ -121,11 +131,30 @@ def run_model(name, args, tmp: Path, rows_path: Path):
                 f.write(json.dumps(row) + "\n")
 
 
+def _fold_row(name, dense, metric, evals, shapes, resolved, dense_macs, args, tmp, rows_path):
+    out = tmp / f"{name}_fold.onnx"
+    t0 = time.perf_counter()
+    handle = load(str(dense))
+    folded = fold_scalars(handle)
+    save(handle, out, force=True)
+    row = dict(model=name, variant="fold only (exact, no pruning)", target=None, kind="none",
+               seconds=round(time.perf_counter() - t0, 1), predicted=None,
+               macs=count_macs(str(out), shapes).total / dense_macs, f1=metric(str(out), evals),
+               speedup={str(t): speedups(str(dense), str(out), resolved, t, args.runs, args.reps)
+                        for t in args.threads},
+               notes=[f"fold-scalars: {folded}"], widths=[], blocks=[])
+    print(row, flush=True)
+    with rows_path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def _x(speedup, threads: str) -> str:
     return f"×{speedup[threads]:.2f}" if threads in speedup else "-"
 
 
 def _target(row) -> str:
+    if row.get("kind") == "none":
+        return "dense"
     if row.get("kind") == "target_macs":
         return f"MACs {row['target']:g}"
     return f"×{row['target']:g}"
@@ -161,12 +190,16 @@ def render(rows, command: str, notes: str = "", marks=(BEGIN, END), title=TITLE)
                      f"{r['seconds']:.0f} |")
     lines += ["", "Best measured speed-up (1 thread / 2 threads) per model at F1 ≥ 0.95 and "
               "≥ 0.90 of the dense model's (among rows timed with both thread counts where "
-              "there are any):", "",
+              "there are any; rows with `--fold-scalars`, a graph optimization, on lines of "
+              "their own):", "",
               "| model | at F1 ≥ 0.95 | MACs | at F1 ≥ 0.90 | MACs |", "|---|---|---|---|---|"]
-    for model in dict.fromkeys(r["model"] for r in rows):
+    def line(r):  # rows with the exact scalar folds get lines of their own
+        return r["model"] + (" with --fold-scalars" if "fold" in r["variant"] else "")
+
+    for model in dict.fromkeys(line(r) for r in rows):
         cells = []
         for bar in (0.95, 0.90):
-            ok = [r for r in rows if r["model"] == model and "f1" in r and r["f1"] >= bar]
+            ok = [r for r in rows if line(r) == model and "f1" in r and r["f1"] >= bar]
             if not ok:
                 cells += ["none", "-"]
                 continue
@@ -192,9 +225,12 @@ def main(argv=None) -> int:
                     help="comma list of refit / norefit, each optionally +bn, +bndata, +recon, "
                          "+dmgrefit (--damage refit), +metric / +metricrefit (--damage metric / "
                          "metric-refit with eval_detect's F1 on calibration pages), +depth, "
-                         "+stages3 (--damage-stages 3)")
+                         "+stages3 / +stages5 (--damage-stages 3 / 5), +maskmetric (--damage metric with "
+                         "eval_detect's text-mask IoU, PP-OCR det), +fold (--fold-scalars); or fold: the "
+                         "dense model with the exact scalar folds only")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--reps", type=int, default=3, help="measurements per speed-up (median)")
     ap.add_argument("--rows", default=None, help="JSON lines file the rows are appended to")
     ap.add_argument("--render-only", action="store_true", help="only render --rows")
     ap.add_argument("--command", default=None, help="the command line to print in the table")

@@ -5,7 +5,7 @@ model's boxes are matched to them greedily by IoU >= 0.5 (same class where the m
 classes), and F1 = 2PR/(P+R) over all images (1.0 when neither finds anything). One function per
 model, ``metric(model_path, images) -> F1``, reusable by any script:
 
-- ``ppocr_det_f1``: PP-OCRv4 det (``/work/corpus/ppocr/ch_PP-OCRv4_det_infer.onnx``): text boxes
+- ``ppocr_det_f1``: PP-OCRv4 det (``<corpus>/ppocr/ch_PP-OCRv4_det_infer.onnx``): text boxes
   from the probability map (threshold 0.3, connected components, mean probability >= 0.6 and at
   least 16 pixels, rapidocr's DB settings without unclip — the same for both models) on rendered
   text pages 320×320 (:func:`text_pages`).
@@ -443,6 +443,26 @@ def ppocr_det_metric(session) -> float:
     """``--eval-script tools/eval_detect.py:ppocr_det_metric``: PP-OCR det F1 vs dense on 8
     calibration pages."""
     return session_f1("ppocr_det", session)
+
+
+def ppocr_det_mask_metric(session, thresh: float = 0.3) -> float:
+    """``--eval-script tools/eval_detect.py:ppocr_det_mask_metric``: IoU of the text mask
+    (probability map > 0.3, what the boxes are cut from) against the dense model's, pixels of
+    the 8 calibration pages pooled. Unlike box F1 it moves with every flipped pixel, so a group
+    that alone shrinks the text regions a little scores a drop (a damage measure that sees the
+    threshold), where F1 of one group alone is mostly unchanged."""
+    dense, _, images, _, _ = MODELS["ppocr_det"]
+    if "ppocr_det" not in _METRIC_IMAGES:
+        _METRIC_IMAGES["ppocr_det"] = images(METRIC_PAGES, CAL_SEED)
+    imgs = _METRIC_IMAGES["ppocr_det"]
+    key = ("ppocr_det_mask", str(dense), imgs.shape, float(imgs.sum()), thresh)
+    if key not in _REFERENCE:
+        _REFERENCE[key] = np.stack([out[0] > thresh for out in _run(dense, imgs)])
+    name = session.get_inputs()[0].name
+    mask = np.stack([session.run(None, {name: img[None]})[0] > thresh for img in imgs])
+    ref = _REFERENCE[key]
+    union = np.logical_or(ref, mask).sum()
+    return float(np.logical_and(ref, mask).sum() / union) if union else 1.0
 
 
 def layout_metric(session) -> float:
