@@ -256,30 +256,36 @@ def set_layer(state: PruneState, record: PassRecord, layer: LayerResult) -> None
 def verify_layers(state: PruneState) -> None:
     """Check every weight's recorded result against the model as it now is: the weights are
     found again from the graph (not through the objects the passes held) and their stored
-    nonzeros and sizes counted. A difference means a write went somewhere the model does not
-    read (it happened: a piece session once swapped the graph's nodes for copies, and every
-    later write of a weight stored in a ``Constant`` node went to a detached copy — the
-    "pruned" model came out dense, its report saying 50 %). An internal error then, so that
-    nothing is written; never a silently wrong model."""
+    nonzeros counted. A difference means a write went somewhere the model does not read (it
+    happened: a piece session once swapped the graph's nodes for copies, and every later write
+    of a weight stored in a ``Constant`` node went to a detached copy — the "pruned" model came
+    out dense, its report saying 50 %). An internal error then, so that nothing is written;
+    never a silently wrong model. A record whose shape lags behind the model (a weight that
+    lost all-zero channels to a later pass through another object) is brought up to date."""
+    from dataclasses import replace
+
     from onnxprune.ops.weights import find_weights
 
     if not state.layers:
         return
     found = {w.key: w for w in find_weights(state.handle)[0]}
-    for key, layer in state.layers.items():
+    for key, layer in list(state.layers.items()):
         w = found.get(key)
         if w is None or layer.nonzeros_after == layer.nonzeros_before:
             continue  # removed with its channels, or not changed: nothing to compare
         values = state.handle.read(w.tensor)
         held = int(np.count_nonzero(values))
-        size = int(values.size)
-        want = int(np.prod(layer.shape_after or layer.shape, dtype=np.int64))
-        if held != layer.nonzeros_after or size != want:
+        if held != layer.nonzeros_after:
             raise RuntimeError(
                 f"internal error: weight '{layer.name}' should hold {layer.nonzeros_after} "
-                f"nonzeros in {want} elements after pruning, but the model holds {held} in "
-                f"{size}; nothing was written. Please report this with the model.")
-
+                f"nonzeros after pruning, but the model holds {held}; nothing was written. "
+                "Please report this with the model.")
+        if tuple(values.shape) != tuple(layer.shape_after or layer.shape):
+            fixed = replace(layer, shape_after=tuple(values.shape))
+            state.layers[key] = fixed
+            for record in state.records:
+                if key in record.layers:
+                    record.layers[key] = fixed
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "LayerResult", "Pass", "PassRecord", "PassResult",
            "Pipeline", "PipelineError", "PruneState", "Track", "check_pipeline", "layer_result",
