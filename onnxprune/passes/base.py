@@ -260,8 +260,10 @@ def verify_layers(state: PruneState) -> None:
     happened: a piece session once swapped the graph's nodes for copies, and every later write
     of a weight stored in a ``Constant`` node went to a detached copy — the "pruned" model came
     out dense, its report saying 50 %). An internal error then, so that nothing is written;
-    never a silently wrong model. A record whose shape lags behind the model (a weight that
-    lost all-zero channels to a later pass through another object) is brought up to date."""
+    never a silently wrong model. Pruning only ever zeroes or removes, so a model holding
+    *fewer* nonzeros or another shape than recorded means a later pass (dead channels) changed
+    the weight without its record keeping up: the record is brought up to date from the model,
+    so that the report describes the file written."""
     from dataclasses import replace
 
     from onnxprune.ops.weights import find_weights
@@ -275,13 +277,14 @@ def verify_layers(state: PruneState) -> None:
             continue  # removed with its channels, or not changed: nothing to compare
         values = state.handle.read(w.tensor)
         held = int(np.count_nonzero(values))
-        if held != layer.nonzeros_after:
+        if held > layer.nonzeros_after:  # pruning only zeroes: more means a write was lost
             raise RuntimeError(
                 f"internal error: weight '{layer.name}' should hold {layer.nonzeros_after} "
                 f"nonzeros after pruning, but the model holds {held}; nothing was written. "
                 "Please report this with the model.")
-        if tuple(values.shape) != tuple(layer.shape_after or layer.shape):
-            fixed = replace(layer, shape_after=tuple(values.shape))
+        if held < layer.nonzeros_after or \
+                tuple(values.shape) != tuple(layer.shape_after or layer.shape):
+            fixed = replace(layer, nonzeros_after=held, shape_after=tuple(values.shape))
             state.layers[key] = fixed
             for record in state.records:
                 if key in record.layers:

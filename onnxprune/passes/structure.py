@@ -77,20 +77,24 @@ def _snapshot(state: PruneState) -> Dict[str, tuple]:
 
 def _record_shapes(state: PruneState, record: PassRecord, before: Dict[str, tuple],
                    pattern: str, criterion: str) -> int:
-    """A new result in ``state.layers`` and ``record`` for every weight whose shape changed;
-    returns how many did."""
+    """A new result in ``state.layers`` and ``record`` for every weight whose shape changed,
+    or whose nonzeros did (a dead channel zeroed where its layout is kept); returns how many
+    changed shape."""
     changed = 0
     for w in state.weights:
         shape0, nonzeros0, out0 = before[w.key]
-        if w.shape == shape0:
-            continue
-        changed += 1
         nonzeros = int(np.count_nonzero(state.handle.read(w.tensor)))
+        if w.shape == shape0 and nonzeros == nonzeros0:
+            continue
+        changed += w.shape != shape0
         out1 = w.shape[w.layout.out_axis] if out0 is not None else None
         layer = state.layers.get(w.key)
         if layer is None:
             layer = LayerResult(w.key, w.name, w.op_type, shape0, int(np.prod(shape0)), nonzeros0,
                                 nonzeros, pattern, criterion)
+        if w.shape == shape0:  # zeroed in place: the shape and channels stay as recorded
+            set_layer(state, record, replace(layer, nonzeros_after=nonzeros))
+            continue
         set_layer(state, record, replace(layer, nonzeros_after=nonzeros, shape_after=w.shape,
                                          channels=(out0, out1) if out0 is not None else None))
     return changed

@@ -128,3 +128,9 @@ def test_a_result_the_model_does_not_hold_is_an_internal_error():
                                       pattern="unstructured", criterion="magnitude")
     verify_layers(state)
     assert state.layers[w.key].shape_after == (32, 31)
+    # fewer nonzeros than recorded (a later pass zeroed a dead channel in place): updated too
+    fewer = kept.copy()
+    fewer[fewer != 0] = 0  # every value gone
+    state.handle.write(w.tensor, fewer)
+    verify_layers(state)
+    assert state.layers[w.key].nonzeros_after == 0
