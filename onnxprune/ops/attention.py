@@ -36,7 +36,7 @@ rules tie batch and sequence axes and freeze the normalized axes with that reaso
 BiasGelu, Gelu and BiasAdd are element-wise along the FFN width (their bias sliced with it;
 onnxruntime runs BiasAdd on CUDA only, so its resize is checked by the channel graph alone).
 
-One module (about 650 lines) on purpose: it is one op family (the fused transformer ops), and
+One module (about 730 lines) on purpose: it is one op family (the fused transformer ops), and
 they share the head-as-unit rules; splitting it would spread one meaning over files.
 """
 

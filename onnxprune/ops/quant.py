@@ -15,7 +15,9 @@ quantizer writes for weights): then the written 0 *is* the zero point and dequan
 0, and every count (sparsity, N:M per group) is a count of zero-point entries. A weight with a
 nonzero (or in-graph computed) zero point is left alone with that reason and its channels
 freeze — except where the per-channel scale of a removed output channel is zeroed instead,
-which makes the channel exactly 0 whatever its zero point (MatMulNBits). Scales and zero points
+which makes the channel exactly 0 whatever its zero point (MatMulNBits), and except integer
+tables read by ``Gather`` (an embedding with zero point 138), whose removed columns are masked
+with their zero point (:func:`zero_value`) where every reader agrees on it. Scales and zero points
 are never requantized: kept channels keep their integer values, scales and zero points, so the
 output stays quantized with the same scheme and dtypes.
 
@@ -23,6 +25,10 @@ output stays quantized with the same scheme and dtypes.
 the same axis of the output. A per-axis scale (and zero point) is tied to its ``axis`` and
 sliced with it; a per-tensor one is a scalar and carries no channels. Opset-21 ``block_size``
 (blocked quantization) is left frozen: a block spans several channels along its axis.
+
+One module (about 680 lines) on purpose: one op family whose entries share the one rule above
+(zero point = zero: which weights may be written, what a masked integer holds) and the scale
+handling; split by op, that rule would live in several places.
 ``DynamicQuantizeLinear`` passes channels through: its per-tensor scale and zero point come from
 ``min(0, min x)`` and ``max(0, max x)`` — the range always includes 0 — so deleting channels that
 hold exactly 0 (what a masked producer leaves) changes neither, and the kept values quantize to
