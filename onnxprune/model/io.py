@@ -18,7 +18,7 @@ This module owns the handle, loading with its integrity checks, weightless copie
 checker and shape inference, and saving. The bytes of external tensors (reading, the spill file,
 chunked copies, pointing a tensor at a data file) are :mod:`onnxprune.model.external`'s.
 
-One module (about 600 lines) on purpose: ``load`` and ``save`` are the two halves of one
+One module (about 625 lines) on purpose: ``load`` and ``save`` are the two halves of one
 contract on the handle's external-data state (save repoints tensors at the output's data file
 and restores them; load's integrity checks are what save relies on), and splitting them would
 put that state's invariants in two places.

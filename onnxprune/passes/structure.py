@@ -77,24 +77,20 @@ def _snapshot(state: PruneState) -> Dict[str, tuple]:
 
 def _record_shapes(state: PruneState, record: PassRecord, before: Dict[str, tuple],
                    pattern: str, criterion: str) -> int:
-    """A new result in ``state.layers`` and ``record`` for every weight whose shape changed,
-    or whose nonzeros did (a dead channel zeroed where its layout is kept); returns how many
-    changed shape."""
+    """A new result in ``state.layers`` and ``record`` for every weight whose shape changed;
+    returns how many did."""
     changed = 0
     for w in state.weights:
         shape0, nonzeros0, out0 = before[w.key]
-        nonzeros = int(np.count_nonzero(state.handle.read(w.tensor)))
-        if w.shape == shape0 and nonzeros == nonzeros0:
+        if w.shape == shape0:
             continue
-        changed += w.shape != shape0
+        changed += 1
+        nonzeros = int(np.count_nonzero(state.handle.read(w.tensor)))
         out1 = w.shape[w.layout.out_axis] if out0 is not None else None
         layer = state.layers.get(w.key)
         if layer is None:
             layer = LayerResult(w.key, w.name, w.op_type, shape0, int(np.prod(shape0)), nonzeros0,
                                 nonzeros, pattern, criterion)
-        if w.shape == shape0:  # zeroed in place: the shape and channels stay as recorded
-            set_layer(state, record, replace(layer, nonzeros_after=nonzeros))
-            continue
         set_layer(state, record, replace(layer, nonzeros_after=nonzeros, shape_after=w.shape,
                                          channels=(out0, out1) if out0 is not None else None))
     return changed
@@ -206,9 +202,6 @@ class PruneChannels(Pass):
                                 "refit on templated sentences kept them and lost other text), so "
                                 "check the result on data like your deployment's (--inputs, "
                                 "--eval-script)")
-            # A guard: the graph built again on the model as the refit left it must hold the
-            # same groups (the refit writes weights only; _same_groups says so, or fails).
-            graph = _same_groups(graph, build_channel_graph(state.handle, self.input_shapes))
         if self.bn_reestimate != "none" and state.calibration is not None:
             from onnxprune.calibration.batchnorm import reestimate_batchnorm
             from onnxprune.passes.sequential import dense_reference
@@ -218,8 +211,6 @@ class PruneChannels(Pass):
             record.bn_reestimated, notes = reestimate_batchnorm(
                 state.handle, graph.roles, state.calibration, self.bn_reestimate, reference)
             record.notes.extend(notes)
-            # the same guard as after the refit
-            graph = _same_groups(graph, build_channel_graph(state.handle, self.input_shapes))
         resized = resize_channels(state.handle, graph, removed)
         # A tensor left alone as a weight because something else reads it (a tied embedding
         # table read by Gather) may still lose channels its whole group loses: say so, naming
@@ -276,16 +267,6 @@ def _remove_blocks(state: PruneState, record: "ChannelRecord", adds, input_shape
     record.notes.append(f"depth: {len(adds)} residual blocks removed (each Add now "
                         f"Identity of its identity input), {len(gone)} stored tensors with them")
     return went
-
-
-def _same_groups(before, after):
-    """``after`` (the channel graph rebuilt from the same structure), checked to hold the same
-    groups as ``before`` so that removals keyed by group id still mean the same channels."""
-    if [(g.size, sorted(g.producers)) for g in before.groups] != \
-            [(g.size, sorted(g.producers)) for g in after.groups]:
-        raise RuntimeError("internal error: the channel graph changed while channels were being "
-                           "refit; nothing was written (please report this model)")
-    return after
 
 
 class RemoveDeadChannels(Pass):
