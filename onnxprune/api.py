@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -48,6 +48,10 @@ class PruneResult:
     report: Report
     output: Optional[Path]
     state: PruneState
+    #: models pruned together (``with_models``): each pruned model, in the order given (the
+    #: first is ``model`` cut out of the joined one), and where each was written
+    parts: List[onnx.ModelProto] = field(default_factory=list)
+    outputs: List[Path] = field(default_factory=list)
 
 
 def build_passes(options: PruneOptions) -> Pipeline:
@@ -150,6 +154,16 @@ def prune(model: mio.ModelLike, pattern: str = "unstructured",
     except TypeError as exc:  # an unknown keyword: say which names exist
         raise OptionError(f"{exc}; options are {', '.join(f.name for f in fields(PruneOptions))}"
                           ) from None
+    if opts.with_models:
+        from onnxprune.joint import prune_joint
+
+        return prune_joint(model, opts, output, force, track, _prune)
+    return _prune(model, opts, output, force, track)
+
+
+def _prune(model: mio.ModelLike, opts: PruneOptions, output, force: bool, track: Track
+           ) -> PruneResult:
+    """:func:`prune` with its options built."""
     if opts.dry_run:  # --dry-run: everything but writing the model
         output = None
     if (opts.search or opts.eval_script is not None) and output is not None:

@@ -393,7 +393,8 @@ def prune_command(model, output, report_path, force, quiet, verbose, log_level, 
             raise
         _emit(result.report, report_path_ok, quiet, force)
         if not quiet:
-            click.echo(f"wrote {printable(result.output)}" if result.output is not None
+            written = result.outputs or ([result.output] if result.output is not None else [])
+            click.echo(f"wrote {', '.join(printable(o) for o in written)}" if written
                        else "dry run: no model written", err=report_path_ok == "-")
         if result.report.noop:
             from onnxprune.report.report import NOOP_NOTE

@@ -420,6 +420,19 @@ class PruneOptions:
                "before it; a shift before an unpadded Conv) and merge scalar scales in a row: a "
                "graph optimization (the same outputs up to float rounding), reported on its "
                "own line.", switch=True)
+    with_models: Tuple[Path, ...] = option(
+        (), "Prune this model together with MODEL (repeat for more, in the order they run): "
+            "an encoder and its decoder. The widths one hands to the next, and a state a "
+            "model's caller feeds back (hidden_out -> hidden), shrink on both sides; each "
+            "model is written as <stem>.pruned.onnx beside the output.",
+        name="--with", type=Path, multiple=True, parse=lambda v, flag: tuple(v),
+        metavar="MODEL")
+    links: Tuple[str, ...] = option(
+        (), "With --with: OUTPUT=INPUT, an output of one model that a later model (or the "
+            "same one, at its next call) reads as INPUT. Default: found by name (INPUT reads "
+            "the output INPUT or INPUT_out; an input fed that way whose model also outputs "
+            "INPUT_out is a state fed back).",
+        name="--link", multiple=True, parse=lambda v, flag: tuple(v), metavar="OUTPUT=INPUT")
     validate: bool = option(True, "Skip checker, onnxruntime and comparison.",
                             name="--no-validate", switch=True)
     inputs: Any = option(
@@ -522,6 +535,12 @@ class PruneOptions:
             raise OptionError("--refit refits the consumers of removed channels; it needs "
                               "--pattern channel")
         self._check_reconstruction()
+        if self.links and not self.with_models:
+            raise OptionError("--link names what one model hands to another: give the other "
+                              "model with --with MODEL")
+        if self.with_models and (self.masks is not None or self.scores is not None):
+            raise OptionError("masks/scores name the weights of one model; with --with the "
+                              "models are pruned as one: give patterns and sparsity instead")
         if self.target is not None:
             _one_of("target", self.target, TARGETS)
         if self.permute is None:  # on where it can pay: TensorRT runs N:M sparse

@@ -45,6 +45,15 @@ from onnxprune.channels.zeros import check_zeros
 
 
 
+#: Ops of a small constant computation the builder evaluates (:meth:`Builder._fold`), and the
+#: largest tensor it reads or gives.
+_FOLD_OPS = frozenset({"Constant", "ConstantOfShape", "Mul", "Add", "Sub", "Div", "Neg", "Abs",
+                       "Equal", "Where", "Not", "And", "Or", "Greater", "Less", "Max", "Min",
+                       "Concat", "Cast", "Identity", "Unsqueeze", "Squeeze", "Gather", "Slice",
+                       "Range", "Reshape"})
+_FOLD_SIZE = 64
+
+
 @dataclass
 class Member:
     """One dim of a group: channel ``i`` of the group is ``index_map[i]`` (one or more indices)."""
@@ -94,6 +103,8 @@ class ChannelGraph:
     roles: Dict[Tuple[str, int], List[Tuple[str, str, int]]]  # (stored, axis) -> (role, node, input)
     # integer stored tensors whose masked entries are written as their zero point, not 0
     zero_values: Dict[str, np.ndarray] = field(default_factory=dict)
+    # small vectors computed from constants only (Builder.const_value), by value name
+    folded: Dict[str, np.ndarray] = field(default_factory=dict)
 
     def frozen(self) -> List[Tuple[str, str]]:
         return [(g.describe(), g.frozen) for g in self.groups if g.frozen]
@@ -186,6 +197,7 @@ class Builder:
         self.zero_values: Dict[str, np.ndarray] = {}  # see ChannelGraph.zero_values
         self._zero_cache: Dict[str, Optional[np.ndarray]] = {}
         self._const_cache: Dict[str, Optional[np.ndarray]] = {}
+        self._folded: set = set()  # names whose value _fold computed
         self.linked: Dict[int, bool] = {}  # level-1 root -> reaches a weight (for Reshape carriers)
 
     # -- shapes and constants -------------------------------------------------------------
@@ -244,7 +256,50 @@ class Builder:
             src = node.input[0]
         if src in self.stored:
             value = self.handle.read(self.stored[src])
+        else:
+            value = self._fold(name)
         self._const_cache[name] = value
+        return value
+
+    def _fold(self, name: str) -> Optional[np.ndarray]:
+        """A small integer/bool vector computed from small stored tensors only (torch's
+        ``expand(-1, 2, -1)`` target, ``Where(Equal(v, -1), 1s, v)``), evaluated once with
+        onnx's reference evaluator; None for anything else."""
+        nodes, leaves, stack = {}, set(), [name]
+        while stack:
+            n = stack.pop()
+            if not n or n in leaves or n in nodes:
+                continue
+            if n in self.stored:
+                if int(np.prod(self.stored[n].dims)) > _FOLD_SIZE:
+                    return None
+                leaves.add(n)
+                continue
+            node = self.index.producer(n)
+            if node is None or node.domain not in ("", "ai.onnx") or \
+                    node.op_type not in _FOLD_OPS or len(nodes) >= 32:
+                return None
+            for o in node.output:
+                nodes[o] = node
+            stack.extend(node.input)
+        order = {id(n): i for i, n in enumerate(self.graph.node)}
+        chain = sorted({id(n): n for n in nodes.values()}.values(), key=lambda n: order.get(
+            id(n), -1))
+        try:
+            from onnx.reference import ReferenceEvaluator
+
+            graph = onnx.helper.make_graph(
+                chain, "fold", [], [onnx.helper.make_tensor_value_info(name, 0, None)],
+                [onnx.numpy_helper.from_array(self.handle.read(self.stored[t]), t)
+                 for t in sorted(leaves)])
+            model = onnx.helper.make_model(graph, opset_imports=list(
+                self.handle.model.opset_import))
+            value = np.asarray(ReferenceEvaluator(model).run(None, {})[0])
+        except Exception:  # anything the evaluator cannot run stays computed (frozen)
+            return None
+        if value.size > _FOLD_SIZE or value.dtype.kind not in "iub":
+            return None
+        self._folded.add(name)
         return value
 
     # -- dims --------------------------------------------------------------------------------
@@ -439,7 +494,9 @@ class Builder:
             groups.append(ChannelGroup(len(groups), size, members, producers, consumers, frozen))
         check_zeros(self, groups)
         return ChannelGraph(groups, self.rewrites, self.stored, self.shapes, dict(self.roles),
-                            dict(self.zero_values))
+                            dict(self.zero_values),
+                            {k: v for k, v in self._const_cache.items()
+                             if v is not None and k in self._folded})
 
 
 def build_channel_graph(handle: ModelHandle, input_shapes: Optional[Dict] = None) -> ChannelGraph:

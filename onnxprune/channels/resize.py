@@ -107,6 +107,8 @@ class ResizeContext:
         node = self.index.producer(name)
         if node is not None and copies_values(node):
             return self.graph_const(node.input[0])
+        if name in self.graph.folded:  # computed from constants (Builder.const_value)
+            return self.graph.folded[name]
         raise KeyError(name)
 
     def unique_name(self, base: str) -> str:

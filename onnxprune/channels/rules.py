@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from onnxprune.model.compose import STATE_SUFFIXES, state_ties
 from onnxprune.model.index import node_key, subgraph_reads
 from onnxprune.ops._channel import NodeCtx, set_attr
 from onnxprune.ops.registry import field_of
@@ -42,7 +43,16 @@ def apply_rules(builder: "Builder") -> None:
     for name in inputs:
         builder.freeze(name, None, f"graph input '{name}' keeps its shape"
                                    f"{_state_note(name, outputs, True)}")
+    # A joined model's state (model/compose.py): the output the caller feeds back keeps the
+    # channels of the tensor its input reads, on every axis, instead of its shape.
+    ties = dict(state_ties(builder.handle.model))
     for name in outputs:
+        if name in ties:
+            rank = len(builder.shape(name) or ())
+            if rank and rank == len(builder.shape(ties[name]) or ()):
+                for j in range(rank):
+                    builder.tie((name, j), (ties[name], j), "a state fed back")
+                continue
         builder.freeze(name, None, f"graph output '{name}' keeps its shape"
                                    f"{_state_note(name, inputs, False)}")
     for node in graph.node:
@@ -63,19 +73,16 @@ def apply_rules(builder: "Builder") -> None:
         ctx.finish()
 
 
-_STATE_SUFFIXES = ("_out", "_output", "_new", "_next")
-
-
 def _state_note(name: str, others, is_input: bool) -> str:
     """Why a boundary that carries a state keeps its width, in the user's words: an input fed
     back from an output of the same name + ``_out`` (a recurrent decoder's hidden state, passed
     in and out at every step), or an output named as the input of another model (``memory_out``
     of an encoder, read by its decoder as ``memory``). Empty when neither applies."""
     if is_input:
-        back = next((o for o in others if o in {name + s for s in _STATE_SUFFIXES}), None)
+        back = next((o for o in others if o in {name + s for s in STATE_SUFFIXES}), None)
         return "" if back is None else (f" (a state the caller feeds back from output '{back}' "
                                         "at every step, at this width)")
-    stem = next((name[:-len(s)] for s in _STATE_SUFFIXES if name.endswith(s) and
+    stem = next((name[:-len(s)] for s in STATE_SUFFIXES if name.endswith(s) and
                  len(name) > len(s)), None)
     if stem is None:
         return ""

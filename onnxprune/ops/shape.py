@@ -692,6 +692,10 @@ def _slice(ctx: NodeCtx) -> None:
         steps = ctx.const(ctx.inp(4)) if ctx.inp(4) else None
     if starts is None or ends is None or (ctx.inp(3) and axes is None) or (
             ctx.inp(4) and steps is None):
+        chunk = chunk_of(ctx.b, ctx.node)
+        if chunk is not None:
+            _slice_chunk(ctx, x, y, r, *chunk)
+            return
         _slice_computed_bounds(ctx, x, y, r, axes)
         return
     starts = np.asarray(starts, np.int64).ravel()
@@ -741,6 +745,124 @@ def _slice(ctx: NodeCtx) -> None:
     ctx.rewrite(slice_bounds)
 
 
+def _slice_chunk(ctx: NodeCtx, x: str, y: str, r: int, axis: int, k: int, length: int) -> None:
+    """Chunk ``k`` of equal chunks of ``length`` along ``axis``, its bounds computed from the
+    axis's own size (torch's ``x.chunk(3, dim=1)``: ``Shape -> Gather -> Add -> Div -> Mul``).
+    The bounds follow the size at run time, so the chunks stay equal when every chunk loses the
+    same positions: position ``p`` of the axis is tied to ``p mod length`` (every chunk), and
+    chunk ``k``'s to the output's. Nothing to rewrite."""
+    n = ctx.size(x, axis)
+    ctx.tie_map((x, axis), np.arange(n), (x, axis), np.arange(n) % length, n, n)
+    ctx.tie_map((x, axis), k * length + np.arange(length), (y, axis), np.arange(length), n,
+                length)
+    for j in range(r):
+        if j != axis:
+            ctx.tie((x, j), (y, j))
+
+
+def _bound(b, name: str, x: str, depth: int = 0):
+    """A Slice bound computed from sizes of ``x`` as ``(f, axis)``: ``f(size)`` its value for a
+    size of ``x``'s ``axis`` (None when it reads no size), through ``Shape(x) -> Gather`` and
+    integer ``Add``/``Sub``/``Mul``/``Div`` with constants; None for anything else."""
+    value = b.const_value(name)
+    if value is not None:
+        if value.size != 1 or value.dtype.kind not in "iu":
+            return None
+        c = int(value.ravel()[0])
+        return (lambda d, c=c: c), None
+    node = b.index.producer(name)
+    if node is None or depth > 12 or node.domain not in ("", "ai.onnx"):
+        return None
+    op = node.op_type
+    if op == "Gather" and node.input[0]:
+        shape = b.index.producer(node.input[0])
+        idx = b.const_value(node.input[1])
+        r = len(b.shape(x) or ())
+        if shape is None or shape.op_type != "Shape" or shape.input[0] != x or idx is None \
+                or idx.size != 1 or not r:
+            return None
+        start = norm_axis(int(attr(shape, "start", 0)), r)
+        return (lambda d: d), start + int(idx.ravel()[0])
+    if op in ("Add", "Sub", "Mul", "Div"):
+        a, c = _bound(b, node.input[0], x, depth + 1), _bound(b, node.input[1], x, depth + 1)
+        if a is None or c is None or (a[1] is not None and c[1] is not None and a[1] != c[1]):
+            return None
+        fa, fc = a[0], c[0]
+        fn = {"Add": lambda d: fa(d) + fc(d), "Sub": lambda d: fa(d) - fc(d),
+              "Mul": lambda d: fa(d) * fc(d),
+              "Div": lambda d: int(fa(d) / fc(d)) if fc(d) else None}[op]
+        return fn, (a[1] if a[1] is not None else c[1])
+    if copies_values(node) or op == "Concat" and len(node.input) == 1:
+        return _bound(b, node.input[0], x, depth + 1)
+    return None
+
+
+def chunk_of(b, node: onnx.NodeProto) -> Optional[Tuple[int, int, int]]:
+    """``(axis, k, length)`` when Slice ``node`` takes chunk ``k`` of the equal chunks of
+    ``length`` that split its data's ``axis``, with bounds computed from that axis's size so
+    that they stay chunk ``k`` at any size that is a multiple of the chunk count (checked at
+    several sizes); else None."""
+    if node.op_type != "Slice" or len(node.input) < 3 or len(node.input) > 5:
+        return None
+    x = node.input[0]
+    r = len(b.shape(x) or ())
+    if not r:
+        return None
+    if len(node.input) == 5 and node.input[4]:
+        step = b.const_value(node.input[4])
+        if step is None or step.size != 1 or int(step.ravel()[0]) != 1:
+            return None
+    axes = b.const_value(node.input[3]) if len(node.input) > 3 and node.input[3] else \
+        np.zeros(1, np.int64)
+    if axes is None or axes.size != 1:
+        return None
+    axis = norm_axis(int(axes.ravel()[0]), r)
+    lo, hi = _bound(b, node.input[1], x), _bound(b, node.input[2], x)
+    size = b.size(x, axis)
+    if lo is None or hi is None or size is None or {lo[1], hi[1]} - {None, axis}:
+        return None
+    try:
+        def at(d):
+            s, e = lo[0](d), hi[0](d)
+            return None if s is None or e is None or s < 0 or e < 0 else (s, min(e, d))
+
+        got = at(size)
+        if got is None or got[1] <= got[0]:
+            return None
+        length = got[1] - got[0]
+        if size % length or got[0] % length:
+            return None
+        n, k = size // length, got[0] // length
+        for h in {1, 2, 3, 5, max(1, length - 1), length + 1}:
+            if at(n * h) != (k * h, (k + 1) * h):
+                return None
+    except (OverflowError, ZeroDivisionError, ValueError):
+        return None
+    return axis, k, length
+
+
+def _chunk_reads_only(b, name: str, x: str, axis: int, depth: int = 0) -> bool:
+    """Whether every use of ``name`` (a size of ``x``'s ``axis``) ends in a chunk Slice's
+    bounds on that axis (:func:`chunk_of`), through integer arithmetic and copies."""
+    readers = b.consumers.get(name, [])
+    if not readers or depth > 12 or name in b.graph_outputs:
+        return False
+    for node, idx in readers:
+        if node.domain not in ("", "ai.onnx"):
+            return False
+        if node.op_type == "Slice" and idx in (1, 2) and node.input[0] == x:
+            chunk = chunk_of(b, node)
+            if chunk is None or chunk[0] != axis:
+                return False
+        elif node.op_type in ("Add", "Sub", "Mul", "Div") or copies_values(node) or \
+                node.op_type == "Concat" and len(node.input) == 1:
+            if not _chunk_reads_only(b, node.output[0], x, axis, depth + 1):
+                return False
+        else:
+            return False
+    return True
+
+
 def _slice_computed_bounds(ctx: NodeCtx, x: str, y: str, r: int, axes) -> None:
     """Bounds computed at run time (T5's ``position_bias[:, :, -seq:, :]``): the sliced axes
     stay frozen, the axes it does not slice are copied whole and tied."""
@@ -769,7 +891,7 @@ def _shape(ctx: NodeCtx) -> None:
     start = norm_axis(int(ctx.attr("start", 0)), r)
     end = ctx.attr("end", None)
     end = r if end is None else min(norm_axis(int(end), r), r)
-    read = set() if _sizes_reshapes(ctx.b, y) else _shape_reads(ctx.b, y, start, end)
+    read = set() if _sizes_reshapes(ctx.b, y) else _shape_reads(ctx.b, y, start, end, x)
     for j in range(r):
         if j in read:
             ctx.freeze(x, j, f"its size on axis {j} is read by Shape")
@@ -800,9 +922,10 @@ def _sizes_reshapes(b, vec: str, depth: int = 0) -> bool:
     return True
 
 
-def _shape_reads(b, vec: str, start: int, end: int, depth: int = 0) -> set:
-    """Axes whose size a shape vector's readers actually use: through Cast/Identity, Gather
-    and Slice with constant indices; anything else reads them all."""
+def _shape_reads(b, vec: str, start: int, end: int, x: str, depth: int = 0) -> set:
+    """Axes of ``x`` whose size a shape vector's readers actually use: through Cast/Identity,
+    Gather and Slice with constant indices (a size that only bounds chunks of ``x`` itself,
+    :func:`chunk_of`, reads nothing); anything else reads them all."""
     everything = set(range(start, end))
     readers = b.consumers.get(vec, [])
     if depth > 4 or not readers:
@@ -813,9 +936,11 @@ def _shape_reads(b, vec: str, start: int, end: int, depth: int = 0) -> set:
         if idx != 0:
             return everything
         if copies_values(node):
-            read |= _shape_reads(b, node.output[0], start, end, depth + 1)
+            read |= _shape_reads(b, node.output[0], start, end, x, depth + 1)
         elif node.op_type == "Gather" and b.const_value(node.input[1]) is not None:
-            read |= {start + norm_axis(int(i), n) for i in np.ravel(b.const_value(node.input[1]))}
+            axes = {start + norm_axis(int(i), n) for i in np.ravel(b.const_value(node.input[1]))}
+            if not (len(axes) == 1 and _chunk_reads_only(b, node.output[0], x, *axes)):
+                read |= axes
         elif node.op_type == "Slice" and all(b.const_value(i) is not None
                                              for i in node.input[1:] if i):
             vals = [np.ravel(b.const_value(i)) if i else None for i in list(node.input[1:]) +

@@ -1,0 +1,124 @@
+"""Pruning models that run together (``--with``): an encoder and its decoder as one.
+
+:func:`prune_joint` loads every model, links them (:mod:`onnxprune.model.compose`: by name, or
+``--link OUTPUT=INPUT``), prunes the joined model with the usual pipeline (calibration,
+validation and the report work on it as on any model: its inputs are the first model's and
+every input no link feeds), cuts the result back into one model per file, checks that the
+pieces, run one after the other, give the joined model's outputs, and writes each atomically
+as ``<stem>.pruned.onnx`` (the first at ``output``, the others beside it). Every output path is
+checked before any work; nothing is written when a check fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import onnx
+
+from onnxprune.errors import OptionError
+from onnxprune.model import compose
+from onnxprune.model import io as mio
+from onnxprune.model.output import default_output
+from onnxprune.options import PruneOptions
+
+
+def _label(handle: mio.ModelHandle, k: int) -> str:
+    if handle.path is None:
+        return f"model{k + 1}"
+    name = handle.path.name
+    return name[:-len(".onnx")] if name.endswith(".onnx") else name
+
+
+def _outputs(handles: List[mio.ModelHandle], output, force: bool) -> List[Path]:
+    """Where each model goes: the first at ``output`` (default beside it), the others as
+    ``<stem>.pruned.onnx`` in the same folder; all checked now, none the same file."""
+    reads = [f for h in handles for f in mio.input_files(h)]
+    first = mio.resolve_output(handles[0].path, output, force,
+                               external=mio.needs_external(handles[0]), reads=reads)
+    outs = [first]
+    for h in handles[1:]:
+        if h.path is None:
+            raise OptionError("--with: the models pruned together must be files")
+        target = first.parent / default_output(h.path).name
+        if target in outs:
+            raise OptionError(f"--with: two models would both be written to '{target}'; give "
+                              "them different file names")
+        outs.append(mio.resolve_output(h.path, target, force, external=mio.needs_external(h),
+                                       reads=reads))
+    return outs
+
+
+def prune_joint(model, opts: PruneOptions, output, force: bool, track, run: Callable):
+    """Prune ``model`` and ``opts.with_models`` as one (see the module doc); ``run(model,
+    opts, output, force, track)`` prunes the joined model (``api._prune``)."""
+    from onnxprune.model.shapes import infer_shapes
+    from onnxprune.ops.registry import complete_types
+
+    if opts.save_plan is not None:
+        raise OptionError("--save-plan records one model's graph; it is not available with "
+                          "--with")
+    handles = [mio.load(model)] + [mio.load(p) for p in opts.with_models]
+    labels = [_label(h, k) for k, h in enumerate(handles)]
+    if len(set(labels)) != len(labels):
+        labels = [f"{lab}{k + 1}" for k, lab in enumerate(labels)]
+    outs = None if opts.dry_run else _outputs(handles, output, force)
+    protos = [h.model for h in handles]
+    links = (compose.parse_links(protos, labels, opts.links) if opts.links
+             else compose.find_links(protos))
+    if not any(k.source != k.target for k in links):
+        raise OptionError(
+            f"--with: no output of {labels[0]} is an input of "
+            f"{', '.join(labels[1:])} by name (outputs {[o.name for o in protos[0].graph.output]}"
+            f"); name the links with --link OUTPUT=INPUT")
+    joint = compose.join(protos, labels, links, read=lambda t, x: handles[t].read(x))
+    sub = replace(opts, with_models=(), links=())
+    result = run(joint.model, sub, None, force, track)
+    state = result.state
+    shapes = infer_shapes(state.handle, opts.input_shapes, upgrade=False,
+                          complete=complete_types).shapes
+    parts = compose.split(state.handle.model, joint, shapes)
+    _check_parts(joint, parts, state.handle, opts)
+    result.report.notes.append("pruned together: " + "; ".join(joint.describe()))
+    result.parts = parts
+    if outs is not None:
+        for part, out, h in zip(parts, outs, handles):
+            with mio.load(part) as ph:
+                mio.save(ph, out, force=force)
+            result.report.notes.append(
+                f"wrote {out.name}: {_mib(h.file_size())} -> {_mib(out.stat().st_size)}")
+        result.outputs = outs
+        result.output = outs[0]
+        result.report.output = ", ".join(str(o) for o in outs)
+    result.model = parts[0]
+    return result
+
+
+def _mib(n: Optional[int]) -> str:
+    return "?" if n is None else f"{n / (1 << 20):.2f} MiB"
+
+
+def _check_parts(joint: compose.Joint, parts: List[onnx.ModelProto], merged: mio.ModelHandle,
+                 opts: PruneOptions) -> None:
+    """The pieces, each checked and run one after the other on one generated input, give the
+    joined model's outputs (a state's too); else an internal error (nothing is written)."""
+    from onnxprune.inputs.generate import make_inputs
+    from onnxprune.runtime.session import run_model
+    from onnxprune.runtime.validate import check_valid
+
+    for part in parts:
+        check_valid(part, full_check=False)
+    feed = make_inputs(merged, opts.input_shapes, seed=opts.seed)
+    want = run_model(merged, feed)
+    values: Dict[str, np.ndarray] = dict(feed)  # joined names
+    for p, part in zip(joint.parts, parts):
+        own = {p.names[v.name]: v.name for v in p.inputs}
+        got = run_model(part, {own[k]: values[k] for k in own})
+        values.update({p.names[k]: v for k, v in got.items()})
+    for name, ref in want.items():
+        if not np.allclose(values[name], ref, rtol=1e-4, atol=1e-5, equal_nan=True):
+            raise AssertionError(f"joint pruning: output '{name}' of the pieces run one after "
+                                 "the other differs from the joined model's (a bug; nothing "
+                                 "was written)")

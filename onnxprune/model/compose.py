@@ -1,0 +1,401 @@
+"""Models that run together, pruned as one: an encoder and its decoder, a backbone and its head.
+
+The width of a tensor one file hands to another (an encoder's ``memory_out``, read by its
+decoder as ``memory``) is an interface: pruned in one file alone it must stay whole. Pruned
+*jointly*, both sides of the link shrink together. :func:`join` builds one model from several:
+every link ``output -> input`` becomes one tensor (the later model reads the earlier one's
+output), names that collide get the later file's stem as a prefix, and a *state* — an output
+the caller feeds back as an input of the same model at the next call (a recurrent decoder's
+``hidden_out -> hidden``) — is recorded in the joined model's metadata (:data:`TIES_KEY`) so the
+channel graph keeps the output's channels those of the tensor the input reads
+(:func:`state_ties`), instead of freezing it. The pipeline prunes the joined model like any
+other; :func:`split` cuts the result back into one model per file: each part is every node its
+own outputs need, back to its own inputs, with its names restored and the resized interface
+dims written into its inputs and outputs.
+
+Links are found by name (:func:`find_links`): an input of a later model reads the earlier
+model's output of the same name, or of that name plus a state suffix (``memory`` <-
+``memory_out``); or given as ``OUTPUT=INPUT`` (:func:`parse_links`). Each link is checked:
+the same element type, rank and fixed dims on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+
+import onnx
+from onnx import numpy_helper
+
+from onnxprune.errors import OptionError
+from onnxprune.model.index import subgraph_reads, subgraphs
+
+#: Suffixes that name a value handed on: ``hidden_out`` is the ``hidden`` of the next step or
+#: of the next model.
+STATE_SUFFIXES = ("_out", "_output", "_new", "_next")
+#: Metadata key of a joined model: JSON ``[[graph output, tensor], ...]``, each output holding
+#: the channels of that tensor (a state fed back where the tensor is read).
+TIES_KEY = "onnxprune.state_ties"
+
+
+@dataclass(frozen=True)
+class Link:
+    """Output ``output`` of model ``source`` is input ``input`` of model ``target``
+    (``source == target``: a state the caller feeds back at the next call)."""
+
+    source: int
+    output: str
+    target: int
+    input: str
+
+
+@dataclass
+class Part:
+    """One of the joined models: its header (a weightless copy, graph emptied), its label, and
+    its names -> names in the joined model."""
+
+    label: str
+    header: onnx.ModelProto
+    inputs: List[onnx.ValueInfoProto]
+    outputs: List[onnx.ValueInfoProto]
+    names: Dict[str, str] = field(default_factory=dict)  # own name -> joined name
+
+
+@dataclass
+class Joint:
+    """The joined model, its parts (in order) and the links between them."""
+
+    model: onnx.ModelProto
+    parts: List[Part]
+    links: List[Link]
+
+    def describe(self) -> List[str]:
+        """The links in words, one line each."""
+        out = []
+        for k in self.links:
+            a, b = self.parts[k.source].label, self.parts[k.target].label
+            if k.source == k.target:
+                out.append(f"{a}: output '{k.output}' is fed back as input '{k.input}' at the "
+                           "next call (a state: both keep the same channels)")
+            else:
+                out.append(f"{a} output '{k.output}' -> {b} input '{k.input}'")
+        return out
+
+
+def _inputs(graph: onnx.GraphProto) -> List[onnx.ValueInfoProto]:
+    stored = {t.name for t in graph.initializer} | {t.values.name
+                                                     for t in graph.sparse_initializer}
+    return [vi for vi in graph.input if vi.name not in stored]
+
+
+def find_links(models: Sequence[onnx.ModelProto]) -> List[Link]:
+    """Links by name: each input of a later model reads the nearest earlier model's output of
+    the same name, or of that name plus a state suffix; an input so linked whose model also has
+    an output of its name plus a state suffix is a state fed back."""
+    links: List[Link] = []
+    for t in range(1, len(models)):
+        outs_t = {o.name for o in models[t].graph.output}
+        for vi in _inputs(models[t].graph):
+            for s in range(t - 1, -1, -1):
+                outs = [o.name for o in models[s].graph.output]
+                hit = vi.name if vi.name in outs else next(
+                    (vi.name + x for x in STATE_SUFFIXES if vi.name + x in outs), None)
+                if hit is not None:
+                    links.append(Link(s, hit, t, vi.name))
+                    back = next((vi.name + x for x in STATE_SUFFIXES if vi.name + x in outs_t),
+                                None)
+                    if back is not None:
+                        links.append(Link(t, back, t, vi.name))
+                    break
+    return links
+
+
+def parse_links(models: Sequence[onnx.ModelProto], labels: Sequence[str],
+                specs: Iterable[str]) -> List[Link]:
+    """``OUTPUT=INPUT`` specs as links: OUTPUT of the latest model before (or, for a state, the
+    same as) a model with input INPUT."""
+    links: List[Link] = []
+    for spec in specs:
+        out, sep, inp = str(spec).partition("=")
+        out, inp = out.strip(), inp.strip()
+        if not sep or not out or not inp:
+            raise OptionError(f"--link '{spec}': give OUTPUT=INPUT (an output of one model and "
+                              "the input of a later model, or of the same one, that reads it)")
+        targets = [t for t, m in enumerate(models) if inp in {v.name for v in _inputs(m.graph)}]
+        found = None
+        for t in targets:
+            for s in range(t, -1, -1):
+                if out in {o.name for o in models[s].graph.output}:
+                    found = Link(s, out, t, inp)
+                    break
+            if found:
+                break
+        if found is None:
+            where = ", ".join(f"{lab}: outputs {[o.name for o in m.graph.output]}, inputs "
+                              f"{[v.name for v in _inputs(m.graph)]}"
+                              for lab, m in zip(labels, models))
+            raise OptionError(f"--link '{spec}': no model has an output '{out}' read by input "
+                              f"'{inp}' of itself or of a later model ({where})")
+        links.append(found)
+    return links
+
+
+def _value(graph: onnx.GraphProto, name: str, outputs: bool) -> onnx.ValueInfoProto:
+    return next(v for v in (graph.output if outputs else graph.input) if v.name == name)
+
+
+def _dims(vi: onnx.ValueInfoProto) -> Optional[List]:
+    t = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type") or not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+
+
+def check_links(models: Sequence[onnx.ModelProto], labels: Sequence[str],
+                links: Sequence[Link]) -> None:
+    """Each link joins values of one element type, rank and fixed dims; an input is linked
+    once; a state is fed back into an input that another model's output feeds."""
+    seen: Set[Tuple[int, str]] = set()
+    for k in links:
+        a = _value(models[k.source].graph, k.output, True)
+        b = _value(models[k.target].graph, k.input, False)
+        where = (f"{labels[k.source]} output '{k.output}' -> {labels[k.target]} input "
+                 f"'{k.input}'")
+        if (k.target, k.input) in seen and k.source != k.target:
+            raise OptionError(f"{where}: that input is linked twice; give one --link for it")
+        seen.add((k.target, k.input))
+        ta, tb = a.type.tensor_type.elem_type, b.type.tensor_type.elem_type
+        if not a.type.HasField("tensor_type") or not b.type.HasField("tensor_type") or ta != tb:
+            raise OptionError(f"{where}: the element types differ ({_type(ta)} vs {_type(tb)}); "
+                              "link outputs only to the inputs that read them")
+        da, db = _dims(a), _dims(b)
+        if da is not None and db is not None and (len(da) != len(db) or any(
+                x is not None and y is not None and x != y for x, y in zip(da, db))):
+            raise OptionError(f"{where}: the shapes differ ({da} vs {db}); link outputs only to "
+                              "the inputs that read them")
+    for k in links:
+        if k.source == k.target and not any(j.target == k.target and j.input == k.input and
+                                            j.source != j.target for j in links):
+            raise OptionError(f"{labels[k.source]}: state '{k.output}' -> '{k.input}' needs "
+                              f"input '{k.input}' linked to an earlier model's output (the "
+                              "first value of the state); a graph input keeps its width")
+
+
+def _type(elem: int) -> str:
+    return onnx.TensorProto.DataType.Name(elem).lower() if elem else "not a tensor"
+
+
+def _all_names(graph: onnx.GraphProto, out: Set[str]) -> Set[str]:
+    for coll in (graph.input, graph.output, graph.value_info):
+        out.update(v.name for v in coll)
+    out.update(t.name for t in graph.initializer)
+    out.update(t.values.name for t in graph.sparse_initializer)
+    for node in graph.node:
+        out.update(n for n in node.input if n)
+        out.update(n for n in node.output if n)
+        if node.name:
+            out.add(node.name)
+        for _, sub in subgraphs(node):
+            _all_names(sub, out)
+    return out
+
+
+def _rename(graph: onnx.GraphProto, names: Mapping[str, str]) -> None:
+    """Rename every occurrence of each name in ``names`` (values, stored tensors, node names),
+    subgraphs included: one name everywhere, so scoping stays as it was."""
+    def ren(n: str) -> str:
+        return names.get(n, n)
+    for coll in (graph.input, graph.output, graph.value_info):
+        for v in coll:
+            v.name = ren(v.name)
+    for t in graph.initializer:
+        t.name = ren(t.name)
+    for t in graph.sparse_initializer:
+        t.values.name = ren(t.values.name)
+        t.indices.name = ren(t.indices.name)
+    for node in graph.node:
+        node.input[:] = [ren(n) if n else n for n in node.input]
+        node.output[:] = [ren(n) if n else n for n in node.output]
+        if node.name:
+            node.name = ren(node.name)
+        for _, sub in subgraphs(node):
+            _rename(sub, names)
+
+
+def _inline(model: onnx.ModelProto, read) -> onnx.ModelProto:
+    """A copy with every stored tensor's values inline (``read(tensor)`` gives them)."""
+    from onnxprune.model.io import iter_graphs
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for _, graph in iter_graphs(copy.graph):
+        for t in graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                original = next(x for _, g in iter_graphs(model.graph) for x in g.initializer
+                                if x.name == t.name)
+                t.CopyFrom(numpy_helper.from_array(read(original), t.name))
+    return copy
+
+
+def join(models: Sequence[onnx.ModelProto], labels: Sequence[str], links: Sequence[Link],
+         read=None) -> Joint:
+    """One model from ``models`` (copies; the originals are kept) with ``links`` made: each
+    linked input replaced by the output it reads. Raises :class:`OptionError` for models that
+    cannot run as one (another opset of one domain). ``read(model index, tensor)``: the values
+    of an external tensor (external data is made inline)."""
+    check_links(models, labels, links)
+    opsets: Dict[str, Tuple[int, str]] = {}
+    for lab, m in zip(labels, models):
+        for o in m.opset_import:
+            d = "" if o.domain == "ai.onnx" else o.domain
+            if d in opsets and opsets[d][0] != o.version:
+                raise OptionError(
+                    f"{opsets[d][1]} imports opset {opsets[d][0]} of domain '{d or 'ai.onnx'}' "
+                    f"and {lab} opset {o.version}: models pruned together must use one opset "
+                    "per domain; export both with the same opset")
+            opsets[d] = (o.version, lab)
+    taken: Set[str] = set()
+    graphs: List[onnx.GraphProto] = []
+    parts: List[Part] = []
+    for t, (lab, m) in enumerate(zip(labels, models)):
+        copy = _inline(m, (lambda x, t=t: read(t, x))) if read is not None else m
+        graph = onnx.GraphProto()
+        graph.CopyFrom(copy.graph)
+        own = _all_names(graph, set())
+        names = {}
+        shared_inputs = {v.name for g in graphs for v in _inputs(g)}
+        for n in sorted(own):
+            if n in taken and not (n in shared_inputs and n in {v.name for v in _inputs(graph)}
+                                   and not any(k.target == t and k.input == n for k in links)):
+                new, i = f"{lab}/{n}", 2
+                while new in taken or new in own:
+                    new, i = f"{lab}/{n}~{i}", i + 1
+                names[n] = new
+        for k in links:
+            if k.target == t and k.source != t:
+                names[k.input] = parts[k.source].names.get(k.output, k.output)
+        _rename(graph, names)
+        header = onnx.ModelProto()
+        header.CopyFrom(m)
+        header.graph.Clear()
+        parts.append(Part(lab, header, list(_inputs(m.graph)), list(m.graph.output),
+                          {n: names.get(n, n) for n in own}))
+        taken |= {names.get(n, n) for n in own}
+        graphs.append(graph)
+    merged = onnx.GraphProto()
+    merged.name = "+".join(g.name or lab for g, lab in zip(graphs, labels))
+    linked_in = {(k.target, k.input) for k in links if k.source != k.target}
+    fed = {(k.source, k.output) for k in links if k.source != k.target}
+    have: Set[str] = set()
+    for t, g in enumerate(graphs):
+        merged.node.extend(g.node)
+        merged.initializer.extend(g.initializer)
+        merged.sparse_initializer.extend(g.sparse_initializer)
+        merged.value_info.extend(g.value_info)
+        for vi, own in zip(_inputs(g), _inputs(models[t].graph)):
+            if (t, own.name) not in linked_in and vi.name not in have:
+                merged.input.append(vi)
+                have.add(vi.name)
+        stored = [v for v in g.input if v.name not in {x.name for x in _inputs(g)}]
+        merged.input.extend(stored)
+        for vi, own in zip(g.output, models[t].graph.output):
+            if (t, own.name) not in fed:
+                merged.output.append(vi)
+    model = onnx.helper.make_model(merged, opset_imports=[
+        onnx.helper.make_opsetid(d, v) for d, (v, _) in opsets.items()])
+    model.ir_version = max(m.ir_version for m in models)
+    for m in models:
+        have_f = {(f.domain, f.name) for f in model.functions}
+        model.functions.extend(f for f in m.functions if (f.domain, f.name) not in have_f)
+    ties = [[parts[k.target].names[k.output], parts[k.target].names[k.input]]
+            for k in links if k.source == k.target]
+    if ties:
+        onnx.helper.set_model_props(model, {TIES_KEY: json.dumps(ties)})
+    return Joint(model, parts, list(links))
+
+
+def state_ties(model: onnx.ModelProto) -> List[Tuple[str, str]]:
+    """``(graph output, tensor)`` pairs a joined model records: the output keeps the tensor's
+    channels (see :func:`join`)."""
+    for p in model.metadata_props:
+        if p.key == TIES_KEY:
+            return [(str(a), str(b)) for a, b in json.loads(p.value)]
+    return []
+
+
+def split(model: onnx.ModelProto, joint: Joint, shapes: Mapping[str, Sequence]
+          ) -> List[onnx.ModelProto]:
+    """The joined (pruned) ``model`` cut back into one model per part: each holds the nodes its
+    outputs need back to its inputs, its names restored, and its inputs' and outputs' fixed
+    dims set from ``shapes`` (joined name -> inferred dims) where channels were removed."""
+    graph = model.graph
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    stored = {t.name: t for t in graph.initializer}
+    sparse = {t.values.name: t for t in graph.sparse_initializer}
+    out: List[onnx.ModelProto] = []
+    for p in joint.parts:
+        own_in = {p.names[v.name] for v in p.inputs}
+        need = [p.names[v.name] for v in p.outputs]
+        keep: Set[int] = set()
+        reads: Set[str] = set()
+        while need:
+            name = need.pop()
+            if name in reads:
+                continue
+            reads.add(name)
+            if name in own_in or name in stored or name in sparse:
+                continue
+            i = producer.get(name)
+            if i is None:
+                raise AssertionError(f"split: {p.label} needs '{name}', which nothing of it "
+                                     "produces (a bug)")
+            if i not in keep:
+                keep.add(i)
+                node = graph.node[i]
+                need.extend(n for n in list(node.input) + subgraph_reads(node) if n)
+        back = {v: k for k, v in p.names.items()}
+        g = onnx.GraphProto()
+        g.name = p.header.graph.name if p.header.graph.name else p.label
+        g.node.extend(graph.node[i] for i in sorted(keep))
+        g.initializer.extend(stored[n] for n in stored if n in reads)
+        g.sparse_initializer.extend(sparse[n] for n in sparse if n in reads)
+        for vi in graph.value_info:
+            if vi.name in reads:
+                g.value_info.append(vi)
+        for coll, originals in ((g.input, p.inputs), (g.output, p.outputs)):
+            for vi in originals:
+                new = onnx.ValueInfoProto()
+                new.CopyFrom(vi)
+                new.name = p.names[vi.name]
+                _set_dims(new, shapes.get(new.name))
+                coll.append(new)
+        _rename(g, back)
+        m = onnx.ModelProto()
+        m.CopyFrom(p.header)
+        m.graph.CopyFrom(g)
+        used = {n.domain for _, gg in _graphs(g) for n in gg.node}
+        have = {o.domain for o in m.opset_import}
+        for o in model.opset_import:
+            if o.domain not in have and o.domain in used:
+                m.opset_import.append(o)
+        out.append(m)
+    return out
+
+
+def _graphs(graph: onnx.GraphProto):
+    from onnxprune.model.io import iter_graphs
+
+    return iter_graphs(graph)
+
+
+def _set_dims(vi: onnx.ValueInfoProto, dims: Optional[Sequence]) -> None:
+    """Fixed dims of ``vi`` that ``dims`` (inferred) gives another int: set to it."""
+    if dims is None or not vi.type.HasField("tensor_type"):
+        return
+    shape = vi.type.tensor_type.shape
+    if len(shape.dim) != len(dims):
+        return
+    for d, new in zip(shape.dim, dims):
+        if isinstance(new, int) and d.HasField("dim_value") and d.dim_value != new:
+            d.dim_value = new
