@@ -11,6 +11,7 @@ checked before any work; nothing is written when a check fails.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -60,12 +61,24 @@ def prune_joint(model, opts: PruneOptions, output, force: bool, track, run: Call
     if opts.save_plan is not None:
         raise OptionError("--save-plan records one model's graph; it is not available with "
                           "--with")
-    handles = [mio.load(model)] + [mio.load(p) for p in opts.with_models]
-    labels = [_label(h, k) for k, h in enumerate(handles)]
-    if len(set(labels)) != len(labels):
-        labels = [f"{lab}{k + 1}" for k, lab in enumerate(labels)]
+    # a file given again is the same model run again (a decoder's next step): one handle
+    handles: List[mio.ModelHandle] = []
+    runs: List[int] = []  # run -> handle
+    for source in [model, *opts.with_models]:
+        path = Path(source).resolve() if isinstance(source, (str, os.PathLike)) else None
+        k = next((i for i, h in enumerate(handles) if path is not None and h.path == path),
+                 None)
+        if k is None:
+            handles.append(mio.load(source))
+            k = len(handles) - 1
+        runs.append(k)
+    files = [_label(h, k) for k, h in enumerate(handles)]
+    if len(set(files)) != len(files):
+        files = [f"{lab}{k + 1}" for k, lab in enumerate(files)]
+    labels = [files[k] + (f"#{runs[:t + 1].count(k)}" if runs[:t].count(k) else "")
+              for t, k in enumerate(runs)]
     outs = None if opts.dry_run else _outputs(handles, output, force)
-    protos = [h.model for h in handles]
+    protos = [handles[k].model for k in runs]
     links = (compose.parse_links(protos, labels, opts.links) if opts.links
              else compose.find_links(protos))
     if not any(k.source != k.target for k in links):
@@ -73,7 +86,7 @@ def prune_joint(model, opts: PruneOptions, output, force: bool, track, run: Call
             f"--with: no output of {labels[0]} is an input of "
             f"{', '.join(labels[1:])} by name (outputs {[o.name for o in protos[0].graph.output]}"
             f"); name the links with --link OUTPUT=INPUT")
-    joint = compose.join(protos, labels, links, read=lambda t, x: handles[t].read(x))
+    joint = compose.join(protos, labels, links, read=lambda t, x: handles[runs[t]].read(x))
     sub = replace(opts, with_models=(), links=())
     result = run(joint.model, sub, None, force, track)
     state = result.state
@@ -113,7 +126,9 @@ def _check_parts(joint: compose.Joint, parts: List[onnx.ModelProto], merged: mio
     feed = make_inputs(merged, opts.input_shapes, seed=opts.seed)
     want = run_model(merged, feed)
     values: Dict[str, np.ndarray] = dict(feed)  # joined names
-    for p, part in zip(joint.parts, parts):
+    firsts = [k for k, p in enumerate(joint.parts) if p.first == k]
+    for p in joint.parts:
+        part = parts[firsts.index(p.first)]
         own = {p.names[v.name]: v.name for v in p.inputs}
         got = run_model(part, {own[k]: values[k] for k in own})
         values.update({p.names[k]: v for k, v in got.items()})

@@ -310,6 +310,23 @@ def romanize(encoder, names: Sequence[str], decoder=None, max_len: int = 32) -> 
     return out
 
 
+def rom_joint_calibration(n: int, seed: int = 0, steps: int = 1) -> Dict[str, np.ndarray]:
+    """Inputs of the encoder and ``steps`` runs of the decoder joined (``onnxprune encoder.onnx
+    --with decoder.onnx`` given ``steps`` times): ``src``/``src_mask`` of ``n`` names and each
+    run's ``prefix`` (``prefix``, ``decoder#2/prefix``, ...) as one token, the decoder reading
+    the last: the start token, then the dense transliteration's characters (teacher forcing;
+    the end token past its end)."""
+    names = arabic_names(n, seed)
+    arrays = rom_encode(names, length=16)
+    index = {t: i for i, t in enumerate(_rom_vocab())}
+    dense = romanize(text_file(ROM_ENCODER), names)
+    for k in range(steps):
+        key = "prefix" if k == 0 else f"decoder#{k + 1}/prefix"
+        arrays[key] = np.array([[1 if k == 0 else index.get(t[k - 1], 2) if k <= len(t) else 2]
+                                for t in dense], np.int64)
+    return arrays
+
+
 def romanizer_data(n: int = 40, seed: int = 0, dense=None) -> dict:
     names = arabic_names(n, seed)
     return {"names": names, "dense": romanize(dense or text_file(ROM_ENCODER), names)}
@@ -454,6 +471,8 @@ def make_calibration(name: str, n: int, out, seed: int = 0) -> Path:
         arrays = {"chars": np.concatenate([dk_ids(t[:16]) for t in texts])}
     elif name == "romanizer":
         arrays = rom_encode(arabic_names(n, seed), length=16)
+    elif name.startswith("romanizer_joint"):  # romanizer_joint<steps>
+        arrays = rom_joint_calibration(n, seed, int(name[len("romanizer_joint"):] or 1))
     elif name == "svtrv2":
         images = [im for _, im in svtr_lines(4 * n, seed)]
         wide = [im for im in images if round(im.width / max(1, im.height)) >= 4][:n]  # one band: one shape

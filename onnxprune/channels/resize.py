@@ -159,6 +159,13 @@ def resize_channels(handle: ModelHandle, graph: ChannelGraph, removed: Removed
             for d, v in zip(dims, shapes[vi.name][1]):
                 d.Clear()
                 d.dim_value = v
+    # A graph output whose channels go (a joined model's state, model/compose.py): its
+    # declared fixed dims follow.
+    for vi in g.output:
+        for (name, axis), idx in cut.items():
+            dims = vi.type.tensor_type.shape.dim
+            if name == vi.name and axis < len(dims) and dims[axis].HasField("dim_value"):
+                dims[axis].dim_value -= len(idx)
     _drop_unused(g, set(rc.replaced))
     handle.graph_changed()
     refresh_value_info(handle.model)

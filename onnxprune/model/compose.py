@@ -60,6 +60,9 @@ class Part:
     inputs: List[onnx.ValueInfoProto]
     outputs: List[onnx.ValueInfoProto]
     names: Dict[str, str] = field(default_factory=dict)  # own name -> joined name
+    #: the part this one is a later run of (itself when it is a model's first run): a model
+    #: given several times runs several times, every run reading the first run's weights
+    first: int = 0
 
 
 @dataclass
@@ -73,8 +76,11 @@ class Joint:
     def describe(self) -> List[str]:
         """The links in words, one line each."""
         out = []
+        onward = {(k.source, k.output) for k in self.links if k.source != k.target}
         for k in self.links:
             a, b = self.parts[k.source].label, self.parts[k.target].label
+            if k.source == k.target and (k.source, k.output) in onward:
+                continue  # fed to the model's next run, given as a link
             if k.source == k.target:
                 out.append(f"{a}: output '{k.output}' is fed back as input '{k.input}' at the "
                            "next call (a state: both keep the same channels)")
@@ -113,8 +119,9 @@ def find_links(models: Sequence[onnx.ModelProto]) -> List[Link]:
 
 def parse_links(models: Sequence[onnx.ModelProto], labels: Sequence[str],
                 specs: Iterable[str]) -> List[Link]:
-    """``OUTPUT=INPUT`` specs as links: OUTPUT of the latest model before (or, for a state, the
-    same as) a model with input INPUT."""
+    """``OUTPUT=INPUT`` specs as links: OUTPUT of the latest model before a model with input
+    INPUT; once that input is linked so, OUTPUT of its own model (a state fed back: a name both
+    models output, given twice, is the link and then the state)."""
     links: List[Link] = []
     for spec in specs:
         out, sep, inp = str(spec).partition("=")
@@ -125,7 +132,9 @@ def parse_links(models: Sequence[onnx.ModelProto], labels: Sequence[str],
         targets = [t for t, m in enumerate(models) if inp in {v.name for v in _inputs(m.graph)}]
         found = None
         for t in targets:
-            for s in range(t, -1, -1):
+            # an earlier model's output first; once the input has one, its own (a state)
+            fed = any(k.target == t and k.input == inp and k.source != t for k in links)
+            for s in ([t] if fed else list(range(t - 1, -1, -1)) + [t]):
                 if out in {o.name for o in models[s].graph.output}:
                     found = Link(s, out, t, inp)
                     break
@@ -180,6 +189,24 @@ def check_links(models: Sequence[onnx.ModelProto], labels: Sequence[str],
             raise OptionError(f"{labels[k.source]}: state '{k.output}' -> '{k.input}' needs "
                               f"input '{k.input}' linked to an earlier model's output (the "
                               "first value of the state); a graph input keeps its width")
+
+
+def _constants_to_initializers(graph: onnx.GraphProto) -> None:
+    """Main-graph ``Constant`` nodes holding a tensor become initializers of the same name
+    (what every run of a repeated model can share)."""
+    keep = []
+    for node in graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None) \
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+        if value is None:
+            keep.append(node)
+            continue
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(value)
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+    del graph.node[:]
+    graph.node.extend(keep)
 
 
 def _type(elem: int) -> str:
@@ -258,16 +285,28 @@ def join(models: Sequence[onnx.ModelProto], labels: Sequence[str], links: Sequen
     taken: Set[str] = set()
     graphs: List[onnx.GraphProto] = []
     parts: List[Part] = []
+    first = [next(s for s in range(t + 1) if models[s] is models[t]) for t in range(len(models))]
+    sources: Dict[int, onnx.GraphProto] = {}
     for t, (lab, m) in enumerate(zip(labels, models)):
-        copy = _inline(m, (lambda x, t=t: read(t, x))) if read is not None else m
+        s = first[t]
+        if s not in sources:
+            copy = _inline(m, (lambda x, t=t: read(t, x))) if read is not None else m
+            sources[s] = onnx.GraphProto()
+            sources[s].CopyFrom(copy.graph)
+            if first.count(s) > 1:  # run several times: every copy reads the same tensors
+                _constants_to_initializers(sources[s])
         graph = onnx.GraphProto()
-        graph.CopyFrom(copy.graph)
+        graph.CopyFrom(sources[s])
         own = _all_names(graph, set())
         names = {}
-        shared_inputs = {v.name for g in graphs for v in _inputs(g)}
+        if s < t:  # a later run of a model: its weights are the first run's
+            names.update({x.name: parts[s].names[x.name] for x in graph.initializer})
+            del graph.initializer[:]
+        shared_inputs = {v.name for g in graphs for v in _inputs(g)} if s == t else set()
         for n in sorted(own):
-            if n in taken and not (n in shared_inputs and n in {v.name for v in _inputs(graph)}
-                                   and not any(k.target == t and k.input == n for k in links)):
+            if n in taken and n not in names and not (
+                    n in shared_inputs and n in {v.name for v in _inputs(graph)}
+                    and not any(k.target == t and k.input == n for k in links)):
                 new, i = f"{lab}/{n}", 2
                 while new in taken or new in own:
                     new, i = f"{lab}/{n}~{i}", i + 1
@@ -279,8 +318,8 @@ def join(models: Sequence[onnx.ModelProto], labels: Sequence[str], links: Sequen
         header = onnx.ModelProto()
         header.CopyFrom(m)
         header.graph.Clear()
-        parts.append(Part(lab, header, list(_inputs(m.graph)), list(m.graph.output),
-                          {n: names.get(n, n) for n in own}))
+        parts.append(Part(lab, header, list(_inputs(sources[s])),
+                          list(sources[s].output), {n: names.get(n, n) for n in own}, s))
         taken |= {names.get(n, n) for n in own}
         graphs.append(graph)
     merged = onnx.GraphProto()
@@ -293,13 +332,13 @@ def join(models: Sequence[onnx.ModelProto], labels: Sequence[str], links: Sequen
         merged.initializer.extend(g.initializer)
         merged.sparse_initializer.extend(g.sparse_initializer)
         merged.value_info.extend(g.value_info)
-        for vi, own in zip(_inputs(g), _inputs(models[t].graph)):
+        for vi, own in zip(_inputs(g), parts[t].inputs):
             if (t, own.name) not in linked_in and vi.name not in have:
                 merged.input.append(vi)
                 have.add(vi.name)
         stored = [v for v in g.input if v.name not in {x.name for x in _inputs(g)}]
         merged.input.extend(stored)
-        for vi, own in zip(g.output, models[t].graph.output):
+        for vi, own in zip(g.output, parts[t].outputs):
             if (t, own.name) not in fed:
                 merged.output.append(vi)
     model = onnx.helper.make_model(merged, opset_imports=[
@@ -326,15 +365,18 @@ def state_ties(model: onnx.ModelProto) -> List[Tuple[str, str]]:
 
 def split(model: onnx.ModelProto, joint: Joint, shapes: Mapping[str, Sequence]
           ) -> List[onnx.ModelProto]:
-    """The joined (pruned) ``model`` cut back into one model per part: each holds the nodes its
-    outputs need back to its inputs, its names restored, and its inputs' and outputs' fixed
-    dims set from ``shapes`` (joined name -> inferred dims) where channels were removed."""
+    """The joined (pruned) ``model`` cut back into one model per part (one per model given
+    several times: its first run): each holds the nodes its outputs need back to its inputs,
+    its names restored, and its inputs' and outputs' fixed dims set from ``shapes`` (joined
+    name -> inferred dims) where channels were removed."""
     graph = model.graph
     producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
     stored = {t.name: t for t in graph.initializer}
     sparse = {t.values.name: t for t in graph.sparse_initializer}
     out: List[onnx.ModelProto] = []
-    for p in joint.parts:
+    for k, p in enumerate(joint.parts):
+        if p.first != k:
+            continue  # a later run of a model: written once, as its first run
         own_in = {p.names[v.name] for v in p.inputs}
         need = [p.names[v.name] for v in p.outputs]
         keep: Set[int] = set()

@@ -792,9 +792,13 @@ def _bound(b, name: str, x: str, depth: int = 0):
               "Mul": lambda d: fa(d) * fc(d),
               "Div": lambda d: int(fa(d) / fc(d)) if fc(d) else None}[op]
         return fn, (a[1] if a[1] is not None else c[1])
-    if copies_values(node) or op == "Concat" and len(node.input) == 1:
+    if copies_values(node) or op in _ONE_VALUE_OPS or op == "Concat" and len(node.input) == 1:
         return _bound(b, node.input[0], x, depth + 1)
     return None
+
+
+#: Ops that pass a one-element value on unchanged (a bound's scalar made a 1-vector).
+_ONE_VALUE_OPS = ("Unsqueeze", "Squeeze", "Reshape", "Cast", "Identity", "Flatten")
 
 
 def chunk_of(b, node: onnx.NodeProto) -> Optional[Tuple[int, int, int]]:
@@ -855,6 +859,7 @@ def _chunk_reads_only(b, name: str, x: str, axis: int, depth: int = 0) -> bool:
             if chunk is None or chunk[0] != axis:
                 return False
         elif node.op_type in ("Add", "Sub", "Mul", "Div") or copies_values(node) or \
+                node.op_type in _ONE_VALUE_OPS and idx == 0 or \
                 node.op_type == "Concat" and len(node.input) == 1:
             if not _chunk_reads_only(b, node.output[0], x, axis, depth + 1):
                 return False
