@@ -221,17 +221,19 @@ class RunResult:
     freeze: Optional[dict] = None  # freeze_rate() of the model (first row of a model only)
 
 
-def freeze_rate(path: Path, shapes=None) -> dict:
+def freeze_rate(path, shapes=None) -> dict:
     """How much of the model channel pruning cannot reach (see the module docstring): ``rate``,
     ``params`` (weight-like), ``found`` (weights onnxprune finds), ``reasons`` (the most common
-    freeze reasons, op type and cause, with their share of the params)."""
+    freeze reasons, op type and cause, with their share of the params). ``path``: a file or an
+    ``onnx.ModelProto`` (a joined pair, tools/bench_joint.py)."""
     import numpy as np
+    import onnx
     from onnxprune.channels.graph import build_channel_graph
     from onnxprune.inputs.signature import bind_input_shapes
     from onnxprune.model.io import load
     from onnxprune.ops.weights import find_weights
 
-    handle = load(str(path))
+    handle = load(path if isinstance(path, onnx.ModelProto) else str(path))
     index = handle.index
     weights, _ = find_weights(handle)
     left_out = _tables_and_scales(index, weights)

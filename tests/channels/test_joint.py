@@ -259,3 +259,35 @@ def test_a_model_given_again_is_its_next_run_with_shared_weights():
     joined = run(resized, feeds)
     for got, want in zip(joined[:3], J.greedy(run, *r_parts, src, toks[:3])):
         assert_close([got], [want])
+
+
+def test_real_romanizer_pair_masked_equals_resized_over_steps(corpus_model):
+    """arabic-name-romanizer's BiGRU encoder + unrolled GRU-cell decoder (torch chunk gates,
+    expand(-1, 2, -1) state): jointly every weight group but the vocabulary is prunable, and
+    the resized pair decodes exactly as the masked one, its state fed back step by step."""
+    enc = onnx.load(corpus_model("text/romanizer/encoder"))
+    dec = onnx.load(corpus_model("text/romanizer/decoder"))
+    joint = compose.join([enc, dec], ["encoder", "decoder"], compose.find_links([enc, dec]))
+    shapes = {"src": [1, 9], "src_mask": [1, 9], "prefix": [1, 3]}
+    graph, masked, resized, removed, _ = masked_and_resized_with_graph(joint.model, shapes,
+                                                                       sparsity=0.25)
+    frozen = [g for g in graph.groups if g.producers and g.frozen]
+    assert [g.producers for g in frozen] == [["m.out.weight"]]  # logprobs' 160 classes
+    assert len(removed) == len([g for g in graph.groups if g.producers]) - 1
+    m_parts, r_parts = split(masked, joint), split(resized, joint)
+    hidden = next(v for v in r_parts[1].graph.input if v.name == "hidden")
+    assert hidden.type.tensor_type.shape.dim[2].dim_value == 192  # 256 units, 25 % removed
+    src = np.array([[4, 33, 51, 40, 52, 2, 0, 0, 0]], np.int64)
+    feeds = {"src": src, "src_mask": src == 0}
+    outs = []
+    for enc_m, dec_m in (m_parts, r_parts):
+        memory, mask, state = run(enc_m, feeds)
+        prefix, steps = np.array([[1]], np.int64), []
+        for _ in range(5):
+            logprobs, state = run(dec_m, {"prefix": prefix, "memory": memory, "src_mask": mask,
+                                          "hidden": state})
+            steps.append(logprobs)
+            prefix = np.concatenate([prefix, logprobs.argmax(-1)[:, None]], axis=1)
+        outs.append(steps)
+    for got, want in zip(*outs[::-1]):
+        assert_close([got], [want])
