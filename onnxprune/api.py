@@ -377,9 +377,24 @@ def _fmt(x: float, measure: str) -> str:
 
 
 def inspect(model: mio.ModelLike, input_shapes: Optional[Dict[str, Sequence[int]]] = None,
-            target: Optional[str] = None) -> Report:
+            target: Optional[str] = None, with_models: Sequence = (),
+            links: Sequence[str] = ()) -> Report:
     """Sparsity, params and MACs of ``model`` per prunable weight, without changing it;
-    ``target`` (``"tensorrt"``, ``"onnxruntime-cpu"``) adds what that runtime can use."""
+    ``target`` (``"tensorrt"``, ``"onnxruntime-cpu"``) adds what that runtime can use.
+    ``with_models``/``links``: the models run together, inspected joined as ``prune`` prunes
+    them (what channel pruning can reach across their links)."""
     from onnxprune.report.inspect import inspect_model
 
+    if links and not with_models:
+        raise OptionError("--link names what one model hands to another: give the other "
+                          "model with --with MODEL")
+    if with_models:
+        from onnxprune.joint import join_files, load_runs
+
+        handles, runs = load_runs(model, with_models)
+        joint = join_files(runs, handles, links)
+        report = inspect_model(joint.model, bind_input_shapes(joint.model, input_shapes),
+                               target=target)
+        report.notes.append("inspected together: " + "; ".join(joint.describe()))
+        return report
     return inspect_model(model, bind_input_shapes(model, input_shapes), target=target)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -52,6 +52,42 @@ def _outputs(handles: List[mio.ModelHandle], output, force: bool) -> List[Path]:
     return outs
 
 
+def load_runs(model, with_models) -> Tuple[List[mio.ModelHandle], List[int]]:
+    """One handle per file (a file given again is the same model run again: a decoder's next
+    step) and, per run, its handle's index."""
+    handles: List[mio.ModelHandle] = []
+    runs: List[int] = []
+    for source in [model, *with_models]:
+        path = Path(source).resolve() if isinstance(source, (str, os.PathLike)) else None
+        k = next((i for i, h in enumerate(handles) if path is not None and h.path == path),
+                 None)
+        if k is None:
+            handles.append(mio.load(source))
+            k = len(handles) - 1
+        runs.append(k)
+    return handles, runs
+
+
+def join_files(runs: List[int], handles: List[mio.ModelHandle], link_specs=()
+               ) -> compose.Joint:
+    """The models run in order ``runs`` (indices into ``handles``) joined: links by name, or
+    ``link_specs`` (``OUTPUT=INPUT``); :class:`OptionError` when nothing links them."""
+    files = [_label(h, k) for k, h in enumerate(handles)]
+    if len(set(files)) != len(files):
+        files = [f"{lab}{k + 1}" for k, lab in enumerate(files)]
+    labels = [files[k] + (f"#{runs[:t + 1].count(k)}" if runs[:t].count(k) else "")
+              for t, k in enumerate(runs)]
+    protos = [handles[k].model for k in runs]
+    links = (compose.parse_links(protos, labels, link_specs) if link_specs
+             else compose.find_links(protos))
+    if not any(k.source != k.target for k in links):
+        raise OptionError(
+            f"--with: no output of {labels[0]} is an input of "
+            f"{', '.join(labels[1:])} by name (outputs {[o.name for o in protos[0].graph.output]}"
+            f"); name the links with --link OUTPUT=INPUT")
+    return compose.join(protos, labels, links, read=lambda t, x: handles[runs[t]].read(x))
+
+
 def prune_joint(model, opts: PruneOptions, output, force: bool, track, run: Callable):
     """Prune ``model`` and ``opts.with_models`` as one (see the module doc); ``run(model,
     opts, output, force, track)`` prunes the joined model (``api._prune``)."""
@@ -61,32 +97,9 @@ def prune_joint(model, opts: PruneOptions, output, force: bool, track, run: Call
     if opts.save_plan is not None:
         raise OptionError("--save-plan records one model's graph; it is not available with "
                           "--with")
-    # a file given again is the same model run again (a decoder's next step): one handle
-    handles: List[mio.ModelHandle] = []
-    runs: List[int] = []  # run -> handle
-    for source in [model, *opts.with_models]:
-        path = Path(source).resolve() if isinstance(source, (str, os.PathLike)) else None
-        k = next((i for i, h in enumerate(handles) if path is not None and h.path == path),
-                 None)
-        if k is None:
-            handles.append(mio.load(source))
-            k = len(handles) - 1
-        runs.append(k)
-    files = [_label(h, k) for k, h in enumerate(handles)]
-    if len(set(files)) != len(files):
-        files = [f"{lab}{k + 1}" for k, lab in enumerate(files)]
-    labels = [files[k] + (f"#{runs[:t + 1].count(k)}" if runs[:t].count(k) else "")
-              for t, k in enumerate(runs)]
+    handles, runs = load_runs(model, opts.with_models)
     outs = None if opts.dry_run else _outputs(handles, output, force)
-    protos = [handles[k].model for k in runs]
-    links = (compose.parse_links(protos, labels, opts.links) if opts.links
-             else compose.find_links(protos))
-    if not any(k.source != k.target for k in links):
-        raise OptionError(
-            f"--with: no output of {labels[0]} is an input of "
-            f"{', '.join(labels[1:])} by name (outputs {[o.name for o in protos[0].graph.output]}"
-            f"); name the links with --link OUTPUT=INPUT")
-    joint = compose.join(protos, labels, links, read=lambda t, x: handles[runs[t]].read(x))
+    joint = join_files(runs, handles, opts.links)
     sub = replace(opts, with_models=(), links=())
     result = run(joint.model, sub, None, force, track)
     state = result.state

@@ -426,14 +426,15 @@ class PruneOptions:
             "model's caller feeds back (hidden_out -> hidden), shrink on both sides; each "
             "model is written as <stem>.pruned.onnx beside the output.",
         name="--with", type=Path, multiple=True, parse=lambda v, flag: tuple(v),
-        metavar="MODEL")
+        metavar="MODEL", commands=COMMANDS)
     links: Tuple[str, ...] = option(
         (), "With --with: OUTPUT=INPUT, an output of one model that a later model (or the "
             "same one, at its next call) reads as INPUT; an earlier model's output first, so "
             "a name both output given twice is the link, then the state. Default: found by "
             "name (INPUT reads the output INPUT or INPUT_out; an input fed that way whose "
             "model also outputs INPUT_out is a state fed back).",
-        name="--link", multiple=True, parse=lambda v, flag: tuple(v), metavar="OUTPUT=INPUT")
+        name="--link", multiple=True, parse=lambda v, flag: tuple(v), metavar="OUTPUT=INPUT",
+        commands=COMMANDS)
     validate: bool = option(True, "Skip checker, onnxruntime and comparison.",
                             name="--no-validate", switch=True)
     inputs: Any = option(

@@ -192,8 +192,9 @@ class Builder:
         self.frozen_keys: Dict[Tuple[str, Optional[int]], str] = {}
         self.roles: Dict[Tuple[str, int], List[Tuple[str, str, int]]] = defaultdict(list)
         self.rewrites: List[Tuple[onnx.NodeProto, Callable]] = []
-        # (tensor, axis, why): reduced over; exact only where removed channels hold 0 (zeros.py)
-        self.need_zero: List[Tuple[str, int, str]] = []
+        # (tensor, axis, why, stream): reduced over; exact only where removed channels hold 0
+        # (zeros.py); stream: a normalization (RMSNorm), kept whole unless --prune-stream
+        self.need_zero: List[Tuple[str, int, str, bool]] = []
         self.zero_values: Dict[str, np.ndarray] = {}  # see ChannelGraph.zero_values
         self._zero_cache: Dict[str, Optional[np.ndarray]] = {}
         self._const_cache: Dict[str, Optional[np.ndarray]] = {}

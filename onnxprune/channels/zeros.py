@@ -12,7 +12,8 @@ The value of a removed channel is followed forward, in graph order, through the 
 tensors, with the registry's entries (the same ones dead-channel detection uses):
 
 * a node whose weight *produces* the group's channels outputs its ``zero_filter`` of the bias
-  (a masked row's output: the bias, itself masked to 0 when the bias is the group's);
+  (a masked row's output: the bias, itself masked to 0 when the bias is the group's), or 0
+  where its ``masked_zero`` says so (a recurrent unit whose state starts at 0);
 * a stored member whose role masking zeroes (``ZERO_ON_MASK``) holds its masked value: 0, or for
   an integer table the zero point its dequantization subtracts (:func:`onnxprune.ops.quant.
   zero_value`), which the ``DequantizeLinear`` after it turns back into 0;
@@ -30,6 +31,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
+import onnx
 
 from onnxprune.model.index import node_key
 from onnxprune.ops._channel import PRODUCER, ZERO_ON_MASK
@@ -38,6 +40,9 @@ from onnxprune.ops.registry import bias_slot, field_of
 if TYPE_CHECKING:  # the builder calls check_zeros: a runtime import would be a cycle
     from onnxprune.channels.graph import Builder, ChannelGroup
 
+#: Ops whose output holds only values of input 0 (moved, cut or repeated).
+_MOVES_VALUES = {"Slice", "Reshape", "Unsqueeze", "Squeeze", "Expand", "Tile", "Transpose",
+                 "Cast", "Identity", "Flatten", "Gather"}
 #: Values an operand from outside the group takes (unknown, finite): one row each.
 PROBES = np.array([[0.7390851332151607], [-1.3247179572447460]])
 
@@ -53,7 +58,7 @@ def check_zeros(builder: "Builder", groups: List["ChannelGroup"]) -> None:
         for m in g.members:
             where.setdefault((m.tensor, m.axis), g)
     walks: Dict[int, _Walk] = {}
-    for name, axis, why in builder.need_zero:
+    for name, axis, why, stream in builder.need_zero:
         g = where.get((name, axis))
         if g is None or g.frozen:
             continue
@@ -62,7 +67,7 @@ def check_zeros(builder: "Builder", groups: List["ChannelGroup"]) -> None:
         cause = walks[g.id].cause(name)
         if cause is not None:
             g.frozen = f"{why}; here they are not: {cause}"
-        elif g.stream is None:
+        elif g.stream is None and stream:
             g.stream = why.split(": ", 1)[0]  # the node's label: "ReduceMean 'ln/mean'"
 
 
@@ -103,6 +108,9 @@ class _Walk:
             label = f"{node.op_type} '{key}'"
             if produced:
                 out = self._producer(node, produced[0], ins)
+                exact = field_of(node, "masked_zero")
+                if np.isnan(out).any() and exact is not None and exact(node, ins):
+                    out = np.zeros((1, 1))
                 results = [out] + [None] * (len(node.output) - 1)
                 what = f"{label} outputs its bias there"
             else:
@@ -161,9 +169,15 @@ class _Walk:
         src = self.b.stored_source(name, 0) if roles & ZERO_ON_MASK else None
         if src is not None:
             return np.full((1, 1), float(self.b.zero_values.get(src[0], 0)))
+        m = self.stored.get(name)
+        if m is not None and any(r in ZERO_ON_MASK for r, _, _ in
+                                 self.b.roles.get((m.tensor, m.axis), [])):
+            # a member masking zeroes, read here on its way to where its role is (a bias
+            # reshaped to [1, C, 1, 1] before its Add)
+            return np.full((1, 1), float(self.b.zero_values.get(name, 0)))
         value = self.b.const_value(name)
         if value is None:
-            return PROBES
+            return np.zeros((1, 1)) if self._all_zero(name) else PROBES
         value = np.asarray(value, np.float64)
         m = self.stored.get(name)
         if value.size == 1:
@@ -173,6 +187,20 @@ class _Walk:
             same = np.all(vals == vals[:, :1], axis=1)
             return np.where(same, vals[:, 0], np.nan)[None, :]
         return PROBES
+
+    def _all_zero(self, name: str, depth: int = 0) -> bool:
+        """Whether ``name`` is zeros of a run-time shape: ``ConstantOfShape`` of 0 (a torch
+        export's initial recurrent state, sized from the batch), through ops that only move,
+        cut or repeat values."""
+        node = self.b.index.producer(name)
+        if node is None or depth > 8 or node.domain not in ("", "ai.onnx"):
+            return False
+        if node.op_type == "ConstantOfShape":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            return value is None or not np.any(onnx.numpy_helper.to_array(value))
+        if node.op_type in _MOVES_VALUES and node.input:
+            return self._all_zero(node.input[0], depth + 1)
+        return False
 
     def _read(self, name: str):
         return self.b.const_value(name)

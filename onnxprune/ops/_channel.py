@@ -98,11 +98,13 @@ class NodeCtx:
         if name:
             self.quiet.add((name, axis))
 
-    def need_zero(self, name: str, axis: int, why: str) -> None:
+    def need_zero(self, name: str, axis: int, why: str, stream: bool = True) -> None:
         """``name``'s ``axis`` is reduced over here: removing its channels is exact only where
-        they are 0 in the masked model (checked on the built group; frozen with ``why``)."""
+        they are 0 in the masked model (checked on the built group; frozen with ``why``).
+        ``stream``: the reduction normalizes what it reads (an RMSNorm: a residual stream, kept
+        whole unless ``--prune-stream``); False for one that only quantizes it."""
         self.mentioned.add((name, axis))
-        self.b.need_zero.append((name, axis, f"{self.label}: {why}"))
+        self.b.need_zero.append((name, axis, f"{self.label}: {why}", stream))
         # its value matters here with no weight reading it: dead-channel removal may not take
         # a channel as unread, nor remove one whose constant is not 0 here
         self.b.sink(name, axis, self.node, list(self.node.input).index(name))

@@ -235,11 +235,22 @@ def _head_classes(node, rank: int, opset: int) -> Optional[int]:
     return rank - 1 if rank in (2, 3) else None
 
 
+def _product_const(node, vals, read):
+    """MatMul of two activations (attention's scores and context): a channel its output keeps
+    (a batch axis such as the heads, A's rows, B's columns; the sum runs over the other axis) is
+    0 where either operand's is 0, else unknown."""
+    a, b = (list(vals) + [None, None])[:2]
+    if a is None or b is None:
+        return None
+    a, b = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    return [np.where((a == 0) | (b == 0), 0.0, np.nan)]
+
+
 define("Gemm", "MatMul", class_axis=_head_classes)
 define("Gemm", layout=_gemm_layout, activation=_gemm_activation, bias=_gemm_bias,
        fold=_gemm_fold, zero_filter=_bias_only, channels=_gemm_channels,
        macs=_gemm_macs)
 define("MatMul", layout=_matmul_layout, activation=_matmul_activation, bias=_matmul_bias,
        fold=_matmul_fold, zero_filter=_bias_only, channels=_matmul_channels,
-       macs=_matmul_macs(0, 1))
+       macs=_matmul_macs(0, 1), const=_product_const)
 define("Einsum", macs=_einsum_macs)

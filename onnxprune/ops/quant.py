@@ -31,8 +31,11 @@ One module (about 680 lines) on purpose: one op family whose entries share the o
 handling; split by op, that rule would live in several places.
 ``DynamicQuantizeLinear`` passes channels through: its per-tensor scale and zero point come from
 ``min(0, min x)`` and ``max(0, max x)`` — the range always includes 0 — so deleting channels that
-hold exactly 0 (what a masked producer leaves) changes neither, and the kept values quantize to
-the same integers: removal is exact. The QOperator ops tie like Conv and MatMul (their weight at
+hold exactly 0 changes neither, and the kept values quantize to the same integers: removal is
+exact where the removed channels are 0 at its input in the masked model, which is checked
+(``channels/zeros.py``: a masked producer's row with its bias, through ``Gelu``/``Relu``, heads
+through attention's two MatMuls) and the group frozen where they are not (a ``Sigmoid`` or an
+added constant before it). The QOperator ops tie like Conv and MatMul (their weight at
 its own input index); per-output-channel weight scales / zero points are sliced with the output
 channels, the activation's and output's per-tensor parameters carry none, QLinearConv's int32
 bias is the bias. An integer output of a masked channel is its zero point (QLinear ops: the
@@ -308,9 +311,14 @@ def _qdq_channels(ctx: NodeCtx) -> None:
 
 
 def _dynamic_quantize_channels(ctx: NodeCtx) -> None:
-    """DynamicQuantizeLinear: channels pass through (exact: see the module docstring); the
-    scale and zero point outputs are scalars."""
-    tie_all(ctx, ctx.inp(0), ctx.out(0))
+    """DynamicQuantizeLinear: channels pass through; the scale and zero point outputs are
+    scalars. Exact where the removed channels are 0 at its input (see the module docstring):
+    checked on the built group (``need_zero``), frozen otherwise."""
+    x = ctx.inp(0)
+    tie_all(ctx, x, ctx.out(0))
+    for axis in range(ctx.rank(x) or 0):
+        ctx.need_zero(x, axis, "its scale and zero point are a min/max over every channel",
+                      stream=False)
 
 
 # -- QOperator: layouts -------------------------------------------------------------------------
@@ -644,6 +652,16 @@ def _unknown_filter(node, bias, x):
     return np.full(np.shape(bias), np.nan)
 
 
+def _float_out_masked_zero(bias_index: int):
+    """com.microsoft DynamicQuantizeMatMul / MatMulIntegerToFloat: a masked weight column
+    (its zero point, which their rules require to be 0) gives 0 after the scales, then the
+    bias: exactly 0 where the bias operand is absent or 0 there."""
+    def exact(node, ins) -> bool:
+        v = ins[bias_index] if bias_index < len(ins) else None
+        return v is None or not (np.isnan(v).any() or np.any(v))
+    return exact
+
+
 _INTEGER_OPS = ("MatMulInteger", "QLinearMatMul", "ConvInteger", "QLinearConv",
                 f"{MS}:DynamicQuantizeMatMul", f"{MS}:MatMulIntegerToFloat", f"{MS}:QGemm")
 
@@ -662,6 +680,8 @@ define("QuantizeLinear", "DequantizeLinear", weight_step=unchanged_step, axis_so
        channels=_qdq_channels)
 define("DequantizeLinear", const=_dequantize_const)
 define("DynamicQuantizeLinear", channels=_dynamic_quantize_channels)
+define(f"{MS}:DynamicQuantizeMatMul", masked_zero=_float_out_masked_zero(4))
+define(f"{MS}:MatMulIntegerToFloat", masked_zero=_float_out_masked_zero(6))
 define("MatMulInteger", layout=_matrix_layout(1), macs=_matmul_macs(0, 1),
        channels=_matmul_like(0, 1, scalars=(2,), per_col=(3,), zp=3))
 define("QLinearMatMul", layout=_matrix_layout(3), macs=_matmul_macs(0, 3),

@@ -79,6 +79,38 @@ def _recurrent_zero_filter(node, bias, x):
     return np.full(np.shape(bias), np.nan)
 
 
+#: Activations that map 0 to 0: a unit whose inputs are all 0 keeps its state at 0 through them.
+_ZERO_AT_ZERO = {"Tanh", "Relu", "LeakyRelu", "Softsign", "Elu", "ThresholdedRelu", "ScaledTanh"}
+#: Per op: the number of activations per direction, and which of them must map 0 to 0 (LSTM's
+#: cell input g and output h, GRU's candidate g, RNN's f); the defaults.
+_STATE_ACTS = {"LSTM": (3, (1, 2), ["Sigmoid", "Tanh", "Tanh"]),
+               "GRU": (2, (1,), ["Sigmoid", "Tanh"]), "RNN": (1, (0,), ["Tanh"])}
+
+
+def _recurrent_masked_zero(node, ins) -> bool:
+    """A removed hidden unit (its W and R rows zeroed, its B entries and initial states 0 or
+    absent) outputs exactly 0 at every step: its gates see 0, so LSTM's ``c = f c + i g(0)``,
+    GRU's ``h = (1 - z) g(0) + z h`` and RNN's ``f(0)`` stay 0 where those activations map 0
+    to 0. Its B (3), initial_h (5) and initial_c (6) must be known zeros here."""
+    op = "LSTM" if node.op_type == "DynamicQuantizeLSTM" else node.op_type
+    if op not in _STATE_ACTS:
+        return False
+    count, must, default = _STATE_ACTS[op]
+    acts = [a.decode() if isinstance(a, bytes) else str(a)
+            for a in (attr(node, "activations", None) or [])] or default
+    dirs = 2 if attr(node, "direction", "forward") == "bidirectional" else 1
+    if len(acts) == count and dirs == 2:
+        acts = acts * 2
+    if len(acts) != count * dirs or any(acts[d * count + k] not in _ZERO_AT_ZERO
+                                        for d in range(dirs) for k in must):
+        return False
+    for i in (3, 5, 6):
+        v = ins[i] if i < len(ins) else None
+        if v is not None and (np.isnan(v).any() or np.any(v)):
+            return False
+    return True
+
+
 def _recurrent_fold(node, index, shape):
     if index == 2:
         return "R reads the hidden state, not a graph tensor a constant could come from"
@@ -224,7 +256,7 @@ def _recurrent_macs(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
 
 define("LSTM", "GRU", "RNN", layout=_recurrent_layout, activation=_recurrent_activation,
        bias=_recurrent_bias, fold=_recurrent_fold, zero_filter=_recurrent_zero_filter,
-       channels=_recurrent_channels, macs=_recurrent_macs)
+       masked_zero=_recurrent_masked_zero, channels=_recurrent_channels, macs=_recurrent_macs)
 
 
 # -- com.microsoft DynamicQuantizeLSTM ---------------------------------------------------------
@@ -294,5 +326,6 @@ def _dq_lstm_outputs(node):
 
 define("com.microsoft:DynamicQuantizeLSTM", layout=_dq_lstm_layout,
        activation=_recurrent_activation, bias=_recurrent_bias, fold=_recurrent_fold,
-       zero_filter=_recurrent_zero_filter, channels=_dq_lstm_channels, macs=_recurrent_macs,
+       zero_filter=_recurrent_zero_filter, masked_zero=_recurrent_masked_zero,
+       channels=_dq_lstm_channels, macs=_recurrent_macs,
        output_like=_dq_lstm_outputs)

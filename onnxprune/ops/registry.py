@@ -22,6 +22,10 @@ field              what it answers                                              
                    constant propagation through the op
 ``zero_filter``    ``(node, bias constant, input constant) -> per-unit constant``: what  dead chans
                    the output of an all-zero filter row carries
+``masked_zero``    ``(node, operand values) -> bool``: a unit the mask removes (weight   channels
+                   rows and every member zeroed) outputs exactly 0, where the           .zeros
+                   zero_filter cannot say (a recurrent unit's state starts at 0 and
+                   stays there)
 ``macs``           ``(node, shapes) -> int | None``: the MAC formula                   report.macs
 ``weight_step``    ``(node, seen shape, read) -> step | None``: a stored weight passes   weights
                    through the op on its way to its consumer: ``()`` unchanged (Cast,
@@ -123,6 +127,7 @@ class OpEntry:
     channels: Optional[Callable] = None
     const: Optional[Callable] = None
     zero_filter: Optional[Callable] = None
+    masked_zero: Optional[Callable] = None
     macs: Optional[Callable] = None
     output_like: Optional[Callable] = None
     output_shape: Optional[Callable] = None

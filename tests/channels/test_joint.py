@@ -291,3 +291,31 @@ def test_real_romanizer_pair_masked_equals_resized_over_steps(corpus_model):
         outs.append(steps)
     for got, want in zip(*outs[::-1]):
         assert_close([got], [want])
+
+
+def test_inspect_with_and_external_data(tmp_path):
+    """A model with its weights in an external .data file joins like any other (read, not
+    rewritten); inspect --with reports the joined pair and its links."""
+    from onnxprune import inspect
+
+    onnx.save(J.encoder(), tmp_path / "enc.onnx", save_as_external_data=True,
+              all_tensors_to_one_file=True, location="enc.onnx.data", size_threshold=0)
+    onnx.save(J.decoder(), tmp_path / "dec.onnx")
+    data = (tmp_path / "enc.onnx.data").read_bytes()
+    report = inspect(tmp_path / "enc.onnx", with_models=[tmp_path / "dec.onnx"])
+    assert any("inspected together" in n and "hidden_out' -> decoder input 'hidden'"
+               .replace("decoder", "dec") in n for n in report.notes)
+    # the joined pair holds each file's weights once, even with the decoder run twice
+    alone = inspect(tmp_path / "enc.onnx").params_before + \
+        inspect(tmp_path / "dec.onnx").params_before
+    assert report.params_before == alone
+    twice = inspect(tmp_path / "enc.onnx", with_models=[tmp_path / "dec.onnx"] * 2)
+    assert twice.params_before == alone
+    result = prune(tmp_path / "enc.onnx", pattern="channel", sparsity=0.3,
+                   with_models=[tmp_path / "dec.onnx"])
+    assert (tmp_path / "enc.onnx.data").read_bytes() == data
+    enc, dec = (onnx.load(p) for p in result.outputs)
+    src, toks = steps_data(steps=2)
+    assert all(x.shape == (J.BATCH, J.CLASSES) for x in J.greedy(run, enc, dec, src, toks))
+    with pytest.raises(OptionError, match="--with"):
+        inspect(tmp_path / "enc.onnx", links=("memory_out=memory",))

@@ -102,9 +102,10 @@ def qlinear_matmul():
     return g.model([("x", [4, 16])], [y], opset=13)
 
 
-def dynamic_matmul_integer(dims=(4, 16)):
+def dynamic_matmul_integer(dims=(4, 16), act="Relu"):
     """Dynamic quantization as onnxruntime's quantize_dynamic writes it: DynamicQuantizeLinear
-    -> MatMulInteger (int8 weight, zero point 0) -> Cast -> Mul(scale_x * scale_w), twice."""
+    -> MatMulInteger (int8 weight, zero point 0) -> Cast -> Mul(scale_x * scale_w), twice, with
+    ``act`` between (``Sigmoid``: a removed channel is 0.5 where the second quantizer reads)."""
     g = QG(5)
 
     def layer(x, k, n):
@@ -114,7 +115,7 @@ def dynamic_matmul_integer(dims=(4, 16)):
         f = g.op("Cast", [acc], to=TensorProto.FLOAT)
         return g.op("Mul", [f, g.op("Mul", [s, ws])])
 
-    h = g.op("Relu", [g.op("Add", [layer("x", dims[-1], 12), g.w([12], 0.1)])])
+    h = g.op(act, [g.op("Add", [layer("x", dims[-1], 12), g.w([12], 0.1)])])
     y = layer(h, 12, 5)
     return g.model([("x", list(dims))], [y], opset=13)
 
@@ -301,3 +302,22 @@ def qoperator_net():
     del m.graph.output[:]
     m.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, 5]))
     return m
+
+
+def lstm_dynamic_head(hidden=8, feat=8, batch=2, seq=5, activations=None):
+    """An ONNX LSTM (zero initial states from ConstantOfShape, as exporters write them) whose
+    output is quantized by DynamicQuantizeLinear for a MatMulInteger head, as onnxruntime's
+    quantize_dynamic leaves a float LSTM followed by a linear layer."""
+    g = QG(12)
+    x = g.op("Relu", [g.op("MatMul", ["x", g.w([feat, feat])])])
+    zeros = g.op("ConstantOfShape", [g.c(np.array([1, batch, hidden], np.int64))])
+    attrs = {} if activations is None else {"activations": activations}
+    y = g.op("LSTM", [x, g.w([1, 4 * hidden, feat]), g.w([1, 4 * hidden, hidden]),
+                      g.w([1, 8 * hidden], 0.3), "", zeros, zeros], n_out=3,
+             hidden_size=hidden, **attrs)[0]
+    flat = g.op("Reshape", [y, g.c(np.array([seq, batch, hidden], np.int64))])
+    q, s, z = g.op("DynamicQuantizeLinear", [flat], n_out=3)
+    w, ws, wz = g.qweight([hidden, 3], None)
+    acc = g.op("Cast", [g.op("MatMulInteger", [q, w, z, wz])], to=TensorProto.FLOAT)
+    out = g.op("Mul", [acc, g.op("Mul", [s, ws])])
+    return g.model([("x", [seq, batch, feat])], [out], opset=17)

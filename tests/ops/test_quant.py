@@ -292,3 +292,63 @@ def test_channel_scores_use_the_per_channel_scales():
     kept = numpy_helper.to_array(next(t for t in result.model.graph.initializer
                                       if t.name.startswith("s")))
     np.testing.assert_array_equal(kept, scale[:6])  # the six largest scales stay
+
+
+def _group_of(model, weight):
+    graph = build_channel_graph(load(copy.deepcopy(model)))
+    return next(g for g in graph.groups if weight in g.producers)
+
+
+def test_dynamic_quantize_needs_the_removed_channels_at_zero():
+    """DynamicQuantizeLinear's scale is a min/max over every channel: removal is exact only
+    where the removed channels are 0 at its input. After Relu(x W + b) they are (masked row and
+    bias); after a Sigmoid they are 0.5, and the group stays whole, saying why."""
+    relu = dynamic_matmul_integer()
+    w1 = next(n for n in relu.graph.node if n.op_type == "MatMulInteger").input[1]
+    assert _group_of(relu, w1).prunable
+    sig = dynamic_matmul_integer(act="Sigmoid")
+    group = _group_of(sig, w1)
+    assert not group.prunable
+    assert "DynamicQuantizeLinear" in group.frozen and "min/max over every channel" in \
+        group.frozen and "Sigmoid" in group.frozen
+    # not a residual stream: pruned without --prune-stream
+    result = onnxprune.prune(relu, pattern="channel", sparsity=0.5)
+    assert not result.report.frozen or all("residual stream" not in why
+                                           for _, why in result.report.frozen)
+    assert result.report.params_after < result.report.params_before
+
+
+@pytest.mark.parametrize("activations, prunable", [
+    (None, True), (["Sigmoid", "Tanh", "Relu"], True), (["Sigmoid", "Tanh", "Sigmoid"], False)])
+def test_lstm_units_reach_a_dynamic_quantizer_as_zeros(activations, prunable):
+    """A removed LSTM unit (rows, bias, zero initial state) outputs exactly 0 when its g and h
+    activations map 0 to 0: the quantizer after it is exact, the units prunable; masked ==
+    resized. With h = Sigmoid the unit outputs 0.5 x 0.5 and the units stay whole."""
+    from quant_models import lstm_dynamic_head
+
+    model = lstm_dynamic_head(activations=activations)
+    w = next(n for n in model.graph.node if n.op_type == "LSTM").input[1]
+    group = _group_of(model, w)
+    assert group.prunable == prunable, group.frozen
+    if not prunable:
+        assert "DynamicQuantizeLinear" in group.frozen
+        return
+    masked, resized, removed, shapes = masked_and_resized(model, sparsity=0.5)
+    assert shapes[w][1][1] == 4 * 4  # 8 units -> 4, four gates
+    feeds = feeds_for(model)
+    assert_close(run(resized, feeds), run(masked, feeds))
+
+
+def test_matmul_of_two_activations_keeps_a_zero_channel():
+    """Attention's context (softmax @ V) of a removed head is 0 when V's is, whatever the
+    softmax holds: MatMul's value rule, which the zero checks follow to a quantizer."""
+    node = helper.make_node("MatMul", ["a", "b"], ["y"])
+    const = entry(node).const
+    probes = np.array([[0.7], [-1.3]])
+    out = const(node, [probes, np.zeros((1, 1))], None)[0]
+    assert out.shape == (2, 1) and not out.any()
+    out = const(node, [np.array([[0.25, 0.0]]), np.array([[0.0, 2.0]])], None)[0]
+    np.testing.assert_array_equal(out, [[0.0, 0.0]])
+    out = const(node, [probes, np.array([[1.0]])], None)[0]
+    assert np.isnan(out).all()  # a nonzero channel's sum is unknown
+    assert const(node, [None, np.zeros((1, 1))], None) is None
