@@ -106,8 +106,10 @@ def prune_joint(model, opts: PruneOptions, output, force: bool, track, run: Call
     shapes = infer_shapes(state.handle, opts.input_shapes, upgrade=False,
                           complete=complete_types).shapes
     parts = compose.split(state.handle.model, joint, shapes)
-    _check_parts(joint, parts, state.handle, opts)
+    note = _check_parts(joint, parts, state.handle, opts, state.full_check)
     result.report.notes.append("pruned together: " + "; ".join(joint.describe()))
+    if note is not None:
+        result.report.notes.append(note)
     result.parts = parts
     if outs is not None:
         for part, out, h in zip(parts, outs, handles):
@@ -127,17 +129,27 @@ def _mib(n: Optional[int]) -> str:
 
 
 def _check_parts(joint: compose.Joint, parts: List[onnx.ModelProto], merged: mio.ModelHandle,
-                 opts: PruneOptions) -> None:
+                 opts: PruneOptions, full_check: bool) -> Optional[str]:
     """The pieces, each checked and run one after the other on one generated input, give the
-    joined model's outputs (a state's too); else an internal error (nothing is written)."""
+    joined model's outputs (a state's too); else an internal error (nothing is written). Where
+    onnxruntime cannot run the joined model (custom ops), the pieces are held to onnx.checker
+    and the returned note says so."""
     from onnxprune.inputs.generate import make_inputs
-    from onnxprune.runtime.session import run_model
+    from onnxprune.runtime.session import InvalidOutputModel, open_session, run_model
     from onnxprune.runtime.validate import check_valid
 
+    try:
+        session = open_session(merged)
+    except InvalidOutputModel as exc:
+        for part in parts:
+            with mio.load(part) as handle:
+                mio.check_graph(handle, full_check=full_check)
+        return (f"onnxruntime cannot load the joined models ({exc.detail.splitlines()[0]}): "
+                "the written pieces were checked with onnx.checker only, not run")
     for part in parts:
-        check_valid(part, full_check=False)
+        check_valid(part, full_check=full_check)
     feed = make_inputs(merged, opts.input_shapes, seed=opts.seed)
-    want = run_model(merged, feed)
+    want = run_model(session, feed)
     values: Dict[str, np.ndarray] = dict(feed)  # joined names
     firsts = [k for k, p in enumerate(joint.parts) if p.first == k]
     for p in joint.parts:
@@ -150,3 +162,4 @@ def _check_parts(joint: compose.Joint, parts: List[onnx.ModelProto], merged: mio
             raise AssertionError(f"joint pruning: output '{name}' of the pieces run one after "
                                  "the other differs from the joined model's (a bug; nothing "
                                  "was written)")
+    return None

@@ -8,7 +8,7 @@ from the registries, the parser from command-line text to the field's value), a
 so nothing is typed twice (OnnxSlim's argparser is the model). This module owns those
 declarations and the text parsers; it never imports click.
 
-One module (about 700 lines) on purpose: every option is defined once here, with its CLI
+One module (about 730 lines) on purpose: every option is defined once here, with its CLI
 metadata and its cross-option checks, which is what the CLI and the API are generated from.
 """
 

@@ -344,9 +344,16 @@ def join(models: Sequence[onnx.ModelProto], labels: Sequence[str], links: Sequen
     model = onnx.helper.make_model(merged, opset_imports=[
         onnx.helper.make_opsetid(d, v) for d, (v, _) in opsets.items()])
     model.ir_version = max(m.ir_version for m in models)
-    for m in models:
-        have_f = {(f.domain, f.name) for f in model.functions}
-        model.functions.extend(f for f in m.functions if (f.domain, f.name) not in have_f)
+    for lab, m in zip(labels, models):
+        have_f = {(f.domain, f.name): f for f in model.functions}
+        for f in m.functions:
+            same = have_f.get((f.domain, f.name))
+            if same is None:
+                model.functions.append(f)
+            elif same.SerializeToString() != f.SerializeToString():
+                raise OptionError(f"{lab} defines function '{f.domain}:{f.name}' unlike the "
+                                  "model before it: models pruned together must not define "
+                                  "one function name two ways; rename one of them")
     ties = [[parts[k.target].names[k.output], parts[k.target].names[k.input]]
             for k in links if k.source == k.target]
     if ties:

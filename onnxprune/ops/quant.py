@@ -26,7 +26,7 @@ the same axis of the output. A per-axis scale (and zero point) is tied to its ``
 sliced with it; a per-tensor one is a scalar and carries no channels. Opset-21 ``block_size``
 (blocked quantization) is left frozen: a block spans several channels along its axis.
 
-One module (about 680 lines) on purpose: one op family whose entries share the one rule above
+One module (about 710 lines) on purpose: one op family whose entries share the one rule above
 (zero point = zero: which weights may be written, what a masked integer holds) and the scale
 handling; split by op, that rule would live in several places.
 ``DynamicQuantizeLinear`` passes channels through: its per-tensor scale and zero point come from

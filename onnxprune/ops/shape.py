@@ -5,7 +5,7 @@ SpaceToDepth, Expand, Tile — and ``Constant``.
 Each op's entry: channel rule (axes tied 1:1, or through index maps for merged/split/offset
 axes; shape operands rewritten on resize) and constant propagation (values pass unchanged).
 
-One module (about 1000 lines) on purpose: the layout ops' rules share the reshape-block and
+One module (about 1080 lines) on purpose: the layout ops' rules share the reshape-block and
 shape-operand machinery (``reshape_blocks``, ``tie_reshape``, the rewrites); the static
 evaluation of computed shape vectors lives in :mod:`onnxprune.ops.shapevec`.
 """
@@ -21,8 +21,8 @@ from onnxprune.model.index import attr, node_key
 from onnxprune.ops._channel import (BIAS, NodeCtx, axes_arg, norm_axis, pass_through_const,
                                     set_attr, tie_broadcast)
 from onnxprune.ops.registry import copies_values, define
-from onnxprune.ops.shapevec import (VECTOR_OPS, DimProduct, DimRef, Entry, dim_factors,
-                                    shape_vector)
+from onnxprune.ops.shapevec import (ONE_VALUE_OPS, VECTOR_OPS, DimProduct, DimRef, Entry,
+                                    dim_factors, shape_vector, size_function)
 
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                 onnx.TensorProto.BFLOAT16)
@@ -760,47 +760,6 @@ def _slice_chunk(ctx: NodeCtx, x: str, y: str, r: int, axis: int, k: int, length
             ctx.tie((x, j), (y, j))
 
 
-def _bound(b, name: str, x: str, depth: int = 0):
-    """A Slice bound computed from sizes of ``x`` as ``(f, axis)``: ``f(size)`` its value for a
-    size of ``x``'s ``axis`` (None when it reads no size), through ``Shape(x) -> Gather`` and
-    integer ``Add``/``Sub``/``Mul``/``Div`` with constants; None for anything else."""
-    value = b.const_value(name)
-    if value is not None:
-        if value.size != 1 or value.dtype.kind not in "iu":
-            return None
-        c = int(value.ravel()[0])
-        return (lambda d, c=c: c), None
-    node = b.index.producer(name)
-    if node is None or depth > 12 or node.domain not in ("", "ai.onnx"):
-        return None
-    op = node.op_type
-    if op == "Gather" and node.input[0]:
-        shape = b.index.producer(node.input[0])
-        idx = b.const_value(node.input[1])
-        r = len(b.shape(x) or ())
-        if shape is None or shape.op_type != "Shape" or shape.input[0] != x or idx is None \
-                or idx.size != 1 or not r:
-            return None
-        start = norm_axis(int(attr(shape, "start", 0)), r)
-        return (lambda d: d), start + int(idx.ravel()[0])
-    if op in ("Add", "Sub", "Mul", "Div"):
-        a, c = _bound(b, node.input[0], x, depth + 1), _bound(b, node.input[1], x, depth + 1)
-        if a is None or c is None or (a[1] is not None and c[1] is not None and a[1] != c[1]):
-            return None
-        fa, fc = a[0], c[0]
-        fn = {"Add": lambda d: fa(d) + fc(d), "Sub": lambda d: fa(d) - fc(d),
-              "Mul": lambda d: fa(d) * fc(d),
-              "Div": lambda d: int(fa(d) / fc(d)) if fc(d) else None}[op]
-        return fn, (a[1] if a[1] is not None else c[1])
-    if copies_values(node) or op in _ONE_VALUE_OPS or op == "Concat" and len(node.input) == 1:
-        return _bound(b, node.input[0], x, depth + 1)
-    return None
-
-
-#: Ops that pass a one-element value on unchanged (a bound's scalar made a 1-vector).
-_ONE_VALUE_OPS = ("Unsqueeze", "Squeeze", "Reshape", "Cast", "Identity", "Flatten")
-
-
 def chunk_of(b, node: onnx.NodeProto) -> Optional[Tuple[int, int, int]]:
     """``(axis, k, length)`` when Slice ``node`` takes chunk ``k`` of the equal chunks of
     ``length`` that split its data's ``axis``, with bounds computed from that axis's size so
@@ -821,7 +780,8 @@ def chunk_of(b, node: onnx.NodeProto) -> Optional[Tuple[int, int, int]]:
     if axes is None or axes.size != 1:
         return None
     axis = norm_axis(int(axes.ravel()[0]), r)
-    lo, hi = _bound(b, node.input[1], x), _bound(b, node.input[2], x)
+    lo, hi = (size_function(n, x, b.shape, b.const_value, b.index.producer)
+              for n in node.input[1:3])
     size = b.size(x, axis)
     if lo is None or hi is None or size is None or {lo[1], hi[1]} - {None, axis}:
         return None
@@ -840,30 +800,46 @@ def chunk_of(b, node: onnx.NodeProto) -> Optional[Tuple[int, int, int]]:
         for h in {1, 2, 3, 5, max(1, length - 1), length + 1}:
             if at(n * h) != (k * h, (k + 1) * h):
                 return None
-    except (OverflowError, ZeroDivisionError, ValueError):
+    except (OverflowError, ZeroDivisionError, ValueError, TypeError):
         return None
     return axis, k, length
 
 
-def _chunk_reads_only(b, name: str, x: str, axis: int, depth: int = 0) -> bool:
+def _chunk_reads_only(b, name: str, x: str, axis: int) -> bool:
     """Whether every use of ``name`` (a size of ``x``'s ``axis``) ends in a chunk Slice's
     bounds on that axis (:func:`chunk_of`), through integer arithmetic and copies."""
+    def accept(node, idx, value):
+        if node.op_type == "Slice" and idx in (1, 2) and node.input[0] == x:
+            chunk = chunk_of(b, node)
+            return chunk is not None and chunk[0] == axis
+        return None
+
+    def follow(node, idx):
+        return node.op_type in ("Add", "Sub", "Mul", "Div") or copies_values(node) or \
+            node.op_type in ONE_VALUE_OPS and idx == 0 or \
+            node.op_type == "Concat" and len(node.input) == 1
+
+    return _every_use(b, name, accept, follow, 12)
+
+
+def _every_use(b, name: str, accept, follow, limit: int, depth: int = 0) -> bool:
+    """Whether every reader of ``name`` ends in an accepted use (``accept(node, input index,
+    value name)``: True, or False for a refused one; None when the node is no end) or is
+    followed (``follow(node, input index)``) to an output whose readers all do, within
+    ``limit`` steps; never through a graph output or another domain's op."""
     readers = b.consumers.get(name, [])
-    if not readers or depth > 12 or name in b.graph_outputs:
+    if not readers or depth > limit or name in b.graph_outputs:
         return False
     for node, idx in readers:
         if node.domain not in ("", "ai.onnx"):
             return False
-        if node.op_type == "Slice" and idx in (1, 2) and node.input[0] == x:
-            chunk = chunk_of(b, node)
-            if chunk is None or chunk[0] != axis:
+        verdict = accept(node, idx, name)
+        if verdict is not None:
+            if not verdict:
                 return False
-        elif node.op_type in ("Add", "Sub", "Mul", "Div") or copies_values(node) or \
-                node.op_type in _ONE_VALUE_OPS and idx == 0 or \
-                node.op_type == "Concat" and len(node.input) == 1:
-            if not _chunk_reads_only(b, node.output[0], x, axis, depth + 1):
-                return False
-        else:
+            continue
+        if not follow(node, idx) or not _every_use(b, node.output[0], accept, follow, limit,
+                                                   depth + 1):
             return False
     return True
 
@@ -904,27 +880,21 @@ def _shape(ctx: NodeCtx) -> None:
             ctx.ok(x, j)
 
 
-def _sizes_reshapes(b, vec: str, depth: int = 0) -> bool:
+def _sizes_reshapes(b, vec: str) -> bool:
     """Whether every use of a shape vector ends, through the ops :func:`shape_vector` follows,
     in the target of a Reshape whose target evaluates statically: that Reshape's rule ties each
     axis the vector reads to the output axis it sizes (:func:`_computed_reshape`), so those
     reads need not freeze anything."""
-    readers = b.consumers.get(vec, [])
-    if not readers or depth > 16 or vec in b.graph_outputs:
-        return False
-    for node, idx in readers:
-        if node.domain not in ("", "ai.onnx"):
-            return False
+    def accept(node, idx, value):
         if node.op_type == "Reshape" and idx == 1:
-            if b.const_value(vec) is not None or _vector_of(b, vec) is None:
-                return False
-            continue
-        if node.op_type not in VECTOR_OPS or node.op_type == "Shape" or idx != 0 and \
-                node.op_type != "Concat":
-            return False
-        if not _sizes_reshapes(b, node.output[0], depth + 1):
-            return False
-    return True
+            return b.const_value(value) is None and _vector_of(b, value) is not None
+        return None
+
+    def follow(node, idx):
+        return node.op_type in VECTOR_OPS and node.op_type != "Shape" and (
+            idx == 0 or node.op_type == "Concat")
+
+    return _every_use(b, vec, accept, follow, 16)
 
 
 def _shape_reads(b, vec: str, start: int, end: int, x: str, depth: int = 0) -> set:

@@ -4,7 +4,8 @@ vectors of numbers, symbolic :class:`DimRef` entries and :class:`DimProduct` ent
 run-time size times a constant: torch's ``batch * heads``), reshape outputs from them, and the
 graph's shapes refined with them (``refine_shapes``, ``complete_shapes``: the channel graph's
 and the resize's shapes, batch and sequence kept symbolic). The Reshape channel rule in
-:mod:`onnxprune.ops.shape` reads a computed target through :func:`shape_vector`.
+:mod:`onnxprune.ops.shape` reads a computed target through :func:`shape_vector`, the Slice rule
+a bound computed from its own input's size (torch's ``chunk``) through :func:`size_function`.
 
 A module of its own so that :mod:`onnxprune.ops.shape` stays the layout ops' channel rules.
 """
@@ -132,6 +133,51 @@ def shape_vector(name: str, shape_of: Callable, const_of: Callable, producer: Ca
     if step == 0:
         return None
     return data[slice(starts[0], ends[0], step)]
+
+
+#: Ops that pass a one-element value on unchanged (a size made a 1-vector, cast, renamed).
+ONE_VALUE_OPS = ("Unsqueeze", "Squeeze", "Reshape", "Cast", "Identity", "Flatten")
+
+
+def size_function(name: str, x: str, shape_of: Callable, const_of: Callable, producer: Callable,
+                  depth: int = 0):
+    """A one-element value computed from a size of ``x`` as ``(f, axis)``: ``f(size)`` its
+    value for a size of ``x``'s ``axis`` (axis None when it reads no size), through ``Shape(x)
+    -> Gather`` and integer ``Add``/``Sub``/``Mul``/``Div`` with constants (a Slice bound of
+    torch's ``chunk``); None for anything else."""
+    value = const_of(name)
+    if value is not None:
+        if value.size != 1 or value.dtype.kind not in "iu":
+            return None
+        c = int(value.ravel()[0])
+        return (lambda d, c=c: c), None
+    node = producer(name)
+    if node is None or depth > 12 or node.domain not in ("", "ai.onnx"):
+        return None
+    op = node.op_type
+    if op == "Gather" and node.input[0]:
+        shape = producer(node.input[0])
+        idx = const_of(node.input[1])
+        r = len(shape_of(x) or ())
+        if shape is None or shape.op_type != "Shape" or shape.input[0] != x or idx is None \
+                or idx.size != 1 or not r:
+            return None
+        start = int(attr(shape, "start", 0))
+        return (lambda d: d), (start + r if start < 0 else start) + int(idx.ravel()[0])
+    if op in ("Add", "Sub", "Mul", "Div"):
+        a, c = (size_function(i, x, shape_of, const_of, producer, depth + 1)
+                for i in node.input[:2])
+        if a is None or c is None or (a[1] is not None and c[1] is not None and a[1] != c[1]):
+            return None
+        fa, fc = a[0], c[0]
+        fn = {"Add": lambda d: fa(d) + fc(d), "Sub": lambda d: fa(d) - fc(d),
+              "Mul": lambda d: fa(d) * fc(d),
+              "Div": lambda d: int(fa(d) / fc(d)) if fc(d) else None}[op]
+        return fn, (a[1] if a[1] is not None else c[1])
+    if op in ONE_VALUE_OPS or op == "Concat" and len(node.input) == 1:
+        return size_function(node.input[0], x, shape_of, const_of, producer, depth + 1)
+    return None
+
 
 
 def product_entry(op: str, a: Entry, b: Entry, origin: str) -> Optional[Entry]:
