@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -57,14 +57,20 @@ def dense_reference(state: PruneState, notes: List[str]) -> Optional[mio.ModelHa
     return reference
 
 
-def refit_channels(state: PruneState, record: PassRecord, batch_size: int = 8) -> List[str]:
-    """Refit every weight toward the dense model after channels were masked
+def refit_channels(state: PruneState, record: PassRecord, batch_size: int = 8,
+                   cut: Sequence[str] = ()) -> List[str]:
+    """Refit every selected weight, and every weight that lost channels (``cut``), toward the
+    dense model after channels were masked
     (:func:`~onnxprune.calibration.sequential.refit_toward_dense`); notes go to ``record``.
-    Returns the names refit."""
+    Any other weight the selection leaves out (``--exclude``, ``--op-types``, a config rule)
+    keeps its values, as the report says. Returns the names refit."""
     reference = dense_reference(state, record.notes)
     if reference is None or state.calibration is None:
         return []
-    return refit_toward_dense(state.handle, reference, state.weights, state.calibration,
+    keep = {p.weight.key for p in state.plans}
+    weights = [w for w in state.weights if w.key in keep or w.name in set(cut)] \
+        if state.plans else state.weights
+    return refit_toward_dense(state.handle, reference, weights, state.calibration,
                               record.notes, track=state.track, batch_size=batch_size,
                               seed=state.seed)
 

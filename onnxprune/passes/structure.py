@@ -195,7 +195,9 @@ class PruneChannels(Pass):
         if self.refit:
             from onnxprune.passes.sequential import refit_channels
 
-            record.refit = refit_channels(state, record)
+            cut = {m.tensor for gid, units in removed.items() if len(units)
+                   for m in graph.groups[gid].members if m.stored}
+            record.refit = refit_channels(state, record, cut=cut)
             record.notes.append(f"least-squares refit of {len(record.refit)} weights (and their "
                                 "biases), layer by layer, to the dense model's outputs on the "
                                 "calibration data; it fits that data's distribution (MiniLM "

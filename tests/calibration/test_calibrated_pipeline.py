@@ -203,3 +203,17 @@ def test_search_with_calibration_ends_as_its_probes_ran():
     best = max(p["sparsity"] for p in passed)
     (probed,) = [p["rel_error"] for p in passed if p["sparsity"] == best]
     assert res.report.comparison.max_rel_error == pytest.approx(probed, rel=1e-6)
+
+
+def test_channel_refit_leaves_a_weight_outside_the_selection_as_it_was():
+    """--exclude keeps a weight as it was, as the report says: the refit, which fits layers
+    toward the dense model, refits only selected weights and those that lost channels."""
+    res = onnxprune.prune(MODEL, pattern="channel", sparsity=0.3, refit=True,
+                          calibration=CALIB, validate=False, exclude="Conv_39")
+    dense = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(MODEL)).graph.initializer}
+    pruned = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    first = next(n for n in dense if "Conv_39" in n)
+    assert any(first in name for name, _ in res.report.skipped)
+    np.testing.assert_array_equal(pruned[first], dense[first])
+    refit = next(r.refit for r in res.state.records if getattr(r, "refit", None))
+    assert first not in refit and refit  # the others were refit
