@@ -21,6 +21,7 @@ ships no name list: the 40 names are both the calibration's and the test's (othe
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import tempfile
@@ -44,6 +45,10 @@ BEGIN, END = "<!-- joint: begin -->", "<!-- joint: end -->"
 SHAPES = {"batch": 1, "src_len": 16, "tgt_len": 1}
 RUNS = [("channel 25%", dict(sparsity=0.25), False),
         ("channel 25% + refit", dict(sparsity=0.25, refit=True), True),
+        ("GRU units 25% + refit (all three GRUs; attention combine kept)",
+         dict(sparsity=0.25, refit=True, exclude="onnx::MatMul_166"), True),
+        ("encoder GRU units 25% + refit (decoder state, combine kept)",
+         dict(sparsity=0.25, refit=True, exclude="onnx::MatMul_166|m.bridge"), True),
         ("channel 10% + refit", dict(sparsity=0.10, refit=True), True),
         ("--target-macs 0.75 + refit", dict(target_macs=0.75, refit=True), True)]
 
@@ -89,6 +94,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=6, help="decoder runs joined after the encoder")
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--write", type=Path, default=ACCURACY)
+    parser.add_argument("--notes", type=Path, default=None,
+                        help="a markdown file whose text goes at the end of the section (findings)")
     args = parser.parse_args(argv)
     command = "python tools/bench_joint.py " + " ".join(argv if argv is not None else sys.argv[1:])
     start = time.perf_counter()
@@ -106,7 +113,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         calib = et.make_calibration(f"romanizer_joint{args.steps}", 512, tmp / "calib.npz", seed=0)
         for label, spec, calibrated in RUNS:
-            out = tmp / label.replace(" ", "_").replace("%", "").replace("+", "").replace("-", "")
+            out = tmp / re.sub(r"[^a-z0-9]+", "_", label.lower())
             out.mkdir()
             kwargs = dict(calibration=str(calib), calibration_samples=448, validation_samples=64) \
                 if calibrated else {}
@@ -144,6 +151,8 @@ def main(argv=None) -> int:
         lines.append(f"| {r['run']} | {r['agreement']:.3f} | {worst} | {pb / 1e6:.2f}M → {pa / 1e6:.2f}M | "
                      f"{sb / 2 ** 20:.2f} → {sa / 2 ** 20:.2f} MiB | {lb * 1e3:.2f} → {la * 1e3:.2f} (×{lb / la:.2f}) "
                      f"| {r['seconds']:.1f} |")
+    if args.notes:
+        lines += ["", args.notes.read_text(encoding="utf-8").rstrip("\n")]
     lines += ["", END, ""]
     text = "\n".join(lines)
     write_marked(args.write, text, BEGIN, END)
