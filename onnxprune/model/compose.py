@@ -250,19 +250,37 @@ def _rename(graph: onnx.GraphProto, names: Mapping[str, str]) -> None:
             _rename(sub, names)
 
 
-def _inline(model: onnx.ModelProto, read) -> onnx.ModelProto:
-    """A copy with every stored tensor's values inline (``read(tensor)`` gives them)."""
+def _inline_graph(model: onnx.ModelProto, read) -> onnx.GraphProto:
+    """A copy of ``model``'s graph with every external tensor's values inline (``read(tensor)``
+    gives them, from the original tensor)."""
     from onnxprune.model.io import iter_graphs
 
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for _, graph in iter_graphs(copy.graph):
-        for t in graph.initializer:
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                original = next(x for _, g in iter_graphs(model.graph) for x in g.initializer
-                                if x.name == t.name)
-                t.CopyFrom(numpy_helper.from_array(read(original), t.name))
-    return copy
+    graph = onnx.GraphProto()
+    graph.CopyFrom(model.graph)
+    if read is None:
+        return graph
+    originals = {x.name: x for _, g in iter_graphs(model.graph) for x in g.initializer
+                 if x.data_location == onnx.TensorProto.EXTERNAL}
+    for _, g in iter_graphs(graph):
+        for t in g.initializer:
+            if t.name in originals and t.data_location == onnx.TensorProto.EXTERNAL:
+                t.CopyFrom(numpy_helper.from_array(read(originals[t.name]), t.name))
+    return graph
+
+
+def _header(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without its graph (opsets, IR version, producer, metadata, functions)."""
+    header = onnx.ModelProto()
+    for f, value in model.ListFields():
+        if f.name == "graph":
+            continue
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(header, f.name).extend(value)
+        elif hasattr(value, "CopyFrom"):  # a message
+            getattr(header, f.name).CopyFrom(value)
+        else:
+            setattr(header, f.name, value)
+    return header
 
 
 def join(models: Sequence[onnx.ModelProto], labels: Sequence[str], links: Sequence[Link],
@@ -290,9 +308,8 @@ def join(models: Sequence[onnx.ModelProto], labels: Sequence[str], links: Sequen
     for t, (lab, m) in enumerate(zip(labels, models)):
         s = first[t]
         if s not in sources:
-            copy = _inline(m, (lambda x, t=t: read(t, x))) if read is not None else m
-            sources[s] = onnx.GraphProto()
-            sources[s].CopyFrom(copy.graph)
+            sources[s] = _inline_graph(m, (lambda x, t=t: read(t, x)) if read is not None
+                                       else None)
             if first.count(s) > 1:  # run several times: every copy reads the same tensors
                 _constants_to_initializers(sources[s])
         graph = onnx.GraphProto()
@@ -315,10 +332,7 @@ def join(models: Sequence[onnx.ModelProto], labels: Sequence[str], links: Sequen
             if k.target == t and k.source != t:
                 names[k.input] = parts[k.source].names.get(k.output, k.output)
         _rename(graph, names)
-        header = onnx.ModelProto()
-        header.CopyFrom(m)
-        header.graph.Clear()
-        parts.append(Part(lab, header, list(_inputs(sources[s])),
+        parts.append(Part(lab, _header(m), list(_inputs(sources[s])),
                           list(sources[s].output), {n: names.get(n, n) for n in own}, s))
         taken |= {names.get(n, n) for n in own}
         graphs.append(graph)

@@ -67,6 +67,8 @@ def test_split_of_the_unpruned_join_is_the_original_pair():
         assert sorted(t.name for t in part.graph.initializer) == \
             sorted(t.name for t in orig.graph.initializer)
         assert len(part.graph.node) == len(orig.graph.node)
+        assert (part.ir_version, list(part.opset_import), part.producer_name) == \
+            (orig.ir_version, list(orig.opset_import), orig.producer_name)
 
 
 def test_interface_and_state_widths_are_prunable_groups():
