@@ -319,11 +319,10 @@ def join(models: Sequence[onnx.ModelProto], labels: Sequence[str], links: Sequen
         if s < t:  # a later run of a model: its weights are the first run's
             names.update({x.name: parts[s].names[x.name] for x in graph.initializer})
             del graph.initializer[:]
-        shared_inputs = {v.name for g in graphs for v in _inputs(g)} if s == t else set()
         for n in sorted(own):
-            if n in taken and n not in names and not (
-                    n in shared_inputs and n in {v.name for v in _inputs(graph)}
-                    and not any(k.target == t and k.input == n for k in links)):
+            # a name the models before use, an input's too: two inputs of one name are not
+            # taken for the same data (T5's encoder and decoder both read 'input_ids')
+            if n in taken and n not in names:
                 new, i = f"{lab}/{n}", 2
                 while new in taken or new in own:
                     new, i = f"{lab}/{n}~{i}", i + 1

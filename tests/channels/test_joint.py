@@ -321,3 +321,26 @@ def test_inspect_with_and_external_data(tmp_path):
     assert all(x.shape == (J.BATCH, J.CLASSES) for x in J.greedy(run, enc, dec, src, toks))
     with pytest.raises(OptionError, match="--with"):
         inspect(tmp_path / "enc.onnx", links=("memory_out=memory",))
+
+
+def test_real_t5_pair_links_by_name_given_and_keeps_inputs_apart(corpus_model):
+    """flan-t5-small's encoder and decoder (dynamic int8): the link has two names
+    (`last_hidden_state` -> `encoder_hidden_states`), so none is found and one is given; both
+    files read an 'input_ids', which stay two inputs (not one data); joined, the encoder's
+    stream reaches the decoder's cross-attention and only the vocabulary stays whole."""
+    enc = onnx.load(corpus_model("text/flan_t5/encoder"))
+    dec = onnx.load(corpus_model("text/flan_t5/decoder"))
+    assert not compose.find_links([enc, dec])
+    links = compose.parse_links([enc, dec], ["encoder", "decoder"],
+                                ["last_hidden_state=encoder_hidden_states"])
+    joint = compose.join([enc, dec], ["encoder", "decoder"], links)
+    assert [i.name for i in joint.model.graph.input] == [
+        "input_ids", "attention_mask", "decoder/input_ids", "encoder_attention_mask"]
+    shapes = {"input_ids": [1, 16], "attention_mask": [1, 16], "decoder/input_ids": [1, 4],
+              "encoder_attention_mask": [1, 16]}
+    graph = build_channel_graph(load(joint.model), shapes)
+    frozen = [g for g in graph.groups if g.producers and g.frozen]
+    assert len(frozen) == 1 and frozen[0].size == 32128  # logits' vocabulary
+    stream = next(g for g in graph.groups if g.stream and any(
+        m.tensor == "last_hidden_state" for m in g.members))
+    assert stream.size == 512 and not stream.frozen
