@@ -167,9 +167,16 @@ class CalibrationSet:
         return CalibrationSet(self.inputs, parts, self.source, self.data_free, self.batch_limit)
 
     def pick(self, indices: Sequence[int]) -> "CalibrationSet":
-        """The samples at ``indices``, in that order (each read alone from its source)."""
-        parts = [p for i in indices for p in self.slice(int(i), int(i) + 1)._parts]
-        return CalibrationSet(self.inputs, parts, self.source, self.data_free)
+        """The samples at ``indices``, in that order (a run of consecutive ones read as one
+        window of its source)."""
+        runs: List[List[int]] = []
+        for i in (int(i) for i in indices):
+            if runs and runs[-1][1] == i:
+                runs[-1][1] = i + 1
+            else:
+                runs.append([i, i + 1])
+        parts = [p for lo, hi in runs for p in self.slice(lo, hi)._parts]
+        return CalibrationSet(self.inputs, parts, self.source, self.data_free, self.batch_limit)
 
     def _chunks(self, size: int) -> Iterator[Part]:
         """The parts, those holding more than a few batches cut into windows of ``size``

@@ -12,6 +12,7 @@ channel refit live in :mod:`onnxprune.passes.sequential` (algorithms in
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -70,6 +71,34 @@ class SensitivityRecord(PassRecord):
     rows: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # key -> (used, there were)
 
 
+def distinct_samples(data: CalibrationSet, limit: int, batch_size: int
+                     ) -> Tuple[CalibrationSet, int]:
+    """``data`` without the samples that repeat an earlier one exactly (every input the same),
+    read a batch at a time until ``limit`` distinct ones are found (the rest, not read, as it
+    is), and how many went."""
+    if data.data_free or len(data) < 2:
+        return data, 0
+    seen, keep, index = set(), [], 0
+    for batch in data.batches(batch_size):
+        rows = {k: v for k, v in batch.items() if np.ndim(v)}  # scalars: one value for all
+        if not rows or len(keep) >= limit:
+            break
+        for i in range(len(next(iter(rows.values())))):
+            key = hashlib.sha1()
+            for name in sorted(rows):
+                row = np.ascontiguousarray(rows[name][i])
+                key.update(name.encode() + str(row.dtype).encode() + str(row.shape).encode())
+                key.update(row.tobytes())
+            digest = key.digest()
+            if digest not in seen:
+                seen.add(digest)
+                keep.append(index)
+            index += 1
+    keep += range(index, len(data))  # not read: past the limit, or a fixed batch's remainder
+    dropped = len(data) - len(keep)
+    return (data if not dropped else data.pick(keep)), dropped
+
+
 def _progress(state: PruneState, description: str, total: int):
     """A ``progress(done, total)`` callback driving the state's tracker (rich bar in the CLI)."""
     ticks = iter(state.track(range(total), description, total))
@@ -106,6 +135,7 @@ class Calibrate(Pass):
         self.batch_size, self.seed, self.collect = batch_size, seed, collect
         self.hold_out = hold_out
         self.batch_note: Optional[str] = None  # set by load(): the model runs only at batch 1
+        self.duplicates = 0  # set by load(): samples dropped as repeats of earlier ones
         self.requires = frozenset({"selection" if targets == "selected" else "weights"})
         self.ensures = frozenset({"calibration", "statistics"} if collect else {"calibration"})
 
@@ -124,6 +154,8 @@ class Calibrate(Pass):
             data = load_calibration(self.source, state.handle, None, self.pre)
         data = data.slice(0, len(data))  # a copy: fit_batch may limit its batch size
         self.batch_note = fit_batch(state.handle, data, self.batch_size)
+        data, self.duplicates = distinct_samples(data, self.samples + self.hold_out,
+                                                 self.batch_size)
         total = len(data)
         held = min(self.hold_out, total // 2)
         used = min(self.samples, total - held)
@@ -140,6 +172,11 @@ class Calibrate(Pass):
                                 f"validation (not used for statistics)")
         if self.batch_note:
             record.notes.append(self.batch_note)
+        if self.duplicates:
+            record.notes.append(
+                f"{self.duplicates} calibration samples dropped as repeats of earlier ones: a "
+                "repeat weighs its sample twice in the statistics, and held out it would "
+                "validate on what was fit; the others are used once each")
         if data.data_free:
             record.notes.append("no calibration data given: statistics come from generated "
                                 "inputs, so the calibrated criterion was data-free in effect")

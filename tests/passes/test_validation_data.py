@@ -273,3 +273,23 @@ def test_close_outputs_on_generated_inputs_are_unverified_never_ok(tmp_path):
     row = [line for line in out.output.splitlines() if line.strip().startswith("logits")][-1]
     assert row.split()[-1] == "unverified"
     assert "verdict thresholds: cosine" in out.output  # class scores judged by cosine on noise
+
+
+def test_repeated_calibration_samples_are_used_once_and_never_held_out_against_themselves(
+        tmp_path):
+    """20 distinct images, each given 4 times: each is used once, and the held-out samples
+    that validate are none of those the statistics saw."""
+    x = np.load(CALIB)["input"][:20]
+    npz = tmp_path / "repeated.npz"
+    np.savez(npz, input=np.concatenate([x, x, x, x]))
+    result = prune(str(DIGITS), criterion="wanda", sparsity=0.5, calibration=str(npz),
+                   calibration_samples=16, validation_samples=8)
+    state = result.state
+    assert any(n.startswith("60 calibration samples dropped as repeats")
+               for n in result.report.notes)
+    fit = np.concatenate([b["input"] for b in state.calibration.batches(8)])
+    held = np.concatenate([b["input"] for b in state.validation.batches(8)])
+    assert (len(fit), len(held)) == (12, 8)  # 20 distinct: 8 held out, the other 12 fit
+    flat = {row.tobytes() for row in fit}
+    assert len(flat) == 12 and not any(row.tobytes() in flat for row in held)
+    np.testing.assert_array_equal(np.concatenate([fit, held]), x)  # in their order
