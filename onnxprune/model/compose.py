@@ -349,8 +349,11 @@ def join(models: Sequence[onnx.ModelProto], labels: Sequence[str], links: Sequen
             if (t, own.name) not in linked_in and vi.name not in have:
                 merged.input.append(vi)
                 have.add(vi.name)
-        stored = [v for v in g.input if v.name not in {x.name for x in _inputs(g)}]
+        # initializers listed as inputs (old exporters): once, a later run's are the first's
+        stored = [v for v in g.input if v.name not in {x.name for x in _inputs(g)}
+                  and v.name not in have]
         merged.input.extend(stored)
+        have.update(v.name for v in stored)
         for vi, own in zip(g.output, parts[t].outputs):
             if (t, own.name) not in fed:
                 merged.output.append(vi)

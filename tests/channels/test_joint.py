@@ -344,3 +344,21 @@ def test_real_t5_pair_links_by_name_given_and_keeps_inputs_apart(corpus_model):
     stream = next(g for g in graph.groups if g.stream and any(
         m.tensor == "last_hidden_state" for m in g.members))
     assert stream.size == 512 and not stream.frozen
+
+
+def test_initializers_listed_as_inputs_join_once_per_weight():
+    """Old exporters list every initializer as a graph input too: a decoder run twice lists
+    its weights once in the joined model, which onnx.checker accepts and onnxruntime runs."""
+    e, d = J.encoder(), J.decoder()
+    for m in (e, d):
+        m.graph.input.extend(onnx.helper.make_tensor_value_info(
+            t.name, t.data_type, list(t.dims)) for t in m.graph.initializer)
+    runs = [e, d, d]
+    joint = compose.join(runs, ["e", "d", "d#2"], compose.find_links(runs))
+    names = [i.name for i in joint.model.graph.input]
+    assert len(names) == len(set(names))
+    onnx.checker.check_model(joint.model, full_check=True)
+    src, toks = steps_data(steps=2)
+    out = run(joint.model, {"src": src, "token": toks[0], "d#2/token": toks[1]})
+    want = J.greedy(run, e, d, src, toks)
+    assert_close(out[:2], want)
