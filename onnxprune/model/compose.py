@@ -344,7 +344,9 @@ def join(models: Sequence[onnx.ModelProto], labels: Sequence[str], links: Sequen
         merged.node.extend(g.node)
         merged.initializer.extend(g.initializer)
         merged.sparse_initializer.extend(g.sparse_initializer)
-        merged.value_info.extend(g.value_info)
+        # a linked input's shape was the output's: one entry per value
+        known = {v.name for v in merged.value_info}
+        merged.value_info.extend(v for v in g.value_info if v.name not in known)
         for vi, own in zip(_inputs(g), parts[t].inputs):
             if (t, own.name) not in linked_in and vi.name not in have:
                 merged.input.append(vi)
