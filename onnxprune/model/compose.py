@@ -140,6 +140,10 @@ def parse_links(models: Sequence[onnx.ModelProto], labels: Sequence[str],
                     break
             if found:
                 break
+        if found is None and any(k.output == out and k.input == inp for k in links):
+            raise OptionError(f"--link '{spec}' is given twice: only one model outputs '{out}' "
+                              "(a name two models output, given twice, is the link and then "
+                              "the state); give it once")
         if found is None:
             where = ", ".join(f"{lab}: outputs {[o.name for o in m.graph.output]}, inputs "
                               f"{[v.name for v in _inputs(m.graph)]}"

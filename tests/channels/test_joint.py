@@ -144,6 +144,9 @@ def test_link_errors(tmp_path):
     with pytest.raises(OptionError, match="no model has an output 'nope'"):
         prune(tmp_path / "enc.onnx", pattern="channel", with_models=[tmp_path / "dec.onnx"],
               links=("nope=memory",), output=tmp_path / "o.onnx")
+    with pytest.raises(OptionError, match="is given twice"):
+        prune(tmp_path / "enc.onnx", pattern="channel", with_models=[tmp_path / "dec.onnx"],
+              links=("memory_out=memory", "memory_out=memory"), output=tmp_path / "o.onnx")
     with pytest.raises(OptionError, match="shapes differ"):
         prune(tmp_path / "enc.onnx", pattern="channel", with_models=[tmp_path / "dec.onnx"],
               links=("memory_out=hidden",), output=tmp_path / "o.onnx")
