@@ -23,6 +23,7 @@ from onnxprune.errors import OptionError
 from onnxprune.model import compose
 from onnxprune.model import io as mio
 from onnxprune.model.output import default_output
+from onnxprune.model.sparse import summary as storage_summary
 from onnxprune.options import PruneOptions
 
 
@@ -113,10 +114,16 @@ def prune_joint(model, opts: PruneOptions, output, force: bool, track, run: Call
     result.parts = parts
     if outs is not None:
         for part, out, h in zip(parts, outs, handles):
+            stored: list = []
             with mio.load(part) as ph:
-                mio.save(ph, out, force=force)
-            result.report.notes.append(
-                f"wrote {out.name}: {_mib(h.file_size())} -> {_mib(out.stat().st_size)}")
+                mio.save(ph, out, force=force, **({} if opts.storage == "dense" else dict(
+                    storage=opts.storage, decisions=stored)))
+            size = mio.size_on_disk(out, part)
+            result.report.notes.append(f"wrote {out.name}: {_mib(h.file_size())} -> "
+                                       f"{_mib(size)}")
+            if stored:
+                result.report.notes.append(f"{out.name}: " + storage_summary(
+                    stored, opts.storage, size))
         result.outputs = outs
         result.output = outs[0]
         result.report.output = ", ".join(str(o) for o in outs)
@@ -125,7 +132,9 @@ def prune_joint(model, opts: PruneOptions, output, force: bool, track, run: Call
 
 
 def _mib(n: Optional[int]) -> str:
-    return "?" if n is None else f"{n / (1 << 20):.2f} MiB"
+    if n is None:
+        return "?"
+    return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
 
 
 def _check_parts(joint: compose.Joint, parts: List[onnx.ModelProto], merged: mio.ModelHandle,

@@ -365,3 +365,25 @@ def test_initializers_listed_as_inputs_join_once_per_weight():
     out = run(joint.model, {"src": src, "token": toks[0], "d#2/token": toks[1]})
     want = J.greedy(run, e, d, src, toks)
     assert_close(out[:2], want)
+
+
+def test_storage_applies_to_every_file(tmp_path):
+    """--storage bitmask with --with writes every model so (the decoding nodes in each file,
+    a note per file), and each file runs (onnxruntime) as the pair it was."""
+    onnx.save(J.encoder(), tmp_path / "enc.onnx")
+    onnx.save(J.decoder(), tmp_path / "dec.onnx")
+    nodes = {}
+    for storage in ("dense", "bitmask"):
+        folder = tmp_path / storage
+        folder.mkdir()
+        result = prune(tmp_path / "enc.onnx", pattern="unstructured", sparsity=0.8,
+                       with_models=[tmp_path / "dec.onnx"], storage=storage,
+                       output=f"{folder}/")
+        src, toks = steps_data(steps=2)
+        enc, dec = (onnx.load(p) for p in result.outputs)
+        nodes[storage] = [len(enc.graph.node), len(dec.graph.node)]
+        assert all(x.shape == (J.BATCH, J.CLASSES) for x in J.greedy(run, enc, dec, src, toks))
+        said = [n for n in result.report.notes if n.startswith(("enc.pruned.onnx: ",
+                                                                 "dec.pruned.onnx: "))]
+        assert len(said) == (2 if storage == "bitmask" else 0), result.report.notes
+    assert all(b > d for b, d in zip(nodes["bitmask"], nodes["dense"])), nodes
