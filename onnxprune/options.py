@@ -421,10 +421,11 @@ class PruneOptions:
                "graph optimization (the same outputs up to float rounding), reported on its "
                "own line.", switch=True)
     with_models: Tuple[Path, ...] = option(
-        (), "Prune this model together with MODEL (repeat for more, in the order they run): "
-            "an encoder and its decoder. The widths one hands to the next, and a state a "
-            "model's caller feeds back (hidden_out -> hidden), shrink on both sides; each "
-            "model is written as <stem>.pruned.onnx beside the output.",
+        (), "A model that runs after the first one (its decoder), pruned or inspected "
+            "together with it; repeat in the order they run, and give a file again for its "
+            "next run (a decoder's next step, same weights). The widths one hands to the next "
+            "and a state fed back (hidden_out -> hidden) shrink on both sides; each file is "
+            "written as <stem>.pruned.onnx beside the output.",
         name="--with", type=Path, multiple=True, parse=lambda v, flag: tuple(v),
         metavar="MODEL", commands=COMMANDS)
     links: Tuple[str, ...] = option(
