@@ -163,6 +163,10 @@ class OutputStats:
     positions: int = 0  # argmax positions (class scores) or elements compared
     verdict: str = "ok"
     verdict_reason: str = ""
+    #: per-position class scores dominated by one class (CTC blank, background):
+    #: ``(class, its share of the reference's positions, top1_agreement counted where either
+    #: argmax is another class — what top1_agreement then holds —, agreement over all)``
+    background: Optional[Tuple[int, float, float, float]] = None
 
     @property
     def numeric(self) -> bool:
@@ -195,6 +199,9 @@ class OutputStats:
             "ref_scale": _finite(self.ref_scale), "reason": self.reason,
             "kind": self.kind, "equal": self.equal,
             "verdict": self.verdict, "verdict_reason": self.verdict_reason,
+            "background": None if self.background is None else {
+                "class": self.background[0], "share": self.background[1],
+                "top1_agreement_all_positions": self.background[3]},
         }
 
 
@@ -371,6 +378,10 @@ class _Stream:
         self.max_abs = self.ref_scale = self.worst_rel = 0.0
         self.sum_diff = self.sum_ref = self.dot = self.na = self.nb = 0.0
         self.top1 = self.top5 = 0
+        # per class: reference argmax count, and positions where both models' argmax is it
+        self.ref_counts: Optional[np.ndarray] = None
+        self.per_position = False
+        self.both_counts: Optional[np.ndarray] = None
         self.equal = self.elements = 0
         self.five = True
 
@@ -457,9 +468,16 @@ class _Stream:
         if self.metric == "class scores" and ref.size:
             axis = self.axis % ref.ndim
             top_ref = np.argmax(ref, axis=axis)
-            self.top1 += int((top_ref == np.argmax(cand, axis=axis)).sum())
+            same = top_ref == np.argmax(cand, axis=axis)
+            self.top1 += int(same.sum())
             self.positions += int(top_ref.size)
             classes = ref.shape[axis]
+            self.per_position = ref.ndim >= 3  # [batch, positions..., classes] and the like
+            if self.ref_counts is None:
+                self.ref_counts = np.zeros(classes, np.int64)
+                self.both_counts = np.zeros(classes, np.int64)
+            self.ref_counts += np.bincount(top_ref.ravel(), minlength=classes)
+            self.both_counts += np.bincount(top_ref[same].ravel(), minlength=classes)
             if classes > 5:
                 best5 = np.argpartition(-cand, 4, axis=axis).take(range(5), axis=axis)
                 self.top5 += int((best5 == np.expand_dims(top_ref, axis)).any(axis=axis).sum())
@@ -497,17 +515,37 @@ class _Stream:
                 cosine = (1.0 if na == 0 and nb == 0 else 0.0 if na == 0 or nb == 0
                           else float(np.clip(self.dot / (na * nb), -1.0, 1.0)))
             top1 = top5 = None
+            background = None
             if metric == "class scores" and self.positions:
                 top1 = self.top1 / self.positions
                 top5 = self.top5 / self.positions if self.five else None
+                background = self._background(top1)
+                if background is not None:
+                    top1 = background[2]
             stats = OutputStats(self.name, max_abs=self.max_abs, mean_rel=mean_rel,
                                 cosine=cosine, top1_agreement=top1, rel_error=rel_error,
                                 ref_scale=self.ref_scale, shape=self.shape,
                                 candidate_shape=self.shape, metric=metric,
                                 top5_agreement=top5, samples=self.samples,
                                 positions=self.positions if top1 is not None else self.elements)
+            stats.background = background
         _judge(stats, thresholds, generated)
         return stats
+
+    def _background(self, overall: float) -> Optional[Tuple[int, float, float, float]]:
+        """For per-position class scores (a CTC recognizer's blanks, a segmentation's
+        background) where one class is the reference's argmax at half the positions or more:
+        ``(class, its share, agreement where either model's argmax is another class, overall
+        agreement)``. Agreement over every position would count the easy class (a recognizer
+        that outputs only blanks agrees wherever the reference has one); None otherwise."""
+        if self.ref_counts is None or not self.per_position:
+            return None  # one position per sample: a classifier's agreement is the measure
+        c = int(np.argmax(self.ref_counts))
+        share = float(self.ref_counts[c]) / self.positions
+        rest = self.positions - int(self.both_counts[c])
+        if share < 0.5 or rest <= 0:
+            return None
+        return c, share, (self.top1 - int(self.both_counts[c])) / rest, overall
 
 
 _MEASURE_WORDS = {"agreement": "top-1 agreement", "cosine": "cosine",
@@ -523,6 +561,11 @@ def _judge(stats: OutputStats, thresholds: Thresholds, generated: bool = False) 
     else:
         shown = f"{value:.3g}" if measure == "scalar" else f"{100 * value:.1f}%"
     stats.verdict_reason = f"{_MEASURE_WORDS[measure]} {shown} ({thresholds.describe(measure)})"
+    if measure == "agreement" and stats.background is not None:
+        c, share, _, overall = stats.background
+        stats.verdict_reason += (f", counted where either model's top class is not class {c} "
+                                 f"({100 * share:.0f}% of the reference's positions; over "
+                                 f"every position {100 * overall:.1f}%)")
 
 
 class Comparer:

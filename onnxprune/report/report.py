@@ -369,6 +369,13 @@ class Report:
         cmp = self.comparison
         lines = cmp.threshold_lines()
         out = [f"verdict thresholds: {'; '.join(lines)}"] if lines else []
+        for o in cmp.outputs:
+            if o.background is not None:
+                c, share, _, overall = o.background
+                out.append(f"top-1 of '{o.name}': counted where either model's top class is "
+                           f"not class {c}, the reference's at {100 * share:.0f}% of the "
+                           f"positions (a blank or background class); over every position "
+                           f"{100 * overall:.1f}%")
         if not cmp.accuracy_estimate:
             out.append("generated inputs: these figures are not an accuracy estimate")
         return out

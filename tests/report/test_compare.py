@@ -75,3 +75,32 @@ def test_class_axis_rule(shape, dtype, axis):
     assert class_axis(shape, np.dtype(dtype)) == axis
     out = compare({"y": np.ones(shape, dtype)}, {"y": np.ones(shape, dtype)})["y"]
     assert (out.top1_agreement is None) == (axis is None)
+
+
+def test_a_background_class_is_not_counted_as_agreement():
+    """A CTC recognizer's blanks (or a segmentation's background): at 80 % of the positions the
+    reference's top class is 0; a candidate that outputs only blanks agrees at 80 % of all
+    positions but at none of the others — its agreement is 0 and the verdict says why."""
+    rng = np.random.default_rng(0)
+    b, t, c = 4, 25, 6
+    top = np.where(rng.random((b, t)) < 0.8, 0, rng.integers(1, c, (b, t)))
+    ref = rng.standard_normal((b, t, c)).astype(np.float32)
+    ref[np.arange(b)[:, None], np.arange(t), top] += 10
+    blanks = np.zeros_like(ref)
+    blanks[..., 0] = 1
+    s = compare({"y": ref}, {"y": blanks}, samples=b)["y"]
+    overall = float((top == 0).mean())
+    assert s.background[0] == 0 and s.background[1] == pytest.approx(overall)
+    assert s.background[3] == pytest.approx(overall) and s.top1_agreement == 0.0
+    assert s.verdict == "broken" and "not class 0" in s.verdict_reason
+    # a candidate right on the characters and wrong on half the blanks
+    cand = ref.copy()
+    flip = (top == 0) & (rng.random((b, t)) < 0.5)
+    cand[flip, 0] -= 20
+    s = compare({"y": ref}, {"y": cand}, samples=b)["y"]
+    kept = int((top != 0).sum())
+    assert s.top1_agreement == pytest.approx(kept / (kept + int(flip.sum())))
+    # one position per sample (a classifier): agreement over the samples, skew or not
+    cls = compare({"y": ref[:, 0]}, {"y": blanks[:, 0]}, samples=b)["y"]
+    assert cls.background is None
+    assert cls.top1_agreement == pytest.approx(float((top[:, 0] == 0).mean()))
