@@ -351,13 +351,14 @@ def join(models: Sequence[onnx.ModelProto], labels: Sequence[str], links: Sequen
         # a linked input's shape was the output's: one entry per value
         known = {v.name for v in merged.value_info}
         merged.value_info.extend(v for v in g.value_info if v.name not in known)
-        for vi, own in zip(_inputs(g), parts[t].inputs):
-            if (t, own.name) not in linked_in and vi.name not in have:
-                merged.input.append(vi)
-                have.add(vi.name)
+        by_name = {v.name: v for v in g.input}
+        real = [parts[t].names[v.name] for v in parts[t].inputs]  # joined names, in order
+        for own, joined in zip(parts[t].inputs, real):
+            if (t, own.name) not in linked_in and joined not in have:
+                merged.input.append(by_name[joined])
+                have.add(joined)
         # initializers listed as inputs (old exporters): once, a later run's are the first's
-        stored = [v for v in g.input if v.name not in {x.name for x in _inputs(g)}
-                  and v.name not in have]
+        stored = [v for v in g.input if v.name not in set(real) and v.name not in have]
         merged.input.extend(stored)
         have.update(v.name for v in stored)
         for vi, own in zip(g.output, parts[t].outputs):

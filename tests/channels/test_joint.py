@@ -353,9 +353,11 @@ def test_initializers_listed_as_inputs_join_once_per_weight():
     """Old exporters list every initializer as a graph input too: a decoder run twice lists
     its weights once in the joined model, which onnx.checker accepts and onnxruntime runs."""
     e, d = J.encoder(), J.decoder()
-    for m in (e, d):
-        m.graph.input.extend(onnx.helper.make_tensor_value_info(
-            t.name, t.data_type, list(t.dims)) for t in m.graph.initializer)
+    for m in (e, d):  # listed first, before the real inputs
+        listed = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                  for t in m.graph.initializer] + list(m.graph.input)
+        del m.graph.input[:]
+        m.graph.input.extend(listed)
     runs = [e, d, d]
     joint = compose.join(runs, ["e", "d", "d#2"], compose.find_links(runs))
     names = [i.name for i in joint.model.graph.input]
