@@ -67,6 +67,11 @@ def _placeholders(folder: Path) -> None:
     (folder / "models").mkdir(exist_ok=True)
     for name in ("digits_cnn.onnx", "digits_test.npz", "digits_calib.npz"):
         shutil.copy(MODELS / name, folder / "models" / name)
+    # the pair the --with examples prune together (a GRU encoder and its decoder)
+    import joint_models
+    onnx.save(joint_models.encoder(), folder / "encoder.onnx")
+    onnx.save(joint_models.decoder(), folder / "decoder.onnx")
+    (folder / "out").mkdir(exist_ok=True)
     for block in _blocks("python"):
         first = block.lstrip().splitlines()[0]
         match = re.match(r"#\s*([\w.-]+\.py):", first)
