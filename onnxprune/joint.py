@@ -112,18 +112,26 @@ def prune_joint(model, opts: PruneOptions, output, force: bool, track, run: Call
     if note is not None:
         result.report.notes.append(note)
     result.parts = parts
+    result.report.model = " + ".join(str(h.path) if h.path is not None else f"<model {k + 1}>"
+                                     for k, h in enumerate(handles))
+    before = [h.file_size() for h in handles]
+    if None not in before:
+        result.report.file_size_before = sum(before)
     if outs is not None:
+        written = 0
         for part, out, h in zip(parts, outs, handles):
             stored: list = []
             with mio.load(part) as ph:
                 mio.save(ph, out, force=force, **({} if opts.storage == "dense" else dict(
                     storage=opts.storage, decisions=stored)))
             size = mio.size_on_disk(out, part)
+            written += size
             result.report.notes.append(f"wrote {out.name}: {_mib(h.file_size())} -> "
                                        f"{_mib(size)}")
             if stored:
                 result.report.notes.append(f"{out.name}: " + storage_summary(
                     stored, opts.storage, size))
+        result.report.file_size_after = written
         result.outputs = outs
         result.output = outs[0]
         result.report.output = ", ".join(str(o) for o in outs)

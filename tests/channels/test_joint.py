@@ -133,6 +133,11 @@ def test_prune_with_writes_both_files(tmp_path):
     logits = J.greedy(run, enc, dec, src, toks)  # the pruned pair runs with its state
     assert all(x.shape == (J.BATCH, J.CLASSES) for x in logits)
     assert any("pruned together" in n for n in result.report.notes)
+    report = result.report
+    assert report.model == f"{(tmp_path / 'enc.onnx').resolve()} + {(tmp_path / 'dec.onnx').resolve()}"
+    assert report.file_size_before == sum((tmp_path / n).stat().st_size
+                                          for n in ("enc.onnx", "dec.onnx"))
+    assert report.file_size_after == sum(p.stat().st_size for p in result.outputs)
 
 
 def test_link_errors(tmp_path):
