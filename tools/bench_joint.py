@@ -43,14 +43,17 @@ from sections import write_marked  # noqa: E402
 ACCURACY = REPO / "benchmarks" / "accuracy.md"
 BEGIN, END = "<!-- joint: begin -->", "<!-- joint: end -->"
 SHAPES = {"batch": 1, "src_len": 16, "tgt_len": 1}
-RUNS = [("channel 25%", dict(sparsity=0.25), False),
-        ("channel 25% + refit", dict(sparsity=0.25, refit=True), True),
+C = "channel"
+RUNS = [("channel 25%", dict(pattern=C, sparsity=0.25), False),
+        ("channel 25% + refit", dict(pattern=C, sparsity=0.25, refit=True), True),
         ("GRU units 25% + refit (all three GRUs; attention combine kept)",
-         dict(sparsity=0.25, refit=True, exclude="onnx::MatMul_166"), True),
+         dict(pattern=C, sparsity=0.25, refit=True, exclude="onnx::MatMul_166"), True),
         ("encoder GRU units 25% + refit (decoder state, combine kept)",
-         dict(sparsity=0.25, refit=True, exclude="onnx::MatMul_166|m.bridge"), True),
-        ("channel 10% + refit", dict(sparsity=0.10, refit=True), True),
-        ("--target-macs 0.75 + refit", dict(target_macs=0.75, refit=True), True)]
+         dict(pattern=C, sparsity=0.25, refit=True, exclude="onnx::MatMul_166|m.bridge"), True),
+        ("channel 10% + refit", dict(pattern=C, sparsity=0.10, refit=True), True),
+        ("--target-macs 0.75 + refit", dict(pattern=C, target_macs=0.75, refit=True), True),
+        ("2:4 sparsegpt (masks: no channel removed)", dict(pattern="2:4", criterion="sparsegpt"),
+         True)]
 
 
 def pair_latency(dense, pruned, runs: int, steps: int = 8) -> tuple:
@@ -118,7 +121,7 @@ def main(argv=None) -> int:
             kwargs = dict(calibration=str(calib), calibration_samples=448, validation_samples=64) \
                 if calibrated else {}
             t0 = time.perf_counter()
-            result = onnxprune.prune(str(enc), pattern="channel", with_models=[dec] * args.steps,
+            result = onnxprune.prune(str(enc), with_models=[dec] * args.steps,
                                      input_shapes=SHAPES, output=str(out) + "/", force=True, **spec, **kwargs)
             seconds = time.perf_counter() - t0
             penc, pdec = result.outputs
