@@ -394,3 +394,40 @@ def test_storage_applies_to_every_file(tmp_path):
                                                                  "dec.pruned.onnx: "))]
         assert len(said) == (2 if storage == "bitmask" else 0), result.report.notes
     assert all(b > d for b, d in zip(nodes["bitmask"], nodes["dense"])), nodes
+
+
+def test_a_link_read_inside_a_subgraph_is_renamed_there_and_split_back():
+    """The decoder reads its linked input inside an If branch (an outer-scope name): joined,
+    the branch reads the encoder's output; split, the decoder reads its own input again; the
+    width stays (a subgraph read freezes it), and the pair computes what it did."""
+    from onnx import TensorProto, helper
+
+    g = G(3)
+    g.nodes.append(helper.make_node("MatMul", ["x", g.w([6, 4])], ["feat_out"]))
+    enc = g.typed_model("enc", [("x", TensorProto.FLOAT, [2, 6])],
+                        [("feat_out", TensorProto.FLOAT, [2, 4])])
+    out = helper.make_tensor_value_info
+    then = helper.make_graph([helper.make_node("Relu", ["feat"], ["t"])], "then", [],
+                             [out("t", TensorProto.FLOAT, [2, 4])])
+    other = helper.make_graph([helper.make_node("Neg", ["feat"], ["e"])], "else", [],
+                              [out("e", TensorProto.FLOAT, [2, 4])])
+    d = G(4)
+    d.nodes.append(helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other))
+    dec = d.typed_model("dec", [("feat", TensorProto.FLOAT, [2, 4]), ("cond", TensorProto.BOOL, [])],
+                        [("y", TensorProto.FLOAT, [2, 4])])
+    joint = compose.join([enc, dec], ["enc", "dec"], compose.find_links([enc, dec]))
+    branch = next(n for n in joint.model.graph.node if n.op_type == "If").attribute[0].g
+    assert branch.node[0].input[0] == "feat_out"
+    onnx.checker.check_model(joint.model, full_check=True)
+    graph = build_channel_graph(load(joint.model))
+    assert all(gr.frozen for gr in graph.groups if "feat_out" in [m.tensor for m in gr.members])
+    parts = split(joint.model, joint)
+    assert parts[1].graph.node[0].attribute[0].g.node[0].input[0] == "feat"
+    x = np.random.default_rng(0).standard_normal((2, 6)).astype(np.float32)
+    for cond in (True, False):
+        feat, = run(parts[0], {"x": x})
+        want, = run(dec, {"feat": run(enc, {"x": x})[0], "cond": np.array(cond)})
+        got, = run(parts[1], {"feat": feat, "cond": np.array(cond)})
+        np.testing.assert_array_equal(got, want)
+        joined, = run(joint.model, {"x": x, "cond": np.array(cond)})
+        np.testing.assert_array_equal(joined, want)
