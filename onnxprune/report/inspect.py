@@ -96,10 +96,39 @@ def inspect_model(model: ModelLike,
         nonzeros_after=nonzeros, file_size_before=handle.file_size(),
         options={"input_shapes": {k: list(v) for k, v in (input_shapes or {}).items()}},
         notes=notes, sections={"inputs": inputs})
+    _channel_summary(report, handle, input_shapes, weights)
     if target is not None:
         report.options["target"] = target
         inspect_target(report, target, handle, weights, skipped, macs, now)
     return report
+
+
+def _channel_summary(report: Report, handle, input_shapes, weights) -> None:
+    """What ``--pattern channel`` could remove: the channel groups a weight produces, those
+    left whole (``report.frozen``, with why) and the share of the weights' params in groups it
+    can prune — a note."""
+    from onnxprune.channels.graph import build_channel_graph
+
+    try:
+        graph = build_channel_graph(handle, input_shapes)
+    except OnnxPruneError as exc:
+        report.notes.append(f"channel groups not built: {exc}")
+        return
+    groups = [g for g in graph.groups if g.producers]
+    if not groups:
+        return
+    report.frozen = [(g.describe(), explain("group", g.frozen)) for g in groups if g.frozen]
+    reach = {n for g in groups if g.prunable for n in g.producers + g.consumers}
+    size = {w.name: w.numel for w in weights}
+    total = sum(size.values())
+    share = sum(v for n, v in size.items() if n in reach) / total if total else 0.0
+    streams = sum(1 for g in groups if g.prunable and g.stream)
+    report.notes.append(
+        f"channel pruning (--pattern channel): {len(groups) - len(report.frozen)} of "
+        f"{len(groups)} channel groups can lose channels" + (
+            f" ({streams} of them residual streams, kept whole unless --prune-stream)"
+            if streams else "") + f", in weights holding {100 * share:.0f}% of the params; "
+        "the frozen ones keep theirs, and say why")
 
 
 def satisfies_nm(w2d: np.ndarray, n: int, m: int) -> bool:
