@@ -52,6 +52,8 @@ _FOLD_OPS = frozenset({"Constant", "ConstantOfShape", "Mul", "Add", "Sub", "Div"
                        "Concat", "Cast", "Identity", "Unsqueeze", "Squeeze", "Gather", "Slice",
                        "Range", "Reshape"})
 _FOLD_SIZE = 64
+#: The longest axis split into per-position atoms (the largest vocabularies are ~2**18).
+_ATOM_LIMIT = 1 << 24
 
 
 @dataclass
@@ -278,7 +280,8 @@ class Builder:
                 continue
             node = self.index.producer(n)
             if node is None or node.domain not in ("", "ai.onnx") or \
-                    node.op_type not in _FOLD_OPS or len(nodes) >= 32:
+                    node.op_type not in _FOLD_OPS or len(nodes) >= 32 or \
+                    not self._small_output(node):
                 return None
             for o in node.output:
                 nodes[o] = node
@@ -302,6 +305,23 @@ class Builder:
             return None
         self._folded.add(name)
         return value
+
+    def _small_output(self, node: onnx.NodeProto) -> bool:
+        """Whether an op that makes a tensor from a size (``ConstantOfShape``, ``Range``) makes a
+        small one, by its stored inputs; other folded ops only combine small inputs. A hostile
+        file's ``ConstantOfShape([10**9])`` is never evaluated."""
+        if node.op_type not in ("ConstantOfShape", "Range"):
+            return True
+        vals = [self.handle.read(self.stored[i]) if i in self.stored else None
+                for i in node.input]
+        if any(v is None or v.size > _FOLD_SIZE for v in vals):
+            return False
+        if node.op_type == "ConstantOfShape":
+            return bool(np.all(vals[0] >= 0)) and int(np.prod(vals[0])) <= _FOLD_SIZE ** 2
+        if len(vals) != 3 or any(v.size != 1 for v in vals) or float(vals[2]) == 0:
+            return False
+        count = np.ceil((float(vals[1]) - float(vals[0])) / float(vals[2]))
+        return bool(np.isfinite(count)) and count <= _FOLD_SIZE ** 2
 
     # -- dims --------------------------------------------------------------------------------
     def dim(self, name: str, axis: int, size: Optional[int] = None) -> int:
@@ -412,18 +432,35 @@ class Builder:
         # Level 2: atoms for classes with index maps.
         atomized = sorted({int(root[da]) for da, _, _, _ in self.map_ties}
                           | {int(root[db]) for _, _, db, _ in self.map_ties})
+        # An axis longer than any channel axis (a hostile ConstantOfShape([10**9])) is not split
+        # into atoms: frozen, and every class an index map ties to it too (kept whole with it).
+        huge = {c for c in atomized if (class_size[c] or 0) > _ATOM_LIMIT}
+        map_ties = self.map_ties
+        if huge:
+            for c in huge:
+                class_frozen.setdefault(c, f"an axis of {class_size[c]} positions, longer than "
+                                           "any channel axis")
+            for da, _, db, _ in map_ties:
+                a, b = int(root[da]), int(root[db])
+                if a in huge or b in huge:
+                    for c in (a, b):
+                        class_frozen.setdefault(c, "tied by index to an axis of more than "
+                                                   f"{_ATOM_LIMIT} positions")
+            map_ties = [t for t in map_ties if int(root[t[0]]) not in huge and
+                        int(root[t[2]]) not in huge]
+            atomized = [c for c in atomized if c not in huge]
         base: Dict[int, int] = {}
         total = 0
         for c in atomized:
             if class_size[c] is None:
                 class_frozen.setdefault(c, "channel count unknown (shape inference)")
-                class_size[c] = max(int(ia.max()) + 1 for da, ia, db, ib in self.map_ties
+                class_size[c] = max(int(ia.max()) + 1 for da, ia, db, ib in map_ties
                                     if root[da] == c) if any(root[da] == c for da, *_ in
-                                                             self.map_ties) else 1
+                                                             map_ties) else 1
             base[c] = total
             total += int(class_size[c])
         us, vs = [], []
-        for da, ia, db, ib in self.map_ties:
+        for da, ia, db, ib in map_ties:
             us.append(base[int(root[da])] + ia)
             vs.append(base[int(root[db])] + ib)
         u = np.concatenate(us) if us else np.zeros(0, np.int64)
@@ -433,8 +470,8 @@ class Builder:
         # Units grouped by signature (class, count) -> group.
         raw_groups: List[Tuple[List[int], Dict[int, np.ndarray]]] = []  # classes, maps
         for c in class_dims:
-            if c in base or class_size[c] is None:
-                continue
+            if c in base or class_size[c] is None or (class_size[c] or 0) > _ATOM_LIMIT:
+                continue  # no units for an axis longer than any channel axis (left whole)
             n = int(class_size[c])
             raw_groups.append(([c], {c: np.arange(n, dtype=np.int64)[:, None]}))
         if total:

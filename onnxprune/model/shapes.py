@@ -42,7 +42,7 @@ import numpy as np
 import onnx
 
 from onnxprune.model.index import opset
-from onnxprune.model.io import ModelHandle, weightless_copy
+from onnxprune.model.io import ModelHandle, iter_graphs, weightless_copy
 
 Dim = Union[int, str, None]
 Shape = Tuple[Dim, ...]
@@ -118,14 +118,15 @@ def infer_shapes(model: Union[onnx.ModelProto, ModelHandle],
     if upgrade:
         copy = upgrade_opset(copy)
     result = Shapes()
+    prop = _safe_to_propagate(copy)
     try:
         inferred = onnx.shape_inference.infer_shapes(copy, check_type=False, strict_mode=False,
-                                                     data_prop=True)
+                                                     data_prop=prop)
         for _ in range(64 if complete is not None else 0):  # one round per layer, at worst
             if not complete(inferred.graph):
                 break
             inferred = onnx.shape_inference.infer_shapes(inferred, check_type=False,
-                                                         strict_mode=False, data_prop=True)
+                                                         strict_mode=False, data_prop=prop)
     except Exception as exc:  # malformed graphs: what the declared shapes allow
         result.error = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         inferred = copy
@@ -142,6 +143,39 @@ def infer_shapes(model: Union[onnx.ModelProto, ModelHandle],
         result.shapes[t.name] = tuple(int(d) for d in t.dims)
         result.types[t.name] = t.data_type
     return result
+
+
+#: Elements onnx's data propagation may build for one ``ConstantOfShape`` (it materializes the
+#: values: a hostile ``ConstantOfShape([10**9])`` would take 8 GB before any check).
+_PROPAGATE_LIMIT = 1 << 20
+
+
+def _safe_to_propagate(model: onnx.ModelProto) -> bool:
+    """False when a ``ConstantOfShape`` of a stored shape would make more than
+    :data:`_PROPAGATE_LIMIT` values: shape inference then runs without data propagation."""
+    stored = {}
+    for _, g in iter_graphs(model.graph):
+        stored.update({t.name: t for t in g.initializer})
+        for node in g.node:
+            if node.op_type == "Constant" and node.output:
+                value = next((a.t for a in node.attribute if a.name == "value"), None)
+                if value is not None:
+                    stored[node.output[0]] = value
+    for _, g in iter_graphs(model.graph):
+        for node in g.node:
+            if node.op_type != "ConstantOfShape" or not node.input or \
+                    node.input[0] not in stored:
+                continue
+            t = stored[node.input[0]]
+            if t.data_location == onnx.TensorProto.EXTERNAL or not t.dims or t.dims[0] > 64:
+                continue
+            try:
+                dims = onnx.numpy_helper.to_array(t).astype(np.float64)
+            except Exception:
+                continue
+            if dims.size and float(np.prod(np.maximum(dims, 0))) > _PROPAGATE_LIMIT:
+                return False
+    return True
 
 
 def upgrade_opset(model: onnx.ModelProto, version: int = DATA_PROP_OPSET) -> onnx.ModelProto:

@@ -135,6 +135,8 @@ def shape_vector(name: str, shape_of: Callable, const_of: Callable, producer: Ca
     return data[slice(starts[0], ends[0], step)]
 
 
+#: The longest vector read as a shape vector (a tensor's rank is far below it).
+_VECTOR_LIMIT = 64
 #: Ops that pass a one-element value on unchanged (a size made a 1-vector, cast, renamed).
 ONE_VALUE_OPS = ("Unsqueeze", "Squeeze", "Reshape", "Cast", "Identity", "Flatten")
 
@@ -345,8 +347,8 @@ def refine_shapes(graph: onnx.GraphProto) -> bool:
                           if a.name == "value"), np.zeros(1, np.int64))
             n = args[0]
             if n is None or len(n) != 1 or not isinstance(n[0], int) or \
-                    np.asarray(value).dtype.kind not in "iu":
-                return None
+                    not 0 <= n[0] <= _VECTOR_LIMIT or np.asarray(value).dtype.kind not in "iu":
+                return None  # a shape vector is short: ConstantOfShape([10**9]) is no vector
             return [int(np.asarray(value).ravel()[0])] * n[0]
         if op in ("Mul", "Add", "Sub", "Div", "Equal") and len(args) == 2:
             return _elementwise(op, args[0], args[1])

@@ -431,3 +431,34 @@ def test_a_link_read_inside_a_subgraph_is_renamed_there_and_split_back():
         np.testing.assert_array_equal(got, want)
         joined, = run(joint.model, {"x": x, "cond": np.array(cond)})
         np.testing.assert_array_equal(joined, want)
+
+
+def test_a_huge_constant_of_shape_is_never_evaluated():
+    """A Reshape target computed from ConstantOfShape([10**9]) (a hostile file): the channel
+    builder does not evaluate it (no 8 GB allocation); the Reshape stays computed."""
+    from onnx import TensorProto, helper
+
+    from onnxprune.channels.graph import Builder
+
+    g = G(5)
+    big = g.op("ConstantOfShape", [g.c(np.array([10 ** 9], np.int64))],
+               value=onnx.numpy_helper.from_array(np.array([1], np.int64)))
+    target = g.op("Slice", [big, g.c(np.array([0], np.int64)), g.c(np.array([2], np.int64))])
+    h = g.op("MatMul", ["x", g.w([4, 6])])
+    g.nodes.append(helper.make_node("Reshape", [h, target], ["y"]))
+    model = g.typed_model("m", [("x", TensorProto.FLOAT, [3, 4])],
+                          [("y", TensorProto.FLOAT, [3, 8])])
+    b = Builder(load(model))
+    assert b.const_value(target) is None
+    # the whole channel graph and a channel run: the 10**9 axis is left whole, never split
+    graph = build_channel_graph(load(model))
+    assert all(g.size < 10 ** 6 for g in graph.groups)
+    result = prune(model, pattern="channel", validate=False, allow_noop=True)
+    assert result.report.params_after == result.report.params_before
+    small = G(6)
+    ones = small.op("ConstantOfShape", [small.c(np.array([3], np.int64))],
+                    value=onnx.numpy_helper.from_array(np.array([1], np.int64)))
+    vec = small.op("Mul", [ones, small.c(np.array(-1, np.int64))])
+    small.nodes.append(helper.make_node("Identity", [vec], ["v"]))
+    m2 = small.typed_model("m2", [], [("v", TensorProto.INT64, [3])])
+    np.testing.assert_array_equal(Builder(load(m2)).const_value("v"), [-1, -1, -1])
