@@ -47,6 +47,18 @@ def make_inputs(model: ModelOrPath,
     rng = np.random.default_rng(seed)
     inputs: Dict[str, np.ndarray] = {}
     for spec in specs:
+        shape = resolved[spec.name] or ()
+        try:
+            itemsize = np.dtype(spec.dtype).itemsize
+        except Exception:  # a type with no numpy form: its own error comes below
+            itemsize = 1
+        size = float(np.prod([float(d) for d in shape])) * itemsize
+        if size > GENERATED_LIMIT:
+            raise InputDataError(
+                f"input '{spec.name}' would take {size / 2 ** 30:.1f} GiB generated at shape "
+                f"{'x'.join(str(d) for d in shape)} (what the model declares); pass "
+                f"--input-shape {spec.name}:DIMS with the sizes you run it at, or real inputs "
+                "with --inputs FILE.npz")
         role = roles.get(spec.name, PLAIN)
         inputs[spec.name] = np.asarray(_random_tensor(spec, resolved[spec.name], rng, role))
     return inputs
@@ -64,6 +76,8 @@ def generated_notes(model: ModelOrPath, shapes: Optional[Mapping[str, InputShape
 
 
 PLAIN = InputRole("plain")
+#: The largest input generated (bytes): a declared shape past it is a mistake or a hostile file.
+GENERATED_LIMIT = 1 << 30
 
 
 def _random_tensor(spec: InputSpec, shape: Tuple[int, ...], rng: np.random.Generator,
