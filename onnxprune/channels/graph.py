@@ -200,7 +200,7 @@ class Builder:
         self.zero_values: Dict[str, np.ndarray] = {}  # see ChannelGraph.zero_values
         self._zero_cache: Dict[str, Optional[np.ndarray]] = {}
         self._const_cache: Dict[str, Optional[np.ndarray]] = {}
-        self._folded: set = set()  # names whose value _fold computed
+        self._folded: Dict[str, np.ndarray] = {}  # what _fold computed, by value name
         self.linked: Dict[int, bool] = {}  # level-1 root -> reaches a weight (for Reshape carriers)
 
     # -- shapes and constants -------------------------------------------------------------
@@ -303,7 +303,7 @@ class Builder:
             return None
         if value.size > _FOLD_SIZE or value.dtype.kind not in "iub":
             return None
-        self._folded.add(name)
+        self._folded[name] = value
         return value
 
     def _small_output(self, node: onnx.NodeProto) -> bool:
@@ -470,7 +470,7 @@ class Builder:
         # Units grouped by signature (class, count) -> group.
         raw_groups: List[Tuple[List[int], Dict[int, np.ndarray]]] = []  # classes, maps
         for c in class_dims:
-            if c in base or class_size[c] is None or (class_size[c] or 0) > _ATOM_LIMIT:
+            if c in base or class_size[c] is None or class_size[c] > _ATOM_LIMIT:
                 continue  # no units for an axis longer than any channel axis (left whole)
             n = int(class_size[c])
             raw_groups.append(([c], {c: np.arange(n, dtype=np.int64)[:, None]}))
@@ -532,9 +532,7 @@ class Builder:
             groups.append(ChannelGroup(len(groups), size, members, producers, consumers, frozen))
         check_zeros(self, groups)
         return ChannelGraph(groups, self.rewrites, self.stored, self.shapes, dict(self.roles),
-                            dict(self.zero_values),
-                            {k: v for k, v in self._const_cache.items()
-                             if v is not None and k in self._folded})
+                            dict(self.zero_values), dict(self._folded))
 
 
 def build_channel_graph(handle: ModelHandle, input_shapes: Optional[Dict] = None) -> ChannelGraph:

@@ -35,14 +35,12 @@ import onnx
 
 from onnxprune.model.index import node_key
 from onnxprune.ops._channel import PRODUCER, ZERO_ON_MASK
-from onnxprune.ops.registry import bias_slot, field_of
+from onnxprune.ops.quant import MOVES
+from onnxprune.ops.registry import bias_slot, copies_values, field_of
 
 if TYPE_CHECKING:  # the builder calls check_zeros: a runtime import would be a cycle
     from onnxprune.channels.graph import Builder, ChannelGroup
 
-#: Ops whose output holds only values of input 0 (moved, cut or repeated).
-_MOVES_VALUES = {"Slice", "Reshape", "Unsqueeze", "Squeeze", "Expand", "Tile", "Transpose",
-                 "Cast", "Identity", "Flatten", "Gather"}
 #: Values an operand from outside the group takes (unknown, finite): one row each.
 PROBES = np.array([[0.7390851332151607], [-1.3247179572447460]])
 
@@ -179,7 +177,6 @@ class _Walk:
         if value is None:
             return np.zeros((1, 1)) if self._all_zero(name) else PROBES
         value = np.asarray(value, np.float64)
-        m = self.stored.get(name)
         if value.size == 1:
             return value.reshape(1, 1)
         if m is not None and value.size == value.shape[m.axis]:
@@ -198,7 +195,8 @@ class _Walk:
         if node.op_type == "ConstantOfShape":
             value = next((a.t for a in node.attribute if a.name == "value"), None)
             return value is None or not np.any(onnx.numpy_helper.to_array(value))
-        if node.op_type in _MOVES_VALUES and node.input:
+        if (node.op_type in MOVES or node.op_type == "Tile" or copies_values(node)) and \
+                node.input:
             return self._all_zero(node.input[0], depth + 1)
         return False
 

@@ -29,7 +29,8 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.errors import OptionError
-from onnxprune.model.index import subgraph_reads, subgraphs
+from onnxprune.model.index import constant_tensor, subgraph_reads, subgraphs
+from onnxprune.model.io import iter_graphs
 
 #: Suffixes that name a value handed on: ``hidden_out`` is the ``hidden`` of the next step or
 #: of the next model.
@@ -200,8 +201,7 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> None:
     (what every run of a repeated model can share)."""
     keep = []
     for node in graph.node:
-        value = next((a.t for a in node.attribute if a.name == "value"), None) \
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+        value = constant_tensor(node)
         if value is None:
             keep.append(node)
             continue
@@ -257,8 +257,6 @@ def _rename(graph: onnx.GraphProto, names: Mapping[str, str]) -> None:
 def _inline_graph(model: onnx.ModelProto, read) -> onnx.GraphProto:
     """A copy of ``model``'s graph with every external tensor's values inline (``read(tensor)``
     gives them, from the original tensor)."""
-    from onnxprune.model.io import iter_graphs
-
     graph = onnx.GraphProto()
     graph.CopyFrom(model.graph)
     if read is None:
@@ -446,19 +444,13 @@ def split(model: onnx.ModelProto, joint: Joint, shapes: Mapping[str, Sequence]
         m = onnx.ModelProto()
         m.CopyFrom(p.header)
         m.graph.CopyFrom(g)
-        used = {n.domain for _, gg in _graphs(g) for n in gg.node}
+        used = {n.domain for _, gg in iter_graphs(g) for n in gg.node}
         have = {o.domain for o in m.opset_import}
         for o in model.opset_import:
             if o.domain not in have and o.domain in used:
                 m.opset_import.append(o)
         out.append(m)
     return out
-
-
-def _graphs(graph: onnx.GraphProto):
-    from onnxprune.model.io import iter_graphs
-
-    return iter_graphs(graph)
 
 
 def _set_dims(vi: onnx.ValueInfoProto, dims: Optional[Sequence]) -> None:

@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import numpy as np
 import onnx
 
-from onnxprune.model.index import opset
+from onnxprune.model.index import constant_tensor, opset
 from onnxprune.model.io import ModelHandle, iter_graphs, weightless_copy
 
 Dim = Union[int, str, None]
@@ -157,10 +157,9 @@ def _safe_to_propagate(model: onnx.ModelProto) -> bool:
     for _, g in iter_graphs(model.graph):
         stored.update({t.name: t for t in g.initializer})
         for node in g.node:
-            if node.op_type == "Constant" and node.output:
-                value = next((a.t for a in node.attribute if a.name == "value"), None)
-                if value is not None:
-                    stored[node.output[0]] = value
+            value = constant_tensor(node)
+            if value is not None:
+                stored[node.output[0]] = value
     for _, g in iter_graphs(model.graph):
         for node in g.node:
             if node.op_type != "ConstantOfShape" or not node.input or \

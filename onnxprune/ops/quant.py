@@ -168,9 +168,10 @@ def stored_scale(index, name: str, read: Callable[[str], Optional[np.ndarray]]
     return weight_scale((), node, i, tensor.dims, read)
 
 
-#: Ops that move a stored table's values unchanged on the way to its dequantization (input 0).
-_MOVES = ("Gather", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Flatten",
-          "Slice", "Expand")
+#: Ops that move input 0's values unchanged (a stored table on the way to its dequantization;
+#: zeros of a run-time shape, channels/zeros.py).
+MOVES = ("Gather", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Flatten",
+         "Slice", "Expand")
 
 
 def zero_value(index, name: str, read: Callable[[str], Optional[np.ndarray]]
@@ -197,7 +198,7 @@ def zero_value(index, name: str, read: Callable[[str], Optional[np.ndarray]]
         for node, i in readers:
             if node.domain not in ("", "ai.onnx") and op_key(node) not in _WEIGHT_ZERO_POINT:
                 return None
-            if node.op_type in _MOVES and i == 0:
+            if node.op_type in MOVES and i == 0:
                 stack.append(node.output[0])
                 continue
             zp = _reader_zero_point(index, node, i, read)

@@ -5,7 +5,7 @@ SpaceToDepth, Expand, Tile — and ``Constant``.
 Each op's entry: channel rule (axes tied 1:1, or through index maps for merged/split/offset
 axes; shape operands rewritten on resize) and constant propagation (values pass unchanged).
 
-One module (about 1080 lines) on purpose: the layout ops' rules share the reshape-block and
+One module (about 1100 lines) on purpose: the layout ops' rules share the reshape-block and
 shape-operand machinery (``reshape_blocks``, ``tie_reshape``, the rewrites); the static
 evaluation of computed shape vectors lives in :mod:`onnxprune.ops.shapevec`.
 """
@@ -815,7 +815,7 @@ def _chunk_reads_only(b, name: str, x: str, axis: int) -> bool:
         return None
 
     def follow(node, idx):
-        return node.op_type in ("Add", "Sub", "Mul", "Div") or copies_values(node) or \
+        return node.op_type in ("Add", "Sub", "Mul", "Div") or \
             node.op_type in ONE_VALUE_OPS and idx == 0 or \
             node.op_type == "Concat" and len(node.input) == 1
 

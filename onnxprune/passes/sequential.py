@@ -67,8 +67,8 @@ def refit_channels(state: PruneState, record: PassRecord, batch_size: int = 8,
     reference = dense_reference(state, record.notes)
     if reference is None or state.calibration is None:
         return []
-    keep = {p.weight.key for p in state.plans}
-    weights = [w for w in state.weights if w.key in keep or w.name in set(cut)] \
+    keep, lost = {p.weight.key for p in state.plans}, set(cut)
+    weights = [w for w in state.weights if w.key in keep or w.name in lost] \
         if state.plans else state.weights
     return refit_toward_dense(state.handle, reference, weights, state.calibration,
                               record.notes, track=state.track, batch_size=batch_size,

@@ -20,7 +20,7 @@ agree 99 % on noise and read no character right). Results are objects that also 
 for ``--max-error``, :attr:`Comparison.worst_agreement` for ``--min-agreement``), as
 Polygraphy's comparator does.
 
-One module (about 650 lines) on purpose: every measure, its streaming accumulation and its
+One module (about 690 lines) on purpose: every measure, its streaming accumulation and its
 verdict are read together (a measure without its verdict rule would be half a definition).
 """
 
